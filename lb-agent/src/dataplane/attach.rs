@@ -1,0 +1,59 @@
+//! Attaching the device programs to network interfaces.
+//!
+//! tc uses TCX links on kernels that have them (6.6+; aya falls back to a clsact qdisc and
+//! netlink elsewhere). XDP tries native (driver) mode first and falls back to generic mode,
+//! saying so, because a device whose driver lacks XDP still needs the service datapath.
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+};
+use lb_common::{PROG_TC_INGRESS, PROG_XDP_INGRESS};
+use tracing::{info, warn};
+
+/// How XDP ended up attached to a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttachMode {
+    Native,
+    Generic,
+}
+
+/// Attaches tc ingress to `ifname` (in the calling thread's network namespace).
+pub fn tc_ingress(ebpf: &mut Ebpf, ifname: &str) -> Result<()> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(PROG_TC_INGRESS)
+        .context("object has no tc_ingress program")?
+        .try_into()?;
+    if let Err(first) = prog.attach(ifname, TcAttachType::Ingress) {
+        // Without TCX, classifiers hang off a clsact qdisc; add it and try once more.
+        tc::qdisc_add_clsact(ifname)
+            .or_else(|e| if e.to_string().contains("exists") { Ok(()) } else { Err(e) })
+            .with_context(|| format!("adding clsact qdisc to {ifname} after: {first}"))?;
+        prog.attach(ifname, TcAttachType::Ingress)
+            .with_context(|| format!("attaching tc ingress to {ifname}"))?;
+    }
+    info!(device = ifname, "tc ingress attached");
+    Ok(())
+}
+
+/// Attaches XDP to `ifname`, natively when the driver supports it, else in generic mode.
+pub fn xdp_ingress(ebpf: &mut Ebpf, ifname: &str) -> Result<XdpAttachMode> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROG_XDP_INGRESS)
+        .context("object has no xdp_ingress program")?
+        .try_into()?;
+    match prog.attach(ifname, XdpMode::Driver) {
+        Ok(_) => {
+            info!(device = ifname, "XDP attached in native mode");
+            Ok(XdpAttachMode::Native)
+        }
+        Err(native) => {
+            prog.attach(ifname, XdpMode::Skb).with_context(|| {
+                format!("attaching XDP to {ifname} (native mode failed: {native})")
+            })?;
+            warn!(device = ifname, error = %native, "native XDP unavailable; attached in generic mode");
+            Ok(XdpAttachMode::Generic)
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Loading the embedded eBPF object with this node's map sizes, and pinning its maps.
+//!
+//! With a pin directory, every map is pinned at `<bpffs>/v<ABI>/maps/<NAME>` and reused by the
+//! next agent, so a restart or upgrade of the agent does not disturb traffic. A pinned map whose
+//! shape differs from what this binary expects is refused with a clear error instead of being
+//! misread.
+
+use std::{
+    collections::HashMap,
+    mem::size_of,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::{Ebpf, EbpfLoader, maps::MapData};
+use lb_common::{
+    BackendValue, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
+    MAP_ABI_VERSION, MAP_BACKENDS, MAP_MAGLEV, MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS,
+    STAT_COUNT, ServiceKey, ServiceStats, ServiceValue,
+};
+
+/// Capacities of the maps that grow with the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub maglev_slots: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            max_services: DEFAULT_MAX_SERVICES,
+            max_backends: DEFAULT_MAX_BACKENDS,
+            maglev_slots: DEFAULT_MAGLEV_SLOTS,
+        }
+    }
+}
+
+/// The shape of one map, as this binary expects it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    pub name: &'static str,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+/// Every map of the object with its expected shape for the given sizes.
+pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
+    fn spec<K, V>(name: &'static str, max_entries: u32) -> MapSpec {
+        MapSpec {
+            name,
+            key_size: size_of::<K>() as u32,
+            value_size: size_of::<V>() as u32,
+            max_entries,
+        }
+    }
+    vec![
+        spec::<ServiceKey, ServiceValue>(MAP_SERVICES, sizes.max_services),
+        spec::<u32, BackendValue>(MAP_BACKENDS, sizes.max_backends),
+        spec::<u32, u32>(MAP_MAGLEV, sizes.maglev_slots),
+        spec::<u32, u64>(MAP_STATS, STAT_COUNT),
+        spec::<u32, ServiceStats>(MAP_SERVICE_STATS, sizes.max_services),
+    ]
+}
+
+/// Where this ABI version's maps are pinned under a bpffs directory.
+pub fn maps_pin_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join(format!("v{MAP_ABI_VERSION}")).join("maps")
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// bpffs directory to pin maps under (`--bpffs`); `None` loads private, unpinned maps
+    /// (tests, `lbctl explain` scratch copies).
+    pub bpffs: Option<PathBuf>,
+    pub sizes: MapSizes,
+}
+
+/// Loads the embedded object: creates (or reuses pinned) maps and loads nothing into hooks yet.
+pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
+    let object = crate::ebpf_object()?;
+    let specs = map_specs(&opts.sizes);
+    let mut loader = EbpfLoader::new();
+    for spec in &specs {
+        loader.map_max_entries(spec.name, spec.max_entries);
+    }
+    let pin_paths: HashMap<&str, PathBuf> = match &opts.bpffs {
+        Some(bpffs) => {
+            let dir = maps_pin_dir(bpffs);
+            std::fs::create_dir_all(&dir).with_context(|| {
+                format!("creating pin directory {} (is a bpffs mounted there?)", dir.display())
+            })?;
+            specs.iter().map(|s| (s.name, dir.join(s.name))).collect()
+        }
+        None => HashMap::new(),
+    };
+    for spec in &specs {
+        if let Some(path) = pin_paths.get(spec.name) {
+            check_pinned(spec, path)?;
+            loader.map_pin_path(spec.name, path.clone());
+        }
+    }
+    loader.load(object).context("loading the eBPF object into the kernel")
+}
+
+/// Refuses a pinned map whose shape differs from `spec` (left by another version or other sizes).
+fn check_pinned(spec: &MapSpec, path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let map = MapData::from_pin(path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    let info = map.info().with_context(|| format!("reading info of {}", path.display()))?;
+    let found = (info.key_size(), info.value_size(), info.max_entries());
+    let expected = (spec.key_size, spec.value_size, spec.max_entries);
+    if found != expected {
+        bail!(
+            "pinned map {} has key/value size and capacity {found:?} but this agent expects \
+             {expected:?} (map sizes changed, or another agent version). Remove it with \
+             `lb-agent --cleanup --bpffs ...` (this drops established flows) or start with the \
+             same map sizes.",
+            path.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! Every name, limit and flag that the kernel programs and user space must agree on, in one place.
+
+/// Layout version of every pinned map. Bump it whenever a key or value layout or a map's meaning
+/// changes: the agent pins under a directory named after it, so an upgraded agent never
+/// misreads the maps of an older one.
+pub const MAP_ABI_VERSION: u32 = 1;
+
+// ---- map names (at most 15 bytes: the kernel's object-name limit) ----
+/// Frontends: [`crate::ServiceKey`] -> [`crate::ServiceValue`].
+pub const MAP_SERVICES: &str = "LB_SERVICES";
+/// Backends: backend id (`u32` index) -> [`crate::BackendValue`].
+pub const MAP_BACKENDS: &str = "LB_BACKENDS";
+/// Maglev lookup tables of every frontend, back to back: slot -> backend id.
+pub const MAP_MAGLEV: &str = "LB_MAGLEV";
+/// Per-CPU global counters, indexed by the `STAT_*` constants.
+pub const MAP_STATS: &str = "LB_STATS";
+/// Per-CPU per-service counters, indexed by service id: [`crate::ServiceStats`].
+pub const MAP_SERVICE_STATS: &str = "LB_SVC_STATS";
+
+// ---- program names (the Rust function names in lb-ebpf) ----
+/// tc ingress on the node's external devices.
+pub const PROG_TC_INGRESS: &str = "tc_ingress";
+/// XDP on the node's external devices (acceleration of tc ingress).
+pub const PROG_XDP_INGRESS: &str = "xdp_ingress";
+
+// ---- default map sizes (the agent can override each with a flag) ----
+pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
+pub const DEFAULT_MAX_BACKENDS: u32 = 131_072;
+/// Total Maglev slots shared by all frontends (4 bytes each).
+pub const DEFAULT_MAGLEV_SLOTS: u32 = 1 << 22;
+
+// ---- L4 protocols (IANA numbers, as in the IP header) ----
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+// ---- service scope: which traffic a frontend entry serves ----
+/// Traffic arriving on a node device from outside (tc/XDP): externalTrafficPolicy applies.
+pub const SCOPE_EXTERNAL: u8 = 0;
+/// Traffic from processes of this node (socket hooks): internalTrafficPolicy applies.
+pub const SCOPE_INTERNAL: u8 = 1;
+
+// ---- ServiceValue.flags ----
+/// sessionAffinity ClientIP.
+pub const SVC_F_AFFINITY: u32 = 1 << 0;
+/// Backends are this node's only (traffic policy Local): client address preserved.
+pub const SVC_F_LOCAL_ONLY: u32 = 1 << 1;
+/// loadBalancerSourceRanges are set for this frontend.
+pub const SVC_F_SOURCE_RANGES: u32 = 1 << 2;
+/// With no usable backend, drop silently (ETP Local without local endpoints) instead of rejecting.
+pub const SVC_F_NO_ENDPOINT_DROP: u32 = 1 << 3;
+// Frontend kind, for counters, `lbctl explain` and kind-specific rules.
+pub const SVC_F_CLUSTER_IP: u32 = 1 << 8;
+pub const SVC_F_NODE_PORT: u32 = 1 << 9;
+pub const SVC_F_EXTERNAL_IP: u32 = 1 << 10;
+pub const SVC_F_LOAD_BALANCER: u32 = 1 << 11;
+
+// ---- BackendValue.flags ----
+/// The backend runs on this node.
+pub const BE_F_LOCAL: u8 = 1 << 0;
+/// The endpoint is terminating (serving, not ready): existing flows only.
+pub const BE_F_TERMINATING: u8 = 1 << 1;
+
+// ---- LB_STATS indices ----
+/// Packets seen by tc ingress.
+pub const STAT_TC_INGRESS_PACKETS: u32 = 0;
+/// A packet whose destination is a frontend.
+pub const STAT_SERVICE_HIT: u32 = 1;
+/// An IPv4/IPv6 TCP/UDP packet whose destination is no frontend (passed untouched).
+pub const STAT_SERVICE_MISS: u32 = 2;
+/// Not IPv4/IPv6 (ARP, VLAN-tagged, ...): passed untouched.
+pub const STAT_NOT_IP: u32 = 3;
+/// IP, but neither TCP nor UDP (ICMP, ...): passed untouched.
+pub const STAT_OTHER_L4: u32 = 4;
+/// A non-first IP fragment: no ports to look up, passed untouched.
+pub const STAT_FRAGMENT: u32 = 5;
+/// Truncated or inconsistent headers: passed to the stack, which rejects them itself.
+pub const STAT_MALFORMED: u32 = 6;
+/// Packets seen by XDP.
+pub const STAT_XDP_PACKETS: u32 = 7;
+/// Number of slots in LB_STATS (room for the counters later programs add).
+pub const STAT_COUNT: u32 = 64;
+
+/// Human-readable names of the `STAT_*` indices, for lbctl and metrics.
+pub const STAT_NAMES: &[(u32, &str)] = &[
+    (STAT_TC_INGRESS_PACKETS, "tc_ingress_packets"),
+    (STAT_SERVICE_HIT, "service_hit"),
+    (STAT_SERVICE_MISS, "service_miss"),
+    (STAT_NOT_IP, "not_ip"),
+    (STAT_OTHER_L4, "other_l4"),
+    (STAT_FRAGMENT, "fragment"),
+    (STAT_MALFORMED, "malformed"),
+    (STAT_XDP_PACKETS, "xdp_packets"),
+];

@@ -1,0 +1,183 @@
+//! Map keys and values.
+//!
+//! Addresses are 16 bytes in network byte order, IPv4 stored IPv4-mapped (`::ffff:a.b.c.d`), so
+//! that one key type and one code path serve both families. Ports are kept in network byte order,
+//! exactly as they sit in the packet, so the datapath never swaps bytes.
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// An IPv6 address, or an IPv4-mapped one, as four 32-bit words in network byte order.
+pub type Addr = [u32; 4];
+
+/// The third word of an IPv4-mapped address (bytes `00 00 ff ff`).
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The mapped form of an IPv4 address given as its four bytes read straight from a packet.
+#[inline(always)]
+pub const fn addr_from_v4_raw(raw: u32) -> Addr {
+    [0, 0, V4_MAPPED_WORD, raw]
+}
+
+#[inline(always)]
+pub const fn addr_is_v4(addr: &Addr) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
+}
+
+pub const fn addr_from_ip(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => addr_from_v4_raw(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            [
+                u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+                u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+                u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+                u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+            ]
+        }
+    }
+}
+
+pub const fn addr_to_ip(addr: &Addr) -> IpAddr {
+    if addr_is_v4(addr) {
+        let b = addr[3].to_ne_bytes();
+        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    } else {
+        let mut o = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = addr[i].to_ne_bytes();
+            o[i * 4] = b[0];
+            o[i * 4 + 1] = b[1];
+            o[i * 4 + 2] = b[2];
+            o[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        IpAddr::V6(Ipv6Addr::from_octets(o))
+    }
+}
+
+/// A frontend: the address, port and protocol a client sends to, and which traffic it serves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port_be: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `SCOPE_EXTERNAL` or `SCOPE_INTERNAL`.
+    pub scope: u8,
+}
+
+impl ServiceKey {
+    pub const fn new(ip: IpAddr, port: u16, proto: u8, scope: u8) -> Self {
+        Self { addr: addr_from_ip(ip), port_be: port.to_be(), proto, scope }
+    }
+    pub const fn ip(&self) -> IpAddr {
+        addr_to_ip(&self.addr)
+    }
+    pub const fn port(&self) -> u16 {
+        u16::from_be(self.port_be)
+    }
+}
+
+/// What a frontend leads to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// The service port's id: index of its counters, key of its reverse NAT and names.
+    pub service_id: u32,
+    /// Usable backends for this scope; 0 means "no endpoint" (reject or drop per flags).
+    pub backend_count: u32,
+    /// First slot of this frontend's Maglev table in `LB_MAGLEV`.
+    pub maglev_offset: u32,
+    /// Maglev table size M (a prime); 0 when there is no backend.
+    pub maglev_size: u32,
+    /// `SVC_F_*`.
+    pub flags: u32,
+    /// sessionAffinity ClientIP timeout in seconds (when `SVC_F_AFFINITY`).
+    pub affinity_timeout_s: u32,
+}
+
+/// One backend (endpoint address and target port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendValue {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port_be: u16,
+    /// `BE_F_*`.
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+impl BackendValue {
+    pub const fn new(ip: IpAddr, port: u16, flags: u8) -> Self {
+        Self { addr: addr_from_ip(ip), port_be: port.to_be(), flags, _pad: 0 }
+    }
+    pub const fn ip(&self) -> IpAddr {
+        addr_to_ip(&self.addr)
+    }
+    pub const fn port(&self) -> u16 {
+        u16::from_be(self.port_be)
+    }
+}
+
+/// Per-CPU traffic counters of one service port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+// Layouts are part of the map ABI (see MAP_ABI_VERSION): any change must be deliberate.
+const _: () = {
+    use core::mem::{align_of, size_of};
+    assert!(size_of::<ServiceKey>() == 20 && align_of::<ServiceKey>() == 4);
+    assert!(size_of::<ServiceValue>() == 24 && align_of::<ServiceValue>() == 4);
+    assert!(size_of::<BackendValue>() == 20 && align_of::<BackendValue>() == 4);
+    assert!(size_of::<ServiceStats>() == 16 && align_of::<ServiceStats>() == 8);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is repr(C), made only of integers, with explicit padding fields and no
+    // implicit padding (checked by the size assertions above); every bit pattern is valid.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::BackendValue {}
+    unsafe impl aya::Pod for super::ServiceStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_addresses_are_mapped_and_round_trip() {
+        let ip: IpAddr = Ipv4Addr::new(10, 96, 0, 10).into();
+        let a = addr_from_ip(ip);
+        assert!(addr_is_v4(&a));
+        let bytes: [u8; 4] = a[2].to_ne_bytes();
+        assert_eq!(bytes, [0, 0, 0xff, 0xff]);
+        assert_eq!(a[3].to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(addr_to_ip(&a), ip);
+    }
+
+    #[test]
+    fn v6_addresses_round_trip_and_are_not_v4() {
+        let ip: IpAddr = "fd00:10:96::a".parse::<Ipv6Addr>().unwrap().into();
+        let a = addr_from_ip(ip);
+        assert!(!addr_is_v4(&a));
+        assert_eq!(addr_to_ip(&a), ip);
+    }
+
+    #[test]
+    fn ports_are_network_order() {
+        let k = ServiceKey::new(Ipv4Addr::LOCALHOST.into(), 8080, crate::PROTO_TCP, 0);
+        assert_eq!(k.port_be.to_ne_bytes(), [0x1f, 0x90]);
+        assert_eq!(k.port(), 8080);
+    }
+}

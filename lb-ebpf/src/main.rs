@@ -1,0 +1,42 @@
+//! Kernel programs of the load balancer.
+//!
+//! Entry points are thin: each hook module has one `#[classifier]`/`#[xdp]`/... function that
+//! calls a `try_*` function returning `Result`, and shares parsing (`packet`), map definitions
+//! (`maps`), lookups (`lookup`) and counters (`stats`) with the others. Read a hook module top to
+//! bottom as the packet's journey.
+//!
+//! On the host this crate only type-checks (so `cargo clippy --workspace` covers it); the real
+//! object is built for `bpfel-unknown-none` by lb-agent's build script.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod device;
+#[cfg(target_arch = "bpf")]
+mod lookup;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod packet;
+#[cfg(target_arch = "bpf")]
+mod stats;
+#[cfg(target_arch = "bpf")]
+mod tc_ingress;
+#[cfg(target_arch = "bpf")]
+mod xdp_ingress;
+
+/// The kernel requires a GPL-compatible license for several helpers used by the datapath.
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual BSD/GPL\0";
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program: the verifier rejects any path that could get here.
+    loop {}
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,30 @@
+//! Every map the kernel programs use, with its default size. Names come from lb-common so user
+//! space opens exactly these. Sizes are defaults: the agent overrides them at load time.
+//! Maps are not pinned by the object itself: the agent pins them under `--bpffs`, and tests load
+//! private, unpinned copies.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use lb_common::{
+    BackendValue, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, STAT_COUNT,
+    ServiceKey, ServiceStats, ServiceValue,
+};
+
+#[map(name = "LB_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map(name = "LB_BACKENDS")]
+pub static BACKENDS: Array<BackendValue> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map(name = "LB_MAGLEV")]
+pub static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_SLOTS, 0);
+
+#[map(name = "LB_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+#[map(name = "LB_SVC_STATS")]
+pub static SERVICE_STATS: PerCpuArray<ServiceStats> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);

@@ -1,0 +1,203 @@
+//! Safe packet parsing shared by every device hook (tc and XDP).
+//!
+//! Every read goes through [`Bounds::ptr_at`], which the verifier can follow; parsing never
+//! trusts a length field without checking it against the end of the packet.
+
+use core::mem::size_of;
+
+use lb_common::{
+    Addr, PROTO_TCP, PROTO_UDP, STAT_FRAGMENT, STAT_MALFORMED, STAT_NOT_IP, STAT_OTHER_L4,
+    addr_from_v4_raw,
+};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_LEN: usize = size_of::<EthHdr>();
+const IPV6_LEN: usize = size_of::<Ipv6Hdr>();
+
+// IPv6 extension headers we step over to find the transport header.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTS: u8 = 60;
+/// More than this many extension headers: not a packet for a service (passed untouched).
+const IPV6_MAX_EXT_HEADERS: usize = 4;
+
+/// The packet's linear data, as the verifier sees it.
+#[derive(Clone, Copy)]
+pub struct Bounds {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Bounds {
+    /// A pointer to a `T` at `offset`, if the whole `T` lies inside the packet.
+    #[inline(always)]
+    pub fn ptr_at<T>(&self, offset: usize) -> Option<*mut T> {
+        let at = self.start + offset;
+        if at + size_of::<T>() > self.end {
+            return None;
+        }
+        Some(at as *mut T)
+    }
+}
+
+/// The transport flow of a packet, with where its headers start.
+// Source, ports and offsets are what conntrack and NAT read; the frontend lookup needs only
+// the destination.
+#[allow(dead_code)]
+#[derive(Clone, Copy)]
+pub struct Flow {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub is_v6: bool,
+    pub l3_off: usize,
+    pub l4_off: usize,
+}
+
+/// Why a packet has no flow to act on. Each reason has its own counter.
+#[derive(Clone, Copy)]
+pub enum Skip {
+    NotIp,
+    OtherL4,
+    Fragment,
+    Malformed,
+}
+
+impl Skip {
+    pub fn stat(self) -> u32 {
+        match self {
+            Skip::NotIp => STAT_NOT_IP,
+            Skip::OtherL4 => STAT_OTHER_L4,
+            Skip::Fragment => STAT_FRAGMENT,
+            Skip::Malformed => STAT_MALFORMED,
+        }
+    }
+}
+
+/// Parses Ethernet, IPv4/IPv6 (with options and extension headers) and the TCP/UDP ports.
+#[inline(always)]
+pub fn parse(b: &Bounds) -> Result<Flow, Skip> {
+    let eth: *const EthHdr = b.ptr_at(0).ok_or(Skip::Malformed)?;
+    // SAFETY: `ptr_at` checked that the header lies inside the packet.
+    let ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    match ether_type {
+        ETH_P_IP => parse_ipv4(b, ETH_LEN),
+        ETH_P_IPV6 => parse_ipv6(b, ETH_LEN),
+        _ => Err(Skip::NotIp),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(b: &Bounds, l3_off: usize) -> Result<Flow, Skip> {
+    let ip: *const Ipv4Hdr = b.ptr_at(l3_off).ok_or(Skip::Malformed)?;
+    // SAFETY: bounds checked above; every field is a byte array (alignment 1).
+    let (vihl, tot_len, frags, proto, saddr, daddr) = unsafe {
+        (
+            (*ip).vihl,
+            u16::from_be_bytes((*ip).tot_len),
+            u16::from_be_bytes((*ip).frags),
+            (*ip).proto,
+            u32::from_ne_bytes((*ip).src_addr),
+            u32::from_ne_bytes((*ip).dst_addr),
+        )
+    };
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() || (tot_len as usize) < ihl {
+        return Err(Skip::Malformed);
+    }
+    // Only the first fragment carries the transport header.
+    if frags & 0x1fff != 0 {
+        return Err(Skip::Fragment);
+    }
+    let l4_off = l3_off + ihl;
+    let (sport_be, dport_be) = parse_ports(b, l4_off, proto)?;
+    Ok(Flow {
+        saddr: addr_from_v4_raw(saddr),
+        daddr: addr_from_v4_raw(daddr),
+        sport_be,
+        dport_be,
+        proto,
+        is_v6: false,
+        l3_off,
+        l4_off,
+    })
+}
+
+#[inline(always)]
+fn parse_ipv6(b: &Bounds, l3_off: usize) -> Result<Flow, Skip> {
+    let ip: *const Ipv6Hdr = b.ptr_at(l3_off).ok_or(Skip::Malformed)?;
+    // SAFETY: bounds checked above.
+    let (vcf0, mut next, saddr, daddr) =
+        unsafe { ((*ip).vcf[0], (*ip).next_hdr, (*ip).src_addr, (*ip).dst_addr) };
+    if vcf0 >> 4 != 6 {
+        return Err(Skip::Malformed);
+    }
+    let mut l4_off = l3_off + IPV6_LEN;
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                let ext: *const [u8; 2] = b.ptr_at(l4_off).ok_or(Skip::Malformed)?;
+                // SAFETY: bounds checked above.
+                let (nh, len) = unsafe { ((*ext)[0], (*ext)[1]) };
+                next = nh;
+                l4_off += (len as usize + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                let ext: *const [u8; 4] = b.ptr_at(l4_off).ok_or(Skip::Malformed)?;
+                // SAFETY: bounds checked above.
+                let (nh, off) = unsafe { ((*ext)[0], u16::from_be_bytes([(*ext)[2], (*ext)[3]])) };
+                if off >> 3 != 0 {
+                    return Err(Skip::Fragment);
+                }
+                next = nh;
+                l4_off += 8;
+            }
+            _ => break,
+        }
+    }
+    let (sport_be, dport_be) = parse_ports(b, l4_off, next)?;
+    Ok(Flow {
+        saddr: words(saddr),
+        daddr: words(daddr),
+        sport_be,
+        dport_be,
+        proto: next,
+        is_v6: true,
+        l3_off,
+        l4_off,
+    })
+}
+
+/// Source and destination port (network byte order) of a complete TCP or UDP header.
+#[inline(always)]
+fn parse_ports(b: &Bounds, l4_off: usize, proto: u8) -> Result<(u16, u16), Skip> {
+    let ports: *const [u16; 2] = match proto {
+        PROTO_TCP => b.ptr_at::<TcpHdr>(l4_off).ok_or(Skip::Malformed)?.cast(),
+        PROTO_UDP => b.ptr_at::<UdpHdr>(l4_off).ok_or(Skip::Malformed)?.cast(),
+        _ => return Err(Skip::OtherL4),
+    };
+    // SAFETY: the whole transport header is inside the packet; ports are its first 4 bytes.
+    // Read bytewise: the header is not 2-byte aligned after an odd-length option area.
+    let raw: [u8; 4] = unsafe { core::ptr::read_unaligned(ports.cast()) };
+    Ok((u16::from_ne_bytes([raw[0], raw[1]]), u16::from_ne_bytes([raw[2], raw[3]])))
+}
+
+#[inline(always)]
+fn words(a: [u8; 16]) -> Addr {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}

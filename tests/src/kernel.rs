@@ -1,0 +1,130 @@
+//! The real eBPF object in the real kernel, driven by BPF_PROG_TEST_RUN.
+//!
+//! A test builds a packet, sets up maps, runs a program and checks the verdict, the bytes that
+//! came out and the map state. Maps are private to each [`Datapath`] (nothing is pinned), so
+//! tests run in parallel and leave nothing behind.
+
+use std::net::IpAddr;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData},
+    programs::{Program, TestRun, TestRunOptions},
+};
+use lb_agent::dataplane::{
+    counters,
+    loader::{self, LoadOptions, MapSizes},
+    programs,
+};
+use lb_common::{
+    BackendValue, MAP_BACKENDS, MAP_SERVICES, STAT_NAMES, ServiceKey, ServiceStats, ServiceValue,
+};
+
+/// Room a program may add to a packet (encapsulation, options) in the output buffer.
+const OUTPUT_HEADROOM: usize = 256;
+
+/// Small maps: tests load many copies at once.
+pub const TEST_MAP_SIZES: MapSizes =
+    MapSizes { max_services: 1024, max_backends: 1024, maglev_slots: 1 << 16 };
+
+/// What a program did with one packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutput {
+    /// The program's return value (TC_ACT_*, XDP_*).
+    pub verdict: i32,
+    /// The packet as the program left it.
+    pub packet: Vec<u8>,
+    /// Kernel-reported run time.
+    pub duration_ns: u64,
+}
+
+pub struct Datapath {
+    pub ebpf: Ebpf,
+}
+
+impl Datapath {
+    /// Loads the embedded object with private maps and loads (verifies) every program.
+    pub fn load() -> Self {
+        Self::load_with(TEST_MAP_SIZES)
+    }
+
+    pub fn load_with(sizes: MapSizes) -> Self {
+        let mut ebpf = loader::load(&LoadOptions { bpffs: None, sizes })
+            .unwrap_or_else(|e| panic!("loading the eBPF object: {e:#}"));
+        programs::load_all(&mut ebpf).unwrap_or_else(|e| panic!("{e:#}"));
+        Self { ebpf }
+    }
+
+    /// Runs a tc or XDP program once on `packet`; `Err` carries the kernel's refusal (for
+    /// example a frame too short for the headers its ethertype announces, which the kernel
+    /// refuses for skb programs).
+    pub fn try_run(&self, name: &str, packet: &[u8]) -> Result<RunOutput, String> {
+        let mut out = vec![0u8; packet.len() + OUTPUT_HEADROOM];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let result = match self.ebpf.program(name) {
+            Some(Program::SchedClassifier(p)) => p.test_run(opts),
+            Some(Program::Xdp(p)) => p.test_run(opts),
+            Some(_) => panic!("{name} cannot be test-run"),
+            None => panic!("object has no program {name}"),
+        }
+        .map_err(|e| format!("{e:?}"))?;
+        out.truncate(result.data_size_out as usize);
+        Ok(RunOutput {
+            verdict: result.return_value as i32,
+            packet: out,
+            duration_ns: result.duration.as_nanos() as u64,
+        })
+    }
+
+    pub fn run(&self, name: &str, packet: &[u8]) -> RunOutput {
+        self.try_run(name, packet).unwrap_or_else(|e| panic!("test run of {name}: {e}"))
+    }
+
+    /// Adds or replaces a frontend.
+    pub fn insert_service(&mut self, key: ServiceKey, value: ServiceValue) {
+        let mut map: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_SERVICES).expect("services map"))
+                .expect("services map type");
+        map.insert(key, value, 0).expect("insert service");
+    }
+
+    pub fn insert_backend(&mut self, id: u32, value: BackendValue) {
+        let mut map: Array<&mut MapData, BackendValue> =
+            Array::try_from(self.ebpf.map_mut(MAP_BACKENDS).expect("backends map"))
+                .expect("backends map type");
+        map.set(id, value, 0).expect("set backend");
+    }
+
+    /// A global counter (`STAT_*`), summed over CPUs.
+    pub fn stat(&self, index: u32) -> u64 {
+        counters::global_one(&self.ebpf, index).expect("read counter")
+    }
+
+    /// Every named global counter, for snapshots and deltas.
+    pub fn stats(&self) -> Vec<u64> {
+        STAT_NAMES.iter().map(|&(i, _)| self.stat(i)).collect()
+    }
+
+    pub fn service_stats(&self, service_id: u32) -> ServiceStats {
+        counters::service(&self.ebpf, service_id).expect("read service counters")
+    }
+}
+
+/// Differences between two [`Datapath::stats`] snapshots, by counter name, non-zero only.
+pub fn stat_deltas(before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
+    STAT_NAMES
+        .iter()
+        .zip(before.iter().zip(after))
+        .filter(|(_, (b, a))| a != b)
+        .map(|(&(_, name), (b, a))| (name, a - b))
+        .collect()
+}
+
+/// A frontend key in the external scope, for device-hook tests.
+pub fn external_key(ip: IpAddr, port: u16, proto: u8) -> ServiceKey {
+    ServiceKey::new(ip, port, proto, lb_common::SCOPE_EXTERNAL)
+}

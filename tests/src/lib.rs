@@ -1,0 +1,31 @@
+//! Test harness shared by the kernel tests, the end-to-end scenarios and the demo.
+//!
+//! - [`kernel`]: load the real eBPF object, fill maps, run programs with BPF_PROG_TEST_RUN.
+//! - [`netns`]: network namespaces and veth pairs that are always removed.
+//! - [`packets`]: crafted packets (valid and malformed) for the datapath.
+
+pub mod kernel;
+pub mod netns;
+pub mod packets;
+
+/// True when the process may load BPF programs and create namespaces.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Returns early from a test that needs root, saying so; with `LB_REQUIRE_ROOT_TESTS=1` (set by
+/// `cargo xtask test` when it runs as root, as in CI) a skip is a failure instead, so that the
+/// kernel tests can never silently not run.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            if std::env::var_os("LB_REQUIRE_ROOT_TESTS").is_some_and(|v| v == "1") {
+                panic!("this test needs root, and LB_REQUIRE_ROOT_TESTS=1 forbids skipping it");
+            }
+            eprintln!("SKIPPED: {} needs root (BPF and network namespaces)", module_path!());
+            return;
+        }
+    };
+}

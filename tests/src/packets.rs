@@ -1,0 +1,205 @@
+//! Crafted packets: valid ones built with etherparse (checksums included), and the malformed
+//! or unusual variants the datapath must survive, made by editing those bytes.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use etherparse::PacketBuilder;
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const ETH_LEN: usize = 14;
+const TTL: u8 = 64;
+
+pub fn udp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.octets(), dst.octets(), TTL)
+        .udp(sport, dport);
+    write(b, payload)
+}
+
+/// A TCP segment; `syn` makes it the first packet of a connection, otherwise it is an ACK.
+pub fn tcp4(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    syn: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.octets(), dst.octets(), TTL)
+        .tcp(sport, dport, 1000, 64240);
+    if syn { write(b.syn(), payload) } else { write(b.ack(1), payload) }
+}
+
+pub fn udp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv6(src.octets(), dst.octets(), TTL)
+        .udp(sport, dport);
+    write(b, payload)
+}
+
+pub fn tcp6(
+    src: Ipv6Addr,
+    sport: u16,
+    dst: Ipv6Addr,
+    dport: u16,
+    syn: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv6(src.octets(), dst.octets(), TTL)
+        .tcp(sport, dport, 1000, 64240);
+    if syn { write(b.syn(), payload) } else { write(b.ack(1), payload) }
+}
+
+pub fn icmp4_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.octets(), dst.octets(), TTL)
+        .icmpv4_echo_request(1, 1);
+    write(b, b"ping")
+}
+
+pub fn icmp6_echo(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv6(src.octets(), dst.octets(), TTL)
+        .icmpv6_echo_request(1, 1);
+    write(b, b"ping")
+}
+
+/// An ARP request (not IP at all).
+pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut p = Vec::with_capacity(42);
+    p.extend_from_slice(&[0xff; 6]);
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&0x0806u16.to_be_bytes());
+    p.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&sender.octets());
+    p.extend_from_slice(&[0; 6]);
+    p.extend_from_slice(&target.octets());
+    p
+}
+
+/// `packet` with an 802.1Q tag (VLAN `vid`) inserted after the MAC addresses.
+pub fn with_vlan_tag(packet: &[u8], vid: u16) -> Vec<u8> {
+    let mut p = packet[..12].to_vec();
+    p.extend_from_slice(&0x8100u16.to_be_bytes());
+    p.extend_from_slice(&vid.to_be_bytes());
+    p.extend_from_slice(&packet[12..]);
+    p
+}
+
+/// An IPv4 packet with `words` 4-byte words of NOP options (IHL and checksum fixed up).
+pub fn with_ipv4_options(packet: &[u8], words: u8) -> Vec<u8> {
+    let ihl = (packet[ETH_LEN] & 0x0f) as usize * 4;
+    let mut p = packet[..ETH_LEN + ihl].to_vec();
+    p.extend(std::iter::repeat_n(1u8, words as usize * 4));
+    p.extend_from_slice(&packet[ETH_LEN + ihl..]);
+    p[ETH_LEN] += words;
+    let tot = u16::from_be_bytes([p[ETH_LEN + 2], p[ETH_LEN + 3]]) + words as u16 * 4;
+    p[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&tot.to_be_bytes());
+    fix_ipv4_checksum(&mut p);
+    p
+}
+
+/// An IPv4 packet turned into a fragment at `offset_units` (8-byte units) with the MF flag.
+pub fn as_ipv4_fragment(packet: &[u8], offset_units: u16, more_fragments: bool) -> Vec<u8> {
+    let mut p = packet.to_vec();
+    let frags = (offset_units & 0x1fff) | if more_fragments { 0x2000 } else { 0 };
+    p[ETH_LEN + 6..ETH_LEN + 8].copy_from_slice(&frags.to_be_bytes());
+    fix_ipv4_checksum(&mut p);
+    p
+}
+
+/// Overwrites one byte of the IPv4 header (then fixes its checksum): for bad versions,
+/// lengths and so on.
+pub fn with_ipv4_byte(packet: &[u8], offset_in_header: usize, value: u8) -> Vec<u8> {
+    let mut p = packet.to_vec();
+    p[ETH_LEN + offset_in_header] = value;
+    fix_ipv4_checksum(&mut p);
+    p
+}
+
+/// An IPv6 packet with an 8-byte hop-by-hop options header in front of its transport header.
+pub fn with_ipv6_hop_by_hop(packet: &[u8]) -> Vec<u8> {
+    // Next header, length 0 (8 bytes), PadN option filling the rest.
+    insert_ipv6_ext(packet, 0, |next| [next, 0, 1, 4, 0, 0, 0, 0])
+}
+
+/// An IPv6 packet with a fragment header at `offset_units` (8-byte units).
+pub fn with_ipv6_fragment(packet: &[u8], offset_units: u16, more_fragments: bool) -> Vec<u8> {
+    let field = (offset_units << 3) | more_fragments as u16;
+    let [f0, f1] = field.to_be_bytes();
+    insert_ipv6_ext(packet, 44, |next| [next, 0, f0, f1, 0, 0, 0, 7])
+}
+
+fn insert_ipv6_ext(packet: &[u8], ext_type: u8, ext: impl FnOnce(u8) -> [u8; 8]) -> Vec<u8> {
+    let l4 = ETH_LEN + 40;
+    let next = packet[ETH_LEN + 6];
+    let mut p = packet[..l4].to_vec();
+    p.extend_from_slice(&ext(next));
+    p.extend_from_slice(&packet[l4..]);
+    p[ETH_LEN + 6] = ext_type;
+    let plen = u16::from_be_bytes([p[ETH_LEN + 4], p[ETH_LEN + 5]]) + 8;
+    p[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&plen.to_be_bytes());
+    p
+}
+
+/// Recomputes the IPv4 header checksum of an Ethernet frame carrying IPv4.
+pub fn fix_ipv4_checksum(p: &mut [u8]) {
+    let ihl = (p[ETH_LEN] & 0x0f) as usize * 4;
+    let end = (ETH_LEN + ihl).min(p.len());
+    p[ETH_LEN + 10] = 0;
+    p[ETH_LEN + 11] = 0;
+    let sum = ones_complement_sum(&p[ETH_LEN..end]);
+    p[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&(!sum).to_be_bytes());
+}
+
+/// The 16-bit one's complement sum of `bytes` (RFC 1071), folded.
+pub fn ones_complement_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for chunk in bytes.chunks(2) {
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
+        sum += word as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+fn write<B: Writable>(b: B, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write_vec(&mut out, payload);
+    out
+}
+
+/// The etherparse builder steps we end on (transport layers).
+trait Writable {
+    fn size(&self, payload_len: usize) -> usize;
+    fn write_vec(self, out: &mut Vec<u8>, payload: &[u8]);
+}
+
+macro_rules! writable {
+    ($($step:ty),*) => {$(
+        impl Writable for etherparse::PacketBuilderStep<$step> {
+            fn size(&self, payload_len: usize) -> usize {
+                etherparse::PacketBuilderStep::<$step>::size(self, payload_len)
+            }
+            fn write_vec(self, out: &mut Vec<u8>, payload: &[u8]) {
+                self.write(out, payload).expect("valid packet");
+            }
+        }
+    )*};
+}
+writable!(
+    etherparse::UdpHeader,
+    etherparse::TcpHeader,
+    etherparse::Icmpv4Header,
+    etherparse::Icmpv6Header
+);

@@ -1,0 +1,45 @@
+//! Project tasks: `cargo xtask setup | test | demo`.
+//!
+//! xtask depends on nothing of the workspace, so it builds on a fresh machine before the eBPF
+//! toolchain exists and can install that toolchain.
+
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Tasks of the lb workspace")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing need (idempotent; seconds when all is there).
+    Setup,
+    /// Formatting, lints (host and BPF target) and every test, root-only ones included.
+    Test {
+        /// Extra arguments for the test runner (a filter, for example).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Load the datapath into a throwaway network namespace, send traffic, show what it counted.
+    Demo,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run(),
+        Command::Test { args } => setup::run().and_then(|()| test::run(&args)),
+        Command::Demo => setup::run().and_then(|()| demo::run()),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,181 @@
+//! Toolchain bootstrap. Each step checks before it acts, so a second run takes seconds; a failing
+//! step says which, why, and what to do.
+
+use std::{path::PathBuf, process::Command, time::Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{is_root, output, run_cmd, succeeds};
+
+/// bpf-linker release known to build against the nightly's LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
+/// Debian packages the tests and demo use: (command that proves it is there, package).
+const DEBIAN_PACKAGES: &[(&str, &str)] =
+    &[("ip", "iproute2"), ("sysctl", "procps"), ("bpftool", "bpftool")];
+
+struct Step {
+    name: &'static str,
+    done: fn() -> bool,
+    install: fn() -> Result<()>,
+    hint: &'static str,
+}
+
+const STEPS: &[Step] = &[
+    Step {
+        name: "nightly toolchain",
+        done: || succeeds("rustup", &["run", "nightly", "rustc", "--version"]),
+        install: || {
+            run_cmd(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]))
+        },
+        hint: "the eBPF crate needs nightly for -Z build-std; check network access to static.rust-lang.org",
+    },
+    Step {
+        name: "rust-src for nightly",
+        done: || {
+            output("rustup", &["component", "list", "--toolchain", "nightly", "--installed"])
+                .is_ok_and(|s| s.lines().any(|l| l.starts_with("rust-src")))
+        },
+        install: || {
+            run_cmd(Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                "nightly",
+            ]))
+        },
+        hint: "needed to build `core` for bpfel-unknown-none",
+    },
+    Step {
+        name: "bpf-linker",
+        done: bpf_linker_works,
+        install: install_bpf_linker,
+        hint: "bpf-linker is built from crates.io against the LLVM inside the nightly toolchain",
+    },
+    Step {
+        name: "bpffs at /sys/fs/bpf",
+        done: bpffs_mounted,
+        install: || {
+            if !is_root() {
+                bail!("mounting bpffs needs root");
+            }
+            run_cmd(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+        },
+        hint: "the agent pins maps there; as root: mount -t bpf bpf /sys/fs/bpf",
+    },
+    Step {
+        name: "Debian packages",
+        done: || missing_packages().is_empty(),
+        install: install_packages,
+        hint: "as root: apt-get install iproute2 procps bpftool",
+    },
+];
+
+pub fn run() -> Result<()> {
+    let start = Instant::now();
+    for step in STEPS {
+        let t = Instant::now();
+        if (step.done)() {
+            continue;
+        }
+        eprintln!("setup: {} ...", step.name);
+        (step.install)()
+            .and_then(|()| {
+                if (step.done)() { Ok(()) } else { bail!("installed, but the check still fails") }
+            })
+            .with_context(|| format!("setup step `{}` failed ({})", step.name, step.hint))?;
+        eprintln!("setup: {} done in {:.1}s", step.name, t.elapsed().as_secs_f64());
+    }
+    eprintln!("setup: ready ({:.1}s)", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Where the nightly's libLLVM is linked for bpf-linker. Stable across `cargo clean` and
+/// reboots: the installed binary's rpath points here.
+fn llvm_prefix() -> PathBuf {
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+    home.join(".local/share/lb-llvm")
+}
+
+fn bpf_linker_works() -> bool {
+    output("bpf-linker", &["--version"]).is_ok_and(|v| v.contains(BPF_LINKER_VERSION))
+}
+
+fn install_bpf_linker() -> Result<()> {
+    let sysroot = output("rustc", &["+nightly", "--print", "sysroot"])?;
+    let lib = PathBuf::from(sysroot.trim()).join("lib");
+    let llvm_so = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    let prefix = llvm_prefix();
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    for link in ["libLLVM.so", llvm_so.as_str()] {
+        let path = prefix_lib.join(link);
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(lib.join(&llvm_so), &path)
+            .with_context(|| format!("linking {}", path.display()))?;
+    }
+    run_cmd(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+            ])
+            .args(["--features", BPF_LINKER_LLVM_FEATURE, "--locked", "--force"])
+            .env("LLVM_PREFIX", &prefix),
+    )
+}
+
+fn bpffs_mounted() -> bool {
+    std::fs::read_to_string("/proc/mounts").is_ok_and(|m| {
+        m.lines().any(|l| {
+            l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
+                && l.split_whitespace().nth(2) == Some("bpf")
+        })
+    })
+}
+
+fn missing_packages() -> Vec<&'static str> {
+    DEBIAN_PACKAGES
+        .iter()
+        .filter(|(cmd, _)| {
+            !succeeds("sh", &["-c", &format!("command -v {cmd} || test -x /usr/sbin/{cmd}")])
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect()
+}
+
+fn install_packages() -> Result<()> {
+    let missing = missing_packages();
+    if !is_root() {
+        bail!("missing Debian packages {missing:?}, and installing them needs root");
+    }
+    let install = |pkgs: &[&str]| {
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(pkgs)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    // Only refresh the package index when the cached one cannot satisfy the install.
+    if install(&missing).is_err() {
+        run_cmd(Command::new("apt-get").arg("update"))?;
+        install(&missing)?;
+    }
+    Ok(())
+}
