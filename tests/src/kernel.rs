@@ -128,3 +128,25 @@ pub fn stat_deltas(before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
 pub fn external_key(ip: IpAddr, port: u16, proto: u8) -> ServiceKey {
     ServiceKey::new(ip, port, proto, lb_common::SCOPE_EXTERNAL)
 }
+
+/// A private directory on bpffs for pinning tests, removed (with its pins) on drop.
+pub struct PinDir {
+    pub path: std::path::PathBuf,
+}
+
+impl PinDir {
+    pub fn new(tag: &str) -> Self {
+        let path =
+            std::path::PathBuf::from(format!("/sys/fs/bpf/lbt-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("creating {} (is bpffs mounted?): {e}", path.display()));
+        Self { path }
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

@@ -49,9 +49,8 @@ fn setup() -> (NetNs, NetNs, Datapath) {
     (client, node, dp)
 }
 
-/// Sends `count` datagrams from the client namespace to `to` and returns what the server
-/// socket received (payloads), proving the packets went through unchanged.
-fn udp_round(client: &NetNs, server: &UdpSocket, to: &str, count: usize) -> Vec<String> {
+/// Sends `count` datagrams `ping-NNN` from the client namespace to `to`.
+fn udp_send(client: &NetNs, to: &str, count: usize) {
     let to = to.to_owned();
     client.run(move || {
         let bind = if to.starts_with('[') { "[::]:0" } else { "0.0.0.0:0" };
@@ -60,6 +59,12 @@ fn udp_round(client: &NetNs, server: &UdpSocket, to: &str, count: usize) -> Vec<
             sock.send_to(format!("ping-{i:03}").as_bytes(), &to).unwrap();
         }
     });
+}
+
+/// Sends `count` datagrams and returns what the server socket received (payloads), proving the
+/// packets went through unchanged.
+fn udp_round(client: &NetNs, server: &UdpSocket, to: &str, count: usize) -> Vec<String> {
+    udp_send(client, to, count);
     server.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 64];
@@ -91,7 +96,7 @@ fn tc_ingress_counts_real_traffic_and_leaves_it_intact() {
     assert_eq!(udp_round(&client, &udp6, &format!("[{NODE6}]:{UDP_PORT}"), 10), expected_pings(10));
     // Datagrams to a port that is no frontend (nobody listens: the node answers ICMP, on egress).
     let misses_before = dp.stat(STAT_SERVICE_MISS);
-    udp_round(&client, &udp4, &format!("{NODE4}:9999"), 5);
+    udp_send(&client, &format!("{NODE4}:9999"), 5);
 
     // A real TCP exchange through the hooked device.
     let server = std::thread::spawn(move || {
