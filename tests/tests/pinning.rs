@@ -38,8 +38,7 @@ fn a_second_load_reuses_pinned_maps_and_other_sizes_are_refused() {
 
     let bigger = MapSizes { max_services: TEST_MAP_SIZES.max_services * 2, ..TEST_MAP_SIZES };
     let err = loader::load(&LoadOptions { bpffs: Some(pins.path.clone()), sizes: bigger })
-        .err()
-        .expect("a pinned map of another capacity must be refused");
+        .expect_err("a pinned map of another capacity must be refused");
     let msg = format!("{err:#}");
     assert!(msg.contains(MAP_SERVICES) && msg.contains("expects"), "unclear error: {msg}");
 }
