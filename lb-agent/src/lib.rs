@@ -1,7 +1,11 @@
-//! The node agent: sources (Kubernetes API or a manifests folder) -> model (pure) -> dataplane
-//! (BPF maps). The binaries are `lb-agent` (src/main.rs) and `lbctl` (src/bin/lbctl.rs).
+//! The node agent: sources (Kubernetes API or a manifests folder) -> state -> model (pure) ->
+//! dataplane (BPF maps). The binaries are `lb-agent` (src/main.rs) and `lbctl` (src/bin/lbctl.rs).
 
+pub mod config;
 pub mod dataplane;
 pub mod ebpf_object;
+pub mod model;
+pub mod sources;
+pub mod state;
 
 pub use ebpf_object::{EBPF_OBJECT, ebpf_object};

@@ -26,9 +26,12 @@ struct Args {
     /// bpffs directory where maps are pinned, so that an agent restart keeps traffic flowing.
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     bpffs: PathBuf,
-    /// Capacity of the frontend map.
+    /// Service ports (per IP family) the maps can hold.
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICES)]
     max_services: u32,
+    /// Frontend entries (address, port, protocol, scope) the maps can hold.
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_FRONTENDS)]
+    max_frontends: u32,
     /// Capacity of the backend map.
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
     max_backends: u32,
@@ -50,6 +53,7 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let sizes = MapSizes {
         max_services: args.max_services,
+        max_frontends: args.max_frontends,
         max_backends: args.max_backends,
         maglev_slots: args.maglev_slots,
     };

@@ -8,6 +8,8 @@ pub const MAP_ABI_VERSION: u32 = 1;
 // ---- map names (at most 15 bytes: the kernel's object-name limit) ----
 /// Frontends: [`crate::ServiceKey`] -> [`crate::ServiceValue`].
 pub const MAP_SERVICES: &str = "LB_SERVICES";
+/// Backend sets: table id (`u32`) -> [`crate::TableValue`].
+pub const MAP_TABLES: &str = "LB_TABLES";
 /// Backends: backend id (`u32` index) -> [`crate::BackendValue`].
 pub const MAP_BACKENDS: &str = "LB_BACKENDS";
 /// Maglev lookup tables of every frontend, back to back: slot -> backend id.
@@ -24,8 +26,14 @@ pub const PROG_TC_INGRESS: &str = "tc_ingress";
 pub const PROG_XDP_INGRESS: &str = "xdp_ingress";
 
 // ---- default map sizes (the agent can override each with a flag) ----
+/// Service ports (per IP family): service ids, per-service counters.
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
+/// Frontend entries (a service port has one per address and scope it answers on).
+pub const DEFAULT_MAX_FRONTENDS: u32 = 262_144;
 pub const DEFAULT_MAX_BACKENDS: u32 = 131_072;
+/// Backend sets per service port: internal, cluster, external (`LB_TABLES` holds this many times
+/// the number of service ids).
+pub const TABLES_PER_SERVICE: u32 = 3;
 /// Total Maglev slots shared by all frontends (4 bytes each).
 pub const DEFAULT_MAGLEV_SLOTS: u32 = 1 << 22;
 

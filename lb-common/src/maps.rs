@@ -86,18 +86,30 @@ impl ServiceKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceValue {
-    /// The service port's id: index of its counters, key of its reverse NAT and names.
+    /// The service port's id (per IP family): index of its counters, key of its names and
+    /// reverse NAT.
     pub service_id: u32,
-    /// Usable backends for this scope; 0 means "no endpoint" (reject or drop per flags).
-    pub backend_count: u32,
-    /// First slot of this frontend's Maglev table in `LB_MAGLEV`.
-    pub maglev_offset: u32,
-    /// Maglev table size M (a prime); 0 when there is no backend.
-    pub maglev_size: u32,
+    /// The backend set this frontend balances over (key of `LB_TABLES`). Frontends of one
+    /// service share a set when their traffic policy gives them the same backends, so an
+    /// endpoint change rewrites the set, not every frontend.
+    pub table_id: u32,
     /// `SVC_F_*`.
     pub flags: u32,
     /// sessionAffinity ClientIP timeout in seconds (when `SVC_F_AFFINITY`).
     pub affinity_timeout_s: u32,
+}
+
+/// A backend set: where its Maglev table lies in `LB_MAGLEV`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TableValue {
+    /// First slot of the table in `LB_MAGLEV`.
+    pub maglev_offset: u32,
+    /// Table size M (a prime); 0 when the set is empty.
+    pub maglev_size: u32,
+    /// Backends in the set; 0 means "no endpoint" (reject or drop per the frontend's flags).
+    pub backend_count: u32,
+    pub _pad: u32,
 }
 
 /// One backend (endpoint address and target port).
@@ -136,7 +148,8 @@ pub struct ServiceStats {
 const _: () = {
     use core::mem::{align_of, size_of};
     assert!(size_of::<ServiceKey>() == 20 && align_of::<ServiceKey>() == 4);
-    assert!(size_of::<ServiceValue>() == 24 && align_of::<ServiceValue>() == 4);
+    assert!(size_of::<ServiceValue>() == 16 && align_of::<ServiceValue>() == 4);
+    assert!(size_of::<TableValue>() == 16 && align_of::<TableValue>() == 4);
     assert!(size_of::<BackendValue>() == 20 && align_of::<BackendValue>() == 4);
     assert!(size_of::<ServiceStats>() == 16 && align_of::<ServiceStats>() == 8);
 };
@@ -147,6 +160,7 @@ mod pod {
     // implicit padding (checked by the size assertions above); every bit pattern is valid.
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::TableValue {}
     unsafe impl aya::Pod for super::BackendValue {}
     unsafe impl aya::Pod for super::ServiceStats {}
 }

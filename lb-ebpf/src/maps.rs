@@ -8,13 +8,20 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendValue, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, STAT_COUNT,
-    ServiceKey, ServiceStats, ServiceValue,
+    BackendValue, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS,
+    DEFAULT_MAX_SERVICES, STAT_COUNT, ServiceKey, ServiceStats, ServiceValue, TABLES_PER_SERVICE,
+    TableValue,
 };
 
 #[map(name = "LB_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+    HashMap::with_max_entries(DEFAULT_MAX_FRONTENDS, 0);
+
+// A hash map, not an array: user space replaces a whole value atomically when a table moves,
+// so a packet never sees a new offset with an old size.
+#[map(name = "LB_TABLES")]
+pub static TABLES: HashMap<u32, TableValue> =
+    HashMap::with_max_entries(TABLES_PER_SERVICE * DEFAULT_MAX_SERVICES, 0);
 
 #[map(name = "LB_BACKENDS")]
 pub static BACKENDS: Array<BackendValue> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);

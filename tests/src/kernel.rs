@@ -25,7 +25,7 @@ const OUTPUT_HEADROOM: usize = 256;
 
 /// Small maps: tests load many copies at once.
 pub const TEST_MAP_SIZES: MapSizes =
-    MapSizes { max_services: 1024, max_backends: 1024, maglev_slots: 1 << 16 };
+    MapSizes { max_services: 1024, max_frontends: 4096, max_backends: 1024, maglev_slots: 1 << 16 };
 
 /// What a program did with one packet.
 #[derive(Debug, Clone, PartialEq, Eq)]

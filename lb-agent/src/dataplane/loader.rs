@@ -14,15 +14,20 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{Ebpf, EbpfLoader, maps::MapData};
 use lb_common::{
-    BackendValue, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-    MAP_ABI_VERSION, MAP_BACKENDS, MAP_MAGLEV, MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS,
-    STAT_COUNT, ServiceKey, ServiceStats, ServiceValue,
+    BackendValue, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS,
+    DEFAULT_MAX_SERVICES, MAP_ABI_VERSION, MAP_BACKENDS, MAP_MAGLEV, MAP_SERVICE_STATS,
+    MAP_SERVICES, MAP_STATS, MAP_TABLES, STAT_COUNT, ServiceKey, ServiceStats, ServiceValue,
+    TABLES_PER_SERVICE, TableValue,
 };
 
 /// Capacities of the maps that grow with the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
+    /// Service ports (per family): service ids, counters, and `TABLES_PER_SERVICE` times as
+    /// many backend sets.
     pub max_services: u32,
+    /// Frontend entries (address, port, protocol, scope).
+    pub max_frontends: u32,
     pub max_backends: u32,
     pub maglev_slots: u32,
 }
@@ -31,6 +36,7 @@ impl Default for MapSizes {
     fn default() -> Self {
         Self {
             max_services: DEFAULT_MAX_SERVICES,
+            max_frontends: DEFAULT_MAX_FRONTENDS,
             max_backends: DEFAULT_MAX_BACKENDS,
             maglev_slots: DEFAULT_MAGLEV_SLOTS,
         }
@@ -57,7 +63,8 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
         }
     }
     vec![
-        spec::<ServiceKey, ServiceValue>(MAP_SERVICES, sizes.max_services),
+        spec::<ServiceKey, ServiceValue>(MAP_SERVICES, sizes.max_frontends),
+        spec::<u32, TableValue>(MAP_TABLES, TABLES_PER_SERVICE * sizes.max_services),
         spec::<u32, BackendValue>(MAP_BACKENDS, sizes.max_backends),
         spec::<u32, u32>(MAP_MAGLEV, sizes.maglev_slots),
         spec::<u32, u64>(MAP_STATS, STAT_COUNT),

@@ -1,0 +1,228 @@
+//! The model: a pure function from cluster state and node settings to the plan of what the
+//! datapath must do. No I/O here.
+//!
+//! `service.rs` validates a Service, `endpoints.rs` decides which endpoints serve which traffic
+//! (kube-proxy's rules), `maglev.rs` builds lookup tables, `plan.rs` holds the result types.
+
+pub mod endpoints;
+pub mod maglev;
+pub mod plan;
+pub mod service;
+
+use std::{collections::BTreeSet, net::IpAddr, str::FromStr};
+
+use plan::{
+    Backend, BackendSet, Family, Frontend, FrontendKind, Scope, ServicePlan, TrafficPolicy,
+};
+use service::{FieldError, Parsed, ParsedService, Skip};
+
+use crate::{
+    config::ModelConfig,
+    state::{ClusterState, ObjKey},
+};
+
+/// The node label kube-proxy reads its zone from.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// What the model needs to know about this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeView {
+    pub name: String,
+    pub zone: Option<String>,
+    /// Addresses NodePorts answer on (after `--nodeport-addresses`).
+    pub nodeport_addresses: Vec<IpAddr>,
+}
+
+/// This node as seen in the state (its Node object, if any) and the flags.
+pub fn node_view(state: &ClusterState, cfg: &ModelConfig) -> NodeView {
+    let node = state.node(&cfg.node_name);
+    let zone = node
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get(ZONE_LABEL))
+        .filter(|z| !z.is_empty())
+        .cloned();
+    let mut addrs: BTreeSet<IpAddr> = cfg.extra_node_ips.iter().copied().collect();
+    let listed = node.and_then(|n| n.status.as_ref()).and_then(|s| s.addresses.as_ref());
+    for a in listed.into_iter().flatten() {
+        if matches!(a.type_.as_str(), "InternalIP" | "ExternalIP")
+            && let Ok(ip) = IpAddr::from_str(&a.address)
+        {
+            addrs.insert(ip);
+        }
+    }
+    let nodeport_addresses = addrs
+        .into_iter()
+        .filter(|ip| {
+            cfg.nodeport_cidrs.is_empty() || cfg.nodeport_cidrs.iter().any(|c| c.contains(ip))
+        })
+        .collect();
+    NodeView { name: cfg.node_name.clone(), zone, nodeport_addresses }
+}
+
+/// The outcome of planning one Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceOutcome {
+    /// One plan per port and IP family (empty when the service has no usable port).
+    Planned { plans: Vec<ServicePlan>, warnings: Vec<String> },
+    /// Left alone on purpose (headless, ExternalName, another proxy's, no cluster IP).
+    Skipped(Skip),
+    /// The object is invalid; nothing is programmed for it.
+    Invalid(FieldError),
+    /// No such service (deleted).
+    Absent,
+}
+
+impl ServiceOutcome {
+    pub fn plans(&self) -> &[ServicePlan] {
+        match self {
+            ServiceOutcome::Planned { plans, .. } => plans,
+            _ => &[],
+        }
+    }
+}
+
+/// Plans one service.
+pub fn plan_service(
+    state: &ClusterState,
+    key: &ObjKey,
+    node: &NodeView,
+    cfg: &ModelConfig,
+) -> ServiceOutcome {
+    let Some(svc) = state.service(key) else { return ServiceOutcome::Absent };
+    let parsed = match service::parse(svc, cfg) {
+        Ok(Parsed::Service(p)) => p,
+        Ok(Parsed::Skip(skip)) => return ServiceOutcome::Skipped(skip),
+        Err(e) => return ServiceOutcome::Invalid(e),
+    };
+    let warnings = parsed
+        .unsupported_ports
+        .iter()
+        .map(|p| format!("port {p}: SCTP is not supported, ignored"))
+        .collect();
+    let mut plans = Vec::new();
+    for family in families(&parsed) {
+        for port in &parsed.ports {
+            plans.push(plan_port(state, &parsed, port, family, node));
+        }
+    }
+    ServiceOutcome::Planned { plans, warnings }
+}
+
+/// Every service in the state, planned, in key order.
+pub fn plan_all(state: &ClusterState, cfg: &ModelConfig) -> Vec<(ObjKey, ServiceOutcome)> {
+    let node = node_view(state, cfg);
+    state.services().map(|(k, _)| (k.clone(), plan_service(state, k, &node, cfg))).collect()
+}
+
+fn families(svc: &ParsedService) -> Vec<Family> {
+    svc.cluster_ips.iter().map(Family::of).collect()
+}
+
+fn plan_port(
+    state: &ClusterState,
+    svc: &ParsedService,
+    port: &service::ParsedPort,
+    family: Family,
+    node: &NodeView,
+) -> ServicePlan {
+    let in_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> =
+            ips.iter().copied().filter(|ip| Family::of(ip) == family).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let mut frontends = BTreeSet::new();
+    for ip in in_family(&svc.cluster_ips) {
+        frontends.insert(Frontend {
+            kind: FrontendKind::ClusterIP,
+            address: ip,
+            port: port.port,
+            scope: Scope::Internal,
+            backends: BackendSet::Internal,
+        });
+    }
+    let mut external = |kind: FrontendKind, ip: IpAddr, port: u16| {
+        frontends.insert(Frontend {
+            kind,
+            address: ip,
+            port,
+            scope: Scope::Internal,
+            backends: BackendSet::Cluster,
+        });
+        frontends.insert(Frontend {
+            kind,
+            address: ip,
+            port,
+            scope: Scope::External,
+            backends: BackendSet::External,
+        });
+    };
+    if let Some(np) = port.node_port {
+        for ip in in_family(&node.nodeport_addresses) {
+            external(FrontendKind::NodePort, ip, np);
+        }
+    }
+    for ip in in_family(&svc.external_ips) {
+        external(FrontendKind::ExternalIP, ip, port.port);
+    }
+    for ip in in_family(&svc.lb_ips) {
+        external(FrontendKind::LoadBalancer, ip, port.port);
+    }
+
+    let eps = endpoints::for_port(state.slices_of(&svc.key), port, family, &node.name);
+    let cat = endpoints::categorize(&eps, &node.name, node.zone.as_deref());
+    let to_backends = |set: &[endpoints::Endpoint]| -> Vec<Backend> {
+        let mut v: Vec<Backend> = set
+            .iter()
+            .map(|e| Backend { addr: e.addr, port: e.port, local: e.local, terminating: !e.ready })
+            .collect();
+        v.sort();
+        v
+    };
+    let cluster_backends = to_backends(&cat.cluster);
+    let local_backends = to_backends(&cat.local);
+    let internal_backends =
+        if svc.internal_local { local_backends.clone() } else { cluster_backends.clone() };
+    let external_backends =
+        if svc.external_local { local_backends } else { cluster_backends.clone() };
+    let selected: BTreeSet<(IpAddr, u16)> = internal_backends
+        .iter()
+        .chain(&external_backends)
+        .chain(&cluster_backends)
+        .map(|b| (b.addr, b.port))
+        .collect();
+    let retained_backends = to_backends(
+        &eps.iter()
+            .filter(|e| (e.ready || e.serving) && !selected.contains(&(e.addr, e.port)))
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    let policy = |local: bool| if local { TrafficPolicy::Local } else { TrafficPolicy::Cluster };
+    ServicePlan {
+        namespace: svc.key.namespace.clone(),
+        name: svc.key.name.clone(),
+        port_name: port.name.clone(),
+        protocol: port.protocol,
+        family,
+        frontends: frontends.into_iter().collect(),
+        internal_backends,
+        external_backends,
+        cluster_backends,
+        retained_backends,
+        internal_traffic_policy: policy(svc.internal_local),
+        external_traffic_policy: policy(svc.external_local),
+        has_any_endpoints: cat.has_any,
+        affinity_timeout_s: svc.affinity_timeout_s,
+        source_ranges: svc
+            .source_ranges
+            .iter()
+            .copied()
+            .filter(|n| Family::of(&n.addr()) == family)
+            .collect(),
+        health_check_node_port: svc.health_check_node_port,
+    }
+}
+
+#[cfg(test)]
+mod tests;

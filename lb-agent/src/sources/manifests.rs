@@ -1,0 +1,526 @@
+//! A folder of Kubernetes manifests as the source of objects: how the agent runs without a
+//! cluster (standalone L4 load balancer), and how the demo and every test here run.
+//!
+//! Files ending in `.yaml`, `.yml` or `.json` directly in the folder are read, each possibly
+//! holding several `---`-separated documents (and `kind: List`). A bad document is reported with
+//! its file, document number and field, and skipped; everything else keeps being served.
+//! [`ManifestsDir::poll`] re-reads only files that changed and reports per-object changes.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde::de::DeserializeOwned;
+use serde_yaml_ng::Value;
+
+use super::{Event, Object, ObjectRef};
+use crate::{config::ModelConfig, model::service, state::SERVICE_NAME_LABEL};
+
+/// A document that could not be used, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestError {
+    pub file: PathBuf,
+    /// 1-based document number within the file.
+    pub document: usize,
+    /// Field path (`spec.ports[0].nodePort`), when the problem is one field.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} document {}: ", self.file.display(), self.document)?;
+        match &self.field {
+            Some(field) => write!(f, "{field} {}", self.message),
+            None => write!(f, "{}", self.message),
+        }
+    }
+}
+
+/// What one file holds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Parsed {
+    /// Each object with its 1-based document number.
+    pub objects: Vec<(usize, Object)>,
+    pub errors: Vec<ManifestError>,
+    /// Documents of kinds the agent does not watch (Deployments, ...): not errors.
+    pub ignored: usize,
+}
+
+/// Splits a YAML stream into documents at `---` lines, with each document's first line number,
+/// so that a syntax error in one document cannot hide the others.
+fn split_documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = vec![(1usize, String::new())];
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") {
+            docs.push((i + 2, String::new()));
+            continue;
+        }
+        if trimmed == "..." {
+            continue;
+        }
+        let doc = &mut docs.last_mut().expect("never empty").1;
+        doc.push_str(line);
+        doc.push('\n');
+    }
+    docs.retain(|(_, d)| {
+        d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+    });
+    docs
+}
+
+/// Parses the text of one manifest file (YAML or JSON).
+pub fn parse_str(text: &str, file: &Path, cfg: &ModelConfig) -> Parsed {
+    let mut out = Parsed::default();
+    // Document numbers count every document of the file, empty ones excluded.
+    for (n, (first_line, doc)) in split_documents(text).into_iter().enumerate() {
+        let document = n + 1;
+        let err = |field: Option<String>, message: String| ManifestError {
+            file: file.to_owned(),
+            document,
+            field,
+            message,
+        };
+        let value: Value = match serde_yaml_ng::from_str(&doc) {
+            Ok(v) => v,
+            Err(e) => {
+                let line = e.location().map(|l| l.line() + first_line - 1);
+                let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+                out.errors.push(err(None, format!("is not valid YAML{at}: {e}")));
+                continue;
+            }
+        };
+        parse_value(value, "", document, &mut out, &err, cfg);
+    }
+    out
+}
+
+fn parse_value(
+    value: Value,
+    prefix: &str,
+    document: usize,
+    out: &mut Parsed,
+    err: &dyn Fn(Option<String>, String) -> ManifestError,
+    cfg: &ModelConfig,
+) {
+    let kind = value.get("kind").and_then(Value::as_str).map(str::to_owned);
+    let api = value.get("apiVersion").and_then(Value::as_str).map(str::to_owned);
+    let field = |p: &str| Some(format!("{prefix}{p}"));
+    match (api.as_deref(), kind.as_deref()) {
+        (_, None) => out.errors.push(err(field("kind"), "is missing".into())),
+        (Some("v1"), Some("List")) => {
+            let items = match value.get("items") {
+                Some(Value::Sequence(items)) => items.clone(),
+                _ => return out.errors.push(err(field("items"), "must be a list".into())),
+            };
+            for (i, item) in items.into_iter().enumerate() {
+                parse_value(item, &format!("{prefix}items[{i}]."), document, out, err, cfg);
+            }
+        }
+        (Some("v1"), Some("Service")) => match typed::<Service>(value, prefix) {
+            Ok(svc) => match service::parse(&svc, cfg) {
+                Ok(_) => out.objects.push((document, Object::Service(svc))),
+                Err(e) => out.errors.push(err(field(&e.path), e.message)),
+            },
+            Err((path, msg)) => out.errors.push(err(Some(path), msg)),
+        },
+        (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => {
+            match typed::<EndpointSlice>(value, prefix) {
+                Ok(slice) => match validate_slice(&slice) {
+                    Ok(()) => out.objects.push((document, Object::EndpointSlice(slice))),
+                    Err((path, msg)) => out.errors.push(err(field(&path), msg)),
+                },
+                Err((path, msg)) => out.errors.push(err(Some(path), msg)),
+            }
+        }
+        (Some("v1"), Some("Node")) => match typed::<Node>(value, prefix) {
+            Ok(node) if node.metadata.name.as_deref().unwrap_or("").is_empty() => {
+                out.errors.push(err(field("metadata.name"), "is missing".into()))
+            }
+            Ok(node) => out.objects.push((document, Object::Node(node))),
+            Err((path, msg)) => out.errors.push(err(Some(path), msg)),
+        },
+        (_, Some("Service" | "EndpointSlice" | "Node")) => out.errors.push(err(
+            field("apiVersion"),
+            format!(
+                "{:?} is not the version this agent reads for kind {}",
+                api.unwrap_or_default(),
+                kind.unwrap_or_default()
+            ),
+        )),
+        _ => out.ignored += 1,
+    }
+}
+
+/// Deserializes with the path of the failing field.
+fn typed<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." {
+            prefix.trim_end_matches('.').to_owned()
+        } else {
+            format!("{prefix}{path}")
+        };
+        (path, e.into_inner().to_string())
+    })
+}
+
+fn validate_slice(slice: &EndpointSlice) -> Result<(), (String, String)> {
+    if slice.metadata.name.as_deref().unwrap_or("").is_empty() {
+        return Err(("metadata.name".into(), "is missing".into()));
+    }
+    let labels = slice.metadata.labels.as_ref();
+    if labels.and_then(|l| l.get(SERVICE_NAME_LABEL)).is_none() {
+        return Err((
+            format!("metadata.labels.{SERVICE_NAME_LABEL}"),
+            "is missing: the slice belongs to no service".into(),
+        ));
+    }
+    let family = match slice.address_type.as_str() {
+        "IPv4" => Some(true),
+        "IPv6" => Some(false),
+        "FQDN" => None,
+        other => {
+            return Err(("addressType".into(), format!("{other:?} is not IPv4, IPv6 or FQDN")));
+        }
+    };
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        if let Some(port) = p.port
+            && !(1..=65535).contains(&port)
+        {
+            return Err((format!("ports[{i}].port"), format!("{port} is outside 1-65535")));
+        }
+    }
+    if let Some(v4) = family {
+        for (i, ep) in slice.endpoints.iter().enumerate() {
+            for (j, a) in ep.addresses.iter().enumerate() {
+                let ok = a.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_ipv4() == v4);
+                if !ok {
+                    return Err((
+                        format!("endpoints[{i}].addresses[{j}]"),
+                        format!("{a:?} is not an {} address", slice.address_type),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A watched manifests folder: remembers each file's objects so that a change to one file
+/// yields events for exactly the objects that changed.
+#[derive(Debug)]
+pub struct ManifestsDir {
+    dir: PathBuf,
+    cfg: ModelConfig,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+#[derive(Debug)]
+struct FileState {
+    stamp: (SystemTime, u64),
+    objects: BTreeMap<ObjectRef, Object>,
+}
+
+/// The outcome of one look at the folder.
+#[derive(Debug, Default)]
+pub struct Poll {
+    pub events: Vec<Event>,
+    pub errors: Vec<ManifestError>,
+}
+
+impl ManifestsDir {
+    pub fn new(dir: impl Into<PathBuf>, cfg: ModelConfig) -> Self {
+        Self { dir: dir.into(), cfg, files: BTreeMap::new() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads files that are new or changed since the last poll and forgets removed ones.
+    /// The first poll reports every object.
+    pub fn poll(&mut self) -> std::io::Result<Poll> {
+        let mut seen = BTreeSet::new();
+        let mut changed = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let is_manifest = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
+            if !is_manifest || !path.is_file() {
+                continue;
+            }
+            let meta = std::fs::metadata(&path)?;
+            let stamp = (meta.modified()?, meta.len());
+            seen.insert(path.clone());
+            if self.files.get(&path).is_none_or(|f| f.stamp != stamp) {
+                changed.push((path, stamp));
+            }
+        }
+        let mut poll = Poll::default();
+        let mut before: BTreeMap<ObjectRef, Object> = BTreeMap::new();
+        let removed: Vec<PathBuf> =
+            self.files.keys().filter(|p| !seen.contains(*p)).cloned().collect();
+        for path in removed.iter().chain(changed.iter().map(|(p, _)| p)) {
+            if let Some(old) = self.files.remove(path) {
+                before.extend(old.objects);
+            }
+        }
+        let mut after: BTreeMap<ObjectRef, Object> = BTreeMap::new();
+        changed.sort();
+        for (path, stamp) in changed {
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    poll.errors.push(ManifestError {
+                        file: path.clone(),
+                        document: 0,
+                        field: None,
+                        message: format!("cannot be read: {e}"),
+                    });
+                    continue;
+                }
+            };
+            let parsed = parse_str(&text, &path, &self.cfg);
+            poll.errors.extend(parsed.errors);
+            let mut objects = BTreeMap::new();
+            for (document, obj) in parsed.objects {
+                let r = obj.reference();
+                if after.contains_key(&r) || self.files.values().any(|f| f.objects.contains_key(&r))
+                {
+                    poll.errors.push(ManifestError {
+                        file: path.clone(),
+                        document,
+                        field: None,
+                        message: format!(
+                            "{r} is defined in another document too; this copy is ignored"
+                        ),
+                    });
+                    continue;
+                }
+                after.insert(r.clone(), obj.clone());
+                objects.insert(r, obj);
+            }
+            self.files.insert(path, FileState { stamp, objects });
+        }
+        for (r, obj) in &after {
+            if before.get(r) != Some(obj) {
+                poll.events.push(Event::Apply(obj.clone()));
+            }
+        }
+        for r in before.keys() {
+            if !after.contains_key(r) {
+                poll.events.push(Event::Delete(r.clone()));
+            }
+        }
+        Ok(poll)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ModelConfig {
+        ModelConfig::new("node-1")
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        parse_str(text, Path::new("deploy/examples/web.yaml"), &cfg())
+            .errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    const GOOD_SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: ok, namespace: default}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+
+    #[test]
+    fn a_bad_document_is_reported_by_file_document_and_field_and_the_rest_is_served() {
+        let text = format!(
+            "{GOOD_SVC}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.2\n  ports:\n  - port: 80\n    nodePort: 99999\n---\n# comment only\n---\napiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\n"
+        );
+        let parsed = parse_str(&text, Path::new("deploy/examples/web.yaml"), &cfg());
+        assert_eq!(
+            parsed.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            [
+                "deploy/examples/web.yaml document 2: spec.ports[0].nodePort 99999 is outside 30000-32767"
+            ]
+        );
+        let kinds: Vec<(usize, &str)> = parsed
+            .objects
+            .iter()
+            .map(|(d, o)| {
+                (
+                    *d,
+                    match o {
+                        Object::Service(_) => "Service",
+                        Object::Node(_) => "Node",
+                        _ => "?",
+                    },
+                )
+            })
+            .collect();
+        assert_eq!(kinds, [(1, "Service"), (3, "Node")]);
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let e = errors(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 10.96.0.2\n  ports:\n  - port: eighty\n",
+        );
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].starts_with("deploy/examples/web.yaml document 1: spec.ports[0].port "),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn broken_yaml_in_one_document_does_not_hide_the_others() {
+        let text = format!(
+            "{GOOD_SVC}---\napiVersion: v1\nkind: Service\nmetadata: {{name: [unclosed\n---\n{}",
+            GOOD_SVC.replace("name: ok", "name: ok2").replace("10.96.0.1", "10.96.0.3")
+        );
+        let parsed = parse_str(&text, Path::new("x.yaml"), &cfg());
+        assert_eq!(parsed.objects.len(), 2);
+        assert_eq!(parsed.errors.len(), 1);
+        let msg = parsed.errors[0].to_string();
+        assert!(msg.starts_with("x.yaml document 2: is not valid YAML (line "), "{msg}");
+    }
+
+    #[test]
+    fn semantic_errors_of_each_kind() {
+        let cases = [
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.999, ports: [{port: 80}]}",
+                "spec.clusterIP \"10.96.0.999\" is not an IP address",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.9, ports: [{port: 0}]}",
+                "spec.ports[0].port 0 is outside 1-65535",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.9, ports: [{port: 80, protocol: ICMP}]}",
+                "spec.ports[0].protocol \"ICMP\" is not TCP, UDP or SCTP",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {type: Magic, clusterIP: 10.96.0.9}",
+                "spec.type \"Magic\" is not ClusterIP, NodePort, LoadBalancer or ExternalName",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.9, loadBalancerSourceRanges: [10.0.0.0/33]}",
+                "spec.loadBalancerSourceRanges[0] \"10.0.0.0/33\" is not a CIDR",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.9, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}}",
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds 0 is outside 1-86400",
+            ),
+            (
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: []",
+                "metadata.labels.kubernetes.io/service-name is missing: the slice belongs to no service",
+            ),
+            (
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nendpoints: [{addresses: [\"fd00::1\"]}]",
+                "endpoints[0].addresses[0] \"fd00::1\" is not an IPv4 address",
+            ),
+            (
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nports: [{port: 70000}]\nendpoints: []",
+                "ports[0].port 70000 is outside 1-65535",
+            ),
+            (
+                "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: s}",
+                "apiVersion \"discovery.k8s.io/v1beta1\" is not the version this agent reads for kind EndpointSlice",
+            ),
+            ("apiVersion: v1\nmetadata: {name: s}", "kind is missing"),
+        ];
+        for (doc, want) in cases {
+            assert_eq!(
+                errors(doc),
+                [format!("deploy/examples/web.yaml document 1: {want}")],
+                "{doc}"
+            );
+        }
+    }
+
+    #[test]
+    fn lists_are_unpacked_and_other_kinds_ignored() {
+        let text = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Service, metadata: {name: a}, spec: {clusterIP: 10.96.0.9, ports: [{port: 80}]}}\n- {apiVersion: v1, kind: Service, metadata: {name: b}, spec: {clusterIP: 10.96.0.10, ports: [{port: -1}]}}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n";
+        let parsed = parse_str(text, Path::new("l.yaml"), &cfg());
+        assert_eq!(parsed.objects.len(), 1);
+        assert_eq!(parsed.ignored, 1);
+        assert_eq!(
+            parsed.errors[0].to_string(),
+            "l.yaml document 1: items[1].spec.ports[0].port -1 is outside 1-65535"
+        );
+    }
+
+    #[test]
+    fn polling_reports_exactly_the_objects_that_changed() {
+        let dir = std::env::temp_dir().join(format!("lb-manifests-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let svc = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        std::fs::write(
+            dir.join("a.yaml"),
+            format!("{}---\n{}", svc("a", "10.96.0.1"), svc("b", "10.96.0.2")),
+        )
+        .unwrap();
+        std::fs::write(dir.join("notes.txt"), "not a manifest").unwrap();
+        let mut m = ManifestsDir::new(&dir, cfg());
+        let p = m.poll().unwrap();
+        assert_eq!(p.events.len(), 2);
+        assert!(m.poll().unwrap().events.is_empty(), "nothing changed");
+
+        // Change b, keep a: one event. (Different size, so the change is seen even within one
+        // mtime tick.)
+        std::fs::write(
+            dir.join("a.yaml"),
+            format!("{}---\n{}", svc("a", "10.96.0.1"), svc("b", "10.96.0.22")),
+        )
+        .unwrap();
+        let p = m.poll().unwrap();
+        assert_eq!(p.events.len(), 1);
+        assert!(
+            matches!(&p.events[0], Event::Apply(Object::Service(s)) if s.metadata.name.as_deref() == Some("b"))
+        );
+
+        // A duplicate in a new file is refused; removing the file deletes both services.
+        std::fs::write(dir.join("b.yaml"), svc("a", "10.96.0.5")).unwrap();
+        let p = m.poll().unwrap();
+        assert!(p.events.is_empty());
+        assert_eq!(p.errors.len(), 1, "{:?}", p.errors);
+        assert!(
+            p.errors[0]
+                .to_string()
+                .contains("Service default/a is defined in another document too")
+        );
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        let p = m.poll().unwrap();
+        let mut deleted: Vec<String> = p
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Delete(r) => Some(r.to_string()),
+                _ => None,
+            })
+            .collect();
+        deleted.sort();
+        assert_eq!(deleted, ["Service default/a", "Service default/b"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
