@@ -7,6 +7,7 @@
 pub mod kernel;
 pub mod netns;
 pub mod packets;
+pub mod plans;
 
 /// True when the process may load BPF programs and create namespaces.
 pub fn is_root() -> bool {

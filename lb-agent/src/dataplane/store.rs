@@ -1,0 +1,250 @@
+//! Where the writer's entries go: the kernel maps ([`KernelStore`]) or an in-memory copy
+//! ([`MemoryStore`], for unit tests and for measuring the writer without syscalls). Both count
+//! what they write, so tests and benchmarks can assert "one endpoint change, N writes".
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData},
+};
+use lb_common::{
+    BackendValue, MAP_BACKENDS, MAP_MAGLEV, MAP_SERVICES, MAP_TABLES, ServiceKey, ServiceValue,
+    TableValue,
+};
+
+/// Map writes, by map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteCounts {
+    pub services: u64,
+    pub tables: u64,
+    pub backends: u64,
+    pub maglev_slots: u64,
+    /// Syscalls spent on Maglev slots (batches count once).
+    pub maglev_calls: u64,
+}
+
+impl WriteCounts {
+    /// Writes excluding Maglev slots.
+    pub fn entries(&self) -> u64 {
+        self.services + self.tables + self.backends
+    }
+}
+
+/// The content of every map the writer owns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub tables: BTreeMap<u32, TableValue>,
+    /// Non-empty backend slots only.
+    pub backends: BTreeMap<u32, BackendValue>,
+    pub maglev: Vec<u32>,
+}
+
+impl Snapshot {
+    /// The slots of a table.
+    pub fn table_slots(&self, t: &TableValue) -> &[u32] {
+        let start = t.maglev_offset as usize;
+        self.maglev.get(start..start + t.maglev_size as usize).unwrap_or(&[])
+    }
+}
+
+pub trait MapStore {
+    fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()>;
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<()>;
+    fn set_table(&mut self, id: u32, value: &TableValue) -> Result<()>;
+    fn delete_table(&mut self, id: u32) -> Result<()>;
+    /// Writes a backend; an all-zero value clears the slot.
+    fn set_backend(&mut self, id: u32, value: &BackendValue) -> Result<()>;
+    /// Writes Maglev slots `start..start + values.len()`.
+    fn set_maglev_range(&mut self, start: u32, values: &[u32]) -> Result<()>;
+    /// Writes scattered Maglev slots.
+    fn set_maglev_slots(&mut self, slots: &[(u32, u32)]) -> Result<()>;
+    fn snapshot(&self) -> Result<Snapshot>;
+    fn counts(&self) -> WriteCounts;
+    fn capacity_maglev(&self) -> u32;
+    fn capacity_backends(&self) -> u32;
+}
+
+/// Maps held in memory.
+#[derive(Clone, Debug)]
+pub struct MemoryStore {
+    pub data: Snapshot,
+    counts: WriteCounts,
+    max_backends: u32,
+}
+
+impl MemoryStore {
+    pub fn new(maglev_slots: u32, max_backends: u32) -> Self {
+        let data = Snapshot { maglev: vec![0; maglev_slots as usize], ..Default::default() };
+        Self { data, counts: WriteCounts::default(), max_backends }
+    }
+}
+
+impl MapStore for MemoryStore {
+    fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        self.counts.services += 1;
+        self.data.services.insert(*key, *value);
+        Ok(())
+    }
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<()> {
+        self.counts.services += 1;
+        self.data.services.remove(key);
+        Ok(())
+    }
+    fn set_table(&mut self, id: u32, value: &TableValue) -> Result<()> {
+        self.counts.tables += 1;
+        self.data.tables.insert(id, *value);
+        Ok(())
+    }
+    fn delete_table(&mut self, id: u32) -> Result<()> {
+        self.counts.tables += 1;
+        self.data.tables.remove(&id);
+        Ok(())
+    }
+    fn set_backend(&mut self, id: u32, value: &BackendValue) -> Result<()> {
+        anyhow::ensure!(id < self.max_backends, "backend id {id} beyond capacity");
+        self.counts.backends += 1;
+        if *value == BackendValue::default() {
+            self.data.backends.remove(&id);
+        } else {
+            self.data.backends.insert(id, *value);
+        }
+        Ok(())
+    }
+    fn set_maglev_range(&mut self, start: u32, values: &[u32]) -> Result<()> {
+        let s = start as usize;
+        self.data.maglev[s..s + values.len()].copy_from_slice(values);
+        self.counts.maglev_slots += values.len() as u64;
+        self.counts.maglev_calls += 1;
+        Ok(())
+    }
+    fn set_maglev_slots(&mut self, slots: &[(u32, u32)]) -> Result<()> {
+        for &(i, v) in slots {
+            self.data.maglev[i as usize] = v;
+        }
+        self.counts.maglev_slots += slots.len() as u64;
+        self.counts.maglev_calls += slots.len() as u64;
+        Ok(())
+    }
+    fn snapshot(&self) -> Result<Snapshot> {
+        Ok(self.data.clone())
+    }
+    fn counts(&self) -> WriteCounts {
+        self.counts
+    }
+    fn capacity_maglev(&self) -> u32 {
+        self.data.maglev.len() as u32
+    }
+    fn capacity_backends(&self) -> u32 {
+        self.max_backends
+    }
+}
+
+/// The kernel maps, through duplicated file descriptors (independent of the `Ebpf` they came
+/// from, pinned or not).
+pub struct KernelStore {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    tables: HashMap<MapData, u32, TableValue>,
+    backends: Array<MapData, BackendValue>,
+    maglev: Array<MapData, u32>,
+    counts: WriteCounts,
+}
+
+/// An independent handle on one of the object's maps (a duplicated file descriptor).
+fn dup_map(ebpf: &Ebpf, name: &str) -> Result<Map> {
+    use std::os::fd::AsFd;
+    let dup = |d: &MapData| -> Result<MapData> {
+        let fd = d
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .with_context(|| format!("duplicating fd of {name}"))?;
+        MapData::from_fd(fd).with_context(|| format!("reopening {name}"))
+    };
+    match ebpf.map(name).with_context(|| format!("object has no map {name}"))? {
+        Map::HashMap(d) => Ok(Map::HashMap(dup(d)?)),
+        Map::Array(d) => Ok(Map::Array(dup(d)?)),
+        _ => anyhow::bail!("map {name} has an unexpected type"),
+    }
+}
+
+impl KernelStore {
+    pub fn new(ebpf: &Ebpf) -> Result<Self> {
+        Ok(Self {
+            services: HashMap::try_from(dup_map(ebpf, MAP_SERVICES)?)?,
+            tables: HashMap::try_from(dup_map(ebpf, MAP_TABLES)?)?,
+            backends: Array::try_from(dup_map(ebpf, MAP_BACKENDS)?)?,
+            maglev: Array::try_from(dup_map(ebpf, MAP_MAGLEV)?)?,
+            counts: WriteCounts::default(),
+        })
+    }
+}
+
+impl MapStore for KernelStore {
+    fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        self.counts.services += 1;
+        self.services
+            .insert(key, value, 0)
+            .with_context(|| format!("writing frontend {key:?} (LB_SERVICES full?)"))
+    }
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<()> {
+        self.counts.services += 1;
+        self.services.remove(key).with_context(|| format!("deleting frontend {key:?}"))
+    }
+    fn set_table(&mut self, id: u32, value: &TableValue) -> Result<()> {
+        self.counts.tables += 1;
+        self.tables
+            .insert(id, value, 0)
+            .with_context(|| format!("writing backend set {id} (LB_TABLES full?)"))
+    }
+    fn delete_table(&mut self, id: u32) -> Result<()> {
+        self.counts.tables += 1;
+        self.tables.remove(&id).with_context(|| format!("deleting backend set {id}"))
+    }
+    fn set_backend(&mut self, id: u32, value: &BackendValue) -> Result<()> {
+        self.counts.backends += 1;
+        self.backends.set(id, value, 0).with_context(|| format!("writing backend {id}"))
+    }
+    fn set_maglev_range(&mut self, start: u32, values: &[u32]) -> Result<()> {
+        self.counts.maglev_slots += values.len() as u64;
+        self.counts.maglev_calls += 1;
+        super::batch::update_array_range(&self.maglev, start, values)
+            .with_context(|| format!("writing {} Maglev slots at {start}", values.len()))
+    }
+    fn set_maglev_slots(&mut self, slots: &[(u32, u32)]) -> Result<()> {
+        self.counts.maglev_slots += slots.len() as u64;
+        self.counts.maglev_calls += 1;
+        super::batch::update_array_scattered(&self.maglev, slots)
+            .with_context(|| format!("writing {} Maglev slots", slots.len()))
+    }
+    fn snapshot(&self) -> Result<Snapshot> {
+        let mut snap = Snapshot::default();
+        for kv in self.services.iter() {
+            let (k, v) = kv?;
+            snap.services.insert(k, v);
+        }
+        for kv in self.tables.iter() {
+            let (k, v) = kv?;
+            snap.tables.insert(k, v);
+        }
+        for (i, v) in self.backends.iter().enumerate() {
+            let v = v?;
+            if v != BackendValue::default() {
+                snap.backends.insert(i as u32, v);
+            }
+        }
+        snap.maglev = super::batch::read_array(&self.maglev)?;
+        Ok(snap)
+    }
+    fn counts(&self) -> WriteCounts {
+        self.counts
+    }
+    fn capacity_maglev(&self) -> u32 {
+        self.maglev.len()
+    }
+    fn capacity_backends(&self) -> u32 {
+        self.backends.len()
+    }
+}

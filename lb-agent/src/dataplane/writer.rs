@@ -1,0 +1,690 @@
+//! Plans -> map entries, writing only what changed, in an order that never lets a packet see a
+//! half-built service:
+//!
+//! 1. backends first (new ones, changed flags),
+//! 2. then Maglev slots and backend sets (`LB_TABLES`): a set whose table size is unchanged
+//!    gets only its changed slots rewritten in place (every slot always names a live backend);
+//!    a resized set gets a new range, written whole, then its `TableValue` is replaced in one
+//!    atomic hash-map update,
+//! 3. then frontends (`LB_SERVICES`),
+//! 4. and on the way out the reverse: frontends, then sets, then backends nobody uses.
+//!
+//! Ids are stable: a service port keeps its service id and sets, a backend (address, port) keeps
+//! its id while any service uses it. At start the writer adopts what it finds in pinned maps
+//! (same backend ids, same service ids, identical tables) so an agent restart rewrites almost
+//! nothing, and [`Writer::finish_initial_sync`] removes whatever the first full sync did not
+//! claim.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use lb_common::*;
+
+use super::{
+    ids::{IdAllocator, MaglevSpace},
+    store::{MapStore, Snapshot, WriteCounts},
+};
+use crate::{
+    model::{
+        maglev,
+        plan::{BackendSet, FrontendKind, PortKey, Scope, ServicePlan, TrafficPolicy},
+    },
+    state::ObjKey,
+};
+
+/// A backend's identity: address and port (shared by every service and protocol using it).
+type BackendAddr = (IpAddr, u16);
+
+#[derive(Clone, Copy, Debug)]
+pub struct WriterConfig {
+    pub maglev_max_size: u32,
+    /// Service ids available (`--max-services`).
+    pub max_services: u32,
+}
+
+#[derive(Clone, Debug)]
+struct BackendEntry {
+    id: u32,
+    /// What the map holds.
+    value: BackendValue,
+    /// The flags each service port using this backend sees. The same endpoint normally looks
+    /// the same to every service; when it does not, the map holds a combination that does not
+    /// depend on the order of changes: local if any says so, terminating only if all do.
+    users: BTreeMap<PortKey, u8>,
+}
+
+impl BackendEntry {
+    fn combined(&self) -> BackendValue {
+        let local = self.users.values().any(|f| f & BE_F_LOCAL != 0);
+        let terminating = self.users.values().all(|f| f & BE_F_TERMINATING != 0);
+        let flags =
+            if local { BE_F_LOCAL } else { 0 } | if terminating { BE_F_TERMINATING } else { 0 };
+        BackendValue { flags, ..self.value }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct TableState {
+    id: u32,
+    members: Vec<BackendAddr>,
+    /// Backend id per slot.
+    slots: Vec<u32>,
+    value: TableValue,
+}
+
+#[derive(Clone, Debug)]
+struct PortState {
+    service_id: u32,
+    tables: Vec<TableState>,
+    /// Which set serves which role.
+    role_table: HashMap<BackendSet, u32>,
+    frontends: BTreeMap<ServiceKey, ServiceValue>,
+    backends: BTreeSet<BackendAddr>,
+}
+
+/// Content found in pinned maps at start, not yet claimed by the first full sync.
+#[derive(Debug, Default)]
+struct Stale {
+    snapshot: Snapshot,
+    backend_by_addr: HashMap<BackendAddr, u32>,
+    backends: BTreeSet<u32>,
+    tables: BTreeSet<u32>,
+    service_ids: BTreeSet<u32>,
+    frontends: BTreeSet<ServiceKey>,
+}
+
+/// What one call changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub writes: WriteCounts,
+    /// Frontends another service port already owns (first come keeps it).
+    pub conflicts: Vec<String>,
+}
+
+pub struct Writer<S: MapStore> {
+    store: S,
+    cfg: WriterConfig,
+    service_ids: IdAllocator,
+    table_ids: IdAllocator,
+    backend_ids: IdAllocator,
+    maglev: MaglevSpace,
+    backends: HashMap<BackendAddr, BackendEntry>,
+    ports: HashMap<PortKey, PortState>,
+    by_object: HashMap<ObjKey, BTreeSet<PortKey>>,
+    frontend_owner: HashMap<ServiceKey, PortKey>,
+    stale: Option<Stale>,
+}
+
+fn frontend_flags(kind: FrontendKind) -> u32 {
+    match kind {
+        FrontendKind::ClusterIP => SVC_F_CLUSTER_IP,
+        FrontendKind::NodePort => SVC_F_NODE_PORT,
+        FrontendKind::ExternalIP => SVC_F_EXTERNAL_IP,
+        FrontendKind::LoadBalancer => SVC_F_LOAD_BALANCER,
+    }
+}
+
+fn backend_value(b: &crate::model::plan::Backend) -> BackendValue {
+    let mut flags = 0;
+    if b.local {
+        flags |= BE_F_LOCAL;
+    }
+    if b.terminating {
+        flags |= BE_F_TERMINATING;
+    }
+    BackendValue::new(b.addr, b.port, flags)
+}
+
+const ROLES: [BackendSet; 3] = [BackendSet::Internal, BackendSet::Cluster, BackendSet::External];
+
+impl<S: MapStore> Writer<S> {
+    /// A writer over `store`, adopting what the store already holds (pinned maps of a previous
+    /// agent) until [`Writer::finish_initial_sync`].
+    pub fn new(store: S, cfg: WriterConfig) -> Result<Self> {
+        let snapshot = store.snapshot().context("reading the maps at start")?;
+        let mut w = Writer {
+            service_ids: IdAllocator::new(1, cfg.max_services),
+            table_ids: IdAllocator::new(1, TABLES_PER_SERVICE.saturating_mul(cfg.max_services)),
+            backend_ids: IdAllocator::new(1, store.capacity_backends()),
+            maglev: MaglevSpace::new(store.capacity_maglev()),
+            store,
+            cfg,
+            backends: HashMap::new(),
+            ports: HashMap::new(),
+            by_object: HashMap::new(),
+            frontend_owner: HashMap::new(),
+            stale: None,
+        };
+        let empty = snapshot.services.is_empty()
+            && snapshot.tables.is_empty()
+            && snapshot.backends.is_empty();
+        if !empty {
+            let mut stale = Stale::default();
+            for (&id, b) in &snapshot.backends {
+                if w.backend_ids.claim(id) {
+                    stale.backends.insert(id);
+                    stale.backend_by_addr.insert((b.ip(), b.port()), id);
+                }
+            }
+            for (&id, t) in &snapshot.tables {
+                if w.table_ids.claim(id) {
+                    stale.tables.insert(id);
+                    if t.maglev_size > 0 && !w.maglev.claim(t.maglev_offset, t.maglev_size) {
+                        // Overlapping or out-of-range tables: the set stays, its range is not
+                        // trusted for adoption.
+                        stale.tables.remove(&id);
+                        stale.tables.insert(id);
+                    }
+                }
+            }
+            for (k, v) in &snapshot.services {
+                stale.frontends.insert(*k);
+                if w.service_ids.claim(v.service_id) {
+                    stale.service_ids.insert(v.service_id);
+                }
+            }
+            stale.snapshot = snapshot;
+            w.stale = Some(stale);
+        }
+        Ok(w)
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn counts(&self) -> WriteCounts {
+        self.store.counts()
+    }
+
+    /// Service ports programmed.
+    pub fn port_count(&self) -> usize {
+        self.ports.len()
+    }
+
+    /// The service id of a service port, if programmed.
+    pub fn service_id(&self, key: &PortKey) -> Option<u32> {
+        self.ports.get(key).map(|p| p.service_id)
+    }
+
+    /// Every service port programmed, with its service id.
+    pub fn service_ids(&self) -> impl Iterator<Item = (&PortKey, u32)> {
+        self.ports.iter().map(|(k, p)| (k, p.service_id))
+    }
+
+    /// Programs everything a Service object plans (all its ports and families), replacing what
+    /// was programmed for it before. An empty `plans` removes the service.
+    pub fn apply_object(&mut self, obj: &ObjKey, plans: &[ServicePlan]) -> Result<ApplyReport> {
+        let before = self.store.counts();
+        self.maglev.flush();
+        let mut report = ApplyReport::default();
+        let new_keys: BTreeSet<PortKey> = plans.iter().map(|p| p.port_key()).collect();
+        let old_keys = self.by_object.remove(obj).unwrap_or_default();
+        let mut first_err = None;
+        for plan in plans {
+            if let Err(e) = self.apply_port(plan, &mut report) {
+                first_err.get_or_insert(e.context(format!("programming {}", plan.port_key())));
+            }
+        }
+        for key in old_keys.difference(&new_keys) {
+            if let Err(e) = self.remove_port(key) {
+                first_err.get_or_insert(e.context(format!("removing {key}")));
+            }
+        }
+        let kept: BTreeSet<PortKey> =
+            new_keys.into_iter().filter(|k| self.ports.contains_key(k)).collect();
+        if !kept.is_empty() {
+            self.by_object.insert(obj.clone(), kept);
+        }
+        let after = self.store.counts();
+        report.writes = WriteCounts {
+            services: after.services - before.services,
+            tables: after.tables - before.tables,
+            backends: after.backends - before.backends,
+            maglev_slots: after.maglev_slots - before.maglev_slots,
+            maglev_calls: after.maglev_calls - before.maglev_calls,
+        };
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+
+    /// Ends the initial full sync: removes every entry of the pinned maps that no service
+    /// claimed (frontends first, then sets, then backends).
+    pub fn finish_initial_sync(&mut self) -> Result<()> {
+        let Some(stale) = self.stale.take() else { return Ok(()) };
+        for e in self.backends.values_mut() {
+            let combined = e.combined();
+            if combined != e.value {
+                self.store.set_backend(e.id, &combined)?;
+                e.value = combined;
+            }
+        }
+        for key in &stale.frontends {
+            if !self.frontend_owner.contains_key(key) {
+                self.store.delete_service(key)?;
+            }
+        }
+        for &id in &stale.tables {
+            self.store.delete_table(id)?;
+            self.table_ids.release(id);
+            if let Some(t) = stale.snapshot.tables.get(&id)
+                && t.maglev_size > 0
+            {
+                self.maglev.release(t.maglev_offset, t.maglev_size);
+            }
+        }
+        for &id in &stale.backends {
+            self.store.set_backend(id, &BackendValue::default())?;
+            self.backend_ids.release(id);
+        }
+        for &id in &stale.service_ids {
+            self.service_ids.release(id);
+        }
+        Ok(())
+    }
+
+    fn apply_port(&mut self, plan: &ServicePlan, report: &mut ApplyReport) -> Result<()> {
+        let key = plan.port_key();
+        let proto = plan.protocol.number();
+        let old = self.ports.remove(&key);
+
+        // Frontends this port can own (others' stay theirs).
+        let mut frontends: Vec<(ServiceKey, &crate::model::plan::Frontend)> = Vec::new();
+        for f in &plan.frontends {
+            let scope = match f.scope {
+                Scope::Internal => SCOPE_INTERNAL,
+                Scope::External => SCOPE_EXTERNAL,
+            };
+            let sk = ServiceKey::new(f.address, f.port, proto, scope);
+            match self.frontend_owner.get(&sk) {
+                Some(owner) if *owner != key => {
+                    report.conflicts.push(format!(
+                        "{:?} {}:{} ({:?}) of {key} is already {owner}'s; not programmed",
+                        f.kind, f.address, f.port, f.scope
+                    ));
+                }
+                _ => frontends.push((sk, f)),
+            }
+        }
+
+        let service_id = match &old {
+            Some(o) => o.service_id,
+            None => self
+                .adopt_service_id(frontends.iter().map(|(k, _)| k))
+                .or_else(|| self.service_ids.alloc())
+                .ok_or_else(|| {
+                    anyhow!(
+                        "no service id left: raise --max-services (now {})",
+                        self.cfg.max_services
+                    )
+                })?,
+        };
+
+        // 1. Backends: everything any set uses, plus retained ones (open flows).
+        let mut wanted: BTreeMap<BackendAddr, BackendValue> = BTreeMap::new();
+        for b in ROLES.iter().flat_map(|&r| plan.backends(r)).chain(&plan.retained_backends) {
+            wanted.entry((b.addr, b.port)).or_insert_with(|| backend_value(b));
+        }
+        let mut acquired = Vec::new();
+        for (addr, value) in &wanted {
+            match self.acquire_backend(*addr, &key, *value) {
+                Ok(()) => acquired.push(*addr),
+                Err(e) => {
+                    for a in acquired {
+                        self.release_backend(a, &key)?;
+                    }
+                    if let Some(o) = old {
+                        self.ports.insert(key, o);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+
+        // 2. Backend sets: one per distinct backend list among the roles frontends use.
+        let used_roles: BTreeSet<BackendSet> = frontends.iter().map(|(_, f)| f.backends).collect();
+        let mut old_tables: Vec<TableState> =
+            old.as_ref().map(|o| o.tables.clone()).unwrap_or_default();
+        let old_role_table: HashMap<BackendSet, u32> =
+            old.as_ref().map(|o| o.role_table.clone()).unwrap_or_default();
+        let mut tables: Vec<TableState> = Vec::new();
+        let mut role_table: HashMap<BackendSet, u32> = HashMap::new();
+        for role in ROLES.iter().copied().filter(|r| used_roles.contains(r)) {
+            let mut members: Vec<BackendAddr> =
+                plan.backends(role).iter().map(|b| (b.addr, b.port)).collect();
+            members.sort_by_key(|&(a, p)| maglev::identity(a, p));
+            members.dedup();
+            if let Some(t) = tables.iter().find(|t| t.members == members) {
+                role_table.insert(role, t.id);
+                continue;
+            }
+            // Reuse the old set with the same members, else the one that served this role.
+            let candidate = old_tables
+                .iter()
+                .position(|t| t.members == members)
+                .or_else(|| {
+                    old_role_table
+                        .get(&role)
+                        .and_then(|id| old_tables.iter().position(|t| t.id == *id))
+                })
+                .map(|i| old_tables.swap_remove(i));
+            let hint = frontends.iter().filter(|(_, f)| f.backends == role).find_map(|(k, _)| {
+                self.stale.as_ref().and_then(|s| s.snapshot.services.get(k)).map(|v| v.table_id)
+            });
+            let table = self.build_table(members, candidate, hint)?;
+            role_table.insert(role, table.id);
+            tables.push(table);
+        }
+
+        // 3. Frontends.
+        let mut new_frontends = BTreeMap::new();
+        for (sk, f) in &frontends {
+            let set = plan.backends(f.backends);
+            let policy_local = match f.backends {
+                BackendSet::Internal => plan.internal_traffic_policy == TrafficPolicy::Local,
+                BackendSet::External => plan.external_traffic_policy == TrafficPolicy::Local,
+                BackendSet::Cluster => false,
+            };
+            let mut flags = frontend_flags(f.kind);
+            if plan.affinity_timeout_s.is_some() {
+                flags |= SVC_F_AFFINITY;
+            }
+            if policy_local {
+                flags |= SVC_F_LOCAL_ONLY;
+            }
+            if f.kind == FrontendKind::LoadBalancer
+                && f.scope == Scope::External
+                && !plan.source_ranges.is_empty()
+            {
+                flags |= SVC_F_SOURCE_RANGES;
+            }
+            if set.is_empty() && plan.has_any_endpoints {
+                flags |= SVC_F_NO_ENDPOINT_DROP;
+            }
+            let value = ServiceValue {
+                service_id,
+                table_id: role_table[&f.backends],
+                flags,
+                affinity_timeout_s: plan.affinity_timeout_s.unwrap_or(0),
+            };
+            let unchanged = old.as_ref().and_then(|o| o.frontends.get(sk)) == Some(&value)
+                || self.stale.as_ref().is_some_and(|s| s.snapshot.services.get(sk) == Some(&value));
+            if !unchanged {
+                self.store.set_service(sk, &value)?;
+            }
+            self.frontend_owner.insert(*sk, key.clone());
+            new_frontends.insert(*sk, value);
+        }
+
+        // 4. Out with the old: frontends, then sets, then backends.
+        if let Some(o) = &old {
+            for sk in o.frontends.keys() {
+                if !new_frontends.contains_key(sk) {
+                    self.store.delete_service(sk)?;
+                    self.frontend_owner.remove(sk);
+                }
+            }
+        }
+        for t in old_tables {
+            self.drop_table(t)?;
+        }
+        if let Some(o) = &old {
+            for addr in o.backends.difference(&wanted.keys().copied().collect()) {
+                self.release_backend(*addr, &key)?;
+            }
+        }
+        self.ports.insert(
+            key,
+            PortState {
+                service_id,
+                tables,
+                role_table,
+                frontends: new_frontends,
+                backends: wanted.keys().copied().collect(),
+            },
+        );
+        Ok(())
+    }
+
+    fn remove_port(&mut self, key: &PortKey) -> Result<()> {
+        let Some(old) = self.ports.remove(key) else { return Ok(()) };
+        for sk in old.frontends.keys() {
+            self.store.delete_service(sk)?;
+            self.frontend_owner.remove(sk);
+        }
+        for t in old.tables {
+            self.drop_table(t)?;
+        }
+        for addr in &old.backends {
+            self.release_backend(*addr, key)?;
+        }
+        self.service_ids.release(old.service_id);
+        Ok(())
+    }
+
+    fn adopt_service_id<'a>(&mut self, keys: impl Iterator<Item = &'a ServiceKey>) -> Option<u32> {
+        let stale = self.stale.as_mut()?;
+        for k in keys {
+            if let Some(v) = stale.snapshot.services.get(k)
+                && stale.service_ids.remove(&v.service_id)
+            {
+                return Some(v.service_id);
+            }
+        }
+        None
+    }
+
+    fn acquire_backend(
+        &mut self,
+        addr: BackendAddr,
+        user: &PortKey,
+        value: BackendValue,
+    ) -> Result<()> {
+        let initial_sync = self.stale.is_some();
+        if let Some(e) = self.backends.get_mut(&addr) {
+            e.users.insert(user.clone(), value.flags);
+            let combined = e.combined();
+            // During the initial sync the flags settle as users are added one by one; the
+            // final combination is written once, in finish_initial_sync.
+            if combined != e.value && !initial_sync {
+                self.store.set_backend(e.id, &combined)?;
+                e.value = combined;
+            }
+            return Ok(());
+        }
+        let adopted = self.stale.as_mut().and_then(|s| {
+            let id = s.backend_by_addr.remove(&addr)?;
+            s.backends.remove(&id);
+            Some((id, s.snapshot.backends.get(&id).copied()))
+        });
+        let (id, current) = match adopted {
+            Some(found) => found,
+            None => {
+                let id = self.backend_ids.alloc().ok_or_else(|| {
+                    anyhow!(
+                        "no backend id left: raise --max-backends (now {})",
+                        self.store.capacity_backends()
+                    )
+                })?;
+                (id, None)
+            }
+        };
+        let written = match current {
+            // Adopted: the map already holds this backend; flags are settled at the end.
+            Some(cur) => cur,
+            None => {
+                self.store.set_backend(id, &value)?;
+                value
+            }
+        };
+        self.backends.insert(
+            addr,
+            BackendEntry { id, value: written, users: [(user.clone(), value.flags)].into() },
+        );
+        Ok(())
+    }
+
+    fn release_backend(&mut self, addr: BackendAddr, user: &PortKey) -> Result<()> {
+        let Some(e) = self.backends.get_mut(&addr) else { return Ok(()) };
+        e.users.remove(user);
+        if e.users.is_empty() {
+            let id = e.id;
+            self.backends.remove(&addr);
+            self.store.set_backend(id, &BackendValue::default())?;
+            self.backend_ids.release(id);
+        } else {
+            let combined = e.combined();
+            if combined != e.value {
+                self.store.set_backend(e.id, &combined)?;
+                e.value = combined;
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_table(&mut self, t: TableState) -> Result<()> {
+        self.store.delete_table(t.id)?;
+        self.table_ids.release(t.id);
+        if t.value.maglev_size > 0 {
+            self.maglev.release(t.value.maglev_offset, t.value.maglev_size);
+        }
+        Ok(())
+    }
+
+    /// Builds (or updates in place) the set for `members`, which are sorted by identity.
+    fn build_table(
+        &mut self,
+        members: Vec<BackendAddr>,
+        candidate: Option<TableState>,
+        hint: Option<u32>,
+    ) -> Result<TableState> {
+        let n = members.len();
+        let m = maglev::table_size(n, self.cfg.maglev_max_size);
+        let ids: Vec<u32> = members.iter().map(|a| self.backends[a].id).collect();
+        let slots: Vec<u32> = if n == 0 {
+            Vec::new()
+        } else {
+            let identities: Vec<[u8; 18]> =
+                members.iter().map(|&(a, p)| maglev::identity(a, p)).collect();
+            maglev::build(&identities, m).into_iter().map(|i| ids[i as usize]).collect()
+        };
+        let count = n as u32;
+
+        // Same size: rewrite changed slots in place.
+        if let Some(c) = &candidate
+            && c.value.maglev_size == m
+        {
+            let changed: Vec<(u32, u32)> = slots
+                .iter()
+                .zip(&c.slots)
+                .enumerate()
+                .filter(|(_, (new, old))| new != old)
+                .map(|(i, (new, _))| (c.value.maglev_offset + i as u32, *new))
+                .collect();
+            if !changed.is_empty() {
+                self.store.set_maglev_slots(&changed)?;
+            }
+            let value = TableValue { backend_count: count, ..c.value };
+            if value != c.value {
+                self.store.set_table(c.id, &value)?;
+            }
+            return Ok(TableState { id: c.id, members, slots, value });
+        }
+
+        // Adopt an identical table left by the previous agent.
+        if candidate.is_none()
+            && let Some(id) = hint
+            && let Some(stale) = self.stale.as_mut()
+            && stale.tables.contains(&id)
+            && let Some(t) = stale.snapshot.tables.get(&id).copied()
+            && t.maglev_size == m
+            && stale.snapshot.table_slots(&t) == slots.as_slice()
+        {
+            stale.tables.remove(&id);
+            let value = TableValue {
+                maglev_offset: t.maglev_offset,
+                maglev_size: m,
+                backend_count: count,
+                _pad: 0,
+            };
+            if value != t {
+                self.store.set_table(id, &value)?;
+            }
+            return Ok(TableState { id, members, slots, value });
+        }
+
+        // New range (or none for an empty set), written whole, then the set flips to it.
+        let offset = if m == 0 {
+            0
+        } else {
+            let off = self.maglev.alloc(m).ok_or_else(|| {
+                anyhow!(
+                    "LB_MAGLEV is full ({} of {} slots used): raise --maglev-slots or lower --maglev-max-size",
+                    self.maglev.used(),
+                    self.maglev.capacity()
+                )
+            })?;
+            self.store.set_maglev_range(off, &slots)?;
+            off
+        };
+        let id = match &candidate {
+            Some(c) => c.id,
+            None => self
+                .table_ids
+                .alloc()
+                .ok_or_else(|| anyhow!("no backend-set id left: raise --max-services"))?,
+        };
+        let value =
+            TableValue { maglev_offset: offset, maglev_size: m, backend_count: count, _pad: 0 };
+        self.store.set_table(id, &value)?;
+        if let Some(c) = candidate
+            && c.value.maglev_size > 0
+        {
+            self.maglev.release(c.value.maglev_offset, c.value.maglev_size);
+        }
+        Ok(TableState { id, members, slots, value })
+    }
+}
+
+/// What the maps mean, independent of ids: every frontend with its flags and the backends of its
+/// Maglev table slot by slot, plus every live backend. Two writers that programmed the same plans
+/// in any order, with any ids, have equal canonical dumps.
+pub fn canonical(s: &Snapshot) -> Result<CanonicalDump> {
+    let mut frontends = BTreeMap::new();
+    let mut referenced_tables = BTreeSet::new();
+    for (k, v) in &s.services {
+        let t = s
+            .tables
+            .get(&v.table_id)
+            .ok_or_else(|| anyhow!("frontend {k:?} points at missing set {}", v.table_id))?;
+        referenced_tables.insert(v.table_id);
+        let mut slots = Vec::with_capacity(t.maglev_size as usize);
+        for &b in s.table_slots(t) {
+            let be = s
+                .backends
+                .get(&b)
+                .ok_or_else(|| anyhow!("set {} names missing backend {b}", v.table_id))?;
+            slots.push((be.ip(), be.port()));
+        }
+        if slots.len() != t.maglev_size as usize {
+            bail!("set {} lies outside LB_MAGLEV", v.table_id);
+        }
+        frontends.insert(*k, (v.flags, v.affinity_timeout_s, t.backend_count, slots));
+    }
+    let unreferenced_tables = s.tables.keys().filter(|id| !referenced_tables.contains(id)).count();
+    let backends = s.backends.values().map(|b| (b.ip(), b.port(), b.flags)).collect();
+    Ok(CanonicalDump { frontends, backends, unreferenced_tables })
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CanonicalDump {
+    /// frontend -> (flags, affinity timeout, backend count, backend of each slot)
+    pub frontends: BTreeMap<ServiceKey, (u32, u32, u32, Vec<BackendAddr>)>,
+    pub backends: BTreeSet<(IpAddr, u16, u8)>,
+    pub unreferenced_tables: usize,
+}
