@@ -7,5 +7,6 @@ pub mod ebpf_object;
 pub mod model;
 pub mod sources;
 pub mod state;
+pub mod sync;
 
 pub use ebpf_object::{EBPF_OBJECT, ebpf_object};

@@ -1,22 +1,42 @@
-//! `lb-agent`: loads the datapath, pins its maps and attaches it to the node's devices.
-//!
-//! Programming services from Kubernetes or a manifests folder is the control plane's job
-//! (see ARCHITECTURE.md for what exists today).
+//! `lb-agent`: the node agent. Loads the datapath, pins its maps, attaches it to the node's
+//! devices, and keeps the maps in step with the Services, EndpointSlices and Nodes of its
+//! source (a manifests folder today).
 
-use std::{path::PathBuf, time::Duration};
-
-use anyhow::{Context, Result};
-use clap::Parser;
-use lb_agent::dataplane::{
-    attach, counters,
-    loader::{self, LoadOptions, MapSizes},
-    programs,
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
 };
-use tracing::info;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use ipnet::IpNet;
+use lb_agent::{
+    config::ModelConfig,
+    dataplane::{
+        attach, counters,
+        loader::{self, LoadOptions, MapSizes},
+        programs,
+        store::KernelStore,
+        writer::{Writer, WriterConfig},
+    },
+    model::maglev,
+    sources::manifests::ManifestsDir,
+    sync::Syncer,
+};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
 
 #[derive(Parser, Debug)]
-#[command(about = "eBPF service load balancer: node agent")]
+#[command(about = "eBPF service load balancer: node agent (a kube-proxy replacement)")]
 struct Args {
+    /// Folder of Kubernetes manifests (Service, EndpointSlice, Node) to serve, watched for
+    /// changes: runs without a cluster.
+    #[arg(long)]
+    manifests: PathBuf,
+    /// This node's name: decides which endpoints are local and which Node object is ours.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
     /// Devices that receive traffic from outside clients (NodePort, ExternalIP, LB IP).
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
@@ -26,31 +46,55 @@ struct Args {
     /// bpffs directory where maps are pinned, so that an agent restart keeps traffic flowing.
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     bpffs: PathBuf,
+    /// NodePorts answer only on node addresses inside these CIDRs (default: every address).
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<IpNet>,
+    /// Addresses of this node, in addition to those its Node object lists.
+    #[arg(long, value_delimiter = ',')]
+    node_ip: Vec<IpAddr>,
     /// Service ports (per IP family) the maps can hold.
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICES)]
     max_services: u32,
     /// Frontend entries (address, port, protocol, scope) the maps can hold.
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_FRONTENDS)]
     max_frontends: u32,
-    /// Capacity of the backend map.
+    /// Backends (endpoint address and port) the maps can hold.
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
     max_backends: u32,
-    /// Maglev slots shared by all frontends (4 bytes each).
+    /// Maglev slots shared by all backend sets (4 bytes each).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_SLOTS)]
     maglev_slots: u32,
+    /// Largest Maglev table of one backend set (a prime from 251 to 131071).
+    #[arg(long, default_value_t = maglev::DEFAULT_MAX_SIZE)]
+    maglev_max_size: u32,
+    /// How often the manifests folder is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    poll_interval_ms: u64,
     /// Seconds between counter summaries in the log (0: never).
     #[arg(long, default_value_t = 60)]
     stats_interval: u64,
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<()> {
+async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let args = Args::parse();
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("lb-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    if !maglev::SIZES.contains(&args.maglev_max_size) {
+        bail!("--maglev-max-size {} is not one of {:?}", args.maglev_max_size, maglev::SIZES);
+    }
+    if !args.manifests.is_dir() {
+        bail!("--manifests {}: not a directory", args.manifests.display());
+    }
     let sizes = MapSizes {
         max_services: args.max_services,
         max_frontends: args.max_frontends,
@@ -66,17 +110,75 @@ async fn main() -> Result<()> {
             attach::xdp_ingress(&mut ebpf, dev)?;
         }
     }
-    let mut tick = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
-    tick.tick().await;
+
+    let mut cfg = ModelConfig::new(&args.node_name);
+    cfg.nodeport_cidrs = args.nodeport_addresses.clone();
+    cfg.extra_node_ips = args.node_ip.clone();
+    cfg.maglev_max_size = args.maglev_max_size;
+    let writer = Writer::new(
+        KernelStore::new(&ebpf)?,
+        WriterConfig { maglev_max_size: args.maglev_max_size, max_services: args.max_services },
+    )?;
+    let mut syncer = Syncer::new(cfg.clone(), writer);
+    let mut source = ManifestsDir::new(&args.manifests, cfg);
+
+    let start = Instant::now();
+    let poll = source.poll().with_context(|| format!("reading {}", args.manifests.display()))?;
+    log_manifest_errors(&poll.errors, &mut Vec::new());
+    let report = syncer.apply(poll.events);
+    syncer.finish_initial_sync()?;
+    let (svcs, slices, nodes) = syncer.state.counts();
+    info!(
+        services = svcs,
+        endpointslices = slices,
+        nodes,
+        service_ports = syncer.writer.port_count(),
+        writes = ?report.writes,
+        elapsed_ms = start.elapsed().as_millis() as u64,
+        "initial sync done"
+    );
+    let mut last_errors = Vec::new();
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut poll_tick = tokio::time::interval(Duration::from_millis(args.poll_interval_ms.max(10)));
+    let mut stats_tick = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
+    stats_tick.tick().await;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
-            _ = tick.tick(), if args.stats_interval > 0 => {
+            _ = sigterm.recv() => break,
+            _ = poll_tick.tick() => {
+                let poll = match source.poll() {
+                    Ok(p) => p,
+                    Err(e) => { warn!("reading {}: {e}", args.manifests.display()); continue; }
+                };
+                log_manifest_errors(&poll.errors, &mut last_errors);
+                if poll.events.is_empty() { continue; }
+                let n = poll.events.len();
+                let report = syncer.apply(poll.events);
+                info!(events = n, services = report.services_planned, writes = ?report.writes,
+                      elapsed_us = report.elapsed.as_micros() as u64, "synced");
+            }
+            _ = stats_tick.tick(), if args.stats_interval > 0 => {
                 let stats = counters::global(&ebpf).context("reading counters")?;
                 info!(?stats, "datapath counters");
             }
         }
     }
-    info!("stopping; maps stay pinned under {}", args.bpffs.display());
+    info!("stopping; programs detach, maps stay pinned under {}", args.bpffs.display());
     Ok(())
+}
+
+/// Logs manifest errors when they differ from the last ones logged.
+fn log_manifest_errors(
+    errors: &[lb_agent::sources::manifests::ManifestError],
+    last: &mut Vec<String>,
+) {
+    let now: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    if !now.is_empty() && now != *last {
+        for e in &now {
+            warn!("{e}");
+        }
+    }
+    *last = now;
 }

@@ -4,6 +4,7 @@
 //! - [`netns`]: network namespaces and veth pairs that are always removed.
 //! - [`packets`]: crafted packets (valid and malformed) for the datapath.
 
+pub mod agent;
 pub mod kernel;
 pub mod netns;
 pub mod packets;
@@ -29,4 +30,17 @@ macro_rules! require_root {
             return;
         }
     };
+}
+
+/// A binary of the workspace built next to the running test (`target/<profile>/<name>`).
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps/<test>");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build -p lb-agent` (cargo xtask test does)",
+        path.display()
+    );
+    path
 }

@@ -171,6 +171,29 @@ fn dup_map(ebpf: &Ebpf, name: &str) -> Result<Map> {
 }
 
 impl KernelStore {
+    /// The maps pinned by an agent under `bpffs` (for lbctl and tests; works after the agent
+    /// exited).
+    pub fn open_pinned(bpffs: &std::path::Path) -> Result<Self> {
+        let dir = super::loader::maps_pin_dir(bpffs);
+        let open = |name: &str| -> Result<MapData> {
+            let path = dir.join(name);
+            MapData::from_pin(&path).with_context(|| {
+                format!(
+                    "opening {} (is an agent running with --bpffs {}?)",
+                    path.display(),
+                    bpffs.display()
+                )
+            })
+        };
+        Ok(Self {
+            services: HashMap::try_from(Map::HashMap(open(MAP_SERVICES)?))?,
+            tables: HashMap::try_from(Map::HashMap(open(MAP_TABLES)?))?,
+            backends: Array::try_from(Map::Array(open(MAP_BACKENDS)?))?,
+            maglev: Array::try_from(Map::Array(open(MAP_MAGLEV)?))?,
+            counts: WriteCounts::default(),
+        })
+    }
+
     pub fn new(ebpf: &Ebpf) -> Result<Self> {
         Ok(Self {
             services: HashMap::try_from(dup_map(ebpf, MAP_SERVICES)?)?,

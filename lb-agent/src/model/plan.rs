@@ -14,6 +14,15 @@ pub enum Protocol {
     Udp,
 }
 
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
 impl Protocol {
     /// The IP protocol number (as in `lb_common::PROTO_*`).
     pub fn number(self) -> u8 {
@@ -172,6 +181,6 @@ impl std::fmt::Display for PortKey {
         if !self.port_name.is_empty() {
             write!(f, ":{}", self.port_name)?;
         }
-        write!(f, "/{:?}/{:?}", self.protocol, self.family)
+        write!(f, "/{}/{:?}", self.protocol, self.family)
     }
 }

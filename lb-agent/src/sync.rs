@@ -1,0 +1,121 @@
+//! The agent's pipeline in one place: events from a source -> state -> plans of the affected
+//! services (pure model) -> writer (maps). Used by the agent binary, the tests and benchmarks.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use tracing::{debug, warn};
+
+use crate::{
+    config::ModelConfig,
+    dataplane::{
+        store::{MapStore, WriteCounts},
+        writer::Writer,
+    },
+    model::{self, ServiceOutcome},
+    sources::Event,
+    state::{Affected, ClusterState, ObjKey},
+};
+
+/// What one batch of events did.
+#[derive(Clone, Debug, Default)]
+pub struct SyncReport {
+    pub services_planned: usize,
+    pub writes: WriteCounts,
+    pub errors: Vec<String>,
+    pub elapsed: Duration,
+}
+
+pub struct Syncer<S: MapStore> {
+    pub state: ClusterState,
+    pub cfg: ModelConfig,
+    pub writer: Writer<S>,
+    /// Last outcome per service that could not be programmed (to log changes only).
+    problems: std::collections::BTreeMap<ObjKey, String>,
+}
+
+impl<S: MapStore> Syncer<S> {
+    pub fn new(cfg: ModelConfig, writer: Writer<S>) -> Self {
+        Self { state: ClusterState::default(), cfg, writer, problems: Default::default() }
+    }
+
+    /// Applies events and reprograms every service they affect.
+    pub fn apply(&mut self, events: impl IntoIterator<Item = Event>) -> SyncReport {
+        let start = Instant::now();
+        let mut affected = Affected::default();
+        for e in events {
+            affected.merge(self.state.apply_event(e));
+        }
+        let mut report = self.reprogram(&affected);
+        report.elapsed = start.elapsed();
+        report
+    }
+
+    /// Reprograms the given services (all of them when a Node changed).
+    pub fn reprogram(&mut self, affected: &Affected) -> SyncReport {
+        let before = self.writer.counts();
+        let mut report = SyncReport::default();
+        let node = model::node_view(&self.state, &self.cfg);
+        let keys: Vec<ObjKey> = if affected.all {
+            // Everything known now, plus whatever the writer still holds for vanished ones.
+            let mut k: std::collections::BTreeSet<ObjKey> =
+                self.state.services().map(|(k, _)| k.clone()).collect();
+            k.extend(affected.services.iter().cloned());
+            k.into_iter().collect()
+        } else {
+            affected.services.iter().cloned().collect()
+        };
+        for key in keys {
+            let outcome = model::plan_service(&self.state, &key, &node, &self.cfg);
+            let problem = match &outcome {
+                ServiceOutcome::Invalid(e) => {
+                    Some(format!("service {key} is invalid and not programmed: {e}"))
+                }
+                ServiceOutcome::Planned { warnings, .. } if !warnings.is_empty() => {
+                    Some(format!("service {key}: {}", warnings.join("; ")))
+                }
+                _ => None,
+            };
+            self.note_problem(&key, problem, &mut report);
+            report.services_planned += 1;
+            match self.writer.apply_object(&key, outcome.plans()) {
+                Ok(r) => {
+                    for c in r.conflicts {
+                        report.errors.push(c);
+                    }
+                }
+                Err(e) => report.errors.push(format!("{e:#}")),
+            }
+        }
+        let after = self.writer.counts();
+        report.writes = WriteCounts {
+            services: after.services - before.services,
+            tables: after.tables - before.tables,
+            backends: after.backends - before.backends,
+            maglev_slots: after.maglev_slots - before.maglev_slots,
+            maglev_calls: after.maglev_calls - before.maglev_calls,
+        };
+        debug!(planned = report.services_planned, writes = ?report.writes, "reprogrammed");
+        report
+    }
+
+    fn note_problem(&mut self, key: &ObjKey, problem: Option<String>, report: &mut SyncReport) {
+        match problem {
+            Some(p) => {
+                if self.problems.get(key) != Some(&p) {
+                    warn!("{p}");
+                    self.problems.insert(key.clone(), p.clone());
+                }
+                report.errors.push(p);
+            }
+            None => {
+                self.problems.remove(key);
+            }
+        }
+    }
+
+    /// Ends the first full sync: entries of a previous agent that nothing claimed go away.
+    pub fn finish_initial_sync(&mut self) -> Result<()> {
+        self.writer.finish_initial_sync()
+    }
+}

@@ -1,0 +1,130 @@
+//! Running the real `lb-agent` binary as a child process, with its log captured.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+/// A running agent; killed (SIGKILL) on drop if still running.
+pub struct Agent {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// Starts `lb-agent` with `args`, optionally inside network namespace `netns` and cgroup
+    /// `cgroup` (a cgroup v2 directory the process joins before exec).
+    pub fn start(args: &[&str], netns: Option<&str>, cgroup: Option<&Path>) -> Self {
+        let bin = crate::workspace_bin("lb-agent");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(cg) = cgroup {
+            let procs = cg.join("cgroup.procs");
+            // SAFETY: pre_exec runs in the forked child before exec; writing our pid to a
+            // file is async-signal-safe enough here (no allocation after fork: path prepared).
+            let procs = std::ffi::CString::new(procs.to_string_lossy().as_bytes()).unwrap();
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                cmd.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let rc = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                    libc::close(fd);
+                    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+                });
+            }
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for pipe in [
+            child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        Self { child, log }
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until a log line contains `needle`; panics with the log after `timeout`.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "lb-agent exited ({status}) before logging {needle:?}:\n{}",
+                    self.log().join("\n")
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "lb-agent did not log {needle:?} within {timeout:?}:\n{}",
+                    self.log().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Number of log lines containing `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lb-agent ignored SIGTERM:\n{}",
+                self.log().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The real agent binary serving a manifests folder: initial sync into pinned maps, changes
+//! picked up, a restart that rewrites nothing, and removal.
+
+use std::{net::IpAddr, path::Path, time::Duration};
+
+use lb_agent::dataplane::{
+    store::{KernelStore, MapStore},
+    writer::{CanonicalDump, canonical},
+};
+use lb_tests::{agent::Agent, kernel::PinDir, require_root};
+
+const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus: {addresses: [{type: InternalIP, address: 10.210.0.11}]}\n";
+const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec: {type: NodePort, clusterIP: 10.96.0.10, ports: [{port: 80, nodePort: 30080}]}\n";
+
+fn slice(ips: &[&str]) -> String {
+    let eps: String =
+        ips.iter().map(|ip| format!("- {{addresses: [{ip}], nodeName: node-b}}\n")).collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{eps}"
+    )
+}
+
+fn dump(pins: &Path) -> CanonicalDump {
+    canonical(&KernelStore::open_pinned(pins).unwrap().snapshot().unwrap()).unwrap()
+}
+
+/// The distinct backends every frontend balances over.
+fn backends_per_frontend(d: &CanonicalDump) -> Vec<Vec<IpAddr>> {
+    d.frontends
+        .values()
+        .map(|(_, _, _, slots)| {
+            let mut v: Vec<IpAddr> = slots.iter().map(|(ip, _)| *ip).collect();
+            v.sort();
+            v.dedup();
+            v
+        })
+        .collect()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[test]
+fn agent_programs_changes_survives_restart_and_cleans_up() {
+    require_root!();
+    let pins = PinDir::new("agent");
+    let dir = std::env::temp_dir().join(format!("lb-agent-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("node.yaml"), NODE).unwrap();
+    std::fs::write(
+        dir.join("web.yaml"),
+        format!("{SERVICE}---\n{}", slice(&["10.244.2.10", "10.244.2.11"])),
+    )
+    .unwrap();
+    let pin_arg = pins.path.to_str().unwrap().to_owned();
+    let args = [
+        "--manifests",
+        dir.to_str().unwrap(),
+        "--node-name",
+        "node-a",
+        "--bpffs",
+        &pin_arg,
+        "--stats-interval",
+        "0",
+        "--poll-interval-ms",
+        "20",
+        // Small maps: tests run side by side.
+        "--max-services",
+        "1024",
+        "--max-frontends",
+        "4096",
+        "--max-backends",
+        "1024",
+        "--maglev-slots",
+        "65536",
+    ];
+    let mut agent = Agent::start(&args, None, None);
+    agent.wait_for_log("initial sync done", Duration::from_secs(20));
+    let d = dump(&pins.path);
+    assert_eq!(
+        d.frontends.len(),
+        3,
+        "ClusterIP + NodePort internal/external: {:?}",
+        d.frontends.keys()
+    );
+    let two: Vec<IpAddr> = vec!["10.244.2.10".parse().unwrap(), "10.244.2.11".parse().unwrap()];
+    assert!(backends_per_frontend(&d).iter().all(|b| *b == two), "{:?}", backends_per_frontend(&d));
+
+    // Scale up: the agent notices the file change.
+    std::fs::write(
+        dir.join("web.yaml"),
+        format!("{SERVICE}---\n{}", slice(&["10.244.2.10", "10.244.2.11", "10.244.2.12"])),
+    )
+    .unwrap();
+    wait_until("the third endpoint is programmed", || {
+        backends_per_frontend(&dump(&pins.path)).iter().all(|b| b.len() == 3)
+    });
+    let before_restart = dump(&pins.path);
+
+    // A bad document is logged with file, document and field; the rest keeps being served.
+    std::fs::write(dir.join("bad.yaml"), "apiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {clusterIP: 10.96.0.99, ports: [{port: 0}]}\n").unwrap();
+    let line = agent.wait_for_log("bad.yaml document 1", Duration::from_secs(5));
+    assert!(line.contains("spec.ports[0].port 0 is outside 1-65535"), "{line}");
+    assert_eq!(dump(&pins.path), before_restart);
+
+    // Stop: maps stay pinned with their content.
+    assert!(agent.stop().success());
+    assert_eq!(dump(&pins.path), before_restart, "maps survive the agent");
+
+    // Restart over the same folder: it adopts everything and writes nothing.
+    let mut agent = Agent::start(&args, None, None);
+    let line = agent.wait_for_log("initial sync done", Duration::from_secs(20));
+    assert!(line.contains("services: 0, tables: 0, backends: 0, maglev_slots: 0"), "{line}");
+    assert_eq!(dump(&pins.path), before_restart);
+
+    // Removing the service removes its entries.
+    std::fs::remove_file(dir.join("web.yaml")).unwrap();
+    wait_until("the maps are empty", || dump(&pins.path).frontends.is_empty());
+    let d = dump(&pins.path);
+    assert!(d.backends.is_empty() && d.unreferenced_tables == 0, "{d:?}");
+    assert!(agent.stop().success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
