@@ -3,8 +3,16 @@
 //!
 //! Both sources (the API server and a manifests folder) feed this one store. Every mutation
 //! returns what it affects, so the agent re-plans only those services.
+//!
+//! EndpointSlices are kept in a compact form ([`SliceInfo`]: parsed addresses, conditions,
+//! interned node and zone names) and Services without the metadata the model never reads: at
+//! 100,000 endpoints the Kubernetes objects themselves would take most of the agent's memory.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -52,10 +60,43 @@ impl Affected {
     }
 }
 
+/// One port of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    pub name: String,
+    pub protocol: String,
+    pub port: Option<u16>,
+}
+
+/// One endpoint of an EndpointSlice, as the model reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// The first address (the only one kube-proxy uses), if it parses.
+    pub addr: Option<IpAddr>,
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+    pub node: Option<Arc<str>>,
+    pub zone_hints: Box<[Arc<str>]>,
+    pub node_hints: Box<[Arc<str>]>,
+}
+
+/// An EndpointSlice, compact.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInfo {
+    pub service: Option<ObjKey>,
+    /// `IPv4`, `IPv6` or `FQDN`.
+    pub address_type: String,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<EndpointInfo>,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct ClusterState {
     services: BTreeMap<ObjKey, Service>,
-    slices: BTreeMap<ObjKey, EndpointSlice>,
+    slices: BTreeMap<ObjKey, SliceInfo>,
+    /// Node and zone names, shared by every endpoint that names them.
+    names: HashSet<Arc<str>>,
     /// Service -> names of its slices (same namespace).
     slices_by_service: BTreeMap<ObjKey, BTreeSet<String>>,
     nodes: BTreeMap<String, Node>,
@@ -84,7 +125,7 @@ impl ClusterState {
     }
 
     /// The EndpointSlices of a service, in name order (the order kube-proxy merges them in).
-    pub fn slices_of<'a>(&'a self, service: &ObjKey) -> impl Iterator<Item = &'a EndpointSlice> {
+    pub fn slices_of<'a>(&'a self, service: &ObjKey) -> impl Iterator<Item = &'a SliceInfo> {
         let names = self.slices_by_service.get(service);
         names.into_iter().flatten().filter_map(move |name| {
             self.slices.get(&ObjKey::new(service.namespace.clone(), name.clone()))
@@ -99,8 +140,17 @@ impl ClusterState {
         (self.services.len(), self.slices.len(), self.nodes.len())
     }
 
-    pub fn upsert_service(&mut self, svc: Service) -> Affected {
+    pub fn upsert_service(&mut self, mut svc: Service) -> Affected {
         let key = key_of(&svc.metadata);
+        // Only name, namespace, labels, spec and the load balancer status are read.
+        let meta = &mut svc.metadata;
+        meta.annotations = None;
+        meta.managed_fields = None;
+        meta.owner_references = None;
+        meta.finalizers = None;
+        if let Some(status) = &mut svc.status {
+            status.conditions = None;
+        }
         self.services.insert(key.clone(), svc);
         Affected { services: [key].into(), all: false }
     }
@@ -110,21 +160,68 @@ impl ClusterState {
         Affected { services: [key.clone()].into(), all: false }
     }
 
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.names.insert(n.clone());
+        n
+    }
+
     pub fn upsert_slice(&mut self, slice: EndpointSlice) -> Affected {
         let key = key_of(&slice.metadata);
         let mut affected = self.remove_slice(&key);
-        if let Some(svc) = slice_service(&slice) {
+        let service = slice_service(&slice);
+        if let Some(svc) = &service {
             self.slices_by_service.entry(svc.clone()).or_default().insert(key.name.clone());
-            affected.services.insert(svc);
+            affected.services.insert(svc.clone());
         }
-        self.slices.insert(key, slice);
+        let ports = slice
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| SlicePort {
+                name: p.name.clone().unwrap_or_default(),
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                port: p.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0),
+            })
+            .collect();
+        let mut endpoints = Vec::with_capacity(slice.endpoints.len());
+        for ep in &slice.endpoints {
+            let cond = ep.conditions.clone().unwrap_or_default();
+            let hints = ep.hints.as_ref();
+            let zone_hints: Vec<Arc<str>> = hints
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| self.intern(&z.name))
+                .collect();
+            let node_hints: Vec<Arc<str>> = hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| self.intern(&n.name))
+                .collect();
+            endpoints.push(EndpointInfo {
+                addr: ep.addresses.first().and_then(|a| a.parse().ok()),
+                ready: cond.ready,
+                serving: cond.serving,
+                terminating: cond.terminating,
+                node: ep.node_name.as_deref().map(|n| self.intern(n)),
+                zone_hints: zone_hints.into(),
+                node_hints: node_hints.into(),
+            });
+        }
+        self.slices
+            .insert(key, SliceInfo { service, address_type: slice.address_type, ports, endpoints });
         affected
     }
 
     pub fn remove_slice(&mut self, key: &ObjKey) -> Affected {
         let mut affected = Affected::default();
         if let Some(old) = self.slices.remove(key)
-            && let Some(svc) = slice_service(&old)
+            && let Some(svc) = old.service
         {
             if let Some(names) = self.slices_by_service.get_mut(&svc) {
                 names.remove(&key.name);

@@ -12,7 +12,8 @@ pub const MAP_SERVICES: &str = "LB_SERVICES";
 pub const MAP_TABLES: &str = "LB_TABLES";
 /// Backends: backend id (`u32` index) -> [`crate::BackendValue`].
 pub const MAP_BACKENDS: &str = "LB_BACKENDS";
-/// Maglev lookup tables of every frontend, back to back: slot -> backend id.
+/// Maglev lookup tables of every backend set, back to back: slot -> backend id (two slots per
+/// element, memory-mapped by the agent).
 pub const MAP_MAGLEV: &str = "LB_MAGLEV";
 /// Per-CPU global counters, indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "LB_STATS";
@@ -34,8 +35,13 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 131_072;
 /// Backend sets per service port: internal, cluster, external (`LB_TABLES` holds this many times
 /// the number of service ids).
 pub const TABLES_PER_SERVICE: u32 = 3;
-/// Total Maglev slots shared by all frontends (4 bytes each).
+/// Total Maglev slots shared by all backend sets (4 bytes each).
 pub const DEFAULT_MAGLEV_SLOTS: u32 = 1 << 22;
+/// `LB_MAGLEV` holds two slots per element: array elements are 8-byte strided, so the map's
+/// memory is one dense array of u32 slots that the agent writes through a shared mapping.
+pub const MAGLEV_SLOTS_PER_ENTRY: u32 = 2;
+/// The kernel's `BPF_F_MMAPABLE` map flag.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 // ---- L4 protocols (IANA numbers, as in the IP header) ----
 pub const PROTO_TCP: u8 = 6;

@@ -8,9 +8,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendValue, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS,
-    DEFAULT_MAX_SERVICES, STAT_COUNT, ServiceKey, ServiceStats, ServiceValue, TABLES_PER_SERVICE,
-    TableValue,
+    BPF_F_MMAPABLE, BackendValue, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES, MAGLEV_SLOTS_PER_ENTRY, STAT_COUNT, ServiceKey,
+    ServiceStats, ServiceValue, TABLES_PER_SERVICE, TableValue,
 };
 
 #[map(name = "LB_SERVICES")]
@@ -26,8 +26,11 @@ pub static TABLES: HashMap<u32, TableValue> =
 #[map(name = "LB_BACKENDS")]
 pub static BACKENDS: Array<BackendValue> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
+// Two slots per element (see MAGLEV_SLOTS_PER_ENTRY); mmapable so the agent writes tables with
+// plain stores instead of one syscall per slot.
 #[map(name = "LB_MAGLEV")]
-pub static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_SLOTS, 0);
+pub static MAGLEV: Array<[u32; 2]> =
+    Array::with_max_entries(DEFAULT_MAGLEV_SLOTS / MAGLEV_SLOTS_PER_ENTRY, BPF_F_MMAPABLE);
 
 #[map(name = "LB_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);

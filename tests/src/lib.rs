@@ -5,6 +5,7 @@
 //! - [`packets`]: crafted packets (valid and malformed) for the datapath.
 
 pub mod agent;
+pub mod bench;
 pub mod kernel;
 pub mod netns;
 pub mod packets;

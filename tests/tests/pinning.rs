@@ -36,7 +36,7 @@ fn a_second_load_reuses_pinned_maps_and_other_sizes_are_refused() {
     assert_eq!(services(&second).get(&key, 0).unwrap(), value);
     drop(second);
 
-    let bigger = MapSizes { max_services: TEST_MAP_SIZES.max_services * 2, ..TEST_MAP_SIZES };
+    let bigger = MapSizes { max_frontends: TEST_MAP_SIZES.max_frontends * 2, ..TEST_MAP_SIZES };
     let err = loader::load(&LoadOptions { bpffs: Some(pins.path.clone()), sizes: bigger })
         .expect_err("a pinned map of another capacity must be refused");
     let msg = format!("{err:#}");

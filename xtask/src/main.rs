@@ -3,6 +3,7 @@
 //! xtask depends on nothing of the workspace, so it builds on a fresh machine before the eBPF
 //! toolchain exists and can install that toolchain.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -29,6 +30,11 @@ enum Command {
     },
     /// Load the datapath into a throwaway network namespace, send traffic, show what it counted.
     Demo,
+    /// Print benchmark figures: control-plane, datapath, or all of them.
+    Bench {
+        /// control-plane or datapath (default: all).
+        which: Option<String>,
+    },
 }
 
 fn main() {
@@ -37,6 +43,7 @@ fn main() {
         Command::Setup => setup::run(),
         Command::Test { args } => setup::run().and_then(|()| test::run(&args)),
         Command::Demo => setup::run().and_then(|()| demo::run()),
+        Command::Bench { which } => setup::run().and_then(|()| bench::run(which.as_deref())),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

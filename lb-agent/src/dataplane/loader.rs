@@ -15,9 +15,9 @@ use anyhow::{Context, Result, bail};
 use aya::{Ebpf, EbpfLoader, maps::MapData};
 use lb_common::{
     BackendValue, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS,
-    DEFAULT_MAX_SERVICES, MAP_ABI_VERSION, MAP_BACKENDS, MAP_MAGLEV, MAP_SERVICE_STATS,
-    MAP_SERVICES, MAP_STATS, MAP_TABLES, STAT_COUNT, ServiceKey, ServiceStats, ServiceValue,
-    TABLES_PER_SERVICE, TableValue,
+    DEFAULT_MAX_SERVICES, MAGLEV_SLOTS_PER_ENTRY, MAP_ABI_VERSION, MAP_BACKENDS, MAP_MAGLEV,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS, MAP_TABLES, STAT_COUNT, ServiceKey, ServiceStats,
+    ServiceValue, TABLES_PER_SERVICE, TableValue,
 };
 
 /// Capacities of the maps that grow with the cluster.
@@ -66,7 +66,7 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
         spec::<ServiceKey, ServiceValue>(MAP_SERVICES, sizes.max_frontends),
         spec::<u32, TableValue>(MAP_TABLES, TABLES_PER_SERVICE * sizes.max_services),
         spec::<u32, BackendValue>(MAP_BACKENDS, sizes.max_backends),
-        spec::<u32, u32>(MAP_MAGLEV, sizes.maglev_slots),
+        spec::<u32, [u32; 2]>(MAP_MAGLEV, sizes.maglev_slots.div_ceil(MAGLEV_SLOTS_PER_ENTRY)),
         spec::<u32, u64>(MAP_STATS, STAT_COUNT),
         spec::<u32, ServiceStats>(MAP_SERVICE_STATS, sizes.max_services),
     ]
@@ -125,10 +125,10 @@ fn check_pinned(spec: &MapSpec, path: &Path) -> Result<()> {
     if found != expected {
         bail!(
             "pinned map {} has key/value size and capacity {found:?} but this agent expects \
-             {expected:?} (map sizes changed, or another agent version). Remove it with \
-             `lb-agent --cleanup --bpffs ...` (this drops established flows) or start with the \
-             same map sizes.",
-            path.display()
+             {expected:?} (map sizes changed, or another agent version). Start with the same map \
+             sizes, or remove {} (this drops established flows).",
+            path.display(),
+            path.parent().unwrap_or(path).display()
         );
     }
     Ok(())

@@ -2,10 +2,10 @@
 //! writing maps.
 
 pub mod attach;
-pub mod batch;
 pub mod counters;
 pub mod ids;
 pub mod loader;
+pub mod maglev_map;
 pub mod programs;
 pub mod store;
 pub mod writer;

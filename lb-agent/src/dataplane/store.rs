@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use super::maglev_map::MaglevMap;
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
@@ -39,14 +40,26 @@ pub struct Snapshot {
     pub tables: BTreeMap<u32, TableValue>,
     /// Non-empty backend slots only.
     pub backends: BTreeMap<u32, BackendValue>,
-    pub maglev: Vec<u32>,
+    /// The Maglev slots of each backend set (by table id); sets whose range lies outside the
+    /// map have none.
+    pub slots: BTreeMap<u32, Vec<u32>>,
 }
 
 impl Snapshot {
-    /// The slots of a table.
-    pub fn table_slots(&self, t: &TableValue) -> &[u32] {
-        let start = t.maglev_offset as usize;
-        self.maglev.get(start..start + t.maglev_size as usize).unwrap_or(&[])
+    /// The slots of a backend set.
+    pub fn table_slots(&self, id: u32) -> &[u32] {
+        self.slots.get(&id).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Reads the slots of every set from `maglev` (slot index -> value).
+    fn fill_slots(&mut self, capacity: u32, read: impl Fn(u32, u32) -> Vec<u32>) {
+        for (&id, t) in &self.tables {
+            if t.maglev_size > 0
+                && t.maglev_offset.checked_add(t.maglev_size).is_some_and(|end| end <= capacity)
+            {
+                self.slots.insert(id, read(t.maglev_offset, t.maglev_size));
+            }
+        }
     }
 }
 
@@ -61,6 +74,8 @@ pub trait MapStore {
     fn set_maglev_range(&mut self, start: u32, values: &[u32]) -> Result<()>;
     /// Writes scattered Maglev slots.
     fn set_maglev_slots(&mut self, slots: &[(u32, u32)]) -> Result<()>;
+    /// Reads Maglev slots `start..start + len`.
+    fn maglev_read(&self, start: u32, len: u32) -> Vec<u32>;
     fn snapshot(&self) -> Result<Snapshot>;
     fn counts(&self) -> WriteCounts;
     fn capacity_maglev(&self) -> u32;
@@ -70,15 +85,20 @@ pub trait MapStore {
 /// Maps held in memory.
 #[derive(Clone, Debug)]
 pub struct MemoryStore {
-    pub data: Snapshot,
+    data: Snapshot,
+    maglev: Vec<u32>,
     counts: WriteCounts,
     max_backends: u32,
 }
 
 impl MemoryStore {
     pub fn new(maglev_slots: u32, max_backends: u32) -> Self {
-        let data = Snapshot { maglev: vec![0; maglev_slots as usize], ..Default::default() };
-        Self { data, counts: WriteCounts::default(), max_backends }
+        Self {
+            data: Snapshot::default(),
+            maglev: vec![0; maglev_slots as usize],
+            counts: WriteCounts::default(),
+            max_backends,
+        }
     }
 }
 
@@ -115,27 +135,32 @@ impl MapStore for MemoryStore {
     }
     fn set_maglev_range(&mut self, start: u32, values: &[u32]) -> Result<()> {
         let s = start as usize;
-        self.data.maglev[s..s + values.len()].copy_from_slice(values);
+        self.maglev[s..s + values.len()].copy_from_slice(values);
         self.counts.maglev_slots += values.len() as u64;
         self.counts.maglev_calls += 1;
         Ok(())
     }
     fn set_maglev_slots(&mut self, slots: &[(u32, u32)]) -> Result<()> {
         for &(i, v) in slots {
-            self.data.maglev[i as usize] = v;
+            self.maglev[i as usize] = v;
         }
         self.counts.maglev_slots += slots.len() as u64;
-        self.counts.maglev_calls += slots.len() as u64;
+        self.counts.maglev_calls += 1;
         Ok(())
     }
+    fn maglev_read(&self, start: u32, len: u32) -> Vec<u32> {
+        self.maglev[start as usize..(start + len) as usize].to_vec()
+    }
     fn snapshot(&self) -> Result<Snapshot> {
-        Ok(self.data.clone())
+        let mut snap = self.data.clone();
+        snap.fill_slots(self.capacity_maglev(), |s, l| self.maglev_read(s, l));
+        Ok(snap)
     }
     fn counts(&self) -> WriteCounts {
         self.counts
     }
     fn capacity_maglev(&self) -> u32 {
-        self.data.maglev.len() as u32
+        self.maglev.len() as u32
     }
     fn capacity_backends(&self) -> u32 {
         self.max_backends
@@ -148,7 +173,7 @@ pub struct KernelStore {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     tables: HashMap<MapData, u32, TableValue>,
     backends: Array<MapData, BackendValue>,
-    maglev: Array<MapData, u32>,
+    maglev: MaglevMap,
     counts: WriteCounts,
 }
 
@@ -189,7 +214,7 @@ impl KernelStore {
             services: HashMap::try_from(Map::HashMap(open(MAP_SERVICES)?))?,
             tables: HashMap::try_from(Map::HashMap(open(MAP_TABLES)?))?,
             backends: Array::try_from(Map::Array(open(MAP_BACKENDS)?))?,
-            maglev: Array::try_from(Map::Array(open(MAP_MAGLEV)?))?,
+            maglev: MaglevMap::new(open(MAP_MAGLEV)?)?,
             counts: WriteCounts::default(),
         })
     }
@@ -199,7 +224,10 @@ impl KernelStore {
             services: HashMap::try_from(dup_map(ebpf, MAP_SERVICES)?)?,
             tables: HashMap::try_from(dup_map(ebpf, MAP_TABLES)?)?,
             backends: Array::try_from(dup_map(ebpf, MAP_BACKENDS)?)?,
-            maglev: Array::try_from(dup_map(ebpf, MAP_MAGLEV)?)?,
+            maglev: match dup_map(ebpf, MAP_MAGLEV)? {
+                Map::Array(d) => MaglevMap::new(d)?,
+                _ => anyhow::bail!("LB_MAGLEV is not an array"),
+            },
             counts: WriteCounts::default(),
         })
     }
@@ -233,14 +261,17 @@ impl MapStore for KernelStore {
     fn set_maglev_range(&mut self, start: u32, values: &[u32]) -> Result<()> {
         self.counts.maglev_slots += values.len() as u64;
         self.counts.maglev_calls += 1;
-        super::batch::update_array_range(&self.maglev, start, values)
-            .with_context(|| format!("writing {} Maglev slots at {start}", values.len()))
+        self.maglev.write(start, values);
+        Ok(())
     }
     fn set_maglev_slots(&mut self, slots: &[(u32, u32)]) -> Result<()> {
         self.counts.maglev_slots += slots.len() as u64;
         self.counts.maglev_calls += 1;
-        super::batch::update_array_scattered(&self.maglev, slots)
-            .with_context(|| format!("writing {} Maglev slots", slots.len()))
+        self.maglev.write_scattered(slots);
+        Ok(())
+    }
+    fn maglev_read(&self, start: u32, len: u32) -> Vec<u32> {
+        self.maglev.read(start, len)
     }
     fn snapshot(&self) -> Result<Snapshot> {
         let mut snap = Snapshot::default();
@@ -258,7 +289,7 @@ impl MapStore for KernelStore {
                 snap.backends.insert(i as u32, v);
             }
         }
-        snap.maglev = super::batch::read_array(&self.maglev)?;
+        snap.fill_slots(self.maglev.len(), |s, l| self.maglev.read(s, l));
         Ok(snap)
     }
     fn counts(&self) -> WriteCounts {
@@ -267,6 +298,7 @@ impl MapStore for KernelStore {
     fn capacity_maglev(&self) -> u32 {
         self.maglev.len()
     }
+
     fn capacity_backends(&self) -> u32 {
         self.backends.len()
     }

@@ -50,10 +50,10 @@ struct BackendEntry {
     id: u32,
     /// What the map holds.
     value: BackendValue,
-    /// The flags each service port using this backend sees. The same endpoint normally looks
+    /// The flags each service port (by service id) using this backend sees. The same endpoint normally looks
     /// the same to every service; when it does not, the map holds a combination that does not
     /// depend on the order of changes: local if any says so, terminating only if all do.
-    users: BTreeMap<PortKey, u8>,
+    users: BTreeMap<u32, u8>,
 }
 
 impl BackendEntry {
@@ -70,8 +70,6 @@ impl BackendEntry {
 struct TableState {
     id: u32,
     members: Vec<BackendAddr>,
-    /// Backend id per slot.
-    slots: Vec<u32>,
     value: TableValue,
 }
 
@@ -114,7 +112,8 @@ pub struct Writer<S: MapStore> {
     backends: HashMap<BackendAddr, BackendEntry>,
     ports: HashMap<PortKey, PortState>,
     by_object: HashMap<ObjKey, BTreeSet<PortKey>>,
-    frontend_owner: HashMap<ServiceKey, PortKey>,
+    /// Frontend -> service id of the port that owns it.
+    frontend_owner: HashMap<ServiceKey, u32>,
     stale: Option<Stale>,
 }
 
@@ -136,6 +135,14 @@ fn backend_value(b: &crate::model::plan::Backend) -> BackendValue {
         flags |= BE_F_TERMINATING;
     }
     BackendValue::new(b.addr, b.port, flags)
+}
+
+fn frontend_key(f: &crate::model::plan::Frontend, proto: u8) -> ServiceKey {
+    let scope = match f.scope {
+        Scope::Internal => SCOPE_INTERNAL,
+        Scope::External => SCOPE_EXTERNAL,
+    };
+    ServiceKey::new(f.address, f.port, proto, scope)
 }
 
 const ROLES: [BackendSet; 3] = [BackendSet::Internal, BackendSet::Cluster, BackendSet::External];
@@ -293,37 +300,45 @@ impl<S: MapStore> Writer<S> {
         let proto = plan.protocol.number();
         let old = self.ports.remove(&key);
 
+        let service_id = match &old {
+            Some(o) => o.service_id,
+            None => {
+                let candidates: Vec<ServiceKey> =
+                    plan.frontends.iter().map(|f| frontend_key(f, proto)).collect();
+                self.adopt_service_id(candidates.iter())
+                    .or_else(|| self.service_ids.alloc())
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "no service id left: raise --max-services (now {})",
+                            self.cfg.max_services
+                        )
+                    })?
+            }
+        };
+
         // Frontends this port can own (others' stay theirs).
         let mut frontends: Vec<(ServiceKey, &crate::model::plan::Frontend)> = Vec::new();
         for f in &plan.frontends {
-            let scope = match f.scope {
-                Scope::Internal => SCOPE_INTERNAL,
-                Scope::External => SCOPE_EXTERNAL,
-            };
-            let sk = ServiceKey::new(f.address, f.port, proto, scope);
+            let sk = frontend_key(f, proto);
             match self.frontend_owner.get(&sk) {
-                Some(owner) if *owner != key => {
+                Some(&owner) if owner != service_id => {
+                    let owner = self
+                        .ports
+                        .iter()
+                        .find(|(_, p)| p.service_id == owner)
+                        .map(|(k, _)| k.to_string());
                     report.conflicts.push(format!(
-                        "{:?} {}:{} ({:?}) of {key} is already {owner}'s; not programmed",
-                        f.kind, f.address, f.port, f.scope
+                        "{:?} {}:{} ({:?}) of {key} is already {}'s; not programmed",
+                        f.kind,
+                        f.address,
+                        f.port,
+                        f.scope,
+                        owner.unwrap_or_else(|| "another service".into())
                     ));
                 }
                 _ => frontends.push((sk, f)),
             }
         }
-
-        let service_id = match &old {
-            Some(o) => o.service_id,
-            None => self
-                .adopt_service_id(frontends.iter().map(|(k, _)| k))
-                .or_else(|| self.service_ids.alloc())
-                .ok_or_else(|| {
-                    anyhow!(
-                        "no service id left: raise --max-services (now {})",
-                        self.cfg.max_services
-                    )
-                })?,
-        };
 
         // 1. Backends: everything any set uses, plus retained ones (open flows).
         let mut wanted: BTreeMap<BackendAddr, BackendValue> = BTreeMap::new();
@@ -332,14 +347,17 @@ impl<S: MapStore> Writer<S> {
         }
         let mut acquired = Vec::new();
         for (addr, value) in &wanted {
-            match self.acquire_backend(*addr, &key, *value) {
+            match self.acquire_backend(*addr, service_id, *value) {
                 Ok(()) => acquired.push(*addr),
                 Err(e) => {
                     for a in acquired {
-                        self.release_backend(a, &key)?;
+                        self.release_backend(a, service_id)?;
                     }
-                    if let Some(o) = old {
-                        self.ports.insert(key, o);
+                    match old {
+                        Some(o) => {
+                            self.ports.insert(key, o);
+                        }
+                        None => self.service_ids.release(service_id),
                     }
                     return Err(e);
                 }
@@ -417,7 +435,7 @@ impl<S: MapStore> Writer<S> {
             if !unchanged {
                 self.store.set_service(sk, &value)?;
             }
-            self.frontend_owner.insert(*sk, key.clone());
+            self.frontend_owner.insert(*sk, service_id);
             new_frontends.insert(*sk, value);
         }
 
@@ -435,7 +453,7 @@ impl<S: MapStore> Writer<S> {
         }
         if let Some(o) = &old {
             for addr in o.backends.difference(&wanted.keys().copied().collect()) {
-                self.release_backend(*addr, &key)?;
+                self.release_backend(*addr, service_id)?;
             }
         }
         self.ports.insert(
@@ -461,7 +479,7 @@ impl<S: MapStore> Writer<S> {
             self.drop_table(t)?;
         }
         for addr in &old.backends {
-            self.release_backend(*addr, key)?;
+            self.release_backend(*addr, old.service_id)?;
         }
         self.service_ids.release(old.service_id);
         Ok(())
@@ -479,15 +497,10 @@ impl<S: MapStore> Writer<S> {
         None
     }
 
-    fn acquire_backend(
-        &mut self,
-        addr: BackendAddr,
-        user: &PortKey,
-        value: BackendValue,
-    ) -> Result<()> {
+    fn acquire_backend(&mut self, addr: BackendAddr, user: u32, value: BackendValue) -> Result<()> {
         let initial_sync = self.stale.is_some();
         if let Some(e) = self.backends.get_mut(&addr) {
-            e.users.insert(user.clone(), value.flags);
+            e.users.insert(user, value.flags);
             let combined = e.combined();
             // During the initial sync the flags settle as users are added one by one; the
             // final combination is written once, in finish_initial_sync.
@@ -522,16 +535,14 @@ impl<S: MapStore> Writer<S> {
                 value
             }
         };
-        self.backends.insert(
-            addr,
-            BackendEntry { id, value: written, users: [(user.clone(), value.flags)].into() },
-        );
+        self.backends
+            .insert(addr, BackendEntry { id, value: written, users: [(user, value.flags)].into() });
         Ok(())
     }
 
-    fn release_backend(&mut self, addr: BackendAddr, user: &PortKey) -> Result<()> {
+    fn release_backend(&mut self, addr: BackendAddr, user: u32) -> Result<()> {
         let Some(e) = self.backends.get_mut(&addr) else { return Ok(()) };
-        e.users.remove(user);
+        e.users.remove(&user);
         if e.users.is_empty() {
             let id = e.id;
             self.backends.remove(&addr);
@@ -575,13 +586,15 @@ impl<S: MapStore> Writer<S> {
         };
         let count = n as u32;
 
-        // Same size: rewrite changed slots in place.
+        // Same size: rewrite changed slots in place (the map itself holds the old ones).
         if let Some(c) = &candidate
             && c.value.maglev_size == m
         {
+            let current =
+                if m == 0 { Vec::new() } else { self.store.maglev_read(c.value.maglev_offset, m) };
             let changed: Vec<(u32, u32)> = slots
                 .iter()
-                .zip(&c.slots)
+                .zip(&current)
                 .enumerate()
                 .filter(|(_, (new, old))| new != old)
                 .map(|(i, (new, _))| (c.value.maglev_offset + i as u32, *new))
@@ -593,7 +606,7 @@ impl<S: MapStore> Writer<S> {
             if value != c.value {
                 self.store.set_table(c.id, &value)?;
             }
-            return Ok(TableState { id: c.id, members, slots, value });
+            return Ok(TableState { id: c.id, members, value });
         }
 
         // Adopt an identical table left by the previous agent.
@@ -603,7 +616,7 @@ impl<S: MapStore> Writer<S> {
             && stale.tables.contains(&id)
             && let Some(t) = stale.snapshot.tables.get(&id).copied()
             && t.maglev_size == m
-            && stale.snapshot.table_slots(&t) == slots.as_slice()
+            && stale.snapshot.table_slots(id) == slots.as_slice()
         {
             stale.tables.remove(&id);
             let value = TableValue {
@@ -615,7 +628,7 @@ impl<S: MapStore> Writer<S> {
             if value != t {
                 self.store.set_table(id, &value)?;
             }
-            return Ok(TableState { id, members, slots, value });
+            return Ok(TableState { id, members, value });
         }
 
         // New range (or none for an empty set), written whole, then the set flips to it.
@@ -647,7 +660,7 @@ impl<S: MapStore> Writer<S> {
         {
             self.maglev.release(c.value.maglev_offset, c.value.maglev_size);
         }
-        Ok(TableState { id, members, slots, value })
+        Ok(TableState { id, members, value })
     }
 }
 
@@ -664,7 +677,7 @@ pub fn canonical(s: &Snapshot) -> Result<CanonicalDump> {
             .ok_or_else(|| anyhow!("frontend {k:?} points at missing set {}", v.table_id))?;
         referenced_tables.insert(v.table_id);
         let mut slots = Vec::with_capacity(t.maglev_size as usize);
-        for &b in s.table_slots(t) {
+        for &b in s.table_slots(v.table_id) {
             let be = s
                 .backends
                 .get(&b)

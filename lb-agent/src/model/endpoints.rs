@@ -5,14 +5,13 @@
 //!   ready anywhere, the serving-and-terminating ones.
 //! - local endpoints: ready local ones, else serving-and-terminating local ones.
 
-use std::{collections::BTreeSet, net::IpAddr, str::FromStr};
-
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use super::{
     plan::{Family, Protocol},
     service::ParsedPort,
 };
+use crate::state::SliceInfo;
 
 /// One endpoint of one service port, as the slices describe it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,7 +35,7 @@ impl Endpoint {
 /// The endpoints of `port` in `family`, merged over the service's slices (given in name order):
 /// an address:port listed twice counts once, the local copy winning, else the first.
 pub fn for_port<'a>(
-    slices: impl Iterator<Item = &'a EndpointSlice>,
+    slices: impl Iterator<Item = &'a SliceInfo>,
     port: &ParsedPort,
     family: Family,
     node_name: &str,
@@ -55,36 +54,25 @@ pub fn for_port<'a>(
             continue;
         }
         // The slice port that carries this service port: same name and protocol.
-        let target = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == port.name
-                && p.protocol.as_deref().unwrap_or("TCP") == protocol
-        });
-        let Some(target) = target.and_then(|p| p.port).and_then(|p| u16::try_from(p).ok()) else {
+        let target = slice.ports.iter().find(|p| p.name == port.name && p.protocol == protocol);
+        let Some(target) = target.and_then(|p| p.port) else {
             continue;
         };
-        if target == 0 {
-            continue;
-        }
         for ep in &slice.endpoints {
-            // kube-proxy uses the first address only.
-            let Some(addr) = ep.addresses.first().and_then(|a| IpAddr::from_str(a).ok()) else {
-                continue;
-            };
+            let Some(addr) = ep.addr else { continue };
             if Family::of(&addr) != family {
                 continue;
             }
-            let cond = ep.conditions.clone().unwrap_or_default();
-            let ready = cond.ready.unwrap_or(true);
-            let hints = ep.hints.clone().unwrap_or_default();
+            let ready = ep.ready.unwrap_or(true);
             let endpoint = Endpoint {
                 addr,
                 port: target,
                 ready,
-                serving: cond.serving.unwrap_or(ready),
-                terminating: cond.terminating.unwrap_or(false),
-                local: ep.node_name.as_deref() == Some(node_name),
-                zone_hints: hints.for_zones.into_iter().flatten().map(|z| z.name).collect(),
-                node_hints: hints.for_nodes.into_iter().flatten().map(|n| n.name).collect(),
+                serving: ep.serving.unwrap_or(ready),
+                terminating: ep.terminating.unwrap_or(false),
+                local: ep.node.as_deref() == Some(node_name),
+                zone_hints: ep.zone_hints.iter().map(|z| z.to_string()).collect(),
+                node_hints: ep.node_hints.iter().map(|n| n.to_string()).collect(),
             };
             match out.iter_mut().find(|e| e.addr == addr && e.port == target) {
                 Some(existing) if endpoint.local => *existing = endpoint,

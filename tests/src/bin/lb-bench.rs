@@ -1,0 +1,223 @@
+//! Benchmarks that print figures (never asserted): `lb-bench control-plane | datapath`.
+//! Run through `cargo xtask bench ...` (release build, root).
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use lb_agent::{
+    config::ModelConfig,
+    dataplane::{
+        loader::{self, LoadOptions, MapSizes},
+        store::KernelStore,
+        writer::{Writer, WriterConfig},
+    },
+    model::maglev,
+    sources::{Event, Object},
+    sync::Syncer,
+};
+use lb_tests::plans::Rng;
+
+fn main() {
+    let what = std::env::args().nth(1).unwrap_or_default();
+    match what.as_str() {
+        "control-plane" => control_plane(),
+        "datapath" => lb_tests::bench::datapath(),
+        _ => {
+            eprintln!("usage: lb-bench control-plane | datapath");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn service(i: usize) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(format!("svc-{i}")),
+            namespace: Some("bench".into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn slice(i: usize, ready: &[bool]) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("svc-{i}-abc")),
+            namespace: Some("bench".into()),
+            labels: Some(BTreeMap::from([(
+                "kubernetes.io/service-name".to_string(),
+                format!("svc-{i}"),
+            )])),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(8080),
+            ..Default::default()
+        }]),
+        endpoints: ready
+            .iter()
+            .enumerate()
+            .map(|(e, &r)| {
+                let n = i * ready.len() + e;
+                Endpoint {
+                    addresses: vec![format!(
+                        "10.{}.{}.{}",
+                        128 + n / 65536,
+                        (n / 256) % 256,
+                        n % 256
+                    )],
+                    node_name: Some(format!("node-{}", n % 50)),
+                    conditions: Some(EndpointConditions {
+                        ready: Some(r),
+                        serving: Some(r),
+                        terminating: Some(false),
+                    }),
+                    ..Default::default()
+                }
+            })
+            .collect(),
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// A memory figure of this process from /proc/self/status, in MB.
+fn status_mb(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn control_plane() {
+    const SERVICES: usize = 10_000;
+    const ENDPOINTS: usize = 10;
+    const CHANGES: usize = 1_000;
+    let m = maglev::table_size(ENDPOINTS, maglev::DEFAULT_MAX_SIZE);
+    let sizes = MapSizes {
+        max_services: 16_384,
+        max_frontends: 32_768,
+        max_backends: 131_072,
+        maglev_slots: (SERVICES as u32 + 64) * m * 2,
+    };
+    println!(
+        "control-plane bench: {SERVICES} services x {ENDPOINTS} endpoints (ClusterIP, Maglev M={m}), then {CHANGES} single-endpoint changes"
+    );
+    println!(
+        "machine: {} CPUs, kernel {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        kernel()
+    );
+    let ebpf =
+        loader::load(&LoadOptions { bpffs: None, sizes }).expect("load the datapath (root?)");
+    let writer = Writer::new(
+        KernelStore::new(&ebpf).unwrap(),
+        WriterConfig {
+            maglev_max_size: maglev::DEFAULT_MAX_SIZE,
+            max_services: sizes.max_services,
+        },
+    )
+    .unwrap();
+    let mut syncer = Syncer::new(ModelConfig::new("node-0"), writer);
+
+    let mut ready: Vec<Vec<bool>> = vec![vec![true; ENDPOINTS]; SERVICES];
+    // Objects arrive in list pages of 500, as from the API server.
+    let t = Instant::now();
+    let (mut entries_written, mut slots_written) = (0, 0);
+    for page in (0..SERVICES).collect::<Vec<_>>().chunks(500) {
+        let events: Vec<Event> = page
+            .iter()
+            .flat_map(|&i| {
+                [
+                    Event::Apply(Object::Service(service(i))),
+                    Event::Apply(Object::EndpointSlice(slice(i, &ready[i]))),
+                ]
+            })
+            .collect();
+        let report = syncer.apply(events);
+        assert!(report.errors.is_empty(), "{:?}", &report.errors[..report.errors.len().min(5)]);
+        entries_written += report.writes.entries();
+        slots_written += report.writes.maglev_slots;
+    }
+    syncer.finish_initial_sync().unwrap();
+    let full = t.elapsed();
+    println!(
+        "full programming: {:.0} ms for {} service ports ({entries_written} entries, {slots_written} Maglev slots)",
+        full.as_secs_f64() * 1e3,
+        syncer.writer.port_count(),
+    );
+
+    let mut rng = Rng::new(42);
+    let mut times = Vec::with_capacity(CHANGES);
+    let mut entries = Vec::with_capacity(CHANGES);
+    let mut slots = 0u64;
+    for _ in 0..CHANGES {
+        let i = rng.below(SERVICES as u64) as usize;
+        let e = rng.below(ENDPOINTS as u64) as usize;
+        // Flip one endpoint's readiness, keeping at least 9 ready (the table size stays).
+        if ready[i].iter().filter(|r| **r).count() < ENDPOINTS && ready[i][e] {
+            ready[i] = vec![true; ENDPOINTS];
+        } else {
+            ready[i][e] = !ready[i][e];
+        }
+        let ev = Event::Apply(Object::EndpointSlice(slice(i, &ready[i])));
+        let t = Instant::now();
+        let r = syncer.apply([ev]);
+        times.push(t.elapsed());
+        entries.push(r.writes.entries());
+        slots += r.writes.maglev_slots;
+    }
+    times.sort();
+    entries.sort();
+    println!(
+        "endpoint change, event to maps written: p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+        percentile(&times, 0.5).as_secs_f64() * 1e6,
+        percentile(&times, 0.99).as_secs_f64() * 1e6,
+        times.last().unwrap().as_secs_f64() * 1e6
+    );
+    println!(
+        "map writes per change (excluding Maglev slots): p50 {}, max {}; Maglev slots moved per change: mean {:.0} (share of one backend: {})",
+        entries[entries.len() / 2],
+        entries.last().unwrap(),
+        slots as f64 / CHANGES as f64,
+        m as usize / ENDPOINTS
+    );
+    println!(
+        "memory: peak RSS {:.0} MB, of which now {:.0} MB is the agent's own heap (RssAnon) and {:.0} MB kernel map pages it maps (RssFile + RssShmem)",
+        status_mb("VmHWM:"),
+        status_mb("RssAnon:"),
+        status_mb("RssFile:") + status_mb("RssShmem:")
+    );
+    println!("targets: full < 2000 ms, p99 < 5000 us, < 5 writes per change, RSS < 150 MB");
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned()
+}
