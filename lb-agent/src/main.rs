@@ -43,6 +43,10 @@ struct Args {
     /// Attach XDP to the devices too (native when the driver supports it, else generic).
     #[arg(long)]
     xdp: bool,
+    /// cgroup v2 directory whose processes (the node's pods and host) reach services through
+    /// the socket hooks: the node's root cgroup in production.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
     /// bpffs directory where maps are pinned, so that an agent restart keeps traffic flowing.
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     bpffs: PathBuf,
@@ -104,6 +108,9 @@ async fn run(args: Args) -> Result<()> {
     let mut ebpf = loader::load(&LoadOptions { bpffs: Some(args.bpffs.clone()), sizes })?;
     programs::load_all(&mut ebpf)?;
     info!(bpffs = %args.bpffs.display(), "datapath loaded, maps pinned");
+    if let Some(cg) = &args.cgroup {
+        attach::cgroup(&mut ebpf, cg)?;
+    }
     for dev in &args.devices {
         attach::tc_ingress(&mut ebpf, dev)?;
         if args.xdp {

@@ -88,13 +88,7 @@ impl<S: MapStore> Syncer<S> {
             }
         }
         let after = self.writer.counts();
-        report.writes = WriteCounts {
-            services: after.services - before.services,
-            tables: after.tables - before.tables,
-            backends: after.backends - before.backends,
-            maglev_slots: after.maglev_slots - before.maglev_slots,
-            maglev_calls: after.maglev_calls - before.maglev_calls,
-        };
+        report.writes = after.since(&before);
         debug!(planned = report.services_planned, writes = ?report.writes, "reprogrammed");
         report
     }

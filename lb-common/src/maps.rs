@@ -136,6 +136,57 @@ impl BackendValue {
     }
 }
 
+/// Who a sessionAffinity entry is for.
+pub const AFFINITY_BY_ADDR: u8 = 0;
+/// Socket-level clients are identified by their network namespace cookie (one per pod).
+pub const AFFINITY_BY_NETNS: u8 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// Client address, or the netns cookie in the first two words (`AFFINITY_BY_NETNS`).
+    pub client: Addr,
+    pub service_id: u32,
+    pub kind: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns() of the last connection that used it.
+    pub last_used_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityMatchKey {
+    pub backend_id: u32,
+    pub service_id: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey {
+    pub cookie: u64,
+    /// The backend the socket was sent to.
+    pub addr: Addr,
+    pub port_be: u16,
+    pub _pad: [u8; 6],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatValue {
+    /// The frontend the application asked for.
+    pub addr: Addr,
+    pub port_be: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+}
+
 /// Per-CPU traffic counters of one service port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -152,6 +203,11 @@ const _: () = {
     assert!(size_of::<TableValue>() == 16 && align_of::<TableValue>() == 4);
     assert!(size_of::<BackendValue>() == 20 && align_of::<BackendValue>() == 4);
     assert!(size_of::<ServiceStats>() == 16 && align_of::<ServiceStats>() == 8);
+    assert!(size_of::<AffinityKey>() == 24 && align_of::<AffinityKey>() == 4);
+    assert!(size_of::<AffinityValue>() == 16 && align_of::<AffinityValue>() == 8);
+    assert!(size_of::<AffinityMatchKey>() == 8);
+    assert!(size_of::<SockRevNatKey>() == 32 && align_of::<SockRevNatKey>() == 8);
+    assert!(size_of::<SockRevNatValue>() == 24 && align_of::<SockRevNatValue>() == 4);
 };
 
 #[cfg(feature = "user")]
@@ -163,6 +219,11 @@ mod pod {
     unsafe impl aya::Pod for super::TableValue {}
     unsafe impl aya::Pod for super::BackendValue {}
     unsafe impl aya::Pod for super::ServiceStats {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::AffinityMatchKey {}
+    unsafe impl aya::Pod for super::SockRevNatKey {}
+    unsafe impl aya::Pod for super::SockRevNatValue {}
 }
 
 #[cfg(test)]

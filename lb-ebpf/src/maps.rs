@@ -5,13 +5,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
-use lb_common::{
-    BPF_F_MMAPABLE, BackendValue, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_FRONTENDS, DEFAULT_MAX_SERVICES, MAGLEV_SLOTS_PER_ENTRY, STAT_COUNT, ServiceKey,
-    ServiceStats, ServiceValue, TABLES_PER_SERVICE, TableValue,
-};
+use lb_common::*;
 
 #[map(name = "LB_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
@@ -38,3 +34,16 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0
 #[map(name = "LB_SVC_STATS")]
 pub static SERVICE_STATS: PerCpuArray<ServiceStats> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map(name = "LB_AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_AFFINITY, 0);
+
+#[map(name = "LB_AFF_MATCH")]
+// Sized like LB_BACKENDS by the agent: one entry per (affinity service, backend).
+pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u32> =
+    HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map(name = "LB_SOCK_RNAT")]
+pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_SOCK_REVNAT, 0);

@@ -3,7 +3,7 @@
 use std::{
     io::{BufRead, BufReader},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -19,37 +19,12 @@ impl Agent {
     /// `cgroup` (a cgroup v2 directory the process joins before exec).
     pub fn start(args: &[&str], netns: Option<&str>, cgroup: Option<&Path>) -> Self {
         let bin = crate::workspace_bin("lb-agent");
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&bin);
-                c
-            }
-            None => Command::new(&bin),
-        };
+        let mut cmd = crate::proc::command_in(&bin, netns, cgroup);
         cmd.args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if let Some(cg) = cgroup {
-            let procs = cg.join("cgroup.procs");
-            // SAFETY: pre_exec runs in the forked child before exec; writing our pid to a
-            // file is async-signal-safe enough here (no allocation after fork: path prepared).
-            let procs = std::ffi::CString::new(procs.to_string_lossy().as_bytes()).unwrap();
-            unsafe {
-                use std::os::unix::process::CommandExt;
-                cmd.pre_exec(move || {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let rc = libc::write(fd, b"0\n".as_ptr().cast(), 2);
-                    libc::close(fd);
-                    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
-                });
-            }
-        }
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
         let log = Arc::new(Mutex::new(Vec::new()));
         for pipe in [

@@ -6,10 +6,13 @@
 
 pub mod agent;
 pub mod bench;
+pub mod cgroup;
+pub mod cluster;
 pub mod kernel;
 pub mod netns;
 pub mod packets;
 pub mod plans;
+pub mod proc;
 
 /// True when the process may load BPF programs and create namespaces.
 pub fn is_root() -> bool {

@@ -39,8 +39,9 @@ fn one_endpoint_change_writes_one_backend_and_one_set_plus_moved_slots() {
     let obj = ObjKey::new("default", "web");
     let plan = |n| simple_plan("web", ip("10.96.0.10"), ip("192.168.1.11"), 30080, backends(n));
     let first = w.apply_object(&obj, &[plan(9)]).unwrap();
-    // 9 backends, one shared set, 3 frontends, the table written in one batch.
-    assert_eq!((first.writes.backends, first.writes.tables, first.writes.services), (9, 1, 3));
+    // 9 backends, one shared set, 3 frontends + the ClusterIP's address marker, the table
+    // written at once.
+    assert_eq!((first.writes.backends, first.writes.tables, first.writes.services), (9, 1, 4));
     assert_eq!((first.writes.maglev_slots, first.writes.maglev_calls), (1021, 1));
 
     let added = w.apply_object(&obj, &[plan(10)]).unwrap();

@@ -5,11 +5,13 @@
 //! saying so, because a device whose driver lacks XDP still needs the service datapath.
 
 use anyhow::{Context, Result};
+use std::path::Path;
+
 use aya::{
     Ebpf,
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
-use lb_common::{PROG_TC_INGRESS, PROG_XDP_INGRESS};
+use lb_common::{PROG_SOCK, PROG_TC_INGRESS, PROG_XDP_INGRESS};
 use tracing::{info, warn};
 
 /// How XDP ended up attached to a device.
@@ -56,4 +58,23 @@ pub fn xdp_ingress(ebpf: &mut Ebpf, ifname: &str) -> Result<XdpAttachMode> {
             Ok(XdpAttachMode::Generic)
         }
     }
+}
+
+/// Attaches every socket hook to the cgroup v2 directory `cgroup` (the node's root cgroup in
+/// production): processes in it and below reach services through the hooks. BPF links on a
+/// cgroup always coexist with other programs (the kernel rejects flags on link creation, so the
+/// mode passed is the default), so other tools' hooks on the same cgroup keep working.
+pub fn cgroup(ebpf: &mut Ebpf, cgroup: &Path) -> Result<()> {
+    let dir = std::fs::File::open(cgroup)
+        .with_context(|| format!("opening cgroup {} (a cgroup v2 directory)", cgroup.display()))?;
+    for (name, hook) in PROG_SOCK {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("object has no program {name}"))?
+            .try_into()?;
+        prog.attach(&dir, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {hook} to cgroup {}", cgroup.display()))?;
+    }
+    info!(cgroup = %cgroup.display(), "socket hooks attached");
+    Ok(())
 }

@@ -13,12 +13,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use aya::{Ebpf, EbpfLoader, maps::MapData};
-use lb_common::{
-    BackendValue, DEFAULT_MAGLEV_SLOTS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FRONTENDS,
-    DEFAULT_MAX_SERVICES, MAGLEV_SLOTS_PER_ENTRY, MAP_ABI_VERSION, MAP_BACKENDS, MAP_MAGLEV,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS, MAP_TABLES, STAT_COUNT, ServiceKey, ServiceStats,
-    ServiceValue, TABLES_PER_SERVICE, TableValue,
-};
+use lb_common::*;
 
 /// Capacities of the maps that grow with the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +63,9 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
         spec::<u32, BackendValue>(MAP_BACKENDS, sizes.max_backends),
         spec::<u32, [u32; 2]>(MAP_MAGLEV, sizes.maglev_slots.div_ceil(MAGLEV_SLOTS_PER_ENTRY)),
         spec::<u32, u64>(MAP_STATS, STAT_COUNT),
+        spec::<AffinityKey, AffinityValue>(MAP_AFFINITY, DEFAULT_MAX_AFFINITY),
+        spec::<AffinityMatchKey, u32>(MAP_AFFINITY_MATCH, sizes.max_backends),
+        spec::<SockRevNatKey, SockRevNatValue>(MAP_SOCK_REVNAT, DEFAULT_MAX_SOCK_REVNAT),
         spec::<u32, ServiceStats>(MAP_SERVICE_STATS, sizes.max_services),
     ]
 }

@@ -10,15 +10,14 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, Map, MapData},
 };
-use lb_common::{
-    BackendValue, MAP_BACKENDS, MAP_MAGLEV, MAP_SERVICES, MAP_TABLES, ServiceKey, ServiceValue,
-    TableValue,
-};
+use lb_common::*;
 
 /// Map writes, by map.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WriteCounts {
     pub services: u64,
+    /// LB_AFF_MATCH entries (services with sessionAffinity only).
+    pub affinity: u64,
     pub tables: u64,
     pub backends: u64,
     pub maglev_slots: u64,
@@ -29,7 +28,19 @@ pub struct WriteCounts {
 impl WriteCounts {
     /// Writes excluding Maglev slots.
     pub fn entries(&self) -> u64 {
-        self.services + self.tables + self.backends
+        self.services + self.tables + self.backends + self.affinity
+    }
+
+    /// `self - earlier`.
+    pub fn since(&self, earlier: &WriteCounts) -> WriteCounts {
+        WriteCounts {
+            services: self.services - earlier.services,
+            affinity: self.affinity - earlier.affinity,
+            tables: self.tables - earlier.tables,
+            backends: self.backends - earlier.backends,
+            maglev_slots: self.maglev_slots - earlier.maglev_slots,
+            maglev_calls: self.maglev_calls - earlier.maglev_calls,
+        }
     }
 }
 
@@ -43,6 +54,8 @@ pub struct Snapshot {
     /// The Maglev slots of each backend set (by table id); sets whose range lies outside the
     /// map have none.
     pub slots: BTreeMap<u32, Vec<u32>>,
+    /// (backend, affinity service) memberships.
+    pub affinity_match: std::collections::BTreeSet<AffinityMatchKey>,
 }
 
 impl Snapshot {
@@ -76,6 +89,8 @@ pub trait MapStore {
     fn set_maglev_slots(&mut self, slots: &[(u32, u32)]) -> Result<()>;
     /// Reads Maglev slots `start..start + len`.
     fn maglev_read(&self, start: u32, len: u32) -> Vec<u32>;
+    fn set_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<()>;
+    fn delete_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<()>;
     fn snapshot(&self) -> Result<Snapshot>;
     fn counts(&self) -> WriteCounts;
     fn capacity_maglev(&self) -> u32;
@@ -151,6 +166,16 @@ impl MapStore for MemoryStore {
     fn maglev_read(&self, start: u32, len: u32) -> Vec<u32> {
         self.maglev[start as usize..(start + len) as usize].to_vec()
     }
+    fn set_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<()> {
+        self.counts.affinity += 1;
+        self.data.affinity_match.insert(*key);
+        Ok(())
+    }
+    fn delete_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<()> {
+        self.counts.affinity += 1;
+        self.data.affinity_match.remove(key);
+        Ok(())
+    }
     fn snapshot(&self) -> Result<Snapshot> {
         let mut snap = self.data.clone();
         snap.fill_slots(self.capacity_maglev(), |s, l| self.maglev_read(s, l));
@@ -174,6 +199,7 @@ pub struct KernelStore {
     tables: HashMap<MapData, u32, TableValue>,
     backends: Array<MapData, BackendValue>,
     maglev: MaglevMap,
+    affinity_match: HashMap<MapData, AffinityMatchKey, u32>,
     counts: WriteCounts,
 }
 
@@ -215,6 +241,7 @@ impl KernelStore {
             tables: HashMap::try_from(Map::HashMap(open(MAP_TABLES)?))?,
             backends: Array::try_from(Map::Array(open(MAP_BACKENDS)?))?,
             maglev: MaglevMap::new(open(MAP_MAGLEV)?)?,
+            affinity_match: HashMap::try_from(Map::HashMap(open(MAP_AFFINITY_MATCH)?))?,
             counts: WriteCounts::default(),
         })
     }
@@ -228,6 +255,7 @@ impl KernelStore {
                 Map::Array(d) => MaglevMap::new(d)?,
                 _ => anyhow::bail!("LB_MAGLEV is not an array"),
             },
+            affinity_match: HashMap::try_from(dup_map(ebpf, MAP_AFFINITY_MATCH)?)?,
             counts: WriteCounts::default(),
         })
     }
@@ -273,6 +301,14 @@ impl MapStore for KernelStore {
     fn maglev_read(&self, start: u32, len: u32) -> Vec<u32> {
         self.maglev.read(start, len)
     }
+    fn set_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<()> {
+        self.counts.affinity += 1;
+        self.affinity_match.insert(key, 1, 0).context("writing LB_AFF_MATCH (full?)")
+    }
+    fn delete_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<()> {
+        self.counts.affinity += 1;
+        self.affinity_match.remove(key).context("deleting from LB_AFF_MATCH")
+    }
     fn snapshot(&self) -> Result<Snapshot> {
         let mut snap = Snapshot::default();
         for kv in self.services.iter() {
@@ -290,6 +326,9 @@ impl MapStore for KernelStore {
             }
         }
         snap.fill_slots(self.maglev.len(), |s, l| self.maglev.read(s, l));
+        for k in self.affinity_match.keys() {
+            snap.affinity_match.insert(k?);
+        }
         Ok(snap)
     }
     fn counts(&self) -> WriteCounts {

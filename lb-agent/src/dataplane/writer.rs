@@ -76,6 +76,10 @@ struct TableState {
 #[derive(Clone, Debug)]
 struct PortState {
     service_id: u32,
+    /// ClusterIPs of this port, each holding a reference on its address marker.
+    markers: Vec<IpAddr>,
+    /// Backend ids registered in LB_AFF_MATCH for this port (sessionAffinity only).
+    affinity_members: BTreeSet<u32>,
     tables: Vec<TableState>,
     /// Which set serves which role.
     role_table: HashMap<BackendSet, u32>,
@@ -92,6 +96,7 @@ struct Stale {
     tables: BTreeSet<u32>,
     service_ids: BTreeSet<u32>,
     frontends: BTreeSet<ServiceKey>,
+    affinity_match: BTreeSet<AffinityMatchKey>,
 }
 
 /// What one call changed.
@@ -114,6 +119,8 @@ pub struct Writer<S: MapStore> {
     by_object: HashMap<ObjKey, BTreeSet<PortKey>>,
     /// Frontend -> service id of the port that owns it.
     frontend_owner: HashMap<ServiceKey, u32>,
+    /// ClusterIP address markers and how many service ports hold each.
+    markers: HashMap<IpAddr, u32>,
     stale: Option<Stale>,
 }
 
@@ -163,6 +170,7 @@ impl<S: MapStore> Writer<S> {
             ports: HashMap::new(),
             by_object: HashMap::new(),
             frontend_owner: HashMap::new(),
+            markers: HashMap::new(),
             stale: None,
         };
         let empty = snapshot.services.is_empty()
@@ -189,10 +197,11 @@ impl<S: MapStore> Writer<S> {
             }
             for (k, v) in &snapshot.services {
                 stale.frontends.insert(*k);
-                if w.service_ids.claim(v.service_id) {
+                if v.flags & SVC_F_ADDR_MARKER == 0 && w.service_ids.claim(v.service_id) {
                     stale.service_ids.insert(v.service_id);
                 }
             }
+            stale.affinity_match = snapshot.affinity_match.clone();
             stale.snapshot = snapshot;
             w.stale = Some(stale);
         }
@@ -247,13 +256,7 @@ impl<S: MapStore> Writer<S> {
             self.by_object.insert(obj.clone(), kept);
         }
         let after = self.store.counts();
-        report.writes = WriteCounts {
-            services: after.services - before.services,
-            tables: after.tables - before.tables,
-            backends: after.backends - before.backends,
-            maglev_slots: after.maglev_slots - before.maglev_slots,
-            maglev_calls: after.maglev_calls - before.maglev_calls,
-        };
+        report.writes = after.since(&before);
         match first_err {
             Some(e) => Err(e),
             None => Ok(report),
@@ -272,8 +275,14 @@ impl<S: MapStore> Writer<S> {
             }
         }
         for key in &stale.frontends {
-            if !self.frontend_owner.contains_key(key) {
+            let marker = key.port_be == 0 && key.proto == 0 && self.markers.contains_key(&key.ip());
+            if !self.frontend_owner.contains_key(key) && !marker {
                 self.store.delete_service(key)?;
+            }
+        }
+        for key in &stale.affinity_match {
+            if !self.ports.values().any(|p| p.service_id == key.service_id) {
+                self.store.delete_affinity_match(key)?;
             }
         }
         for &id in &stale.tables {
@@ -439,6 +448,31 @@ impl<S: MapStore> Writer<S> {
             new_frontends.insert(*sk, value);
         }
 
+        // ClusterIP markers (refuse other ports of the address) and affinity memberships.
+        let mut markers: Vec<IpAddr> = frontends
+            .iter()
+            .filter(|(_, f)| f.kind == FrontendKind::ClusterIP)
+            .map(|(_, f)| f.address)
+            .collect();
+        markers.sort();
+        markers.dedup();
+        for ip in &markers {
+            self.acquire_marker(*ip)?;
+        }
+        let affinity_members: BTreeSet<u32> = if plan.affinity_timeout_s.is_some() {
+            wanted.keys().map(|a| self.backends[a].id).collect()
+        } else {
+            BTreeSet::new()
+        };
+        let old_members = old.as_ref().map(|o| o.affinity_members.clone()).unwrap_or_default();
+        for &backend_id in affinity_members.difference(&old_members) {
+            let key = AffinityMatchKey { backend_id, service_id };
+            let adopted = self.stale.as_mut().is_some_and(|s| s.affinity_match.remove(&key));
+            if !adopted {
+                self.store.set_affinity_match(&key)?;
+            }
+        }
+
         // 4. Out with the old: frontends, then sets, then backends.
         if let Some(o) = &old {
             for sk in o.frontends.keys() {
@@ -446,6 +480,12 @@ impl<S: MapStore> Writer<S> {
                     self.store.delete_service(sk)?;
                     self.frontend_owner.remove(sk);
                 }
+            }
+            for &backend_id in o.affinity_members.difference(&affinity_members) {
+                self.store.delete_affinity_match(&AffinityMatchKey { backend_id, service_id })?;
+            }
+            for ip in &o.markers {
+                self.release_marker(*ip)?;
             }
         }
         for t in old_tables {
@@ -460,6 +500,8 @@ impl<S: MapStore> Writer<S> {
             key,
             PortState {
                 service_id,
+                markers,
+                affinity_members,
                 tables,
                 role_table,
                 frontends: new_frontends,
@@ -475,6 +517,15 @@ impl<S: MapStore> Writer<S> {
             self.store.delete_service(sk)?;
             self.frontend_owner.remove(sk);
         }
+        for ip in &old.markers {
+            self.release_marker(*ip)?;
+        }
+        for &backend_id in &old.affinity_members {
+            self.store.delete_affinity_match(&AffinityMatchKey {
+                backend_id,
+                service_id: old.service_id,
+            })?;
+        }
         for t in old.tables {
             self.drop_table(t)?;
         }
@@ -482,6 +533,41 @@ impl<S: MapStore> Writer<S> {
             self.release_backend(*addr, old.service_id)?;
         }
         self.service_ids.release(old.service_id);
+        Ok(())
+    }
+
+    fn marker_key(ip: IpAddr) -> ServiceKey {
+        ServiceKey::new(ip, 0, 0, SCOPE_INTERNAL)
+    }
+
+    fn marker_value() -> ServiceValue {
+        ServiceValue { flags: SVC_F_ADDR_MARKER, ..Default::default() }
+    }
+
+    fn acquire_marker(&mut self, ip: IpAddr) -> Result<()> {
+        let count = self.markers.entry(ip).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            let key = Self::marker_key(ip);
+            let present = self
+                .stale
+                .as_ref()
+                .is_some_and(|s| s.snapshot.services.get(&key) == Some(&Self::marker_value()));
+            if !present {
+                self.store.set_service(&key, &Self::marker_value())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn release_marker(&mut self, ip: IpAddr) -> Result<()> {
+        if let Some(count) = self.markers.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                self.markers.remove(&ip);
+                self.store.delete_service(&Self::marker_key(ip))?;
+            }
+        }
         Ok(())
     }
 
@@ -670,7 +756,12 @@ impl<S: MapStore> Writer<S> {
 pub fn canonical(s: &Snapshot) -> Result<CanonicalDump> {
     let mut frontends = BTreeMap::new();
     let mut referenced_tables = BTreeSet::new();
+    let mut markers = BTreeSet::new();
     for (k, v) in &s.services {
+        if v.flags & SVC_F_ADDR_MARKER != 0 {
+            markers.insert(k.ip());
+            continue;
+        }
         let t = s
             .tables
             .get(&v.table_id)
@@ -691,7 +782,27 @@ pub fn canonical(s: &Snapshot) -> Result<CanonicalDump> {
     }
     let unreferenced_tables = s.tables.keys().filter(|id| !referenced_tables.contains(id)).count();
     let backends = s.backends.values().map(|b| (b.ip(), b.port(), b.flags)).collect();
-    Ok(CanonicalDump { frontends, backends, unreferenced_tables })
+    let affinity = s
+        .affinity_match
+        .iter()
+        .filter_map(|k| {
+            let b = s.backends.get(&k.backend_id)?;
+            let svc = s
+                .services
+                .values()
+                .find(|v| v.service_id == k.service_id && v.flags & SVC_F_ADDR_MARKER == 0)?;
+            let first = s.services.iter().find(|(_, v)| *v == svc).map(|(k, _)| *k)?;
+            Some((first, b.ip(), b.port()))
+        })
+        .collect();
+    Ok(CanonicalDump {
+        frontends,
+        backends,
+        unreferenced_tables,
+        markers,
+        affinity,
+        affinity_entries: s.affinity_match.len(),
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -700,4 +811,9 @@ pub struct CanonicalDump {
     pub frontends: BTreeMap<ServiceKey, (u32, u32, u32, Vec<BackendAddr>)>,
     pub backends: BTreeSet<(IpAddr, u16, u8)>,
     pub unreferenced_tables: usize,
+    /// ClusterIP address markers.
+    pub markers: BTreeSet<IpAddr>,
+    /// Affinity memberships as (a frontend of the service, backend address, port).
+    pub affinity: BTreeSet<(ServiceKey, IpAddr, u16)>,
+    pub affinity_entries: usize,
 }

@@ -1,0 +1,167 @@
+//! cgroup socket hooks: ClusterIP, and this node reaching NodePorts, ExternalIPs and LB IPs.
+//!
+//! The backend is chosen once, at connect() (or at each unconnected UDP sendmsg()), and the
+//! socket then talks to the pod directly: no per-packet NAT, no conntrack. getpeername() and UDP
+//! recvmsg() are given the service address back, so applications never see the backend.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use lb_common::{
+    AFFINITY_BY_NETNS, Addr, AffinityKey, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL,
+    STAT_SOCK_NO_BACKEND, STAT_SOCK_REVERSED, STAT_SOCK_TRANSLATED, STAT_SOCK_UNKNOWN_PORT,
+    SVC_F_ADDR_MARKER, SockRevNatKey, SockRevNatValue, addr_from_v4_raw, addr_is_v4,
+};
+
+use crate::{lookup, maps::SOCK_REVNAT, select, stats};
+
+/// Let the call go on (with the address as we left it).
+const PROCEED: i32 = 1;
+/// Fail the call; `bpf_set_retval` chooses the errno.
+const FAIL: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, false)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, true)
+}
+
+/// The user-supplied destination (or peer) of the call.
+#[inline(always)]
+fn user_addr(ctx: &SockAddrContext, v6: bool) -> (Addr, u16) {
+    // SAFETY: the context is valid for the program's run; the verifier checks field access.
+    let sa = unsafe { &*ctx.sock_addr };
+    let addr = if v6 { sa.user_ip6 } else { addr_from_v4_raw(sa.user_ip4) };
+    (addr, sa.user_port as u16)
+}
+
+/// Rewrites the user-supplied address; false when it cannot be expressed in the socket's family.
+#[inline(always)]
+fn set_user_addr(ctx: &SockAddrContext, v6: bool, addr: &Addr, port_be: u16) -> bool {
+    // SAFETY: as above; these fields are writable in sock_addr programs.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if v6 {
+        sa.user_ip6[0] = addr[0];
+        sa.user_ip6[1] = addr[1];
+        sa.user_ip6[2] = addr[2];
+        sa.user_ip6[3] = addr[3];
+    } else {
+        if !addr_is_v4(addr) {
+            return false;
+        }
+        sa.user_ip4 = addr[3];
+    }
+    sa.user_port = port_be as u32;
+    true
+}
+
+#[inline(always)]
+fn refuse() -> i32 {
+    // SAFETY: allowed in cgroup hooks; the call then fails with ECONNREFUSED, as a kube-proxy
+    // REJECT would make it.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    FAIL
+}
+
+#[inline(always)]
+fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
+    // SAFETY: as in `user_addr`.
+    let proto = unsafe { (*ctx.sock_addr).protocol } as u8;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return PROCEED;
+    }
+    let (daddr, dport_be) = user_addr(ctx, v6);
+    let Some(svc) = lookup::service(daddr, dport_be, proto, SCOPE_INTERNAL) else {
+        // A ClusterIP without this port: refuse rather than let it leave the node.
+        if let Some(marker) = lookup::service(daddr, 0, 0, SCOPE_INTERNAL)
+            && marker.flags & SVC_F_ADDR_MARKER != 0
+        {
+            stats::count(STAT_SOCK_UNKNOWN_PORT);
+            return refuse();
+        }
+        return PROCEED;
+    };
+    // SAFETY: helpers valid for sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let client = AffinityKey {
+        client: [netns as u32, (netns >> 32) as u32, 0, 0],
+        service_id: svc.service_id,
+        kind: AFFINITY_BY_NETNS,
+        _pad: [0; 3],
+    };
+    // SAFETY: no preconditions.
+    let hash = unsafe { bpf_get_prandom_u32() };
+    let Ok(sel) = select::with_affinity(svc, &client, hash) else {
+        stats::count(STAT_SOCK_NO_BACKEND);
+        return refuse();
+    };
+    let backend = sel.backend;
+    // SAFETY: as above.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNatKey { cookie, addr: backend.addr, port_be: backend.port_be, _pad: [0; 6] };
+    let value =
+        SockRevNatValue { addr: daddr, port_be: dport_be, _pad: 0, service_id: svc.service_id };
+    let _ = SOCK_REVNAT.insert(key, value, 0);
+    if !set_user_addr(ctx, v6, &backend.addr, backend.port_be) {
+        // An IPv6 backend for an IPv4 socket: the plan never does this; refuse, counted.
+        stats::count(STAT_SOCK_NO_BACKEND);
+        return refuse();
+    }
+    stats::count(STAT_SOCK_TRANSLATED);
+    stats::count_service(svc.service_id, 0);
+    PROCEED
+}
+
+#[inline(always)]
+fn reverse(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let (peer, port_be) = user_addr(ctx, v6);
+    // SAFETY: as above.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNatKey { cookie, addr: peer, port_be, _pad: [0; 6] };
+    // SAFETY: read of a value replaced whole.
+    if let Some(v) = unsafe { SOCK_REVNAT.get(key) } {
+        let (addr, port) = (v.addr, v.port_be);
+        if set_user_addr(ctx, v6, &addr, port) {
+            stats::count(STAT_SOCK_REVERSED);
+        }
+    }
+    PROCEED
+}

@@ -1,0 +1,78 @@
+//! Child processes placed in a network namespace and a cgroup before they start.
+
+use std::{
+    path::Path,
+    process::{Command, Output, Stdio},
+};
+
+/// A command for `program` that runs inside network namespace `netns` (if any) and joins cgroup
+/// v2 directory `cgroup` (if any) before exec.
+pub fn command_in(program: &Path, netns: Option<&str>, cgroup: Option<&Path>) -> Command {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
+    if let Some(cg) = cgroup {
+        let procs = std::ffi::CString::new(cg.join("cgroup.procs").to_string_lossy().as_bytes())
+            .expect("cgroup path without NUL");
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // async-signal-safe functions (open, write, close) on a path prepared before the fork.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let rc = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                libc::close(fd);
+                if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+            });
+        }
+    }
+    cmd
+}
+
+/// Runs `lb-probe` with `args` in `netns`/`cgroup` and returns its output lines.
+pub fn probe(netns: Option<&str>, cgroup: Option<&Path>, args: &[&str]) -> Vec<String> {
+    let out: Output = command_in(&crate::workspace_bin("lb-probe"), netns, cgroup)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run lb-probe");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
+
+/// A background `lb-probe serve`, killed on drop.
+pub struct Server {
+    child: std::process::Child,
+}
+
+impl Server {
+    pub fn start(netns: &str, name: &str, tcp: &[&str], udp: &[&str]) -> Self {
+        let mut cmd = command_in(&crate::workspace_bin("lb-probe"), Some(netns), None);
+        cmd.args(["serve", "--name", name]);
+        for a in tcp {
+            cmd.args(["--tcp", a]);
+        }
+        for a in udp {
+            cmd.args(["--udp", a]);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("start lb-probe serve");
+        // Wait until it is listening.
+        let mut line = [0u8; 8];
+        let _ = std::io::Read::read(child.stdout.as_mut().unwrap(), &mut line);
+        Self { child }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,232 @@
+//! The socket hooks with real TCP and UDP through the mini-cluster: host processes and pods of
+//! node-0 (in its cgroup) reach ClusterIP services on pods of both nodes; applications see the
+//! service address, servers see the real client; refusals are immediate.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use lb_agent::{
+    dataplane::{
+        attach,
+        store::KernelStore,
+        writer::{Writer, WriterConfig},
+    },
+    model::{maglev, plan::*},
+    state::ObjKey,
+};
+use lb_common::*;
+use lb_tests::{
+    cluster::Cluster,
+    kernel::Datapath,
+    plans::backend,
+    proc::{Server, probe},
+    require_root,
+};
+
+struct Setup {
+    cluster: Cluster,
+    dp: Datapath,
+    _servers: Vec<Server>,
+}
+
+fn cluster_ip_plan(
+    name: &str,
+    vip: &str,
+    port: u16,
+    protocol: Protocol,
+    backends: Vec<Backend>,
+    affinity: Option<u32>,
+) -> ServicePlan {
+    let vip: IpAddr = vip.parse().unwrap();
+    ServicePlan {
+        namespace: "default".into(),
+        name: name.into(),
+        port_name: String::new(),
+        protocol,
+        family: Family::of(&vip),
+        frontends: vec![Frontend {
+            kind: FrontendKind::ClusterIP,
+            address: vip,
+            port,
+            scope: Scope::Internal,
+            backends: BackendSet::Internal,
+        }],
+        internal_backends: backends.clone(),
+        external_backends: backends.clone(),
+        cluster_backends: backends.clone(),
+        retained_backends: vec![],
+        internal_traffic_policy: TrafficPolicy::Cluster,
+        external_traffic_policy: TrafficPolicy::Cluster,
+        has_any_endpoints: !backends.is_empty(),
+        affinity_timeout_s: affinity,
+        source_ranges: vec![],
+        health_check_node_port: None,
+    }
+}
+
+fn setup() -> Setup {
+    let cluster = Cluster::new(2, 2, 0);
+    let mut servers = Vec::new();
+    for node in &cluster.nodes {
+        for pod in &node.pods {
+            servers.push(Server::start(
+                pod.ns.name(),
+                &pod.name,
+                &["0.0.0.0:8080", "[::]:8086"],
+                &["0.0.0.0:5353"],
+            ));
+        }
+    }
+    let pods: Vec<(IpAddr, IpAddr, bool)> = cluster
+        .nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.pods.iter().map(move |p| (p.ip4, p.ip6, i == 0)))
+        .collect();
+    let v4 = |port| pods.iter().map(|&(a, _, local)| backend(a, port, local)).collect::<Vec<_>>();
+    let v6 = |port| pods.iter().map(|&(_, a, local)| backend(a, port, local)).collect::<Vec<_>>();
+    let mut dp = Datapath::load();
+    let mut w = Writer::new(
+        KernelStore::new(&dp.ebpf).unwrap(),
+        WriterConfig { maglev_max_size: maglev::DEFAULT_MAX_SIZE, max_services: 1024 },
+    )
+    .unwrap();
+    for plan in [
+        cluster_ip_plan("web", "10.96.0.10", 80, Protocol::Tcp, v4(8080), None),
+        cluster_ip_plan("dns", "10.96.0.10", 53, Protocol::Udp, v4(5353), None),
+        cluster_ip_plan("web6", "fd00:96::10", 80, Protocol::Tcp, v6(8086), None),
+        cluster_ip_plan("empty", "10.96.0.11", 80, Protocol::Tcp, vec![], None),
+        cluster_ip_plan("sticky", "10.96.0.12", 80, Protocol::Tcp, v4(8080), Some(10800)),
+    ] {
+        let key = ObjKey::new("default", plan.name.clone());
+        w.apply_object(&key, &[plan]).unwrap();
+    }
+    attach::cgroup(&mut dp.ebpf, &cluster.nodes[0].cgroup.path).expect("attach socket hooks");
+    Setup { cluster, dp, _servers: servers }
+}
+
+/// Parsed `lb-probe connect` lines: (server name, client address the server saw, peer the
+/// client saw), or the error.
+fn parse(lines: &[String]) -> Vec<Result<(String, String, String), String>> {
+    lines
+        .iter()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f.as_slice() {
+                ["ok", name, seen, peer] => {
+                    Ok((name.to_string(), seen.to_string(), peer.to_string()))
+                }
+                ["err", e] => Err(e.to_string()),
+                _ => Err(format!("unparsable: {l}")),
+            }
+        })
+        .collect()
+}
+
+fn by_server(results: &[Result<(String, String, String), String>]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for (name, _, _) in results.iter().flatten() {
+        *m.entry(name.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+fn host_ip(seen: &str) -> String {
+    seen.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']).to_owned()).unwrap_or_default()
+}
+
+#[test]
+fn cluster_ip_from_host_and_pod_reaches_every_backend_and_shows_the_service_address() {
+    require_root!();
+    let s = setup();
+    let node = &s.cluster.nodes[0];
+    let cg = Some(node.cgroup.path.as_path());
+
+    // A host process of node-0.
+    let results =
+        parse(&probe(Some(node.ns.name()), cg, &["connect", "10.96.0.10:80", "--count", "300"]));
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 300 failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let spread = by_server(&results);
+    assert_eq!(spread.len(), 4, "every backend answers: {spread:?}");
+    assert!(
+        spread.values().all(|&n| n >= 40),
+        "each of 4 backends gets >= 40 of 300 (expected 75): {spread:?}"
+    );
+    for (name, seen, peer) in results.iter().flatten() {
+        assert_eq!(peer, "10.96.0.10:80", "the application sees the service address");
+        let want = if name.starts_with("node-0") { "10.231.0.1" } else { "10.230.0.10" };
+        assert_eq!(host_ip(seen), want, "{name} saw the node's own address, unNATed");
+    }
+
+    // A pod of node-0: the server sees the pod's own address.
+    let pod = &node.pods[0];
+    let results =
+        parse(&probe(Some(pod.ns.name()), cg, &["connect", "10.96.0.10:80", "--count", "100"]));
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    assert!(by_server(&results).len() >= 3, "{:?}", by_server(&results));
+    for (_, seen, peer) in results.iter().flatten() {
+        assert_eq!(host_ip(seen), pod.ip4.to_string());
+        assert_eq!(peer, "10.96.0.10:80");
+    }
+    assert!(s.dp.stat(STAT_SOCK_TRANSLATED) >= 400);
+}
+
+#[test]
+fn udp_ipv6_refusals_affinity_and_untouched_traffic() {
+    require_root!();
+    let s = setup();
+    let node = &s.cluster.nodes[0];
+    let ns = Some(node.ns.name());
+    let cg = Some(node.cgroup.path.as_path());
+
+    // UDP: replies come back from the service address.
+    let results = parse(&probe(ns, cg, &["connect", "10.96.0.10:53", "--udp", "--count", "60"]));
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    assert!(by_server(&results).len() >= 3, "{:?}", by_server(&results));
+    assert!(results.iter().flatten().all(|(_, _, from)| from == "10.96.0.10:53"), "{results:?}");
+
+    // IPv6.
+    let results = parse(&probe(ns, cg, &["connect", "[fd00:96::10]:80", "--count", "40"]));
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    assert!(results.iter().flatten().all(|(_, _, peer)| peer == "[fd00:96::10]:80"), "{results:?}");
+    assert!(by_server(&results).len() >= 3);
+
+    // Refused at once: a ClusterIP port that does not exist, and a service with no endpoint.
+    let start = Instant::now();
+    let unknown = probe(ns, cg, &["connect", "10.96.0.10:81", "--count", "3"]);
+    let empty = probe(ns, cg, &["connect", "10.96.0.11:80", "--count", "3"]);
+    assert!(start.elapsed() < Duration::from_secs(1), "refusals took {:?}", start.elapsed());
+    assert_eq!(unknown, vec!["err ECONNREFUSED"; 3]);
+    assert_eq!(empty, vec!["err ECONNREFUSED"; 3]);
+    assert_eq!(s.dp.stat(STAT_SOCK_UNKNOWN_PORT), 3);
+    assert_eq!(s.dp.stat(STAT_SOCK_NO_BACKEND), 3);
+
+    // sessionAffinity ClientIP: one client keeps one backend.
+    let sticky = parse(&probe(ns, cg, &["connect", "10.96.0.12:80", "--count", "30"]));
+    assert_eq!(by_server(&sticky).len(), 1, "{:?}", by_server(&sticky));
+    assert_eq!(by_server(&sticky).values().sum::<usize>(), 30);
+    let pod = &node.pods[1];
+    let other =
+        parse(&probe(Some(pod.ns.name()), cg, &["connect", "10.96.0.12:80", "--count", "20"]));
+    assert_eq!(by_server(&other).len(), 1, "another client is sticky too: {:?}", by_server(&other));
+
+    // Pod IPs directly: untouched.
+    let direct = parse(&probe(ns, cg, &["connect", "10.231.1.2:8080"]));
+    assert_eq!(
+        direct[0].as_ref().map(|(n, _, p)| (n.as_str(), p.as_str())),
+        Ok(("node-1-pod-0", "10.231.1.2:8080"))
+    );
+
+    // A process outside the node's cgroup is not translated (no route to the ClusterIP).
+    let outside = probe(ns, None, &["connect", "10.96.0.10:80", "--timeout-ms", "500"]);
+    assert!(outside[0].starts_with("err"), "{outside:?}");
+}
