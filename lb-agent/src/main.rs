@@ -140,7 +140,8 @@ async fn run(args: Args) -> Result<()> {
         endpointslices = slices,
         nodes,
         service_ports = syncer.writer.port_count(),
-        writes = ?report.writes,
+        entries_written = report.writes.entries(),
+        maglev_slots_written = report.writes.maglev_slots,
         elapsed_ms = start.elapsed().as_millis() as u64,
         "initial sync done"
     );
