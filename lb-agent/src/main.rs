@@ -68,6 +68,9 @@ struct Args {
     /// Maglev slots shared by all backend sets (4 bytes each).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_SLOTS)]
     maglev_slots: u32,
+    /// Conntrack entries for flows through the devices (two per flow; LRU when full).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_CONNTRACK)]
+    max_conntrack: u32,
     /// Largest Maglev table of one backend set (a prime from 251 to 131071).
     #[arg(long, default_value_t = maglev::DEFAULT_MAX_SIZE)]
     maglev_max_size: u32,
@@ -104,6 +107,7 @@ async fn run(args: Args) -> Result<()> {
         max_frontends: args.max_frontends,
         max_backends: args.max_backends,
         maglev_slots: args.maglev_slots,
+        max_conntrack: args.max_conntrack,
     };
     let mut ebpf = loader::load(&LoadOptions { bpffs: Some(args.bpffs.clone()), sizes })?;
     programs::load_all(&mut ebpf)?;
@@ -112,7 +116,7 @@ async fn run(args: Args) -> Result<()> {
         attach::cgroup(&mut ebpf, cg)?;
     }
     for dev in &args.devices {
-        attach::tc_ingress(&mut ebpf, dev)?;
+        attach::tc(&mut ebpf, dev)?;
         if args.xdp {
             attach::xdp_ingress(&mut ebpf, dev)?;
         }

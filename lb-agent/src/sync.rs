@@ -56,6 +56,14 @@ impl<S: MapStore> Syncer<S> {
         let before = self.writer.counts();
         let mut report = SyncReport::default();
         let node = model::node_view(&self.state, &self.cfg);
+        if affected.all
+            && let Err(e) = self.writer.set_node_addresses(
+                node.snat_address(&self.cfg, false),
+                node.snat_address(&self.cfg, true),
+            )
+        {
+            report.errors.push(format!("writing this node's addresses: {e:#}"));
+        }
         let keys: Vec<ObjKey> = if affected.all {
             // Everything known now, plus whatever the writer still holds for vanished ones.
             let mut k: std::collections::BTreeSet<ObjKey> =

@@ -23,6 +23,13 @@ pub const MAP_AFFINITY_MATCH: &str = "LB_AFF_MATCH";
 /// Socket-level reverse translation (LRU): [`crate::SockRevNatKey`] -> [`crate::SockRevNatValue`],
 /// so getpeername() and UDP recvmsg() show the service address, not the backend.
 pub const MAP_SOCK_REVNAT: &str = "LB_SOCK_RNAT";
+/// Connection tracking and NAT of device-hook flows (LRU): [`crate::CtKey`] -> [`crate::CtValue`].
+/// Each flow has two entries: the original direction and the reply as it arrives.
+pub const MAP_CONNTRACK: &str = "LB_CT";
+/// loadBalancerSourceRanges (LPM trie): prefix of [`crate::SourceRangeKey`] -> `u32` (unused).
+pub const MAP_SOURCE_RANGES: &str = "LB_SRC_RANGES";
+/// This node's addresses for SNAT (array of one [`crate::NodeConfig`]).
+pub const MAP_NODE: &str = "LB_NODE";
 /// Per-CPU global counters, indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "LB_STATS";
 /// Per-CPU per-service counters, indexed by service id: [`crate::ServiceStats`].
@@ -31,6 +38,8 @@ pub const MAP_SERVICE_STATS: &str = "LB_SVC_STATS";
 // ---- program names (the Rust function names in lb-ebpf) ----
 /// tc ingress on the node's external devices.
 pub const PROG_TC_INGRESS: &str = "tc_ingress";
+/// tc egress on the same devices: replies of local backends get the frontend address back.
+pub const PROG_TC_EGRESS: &str = "tc_egress";
 /// XDP on the node's external devices (acceleration of tc ingress).
 pub const PROG_XDP_INGRESS: &str = "xdp_ingress";
 /// cgroup socket hooks: (program name, attach point). Every process in the attached cgroup
@@ -55,6 +64,10 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 131_072;
 /// Backend sets per service port: internal, cluster, external (`LB_TABLES` holds this many times
 /// the number of service ids).
 pub const TABLES_PER_SERVICE: u32 = 3;
+/// loadBalancerSourceRanges entries (CIDR, service port).
+pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
+/// Conntrack entries (two per flow).
+pub const DEFAULT_MAX_CONNTRACK: u32 = 524_288;
 /// sessionAffinity entries (client, service).
 pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
 /// Socket reverse-translation entries (one per connected socket or UDP peer).
@@ -95,6 +108,30 @@ pub const SVC_F_NODE_PORT: u32 = 1 << 9;
 pub const SVC_F_EXTERNAL_IP: u32 = 1 << 10;
 pub const SVC_F_LOAD_BALANCER: u32 = 1 << 11;
 
+// ---- CtValue.flags ----
+/// A reply-direction entry (its rewrite restores the frontend for the client).
+pub const CT_F_REPLY: u8 = 1 << 0;
+/// The flow's source was rewritten to a node address (remote backend, policy Cluster).
+pub const CT_F_SNAT: u8 = 1 << 1;
+
+// ---- CtValue.state ----
+pub const CT_STATE_NEW: u8 = 0;
+pub const CT_STATE_ESTABLISHED: u8 = 1;
+/// FIN or RST seen: kept briefly for the last packets.
+pub const CT_STATE_CLOSING: u8 = 2;
+
+// ---- conntrack lifetimes (seconds without traffic) ----
+pub const CT_TIMEOUT_TCP_SYN_S: u64 = 60;
+pub const CT_TIMEOUT_TCP_ESTABLISHED_S: u64 = 6 * 3600;
+pub const CT_TIMEOUT_TCP_CLOSING_S: u64 = 10;
+pub const CT_TIMEOUT_UDP_S: u64 = 60;
+
+// ---- SNAT source ports (outside the kernel's default ephemeral range 32768-60999) ----
+pub const NAT_PORT_MIN: u16 = 61000;
+pub const NAT_PORT_MAX: u16 = 65535;
+/// Ports tried per new flow before giving up (counted as nat_exhausted).
+pub const NAT_PORT_TRIES: u32 = 16;
+
 // ---- BackendValue.flags ----
 /// The backend runs on this node.
 pub const BE_F_LOCAL: u8 = 1 << 0;
@@ -130,6 +167,26 @@ pub const STAT_BACKEND_MISSING: u32 = 11;
 pub const STAT_AFFINITY_HIT: u32 = 12;
 /// getpeername()/recvmsg() address put back to the service address.
 pub const STAT_SOCK_REVERSED: u32 = 13;
+/// A device packet translated through an existing conntrack entry (either direction).
+pub const STAT_CT_HIT: u32 = 14;
+/// A new device flow to a frontend: backend chosen, conntrack entries created.
+pub const STAT_CT_NEW: u32 = 15;
+/// Dropped: the frontend has no usable backend.
+pub const STAT_DROP_NO_BACKEND: u32 = 16;
+/// Dropped: the client is outside loadBalancerSourceRanges.
+pub const STAT_DROP_SOURCE_RANGE: u32 = 17;
+/// Dropped: no free SNAT port for a remote backend.
+pub const STAT_DROP_NAT_EXHAUSTED: u32 = 18;
+/// Dropped: conntrack entries could not be created (map full even after LRU eviction).
+pub const STAT_DROP_CT_FULL: u32 = 19;
+/// Dropped: a rewrite helper failed (checksum or store).
+pub const STAT_DROP_REWRITE: u32 = 20;
+/// Dropped: SNAT needed but the node has no address of the packet's family (LB_NODE).
+pub const STAT_DROP_NO_NODE_ADDR: u32 = 21;
+/// Packets seen by tc egress.
+pub const STAT_TC_EGRESS_PACKETS: u32 = 22;
+/// A conntrack entry found expired and replaced by a new flow.
+pub const STAT_CT_EXPIRED: u32 = 23;
 /// Number of slots in LB_STATS (room for the counters later programs add).
 pub const STAT_COUNT: u32 = 64;
 
@@ -149,4 +206,14 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (STAT_BACKEND_MISSING, "backend_missing"),
     (STAT_AFFINITY_HIT, "affinity_hit"),
     (STAT_SOCK_REVERSED, "sock_reversed"),
+    (STAT_CT_HIT, "ct_hit"),
+    (STAT_CT_NEW, "ct_new"),
+    (STAT_DROP_NO_BACKEND, "drop_no_backend"),
+    (STAT_DROP_SOURCE_RANGE, "drop_source_range"),
+    (STAT_DROP_NAT_EXHAUSTED, "drop_nat_exhausted"),
+    (STAT_DROP_CT_FULL, "drop_ct_full"),
+    (STAT_DROP_REWRITE, "drop_rewrite"),
+    (STAT_DROP_NO_NODE_ADDR, "drop_no_node_addr"),
+    (STAT_TC_EGRESS_PACKETS, "tc_egress_packets"),
+    (STAT_CT_EXPIRED, "ct_expired"),
 ];

@@ -187,6 +187,62 @@ pub struct SockRevNatValue {
     pub service_id: u32,
 }
 
+/// A device-hook flow as a packet carries it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// What to do with packets of a tracked flow: rewrite their tuple to these values.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    /// bpf_ktime_get_ns() of the last packet (refreshed at most once a second).
+    pub last_seen_ns: u64,
+    pub new_saddr: Addr,
+    pub new_daddr: Addr,
+    pub new_sport_be: u16,
+    pub new_dport_be: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// `CT_F_*`.
+    pub flags: u8,
+    /// `CT_STATE_*`.
+    pub state: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The data of an LPM key for loadBalancerSourceRanges: the service id always matches in full
+/// (the first 32 bits of the prefix), then the client address bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    pub service_id: u32,
+    pub addr: Addr,
+}
+
+/// Prefix length of a source range: 32 bits of service id plus the CIDR's bits (an IPv4 CIDR
+/// counts the 96 bits of the IPv4-mapped prefix too).
+pub const fn source_range_prefix(cidr_prefix: u8, v4: bool) -> u32 {
+    32 + if v4 { 96 } else { 0 } + cidr_prefix as u32
+}
+
+/// This node's addresses, used as SNAT source for flows to remote backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    /// IPv4-mapped; all zero when the node has no IPv4 address.
+    pub addr4: Addr,
+    /// All zero when the node has no IPv6 address.
+    pub addr6: Addr,
+}
+
 /// Per-CPU traffic counters of one service port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -208,6 +264,10 @@ const _: () = {
     assert!(size_of::<AffinityMatchKey>() == 8);
     assert!(size_of::<SockRevNatKey>() == 32 && align_of::<SockRevNatKey>() == 8);
     assert!(size_of::<SockRevNatValue>() == 24 && align_of::<SockRevNatValue>() == 4);
+    assert!(size_of::<CtKey>() == 40 && align_of::<CtKey>() == 4);
+    assert!(size_of::<CtValue>() == 56 && align_of::<CtValue>() == 8);
+    assert!(size_of::<NodeConfig>() == 32);
+    assert!(size_of::<SourceRangeKey>() == 20);
 };
 
 #[cfg(feature = "user")]
@@ -224,6 +284,10 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityMatchKey {}
     unsafe impl aya::Pod for super::SockRevNatKey {}
     unsafe impl aya::Pod for super::SockRevNatValue {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::NodeConfig {}
+    unsafe impl aya::Pod for super::SourceRangeKey {}
 }
 
 #[cfg(test)]

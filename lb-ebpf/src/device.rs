@@ -1,26 +1,45 @@
-//! What both device hooks (tc ingress and XDP) do with a packet from outside the node.
-//!
-//! Today: parse, find the frontend, count. Conntrack, Maglev selection and NAT are added here,
-//! so that tc and XDP can never disagree about a packet.
+//! What the device hooks (tc ingress, tc egress, XDP) do with a packet, in the order of its
+//! journey: parse; a tracked flow gets its recorded rewrite; otherwise, on ingress, a packet to
+//! a frontend starts a flow (source ranges, backend choice with affinity, conntrack entries,
+//! SNAT when the backend is on another node) and is rewritten. Everything else passes
+//! untouched. tc and XDP share this code, so they never disagree about a packet.
 
-use lb_common::{SCOPE_EXTERNAL, STAT_SERVICE_HIT, STAT_SERVICE_MISS};
+use aya_ebpf::maps::lpm_trie::Key;
+use lb_common::*;
 
 use crate::{
-    lookup,
-    packet::{self, Bounds, Skip},
-    stats,
+    conntrack, lookup,
+    maps::{FLOW, SOURCE_RANGES},
+    nat::{self, NatError},
+    packet::{self, Flow, Skip},
+    rewrite::{self, Rewrite},
+    select, stats,
 };
 
-/// What the hook should do with the packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    TcIngress,
+    TcEgress,
+    Xdp,
+}
+
+// Fieldless on purpose: an enum with payload returned through memory lets LLVM store
+// undefined registers for the unused fields, which the verifier rejects.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Hand it to the kernel stack unchanged.
+    /// Hand it to the kernel stack (rewritten or not).
     Pass,
+    Drop,
+    /// Rewritten to a source the stack would refuse on input: send it straight towards its
+    /// new destination, which the packet now carries (tc ingress only; the parsed flow is in
+    /// `maps::FLOW`).
+    Redirect,
 }
 
 /// Handles one packet; `len` is its full length (for byte counters).
 #[inline(always)]
-pub fn handle(bounds: &Bounds, len: u32) -> Action {
-    match try_handle(bounds, len) {
+pub fn handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Action {
+    match try_handle(pkt, len, hook) {
         Ok(action) => action,
         Err(skip) => {
             stats::count(skip.stat());
@@ -30,14 +49,133 @@ pub fn handle(bounds: &Bounds, len: u32) -> Action {
 }
 
 #[inline(always)]
-fn try_handle(bounds: &Bounds, len: u32) -> Result<Action, Skip> {
-    let flow = packet::parse(bounds)?;
-    match lookup::service(flow.daddr, flow.dport_be, flow.proto, SCOPE_EXTERNAL) {
-        Some(svc) => {
-            stats::count(STAT_SERVICE_HIT);
-            stats::count_service(svc.service_id, len);
-        }
-        None => stats::count(STAT_SERVICE_MISS),
+fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// A hash of the flow that every node computes alike, so that Maglev sends a flow to the same
+/// backend whichever node receives it.
+#[inline(always)]
+fn flow_hash(f: &Flow) -> u32 {
+    let mut h = 0x9e37_79b9u32;
+    for w in f.saddr {
+        h = mix(h ^ w);
     }
-    Ok(Action::Pass)
+    for w in f.daddr {
+        h = mix(h ^ w);
+    }
+    mix(h ^ (((f.sport_be as u32) << 16) | f.dport_be as u32) ^ ((f.proto as u32) << 8))
+}
+
+#[inline(always)]
+fn source_allowed(service_id: u32, saddr: &Addr) -> bool {
+    let key = Key::new(32 + 128, SourceRangeKey { service_id, addr: *saddr });
+    SOURCE_RANGES.get(&key).is_some()
+}
+
+#[inline(always)]
+fn apply<R: Rewrite>(pkt: &mut R, flow: &Flow, ct: &CtValue, hook: Hook) -> Action {
+    if rewrite::apply(pkt, flow, &ct.new_saddr, &ct.new_daddr, ct.new_sport_be, ct.new_dport_be)
+        .is_err()
+    {
+        stats::count(STAT_DROP_REWRITE);
+        return Action::Drop;
+    }
+    if ct.flags & CT_F_SNAT != 0 && hook == Hook::TcIngress {
+        return Action::Redirect;
+    }
+    Action::Pass
+}
+
+#[inline(always)]
+fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, Skip> {
+    let slot = FLOW.get_ptr_mut(0).ok_or(Skip::Malformed)?;
+    // SAFETY: this CPU's slot (see maps::FLOW); the parsed flow lives there, off the stack.
+    let flow = unsafe { &mut *slot };
+    *flow = packet::parse(&pkt.bounds())?;
+    let flow = &*flow;
+    // 1. A tracked flow, either direction: its recorded rewrite, whatever the backend's state.
+    if let Some(action) = tracked(pkt, flow, len, hook) {
+        return Ok(action);
+    }
+    if hook == Hook::TcEgress {
+        // Egress only restores frontends on replies; anything else is not ours.
+        return Ok(Action::Pass);
+    }
+    // 2. A new flow to a frontend?
+    Ok(new_flow(pkt, flow, len, hook))
+}
+
+// Separate functions (BPF subprograms): each keeps its own stack frame under the 512-byte limit.
+#[inline(never)]
+fn tracked<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Option<Action> {
+    let key = CtKey {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        sport_be: flow.sport_be,
+        dport_be: flow.dport_be,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    let ct = conntrack::lookup(&key, flow.tcp_flags)?;
+    // XDP cannot give the stack a packet whose source is now a node address: tc does it.
+    if hook == Hook::Xdp && ct.flags & CT_F_SNAT != 0 {
+        return Some(Action::Pass);
+    }
+    stats::count(STAT_CT_HIT);
+    stats::count_service(ct.service_id, len);
+    Some(apply(pkt, flow, ct, hook))
+}
+
+#[inline(never)]
+fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Action {
+    let Some(svc) = lookup::service(flow.daddr, flow.dport_be, flow.proto, SCOPE_EXTERNAL) else {
+        stats::count(STAT_SERVICE_MISS);
+        return Action::Pass;
+    };
+    stats::count(STAT_SERVICE_HIT);
+    stats::count_service(svc.service_id, len);
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(svc.service_id, &flow.saddr) {
+        stats::count(STAT_DROP_SOURCE_RANGE);
+        return Action::Drop;
+    }
+    let client = AffinityKey {
+        client: flow.saddr,
+        service_id: svc.service_id,
+        kind: AFFINITY_BY_ADDR,
+        _pad: [0; 3],
+    };
+    let hash = flow_hash(flow);
+    let Ok(sel) = select::with_affinity(svc, &client, hash) else {
+        stats::count(STAT_DROP_NO_BACKEND);
+        return Action::Drop;
+    };
+    let backend = sel.backend;
+    if addr_is_v4(&backend.addr) == flow.is_v6 {
+        stats::count(STAT_DROP_NO_BACKEND);
+        return Action::Drop;
+    }
+    // Policy Cluster to another node's backend: SNAT, so its replies come back through here.
+    let snat = backend.flags & BE_F_LOCAL == 0 && svc.flags & SVC_F_LOCAL_ONLY == 0;
+    if hook == Hook::Xdp && snat {
+        return Action::Pass;
+    }
+    let ids = nat::Ids { backend_id: sel.id, service_id: svc.service_id, snat, hash };
+    let ct = match nat::create(flow, backend, &ids) {
+        Ok(ct) => ct,
+        Err(e) => {
+            stats::count(match e {
+                NatError::NoNodeAddr => STAT_DROP_NO_NODE_ADDR,
+                NatError::PortsExhausted => STAT_DROP_NAT_EXHAUSTED,
+                NatError::CtFull => STAT_DROP_CT_FULL,
+            });
+            return Action::Drop;
+        }
+    };
+    stats::count(STAT_CT_NEW);
+    apply(pkt, flow, ct, hook)
 }

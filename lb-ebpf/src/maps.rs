@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::*;
 
@@ -47,3 +47,34 @@ pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u32> =
 #[map(name = "LB_SOCK_RNAT")]
 pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
     LruHashMap::with_max_entries(DEFAULT_MAX_SOCK_REVNAT, 0);
+
+#[map(name = "LB_CT")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
+
+#[map(name = "LB_NODE")]
+pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
+
+/// LPM tries must be created without preallocation.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map(name = "LB_SRC_RANGES")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
+    LpmTrie::with_max_entries(DEFAULT_MAX_SOURCE_RANGES, BPF_F_NO_PREALLOC);
+
+/// Per-CPU scratch space for values too big for the 512-byte BPF stack. Device hooks run with
+/// bottom halves off and do not nest on a CPU, so one slot per CPU is enough (socket hooks,
+/// which may be preempted, do not use it). Never pinned: it holds no state between packets.
+#[repr(C)]
+pub struct Scratch {
+    pub forward_key: CtKey,
+    pub reply_key: CtKey,
+    pub value: CtValue,
+}
+
+#[map(name = "LB_SCRATCH")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The packet being handled by a device hook (same rules as `SCRATCH`).
+#[map(name = "LB_FLOW")]
+pub static FLOW: PerCpuArray<crate::packet::Flow> = PerCpuArray::with_max_entries(1, 0);

@@ -49,9 +49,6 @@ impl Bounds {
 }
 
 /// The transport flow of a packet, with where its headers start.
-// Source, ports and offsets are what conntrack and NAT read; the frontend lookup needs only
-// the destination.
-#[allow(dead_code)]
 #[derive(Clone, Copy)]
 pub struct Flow {
     pub saddr: Addr,
@@ -59,9 +56,40 @@ pub struct Flow {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
     pub is_v6: bool,
     pub l3_off: usize,
     pub l4_off: usize,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Deepest transport header we translate: parsing gives up beyond (counted as other_l4). Also
+/// lets offsets read back from a map be masked into a range the verifier accepts.
+pub const MAX_L4_OFF: usize = 255;
+
+impl Flow {
+    /// The network header offset, bounded for the verifier (always 14 today).
+    #[inline(always)]
+    pub fn l3(&self) -> usize {
+        self.l3_off & 0x3f
+    }
+
+    /// The transport header offset, bounded for the verifier.
+    #[inline(always)]
+    pub fn l4(&self) -> usize {
+        self.l4_off & MAX_L4_OFF
+    }
+
+    /// Offset of the transport checksum.
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> usize {
+        if self.proto == PROTO_TCP { self.l4() + 16 } else { self.l4() + 6 }
+    }
 }
 
 /// Why a packet has no flow to act on. Each reason has its own counter.
@@ -85,7 +113,8 @@ impl Skip {
 }
 
 /// Parses Ethernet, IPv4/IPv6 (with options and extension headers) and the TCP/UDP ports.
-#[inline(always)]
+/// A subprogram of its own: parsing temporaries stay off the hooks' stack frames.
+#[inline(never)]
 pub fn parse(b: &Bounds) -> Result<Flow, Skip> {
     let eth: *const EthHdr = b.ptr_at(0).ok_or(Skip::Malformed)?;
     // SAFETY: `ptr_at` checked that the header lies inside the packet.
@@ -120,13 +149,14 @@ fn parse_ipv4(b: &Bounds, l3_off: usize) -> Result<Flow, Skip> {
         return Err(Skip::Fragment);
     }
     let l4_off = l3_off + ihl;
-    let (sport_be, dport_be) = parse_ports(b, l4_off, proto)?;
+    let (sport_be, dport_be, tcp_flags) = parse_ports(b, l4_off, proto)?;
     Ok(Flow {
         saddr: addr_from_v4_raw(saddr),
         daddr: addr_from_v4_raw(daddr),
         sport_be,
         dport_be,
         proto,
+        tcp_flags,
         is_v6: false,
         l3_off,
         l4_off,
@@ -165,31 +195,41 @@ fn parse_ipv6(b: &Bounds, l3_off: usize) -> Result<Flow, Skip> {
             _ => break,
         }
     }
-    let (sport_be, dport_be) = parse_ports(b, l4_off, next)?;
+    let (sport_be, dport_be, tcp_flags) = parse_ports(b, l4_off, next)?;
     Ok(Flow {
         saddr: words(saddr),
         daddr: words(daddr),
         sport_be,
         dport_be,
         proto: next,
+        tcp_flags,
         is_v6: true,
         l3_off,
         l4_off,
     })
 }
 
-/// Source and destination port (network byte order) of a complete TCP or UDP header.
+/// Source and destination port (network byte order) and TCP flags of a complete TCP or UDP
+/// header.
 #[inline(always)]
-fn parse_ports(b: &Bounds, l4_off: usize, proto: u8) -> Result<(u16, u16), Skip> {
-    let ports: *const [u16; 2] = match proto {
-        PROTO_TCP => b.ptr_at::<TcpHdr>(l4_off).ok_or(Skip::Malformed)?.cast(),
-        PROTO_UDP => b.ptr_at::<UdpHdr>(l4_off).ok_or(Skip::Malformed)?.cast(),
+fn parse_ports(b: &Bounds, l4_off: usize, proto: u8) -> Result<(u16, u16, u8), Skip> {
+    if l4_off > MAX_L4_OFF {
+        return Err(Skip::OtherL4);
+    }
+    let (ports, flags): (*const [u16; 2], u8) = match proto {
+        PROTO_TCP => {
+            let tcp = b.ptr_at::<TcpHdr>(l4_off).ok_or(Skip::Malformed)?;
+            // SAFETY: the whole TCP header is inside the packet; byte 13 holds the flags.
+            let flags = unsafe { *tcp.cast::<u8>().add(13) };
+            (tcp.cast(), flags)
+        }
+        PROTO_UDP => (b.ptr_at::<UdpHdr>(l4_off).ok_or(Skip::Malformed)?.cast(), 0),
         _ => return Err(Skip::OtherL4),
     };
     // SAFETY: the whole transport header is inside the packet; ports are its first 4 bytes.
     // Read bytewise: the header is not 2-byte aligned after an odd-length option area.
     let raw: [u8; 4] = unsafe { core::ptr::read_unaligned(ports.cast()) };
-    Ok((u16::from_ne_bytes([raw[0], raw[1]]), u16::from_ne_bytes([raw[2], raw[3]])))
+    Ok((u16::from_ne_bytes([raw[0], raw[1]]), u16::from_ne_bytes([raw[2], raw[3]]), flags))
 }
 
 #[inline(always)]

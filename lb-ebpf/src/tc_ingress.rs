@@ -1,29 +1,41 @@
-//! tc ingress on the node's external devices: the entry point for outside clients.
+//! tc ingress on the node's external devices: outside clients' packets to frontends, and the
+//! replies of remote backends to SNATed flows.
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
 use lb_common::STAT_TC_INGRESS_PACKETS;
 
 use crate::{
-    device::{self, Action},
-    packet::Bounds,
-    stats,
+    device::{self, Action, Hook},
+    fib, rewrite, stats,
 };
 
 /// Headers we may need in the linear part of the skb: Ethernet, IPv6 with a few extension
 /// headers, TCP with options.
-const PULL_LEN: u32 = 128;
+pub const PULL_LEN: u32 = 128;
 
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
     stats::count(STAT_TC_INGRESS_PACKETS);
-    pull_headers(&ctx);
-    let bounds = Bounds { start: ctx.data(), end: ctx.data_end() };
-    match device::handle(&bounds, ctx.len()) {
+    run(&ctx, Hook::TcIngress)
+}
+
+/// The tc side of both directions.
+#[inline(always)]
+pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
+    pull_headers(ctx);
+    match device::handle(&mut rewrite::Tc(ctx), ctx.len(), hook) {
         Action::Pass => TC_ACT_OK,
+        Action::Drop => TC_ACT_SHOT,
+        // No route: let the stack decide (and count it there).
+        Action::Redirect => fib::redirect(ctx).unwrap_or(TC_ACT_OK),
     }
 }
 
-/// Makes the headers directly readable when the driver left them in paged data.
+/// Makes the headers directly readable (and writable) when the driver left them in paged data.
 #[inline(always)]
 fn pull_headers(ctx: &TcContext) {
     let linear = (ctx.data_end() - ctx.data()) as u32;

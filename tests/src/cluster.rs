@@ -161,3 +161,180 @@ impl Cluster {
         )
     }
 }
+
+/// The mini-cluster with an `lb-agent` on every node serving one manifests folder, and an
+/// `lb-probe` server in every pod (TCP 8080 and UDP 5353 on IPv4, TCP 8086 on IPv6, answering
+/// with the pod's name and the client address it saw).
+pub struct Running {
+    pub cluster: Cluster,
+    pub manifests: std::path::PathBuf,
+    pub agents: Vec<crate::agent::Agent>,
+    _pins: Vec<crate::kernel::PinDir>,
+    _servers: Vec<crate::proc::Server>,
+}
+
+impl Running {
+    /// Starts servers and agents; `files` are (name, content) written before the agents start.
+    pub fn start(cluster: Cluster, files: &[(&str, String)]) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "lb-e2e-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let nodes: String = (0..cluster.nodes.len())
+            .map(|i| cluster.node_manifest(i))
+            .collect::<Vec<_>>()
+            .join("---\n");
+        std::fs::write(dir.join("nodes.yaml"), nodes).unwrap();
+        for (name, content) in files {
+            std::fs::write(dir.join(name), content).unwrap();
+        }
+        let mut servers = Vec::new();
+        for node in &cluster.nodes {
+            for pod in &node.pods {
+                servers.push(crate::proc::Server::start(
+                    pod.ns.name(),
+                    &pod.name,
+                    &["0.0.0.0:8080", "[::]:8086"],
+                    &["0.0.0.0:5353"],
+                ));
+            }
+        }
+        let mut pins = Vec::new();
+        let mut agents = Vec::new();
+        for node in &cluster.nodes {
+            let pin = crate::kernel::PinDir::new(&node.name);
+            let args: Vec<String> = [
+                "--manifests",
+                dir.to_str().unwrap(),
+                "--node-name",
+                &node.name,
+                "--devices",
+                "eth0",
+                "--cgroup",
+                node.cgroup.path.to_str().unwrap(),
+                "--bpffs",
+                pin.path.to_str().unwrap(),
+                "--stats-interval",
+                "0",
+                "--poll-interval-ms",
+                "50",
+                "--max-services",
+                "1024",
+                "--max-frontends",
+                "4096",
+                "--max-backends",
+                "4096",
+                "--maglev-slots",
+                "262144",
+                "--max-conntrack",
+                "65536",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+            agents.push(crate::agent::Agent::start(&argv, Some(node.ns.name()), None));
+            pins.push(pin);
+        }
+        for a in &mut agents {
+            a.wait_for_log("initial sync done", std::time::Duration::from_secs(30));
+        }
+        Running { cluster, manifests: dir, agents, _pins: pins, _servers: servers }
+    }
+
+    /// Rewrites a manifest file and waits until every agent has applied it.
+    pub fn update(&mut self, name: &str, content: &str) {
+        let before: Vec<usize> = self.agents.iter().map(|a| a.count_log("synced")).collect();
+        let path = self.manifests.join(name);
+        if content.is_empty() {
+            let _ = std::fs::remove_file(path);
+        } else {
+            std::fs::write(path, content).unwrap();
+        }
+        for (a, n) in self.agents.iter_mut().zip(before) {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while a.count_log("synced") <= n {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "agent did not apply {name}:\n{}",
+                    a.log().join("\n")
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Runs lb-probe `connect` from outside client `c`.
+    pub fn from_client(&self, c: usize, args: &[&str]) -> Vec<String> {
+        crate::proc::probe(Some(self.cluster.clients[c].ns.name()), None, args)
+    }
+
+    /// Runs lb-probe `connect` from pod `p` of node `n` (in the node's cgroup).
+    pub fn from_pod(&self, n: usize, p: usize, args: &[&str]) -> Vec<String> {
+        let node = &self.cluster.nodes[n];
+        crate::proc::probe(Some(node.pods[p].ns.name()), Some(&node.cgroup.path), args)
+    }
+
+    /// Runs lb-probe `connect` as a host process of node `n` (in its cgroup).
+    pub fn from_host(&self, n: usize, args: &[&str]) -> Vec<String> {
+        let node = &self.cluster.nodes[n];
+        crate::proc::probe(Some(node.ns.name()), Some(&node.cgroup.path), args)
+    }
+
+    /// Every pod as a ready endpoint on port 0 (the slice sets the port).
+    pub fn all_pods(&self, v6: bool) -> Vec<crate::manifests::Ep> {
+        self.cluster
+            .nodes
+            .iter()
+            .flat_map(|n| {
+                n.pods.iter().map(move |p| {
+                    crate::manifests::Ep::ready(if v6 { p.ip6 } else { p.ip4 }, &n.name)
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // Agents first (they hold the cgroup and devices), then the folder.
+        self.agents.clear();
+        let _ = std::fs::remove_dir_all(&self.manifests);
+    }
+}
+
+/// Parses `lb-probe connect` output: Ok((server, client address the server saw, peer the client
+/// saw)) or Err(error).
+pub fn parse_probe(lines: &[String]) -> Vec<Result<(String, String, String), String>> {
+    lines
+        .iter()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f.as_slice() {
+                ["ok", name, seen, peer] => {
+                    Ok((name.to_string(), seen.to_string(), peer.to_string()))
+                }
+                ["err", e] => Err(e.to_string()),
+                _ => Err(format!("unparsable: {l}")),
+            }
+        })
+        .collect()
+}
+
+/// How many answers each server gave.
+pub fn by_server(
+    results: &[Result<(String, String, String), String>],
+) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for (name, _, _) in results.iter().flatten() {
+        *m.entry(name.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// The IP part of `ip:port` / `[ip]:port`.
+pub fn host_of(addr: &str) -> String {
+    addr.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']).to_owned()).unwrap_or_default()
+}

@@ -11,10 +11,15 @@ use aya::{
     maps::{Array, HashMap, MapData},
     programs::{Program, TestRun, TestRunOptions},
 };
-use lb_agent::dataplane::{
-    counters,
-    loader::{self, LoadOptions, MapSizes},
-    programs,
+use lb_agent::{
+    dataplane::{
+        counters,
+        loader::{self, LoadOptions, MapSizes},
+        programs,
+        store::KernelStore,
+        writer::{Writer, WriterConfig},
+    },
+    model::maglev,
 };
 use lb_common::{
     BackendValue, MAP_BACKENDS, MAP_SERVICES, STAT_NAMES, ServiceKey, ServiceStats, ServiceValue,
@@ -24,8 +29,13 @@ use lb_common::{
 const OUTPUT_HEADROOM: usize = 256;
 
 /// Small maps: tests load many copies at once.
-pub const TEST_MAP_SIZES: MapSizes =
-    MapSizes { max_services: 1024, max_frontends: 4096, max_backends: 1024, maglev_slots: 1 << 16 };
+pub const TEST_MAP_SIZES: MapSizes = MapSizes {
+    max_services: 1024,
+    max_frontends: 4096,
+    max_backends: 1024,
+    maglev_slots: 1 << 16,
+    max_conntrack: 16384,
+};
 
 /// What a program did with one packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +50,7 @@ pub struct RunOutput {
 
 pub struct Datapath {
     pub ebpf: Ebpf,
+    writer: Option<Writer<KernelStore>>,
 }
 
 impl Datapath {
@@ -52,7 +63,7 @@ impl Datapath {
         let mut ebpf = loader::load(&LoadOptions { bpffs: None, sizes })
             .unwrap_or_else(|e| panic!("loading the eBPF object: {e:#}"));
         programs::load_all(&mut ebpf).unwrap_or_else(|e| panic!("{e:#}"));
-        Self { ebpf }
+        Self { ebpf, writer: None }
     }
 
     /// Runs a tc or XDP program once on `packet`; `Err` carries the kernel's refusal (for
@@ -82,6 +93,42 @@ impl Datapath {
 
     pub fn run(&self, name: &str, packet: &[u8]) -> RunOutput {
         self.try_run(name, packet).unwrap_or_else(|e| panic!("test run of {name}: {e}"))
+    }
+
+    /// The writer over this datapath's maps (created on first use).
+    pub fn writer(&mut self) -> &mut Writer<KernelStore> {
+        if self.writer.is_none() {
+            let store = KernelStore::new(&self.ebpf).expect("open maps");
+            let cfg = WriterConfig {
+                maglev_max_size: maglev::DEFAULT_MAX_SIZE,
+                max_services: TEST_MAP_SIZES.max_services,
+            };
+            self.writer = Some(Writer::new(store, cfg).expect("writer"));
+        }
+        self.writer.as_mut().unwrap()
+    }
+
+    /// Programs the plans of one Service object, as the agent would.
+    pub fn program(&mut self, name: &str, plans: &[lb_agent::model::plan::ServicePlan]) {
+        let key = lb_agent::state::ObjKey::new("default", name);
+        let report = self
+            .writer()
+            .apply_object(&key, plans)
+            .unwrap_or_else(|e| panic!("programming {name}: {e:#}"));
+        assert!(report.conflicts.is_empty(), "{:?}", report.conflicts);
+    }
+
+    /// This node's SNAT addresses.
+    pub fn set_node(&mut self, v4: Option<IpAddr>, v6: Option<IpAddr>) {
+        self.writer().set_node_addresses(v4, v6).expect("write LB_NODE");
+    }
+
+    /// Every conntrack entry.
+    pub fn conntrack(&self) -> Vec<(lb_common::CtKey, lb_common::CtValue)> {
+        let map: HashMap<&MapData, lb_common::CtKey, lb_common::CtValue> =
+            HashMap::try_from(self.ebpf.map(lb_common::MAP_CONNTRACK).expect("ct map"))
+                .expect("ct map type");
+        map.iter().map(|r| r.expect("read ct")).collect()
     }
 
     /// Adds or replaces a frontend.
@@ -136,8 +183,16 @@ pub struct PinDir {
 
 impl PinDir {
     pub fn new(tag: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        static STALE_SWEEP: std::sync::Once = std::sync::Once::new();
+        STALE_SWEEP.call_once(|| {
+            crate::cgroup::remove_stale_in(std::path::Path::new("/sys/fs/bpf"), |p| {
+                let _ = std::fs::remove_dir_all(p);
+            })
+        });
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path =
-            std::path::PathBuf::from(format!("/sys/fs/bpf/lbt-{}-{tag}", std::process::id()));
+            std::path::PathBuf::from(format!("/sys/fs/bpf/lbt-{}-{n}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path)
             .unwrap_or_else(|e| panic!("creating {} (is bpffs mounted?): {e}", path.display()));

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cgroup;
 pub mod cluster;
 pub mod kernel;
+pub mod manifests;
 pub mod netns;
 pub mod packets;
 pub mod plans;

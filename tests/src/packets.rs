@@ -203,3 +203,144 @@ writable!(
     etherparse::Icmpv4Header,
     etherparse::Icmpv6Header
 );
+
+/// What a test needs to know about a packet that came out of a program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Summary {
+    pub src: std::net::SocketAddr,
+    pub dst: std::net::SocketAddr,
+    pub proto: u8,
+    /// Offset of the transport header.
+    pub l4_off: usize,
+    /// A (first) fragment: the transport checksum covers bytes this frame does not hold.
+    pub fragment: bool,
+}
+
+/// Parses an Ethernet frame with IPv4 (options) or IPv6 (extension headers) and TCP/UDP.
+pub fn summarize(p: &[u8]) -> Option<Summary> {
+    use std::net::{IpAddr, SocketAddr};
+    let ethertype = u16::from_be_bytes([*p.get(12)?, *p.get(13)?]);
+    let (src, dst, mut proto, mut off, mut fragment);
+    match ethertype {
+        0x0800 => {
+            let ihl = (*p.get(ETH_LEN)? & 0x0f) as usize * 4;
+            let h = p.get(ETH_LEN..ETH_LEN + ihl)?;
+            src = IpAddr::from(<[u8; 4]>::try_from(&h[12..16]).ok()?);
+            dst = IpAddr::from(<[u8; 4]>::try_from(&h[16..20]).ok()?);
+            proto = h[9];
+            off = ETH_LEN + ihl;
+            fragment = u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0;
+        }
+        0x86dd => {
+            let h = p.get(ETH_LEN..ETH_LEN + 40)?;
+            src = IpAddr::from(<[u8; 16]>::try_from(&h[8..24]).ok()?);
+            dst = IpAddr::from(<[u8; 16]>::try_from(&h[24..40]).ok()?);
+            proto = h[6];
+            off = ETH_LEN + 40;
+            fragment = false;
+            while matches!(proto, 0 | 43 | 44 | 60) {
+                let e = p.get(off..off + 8)?;
+                if proto == 44 {
+                    fragment = true;
+                    off += 8;
+                } else {
+                    off += (e[1] as usize + 1) * 8;
+                }
+                proto = e[0];
+            }
+        }
+        _ => return None,
+    }
+    let l4 = p.get(off..off + 4)?;
+    Some(Summary {
+        src: SocketAddr::new(src, u16::from_be_bytes([l4[0], l4[1]])),
+        dst: SocketAddr::new(dst, u16::from_be_bytes([l4[2], l4[3]])),
+        proto,
+        l4_off: off,
+        fragment,
+    })
+}
+
+/// Checks the IPv4 header checksum and the TCP/UDP checksum (pseudo-header included) of a
+/// frame. A UDP/IPv4 checksum of 0 means "none" and passes.
+pub fn checksums_ok(p: &[u8]) -> Result<(), String> {
+    let s = summarize(p).ok_or("not a TCP/UDP packet")?;
+    let mut pseudo = Vec::new();
+    let l4_len;
+    match (s.src.ip(), s.dst.ip()) {
+        (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => {
+            let ihl = (p[ETH_LEN] & 0x0f) as usize * 4;
+            if ones_complement_sum(&p[ETH_LEN..ETH_LEN + ihl]) != 0xffff {
+                return Err("bad IPv4 header checksum".into());
+            }
+            let tot = u16::from_be_bytes([p[ETH_LEN + 2], p[ETH_LEN + 3]]) as usize;
+            l4_len = tot - ihl;
+            pseudo.extend_from_slice(&a.octets());
+            pseudo.extend_from_slice(&b.octets());
+            pseudo.extend_from_slice(&[0, s.proto]);
+            pseudo.extend_from_slice(&(l4_len as u16).to_be_bytes());
+        }
+        (std::net::IpAddr::V6(a), std::net::IpAddr::V6(b)) => {
+            l4_len = p.len() - s.l4_off;
+            pseudo.extend_from_slice(&a.octets());
+            pseudo.extend_from_slice(&b.octets());
+            pseudo.extend_from_slice(&(l4_len as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, s.proto]);
+        }
+        _ => return Err("mixed families".into()),
+    }
+    if s.fragment {
+        return Ok(());
+    }
+    let seg = &p[s.l4_off..s.l4_off + l4_len];
+    if s.proto == 17 && s.src.is_ipv4() && seg[6] == 0 && seg[7] == 0 {
+        return Ok(());
+    }
+    let mut all = pseudo;
+    all.extend_from_slice(seg);
+    match ones_complement_sum(&all) {
+        0xffff => Ok(()),
+        other => Err(format!("bad transport checksum (sum {other:#06x})")),
+    }
+}
+
+/// Recomputes the TCP/UDP checksum of a frame (after a test edited the transport header).
+pub fn fix_l4_checksum(p: &mut [u8]) {
+    let Some(s) = summarize(p) else { return };
+    let csum_off = s.l4_off + if s.proto == 6 { 16 } else { 6 };
+    if s.proto == 17 && s.src.is_ipv4() && p[csum_off] == 0 && p[csum_off + 1] == 0 {
+        return;
+    }
+    p[csum_off] = 0;
+    p[csum_off + 1] = 0;
+    let l4_len = match s.src.ip() {
+        std::net::IpAddr::V4(_) => {
+            let ihl = (p[ETH_LEN] & 0x0f) as usize * 4;
+            u16::from_be_bytes([p[ETH_LEN + 2], p[ETH_LEN + 3]]) as usize - ihl
+        }
+        std::net::IpAddr::V6(_) => p.len() - s.l4_off,
+    };
+    let mut all = Vec::new();
+    match (s.src.ip(), s.dst.ip()) {
+        (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => {
+            all.extend_from_slice(&a.octets());
+            all.extend_from_slice(&b.octets());
+            all.extend_from_slice(&[0, s.proto]);
+            all.extend_from_slice(&(l4_len as u16).to_be_bytes());
+        }
+        (std::net::IpAddr::V6(a), std::net::IpAddr::V6(b)) => {
+            all.extend_from_slice(&a.octets());
+            all.extend_from_slice(&b.octets());
+            all.extend_from_slice(&(l4_len as u32).to_be_bytes());
+            all.extend_from_slice(&[0, 0, 0, s.proto]);
+        }
+        _ => return,
+    }
+    let end = (s.l4_off + l4_len).min(p.len());
+    all.extend_from_slice(&p[s.l4_off..end]);
+    let mut c = !ones_complement_sum(&all);
+    if c == 0 && s.proto == 17 {
+        c = 0xffff;
+    }
+    p[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
+}

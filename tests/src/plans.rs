@@ -268,3 +268,42 @@ impl World {
             .collect()
     }
 }
+
+/// A LoadBalancer-IP service port: the VIP from outside (external scope) and from the node
+/// (internal scope), both over `backends`.
+pub fn lb_plan(
+    name: &str,
+    vip: IpAddr,
+    port: u16,
+    protocol: Protocol,
+    backends: Vec<Backend>,
+) -> ServicePlan {
+    let f = |scope, backends| Frontend {
+        kind: FrontendKind::LoadBalancer,
+        address: vip,
+        port,
+        scope,
+        backends,
+    };
+    ServicePlan {
+        namespace: "default".into(),
+        name: name.into(),
+        port_name: String::new(),
+        protocol,
+        family: Family::of(&vip),
+        frontends: vec![
+            f(Scope::Internal, BackendSet::Cluster),
+            f(Scope::External, BackendSet::External),
+        ],
+        internal_backends: backends.clone(),
+        external_backends: backends.clone(),
+        cluster_backends: backends.clone(),
+        retained_backends: vec![],
+        internal_traffic_policy: TrafficPolicy::Cluster,
+        external_traffic_policy: TrafficPolicy::Cluster,
+        has_any_endpoints: !backends.is_empty(),
+        affinity_timeout_s: None,
+        source_ranges: vec![],
+        health_check_node_port: None,
+    }
+}

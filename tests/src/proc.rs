@@ -6,16 +6,25 @@ use std::{
 };
 
 /// A command for `program` that runs inside network namespace `netns` (if any) and joins cgroup
-/// v2 directory `cgroup` (if any) before exec.
+/// v2 directory `cgroup` (if any) before exec. The namespace is entered with setns(2) only, not
+/// `ip netns exec`, which would also give the child a fresh /sys without the bpffs mount.
 pub fn command_in(program: &Path, netns: Option<&str>, cgroup: Option<&Path>) -> Command {
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(program);
-            c
+    let mut cmd = Command::new(program);
+    if let Some(ns) = netns {
+        let path = format!("/run/netns/{ns}");
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: runs in the forked child before exec; setns is async-signal-safe. The file is
+        // moved into the closure so its descriptor stays open until then.
+        unsafe {
+            use std::os::{fd::AsRawFd, unix::process::CommandExt};
+            cmd.pre_exec(move || {
+                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
-        None => Command::new(program),
-    };
+    }
     if let Some(cg) = cgroup {
         let procs = std::ffi::CString::new(cg.join("cgroup.procs").to_string_lossy().as_bytes())
             .expect("cgroup path without NUL");

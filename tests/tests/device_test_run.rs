@@ -1,13 +1,17 @@
-//! The device hooks (tc ingress and XDP) on crafted packets (BPF_PROG_TEST_RUN): which counter
-//! moved, the verdict, and that the packet came out byte for byte as it went in. Every case runs
-//! through both programs. Cases are data: adding one needs no code.
+//! Parsing in the device hooks (tc ingress and XDP) on crafted packets (BPF_PROG_TEST_RUN):
+//! which counter moved, the verdict, and the bytes that came out: a packet to a frontend is
+//! translated to its (local) backend with valid checksums however its headers are laid out;
+//! every other packet passes byte for byte unchanged. Every case runs through both programs.
+//! Cases are data: adding one needs no code.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use lb_agent::model::plan::Protocol;
 use lb_common::*;
 use lb_tests::{
-    kernel::{Datapath, external_key, stat_deltas},
+    kernel::{Datapath, stat_deltas},
     packets::*,
+    plans::{backend, lb_plan},
     require_root,
 };
 
@@ -22,24 +26,29 @@ const CLIENT4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const VIP4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
-const SVC_TCP4: u32 = 11;
-const SVC_UDP4: u32 = 12;
-const SVC_TCP6: u32 = 13;
-const SVC_UDP6: u32 = 14;
+const SVC_TCP4: &str = "tcp4";
+const SVC_UDP4: &str = "udp4";
+const SVC_TCP6: &str = "tcp6";
+const SVC_UDP6: &str = "udp6";
 
 struct Case {
     name: &'static str,
     packet: Vec<u8>,
     /// The counter that must move by one (besides tc_ingress_packets).
     counter: &'static str,
-    /// The service whose counters must count this packet.
-    service: Option<u32>,
+    /// The service whose counters must count this packet (it is translated).
+    service: Option<&'static str>,
     /// The kernel refuses to build an skb from this frame (an IP ethertype without a complete
     /// IP header), so only XDP can be tested with it.
     skb_refused: bool,
 }
 
-fn case(name: &'static str, packet: Vec<u8>, counter: &'static str, service: Option<u32>) -> Case {
+fn case(
+    name: &'static str,
+    packet: Vec<u8>,
+    counter: &'static str,
+    service: Option<&'static str>,
+) -> Case {
     Case { name, packet, counter, service, skb_refused: false }
 }
 
@@ -47,22 +56,36 @@ fn xdp_only(name: &'static str, packet: Vec<u8>) -> Case {
     Case { name, packet, counter: "malformed", service: None, skb_refused: true }
 }
 
+const BACKEND4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
+const BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 5);
+const BACKEND_PORT: u16 = 8080;
+
+/// Four LoadBalancer frontends (VIP4/VIP6 x TCP/UDP port 80), each with one local backend, and
+/// a ClusterIP-only port 8080 on VIP4 (internal scope: invisible to device hooks).
 fn datapath_with_services() -> Datapath {
     let mut dp = Datapath::load();
-    for (ip, proto, id) in [
-        (IpAddr::V4(VIP4), PROTO_TCP, SVC_TCP4),
-        (IpAddr::V4(VIP4), PROTO_UDP, SVC_UDP4),
-        (IpAddr::V6(VIP6), PROTO_TCP, SVC_TCP6),
-        (IpAddr::V6(VIP6), PROTO_UDP, SVC_UDP6),
+    for (name, ip, proto) in [
+        ("tcp4", IpAddr::V4(VIP4), Protocol::Tcp),
+        ("udp4", IpAddr::V4(VIP4), Protocol::Udp),
+        ("tcp6", IpAddr::V6(VIP6), Protocol::Tcp),
+        ("udp6", IpAddr::V6(VIP6), Protocol::Udp),
     ] {
-        let value =
-            ServiceValue { service_id: id, flags: SVC_F_LOAD_BALANCER, ..Default::default() };
-        dp.insert_service(external_key(ip, 80, proto), value);
+        let b: IpAddr = if ip.is_ipv4() { BACKEND4.into() } else { BACKEND6.into() };
+        dp.program(name, &[lb_plan(name, ip, 80, proto, vec![backend(b, BACKEND_PORT, true)])]);
     }
-    // An internal-scope entry on another port must not be seen from a device.
-    let internal = ServiceKey::new(VIP4.into(), 8080, PROTO_TCP, SCOPE_INTERNAL);
-    dp.insert_service(internal, ServiceValue { service_id: 99, ..Default::default() });
+    let internal =
+        lb_tests::plans::simple_plan("internal", VIP4.into(), CLIENT4.into(), 30001, vec![]);
+    let mut internal = internal;
+    internal.frontends.retain(|f| f.kind == lb_agent::model::plan::FrontendKind::ClusterIP);
+    internal.frontends[0].port = 8080;
+    dp.program("internal", &[internal]);
     dp
+}
+
+/// Service ids as the writer allocated them, by name.
+fn service_id(dp: &mut Datapath, name: &str) -> u32 {
+    let w = dp.writer();
+    w.service_ids().find(|(k, _)| k.name == name).map(|(_, id)| id).unwrap()
 }
 
 fn cases() -> Vec<Case> {
@@ -197,16 +220,27 @@ fn cases() -> Vec<Case> {
 }
 
 #[test]
-fn every_case_is_counted_once_and_passes_unchanged() {
+fn every_case_is_counted_once_and_translated_or_passed_unchanged() {
     require_root!();
-    let dp = datapath_with_services();
     let mut failures = Vec::new();
-    for c in cases() {
-        for (prog, packets_counter, pass) in HOOKS {
+    for (prog, packets_counter, pass) in HOOKS {
+        // Fresh maps per hook: no conntrack entry carries over from the other program.
+        let mut dp = datapath_with_services();
+        for (i, c) in cases().into_iter().enumerate() {
+            // A distinct client port per translated case: each is a new flow.
+            let mut packet = c.packet.clone();
+            let sport = 20000 + i as u16;
+            if c.service.is_some()
+                && let Some(s) = summarize(&packet)
+            {
+                packet[s.l4_off..s.l4_off + 2].copy_from_slice(&sport.to_be_bytes());
+                fix_l4_checksum(&mut packet);
+            }
             let before = dp.stats();
-            let svc_before = c.service.map(|id| dp.service_stats(id));
+            let svc = c.service.map(|n| service_id(&mut dp, n));
+            let svc_before = svc.map(|id| dp.service_stats(id));
             let name = format!("{prog}: {}", c.name);
-            let out = match dp.try_run(prog, &c.packet) {
+            let out = match dp.try_run(prog, &packet) {
                 Ok(_) if c.skb_refused && prog == PROG_TC_INGRESS => {
                     failures.push(format!("{name}: the kernel accepted a frame it used to refuse"));
                     continue;
@@ -219,21 +253,45 @@ fn every_case_is_counted_once_and_passes_unchanged() {
                 }
             };
             let deltas = stat_deltas(&before, &dp.stats());
-            let expected = vec![(packets_counter, 1), (c.counter, 1)];
+            let mut expected = vec![(packets_counter, 1), (c.counter, 1)];
+            if c.service.is_some() {
+                expected.push(("ct_new", 1));
+            }
             if out.verdict != pass {
                 failures.push(format!("{name}: verdict {} (want {pass})", out.verdict));
-            }
-            if out.packet != c.packet {
-                failures.push(format!("{name}: packet changed"));
             }
             if sorted(deltas.clone()) != sorted(expected.clone()) {
                 failures.push(format!("{name}: counters moved {deltas:?}, want {expected:?}"));
             }
-            if let (Some(id), Some(b)) = (c.service, svc_before) {
-                let a = dp.service_stats(id);
-                let want = (b.packets + 1, b.bytes + c.packet.len() as u64);
-                if (a.packets, a.bytes) != want {
-                    failures.push(format!("{name}: service {id} counters {a:?}, want {want:?}"));
+            match (svc, svc_before) {
+                (Some(id), Some(b)) => {
+                    let a = dp.service_stats(id);
+                    let want = (b.packets + 1, b.bytes + packet.len() as u64);
+                    if (a.packets, a.bytes) != want {
+                        failures.push(format!("{name}: service counters {a:?}, want {want:?}"));
+                    }
+                    // Translated to the backend, the rest intact, checksums right.
+                    let s_in = summarize(&packet).unwrap();
+                    match summarize(&out.packet) {
+                        Some(s)
+                            if s.dst.port() == BACKEND_PORT
+                                && (s.dst.ip() == IpAddr::from(BACKEND4)
+                                    || s.dst.ip() == IpAddr::from(BACKEND6))
+                                && s.src == s_in.src => {}
+                        other => failures
+                            .push(format!("{name}: not translated to the backend: {other:?}")),
+                    }
+                    if out.packet.len() != packet.len() {
+                        failures.push(format!("{name}: length changed"));
+                    }
+                    if let Err(e) = checksums_ok(&out.packet) {
+                        failures.push(format!("{name}: {e}"));
+                    }
+                }
+                _ => {
+                    if out.packet != packet {
+                        failures.push(format!("{name}: packet changed"));
+                    }
                 }
             }
         }
@@ -249,11 +307,20 @@ fn sorted(mut v: Vec<(&'static str, u64)>) -> Vec<(&'static str, u64)> {
 #[test]
 fn services_not_hit_keep_zero_counters() {
     require_root!();
-    let dp = datapath_with_services();
+    let mut dp = datapath_with_services();
     dp.run(PROG_TC_INGRESS, &tcp4(CLIENT4, 1, VIP4, 80, true, b""));
-    assert_eq!(dp.service_stats(SVC_TCP4).packets, 1);
-    assert_eq!(dp.service_stats(SVC_UDP4).packets, 0);
-    assert_eq!(dp.service_stats(99).packets, 0, "internal-scope frontend counted on a device");
+    let (tcp4, udp4, internal) = (
+        service_id(&mut dp, SVC_TCP4),
+        service_id(&mut dp, SVC_UDP4),
+        service_id(&mut dp, "internal"),
+    );
+    assert_eq!(dp.service_stats(tcp4).packets, 1);
+    assert_eq!(dp.service_stats(udp4).packets, 0);
+    assert_eq!(
+        dp.service_stats(internal).packets,
+        0,
+        "internal-scope frontend counted on a device"
+    );
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! The device hooks attached to a real veth in a network namespace, with real TCP and UDP
-//! traffic from a client namespace: the programs count what arrives and never disturb it.
+//! traffic from a client namespace: frontends on the node's own address whose backend is that
+//! same address and port (so translation is the identity and the node's own sockets answer);
+//! the programs count what arrives and never disturb it.
 
 use std::{
     io::{Read, Write},
@@ -8,10 +10,12 @@ use std::{
 };
 
 use lb_agent::dataplane::attach;
+use lb_agent::model::plan::Protocol;
 use lb_common::*;
 use lb_tests::{
-    kernel::{Datapath, external_key},
+    kernel::Datapath,
     netns::{NetNs, veth},
+    plans::{backend, lb_plan},
     require_root,
 };
 
@@ -19,9 +23,6 @@ const NODE4: &str = "10.200.0.2";
 const NODE6: &str = "fd00:200::2";
 const UDP_PORT: u16 = 8080;
 const TCP_PORT: u16 = 8081;
-const SVC_UDP4: u32 = 1;
-const SVC_UDP6: u32 = 2;
-const SVC_TCP4: u32 = 3;
 
 /// A client and a node namespace joined by a veth, and a datapath with three frontends on the
 /// node's addresses.
@@ -37,16 +38,19 @@ fn setup() -> (NetNs, NetNs, Datapath) {
         &["10.200.0.2/24", "fd00:200::2/64"],
     );
     let mut dp = Datapath::load();
-    for (ip, port, proto, id) in [
-        (NODE4, UDP_PORT, PROTO_UDP, SVC_UDP4),
-        (NODE6, UDP_PORT, PROTO_UDP, SVC_UDP6),
-        (NODE4, TCP_PORT, PROTO_TCP, SVC_TCP4),
+    for (name, ip, port, proto) in [
+        ("udp4", NODE4, UDP_PORT, Protocol::Udp),
+        ("udp6", NODE6, UDP_PORT, Protocol::Udp),
+        ("tcp4", NODE4, TCP_PORT, Protocol::Tcp),
     ] {
         let ip: IpAddr = ip.parse().unwrap();
-        let value = ServiceValue { service_id: id, flags: SVC_F_NODE_PORT, ..Default::default() };
-        dp.insert_service(external_key(ip, port, proto), value);
+        dp.program(name, &[lb_plan(name, ip, port, proto, vec![backend(ip, port, true)])]);
     }
     (client, node, dp)
+}
+
+fn id(dp: &mut Datapath, name: &str) -> u32 {
+    dp.writer().service_ids().find(|(k, _)| k.name == name).map(|(_, id)| id).unwrap()
 }
 
 /// Sends `count` datagrams `ping-NNN` from the client namespace to `to`.
@@ -83,7 +87,7 @@ fn expected_pings(count: usize) -> Vec<String> {
 fn tc_ingress_counts_real_traffic_and_leaves_it_intact() {
     require_root!();
     let (client, node, mut dp) = setup();
-    node.run(|| attach::tc_ingress(&mut dp.ebpf, "nd0")).expect("attach tc ingress");
+    node.run(|| attach::tc(&mut dp.ebpf, "nd0")).expect("attach tc ingress");
     let (udp4, udp6, tcp) = node.run(|| {
         (
             UdpSocket::bind((NODE4, UDP_PORT)).unwrap(),
@@ -119,11 +123,20 @@ fn tc_ingress_counts_real_traffic_and_leaves_it_intact() {
     assert_eq!(peer.ip().to_string(), "10.200.0.1", "the server saw the client's own address");
 
     // Ethernet + IPv4/IPv6 + UDP headers + "ping-000".
-    let s4 = dp.service_stats(SVC_UDP4);
+    let s4 = {
+        let i = id(&mut dp, "udp4");
+        dp.service_stats(i)
+    };
     assert_eq!((s4.packets, s4.bytes), (20, 20 * (14 + 20 + 8 + 8)), "IPv4 UDP frontend");
-    let s6 = dp.service_stats(SVC_UDP6);
+    let s6 = {
+        let i = id(&mut dp, "udp6");
+        dp.service_stats(i)
+    };
     assert_eq!((s6.packets, s6.bytes), (10, 10 * (14 + 40 + 8 + 8)), "IPv6 UDP frontend");
-    let t = dp.service_stats(SVC_TCP4);
+    let t = {
+        let i = id(&mut dp, "tcp4");
+        dp.service_stats(i)
+    };
     assert!(t.packets >= 3, "SYN, ACK and data at least: {t:?}");
     assert!(dp.stat(STAT_SERVICE_MISS) >= misses_before + 5);
     assert!(dp.stat(STAT_NOT_IP) >= 1, "the client's ARP request");
@@ -139,7 +152,10 @@ fn xdp_counts_real_traffic_and_leaves_it_intact() {
     eprintln!("XDP attached to a veth in {mode:?} mode");
     let udp4 = node.run(|| UdpSocket::bind((NODE4, UDP_PORT)).unwrap());
     assert_eq!(udp_round(&client, &udp4, &format!("{NODE4}:{UDP_PORT}"), 15), expected_pings(15));
-    let s4 = dp.service_stats(SVC_UDP4);
+    let s4 = {
+        let i = id(&mut dp, "udp4");
+        dp.service_stats(i)
+    };
     assert_eq!((s4.packets, s4.bytes), (15, 15 * (14 + 20 + 8 + 8)));
     assert!(dp.stat(STAT_XDP_PACKETS) >= 15);
     assert_eq!(dp.stat(STAT_TC_INGRESS_PACKETS), 0, "only XDP is attached");

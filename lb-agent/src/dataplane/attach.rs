@@ -11,7 +11,7 @@ use aya::{
     Ebpf,
     programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
-use lb_common::{PROG_SOCK, PROG_TC_INGRESS, PROG_XDP_INGRESS};
+use lb_common::{PROG_SOCK, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP_INGRESS};
 use tracing::{info, warn};
 
 /// How XDP ended up attached to a device.
@@ -21,21 +21,24 @@ pub enum XdpAttachMode {
     Generic,
 }
 
-/// Attaches tc ingress to `ifname` (in the calling thread's network namespace).
-pub fn tc_ingress(ebpf: &mut Ebpf, ifname: &str) -> Result<()> {
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(PROG_TC_INGRESS)
-        .context("object has no tc_ingress program")?
-        .try_into()?;
-    if let Err(first) = prog.attach(ifname, TcAttachType::Ingress) {
-        // Without TCX, classifiers hang off a clsact qdisc; add it and try once more.
-        tc::qdisc_add_clsact(ifname)
-            .or_else(|e| if e.to_string().contains("exists") { Ok(()) } else { Err(e) })
-            .with_context(|| format!("adding clsact qdisc to {ifname} after: {first}"))?;
-        prog.attach(ifname, TcAttachType::Ingress)
-            .with_context(|| format!("attaching tc ingress to {ifname}"))?;
+/// Attaches tc ingress and egress to `ifname` (in the calling thread's network namespace).
+pub fn tc(ebpf: &mut Ebpf, ifname: &str) -> Result<()> {
+    for (name, dir) in
+        [(PROG_TC_INGRESS, TcAttachType::Ingress), (PROG_TC_EGRESS, TcAttachType::Egress)]
+    {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("object has no {name} program"))?
+            .try_into()?;
+        if let Err(first) = prog.attach(ifname, dir) {
+            // Without TCX, classifiers hang off a clsact qdisc; add it and try once more.
+            tc::qdisc_add_clsact(ifname)
+                .or_else(|e| if e.to_string().contains("exists") { Ok(()) } else { Err(e) })
+                .with_context(|| format!("adding clsact qdisc to {ifname} after: {first}"))?;
+            prog.attach(ifname, dir).with_context(|| format!("attaching {name} to {ifname}"))?;
+        }
     }
-    info!(device = ifname, "tc ingress attached");
+    info!(device = ifname, "tc ingress and egress attached");
     Ok(())
 }
 

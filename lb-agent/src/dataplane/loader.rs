@@ -25,6 +25,8 @@ pub struct MapSizes {
     pub max_frontends: u32,
     pub max_backends: u32,
     pub maglev_slots: u32,
+    /// Conntrack entries of device-hook flows (two per flow).
+    pub max_conntrack: u32,
 }
 
 impl Default for MapSizes {
@@ -34,6 +36,7 @@ impl Default for MapSizes {
             max_frontends: DEFAULT_MAX_FRONTENDS,
             max_backends: DEFAULT_MAX_BACKENDS,
             maglev_slots: DEFAULT_MAGLEV_SLOTS,
+            max_conntrack: DEFAULT_MAX_CONNTRACK,
         }
     }
 }
@@ -66,6 +69,15 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
         spec::<AffinityKey, AffinityValue>(MAP_AFFINITY, DEFAULT_MAX_AFFINITY),
         spec::<AffinityMatchKey, u32>(MAP_AFFINITY_MATCH, sizes.max_backends),
         spec::<SockRevNatKey, SockRevNatValue>(MAP_SOCK_REVNAT, DEFAULT_MAX_SOCK_REVNAT),
+        spec::<CtKey, CtValue>(MAP_CONNTRACK, sizes.max_conntrack),
+        spec::<u32, NodeConfig>(MAP_NODE, 1),
+        // LPM keys carry a 32-bit prefix length before the data.
+        MapSpec {
+            name: MAP_SOURCE_RANGES,
+            key_size: 4 + size_of::<SourceRangeKey>() as u32,
+            value_size: 4,
+            max_entries: DEFAULT_MAX_SOURCE_RANGES,
+        },
         spec::<u32, ServiceStats>(MAP_SERVICE_STATS, sizes.max_services),
     ]
 }
@@ -88,6 +100,10 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     let object = crate::ebpf_object()?;
     let specs = map_specs(&opts.sizes);
     let mut loader = EbpfLoader::new();
+    // Developers: LB_VERIFIER_LOG=1 keeps the verifier's full log in load errors.
+    if std::env::var_os("LB_VERIFIER_LOG").is_some() {
+        loader.verifier_log_level(aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS);
+    }
     for spec in &specs {
         loader.map_max_entries(spec.name, spec.max_entries);
     }

@@ -8,7 +8,7 @@ use super::maglev_map::MaglevMap;
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData},
+    maps::{Array, HashMap, LpmTrie, Map, MapData},
 };
 use lb_common::*;
 
@@ -56,6 +56,9 @@ pub struct Snapshot {
     pub slots: BTreeMap<u32, Vec<u32>>,
     /// (backend, affinity service) memberships.
     pub affinity_match: std::collections::BTreeSet<AffinityMatchKey>,
+    pub node: NodeConfig,
+    /// (service id, CIDR) of every source range entry.
+    pub source_ranges: std::collections::BTreeSet<(u32, ipnet::IpNet)>,
 }
 
 impl Snapshot {
@@ -90,6 +93,15 @@ pub trait MapStore {
     /// Reads Maglev slots `start..start + len`.
     fn maglev_read(&self, start: u32, len: u32) -> Vec<u32>;
     fn set_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<()>;
+    /// This node's SNAT addresses.
+    fn set_node(&mut self, node: &NodeConfig) -> Result<()>;
+    /// Replaces the source ranges of one service port (LPM entries: CIDR -> allowed).
+    fn set_source_ranges(
+        &mut self,
+        service_id: u32,
+        old: &[ipnet::IpNet],
+        new: &[ipnet::IpNet],
+    ) -> Result<()>;
     fn delete_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<()>;
     fn snapshot(&self) -> Result<Snapshot>;
     fn counts(&self) -> WriteCounts;
@@ -176,6 +188,24 @@ impl MapStore for MemoryStore {
         self.data.affinity_match.remove(key);
         Ok(())
     }
+    fn set_node(&mut self, node: &NodeConfig) -> Result<()> {
+        self.data.node = *node;
+        Ok(())
+    }
+    fn set_source_ranges(
+        &mut self,
+        service_id: u32,
+        old: &[ipnet::IpNet],
+        new: &[ipnet::IpNet],
+    ) -> Result<()> {
+        for n in old {
+            self.data.source_ranges.remove(&(service_id, *n));
+        }
+        for n in new {
+            self.data.source_ranges.insert((service_id, *n));
+        }
+        Ok(())
+    }
     fn snapshot(&self) -> Result<Snapshot> {
         let mut snap = self.data.clone();
         snap.fill_slots(self.capacity_maglev(), |s, l| self.maglev_read(s, l));
@@ -200,7 +230,17 @@ pub struct KernelStore {
     backends: Array<MapData, BackendValue>,
     maglev: MaglevMap,
     affinity_match: HashMap<MapData, AffinityMatchKey, u32>,
+    node: Array<MapData, NodeConfig>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
     counts: WriteCounts,
+}
+
+fn lpm_key(service_id: u32, net: &ipnet::IpNet) -> aya::maps::lpm_trie::Key<SourceRangeKey> {
+    let prefix = source_range_prefix(net.prefix_len(), net.addr().is_ipv4());
+    aya::maps::lpm_trie::Key::new(
+        prefix,
+        SourceRangeKey { service_id, addr: addr_from_ip(net.network()) },
+    )
 }
 
 /// An independent handle on one of the object's maps (a duplicated file descriptor).
@@ -217,6 +257,7 @@ fn dup_map(ebpf: &Ebpf, name: &str) -> Result<Map> {
     match ebpf.map(name).with_context(|| format!("object has no map {name}"))? {
         Map::HashMap(d) => Ok(Map::HashMap(dup(d)?)),
         Map::Array(d) => Ok(Map::Array(dup(d)?)),
+        Map::LpmTrie(d) => Ok(Map::LpmTrie(dup(d)?)),
         _ => anyhow::bail!("map {name} has an unexpected type"),
     }
 }
@@ -242,6 +283,8 @@ impl KernelStore {
             backends: Array::try_from(Map::Array(open(MAP_BACKENDS)?))?,
             maglev: MaglevMap::new(open(MAP_MAGLEV)?)?,
             affinity_match: HashMap::try_from(Map::HashMap(open(MAP_AFFINITY_MATCH)?))?,
+            node: Array::try_from(Map::Array(open(MAP_NODE)?))?,
+            source_ranges: LpmTrie::try_from(Map::LpmTrie(open(MAP_SOURCE_RANGES)?))?,
             counts: WriteCounts::default(),
         })
     }
@@ -256,6 +299,8 @@ impl KernelStore {
                 _ => anyhow::bail!("LB_MAGLEV is not an array"),
             },
             affinity_match: HashMap::try_from(dup_map(ebpf, MAP_AFFINITY_MATCH)?)?,
+            node: Array::try_from(dup_map(ebpf, MAP_NODE)?)?,
+            source_ranges: LpmTrie::try_from(dup_map(ebpf, MAP_SOURCE_RANGES)?)?,
             counts: WriteCounts::default(),
         })
     }
@@ -309,6 +354,27 @@ impl MapStore for KernelStore {
         self.counts.affinity += 1;
         self.affinity_match.remove(key).context("deleting from LB_AFF_MATCH")
     }
+    fn set_node(&mut self, node: &NodeConfig) -> Result<()> {
+        self.node.set(0, node, 0).context("writing LB_NODE")
+    }
+    fn set_source_ranges(
+        &mut self,
+        service_id: u32,
+        old: &[ipnet::IpNet],
+        new: &[ipnet::IpNet],
+    ) -> Result<()> {
+        for n in new {
+            self.source_ranges
+                .insert(&lpm_key(service_id, n), 1, 0)
+                .context("writing LB_SRC_RANGES (full?)")?;
+        }
+        for n in old {
+            if !new.contains(n) {
+                let _ = self.source_ranges.remove(&lpm_key(service_id, n));
+            }
+        }
+        Ok(())
+    }
     fn snapshot(&self) -> Result<Snapshot> {
         let mut snap = Snapshot::default();
         for kv in self.services.iter() {
@@ -328,6 +394,16 @@ impl MapStore for KernelStore {
         snap.fill_slots(self.maglev.len(), |s, l| self.maglev.read(s, l));
         for k in self.affinity_match.keys() {
             snap.affinity_match.insert(k?);
+        }
+        snap.node = self.node.get(&0, 0)?;
+        for k in self.source_ranges.keys() {
+            let k = k?;
+            let data = k.data();
+            let v4 = addr_is_v4(&data.addr);
+            let len = k.prefix_len().saturating_sub(if v4 { 128 } else { 32 }) as u8;
+            if let Ok(net) = ipnet::IpNet::new(addr_to_ip(&data.addr), len) {
+                snap.source_ranges.insert((data.service_id, net));
+            }
         }
         Ok(snap)
     }

@@ -80,6 +80,8 @@ struct PortState {
     markers: Vec<IpAddr>,
     /// Backend ids registered in LB_AFF_MATCH for this port (sessionAffinity only).
     affinity_members: BTreeSet<u32>,
+    /// loadBalancerSourceRanges programmed for this port.
+    source_ranges: Vec<ipnet::IpNet>,
     tables: Vec<TableState>,
     /// Which set serves which role.
     role_table: HashMap<BackendSet, u32>,
@@ -97,6 +99,7 @@ struct Stale {
     service_ids: BTreeSet<u32>,
     frontends: BTreeSet<ServiceKey>,
     affinity_match: BTreeSet<AffinityMatchKey>,
+    source_ranges: BTreeSet<(u32, ipnet::IpNet)>,
 }
 
 /// What one call changed.
@@ -121,6 +124,7 @@ pub struct Writer<S: MapStore> {
     frontend_owner: HashMap<ServiceKey, u32>,
     /// ClusterIP address markers and how many service ports hold each.
     markers: HashMap<IpAddr, u32>,
+    node: NodeConfig,
     stale: Option<Stale>,
 }
 
@@ -171,9 +175,11 @@ impl<S: MapStore> Writer<S> {
             by_object: HashMap::new(),
             frontend_owner: HashMap::new(),
             markers: HashMap::new(),
+            node: snapshot.node,
             stale: None,
         };
         let empty = snapshot.services.is_empty()
+            && snapshot.source_ranges.is_empty()
             && snapshot.tables.is_empty()
             && snapshot.backends.is_empty();
         if !empty {
@@ -202,6 +208,7 @@ impl<S: MapStore> Writer<S> {
                 }
             }
             stale.affinity_match = snapshot.affinity_match.clone();
+            stale.source_ranges = snapshot.source_ranges.clone();
             stale.snapshot = snapshot;
             w.stale = Some(stale);
         }
@@ -283,6 +290,11 @@ impl<S: MapStore> Writer<S> {
         for key in &stale.affinity_match {
             if !self.ports.values().any(|p| p.service_id == key.service_id) {
                 self.store.delete_affinity_match(key)?;
+            }
+        }
+        for (id, net) in &stale.source_ranges {
+            if !self.ports.values().any(|p| p.service_id == *id && p.source_ranges.contains(net)) {
+                self.store.set_source_ranges(*id, &[*net], &[])?;
             }
         }
         for &id in &stale.tables {
@@ -408,6 +420,23 @@ impl<S: MapStore> Writer<S> {
             tables.push(table);
         }
 
+        // Source ranges the frontends will check: added before them, removed after.
+        let source_ranges = plan.source_ranges.clone();
+        let old_ranges = old.as_ref().map(|o| o.source_ranges.clone()).unwrap_or_default();
+        let added: Vec<ipnet::IpNet> = source_ranges
+            .iter()
+            .copied()
+            .filter(|n| !old_ranges.contains(n))
+            .filter(|n| {
+                !self.stale.as_mut().is_some_and(|s| s.source_ranges.remove(&(service_id, *n)))
+            })
+            .collect();
+        let removed: Vec<ipnet::IpNet> =
+            old_ranges.iter().copied().filter(|n| !source_ranges.contains(n)).collect();
+        if !added.is_empty() {
+            self.store.set_source_ranges(service_id, &[], &added)?;
+        }
+
         // 3. Frontends.
         let mut new_frontends = BTreeMap::new();
         for (sk, f) in &frontends {
@@ -473,7 +502,10 @@ impl<S: MapStore> Writer<S> {
             }
         }
 
-        // 4. Out with the old: frontends, then sets, then backends.
+        // 4. Out with the old: frontends, then ranges and sets, then backends.
+        if !removed.is_empty() {
+            self.store.set_source_ranges(service_id, &removed, &[])?;
+        }
         if let Some(o) = &old {
             for sk in o.frontends.keys() {
                 if !new_frontends.contains_key(sk) {
@@ -502,6 +534,7 @@ impl<S: MapStore> Writer<S> {
                 service_id,
                 markers,
                 affinity_members,
+                source_ranges,
                 tables,
                 role_table,
                 frontends: new_frontends,
@@ -533,6 +566,19 @@ impl<S: MapStore> Writer<S> {
             self.release_backend(*addr, old.service_id)?;
         }
         self.service_ids.release(old.service_id);
+        Ok(())
+    }
+
+    /// Sets the addresses SNATed flows leave with (written only when they change).
+    pub fn set_node_addresses(&mut self, v4: Option<IpAddr>, v6: Option<IpAddr>) -> Result<()> {
+        let node = NodeConfig {
+            addr4: v4.map(addr_from_ip).unwrap_or_default(),
+            addr6: v6.map(addr_from_ip).unwrap_or_default(),
+        };
+        if node != self.node {
+            self.store.set_node(&node)?;
+            self.node = node;
+        }
         Ok(())
     }
 

@@ -29,8 +29,17 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub struct NodeView {
     pub name: String,
     pub zone: Option<String>,
+    /// Every address of this node (Node object and `--node-ip`), sorted.
+    pub addresses: Vec<IpAddr>,
     /// Addresses NodePorts answer on (after `--nodeport-addresses`).
     pub nodeport_addresses: Vec<IpAddr>,
+}
+
+impl NodeView {
+    /// The address SNATed flows leave with, per family: `--node-ip` first, else the Node's.
+    pub fn snat_address(&self, cfg: &ModelConfig, v6: bool) -> Option<IpAddr> {
+        cfg.extra_node_ips.iter().chain(&self.addresses).copied().find(|ip| ip.is_ipv6() == v6)
+    }
 }
 
 /// This node as seen in the state (its Node object, if any) and the flags.
@@ -50,13 +59,15 @@ pub fn node_view(state: &ClusterState, cfg: &ModelConfig) -> NodeView {
             addrs.insert(ip);
         }
     }
-    let nodeport_addresses = addrs
-        .into_iter()
+    let addresses: Vec<IpAddr> = addrs.into_iter().collect();
+    let nodeport_addresses = addresses
+        .iter()
+        .copied()
         .filter(|ip| {
             cfg.nodeport_cidrs.is_empty() || cfg.nodeport_cidrs.iter().any(|c| c.contains(ip))
         })
         .collect();
-    NodeView { name: cfg.node_name.clone(), zone, nodeport_addresses }
+    NodeView { name: cfg.node_name.clone(), zone, addresses, nodeport_addresses }
 }
 
 /// The outcome of planning one Service.

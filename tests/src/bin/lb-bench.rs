@@ -126,6 +126,7 @@ fn control_plane() {
         max_frontends: 32_768,
         max_backends: 131_072,
         maglev_slots: (SERVICES as u32 + 64) * m * 2,
+        max_conntrack: 65_536,
     };
     println!(
         "control-plane bench: {SERVICES} services x {ENDPOINTS} endpoints (ClusterIP, Maglev M={m}), then {CHANGES} single-endpoint changes"

@@ -33,7 +33,7 @@ fn main() {
         let value = ServiceValue { service_id: id, flags: SVC_F_NODE_PORT, ..Default::default() };
         dp.insert_service(external_key(node_ip, port, proto), value);
     }
-    node.run(|| attach::tc_ingress(&mut dp.ebpf, "nd0")).expect("attach tc ingress");
+    node.run(|| attach::tc(&mut dp.ebpf, "nd0")).expect("attach tc ingress");
 
     let (tcp, udp) = node.run(|| {
         (

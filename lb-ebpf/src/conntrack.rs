@@ -1,0 +1,103 @@
+//! Connection tracking for device-hook flows. Each flow has two entries in `LB_CT`: the
+//! original direction (client -> frontend) and the reply as it arrives (backend -> client or
+//! node). Each entry holds the rewrite for its direction, so a packet needs one lookup.
+//! Entries age by protocol and TCP state; the LRU map evicts the oldest when full.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::*;
+
+use crate::{
+    maps::CONNTRACK,
+    packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats,
+};
+
+const NS: u64 = 1_000_000_000;
+/// last_seen is refreshed at most this often, to keep hot entries' cache lines quiet.
+const REFRESH_NS: u64 = NS;
+
+#[inline(always)]
+fn lifetime_ns(proto: u8, state: u8) -> u64 {
+    let s = if proto != PROTO_TCP {
+        CT_TIMEOUT_UDP_S
+    } else {
+        match state {
+            CT_STATE_ESTABLISHED => CT_TIMEOUT_TCP_ESTABLISHED_S,
+            CT_STATE_CLOSING => CT_TIMEOUT_TCP_CLOSING_S,
+            _ => CT_TIMEOUT_TCP_SYN_S,
+        }
+    };
+    s * NS
+}
+
+/// The key of the opposite direction's entry: the rewritten tuple, reversed.
+#[inline(always)]
+pub fn pair_key(v: &CtValue, proto: u8) -> CtKey {
+    CtKey {
+        saddr: v.new_daddr,
+        daddr: v.new_saddr,
+        sport_be: v.new_dport_be,
+        dport_be: v.new_sport_be,
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The live entry for a packet's tuple, after advancing its TCP state. An expired entry is
+/// removed with its pair and reported as absent.
+#[inline(always)]
+pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: a live map value; concurrent updates by another CPU touch only last_seen/state,
+    // whose torn reads are harmless.
+    let e = unsafe { &mut *entry };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(e.last_seen_ns) > lifetime_ns(key.proto, e.state) {
+        let pair = pair_key(e, key.proto);
+        let _ = CONNTRACK.remove(key);
+        let _ = CONNTRACK.remove(pair);
+        stats::count(STAT_CT_EXPIRED);
+        return None;
+    }
+    let mut state = e.state;
+    if key.proto == PROTO_TCP {
+        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            state = CT_STATE_CLOSING;
+        } else if state == CT_STATE_NEW && tcp_flags & TCP_ACK != 0 && tcp_flags & TCP_SYN == 0 {
+            state = CT_STATE_ESTABLISHED;
+        }
+    }
+    if state != e.state || now.wrapping_sub(e.last_seen_ns) > REFRESH_NS {
+        e.state = state;
+        e.last_seen_ns = now;
+    }
+    Some(e)
+}
+
+pub const BPF_ANY: u64 = 0;
+pub const BPF_NOEXIST: u64 = 1;
+
+/// Inserts an entry; `exclusive` fails if the key exists (claiming a SNAT port).
+#[inline(always)]
+pub fn insert(key: &CtKey, value: &CtValue, exclusive: bool) -> Result<(), ()> {
+    CONNTRACK.insert(key, value, if exclusive { BPF_NOEXIST } else { BPF_ANY }).map_err(|_| ())
+}
+
+#[inline(always)]
+pub fn remove(key: &CtKey) {
+    let _ = CONNTRACK.remove(key);
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The entry for `key` as stored (no ageing).
+#[inline(always)]
+pub fn get(key: &CtKey) -> Option<&'static CtValue> {
+    // SAFETY: a live map value.
+    CONNTRACK.get_ptr(key).map(|p| unsafe { &*p })
+}
