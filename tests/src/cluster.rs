@@ -169,7 +169,8 @@ pub struct Running {
     pub cluster: Cluster,
     pub manifests: std::path::PathBuf,
     pub agents: Vec<crate::agent::Agent>,
-    _pins: Vec<crate::kernel::PinDir>,
+    /// Each node's agent pins its maps here.
+    pub pins: Vec<crate::kernel::PinDir>,
     _servers: Vec<crate::proc::Server>,
 }
 
@@ -241,7 +242,7 @@ impl Running {
         for a in &mut agents {
             a.wait_for_log("initial sync done", std::time::Duration::from_secs(30));
         }
-        Running { cluster, manifests: dir, agents, _pins: pins, _servers: servers }
+        Running { cluster, manifests: dir, agents, pins, _servers: servers }
     }
 
     /// Rewrites a manifest file and waits until every agent has applied it.

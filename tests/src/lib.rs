@@ -37,14 +37,18 @@ macro_rules! require_root {
     };
 }
 
-/// A binary of the workspace built next to the running test (`target/<profile>/<name>`).
+/// A binary of the workspace built next to the running program (`target/<profile>/<name>`; tests
+/// run from `target/<profile>/deps`).
 pub fn workspace_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps/<test>");
+    let mut dir = exe.parent().expect("exe in a directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is not built: run `cargo build -p lb-agent` (cargo xtask test does)",
+        "{} is not built: run `cargo build --workspace --bins` (cargo xtask test and demo do)",
         path.display()
     );
     path

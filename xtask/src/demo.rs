@@ -1,4 +1,4 @@
-//! `cargo xtask demo`: builds and runs the demo binary of the test harness.
+//! `cargo xtask demo`: builds and runs the mini-cluster demo (tests/src/bin/lb-demo.rs).
 
 use std::process::Command;
 

@@ -28,7 +28,7 @@ enum Command {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Load the datapath into a throwaway network namespace, send traffic, show what it counted.
+    /// Run a two-node mini-cluster in network namespaces with real agents and show who answers.
     Demo,
     /// Print benchmark figures: control-plane, datapath, or all of them.
     Bench {

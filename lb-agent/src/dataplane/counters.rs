@@ -11,6 +11,20 @@ use lb_common::{MAP_SERVICE_STATS, MAP_STATS, STAT_NAMES, ServiceStats};
 pub fn global(ebpf: &Ebpf) -> Result<Vec<(&'static str, u64)>> {
     let map: PerCpuArray<&MapData, u64> =
         PerCpuArray::try_from(ebpf.map(MAP_STATS).context("object has no LB_STATS map")?)?;
+    named(&map)
+}
+
+/// The global counters of the agent whose maps are pinned under `bpffs`.
+pub fn global_pinned(bpffs: &std::path::Path) -> Result<Vec<(&'static str, u64)>> {
+    let path = super::loader::maps_pin_dir(bpffs).join(MAP_STATS);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
+    named(&map)
+}
+
+fn named<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<T, u64>,
+) -> Result<Vec<(&'static str, u64)>> {
     STAT_NAMES
         .iter()
         .map(|&(index, name)| {

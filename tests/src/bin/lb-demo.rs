@@ -1,90 +1,170 @@
-//! The demo: the datapath in a throwaway pair of network namespaces, with real traffic.
-//!
-//! A "node" namespace gets the tc ingress program on its device and two frontends on its
-//! address; a "client" namespace sends UDP and TCP to them and to a port that is no frontend.
-//! The demo prints what the kernel program counted. (The mini-cluster demo replaces this once
-//! translation lands.)
+//! The demo: a two-node mini-cluster in network namespaces, one `lb-agent` per node serving a
+//! manifests folder, pods answering with their name, and an outside client. It walks through
+//! what users of kube-proxy rely on and prints who answered and what each side saw.
 
-use std::{
-    io::{Read, Write},
-    net::{TcpListener, TcpStream, UdpSocket},
-    time::Duration,
-};
+use std::time::Instant;
 
-use lb_agent::dataplane::{attach, counters};
-use lb_common::*;
+use lb_agent::dataplane::counters;
 use lb_tests::{
-    kernel::{Datapath, external_key},
-    netns::{NetNs, veth},
+    cluster::{Cluster, Running, by_server, host_of, parse_probe},
+    manifests::{Ep, Svc},
 };
+
+const WEB: Svc = Svc {
+    name: "web",
+    cluster_ips: &["10.96.0.10"],
+    port: 80,
+    protocol: "TCP",
+    target_port: 8080,
+    node_port: Some(30080),
+    spec: "",
+    extra: "",
+};
+const LOCAL: Svc = Svc {
+    name: "web-local",
+    cluster_ips: &["10.96.0.11"],
+    port: 80,
+    protocol: "TCP",
+    target_port: 8080,
+    node_port: Some(30081),
+    spec: "  externalTrafficPolicy: Local\n",
+    extra: "",
+};
+const EMPTY: Svc = Svc {
+    name: "empty",
+    cluster_ips: &["10.96.0.12"],
+    port: 80,
+    protocol: "TCP",
+    target_port: 8080,
+    node_port: None,
+    spec: "",
+    extra: "",
+};
+
+fn show(title: &str, lines: &[String]) -> Vec<Result<(String, String, String), String>> {
+    let results = parse_probe(lines);
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    println!("\n{title}");
+    println!("  {ok} of {} answered", results.len());
+    for (server, n) in by_server(&results) {
+        let seen: std::collections::BTreeSet<String> = results
+            .iter()
+            .flatten()
+            .filter(|(s, _, _)| *s == server)
+            .map(|(_, seen, _)| host_of(seen))
+            .collect();
+        println!(
+            "  {server:<14} {n:>4} connections, saw the client as {}",
+            seen.into_iter().collect::<Vec<_>>().join(",")
+        );
+    }
+    let peers: std::collections::BTreeSet<&str> =
+        results.iter().flatten().map(|(_, _, p)| p.as_str()).collect();
+    if !peers.is_empty() {
+        println!(
+            "  the client saw its peer as {}",
+            peers.into_iter().collect::<Vec<_>>().join(",")
+        );
+    }
+    let errors: std::collections::BTreeSet<&str> =
+        results.iter().filter_map(|r| r.as_ref().err()).map(String::as_str).collect();
+    if !errors.is_empty() {
+        println!("  errors: {}", errors.into_iter().collect::<Vec<_>>().join(","));
+    }
+    results
+}
 
 fn main() {
-    println!("lb demo: loading the datapath into a throwaway network namespace\n");
-    let client = NetNs::new("democl");
-    let node = NetNs::new("demond");
-    veth(&client, "cl0", &["10.201.0.1/24"], &node, "nd0", &["10.201.0.2/24"]);
-    println!("  client namespace {}  cl0 10.201.0.1", client.name());
-    println!("  node namespace   {}  nd0 10.201.0.2 (tc ingress attached)\n", node.name());
+    println!("lb demo: 2 nodes x 2 pods and an outside client, in network namespaces");
+    let cluster = Cluster::new(2, 2, 1);
+    let eps: Vec<Ep> = cluster
+        .nodes
+        .iter()
+        .flat_map(|n| n.pods.iter().map(move |p| Ep::ready(p.ip4, &n.name)))
+        .collect();
+    let local_eps: Vec<Ep> = eps.iter().filter(|e| e.node == "node-0").cloned().collect();
+    for n in &cluster.nodes {
+        let pods: Vec<String> = n.pods.iter().map(|p| format!("{} {}", p.name, p.ip4)).collect();
+        println!("  {} {} (pods: {})", n.name, n.ip4, pods.join(", "));
+    }
+    println!("  outside client {}", cluster.clients[0].ip4);
+    let mut run = Running::start(
+        cluster,
+        &[
+            ("web.yaml", WEB.file(&eps)),
+            ("local.yaml", LOCAL.file(&local_eps)),
+            ("empty.yaml", EMPTY.file(&[])),
+        ],
+    );
+    println!("  one lb-agent per node, serving {}", run.manifests.display());
+    let node0 = run.cluster.nodes[0].ip4;
 
-    let mut dp = Datapath::load();
-    let node_ip = "10.201.0.2".parse().unwrap();
-    let frontends = [(1u32, 30080u16, PROTO_TCP, "tcp"), (2, 30053, PROTO_UDP, "udp")];
-    for &(id, port, proto, _) in &frontends {
-        let value = ServiceValue { service_id: id, flags: SVC_F_NODE_PORT, ..Default::default() };
-        dp.insert_service(external_key(node_ip, port, proto), value);
-    }
-    node.run(|| attach::tc(&mut dp.ebpf, "nd0")).expect("attach tc ingress");
+    show(
+        "1. pod node-1-pod-0 -> ClusterIP web 10.96.0.10:80 (socket hooks), 200 connections",
+        &run.from_pod(1, 0, &["connect", "10.96.0.10:80", "--count", "200"]),
+    );
+    show(
+        &format!(
+            "2. outside client -> NodePort {node0}:30080, externalTrafficPolicy Cluster, 200 connections"
+        ),
+        &run.from_client(0, &["connect", &format!("{node0}:30080"), "--count", "200"]),
+    );
+    show(
+        &format!(
+            "3. outside client -> NodePort {node0}:30081, externalTrafficPolicy Local, 100 connections"
+        ),
+        &run.from_client(0, &["connect", &format!("{node0}:30081"), "--count", "100"]),
+    );
+    show(
+        &format!(
+            "4. outside client -> NodePort {}:30081 (node-1 has no local endpoint), 2 attempts",
+            run.cluster.nodes[1].ip4
+        ),
+        &run.from_client(
+            0,
+            &[
+                "connect",
+                &format!("{}:30081", run.cluster.nodes[1].ip4),
+                "--count",
+                "2",
+                "--timeout-ms",
+                "500",
+            ],
+        ),
+    );
 
-    let (tcp, udp) = node.run(|| {
-        (
-            TcpListener::bind("10.201.0.2:30080").unwrap(),
-            UdpSocket::bind("10.201.0.2:30053").unwrap(),
-        )
-    });
-    let server = std::thread::spawn(move || {
-        for _ in 0..10 {
-            let (mut conn, _) = tcp.accept().unwrap();
-            let mut buf = [0u8; 4];
-            conn.read_exact(&mut buf).unwrap();
-            conn.write_all(b"pong").unwrap();
-        }
-    });
-    let answered = client.run(|| {
-        let mut answered = 0;
-        for _ in 0..10 {
-            let mut s = TcpStream::connect("10.201.0.2:30080").unwrap();
-            s.write_all(b"ping").unwrap();
-            let mut buf = [0u8; 4];
-            s.read_exact(&mut buf).unwrap();
-            answered += (&buf == b"pong") as u32;
-        }
-        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
-        for _ in 0..25 {
-            sock.send_to(b"query", "10.201.0.2:30053").unwrap();
-            sock.send_to(b"other", "10.201.0.2:9999").unwrap();
-        }
-        answered
-    });
-    server.join().unwrap();
-    udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut received = 0;
-    let mut buf = [0u8; 16];
-    while received < 25 && udp.recv_from(&mut buf).is_ok() {
-        received += 1;
-    }
+    let remaining: Vec<Ep> = eps
+        .iter()
+        .filter(|e| !e.addr.to_string().ends_with(".2") || e.node != "node-0")
+        .cloned()
+        .collect();
+    let t = Instant::now();
+    run.update("web.yaml", &WEB.file(&remaining));
+    println!(
+        "\n5. node-0-pod-0 removed from the EndpointSlice: all agents reprogrammed in {:?}",
+        t.elapsed()
+    );
+    show(
+        "   pod node-1-pod-0 -> ClusterIP again, 100 connections",
+        &run.from_pod(1, 0, &["connect", "10.96.0.10:80", "--count", "100"]),
+    );
 
-    println!("traffic sent from the client:");
-    println!("  10 TCP connections to 10.201.0.2:30080   answered: {answered}");
-    println!("  25 UDP datagrams   to 10.201.0.2:30053   received: {received}");
-    println!("  25 UDP datagrams   to 10.201.0.2:9999    (no frontend)\n");
-    println!("per-frontend counters (summed over CPUs):");
-    for &(id, port, _, proto) in &frontends {
-        let s = dp.service_stats(id);
-        println!("  10.201.0.2:{port}/{proto:<4} packets {:>4}  bytes {:>6}", s.packets, s.bytes);
+    let t = Instant::now();
+    let lines = run.from_host(0, &["connect", "10.96.0.12:80", "--count", "3"]);
+    show(
+        &format!(
+            "6. host process of node-0 -> service without endpoints (answered in {:?})",
+            t.elapsed()
+        ),
+        &lines,
+    );
+
+    println!("\ndatapath counters on node-0 (from its pinned maps):");
+    for (name, value) in counters::global_pinned(&run.pins[0].path).expect("read counters") {
+        if value > 0 {
+            println!("  {name:<20} {value:>8}");
+        }
     }
-    println!("\nglobal counters:");
-    for (name, value) in counters::global(&dp.ebpf).expect("read counters") {
-        println!("  {name:<20} {value:>6}");
-    }
-    println!("\nnamespaces removed; nothing was left on this machine.");
+    drop(run);
+    println!("\neverything created (namespaces, cgroups, pins) has been removed.");
 }
