@@ -42,6 +42,9 @@ pub const PROG_TC_INGRESS: &str = "tc_ingress";
 pub const PROG_TC_EGRESS: &str = "tc_egress";
 /// XDP on the node's external devices (acceleration of tc ingress).
 pub const PROG_XDP_INGRESS: &str = "xdp_ingress";
+/// Programs that do nothing (benchmark floor; never attached).
+pub const PROG_BENCH_XDP_NOOP: &str = "bench_xdp_noop";
+pub const PROG_BENCH_TC_NOOP: &str = "bench_tc_noop";
 /// cgroup socket hooks: (program name, attach point). Every process in the attached cgroup
 /// reaches services through them.
 pub const PROG_SOCK: &[(&str, &str)] = &[
@@ -126,11 +129,14 @@ pub const CT_TIMEOUT_TCP_ESTABLISHED_S: u64 = 6 * 3600;
 pub const CT_TIMEOUT_TCP_CLOSING_S: u64 = 10;
 pub const CT_TIMEOUT_UDP_S: u64 = 60;
 
-// ---- SNAT source ports (outside the kernel's default ephemeral range 32768-60999) ----
+// ---- SNAT source ports ----
+// Outside the kernel's default ephemeral range (32768-60999), so a SNATed flow never takes the
+// reply tuple of a connection the node itself opened. This bounds concurrent SNATed flows to
+// one backend (address and port) from one node address to 4536.
 pub const NAT_PORT_MIN: u16 = 61000;
 pub const NAT_PORT_MAX: u16 = 65535;
 /// Ports tried per new flow before giving up (counted as nat_exhausted).
-pub const NAT_PORT_TRIES: u32 = 16;
+pub const NAT_PORT_TRIES: u32 = 32;
 
 // ---- BackendValue.flags ----
 /// The backend runs on this node.

@@ -156,7 +156,7 @@ pub struct AffinityKey {
 pub struct AffinityValue {
     pub backend_id: u32,
     pub _pad: u32,
-    /// bpf_ktime_get_ns() of the last connection that used it.
+    /// bpf_ktime_get_coarse_ns() of the last connection that used it.
     pub last_used_ns: u64,
 }
 
@@ -203,7 +203,7 @@ pub struct CtKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtValue {
-    /// bpf_ktime_get_ns() of the last packet (refreshed at most once a second).
+    /// bpf_ktime_get_coarse_ns() of the last packet (refreshed at most once a second).
     pub last_seen_ns: u64,
     pub new_saddr: Addr,
     pub new_daddr: Addr,

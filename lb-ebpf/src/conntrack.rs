@@ -3,7 +3,7 @@
 //! node). Each entry holds the rewrite for its direction, so a packet needs one lookup.
 //! Entries age by protocol and TCP state; the LRU map evicts the oldest when full.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::*;
 
 use crate::{
@@ -52,7 +52,7 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
     // whose torn reads are harmless.
     let e = unsafe { &mut *entry };
     // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if now.wrapping_sub(e.last_seen_ns) > lifetime_ns(key.proto, e.state) {
         let pair = pair_key(e, key.proto);
         let _ = CONNTRACK.remove(key);
@@ -92,7 +92,7 @@ pub fn remove(key: &CtKey) {
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The entry for `key` as stored (no ageing).

@@ -75,10 +75,12 @@ pub fn create(
         s.reply_key.daddr = node_addr(flow.is_v6).ok_or(NatError::NoNodeAddr)?;
         let range = (NAT_PORT_MAX - NAT_PORT_MIN) as u32 + 1;
         let start = ids.hash % range;
+        // A stride from the hash too, so that flows starting at nearby ports do not walk the
+        // same sequence; odd, so it visits distinct ports before wrapping (range is even).
+        let stride = ((ids.hash >> 16) % range) | 1;
         let mut claimed = false;
         for i in 0..NAT_PORT_TRIES {
-            // An odd stride visits distinct ports.
-            let port = NAT_PORT_MIN + ((start + i * 2749) % range) as u16;
+            let port = NAT_PORT_MIN + ((start + i * stride) % range) as u16;
             s.reply_key.dport_be = port.to_be();
             // Claim the port: the reply tuple must be unique.
             if conntrack::insert(&s.reply_key, &s.value, true).is_ok() {

@@ -50,6 +50,7 @@ pub struct RunOutput {
 
 pub struct Datapath {
     pub ebpf: Ebpf,
+    sizes: MapSizes,
     writer: Option<Writer<KernelStore>>,
 }
 
@@ -63,7 +64,7 @@ impl Datapath {
         let mut ebpf = loader::load(&LoadOptions { bpffs: None, sizes })
             .unwrap_or_else(|e| panic!("loading the eBPF object: {e:#}"));
         programs::load_all(&mut ebpf).unwrap_or_else(|e| panic!("{e:#}"));
-        Self { ebpf, writer: None }
+        Self { ebpf, sizes, writer: None }
     }
 
     /// Runs a tc or XDP program once on `packet`; `Err` carries the kernel's refusal (for
@@ -101,7 +102,7 @@ impl Datapath {
             let store = KernelStore::new(&self.ebpf).expect("open maps");
             let cfg = WriterConfig {
                 maglev_max_size: maglev::DEFAULT_MAX_SIZE,
-                max_services: TEST_MAP_SIZES.max_services,
+                max_services: self.sizes.max_services,
             };
             self.writer = Some(Writer::new(store, cfg).expect("writer"));
         }
