@@ -284,6 +284,22 @@ impl Running {
         crate::proc::probe(Some(node.ns.name()), Some(&node.cgroup.path), args)
     }
 
+    /// Starts `lb-probe` from pod `p` of node `n` in the background.
+    pub fn background_from_pod(
+        &self,
+        n: usize,
+        p: usize,
+        args: &[&str],
+    ) -> crate::proc::Background {
+        let node = &self.cluster.nodes[n];
+        crate::proc::Background::start(Some(node.pods[p].ns.name()), Some(&node.cgroup.path), args)
+    }
+
+    /// Starts `lb-probe` from outside client `c` in the background.
+    pub fn background_from_client(&self, c: usize, args: &[&str]) -> crate::proc::Background {
+        crate::proc::Background::start(Some(self.cluster.clients[c].ns.name()), None, args)
+    }
+
     /// Every pod as a ready endpoint on port 0 (the slice sets the port).
     pub fn all_pods(&self, v6: bool) -> Vec<crate::manifests::Ep> {
         self.cluster

@@ -85,3 +85,25 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// A `lb-probe` client running in the background (for sessions that span a change).
+pub struct Background {
+    child: std::process::Child,
+}
+
+impl Background {
+    pub fn start(netns: Option<&str>, cgroup: Option<&Path>, args: &[&str]) -> Self {
+        let child = command_in(&crate::workspace_bin("lb-probe"), netns, cgroup)
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start lb-probe");
+        Self { child }
+    }
+
+    /// Waits for the client to finish and returns its output lines.
+    pub fn finish(self) -> Vec<String> {
+        let out = self.child.wait_with_output().expect("wait for lb-probe");
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+    }
+}

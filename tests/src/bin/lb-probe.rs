@@ -3,9 +3,14 @@
 //! `lb-probe serve --name NAME [--tcp ADDR]... [--udp ADDR]...` answers every TCP connection
 //! and UDP datagram with `NAME <client address as seen by the server>`.
 //!
-//! `lb-probe connect ADDR [--udp] [--count N] [--timeout-ms T]` prints one line per attempt:
+//! `lb-probe connect ADDR [--udp] [--count N] [--timeout-ms T] [--interval-ms I]` prints one
+//! line per attempt:
 //! `ok <server name> <client address the server saw> <peer address the client sees>` or
 //! `err <error>` (the peer address is getpeername() for TCP and recvfrom()'s source for UDP).
+//!
+//! `lb-probe session ADDR --rounds N --interval-ms M` keeps one TCP connection open and
+//! exchanges a line every M ms (the server echoes after its greeting); prints
+//! `ok <server name> <rounds>` or `err <error> after <rounds>`.
 
 use std::{
     io::{Read, Write},
@@ -18,6 +23,7 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("connect") => connect(&args[1..]),
+        Some("session") => session(&args[1..]),
         _ => {
             eprintln!(
                 "usage: lb-probe serve --name N [--tcp ADDR].. [--udp ADDR].. | connect ADDR [--udp] [--count N] [--timeout-ms T]"
@@ -42,6 +48,22 @@ fn serve(args: &[String]) {
                 let Ok(mut conn) = conn else { continue };
                 let peer = conn.peer_addr().map(|p| p.to_string()).unwrap_or_default();
                 let _ = conn.write_all(format!("{name} {peer}\n").as_bytes());
+                // Echo whatever follows until the client closes (sessions); a client that only
+                // wanted the greeting closes at once.
+                std::thread::spawn(move || {
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+                    let mut buf = [0u8; 256];
+                    loop {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if conn.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                });
             }
         }));
     }
@@ -86,19 +108,71 @@ fn connect(args: &[String]) {
     let timeout = Duration::from_millis(
         flag(args, "--timeout-ms").first().and_then(|c| c.parse().ok()).unwrap_or(2000),
     );
+    let interval = Duration::from_millis(
+        flag(args, "--interval-ms").first().and_then(|c| c.parse().ok()).unwrap_or(0),
+    );
     for _ in 0..count {
+        std::thread::sleep(interval);
         let line = if udp { udp_once(target, timeout) } else { tcp_once(target, timeout) };
         println!("{}", line.unwrap_or_else(|e| format!("err {}", errname(&e))));
     }
+}
+
+/// Reads one line (the greeting) byte by byte, so nothing after it is consumed.
+fn read_line(s: &mut TcpStream) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b)? {
+            0 => break,
+            _ if b[0] == b'\n' => break,
+            _ => line.push(b[0]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
 fn tcp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&target, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     let peer = s.peer_addr()?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply)?;
+    let reply = read_line(&mut s)?;
+    if reply.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no greeting"));
+    }
     Ok(format!("ok {} {peer}", reply.trim()))
+}
+
+fn session(args: &[String]) {
+    let target: SocketAddr = args.first().and_then(|a| a.parse().ok()).expect("session ADDR:PORT");
+    let rounds: usize = flag(args, "--rounds").first().and_then(|c| c.parse().ok()).unwrap_or(10);
+    let interval = Duration::from_millis(
+        flag(args, "--interval-ms").first().and_then(|c| c.parse().ok()).unwrap_or(100),
+    );
+    let mut done = 0;
+    let result = (|| -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let greeting = read_line(&mut s)?;
+        let name = greeting.split_whitespace().next().unwrap_or("?").to_owned();
+        println!("started {name}");
+        for i in 0..rounds {
+            std::thread::sleep(interval);
+            let msg = format!("round-{i}\n");
+            s.write_all(msg.as_bytes())?;
+            let mut buf = vec![0u8; msg.len()];
+            s.read_exact(&mut buf)?;
+            if buf != msg.as_bytes() {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "echo mismatch"));
+            }
+            done += 1;
+        }
+        Ok(name)
+    })();
+    match result {
+        Ok(name) => println!("ok {name} {done}"),
+        Err(e) => println!("err {} after {done}", errname(&e)),
+    }
 }
 
 fn udp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {

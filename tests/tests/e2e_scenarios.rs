@@ -1,0 +1,375 @@
+//! The mini-cluster acceptance scenarios: what users of kube-proxy rely on, through real agents,
+//! real TCP/UDP and the real kernel. Each asserts who answered and which client address the
+//! server saw.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    cluster::{Cluster, Running, by_server, host_of, parse_probe},
+    manifests::{Ep, Svc},
+    require_root,
+};
+
+fn svc<'a>(
+    name: &'a str,
+    ip: &'a [&'a str],
+    node_port: Option<u16>,
+    spec: &'a str,
+    extra: &'a str,
+) -> Svc<'a> {
+    Svc {
+        name,
+        cluster_ips: ip,
+        port: 80,
+        protocol: "TCP",
+        target_port: 8080,
+        node_port,
+        spec,
+        extra,
+    }
+}
+
+fn pods(cluster: &Cluster, v6: bool) -> Vec<Ep> {
+    cluster
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            n.pods.iter().map(move |p| Ep::ready(if v6 { p.ip6 } else { p.ip4 }, &n.name))
+        })
+        .collect()
+}
+
+fn all_ok(results: &[Result<(String, String, String), String>]) {
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        results.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
+
+#[test]
+fn external_ips_and_load_balancer_ips_with_both_policies() {
+    require_root!();
+    let cluster = Cluster::new(2, 2, 1);
+    let eps = pods(&cluster, false);
+    let lb_status = "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.10\n";
+    let lb_status_local = "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.11\n";
+    let cluster_svc = svc(
+        "ext",
+        &["10.96.0.20"],
+        Some(30090),
+        "  type: LoadBalancer\n  externalIPs: [192.0.2.10]\n",
+        lb_status,
+    );
+    let local_svc = svc(
+        "ext-local",
+        &["10.96.0.21"],
+        Some(30091),
+        "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  externalIPs: [192.0.2.11]\n",
+        lb_status_local,
+    );
+    let local_eps: Vec<Ep> = eps.iter().filter(|e| e.node == "node-0").cloned().collect();
+    let run = Running::start(
+        cluster,
+        &[("ext.yaml", cluster_svc.file(&eps)), ("local.yaml", local_svc.file(&local_eps))],
+    );
+    // The outside world routes the VIPs to node-0.
+    for vip in ["192.0.2.0/24", "198.51.100.0/24"] {
+        run.cluster.clients[0].ns.ip(&["route", "add", vip, "via", "10.230.0.10"]);
+    }
+    let client = run.cluster.clients[0].ip4.to_string();
+    for vip in ["192.0.2.10:80", "198.51.100.10:80"] {
+        let r = parse_probe(&run.from_client(0, &["connect", vip, "--count", "80"]));
+        all_ok(&r);
+        assert_eq!(by_server(&r).len(), 4, "{vip}: {:?}", by_server(&r));
+        assert!(r.iter().flatten().all(|(_, _, peer)| peer == vip), "{vip}");
+        for (name, seen, _) in r.iter().flatten() {
+            let want =
+                if name.starts_with("node-0") { client.clone() } else { "10.230.0.10".to_string() };
+            assert_eq!(host_of(seen), want, "{vip} {name}");
+        }
+    }
+    for vip in ["192.0.2.11:80", "198.51.100.11:80"] {
+        let r = parse_probe(&run.from_client(0, &["connect", vip, "--count", "40"]));
+        all_ok(&r);
+        assert!(
+            by_server(&r).keys().all(|n| n.starts_with("node-0")),
+            "{vip}: {:?}",
+            by_server(&r)
+        );
+        assert!(
+            r.iter().flatten().all(|(_, seen, _)| host_of(seen) == client),
+            "{vip}: client address kept"
+        );
+    }
+    // A pod on node-1 reaching the Local service's LB IP is cluster traffic: it works, and
+    // goes to node-0's endpoints (the only ones).
+    let r = parse_probe(&run.from_pod(1, 0, &["connect", "198.51.100.11:80", "--count", "20"]));
+    all_ok(&r);
+    assert!(r.iter().flatten().all(|(_, _, peer)| peer == "198.51.100.11:80"));
+}
+
+#[test]
+fn internal_traffic_policy_local_and_session_affinity() {
+    require_root!();
+    let cluster = Cluster::new(2, 2, 1);
+    let eps = pods(&cluster, false);
+    // ITP Local with endpoints on node-0 only.
+    let local_eps: Vec<Ep> = eps.iter().filter(|e| e.node == "node-0").cloned().collect();
+    let itp = svc("itp", &["10.96.0.30"], None, "  internalTrafficPolicy: Local\n", "");
+    let sticky = svc("sticky", &["10.96.0.31"], Some(30031), "  sessionAffinity: ClientIP\n", "");
+    let run = Running::start(
+        cluster,
+        &[("itp.yaml", itp.file(&local_eps)), ("sticky.yaml", sticky.file(&eps))],
+    );
+
+    let r = parse_probe(&run.from_pod(0, 1, &["connect", "10.96.0.30:80", "--count", "40"]));
+    all_ok(&r);
+    assert!(by_server(&r).keys().all(|n| n.starts_with("node-0")), "{:?}", by_server(&r));
+    assert_eq!(by_server(&r).len(), 2);
+    // node-1 has no local endpoint for it: refused at once (kube-proxy would drop; an in-node
+    // client is better served by an immediate error).
+    let r = run.from_pod(1, 0, &["connect", "10.96.0.30:80", "--count", "2"]);
+    assert_eq!(r, vec!["err ECONNREFUSED"; 2]);
+
+    // sessionAffinity: one pod keeps its backend over many connections (socket hooks)...
+    let r = parse_probe(&run.from_pod(1, 1, &["connect", "10.96.0.31:80", "--count", "30"]));
+    all_ok(&r);
+    assert_eq!(by_server(&r).len(), 1, "{:?}", by_server(&r));
+    // ...and so does an outside client through the NodePort (device hooks, by client address).
+    let r = parse_probe(&run.from_client(0, &["connect", "10.230.0.10:30031", "--count", "30"]));
+    all_ok(&r);
+    assert_eq!(by_server(&r).len(), 1, "{:?}", by_server(&r));
+}
+
+#[test]
+fn terminating_endpoints_keep_open_connections_and_get_new_ones_only_when_nothing_is_ready() {
+    require_root!();
+    let cluster = Cluster::new(2, 1, 1);
+    let (a, b) = (cluster.nodes[0].pods[0].ip4, cluster.nodes[1].pods[0].ip4);
+    let web = svc("web", &["10.96.0.40"], Some(30040), "", "");
+    let mut run = Running::start(
+        cluster,
+        &[("web.yaml", web.file(&[Ep::ready(a, "node-0"), Ep::ready(b, "node-1")]))],
+    );
+
+    // Long sessions through the ClusterIP (socket) and the NodePort (device, conntrack).
+    let sessions: Vec<_> = (0..6)
+        .map(|i| {
+            if i % 2 == 0 {
+                run.background_from_pod(
+                    1,
+                    0,
+                    &["session", "10.96.0.40:80", "--rounds", "20", "--interval-ms", "60"],
+                )
+            } else {
+                run.background_from_client(
+                    0,
+                    &["session", "10.230.0.10:30040", "--rounds", "20", "--interval-ms", "60"],
+                )
+            }
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // node-0's pod starts terminating while they run.
+    run.update("web.yaml", &web.file(&[Ep::terminating(a, "node-0"), Ep::ready(b, "node-1")]));
+    let fresh =
+        parse_probe(&run.from_client(0, &["connect", "10.230.0.10:30040", "--count", "30"]));
+    all_ok(&fresh);
+    assert_eq!(
+        by_server(&fresh).keys().collect::<Vec<_>>(),
+        vec!["node-1-pod-0"],
+        "no new connection to a terminating pod"
+    );
+    for s in sessions {
+        let out = s.finish();
+        assert!(
+            out.last().is_some_and(|l| l.starts_with("ok ") && l.ends_with(" 20")),
+            "session broke: {out:?}"
+        );
+    }
+
+    // Nothing ready any more: the serving-but-terminating pods take new connections.
+    run.update(
+        "web.yaml",
+        &web.file(&[Ep::terminating(a, "node-0"), Ep::terminating(b, "node-1")]),
+    );
+    let r = parse_probe(&run.from_pod(1, 0, &["connect", "10.96.0.40:80", "--count", "30"]));
+    all_ok(&r);
+    assert_eq!(by_server(&r).len(), 2, "{:?}", by_server(&r));
+}
+
+#[test]
+fn scaling_while_traffic_runs_fails_nothing_and_new_backends_get_traffic() {
+    require_root!();
+    let cluster = Cluster::new(2, 2, 1);
+    let eps = pods(&cluster, false);
+    let web = svc("web", &["10.96.0.50"], Some(30050), "", "");
+    let mut run = Running::start(cluster, &[("web.yaml", web.file(&eps[..1]))]);
+    // 400 connections each, one every 5 ms (about 2 s), while the service scales 1-2-3-4-2-4.
+    let from_pod = run.background_from_pod(
+        1,
+        1,
+        &["connect", "10.96.0.50:80", "--count", "400", "--interval-ms", "5"],
+    );
+    let from_client = run.background_from_client(
+        0,
+        &["connect", "10.230.0.10:30050", "--count", "400", "--interval-ms", "5"],
+    );
+    for n in [2, 3, 4, 2, 4] {
+        std::thread::sleep(Duration::from_millis(250));
+        run.update("web.yaml", &web.file(&eps[..n]));
+    }
+    for (who, out) in [("pod", from_pod.finish()), ("client", from_client.finish())] {
+        let r = parse_probe(&out);
+        assert_eq!(r.len(), 400, "{who}");
+        all_ok(&r);
+        assert!(by_server(&r).len() >= 3, "{who}: new backends got traffic: {:?}", by_server(&r));
+    }
+}
+
+#[test]
+fn udp_via_cluster_ip_and_nodeport() {
+    require_root!();
+    let cluster = Cluster::new(2, 2, 1);
+    let eps = pods(&cluster, false);
+    let dns = Svc {
+        name: "dns",
+        cluster_ips: &["10.96.0.60"],
+        port: 53,
+        protocol: "UDP",
+        target_port: 5353,
+        node_port: Some(30053),
+        spec: "",
+        extra: "",
+    };
+    let run = Running::start(cluster, &[("dns.yaml", dns.file(&eps))]);
+    let r =
+        parse_probe(&run.from_pod(0, 0, &["connect", "10.96.0.60:53", "--udp", "--count", "60"]));
+    all_ok(&r);
+    assert!(by_server(&r).len() >= 3, "{:?}", by_server(&r));
+    assert!(r.iter().flatten().all(|(_, _, from)| from == "10.96.0.60:53"));
+    let r = parse_probe(
+        &run.from_client(0, &["connect", "10.230.0.11:30053", "--udp", "--count", "60"]),
+    );
+    all_ok(&r);
+    assert!(by_server(&r).len() >= 3, "{:?}", by_server(&r));
+    assert!(
+        r.iter().flatten().all(|(_, _, from)| from == "10.230.0.11:30053"),
+        "answers come from the NodePort"
+    );
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_only_listed_clients() {
+    require_root!();
+    let cluster = Cluster::new(2, 1, 2);
+    let eps = pods(&cluster, false);
+    let lb = svc(
+        "ranged",
+        &["10.96.0.70"],
+        Some(30070),
+        "  type: LoadBalancer\n  loadBalancerSourceRanges: [10.230.0.100/32]\n",
+        "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.70\n",
+    );
+    let run = Running::start(cluster, &[("lb.yaml", lb.file(&eps))]);
+    for c in &run.cluster.clients {
+        c.ns.ip(&["route", "add", "198.51.100.70/32", "via", "10.230.0.10"]);
+    }
+    let allowed =
+        parse_probe(&run.from_client(0, &["connect", "198.51.100.70:80", "--count", "10"]));
+    all_ok(&allowed);
+    let denied =
+        run.from_client(1, &["connect", "198.51.100.70:80", "--count", "2", "--timeout-ms", "400"]);
+    assert!(denied.iter().all(|l| l.starts_with("err")), "{denied:?}");
+}
+
+#[test]
+fn headless_services_and_non_service_traffic_are_left_alone() {
+    require_root!();
+    let cluster = Cluster::new(1, 2, 0);
+    let eps = pods(&cluster, false);
+    let headless = svc("headless", &["None"], None, "", "");
+    let yaml = headless.file(&eps).replace("  clusterIPs: [\"None\"]\n  ipFamilies: [IPv4]\n", "");
+    let run = Running::start(cluster, &[("headless.yaml", yaml), (
+        "external-name.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: default}\nspec: {type: ExternalName, externalName: example.com}\n".into(),
+    )]);
+    assert!(
+        run.agents[0].log().iter().any(|l| l.contains("service_ports=0")),
+        "{:?}",
+        run.agents[0].log()
+    );
+    let pod = run.cluster.nodes[0].pods[1].ip4;
+    let r = parse_probe(&run.from_pod(0, 0, &["connect", &format!("{pod}:8080"), "--count", "5"]));
+    all_ok(&r);
+    assert!(
+        r.iter()
+            .flatten()
+            .all(|(n, _, peer)| n == "node-0-pod-1" && *peer == format!("{pod}:8080"))
+    );
+}
+
+#[test]
+fn ipv6_cluster_ip_and_nodeport() {
+    require_root!();
+    let cluster = Cluster::new(2, 2, 1);
+    let eps = pods(&cluster, true);
+    let web6 = Svc {
+        name: "web6",
+        cluster_ips: &["fd00:96::80"],
+        port: 80,
+        protocol: "TCP",
+        target_port: 8086,
+        node_port: Some(30086),
+        spec: "",
+        extra: "",
+    };
+    let run = Running::start(cluster, &[("web6.yaml", web6.file(&eps))]);
+    let r = parse_probe(&run.from_pod(1, 0, &["connect", "[fd00:96::80]:80", "--count", "80"]));
+    all_ok(&r);
+    assert_eq!(by_server(&r).len(), 4, "{:?}", by_server(&r));
+    let node0 = run.cluster.nodes[0].ip6;
+    let client = run.cluster.clients[0].ip6;
+    let r = parse_probe(
+        &run.from_client(0, &["connect", &format!("[{node0}]:30086"), "--count", "80"]),
+    );
+    all_ok(&r);
+    assert_eq!(by_server(&r).len(), 4, "{:?}", by_server(&r));
+    for (name, seen, _) in r.iter().flatten() {
+        let want: IpAddr = if name.starts_with("node-0") { client } else { node0 };
+        assert_eq!(host_of(seen), want.to_string(), "{name}");
+    }
+}
+
+#[test]
+fn hairpin_and_no_endpoint_refusal_from_pods() {
+    require_root!();
+    let cluster = Cluster::new(1, 1, 0);
+    let me = cluster.nodes[0].pods[0].ip4;
+    let node = cluster.nodes[0].ip4;
+    let web = svc("web", &["10.96.0.90"], Some(30090), "", "");
+    let empty = svc("empty", &["10.96.0.91"], Some(30091), "", "");
+    let run = Running::start(
+        cluster,
+        &[("web.yaml", web.file(&[Ep::ready(me, "node-0")])), ("empty.yaml", empty.file(&[]))],
+    );
+    // The only backend reaches its own service, by ClusterIP and by its node's NodePort.
+    for target in ["10.96.0.90:80".to_string(), format!("{node}:30090")] {
+        let r = parse_probe(&run.from_pod(0, 0, &["connect", &target, "--count", "5"]));
+        all_ok(&r);
+        assert!(r.iter().flatten().all(|(n, seen, peer)| n == "node-0-pod-0"
+            && host_of(seen) == me.to_string()
+            && *peer == target));
+    }
+    let t = Instant::now();
+    let r = run.from_pod(0, 0, &["connect", "10.96.0.91:80", "--count", "3"]);
+    assert_eq!(r, vec!["err ECONNREFUSED"; 3]);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+}
