@@ -193,6 +193,8 @@ pub const STAT_DROP_NO_NODE_ADDR: u32 = 21;
 pub const STAT_TC_EGRESS_PACKETS: u32 = 22;
 /// A conntrack entry found expired and replaced by a new flow.
 pub const STAT_CT_EXPIRED: u32 = 23;
+/// A new connection to a service without endpoints answered with ICMP port unreachable.
+pub const STAT_REJECT_NO_BACKEND: u32 = 24;
 /// Number of slots in LB_STATS (room for the counters later programs add).
 pub const STAT_COUNT: u32 = 64;
 
@@ -222,4 +224,5 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (STAT_DROP_NO_NODE_ADDR, "drop_no_node_addr"),
     (STAT_TC_EGRESS_PACKETS, "tc_egress_packets"),
     (STAT_CT_EXPIRED, "ct_expired"),
+    (STAT_REJECT_NO_BACKEND, "reject_no_backend"),
 ];

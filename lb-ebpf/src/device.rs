@@ -11,7 +11,7 @@ use crate::{
     conntrack, lookup,
     maps::{FLOW, SOURCE_RANGES},
     nat::{self, NatError},
-    packet::{self, Flow, Skip},
+    packet::{self, Flow, Skip, TCP_RST},
     rewrite::{self, Rewrite},
     select, stats,
 };
@@ -34,6 +34,9 @@ pub enum Action {
     /// new destination, which the packet now carries (tc ingress only; the parsed flow is in
     /// `maps::FLOW`).
     Redirect,
+    /// A new connection to a service without endpoints: answer with ICMP port unreachable
+    /// (tc ingress; XDP passes such packets on to tc).
+    Reject,
 }
 
 /// Handles one packet; `len` is its full length (for byte counters).
@@ -151,6 +154,15 @@ fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Actio
     };
     let hash = flow_hash(flow);
     let Ok(sel) = select::with_affinity(svc, &client, hash) else {
+        // No endpoint anywhere: reject (kube-proxy's REJECT). Policy Local without a local
+        // endpoint, or the maps disagreeing: drop.
+        if svc.flags & SVC_F_NO_ENDPOINT_DROP == 0 && flow.tcp_flags & TCP_RST == 0 {
+            if hook == Hook::Xdp {
+                return Action::Pass;
+            }
+            stats::count(STAT_REJECT_NO_BACKEND);
+            return Action::Reject;
+        }
         stats::count(STAT_DROP_NO_BACKEND);
         return Action::Drop;
     };

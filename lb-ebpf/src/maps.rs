@@ -75,6 +75,10 @@ pub struct Scratch {
 #[map(name = "LB_SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// Where a rejected packet is rebuilt into an ICMP error (same rules as `SCRATCH`).
+#[map(name = "LB_REJECT_BUF")]
+pub static REJECT_BUF: PerCpuArray<[u8; 512]> = PerCpuArray::with_max_entries(1, 0);
+
 /// The packet being handled by a device hook (same rules as `SCRATCH`).
 #[map(name = "LB_FLOW")]
 pub static FLOW: PerCpuArray<crate::packet::Flow> = PerCpuArray::with_max_entries(1, 0);

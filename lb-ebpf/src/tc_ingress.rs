@@ -10,7 +10,7 @@ use lb_common::STAT_TC_INGRESS_PACKETS;
 
 use crate::{
     device::{self, Action, Hook},
-    fib, rewrite, stats,
+    fib, reject, rewrite, stats,
 };
 
 /// Headers we may need in the linear part of the skb: Ethernet, IPv6 with a few extension
@@ -32,6 +32,7 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
         Action::Drop => TC_ACT_SHOT,
         // No route: let the stack decide (and count it there).
         Action::Redirect => fib::redirect(ctx).unwrap_or(TC_ACT_OK),
+        Action::Reject => reject::port_unreachable(ctx),
     }
 }
 

@@ -18,7 +18,7 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
     stats::count(STAT_XDP_PACKETS);
     let len = (ctx.data_end() - ctx.data()) as u32;
     match device::handle(&mut rewrite::Xdp(&ctx), len, Hook::Xdp) {
-        Action::Pass | Action::Redirect => XDP_PASS,
+        Action::Pass | Action::Redirect | Action::Reject => XDP_PASS,
         Action::Drop => XDP_DROP,
     }
 }

@@ -213,13 +213,67 @@ fn a_removed_backend_keeps_its_flows_and_gets_no_new_ones() {
     }
 }
 
+/// Checks an ICMP/ICMPv6 port-unreachable frame answering `original`.
+fn assert_port_unreachable(out: &[u8], original: &[u8]) {
+    assert_eq!(&out[0..6], &original[6..12], "back to the sender's MAC");
+    assert_eq!(&out[6..12], &original[0..6]);
+    let orig = summarize(original).unwrap();
+    let quote_len = orig.l4_off - 14 + 8;
+    if out[12..14] == [0x08, 0x00] {
+        assert_eq!(out[14] >> 4, 4);
+        assert_eq!(out[14 + 9], 1, "ICMP");
+        assert_eq!(&out[14 + 12..14 + 16], &original[14 + 16..14 + 20], "from the frontend");
+        assert_eq!(&out[14 + 16..14 + 20], &original[14 + 12..14 + 16], "to the client");
+        assert_eq!(ones_complement_sum(&out[14..34]), 0xffff, "IPv4 header checksum");
+        assert_eq!(&out[34..36], &[3, 3], "destination unreachable, port unreachable");
+        assert_eq!(ones_complement_sum(&out[34..]), 0xffff, "ICMP checksum");
+        assert_eq!(&out[42..], &original[14..14 + quote_len], "quotes header + 8 bytes");
+    } else {
+        assert_eq!(&out[12..14], &[0x86, 0xdd]);
+        assert_eq!(out[14 + 6], 58, "ICMPv6");
+        assert_eq!(&out[14 + 8..14 + 24], &original[14 + 24..14 + 40], "from the frontend");
+        assert_eq!(&out[14 + 24..14 + 40], &original[14 + 8..14 + 24], "to the client");
+        assert_eq!(&out[54..56], &[1, 4], "destination unreachable, port unreachable");
+        let mut pseudo = out[14 + 8..14 + 40].to_vec();
+        pseudo.extend_from_slice(&((out.len() - 54) as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 58]);
+        pseudo.extend_from_slice(&out[54..]);
+        assert_eq!(ones_complement_sum(&pseudo), 0xffff, "ICMPv6 checksum");
+        assert_eq!(&out[62..], &original[14..14 + quote_len]);
+    }
+}
+
 #[test]
-fn no_endpoints_and_source_ranges_drop_with_a_reason() {
+fn no_endpoints_anywhere_is_rejected_with_icmp_port_unreachable() {
+    require_root!();
+    let dp = datapath(vec![]);
+    let syn = tcp4(CLIENT, 1, VIP, 80, true, b"");
+    let out = dp.run(PROG_TC_INGRESS, &syn);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back out of the device");
+    assert_port_unreachable(&out.packet, &syn);
+    assert_eq!(dp.stat(STAT_REJECT_NO_BACKEND), 1);
+    // XDP leaves it to tc.
+    assert_eq!(dp.run(PROG_XDP_INGRESS, &syn).packet, syn);
+
+    let vip6: Ipv6Addr = "2001:db8::80".parse().unwrap();
+    let client6: Ipv6Addr = "2001:db8:ffff::7".parse().unwrap();
+    let mut dp = Datapath::load();
+    dp.program("web6", &[lb_plan("web6", vip6.into(), 80, Protocol::Udp, vec![])]);
+    let q = udp6(client6, 5000, vip6, 80, b"a query with some payload");
+    let out = dp.run(PROG_TC_INGRESS, &q);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_port_unreachable(&out.packet, &q);
+    // With IPv4 options the whole header is quoted.
+    let opt = with_ipv4_options(&tcp4(CLIENT, 2, VIP, 80, true, b""), 2);
+    let dp = datapath(vec![]);
+    let out = dp.run(PROG_TC_INGRESS, &opt);
+    assert_port_unreachable(&out.packet, &opt);
+}
+
+#[test]
+fn no_local_endpoint_and_source_ranges_drop_with_a_reason() {
     require_root!();
     let mut dp = datapath(vec![]);
-    let before = dp.stat(STAT_DROP_NO_BACKEND);
-    assert_eq!(dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 1, VIP, 80, true, b"")).verdict, TC_ACT_SHOT);
-    assert_eq!(dp.stat(STAT_DROP_NO_BACKEND), before + 1);
 
     // ETP Local on a node without local endpoints: dropped too (flagged drop, not reject).
     let mut plan = web(vec![]);

@@ -349,9 +349,9 @@ fn ipv6_cluster_ip_and_nodeport() {
 }
 
 #[test]
-fn hairpin_and_no_endpoint_refusal_from_pods() {
+fn hairpin_and_no_endpoint_refusal() {
     require_root!();
-    let cluster = Cluster::new(1, 1, 0);
+    let cluster = Cluster::new(1, 1, 1);
     let me = cluster.nodes[0].pods[0].ip4;
     let node = cluster.nodes[0].ip4;
     let web = svc("web", &["10.96.0.90"], Some(30090), "", "");
@@ -368,8 +368,12 @@ fn hairpin_and_no_endpoint_refusal_from_pods() {
             && host_of(seen) == me.to_string()
             && *peer == target));
     }
+    // No endpoint: refused at once, from a pod (socket hooks) and from outside (ICMP port
+    // unreachable from the device hook).
     let t = Instant::now();
     let r = run.from_pod(0, 0, &["connect", "10.96.0.91:80", "--count", "3"]);
+    assert_eq!(r, vec!["err ECONNREFUSED"; 3]);
+    let r = run.from_client(0, &["connect", &format!("{node}:30091"), "--count", "3"]);
     assert_eq!(r, vec!["err ECONNREFUSED"; 3]);
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 }
