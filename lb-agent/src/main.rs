@@ -1,8 +1,10 @@
 //! `lb-agent`: the node agent. Loads the datapath, pins its maps, attaches it to the node's
-//! devices, and keeps the maps in step with the Services, EndpointSlices and Nodes of its
-//! source (a manifests folder today).
+//! devices and cgroup, and keeps the maps in step with the Services, EndpointSlices and Nodes of
+//! its source: the Kubernetes API (kubeconfig or in-cluster), or a manifests folder.
 
+use futures::{StreamExt, stream::BoxStream};
 use std::{
+    collections::BTreeSet,
     net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
@@ -17,11 +19,15 @@ use lb_agent::{
         attach, counters,
         loader::{self, LoadOptions, MapSizes},
         programs,
-        store::KernelStore,
+        store::{KernelStore, WriteCounts},
         writer::{Writer, WriterConfig},
     },
     model::maglev,
-    sources::manifests::ManifestsDir,
+    sources::{
+        Event, Object,
+        kube::{self, KINDS, Kind, KubeMsg},
+        manifests::ManifestsDir,
+    },
     sync::Syncer,
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -31,9 +37,16 @@ use tracing::{info, warn};
 #[command(about = "eBPF service load balancer: node agent (a kube-proxy replacement)")]
 struct Args {
     /// Folder of Kubernetes manifests (Service, EndpointSlice, Node) to serve, watched for
-    /// changes: runs without a cluster.
+    /// changes: runs without a cluster. Without it, the Kubernetes API is watched.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// kubeconfig for the API server (default: in-cluster configuration, else ~/.kube/config).
     #[arg(long)]
-    manifests: PathBuf,
+    kubeconfig: Option<PathBuf>,
+    /// API server URL, overriding the configuration's: a cluster without kube-proxy cannot reach
+    /// the `kubernetes` ClusterIP before this agent programs it.
+    #[arg(long)]
+    k8s_api_server: Option<String>,
     /// This node's name: decides which endpoints are local and which Node object is ours.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -99,9 +112,24 @@ async fn run(args: Args) -> Result<()> {
     if !maglev::SIZES.contains(&args.maglev_max_size) {
         bail!("--maglev-max-size {} is not one of {:?}", args.maglev_max_size, maglev::SIZES);
     }
-    if !args.manifests.is_dir() {
-        bail!("--manifests {}: not a directory", args.manifests.display());
+    if let Some(dir) = &args.manifests
+        && !dir.is_dir()
+    {
+        bail!("--manifests {}: not a directory", dir.display());
     }
+    let mut cfg = ModelConfig::new(&args.node_name);
+    cfg.nodeport_cidrs = args.nodeport_addresses.clone();
+    cfg.extra_node_ips = args.node_ip.clone();
+    cfg.maglev_max_size = args.maglev_max_size;
+    // The source first: a bad kubeconfig must fail before anything is loaded into the kernel.
+    let mut source = match &args.manifests {
+        Some(dir) => Source::Manifests(ManifestsDir::new(dir, cfg.clone()), Vec::new()),
+        None => {
+            let client =
+                kube::client(args.kubeconfig.as_deref(), args.k8s_api_server.as_deref()).await?;
+            Source::Kube(kube::watch(client, &args.node_name))
+        }
+    };
     let sizes = MapSizes {
         max_services: args.max_services,
         max_frontends: args.max_frontends,
@@ -122,21 +150,15 @@ async fn run(args: Args) -> Result<()> {
         }
     }
 
-    let mut cfg = ModelConfig::new(&args.node_name);
-    cfg.nodeport_cidrs = args.nodeport_addresses.clone();
-    cfg.extra_node_ips = args.node_ip.clone();
-    cfg.maglev_max_size = args.maglev_max_size;
     let writer = Writer::new(
         KernelStore::new(&ebpf)?,
         WriterConfig { maglev_max_size: args.maglev_max_size, max_services: args.max_services },
     )?;
     let mut syncer = Syncer::new(cfg.clone(), writer);
-    let mut source = ManifestsDir::new(&args.manifests, cfg);
 
+    // Initial sync: everything the source holds, then stale pinned entries go.
     let start = Instant::now();
-    let poll = source.poll().with_context(|| format!("reading {}", args.manifests.display()))?;
-    log_manifest_errors(&poll.errors, &mut Vec::new());
-    let report = syncer.apply(poll.events);
+    let writes = source.initial(&mut syncer).await?;
     syncer.finish_initial_sync()?;
     let (svcs, slices, nodes) = syncer.state.counts();
     info!(
@@ -144,12 +166,11 @@ async fn run(args: Args) -> Result<()> {
         endpointslices = slices,
         nodes,
         service_ports = syncer.writer.port_count(),
-        entries_written = report.writes.entries(),
-        maglev_slots_written = report.writes.maglev_slots,
+        entries_written = writes.entries(),
+        maglev_slots_written = writes.maglev_slots,
         elapsed_ms = start.elapsed().as_millis() as u64,
         "initial sync done"
     );
-    let mut last_errors = Vec::new();
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut poll_tick = tokio::time::interval(Duration::from_millis(args.poll_interval_ms.max(10)));
@@ -159,17 +180,16 @@ async fn run(args: Args) -> Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
-            _ = poll_tick.tick() => {
-                let poll = match source.poll() {
-                    Ok(p) => p,
-                    Err(e) => { warn!("reading {}: {e}", args.manifests.display()); continue; }
+            changed = source.next(&mut poll_tick) => {
+                let Some(change) = changed else { bail!("the Kubernetes watch stream ended") };
+                let report = match change {
+                    Change::Events(events) => syncer.apply(events),
+                    Change::Relist(kind, objects) => syncer.apply_relist(kind, objects),
                 };
-                log_manifest_errors(&poll.errors, &mut last_errors);
-                if poll.events.is_empty() { continue; }
-                let n = poll.events.len();
-                let report = syncer.apply(poll.events);
-                info!(events = n, services = report.services_planned, writes = ?report.writes,
-                      elapsed_us = report.elapsed.as_micros() as u64, "synced");
+                if report.services_planned > 0 {
+                    info!(services = report.services_planned, writes = ?report.writes,
+                          elapsed_us = report.elapsed.as_micros() as u64, "synced");
+                }
             }
             _ = stats_tick.tick(), if args.stats_interval > 0 => {
                 let stats = counters::global(&ebpf).context("reading counters")?;
@@ -179,6 +199,73 @@ async fn run(args: Args) -> Result<()> {
     }
     info!("stopping; programs detach, maps stay pinned under {}", args.bpffs.display());
     Ok(())
+}
+
+/// Where objects come from, with what the agent keeps about each.
+enum Source {
+    /// The folder, and the manifest errors last logged (to log changes only).
+    Manifests(ManifestsDir, Vec<String>),
+    Kube(BoxStream<'static, KubeMsg>),
+}
+
+/// One change from a source.
+enum Change {
+    Events(Vec<Event>),
+    Relist(Kind, Vec<Object>),
+}
+
+impl Source {
+    /// Applies everything the source holds now; for the API server, until every kind has been
+    /// listed once.
+    async fn initial(&mut self, syncer: &mut Syncer<KernelStore>) -> Result<WriteCounts> {
+        let before = syncer.writer.counts();
+        match self {
+            Source::Manifests(dir, last) => {
+                let poll =
+                    dir.poll().with_context(|| format!("reading {}", dir.dir().display()))?;
+                log_manifest_errors(&poll.errors, last);
+                syncer.apply(poll.events);
+            }
+            Source::Kube(stream) => {
+                let mut listed = BTreeSet::new();
+                while listed.len() < KINDS.len() {
+                    match stream.next().await {
+                        Some(KubeMsg::Relist(kind, objects)) => {
+                            listed.insert(kind);
+                            syncer.apply_relist(kind, objects);
+                        }
+                        Some(KubeMsg::Events(events)) => {
+                            syncer.apply(events);
+                        }
+                        None => bail!("the Kubernetes watch stream ended before the first lists"),
+                    }
+                }
+            }
+        }
+        Ok(syncer.writer.counts().since(&before))
+    }
+
+    /// The next change (the folder is polled on `tick`). `None` when a watch stream ended.
+    async fn next(&mut self, tick: &mut tokio::time::Interval) -> Option<Change> {
+        match self {
+            Source::Manifests(dir, last) => loop {
+                tick.tick().await;
+                match dir.poll() {
+                    Ok(poll) => {
+                        log_manifest_errors(&poll.errors, last);
+                        if !poll.events.is_empty() {
+                            return Some(Change::Events(poll.events));
+                        }
+                    }
+                    Err(e) => warn!("reading {}: {e}", dir.dir().display()),
+                }
+            },
+            Source::Kube(stream) => match stream.next().await? {
+                KubeMsg::Events(events) => Some(Change::Events(events)),
+                KubeMsg::Relist(kind, objects) => Some(Change::Relist(kind, objects)),
+            },
+        }
+    }
 }
 
 /// Logs manifest errors when they differ from the last ones logged.

@@ -245,6 +245,43 @@ impl ClusterState {
         Affected { services: BTreeSet::new(), all: true }
     }
 
+    /// Replaces every object of one kind (a re-list from the API server): those absent from
+    /// `objects` are removed, so nothing stale survives a 410 Gone or a reconnect.
+    pub fn replace_kind(
+        &mut self,
+        kind: crate::sources::kube::Kind,
+        objects: Vec<crate::sources::Object>,
+    ) -> Affected {
+        use crate::sources::{Object, kube::Kind};
+        let mut affected = Affected::default();
+        match kind {
+            Kind::Service => {
+                let keys: Vec<ObjKey> = self.services.keys().cloned().collect();
+                for k in keys {
+                    affected.merge(self.remove_service(&k));
+                }
+            }
+            Kind::EndpointSlice => {
+                let keys: Vec<ObjKey> = self.slices.keys().cloned().collect();
+                for k in keys {
+                    affected.merge(self.remove_slice(&k));
+                }
+            }
+            Kind::Node => {
+                self.nodes.clear();
+                affected.all = true;
+            }
+        }
+        for o in objects {
+            affected.merge(match o {
+                Object::Service(s) => self.upsert_service(s),
+                Object::EndpointSlice(s) => self.upsert_slice(s),
+                Object::Node(n) => self.upsert_node(n),
+            });
+        }
+        affected
+    }
+
     /// Replaces everything (a full re-list or a re-read of the manifests folder). Services that
     /// vanished are reported too, so their entries get removed.
     pub fn replace_all(

@@ -51,6 +51,19 @@ impl<S: MapStore> Syncer<S> {
         report
     }
 
+    /// Replaces every object of one kind (an API server re-list) and reprograms what changed.
+    pub fn apply_relist(
+        &mut self,
+        kind: crate::sources::kube::Kind,
+        objects: Vec<crate::sources::Object>,
+    ) -> SyncReport {
+        let start = Instant::now();
+        let affected = self.state.replace_kind(kind, objects);
+        let mut report = self.reprogram(&affected);
+        report.elapsed = start.elapsed();
+        report
+    }
+
     /// Reprograms the given services (all of them when a Node changed).
     pub fn reprogram(&mut self, affected: &Affected) -> SyncReport {
         let before = self.writer.counts();
