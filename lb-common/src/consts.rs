@@ -28,6 +28,9 @@ pub const MAP_SOCK_REVNAT: &str = "LB_SOCK_RNAT";
 pub const MAP_CONNTRACK: &str = "LB_CT";
 /// loadBalancerSourceRanges (LPM trie): prefix of [`crate::SourceRangeKey`] -> `u32` (unused).
 pub const MAP_SOURCE_RANGES: &str = "LB_SRC_RANGES";
+/// Service port names for lbctl: service id -> [`crate::ServiceName`]. Kept in a map so they
+/// live next to the other pinned maps and outlive the agent.
+pub const MAP_NAMES: &str = "LB_NAMES";
 /// This node's addresses for SNAT (array of one [`crate::NodeConfig`]).
 pub const MAP_NODE: &str = "LB_NODE";
 /// Per-CPU global counters, indexed by the `STAT_*` constants.

@@ -233,6 +233,37 @@ pub const fn source_range_prefix(cidr_prefix: u8, v4: bool) -> u32 {
     32 + if v4 { 96 } else { 0 } + cidr_prefix as u32
 }
 
+/// A service port's name, `namespace/name:port/PROTO/Family`, UTF-8, truncated to fit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceName {
+    pub len: u32,
+    pub bytes: [u8; 124],
+}
+
+impl ServiceName {
+    pub fn new(name: &str) -> Self {
+        let mut bytes = [0u8; 124];
+        let mut n = name.len().min(bytes.len());
+        while !name.is_char_boundary(n) {
+            n -= 1;
+        }
+        bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
+        Self { len: n as u32, bytes }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let n = (self.len as usize).min(self.bytes.len());
+        core::str::from_utf8(&self.bytes[..n]).unwrap_or("?")
+    }
+}
+
+impl Default for ServiceName {
+    fn default() -> Self {
+        Self { len: 0, bytes: [0; 124] }
+    }
+}
+
 /// This node's addresses, used as SNAT source for flows to remote backends.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -268,6 +299,7 @@ const _: () = {
     assert!(size_of::<CtValue>() == 56 && align_of::<CtValue>() == 8);
     assert!(size_of::<NodeConfig>() == 32);
     assert!(size_of::<SourceRangeKey>() == 20);
+    assert!(size_of::<ServiceName>() == 128);
 };
 
 #[cfg(feature = "user")]
@@ -288,6 +320,7 @@ mod pod {
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::SourceRangeKey {}
+    unsafe impl aya::Pod for super::ServiceName {}
 }
 
 #[cfg(test)]

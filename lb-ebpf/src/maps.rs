@@ -52,6 +52,10 @@ pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
 
+// Written by the agent, read by lbctl; never by the datapath.
+#[map(name = "LB_NAMES")]
+pub static NAMES: HashMap<u32, ServiceName> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 1);
+
 #[map(name = "LB_NODE")]
 pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
 

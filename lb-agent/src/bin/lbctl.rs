@@ -1,5 +1,6 @@
 //! `lbctl`: the node-level CLI. `lbctl plan` shows, offline, what the agent would program for a
-//! folder of manifests.
+//! folder of manifests; the other commands read what the agent programmed from its pinned maps
+//! (while it runs or after it died).
 
 use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
@@ -8,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use lb_agent::{
     config::ModelConfig,
+    inspect::{ConntrackRow, Inspection},
     model::{
         self, ServiceOutcome,
         plan::{Backend, ServicePlan},
@@ -30,8 +32,47 @@ enum Output {
     Json,
 }
 
+#[derive(clap::Args)]
+struct Pins {
+    /// The agent's bpffs directory (its --bpffs).
+    #[arg(long, default_value = "/sys/fs/bpf/lb")]
+    bpffs: PathBuf,
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Output,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// One row per frontend: service, kind, address, scope, flags, backends and counters.
+    Services(Pins),
+    /// Every backend and the service ports using it.
+    Backends(Pins),
+    /// The Maglev table of a service port (id or part of its name).
+    Maglev {
+        service: String,
+        /// Print every slot.
+        #[arg(long)]
+        table: bool,
+        #[command(flatten)]
+        pins: Pins,
+    },
+    /// Tracked device flows (filter by service name part, address or protocol).
+    Conntrack {
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long)]
+        address: Option<String>,
+        #[arg(long)]
+        protocol: Option<String>,
+        #[command(flatten)]
+        pins: Pins,
+    },
+    /// Tracked flows that were SNATed to this node (remote backends).
+    Nat(Pins),
+    /// sessionAffinity entries.
+    Affinity(Pins),
+    /// Datapath counters (drops by reason) and map fill levels.
+    Stats(Pins),
     /// Print what the agent would program for a manifests folder (no kernel needed). Exits 1
     /// when a document was rejected (the rest is still planned).
     Plan {
@@ -69,6 +110,11 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -112,7 +158,185 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if poll.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        other => live(other).map(|()| ExitCode::SUCCESS),
     }
+}
+
+/// The commands that read an agent's pinned maps.
+fn live(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Services(p) => {
+            let ins = Inspection::open(&p.bpffs)?;
+            let services = ins.services();
+            match p.output {
+                Output::Json => print_json(&services)?,
+                Output::Table => {
+                    for s in &services {
+                        println!(
+                            "{} (id {})  packets {}  bytes {}",
+                            s.name, s.service_id, s.packets, s.bytes
+                        );
+                        for f in &s.frontends {
+                            let backends: Vec<String> = f
+                                .backends
+                                .iter()
+                                .map(|b| {
+                                    format!(
+                                        "{}{}{}",
+                                        b.address,
+                                        if b.local { "*" } else { "" },
+                                        if b.terminating { "~" } else { "" }
+                                    )
+                                })
+                                .collect();
+                            let flags = if f.flags.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" [{}]", f.flags.join(","))
+                            };
+                            let backends = match f.no_endpoint {
+                                Some(action) => format!("(no endpoint: {action})"),
+                                None => backends.join(" "),
+                            };
+                            println!(
+                                "  {:<12} {:<26} {:<4} {:<8}{flags} -> {backends}",
+                                f.kind, f.address, f.protocol, f.scope
+                            );
+                        }
+                    }
+                    println!("(* local, ~ terminating)");
+                }
+            }
+        }
+        Command::Backends(p) => {
+            let rows = Inspection::open(&p.bpffs)?.backends();
+            match p.output {
+                Output::Json => print_json(&rows)?,
+                Output::Table => {
+                    println!(
+                        "{:>6}  {:<26} {:<6} {:<12} SERVICES",
+                        "ID", "ADDRESS", "LOCAL", "TERMINATING"
+                    );
+                    for r in rows {
+                        println!(
+                            "{:>6}  {:<26} {:<6} {:<12} {}",
+                            r.id,
+                            r.address,
+                            r.local,
+                            r.terminating,
+                            r.services.join(", ")
+                        );
+                    }
+                }
+            }
+        }
+        Command::Maglev { service, table, pins } => {
+            let tables = Inspection::open(&pins.bpffs)?.maglev(&service, table)?;
+            match pins.output {
+                Output::Json => print_json(&tables)?,
+                Output::Table => {
+                    for t in tables {
+                        println!("{}: M = {}", t.frontend, t.size);
+                        for b in &t.backends {
+                            let share = 100.0 * b.slots as f64 / t.size.max(1) as f64;
+                            println!(
+                                "  backend {:>5} {:<26} {:>6} slots ({share:.1}%)",
+                                b.id, b.address, b.slots
+                            );
+                        }
+                        if let Some(slots) = t.slots {
+                            let s: Vec<String> = slots.iter().map(|s| s.to_string()).collect();
+                            println!("  slots: {}", s.join(" "));
+                        }
+                    }
+                }
+            }
+        }
+        Command::Conntrack { service, address, protocol, pins } => {
+            let rows: Vec<_> = Inspection::open(&pins.bpffs)?
+                .conntrack()?
+                .into_iter()
+                .filter(|r| service.as_ref().is_none_or(|s| r.service.contains(s.as_str())))
+                .filter(|r| {
+                    address.as_ref().is_none_or(|a| {
+                        [&r.from, &r.to, &r.new_from, &r.new_to]
+                            .iter()
+                            .any(|x| x.contains(a.as_str()))
+                    })
+                })
+                .filter(|r| protocol.as_ref().is_none_or(|p| r.protocol.eq_ignore_ascii_case(p)))
+                .collect();
+            print_conntrack(&rows, pins.output)?;
+        }
+        Command::Nat(p) => {
+            let rows: Vec<_> =
+                Inspection::open(&p.bpffs)?.conntrack()?.into_iter().filter(|r| r.snat).collect();
+            print_conntrack(&rows, p.output)?;
+        }
+        Command::Affinity(p) => {
+            let rows = Inspection::open(&p.bpffs)?.affinity()?;
+            match p.output {
+                Output::Json => print_json(&rows)?,
+                Output::Table => {
+                    for r in rows {
+                        println!(
+                            "{:<40} {:<24} -> {} (backend {}, idle {} s)",
+                            r.service, r.client, r.backend, r.backend_id, r.idle_s
+                        );
+                    }
+                }
+            }
+        }
+        Command::Stats(p) => {
+            let stats = Inspection::open(&p.bpffs)?.stats()?;
+            match p.output {
+                Output::Json => print_json(&stats)?,
+                Output::Table => {
+                    println!("counters:");
+                    for (name, v) in &stats.counters {
+                        println!("  {name:<22} {v:>12}");
+                    }
+                    println!("maps:");
+                    for m in &stats.maps {
+                        println!(
+                            "  {:<14} {:>10} / {:<10} ({:.1}%)",
+                            m.map,
+                            m.entries,
+                            m.capacity,
+                            100.0 * m.entries as f64 / m.capacity.max(1) as f64
+                        );
+                    }
+                }
+            }
+        }
+        Command::Plan { .. } => unreachable!("handled by run"),
+    }
+    Ok(())
+}
+
+fn print_conntrack(rows: &[ConntrackRow], output: Output) -> Result<()> {
+    match output {
+        Output::Json => print_json(&rows)?,
+        Output::Table => {
+            for r in rows {
+                let snat = if r.snat { " snat" } else { "" };
+                println!(
+                    "{:<8} {} {} -> {}  =>  {} -> {}  [{}{snat}, backend {}, {}, idle {} s]",
+                    r.direction,
+                    r.protocol,
+                    r.from,
+                    r.to,
+                    r.new_from,
+                    r.new_to,
+                    r.state,
+                    r.backend_id,
+                    r.service,
+                    r.idle_s
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn backends(list: &[Backend]) -> String {

@@ -71,6 +71,7 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
         spec::<SockRevNatKey, SockRevNatValue>(MAP_SOCK_REVNAT, DEFAULT_MAX_SOCK_REVNAT),
         spec::<CtKey, CtValue>(MAP_CONNTRACK, sizes.max_conntrack),
         spec::<u32, NodeConfig>(MAP_NODE, 1),
+        spec::<u32, ServiceName>(MAP_NAMES, sizes.max_services),
         // LPM keys carry a 32-bit prefix length before the data.
         MapSpec {
             name: MAP_SOURCE_RANGES,

@@ -57,6 +57,8 @@ pub struct Snapshot {
     /// (backend, affinity service) memberships.
     pub affinity_match: std::collections::BTreeSet<AffinityMatchKey>,
     pub node: NodeConfig,
+    /// Service port names by service id.
+    pub names: BTreeMap<u32, String>,
     /// (service id, CIDR) of every source range entry.
     pub source_ranges: std::collections::BTreeSet<(u32, ipnet::IpNet)>,
 }
@@ -95,6 +97,8 @@ pub trait MapStore {
     fn set_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<()>;
     /// This node's SNAT addresses.
     fn set_node(&mut self, node: &NodeConfig) -> Result<()>;
+    /// A service port's name (for lbctl); `None` removes it.
+    fn set_name(&mut self, service_id: u32, name: Option<&str>) -> Result<()>;
     /// Replaces the source ranges of one service port (LPM entries: CIDR -> allowed).
     fn set_source_ranges(
         &mut self,
@@ -192,6 +196,13 @@ impl MapStore for MemoryStore {
         self.data.node = *node;
         Ok(())
     }
+    fn set_name(&mut self, service_id: u32, name: Option<&str>) -> Result<()> {
+        match name {
+            Some(n) => self.data.names.insert(service_id, n.to_owned()),
+            None => self.data.names.remove(&service_id),
+        };
+        Ok(())
+    }
     fn set_source_ranges(
         &mut self,
         service_id: u32,
@@ -231,6 +242,7 @@ pub struct KernelStore {
     maglev: MaglevMap,
     affinity_match: HashMap<MapData, AffinityMatchKey, u32>,
     node: Array<MapData, NodeConfig>,
+    names: HashMap<MapData, u32, ServiceName>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
     counts: WriteCounts,
 }
@@ -284,6 +296,7 @@ impl KernelStore {
             maglev: MaglevMap::new(open(MAP_MAGLEV)?)?,
             affinity_match: HashMap::try_from(Map::HashMap(open(MAP_AFFINITY_MATCH)?))?,
             node: Array::try_from(Map::Array(open(MAP_NODE)?))?,
+            names: HashMap::try_from(Map::HashMap(open(MAP_NAMES)?))?,
             source_ranges: LpmTrie::try_from(Map::LpmTrie(open(MAP_SOURCE_RANGES)?))?,
             counts: WriteCounts::default(),
         })
@@ -300,6 +313,7 @@ impl KernelStore {
             },
             affinity_match: HashMap::try_from(dup_map(ebpf, MAP_AFFINITY_MATCH)?)?,
             node: Array::try_from(dup_map(ebpf, MAP_NODE)?)?,
+            names: HashMap::try_from(dup_map(ebpf, MAP_NAMES)?)?,
             source_ranges: LpmTrie::try_from(dup_map(ebpf, MAP_SOURCE_RANGES)?)?,
             counts: WriteCounts::default(),
         })
@@ -357,6 +371,17 @@ impl MapStore for KernelStore {
     fn set_node(&mut self, node: &NodeConfig) -> Result<()> {
         self.node.set(0, node, 0).context("writing LB_NODE")
     }
+    fn set_name(&mut self, service_id: u32, name: Option<&str>) -> Result<()> {
+        match name {
+            Some(n) => {
+                self.names.insert(service_id, ServiceName::new(n), 0).context("writing LB_NAMES")
+            }
+            None => {
+                let _ = self.names.remove(&service_id);
+                Ok(())
+            }
+        }
+    }
     fn set_source_ranges(
         &mut self,
         service_id: u32,
@@ -396,6 +421,10 @@ impl MapStore for KernelStore {
             snap.affinity_match.insert(k?);
         }
         snap.node = self.node.get(&0, 0)?;
+        for kv in self.names.iter() {
+            let (id, name) = kv?;
+            snap.names.insert(id, name.as_str().to_owned());
+        }
         for k in self.source_ranges.keys() {
             let k = k?;
             let data = k.data();

@@ -181,7 +181,9 @@ impl<S: MapStore> Writer<S> {
         let empty = snapshot.services.is_empty()
             && snapshot.source_ranges.is_empty()
             && snapshot.tables.is_empty()
-            && snapshot.backends.is_empty();
+            && snapshot.backends.is_empty()
+            && snapshot.affinity_match.is_empty()
+            && snapshot.names.is_empty();
         if !empty {
             let mut stale = Stale::default();
             for (&id, b) in &snapshot.backends {
@@ -313,6 +315,11 @@ impl<S: MapStore> Writer<S> {
         for &id in &stale.service_ids {
             self.service_ids.release(id);
         }
+        for id in stale.snapshot.names.keys() {
+            if !self.ports.values().any(|p| p.service_id == *id) {
+                self.store.set_name(*id, None)?;
+            }
+        }
         Ok(())
     }
 
@@ -336,6 +343,15 @@ impl<S: MapStore> Writer<S> {
                     })?
             }
         };
+
+        if old.is_none() {
+            let name = key.to_string();
+            let known =
+                self.stale.as_ref().and_then(|s| s.snapshot.names.get(&service_id)) == Some(&name);
+            if !known {
+                self.store.set_name(service_id, Some(&name))?;
+            }
+        }
 
         // Frontends this port can own (others' stay theirs).
         let mut frontends: Vec<(ServiceKey, &crate::model::plan::Frontend)> = Vec::new();
@@ -565,6 +581,7 @@ impl<S: MapStore> Writer<S> {
         for addr in &old.backends {
             self.release_backend(*addr, old.service_id)?;
         }
+        self.store.set_name(old.service_id, None)?;
         self.service_ids.release(old.service_id);
         Ok(())
     }

@@ -1,0 +1,122 @@
+//! `lbctl` against the maps of real agents in the mini-cluster after real traffic: every
+//! command's JSON parsed and checked against what was programmed and what happened.
+
+use std::process::Command;
+
+use lb_tests::{
+    cluster::{Cluster, Running, parse_probe},
+    manifests::{Ep, Svc},
+    require_root, workspace_bin,
+};
+use serde_json::Value;
+
+fn lbctl(args: &[&str]) -> Value {
+    let out = Command::new(workspace_bin("lbctl")).args(args).output().expect("run lbctl");
+    assert!(out.status.success(), "lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("lbctl {args:?}: not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+    })
+}
+
+#[test]
+fn lbctl_reports_services_backends_flows_affinity_and_counters() {
+    require_root!();
+    let cluster = Cluster::new(2, 1, 1);
+    let eps: Vec<Ep> = cluster.nodes.iter().map(|n| Ep::ready(n.pods[0].ip4, &n.name)).collect();
+    let web = Svc {
+        name: "web",
+        cluster_ips: &["10.96.0.10"],
+        port: 80,
+        protocol: "TCP",
+        target_port: 8080,
+        node_port: Some(30080),
+        spec: "  sessionAffinity: ClientIP\n",
+        extra: "",
+    };
+    let run = Running::start(cluster, &[("web.yaml", web.file(&eps))]);
+    let r = parse_probe(&run.from_client(0, &["connect", "10.230.0.10:30080", "--count", "10"]));
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    let backend = r[0].as_ref().unwrap().0.clone();
+    let pins = run.pins[0].path.to_str().unwrap().to_owned();
+
+    let services = lbctl(&["services", "--bpffs", &pins, "-o", "json"]);
+    let svc = &services.as_array().unwrap()[0];
+    assert_eq!(svc["name"], "default/web:p/TCP/IPv4");
+    assert!(svc["packets"].as_u64().unwrap() >= 30, "{svc}");
+    let fronts: Vec<String> = svc["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            format!(
+                "{} {} {}",
+                f["kind"].as_str().unwrap(),
+                f["address"].as_str().unwrap(),
+                f["scope"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for want in [
+        "ClusterIP 10.96.0.10:80 internal",
+        "NodePort 10.230.0.10:30080 internal",
+        "NodePort 10.230.0.10:30080 external",
+    ] {
+        assert!(fronts.iter().any(|f| f == want), "{want} missing in {fronts:?}");
+    }
+    let f0 = &svc["frontends"][0];
+    assert_eq!(f0["flags"], serde_json::json!(["affinity"]));
+    assert_eq!(f0["backends"].as_array().unwrap().len(), 2);
+    let slots: u64 =
+        f0["backends"].as_array().unwrap().iter().map(|b| b["slots"].as_u64().unwrap()).sum();
+    assert_eq!(slots, f0["maglev_size"].as_u64().unwrap());
+
+    let backends = lbctl(&["backends", "--bpffs", &pins, "-o", "json"]);
+    assert_eq!(backends.as_array().unwrap().len(), 2);
+    let local: Vec<bool> =
+        backends.as_array().unwrap().iter().map(|b| b["local"].as_bool().unwrap()).collect();
+    assert_eq!(local.iter().filter(|l| **l).count(), 1, "node-0's pod is local: {backends}");
+
+    let ct = lbctl(&["conntrack", "--bpffs", &pins, "-o", "json", "--protocol", "tcp"]);
+    let rows = ct.as_array().unwrap();
+    assert_eq!(rows.len(), 20, "10 flows x 2 directions: {ct}");
+    assert!(rows.iter().all(|r| r["service"] == "default/web:p/TCP/IPv4"));
+    let originals: Vec<&Value> = rows.iter().filter(|r| r["direction"] == "original").collect();
+    assert!(originals.iter().all(|r| r["to"] == "10.230.0.10:30080"
+        && r["from"].as_str().unwrap().starts_with("10.230.0.100:")));
+    let snat = lbctl(&["nat", "--bpffs", &pins, "-o", "json"]);
+    let remote = backend.starts_with("node-1");
+    assert_eq!(
+        snat.as_array().unwrap().len(),
+        if remote { 20 } else { 0 },
+        "affinity sent all 10 to {backend}: {snat}"
+    );
+
+    let aff = lbctl(&["affinity", "--bpffs", &pins, "-o", "json"]);
+    let aff_rows = aff.as_array().unwrap();
+    assert_eq!(aff_rows.len(), 1, "{aff}");
+    assert_eq!(aff_rows[0]["client"], "10.230.0.100");
+
+    let stats = lbctl(&["stats", "--bpffs", &pins, "-o", "json"]);
+    assert_eq!(stats["counters"]["ct_new"], 10);
+    assert_eq!(stats["counters"]["affinity_hit"], 9);
+    let ct_fill =
+        stats["maps"].as_array().unwrap().iter().find(|m| m["map"] == "LB_CT").unwrap().clone();
+    assert_eq!(ct_fill["entries"], 20);
+    assert_eq!(ct_fill["capacity"], 65536);
+
+    let maglev = lbctl(&["maglev", "web", "--bpffs", &pins, "-o", "json", "--table"]);
+    let t = &maglev.as_array().unwrap()[0];
+    assert_eq!(t["slots"].as_array().unwrap().len() as u64, t["size"].as_u64().unwrap());
+
+    // Errors are clear.
+    let out = Command::new(workspace_bin("lbctl"))
+        .args(["services", "--bpffs", "/sys/fs/bpf/nonexistent"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is an agent running with --bpffs"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
