@@ -4,6 +4,7 @@
 pub mod config;
 pub mod dataplane;
 pub mod ebpf_object;
+pub mod explain;
 pub mod inspect;
 pub mod model;
 pub mod sources;

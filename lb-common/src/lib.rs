@@ -8,7 +8,9 @@
 #![no_std]
 
 pub mod consts;
+pub mod hash;
 pub mod maps;
 
 pub use consts::*;
+pub use hash::flow_hash;
 pub use maps::*;

@@ -52,29 +52,6 @@ pub fn handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Action {
 }
 
 #[inline(always)]
-fn mix(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
-
-/// A hash of the flow that every node computes alike, so that Maglev sends a flow to the same
-/// backend whichever node receives it.
-#[inline(always)]
-fn flow_hash(f: &Flow) -> u32 {
-    let mut h = 0x9e37_79b9u32;
-    for w in f.saddr {
-        h = mix(h ^ w);
-    }
-    for w in f.daddr {
-        h = mix(h ^ w);
-    }
-    mix(h ^ (((f.sport_be as u32) << 16) | f.dport_be as u32) ^ ((f.proto as u32) << 8))
-}
-
-#[inline(always)]
 fn source_allowed(service_id: u32, saddr: &Addr) -> bool {
     let key = Key::new(32 + 128, SourceRangeKey { service_id, addr: *saddr });
     SOURCE_RANGES.get(&key).is_some()
@@ -152,7 +129,7 @@ fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Actio
         kind: AFFINITY_BY_ADDR,
         _pad: [0; 3],
     };
-    let hash = flow_hash(flow);
+    let hash = flow_hash(&flow.saddr, &flow.daddr, flow.sport_be, flow.dport_be, flow.proto);
     let Ok(sel) = select::with_affinity(svc, &client, hash) else {
         // No endpoint anywhere: reject (kube-proxy's REJECT). Policy Local without a local
         // endpoint, or the maps disagreeing: drop.

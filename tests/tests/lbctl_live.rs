@@ -33,14 +33,30 @@ fn lbctl_reports_services_backends_flows_affinity_and_counters() {
         spec: "  sessionAffinity: ClientIP\n",
         extra: "",
     };
-    let run = Running::start(cluster, &[("web.yaml", web.file(&eps))]);
+    let dns = Svc {
+        name: "dns",
+        cluster_ips: &["10.96.0.53"],
+        port: 53,
+        protocol: "UDP",
+        target_port: 5353,
+        node_port: Some(30053),
+        spec: "",
+        extra: "",
+    };
+    let run =
+        Running::start(cluster, &[("web.yaml", web.file(&eps)), ("dns.yaml", dns.file(&eps))]);
     let r = parse_probe(&run.from_client(0, &["connect", "10.230.0.10:30080", "--count", "10"]));
     assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
     let backend = r[0].as_ref().unwrap().0.clone();
     let pins = run.pins[0].path.to_str().unwrap().to_owned();
 
     let services = lbctl(&["services", "--bpffs", &pins, "-o", "json"]);
-    let svc = &services.as_array().unwrap()[0];
+    let svc = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "default/web:p/TCP/IPv4")
+        .unwrap();
     assert_eq!(svc["name"], "default/web:p/TCP/IPv4");
     assert!(svc["packets"].as_u64().unwrap() >= 30, "{svc}");
     let fronts: Vec<String> = svc["frontends"]
@@ -71,10 +87,10 @@ fn lbctl_reports_services_backends_flows_affinity_and_counters() {
     assert_eq!(slots, f0["maglev_size"].as_u64().unwrap());
 
     let backends = lbctl(&["backends", "--bpffs", &pins, "-o", "json"]);
-    assert_eq!(backends.as_array().unwrap().len(), 2);
+    assert_eq!(backends.as_array().unwrap().len(), 4, "2 pods x 2 ports: {backends}");
     let local: Vec<bool> =
         backends.as_array().unwrap().iter().map(|b| b["local"].as_bool().unwrap()).collect();
-    assert_eq!(local.iter().filter(|l| **l).count(), 1, "node-0's pod is local: {backends}");
+    assert_eq!(local.iter().filter(|l| **l).count(), 2, "node-0's pod is local: {backends}");
 
     let ct = lbctl(&["conntrack", "--bpffs", &pins, "-o", "json", "--protocol", "tcp"]);
     let rows = ct.as_array().unwrap();
@@ -107,6 +123,110 @@ fn lbctl_reports_services_backends_flows_affinity_and_counters() {
     let maglev = lbctl(&["maglev", "web", "--bpffs", &pins, "-o", "json", "--table"]);
     let t = &maglev.as_array().unwrap()[0];
     assert_eq!(t["slots"].as_array().unwrap().len() as u64, t["size"].as_u64().unwrap());
+
+    // explain: the live program on the packet, against the live maps, changing none of them.
+    let state = |pins: &str| {
+        (
+            lbctl(&["conntrack", "--bpffs", pins, "-o", "json"]),
+            lbctl(&["affinity", "--bpffs", pins, "-o", "json"]),
+            lbctl(&["stats", "--bpffs", pins, "-o", "json"]),
+        )
+    };
+    let before = state(&pins);
+    let pod_ip = |name: &str| {
+        let n: usize = name[5..6].parse().unwrap();
+        run.cluster.nodes[n].pods[0].ip4.to_string()
+    };
+    // An established-by-affinity client: explain names the affinity entry and the sticky backend.
+    let e = lbctl(&[
+        "explain",
+        "10.230.0.100:45000",
+        "10.230.0.10:30080",
+        "--bpffs",
+        &pins,
+        "-o",
+        "json",
+    ]);
+    assert_eq!(e["service"], "default/web:p/TCP/IPv4");
+    assert!(
+        e["decided_by"].as_str().unwrap().contains("sessionAffinity entry of client 10.230.0.100"),
+        "{e}"
+    );
+    assert_eq!(e["backend"], format!("{}:8080", pod_ip(&backend)));
+    // A fresh UDP flow: explain names the Maglev slot; the real datagram from the same port
+    // goes to the same backend.
+    for sport in ["41000", "41001", "41002", "41003"] {
+        let e = lbctl(&[
+            "explain",
+            &format!("10.230.0.100:{sport}"),
+            "10.230.0.10:30053/udp",
+            "--bpffs",
+            &pins,
+            "-o",
+            "json",
+        ]);
+        assert!(e["decided_by"].as_str().unwrap().starts_with("Maglev slot"), "{e}");
+        let real = parse_probe(
+            &run.from_client(0, &["connect", "10.230.0.10:30053", "--udp", "--sport", sport]),
+        );
+        let answered_by = &real[0].as_ref().unwrap().0;
+        assert_eq!(
+            e["backend"],
+            format!("{}:5353", pod_ip(answered_by)),
+            "explain and real traffic agree for port {sport}"
+        );
+        let expected_rewrite =
+            if answered_by.starts_with("node-0") { "10.230.0.100" } else { "10.230.0.10" };
+        assert!(e["rewritten"].as_str().unwrap().starts_with(expected_rewrite), "{e}");
+    }
+    // Not a frontend, and a drop reason.
+    let e = lbctl(&["explain", "10.230.0.100", "10.230.0.10:22", "--bpffs", &pins, "-o", "json"]);
+    assert_eq!(e["verdict"], "not for a frontend: passed untouched");
+    let e = lbctl(&[
+        "explain",
+        "10.230.0.100",
+        "10.96.0.10:80",
+        "--from",
+        "pod",
+        "--bpffs",
+        &pins,
+        "-o",
+        "json",
+    ]);
+    assert!(e["decided_by"].as_str().unwrap().contains("sessionAffinity per pod"), "{e}");
+    let e = lbctl(&[
+        "explain",
+        "10.230.0.100",
+        "10.96.0.10:81",
+        "--from",
+        "pod",
+        "--bpffs",
+        &pins,
+        "-o",
+        "json",
+    ]);
+    assert!(e["verdict"].as_str().unwrap().contains("ECONNREFUSED"), "{e}");
+    // Explaining left conntrack, affinity and counters as they were, except for what the real
+    // datagrams above did.
+    let after = state(&pins);
+    let real_flows = 4 * 2;
+    assert_eq!(after.0.as_array().unwrap().len(), before.0.as_array().unwrap().len() + real_flows);
+    let without_idle = |v: &Value| -> Vec<Value> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.as_object_mut().unwrap().remove("idle_s");
+                r
+            })
+            .collect()
+    };
+    assert_eq!(without_idle(&after.1), without_idle(&before.1), "affinity entries untouched");
+    assert_eq!(
+        after.2["counters"]["ct_new"].as_u64().unwrap(),
+        before.2["counters"]["ct_new"].as_u64().unwrap() + 4
+    );
 
     // Errors are clear.
     let out = Command::new(workspace_bin("lbctl"))

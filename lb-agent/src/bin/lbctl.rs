@@ -73,6 +73,18 @@ enum Command {
     Affinity(Pins),
     /// Datapath counters (drops by reason) and map fill levels.
     Stats(Pins),
+    /// What the datapath does with a packet, and why: from outside it runs the live program on
+    /// the packet (BPF_PROG_TEST_RUN) against the live maps, changing none of them.
+    Explain {
+        /// Source address, optionally with port: 203.0.113.7 or 203.0.113.7:40000 or [2001:db8::7]:40000.
+        src: String,
+        /// Destination address:port, optionally /tcp or /udp (default tcp).
+        dst: String,
+        #[arg(long, value_enum, default_value = "outside")]
+        from: lb_agent::explain::From,
+        #[command(flatten)]
+        pins: Pins,
+    },
     /// Print what the agent would program for a manifests folder (no kernel needed). Exits 1
     /// when a document was rejected (the rest is still planned).
     Plan {
@@ -309,9 +321,74 @@ fn live(cmd: Command) -> Result<()> {
                 }
             }
         }
+        Command::Explain { src, dst, from, pins } => {
+            let (dst, proto) = match dst.rsplit_once('/') {
+                Some((d, p)) if p.eq_ignore_ascii_case("udp") => {
+                    (d.to_string(), lb_common::PROTO_UDP)
+                }
+                Some((d, p)) if p.eq_ignore_ascii_case("tcp") => {
+                    (d.to_string(), lb_common::PROTO_TCP)
+                }
+                Some((_, p)) => anyhow::bail!("protocol {p:?} is not tcp or udp"),
+                None => (dst, lb_common::PROTO_TCP),
+            };
+            let src = parse_endpoint(&src, Some(40000))?;
+            let dst = parse_endpoint(&dst, None)?;
+            let e = lb_agent::explain::explain(&pins.bpffs, src, dst, proto, from)?;
+            match pins.output {
+                Output::Json => print_json(&e)?,
+                Output::Table => {
+                    println!("packet:     {} ({})", e.packet, e.hook);
+                    match (&e.service, &e.frontend) {
+                        (Some(s), Some(f)) => println!("frontend:   {f} of {s}"),
+                        _ => println!("frontend:   none"),
+                    }
+                    if !e.flags.is_empty() {
+                        println!("flags:      {}", e.flags.join(", "));
+                    }
+                    if !e.candidates.is_empty() {
+                        let c: Vec<String> = e
+                            .candidates
+                            .iter()
+                            .map(|b| format!("{} ({} slots)", b.address, b.slots))
+                            .collect();
+                        println!("candidates: {}", c.join(", "));
+                    }
+                    if let Some(d) = &e.decided_by {
+                        println!("decided by: {d}");
+                    }
+                    if let Some(b) = &e.backend {
+                        println!(
+                            "backend:    {b}{}",
+                            if e.snat { " (source NATed to this node)" } else { "" }
+                        );
+                    }
+                    if let Some(r) = &e.rewritten {
+                        println!("rewritten:  {r}");
+                    }
+                    println!("verdict:    {}", e.verdict);
+                    if let Some(r) = e.drop_reason {
+                        println!("because:    {r}");
+                    }
+                }
+            }
+        }
         Command::Plan { .. } => unreachable!("handled by run"),
     }
     Ok(())
+}
+
+fn parse_endpoint(s: &str, default_port: Option<u16>) -> Result<std::net::SocketAddr> {
+    if let Ok(a) = s.parse::<std::net::SocketAddr>() {
+        return Ok(a);
+    }
+    match (s.trim_matches(['[', ']']).parse::<IpAddr>(), default_port) {
+        (Ok(ip), Some(port)) => Ok(std::net::SocketAddr::new(ip, port)),
+        _ => anyhow::bail!(
+            "{s:?} is not an address{}",
+            if default_port.is_some() { "" } else { ":port" }
+        ),
+    }
 }
 
 fn print_conntrack(rows: &[ConntrackRow], output: Output) -> Result<()> {

@@ -148,3 +148,56 @@ fn check_pinned(spec: &MapSpec, path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Maps the datapath only reads: a private copy of the object may share the live, pinned ones
+/// without ever changing them (`lbctl explain`).
+pub const READ_ONLY_MAPS: &[&str] = &[
+    MAP_SERVICES,
+    MAP_TABLES,
+    MAP_BACKENDS,
+    MAP_MAGLEV,
+    MAP_AFFINITY_MATCH,
+    MAP_SOURCE_RANGES,
+    MAP_NODE,
+    MAP_NAMES,
+];
+
+/// Loads a private copy of the object whose read-only maps are the live pinned ones under
+/// `bpffs` and whose stateful maps (conntrack, affinity, counters, ...) are fresh and small, so
+/// running a program on it answers "what would happen" without touching live state.
+pub fn load_shadow(bpffs: &Path) -> Result<Ebpf> {
+    let object = crate::ebpf_object()?;
+    let dir = maps_pin_dir(bpffs);
+    let mut loader = EbpfLoader::new();
+    let specs = map_specs(&MapSizes::default());
+    for spec in &specs {
+        let path = dir.join(spec.name);
+        if READ_ONLY_MAPS.contains(&spec.name) {
+            if !path.exists() {
+                bail!(
+                    "no pinned map at {} (is an agent running with --bpffs {}?)",
+                    path.display(),
+                    bpffs.display()
+                );
+            }
+            let info = MapData::from_pin(&path)
+                .with_context(|| format!("opening {}", path.display()))?
+                .info()?;
+            if (info.key_size(), info.value_size()) != (spec.key_size, spec.value_size) {
+                bail!("pinned map {} is of another layout version than this lbctl", path.display());
+            }
+            loader.map_pin_path(spec.name, path);
+        } else if spec.name == MAP_SERVICE_STATS {
+            // Indexed by service id: as large as the live one.
+            let live =
+                MapData::from_pin(dir.join(spec.name)).map(|m| m.info().map(|i| i.max_entries()));
+            loader.map_max_entries(
+                spec.name,
+                live.ok().and_then(|r| r.ok()).unwrap_or(spec.max_entries),
+            );
+        } else if spec.name != MAP_STATS {
+            loader.map_max_entries(spec.name, 1024);
+        }
+    }
+    loader.load(object).context("loading a private copy of the datapath")
+}

@@ -111,9 +111,11 @@ fn connect(args: &[String]) {
     let interval = Duration::from_millis(
         flag(args, "--interval-ms").first().and_then(|c| c.parse().ok()).unwrap_or(0),
     );
+    // UDP only: a fixed client port (to replay a flow `lbctl explain` described).
+    let sport: u16 = flag(args, "--sport").first().and_then(|c| c.parse().ok()).unwrap_or(0);
     for _ in 0..count {
         std::thread::sleep(interval);
-        let line = if udp { udp_once(target, timeout) } else { tcp_once(target, timeout) };
+        let line = if udp { udp_once(target, timeout, sport) } else { tcp_once(target, timeout) };
         println!("{}", line.unwrap_or_else(|e| format!("err {}", errname(&e))));
     }
 }
@@ -175,8 +177,8 @@ fn session(args: &[String]) {
     }
 }
 
-fn udp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+fn udp_once(target: SocketAddr, timeout: Duration, sport: u16) -> std::io::Result<String> {
+    let bind = if target.is_ipv4() { format!("0.0.0.0:{sport}") } else { format!("[::]:{sport}") };
     let s = UdpSocket::bind(bind)?;
     s.set_read_timeout(Some(timeout))?;
     s.send_to(b"ping", target)?;

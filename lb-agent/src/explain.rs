@@ -1,0 +1,383 @@
+//! `lbctl explain`: what the datapath does with one packet, and why.
+//!
+//! From outside (device hooks) the answer is not simulated: the packet is built and run through
+//! the real tc ingress program (BPF_PROG_TEST_RUN) in a private copy of the object that shares
+//! the live read-only maps (frontends, backend sets, Maglev, backends, ...) and has private
+//! stateful ones, pre-filled with the live conntrack and affinity entries of this flow. Live
+//! maps are left exactly as they were. From a pod or the host (socket hooks, which cannot be
+//! test-run) the same maps are read to say what connect() will do.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    maps::{HashMap, Map, MapData, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use lb_common::*;
+use serde::Serialize;
+
+use crate::{
+    dataplane::loader::{load_shadow, maps_pin_dir},
+    inspect::{BackendView, Inspection},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum From {
+    /// A client outside the node, arriving on a device (tc/XDP).
+    Outside,
+    /// A pod of this node (socket hooks).
+    Pod,
+    /// A host process of this node (socket hooks).
+    Host,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub packet: String,
+    pub hook: &'static str,
+    pub service: Option<String>,
+    pub frontend: Option<String>,
+    pub flags: Vec<&'static str>,
+    pub candidates: Vec<BackendView>,
+    /// What chose the backend (conntrack entry, affinity entry, Maglev slot, random slot).
+    pub decided_by: Option<String>,
+    pub backend: Option<String>,
+    /// The packet's tuple after translation.
+    pub rewritten: Option<String>,
+    pub snat: bool,
+    pub verdict: String,
+    pub drop_reason: Option<&'static str>,
+}
+
+fn proto_name(p: u8) -> &'static str {
+    if p == PROTO_UDP { "UDP" } else { "TCP" }
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in data.chunks(2) {
+        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet frame with a TCP SYN or a small UDP datagram from `src` to `dst`.
+pub fn build_packet(src: SocketAddr, dst: SocketAddr, proto: u8) -> Result<Vec<u8>> {
+    let l4: Vec<u8> = if proto == PROTO_TCP {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&src.port().to_be_bytes());
+        t[2..4].copy_from_slice(&dst.port().to_be_bytes());
+        t[4..8].copy_from_slice(&1u32.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = 0x02; // SYN
+        t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        t
+    } else {
+        let mut u = vec![0u8; 8];
+        u.extend_from_slice(b"lbctl explain");
+        u[0..2].copy_from_slice(&src.port().to_be_bytes());
+        u[2..4].copy_from_slice(&dst.port().to_be_bytes());
+        let len = u.len() as u16;
+        u[4..6].copy_from_slice(&len.to_be_bytes());
+        u
+    };
+    let mut pseudo = Vec::new();
+    let mut p = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            p.extend_from_slice(&[0x08, 0x00]);
+            let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
+            ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            let c = checksum(&ip);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            p.extend_from_slice(&ip);
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, proto]);
+            pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            p.extend_from_slice(&[0x86, 0xdd]);
+            let mut ip = vec![0x60, 0, 0, 0];
+            ip.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            ip.extend_from_slice(&[proto, 64]);
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            p.extend_from_slice(&ip);
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, proto]);
+        }
+        _ => bail!("source and destination are of different IP families"),
+    }
+    let mut l4 = l4;
+    pseudo.extend_from_slice(&l4);
+    let c = checksum(&pseudo);
+    let off = if proto == PROTO_TCP { 16 } else { 6 };
+    l4[off..off + 2].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(&l4);
+    Ok(p)
+}
+
+/// (src, dst) of a frame built by [`build_packet`] or rewritten by the datapath.
+fn tuple(p: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+    let (src, dst, l4): (IpAddr, IpAddr, usize) = match p.get(12..14)? {
+        [0x08, 0x00] => {
+            let ihl = (p.get(14)? & 0x0f) as usize * 4;
+            let s: [u8; 4] = p.get(26..30)?.try_into().ok()?;
+            let d: [u8; 4] = p.get(30..34)?.try_into().ok()?;
+            (s.into(), d.into(), 14 + ihl)
+        }
+        [0x86, 0xdd] => {
+            let s: [u8; 16] = p.get(22..38)?.try_into().ok()?;
+            let d: [u8; 16] = p.get(38..54)?.try_into().ok()?;
+            (s.into(), d.into(), 54)
+        }
+        _ => return None,
+    };
+    let ports = p.get(l4..l4 + 4)?;
+    Some((
+        SocketAddr::new(src, u16::from_be_bytes([ports[0], ports[1]])),
+        SocketAddr::new(dst, u16::from_be_bytes([ports[2], ports[3]])),
+    ))
+}
+
+fn flags_of(v: &ServiceValue) -> Vec<&'static str> {
+    let mut f = Vec::new();
+    for (bit, name) in [
+        (SVC_F_AFFINITY, "affinity"),
+        (SVC_F_LOCAL_ONLY, "local-only (traffic policy Local)"),
+        (SVC_F_SOURCE_RANGES, "source-ranges"),
+        (SVC_F_NO_ENDPOINT_DROP, "drop when no endpoint"),
+    ] {
+        if v.flags & bit != 0 {
+            f.push(name);
+        }
+    }
+    f
+}
+
+pub fn explain(
+    bpffs: &std::path::Path,
+    src: SocketAddr,
+    dst: SocketAddr,
+    proto: u8,
+    from: From,
+) -> Result<Explanation> {
+    let ins = Inspection::open(bpffs)?;
+    let scope = if from == From::Outside { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
+    let key = ServiceKey::new(dst.ip(), dst.port(), proto, scope);
+    let svc = ins.snapshot.services.get(&key).copied();
+    let view = ins.services();
+    let frontend_view = svc.and_then(|v| {
+        view.iter()
+            .find(|s| s.service_id == v.service_id)
+            .and_then(|s| {
+                s.frontends.iter().find(|f| {
+                    f.address == dst.to_string()
+                        && f.scope == if scope == SCOPE_INTERNAL { "internal" } else { "external" }
+                })
+            })
+            .cloned()
+    });
+    let mut e = Explanation {
+        packet: format!("{src} -> {dst} {}", proto_name(proto)),
+        hook: if from == From::Outside {
+            "tc ingress (device)"
+        } else {
+            "cgroup connect/sendmsg (socket)"
+        },
+        service: svc.map(|v| ins.name(v.service_id)),
+        frontend: frontend_view.as_ref().map(|f| format!("{} {} ({})", f.kind, f.address, f.scope)),
+        flags: svc.as_ref().map(flags_of).unwrap_or_default(),
+        candidates: frontend_view.map(|f| f.backends).unwrap_or_default(),
+        decided_by: None,
+        backend: None,
+        rewritten: None,
+        snat: false,
+        verdict: String::new(),
+        drop_reason: None,
+    };
+    if from != From::Outside {
+        return Ok(explain_socket(&ins, e, &key, svc));
+    }
+    explain_device(bpffs, &ins, src, dst, proto, svc, &mut e)?;
+    Ok(e)
+}
+
+fn explain_socket(
+    ins: &Inspection,
+    mut e: Explanation,
+    key: &ServiceKey,
+    svc: Option<ServiceValue>,
+) -> Explanation {
+    let Some(v) = svc else {
+        let marker = ServiceKey::new(key.ip(), 0, 0, SCOPE_INTERNAL);
+        e.verdict = if ins.snapshot.services.contains_key(&marker) {
+            "connect() refused (ECONNREFUSED): a ClusterIP, but no such port".into()
+        } else {
+            "not a service: untouched".into()
+        };
+        return e;
+    };
+    if e.candidates.is_empty() {
+        e.verdict = "connect() refused (ECONNREFUSED): the service has no usable endpoint".into();
+        return e;
+    }
+    e.decided_by = Some(if v.flags & SVC_F_AFFINITY != 0 {
+        format!(
+            "sessionAffinity per pod network namespace ({} s), else a random Maglev slot per connection",
+            v.affinity_timeout_s
+        )
+    } else {
+        "a random Maglev slot per connection: backends in proportion to their slots".into()
+    });
+    e.verdict =
+        "connect() goes straight to the chosen backend; getpeername() shows the service".into();
+    e
+}
+
+fn explain_device(
+    bpffs: &std::path::Path,
+    ins: &Inspection,
+    src: SocketAddr,
+    dst: SocketAddr,
+    proto: u8,
+    svc: Option<ServiceValue>,
+    e: &mut Explanation,
+) -> Result<()> {
+    let packet = build_packet(src, dst, proto)?;
+    let mut shadow = load_shadow(bpffs)?;
+    let dir = maps_pin_dir(bpffs);
+    // This flow's live state, copied into the private maps.
+    let ct_key = CtKey {
+        saddr: addr_from_ip(src.ip()),
+        daddr: addr_from_ip(dst.ip()),
+        sport_be: src.port().to_be(),
+        dport_be: dst.port().to_be(),
+        proto,
+        _pad: [0; 3],
+    };
+    let live_ct: HashMap<MapData, CtKey, CtValue> =
+        HashMap::try_from(Map::LruHashMap(MapData::from_pin(dir.join(MAP_CONNTRACK))?))?;
+    let live_entry = live_ct.get(&ct_key, 0).ok();
+    {
+        let mut ct: HashMap<&mut MapData, CtKey, CtValue> =
+            HashMap::try_from(shadow.map_mut(MAP_CONNTRACK).context("no LB_CT")?)?;
+        if let Some(v) = live_entry {
+            ct.insert(ct_key, v, 0)?;
+            let pair = CtKey {
+                saddr: v.new_daddr,
+                daddr: v.new_saddr,
+                sport_be: v.new_dport_be,
+                dport_be: v.new_sport_be,
+                proto,
+                _pad: [0; 3],
+            };
+            if let Ok(pv) = live_ct.get(&pair, 0) {
+                ct.insert(pair, pv, 0)?;
+            }
+        }
+    }
+    let mut affinity_note = None;
+    if let Some(v) = svc.filter(|v| v.flags & SVC_F_AFFINITY != 0) {
+        let live_aff: HashMap<MapData, AffinityKey, AffinityValue> =
+            HashMap::try_from(Map::LruHashMap(MapData::from_pin(dir.join(MAP_AFFINITY))?))?;
+        let akey = AffinityKey {
+            client: addr_from_ip(src.ip()),
+            service_id: v.service_id,
+            kind: AFFINITY_BY_ADDR,
+            _pad: [0; 3],
+        };
+        if let Ok(av) = live_aff.get(&akey, 0) {
+            let mut aff: HashMap<&mut MapData, AffinityKey, AffinityValue> =
+                HashMap::try_from(shadow.map_mut(MAP_AFFINITY).context("no LB_AFFINITY")?)?;
+            aff.insert(akey, av, 0)?;
+            affinity_note = Some(format!(
+                "sessionAffinity entry of client {} (backend {})",
+                src.ip(),
+                av.backend_id
+            ));
+        }
+    }
+    let prog: &mut SchedClassifier =
+        shadow.program_mut(PROG_TC_INGRESS).context("no tc_ingress")?.try_into()?;
+    prog.load().context("loading tc_ingress (root needed)")?;
+    let mut out = vec![0u8; packet.len() + 256];
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(&packet),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .context("running tc_ingress on the packet")?;
+    out.truncate(result.data_size_out as usize);
+
+    let stats: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(shadow.map(MAP_STATS).context("no LB_STATS")?)?;
+    let moved = |i: u32| stats.get(&i, 0).map(|v| v.iter().sum::<u64>() > 0).unwrap_or(false);
+    e.verdict = match result.return_value {
+        0 => "pass to the stack",
+        2 => "drop",
+        7 => "redirect out of the routed device",
+        _ => "other",
+    }
+    .into();
+    if moved(STAT_SERVICE_MISS) {
+        e.verdict = "not for a frontend: passed untouched".into();
+        return Ok(());
+    }
+    for (idx, reason) in [
+        (
+            STAT_DROP_NO_BACKEND,
+            "no usable endpoint on this node (policy Local) or maps inconsistent",
+        ),
+        (STAT_DROP_SOURCE_RANGE, "client outside loadBalancerSourceRanges"),
+        (STAT_DROP_NAT_EXHAUSTED, "no free SNAT port"),
+        (STAT_DROP_CT_FULL, "conntrack full"),
+        (STAT_DROP_NO_NODE_ADDR, "no node address to SNAT to"),
+        (STAT_DROP_REWRITE, "packet rewrite failed"),
+    ] {
+        if moved(idx) {
+            e.drop_reason = Some(reason);
+        }
+    }
+    if moved(STAT_REJECT_NO_BACKEND) {
+        e.verdict =
+            "reject: ICMP port unreachable back to the client (no endpoint anywhere)".into();
+        return Ok(());
+    }
+    let private_ct: HashMap<&MapData, CtKey, CtValue> =
+        HashMap::try_from(shadow.map(MAP_CONNTRACK).context("no LB_CT")?)?;
+    if let Ok(v) = private_ct.get(&ct_key, 0) {
+        let b = ins.snapshot.backends.get(&v.backend_id).copied().unwrap_or_default();
+        e.backend = Some(SocketAddr::new(b.ip(), b.port()).to_string());
+        e.snat = v.flags & CT_F_SNAT != 0;
+        e.decided_by = Some(if moved(STAT_CT_HIT) {
+            "existing conntrack entry (an established flow keeps its backend)".into()
+        } else if moved(STAT_AFFINITY_HIT) {
+            affinity_note.unwrap_or_else(|| "sessionAffinity entry".into())
+        } else {
+            let table =
+                svc.and_then(|s| ins.snapshot.tables.get(&s.table_id).copied()).unwrap_or_default();
+            let hash =
+                flow_hash(&ct_key.saddr, &ct_key.daddr, ct_key.sport_be, ct_key.dport_be, proto);
+            let slot = if table.maglev_size > 0 { hash % table.maglev_size } else { 0 };
+            format!(
+                "Maglev slot {slot} of {} (flow hash {hash:#010x}) -> backend {}",
+                table.maglev_size, v.backend_id
+            )
+        });
+    }
+    if let Some((s, d)) = tuple(&out) {
+        e.rewritten = Some(format!("{s} -> {d}"));
+    }
+    Ok(())
+}
