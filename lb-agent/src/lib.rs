@@ -7,6 +7,7 @@ pub mod ebpf_object;
 pub mod explain;
 pub mod inspect;
 pub mod model;
+pub mod serve;
 pub mod sources;
 pub mod state;
 pub mod sync;

@@ -16,19 +16,26 @@ use ipnet::IpNet;
 use lb_agent::{
     config::ModelConfig,
     dataplane::{
-        attach, counters,
+        attach, counters, links,
+        links::LinkPins,
         loader::{self, LoadOptions, MapSizes},
         programs,
         store::{KernelStore, WriteCounts},
         writer::{Writer, WriterConfig},
     },
     model::maglev,
+    serve::{
+        self, endpoints,
+        endpoints::Status,
+        health_check::HealthServers,
+        metrics::{KindLabel, MapLabel, ProgramLabel},
+    },
     sources::{
         Event, Object,
         kube::{self, KINDS, Kind, KubeMsg},
         manifests::ManifestsDir,
     },
-    sync::Syncer,
+    sync::{SyncReport, Syncer},
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -48,8 +55,8 @@ struct Args {
     #[arg(long)]
     k8s_api_server: Option<String>,
     /// This node's name: decides which endpoints are local and which Node object is ours.
-    #[arg(long, env = "NODE_NAME")]
-    node_name: String,
+    #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
+    node_name: Option<String>,
     /// Devices that receive traffic from outside clients (NodePort, ExternalIP, LB IP).
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
@@ -90,6 +97,13 @@ struct Args {
     /// How often the manifests folder is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
+    /// Remove everything installed under --bpffs (pinned links, which detaches the programs,
+    /// and maps) and exit: the uninstall step.
+    #[arg(long)]
+    cleanup: bool,
+    /// Where /healthz, /readyz and /metrics are served.
+    #[arg(long, default_value = "127.0.0.1:10256")]
+    health_bind_address: std::net::SocketAddr,
     /// Seconds between counter summaries in the log (0: never).
     #[arg(long, default_value_t = 60)]
     stats_interval: u64,
@@ -109,6 +123,9 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<()> {
+    if args.cleanup {
+        return links::cleanup(&args.bpffs);
+    }
     if !maglev::SIZES.contains(&args.maglev_max_size) {
         bail!("--maglev-max-size {} is not one of {:?}", args.maglev_max_size, maglev::SIZES);
     }
@@ -117,7 +134,8 @@ async fn run(args: Args) -> Result<()> {
     {
         bail!("--manifests {}: not a directory", dir.display());
     }
-    let mut cfg = ModelConfig::new(&args.node_name);
+    let node_name = args.node_name.as_deref().context("--node-name is required")?;
+    let mut cfg = ModelConfig::new(node_name);
     cfg.nodeport_cidrs = args.nodeport_addresses.clone();
     cfg.extra_node_ips = args.node_ip.clone();
     cfg.maglev_max_size = args.maglev_max_size;
@@ -127,7 +145,7 @@ async fn run(args: Args) -> Result<()> {
         None => {
             let client =
                 kube::client(args.kubeconfig.as_deref(), args.k8s_api_server.as_deref()).await?;
-            Source::Kube(kube::watch(client, &args.node_name))
+            Source::Kube(kube::watch(client, node_name))
         }
     };
     let sizes = MapSizes {
@@ -137,17 +155,57 @@ async fn run(args: Args) -> Result<()> {
         maglev_slots: args.maglev_slots,
         max_conntrack: args.max_conntrack,
     };
+    let status = Status::new(args.bpffs.clone());
+    let listener =
+        tokio::net::TcpListener::bind(args.health_bind_address).await.with_context(|| {
+            format!("listening on --health-bind-address {}", args.health_bind_address)
+        })?;
+    info!(address = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
+    let served = status.clone();
+    tokio::spawn(serve::serve(listener, move |req| endpoints::handle(served.clone(), req)));
+    for (map, cap) in [
+        (lb_common::MAP_SERVICES, sizes.max_frontends as i64),
+        (lb_common::MAP_TABLES, (lb_common::TABLES_PER_SERVICE * sizes.max_services) as i64),
+        (lb_common::MAP_BACKENDS, sizes.max_backends as i64),
+        (lb_common::MAP_MAGLEV, sizes.maglev_slots as i64),
+        (lb_common::MAP_AFFINITY_MATCH, sizes.max_backends as i64),
+        (lb_common::MAP_NAMES, sizes.max_services as i64),
+        (lb_common::MAP_CONNTRACK, sizes.max_conntrack as i64),
+    ] {
+        status.metrics.map_capacity.get_or_create(&MapLabel { map: map.into() }).set(cap);
+    }
     let mut ebpf = loader::load(&LoadOptions { bpffs: Some(args.bpffs.clone()), sizes })?;
     programs::load_all(&mut ebpf)?;
     info!(bpffs = %args.bpffs.display(), "datapath loaded, maps pinned");
+    let attached = |program: &str, target: &str| {
+        status
+            .metrics
+            .attached
+            .get_or_create(&ProgramLabel { program: program.into(), target: target.into() })
+            .set(1);
+    };
+    // Links are pinned: programs stay attached when the agent stops, and the next agent swaps
+    // its programs in atomically.
+    let mut pins = LinkPins::new(&args.bpffs)?;
     if let Some(cg) = &args.cgroup {
-        attach::cgroup(&mut ebpf, cg)?;
+        attach::cgroup(&mut ebpf, cg, Some(&mut pins))?;
+        attached("socket hooks", &cg.display().to_string());
     }
     for dev in &args.devices {
-        attach::tc(&mut ebpf, dev)?;
+        attach::tc(&mut ebpf, dev, Some(&mut pins))?;
+        attached("tc", dev);
         if args.xdp {
-            attach::xdp_ingress(&mut ebpf, dev)?;
+            let mode = attach::xdp_ingress(&mut ebpf, dev, Some(&mut pins))?;
+            let label = match mode {
+                attach::XdpAttachMode::Native => "xdp native",
+                attach::XdpAttachMode::Generic => "xdp generic",
+                attach::XdpAttachMode::Kept => "xdp",
+            };
+            attached(label, dev);
         }
+    }
+    for gone in pins.remove_unwanted()? {
+        info!(hook = gone, "detached a hook no longer configured");
     }
 
     let writer = Writer::new(
@@ -171,6 +229,9 @@ async fn run(args: Args) -> Result<()> {
         elapsed_ms = start.elapsed().as_millis() as u64,
         "initial sync done"
     );
+    let mut health_servers = HealthServers::default();
+    after_sync(&status, &syncer, &mut health_servers, None).await;
+    status.ready.store(true, std::sync::atomic::Ordering::Release);
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut poll_tick = tokio::time::interval(Duration::from_millis(args.poll_interval_ms.max(10)));
@@ -190,6 +251,7 @@ async fn run(args: Args) -> Result<()> {
                     info!(services = report.services_planned, writes = ?report.writes,
                           elapsed_us = report.elapsed.as_micros() as u64, "synced");
                 }
+                after_sync(&status, &syncer, &mut health_servers, Some(&report)).await;
             }
             _ = stats_tick.tick(), if args.stats_interval > 0 => {
                 let stats = counters::global(&ebpf).context("reading counters")?;
@@ -197,7 +259,10 @@ async fn run(args: Args) -> Result<()> {
             }
         }
     }
-    info!("stopping; programs detach, maps stay pinned under {}", args.bpffs.display());
+    info!(
+        "stopping; programs stay attached and maps pinned under {} (lb-agent --cleanup removes them)",
+        args.bpffs.display()
+    );
     Ok(())
 }
 
@@ -266,6 +331,31 @@ impl Source {
             },
         }
     }
+}
+
+/// Metrics and healthCheckNodePorts after the maps changed.
+async fn after_sync(
+    status: &Status,
+    syncer: &Syncer<KernelStore>,
+    health: &mut HealthServers,
+    report: Option<&SyncReport>,
+) {
+    let m = &status.metrics;
+    if let Some(r) = report {
+        m.syncs.inc();
+        m.sync_seconds.observe(r.elapsed.as_secs_f64());
+        if !r.errors.is_empty() {
+            m.sync_errors.inc();
+        }
+    }
+    let (services, slices, nodes) = syncer.state.counts();
+    for (kind, n) in [("Service", services), ("EndpointSlice", slices), ("Node", nodes)] {
+        m.objects.get_or_create(&KindLabel { kind: kind.into() }).set(n as i64);
+    }
+    for (map, n) in syncer.writer.fill() {
+        m.map_entries.get_or_create(&MapLabel { map: map.into() }).set(n as i64);
+    }
+    health.update(&syncer.health_ports()).await;
 }
 
 /// Logs manifest errors when they differ from the last ones logged.

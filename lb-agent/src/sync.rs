@@ -13,6 +13,7 @@ use crate::{
         writer::Writer,
     },
     model::{self, ServiceOutcome},
+    serve::health_check::Health,
     sources::Event,
     state::{Affected, ClusterState, ObjKey},
 };
@@ -32,11 +33,19 @@ pub struct Syncer<S: MapStore> {
     pub writer: Writer<S>,
     /// Last outcome per service that could not be programmed (to log changes only).
     problems: std::collections::BTreeMap<ObjKey, String>,
+    /// healthCheckNodePorts of the services that have one: port -> health.
+    health: std::collections::BTreeMap<ObjKey, Vec<(u16, Health)>>,
 }
 
 impl<S: MapStore> Syncer<S> {
     pub fn new(cfg: ModelConfig, writer: Writer<S>) -> Self {
-        Self { state: ClusterState::default(), cfg, writer, problems: Default::default() }
+        Self {
+            state: ClusterState::default(),
+            cfg,
+            writer,
+            problems: Default::default(),
+            health: Default::default(),
+        }
     }
 
     /// Applies events and reprograms every service they affect.
@@ -98,6 +107,27 @@ impl<S: MapStore> Syncer<S> {
                 _ => None,
             };
             self.note_problem(&key, problem, &mut report);
+            let health: Vec<(u16, Health)> = outcome
+                .plans()
+                .iter()
+                .filter_map(|p| {
+                    let port = p.health_check_node_port?;
+                    let local = p.external_backends.iter().filter(|b| b.local).count();
+                    Some((
+                        port,
+                        Health {
+                            namespace: p.namespace.clone(),
+                            name: p.name.clone(),
+                            local_endpoints: local,
+                        },
+                    ))
+                })
+                .collect();
+            if health.is_empty() {
+                self.health.remove(&key);
+            } else {
+                self.health.insert(key.clone(), health);
+            }
             report.services_planned += 1;
             match self.writer.apply_object(&key, outcome.plans()) {
                 Ok(r) => {
@@ -127,6 +157,18 @@ impl<S: MapStore> Syncer<S> {
                 self.problems.remove(key);
             }
         }
+    }
+
+    /// Every healthCheckNodePort and what it should report (a port claimed twice: first
+    /// service in name order; IPv4 and IPv6 plans of one service share it).
+    pub fn health_ports(&self) -> std::collections::BTreeMap<u16, Health> {
+        let mut out = std::collections::BTreeMap::new();
+        for list in self.health.values() {
+            for (port, h) in list {
+                out.entry(*port).or_insert_with(|| h.clone());
+            }
+        }
+        out
     }
 
     /// Ends the first full sync: entries of a previous agent that nothing claimed go away.

@@ -15,6 +15,14 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// A stand-in for a stopped agent: a process that exits at once.
+    pub fn idle() -> Self {
+        let child = std::process::Command::new("true").spawn().expect("spawn true");
+        Self { child, log: Arc::new(Mutex::new(Vec::new())) }
+    }
+}
+
+impl Agent {
     /// Starts `lb-agent` with `args`, optionally inside network namespace `netns` and cgroup
     /// `cgroup` (a cgroup v2 directory the process joins before exec).
     pub fn start(args: &[&str], netns: Option<&str>, cgroup: Option<&Path>) -> Self {

@@ -169,6 +169,8 @@ pub struct Running {
     pub cluster: Cluster,
     pub manifests: std::path::PathBuf,
     pub agents: Vec<crate::agent::Agent>,
+    /// Each node's agent command line.
+    pub agent_args: Vec<Vec<String>>,
     /// Each node's agent pins its maps here.
     pub pins: Vec<crate::kernel::PinDir>,
     _servers: Vec<crate::proc::Server>,
@@ -204,6 +206,7 @@ impl Running {
         }
         let mut pins = Vec::new();
         let mut agents = Vec::new();
+        let mut agent_args = Vec::new();
         for node in &cluster.nodes {
             let pin = crate::kernel::PinDir::new(&node.name);
             let args: Vec<String> = [
@@ -237,12 +240,28 @@ impl Running {
             .collect();
             let argv: Vec<&str> = args.iter().map(String::as_str).collect();
             agents.push(crate::agent::Agent::start(&argv, Some(node.ns.name()), None));
+            agent_args.push(args);
             pins.push(pin);
         }
         for a in &mut agents {
             a.wait_for_log("initial sync done", std::time::Duration::from_secs(30));
         }
-        Running { cluster, manifests: dir, agents, pins, _servers: servers }
+        Running { cluster, manifests: dir, agents, agent_args, pins, _servers: servers }
+    }
+
+    /// Stops node `n`'s agent (SIGTERM) and returns how it exited.
+    pub fn stop_agent(&mut self, n: usize) -> std::process::ExitStatus {
+        let placeholder = crate::agent::Agent::idle();
+        std::mem::replace(&mut self.agents[n], placeholder).stop()
+    }
+
+    /// Starts node `n`'s agent again with the same command line and waits for its first sync.
+    pub fn restart_agent(&mut self, n: usize) {
+        let argv: Vec<&str> = self.agent_args[n].iter().map(String::as_str).collect();
+        let mut agent =
+            crate::agent::Agent::start(&argv, Some(self.cluster.nodes[n].ns.name()), None);
+        agent.wait_for_log("initial sync done", std::time::Duration::from_secs(30));
+        self.agents[n] = agent;
     }
 
     /// Rewrites a manifest file and waits until every agent has applied it.
@@ -316,8 +335,10 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        // Agents first (they hold the cgroup and devices), then the folder.
+        // Agents first (they hold the cgroup and devices), then their pinned links and maps
+        // (unpinning detaches the programs), then the folder; namespaces and cgroups go last.
         self.agents.clear();
+        self.pins.clear();
         let _ = std::fs::remove_dir_all(&self.manifests);
     }
 }

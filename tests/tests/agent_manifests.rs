@@ -72,6 +72,8 @@ fn agent_programs_changes_survives_restart_and_cleans_up() {
         "0",
         "--poll-interval-ms",
         "20",
+        "--health-bind-address",
+        "127.0.0.1:0",
         // Small maps: tests run side by side.
         "--max-services",
         "1024",

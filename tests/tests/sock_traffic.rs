@@ -104,7 +104,7 @@ fn setup() -> Setup {
         let key = ObjKey::new("default", plan.name.clone());
         w.apply_object(&key, &[plan]).unwrap();
     }
-    attach::cgroup(&mut dp.ebpf, &cluster.nodes[0].cgroup.path).expect("attach socket hooks");
+    attach::cgroup(&mut dp.ebpf, &cluster.nodes[0].cgroup.path, None).expect("attach socket hooks");
     Setup { cluster, dp, _servers: servers }
 }
 

@@ -1,41 +1,74 @@
-//! Attaching the device programs to network interfaces.
-//!
-//! tc uses TCX links on kernels that have them (6.6+; aya falls back to a clsact qdisc and
-//! netlink elsewhere). XDP tries native (driver) mode first and falls back to generic mode,
-//! saying so, because a device whose driver lacks XDP still needs the service datapath.
+//! Attaching the programs: tc (TCX links on 6.6+; aya falls back to a clsact qdisc and netlink
+//! elsewhere), XDP (native, else generic, saying so), and the cgroup socket hooks. Every link is
+//! pinned (see `links.rs`) so programs outlive the agent.
+
+use std::{os::fd::AsFd, os::unix::fs::MetadataExt, path::Path};
 
 use anyhow::{Context, Result};
-use std::path::Path;
-
 use aya::{
     Ebpf,
-    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::FdLink, tc,
+    },
 };
 use lb_common::{PROG_SOCK, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP_INGRESS};
 use tracing::{info, warn};
+
+use super::links::LinkPins;
 
 /// How XDP ended up attached to a device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XdpAttachMode {
     Native,
     Generic,
+    /// A pinned link from a previous agent got the new program; its mode is whatever it was.
+    Kept,
 }
 
 /// Attaches tc ingress and egress to `ifname` (in the calling thread's network namespace).
-pub fn tc(ebpf: &mut Ebpf, ifname: &str) -> Result<()> {
-    for (name, dir) in
-        [(PROG_TC_INGRESS, TcAttachType::Ingress), (PROG_TC_EGRESS, TcAttachType::Egress)]
-    {
+/// Without `pins` the links live as long as `ebpf` (tests).
+pub fn tc(ebpf: &mut Ebpf, ifname: &str, pins: Option<&mut LinkPins>) -> Result<()> {
+    let mut pins = pins;
+    for (name, dir, label) in [
+        (PROG_TC_INGRESS, TcAttachType::Ingress, "tc-ingress"),
+        (PROG_TC_EGRESS, TcAttachType::Egress, "tc-egress"),
+    ] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("object has no {name} program"))?
             .try_into()?;
-        if let Err(first) = prog.attach(ifname, dir) {
-            // Without TCX, classifiers hang off a clsact qdisc; add it and try once more.
-            tc::qdisc_add_clsact(ifname)
-                .or_else(|e| if e.to_string().contains("exists") { Ok(()) } else { Err(e) })
-                .with_context(|| format!("adding clsact qdisc to {ifname} after: {first}"))?;
-            prog.attach(ifname, dir).with_context(|| format!("attaching {name} to {ifname}"))?;
+        let attach_new =
+            |prog: &mut SchedClassifier| -> Result<aya::programs::tc::SchedClassifierLinkId> {
+                match prog.attach(ifname, dir) {
+                    Ok(id) => Ok(id),
+                    Err(first) => {
+                        // Without TCX, classifiers hang off a clsact qdisc; add it and try once more.
+                        tc::qdisc_add_clsact(ifname)
+                            .or_else(
+                                |e| if e.to_string().contains("exists") { Ok(()) } else { Err(e) },
+                            )
+                            .with_context(|| {
+                                format!("adding clsact qdisc to {ifname} after: {first}")
+                            })?;
+                        prog.attach(ifname, dir)
+                            .with_context(|| format!("attaching {name} to {ifname}"))
+                    }
+                }
+            };
+        match pins.as_deref_mut() {
+            None => {
+                attach_new(prog)?;
+            }
+            Some(pins) => {
+                let fd = prog.fd()?.as_fd().try_clone_to_owned()?;
+                pins.attach(&format!("{label}@{ifname}"), fd.as_fd(), || {
+                    let id = attach_new(prog)?;
+                    let link = prog.take_link(id)?;
+                    FdLink::try_from(link)
+                        .context("tc link is not a BPF link (kernel without TCX?)")
+                })?;
+            }
         }
     }
     info!(device = ifname, "tc ingress and egress attached");
@@ -43,40 +76,82 @@ pub fn tc(ebpf: &mut Ebpf, ifname: &str) -> Result<()> {
 }
 
 /// Attaches XDP to `ifname`, natively when the driver supports it, else in generic mode.
-pub fn xdp_ingress(ebpf: &mut Ebpf, ifname: &str) -> Result<XdpAttachMode> {
+pub fn xdp_ingress(
+    ebpf: &mut Ebpf,
+    ifname: &str,
+    pins: Option<&mut LinkPins>,
+) -> Result<XdpAttachMode> {
     let prog: &mut Xdp = ebpf
         .program_mut(PROG_XDP_INGRESS)
         .context("object has no xdp_ingress program")?
         .try_into()?;
-    match prog.attach(ifname, XdpMode::Driver) {
-        Ok(_) => {
-            info!(device = ifname, "XDP attached in native mode");
-            Ok(XdpAttachMode::Native)
+    let mut mode = XdpAttachMode::Native;
+    let mut attach_new = |prog: &mut Xdp| -> Result<aya::programs::xdp::XdpLinkId> {
+        match prog.attach(ifname, XdpMode::Driver) {
+            Ok(id) => {
+                info!(device = ifname, "XDP attached in native mode");
+                Ok(id)
+            }
+            Err(native) => {
+                let id = prog.attach(ifname, XdpMode::Skb).with_context(|| {
+                    format!("attaching XDP to {ifname} (native mode failed: {native})")
+                })?;
+                warn!(device = ifname, error = %native, "native XDP unavailable; attached in generic mode");
+                mode = XdpAttachMode::Generic;
+                Ok(id)
+            }
         }
-        Err(native) => {
-            prog.attach(ifname, XdpMode::Skb).with_context(|| {
-                format!("attaching XDP to {ifname} (native mode failed: {native})")
+    };
+    match pins {
+        None => {
+            attach_new(prog)?;
+        }
+        Some(pins) => {
+            let fd = prog.fd()?.as_fd().try_clone_to_owned()?;
+            let reused = pins.attach(&format!("xdp@{ifname}"), fd.as_fd(), || {
+                let id = attach_new(prog)?;
+                let link = prog.take_link(id)?;
+                FdLink::try_from(link).context("XDP link is not a BPF link")
             })?;
-            warn!(device = ifname, error = %native, "native XDP unavailable; attached in generic mode");
-            Ok(XdpAttachMode::Generic)
+            if reused {
+                mode = XdpAttachMode::Kept;
+            }
         }
     }
+    Ok(mode)
 }
 
 /// Attaches every socket hook to the cgroup v2 directory `cgroup` (the node's root cgroup in
 /// production): processes in it and below reach services through the hooks. BPF links on a
 /// cgroup always coexist with other programs (the kernel rejects flags on link creation, so the
 /// mode passed is the default), so other tools' hooks on the same cgroup keep working.
-pub fn cgroup(ebpf: &mut Ebpf, cgroup: &Path) -> Result<()> {
+pub fn cgroup(ebpf: &mut Ebpf, cgroup: &Path, pins: Option<&mut LinkPins>) -> Result<()> {
     let dir = std::fs::File::open(cgroup)
         .with_context(|| format!("opening cgroup {} (a cgroup v2 directory)", cgroup.display()))?;
+    // Links are named after the cgroup's inode: another --cgroup means other links.
+    let ino = dir.metadata()?.ino();
+    let mut pins = pins;
     for (name, hook) in PROG_SOCK {
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
             .with_context(|| format!("object has no program {name}"))?
             .try_into()?;
-        prog.attach(&dir, CgroupAttachMode::Single)
-            .with_context(|| format!("attaching {hook} to cgroup {}", cgroup.display()))?;
+        match pins.as_deref_mut() {
+            None => {
+                prog.attach(&dir, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {hook} to cgroup {}", cgroup.display()))?;
+            }
+            Some(pins) => {
+                let fd = prog.fd()?.as_fd().try_clone_to_owned()?;
+                pins.attach(&format!("{hook}@cgroup-{ino}"), fd.as_fd(), || {
+                    let id = prog.attach(&dir, CgroupAttachMode::Single).with_context(|| {
+                        format!("attaching {hook} to cgroup {}", cgroup.display())
+                    })?;
+                    let link = prog.take_link(id)?;
+                    FdLink::try_from(link).context("cgroup link is not a BPF link")
+                })?;
+            }
+        }
     }
     info!(cgroup = %cgroup.display(), "socket hooks attached");
     Ok(())

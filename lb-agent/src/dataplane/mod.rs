@@ -4,6 +4,7 @@
 pub mod attach;
 pub mod counters;
 pub mod ids;
+pub mod links;
 pub mod loader;
 pub mod maglev_map;
 pub mod programs;

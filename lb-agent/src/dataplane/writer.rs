@@ -225,6 +225,21 @@ impl<S: MapStore> Writer<S> {
         self.store.counts()
     }
 
+    /// Entries this writer holds in each map it owns (for metrics).
+    pub fn fill(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            (MAP_SERVICES, (self.frontend_owner.len() + self.markers.len()) as u64),
+            (MAP_TABLES, self.ports.values().map(|p| p.tables.len() as u64).sum()),
+            (MAP_BACKENDS, self.backends.len() as u64),
+            (MAP_MAGLEV, self.maglev.used()),
+            (
+                MAP_AFFINITY_MATCH,
+                self.ports.values().map(|p| p.affinity_members.len() as u64).sum(),
+            ),
+            (MAP_NAMES, self.ports.len() as u64),
+        ]
+    }
+
     /// Service ports programmed.
     pub fn port_count(&self) -> usize {
         self.ports.len()

@@ -1,0 +1,146 @@
+//! Pinned BPF links: the programs stay attached when the agent stops (traffic keeps flowing
+//! through an agent restart or upgrade), and a new agent swaps its programs into the same links
+//! atomically (BPF_LINK_UPDATE) instead of detaching and re-attaching. `lb-agent --cleanup`
+//! removes them.
+
+use std::{
+    collections::BTreeSet,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::programs::links::FdLink;
+use tracing::{info, warn};
+
+use super::loader::maps_pin_dir;
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// Opens a pinned BPF object (`obj` member of `union bpf_attr`).
+fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    #[repr(C)]
+    struct Attr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut attr = Attr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0 };
+    // SAFETY: a valid obj attribute of the size passed; `c` outlives the call.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &mut attr as *mut Attr, size_of::<Attr>() as u32)
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor we now own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Where this ABI version's links are pinned.
+pub fn links_pin_dir(bpffs: &Path) -> PathBuf {
+    maps_pin_dir(bpffs).with_file_name("links")
+}
+
+/// Replaces the program of a link (`link_update` member of `union bpf_attr`).
+fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let mut attr = Attr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: a valid link_update attribute of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &mut attr as *mut Attr,
+            size_of::<Attr>() as u32,
+        )
+    };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+pub struct LinkPins {
+    dir: PathBuf,
+    wanted: BTreeSet<String>,
+}
+
+impl LinkPins {
+    pub fn new(bpffs: &Path) -> Result<Self> {
+        let dir = links_pin_dir(bpffs);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self { dir, wanted: BTreeSet::new() })
+    }
+
+    /// Puts `prog` at the hook `name`: into the pinned link of that name when there is one
+    /// (atomically, no packet sees no program), else through `attach_new`, whose link is then
+    /// pinned. Returns whether an existing link was reused.
+    pub fn attach(
+        &mut self,
+        name: &str,
+        prog: BorrowedFd<'_>,
+        attach_new: impl FnOnce() -> Result<FdLink>,
+    ) -> Result<bool> {
+        self.wanted.insert(name.to_owned());
+        let path = self.dir.join(name);
+        if path.exists() {
+            match obj_get(&path) {
+                Ok(link) => match link_update(link.as_fd(), prog) {
+                    Ok(()) => {
+                        info!(hook = name, "program replaced in the pinned link");
+                        return Ok(true);
+                    }
+                    Err(e) => {
+                        warn!(hook = name, error = %e, "pinned link unusable; attaching anew")
+                    }
+                },
+                Err(e) => warn!(hook = name, error = %e, "pinned link unreadable; attaching anew"),
+            }
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+        let link = attach_new()?;
+        link.pin(&path).with_context(|| format!("pinning link {}", path.display()))?;
+        Ok(false)
+    }
+
+    /// Unpins links of hooks this agent no longer uses (a device or cgroup dropped from its
+    /// flags), detaching their programs.
+    pub fn remove_unwanted(&self) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !self.wanted.contains(&name) {
+                std::fs::remove_file(entry.path())?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Removes every link and map an agent pinned under `bpffs` (uninstall): the programs detach
+/// and the maps go once nothing else holds them.
+pub fn cleanup(bpffs: &Path) -> Result<()> {
+    let version_dir = maps_pin_dir(bpffs).parent().map(Path::to_owned).context("pin layout")?;
+    if !version_dir.exists() {
+        bail!("nothing pinned under {}", version_dir.display());
+    }
+    std::fs::remove_dir_all(&version_dir)
+        .with_context(|| format!("removing {}", version_dir.display()))?;
+    info!(dir = %version_dir.display(), "removed pinned links and maps");
+    Ok(())
+}

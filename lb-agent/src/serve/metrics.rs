@@ -1,0 +1,149 @@
+//! Prometheus metrics: the agent's own (syncs and their latency, objects, map fill, programs
+//! attached), and the datapath's, read from the per-CPU counters at each scrape (packets and
+//! bytes per service port, events and drops by reason).
+
+use std::{path::Path, sync::Mutex};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use lb_common::*;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::dataplane::loader::maps_pin_dir;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProgramLabel {
+    pub program: String,
+    pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabel {
+    event: String,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub syncs: Counter,
+    pub sync_errors: Counter,
+    pub sync_seconds: Histogram,
+    pub objects: Family<KindLabel, Gauge>,
+    pub map_entries: Family<MapLabel, Gauge>,
+    pub map_capacity: Family<MapLabel, Gauge>,
+    pub attached: Family<ProgramLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("lb");
+        let m = Self {
+            registry: Mutex::new(Registry::default()),
+            syncs: Counter::default(),
+            sync_errors: Counter::default(),
+            // 50 us .. 1.6 s
+            sync_seconds: Histogram::new([
+                0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.4, 1.6,
+            ]),
+            objects: Family::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            attached: Family::default(),
+        };
+        registry.register("syncs", "Changes applied to the maps", m.syncs.clone());
+        registry.register(
+            "sync_errors",
+            "Changes that could not be fully applied",
+            m.sync_errors.clone(),
+        );
+        registry.register(
+            "sync_duration_seconds",
+            "From a change's arrival to its maps written",
+            m.sync_seconds.clone(),
+        );
+        registry.register("objects", "Kubernetes objects known, by kind", m.objects.clone());
+        registry.register("map_entries", "Entries in each BPF map", m.map_entries.clone());
+        registry.register("map_capacity", "Capacity of each BPF map", m.map_capacity.clone());
+        registry.register(
+            "program_attached",
+            "1 for each program attached, by hook target",
+            m.attached.clone(),
+        );
+        *m.registry.lock().unwrap() = registry;
+        m
+    }
+
+    /// The text exposition: the agent's metrics, then the datapath's from the pinned maps.
+    pub fn encode(&self, bpffs: &Path) -> Result<String> {
+        let mut out = String::new();
+        encode(&mut out, &self.registry.lock().unwrap())?;
+        // `encode` ends with "# EOF"; the datapath families follow, then one final EOF.
+        if let Some(i) = out.rfind("# EOF") {
+            out.truncate(i);
+        }
+        let mut dp = Registry::with_prefix("lb_datapath");
+        let dir = maps_pin_dir(bpffs);
+        let open = |name: &str| {
+            MapData::from_pin(dir.join(name)).with_context(|| format!("opening {name}"))
+        };
+        let stats: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(Map::PerCpuArray(open(MAP_STATS)?))?;
+        let events: Family<EventLabel, Counter> = Family::default();
+        for &(index, name) in STAT_NAMES {
+            let v: u64 = stats.get(&index, 0)?.iter().sum();
+            events.get_or_create(&EventLabel { event: name.into() }).inc_by(v);
+        }
+        dp.register(
+            "events",
+            "Datapath events by kind: packets seen, hits, translations, drops and their reasons",
+            events,
+        );
+        let names: HashMap<MapData, u32, ServiceName> =
+            HashMap::try_from(Map::HashMap(open(MAP_NAMES)?))?;
+        let svc: PerCpuArray<MapData, ServiceStats> =
+            PerCpuArray::try_from(Map::PerCpuArray(open(MAP_SERVICE_STATS)?))?;
+        let packets: Family<ServiceLabel, Counter> = Family::default();
+        let bytes: Family<ServiceLabel, Counter> = Family::default();
+        for kv in names.iter() {
+            let (id, name) = kv?;
+            let Ok(per_cpu) = svc.get(&id, 0) else { continue };
+            let label = ServiceLabel { service: name.as_str().to_owned() };
+            packets.get_or_create(&label).inc_by(per_cpu.iter().map(|s| s.packets).sum());
+            bytes.get_or_create(&label).inc_by(per_cpu.iter().map(|s| s.bytes).sum());
+        }
+        dp.register(
+            "service_packets",
+            "Packets (device hooks) or connections (socket hooks) per service port",
+            packets,
+        );
+        dp.register("service_bytes", "Bytes through the device hooks per service port", bytes);
+        let mut more = String::new();
+        encode(&mut more, &dp)?;
+        out.push_str(&more);
+        Ok(out)
+    }
+}

@@ -1,0 +1,52 @@
+//! What the agent serves over HTTP: `/healthz`, `/readyz` and `/metrics` (`endpoints.rs`,
+//! `metrics.rs`), and the healthCheckNodePort of every LoadBalancer service with
+//! externalTrafficPolicy Local (`health_check.rs`).
+
+pub mod endpoints;
+pub mod health_check;
+pub mod metrics;
+
+use std::{convert::Infallible, future::Future, sync::Arc};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+pub type Reply = Response<Full<Bytes>>;
+
+pub fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
+    Response::builder()
+        .status(status)
+        .header("Content-Type", content_type)
+        .header("X-Content-Type-Options", "nosniff")
+        .body(Full::new(body.into()))
+        .expect("a valid response")
+}
+
+/// Serves HTTP/1.1 on `listener`, answering every request with `handler` until the task is
+/// dropped.
+pub async fn serve<H, F>(listener: TcpListener, handler: H)
+where
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Reply> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else { continue };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let fut = handler(req);
+                async move { Ok::<_, Infallible>(fut.await) }
+            });
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
+            {
+                debug!(%peer, error = %e, "http connection ended");
+            }
+        });
+    }
+}

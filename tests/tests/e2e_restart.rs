@@ -1,0 +1,101 @@
+//! Agent restarts and uninstall: programs and maps stay when the agent stops (traffic keeps
+//! flowing, open connections survive), a new agent swaps its programs into the pinned links
+//! (no duplicate attachment), and `lb-agent --cleanup` removes everything.
+
+use std::time::Duration;
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use lb_tests::{
+    cluster::{Cluster, Running, by_server, parse_probe},
+    manifests::{Ep, Svc},
+    require_root, workspace_bin,
+};
+
+#[test]
+fn traffic_survives_agent_restarts_and_cleanup_removes_everything() {
+    require_root!();
+    let cluster = Cluster::new(1, 2, 1);
+    let eps: Vec<Ep> = cluster.nodes[0].pods.iter().map(|p| Ep::ready(p.ip4, "node-0")).collect();
+    let web = Svc {
+        name: "web",
+        cluster_ips: &["10.96.0.10"],
+        port: 80,
+        protocol: "TCP",
+        target_port: 8080,
+        node_port: Some(30080),
+        spec: "",
+        extra: "",
+    };
+    let mut run = Running::start(cluster, &[("web.yaml", web.file(&eps))]);
+    let ok = |run: &Running, what: &str| {
+        let from_client =
+            parse_probe(&run.from_client(0, &["connect", "10.230.0.10:30080", "--count", "20"]));
+        let from_pod =
+            parse_probe(&run.from_pod(0, 1, &["connect", "10.96.0.10:80", "--count", "20"]));
+        for (who, r) in [("client", from_client), ("pod", from_pod)] {
+            assert!(r.iter().all(|r| r.is_ok()), "{what}, from {who}: {r:?}");
+            assert_eq!(by_server(&r).len(), 2, "{what}, from {who}");
+        }
+    };
+    ok(&run, "agent running");
+
+    // Sessions open across the stop and the restart.
+    let sessions = [
+        run.background_from_client(
+            0,
+            &["session", "10.230.0.10:30080", "--rounds", "30", "--interval-ms", "50"],
+        ),
+        run.background_from_pod(
+            0,
+            1,
+            &["session", "10.96.0.10:80", "--rounds", "30", "--interval-ms", "50"],
+        ),
+    ];
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(run.stop_agent(0).success());
+    ok(&run, "agent stopped");
+    run.restart_agent(0);
+    let log = run.agents[0].log();
+    let replaced = log.iter().filter(|l| l.contains("program replaced in the pinned link")).count();
+    assert_eq!(replaced, 10, "2 tc + 8 socket hooks swapped in place:\n{}", log.join("\n"));
+    ok(&run, "agent restarted");
+    for s in sessions {
+        let out = s.finish();
+        assert!(out.last().is_some_and(|l| l.starts_with("ok ") && l.ends_with(" 30")), "{out:?}");
+    }
+
+    // One program per hook, not two.
+    let node = &run.cluster.nodes[0];
+    let tcx = |dir| {
+        node.ns.run(move || {
+            let (_, progs) = SchedClassifier::query_tcx("eth0", dir).expect("query tcx");
+            progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()).collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(tcx(TcAttachType::Ingress), ["tc_ingress"]);
+    assert_eq!(tcx(TcAttachType::Egress), ["tc_egress"]);
+    let cg = std::process::Command::new("bpftool")
+        .args(["cgroup", "show", node.cgroup.path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let cg = String::from_utf8_lossy(&cg.stdout);
+    assert_eq!(cg.matches("connect4").count(), 1, "{cg}");
+
+    // Uninstall: stop, clean up, and nothing answers for the services any more.
+    assert!(run.stop_agent(0).success());
+    let pins = run.pins[0].path.to_str().unwrap().to_owned();
+    let out = std::process::Command::new(workspace_bin("lb-agent"))
+        .args(["--cleanup", "--bpffs", &pins])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::read_dir(&pins).unwrap().next().is_none(), "pins left in {pins}");
+    let left = run.cluster.nodes[0].ns.run(|| {
+        SchedClassifier::query_tcx("eth0", TcAttachType::Ingress).map(|(_, p)| p.len()).unwrap_or(0)
+    });
+    assert_eq!(left, 0, "tc programs still attached");
+    let r = run.from_client(0, &["connect", "10.230.0.10:30080", "--timeout-ms", "500"]);
+    assert!(r[0].starts_with("err"), "{r:?}");
+    let r = run.from_pod(0, 1, &["connect", "10.96.0.10:80", "--timeout-ms", "500"]);
+    assert!(r[0].starts_with("err"), "{r:?}");
+}
