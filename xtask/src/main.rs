@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod kind;
 mod setup;
 mod test;
 mod util;
@@ -30,6 +31,13 @@ enum Command {
     },
     /// Run a two-node mini-cluster in network namespaces with real agents and show who answers.
     Demo,
+    /// The access paths on a kind cluster without kube-proxy (needs Docker, kind, kubectl; says
+    /// so and stops where they are missing).
+    KindE2e {
+        /// Keep the cluster afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Print benchmark figures: control-plane, datapath, or all of them.
     Bench {
         /// control-plane or datapath (default: all).
@@ -43,6 +51,7 @@ fn main() {
         Command::Setup => setup::run(),
         Command::Test { args } => setup::run().and_then(|()| test::run(&args)),
         Command::Demo => setup::run().and_then(|()| demo::run()),
+        Command::KindE2e { keep } => kind::run(keep),
         Command::Bench { which } => setup::run().and_then(|()| bench::run(which.as_deref())),
     };
     if let Err(e) = result {

@@ -10,6 +10,8 @@ use crate::util::{is_root, output, run_cmd, succeeds};
 /// bpf-linker release known to build against the nightly's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
+/// Validates the deploy manifests against the Kubernetes schemas (pinned).
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// Debian packages the tests and demo use: (command that proves it is there, package).
 const DEBIAN_PACKAGES: &[(&str, &str)] =
     &[("ip", "iproute2"), ("sysctl", "procps"), ("bpftool", "bpftool")];
@@ -61,7 +63,7 @@ const STEPS: &[Step] = &[
     },
     Step {
         name: "bpffs at /sys/fs/bpf",
-        done: bpffs_mounted,
+        done: || skip("LB_SETUP_SKIP_BPFFS") || bpffs_mounted(),
         install: || {
             if !is_root() {
                 bail!("mounting bpffs needs root");
@@ -72,11 +74,39 @@ const STEPS: &[Step] = &[
     },
     Step {
         name: "Debian packages",
-        done: || missing_packages().is_empty(),
+        done: || skip("LB_SETUP_SKIP_PACKAGES") || missing_packages().is_empty(),
         install: install_packages,
         hint: "as root: apt-get install iproute2 procps bpftool",
     },
+    Step {
+        name: "kubernetes-validate (Python, for the deploy manifests)",
+        done: || skip("LB_SETUP_SKIP_PACKAGES") || kubernetes_validate_works(),
+        install: install_kubernetes_validate,
+        hint: "needs python3 with venv and access to PyPI",
+    },
 ];
+
+/// Set to 1 to skip a step (container image builds need neither packages nor bpffs).
+fn skip(var: &str) -> bool {
+    std::env::var_os(var).is_some_and(|v| v == "1")
+}
+
+/// Where tools of the test suite are installed (stable across `cargo clean`).
+pub fn tools_dir() -> PathBuf {
+    llvm_prefix().with_file_name("lb-tools")
+}
+
+fn kubernetes_validate_works() -> bool {
+    let bin = tools_dir().join("venv/bin/kubernetes-validate");
+    output(bin.to_str().unwrap_or(""), &["--version"])
+        .is_ok_and(|v| KUBERNETES_VALIDATE.ends_with(v.trim()))
+}
+
+fn install_kubernetes_validate() -> Result<()> {
+    let venv = tools_dir().join("venv");
+    run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run_cmd(Command::new(venv.join("bin/pip")).args(["install", "--quiet", KUBERNETES_VALIDATE]))
+}
 
 pub fn run() -> Result<()> {
     let start = Instant::now();

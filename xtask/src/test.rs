@@ -58,6 +58,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if is_root() {
         // Root-only tests must run, not skip, wherever they can.
         cmd.env("LB_REQUIRE_ROOT_TESTS", "1");
+        cmd.env("LB_REQUIRE_TOOLS", "1");
     } else {
         eprintln!("test: not root: kernel and network-namespace tests will say SKIPPED");
     }
