@@ -10,7 +10,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     path::{Path, PathBuf},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use k8s_openapi::api::{
@@ -222,7 +222,16 @@ pub struct ManifestsDir {
     dir: PathBuf,
     cfg: ModelConfig,
     files: BTreeMap<PathBuf, FileState>,
+    /// A file modified less than this long ago may still be being written (editors and
+    /// `cp` write in place): reading it half-written would delete every object past the cut.
+    /// It is read on a later poll. The first poll reads everything (nothing to protect yet).
+    settle: Duration,
+    polled: bool,
 }
+
+/// See [`ManifestsDir::settle`]. Files replaced by rename (ConfigMap volumes, `kubectl cp`
+/// to a temporary name, most tools' safe writes) are whole at once and only wait this long.
+pub const DEFAULT_SETTLE: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 struct FileState {
@@ -239,7 +248,13 @@ pub struct Poll {
 
 impl ManifestsDir {
     pub fn new(dir: impl Into<PathBuf>, cfg: ModelConfig) -> Self {
-        Self { dir: dir.into(), cfg, files: BTreeMap::new() }
+        Self { dir: dir.into(), cfg, files: BTreeMap::new(), settle: DEFAULT_SETTLE, polled: false }
+    }
+
+    /// Changes how long a modified file must stay untouched before it is read.
+    pub fn with_settle(mut self, settle: Duration) -> Self {
+        self.settle = settle;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -264,9 +279,15 @@ impl ManifestsDir {
             let stamp = (meta.modified()?, meta.len());
             seen.insert(path.clone());
             if self.files.get(&path).is_none_or(|f| f.stamp != stamp) {
+                // A clock step can put mtime in the future: then it counts as settled.
+                let fresh = stamp.0.elapsed().is_ok_and(|age| age < self.settle);
+                if fresh && self.polled {
+                    continue; // keeps its old objects until it settles
+                }
                 changed.push((path, stamp));
             }
         }
+        self.polled = true;
         let mut poll = Poll::default();
         let mut before: BTreeMap<ObjectRef, Object> = BTreeMap::new();
         let removed: Vec<PathBuf> =
@@ -481,7 +502,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.join("notes.txt"), "not a manifest").unwrap();
-        let mut m = ManifestsDir::new(&dir, cfg());
+        let mut m = ManifestsDir::new(&dir, cfg()).with_settle(Duration::ZERO);
         let p = m.poll().unwrap();
         assert_eq!(p.events.len(), 2);
         assert!(m.poll().unwrap().events.is_empty(), "nothing changed");
@@ -521,6 +542,41 @@ mod tests {
             .collect();
         deleted.sort();
         assert_eq!(deleted, ["Service default/a", "Service default/b"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    #[test]
+    fn a_file_still_being_written_is_read_only_once_it_settles() {
+        let dir = std::env::temp_dir().join(format!("lb-manifests-settle-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("svc.yaml");
+        let whole: String = (1..=3)
+            .map(|i| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: 10.96.0.{i}, ports: [{{port: 80}}]}}\n---\n"))
+            .collect();
+        let age = |secs: u64| {
+            let f = std::fs::File::options().write(true).open(&file).unwrap();
+            f.set_modified(SystemTime::now() - Duration::from_secs(secs)).unwrap();
+        };
+        std::fs::write(&file, &whole).unwrap();
+        let mut m = ManifestsDir::new(&dir, cfg()).with_settle(Duration::from_secs(30));
+        assert_eq!(m.poll().unwrap().events.len(), 3, "the first poll reads everything");
+
+        // Cut after the first document, just written: the other two must not be deleted.
+        let cut = whole.find("---").unwrap();
+        std::fs::write(&file, &whole[..cut]).unwrap();
+        let p = m.poll().unwrap();
+        assert!(p.events.is_empty() && p.errors.is_empty(), "read half-written: {p:?}");
+
+        // The writer finishes; once untouched for the settle time the file is read, and
+        // nothing changed.
+        std::fs::write(&file, whole.replace("10.96.0.3", "10.96.0.33")).unwrap();
+        assert!(m.poll().unwrap().events.is_empty(), "still fresh");
+        age(60);
+        let p = m.poll().unwrap();
+        assert_eq!(p.events.len(), 1, "{p:?}");
+        assert!(
+            matches!(&p.events[0], Event::Apply(Object::Service(s)) if s.metadata.name.as_deref() == Some("s3"))
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
