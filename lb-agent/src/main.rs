@@ -41,7 +41,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 #[derive(Parser, Debug)]
-#[command(about = "eBPF service load balancer: node agent (a kube-proxy replacement)")]
+// A flag given twice takes its last value (a ConfigMap's extra flags can override defaults).
+#[command(
+    about = "eBPF service load balancer: node agent (a kube-proxy replacement)",
+    args_override_self = true
+)]
 struct Args {
     /// Folder of Kubernetes manifests (Service, EndpointSlice, Node) to serve, watched for
     /// changes: runs without a cluster. Without it, the Kubernetes API is watched.
@@ -207,6 +211,9 @@ async fn run(args: Args) -> Result<()> {
     for gone in pins.remove_unwanted()? {
         info!(hook = gone, "detached a hook no longer configured");
     }
+    for old in links::remove_other_versions(&args.bpffs)? {
+        warn!(dir = %old.display(), "removed maps of another layout version: their flows are re-balanced once");
+    }
 
     let writer = Writer::new(
         KernelStore::new(&ebpf)?,
@@ -226,7 +233,7 @@ async fn run(args: Args) -> Result<()> {
         service_ports = syncer.writer.port_count(),
         entries_written = writes.entries(),
         maglev_slots_written = writes.maglev_slots,
-        elapsed_ms = start.elapsed().as_millis() as u64,
+        elapsed_us = start.elapsed().as_micros() as u64,
         "initial sync done"
     );
     let mut health_servers = HealthServers::default();

@@ -84,6 +84,12 @@ impl Agent {
         self.log().iter().filter(|l| l.contains(needle)).count()
     }
 
+    /// SIGKILL: the agent dies without any chance to clean up.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, then waits for a clean exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         // SAFETY: signalling our own child.

@@ -179,6 +179,11 @@ pub struct Running {
 impl Running {
     /// Starts servers and agents; `files` are (name, content) written before the agents start.
     pub fn start(cluster: Cluster, files: &[(&str, String)]) -> Self {
+        Self::start_with(cluster, files, &[])
+    }
+
+    /// As [`Running::start`], with more agent flags (later flags win, e.g. bigger map sizes).
+    pub fn start_with(cluster: Cluster, files: &[(&str, String)], extra_args: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "lb-e2e-{}-{}",
             std::process::id(),
@@ -236,6 +241,7 @@ impl Running {
                 "65536",
             ]
             .iter()
+            .chain(extra_args)
             .map(|s| s.to_string())
             .collect();
             let argv: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -255,6 +261,11 @@ impl Running {
         std::mem::replace(&mut self.agents[n], placeholder).stop()
     }
 
+    /// Kills node `n`'s agent with SIGKILL.
+    pub fn kill_agent(&mut self, n: usize) {
+        std::mem::replace(&mut self.agents[n], crate::agent::Agent::idle()).kill();
+    }
+
     /// Starts node `n`'s agent again with the same command line and waits for its first sync.
     pub fn restart_agent(&mut self, n: usize) {
         let argv: Vec<&str> = self.agent_args[n].iter().map(String::as_str).collect();
@@ -266,8 +277,11 @@ impl Running {
 
     /// Rewrites a manifest file and waits until every agent has applied it.
     pub fn update(&mut self, name: &str, content: &str) {
-        let before: Vec<usize> = self.agents.iter().map(|a| a.count_log("synced")).collect();
         let path = self.manifests.join(name);
+        if std::fs::read_to_string(&path).is_ok_and(|c| c == content) {
+            return;
+        }
+        let before: Vec<usize> = self.agents.iter().map(|a| a.count_log("synced")).collect();
         if content.is_empty() {
             let _ = std::fs::remove_file(path);
         } else {

@@ -6,9 +6,11 @@
 
 pub mod agent;
 pub mod bench;
+pub mod bench_e2e;
 pub mod cgroup;
 pub mod cluster;
 pub mod kernel;
+pub mod kubeproxy;
 pub mod manifests;
 pub mod netns;
 pub mod packets;

@@ -99,3 +99,58 @@ fn traffic_survives_agent_restarts_and_cleanup_removes_everything() {
     let r = run.from_pod(0, 1, &["connect", "10.96.0.10:80", "--timeout-ms", "500"]);
     assert!(r[0].starts_with("err"), "{r:?}");
 }
+
+#[test]
+fn kill_9_during_traffic_fails_nothing() {
+    require_root!();
+    let cluster = Cluster::new(2, 1, 1);
+    let eps: Vec<Ep> = cluster.nodes.iter().map(|n| Ep::ready(n.pods[0].ip4, &n.name)).collect();
+    let web = Svc {
+        name: "web",
+        cluster_ips: &["10.96.0.10"],
+        port: 80,
+        protocol: "TCP",
+        target_port: 8080,
+        node_port: Some(30080),
+        spec: "",
+        extra: "",
+    };
+    let mut run = Running::start(cluster, &[("web.yaml", web.file(&eps))]);
+    // A long connection and a stream of new ones, from outside and from a pod, both through
+    // node-0 whose agent is killed and restarted meanwhile.
+    let traffic = [
+        run.background_from_client(
+            0,
+            &["session", "10.230.0.10:30080", "--rounds", "40", "--interval-ms", "50"],
+        ),
+        run.background_from_client(
+            0,
+            &["connect", "10.230.0.10:30080", "--count", "200", "--interval-ms", "10"],
+        ),
+        run.background_from_pod(
+            0,
+            0,
+            &["connect", "10.96.0.10:80", "--count", "200", "--interval-ms", "10"],
+        ),
+    ];
+    std::thread::sleep(Duration::from_millis(300));
+    run.kill_agent(0);
+    std::thread::sleep(Duration::from_millis(300));
+    run.restart_agent(0);
+    let mut outs = traffic.into_iter().map(|t| t.finish());
+    let session = outs.next().unwrap();
+    assert!(
+        session.last().is_some_and(|l| l.starts_with("ok ") && l.ends_with(" 40")),
+        "{session:?}"
+    );
+    for out in outs {
+        let r = parse_probe(&out);
+        assert_eq!(r.len(), 200);
+        assert!(
+            r.iter().all(|r| r.is_ok()),
+            "{:?}",
+            r.iter().filter(|r| r.is_err()).take(3).collect::<Vec<_>>()
+        );
+        assert_eq!(by_server(&r).len(), 2);
+    }
+}

@@ -1,5 +1,6 @@
-//! `cargo xtask bench [control-plane|datapath]`: release builds, figures printed, nothing
-//! asserted.
+//! `cargo xtask bench [control-plane|datapath|e2e]`: release builds, figures printed, nothing
+//! asserted. `e2e` compares with kube-proxy's iptables and nftables rules over real
+//! connections (about 4 minutes) and writes its plot to `target/bench/e2e.svg`.
 
 use std::process::Command;
 
@@ -7,7 +8,7 @@ use anyhow::{Result, bail};
 
 use crate::util::{is_root, run_cmd, workspace_root};
 
-pub const KINDS: &[&str] = &["control-plane", "datapath"];
+pub const KINDS: &[&str] = &["control-plane", "datapath", "e2e"];
 
 pub fn run(which: Option<&str>) -> Result<()> {
     if !is_root() {
@@ -31,7 +32,14 @@ pub fn run(which: Option<&str>) -> Result<()> {
     ]))?;
     for k in kinds {
         println!("== bench {k} ==");
-        run_cmd(Command::new(root.join("target/release/lb-bench")).arg(k))?;
+        let mut cmd = Command::new(root.join("target/release/lb-bench"));
+        cmd.arg(k);
+        if k == "e2e" {
+            let dir = root.join("target/bench");
+            std::fs::create_dir_all(&dir)?;
+            cmd.arg("--svg").arg(dir.join("e2e.svg"));
+        }
+        run_cmd(&mut cmd)?;
     }
     Ok(())
 }

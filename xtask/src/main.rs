@@ -38,7 +38,7 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
-    /// Print benchmark figures: control-plane, datapath, or all of them.
+    /// Print benchmark figures: control-plane, datapath, e2e (vs kube-proxy), or all of them.
     Bench {
         /// control-plane or datapath (default: all).
         which: Option<String>,

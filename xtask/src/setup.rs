@@ -13,8 +13,13 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 /// Validates the deploy manifests against the Kubernetes schemas (pinned).
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// Debian packages the tests and demo use: (command that proves it is there, package).
-const DEBIAN_PACKAGES: &[(&str, &str)] =
-    &[("ip", "iproute2"), ("sysctl", "procps"), ("bpftool", "bpftool")];
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("sysctl", "procps"),
+    ("bpftool", "bpftool"),
+    ("iptables-restore", "iptables"),
+    ("nft", "nftables"),
+];
 
 struct Step {
     name: &'static str,
@@ -76,7 +81,7 @@ const STEPS: &[Step] = &[
         name: "Debian packages",
         done: || skip("LB_SETUP_SKIP_PACKAGES") || missing_packages().is_empty(),
         install: install_packages,
-        hint: "as root: apt-get install iproute2 procps bpftool",
+        hint: "as root: apt-get install iproute2 procps bpftool iptables nftables",
     },
     Step {
         name: "kubernetes-validate (Python, for the deploy manifests)",

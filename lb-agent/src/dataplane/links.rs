@@ -41,9 +41,31 @@ fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Where this ABI version's links are pinned.
+/// Where links are pinned. Not versioned: a new agent, whatever its map layout, swaps its
+/// programs into the links the old one left, so a hook never has two programs.
 pub fn links_pin_dir(bpffs: &Path) -> PathBuf {
-    maps_pin_dir(bpffs).with_file_name("links")
+    bpffs.join("links")
+}
+
+/// Removes maps pinned by agents of another map layout version (after this agent's programs
+/// replaced theirs): established flows tracked in them are re-balanced, as they must be when
+/// the layout changes.
+pub fn remove_other_versions(bpffs: &Path) -> Result<Vec<PathBuf>> {
+    let mine = maps_pin_dir(bpffs).parent().map(Path::to_owned).context("pin layout")?;
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(bpffs)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let versioned = name
+            .strip_prefix('v')
+            .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
+        if versioned && path != mine {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing {}", path.display()))?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
 }
 
 /// Replaces the program of a link (`link_update` member of `union bpf_attr`).
@@ -135,12 +157,19 @@ impl LinkPins {
 /// Removes every link and map an agent pinned under `bpffs` (uninstall): the programs detach
 /// and the maps go once nothing else holds them.
 pub fn cleanup(bpffs: &Path) -> Result<()> {
+    let links = links_pin_dir(bpffs);
     let version_dir = maps_pin_dir(bpffs).parent().map(Path::to_owned).context("pin layout")?;
-    if !version_dir.exists() {
-        bail!("nothing pinned under {}", version_dir.display());
+    if !links.exists() && !version_dir.exists() {
+        bail!("nothing pinned under {}", bpffs.display());
     }
-    std::fs::remove_dir_all(&version_dir)
-        .with_context(|| format!("removing {}", version_dir.display()))?;
-    info!(dir = %version_dir.display(), "removed pinned links and maps");
+    if links.exists() {
+        std::fs::remove_dir_all(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    remove_other_versions(bpffs)?;
+    if version_dir.exists() {
+        std::fs::remove_dir_all(&version_dir)
+            .with_context(|| format!("removing {}", version_dir.display()))?;
+    }
+    info!(dir = %bpffs.display(), "removed pinned links and maps");
     Ok(())
 }

@@ -1,170 +1,173 @@
-//! The demo: a two-node mini-cluster in network namespaces, one `lb-agent` per node serving a
-//! manifests folder, pods answering with their name, and an outside client. It walks through
-//! what users of kube-proxy rely on and prints who answered and what each side saw.
+//! The demo: a two-node mini-cluster in network namespaces, one `lb-agent` per node serving the
+//! example manifests of `deploy/examples/demo/`, pods answering with their name, and an outside
+//! client. It sends traffic through ClusterIP, NodePort (both policies) and a LoadBalancer IP,
+//! prints who answered and what each side saw, and shows `lbctl services` for a node.
+//! Ctrl-C at any time stops it and removes everything it created.
 
-use std::time::Instant;
+use std::{
+    collections::BTreeSet,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Instant,
+};
 
-use lb_agent::dataplane::counters;
 use lb_tests::{
     cluster::{Cluster, Running, by_server, host_of, parse_probe},
-    manifests::{Ep, Svc},
+    workspace_bin,
 };
 
-const WEB: Svc = Svc {
-    name: "web",
-    cluster_ips: &["10.96.0.10"],
-    port: 80,
-    protocol: "TCP",
-    target_port: 8080,
-    node_port: Some(30080),
-    spec: "",
-    extra: "",
-};
-const LOCAL: Svc = Svc {
-    name: "web-local",
-    cluster_ips: &["10.96.0.11"],
-    port: 80,
-    protocol: "TCP",
-    target_port: 8080,
-    node_port: Some(30081),
-    spec: "  externalTrafficPolicy: Local\n",
-    extra: "",
-};
-const EMPTY: Svc = Svc {
-    name: "empty",
-    cluster_ips: &["10.96.0.12"],
-    port: 80,
-    protocol: "TCP",
-    target_port: 8080,
-    node_port: None,
-    spec: "",
-    extra: "",
-};
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-fn show(title: &str, lines: &[String]) -> Vec<Result<(String, String, String), String>> {
-    let results = parse_probe(lines);
-    let ok = results.iter().filter(|r| r.is_ok()).count();
-    println!("\n{title}");
-    println!("  {ok} of {} answered", results.len());
-    for (server, n) in by_server(&results) {
-        let seen: std::collections::BTreeSet<String> = results
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+struct Row {
+    service: &'static str,
+    path: String,
+    answered: String,
+    seen: String,
+}
+
+/// One step of the demo: runs lb-probe somewhere and returns its output lines.
+type Probe = Box<dyn Fn(&Running) -> Vec<String>>;
+
+fn measure(service: &'static str, path: String, lines: &[String], elapsed_ms: u128) -> Row {
+    let r = parse_probe(lines);
+    let total = r.len().max(1);
+    let ok = r.iter().filter(|r| r.is_ok()).count();
+    let answered = if ok == 0 {
+        let errs: BTreeSet<&str> =
+            r.iter().filter_map(|r| r.as_ref().err()).map(String::as_str).collect();
+        format!(
+            "nobody: {} (whole probe run {elapsed_ms} ms)",
+            errs.into_iter().collect::<Vec<_>>().join(",")
+        )
+    } else {
+        by_server(&r)
             .iter()
-            .flatten()
-            .filter(|(s, _, _)| *s == server)
-            .map(|(_, seen, _)| host_of(seen))
-            .collect();
-        println!(
-            "  {server:<14} {n:>4} connections, saw the client as {}",
-            seen.into_iter().collect::<Vec<_>>().join(",")
-        );
-    }
-    let peers: std::collections::BTreeSet<&str> =
-        results.iter().flatten().map(|(_, _, p)| p.as_str()).collect();
-    if !peers.is_empty() {
-        println!(
-            "  the client saw its peer as {}",
-            peers.into_iter().collect::<Vec<_>>().join(",")
-        );
-    }
-    let errors: std::collections::BTreeSet<&str> =
-        results.iter().filter_map(|r| r.as_ref().err()).map(String::as_str).collect();
-    if !errors.is_empty() {
-        println!("  errors: {}", errors.into_iter().collect::<Vec<_>>().join(","));
-    }
-    results
+            .map(|(s, n)| format!("{s} {}%", 100 * n / total))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let seen: BTreeSet<String> = r.iter().flatten().map(|(_, seen, _)| host_of(seen)).collect();
+    Row { service, path, answered, seen: seen.into_iter().collect::<Vec<_>>().join(", ") }
 }
 
 fn main() {
-    println!("lb demo: 2 nodes x 2 pods and an outside client, in network namespaces");
-    let cluster = Cluster::new(2, 2, 1);
-    let eps: Vec<Ep> = cluster
-        .nodes
-        .iter()
-        .flat_map(|n| n.pods.iter().map(move |p| Ep::ready(p.ip4, &n.name)))
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    let examples =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/demo");
+    let files: Vec<(String, String)> = std::fs::read_dir(&examples)
+        .expect("deploy/examples/demo")
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read_to_string(e.path()).unwrap(),
+            )
+        })
         .collect();
-    let local_eps: Vec<Ep> = eps.iter().filter(|e| e.node == "node-0").cloned().collect();
-    for n in &cluster.nodes {
-        let pods: Vec<String> = n.pods.iter().map(|p| format!("{} {}", p.name, p.ip4)).collect();
-        println!("  {} {} (pods: {})", n.name, n.ip4, pods.join(", "));
-    }
-    println!("  outside client {}", cluster.clients[0].ip4);
-    let mut run = Running::start(
-        cluster,
-        &[
-            ("web.yaml", WEB.file(&eps)),
-            ("local.yaml", LOCAL.file(&local_eps)),
-            ("empty.yaml", EMPTY.file(&[])),
-        ],
-    );
-    println!("  one lb-agent per node, serving {}", run.manifests.display());
-    let node0 = run.cluster.nodes[0].ip4;
-
-    show(
-        "1. pod node-1-pod-0 -> ClusterIP web 10.96.0.10:80 (socket hooks), 200 connections",
-        &run.from_pod(1, 0, &["connect", "10.96.0.10:80", "--count", "200"]),
-    );
-    show(
-        &format!(
-            "2. outside client -> NodePort {node0}:30080, externalTrafficPolicy Cluster, 200 connections"
-        ),
-        &run.from_client(0, &["connect", &format!("{node0}:30080"), "--count", "200"]),
-    );
-    show(
-        &format!(
-            "3. outside client -> NodePort {node0}:30081, externalTrafficPolicy Local, 100 connections"
-        ),
-        &run.from_client(0, &["connect", &format!("{node0}:30081"), "--count", "100"]),
-    );
-    show(
-        &format!(
-            "4. outside client -> NodePort {}:30081 (node-1 has no local endpoint), 2 attempts",
-            run.cluster.nodes[1].ip4
-        ),
-        &run.from_client(
-            0,
-            &[
-                "connect",
-                &format!("{}:30081", run.cluster.nodes[1].ip4),
-                "--count",
-                "2",
-                "--timeout-ms",
-                "500",
-            ],
-        ),
-    );
-
-    let remaining: Vec<Ep> = eps
-        .iter()
-        .filter(|e| !e.addr.to_string().ends_with(".2") || e.node != "node-0")
-        .cloned()
-        .collect();
-    let t = Instant::now();
-    run.update("web.yaml", &WEB.file(&remaining));
     println!(
-        "\n5. node-0-pod-0 removed from the EndpointSlice: all agents reprogrammed in {:?}",
-        t.elapsed()
+        "lb demo: 2 nodes x 2 pods and an outside client in network namespaces, one lb-agent per node"
     );
-    show(
-        "   pod node-1-pod-0 -> ClusterIP again, 100 connections",
-        &run.from_pod(1, 0, &["connect", "10.96.0.10:80", "--count", "100"]),
-    );
-
-    let t = Instant::now();
-    let lines = run.from_host(0, &["connect", "10.96.0.12:80", "--count", "3"]);
-    show(
-        &format!(
-            "6. host process of node-0 -> service without endpoints (answered in {:?})",
-            t.elapsed()
-        ),
-        &lines,
-    );
-
-    println!("\ndatapath counters on node-0 (from its pinned maps):");
-    for (name, value) in counters::global_pinned(&run.pins[0].path).expect("read counters") {
-        if value > 0 {
-            println!("  {name:<20} {value:>8}");
-        }
+    println!("serving {}\n", examples.canonicalize().unwrap_or(examples.clone()).display());
+    let cluster = Cluster::new(2, 2, 1);
+    let borrowed: Vec<(&str, String)> =
+        files.iter().map(|(n, c)| (n.as_str(), c.clone())).collect();
+    let run = Running::start(cluster, &borrowed);
+    run.cluster.clients[0].ns.ip(&["route", "add", "198.51.100.0/24", "via", "10.230.0.10"]);
+    for n in &run.cluster.nodes {
+        let pods: Vec<String> = n.pods.iter().map(|p| format!("{} {}", p.name, p.ip4)).collect();
+        println!("  {} {}: {}", n.name, n.ip4, pods.join(", "));
     }
+    println!("  outside client {}\n", run.cluster.clients[0].ip4);
+
+    let steps: Vec<(&'static str, String, Probe)> = vec![
+        (
+            "web",
+            "pod node-1-pod-0 -> ClusterIP 10.96.0.10:80".into(),
+            Box::new(|r: &Running| {
+                r.from_pod(1, 0, &["connect", "10.96.0.10:80", "--count", "200"])
+            }),
+        ),
+        (
+            "web",
+            "host of node-0 -> ClusterIP 10.96.0.10:80".into(),
+            Box::new(|r: &Running| r.from_host(0, &["connect", "10.96.0.10:80", "--count", "100"])),
+        ),
+        (
+            "web",
+            "client -> NodePort 10.230.0.10:30080 (policy Cluster)".into(),
+            Box::new(|r: &Running| {
+                r.from_client(0, &["connect", "10.230.0.10:30080", "--count", "200"])
+            }),
+        ),
+        (
+            "web-local",
+            "client -> NodePort 10.230.0.10:30081 (policy Local)".into(),
+            Box::new(|r: &Running| {
+                r.from_client(0, &["connect", "10.230.0.10:30081", "--count", "100"])
+            }),
+        ),
+        (
+            "shop",
+            "client -> LB IP 198.51.100.10:80".into(),
+            Box::new(|r: &Running| {
+                r.from_client(0, &["connect", "198.51.100.10:80", "--count", "100"])
+            }),
+        ),
+        (
+            "empty",
+            "pod -> ClusterIP 10.96.0.12:80 (no endpoints)".into(),
+            Box::new(|r: &Running| r.from_pod(0, 0, &["connect", "10.96.0.12:80", "--count", "1"])),
+        ),
+        (
+            "empty",
+            "client -> 10.230.0.10 port 80 (not a service)".into(),
+            Box::new(|r: &Running| {
+                r.from_client(0, &["connect", "10.230.0.10:80", "--count", "1"])
+            }),
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (service, path, step) in steps {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            println!("interrupted: removing everything");
+            return;
+        }
+        let t = Instant::now();
+        let lines = step(&run);
+        rows.push(measure(service, path, &lines, t.elapsed().as_millis()));
+    }
+    let w = rows.iter().map(|r| r.path.len()).max().unwrap_or(10);
+    let a = rows.iter().map(|r| r.answered.len()).max().unwrap_or(20);
+    println!("{:<10} {:<w$}  {:<a$}  servers saw", "service", "path", "answered by (share)");
+    for r in &rows {
+        let line = format!("{:<10} {:<w$}  {:<a$}  {}", r.service, r.path, r.answered, r.seen);
+        println!("{}", line.trim_end());
+    }
+
+    println!("\nlbctl services on node-0 (read from its pinned maps):");
+    let out = std::process::Command::new(workspace_bin("lbctl"))
+        .args(["services", "--bpffs", run.pins[0].path.to_str().unwrap()])
+        .output()
+        .expect("lbctl");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    println!("\nlbctl explain 10.230.0.100:40000 10.230.0.10:30080 on node-0:");
+    let out = std::process::Command::new(workspace_bin("lbctl"))
+        .args([
+            "explain",
+            "10.230.0.100:40000",
+            "10.230.0.10:30080",
+            "--bpffs",
+            run.pins[0].path.to_str().unwrap(),
+        ])
+        .output()
+        .expect("lbctl");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
     drop(run);
-    println!("\neverything created (namespaces, cgroups, pins) has been removed.");
+    println!(
+        "\neverything created (namespaces, cgroups, pinned programs and maps) has been removed."
+    );
 }

@@ -8,6 +8,10 @@
 //! `ok <server name> <client address the server saw> <peer address the client sees>` or
 //! `err <error>` (the peer address is getpeername() for TCP and recvfrom()'s source for UDP).
 //!
+//! `lb-probe load ADDR --seconds S --concurrency C` opens TCP connections back to back (one
+//! greeting per connection) from C threads for S seconds and prints
+//! `load conns=N errors=E p50_us=X p99_us=Y`.
+//!
 //! `lb-probe session ADDR --rounds N --interval-ms M` keeps one TCP connection open and
 //! exchanges a line every M ms (the server echoes after its greeting); prints
 //! `ok <server name> <rounds>` or `err <error> after <rounds>`.
@@ -24,6 +28,7 @@ fn main() {
         Some("serve") => serve(&args[1..]),
         Some("connect") => connect(&args[1..]),
         Some("session") => session(&args[1..]),
+        Some("load") => load(&args[1..]),
         _ => {
             eprintln!(
                 "usage: lb-probe serve --name N [--tcp ADDR].. [--udp ADDR].. | connect ADDR [--udp] [--count N] [--timeout-ms T]"
@@ -185,4 +190,69 @@ fn udp_once(target: SocketAddr, timeout: Duration, sport: u16) -> std::io::Resul
     let mut buf = [0u8; 512];
     let (n, from) = s.recv_from(&mut buf)?;
     Ok(format!("ok {} {from}", String::from_utf8_lossy(&buf[..n]).trim()))
+}
+
+fn load(args: &[String]) {
+    let target: SocketAddr = args.first().and_then(|a| a.parse().ok()).expect("load ADDR:PORT");
+    let seconds: f64 = flag(args, "--seconds").first().and_then(|c| c.parse().ok()).unwrap_or(3.0);
+    let threads: usize =
+        flag(args, "--concurrency").first().and_then(|c| c.parse().ok()).unwrap_or(4);
+    let deadline = std::time::Instant::now() + Duration::from_secs_f64(seconds);
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                let mut errors = 0u64;
+                while std::time::Instant::now() < deadline {
+                    let t = std::time::Instant::now();
+                    match tcp_abort_after_greeting(target, Duration::from_secs(2)) {
+                        Ok(()) => lat.push(t.elapsed().as_micros() as u64),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        let (lat, e) = w.join().unwrap();
+        all.extend(lat);
+        errors += e;
+    }
+    all.sort_unstable();
+    let pct =
+        |p: f64| all.get(((all.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0);
+    println!(
+        "load conns={} errors={errors} p50_us={} p99_us={} seconds={seconds}",
+        all.len(),
+        pct(0.5),
+        pct(0.99)
+    );
+}
+
+/// One request per connection, closed with a reset: a load generator must not run out of ports
+/// to TIME_WAIT (tens of thousands of connections a second from one address), which would time
+/// the kernel's port search instead of the datapath.
+fn tcp_abort_after_greeting(target: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut s = TcpStream::connect_timeout(&target, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    let line = read_line(&mut s)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no greeting"));
+    }
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setting SO_LINGER on our own socket with a valid option value.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            size_of::<libc::linger>() as u32,
+        );
+    }
+    Ok(())
 }
