@@ -252,7 +252,11 @@ async fn run(args: Args) -> Result<()> {
                 let Some(change) = changed else { bail!("the Kubernetes watch stream ended") };
                 let report = match change {
                     Change::Events(events) => syncer.apply(events),
-                    Change::Relist(kind, objects) => syncer.apply_relist(kind, objects),
+                    Change::Relist(kind, objects) => {
+                        let report = syncer.apply_relist(kind, objects);
+                        lb_agent::memory::release_freed(); // the replaced objects
+                        report
+                    }
                 };
                 if report.services_planned > 0 {
                     info!(services = report.services_planned, writes = ?report.writes,
@@ -297,6 +301,7 @@ impl Source {
                     dir.poll().with_context(|| format!("reading {}", dir.dir().display()))?;
                 log_manifest_errors(&poll.errors, last);
                 syncer.apply(poll.events);
+                lb_agent::memory::release_freed();
             }
             Source::Kube(stream) => {
                 let mut listed = BTreeSet::new();
@@ -322,8 +327,18 @@ impl Source {
         match self {
             Source::Manifests(dir, last) => loop {
                 tick.tick().await;
+                let start = std::time::Instant::now();
                 match dir.poll() {
                     Ok(poll) => {
+                        if poll.files_read > 0 {
+                            lb_agent::memory::release_freed();
+                            info!(
+                                files = poll.files_read,
+                                changed_objects = poll.events.len(),
+                                elapsed_us = start.elapsed().as_micros() as u64,
+                                "manifests read"
+                            );
+                        }
                         log_manifest_errors(&poll.errors, last);
                         if !poll.events.is_empty() {
                             return Some(Change::Events(poll.events));

@@ -29,7 +29,8 @@ impl Agent {
         let bin = crate::workspace_bin("lb-agent");
         let mut cmd = crate::proc::command_in(&bin, netns, cgroup);
         cmd.args(args)
-            .env("RUST_LOG", "info")
+            // LB_TEST_AGENT_LOG=debug shows the agents' debug logs in test failures.
+            .env("RUST_LOG", std::env::var("LB_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

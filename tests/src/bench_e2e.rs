@@ -33,6 +33,9 @@ pub struct Row {
     pub program: Duration,
     /// One endpoint change.
     pub change: Duration,
+    /// lb only: re-reading the manifests file that carried the change (not in `change`: in a
+    /// cluster the watch delivers the one changed object).
+    pub source_read: Duration,
 }
 
 fn parse_load(lines: &[String]) -> Load {
@@ -84,7 +87,9 @@ fn changed(services: &[BenchService]) -> Vec<BenchService> {
     s
 }
 
-pub fn run() -> Vec<Row> {
+/// Runs every datapath, or only `only` ("lb", "iptables" or "nftables").
+pub fn run(only: Option<&str>) -> Vec<Row> {
+    let wanted = |name: &str| only.is_none_or(|o| o == name);
     let mut rows = Vec::new();
     let cluster = Cluster::new(2, 2, 1);
     {
@@ -96,6 +101,8 @@ pub fn run() -> Vec<Row> {
             .collect();
         for (datapath, tool) in
             [("kube-proxy iptables", "iptables"), ("kube-proxy nftables", "nft")]
+                .into_iter()
+                .filter(|(dp, _)| wanted(dp.trim_start_matches("kube-proxy ")))
         {
             for &size in &SIZES {
                 let services = bench_services(&cluster, size);
@@ -109,11 +116,15 @@ pub fn run() -> Vec<Row> {
                 }
                 let program = kubeproxy::install(&cluster.nodes[0].ns, tool, &rules);
                 kubeproxy::install(&cluster.nodes[1].ns, tool, &rules);
-                // kube-proxy iptables rewrites the nat table with iptables-restore on a change;
-                // nftables mode touches only the changed service's chains.
+                // kube-proxy's iptables partial sync rewrites KUBE-SERVICES/KUBE-NODEPORTS and
+                // the changed service's chains; nftables mode touches only that service's.
                 let after = changed(&services);
                 let change = if tool == "iptables" {
-                    kubeproxy::install(&cluster.nodes[0].ns, tool, &kubeproxy::iptables(&after))
+                    kubeproxy::install(
+                        &cluster.nodes[0].ns,
+                        "iptables --noflush",
+                        &kubeproxy::iptables_service_update(&after, 0, &services[0]),
+                    )
                 } else {
                     kubeproxy::install(
                         &cluster.nodes[0].ns,
@@ -123,20 +134,32 @@ pub fn run() -> Vec<Row> {
                 };
                 // Back to the full endpoint set before measuring.
                 let restore = if tool == "iptables" {
-                    rules.clone()
+                    kubeproxy::iptables_service_update(&services, 0, &after[0])
                 } else {
                     kubeproxy::nftables_service_update(&services[0], &after[0])
                 };
-                kubeproxy::install(&cluster.nodes[0].ns, tool, &restore);
+                let restore_tool = if tool == "iptables" { "iptables --noflush" } else { tool };
+                kubeproxy::install(&cluster.nodes[0].ns, restore_tool, &restore);
                 let (nodeport, cluster_ip) = measure(&cluster, None);
                 eprintln!("{datapath} {size}: {:.0} / {:.0} conn/s", nodeport.cps, cluster_ip.cps);
-                rows.push(Row { datapath, services: size, nodeport, cluster_ip, program, change });
+                rows.push(Row {
+                    datapath,
+                    services: size,
+                    nodeport,
+                    cluster_ip,
+                    program,
+                    change,
+                    source_read: Duration::ZERO,
+                });
             }
             for n in &cluster.nodes {
                 kubeproxy::uninstall(&n.ns);
             }
         }
         drop(servers);
+    }
+    if !wanted("lb") {
+        return rows;
     }
 
     // This product: one agent per node serving a manifests folder.
@@ -164,32 +187,14 @@ pub fn run() -> Vec<Row> {
             .args(["--cleanup", "--bpffs", run.pins[0].path.to_str().unwrap()])
             .output();
         run.restart_agent(0);
-        let line = run.agents[0]
-            .log()
-            .into_iter()
-            .find(|l| l.contains("initial sync done"))
-            .unwrap_or_default();
-        let us: u64 = line
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix("elapsed_us="))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let program = Duration::from_micros(us);
-        // One endpoint change, as the agent measured it (event to maps written).
-        let before = run.agents[0].count_log("synced");
+        let program = logged_elapsed(&run.agents[0], "initial sync done", 0);
+        // One endpoint change, as the agent measured it (event to maps written), and the
+        // re-read of the whole manifests file that produced the event.
+        let (synced, read) =
+            (run.agents[0].count_log("synced"), run.agents[0].count_log("manifests read"));
         run.update("bench.yaml", &kubeproxy::manifests(&changed(&services), node_of(&run.cluster)));
-        let line = run.agents[0]
-            .log()
-            .into_iter()
-            .filter(|l| l.contains("synced"))
-            .nth(before)
-            .unwrap_or_default();
-        let us: u64 = line
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix("elapsed_us="))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let change = Duration::from_micros(us);
+        let change = logged_elapsed(&run.agents[0], "synced", synced);
+        let source_read = logged_elapsed(&run.agents[0], "manifests read", read);
         run.update("bench.yaml", &yaml);
         let cgroup = run.cluster.nodes[1].cgroup.path.clone();
         let (nodeport, cluster_ip) = measure(&run.cluster, Some(&cgroup));
@@ -201,9 +206,21 @@ pub fn run() -> Vec<Row> {
             cluster_ip,
             program,
             change,
+            source_read,
         });
     }
     rows
+}
+
+/// The `elapsed_us` of the `nth` agent log line containing `what` (zero if there is none).
+fn logged_elapsed(agent: &crate::agent::Agent, what: &str, nth: usize) -> Duration {
+    let line = agent.log().into_iter().filter(|l| l.contains(what)).nth(nth).unwrap_or_default();
+    let us = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("elapsed_us="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Duration::from_micros(us)
 }
 
 /// The results as a table.
@@ -235,6 +252,71 @@ pub fn table(rows: &[Row]) -> String {
             r.cluster_ip.p99_us,
             r.program.as_secs_f64() * 1e3,
             r.change.as_secs_f64() * 1e3
+        )
+        .unwrap();
+    }
+    let reads: Vec<String> = rows
+        .iter()
+        .filter(|r| !r.source_read.is_zero())
+        .map(|r| format!("{:.1} ms at {}", r.source_read.as_secs_f64() * 1e3, r.services))
+        .collect();
+    if !reads.is_empty() {
+        writeln!(t, "\nlb's endpoint change is event to maps written; before it the agent re-read the whole manifests file ({}), which a cluster's watch does not need.", reads.join(", ")).unwrap();
+    }
+    t
+}
+
+/// The goals, checked against the rows: ratios lb / kube-proxy per size and path, and
+/// programming times. Printed, never asserted (one noisy run on shared cores).
+pub fn ratios(rows: &[Row]) -> String {
+    let mut t = String::new();
+    let find =
+        |dp: &str, n: usize| rows.iter().find(|r| r.datapath.starts_with(dp) && r.services == n);
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    type Path = (&'static str, fn(&Row) -> f64);
+    let paths: [Path; 2] = [("NodePort", |r| r.nodeport.cps), ("ClusterIP", |r| r.cluster_ip.cps)];
+    writeln!(t, "ratios of connection rates, lb / kube-proxy (> 1: lb faster):").unwrap();
+    let mut above_all = true;
+    for n in SIZES {
+        let (Some(lb), Some(ipt), Some(nft)) =
+            (find("lb", n), find("kube-proxy iptables", n), find("kube-proxy nftables", n))
+        else {
+            continue;
+        };
+        let mut parts = Vec::new();
+        for (name, cps) in paths {
+            let (a, b) = (cps(lb) / cps(ipt).max(1.0), cps(lb) / cps(nft).max(1.0));
+            above_all &= a > 1.0 && b > 1.0;
+            parts.push(format!("{name} {a:.2}x iptables, {b:.2}x nftables"));
+        }
+        writeln!(t, "  {n:>6} services: {}", parts.join("; ")).unwrap();
+    }
+    if let (Some(lb10k), Some(ipt0)) = (find("lb", 10_000), find("kube-proxy iptables", 0)) {
+        let np = lb10k.nodeport.cps / ipt0.nodeport.cps.max(1.0);
+        let cip = lb10k.cluster_ip.cps / ipt0.cluster_ip.cps.max(1.0);
+        writeln!(t, "goal: lb at 10,000 services >= iptables at 0: NodePort {np:.2}x, ClusterIP {cip:.2}x: {}", verdict(np >= 1.0 && cip >= 1.0)).unwrap();
+    }
+    let compared =
+        SIZES.iter().any(|&n| find("lb", n).is_some() && find("kube-proxy", n).is_some());
+    if compared {
+        writeln!(t, "goal: lb above iptables and nftables at every size: {}", verdict(above_all))
+            .unwrap();
+    }
+    if let (Some(lb), Some(ipt), Some(nft)) = (
+        find("lb", 10_000),
+        find("kube-proxy iptables", 10_000),
+        find("kube-proxy nftables", 10_000),
+    ) {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        writeln!(
+            t,
+            "goal: programming 10,000 services: lb {:.0} ms, iptables-restore {:.0} ms ({:.1}x), nft -f {:.0} ms ({:.0}x): {}",
+            ms(lb.program),
+            ms(ipt.program),
+            ms(ipt.program) / ms(lb.program).max(0.001),
+            ms(nft.program),
+            ms(nft.program) / ms(lb.program).max(0.001),
+            verdict(lb.program < ipt.program && lb.program * 10 < nft.program)
         )
         .unwrap();
     }

@@ -207,7 +207,9 @@ pub fn manifests(services: &[BenchService], node_of: impl Fn(Ipv4Addr) -> String
     y
 }
 
-/// Installs rules in a namespace from a file; returns the time the tool took.
+/// Installs rules in a namespace from a file; returns the time the tool took. `tool`:
+/// "iptables" (iptables-restore, replacing the nat table), "iptables --noflush" (a partial
+/// restore, as kube-proxy's partial syncs) or "nft" (nft -f).
 pub fn install(ns: &crate::netns::NetNs, tool: &str, rules: &str) -> std::time::Duration {
     let path =
         std::env::temp_dir().join(format!("lb-kp-{}-{}.rules", std::process::id(), ns.name()));
@@ -216,7 +218,9 @@ pub fn install(ns: &crate::netns::NetNs, tool: &str, rules: &str) -> std::time::
     let t = std::time::Instant::now();
     let out = match tool {
         "iptables" => ns.exec("iptables-restore", &[p]),
-        _ => ns.exec("nft", &["-f", p]),
+        "iptables --noflush" => ns.exec("iptables-restore", &["--noflush", p]),
+        "nft" => ns.exec("nft", &["-f", p]),
+        other => panic!("unknown rule tool {other:?}"),
     };
     let took = t.elapsed();
     let _ = std::fs::remove_file(&path);
@@ -234,6 +238,60 @@ pub fn uninstall(ns: &crate::netns::NetNs) {
     let _ = ns.exec("iptables", &["-t", "nat", "-F"]);
     let _ = ns.exec("iptables", &["-t", "nat", "-X"]);
     let _ = ns.exec("nft", &["delete", "table", "ip", "kube-proxy"]);
+}
+
+/// A partial iptables-restore input (`--noflush`) for one service whose endpoints changed from
+/// `old` to the `services[changed]` entry, as kube-proxy's partial sync writes it: the
+/// top-level KUBE-SERVICES and KUBE-NODEPORTS chains in full, the changed service's own chains,
+/// and the removal of its endpoint chains that are gone.
+pub fn iptables_service_update(
+    services: &[BenchService],
+    changed: usize,
+    old: &BenchService,
+) -> String {
+    let s = &services[changed];
+    let id = chain_id(&format!("{}:p/tcp", s.name));
+    let own = [format!("KUBE-SVC-{id}"), format!("KUBE-EXT-{id}")];
+    let seps: Vec<String> = s
+        .endpoints
+        .iter()
+        .map(|(ip, port)| {
+            format!("KUBE-SEP-{}", chain_id(&format!("{}:p/tcp/{ip}:{port}", s.name)))
+        })
+        .collect();
+    let written = |chain: &str| {
+        matches!(chain, "KUBE-SERVICES" | "KUBE-NODEPORTS")
+            || own.iter().any(|c| c == chain)
+            || seps.iter().any(|c| c == chain)
+    };
+    let mut out = String::from("*nat\n");
+    let full = iptables(services);
+    for line in full.lines() {
+        let chain = line
+            .strip_prefix(':')
+            .and_then(|l| l.split_whitespace().next())
+            .or_else(|| line.strip_prefix("-A ").and_then(|l| l.split_whitespace().next()));
+        if chain.is_some_and(written) {
+            writeln!(out, "{line}").unwrap();
+        }
+    }
+    // A chain must be empty to be deleted: declared (which flushes it) first, as kube-proxy does.
+    let gone: Vec<String> = old
+        .endpoints
+        .iter()
+        .filter(|e| !s.endpoints.contains(e))
+        .map(|(ip, port)| {
+            format!("KUBE-SEP-{}", chain_id(&format!("{}:p/tcp/{ip}:{port}", s.name)))
+        })
+        .collect();
+    let rules_at = out.find("\n-A ").map_or(out.len(), |i| i + 1);
+    let declarations: String = gone.iter().map(|c| format!(":{c} - [0:0]\n")).collect();
+    out.insert_str(rules_at, &declarations);
+    for c in &gone {
+        writeln!(out, "-X {c}").unwrap();
+    }
+    out.push_str("COMMIT\n");
+    out
 }
 
 /// nft commands that rewrite one service's chains only (kube-proxy's nftables mode updates

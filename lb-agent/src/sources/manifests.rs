@@ -244,6 +244,8 @@ struct FileState {
 pub struct Poll {
     pub events: Vec<Event>,
     pub errors: Vec<ManifestError>,
+    /// Files read (new or changed) in this poll.
+    pub files_read: usize,
 }
 
 impl ManifestsDir {
@@ -299,6 +301,7 @@ impl ManifestsDir {
         }
         let mut after: BTreeMap<ObjectRef, Object> = BTreeMap::new();
         changed.sort();
+        poll.files_read = changed.len();
         for (path, stamp) in changed {
             let text = match std::fs::read_to_string(&path) {
                 Ok(t) => t,

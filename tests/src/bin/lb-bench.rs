@@ -228,15 +228,21 @@ fn kernel() -> String {
 fn e2e() {
     use lb_tests::bench_e2e;
     // Flags are checked before the minutes-long run, not after it.
-    let args: Vec<String> = std::env::args().skip(2).collect();
-    let svg_path = match args.as_slice() {
-        [] => None,
-        [flag, path] if flag == "--svg" => Some(path.clone()),
-        _ => {
-            eprintln!("usage: lb-bench e2e [--svg PATH]");
-            std::process::exit(2);
-        }
+    let usage = || -> ! {
+        eprintln!("usage: lb-bench e2e [--svg PATH] [--only lb|iptables|nftables]");
+        std::process::exit(2);
     };
+    let (mut svg_path, mut only) = (None, None);
+    let mut args = std::env::args().skip(2);
+    while let Some(flag) = args.next() {
+        match (flag.as_str(), args.next()) {
+            ("--svg", Some(path)) => svg_path = Some(path),
+            ("--only", Some(dp)) if matches!(dp.as_str(), "lb" | "iptables" | "nftables") => {
+                only = Some(dp)
+            }
+            _ => usage(),
+        }
+    }
     println!(
         "e2e bench: new TCP connections/s (one request each, 4 concurrent clients, 3 s) through three datapaths in the same mini-cluster"
     );
@@ -253,38 +259,11 @@ fn e2e() {
     println!(
         "commands: lb-probe load 10.230.0.10:30080 (outside client -> NodePort) and lb-probe load 10.96.0.10:80 (pod on node-1 -> ClusterIP); rules installed with iptables-restore / nft -f in the node namespaces"
     );
-    let rows = bench_e2e::run();
+    let rows = bench_e2e::run(only.as_deref());
     println!();
     print!("{}", bench_e2e::table(&rows));
-    let find = |dp: &str, n: usize| {
-        rows.iter().find(|r| r.datapath.starts_with(dp) && r.services == n).cloned()
-    };
-    if let (Some(lb10k), Some(ipt0), Some(ipt10k), Some(nft10k)) = (
-        find("lb", 10_000),
-        find("kube-proxy iptables", 0),
-        find("kube-proxy iptables", 10_000),
-        find("kube-proxy nftables", 10_000),
-    ) {
-        println!("\nratios at 10,000 services (lb / kube-proxy):");
-        println!(
-            "  NodePort conn/s:  vs iptables@0 {:.2}x, vs iptables@10k {:.2}x, vs nftables@10k {:.2}x",
-            lb10k.nodeport.cps / ipt0.nodeport.cps,
-            lb10k.nodeport.cps / ipt10k.nodeport.cps,
-            lb10k.nodeport.cps / nft10k.nodeport.cps
-        );
-        println!(
-            "  ClusterIP conn/s: vs iptables@0 {:.2}x, vs iptables@10k {:.2}x, vs nftables@10k {:.2}x",
-            lb10k.cluster_ip.cps / ipt0.cluster_ip.cps,
-            lb10k.cluster_ip.cps / ipt10k.cluster_ip.cps,
-            lb10k.cluster_ip.cps / nft10k.cluster_ip.cps
-        );
-        println!(
-            "  programming all: lb {:.0} ms, iptables-restore {:.0} ms, nft -f {:.0} ms",
-            lb10k.program.as_secs_f64() * 1e3,
-            ipt10k.program.as_secs_f64() * 1e3,
-            nft10k.program.as_secs_f64() * 1e3
-        );
-    }
+    println!();
+    print!("{}", bench_e2e::ratios(&rows));
     if let Some(path) = svg_path {
         let svg = bench_e2e::svg(&rows, "New TCP connections/s vs services (2 cores, one machine)");
         match std::fs::write(&path, svg) {
