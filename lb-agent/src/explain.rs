@@ -18,9 +18,124 @@ use lb_common::*;
 use serde::Serialize;
 
 use crate::{
-    dataplane::loader::{load_shadow, maps_pin_dir},
+    dataplane::{
+        links::links_pin_dir,
+        loader::{load_shadow, maps_pin_dir},
+    },
     inspect::{BackendView, Inspection},
 };
+
+/// The devices the agent attached its device programs to (from the pinned links), with whether
+/// XDP is attached there too.
+pub fn attached_devices(bpffs: &std::path::Path) -> Vec<(String, bool)> {
+    let names: Vec<String> = std::fs::read_dir(links_pin_dir(bpffs))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    let mut devices: Vec<(String, bool)> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix("tc-ingress@"))
+        .map(|d| (d.to_owned(), names.iter().any(|n| n.strip_prefix("xdp@") == Some(d))))
+        .collect();
+    devices.sort();
+    devices
+}
+
+/// The device a packet from outside arrives on: `requested` if the agent attached to it, else
+/// the only device it attached to. `None` when it attached to none (maps only).
+fn pick_device(
+    bpffs: &std::path::Path,
+    requested: Option<&str>,
+    node: &NodeConfig,
+) -> Result<Option<(String, u32, bool)>> {
+    let devices = attached_devices(bpffs);
+    let names = || devices.iter().map(|(d, _)| d.as_str()).collect::<Vec<_>>().join(", ");
+    let (name, xdp) = match requested {
+        Some(r) => match devices.iter().find(|(d, _)| d == r) {
+            Some((d, x)) => (d.clone(), *x),
+            None if devices.is_empty() => bail!("--device {r}: the agent attached to no device"),
+            None => bail!("--device {r}: the agent attached to {} only", names()),
+        },
+        None => match devices.as_slice() {
+            [] => return Ok(None),
+            [(d, x)] => (d.clone(), *x),
+            _ => bail!("the agent attached to {}: say which with --device", names()),
+        },
+    };
+    let c = std::ffi::CString::new(name.clone())?;
+    // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if ifindex == 0 {
+        bail!(
+            "device {name} is not in this network namespace: run lbctl in the agent's (the node's) network namespace"
+        );
+    }
+    // A device of the same name in another namespace would give a wrong answer silently:
+    // interface numbers repeat across namespaces, the node's own address does not.
+    let link = links_pin_dir(bpffs).join(format!("tc-ingress@{name}"));
+    let attached = crate::dataplane::links::pinned_link_ifindex(&link)
+        .with_context(|| format!("reading {}", link.display()))?;
+    let node: Vec<IpAddr> = [node.addr4, node.addr6]
+        .iter()
+        .map(addr_to_ip)
+        .filter(|ip| !ip.is_unspecified() && *ip != IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED))
+        .map(|ip| ip.to_canonical())
+        .collect();
+    let here = local_addresses();
+    if attached != ifindex || (!node.is_empty() && !node.iter().any(|ip| here.contains(ip))) {
+        bail!(
+            "this is not the agent's network namespace (the agent's {name} is interface {attached} on a node with address {}): run lbctl in the node's network namespace",
+            node.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(Some((name, ifindex, xdp)))
+}
+
+/// Every address on an interface of this network namespace.
+fn local_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, walked read-only below and freed once.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return out;
+        }
+        let mut cur = list;
+        while let Some(ifa) = cur.as_ref() {
+            if let Some(sa) = ifa.ifa_addr.as_ref() {
+                match sa.sa_family as i32 {
+                    libc::AF_INET => {
+                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        out.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = ifa.ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out
+}
+
+/// A `struct __sk_buff` for BPF_PROG_TEST_RUN that says the packet arrived on `ifindex` (the
+/// kernel accepts only a few fields; the rest must be zero).
+fn skb_ctx(ifindex: u32) -> [u8; SKB_CTX_SIZE] {
+    let mut ctx = [0u8; SKB_CTX_SIZE];
+    ctx[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+// uapi/linux/bpf.h: sizeof(struct __sk_buff) and the offsets of ingress_ifindex and ifindex.
+const SKB_CTX_SIZE: usize = 192;
+const SKB_INGRESS_IFINDEX: usize = 36;
+const SKB_IFINDEX: usize = 40;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum From {
@@ -36,6 +151,9 @@ pub enum From {
 pub struct Explanation {
     pub packet: String,
     pub hook: &'static str,
+    /// The device the packet was run as arriving on (from outside).
+    pub device: Option<String>,
+    pub notes: Vec<String>,
     pub service: Option<String>,
     pub frontend: Option<String>,
     pub flags: Vec<&'static str>,
@@ -170,7 +288,11 @@ pub fn explain(
     dst: SocketAddr,
     proto: u8,
     from: From,
+    device: Option<&str>,
 ) -> Result<Explanation> {
+    if device.is_some() && from != From::Outside {
+        bail!("--device is for packets from outside (--from outside)");
+    }
     let ins = Inspection::open(bpffs)?;
     let scope = if from == From::Outside { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
     let key = ServiceKey::new(dst.ip(), dst.port(), proto, scope);
@@ -189,11 +311,9 @@ pub fn explain(
     });
     let mut e = Explanation {
         packet: format!("{src} -> {dst} {}", proto_name(proto)),
-        hook: if from == From::Outside {
-            "tc ingress (device)"
-        } else {
-            "cgroup connect/sendmsg (socket)"
-        },
+        hook: if from == From::Outside { "tc ingress" } else { "cgroup connect/sendmsg (socket)" },
+        device: None,
+        notes: Vec::new(),
         service: svc.map(|v| ins.name(v.service_id)),
         frontend: frontend_view.as_ref().map(|f| format!("{} {} ({})", f.kind, f.address, f.scope)),
         flags: svc.as_ref().map(flags_of).unwrap_or_default(),
@@ -208,7 +328,18 @@ pub fn explain(
     if from != From::Outside {
         return Ok(explain_socket(&ins, e, &key, svc));
     }
-    explain_device(bpffs, &ins, src, dst, proto, svc, &mut e)?;
+    let dev = pick_device(bpffs, device, &ins.snapshot.node)?;
+    match &dev {
+        Some((name, _, true)) => e.notes.push(format!(
+            "XDP is attached on {name} too: it makes the same choice for flows to local backends and leaves the rest to tc ingress, shown here"
+        )),
+        Some(_) => {}
+        None => e.notes.push(
+            "the agent attached to no device: run as if the packet arrived on loopback".into(),
+        ),
+    }
+    e.device = dev.as_ref().map(|(n, _, _)| n.clone());
+    explain_device(&ins, src, dst, proto, svc, dev.map(|(_, i, _)| i), &mut e)?;
     Ok(e)
 }
 
@@ -245,15 +376,17 @@ fn explain_socket(
 }
 
 fn explain_device(
-    bpffs: &std::path::Path,
     ins: &Inspection,
     src: SocketAddr,
     dst: SocketAddr,
     proto: u8,
     svc: Option<ServiceValue>,
+    ifindex: Option<u32>,
     e: &mut Explanation,
 ) -> Result<()> {
     let packet = build_packet(src, dst, proto)?;
+    let ctx = ifindex.map(skb_ctx);
+    let bpffs = ins.bpffs();
     let mut shadow = load_shadow(bpffs)?;
     let dir = maps_pin_dir(bpffs);
     // This flow's live state, copied into the private maps.
@@ -315,6 +448,7 @@ fn explain_device(
         .test_run(TestRunOptions {
             data_in: Some(&packet),
             data_out: Some(&mut out),
+            ctx_in: ctx.as_ref().map(|c| c.as_slice()),
             ..Default::default()
         })
         .context("running tc_ingress on the packet")?;

@@ -145,6 +145,11 @@ pub struct Inspection {
 }
 
 impl Inspection {
+    /// The bpffs folder the maps were read from.
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+
     pub fn open(bpffs: &Path) -> Result<Self> {
         let store = KernelStore::open_pinned(bpffs)?;
         let snapshot = store.snapshot()?;

@@ -6,12 +6,23 @@ use std::process::Command;
 use lb_tests::{
     cluster::{Cluster, Running, parse_probe},
     manifests::{Ep, Svc},
+    proc::command_in,
     require_root, workspace_bin,
 };
 use serde_json::Value;
 
 fn lbctl(args: &[&str]) -> Value {
-    let out = Command::new(workspace_bin("lbctl")).args(args).output().expect("run lbctl");
+    run_lbctl(Command::new(workspace_bin("lbctl")), args)
+}
+
+/// lbctl in a node's network namespace, as an operator on that node runs it (explain needs the
+/// agent's devices).
+fn lbctl_in(netns: &str, args: &[&str]) -> Value {
+    run_lbctl(command_in(&workspace_bin("lbctl"), Some(netns), None), args)
+}
+
+fn run_lbctl(mut cmd: Command, args: &[&str]) -> Value {
+    let out = cmd.args(args).output().expect("run lbctl");
     assert!(out.status.success(), "lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!("lbctl {args:?}: not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
@@ -49,6 +60,7 @@ fn lbctl_reports_services_backends_flows_affinity_and_counters() {
     assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
     let backend = r[0].as_ref().unwrap().0.clone();
     let pins = run.pins[0].path.to_str().unwrap().to_owned();
+    let node0 = run.cluster.nodes[0].ns.name().to_owned();
 
     let services = lbctl(&["services", "--bpffs", &pins, "-o", "json"]);
     let svc = services
@@ -138,15 +150,10 @@ fn lbctl_reports_services_backends_flows_affinity_and_counters() {
         run.cluster.nodes[n].pods[0].ip4.to_string()
     };
     // An established-by-affinity client: explain names the affinity entry and the sticky backend.
-    let e = lbctl(&[
-        "explain",
-        "10.230.0.100:45000",
-        "10.230.0.10:30080",
-        "--bpffs",
-        &pins,
-        "-o",
-        "json",
-    ]);
+    let e = lbctl_in(
+        &node0,
+        &["explain", "10.230.0.100:45000", "10.230.0.10:30080", "--bpffs", &pins, "-o", "json"],
+    );
     assert_eq!(e["service"], "default/web:p/TCP/IPv4");
     assert!(
         e["decided_by"].as_str().unwrap().contains("sessionAffinity entry of client 10.230.0.100"),
@@ -156,15 +163,18 @@ fn lbctl_reports_services_backends_flows_affinity_and_counters() {
     // A fresh UDP flow: explain names the Maglev slot; the real datagram from the same port
     // goes to the same backend.
     for sport in ["41000", "41001", "41002", "41003"] {
-        let e = lbctl(&[
-            "explain",
-            &format!("10.230.0.100:{sport}"),
-            "10.230.0.10:30053/udp",
-            "--bpffs",
-            &pins,
-            "-o",
-            "json",
-        ]);
+        let e = lbctl_in(
+            &node0,
+            &[
+                "explain",
+                &format!("10.230.0.100:{sport}"),
+                "10.230.0.10:30053/udp",
+                "--bpffs",
+                &pins,
+                "-o",
+                "json",
+            ],
+        );
         assert!(e["decided_by"].as_str().unwrap().starts_with("Maglev slot"), "{e}");
         let real = parse_probe(
             &run.from_client(0, &["connect", "10.230.0.10:30053", "--udp", "--sport", sport]),
@@ -175,36 +185,68 @@ fn lbctl_reports_services_backends_flows_affinity_and_counters() {
             format!("{}:5353", pod_ip(answered_by)),
             "explain and real traffic agree for port {sport}"
         );
-        let expected_rewrite =
-            if answered_by.starts_with("node-0") { "10.230.0.100" } else { "10.230.0.10" };
+        let local = answered_by.starts_with("node-0");
+        let expected_rewrite = if local { "10.230.0.100" } else { "10.230.0.10" };
         assert!(e["rewritten"].as_str().unwrap().starts_with(expected_rewrite), "{e}");
+        // Run as arriving on the agent's device: a remote backend's packet is routed out of it
+        // by the program itself, as real traffic is; a local one goes up the stack.
+        assert_eq!(e["device"], "eth0", "{e}");
+        let verdict = if local { "pass to the stack" } else { "redirect out of the routed device" };
+        assert_eq!(e["verdict"], verdict, "{e}");
     }
+    // The device must be one the agent attached to, and lbctl must run in the agent's network
+    // namespace: the outside client's namespace has an eth0 too (same interface number).
+    let explain_err = |netns: &str, extra: &[&str]| {
+        let mut args =
+            vec!["explain", "10.230.0.100:41000", "10.230.0.10:30053/udp", "--bpffs", &pins];
+        args.extend_from_slice(extra);
+        let out =
+            command_in(&workspace_bin("lbctl"), Some(netns), None).args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = explain_err(&node0, &["--device", "eth9"]);
+    assert!(err.contains("--device eth9: the agent attached to eth0 only"), "{err}");
+    let err = explain_err(run.cluster.clients[0].ns.name(), &[]);
+    assert!(err.contains("this is not the agent's network namespace"), "{err}");
+    let err = explain_err(&node0, &["--device", "eth0", "--from", "pod"]);
+    assert!(err.contains("--device is for packets from outside"), "{err}");
+
     // Not a frontend, and a drop reason.
-    let e = lbctl(&["explain", "10.230.0.100", "10.230.0.10:22", "--bpffs", &pins, "-o", "json"]);
+    let e = lbctl_in(
+        &node0,
+        &["explain", "10.230.0.100", "10.230.0.10:22", "--bpffs", &pins, "-o", "json"],
+    );
     assert_eq!(e["verdict"], "not for a frontend: passed untouched");
-    let e = lbctl(&[
-        "explain",
-        "10.230.0.100",
-        "10.96.0.10:80",
-        "--from",
-        "pod",
-        "--bpffs",
-        &pins,
-        "-o",
-        "json",
-    ]);
+    let e = lbctl_in(
+        &node0,
+        &[
+            "explain",
+            "10.230.0.100",
+            "10.96.0.10:80",
+            "--from",
+            "pod",
+            "--bpffs",
+            &pins,
+            "-o",
+            "json",
+        ],
+    );
     assert!(e["decided_by"].as_str().unwrap().contains("sessionAffinity per pod"), "{e}");
-    let e = lbctl(&[
-        "explain",
-        "10.230.0.100",
-        "10.96.0.10:81",
-        "--from",
-        "pod",
-        "--bpffs",
-        &pins,
-        "-o",
-        "json",
-    ]);
+    let e = lbctl_in(
+        &node0,
+        &[
+            "explain",
+            "10.230.0.100",
+            "10.96.0.10:81",
+            "--from",
+            "pod",
+            "--bpffs",
+            &pins,
+            "-o",
+            "json",
+        ],
+    );
     assert!(e["verdict"].as_str().unwrap().contains("ECONNREFUSED"), "{e}");
     // Explaining left conntrack, affinity and counters as they were, except for what the real
     // datagrams above did.

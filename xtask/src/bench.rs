@@ -20,15 +20,14 @@ pub fn run(which: Option<&str>) -> Result<()> {
         None => KINDS.to_vec(),
     };
     let root = workspace_root();
+    // lb-bench and every binary it starts (lb-agent, lb-probe).
     run_cmd(Command::new("cargo").current_dir(&root).args([
         "build",
         "--quiet",
         "--release",
         "--locked",
-        "-p",
-        "lb-tests",
-        "--bin",
-        "lb-bench",
+        "--workspace",
+        "--bins",
     ]))?;
     for k in kinds {
         println!("== bench {k} ==");

@@ -10,14 +10,16 @@ pub fn run() -> Result<()> {
     if !is_root() {
         bail!("the demo loads BPF programs and creates network namespaces: run it as root");
     }
-    run_cmd(Command::new("cargo").current_dir(workspace_root()).args([
-        "run",
+    let root = workspace_root();
+    // Every binary the demo starts (lb-agent, lbctl, lb-probe), not only lb-demo: stale or
+    // missing ones next to it would be used otherwise.
+    run_cmd(Command::new("cargo").current_dir(&root).args([
+        "build",
         "--quiet",
         "--release",
         "--locked",
-        "--package",
-        "lb-tests",
-        "--bin",
-        "lb-demo",
-    ]))
+        "--workspace",
+        "--bins",
+    ]))?;
+    run_cmd(&mut Command::new(root.join("target/release/lb-demo")))
 }

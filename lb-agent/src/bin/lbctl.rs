@@ -82,6 +82,10 @@ enum Command {
         dst: String,
         #[arg(long, value_enum, default_value = "outside")]
         from: lb_agent::explain::From,
+        /// The device the packet arrives on (from outside); default: the one the agent attached
+        /// to. Run lbctl in the node's network namespace.
+        #[arg(long)]
+        device: Option<String>,
         #[command(flatten)]
         pins: Pins,
     },
@@ -321,7 +325,7 @@ fn live(cmd: Command) -> Result<()> {
                 }
             }
         }
-        Command::Explain { src, dst, from, pins } => {
+        Command::Explain { src, dst, from, device, pins } => {
             let (dst, proto) = match dst.rsplit_once('/') {
                 Some((d, p)) if p.eq_ignore_ascii_case("udp") => {
                     (d.to_string(), lb_common::PROTO_UDP)
@@ -334,11 +338,15 @@ fn live(cmd: Command) -> Result<()> {
             };
             let src = parse_endpoint(&src, Some(40000))?;
             let dst = parse_endpoint(&dst, None)?;
-            let e = lb_agent::explain::explain(&pins.bpffs, src, dst, proto, from)?;
+            let e =
+                lb_agent::explain::explain(&pins.bpffs, src, dst, proto, from, device.as_deref())?;
             match pins.output {
                 Output::Json => print_json(&e)?,
                 Output::Table => {
-                    println!("packet:     {} ({})", e.packet, e.hook);
+                    match &e.device {
+                        Some(d) => println!("packet:     {} ({} on {d})", e.packet, e.hook),
+                        None => println!("packet:     {} ({})", e.packet, e.hook),
+                    }
                     match (&e.service, &e.frontend) {
                         (Some(s), Some(f)) => println!("frontend:   {f} of {s}"),
                         _ => println!("frontend:   none"),
@@ -369,6 +377,9 @@ fn live(cmd: Command) -> Result<()> {
                     println!("verdict:    {}", e.verdict);
                     if let Some(r) = e.drop_reason {
                         println!("because:    {r}");
+                    }
+                    for n in &e.notes {
+                        println!("note:       {n}");
                     }
                 }
             }

@@ -17,6 +17,7 @@ use super::loader::maps_pin_dir;
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
 /// Opens a pinned BPF object (`obj` member of `union bpf_attr`).
 fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
@@ -27,9 +28,13 @@ fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
         bpf_fd: u32,
         file_flags: u32,
         path_fd: i32,
+        // Explicit: the kernel rejects (EINVAL) an attribute whose unused bytes are not zero,
+        // and implicit padding is left uninitialized.
+        _pad: u32,
     }
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    let mut attr = Attr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0 };
+    let mut attr =
+        Attr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
     // SAFETY: a valid obj attribute of the size passed; `c` outlives the call.
     let fd = unsafe {
         libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &mut attr as *mut Attr, size_of::<Attr>() as u32)
@@ -66,6 +71,37 @@ pub fn remove_other_versions(bpffs: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(removed)
+}
+
+/// The interface a pinned tcx or XDP link is attached to (`ifindex`, the first field of both
+/// members of `bpf_link_info`'s union, which starts at byte 16).
+pub fn pinned_link_ifindex(path: &Path) -> std::io::Result<u32> {
+    #[repr(C)]
+    struct Attr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let link = obj_get(path)?;
+    let mut info = [0u64; 8];
+    let mut attr = Attr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: an obj_get_info_by_fd attribute pointing at a buffer of info_len bytes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut Attr,
+            size_of::<Attr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info[2] as u32)
 }
 
 /// Replaces the program of a link (`link_update` member of `union bpf_attr`).

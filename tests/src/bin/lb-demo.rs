@@ -154,8 +154,11 @@ fn main() {
         .output()
         .expect("lbctl");
     print!("{}", String::from_utf8_lossy(&out.stdout));
-    println!("\nlbctl explain 10.230.0.100:40000 10.230.0.10:30080 on node-0:");
-    let out = std::process::Command::new(workspace_bin("lbctl"))
+    println!(
+        "\nlbctl explain 10.230.0.100:40000 10.230.0.10:30080 on node-0 (in its network namespace):"
+    );
+    let lbctl = workspace_bin("lbctl");
+    let out = lb_tests::proc::command_in(&lbctl, Some(run.cluster.nodes[0].ns.name()), None)
         .args([
             "explain",
             "10.230.0.100:40000",
@@ -165,7 +168,7 @@ fn main() {
         ])
         .output()
         .expect("lbctl");
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     drop(run);
     println!(
         "\neverything created (namespaces, cgroups, pinned programs and maps) has been removed."
