@@ -53,11 +53,7 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
     let e = unsafe { &mut *entry };
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if now.wrapping_sub(e.last_seen_ns) > lifetime_ns(key.proto, e.state) {
-        let pair = pair_key(e, key.proto);
-        let _ = CONNTRACK.remove(key);
-        let _ = CONNTRACK.remove(pair);
-        stats::count(STAT_CT_EXPIRED);
+    if remove_if_expired(key, e, now) {
         return None;
     }
     let mut state = e.state;
@@ -73,6 +69,30 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
         e.last_seen_ns = now;
     }
     Some(e)
+}
+
+/// Removes `e` (the entry of `key`) and its pair when its flow has been silent longer than its
+/// state allows. Entries expire lazily: a flow never seen again keeps its entries (and a SNAT
+/// port) until this runs on them or the LRU evicts them.
+#[inline(always)]
+fn remove_if_expired(key: &CtKey, e: &CtValue, now: u64) -> bool {
+    if now.wrapping_sub(e.last_seen_ns) <= lifetime_ns(key.proto, e.state) {
+        return false;
+    }
+    let pair = pair_key(e, key.proto);
+    let _ = CONNTRACK.remove(key);
+    let _ = CONNTRACK.remove(pair);
+    stats::count(STAT_CT_EXPIRED);
+    true
+}
+
+/// Frees `key` if the entry holding it is expired (a SNAT port of a flow that ended).
+#[inline(always)]
+pub fn reclaim_if_expired(key: &CtKey) -> bool {
+    let Some(e) = get(key) else { return false };
+    // A copy: removing the entry frees the memory `e` points into.
+    let e = *e;
+    remove_if_expired(key, &e, now_ns())
 }
 
 pub const BPF_ANY: u64 = 0;

@@ -82,8 +82,12 @@ pub fn create(
         for i in 0..NAT_PORT_TRIES {
             let port = NAT_PORT_MIN + ((start + i * stride) % range) as u16;
             s.reply_key.dport_be = port.to_be();
-            // Claim the port: the reply tuple must be unique.
-            if conntrack::insert(&s.reply_key, &s.value, true).is_ok() {
+            // Claim the port: the reply tuple must be unique. A port still held by a flow that
+            // ended long ago (expired, never looked up since) is taken over.
+            if conntrack::insert(&s.reply_key, &s.value, true).is_ok()
+                || (conntrack::reclaim_if_expired(&s.reply_key)
+                    && conntrack::insert(&s.reply_key, &s.value, true).is_ok())
+            {
                 claimed = true;
                 sport_be = port.to_be();
                 break;

@@ -37,6 +37,14 @@ pub const TEST_MAP_SIZES: MapSizes = MapSizes {
     max_conntrack: 16384,
 };
 
+/// The clock conntrack entries are stamped with (bpf_ktime_get_coarse_ns).
+pub fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// What a program did with one packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOutput {
@@ -130,6 +138,23 @@ impl Datapath {
             HashMap::try_from(self.ebpf.map(lb_common::MAP_CONNTRACK).expect("ct map"))
                 .expect("ct map type");
         map.iter().map(|r| r.expect("read ct")).collect()
+    }
+
+    /// Adds a conntrack entry; `false` when the key exists already.
+    pub fn insert_conntrack(&mut self, key: lb_common::CtKey, value: lb_common::CtValue) -> bool {
+        let mut map: HashMap<&mut MapData, lb_common::CtKey, lb_common::CtValue> =
+            HashMap::try_from(self.ebpf.map_mut(lb_common::MAP_CONNTRACK).expect("ct map"))
+                .expect("ct map type");
+        const BPF_NOEXIST: u64 = 1;
+        map.insert(key, value, BPF_NOEXIST).is_ok()
+    }
+
+    /// Replaces a conntrack entry.
+    pub fn set_conntrack(&mut self, key: lb_common::CtKey, value: lb_common::CtValue) {
+        let mut map: HashMap<&mut MapData, lb_common::CtKey, lb_common::CtValue> =
+            HashMap::try_from(self.ebpf.map_mut(lb_common::MAP_CONNTRACK).expect("ct map"))
+                .expect("ct map type");
+        map.insert(key, value, 0).expect("set ct entry");
     }
 
     /// Adds or replaces a frontend.

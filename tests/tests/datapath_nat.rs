@@ -114,6 +114,63 @@ fn remote_backend_gets_snat_with_a_bpf_port_and_its_reply_is_reversed() {
 }
 
 #[test]
+fn snat_ports_of_flows_that_ended_are_reused_and_live_ones_never_are() {
+    require_root!();
+    let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
+    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 40001, VIP, 80, true, b""));
+    let nat_port = s.src.port();
+    let (reply_key, reply) =
+        dp.conntrack().into_iter().find(|(_, v)| v.flags & CT_F_REPLY != 0).expect("reply entry");
+    // Every other NAT port towards this backend is held by the reply entry of a flow that
+    // ended long ago and was never seen again (client ports 1000.., silent since boot).
+    let mut dead = Vec::new();
+    for (i, port) in (NAT_PORT_MIN..=NAT_PORT_MAX).filter(|p| *p != nat_port).enumerate() {
+        let key = CtKey { dport_be: port.to_be(), ..reply_key };
+        let value = CtValue {
+            last_seen_ns: 0,
+            state: CT_STATE_CLOSING,
+            new_dport_be: (1000 + i as u16).to_be(),
+            ..reply
+        };
+        assert!(dp.insert_conntrack(key, value), "port {port} was free");
+        dead.push((key, value));
+    }
+    let (verdict, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 40002, VIP, 80, true, b""));
+    assert_ne!(verdict, TC_ACT_SHOT, "a dead flow's port is taken over");
+    assert_eq!(s.src.ip(), IpAddr::from(NODE));
+    assert!((NAT_PORT_MIN..=NAT_PORT_MAX).contains(&s.src.port()));
+    assert_ne!(s.src.port(), nat_port, "the live flow keeps its port");
+    assert_eq!(dp.stat(STAT_DROP_NAT_EXHAUSTED), 0);
+    assert!(dp.stat(STAT_CT_EXPIRED) >= 1);
+    // The live flow is untouched: its reply still reaches its client.
+    let (_, back) =
+        run(&dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, nat_port, false, b"ok"));
+    assert_eq!(back.dst, sa(CLIENT, 40001));
+
+    // Now every port belongs to a live flow: a new flow is dropped and counted, never given
+    // a port in use.
+    let now = lb_tests::kernel::coarse_now_ns();
+    let current: std::collections::HashMap<CtKey, CtValue> = dp.conntrack().into_iter().collect();
+    for (key, value) in &dead {
+        // Ports taken over by the flow above hold its entry now; leave those alone.
+        if current.get(key) == Some(value) {
+            dp.set_conntrack(*key, CtValue { last_seen_ns: now, ..*value });
+        }
+    }
+    let before = dp.conntrack().len();
+    let (verdict, _) = run_raw(&dp, &tcp4(CLIENT, 40003, VIP, 80, true, b""));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(dp.stat(STAT_DROP_NAT_EXHAUSTED), 1);
+    assert_eq!(dp.conntrack().len(), before, "nothing claimed, nothing overwritten");
+}
+
+/// Runs tc ingress without expecting a translated packet.
+fn run_raw(dp: &Datapath, packet: &[u8]) -> (i32, Vec<u8>) {
+    let out = dp.run(PROG_TC_INGRESS, packet);
+    (out.verdict, out.packet)
+}
+
+#[test]
 fn ipv6_remote_backend_snat_and_reply() {
     require_root!();
     let vip6: Ipv6Addr = "2001:db8::80".parse().unwrap();
