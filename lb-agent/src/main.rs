@@ -111,16 +111,26 @@ struct Args {
     /// Seconds between counter summaries in the log (0: never).
     #[arg(long, default_value_t = 60)]
     stats_interval: u64,
+    /// What to log: error, warn, info, debug, trace, or per-module directives
+    /// ("info,lb_agent::sync=debug"). Default: RUST_LOG if set, else info.
+    #[arg(long, value_parser = parse_log_level)]
+    log_level: Option<tracing_subscriber::EnvFilter>,
+}
+
+fn parse_log_level(s: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .parse(s)
+        .map_err(|e| format!("{e} (try error, warn, info, debug or trace)"))
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    if let Err(e) = run(Args::parse()).await {
+    let mut args = Args::parse();
+    let filter = args.log_level.take().unwrap_or_else(|| {
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    if let Err(e) = run(args).await {
         eprintln!("lb-agent: {e:#}");
         std::process::exit(1);
     }
