@@ -101,6 +101,11 @@ struct Args {
     /// How often the manifests folder is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
+    /// A manifests file is read only once unmodified for this long, in milliseconds, so that
+    /// one caught mid-write is not taken for complete. 0 when files are always replaced by
+    /// rename (ConfigMap volumes, tools that write a temporary file and rename it).
+    #[arg(long, default_value_t = 100)]
+    manifests_settle_ms: u64,
     /// Remove everything installed under --bpffs (pinned links, which detaches the programs,
     /// and maps) and exit: the uninstall step.
     #[arg(long)]
@@ -155,7 +160,11 @@ async fn run(args: Args) -> Result<()> {
     cfg.maglev_max_size = args.maglev_max_size;
     // The source first: a bad kubeconfig must fail before anything is loaded into the kernel.
     let mut source = match &args.manifests {
-        Some(dir) => Source::Manifests(ManifestsDir::new(dir, cfg.clone()), Vec::new()),
+        Some(dir) => Source::Manifests(
+            ManifestsDir::new(dir, cfg.clone())
+                .with_settle(Duration::from_millis(args.manifests_settle_ms)),
+            Vec::new(),
+        ),
         None => {
             let client =
                 kube::client(args.kubeconfig.as_deref(), args.k8s_api_server.as_deref()).await?;

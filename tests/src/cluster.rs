@@ -194,9 +194,9 @@ impl Running {
             .map(|i| cluster.node_manifest(i))
             .collect::<Vec<_>>()
             .join("---\n");
-        std::fs::write(dir.join("nodes.yaml"), nodes).unwrap();
+        write_manifest(&dir.join("nodes.yaml"), &nodes);
         for (name, content) in files {
-            std::fs::write(dir.join(name), content).unwrap();
+            write_manifest(&dir.join(name), content);
         }
         let mut servers = Vec::new();
         for node in &cluster.nodes {
@@ -229,6 +229,9 @@ impl Running {
                 "0",
                 "--poll-interval-ms",
                 "50",
+                // Files here are replaced by rename (write_manifest), never caught half-written.
+                "--manifests-settle-ms",
+                "0",
                 "--max-services",
                 "1024",
                 "--max-frontends",
@@ -285,7 +288,7 @@ impl Running {
         if content.is_empty() {
             let _ = std::fs::remove_file(path);
         } else {
-            std::fs::write(path, content).unwrap();
+            write_manifest(&path, content);
         }
         for (a, n) in self.agents.iter_mut().zip(before) {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -389,4 +392,12 @@ pub fn by_server(
 /// The IP part of `ip:port` / `[ip]:port`.
 pub fn host_of(addr: &str) -> String {
     addr.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']).to_owned()).unwrap_or_default()
+}
+
+/// Replaces a manifests file whole (a temporary file renamed over it), as a ConfigMap volume
+/// does: the agent never sees it half-written.
+fn write_manifest(path: &std::path::Path, content: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }

@@ -74,10 +74,10 @@ fn external_ips_and_load_balancer_ips_with_both_policies() {
         "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  externalIPs: [192.0.2.11]\n",
         lb_status_local,
     );
-    let local_eps: Vec<Ep> = eps.iter().filter(|e| e.node == "node-0").cloned().collect();
+    // Endpoints on both nodes: policy Local must narrow outside traffic to node-0's own.
     let run = Running::start(
         cluster,
-        &[("ext.yaml", cluster_svc.file(&eps)), ("local.yaml", local_svc.file(&local_eps))],
+        &[("ext.yaml", cluster_svc.file(&eps)), ("local.yaml", local_svc.file(&eps))],
     );
     // The outside world routes the VIPs to node-0.
     for vip in ["192.0.2.0/24", "198.51.100.0/24"] {
@@ -108,10 +108,11 @@ fn external_ips_and_load_balancer_ips_with_both_policies() {
             "{vip}: client address kept"
         );
     }
-    // A pod on node-1 reaching the Local service's LB IP is cluster traffic: it works, and
-    // goes to node-0's endpoints (the only ones).
-    let r = parse_probe(&run.from_pod(1, 0, &["connect", "198.51.100.11:80", "--count", "20"]));
+    // A pod reaching the Local service's LB IP is cluster traffic: every endpoint, on both
+    // nodes, answers it (40 connections over 4 backends: all miss one with p < 1e-4).
+    let r = parse_probe(&run.from_pod(1, 0, &["connect", "198.51.100.11:80", "--count", "40"]));
     all_ok(&r);
+    assert_eq!(by_server(&r).len(), 4, "{:?}", by_server(&r));
     assert!(r.iter().flatten().all(|(_, _, peer)| peer == "198.51.100.11:80"));
 }
 
