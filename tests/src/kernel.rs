@@ -140,21 +140,20 @@ impl Datapath {
         map.iter().map(|r| r.expect("read ct")).collect()
     }
 
+    fn conntrack_mut(&mut self) -> HashMap<&mut MapData, lb_common::CtKey, lb_common::CtValue> {
+        HashMap::try_from(self.ebpf.map_mut(lb_common::MAP_CONNTRACK).expect("ct map"))
+            .expect("ct map type")
+    }
+
     /// Adds a conntrack entry; `false` when the key exists already.
     pub fn insert_conntrack(&mut self, key: lb_common::CtKey, value: lb_common::CtValue) -> bool {
-        let mut map: HashMap<&mut MapData, lb_common::CtKey, lb_common::CtValue> =
-            HashMap::try_from(self.ebpf.map_mut(lb_common::MAP_CONNTRACK).expect("ct map"))
-                .expect("ct map type");
         const BPF_NOEXIST: u64 = 1;
-        map.insert(key, value, BPF_NOEXIST).is_ok()
+        self.conntrack_mut().insert(key, value, BPF_NOEXIST).is_ok()
     }
 
     /// Replaces a conntrack entry.
     pub fn set_conntrack(&mut self, key: lb_common::CtKey, value: lb_common::CtValue) {
-        let mut map: HashMap<&mut MapData, lb_common::CtKey, lb_common::CtValue> =
-            HashMap::try_from(self.ebpf.map_mut(lb_common::MAP_CONNTRACK).expect("ct map"))
-                .expect("ct map type");
-        map.insert(key, value, 0).expect("set ct entry");
+        self.conntrack_mut().insert(key, value, 0).expect("set ct entry");
     }
 
     /// Adds or replaces a frontend.

@@ -36,6 +36,20 @@ pub struct Svc<'a> {
     pub extra: &'a str,
 }
 
+impl Svc<'static> {
+    /// The tests' usual service: web, ClusterIP 10.96.0.10:80 and NodePort 30080 -> pods' 8080/TCP.
+    pub const WEB: Svc<'static> = Svc {
+        name: "web",
+        cluster_ips: &["10.96.0.10"],
+        port: 80,
+        protocol: "TCP",
+        target_port: 8080,
+        node_port: Some(30080),
+        spec: "",
+        extra: "",
+    };
+}
+
 impl Svc<'_> {
     pub fn yaml(&self) -> String {
         let ips: Vec<String> = self.cluster_ips.iter().map(|i| format!("\"{i}\"")).collect();

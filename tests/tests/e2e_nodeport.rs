@@ -9,16 +9,7 @@ use lb_tests::{
     require_root,
 };
 
-const CLUSTER_SVC: Svc = Svc {
-    name: "web",
-    cluster_ips: &["10.96.0.10"],
-    port: 80,
-    protocol: "TCP",
-    target_port: 8080,
-    node_port: Some(30080),
-    spec: "",
-    extra: "",
-};
+const CLUSTER_SVC: Svc = Svc::WEB;
 
 const LOCAL_SVC: Svc = Svc {
     name: "local",

@@ -16,16 +16,7 @@ fn traffic_survives_agent_restarts_and_cleanup_removes_everything() {
     require_root!();
     let cluster = Cluster::new(1, 2, 1);
     let eps: Vec<Ep> = cluster.nodes[0].pods.iter().map(|p| Ep::ready(p.ip4, "node-0")).collect();
-    let web = Svc {
-        name: "web",
-        cluster_ips: &["10.96.0.10"],
-        port: 80,
-        protocol: "TCP",
-        target_port: 8080,
-        node_port: Some(30080),
-        spec: "",
-        extra: "",
-    };
+    let web = Svc::WEB;
     let mut run = Running::start(cluster, &[("web.yaml", web.file(&eps))]);
     let ok = |run: &Running, what: &str| {
         let from_client =
@@ -105,16 +96,7 @@ fn kill_9_during_traffic_fails_nothing() {
     require_root!();
     let cluster = Cluster::new(2, 1, 1);
     let eps: Vec<Ep> = cluster.nodes.iter().map(|n| Ep::ready(n.pods[0].ip4, &n.name)).collect();
-    let web = Svc {
-        name: "web",
-        cluster_ips: &["10.96.0.10"],
-        port: 80,
-        protocol: "TCP",
-        target_port: 8080,
-        node_port: Some(30080),
-        spec: "",
-        extra: "",
-    };
+    let web = Svc::WEB;
     let mut run = Running::start(cluster, &[("web.yaml", web.file(&eps))]);
     // A long connection and a stream of new ones, from outside and from a pod, both through
     // node-0 whose agent is killed and restarted meanwhile.

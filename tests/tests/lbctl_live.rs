@@ -34,16 +34,7 @@ fn lbctl_reports_services_backends_flows_affinity_and_counters() {
     require_root!();
     let cluster = Cluster::new(2, 1, 1);
     let eps: Vec<Ep> = cluster.nodes.iter().map(|n| Ep::ready(n.pods[0].ip4, &n.name)).collect();
-    let web = Svc {
-        name: "web",
-        cluster_ips: &["10.96.0.10"],
-        port: 80,
-        protocol: "TCP",
-        target_port: 8080,
-        node_port: Some(30080),
-        spec: "  sessionAffinity: ClientIP\n",
-        extra: "",
-    };
+    let web = Svc { spec: "  sessionAffinity: ClientIP\n", ..Svc::WEB };
     let dns = Svc {
         name: "dns",
         cluster_ips: &["10.96.0.53"],

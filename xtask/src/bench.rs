@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 
-use crate::util::{is_root, run_cmd, workspace_root};
+use crate::util::{build_release_bins, is_root, run_cmd, workspace_root};
 
 pub const KINDS: &[&str] = &["control-plane", "datapath", "e2e"];
 
@@ -20,15 +20,7 @@ pub fn run(which: Option<&str>) -> Result<()> {
         None => KINDS.to_vec(),
     };
     let root = workspace_root();
-    // lb-bench and every binary it starts (lb-agent, lb-probe).
-    run_cmd(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--quiet",
-        "--release",
-        "--locked",
-        "--workspace",
-        "--bins",
-    ]))?;
+    build_release_bins()?;
     for k in kinds {
         println!("== bench {k} ==");
         let mut cmd = Command::new(root.join("target/release/lb-bench"));

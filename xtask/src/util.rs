@@ -24,6 +24,19 @@ pub fn run_cmd(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Release builds of every binary of the workspace (lb-agent, lbctl, lb-probe, lb-demo,
+/// lb-bench): the demo and benchmarks start several, and stale ones must never be used.
+pub fn build_release_bins() -> Result<()> {
+    run_cmd(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--quiet",
+        "--release",
+        "--locked",
+        "--workspace",
+        "--bins",
+    ]))
+}
+
 /// True when the command runs and exits 0 (its output is discarded).
 pub fn succeeds(program: &str, args: &[&str]) -> bool {
     Command::new(program)
