@@ -64,14 +64,11 @@ fn pick_device(
             _ => bail!("the agent attached to {}: say which with --device", names()),
         },
     };
-    let c = std::ffi::CString::new(name.clone())?;
-    // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
-    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if ifindex == 0 {
+    let Ok(ifindex) = crate::dataplane::netdev::ifindex(&name) else {
         bail!(
             "device {name} is not in this network namespace: run lbctl in the agent's (the node's) network namespace"
         );
-    }
+    };
     // A device of the same name in another namespace would give a wrong answer silently:
     // interface numbers repeat across namespaces, the node's own address does not.
     let link = links_pin_dir(bpffs).join(format!("tc-ingress@{name}"));
@@ -331,7 +328,7 @@ pub fn explain(
     let dev = pick_device(bpffs, device, &ins.snapshot.node)?;
     match &dev {
         Some((name, _, true)) => e.notes.push(format!(
-            "XDP is attached on {name} too: it makes the same choice for flows to local backends and leaves the rest to tc ingress, shown here"
+            "XDP is attached on {name} too: it makes the same choice and, where allowed (--xdp-tx), sends flows to other nodes' backends straight back out itself; what it leaves to tc ingress (rejects, unknown next hops) is shown here as tc does it"
         )),
         Some(_) => {}
         None => e.notes.push(

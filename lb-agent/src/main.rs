@@ -67,6 +67,10 @@ struct Args {
     /// Attach XDP to the devices too (native when the driver supports it, else generic).
     #[arg(long)]
     xdp: bool,
+    /// With --xdp: may XDP send a flow to another node's backend (and its replies) straight
+    /// back out of the device (XDP_TX)? auto: yes for native XDP on anything but veth.
+    #[arg(long, value_enum, default_value_t)]
+    xdp_tx: attach::XdpTx,
     /// cgroup v2 directory whose processes (the node's pods and host) reach services through
     /// the socket hooks: the node's root cgroup in production.
     #[arg(long)]
@@ -225,6 +229,7 @@ async fn run(args: Args) -> Result<()> {
                 attach::XdpAttachMode::Kept => "xdp",
             };
             attached(label, dev);
+            attach::xdp_tx(&mut ebpf, dev, mode, args.xdp_tx)?;
         }
     }
     for gone in pins.remove_unwanted()? {

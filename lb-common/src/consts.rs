@@ -33,6 +33,10 @@ pub const MAP_SOURCE_RANGES: &str = "LB_SRC_RANGES";
 pub const MAP_NAMES: &str = "LB_NAMES";
 /// This node's addresses for SNAT (array of one [`crate::NodeConfig`]).
 pub const MAP_NODE: &str = "LB_NODE";
+/// Devices (by interface index) on which XDP may send packets back out (XDP_TX).
+pub const MAP_XDP_TX: &str = "LB_XDP_TX";
+/// Capacity of LB_XDP_TX: devices one agent attaches to.
+pub const MAX_XDP_DEVICES: u32 = 64;
 /// Per-CPU global counters, indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "LB_STATS";
 /// Per-CPU per-service counters, indexed by service id: [`crate::ServiceStats`].
@@ -198,6 +202,10 @@ pub const STAT_TC_EGRESS_PACKETS: u32 = 22;
 pub const STAT_CT_EXPIRED: u32 = 23;
 /// A new connection to a service without endpoints answered with ICMP port unreachable.
 pub const STAT_REJECT_NO_BACKEND: u32 = 24;
+/// XDP sent a translated packet straight back out of its device (XDP_TX).
+pub const STAT_XDP_TX: u32 = 25;
+/// XDP left a flow with SNAT to tc: no known next hop on the device the packet arrived on.
+pub const STAT_XDP_TO_TC: u32 = 26;
 /// Number of slots in LB_STATS (room for the counters later programs add).
 pub const STAT_COUNT: u32 = 64;
 
@@ -228,4 +236,6 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (STAT_TC_EGRESS_PACKETS, "tc_egress_packets"),
     (STAT_CT_EXPIRED, "ct_expired"),
     (STAT_REJECT_NO_BACKEND, "reject_no_backend"),
+    (STAT_XDP_TX, "xdp_tx"),
+    (STAT_XDP_TO_TC, "xdp_to_tc"),
 ];

@@ -2,7 +2,8 @@
 //! journey: parse; a tracked flow gets its recorded rewrite; otherwise, on ingress, a packet to
 //! a frontend starts a flow (source ranges, backend choice with affinity, conntrack entries,
 //! SNAT when the backend is on another node) and is rewritten. Everything else passes
-//! untouched. tc and XDP share this code, so they never disagree about a packet.
+//! untouched. tc and XDP share this code, so they never disagree about a packet; XDP hands a
+//! packet to tc untouched when it cannot finish the job (see `leave_to_tc`).
 
 use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::*;
@@ -31,8 +32,8 @@ pub enum Action {
     Pass,
     Drop,
     /// Rewritten to a source the stack would refuse on input: send it straight towards its
-    /// new destination, which the packet now carries (tc ingress only; the parsed flow is in
-    /// `maps::FLOW`).
+    /// new destination, which the packet now carries (tc ingress: the parsed flow is in
+    /// `maps::FLOW`; XDP: back out of its device, the next hop's MACs are in `maps::SCRATCH`).
     Redirect,
     /// A new connection to a service without endpoints: answer with ICMP port unreachable
     /// (tc ingress; XDP passes such packets on to tc).
@@ -65,10 +66,28 @@ fn apply<R: Rewrite>(pkt: &mut R, flow: &Flow, ct: &CtValue, hook: Hook) -> Acti
         stats::count(STAT_DROP_REWRITE);
         return Action::Drop;
     }
-    if ct.flags & CT_F_SNAT != 0 && hook == Hook::TcIngress {
+    if ct.flags & CT_F_SNAT != 0 && hook != Hook::TcEgress {
         return Action::Redirect;
     }
     Action::Pass
+}
+
+/// A flow with SNAT that this hook cannot forward itself (XDP without a known next hop on the
+/// arrival device): the packet goes on untouched, and tc ingress translates it the same way.
+#[inline(always)]
+fn leave_to_tc<R: Rewrite>(pkt: &R, flow: &Flow, src: &Addr, dst: &Addr) -> bool {
+    if pkt.can_forward(flow, src, dst) {
+        return false;
+    }
+    stats::count(STAT_XDP_TO_TC);
+    true
+}
+
+/// Counts a packet of a new flow to a frontend, for the service and in total.
+#[inline(always)]
+fn count_service_hit(service_id: u32, len: u32) {
+    stats::count(STAT_SERVICE_HIT);
+    stats::count_service(service_id, len);
 }
 
 #[inline(always)]
@@ -102,8 +121,9 @@ fn tracked<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Option
         _pad: [0; 3],
     };
     let ct = conntrack::lookup(&key, flow.tcp_flags)?;
-    // XDP cannot give the stack a packet whose source is now a node address: tc does it.
-    if hook == Hook::Xdp && ct.flags & CT_F_SNAT != 0 {
+    // The stack would refuse a packet whose source is now a node address: it must be forwarded
+    // from here (checked before counting: tc counts what XDP hands over).
+    if ct.flags & CT_F_SNAT != 0 && leave_to_tc(pkt, flow, &ct.new_saddr, &ct.new_daddr) {
         return Some(Action::Pass);
     }
     stats::count(STAT_CT_HIT);
@@ -117,9 +137,8 @@ fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Actio
         stats::count(STAT_SERVICE_MISS);
         return Action::Pass;
     };
-    stats::count(STAT_SERVICE_HIT);
-    stats::count_service(svc.service_id, len);
     if svc.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(svc.service_id, &flow.saddr) {
+        count_service_hit(svc.service_id, len);
         stats::count(STAT_DROP_SOURCE_RANGE);
         return Action::Drop;
     }
@@ -137,22 +156,30 @@ fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Actio
             if hook == Hook::Xdp {
                 return Action::Pass;
             }
+            count_service_hit(svc.service_id, len);
             stats::count(STAT_REJECT_NO_BACKEND);
             return Action::Reject;
         }
+        count_service_hit(svc.service_id, len);
         stats::count(STAT_DROP_NO_BACKEND);
         return Action::Drop;
     };
     let backend = sel.backend;
     if addr_is_v4(&backend.addr) == flow.is_v6 {
+        count_service_hit(svc.service_id, len);
         stats::count(STAT_DROP_NO_BACKEND);
         return Action::Drop;
     }
     // Policy Cluster to another node's backend: SNAT, so its replies come back through here.
     let snat = backend.flags & BE_F_LOCAL == 0 && svc.flags & SVC_F_LOCAL_ONLY == 0;
-    if hook == Hook::Xdp && snat {
-        return Action::Pass;
+    if snat {
+        // Without a node address tc counts the drop.
+        let Some(node) = nat::node_addr(flow.is_v6) else { return Action::Pass };
+        if leave_to_tc(pkt, flow, &node, &backend.addr) {
+            return Action::Pass;
+        }
     }
+    count_service_hit(svc.service_id, len);
     let ids = nat::Ids { backend_id: sel.id, service_id: svc.service_id, snat, hash };
     let ct = match nat::create(flow, backend, &ids) {
         Ok(ct) => ct,

@@ -1,63 +1,90 @@
-//! Sending a translated packet straight out of the right device (tc): used when the rewritten
-//! source is one the stack would refuse on input (a node address after SNAT, a NodePort
-//! address on replies).
+//! Sending a translated packet straight out of the right device, from tc (redirect) and from XDP
+//! (XDP_TX): used when the rewritten source is one the stack would refuse on input (a node
+//! address after SNAT, a NodePort address on replies).
+
+use core::ffi::c_void;
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, bpf_fib_lookup as FibParams},
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use lb_common::Addr;
 
-use crate::{maps::FLOW, packet::Bounds};
+use crate::{
+    maps::{FLOW, SCRATCH, XDP_TX_DEVICES},
+    packet::Bounds,
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
-/// Looks the route to the packet's (rewritten) destination up and redirects the packet to its
-/// device, filling in MAC addresses (or letting the kernel resolve the neighbour). `None` when
-/// there is no route or the headers cannot be read.
-#[inline(never)]
-pub fn redirect(ctx: &TcContext) -> Option<i32> {
-    // SAFETY: this CPU's slot, filled by device::handle for this very packet.
-    let flow = unsafe { &*FLOW.get_ptr(0)? };
-    let (v6, l3_off, proto) = (flow.is_v6, flow.l3(), flow.proto);
-    let b = Bounds { start: ctx.data(), end: ctx.data_end() };
-    // SAFETY: an all-zero bpf_fib_lookup is a valid starting point.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+/// Looks up the route of a packet `src` -> `dst` as if it had arrived on `ifindex` (the
+/// kernel's forwarding decision, `p` receives egress device and MACs). Returns the helper's
+/// code.
+#[inline(always)]
+fn lookup(
+    ctx: *mut c_void,
+    ifindex: u32,
+    flow: (bool, u8),
+    src: &Addr,
+    dst: &Addr,
+    p: &mut FibParams,
+) -> i64 {
+    let (v6, proto) = flow;
     p.family = if v6 { AF_INET6 } else { AF_INET };
     p.l4_protocol = proto;
-    // SAFETY: reading a field of the skb context.
-    p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    // Addresses as the packet now holds them; unions written as the kernel documents them.
+    p.ifindex = ifindex;
+    // Unions written as the kernel documents them; an IPv4 address is the last word of `Addr`.
+    if v6 {
+        p.__bindgen_anon_3.ipv6_src = *src;
+        p.__bindgen_anon_4.ipv6_dst = *dst;
+    } else {
+        p.__bindgen_anon_3.ipv4_src = src[3];
+        p.__bindgen_anon_4.ipv4_dst = dst[3];
+    }
+    // SAFETY: p is a valid bpf_fib_lookup of the size passed; ctx is the program's context.
+    unsafe { bpf_fib_lookup(ctx, p, size_of::<FibParams>() as i32, 0) }
+}
+
+/// The source and destination address the packet holds now (after rewriting).
+#[inline(always)]
+fn packet_addrs(b: &Bounds, v6: bool, l3_off: usize) -> Option<(Addr, Addr)> {
     if v6 {
         let src: *const Addr = b.ptr_at(l3_off + 8)?;
         let dst: *const Addr = b.ptr_at(l3_off + 24)?;
         // SAFETY: bounds checked by ptr_at.
-        unsafe {
-            p.__bindgen_anon_3.ipv6_src = core::ptr::read_unaligned(src);
-            p.__bindgen_anon_4.ipv6_dst = core::ptr::read_unaligned(dst);
-        }
+        unsafe { Some((core::ptr::read_unaligned(src), core::ptr::read_unaligned(dst))) }
     } else {
         let src: *const u32 = b.ptr_at(l3_off + 12)?;
         let dst: *const u32 = b.ptr_at(l3_off + 16)?;
         // SAFETY: bounds checked by ptr_at.
         unsafe {
-            p.__bindgen_anon_3.ipv4_src = core::ptr::read_unaligned(src);
-            p.__bindgen_anon_4.ipv4_dst = core::ptr::read_unaligned(dst);
+            let (s, d) = (core::ptr::read_unaligned(src), core::ptr::read_unaligned(dst));
+            Some(([0, 0, 0, s], [0, 0, 0, d]))
         }
     }
-    // SAFETY: p is a valid bpf_fib_lookup of the size passed.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, 0) };
-    match rc {
+}
+
+/// tc: looks the route to the packet's (rewritten) destination up and redirects the packet to
+/// its device, filling in MAC addresses (or letting the kernel resolve the neighbour). `None`
+/// when there is no route or the headers cannot be read.
+#[inline(never)]
+pub fn redirect(ctx: &TcContext) -> Option<i32> {
+    // SAFETY: this CPU's slot, filled by device::handle for this very packet.
+    let flow = unsafe { &*FLOW.get_ptr(0)? };
+    let b = Bounds { start: ctx.data(), end: ctx.data_end() };
+    let (src, dst) = packet_addrs(&b, flow.is_v6, flow.l3())?;
+    // SAFETY: an all-zero bpf_fib_lookup is a valid starting point.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    // SAFETY: reading a field of the skb context.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    match lookup(ctx.as_ptr(), ifindex, (flow.is_v6, flow.proto), &src, &dst, &mut p) {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            let mut macs = [0u8; 12];
-            macs[..6].copy_from_slice(&p.dmac);
-            macs[6..].copy_from_slice(&p.smac);
-            ctx.store(0, &macs, 0).ok()?;
+            ctx.store(0, &macs(&p), 0).ok()?;
             // SAFETY: redirecting to a device the route named.
             Some(unsafe { bpf_redirect(p.ifindex, 0) } as i32)
         }
@@ -68,4 +95,50 @@ pub fn redirect(ctx: &TcContext) -> Option<i32> {
         }
         _ => None,
     }
+}
+
+/// Destination then source MAC, as they start an Ethernet header.
+#[inline(always)]
+fn macs(p: &FibParams) -> [u8; 12] {
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&p.dmac);
+    macs[6..].copy_from_slice(&p.smac);
+    macs
+}
+
+/// XDP: whether a packet rewritten to `src` -> `dst` can go straight back out of the device it
+/// arrived on (XDP_TX): the agent allows XDP_TX there, the route leaves by that device and the
+/// next hop's MAC is known. If so
+/// the MACs wait in this CPU's scratch slot for [`xdp_set_macs`]. Otherwise tc handles the packet
+/// (it lets the kernel resolve neighbours and reaches every device).
+#[inline(never)]
+pub fn xdp_can_tx(ctx: &XdpContext, flow: (bool, u8), src: &Addr, dst: &Addr) -> bool {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: a plain lookup; the value is not used.
+    if unsafe { XDP_TX_DEVICES.get(ifindex) }.is_none() {
+        return false;
+    }
+    let Some(s) = SCRATCH.get_ptr_mut(0) else { return false };
+    // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
+    let s = unsafe { &mut *s };
+    // SAFETY: an all-zero bpf_fib_lookup is a valid starting point.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    let rc = lookup(ctx.as_ptr(), ifindex, flow, src, dst, &mut p);
+    if rc != BPF_FIB_LKUP_RET_SUCCESS || p.ifindex != ifindex {
+        return false;
+    }
+    s.next_hop_macs = macs(&p);
+    true
+}
+
+/// XDP: writes the MACs [`xdp_can_tx`] found into the rewritten packet. `false` if the frame
+/// is too short (cannot happen for a parsed packet).
+#[inline(always)]
+pub fn xdp_set_macs(ctx: &XdpContext) -> bool {
+    let Some(s) = SCRATCH.get_ptr(0) else { return false };
+    let b = Bounds { start: ctx.data(), end: ctx.data_end() };
+    let Some(eth) = b.ptr_at::<[u8; 12]>(0) else { return false };
+    // SAFETY: bounds checked by ptr_at; this CPU's scratch slot.
+    unsafe { core::ptr::write_unaligned(eth, (*s).next_hop_macs) };
+    true
 }

@@ -59,6 +59,10 @@ pub static NAMES: HashMap<u32, ServiceName> = HashMap::with_max_entries(DEFAULT_
 #[map(name = "LB_NODE")]
 pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
+/// Devices where XDP may answer with XDP_TX (the agent decides per device: see `--xdp-tx`).
+#[map(name = "LB_XDP_TX")]
+pub static XDP_TX_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_XDP_DEVICES, 0);
+
 /// LPM tries must be created without preallocation.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -74,6 +78,8 @@ pub struct Scratch {
     pub forward_key: CtKey,
     pub reply_key: CtKey,
     pub value: CtValue,
+    /// Destination and source MAC of the next hop, for a packet XDP sends back out (fib.rs).
+    pub next_hop_macs: [u8; 12],
 }
 
 #[map(name = "LB_SCRATCH")]

@@ -19,7 +19,7 @@ pub enum NatError {
 
 /// This node's address of the flow's family, for SNAT.
 #[inline(always)]
-fn node_addr(v6: bool) -> Option<Addr> {
+pub fn node_addr(v6: bool) -> Option<Addr> {
     let node = NODE.get(0)?;
     let a = if v6 { node.addr6 } else { node.addr4 };
     if a == [0; 4] || (!v6 && a[3] == 0) { None } else { Some(a) }

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use lb_common::{Addr, PROTO_UDP};
 
 use crate::{
-    csum,
+    csum, fib,
     packet::{Bounds, Flow},
 };
 
@@ -23,6 +23,9 @@ pub trait Rewrite {
     fn bounds(&self) -> Bounds;
     fn set_addr(&mut self, flow: &Flow, which: Which, old: &Addr, new: &Addr) -> Result<(), ()>;
     fn set_port(&mut self, flow: &Flow, which: Which, old: u16, new: u16) -> Result<(), ()>;
+    /// Whether this hook can itself send the packet, once rewritten to `src` -> `dst`, towards
+    /// its new destination (a flow with SNAT must not reach the stack). tc always can.
+    fn can_forward(&self, flow: &Flow, src: &Addr, dst: &Addr) -> bool;
 }
 
 #[inline(always)]
@@ -80,6 +83,10 @@ impl Rewrite for Tc<'_> {
         ctx.l4_csum_replace(flow.l4_csum_off(), old as u64, new as u64, 2 | l4_flags(flow))
             .map_err(|_| ())?;
         ctx.store(port_off(flow, which), &new, 0).map_err(|_| ())
+    }
+
+    fn can_forward(&self, _: &Flow, _: &Addr, _: &Addr) -> bool {
+        true
     }
 }
 
@@ -151,6 +158,10 @@ impl Rewrite for Xdp<'_> {
             core::ptr::write_unaligned(p, new);
         }
         Ok(())
+    }
+
+    fn can_forward(&self, flow: &Flow, src: &Addr, dst: &Addr) -> bool {
+        fib::xdp_can_tx(self.0, (flow.is_v6, flow.proto), src, dst)
     }
 }
 

@@ -46,6 +46,9 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     pub clients: Vec<Client>,
     pub lan: NetNs,
+    /// The pass-through XDP program on the segment's side of the nodes' veths, once
+    /// [`Cluster::accept_xdp_tx`] attached it (detached on drop).
+    xdp_peers: Option<aya::Ebpf>,
 }
 
 fn ip(s: String) -> IpAddr {
@@ -57,7 +60,7 @@ impl Cluster {
         let lan = NetNs::new("lan");
         lan.ip(&["link", "add", "br0", "type", "bridge"]);
         lan.ip(&["link", "set", "br0", "up"]);
-        let mut out = Cluster { nodes: Vec::new(), clients: Vec::new(), lan };
+        let mut out = Cluster { nodes: Vec::new(), clients: Vec::new(), lan, xdp_peers: None };
         for i in 0..nodes {
             out.nodes.push(out.add_node(i, pods_per_node, nodes));
         }
@@ -338,8 +341,44 @@ impl Running {
 
     /// Every pod as a ready endpoint on port 0 (the slice sets the port).
     pub fn all_pods(&self, v6: bool) -> Vec<crate::manifests::Ep> {
-        self.cluster
-            .nodes
+        self.cluster.all_pods(v6)
+    }
+}
+
+impl Cluster {
+    /// Makes the nodes' veths behave like NICs on a wire for XDP_TX (agents with `--xdp
+    /// --xdp-tx on`): a veth delivers a frame sent back out by XDP only when its peer runs XDP
+    /// itself, so a pass-through program goes on the segment's side of every node's veth; and
+    /// pods and clients finish their checksums before sending (tx offload off), as frames on a
+    /// wire carry them, since an XDP_TX frame leaves with the checksum it arrived with.
+    pub fn like_a_wire_for_xdp_tx(&mut self) {
+        let senders = self.clients.iter().map(|c| &c.ns);
+        for ns in senders.chain(self.nodes.iter().flat_map(|n| n.pods.iter().map(|p| &p.ns))) {
+            let out = ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
+            assert!(out.status.success(), "ethtool -K eth0 tx off in {}: {out:?}", ns.name());
+        }
+        use aya::programs::{Xdp, XdpMode};
+        let sizes = crate::kernel::TEST_MAP_SIZES;
+        let opts = lb_agent::dataplane::loader::LoadOptions { bpffs: None, sizes };
+        let mut ebpf = lb_agent::dataplane::loader::load(&opts).expect("load the eBPF object");
+        let prog: &mut Xdp = ebpf
+            .program_mut(lb_common::PROG_BENCH_XDP_NOOP)
+            .expect("pass-through XDP program")
+            .try_into()
+            .expect("an XDP program");
+        prog.load().expect("verify the pass-through XDP program");
+        for i in 0..self.nodes.len() {
+            let ifname = format!("n{i}");
+            self.lan
+                .run(|| prog.attach(&ifname, XdpMode::Driver).map(|_| ()))
+                .unwrap_or_else(|e| panic!("attach XDP to {ifname} in lan: {e}"));
+        }
+        self.xdp_peers = Some(ebpf);
+    }
+
+    /// Every pod as a ready endpoint on its node.
+    pub fn all_pods(&self, v6: bool) -> Vec<crate::manifests::Ep> {
+        self.nodes
             .iter()
             .flat_map(|n| {
                 n.pods.iter().map(move |p| {

@@ -79,10 +79,21 @@ impl Datapath {
     /// example a frame too short for the headers its ethertype announces, which the kernel
     /// refuses for skb programs).
     pub fn try_run(&self, name: &str, packet: &[u8]) -> Result<RunOutput, String> {
+        self.try_run_ctx(name, packet, None)
+    }
+
+    /// [`Self::try_run`] with a context (`__sk_buff` or `xdp_md` bytes) passed in.
+    pub fn try_run_ctx(
+        &self,
+        name: &str,
+        packet: &[u8],
+        ctx: Option<&[u8]>,
+    ) -> Result<RunOutput, String> {
         let mut out = vec![0u8; packet.len() + OUTPUT_HEADROOM];
         let opts = TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
+            ctx_in: ctx,
             ..Default::default()
         };
         let result = match self.ebpf.program(name) {
@@ -102,6 +113,18 @@ impl Datapath {
 
     pub fn run(&self, name: &str, packet: &[u8]) -> RunOutput {
         self.try_run(name, packet).unwrap_or_else(|e| panic!("test run of {name}: {e}"))
+    }
+
+    /// Runs XDP `name` on `packet` as if it arrived on interface `ifindex` of the calling
+    /// thread's network namespace (routes and neighbours are looked up there).
+    pub fn run_xdp_on(&self, name: &str, packet: &[u8], ifindex: u32) -> RunOutput {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        self.try_run_ctx(name, packet, Some(&ctx))
+            .unwrap_or_else(|e| panic!("test run of {name} on ifindex {ifindex}: {e}"))
     }
 
     /// The writer over this datapath's maps (created on first use).
@@ -125,6 +148,12 @@ impl Datapath {
             .apply_object(&key, plans)
             .unwrap_or_else(|e| panic!("programming {name}: {e:#}"));
         assert!(report.conflicts.is_empty(), "{:?}", report.conflicts);
+    }
+
+    /// The id the writer gave service `name`.
+    pub fn service_id(&mut self, name: &str) -> u32 {
+        let found = self.writer().service_ids().find(|(k, _)| k.name == name).map(|(_, id)| id);
+        found.unwrap_or_else(|| panic!("no service {name}"))
     }
 
     /// This node's SNAT addresses.

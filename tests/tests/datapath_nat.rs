@@ -5,10 +5,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use lb_agent::dataplane::attach::{self, XdpAttachMode, XdpTx};
 use lb_agent::model::plan::{Backend, Protocol, ServicePlan, TrafficPolicy};
 use lb_common::*;
 use lb_tests::{
     kernel::{Datapath, TEST_MAP_SIZES},
+    netns::NetNs,
     packets::*,
     plans::{backend, lb_plan},
     require_root,
@@ -18,6 +20,7 @@ const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
 const XDP_PASS: i32 = 2;
+const XDP_TX: i32 = 3;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 const OTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 99);
 const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
@@ -365,6 +368,124 @@ fn xdp_translates_local_flows_and_leaves_snat_flows_to_tc() {
     assert!(dp.conntrack().is_empty(), "XDP created no entry for tc to trip on");
     let (_, s) = run(&dp, PROG_TC_INGRESS, &p);
     assert_eq!(s.src.ip(), IpAddr::from(NODE));
+}
+
+/// A node namespace for XDP's forwarding decisions: `n0` (the device packets arrive on, MAC
+/// `N0_MAC`, the node address) reaches the remote pods through router .12 and everything else
+/// through router .1, both with known MACs; `d0` (another device) reaches 172.16.0.0/24;
+/// 192.168.1.13 is on `n0` but has no neighbour entry yet. Returns the namespace and n0's index.
+fn xdp_node() -> (NetNs, u32) {
+    let ns = NetNs::new("xn");
+    ns.ip(&["link", "add", "n0", "address", N0_MAC, "type", "veth", "peer", "name", "n1"]);
+    ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+    ns.ip(&["addr", "add", &format!("{NODE}/24"), "dev", "n0"]);
+    ns.ip(&["addr", "add", "172.16.0.1/24", "dev", "d0"]);
+    for dev in ["n0", "n1", "d0", "d1"] {
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    ns.sysctl("net.ipv4.ip_forward", "1");
+    for (addr, mac, dev) in [
+        ("192.168.1.12", ROUTER_MAC, "n0"),
+        ("192.168.1.1", GATEWAY_MAC, "n0"),
+        ("172.16.0.2", "02:00:00:00:00:02", "d0"),
+    ] {
+        ns.ip(&["neigh", "replace", addr, "lladdr", mac, "nud", "permanent", "dev", dev]);
+    }
+    ns.ip(&["route", "add", "10.1.1.0/24", "via", "192.168.1.12", "dev", "n0"]);
+    ns.ip(&["route", "add", "default", "via", "192.168.1.1", "dev", "n0"]);
+    let ifindex = ns.run(|| {
+        // SAFETY: a NUL-terminated name.
+        unsafe { libc::if_nametoindex(c"n0".as_ptr()) }
+    });
+    assert_ne!(ifindex, 0);
+    (ns, ifindex)
+}
+
+const N0_MAC: &str = "02:00:00:00:00:11";
+const ROUTER_MAC: &str = "02:00:00:00:00:12";
+const GATEWAY_MAC: &str = "02:00:00:00:00:01";
+
+fn mac(s: &str) -> Vec<u8> {
+    s.split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
+}
+
+/// Destination and source MAC of a frame, as strings.
+fn macs_of(frame: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    (frame[..6].to_vec(), frame[6..12].to_vec())
+}
+
+#[test]
+fn xdp_forwards_snat_flows_back_out_of_their_device_when_the_next_hop_is_known() {
+    require_root!();
+    let (ns, n0) = xdp_node();
+    let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
+    let svc = dp.service_id("web");
+    // The agent's decision for a veth is "no" unless told otherwise.
+    let allowed = |dp: &mut Datapath, setting| {
+        ns.run(|| attach::xdp_tx(&mut dp.ebpf, "n0", XdpAttachMode::Native, setting).unwrap())
+    };
+    assert!(!allowed(&mut dp, XdpTx::Auto), "auto on a veth");
+    let p = tcp4(CLIENT, 40001, VIP, 80, true, b"");
+    let out = ns.run(|| dp.run_xdp_on(PROG_XDP_INGRESS, &p, n0));
+    assert_eq!((out.verdict, &out.packet), (XDP_PASS, &p), "XDP_TX not allowed: left to tc");
+    assert!(dp.conntrack().is_empty());
+    assert!(allowed(&mut dp, XdpTx::On));
+    let dp = dp;
+    // Runs XDP in the node namespace; checks checksums.
+    let xdp = |p: &[u8]| {
+        let out = ns.run(|| dp.run_xdp_on(PROG_XDP_INGRESS, p, n0));
+        checksums_ok(&out.packet).unwrap();
+        out
+    };
+
+    // First packet: DNAT + SNAT, sent back out of n0 to the router of the pod network.
+    let out = xdp(&tcp4(CLIENT, 40001, VIP, 80, true, b""));
+    assert_eq!(out.verdict, XDP_TX);
+    assert_eq!(macs_of(&out.packet), (mac(ROUTER_MAC), mac(N0_MAC)));
+    let s = summarize(&out.packet).unwrap();
+    assert_eq!((s.src.ip(), s.dst), (IpAddr::from(NODE), sa(REMOTE_POD, 8080)));
+    let nat_port = s.src.port();
+    assert!((NAT_PORT_MIN..=NAT_PORT_MAX).contains(&nat_port));
+    assert_eq!(dp.conntrack().len(), 2);
+
+    // The rest of the flow, and the backend's reply towards the client's gateway.
+    let out = xdp(&tcp4(CLIENT, 40001, VIP, 80, false, b"GET /"));
+    assert_eq!((out.verdict, summarize(&out.packet).unwrap().src), (XDP_TX, s.src));
+    let out = xdp(&tcp4(REMOTE_POD, 8080, NODE, nat_port, false, b"200 OK"));
+    assert_eq!(out.verdict, XDP_TX);
+    assert_eq!(macs_of(&out.packet), (mac(GATEWAY_MAC), mac(N0_MAC)));
+    let r = summarize(&out.packet).unwrap();
+    assert_eq!((r.src, r.dst), (sa(VIP, 80), sa(CLIENT, 40001)));
+    assert_eq!((dp.stat(STAT_XDP_TX), dp.stat(STAT_XDP_TO_TC)), (3, 1));
+
+    // The router's MAC is forgotten: XDP hands the packet to tc untouched, tc translates it
+    // and lets the kernel resolve the neighbour. The packet is counted once, by tc.
+    ns.ip(&["neigh", "del", "192.168.1.12", "dev", "n0"]);
+    let p = tcp4(CLIENT, 40001, VIP, 80, false, b"more");
+    let out = xdp(&p);
+    assert_eq!((out.verdict, &out.packet), (XDP_PASS, &p));
+    assert_eq!(dp.stat(STAT_XDP_TO_TC), 2);
+    assert_eq!(dp.service_stats(svc).packets, 3, "not counted by XDP");
+    let (_, s2) = run(&dp, PROG_TC_INGRESS, &p);
+    assert_eq!(s2.src, s.src, "tc: the same translation");
+    assert_eq!(dp.service_stats(svc).packets, 4);
+}
+
+#[test]
+fn xdp_leaves_to_tc_a_new_snat_flow_whose_route_leaves_by_another_device_or_lacks_a_neighbour() {
+    require_root!();
+    let (ns, n0) = xdp_node();
+    for backend_ip in [Ipv4Addr::new(172, 16, 0, 2), Ipv4Addr::new(192, 168, 1, 13)] {
+        let mut dp = datapath(vec![backend(backend_ip.into(), 8080, false)]);
+        ns.run(|| attach::xdp_tx(&mut dp.ebpf, "n0", XdpAttachMode::Native, XdpTx::On).unwrap());
+        let p = tcp4(CLIENT, 40001, VIP, 80, true, b"");
+        let out = ns.run(|| dp.run_xdp_on(PROG_XDP_INGRESS, &p, n0));
+        assert_eq!((out.verdict, &out.packet), (XDP_PASS, &p), "{backend_ip}: untouched");
+        assert!(dp.conntrack().is_empty(), "{backend_ip}: tc creates the flow");
+        assert_eq!((dp.stat(STAT_XDP_TO_TC), dp.stat(STAT_SERVICE_HIT)), (1, 0));
+        let (_, s) = run(&dp, PROG_TC_INGRESS, &p);
+        assert_eq!((s.src.ip(), s.dst), (IpAddr::from(NODE), sa(backend_ip, 8080)));
+    }
 }
 
 #[test]

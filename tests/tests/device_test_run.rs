@@ -82,12 +82,6 @@ fn datapath_with_services() -> Datapath {
     dp
 }
 
-/// Service ids as the writer allocated them, by name.
-fn service_id(dp: &mut Datapath, name: &str) -> u32 {
-    let w = dp.writer();
-    w.service_ids().find(|(k, _)| k.name == name).map(|(_, id)| id).unwrap()
-}
-
 fn cases() -> Vec<Case> {
     let tcp4_syn = tcp4(CLIENT4, 40000, VIP4, 80, true, b"");
     let udp4_q = udp4(CLIENT4, 40000, VIP4, 80, b"query");
@@ -237,7 +231,7 @@ fn every_case_is_counted_once_and_translated_or_passed_unchanged() {
                 fix_l4_checksum(&mut packet);
             }
             let before = dp.stats();
-            let svc = c.service.map(|n| service_id(&mut dp, n));
+            let svc = c.service.map(|n| dp.service_id(n));
             let svc_before = svc.map(|id| dp.service_stats(id));
             let name = format!("{prog}: {}", c.name);
             let out = match dp.try_run(prog, &packet) {
@@ -309,11 +303,8 @@ fn services_not_hit_keep_zero_counters() {
     require_root!();
     let mut dp = datapath_with_services();
     dp.run(PROG_TC_INGRESS, &tcp4(CLIENT4, 1, VIP4, 80, true, b""));
-    let (tcp4, udp4, internal) = (
-        service_id(&mut dp, SVC_TCP4),
-        service_id(&mut dp, SVC_UDP4),
-        service_id(&mut dp, "internal"),
-    );
+    let (tcp4, udp4, internal) =
+        (dp.service_id(SVC_TCP4), dp.service_id(SVC_UDP4), dp.service_id("internal"));
     assert_eq!(dp.service_stats(tcp4).packets, 1);
     assert_eq!(dp.service_stats(udp4).packets, 0);
     assert_eq!(

@@ -49,10 +49,6 @@ fn setup() -> (NetNs, NetNs, Datapath) {
     (client, node, dp)
 }
 
-fn id(dp: &mut Datapath, name: &str) -> u32 {
-    dp.writer().service_ids().find(|(k, _)| k.name == name).map(|(_, id)| id).unwrap()
-}
-
 /// Sends `count` datagrams `ping-NNN` from the client namespace to `to`.
 fn udp_send(client: &NetNs, to: &str, count: usize) {
     let to = to.to_owned();
@@ -124,17 +120,17 @@ fn tc_ingress_counts_real_traffic_and_leaves_it_intact() {
 
     // Ethernet + IPv4/IPv6 + UDP headers + "ping-000".
     let s4 = {
-        let i = id(&mut dp, "udp4");
+        let i = dp.service_id("udp4");
         dp.service_stats(i)
     };
     assert_eq!((s4.packets, s4.bytes), (20, 20 * (14 + 20 + 8 + 8)), "IPv4 UDP frontend");
     let s6 = {
-        let i = id(&mut dp, "udp6");
+        let i = dp.service_id("udp6");
         dp.service_stats(i)
     };
     assert_eq!((s6.packets, s6.bytes), (10, 10 * (14 + 40 + 8 + 8)), "IPv6 UDP frontend");
     let t = {
-        let i = id(&mut dp, "tcp4");
+        let i = dp.service_id("tcp4");
         dp.service_stats(i)
     };
     assert!(t.packets >= 3, "SYN, ACK and data at least: {t:?}");
@@ -153,7 +149,7 @@ fn xdp_counts_real_traffic_and_leaves_it_intact() {
     let udp4 = node.run(|| UdpSocket::bind((NODE4, UDP_PORT)).unwrap());
     assert_eq!(udp_round(&client, &udp4, &format!("{NODE4}:{UDP_PORT}"), 15), expected_pings(15));
     let s4 = {
-        let i = id(&mut dp, "udp4");
+        let i = dp.service_id("udp4");
         dp.service_stats(i)
     };
     assert_eq!((s4.packets, s4.bytes), (15, 15 * (14 + 20 + 8 + 8)));

@@ -26,12 +26,7 @@ const LOCAL_SVC: Svc = Svc {
 fn nodeport_cluster_and_local_policies_from_an_outside_client() {
     require_root!();
     let cluster = Cluster::new(2, 2, 1);
-    let pods: Vec<_> = cluster
-        .nodes
-        .iter()
-        .flat_map(|n| n.pods.iter().map(move |p| (p.ip4, n.name.clone())))
-        .collect();
-    let eps: Vec<_> = pods.iter().map(|(ip, n)| lb_tests::manifests::Ep::ready(*ip, n)).collect();
+    let eps = cluster.all_pods(false);
     // The Local service has endpoints on node-0 only.
     let local_eps: Vec<_> = eps.iter().filter(|e| e.node == "node-0").cloned().collect();
     let run = Running::start(
@@ -82,4 +77,65 @@ fn nodeport_cluster_and_local_policies_from_an_outside_client() {
     let results = parse_probe(&run.from_pod(1, 0, &["connect", "10.96.0.10:80", "--count", "100"]));
     assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
     assert_eq!(by_server(&results).len(), 4, "{:?}", by_server(&results));
+}
+
+#[test]
+fn nodeport_cluster_policy_with_xdp_tx_sends_remote_flows_back_out_without_the_stack() {
+    require_root!();
+    let mut cluster = Cluster::new(2, 2, 1);
+    cluster.like_a_wire_for_xdp_tx();
+    let eps = cluster.all_pods(false);
+    let files = [("web.yaml", CLUSTER_SVC.file(&eps))];
+    let run = Running::start_with(cluster, &files, &["--xdp", "--xdp-tx", "on"]);
+    let remote = cluster_policy_answers_every_connection(&run, 200);
+
+    // Each remote flow's packets both ways (SYN, SYN-ACK, request, answer, FINs...) left node-0
+    // by XDP_TX; only the first ones, before node-0 knew the next hop's MAC, went through tc.
+    let counters = node_counters(&run, 0);
+    let (tx, to_tc) = (counters["xdp_tx"], counters["xdp_to_tc"]);
+    assert!(tx as usize >= 6 * remote, "xdp_tx {tx} for {remote} remote flows: {counters:?}");
+    assert!(to_tc <= 4, "xdp_to_tc {to_tc}: {counters:?}");
+}
+
+#[test]
+fn on_a_veth_xdp_leaves_remote_flows_to_tc_by_default_and_says_so() {
+    require_root!();
+    let cluster = Cluster::new(2, 2, 1);
+    let eps = cluster.all_pods(false);
+    let files = [("web.yaml", CLUSTER_SVC.file(&eps))];
+    let run = Running::start_with(cluster, &files, &["--xdp"]);
+    let said = run.agents[0].log().into_iter().find(|l| l.contains("XDP_TX")).unwrap_or_default();
+    assert!(said.contains("XDP_TX off") && said.contains("veth"), "{said}");
+    let remote = cluster_policy_answers_every_connection(&run, 60);
+    let counters = node_counters(&run, 0);
+    assert_eq!(counters["xdp_tx"], 0, "{counters:?}");
+    assert!(counters["xdp_to_tc"] as usize >= 3 * remote, "{counters:?}");
+}
+
+/// `count` connections from the outside client to node-0's NodePort of the Cluster-policy
+/// service: all answered, by all four pods, remote ones seeing node-0's address. Returns how
+/// many went to the other node.
+fn cluster_policy_answers_every_connection(run: &Running, count: usize) -> usize {
+    let node0 = run.cluster.nodes[0].ip4.to_string();
+    let client = run.cluster.clients[0].ip4.to_string();
+    let target = format!("{node0}:30080");
+    let results =
+        parse_probe(&run.from_client(0, &["connect", &target, "--count", &count.to_string()]));
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    assert_eq!(by_server(&results).len(), 4, "{:?}", by_server(&results));
+    let mut remote = 0;
+    for (name, seen, peer) in results.iter().flatten() {
+        assert_eq!(peer, &target);
+        let local = name.starts_with("node-0");
+        assert_eq!(&host_of(seen), if local { &client } else { &node0 }, "{name}");
+        remote += usize::from(!local);
+    }
+    remote
+}
+
+/// Node `n`'s global datapath counters, by name.
+fn node_counters(run: &Running, n: usize) -> std::collections::BTreeMap<&'static str, u64> {
+    let path = &run.pins[n].path;
+    lb_agent::dataplane::counters::global_pinned(path).unwrap().into_iter().collect()
 }

@@ -19,6 +19,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("iptables-restore", "iptables"),
     ("nft", "nftables"),
+    ("ethtool", "ethtool"),
 ];
 
 struct Step {
@@ -81,7 +82,7 @@ const STEPS: &[Step] = &[
         name: "Debian packages",
         done: || skip("LB_SETUP_SKIP_PACKAGES") || missing_packages().is_empty(),
         install: install_packages,
-        hint: "as root: apt-get install iproute2 procps bpftool iptables nftables",
+        hint: "as root: apt-get install iproute2 procps bpftool iptables nftables ethtool",
     },
     Step {
         name: "kubernetes-validate (Python, for the deploy manifests)",

@@ -12,7 +12,7 @@ use aya::{
         links::FdLink, tc,
     },
 };
-use lb_common::{PROG_SOCK, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP_INGRESS};
+use lb_common::{MAP_XDP_TX, PROG_SOCK, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP_INGRESS};
 use tracing::{info, warn};
 
 use super::links::LinkPins;
@@ -119,6 +119,53 @@ pub fn xdp_ingress(
         }
     }
     Ok(mode)
+}
+
+/// Whether XDP may send translated packets straight back out of a device (`--xdp-tx`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpTx {
+    /// On where XDP is attached natively and the driver is not veth.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+/// Decides whether XDP may use XDP_TX on `ifname` and records it in LB_XDP_TX; returns the
+/// decision. Where it may not, XDP leaves flows with SNAT to tc, which always works.
+///
+/// `Auto` says no to generic XDP (no gain over tc) and to veth, where XDP_TX loses packets
+/// silently: the frame reaches the peer only if the peer runs XDP itself, and packets from
+/// senders on the same host carry partial checksums, which XDP cannot tell from finished ones
+/// and sends out unfinished. A link kept from the previous agent keeps its previous decision.
+pub fn xdp_tx(ebpf: &mut Ebpf, ifname: &str, mode: XdpAttachMode, setting: XdpTx) -> Result<bool> {
+    let ifindex = super::netdev::ifindex(ifname)?;
+    let mut map: aya::maps::HashMap<_, u32, u32> =
+        aya::maps::HashMap::try_from(ebpf.map_mut(MAP_XDP_TX).context("no LB_XDP_TX map")?)?;
+    let (on, why) = match (setting, mode) {
+        (XdpTx::On, _) => (true, "--xdp-tx on".to_owned()),
+        (XdpTx::Off, _) => (false, "--xdp-tx off".to_owned()),
+        (XdpTx::Auto, XdpAttachMode::Kept) => {
+            (map.get(&ifindex, 0).is_ok(), "as before (XDP link kept)".to_owned())
+        }
+        (XdpTx::Auto, XdpAttachMode::Generic) => (false, "generic XDP".to_owned()),
+        (XdpTx::Auto, XdpAttachMode::Native) => match super::netdev::driver(ifname) {
+            Ok(d) if d == "veth" => (
+                false,
+                "veth: frames sent back out need XDP on the peer and finished checksums".to_owned(),
+            ),
+            Ok(d) => (true, format!("native XDP, driver {d}")),
+            Err(e) => (false, format!("driver unknown: {e:#}")),
+        },
+    };
+    if on {
+        map.insert(ifindex, 1, 0).context("writing LB_XDP_TX")?;
+    } else if map.get(&ifindex, 0).is_ok() {
+        map.remove(&ifindex).context("writing LB_XDP_TX")?;
+    }
+    let state = if on { "on" } else { "off: flows to other nodes go through tc" };
+    info!(device = ifname, reason = %why, "XDP_TX {state}");
+    Ok(on)
 }
 
 /// Attaches every socket hook to the cgroup v2 directory `cgroup` (the node's root cgroup in

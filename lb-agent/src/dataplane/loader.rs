@@ -80,6 +80,7 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
             max_entries: DEFAULT_MAX_SOURCE_RANGES,
         },
         spec::<u32, ServiceStats>(MAP_SERVICE_STATS, sizes.max_services),
+        spec::<u32, u32>(MAP_XDP_TX, MAX_XDP_DEVICES),
     ]
 }
 
@@ -160,6 +161,7 @@ pub const READ_ONLY_MAPS: &[&str] = &[
     MAP_SOURCE_RANGES,
     MAP_NODE,
     MAP_NAMES,
+    MAP_XDP_TX,
 ];
 
 /// Loads a private copy of the object whose read-only maps are the live pinned ones under

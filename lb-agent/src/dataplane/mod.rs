@@ -7,6 +7,7 @@ pub mod ids;
 pub mod links;
 pub mod loader;
 pub mod maglev_map;
+pub mod netdev;
 pub mod programs;
 pub mod store;
 pub mod writer;
