@@ -7,20 +7,27 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use lb_agent::{
-    dataplane::loader::MapSizes,
+    dataplane::{
+        attach::{self, XdpAttachMode, XdpTx},
+        loader::MapSizes,
+    },
     model::plan::{BackendSet, Frontend, FrontendKind, Protocol, Scope},
 };
 use lb_common::*;
 
 use crate::{
-    kernel::Datapath,
+    kernel::{Datapath, RunOutput},
     packets::{summarize, tcp4},
     plans::{backend, lb_plan},
+    routed::RoutedNode,
 };
 
 const RUNS: usize = 20_000;
 const WARMUP: usize = 2_000;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+/// First-packet rows each use their own client, so no row meets flows an earlier one created.
+const XDP_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 8);
+const XDP_TX_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
 const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
 
@@ -36,10 +43,20 @@ fn measure(
     make: &mut dyn FnMut(usize) -> Vec<u8>,
     ok: &dyn Fn(i32, &[u8]) -> bool,
 ) -> f64 {
+    measure_with(prog, &|p| dp.run(prog, p), make, ok)
+}
+
+/// [`measure`] with the way of running the program given (a context, another namespace).
+fn measure_with(
+    prog: &str,
+    run: &dyn Fn(&[u8]) -> RunOutput,
+    make: &mut dyn FnMut(usize) -> Vec<u8>,
+    ok: &dyn Fn(i32, &[u8]) -> bool,
+) -> f64 {
     let mut times = Vec::with_capacity(RUNS);
     for i in 0..WARMUP + RUNS {
         let p = make(i);
-        let out = dp.run(prog, &p);
+        let out = run(&p);
         assert!(
             ok(out.verdict, &out.packet),
             "{prog}: unexpected verdict {} on run {i}",
@@ -121,15 +138,24 @@ pub fn datapath() {
         "xdp: not for a frontend",
         "xdp: first packet, local backend",
         "xdp: established packet",
+        "xdp: first packet, remote backend (XDP_TX)",
+        "xdp: established packet, remote (XDP_TX)",
     ];
+    // XDP_TX needs a route and a known next hop on the device the packet arrives on.
+    let routed = RoutedNode::new();
     let mut table: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for &n in &sizes {
         eprintln!("programming {n} services ...");
-        let dp = datapath_with(n);
+        let mut dp = datapath_with(n);
+        routed.ns.run(|| {
+            attach::xdp_tx(&mut dp.ebpf, "n0", XdpAttachMode::Native, XdpTx::On)
+                .expect("allow XDP_TX on n0")
+        });
+        let dp = dp;
         let tc_ok = |v: i32, _: &[u8]| v == 0 || v == 7;
         let xdp_ok = |v: i32, _: &[u8]| v == 2;
-        let syn = |port: u16| {
-            move |i: usize| tcp4(CLIENT, 1024 + (i % 60000) as u16, NODE, port, true, b"")
+        let syn = |client: Ipv4Addr, port: u16| {
+            move |i: usize| tcp4(client, 1024 + (i % 60000) as u16, NODE, port, true, b"")
         };
         let translated = |v: i32, p: &[u8]| {
             (v == 0 || v == 7) && summarize(p).is_some_and(|s| s.dst.port() == 8080)
@@ -146,8 +172,8 @@ pub fn datapath() {
             measure(&dp, PROG_BENCH_XDP_NOOP, &mut |_| miss.clone(), &xdp_ok),
             measure(&dp, PROG_BENCH_TC_NOOP, &mut |_| miss.clone(), &tc_ok),
             measure(&dp, PROG_TC_INGRESS, &mut |_| miss.clone(), &|v, p| v == 0 && *p == miss[..]),
-            measure(&dp, PROG_TC_INGRESS, &mut syn(30080), &translated),
-            measure(&dp, PROG_TC_INGRESS, &mut syn(30081), &translated),
+            measure(&dp, PROG_TC_INGRESS, &mut syn(CLIENT, 30080), &translated),
+            measure(&dp, PROG_TC_INGRESS, &mut syn(CLIENT, 30081), &translated),
             measure(&dp, PROG_TC_INGRESS, &mut |_| est.clone(), &translated),
             measure(&dp, PROG_TC_EGRESS, &mut |_| reply.clone(), &|v, p| {
                 v == 0 && summarize(p).is_some_and(|s| s.src.port() == 30080)
@@ -156,11 +182,30 @@ pub fn datapath() {
             measure(
                 &dp,
                 PROG_XDP_INGRESS,
-                &mut |i| tcp4(CLIENT, 1024 + (i % 60000) as u16, NODE, 30080, true, b"x"),
+                &mut |i| tcp4(XDP_CLIENT, 1024 + (i % 60000) as u16, NODE, 30080, true, b""),
                 &xdp_translated,
             ),
             measure(&dp, PROG_XDP_INGRESS, &mut |_| xdp_est.clone(), &xdp_translated),
         ];
+        let rows: Vec<f64> = rows
+            .into_iter()
+            .chain(routed.ns.run(|| {
+                let on_n0 = |p: &[u8]| dp.run_xdp_on(PROG_XDP_INGRESS, p, routed.n0);
+                let sent_out =
+                    |v: i32, p: &[u8]| v == 3 && summarize(p).is_some_and(|s| s.dst.port() == 8080);
+                let est = tcp4(CLIENT, 9, NODE, 30081, false, b"payload");
+                on_n0(&tcp4(CLIENT, 9, NODE, 30081, true, b""));
+                [
+                    measure_with(
+                        PROG_XDP_INGRESS,
+                        &on_n0,
+                        &mut syn(XDP_TX_CLIENT, 30081),
+                        &sent_out,
+                    ),
+                    measure_with(PROG_XDP_INGRESS, &on_n0, &mut |_| est.clone(), &sent_out),
+                ]
+            }))
+            .collect();
         for (r, v) in table.iter_mut().zip(rows) {
             r.push(v);
         }

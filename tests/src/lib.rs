@@ -3,6 +3,7 @@
 //! - [`kernel`]: load the real eBPF object, fill maps, run programs with BPF_PROG_TEST_RUN.
 //! - [`netns`]: network namespaces and veth pairs that are always removed.
 //! - [`packets`]: crafted packets (valid and malformed) for the datapath.
+//! - [`routed`]: a namespace with routes and neighbours for XDP/tc forwarding decisions.
 
 pub mod agent;
 pub mod bench;
@@ -16,6 +17,7 @@ pub mod netns;
 pub mod packets;
 pub mod plans;
 pub mod proc;
+pub mod routed;
 
 /// True when the process may load BPF programs and create namespaces.
 pub fn is_root() -> bool {

@@ -10,10 +10,10 @@ use lb_agent::model::plan::{Backend, Protocol, ServicePlan, TrafficPolicy};
 use lb_common::*;
 use lb_tests::{
     kernel::{Datapath, TEST_MAP_SIZES},
-    netns::NetNs,
     packets::*,
     plans::{backend, lb_plan},
     require_root,
+    routed::{self, RoutedNode, mac},
 };
 
 const TC_ACT_OK: i32 = 0;
@@ -370,46 +370,7 @@ fn xdp_translates_local_flows_and_leaves_snat_flows_to_tc() {
     assert_eq!(s.src.ip(), IpAddr::from(NODE));
 }
 
-/// A node namespace for XDP's forwarding decisions: `n0` (the device packets arrive on, MAC
-/// `N0_MAC`, the node address) reaches the remote pods through router .12 and everything else
-/// through router .1, both with known MACs; `d0` (another device) reaches 172.16.0.0/24;
-/// 192.168.1.13 is on `n0` but has no neighbour entry yet. Returns the namespace and n0's index.
-fn xdp_node() -> (NetNs, u32) {
-    let ns = NetNs::new("xn");
-    ns.ip(&["link", "add", "n0", "address", N0_MAC, "type", "veth", "peer", "name", "n1"]);
-    ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
-    ns.ip(&["addr", "add", &format!("{NODE}/24"), "dev", "n0"]);
-    ns.ip(&["addr", "add", "172.16.0.1/24", "dev", "d0"]);
-    for dev in ["n0", "n1", "d0", "d1"] {
-        ns.ip(&["link", "set", dev, "up"]);
-    }
-    ns.sysctl("net.ipv4.ip_forward", "1");
-    for (addr, mac, dev) in [
-        ("192.168.1.12", ROUTER_MAC, "n0"),
-        ("192.168.1.1", GATEWAY_MAC, "n0"),
-        ("172.16.0.2", "02:00:00:00:00:02", "d0"),
-    ] {
-        ns.ip(&["neigh", "replace", addr, "lladdr", mac, "nud", "permanent", "dev", dev]);
-    }
-    ns.ip(&["route", "add", "10.1.1.0/24", "via", "192.168.1.12", "dev", "n0"]);
-    ns.ip(&["route", "add", "default", "via", "192.168.1.1", "dev", "n0"]);
-    let ifindex = ns.run(|| {
-        // SAFETY: a NUL-terminated name.
-        unsafe { libc::if_nametoindex(c"n0".as_ptr()) }
-    });
-    assert_ne!(ifindex, 0);
-    (ns, ifindex)
-}
-
-const N0_MAC: &str = "02:00:00:00:00:11";
-const ROUTER_MAC: &str = "02:00:00:00:00:12";
-const GATEWAY_MAC: &str = "02:00:00:00:00:01";
-
-fn mac(s: &str) -> Vec<u8> {
-    s.split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
-}
-
-/// Destination and source MAC of a frame, as strings.
+/// Destination and source MAC of a frame.
 fn macs_of(frame: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (frame[..6].to_vec(), frame[6..12].to_vec())
 }
@@ -417,7 +378,7 @@ fn macs_of(frame: &[u8]) -> (Vec<u8>, Vec<u8>) {
 #[test]
 fn xdp_forwards_snat_flows_back_out_of_their_device_when_the_next_hop_is_known() {
     require_root!();
-    let (ns, n0) = xdp_node();
+    let RoutedNode { ns, n0 } = RoutedNode::new();
     let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
     let svc = dp.service_id("web");
     // The agent's decision for a veth is "no" unless told otherwise.
@@ -441,7 +402,7 @@ fn xdp_forwards_snat_flows_back_out_of_their_device_when_the_next_hop_is_known()
     // First packet: DNAT + SNAT, sent back out of n0 to the router of the pod network.
     let out = xdp(&tcp4(CLIENT, 40001, VIP, 80, true, b""));
     assert_eq!(out.verdict, XDP_TX);
-    assert_eq!(macs_of(&out.packet), (mac(ROUTER_MAC), mac(N0_MAC)));
+    assert_eq!(macs_of(&out.packet), (mac(routed::ROUTER_MAC), mac(routed::N0_MAC)));
     let s = summarize(&out.packet).unwrap();
     assert_eq!((s.src.ip(), s.dst), (IpAddr::from(NODE), sa(REMOTE_POD, 8080)));
     let nat_port = s.src.port();
@@ -453,7 +414,7 @@ fn xdp_forwards_snat_flows_back_out_of_their_device_when_the_next_hop_is_known()
     assert_eq!((out.verdict, summarize(&out.packet).unwrap().src), (XDP_TX, s.src));
     let out = xdp(&tcp4(REMOTE_POD, 8080, NODE, nat_port, false, b"200 OK"));
     assert_eq!(out.verdict, XDP_TX);
-    assert_eq!(macs_of(&out.packet), (mac(GATEWAY_MAC), mac(N0_MAC)));
+    assert_eq!(macs_of(&out.packet), (mac(routed::GATEWAY_MAC), mac(routed::N0_MAC)));
     let r = summarize(&out.packet).unwrap();
     assert_eq!((r.src, r.dst), (sa(VIP, 80), sa(CLIENT, 40001)));
     assert_eq!((dp.stat(STAT_XDP_TX), dp.stat(STAT_XDP_TO_TC)), (3, 1));
@@ -474,7 +435,7 @@ fn xdp_forwards_snat_flows_back_out_of_their_device_when_the_next_hop_is_known()
 #[test]
 fn xdp_leaves_to_tc_a_new_snat_flow_whose_route_leaves_by_another_device_or_lacks_a_neighbour() {
     require_root!();
-    let (ns, n0) = xdp_node();
+    let RoutedNode { ns, n0 } = RoutedNode::new();
     for backend_ip in [Ipv4Addr::new(172, 16, 0, 2), Ipv4Addr::new(192, 168, 1, 13)] {
         let mut dp = datapath(vec![backend(backend_ip.into(), 8080, false)]);
         ns.run(|| attach::xdp_tx(&mut dp.ebpf, "n0", XdpAttachMode::Native, XdpTx::On).unwrap());

@@ -1,0 +1,55 @@
+//! A node namespace for the forwarding decisions programs take in BPF_PROG_TEST_RUN (route
+//! and neighbour lookups happen in the namespace of the thread that runs the program):
+//! - `n0` (MAC [`N0_MAC`]) holds the node address 192.168.1.11/24; packets "arrive" on it;
+//! - the pod network 10.1.1.0/24 is behind router 192.168.1.12 ([`ROUTER_MAC`]), everything
+//!   else behind gateway 192.168.1.1 ([`GATEWAY_MAC`]), both neighbours known;
+//! - 172.16.0.0/24 is on another device, `d0` (172.16.0.2 known);
+//! - 192.168.1.13 is on `n0` with no neighbour entry.
+
+use crate::netns::NetNs;
+
+pub const N0_MAC: &str = "02:00:00:00:00:11";
+pub const ROUTER_MAC: &str = "02:00:00:00:00:12";
+pub const GATEWAY_MAC: &str = "02:00:00:00:00:01";
+
+pub struct RoutedNode {
+    pub ns: NetNs,
+    /// Interface index of `n0`.
+    pub n0: u32,
+}
+
+impl RoutedNode {
+    pub fn new() -> Self {
+        let ns = NetNs::new("xn");
+        ns.ip(&["link", "add", "n0", "address", N0_MAC, "type", "veth", "peer", "name", "n1"]);
+        ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+        ns.ip(&["addr", "add", "192.168.1.11/24", "dev", "n0"]);
+        ns.ip(&["addr", "add", "172.16.0.1/24", "dev", "d0"]);
+        for dev in ["n0", "n1", "d0", "d1"] {
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        ns.sysctl("net.ipv4.ip_forward", "1");
+        for (addr, mac, dev) in [
+            ("192.168.1.12", ROUTER_MAC, "n0"),
+            ("192.168.1.1", GATEWAY_MAC, "n0"),
+            ("172.16.0.2", "02:00:00:00:00:02", "d0"),
+        ] {
+            ns.ip(&["neigh", "replace", addr, "lladdr", mac, "nud", "permanent", "dev", dev]);
+        }
+        ns.ip(&["route", "add", "10.1.1.0/24", "via", "192.168.1.12", "dev", "n0"]);
+        ns.ip(&["route", "add", "default", "via", "192.168.1.1", "dev", "n0"]);
+        let n0 = ns.run(|| lb_agent::dataplane::netdev::ifindex("n0")).expect("n0 exists");
+        Self { ns, n0 }
+    }
+}
+
+impl Default for RoutedNode {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// "02:00:..." as bytes.
+pub fn mac(s: &str) -> Vec<u8> {
+    s.split(':').map(|b| u8::from_str_radix(b, 16).expect("hex byte")).collect()
+}
