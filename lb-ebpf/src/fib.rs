@@ -13,7 +13,8 @@ use aya_ebpf::{
 use lb_common::Addr;
 
 use crate::{
-    maps::{FLOW, SCRATCH, XDP_TX_DEVICES},
+    conntrack,
+    maps::{FLOW, NEXT_HOPS, NextHop, NextHopEntry, NextHopKey, SCRATCH, XDP_TX_DEVICES},
     packet::Bounds,
 };
 
@@ -69,6 +70,43 @@ fn packet_addrs(b: &Bounds, v6: bool, l3_off: usize) -> Option<(Addr, Addr)> {
     }
 }
 
+/// How long a next hop found by bpf_fib_lookup is reused: the lookup costs several hundred ns
+/// per packet, a cache hit one hash lookup. A changed route or neighbour MAC is seen within
+/// this time.
+const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
+
+/// The next hop of a packet `src` -> `dst` arriving on `ifindex`, from the cache or the
+/// kernel's routing (`BPF_FIB_LKUP_RET_*`). On success `out` holds egress device and MACs; on
+/// NO_NEIGH only the egress device.
+#[inline(always)]
+fn next_hop(
+    ctx: *mut c_void,
+    ifindex: u32,
+    flow: (bool, u8),
+    src: &Addr,
+    dst: &Addr,
+    out: &mut NextHop,
+) -> i64 {
+    let key = NextHopKey { ifindex, family: flow.0 as u32, dst: *dst };
+    let now = conntrack::now_ns();
+    // SAFETY: a copy of a live value is taken at once.
+    if let Some(e) = unsafe { NEXT_HOPS.get(&key) } {
+        if now.wrapping_sub(e.looked_up_ns) < NEXT_HOP_TTL_NS {
+            *out = e.hop;
+            return BPF_FIB_LKUP_RET_SUCCESS;
+        }
+    }
+    // SAFETY: an all-zero bpf_fib_lookup is a valid starting point.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    let rc = lookup(ctx, ifindex, flow, src, dst, &mut p);
+    out.ifindex = p.ifindex;
+    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        out.macs = macs(&p);
+        let _ = NEXT_HOPS.insert(&key, &NextHopEntry { hop: *out, looked_up_ns: now }, 0);
+    }
+    rc
+}
+
 /// tc: looks the route to the packet's (rewritten) destination up and redirects the packet to
 /// its device, filling in MAC addresses (or letting the kernel resolve the neighbour). `None`
 /// when there is no route or the headers cannot be read.
@@ -78,19 +116,18 @@ pub fn redirect(ctx: &TcContext) -> Option<i32> {
     let flow = unsafe { &*FLOW.get_ptr(0)? };
     let b = Bounds { start: ctx.data(), end: ctx.data_end() };
     let (src, dst) = packet_addrs(&b, flow.is_v6, flow.l3())?;
-    // SAFETY: an all-zero bpf_fib_lookup is a valid starting point.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
     // SAFETY: reading a field of the skb context.
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    match lookup(ctx.as_ptr(), ifindex, (flow.is_v6, flow.proto), &src, &dst, &mut p) {
+    let mut hop = NextHop { ifindex: 0, macs: [0; 12] };
+    match next_hop(ctx.as_ptr(), ifindex, (flow.is_v6, flow.proto), &src, &dst, &mut hop) {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            ctx.store(0, &macs(&p), 0).ok()?;
+            ctx.store(0, &hop.macs, 0).ok()?;
             // SAFETY: redirecting to a device the route named.
-            Some(unsafe { bpf_redirect(p.ifindex, 0) } as i32)
+            Some(unsafe { bpf_redirect(hop.ifindex, 0) } as i32)
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => {
             // SAFETY: the kernel resolves the neighbour of the route's next hop.
-            let rc = unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) };
+            let rc = unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) };
             Some(if rc == TC_ACT_REDIRECT as i64 { TC_ACT_REDIRECT } else { TC_ACT_OK })
         }
         _ => None,
@@ -108,9 +145,9 @@ fn macs(p: &FibParams) -> [u8; 12] {
 
 /// XDP: whether a packet rewritten to `src` -> `dst` can go straight back out of the device it
 /// arrived on (XDP_TX): the agent allows XDP_TX there, the route leaves by that device and the
-/// next hop's MAC is known. If so
-/// the MACs wait in this CPU's scratch slot for [`xdp_set_macs`]. Otherwise tc handles the packet
-/// (it lets the kernel resolve neighbours and reaches every device).
+/// next hop's MAC is known. If so the next hop waits in this CPU's scratch slot for
+/// [`xdp_set_macs`]. Otherwise tc handles the packet (it lets the kernel resolve neighbours and
+/// reaches every device).
 #[inline(never)]
 pub fn xdp_can_tx(ctx: &XdpContext, flow: (bool, u8), src: &Addr, dst: &Addr) -> bool {
     let ifindex = ctx.ingress_ifindex() as u32;
@@ -121,14 +158,8 @@ pub fn xdp_can_tx(ctx: &XdpContext, flow: (bool, u8), src: &Addr, dst: &Addr) ->
     let Some(s) = SCRATCH.get_ptr_mut(0) else { return false };
     // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
     let s = unsafe { &mut *s };
-    // SAFETY: an all-zero bpf_fib_lookup is a valid starting point.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
-    let rc = lookup(ctx.as_ptr(), ifindex, flow, src, dst, &mut p);
-    if rc != BPF_FIB_LKUP_RET_SUCCESS || p.ifindex != ifindex {
-        return false;
-    }
-    s.next_hop_macs = macs(&p);
-    true
+    let rc = next_hop(ctx.as_ptr(), ifindex, flow, src, dst, &mut s.next_hop);
+    rc == BPF_FIB_LKUP_RET_SUCCESS && s.next_hop.ifindex == ifindex
 }
 
 /// XDP: writes the MACs [`xdp_can_tx`] found into the rewritten packet. `false` if the frame
@@ -139,6 +170,6 @@ pub fn xdp_set_macs(ctx: &XdpContext) -> bool {
     let b = Bounds { start: ctx.data(), end: ctx.data_end() };
     let Some(eth) = b.ptr_at::<[u8; 12]>(0) else { return false };
     // SAFETY: bounds checked by ptr_at; this CPU's scratch slot.
-    unsafe { core::ptr::write_unaligned(eth, (*s).next_hop_macs) };
+    unsafe { core::ptr::write_unaligned(eth, (*s).next_hop.macs) };
     true
 }

@@ -78,9 +78,36 @@ pub struct Scratch {
     pub forward_key: CtKey,
     pub reply_key: CtKey,
     pub value: CtValue,
-    /// Destination and source MAC of the next hop, for a packet XDP sends back out (fib.rs).
-    pub next_hop_macs: [u8; 12],
+    /// Where a packet XDP sends back out goes (fib.rs).
+    pub next_hop: NextHop,
 }
+
+/// A route's egress device and the MACs of its next hop (destination then source, as they
+/// start an Ethernet header).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub macs: [u8; 12],
+}
+
+#[repr(C)]
+pub struct NextHopKey {
+    /// The device the packet arrived on: routing decides as if it came in there.
+    pub ifindex: u32,
+    pub family: u32,
+    pub dst: Addr,
+}
+
+#[repr(C)]
+pub struct NextHopEntry {
+    pub hop: NextHop,
+    pub looked_up_ns: u64,
+}
+
+/// Next hops found by bpf_fib_lookup, reused for a second (see fib.rs). Not pinned: a cache.
+#[map(name = "LB_NEXT_HOPS")]
+pub static NEXT_HOPS: LruHashMap<NextHopKey, NextHopEntry> = LruHashMap::with_max_entries(4096, 0);
 
 #[map(name = "LB_SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -21,6 +21,8 @@ const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
 const XDP_PASS: i32 = 2;
 const XDP_TX: i32 = 3;
+/// How long the datapath reuses a next hop (fib.rs NEXT_HOP_TTL_NS), and a little more.
+const NEXT_HOP_TTL: std::time::Duration = std::time::Duration::from_millis(1100);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 const OTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 99);
 const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
@@ -419,17 +421,26 @@ fn xdp_forwards_snat_flows_back_out_of_their_device_when_the_next_hop_is_known()
     assert_eq!((r.src, r.dst), (sa(VIP, 80), sa(CLIENT, 40001)));
     assert_eq!((dp.stat(STAT_XDP_TX), dp.stat(STAT_XDP_TO_TC)), (3, 1));
 
+    // Next hops are cached for a second: a new router MAC is used once that has passed.
+    let moved = "02:00:00:00:00:13";
+    ns.ip(&["neigh", "replace", "192.168.1.12", "lladdr", moved, "nud", "permanent", "dev", "n0"]);
+    let data = tcp4(CLIENT, 40001, VIP, 80, false, b"GET /");
+    assert_eq!(macs_of(&xdp(&data).packet).0, mac(routed::ROUTER_MAC), "cached");
+    std::thread::sleep(NEXT_HOP_TTL);
+    assert_eq!(macs_of(&xdp(&data).packet).0, mac(moved), "looked up again");
+
     // The router's MAC is forgotten: XDP hands the packet to tc untouched, tc translates it
     // and lets the kernel resolve the neighbour. The packet is counted once, by tc.
     ns.ip(&["neigh", "del", "192.168.1.12", "dev", "n0"]);
+    std::thread::sleep(NEXT_HOP_TTL);
     let p = tcp4(CLIENT, 40001, VIP, 80, false, b"more");
     let out = xdp(&p);
     assert_eq!((out.verdict, &out.packet), (XDP_PASS, &p));
     assert_eq!(dp.stat(STAT_XDP_TO_TC), 2);
-    assert_eq!(dp.service_stats(svc).packets, 3, "not counted by XDP");
+    assert_eq!(dp.service_stats(svc).packets, 5, "not counted by XDP");
     let (_, s2) = run(&dp, PROG_TC_INGRESS, &p);
     assert_eq!(s2.src, s.src, "tc: the same translation");
-    assert_eq!(dp.service_stats(svc).packets, 4);
+    assert_eq!(dp.service_stats(svc).packets, 6);
 }
 
 #[test]
