@@ -19,7 +19,7 @@ use lb_agent::{
         attach, counters, links,
         links::LinkPins,
         loader::{self, LoadOptions, MapSizes},
-        programs,
+        options, programs,
         store::{KernelStore, WriteCounts},
         writer::{Writer, WriterConfig},
     },
@@ -71,6 +71,9 @@ struct Args {
     /// back out of the device (XDP_TX)? auto: yes for native XDP on anything but veth.
     #[arg(long, value_enum, default_value_t)]
     xdp_tx: attach::XdpTx,
+    /// How outside clients' TCP connections to a service without endpoints are refused.
+    #[arg(long, value_enum, default_value_t)]
+    reject_tcp_with: options::RejectTcpWith,
     /// cgroup v2 directory whose processes (the node's pods and host) reach services through
     /// the socket hooks: the node's root cgroup in production.
     #[arg(long)]
@@ -203,6 +206,7 @@ async fn run(args: Args) -> Result<()> {
     }
     let mut ebpf = loader::load(&LoadOptions { bpffs: Some(args.bpffs.clone()), sizes })?;
     programs::load_all(&mut ebpf)?;
+    options::write(&mut ebpf, &options::Options { reject_tcp_with: args.reject_tcp_with })?;
     info!(bpffs = %args.bpffs.display(), "datapath loaded, maps pinned");
     let attached = |program: &str, target: &str| {
         status

@@ -37,6 +37,11 @@ pub const MAP_NODE: &str = "LB_NODE";
 pub const MAP_XDP_TX: &str = "LB_XDP_TX";
 /// Capacity of LB_XDP_TX: devices one agent attaches to.
 pub const MAX_XDP_DEVICES: u32 = 64;
+/// Node-wide datapath options, indexed by the `OPT_*` constants (0 = off).
+pub const MAP_OPTIONS: &str = "LB_OPTIONS";
+pub const OPT_COUNT: u32 = 16;
+/// Answer a TCP packet to a service without endpoints with a TCP reset, not ICMP.
+pub const OPT_REJECT_TCP_WITH_RESET: u32 = 0;
 /// Per-CPU global counters, indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "LB_STATS";
 /// Per-CPU per-service counters, indexed by service id: [`crate::ServiceStats`].

@@ -90,11 +90,11 @@ fn next_hop(
     let key = NextHopKey { ifindex, family: flow.0 as u32, dst: *dst };
     let now = conntrack::now_ns();
     // SAFETY: a copy of a live value is taken at once.
-    if let Some(e) = unsafe { NEXT_HOPS.get(&key) } {
-        if now.wrapping_sub(e.looked_up_ns) < NEXT_HOP_TTL_NS {
-            *out = e.hop;
-            return BPF_FIB_LKUP_RET_SUCCESS;
-        }
+    if let Some(e) = unsafe { NEXT_HOPS.get(&key) }
+        && now.wrapping_sub(e.looked_up_ns) < NEXT_HOP_TTL_NS
+    {
+        *out = e.hop;
+        return BPF_FIB_LKUP_RET_SUCCESS;
     }
     // SAFETY: an all-zero bpf_fib_lookup is a valid starting point.
     let mut p: FibParams = unsafe { core::mem::zeroed() };

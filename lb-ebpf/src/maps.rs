@@ -59,6 +59,10 @@ pub static NAMES: HashMap<u32, ServiceName> = HashMap::with_max_entries(DEFAULT_
 #[map(name = "LB_NODE")]
 pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
+/// Node-wide options (`OPT_*`), written by the agent at start.
+#[map(name = "LB_OPTIONS")]
+pub static OPTIONS: Array<u32> = Array::with_max_entries(OPT_COUNT, 0);
+
 /// Devices where XDP may answer with XDP_TX (the agent decides per device: see `--xdp-tx`).
 #[map(name = "LB_XDP_TX")]
 pub static XDP_TX_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_XDP_DEVICES, 0);
@@ -112,7 +116,7 @@ pub static NEXT_HOPS: LruHashMap<NextHopKey, NextHopEntry> = LruHashMap::with_ma
 #[map(name = "LB_SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// Where a rejected packet is rebuilt into an ICMP error (same rules as `SCRATCH`).
+/// Where a rejected packet is rebuilt into an ICMP error or TCP reset (same rules as `SCRATCH`).
 #[map(name = "LB_REJECT_BUF")]
 pub static REJECT_BUF: PerCpuArray<[u8; 512]> = PerCpuArray::with_max_entries(1, 0);
 

@@ -3,6 +3,9 @@
 //! (destination unreachable, port unreachable) error from the frontend to the client, quoting
 //! the offending packet's network header and first 8 transport bytes, and sent back out of the
 //! device it came in on. TCP clients see ECONNREFUSED at once instead of a timeout.
+//!
+//! With `--reject-tcp-with reset` a TCP packet gets a TCP reset instead (what a closed port
+//! answers; it also gets through firewalls that drop ICMP).
 
 use aya_ebpf::{
     EbpfContext,
@@ -12,45 +15,142 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
+use lb_common::{Addr, OPT_REJECT_TCP_WITH_RESET, PROTO_TCP};
 
 use crate::{
-    maps::{FLOW, REJECT_BUF},
-    packet::{ETH_P_IP, ETH_P_IPV6},
+    maps::{FLOW, OPTIONS, REJECT_BUF},
+    packet::{ETH_P_IP, ETH_P_IPV6, Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// Bytes of the new frame before the quote: Ethernet, IP header, ICMP header.
+/// The answer is built in the reject buffer from here on; the pseudo-header of its transport
+/// checksum goes before it.
+const FRAME: usize = 40;
 const ETH: usize = 14;
-const V4_HDRS: usize = ETH + 20 + 8;
-const V6_HDRS: usize = ETH + 40 + 8;
-/// The IPv6 pseudo-header for the ICMPv6 checksum is built just before the ICMPv6 header.
-const V6_PSEUDO: usize = 40;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+const TCP_LEN: usize = 20;
 
 #[inline(always)]
-fn fold(mut c: u64) -> u16 {
-    c = (c & 0xffff_ffff) + (c >> 32);
+fn fold(c: u32) -> u16 {
+    let mut c = c as u64;
     c = (c & 0xffff) + (c >> 16);
     c = (c & 0xffff) + (c >> 16);
     c = (c & 0xffff) + (c >> 16);
     !(c as u16)
 }
 
-/// One's complement sum of `len` bytes (a multiple of 4) at `p`.
+/// One's complement sum of `len` bytes (a multiple of 4) at `p`, added to `seed`.
 #[inline(always)]
-fn sum(p: *mut u8, len: u32) -> u64 {
+fn sum(p: *const u8, len: u32, seed: u32) -> u32 {
     // SAFETY: `p` points into the per-CPU reject buffer with at least `len` bytes after it.
-    let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p.cast(), len, 0) };
-    s as u32 as u64
+    let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p as *mut u32, len, seed) };
+    s as u32
 }
 
-/// Rewrites the packet into the ICMP error and redirects it back; TC_ACT_SHOT if that fails.
+/// Answers the packet handled by tc ingress (a new connection to a service without endpoints):
+/// a TCP reset or an ICMP port unreachable, redirected back; TC_ACT_SHOT if that fails.
 #[inline(never)]
-pub fn port_unreachable(ctx: &TcContext) -> i32 {
-    try_reject(ctx).unwrap_or(TC_ACT_SHOT)
+pub fn reject(ctx: &TcContext) -> i32 {
+    let Some(flow) = FLOW.get_ptr(0) else { return TC_ACT_SHOT };
+    // SAFETY: this CPU's slot, filled for this packet by device::handle.
+    let flow = unsafe { &*flow };
+    let reset =
+        flow.proto == PROTO_TCP && OPTIONS.get(OPT_REJECT_TCP_WITH_RESET).is_some_and(|&v| v != 0);
+    let answer = if reset { tcp_reset(ctx, flow) } else { port_unreachable(ctx, flow) };
+    answer.unwrap_or(TC_ACT_SHOT)
 }
 
-fn try_reject(ctx: &TcContext) -> Option<i32> {
-    // SAFETY: this CPU's slots, filled for this packet by device::handle.
-    let flow = unsafe { &*FLOW.get_ptr(0)? };
+/// Writes Ethernet (back to the sender) and the IP header (frontend -> client, `payload` bytes
+/// of `proto`) of the answer, and the transport checksum's pseudo-header before the frame (for
+/// ICMPv6 and TCP). Returns the sum of that pseudo-header (0 for ICMPv4, which has none).
+#[inline(always)]
+fn start_answer(
+    ctx: &TcContext,
+    flow: &Flow,
+    buf: &mut [u8; 512],
+    proto: u8,
+    payload: u16,
+) -> Option<u32> {
+    let mut macs = [0u8; 12];
+    // SAFETY: reading the first 12 bytes of the frame.
+    if unsafe { bpf_skb_load_bytes(ctx.as_ptr(), 0, macs.as_mut_ptr().cast(), 12) } != 0 {
+        return None;
+    }
+    let (src, dst): (Addr, Addr) = (flow.daddr, flow.saddr);
+    let f = &mut buf[FRAME..];
+    f[0..6].copy_from_slice(&macs[6..12]);
+    f[6..12].copy_from_slice(&macs[0..6]);
+    if !flow.is_v6 {
+        f[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+        let ip = &mut f[ETH..ETH + 20];
+        ip[0] = 0x45;
+        ip[1] = 0;
+        ip[2..4].copy_from_slice(&(20 + payload).to_be_bytes());
+        ip[4..8].copy_from_slice(&[0, 0, 0x40, 0]);
+        ip[8] = 64;
+        ip[9] = proto;
+        ip[10] = 0;
+        ip[11] = 0;
+        ip[12..16].copy_from_slice(&src[3].to_ne_bytes());
+        ip[16..20].copy_from_slice(&dst[3].to_ne_bytes());
+        let c = fold(sum(f[ETH..].as_ptr(), 20, 0));
+        f[ETH + 10..ETH + 12].copy_from_slice(&c.to_ne_bytes());
+        if proto == PROTO_ICMP {
+            return Some(0);
+        }
+        let p = &mut buf[..12];
+        p[0..4].copy_from_slice(&src[3].to_ne_bytes());
+        p[4..8].copy_from_slice(&dst[3].to_ne_bytes());
+        p[8..10].copy_from_slice(&[0, proto]);
+        p[10..12].copy_from_slice(&payload.to_be_bytes());
+        Some(sum(buf.as_ptr(), 12, 0))
+    } else {
+        f[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+        let ip = &mut f[ETH..ETH + 40];
+        ip[0..4].copy_from_slice(&[0x60, 0, 0, 0]);
+        ip[4..6].copy_from_slice(&payload.to_be_bytes());
+        ip[6] = proto;
+        ip[7] = 64;
+        for i in 0..4 {
+            ip[8 + i * 4..12 + i * 4].copy_from_slice(&src[i].to_ne_bytes());
+            ip[24 + i * 4..28 + i * 4].copy_from_slice(&dst[i].to_ne_bytes());
+        }
+        let p = &mut buf[..40];
+        for i in 0..4 {
+            p[i * 4..i * 4 + 4].copy_from_slice(&src[i].to_ne_bytes());
+            p[16 + i * 4..20 + i * 4].copy_from_slice(&dst[i].to_ne_bytes());
+        }
+        p[32..36].copy_from_slice(&(payload as u32).to_be_bytes());
+        p[36..40].copy_from_slice(&[0, 0, 0, proto]);
+        Some(sum(buf.as_ptr(), 40, 0))
+    }
+}
+
+/// Replaces the packet with the `len`-byte answer built in `buf` and sends it back out of the
+/// device it came in on.
+#[inline(always)]
+fn send_back(ctx: &TcContext, buf: &[u8; 512], len: usize) -> Option<i32> {
+    // Bounded for the verifier: a frame with headers, inside the buffer after FRAME.
+    let len = (len as u32) & 0x1ff;
+    if !(54..=(512 - FRAME) as u32).contains(&len) {
+        return None;
+    }
+    // SAFETY: resizing and rewriting the skb we own; lengths bounded above.
+    unsafe {
+        if bpf_skb_change_tail(ctx.skb.skb, len, 0) != 0 {
+            return None;
+        }
+        if bpf_skb_store_bytes(ctx.skb.skb, 0, buf.as_ptr().add(FRAME).cast(), len, 0) != 0 {
+            return None;
+        }
+        Some(bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32)
+    }
+}
+
+/// ICMP / ICMPv6 port unreachable quoting the packet's network header and 8 transport bytes.
+#[inline(always)]
+fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Option<i32> {
+    // SAFETY: this CPU's slot (see maps::REJECT_BUF).
     let buf = unsafe { &mut *REJECT_BUF.get_ptr_mut(0)? };
     let l3 = flow.l3();
     // The quote: network header(s) and 8 transport bytes. Bounded by comparing the difference
@@ -60,95 +160,69 @@ fn try_reject(ctx: &TcContext) -> Option<i32> {
         return None;
     }
     let quote = net_len + 8;
-    let hdrs = if flow.is_v6 { V6_HDRS } else { V4_HDRS };
+    let (icmp, proto, kind) = if flow.is_v6 {
+        (FRAME + ETH + 40, PROTO_ICMPV6, [1u8, 4])
+    } else {
+        (FRAME + ETH + 20, PROTO_ICMP, [3u8, 3])
+    };
     // SAFETY: reading packet bytes into the buffer, length bounded above.
     unsafe {
-        let rc = bpf_skb_load_bytes(
-            ctx.as_ptr(),
-            l3 as u32,
-            buf.as_mut_ptr().add(V6_PSEUDO + hdrs).cast(),
-            quote as u32,
-        );
-        if rc != 0 {
+        let to = buf.as_mut_ptr().add(icmp + 8).cast();
+        if bpf_skb_load_bytes(ctx.as_ptr(), l3 as u32, to, quote as u32) != 0 {
             return None;
         }
     }
-    // Ethernet: back to the sender.
-    let mut macs = [0u8; 12];
-    // SAFETY: reading the first 12 bytes of the frame.
-    if unsafe { bpf_skb_load_bytes(ctx.as_ptr(), 0, macs.as_mut_ptr().cast(), 12) } != 0 {
-        return None;
-    }
-    let f = &mut buf[V6_PSEUDO..];
-    f[0..6].copy_from_slice(&macs[6..12]);
-    f[6..12].copy_from_slice(&macs[0..6]);
-    let (src, dst) = (flow.daddr, flow.saddr);
-    let total;
-    if !flow.is_v6 {
-        f[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-        let ip_len = (20 + 8 + quote) as u16;
-        let ip = &mut f[ETH..ETH + 20];
-        ip[0] = 0x45;
-        ip[1] = 0;
-        ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
-        ip[4..8].copy_from_slice(&[0, 0, 0x40, 0]);
-        ip[8] = 64;
-        ip[9] = 1;
-        ip[10] = 0;
-        ip[11] = 0;
-        ip[12..16].copy_from_slice(&src[3].to_ne_bytes());
-        ip[16..20].copy_from_slice(&dst[3].to_ne_bytes());
-        let c = fold(sum(f[ETH..].as_mut_ptr(), 20));
-        f[ETH + 10..ETH + 12].copy_from_slice(&c.to_ne_bytes());
-        let icmp = ETH + 20;
-        f[icmp..icmp + 8].copy_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
-        let c = fold(sum(f[icmp..].as_mut_ptr(), (8 + quote) as u32));
-        f[icmp + 2..icmp + 4].copy_from_slice(&c.to_ne_bytes());
-        total = V4_HDRS + quote;
-    } else {
-        f[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
-        let payload = (8 + quote) as u16;
-        let ip = &mut f[ETH..ETH + 40];
-        ip[0..4].copy_from_slice(&[0x60, 0, 0, 0]);
-        ip[4..6].copy_from_slice(&payload.to_be_bytes());
-        ip[6] = 58;
-        ip[7] = 64;
-        for i in 0..4 {
-            ip[8 + i * 4..12 + i * 4].copy_from_slice(&src[i].to_ne_bytes());
-            ip[24 + i * 4..28 + i * 4].copy_from_slice(&dst[i].to_ne_bytes());
-        }
-        let icmp = ETH + 40;
-        f[icmp..icmp + 8].copy_from_slice(&[1, 4, 0, 0, 0, 0, 0, 0]);
-        // Pseudo-header (addresses, length, next header) right before the ICMPv6 header.
-        let p = &mut buf[V6_PSEUDO + icmp - 40..V6_PSEUDO + icmp];
-        for i in 0..4 {
-            p[i * 4..i * 4 + 4].copy_from_slice(&src[i].to_ne_bytes());
-            p[16 + i * 4..20 + i * 4].copy_from_slice(&dst[i].to_ne_bytes());
-        }
-        p[32..36].copy_from_slice(&(payload as u32).to_be_bytes());
-        p[36..40].copy_from_slice(&[0, 0, 0, 58]);
-        let c = fold(sum(buf[V6_PSEUDO + icmp - 40..].as_mut_ptr(), (40 + 8 + quote) as u32));
-        // The pseudo-header overwrote the IPv6 header's addresses: write them again.
-        let f = &mut buf[V6_PSEUDO..];
-        for i in 0..4 {
-            f[ETH + 8 + i * 4..ETH + 12 + i * 4].copy_from_slice(&src[i].to_ne_bytes());
-            f[ETH + 24 + i * 4..ETH + 28 + i * 4].copy_from_slice(&dst[i].to_ne_bytes());
-        }
-        f[ETH + 4..ETH + 6].copy_from_slice(&payload.to_be_bytes());
-        f[ETH + 6] = 58;
-        f[ETH + 7] = 64;
-        f[icmp + 2..icmp + 4].copy_from_slice(&c.to_ne_bytes());
-        total = V6_HDRS + quote;
-    }
-    let total = (total & 0x3ff) as u32;
-    // SAFETY: resizing and rewriting the skb we own; lengths bounded above.
+    let seed = start_answer(ctx, flow, buf, proto, (8 + quote) as u16)?;
+    let h = &mut buf[icmp..icmp + 8];
+    h.copy_from_slice(&[kind[0], kind[1], 0, 0, 0, 0, 0, 0]);
+    let c = fold(sum(buf[icmp..].as_ptr(), (8 + quote) as u32, seed));
+    buf[icmp + 2..icmp + 4].copy_from_slice(&c.to_ne_bytes());
+    send_back(ctx, buf, icmp - FRAME + 8 + quote)
+}
+
+/// A TCP reset as a closed port sends it (RFC 9293 3.10.7.1): to a segment with ACK, seq = its
+/// ack; otherwise RST+ACK acknowledging everything it carried (SYN and FIN count one).
+#[inline(always)]
+fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Option<i32> {
+    // SAFETY: this CPU's slot (see maps::REJECT_BUF).
+    let buf = unsafe { &mut *REJECT_BUF.get_ptr_mut(0)? };
+    let mut th = [0u8; 16];
+    let mut ip_len = [0u8; 2];
+    let l3 = flow.l3();
+    let len_off = if flow.is_v6 { l3 + 4 } else { l3 + 2 };
+    // SAFETY: reading packet bytes into stack buffers of the lengths given.
     unsafe {
-        if bpf_skb_change_tail(ctx.skb.skb, total, 0) != 0 {
+        if bpf_skb_load_bytes(ctx.as_ptr(), flow.l4() as u32, th.as_mut_ptr().cast(), 16) != 0
+            || bpf_skb_load_bytes(ctx.as_ptr(), len_off as u32, ip_len.as_mut_ptr().cast(), 2) != 0
+        {
             return None;
         }
-        if bpf_skb_store_bytes(ctx.skb.skb, 0, buf.as_ptr().add(V6_PSEUDO).cast(), total, 0) != 0 {
-            return None;
-        }
-        Some(bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32)
     }
+    // Payload bytes: what the IP length covers beyond the transport header (for IPv6 the
+    // length excludes the fixed header but includes extension headers).
+    let ip_len = u16::from_be_bytes(ip_len) as u32;
+    let headers = (flow.l4() - l3) as u32 + ((th[12] >> 4) as u32) * 4;
+    let covered = if flow.is_v6 { ip_len + 40 } else { ip_len };
+    let mut seg_len = covered.saturating_sub(headers);
+    let flags = th[13];
+    seg_len += (flags & TCP_SYN != 0) as u32 + (flags & TCP_FIN != 0) as u32;
+    let (seq, ack, out_flags) = if flags & TCP_ACK != 0 {
+        ([th[8], th[9], th[10], th[11]], 0u32, TCP_RST)
+    } else {
+        let their_seq = u32::from_be_bytes([th[4], th[5], th[6], th[7]]);
+        ([0; 4], their_seq.wrapping_add(seg_len), TCP_RST | TCP_ACK)
+    };
+    let tcp = if flow.is_v6 { FRAME + ETH + 40 } else { FRAME + ETH + 20 };
+    let seed = start_answer(ctx, flow, buf, PROTO_TCP, TCP_LEN as u16)?;
+    let t = &mut buf[tcp..tcp + TCP_LEN];
+    t[0..2].copy_from_slice(&flow.dport_be.to_ne_bytes());
+    t[2..4].copy_from_slice(&flow.sport_be.to_ne_bytes());
+    t[4..8].copy_from_slice(&seq);
+    t[8..12].copy_from_slice(&ack.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = out_flags;
+    t[14..20].copy_from_slice(&[0; 6]);
+    let c = fold(sum(buf[tcp..].as_ptr(), TCP_LEN as u32, seed));
+    buf[tcp + 16..tcp + 18].copy_from_slice(&c.to_ne_bytes());
+    send_back(ctx, buf, tcp - FRAME + TCP_LEN)
 }

@@ -32,7 +32,7 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
         Action::Drop => TC_ACT_SHOT,
         // No route: let the stack decide (and count it there).
         Action::Redirect => fib::redirect(ctx).unwrap_or(TC_ACT_OK),
-        Action::Reject => reject::port_unreachable(ctx),
+        Action::Reject => reject::reject(ctx),
     }
 }
 

@@ -156,6 +156,11 @@ impl Datapath {
         found.unwrap_or_else(|| panic!("no service {name}"))
     }
 
+    /// Node-wide datapath options, as the agent writes them from its flags.
+    pub fn set_options(&mut self, opts: &lb_agent::dataplane::options::Options) {
+        lb_agent::dataplane::options::write(&mut self.ebpf, opts).expect("write LB_OPTIONS");
+    }
+
     /// This node's SNAT addresses.
     pub fn set_node(&mut self, v4: Option<IpAddr>, v6: Option<IpAddr>) {
         self.writer().set_node_addresses(v4, v6).expect("write LB_NODE");

@@ -332,6 +332,68 @@ fn no_endpoints_anywhere_is_rejected_with_icmp_port_unreachable() {
     assert_port_unreachable(&out.packet, &opt);
 }
 
+/// Checks a TCP reset answering `original`: back to the sender, frontend -> client, ports
+/// swapped, checksums right; returns (seq, ack, flags).
+fn assert_tcp_reset(out: &[u8], original: &[u8]) -> (u32, u32, u8) {
+    assert_eq!(&out[0..6], &original[6..12], "back to the sender's MAC");
+    assert_eq!(&out[6..12], &original[0..6]);
+    checksums_ok(out).unwrap();
+    let (o, r) = (summarize(original).unwrap(), summarize(out).unwrap());
+    assert_eq!((r.src, r.dst, r.proto), (o.dst, o.src, 6));
+    let t = &out[r.l4_off..];
+    assert_eq!(t.len(), 20, "a bare TCP header");
+    assert_eq!(t[12] >> 4, 5);
+    let word = |i: usize| u32::from_be_bytes([t[i], t[i + 1], t[i + 2], t[i + 3]]);
+    (word(4), word(8), t[13])
+}
+
+#[test]
+fn no_endpoints_with_reset_configured_answers_tcp_with_a_reset_and_udp_with_icmp() {
+    require_root!();
+    use lb_agent::dataplane::options::{Options, RejectTcpWith};
+    let reset = Options { reject_tcp_with: RejectTcpWith::Reset };
+    let mut dp = datapath(vec![]);
+    dp.set_options(&reset);
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+
+    // A SYN (seq 1000): RST+ACK acknowledging the SYN, and data it carried.
+    let syn = tcp4(CLIENT, 1, VIP, 80, true, b"");
+    let out = dp.run(PROG_TC_INGRESS, &syn);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back out of the device");
+    assert_eq!(assert_tcp_reset(&out.packet, &syn), (0, 1001, RST | ACK));
+    let syn_data = tcp4(CLIENT, 2, VIP, 80, true, b"hello");
+    let out = dp.run(PROG_TC_INGRESS, &syn_data);
+    assert_eq!(assert_tcp_reset(&out.packet, &syn_data), (0, 1006, RST | ACK));
+    // A segment with ACK (ack 1): a bare RST whose seq is that ack.
+    let ack = tcp4(CLIENT, 3, VIP, 80, false, b"data");
+    let out = dp.run(PROG_TC_INGRESS, &ack);
+    assert_eq!(assert_tcp_reset(&out.packet, &ack), (1, 0, RST));
+    // IPv4 options are not copied; the reset still matches the segment.
+    let opt = with_ipv4_options(&tcp4(CLIENT, 4, VIP, 80, true, b""), 2);
+    let out = dp.run(PROG_TC_INGRESS, &opt);
+    assert_eq!(assert_tcp_reset(&out.packet, &opt), (0, 1001, RST | ACK));
+    assert_eq!(dp.stat(STAT_REJECT_NO_BACKEND), 4);
+
+    // IPv6 TCP gets a reset, UDP still ICMP.
+    let vip6: Ipv6Addr = "2001:db8::80".parse().unwrap();
+    let client6: Ipv6Addr = "2001:db8:ffff::7".parse().unwrap();
+    let mut dp = Datapath::load();
+    dp.set_options(&reset);
+    dp.program("web6", &[lb_plan("web6", vip6.into(), 80, Protocol::Tcp, vec![])]);
+    let syn6 = tcp6(client6, 5000, vip6, 80, true, b"");
+    let out = dp.run(PROG_TC_INGRESS, &syn6);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(assert_tcp_reset(&out.packet, &syn6), (0, 1001, RST | ACK));
+    dp.program("dns6", &[lb_plan("dns6", vip6.into(), 53, Protocol::Udp, vec![])]);
+    let q = udp6(client6, 5000, vip6, 53, b"query");
+    assert_port_unreachable(&dp.run(PROG_TC_INGRESS, &q).packet, &q);
+
+    // Back to ICMP for TCP when the option is off again.
+    dp.set_options(&Options::default());
+    assert_port_unreachable(&dp.run(PROG_TC_INGRESS, &syn6).packet, &syn6);
+}
+
 #[test]
 fn no_local_endpoint_and_source_ranges_drop_with_a_reason() {
     require_root!();

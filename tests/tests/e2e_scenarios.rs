@@ -378,3 +378,29 @@ fn hairpin_and_no_endpoint_refusal() {
     assert_eq!(r, vec!["err ECONNREFUSED"; 3]);
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 }
+
+#[test]
+fn a_tcp_reset_refuses_clients_whose_firewall_drops_icmp() {
+    require_root!();
+    let cluster = Cluster::new(1, 1, 1);
+    let node = cluster.nodes[0].ip4;
+    // The outside client's firewall drops every ICMP message.
+    let fw = cluster.clients[0].ns.exec("iptables", &["-A", "INPUT", "-p", "icmp", "-j", "DROP"]);
+    assert!(fw.status.success(), "{fw:?}");
+    let empty = svc("empty", &["10.96.0.91"], Some(30091), "", "");
+    let mut run = Running::start(cluster, &[("empty.yaml", empty.file(&[]))]);
+    let target = format!("{node}:30091");
+
+    // kube-proxy's way (ICMP port unreachable) never reaches it: the client waits.
+    let r = run.from_client(0, &["connect", &target, "--count", "2", "--timeout-ms", "300"]);
+    assert!(r.iter().all(|l| l.starts_with("err") && !l.contains("REFUSED")), "{r:?}");
+
+    // A TCP reset does: refused at once.
+    run.stop_agent(0);
+    run.agent_args[0].extend(["--reject-tcp-with".to_string(), "reset".to_string()]);
+    run.restart_agent(0);
+    let t = Instant::now();
+    let r = run.from_client(0, &["connect", &target, "--count", "3"]);
+    assert_eq!(r, vec!["err ECONNREFUSED"; 3]);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+}

@@ -8,6 +8,7 @@ pub mod links;
 pub mod loader;
 pub mod maglev_map;
 pub mod netdev;
+pub mod options;
 pub mod programs;
 pub mod store;
 pub mod writer;
