@@ -67,8 +67,9 @@ struct Args {
     /// Attach XDP to the devices too (native when the driver supports it, else generic).
     #[arg(long)]
     xdp: bool,
-    /// With --xdp: may XDP send a flow to another node's backend (and its replies) straight
-    /// back out of the device (XDP_TX)? auto: yes for native XDP on anything but veth.
+    /// With --xdp: may XDP send a flow to another node's backend (and its replies) out of the
+    /// device itself (XDP_TX; XDP_REDIRECT between such devices)? auto: yes for native XDP on
+    /// anything but veth.
     #[arg(long, value_enum, default_value_t)]
     xdp_tx: attach::XdpTx,
     /// How outside clients' TCP connections to a service without endpoints are refused.

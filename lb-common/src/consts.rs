@@ -33,7 +33,7 @@ pub const MAP_SOURCE_RANGES: &str = "LB_SRC_RANGES";
 pub const MAP_NAMES: &str = "LB_NAMES";
 /// This node's addresses for SNAT (array of one [`crate::NodeConfig`]).
 pub const MAP_NODE: &str = "LB_NODE";
-/// Devices (by interface index) on which XDP may send packets back out (XDP_TX).
+/// Devices (by interface index) XDP may send packets out of (XDP_TX, XDP_REDIRECT).
 pub const MAP_XDP_TX: &str = "LB_XDP_TX";
 /// Capacity of LB_XDP_TX: devices one agent attaches to.
 pub const MAX_XDP_DEVICES: u32 = 64;
@@ -209,8 +209,10 @@ pub const STAT_CT_EXPIRED: u32 = 23;
 pub const STAT_REJECT_NO_BACKEND: u32 = 24;
 /// XDP sent a translated packet straight back out of its device (XDP_TX).
 pub const STAT_XDP_TX: u32 = 25;
-/// XDP left a flow with SNAT to tc: no known next hop on the device the packet arrived on.
+/// XDP left a flow with SNAT to tc: no known next hop, or one on a device XDP may not use.
 pub const STAT_XDP_TO_TC: u32 = 26;
+/// XDP sent a translated packet to another device (XDP_REDIRECT).
+pub const STAT_XDP_REDIRECT: u32 = 27;
 /// Number of slots in LB_STATS (room for the counters later programs add).
 pub const STAT_COUNT: u32 = 64;
 
@@ -243,4 +245,5 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (STAT_REJECT_NO_BACKEND, "reject_no_backend"),
     (STAT_XDP_TX, "xdp_tx"),
     (STAT_XDP_TO_TC, "xdp_to_tc"),
+    (STAT_XDP_REDIRECT, "xdp_redirect"),
 ];

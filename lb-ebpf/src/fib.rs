@@ -8,12 +8,13 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, bpf_fib_lookup as FibParams},
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    bindings::xdp_action::XDP_TX,
     programs::{TcContext, XdpContext},
 };
-use lb_common::Addr;
+use lb_common::{Addr, STAT_XDP_REDIRECT, STAT_XDP_TX};
 
 use crate::{
-    conntrack,
+    conntrack, stats,
     maps::{FLOW, NEXT_HOPS, NextHop, NextHopEntry, NextHopKey, SCRATCH, XDP_TX_DEVICES},
     packet::Bounds,
 };
@@ -143,11 +144,11 @@ fn macs(p: &FibParams) -> [u8; 12] {
     macs
 }
 
-/// XDP: whether a packet rewritten to `src` -> `dst` can go straight back out of the device it
-/// arrived on (XDP_TX): the agent allows XDP_TX there, the route leaves by that device and the
-/// next hop's MAC is known. If so the next hop waits in this CPU's scratch slot for
-/// [`xdp_set_macs`]. Otherwise tc handles the packet (it lets the kernel resolve neighbours and
-/// reaches every device).
+/// XDP: whether a packet rewritten to `src` -> `dst` can be sent on by XDP itself: the next
+/// hop's MAC is known and the route leaves by the device it arrived on (XDP_TX) or by another
+/// one (XDP_REDIRECT), each a device where the agent allows it (`LB_XDP_TX`). If so the next
+/// hop waits in this CPU's scratch slot for [`xdp_forward`]. Otherwise tc handles the packet
+/// (it lets the kernel resolve neighbours and reaches every device).
 #[inline(never)]
 pub fn xdp_can_tx(ctx: &XdpContext, flow: (bool, u8), src: &Addr, dst: &Addr) -> bool {
     let ifindex = ctx.ingress_ifindex() as u32;
@@ -159,17 +160,30 @@ pub fn xdp_can_tx(ctx: &XdpContext, flow: (bool, u8), src: &Addr, dst: &Addr) ->
     // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
     let s = unsafe { &mut *s };
     let rc = next_hop(ctx.as_ptr(), ifindex, flow, src, dst, &mut s.next_hop);
-    rc == BPF_FIB_LKUP_RET_SUCCESS && s.next_hop.ifindex == ifindex
+    let out = s.next_hop.ifindex;
+    // SAFETY: a plain lookup; the value is not used.
+    rc == BPF_FIB_LKUP_RET_SUCCESS
+        && (out == ifindex || unsafe { XDP_TX_DEVICES.get(out) }.is_some())
 }
 
-/// XDP: writes the MACs [`xdp_can_tx`] found into the rewritten packet. `false` if the frame
-/// is too short (cannot happen for a parsed packet).
+/// XDP: sends the rewritten packet to the next hop [`xdp_can_tx`] found: its MACs written,
+/// back out of its device (XDP_TX) or redirected to the route's (XDP_REDIRECT). `None` if the
+/// frame is too short (cannot happen for a parsed packet).
 #[inline(always)]
-pub fn xdp_set_macs(ctx: &XdpContext) -> bool {
-    let Some(s) = SCRATCH.get_ptr(0) else { return false };
+pub fn xdp_forward(ctx: &XdpContext) -> Option<u32> {
+    let s = SCRATCH.get_ptr(0)?;
     let b = Bounds { start: ctx.data(), end: ctx.data_end() };
-    let Some(eth) = b.ptr_at::<[u8; 12]>(0) else { return false };
+    let eth = b.ptr_at::<[u8; 12]>(0)?;
     // SAFETY: bounds checked by ptr_at; this CPU's scratch slot.
-    unsafe { core::ptr::write_unaligned(eth, (*s).next_hop.macs) };
-    true
+    let hop = unsafe {
+        core::ptr::write_unaligned(eth, (*s).next_hop.macs);
+        (*s).next_hop.ifindex
+    };
+    if hop == ctx.ingress_ifindex() as u32 {
+        stats::count(STAT_XDP_TX);
+        return Some(XDP_TX);
+    }
+    stats::count(STAT_XDP_REDIRECT);
+    // SAFETY: redirecting to a device the route named, one where XDP runs natively.
+    Some(unsafe { bpf_redirect(hop, 0) } as u32)
 }

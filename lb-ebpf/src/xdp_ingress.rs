@@ -1,14 +1,14 @@
 //! XDP on the node's external devices (`--xdp`): the same decisions as tc ingress, taken before
 //! the kernel allocates an skb. A flow with SNAT (a remote backend, and its replies) is sent
-//! straight back out of the device with XDP_TX when the route leaves by that device and the
-//! next hop's MAC is known; otherwise tc handles it.
+//! on by XDP itself when the next hop's MAC is known: back out of the device (XDP_TX) or to
+//! the route's device if XDP runs there too (XDP_REDIRECT); otherwise tc handles it.
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
     macros::xdp,
     programs::XdpContext,
 };
-use lb_common::{STAT_DROP_REWRITE, STAT_XDP_PACKETS, STAT_XDP_TX};
+use lb_common::{STAT_DROP_REWRITE, STAT_XDP_PACKETS};
 
 use crate::{
     device::{self, Action, Hook},
@@ -22,14 +22,10 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
     match device::handle(&mut rewrite::Xdp(&ctx), len, Hook::Xdp) {
         Action::Pass | Action::Reject => XDP_PASS,
         Action::Drop => XDP_DROP,
-        Action::Redirect => {
-            if !fib::xdp_set_macs(&ctx) {
-                // Rewritten already: the stack must not see it.
-                stats::count(STAT_DROP_REWRITE);
-                return XDP_DROP;
-            }
-            stats::count(STAT_XDP_TX);
-            XDP_TX
-        }
+        Action::Redirect => fib::xdp_forward(&ctx).unwrap_or_else(|| {
+            // Rewritten already: the stack must not see it.
+            stats::count(STAT_DROP_REWRITE);
+            XDP_DROP
+        }),
     }
 }

@@ -3,7 +3,8 @@
 //! - `n0` (MAC [`N0_MAC`]) holds the node address 192.168.1.11/24; packets "arrive" on it;
 //! - the pod network 10.1.1.0/24 is behind router 192.168.1.12 ([`ROUTER_MAC`]), everything
 //!   else behind gateway 192.168.1.1 ([`GATEWAY_MAC`]), both neighbours known;
-//! - 172.16.0.0/24 is on another device, `d0` (172.16.0.2 known);
+//! - 172.16.0.0/24 is on another device, `d0` (MAC [`D0_MAC`]; 172.16.0.2 known as
+//!   [`D0_PEER_MAC`]);
 //! - 192.168.1.13 is on `n0` with no neighbour entry.
 
 use crate::netns::NetNs;
@@ -11,6 +12,8 @@ use crate::netns::NetNs;
 pub const N0_MAC: &str = "02:00:00:00:00:11";
 pub const ROUTER_MAC: &str = "02:00:00:00:00:12";
 pub const GATEWAY_MAC: &str = "02:00:00:00:00:01";
+pub const D0_MAC: &str = "02:00:00:00:00:21";
+pub const D0_PEER_MAC: &str = "02:00:00:00:00:02";
 
 pub struct RoutedNode {
     pub ns: NetNs,
@@ -22,7 +25,7 @@ impl RoutedNode {
     pub fn new() -> Self {
         let ns = NetNs::new("xn");
         ns.ip(&["link", "add", "n0", "address", N0_MAC, "type", "veth", "peer", "name", "n1"]);
-        ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+        ns.ip(&["link", "add", "d0", "address", D0_MAC, "type", "veth", "peer", "name", "d1"]);
         ns.ip(&["addr", "add", "192.168.1.11/24", "dev", "n0"]);
         ns.ip(&["addr", "add", "172.16.0.1/24", "dev", "d0"]);
         for dev in ["n0", "n1", "d0", "d1"] {
@@ -32,7 +35,7 @@ impl RoutedNode {
         for (addr, mac, dev) in [
             ("192.168.1.12", ROUTER_MAC, "n0"),
             ("192.168.1.1", GATEWAY_MAC, "n0"),
-            ("172.16.0.2", "02:00:00:00:00:02", "d0"),
+            ("172.16.0.2", D0_PEER_MAC, "d0"),
         ] {
             ns.ip(&["neigh", "replace", addr, "lladdr", mac, "nud", "permanent", "dev", dev]);
         }

@@ -21,6 +21,7 @@ const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
 const XDP_PASS: i32 = 2;
 const XDP_TX: i32 = 3;
+const XDP_REDIRECT: i32 = 4;
 /// How long the datapath reuses a next hop (fib.rs NEXT_HOP_TTL_NS), and a little more.
 const NEXT_HOP_TTL: std::time::Duration = std::time::Duration::from_millis(1100);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
@@ -503,6 +504,31 @@ fn xdp_forwards_snat_flows_back_out_of_their_device_when_the_next_hop_is_known()
     let (_, s2) = run(&dp, PROG_TC_INGRESS, &p);
     assert_eq!(s2.src, s.src, "tc: the same translation");
     assert_eq!(dp.service_stats(svc).packets, 6);
+}
+
+#[test]
+fn xdp_redirects_to_another_device_only_where_the_agent_allows_xdp() {
+    require_root!();
+    let RoutedNode { ns, n0 } = RoutedNode::new();
+    let backend_ip = Ipv4Addr::new(172, 16, 0, 2); // routed out of d0
+    let mut dp = datapath(vec![backend(backend_ip.into(), 8080, false)]);
+    let allow = |dp: &mut Datapath, dev: &str| {
+        ns.run(|| attach::xdp_tx(&mut dp.ebpf, dev, XdpAttachMode::Native, XdpTx::On).unwrap())
+    };
+    allow(&mut dp, "n0");
+    // d0 runs no XDP of ours: tc takes it.
+    let p = tcp4(CLIENT, 40001, VIP, 80, true, b"");
+    let out = ns.run(|| dp.run_xdp_on(PROG_XDP_INGRESS, &p, n0));
+    assert_eq!((out.verdict, &out.packet), (XDP_PASS, &p));
+    // It does: redirected there, with d0's MACs.
+    allow(&mut dp, "d0");
+    let out = ns.run(|| dp.run_xdp_on(PROG_XDP_INGRESS, &p, n0));
+    assert_eq!(out.verdict, XDP_REDIRECT);
+    checksums_ok(&out.packet).unwrap();
+    assert_eq!(macs_of(&out.packet), (mac(routed::D0_PEER_MAC), mac(routed::D0_MAC)));
+    let s = summarize(&out.packet).unwrap();
+    assert_eq!((s.src.ip(), s.dst), (IpAddr::from(NODE), sa(backend_ip, 8080)));
+    assert_eq!((dp.stat(STAT_XDP_REDIRECT), dp.stat(STAT_XDP_TX)), (1, 0));
 }
 
 #[test]
