@@ -6,17 +6,18 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::xdp_action::XDP_TX,
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, bpf_fib_lookup as FibParams},
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
-    bindings::xdp_action::XDP_TX,
     programs::{TcContext, XdpContext},
 };
 use lb_common::{Addr, STAT_XDP_REDIRECT, STAT_XDP_TX};
 
 use crate::{
-    conntrack, stats,
+    conntrack,
     maps::{FLOW, NEXT_HOPS, NextHop, NextHopEntry, NextHopKey, SCRATCH, XDP_TX_DEVICES},
     packet::Bounds,
+    stats,
 };
 
 const AF_INET: u8 = 2;

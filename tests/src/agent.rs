@@ -26,8 +26,17 @@ impl Agent {
     /// Starts `lb-agent` with `args`, optionally inside network namespace `netns` and cgroup
     /// `cgroup` (a cgroup v2 directory the process joins before exec).
     pub fn start(args: &[&str], netns: Option<&str>, cgroup: Option<&Path>) -> Self {
-        let bin = crate::workspace_bin("lb-agent");
-        let mut cmd = crate::proc::command_in(&bin, netns, cgroup);
+        Self::start_bin(&crate::workspace_bin("lb-agent"), args, netns, cgroup)
+    }
+
+    /// [`Agent::start`] with another build of the agent (the upgrade test's previous release).
+    pub fn start_bin(
+        bin: &Path,
+        args: &[&str],
+        netns: Option<&str>,
+        cgroup: Option<&Path>,
+    ) -> Self {
+        let mut cmd = crate::proc::command_in(bin, netns, cgroup);
         cmd.args(args)
             // LB_TEST_AGENT_LOG=debug shows the agents' debug logs in test failures.
             .env("RUST_LOG", std::env::var("LB_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()))

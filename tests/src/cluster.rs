@@ -187,6 +187,17 @@ impl Running {
 
     /// As [`Running::start`], with more agent flags (later flags win, e.g. bigger map sizes).
     pub fn start_with(cluster: Cluster, files: &[(&str, String)], extra_args: &[&str]) -> Self {
+        Self::start_from(cluster, files, extra_args, &crate::workspace_bin("lb-agent"))
+    }
+
+    /// As [`Running::start_with`], running another build of the agent (`restart_agent` runs
+    /// this workspace's).
+    pub fn start_from(
+        cluster: Cluster,
+        files: &[(&str, String)],
+        extra_args: &[&str],
+        agent_bin: &std::path::Path,
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "lb-e2e-{}-{}",
             std::process::id(),
@@ -251,7 +262,12 @@ impl Running {
             .map(|s| s.to_string())
             .collect();
             let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-            agents.push(crate::agent::Agent::start(&argv, Some(node.ns.name()), None));
+            agents.push(crate::agent::Agent::start_bin(
+                agent_bin,
+                &argv,
+                Some(node.ns.name()),
+                None,
+            ));
             agent_args.push(args);
             pins.push(pin);
         }

@@ -1,6 +1,7 @@
 //! Agent restarts and uninstall: programs and maps stay when the agent stops (traffic keeps
 //! flowing, open connections survive), a new agent swaps its programs into the pinned links
-//! (no duplicate attachment), and `lb-agent --cleanup` removes everything.
+//! (no duplicate attachment), an upgrade from the previous release under traffic fails nothing,
+//! and `lb-agent --cleanup` removes everything.
 
 use std::time::Duration;
 
@@ -94,12 +95,55 @@ fn traffic_survives_agent_restarts_and_cleanup_removes_everything() {
 #[test]
 fn kill_9_during_traffic_fails_nothing() {
     require_root!();
+    let run = two_nodes_with_web(None);
+    traffic_through_node_0_fails_nothing(run, |run| {
+        run.kill_agent(0);
+        std::thread::sleep(Duration::from_millis(300));
+        run.restart_agent(0);
+    });
+}
+
+#[test]
+fn upgrading_from_the_previous_release_under_traffic_fails_nothing() {
+    require_root!();
+    let Some(previous) = std::env::var_os("LB_UPGRADE_FROM_AGENT") else {
+        eprintln!(
+            "SKIPPED: LB_UPGRADE_FROM_AGENT is not set (`cargo xtask test` builds the previous release's agent and sets it)"
+        );
+        return;
+    };
+    let run = two_nodes_with_web(Some(std::path::Path::new(&previous)));
+    let log = traffic_through_node_0_fails_nothing(run, |run| {
+        // A rolling update: the old agent gets SIGTERM, then the new one starts.
+        assert!(run.stop_agent(0).success());
+        run.restart_agent(0);
+    });
+    // The new build's programs went into the links the old one pinned, over its maps.
+    let replaced = log.iter().filter(|l| l.contains("program replaced in the pinned link")).count();
+    assert!(replaced >= 3, "tc ingress, tc egress, socket hooks: {log:#?}");
+    assert!(!log.iter().any(|l| l.contains("attaching anew")), "{log:#?}");
+    assert!(!log.iter().any(|l| l.contains("another layout version")), "{log:#?}");
+}
+
+/// Two nodes with one pod each behind `Svc::WEB`, agents from `agent_bin` (default: this
+/// workspace's).
+fn two_nodes_with_web(agent_bin: Option<&std::path::Path>) -> Running {
     let cluster = Cluster::new(2, 1, 1);
     let eps: Vec<Ep> = cluster.nodes.iter().map(|n| Ep::ready(n.pods[0].ip4, &n.name)).collect();
-    let web = Svc::WEB;
-    let mut run = Running::start(cluster, &[("web.yaml", web.file(&eps))]);
-    // A long connection and a stream of new ones, from outside and from a pod, both through
-    // node-0 whose agent is killed and restarted meanwhile.
+    let files = [("web.yaml", Svc::WEB.file(&eps))];
+    match agent_bin {
+        Some(bin) => Running::start_from(cluster, &files, &[], bin),
+        None => Running::start(cluster, &files),
+    }
+}
+
+/// Runs `change` on node-0's agent while a long connection and streams of new ones, from
+/// outside and from a pod, go through node-0; asserts none failed. Returns node-0's new agent
+/// log.
+fn traffic_through_node_0_fails_nothing(
+    mut run: Running,
+    change: impl FnOnce(&mut Running),
+) -> Vec<String> {
     let traffic = [
         run.background_from_client(
             0,
@@ -116,9 +160,7 @@ fn kill_9_during_traffic_fails_nothing() {
         ),
     ];
     std::thread::sleep(Duration::from_millis(300));
-    run.kill_agent(0);
-    std::thread::sleep(Duration::from_millis(300));
-    run.restart_agent(0);
+    change(&mut run);
     let mut outs = traffic.into_iter().map(|t| t.finish());
     let session = outs.next().unwrap();
     assert!(
@@ -135,4 +177,5 @@ fn kill_9_during_traffic_fails_nothing() {
         );
         assert_eq!(by_server(&r).len(), 2);
     }
+    run.agents[0].log()
 }

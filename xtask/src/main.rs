@@ -8,6 +8,7 @@ mod demo;
 mod kind;
 mod setup;
 mod test;
+mod upgrade;
 mod util;
 
 use clap::{Parser, Subcommand};

@@ -47,8 +47,13 @@ pub fn run(args: &[String]) -> Result<()> {
             .args(["--", "-D", "warnings"]),
     )?;
 
+    let previous_agent = crate::upgrade::previous_agent()?;
+
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root);
+    if let Some(bin) = previous_agent {
+        cmd.env("LB_UPGRADE_FROM_AGENT", bin);
+    }
     if succeeds("cargo", &["nextest", "--version"]) {
         cmd.args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"]);
     } else {
