@@ -75,6 +75,11 @@ struct Args {
     /// How outside clients' TCP connections to a service without endpoints are refused.
     #[arg(long, value_enum, default_value_t)]
     reject_tcp_with: options::RejectTcpWith,
+    /// Source ports for SNAT to other nodes' backends, FIRST-LAST: each backend address and
+    /// port takes this many concurrent flows from each node address. Must lie outside the
+    /// node's ephemeral ports (net.ipv4.ip_local_port_range).
+    #[arg(long, default_value_t)]
+    nat_port_range: options::PortRange,
     /// cgroup v2 directory whose processes (the node's pods and host) reach services through
     /// the socket hooks: the node's root cgroup in production.
     #[arg(long)]
@@ -156,6 +161,7 @@ async fn run(args: Args) -> Result<()> {
     if !maglev::SIZES.contains(&args.maglev_max_size) {
         bail!("--maglev-max-size {} is not one of {:?}", args.maglev_max_size, maglev::SIZES);
     }
+    args.nat_port_range.check_against(options::ephemeral_ports()?)?;
     if let Some(dir) = &args.manifests
         && !dir.is_dir()
     {
@@ -207,7 +213,9 @@ async fn run(args: Args) -> Result<()> {
     }
     let mut ebpf = loader::load(&LoadOptions { bpffs: Some(args.bpffs.clone()), sizes })?;
     programs::load_all(&mut ebpf)?;
-    options::write(&mut ebpf, &options::Options { reject_tcp_with: args.reject_tcp_with })?;
+    let opts =
+        options::Options { reject_tcp_with: args.reject_tcp_with, nat_ports: args.nat_port_range };
+    options::write(&mut ebpf, &opts)?;
     info!(bpffs = %args.bpffs.display(), "datapath loaded, maps pinned");
     let attached = |program: &str, target: &str| {
         status

@@ -42,6 +42,9 @@ pub const MAP_OPTIONS: &str = "LB_OPTIONS";
 pub const OPT_COUNT: u32 = 16;
 /// Answer a TCP packet to a service without endpoints with a TCP reset, not ICMP.
 pub const OPT_REJECT_TCP_WITH_RESET: u32 = 0;
+/// SNAT source ports, first and last (0: NAT_PORT_MIN/NAT_PORT_MAX).
+pub const OPT_NAT_PORT_MIN: u32 = 1;
+pub const OPT_NAT_PORT_MAX: u32 = 2;
 /// Per-CPU global counters, indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "LB_STATS";
 /// Per-CPU per-service counters, indexed by service id: [`crate::ServiceStats`].
@@ -142,9 +145,10 @@ pub const CT_TIMEOUT_TCP_CLOSING_S: u64 = 10;
 pub const CT_TIMEOUT_UDP_S: u64 = 60;
 
 // ---- SNAT source ports ----
-// Outside the kernel's default ephemeral range (32768-60999), so a SNATed flow never takes the
-// reply tuple of a connection the node itself opened. This bounds concurrent SNATed flows to
-// one backend (address and port) from one node address to 4536.
+// The default range (`--nat-port-range` changes it, through OPT_NAT_PORT_MIN/MAX): outside the
+// kernel's default ephemeral range (32768-60999), so a SNATed flow never takes the reply tuple
+// of a connection the node itself opened. This bounds concurrent SNATed flows to one backend
+// (address and port) from one node address to 4536.
 pub const NAT_PORT_MIN: u16 = 61000;
 pub const NAT_PORT_MAX: u16 = 65535;
 /// Ports tried per new flow before giving up (counted as nat_exhausted).

@@ -86,13 +86,13 @@ fn remove_if_expired(key: &CtKey, e: &CtValue, now: u64) -> bool {
     true
 }
 
-/// Frees `key` if the entry holding it is expired (a SNAT port of a flow that ended).
+/// Frees `key` if the entry holding it is expired (a SNAT port of a flow that ended). `copy`
+/// is scratch space: removing the entry frees the memory it lives in.
 #[inline(always)]
-pub fn reclaim_if_expired(key: &CtKey) -> bool {
+pub fn reclaim_if_expired(key: &CtKey, copy: &mut CtValue) -> bool {
     let Some(e) = get(key) else { return false };
-    // A copy: removing the entry frees the memory `e` points into.
-    let e = *e;
-    remove_if_expired(key, &e, now_ns())
+    *copy = *e;
+    remove_if_expired(key, copy, now_ns())
 }
 
 pub const BPF_ANY: u64 = 0;

@@ -95,7 +95,7 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
     let slot = FLOW.get_ptr_mut(0).ok_or(Skip::Malformed)?;
     // SAFETY: this CPU's slot (see maps::FLOW); the parsed flow lives there, off the stack.
     let flow = unsafe { &mut *slot };
-    *flow = packet::parse(&pkt.bounds())?;
+    packet::parse(&pkt.bounds(), flow)?;
     let flow = &*flow;
     // 1. A tracked flow, either direction: its recorded rewrite, whatever the backend's state.
     if let Some(action) = tracked(pkt, flow, len, hook) {

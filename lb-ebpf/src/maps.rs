@@ -82,6 +82,8 @@ pub struct Scratch {
     pub forward_key: CtKey,
     pub reply_key: CtKey,
     pub value: CtValue,
+    /// A copy of an expired entry being removed (conntrack::reclaim_if_expired).
+    pub expired: CtValue,
     /// Where a packet XDP sends back out goes (fib.rs).
     pub next_hop: NextHop,
 }

@@ -2,11 +2,13 @@
 //! source port chosen in BPF when the backend is on another node (so that its replies come
 //! back through this node).
 
+use core::num::NonZeroU32;
+
 use lb_common::*;
 
 use crate::{
     conntrack,
-    maps::{NODE, SCRATCH},
+    maps::{NODE, OPTIONS, SCRATCH},
     packet::Flow,
 };
 
@@ -25,6 +27,21 @@ pub fn node_addr(v6: bool) -> Option<Addr> {
     if a == [0; 4] || (!v6 && a[3] == 0) { None } else { Some(a) }
 }
 
+/// SNAT source ports as (first, how many): the agent's `--nat-port-range`, else the default.
+/// Non-zero by type: a division by a possible zero would compile to a panic, which the
+/// verifier refuses.
+#[inline(always)]
+fn port_range() -> (u32, NonZeroU32) {
+    let opt = |i| OPTIONS.get(i).copied().unwrap_or(0);
+    let (min, max) = (opt(OPT_NAT_PORT_MIN), opt(OPT_NAT_PORT_MAX));
+    let default = (NAT_PORT_MAX - NAT_PORT_MIN) as u32 + 1;
+    let fallback = (NAT_PORT_MIN as u32, NonZeroU32::new(default).unwrap_or(NonZeroU32::MIN));
+    if min == 0 || max < min || max > 65535 {
+        return fallback;
+    }
+    NonZeroU32::new(max - min + 1).map_or(fallback, |n| (min, n))
+}
+
 /// Records the flow `flow` -> `backend` (both directions) and returns the forward entry as
 /// stored in the map. Keys and values are built in per-CPU scratch space, not on the stack.
 #[inline(never)]
@@ -37,55 +54,54 @@ pub fn create(
     // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
     let s = unsafe { &mut *s };
     let flags = if ids.snat { CT_F_SNAT } else { 0 };
-    s.forward_key = CtKey {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        sport_be: flow.sport_be,
-        dport_be: flow.dport_be,
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
+    // Field by field into the scratch slot: whole-struct literals would be built on the stack
+    // first, and this function's frame is part of a call chain bounded to 512 bytes.
+    let fk = &mut s.forward_key;
+    fk.saddr = flow.saddr;
+    fk.daddr = flow.daddr;
+    fk.sport_be = flow.sport_be;
+    fk.dport_be = flow.dport_be;
+    fk.proto = flow.proto;
+    fk._pad = [0; 3];
     // First the reply (restores frontend as source, client as destination), then the same
     // value turned into the forward entry.
-    s.value = CtValue {
-        last_seen_ns: conntrack::now_ns(),
-        new_saddr: flow.daddr,
-        new_daddr: flow.saddr,
-        new_sport_be: flow.dport_be,
-        new_dport_be: flow.sport_be,
-        backend_id: ids.backend_id,
-        service_id: ids.service_id,
-        flags: flags | CT_F_REPLY,
-        state: CT_STATE_NEW,
-        _pad: [0; 2],
-    };
+    let v = &mut s.value;
+    v.last_seen_ns = conntrack::now_ns();
+    v.new_saddr = flow.daddr;
+    v.new_daddr = flow.saddr;
+    v.new_sport_be = flow.dport_be;
+    v.new_dport_be = flow.sport_be;
+    v.backend_id = ids.backend_id;
+    v.service_id = ids.service_id;
+    v.flags = flags | CT_F_REPLY;
+    v.state = CT_STATE_NEW;
+    v._pad = [0; 2];
     // The reply arrives from the backend to the (possibly SNATed) client side.
-    s.reply_key = CtKey {
-        saddr: backend.addr,
-        daddr: flow.saddr,
-        sport_be: backend.port_be,
-        dport_be: flow.sport_be,
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
+    let rk = &mut s.reply_key;
+    rk.saddr = backend.addr;
+    rk.daddr = flow.saddr;
+    rk.sport_be = backend.port_be;
+    rk.dport_be = flow.sport_be;
+    rk.proto = flow.proto;
+    rk._pad = [0; 3];
     let mut sport_be = flow.sport_be;
     if !ids.snat {
         conntrack::insert(&s.reply_key, &s.value, false).map_err(|_| NatError::CtFull)?;
     } else {
         s.reply_key.daddr = node_addr(flow.is_v6).ok_or(NatError::NoNodeAddr)?;
-        let range = (NAT_PORT_MAX - NAT_PORT_MIN) as u32 + 1;
+        let (first, range) = port_range();
         let start = ids.hash % range;
         // A stride from the hash too, so that flows starting at nearby ports do not walk the
-        // same sequence; odd, so it visits distinct ports before wrapping (range is even).
+        // same sequence; odd, so that in an even range it visits distinct ports before wrapping.
         let stride = ((ids.hash >> 16) % range) | 1;
         let mut claimed = false;
         for i in 0..NAT_PORT_TRIES {
-            let port = NAT_PORT_MIN + ((start + i * stride) % range) as u16;
+            let port = (first + (start + i * stride) % range) as u16;
             s.reply_key.dport_be = port.to_be();
             // Claim the port: the reply tuple must be unique. A port still held by a flow that
             // ended long ago (expired, never looked up since) is taken over.
             if conntrack::insert(&s.reply_key, &s.value, true).is_ok()
-                || (conntrack::reclaim_if_expired(&s.reply_key)
+                || (conntrack::reclaim_if_expired(&s.reply_key, &mut s.expired)
                     && conntrack::insert(&s.reply_key, &s.value, true).is_ok())
             {
                 claimed = true;

@@ -113,17 +113,19 @@ impl Skip {
 }
 
 /// Parses Ethernet, IPv4/IPv6 (with options and extension headers) and the TCP/UDP ports.
-/// A subprogram of its own: parsing temporaries stay off the hooks' stack frames.
+/// A subprogram of its own that writes the result to `out` (the per-CPU slot): parsing
+/// temporaries, and the result itself, stay off the hooks' stack frames.
 #[inline(never)]
-pub fn parse(b: &Bounds) -> Result<Flow, Skip> {
+pub fn parse(b: &Bounds, out: &mut Flow) -> Result<(), Skip> {
     let eth: *const EthHdr = b.ptr_at(0).ok_or(Skip::Malformed)?;
     // SAFETY: `ptr_at` checked that the header lies inside the packet.
     let ether_type = u16::from_be(unsafe { (*eth).ether_type });
-    match ether_type {
+    *out = match ether_type {
         ETH_P_IP => parse_ipv4(b, ETH_LEN),
         ETH_P_IPV6 => parse_ipv6(b, ETH_LEN),
         _ => Err(Skip::NotIp),
-    }
+    }?;
+    Ok(())
 }
 
 #[inline(always)]

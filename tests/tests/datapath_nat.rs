@@ -120,6 +120,26 @@ fn remote_backend_gets_snat_with_a_bpf_port_and_its_reply_is_reversed() {
 }
 
 #[test]
+fn snat_ports_come_from_the_configured_range_and_run_out_cleanly() {
+    require_root!();
+    use lb_agent::dataplane::options::{Options, PortRange};
+    let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
+    dp.set_options(&Options {
+        nat_ports: PortRange { first: 20000, last: 20003 },
+        ..Default::default()
+    });
+    let mut ports: Vec<u16> = (0..4)
+        .map(|i| {
+            run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41000 + i, VIP, 80, true, b"")).1.src.port()
+        })
+        .collect();
+    ports.sort();
+    assert_eq!(ports, vec![20000, 20001, 20002, 20003], "every port of the range, once");
+    let (verdict, _) = run_raw(&dp, &tcp4(CLIENT, 41004, VIP, 80, true, b""));
+    assert_eq!((verdict, dp.stat(STAT_DROP_NAT_EXHAUSTED)), (TC_ACT_SHOT, 1));
+}
+
+#[test]
 fn snat_ports_of_flows_that_ended_are_reused_and_live_ones_never_are() {
     require_root!();
     let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
@@ -352,7 +372,7 @@ fn assert_tcp_reset(out: &[u8], original: &[u8]) -> (u32, u32, u8) {
 fn no_endpoints_with_reset_configured_answers_tcp_with_a_reset_and_udp_with_icmp() {
     require_root!();
     use lb_agent::dataplane::options::{Options, RejectTcpWith};
-    let reset = Options { reject_tcp_with: RejectTcpWith::Reset };
+    let reset = Options { reject_tcp_with: RejectTcpWith::Reset, ..Default::default() };
     let mut dp = datapath(vec![]);
     dp.set_options(&reset);
     const RST: u8 = 0x04;

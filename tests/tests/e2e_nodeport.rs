@@ -29,9 +29,11 @@ fn nodeport_cluster_and_local_policies_from_an_outside_client() {
     let eps = cluster.all_pods(false);
     // The Local service has endpoints on node-0 only.
     let local_eps: Vec<_> = eps.iter().filter(|e| e.node == "node-0").cloned().collect();
-    let run = Running::start(
+    // SNAT source ports from a range of the operator's choosing (outside the ephemeral ports).
+    let run = Running::start_with(
         cluster,
         &[("web.yaml", CLUSTER_SVC.file(&eps)), ("local.yaml", LOCAL_SVC.file(&local_eps))],
+        &["--nat-port-range", "20000-20999"],
     );
     let node0 = run.cluster.nodes[0].ip4.to_string();
     let node1 = run.cluster.nodes[1].ip4.to_string();
@@ -49,6 +51,10 @@ fn nodeport_cluster_and_local_policies_from_an_outside_client() {
         assert_eq!(peer, &format!("{node0}:30080"), "the client talks to the NodePort");
         let want = if name.starts_with("node-0") { &client } else { &node0 };
         assert_eq!(&host_of(seen), want, "{name}");
+        if !name.starts_with("node-0") {
+            let port: u16 = seen.rsplit(':').next().unwrap().parse().unwrap();
+            assert!((20000..=20999).contains(&port), "{name} saw {seen}");
+        }
     }
 
     // The same NodePort on node-1 works too.
