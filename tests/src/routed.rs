@@ -5,7 +5,9 @@
 //!   else behind gateway 192.168.1.1 ([`GATEWAY_MAC`]), both neighbours known;
 //! - 172.16.0.0/24 is on another device, `d0` (MAC [`D0_MAC`]; 172.16.0.2 known as
 //!   [`D0_PEER_MAC`]);
-//! - 192.168.1.13 is on `n0` with no neighbour entry.
+//! - 192.168.1.13 is on `n0` with no neighbour entry;
+//! - IPv6 likewise: fd00:1::11/64 on `n0`, pods fd00:10:1::/64 behind router fd00:1::12
+//!   ([`ROUTER_MAC`]), default route via fd00:1::1 ([`GATEWAY_MAC`]).
 
 use crate::netns::NetNs;
 
@@ -27,20 +29,26 @@ impl RoutedNode {
         ns.ip(&["link", "add", "n0", "address", N0_MAC, "type", "veth", "peer", "name", "n1"]);
         ns.ip(&["link", "add", "d0", "address", D0_MAC, "type", "veth", "peer", "name", "d1"]);
         ns.ip(&["addr", "add", "192.168.1.11/24", "dev", "n0"]);
+        ns.ip(&["addr", "add", "fd00:1::11/64", "dev", "n0", "nodad"]);
         ns.ip(&["addr", "add", "172.16.0.1/24", "dev", "d0"]);
         for dev in ["n0", "n1", "d0", "d1"] {
             ns.ip(&["link", "set", dev, "up"]);
         }
         ns.sysctl("net.ipv4.ip_forward", "1");
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1");
         for (addr, mac, dev) in [
             ("192.168.1.12", ROUTER_MAC, "n0"),
             ("192.168.1.1", GATEWAY_MAC, "n0"),
             ("172.16.0.2", D0_PEER_MAC, "d0"),
+            ("fd00:1::12", ROUTER_MAC, "n0"),
+            ("fd00:1::1", GATEWAY_MAC, "n0"),
         ] {
             ns.ip(&["neigh", "replace", addr, "lladdr", mac, "nud", "permanent", "dev", dev]);
         }
         ns.ip(&["route", "add", "10.1.1.0/24", "via", "192.168.1.12", "dev", "n0"]);
         ns.ip(&["route", "add", "default", "via", "192.168.1.1", "dev", "n0"]);
+        ns.ip(&["-6", "route", "add", "fd00:10:1::/64", "via", "fd00:1::12", "dev", "n0"]);
+        ns.ip(&["-6", "route", "add", "default", "via", "fd00:1::1", "dev", "n0"]);
         let n0 = ns.run(|| lb_agent::dataplane::netdev::ifindex("n0")).expect("n0 exists");
         Self { ns, n0 }
     }

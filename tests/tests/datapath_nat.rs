@@ -527,6 +527,36 @@ fn xdp_forwards_snat_flows_back_out_of_their_device_when_the_next_hop_is_known()
 }
 
 #[test]
+fn xdp_forwards_ipv6_snat_flows_too() {
+    require_root!();
+    let RoutedNode { ns, n0 } = RoutedNode::new();
+    let vip6: Ipv6Addr = "2001:db8::80".parse().unwrap();
+    let client6: Ipv6Addr = "2001:db8:ffff::7".parse().unwrap();
+    let pod6: Ipv6Addr = "fd00:10:1::5".parse().unwrap();
+    let node6: Ipv6Addr = "fd00:1::11".parse().unwrap();
+    let mut dp = Datapath::load();
+    dp.set_node(Some(NODE.into()), Some(node6.into()));
+    let backends = vec![backend(pod6.into(), 8080, false)];
+    dp.program("web6", &[lb_plan("web6", vip6.into(), 80, Protocol::Tcp, backends)]);
+    ns.run(|| attach::xdp_tx(&mut dp.ebpf, "n0", XdpAttachMode::Native, XdpTx::On).unwrap());
+    let xdp = |p: &[u8]| {
+        let out = ns.run(|| dp.run_xdp_on(PROG_XDP_INGRESS, p, n0));
+        checksums_ok(&out.packet).unwrap();
+        out
+    };
+    let out = xdp(&tcp6(client6, 40001, vip6, 80, true, b""));
+    assert_eq!(out.verdict, XDP_TX);
+    assert_eq!(macs_of(&out.packet), (mac(routed::ROUTER_MAC), mac(routed::N0_MAC)));
+    let s = summarize(&out.packet).unwrap();
+    assert_eq!((s.src.ip(), s.dst), (IpAddr::from(node6), sa(pod6, 8080)));
+    let out = xdp(&tcp6(pod6, 8080, node6, s.src.port(), false, b"200 OK"));
+    assert_eq!(out.verdict, XDP_TX);
+    assert_eq!(macs_of(&out.packet), (mac(routed::GATEWAY_MAC), mac(routed::N0_MAC)));
+    let r = summarize(&out.packet).unwrap();
+    assert_eq!((r.src, r.dst), (sa(vip6, 80), sa(client6, 40001)));
+}
+
+#[test]
 fn xdp_redirects_to_another_device_only_where_the_agent_allows_xdp() {
     require_root!();
     let RoutedNode { ns, n0 } = RoutedNode::new();
