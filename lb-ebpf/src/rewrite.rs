@@ -23,6 +23,23 @@ pub trait Rewrite {
     fn bounds(&self) -> Bounds;
     fn set_addr(&mut self, flow: &Flow, which: Which, old: &Addr, new: &Addr) -> Result<(), ()>;
     fn set_port(&mut self, flow: &Flow, which: Which, old: u16, new: u16) -> Result<(), ()>;
+    /// Rewrites the whole tuple; by default field by field.
+    #[inline(always)]
+    fn set_tuple(&mut self, flow: &Flow, to: &Tuple) -> Result<(), ()> {
+        if flow.saddr != to.saddr {
+            self.set_addr(flow, Which::Src, &flow.saddr, &to.saddr)?;
+        }
+        if flow.daddr != to.daddr {
+            self.set_addr(flow, Which::Dst, &flow.daddr, &to.daddr)?;
+        }
+        if flow.sport_be != to.sport_be {
+            self.set_port(flow, Which::Src, flow.sport_be, to.sport_be)?;
+        }
+        if flow.dport_be != to.dport_be {
+            self.set_port(flow, Which::Dst, flow.dport_be, to.dport_be)?;
+        }
+        Ok(())
+    }
     /// Whether this hook can itself send the packet, once rewritten to `src` -> `dst`, towards
     /// its new destination (a flow with SNAT must not reach the stack). tc always can.
     fn can_forward(&self, flow: &Flow, src: &Addr, dst: &Addr) -> bool;
@@ -88,6 +105,73 @@ impl Rewrite for Tc<'_> {
     fn can_forward(&self, _: &Flow, _: &Addr, _: &Addr) -> bool {
         true
     }
+
+    /// Three checksum helper calls at most (the addresses' difference into the transport and
+    /// IPv4 checksums, the ports' into the transport one), then direct writes: the helpers
+    /// keep every skb checksum state right, and a call per field would cost up to ten.
+    #[inline(always)]
+    fn set_tuple(&mut self, flow: &Flow, to: &Tuple) -> Result<(), ()> {
+        let ctx = self.0;
+        let (mut addrs, mut addr_diff) = (false, 0u32);
+        let first = if flow.is_v6 { 0 } else { 3 };
+        for i in first..4 {
+            for (old, new) in [(flow.saddr[i], to.saddr[i]), (flow.daddr[i], to.daddr[i])] {
+                if old != new {
+                    addrs = true;
+                    addr_diff = csum::diff4(addr_diff, old, new);
+                }
+            }
+        }
+        let old_ports = ports_word(flow.sport_be, flow.dport_be);
+        let new_ports = ports_word(to.sport_be, to.dport_be);
+        let csum_off = flow.l4_csum_off();
+        if addrs {
+            let pseudo = BPF_F_PSEUDO_HDR as u64 | l4_flags(flow);
+            ctx.l4_csum_replace(csum_off, 0, addr_diff as u64, pseudo).map_err(|_| ())?;
+            if !flow.is_v6 {
+                ctx.l3_csum_replace(flow.l3() + 10, 0, addr_diff as u64, 0).map_err(|_| ())?;
+            }
+        }
+        if old_ports != new_ports {
+            let diff = csum::diff4(0, old_ports, new_ports);
+            ctx.l4_csum_replace(csum_off, 0, diff as u64, l4_flags(flow)).map_err(|_| ())?;
+        }
+        // The helpers may move packet data: fresh bounds for the writes.
+        let b = Bounds { start: ctx.data(), end: ctx.data_end() };
+        // SAFETY: every pointer bounds-checked by ptr_at; tc may write packet data directly
+        // (the kernel unclones a shared skb before the program runs).
+        unsafe {
+            if addrs {
+                if flow.is_v6 {
+                    let p: *mut [Addr; 2] = b.ptr_at(addr_off(flow, Which::Src)).ok_or(())?;
+                    core::ptr::write_unaligned(p, [to.saddr, to.daddr]);
+                } else {
+                    let p: *mut [u32; 2] = b.ptr_at(addr_off(flow, Which::Src)).ok_or(())?;
+                    core::ptr::write_unaligned(p, [to.saddr[3], to.daddr[3]]);
+                }
+            }
+            if old_ports != new_ports {
+                let p: *mut u32 = b.ptr_at(port_off(flow, Which::Src)).ok_or(())?;
+                core::ptr::write_unaligned(p, new_ports);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Source and destination port as the 32-bit word they form in the transport header.
+#[inline(always)]
+fn ports_word(sport_be: u16, dport_be: u16) -> u32 {
+    let (s, d) = (sport_be.to_ne_bytes(), dport_be.to_ne_bytes());
+    u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
+}
+
+/// A rewritten tuple (what a conntrack entry holds).
+pub struct Tuple {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub sport_be: u16,
+    pub dport_be: u16,
 }
 
 pub struct Xdp<'a>(pub &'a XdpContext);
@@ -175,17 +259,6 @@ pub fn apply<R: Rewrite>(
     sport_be: u16,
     dport_be: u16,
 ) -> Result<(), ()> {
-    if flow.saddr != *saddr {
-        pkt.set_addr(flow, Which::Src, &flow.saddr, saddr)?;
-    }
-    if flow.daddr != *daddr {
-        pkt.set_addr(flow, Which::Dst, &flow.daddr, daddr)?;
-    }
-    if flow.sport_be != sport_be {
-        pkt.set_port(flow, Which::Src, flow.sport_be, sport_be)?;
-    }
-    if flow.dport_be != dport_be {
-        pkt.set_port(flow, Which::Dst, flow.dport_be, dport_be)?;
-    }
-    Ok(())
+    let to = Tuple { saddr: *saddr, daddr: *daddr, sport_be, dport_be };
+    pkt.set_tuple(flow, &to)
 }

@@ -206,6 +206,8 @@ pub fn cleanup(bpffs: &Path) -> Result<()> {
         std::fs::remove_dir_all(&version_dir)
             .with_context(|| format!("removing {}", version_dir.display()))?;
     }
+    // The directory too, which the agent created, unless something else lives in it.
+    let _ = std::fs::remove_dir(bpffs);
     info!(dir = %bpffs.display(), "removed pinned links and maps");
     Ok(())
 }
