@@ -371,6 +371,7 @@ impl Source {
                             lb_agent::memory::release_freed();
                             info!(
                                 files = poll.files_read,
+                                unchanged_documents = poll.documents_reused,
                                 changed_objects = poll.events.len(),
                                 elapsed_us = start.elapsed().as_micros() as u64,
                                 "manifests read"

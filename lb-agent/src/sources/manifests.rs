@@ -7,7 +7,7 @@
 //! [`ManifestsDir::poll`] re-reads only files that changed and reports per-object changes.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
@@ -52,44 +52,91 @@ pub struct Parsed {
     pub errors: Vec<ManifestError>,
     /// Documents of kinds the agent does not watch (Deployments, ...): not errors.
     pub ignored: usize,
+    /// Documents unchanged since the file's previous read, whose objects were reused.
+    pub reused: usize,
+    /// Per entry of `objects`: taken unchanged from the previous read.
+    pub unchanged: Vec<bool>,
 }
 
 /// Splits a YAML stream into documents at `---` lines, with each document's first line number,
-/// so that a syntax error in one document cannot hide the others.
-fn split_documents(text: &str) -> Vec<(usize, String)> {
-    let mut docs = vec![(1usize, String::new())];
-    for (i, line) in text.lines().enumerate() {
+/// so that a syntax error in one document cannot hide the others. Documents are slices of
+/// `text` (a `...` end marker stays in its document: YAML parsers accept it).
+fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let (mut start, mut first_line, mut offset) = (0usize, 1usize, 0usize);
+    for (i, line) in text.split_inclusive('\n').enumerate() {
         let trimmed = line.trim_end();
         if trimmed == "---" || trimmed.starts_with("--- ") {
-            docs.push((i + 2, String::new()));
-            continue;
+            docs.push((first_line, &text[start..offset]));
+            (start, first_line) = (offset + line.len(), i + 2);
         }
-        if trimmed == "..." {
-            continue;
-        }
-        let doc = &mut docs.last_mut().expect("never empty").1;
-        doc.push_str(line);
-        doc.push('\n');
+        offset += line.len();
     }
+    docs.push((first_line, &text[start..]));
     docs.retain(|(_, d)| {
-        d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        d.lines().any(|l| {
+            let l = l.trim();
+            !l.is_empty() && !l.starts_with('#') && l != "..."
+        })
     });
     docs
 }
 
 /// Parses the text of one manifest file (YAML or JSON).
 pub fn parse_str(text: &str, file: &Path, cfg: &ModelConfig) -> Parsed {
+    parse_reusing(text, file, cfg, None).0
+}
+
+/// The objects of each document of a file that parsed without error and were all accepted
+/// (no duplicates), by a hash of the document's text.
+type DocIndex = HashMap<u64, Vec<ObjectRef>>;
+
+/// [`parse_str`] that takes the objects of documents whose text is unchanged from the file's
+/// previous read (`previous`: its document index, and objects to move them out of) instead of
+/// parsing them again: YAML parsing dominates a re-read, and a change usually touches one
+/// document of many. Also returns, for each document without errors, its text's hash and its
+/// objects: the next index, once the caller knows which objects it accepted.
+fn parse_reusing(
+    text: &str,
+    file: &Path,
+    cfg: &ModelConfig,
+    mut previous: Option<(DocIndex, &mut BTreeMap<ObjectRef, Object>)>,
+) -> (Parsed, Vec<(u64, Vec<ObjectRef>)>) {
     let mut out = Parsed::default();
+    let mut index = Vec::new();
     // Document numbers count every document of the file, empty ones excluded.
     for (n, (first_line, doc)) in split_documents(text).into_iter().enumerate() {
         let document = n + 1;
+        let hash = xxhash_rust::xxh3::xxh3_64(doc.as_bytes());
+        if let Some((docs, objects)) = previous.as_mut()
+            && let Some(refs) = docs.remove(&hash)
+        {
+            // Take the objects; if one is gone (a document repeated in the file), put back
+            // what was taken and parse.
+            let taken: Vec<(ObjectRef, Object)> =
+                refs.iter().map_while(|r| objects.remove_entry(r)).collect();
+            if taken.len() == refs.len() {
+                if refs.is_empty() {
+                    out.ignored += 1;
+                }
+                out.reused += 1;
+                for (_, obj) in taken {
+                    out.objects.push((document, obj));
+                    out.unchanged.push(true);
+                }
+                index.push((hash, refs));
+                continue;
+            }
+            objects.extend(taken);
+        }
+        let (objects_before, errors_before) = (out.objects.len(), out.errors.len());
         let err = |field: Option<String>, message: String| ManifestError {
             file: file.to_owned(),
             document,
             field,
             message,
         };
-        let value: Value = match serde_yaml_ng::from_str(&doc) {
+        let value: Value = match serde_yaml_ng::from_str(doc) {
             Ok(v) => v,
             Err(e) => {
                 let line = e.location().map(|l| l.line() + first_line - 1);
@@ -99,8 +146,14 @@ pub fn parse_str(text: &str, file: &Path, cfg: &ModelConfig) -> Parsed {
             }
         };
         parse_value(value, "", document, &mut out, &err, cfg);
+        out.unchanged.resize(out.objects.len(), false);
+        if out.errors.len() == errors_before {
+            let refs = out.objects[objects_before..].iter().map(|(_, o)| o.reference()).collect();
+            index.push((hash, refs));
+        }
     }
-    out
+    out.unchanged.resize(out.objects.len(), false);
+    (out, index)
 }
 
 fn parse_value(
@@ -237,6 +290,8 @@ pub const DEFAULT_SETTLE: Duration = Duration::from_millis(100);
 struct FileState {
     stamp: (SystemTime, u64),
     objects: BTreeMap<ObjectRef, Object>,
+    /// What each cleanly parsed document held, for the next re-read (see [`parse_reusing`]).
+    docs: DocIndex,
 }
 
 /// The outcome of one look at the folder.
@@ -246,6 +301,8 @@ pub struct Poll {
     pub errors: Vec<ManifestError>,
     /// Files read (new or changed) in this poll.
     pub files_read: usize,
+    /// Documents of those files found unchanged, not parsed again.
+    pub documents_reused: usize,
 }
 
 impl ManifestsDir {
@@ -294,12 +351,15 @@ impl ManifestsDir {
         let mut before: BTreeMap<ObjectRef, Object> = BTreeMap::new();
         let removed: Vec<PathBuf> =
             self.files.keys().filter(|p| !seen.contains(*p)).cloned().collect();
+        let mut old_docs: BTreeMap<PathBuf, DocIndex> = BTreeMap::new();
         for path in removed.iter().chain(changed.iter().map(|(p, _)| p)) {
             if let Some(old) = self.files.remove(path) {
                 before.extend(old.objects);
+                old_docs.insert(path.clone(), old.docs);
             }
         }
-        let mut after: BTreeMap<ObjectRef, Object> = BTreeMap::new();
+        // Objects now defined by the files read in this poll.
+        let mut after: BTreeSet<ObjectRef> = BTreeSet::new();
         changed.sort();
         poll.files_read = changed.len();
         for (path, stamp) in changed {
@@ -315,13 +375,16 @@ impl ManifestsDir {
                     continue;
                 }
             };
-            let parsed = parse_str(&text, &path, &self.cfg);
+            // Unchanged documents take their objects from the file's previous read (in `before`):
+            // moved, not compared, since the same text parses to the same object.
+            let previous = old_docs.remove(&path).map(|docs| (docs, &mut before));
+            let (parsed, hashes) = parse_reusing(&text, &path, &self.cfg, previous);
             poll.errors.extend(parsed.errors);
+            poll.documents_reused += parsed.reused;
             let mut objects = BTreeMap::new();
-            for (document, obj) in parsed.objects {
+            for ((document, obj), unchanged) in parsed.objects.into_iter().zip(parsed.unchanged) {
                 let r = obj.reference();
-                if after.contains_key(&r) || self.files.values().any(|f| f.objects.contains_key(&r))
-                {
+                if after.contains(&r) || self.files.values().any(|f| f.objects.contains_key(&r)) {
                     poll.errors.push(ManifestError {
                         file: path.clone(),
                         document,
@@ -332,18 +395,20 @@ impl ManifestsDir {
                     });
                     continue;
                 }
-                after.insert(r.clone(), obj.clone());
+                if !unchanged && before.get(&r) != Some(&obj) {
+                    poll.events.push(Event::Apply(obj.clone()));
+                }
+                after.insert(r.clone());
                 objects.insert(r, obj);
             }
-            self.files.insert(path, FileState { stamp, objects });
-        }
-        for (r, obj) in &after {
-            if before.get(r) != Some(obj) {
-                poll.events.push(Event::Apply(obj.clone()));
-            }
+            let docs = hashes
+                .into_iter()
+                .filter(|(_, refs)| refs.iter().all(|r| objects.contains_key(r)))
+                .collect();
+            self.files.insert(path, FileState { stamp, objects, docs });
         }
         for r in before.keys() {
-            if !after.contains_key(r) {
+            if !after.contains(r) {
                 poll.events.push(Event::Delete(r.clone()));
             }
         }
@@ -522,6 +587,33 @@ mod tests {
         assert!(
             matches!(&p.events[0], Event::Apply(Object::Service(s)) if s.metadata.name.as_deref() == Some("b"))
         );
+        assert_eq!(p.documents_reused, 1, "a's document was not parsed again");
+
+        // A broken document is parsed (and reported) on every read; documents that move keep
+        // their objects; a document changed back is parsed and applied again.
+        let broken = "apiVersion: v1\nkind: Service\nmetadata: {name: c, namespace: default}\nspec: {ports: [{port: nope}]}\n";
+        let text = format!("{broken}---\n{}---\n{}", svc("a", "10.96.0.1"), svc("b", "10.96.0.2"));
+        std::fs::write(dir.join("a.yaml"), &text).unwrap();
+        let p = m.poll().unwrap();
+        assert_eq!((p.events.len(), p.errors.len(), p.documents_reused), (1, 1, 1), "{p:?}");
+        assert_eq!(p.errors[0].document, 1);
+        assert!(
+            matches!(&p.events[0], Event::Apply(Object::Service(s)) if s.spec.as_ref().unwrap().cluster_ip.as_deref() == Some("10.96.0.2"))
+        );
+        std::fs::write(
+            dir.join("a.yaml"),
+            format!("{text}---\n# a comment\nkind: ConfigMap\napiVersion: v1\n"),
+        )
+        .unwrap();
+        let p = m.poll().unwrap();
+        assert_eq!((p.events.len(), p.errors.len(), p.documents_reused), (0, 1, 2), "{p:?}");
+        std::fs::write(
+            dir.join("a.yaml"),
+            format!("{}---\n{}", svc("a", "10.96.0.1"), svc("b", "10.96.0.22")),
+        )
+        .unwrap();
+        let p = m.poll().unwrap();
+        assert_eq!((p.events.len(), p.errors.len(), p.documents_reused), (1, 0, 1), "{p:?}");
 
         // A duplicate in a new file is refused; removing the file deletes both services.
         std::fs::write(dir.join("b.yaml"), svc("a", "10.96.0.5")).unwrap();
@@ -547,6 +639,48 @@ mod tests {
         assert_eq!(deleted, ["Service default/a", "Service default/b"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+    #[test]
+    fn reused_documents_never_bring_back_another_files_copy() {
+        let dir = std::env::temp_dir().join(format!("lb-manifests-dup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let svc = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+            )
+        };
+        let ip_of = |e: &Event| match e {
+            Event::Apply(Object::Service(s)) => s.spec.as_ref().unwrap().cluster_ip.clone(),
+            _ => None,
+        };
+        let mut m = ManifestsDir::new(&dir, cfg()).with_settle(Duration::ZERO);
+        std::fs::write(dir.join("c.yaml"), svc("x", "10.96.0.1")).unwrap();
+        assert_eq!(m.poll().unwrap().events.len(), 1);
+        // a.yaml's copy of x is refused: c.yaml has it.
+        std::fs::write(dir.join("a.yaml"), svc("x", "10.96.0.2")).unwrap();
+        let p = m.poll().unwrap();
+        assert_eq!((p.events.len(), p.errors.len()), (0, 1));
+        // Both files change, each keeping its copy of x: read in name order, a.yaml's wins, as
+        // if both were read afresh; c.yaml's unchanged copy is refused, not reused.
+        std::fs::write(
+            dir.join("a.yaml"),
+            format!("{}---\n{}", svc("x", "10.96.0.2"), svc("y", "10.96.0.3")),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("c.yaml"),
+            format!("{}---\n{}", svc("x", "10.96.0.1"), svc("z", "10.96.0.4")),
+        )
+        .unwrap();
+        let p = m.poll().unwrap();
+        let mut ips: Vec<_> = p.events.iter().filter_map(ip_of).collect();
+        ips.sort();
+        assert_eq!(ips, ["10.96.0.2", "10.96.0.3", "10.96.0.4"], "{p:?}");
+        assert_eq!(p.errors.len(), 1);
+        assert!(p.errors[0].file.ends_with("c.yaml"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn a_file_still_being_written_is_read_only_once_it_settles() {
         let dir = std::env::temp_dir().join(format!("lb-manifests-settle-{}", std::process::id()));
