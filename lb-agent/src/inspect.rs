@@ -310,6 +310,7 @@ impl Inspection {
                 state: match v.state {
                     CT_STATE_ESTABLISHED => "established",
                     CT_STATE_CLOSING => "closing",
+                    CT_STATE_RESET => "reset",
                     _ => "new",
                 },
                 idle_s: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,

@@ -135,13 +135,16 @@ pub const CT_F_SNAT: u8 = 1 << 1;
 // ---- CtValue.state ----
 pub const CT_STATE_NEW: u8 = 0;
 pub const CT_STATE_ESTABLISHED: u8 = 1;
-/// FIN or RST seen: kept briefly for the last packets.
+/// FIN seen: kept briefly for the last packets.
 pub const CT_STATE_CLOSING: u8 = 2;
+/// RST seen: no TIME_WAIT follows a reset, so the flow's entries (and its SNAT port) go soon.
+pub const CT_STATE_RESET: u8 = 3;
 
 // ---- conntrack lifetimes (seconds without traffic) ----
 pub const CT_TIMEOUT_TCP_SYN_S: u64 = 60;
 pub const CT_TIMEOUT_TCP_ESTABLISHED_S: u64 = 6 * 3600;
 pub const CT_TIMEOUT_TCP_CLOSING_S: u64 = 10;
+pub const CT_TIMEOUT_TCP_RESET_S: u64 = 1;
 pub const CT_TIMEOUT_UDP_S: u64 = 60;
 
 // ---- SNAT source ports ----

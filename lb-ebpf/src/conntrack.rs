@@ -24,6 +24,7 @@ fn lifetime_ns(proto: u8, state: u8) -> u64 {
         match state {
             CT_STATE_ESTABLISHED => CT_TIMEOUT_TCP_ESTABLISHED_S,
             CT_STATE_CLOSING => CT_TIMEOUT_TCP_CLOSING_S,
+            CT_STATE_RESET => CT_TIMEOUT_TCP_RESET_S,
             _ => CT_TIMEOUT_TCP_SYN_S,
         }
     };
@@ -58,17 +59,47 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
     }
     let mut state = e.state;
     if key.proto == PROTO_TCP {
-        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        let syn_only = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if tcp_flags & TCP_RST != 0 {
+            state = CT_STATE_RESET;
+        } else if tcp_flags & TCP_FIN != 0 && state != CT_STATE_RESET {
             state = CT_STATE_CLOSING;
+        } else if syn_only && state >= CT_STATE_CLOSING {
+            // The client opens a new connection on the tuple of one that ended.
+            state = CT_STATE_NEW;
         } else if state == CT_STATE_NEW && tcp_flags & TCP_ACK != 0 && tcp_flags & TCP_SYN == 0 {
             state = CT_STATE_ESTABLISHED;
         }
     }
     if state != e.state || now.wrapping_sub(e.last_seen_ns) > REFRESH_NS {
+        // Closing, reset and reopening concern both directions; establishing does not.
+        let both = state != e.state && (state >= CT_STATE_CLOSING || state == CT_STATE_NEW);
         e.state = state;
         e.last_seen_ns = now;
+        if both {
+            sync_pair(e, key.proto);
+        }
     }
     Some(e)
+}
+
+/// Gives the opposite direction's entry the state `e` just took. Closing or reset: a flow
+/// ended by one side's RST sees no packet the other way, and the reply entry holds the SNAT
+/// port, which would stay taken for the established timeout. New (a connection reopened on
+/// the tuple of one that ended): its reply entry must not expire under it. A subprogram: the
+/// pair's key stays off the caller's stack.
+#[inline(never)]
+fn sync_pair(e: &CtValue, proto: u8) {
+    let pair = pair_key(e, proto);
+    if let Some(p) = CONNTRACK.get_ptr_mut(pair) {
+        // SAFETY: a live map value; a racing update of the same bytes is harmless.
+        unsafe {
+            if (*p).state < e.state || e.state == CT_STATE_NEW {
+                (*p).state = e.state;
+                (*p).last_seen_ns = e.last_seen_ns;
+            }
+        }
+    }
 }
 
 /// Removes `e` (the entry of `key`) and its pair when its flow has been silent longer than its

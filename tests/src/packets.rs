@@ -32,6 +32,15 @@ pub fn tcp4(
     if syn { write(b.syn(), payload) } else { write(b.ack(1), payload) }
 }
 
+/// A TCP segment with RST (and ACK 1), or with FIN (and ACK 1): a connection ending.
+pub fn tcp4_end(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, rst: bool) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.octets(), dst.octets(), TTL)
+        .tcp(sport, dport, 1000, 64240)
+        .ack(1);
+    if rst { write(b.rst(), b"") } else { write(b.fin(), b"") }
+}
+
 pub fn udp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
         .ipv6(src.octets(), dst.octets(), TTL)

@@ -140,6 +140,43 @@ fn snat_ports_come_from_the_configured_range_and_run_out_cleanly() {
 }
 
 #[test]
+fn a_reset_frees_its_flows_snat_port_within_a_second_and_a_fin_closes_both_directions() {
+    require_root!();
+    use lb_agent::dataplane::options::{Options, PortRange};
+    let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
+    // One SNAT port: whether it is free decides whether a new flow gets through.
+    dp.set_options(&Options {
+        nat_ports: PortRange { first: 20000, last: 20000 },
+        ..Default::default()
+    });
+    let new_flow =
+        |dp: &Datapath, sport: u16| run_raw(dp, &tcp4(CLIENT, sport, VIP, 80, true, b"")).0;
+    assert_ne!(new_flow(&dp, 41000), TC_ACT_SHOT);
+    run(&dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, 20000, false, b"syn-ack"));
+    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41000, VIP, 80, false, b"request"));
+    assert_eq!(new_flow(&dp, 41001), TC_ACT_SHOT, "the only port is taken");
+
+    // The client aborts: both directions' entries are marked, though only one saw the RST.
+    run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 41000, VIP, 80, true));
+    let states: Vec<u8> = dp.conntrack().iter().map(|(_, v)| v.state).collect();
+    assert_eq!(states, vec![CT_STATE_RESET; 2]);
+    assert_eq!(new_flow(&dp, 41002), TC_ACT_SHOT, "not before its reset timeout");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_ne!(new_flow(&dp, 41003), TC_ACT_SHOT, "the port is taken over after a second");
+    assert_eq!(dp.stat(STAT_DROP_NAT_EXHAUSTED), 2);
+
+    // A FIN from the client closes both directions' entries too.
+    run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 41003, VIP, 80, false));
+    let closing = dp.conntrack().iter().filter(|(_, v)| v.state == CT_STATE_CLOSING).count();
+    assert_eq!(closing, 2, "{:?}", dp.conntrack());
+    // The client reopens the same tuple: both entries live again, same backend and port.
+    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41003, VIP, 80, true, b""));
+    assert_eq!((s.src, s.dst), (sa(NODE, 20000), sa(REMOTE_POD, 8080)));
+    let states: Vec<u8> = dp.conntrack().iter().map(|(_, v)| v.state).collect();
+    assert_eq!(states, vec![CT_STATE_NEW; 2]);
+}
+
+#[test]
 fn snat_ports_of_flows_that_ended_are_reused_and_live_ones_never_are() {
     require_root!();
     let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
