@@ -25,6 +25,15 @@ use crate::{
     inspect::{BackendView, Inspection},
 };
 
+/// Whether the agent let XDP send packets out of device `ifindex` (LB_XDP_TX).
+fn xdp_tx_allowed(bpffs: &std::path::Path, ifindex: u32) -> bool {
+    let path = maps_pin_dir(bpffs).join(MAP_XDP_TX);
+    MapData::from_pin(&path)
+        .ok()
+        .and_then(|m| HashMap::<_, u32, u32>::try_from(Map::HashMap(m)).ok())
+        .is_some_and(|m| m.get(&ifindex, 0).is_ok())
+}
+
 /// The devices the agent attached its device programs to (from the pinned links), with whether
 /// XDP is attached there too.
 pub fn attached_devices(bpffs: &std::path::Path) -> Vec<(String, bool)> {
@@ -327,9 +336,16 @@ pub fn explain(
     }
     let dev = pick_device(bpffs, device, &ins.snapshot.node)?;
     match &dev {
-        Some((name, _, true)) => e.notes.push(format!(
-            "XDP is attached on {name} too: it makes the same choice and, where allowed (--xdp-tx), sends flows to other nodes' backends straight back out itself; what it leaves to tc ingress (rejects, unknown next hops) is shown here as tc does it"
-        )),
+        Some((name, ifindex, true)) => {
+            let tx = if xdp_tx_allowed(bpffs, *ifindex) {
+                "XDP_TX on: it sends flows to other nodes' backends (and their replies) back out itself when it knows the next hop"
+            } else {
+                "XDP_TX off (--xdp-tx): it leaves flows to other nodes' backends to tc ingress"
+            };
+            e.notes.push(format!(
+                "XDP is attached on {name} too and makes the same choice; {tx}. Shown here as tc does it"
+            ))
+        }
         Some(_) => {}
         None => e.notes.push(
             "the agent attached to no device: run as if the packet arrived on loopback".into(),

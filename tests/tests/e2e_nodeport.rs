@@ -101,6 +101,8 @@ fn nodeport_cluster_policy_with_xdp_tx_sends_remote_flows_back_out_without_the_s
     let (tx, to_tc) = (counters["xdp_tx"], counters["xdp_to_tc"]);
     assert!(tx as usize >= 6 * remote, "xdp_tx {tx} for {remote} remote flows: {counters:?}");
     assert!(to_tc <= 4, "xdp_to_tc {to_tc}: {counters:?}");
+    let notes = explain_notes(&run);
+    assert!(notes.contains("XDP_TX on"), "{notes}");
 }
 
 #[test]
@@ -116,6 +118,23 @@ fn on_a_veth_xdp_leaves_remote_flows_to_tc_by_default_and_says_so() {
     let counters = node_counters(&run, 0);
     assert_eq!(counters["xdp_tx"], 0, "{counters:?}");
     assert!(counters["xdp_to_tc"] as usize >= 3 * remote, "{counters:?}");
+    let notes = explain_notes(&run);
+    assert!(notes.contains("XDP_TX off"), "{notes}");
+}
+
+/// The notes of `lbctl explain` for an outside client's flow to node-0's NodePort, run in
+/// node-0's network namespace as an operator would.
+fn explain_notes(run: &Running) -> String {
+    let lbctl = lb_tests::workspace_bin("lbctl");
+    let node0 = &run.cluster.nodes[0];
+    let out = lb_tests::proc::command_in(&lbctl, Some(node0.ns.name()), None)
+        .args(["explain", "10.230.0.100:45000", &format!("{}:30080", node0.ip4)])
+        .args(["--bpffs", run.pins[0].path.to_str().unwrap(), "-o", "json"])
+        .output()
+        .expect("run lbctl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    e["notes"].to_string()
 }
 
 /// `count` connections from the outside client to node-0's NodePort of the Cluster-policy
