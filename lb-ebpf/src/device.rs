@@ -172,8 +172,8 @@ fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Actio
     }
     // Policy Cluster to another node's backend: SNAT, so its replies come back through here.
     let snat = backend.flags & BE_F_LOCAL == 0 && svc.flags & SVC_F_LOCAL_ONLY == 0;
-    if snat {
-        // Without a node address tc counts the drop.
+    if snat && hook == Hook::Xdp {
+        // Without a node address XDP leaves it to tc, which counts the drop.
         let Some(node) = nat::node_addr(flow.is_v6) else { return Action::Pass };
         if leave_to_tc(pkt, flow, &node, &backend.addr) {
             return Action::Pass;

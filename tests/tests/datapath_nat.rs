@@ -140,6 +140,18 @@ fn snat_ports_come_from_the_configured_range_and_run_out_cleanly() {
 }
 
 #[test]
+fn without_a_node_address_a_flow_needing_snat_is_dropped_and_counted() {
+    require_root!();
+    let mut dp = Datapath::load();
+    dp.program("web", &[web(vec![backend(REMOTE_POD.into(), 8080, false)])]);
+    let syn = tcp4(CLIENT, 40001, VIP, 80, true, b"");
+    assert_eq!(dp.run(PROG_XDP_INGRESS, &syn).packet, syn, "XDP leaves it to tc");
+    assert_eq!(run_raw(&dp, &syn).0, TC_ACT_SHOT);
+    assert_eq!(dp.stat(STAT_DROP_NO_NODE_ADDR), 1);
+    assert!(dp.conntrack().is_empty());
+}
+
+#[test]
 fn a_reset_frees_its_flows_snat_port_within_a_second_and_a_fin_closes_both_directions() {
     require_root!();
     use lb_agent::dataplane::options::{Options, PortRange};
