@@ -31,6 +31,16 @@ fn lifetime_ns(proto: u8, state: u8) -> u64 {
     s * NS
 }
 
+/// Writes a key in place, field by field (a struct literal would be built on the stack first).
+#[inline(always)]
+pub fn fill_key(k: &mut CtKey, saddr: &Addr, daddr: &Addr, ports_be: (u16, u16), proto: u8) {
+    k.saddr = *saddr;
+    k.daddr = *daddr;
+    (k.sport_be, k.dport_be) = ports_be;
+    k.proto = proto;
+    k._pad = [0; 3];
+}
+
 /// The key of the opposite direction's entry: the rewritten tuple, reversed.
 #[inline(always)]
 pub fn pair_key(v: &CtValue, proto: u8) -> CtKey {

@@ -56,13 +56,8 @@ pub fn create(
     let flags = if ids.snat { CT_F_SNAT } else { 0 };
     // Field by field into the scratch slot: whole-struct literals would be built on the stack
     // first, and this function's frame is part of a call chain bounded to 512 bytes.
-    let fk = &mut s.forward_key;
-    fk.saddr = flow.saddr;
-    fk.daddr = flow.daddr;
-    fk.sport_be = flow.sport_be;
-    fk.dport_be = flow.dport_be;
-    fk.proto = flow.proto;
-    fk._pad = [0; 3];
+    let ports = (flow.sport_be, flow.dport_be);
+    conntrack::fill_key(&mut s.forward_key, &flow.saddr, &flow.daddr, ports, flow.proto);
     // First the reply (restores frontend as source, client as destination), then the same
     // value turned into the forward entry.
     let v = &mut s.value;
@@ -77,13 +72,8 @@ pub fn create(
     v.state = CT_STATE_NEW;
     v._pad = [0; 2];
     // The reply arrives from the backend to the (possibly SNATed) client side.
-    let rk = &mut s.reply_key;
-    rk.saddr = backend.addr;
-    rk.daddr = flow.saddr;
-    rk.sport_be = backend.port_be;
-    rk.dport_be = flow.sport_be;
-    rk.proto = flow.proto;
-    rk._pad = [0; 3];
+    let ports = (backend.port_be, flow.sport_be);
+    conntrack::fill_key(&mut s.reply_key, &backend.addr, &flow.saddr, ports, flow.proto);
     let mut sport_be = flow.sport_be;
     if !ids.snat {
         conntrack::insert(&s.reply_key, &s.value, false).map_err(|_| NatError::CtFull)?;

@@ -7,10 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use lb_agent::{
-    dataplane::{
-        attach::{self, XdpAttachMode, XdpTx},
-        loader::MapSizes,
-    },
+    dataplane::{attach::XdpTx, loader::MapSizes},
     model::plan::{BackendSet, Frontend, FrontendKind, Protocol, Scope},
 };
 use lb_common::*;
@@ -147,10 +144,7 @@ pub fn datapath() {
     for &n in &sizes {
         eprintln!("programming {n} services ...");
         let mut dp = datapath_with(n);
-        routed.ns.run(|| {
-            attach::xdp_tx(&mut dp.ebpf, "n0", XdpAttachMode::Native, XdpTx::On)
-                .expect("allow XDP_TX on n0")
-        });
+        routed.xdp_tx(&mut dp, "n0", XdpTx::On);
         let dp = dp;
         let tc_ok = |v: i32, _: &[u8]| v == 0 || v == 7;
         let xdp_ok = |v: i32, _: &[u8]| v == 2;

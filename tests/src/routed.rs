@@ -9,7 +9,13 @@
 //! - IPv6 likewise: fd00:1::11/64 on `n0`, pods fd00:10:1::/64 behind router fd00:1::12
 //!   ([`ROUTER_MAC`]), default route via fd00:1::1 ([`GATEWAY_MAC`]).
 
-use crate::netns::NetNs;
+use lb_agent::dataplane::attach::{self, XdpAttachMode, XdpTx};
+use lb_common::PROG_XDP_INGRESS;
+
+use crate::{
+    kernel::{Datapath, RunOutput},
+    netns::NetNs,
+};
 
 pub const N0_MAC: &str = "02:00:00:00:00:11";
 pub const ROUTER_MAC: &str = "02:00:00:00:00:12";
@@ -51,6 +57,21 @@ impl RoutedNode {
         ns.ip(&["-6", "route", "add", "default", "via", "fd00:1::1", "dev", "n0"]);
         let n0 = ns.run(|| lb_agent::dataplane::netdev::ifindex("n0")).expect("n0 exists");
         Self { ns, n0 }
+    }
+}
+
+impl RoutedNode {
+    /// The agent's XDP_TX decision for device `dev` (attached natively) under `setting`,
+    /// written into `dp`'s maps; returns it.
+    pub fn xdp_tx(&self, dp: &mut Datapath, dev: &str, setting: XdpTx) -> bool {
+        self.ns
+            .run(|| attach::xdp_tx(&mut dp.ebpf, dev, XdpAttachMode::Native, setting))
+            .unwrap_or_else(|e| panic!("XDP_TX decision for {dev}: {e:#}"))
+    }
+
+    /// Runs `dp`'s XDP program on `packet` as arriving on `n0`.
+    pub fn run_xdp(&self, dp: &Datapath, packet: &[u8]) -> RunOutput {
+        self.ns.run(|| dp.run_xdp_on(PROG_XDP_INGRESS, packet, self.n0))
     }
 }
 

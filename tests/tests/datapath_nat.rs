@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use lb_agent::dataplane::attach::{self, XdpAttachMode, XdpTx};
+use lb_agent::dataplane::attach::XdpTx;
 use lb_agent::model::plan::{Backend, Protocol, ServicePlan, TrafficPolicy};
 use lb_common::*;
 use lb_tests::{
@@ -512,23 +512,21 @@ fn macs_of(frame: &[u8]) -> (Vec<u8>, Vec<u8>) {
 #[test]
 fn xdp_forwards_snat_flows_back_out_of_their_device_when_the_next_hop_is_known() {
     require_root!();
-    let RoutedNode { ns, n0 } = RoutedNode::new();
+    let node = RoutedNode::new();
+    let ns = &node.ns;
     let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
     let svc = dp.service_id("web");
     // The agent's decision for a veth is "no" unless told otherwise.
-    let allowed = |dp: &mut Datapath, setting| {
-        ns.run(|| attach::xdp_tx(&mut dp.ebpf, "n0", XdpAttachMode::Native, setting).unwrap())
-    };
-    assert!(!allowed(&mut dp, XdpTx::Auto), "auto on a veth");
+    assert!(!node.xdp_tx(&mut dp, "n0", XdpTx::Auto), "auto on a veth");
     let p = tcp4(CLIENT, 40001, VIP, 80, true, b"");
-    let out = ns.run(|| dp.run_xdp_on(PROG_XDP_INGRESS, &p, n0));
+    let out = node.run_xdp(&dp, &p);
     assert_eq!((out.verdict, &out.packet), (XDP_PASS, &p), "XDP_TX not allowed: left to tc");
     assert!(dp.conntrack().is_empty());
-    assert!(allowed(&mut dp, XdpTx::On));
+    assert!(node.xdp_tx(&mut dp, "n0", XdpTx::On));
     let dp = dp;
     // Runs XDP in the node namespace; checks checksums.
     let xdp = |p: &[u8]| {
-        let out = ns.run(|| dp.run_xdp_on(PROG_XDP_INGRESS, p, n0));
+        let out = node.run_xdp(&dp, p);
         checksums_ok(&out.packet).unwrap();
         out
     };
@@ -578,7 +576,7 @@ fn xdp_forwards_snat_flows_back_out_of_their_device_when_the_next_hop_is_known()
 #[test]
 fn xdp_forwards_ipv6_snat_flows_too() {
     require_root!();
-    let RoutedNode { ns, n0 } = RoutedNode::new();
+    let node = RoutedNode::new();
     let vip6: Ipv6Addr = "2001:db8::80".parse().unwrap();
     let client6: Ipv6Addr = "2001:db8:ffff::7".parse().unwrap();
     let pod6: Ipv6Addr = "fd00:10:1::5".parse().unwrap();
@@ -587,9 +585,9 @@ fn xdp_forwards_ipv6_snat_flows_too() {
     dp.set_node(Some(NODE.into()), Some(node6.into()));
     let backends = vec![backend(pod6.into(), 8080, false)];
     dp.program("web6", &[lb_plan("web6", vip6.into(), 80, Protocol::Tcp, backends)]);
-    ns.run(|| attach::xdp_tx(&mut dp.ebpf, "n0", XdpAttachMode::Native, XdpTx::On).unwrap());
+    node.xdp_tx(&mut dp, "n0", XdpTx::On);
     let xdp = |p: &[u8]| {
-        let out = ns.run(|| dp.run_xdp_on(PROG_XDP_INGRESS, p, n0));
+        let out = node.run_xdp(&dp, p);
         checksums_ok(&out.packet).unwrap();
         out
     };
@@ -608,20 +606,17 @@ fn xdp_forwards_ipv6_snat_flows_too() {
 #[test]
 fn xdp_redirects_to_another_device_only_where_the_agent_allows_xdp() {
     require_root!();
-    let RoutedNode { ns, n0 } = RoutedNode::new();
+    let node = RoutedNode::new();
     let backend_ip = Ipv4Addr::new(172, 16, 0, 2); // routed out of d0
     let mut dp = datapath(vec![backend(backend_ip.into(), 8080, false)]);
-    let allow = |dp: &mut Datapath, dev: &str| {
-        ns.run(|| attach::xdp_tx(&mut dp.ebpf, dev, XdpAttachMode::Native, XdpTx::On).unwrap())
-    };
-    allow(&mut dp, "n0");
+    node.xdp_tx(&mut dp, "n0", XdpTx::On);
     // d0 runs no XDP of ours: tc takes it.
     let p = tcp4(CLIENT, 40001, VIP, 80, true, b"");
-    let out = ns.run(|| dp.run_xdp_on(PROG_XDP_INGRESS, &p, n0));
+    let out = node.run_xdp(&dp, &p);
     assert_eq!((out.verdict, &out.packet), (XDP_PASS, &p));
     // It does: redirected there, with d0's MACs.
-    allow(&mut dp, "d0");
-    let out = ns.run(|| dp.run_xdp_on(PROG_XDP_INGRESS, &p, n0));
+    node.xdp_tx(&mut dp, "d0", XdpTx::On);
+    let out = node.run_xdp(&dp, &p);
     assert_eq!(out.verdict, XDP_REDIRECT);
     checksums_ok(&out.packet).unwrap();
     assert_eq!(macs_of(&out.packet), (mac(routed::D0_PEER_MAC), mac(routed::D0_MAC)));
@@ -633,12 +628,12 @@ fn xdp_redirects_to_another_device_only_where_the_agent_allows_xdp() {
 #[test]
 fn xdp_leaves_to_tc_a_new_snat_flow_whose_route_leaves_by_another_device_or_lacks_a_neighbour() {
     require_root!();
-    let RoutedNode { ns, n0 } = RoutedNode::new();
+    let node = RoutedNode::new();
     for backend_ip in [Ipv4Addr::new(172, 16, 0, 2), Ipv4Addr::new(192, 168, 1, 13)] {
         let mut dp = datapath(vec![backend(backend_ip.into(), 8080, false)]);
-        ns.run(|| attach::xdp_tx(&mut dp.ebpf, "n0", XdpAttachMode::Native, XdpTx::On).unwrap());
+        node.xdp_tx(&mut dp, "n0", XdpTx::On);
         let p = tcp4(CLIENT, 40001, VIP, 80, true, b"");
-        let out = ns.run(|| dp.run_xdp_on(PROG_XDP_INGRESS, &p, n0));
+        let out = node.run_xdp(&dp, &p);
         assert_eq!((out.verdict, &out.packet), (XDP_PASS, &p), "{backend_ip}: untouched");
         assert!(dp.conntrack().is_empty(), "{backend_ip}: tc creates the flow");
         assert_eq!((dp.stat(STAT_XDP_TO_TC), dp.stat(STAT_SERVICE_HIT)), (1, 0));

@@ -554,16 +554,24 @@ mod tests {
         );
     }
 
-    #[test]
-    fn polling_reports_exactly_the_objects_that_changed() {
-        let dir = std::env::temp_dir().join(format!("lb-manifests-{}", std::process::id()));
+    /// A fresh, empty directory for one test's files.
+    fn empty_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let svc = |name: &str, ip: &str| {
-            format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
-            )
-        };
+        dir
+    }
+
+    /// A Service document.
+    fn svc(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+        )
+    }
+
+    #[test]
+    fn polling_reports_exactly_the_objects_that_changed() {
+        let dir = empty_dir("lb-manifests");
         std::fs::write(
             dir.join("a.yaml"),
             format!("{}---\n{}", svc("a", "10.96.0.1"), svc("b", "10.96.0.2")),
@@ -641,14 +649,7 @@ mod tests {
     }
     #[test]
     fn reused_documents_never_bring_back_another_files_copy() {
-        let dir = std::env::temp_dir().join(format!("lb-manifests-dup-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let svc = |name: &str, ip: &str| {
-            format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
-            )
-        };
+        let dir = empty_dir("lb-manifests-dup");
         let ip_of = |e: &Event| match e {
             Event::Apply(Object::Service(s)) => s.spec.as_ref().unwrap().cluster_ip.clone(),
             _ => None,
@@ -683,12 +684,10 @@ mod tests {
 
     #[test]
     fn a_file_still_being_written_is_read_only_once_it_settles() {
-        let dir = std::env::temp_dir().join(format!("lb-manifests-settle-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = empty_dir("lb-manifests-settle");
         let file = dir.join("svc.yaml");
         let whole: String = (1..=3)
-            .map(|i| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: 10.96.0.{i}, ports: [{{port: 80}}]}}\n---\n"))
+            .map(|i| format!("{}---\n", svc(&format!("s{i}"), &format!("10.96.0.{i}"))))
             .collect();
         let age = |secs: u64| {
             let f = std::fs::File::options().write(true).open(&file).unwrap();
