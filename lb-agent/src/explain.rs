@@ -409,7 +409,8 @@ fn explain_device(
         sport_be: src.port().to_be(),
         dport_be: dst.port().to_be(),
         proto,
-        _pad: [0; 3],
+        _pad8: 0,
+        _pad16: 0,
     };
     let live_ct: HashMap<MapData, CtKey, CtValue> =
         HashMap::try_from(Map::LruHashMap(MapData::from_pin(dir.join(MAP_CONNTRACK))?))?;
@@ -425,7 +426,8 @@ fn explain_device(
                 sport_be: v.new_dport_be,
                 dport_be: v.new_sport_be,
                 proto,
-                _pad: [0; 3],
+                _pad8: 0,
+                _pad16: 0,
             };
             if let Ok(pv) = live_ct.get(&pair, 0) {
                 ct.insert(pair, pv, 0)?;
@@ -440,7 +442,8 @@ fn explain_device(
             client: addr_from_ip(src.ip()),
             service_id: v.service_id,
             kind: AFFINITY_BY_ADDR,
-            _pad: [0; 3],
+            _pad8: 0,
+            _pad16: 0,
         };
         if let Ok(av) = live_aff.get(&akey, 0) {
             let mut aff: HashMap<&mut MapData, AffinityKey, AffinityValue> =

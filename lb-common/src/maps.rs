@@ -148,7 +148,10 @@ pub struct AffinityKey {
     pub client: Addr,
     pub service_id: u32,
     pub kind: u8,
-    pub _pad: [u8; 3],
+    // Padding as aligned fields, not [u8; 3]: a byte array at an odd offset makes the BPF
+    // target zero it through a call to a byte-loop memset on every packet.
+    pub _pad8: u8,
+    pub _pad16: u16,
 }
 
 #[repr(C)]
@@ -174,7 +177,9 @@ pub struct SockRevNatKey {
     /// The backend the socket was sent to.
     pub addr: Addr,
     pub port_be: u16,
-    pub _pad: [u8; 6],
+    // Aligned padding fields (see AffinityKey).
+    pub _pad16: u16,
+    pub _pad32: u32,
 }
 
 #[repr(C)]
@@ -196,7 +201,9 @@ pub struct CtKey {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Aligned padding fields (see AffinityKey).
+    pub _pad8: u8,
+    pub _pad16: u16,
 }
 
 /// What to do with packets of a tracked flow: rewrite their tuple to these values.

@@ -38,7 +38,8 @@ pub fn fill_key(k: &mut CtKey, saddr: &Addr, daddr: &Addr, ports_be: (u16, u16),
     k.daddr = *daddr;
     (k.sport_be, k.dport_be) = ports_be;
     k.proto = proto;
-    k._pad = [0; 3];
+    k._pad8 = 0;
+    k._pad16 = 0;
 }
 
 /// The key of the opposite direction's entry: the rewritten tuple, reversed.
@@ -50,7 +51,8 @@ pub fn pair_key(v: &CtValue, proto: u8) -> CtKey {
         sport_be: v.new_dport_be,
         dport_be: v.new_sport_be,
         proto,
-        _pad: [0; 3],
+        _pad8: 0,
+        _pad16: 0,
     }
 }
 

@@ -118,7 +118,8 @@ fn tracked<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Option
         sport_be: flow.sport_be,
         dport_be: flow.dport_be,
         proto: flow.proto,
-        _pad: [0; 3],
+        _pad8: 0,
+        _pad16: 0,
     };
     let ct = conntrack::lookup(&key, flow.tcp_flags)?;
     // The stack would refuse a packet whose source is now a node address: it must be forwarded
@@ -146,7 +147,8 @@ fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Actio
         client: flow.saddr,
         service_id: svc.service_id,
         kind: AFFINITY_BY_ADDR,
-        _pad: [0; 3],
+        _pad8: 0,
+        _pad16: 0,
     };
     let hash = flow_hash(&flow.saddr, &flow.daddr, flow.sport_be, flow.dport_be, flow.proto);
     let Ok(sel) = select::with_affinity(svc, &client, hash) else {

@@ -72,6 +72,18 @@ fn packet_addrs(b: &Bounds, v6: bool, l3_off: usize) -> Option<(Addr, Addr)> {
     }
 }
 
+/// `*to = *from`, word by word: a plain struct copy compiles to a call to a byte-loop memmove,
+/// and this runs on every packet XDP sends on.
+#[inline(always)]
+fn copy_hop(from: &NextHop, to: &mut NextHop) {
+    const WORDS: usize = core::mem::size_of::<NextHop>() / 4;
+    let (from, to) = (from as *const NextHop as *const u32, to as *mut NextHop as *mut u32);
+    for i in 0..WORDS {
+        // SAFETY: NextHop is repr(C), 4-aligned and a whole number of words long.
+        unsafe { *to.add(i) = *from.add(i) };
+    }
+}
+
 /// How long a next hop found by bpf_fib_lookup is reused: the lookup costs several hundred ns
 /// per packet, a cache hit one hash lookup. A changed route or neighbour MAC is seen within
 /// this time.
@@ -95,7 +107,7 @@ fn next_hop(
     if let Some(e) = unsafe { NEXT_HOPS.get(&key) }
         && now.wrapping_sub(e.looked_up_ns) < NEXT_HOP_TTL_NS
     {
-        *out = e.hop;
+        copy_hop(&e.hop, out);
         return BPF_FIB_LKUP_RET_SUCCESS;
     }
     // SAFETY: an all-zero bpf_fib_lookup is a valid starting point.
@@ -174,10 +186,21 @@ pub fn xdp_can_tx(ctx: &XdpContext, flow: (bool, u8), src: &Addr, dst: &Addr) ->
 pub fn xdp_forward(ctx: &XdpContext) -> Option<u32> {
     let s = SCRATCH.get_ptr(0)?;
     let b = Bounds { start: ctx.data(), end: ctx.data_end() };
-    let eth = b.ptr_at::<[u8; 12]>(0)?;
-    // SAFETY: bounds checked by ptr_at; this CPU's scratch slot.
+    let eth = b.ptr_at::<[u32; 3]>(0)?;
+    // SAFETY: bounds checked by ptr_at; this CPU's scratch slot. Word by word: copying a
+    // byte array to an address of unknown alignment compiles to a call to a byte-loop memmove.
     let hop = unsafe {
-        core::ptr::write_unaligned(eth, (*s).next_hop.macs);
+        let macs = (*s).next_hop.macs;
+        let eth = eth as *mut u32;
+        for i in 0..3 {
+            let w = u32::from_ne_bytes([
+                macs[4 * i],
+                macs[4 * i + 1],
+                macs[4 * i + 2],
+                macs[4 * i + 3],
+            ]);
+            core::ptr::write_unaligned(eth.add(i), w);
+        }
         (*s).next_hop.ifindex
     };
     if hop == ctx.ingress_ifindex() as u32 {

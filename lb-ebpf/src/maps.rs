@@ -97,6 +97,9 @@ pub struct NextHop {
     pub macs: [u8; 12],
 }
 
+// fib.rs copies it as words.
+const _: () = assert!(size_of::<NextHop>() == 16 && align_of::<NextHop>() == 4);
+
 #[repr(C)]
 pub struct NextHopKey {
     /// The device the packet arrived on: routing decides as if it came in there.

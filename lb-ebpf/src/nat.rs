@@ -42,8 +42,9 @@ fn port_range() -> (u32, NonZeroU32) {
     NonZeroU32::new(max - min + 1).map_or(fallback, |n| (min, n))
 }
 
-/// Records the flow `flow` -> `backend` (both directions) and returns the forward entry as
-/// stored in the map. Keys and values are built in per-CPU scratch space, not on the stack.
+/// Records the flow `flow` -> `backend` (both directions) and returns the forward entry (the
+/// copy in this CPU's scratch slot that was stored: looking it up again would cost a third
+/// hash operation per new flow). Keys and values are built in per-CPU scratch space, not on the stack.
 #[inline(never)]
 pub fn create(
     flow: &Flow,
@@ -112,7 +113,7 @@ pub fn create(
         conntrack::remove(&s.reply_key);
         return Err(NatError::CtFull);
     }
-    conntrack::get(&s.forward_key).ok_or(NatError::CtFull)
+    Ok(&s.value)
 }
 
 /// Who the new flow belongs to (bundled: BPF functions take at most five arguments).

@@ -125,7 +125,8 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
         client: [netns as u32, (netns >> 32) as u32, 0, 0],
         service_id: svc.service_id,
         kind: AFFINITY_BY_NETNS,
-        _pad: [0; 3],
+        _pad8: 0,
+        _pad16: 0,
     };
     // SAFETY: no preconditions.
     let hash = unsafe { bpf_get_prandom_u32() };
@@ -136,7 +137,13 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
     let backend = sel.backend;
     // SAFETY: as above.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevNatKey { cookie, addr: backend.addr, port_be: backend.port_be, _pad: [0; 6] };
+    let key = SockRevNatKey {
+        cookie,
+        addr: backend.addr,
+        port_be: backend.port_be,
+        _pad16: 0,
+        _pad32: 0,
+    };
     let value =
         SockRevNatValue { addr: daddr, port_be: dport_be, _pad: 0, service_id: svc.service_id };
     let _ = SOCK_REVNAT.insert(key, value, 0);
@@ -155,7 +162,7 @@ fn reverse(ctx: &SockAddrContext, v6: bool) -> i32 {
     let (peer, port_be) = user_addr(ctx, v6);
     // SAFETY: as above.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevNatKey { cookie, addr: peer, port_be, _pad: [0; 6] };
+    let key = SockRevNatKey { cookie, addr: peer, port_be, _pad16: 0, _pad32: 0 };
     // SAFETY: read of a value replaced whole.
     if let Some(v) = unsafe { SOCK_REVNAT.get(key) } {
         let (addr, port) = (v.addr, v.port_be);

@@ -33,42 +33,48 @@ fn median(mut v: Vec<u64>) -> f64 {
     v[v.len() / 2] as f64
 }
 
-/// Median ns of `prog` over packets from `make(i)`, checking each verdict with `ok`.
+/// Median ns of `prog` in each datapath over packets from `make(i)`, checking each verdict
+/// with `ok`. The datapaths take turns on each packet, so noise falls on all of them alike.
 fn measure(
-    dp: &Datapath,
+    dps: &[Datapath],
     prog: &str,
     make: &mut dyn FnMut(usize) -> Vec<u8>,
     ok: &dyn Fn(i32, &[u8]) -> bool,
-) -> f64 {
-    measure_with(prog, &|p| dp.run(prog, p), make, ok)
+) -> Vec<f64> {
+    let runs: Vec<Box<dyn Fn(&[u8]) -> RunOutput + '_>> =
+        dps.iter().map(|dp| Box::new(move |p: &[u8]| dp.run(prog, p)) as Box<_>).collect();
+    measure_with(prog, &runs, make, ok)
 }
 
 /// [`measure`] with the way of running the program given (a context, another namespace).
 fn measure_with(
     prog: &str,
-    run: &dyn Fn(&[u8]) -> RunOutput,
+    runs: &[Box<dyn Fn(&[u8]) -> RunOutput + '_>],
     make: &mut dyn FnMut(usize) -> Vec<u8>,
     ok: &dyn Fn(i32, &[u8]) -> bool,
-) -> f64 {
-    let mut times = Vec::with_capacity(RUNS);
+) -> Vec<f64> {
+    let mut times = vec![Vec::with_capacity(RUNS); runs.len()];
     for i in 0..WARMUP + RUNS {
         let p = make(i);
-        let out = run(&p);
-        assert!(
-            ok(out.verdict, &out.packet),
-            "{prog}: unexpected verdict {} on run {i}",
-            out.verdict
-        );
-        if i >= WARMUP {
-            times.push(out.duration_ns);
+        for (run, times) in runs.iter().zip(&mut times) {
+            let out = run(&p);
+            assert!(
+                ok(out.verdict, &out.packet),
+                "{prog}: unexpected verdict {} on run {i}",
+                out.verdict
+            );
+            if i >= WARMUP {
+                times.push(out.duration_ns);
+            }
         }
     }
-    median(times)
+    times.into_iter().map(median).collect()
 }
 
 /// A datapath with `n` services: the measured NodePort (local and remote backend) plus
 /// LoadBalancer VIPs that fill the maps.
-fn datapath_with(n: usize) -> Datapath {
+/// `object`: another build of the kernel programs instead of this one's.
+fn datapath_with(n: usize, object: Option<&[u8]>) -> Datapath {
     let sizes = MapSizes {
         max_services: (n as u32 + 16).next_power_of_two(),
         max_frontends: (4 * n as u32 + 64).next_power_of_two(),
@@ -76,7 +82,10 @@ fn datapath_with(n: usize) -> Datapath {
         maglev_slots: (n as u32 + 16) * 256 + 8192 * 2,
         max_conntrack: 1 << 20,
     };
-    let mut dp = Datapath::load_with(sizes);
+    let mut dp = match object {
+        Some(object) => Datapath::load_object(sizes, object),
+        None => Datapath::load_with(sizes),
+    };
     dp.set_node(Some(NODE.into()), None);
     let nodeport = |name: &str, port: u16, backends: Vec<lb_agent::model::plan::Backend>| {
         let mut p = lb_plan(name, NODE.into(), port, Protocol::Tcp, backends);
@@ -115,7 +124,9 @@ fn datapath_with(n: usize) -> Datapath {
     dp
 }
 
-pub fn datapath() {
+/// Prints the table; with `baseline` (another build's ELF object) every path is also measured
+/// in that build, interleaved with this one, and a second table gives their ratios.
+pub fn datapath(baseline: Option<&[u8]>) {
     println!(
         "datapath bench: ns per packet, median of {RUNS} single BPF_PROG_TEST_RUN runs after {WARMUP} warm-up runs (kernel-reported), every verdict checked"
     );
@@ -140,12 +151,21 @@ pub fn datapath() {
     ];
     // XDP_TX needs a route and a known next hop on the device the packet arrives on.
     let routed = RoutedNode::new();
-    let mut table: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let builds = if baseline.is_some() { 2 } else { 1 };
+    // tables[build][row][size]
+    let mut tables: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); names.len()]; builds];
     for &n in &sizes {
         eprintln!("programming {n} services ...");
-        let mut dp = datapath_with(n);
-        routed.xdp_tx(&mut dp, "n0", XdpTx::On);
-        let dp = dp;
+        let mut dps = vec![datapath_with(n, None)];
+        if let Some(object) = baseline {
+            dps.push(datapath_with(n, Some(object)));
+        }
+        for dp in &mut dps {
+            routed.xdp_tx(dp, "n0", XdpTx::On);
+            dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 7, NODE, 30080, true, b""));
+            dp.run(PROG_XDP_INGRESS, &tcp4(CLIENT, 8, NODE, 30080, true, b""));
+        }
+        let dps = dps;
         let tc_ok = |v: i32, _: &[u8]| v == 0 || v == 7;
         let xdp_ok = |v: i32, _: &[u8]| v == 2;
         let syn = |client: Ipv4Addr, port: u16| {
@@ -158,52 +178,53 @@ pub fn datapath() {
             |v: i32, p: &[u8]| v == 2 && summarize(p).is_some_and(|s| s.dst.port() == 8080);
         let miss = tcp4(CLIENT, 5555, Ipv4Addr::new(10, 250, 0, 1), 443, false, b"");
         let est = tcp4(CLIENT, 7, NODE, 30080, false, b"payload");
-        dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 7, NODE, 30080, true, b""));
         let reply = tcp4(LOCAL_POD, 8080, CLIENT, 7, false, b"answer");
         let xdp_est = tcp4(CLIENT, 8, NODE, 30080, false, b"payload");
-        dp.run(PROG_XDP_INGRESS, &tcp4(CLIENT, 8, NODE, 30080, true, b""));
-        let rows: Vec<f64> = vec![
-            measure(&dp, PROG_BENCH_XDP_NOOP, &mut |_| miss.clone(), &xdp_ok),
-            measure(&dp, PROG_BENCH_TC_NOOP, &mut |_| miss.clone(), &tc_ok),
-            measure(&dp, PROG_TC_INGRESS, &mut |_| miss.clone(), &|v, p| v == 0 && *p == miss[..]),
-            measure(&dp, PROG_TC_INGRESS, &mut syn(CLIENT, 30080), &translated),
-            measure(&dp, PROG_TC_INGRESS, &mut syn(CLIENT, 30081), &translated),
-            measure(&dp, PROG_TC_INGRESS, &mut |_| est.clone(), &translated),
-            measure(&dp, PROG_TC_EGRESS, &mut |_| reply.clone(), &|v, p| {
+        let mut rows: Vec<Vec<f64>> = vec![
+            measure(&dps, PROG_BENCH_XDP_NOOP, &mut |_| miss.clone(), &xdp_ok),
+            measure(&dps, PROG_BENCH_TC_NOOP, &mut |_| miss.clone(), &tc_ok),
+            measure(&dps, PROG_TC_INGRESS, &mut |_| miss.clone(), &|v, p| v == 0 && *p == miss[..]),
+            measure(&dps, PROG_TC_INGRESS, &mut syn(CLIENT, 30080), &translated),
+            measure(&dps, PROG_TC_INGRESS, &mut syn(CLIENT, 30081), &translated),
+            measure(&dps, PROG_TC_INGRESS, &mut |_| est.clone(), &translated),
+            measure(&dps, PROG_TC_EGRESS, &mut |_| reply.clone(), &|v, p| {
                 v == 0 && summarize(p).is_some_and(|s| s.src.port() == 30080)
             }),
-            measure(&dp, PROG_XDP_INGRESS, &mut |_| miss.clone(), &xdp_ok),
+            measure(&dps, PROG_XDP_INGRESS, &mut |_| miss.clone(), &xdp_ok),
             measure(
-                &dp,
+                &dps,
                 PROG_XDP_INGRESS,
                 &mut |i| tcp4(XDP_CLIENT, 1024 + (i % 60000) as u16, NODE, 30080, true, b""),
                 &xdp_translated,
             ),
-            measure(&dp, PROG_XDP_INGRESS, &mut |_| xdp_est.clone(), &xdp_translated),
+            measure(&dps, PROG_XDP_INGRESS, &mut |_| xdp_est.clone(), &xdp_translated),
         ];
-        let rows: Vec<f64> = rows
-            .into_iter()
-            .chain(routed.ns.run(|| {
-                let on_n0 = |p: &[u8]| dp.run_xdp_on(PROG_XDP_INGRESS, p, routed.n0);
-                let sent_out =
-                    |v: i32, p: &[u8]| v == 3 && summarize(p).is_some_and(|s| s.dst.port() == 8080);
-                let est = tcp4(CLIENT, 9, NODE, 30081, false, b"payload");
-                on_n0(&tcp4(CLIENT, 9, NODE, 30081, true, b""));
-                [
-                    measure_with(
-                        PROG_XDP_INGRESS,
-                        &on_n0,
-                        &mut syn(XDP_TX_CLIENT, 30081),
-                        &sent_out,
-                    ),
-                    measure_with(PROG_XDP_INGRESS, &on_n0, &mut |_| est.clone(), &sent_out),
-                ]
-            }))
-            .collect();
-        for (r, v) in table.iter_mut().zip(rows) {
-            r.push(v);
+        rows.extend(routed.ns.run(|| {
+            let on_n0: Vec<Box<dyn Fn(&[u8]) -> RunOutput + '_>> = dps
+                .iter()
+                .map(|dp| {
+                    Box::new(move |p: &[u8]| dp.run_xdp_on(PROG_XDP_INGRESS, p, routed.n0))
+                        as Box<_>
+                })
+                .collect();
+            let sent_out =
+                |v: i32, p: &[u8]| v == 3 && summarize(p).is_some_and(|s| s.dst.port() == 8080);
+            let est = tcp4(CLIENT, 9, NODE, 30081, false, b"payload");
+            for run in &on_n0 {
+                run(&tcp4(CLIENT, 9, NODE, 30081, true, b""));
+            }
+            [
+                measure_with(PROG_XDP_INGRESS, &on_n0, &mut syn(XDP_TX_CLIENT, 30081), &sent_out),
+                measure_with(PROG_XDP_INGRESS, &on_n0, &mut |_| est.clone(), &sent_out),
+            ]
+        }));
+        for (r, per_build) in rows.into_iter().enumerate() {
+            for (b, v) in per_build.into_iter().enumerate() {
+                tables[b][r].push(v);
+            }
         }
     }
+    let table = &tables[0];
     println!(
         "\n{:<42} {:>16} {:>16} {:>16}",
         "path", "1 service", "1,000 services", "100,000 services"
@@ -230,4 +251,61 @@ pub fn datapath() {
     println!(
         "targets: established within 2.3x of the floor, first packet within 5x, 100,000 services within 10% of 1 service"
     );
+    if let Some(base) = tables.get(1) {
+        println!(
+            "\nthis build vs the baseline, same run, interleaved packet by packet (ns, ratio < 1 is faster)"
+        );
+        println!(
+            "{:<42} {:>20} {:>20} {:>20}",
+            "path", "1 service", "1,000 services", "100,000 services"
+        );
+        for (i, name) in names.iter().enumerate() {
+            let cells: Vec<String> = (0..sizes.len())
+                .map(|k| {
+                    let (new, old) = (table[i][k], base[i][k]);
+                    format!("{new:.0}/{old:.0} {:>5.2}x", new / old)
+                })
+                .collect();
+            println!("{:<42} {:>20} {:>20} {:>20}", name, cells[0], cells[1], cells[2]);
+        }
+    }
+}
+
+/// Runs one path over and over for `secs`, for a profiler attached to this process
+/// (`perf record -p`): `lb-bench profile tc-miss|tc-first|tc-est|tc-reply|xdp-est SECS`.
+pub fn profile(path: &str, secs: u64) {
+    let dp = datapath_with(1, None);
+    let miss = tcp4(CLIENT, 5555, Ipv4Addr::new(10, 250, 0, 1), 443, false, b"");
+    dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 7, NODE, 30080, true, b""));
+    dp.run(PROG_XDP_INGRESS, &tcp4(CLIENT, 8, NODE, 30080, true, b""));
+    let mut make: Box<dyn FnMut(usize) -> Vec<u8>> = match path {
+        "tc-miss" => Box::new(|_| miss.clone()),
+        // Every packet a new flow: clients from 198.18.0.0/15, ports 1024-61023.
+        "tc-first" => Box::new(|i| {
+            let client =
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + (i / 60000) as u32);
+            tcp4(client, 1024 + (i % 60000) as u16, NODE, 30080, true, b"")
+        }),
+        "tc-est" | "tc-est-prog" => Box::new(|_| tcp4(CLIENT, 7, NODE, 30080, false, b"payload")),
+        "tc-reply" => Box::new(|_| tcp4(LOCAL_POD, 8080, CLIENT, 7, false, b"answer")),
+        "xdp-est" => Box::new(|_| tcp4(CLIENT, 8, NODE, 30080, false, b"payload")),
+        _ => {
+            eprintln!("usage: lb-bench profile tc-miss|tc-first|tc-est|tc-reply|xdp-est SECS");
+            std::process::exit(2);
+        }
+    };
+    let prog = match path {
+        "tc-reply" => PROG_TC_EGRESS,
+        "xdp-est" => PROG_XDP_INGRESS,
+        _ => PROG_TC_INGRESS,
+    };
+    eprintln!("pid {}: running {path} for {secs} s", std::process::id());
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let (mut i, mut times) = (0, Vec::new());
+    while std::time::Instant::now() < end {
+        let out = dp.run(prog, &make(i));
+        times.push(out.duration_ns);
+        i += 1;
+    }
+    println!("{path}: {i} runs, median {:.0} ns", median(times));
 }

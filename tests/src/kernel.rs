@@ -69,7 +69,13 @@ impl Datapath {
     }
 
     pub fn load_with(sizes: MapSizes) -> Self {
-        let mut ebpf = loader::load(&LoadOptions { bpffs: None, sizes })
+        let object = lb_agent::ebpf_object().unwrap_or_else(|e| panic!("{e:#}"));
+        Self::load_object(sizes, object)
+    }
+
+    /// [`Self::load_with`] for another build of the kernel programs (an ELF object).
+    pub fn load_object(sizes: MapSizes, object: &[u8]) -> Self {
+        let mut ebpf = loader::load_object(&LoadOptions { bpffs: None, sizes }, object)
             .unwrap_or_else(|e| panic!("loading the eBPF object: {e:#}"));
         programs::load_all(&mut ebpf).unwrap_or_else(|e| panic!("{e:#}"));
         Self { ebpf, sizes, writer: None }

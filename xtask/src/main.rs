@@ -5,10 +5,10 @@
 
 mod bench;
 mod demo;
+mod history;
 mod kind;
 mod setup;
 mod test;
-mod upgrade;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -41,8 +41,12 @@ enum Command {
     },
     /// Print benchmark figures: control-plane, datapath, e2e (vs kube-proxy), or all of them.
     Bench {
-        /// control-plane or datapath (default: all).
+        /// control-plane, datapath or e2e (default: all).
         which: Option<String>,
+        /// datapath only: also measure the kernel programs as built at this commit (a hash,
+        /// tag, or `HEAD~1`), interleaved with this build's, and print their ratios.
+        #[arg(long)]
+        against: Option<String>,
     },
 }
 
@@ -53,7 +57,9 @@ fn main() {
         Command::Test { args } => setup::run().and_then(|()| test::run(&args)),
         Command::Demo => setup::run().and_then(|()| demo::run()),
         Command::KindE2e { keep } => kind::run(keep),
-        Command::Bench { which } => setup::run().and_then(|()| bench::run(which.as_deref())),
+        Command::Bench { which, against } => {
+            setup::run().and_then(|()| bench::run(which.as_deref(), against.as_deref()))
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

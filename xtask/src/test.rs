@@ -47,7 +47,7 @@ pub fn run(args: &[String]) -> Result<()> {
             .args(["--", "-D", "warnings"]),
     )?;
 
-    let previous_agent = crate::upgrade::previous_agent()?;
+    let previous_agent = crate::history::previous_agent()?;
 
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root);

@@ -100,7 +100,12 @@ pub struct LoadOptions {
 
 /// Loads the embedded object: creates (or reuses pinned) maps and loads nothing into hooks yet.
 pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
-    let object = crate::ebpf_object()?;
+    load_object(opts, crate::ebpf_object()?)
+}
+
+/// [`load`] with another build of the kernel programs (the datapath bench compares against an
+/// older one).
+pub fn load_object(opts: &LoadOptions, object: &[u8]) -> Result<Ebpf> {
     let specs = map_specs(&opts.sizes);
     let mut loader = EbpfLoader::new();
     // Developers: LB_VERIFIER_LOG=1 keeps the verifier's full log in load errors.

@@ -31,7 +31,11 @@ fn main() {
     match what.as_str() {
         "control-plane" => control_plane(),
         "manifests" => manifests_reread(10_000, 10),
-        "datapath" => lb_tests::bench::datapath(),
+        "datapath" => datapath(),
+        "profile" => lb_tests::bench::profile(
+            &std::env::args().nth(2).unwrap_or_default(),
+            std::env::args().nth(3).and_then(|s| s.parse().ok()).unwrap_or(10),
+        ),
         "e2e" => e2e(),
         _ => {
             eprintln!("usage: lb-bench control-plane | manifests | datapath | e2e [--svg PATH]");
@@ -267,6 +271,31 @@ fn manifests_reread(services: usize, endpoints: usize) {
         again.documents_reused
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `lb-bench datapath [--baseline OBJECT]`: OBJECT is another build's `lb.bpf.o`, measured
+/// side by side (`cargo xtask bench datapath --against REV` builds and passes it).
+fn datapath() {
+    let path = match (std::env::args().nth(2).as_deref(), std::env::args().nth(3)) {
+        (None, _) => None,
+        (Some("--baseline"), Some(path)) => Some(path),
+        _ => {
+            eprintln!("usage: lb-bench datapath [--baseline OBJECT]");
+            std::process::exit(2);
+        }
+    };
+    let Some(path) = path else { return lb_tests::bench::datapath(None) };
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+        eprintln!("cannot read {path}: {e}");
+        std::process::exit(1);
+    });
+    // Copied into 8-byte aligned memory, as the ELF parser expects.
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    // SAFETY: the u64 buffer viewed as bytes; it is at least bytes.len() long.
+    let aligned =
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, bytes.len()) };
+    aligned.copy_from_slice(&bytes);
+    lb_tests::bench::datapath(Some(aligned))
 }
 
 fn kernel() -> String {
