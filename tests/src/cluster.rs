@@ -362,6 +362,36 @@ impl Running {
 }
 
 impl Cluster {
+    /// Gives every node a second device, `eth1` (10.232.0.1x, fd00:232::1x) on a second
+    /// segment, and makes node-0 reach the other nodes' pods through it: a flow node-0 forwards
+    /// to a remote backend arrives on eth0 and leaves by eth1 (XDP_REDIRECT rather than
+    /// XDP_TX). The other nodes still answer node-0's address through eth0. Call before
+    /// [`Cluster::like_a_wire_for_xdp_tx`], and start the agents with `--devices eth0,eth1`.
+    pub fn second_segment(&mut self) {
+        self.lan.ip(&["link", "add", "br1", "type", "bridge"]);
+        self.lan.ip(&["link", "set", "br1", "up"]);
+        for (i, node) in self.nodes.iter().enumerate() {
+            let (a4, a6) = (format!("10.232.0.{}/24", 10 + i), format!("fd00:232::{}/64", 10 + i));
+            veth(&node.ns, "eth1", &[&a4, &a6], &self.lan, &format!("m{i}"), &[]);
+            self.lan.ip(&["link", "set", &format!("m{i}"), "master", "br1"]);
+        }
+        for k in 1..self.nodes.len() {
+            let ns = &self.nodes[0].ns;
+            let (gw4, gw6) = (format!("10.232.0.{}", 10 + k), format!("fd00:232::{}", 10 + k));
+            ns.ip(&["route", "replace", &format!("10.231.{k}.0/24"), "via", &gw4, "dev", "eth1"]);
+            ns.ip(&[
+                "-6",
+                "route",
+                "replace",
+                &format!("fd00:231:{k}::/64"),
+                "via",
+                &gw6,
+                "dev",
+                "eth1",
+            ]);
+        }
+    }
+
     /// Makes the nodes' veths behave like NICs on a wire for XDP_TX (agents with `--xdp
     /// --xdp-tx on`): a veth delivers a frame sent back out by XDP only when its peer runs XDP
     /// itself, so a pass-through program goes on the segment's side of every node's veth; and
@@ -383,8 +413,10 @@ impl Cluster {
             .try_into()
             .expect("an XDP program");
         prog.load().expect("verify the pass-through XDP program");
-        for i in 0..self.nodes.len() {
-            let ifname = format!("n{i}");
+        // The segment's side of each node's links: n<i> (eth0) and m<i> (eth1, if any).
+        let peers = (0..self.nodes.len()).flat_map(|i| [format!("n{i}"), format!("m{i}")]);
+        let exists = |p: &String| self.lan.exec("ip", &["link", "show", p]).status.success();
+        for ifname in peers.filter(exists) {
             self.lan
                 .run(|| prog.attach(&ifname, XdpMode::Driver).map(|_| ()))
                 .unwrap_or_else(|e| panic!("attach XDP to {ifname} in lan: {e}"));

@@ -106,6 +106,34 @@ fn nodeport_cluster_policy_with_xdp_tx_sends_remote_flows_back_out_without_the_s
 }
 
 #[test]
+fn nodeport_cluster_policy_with_xdp_redirects_flows_whose_route_leaves_by_another_device() {
+    require_root!();
+    let mut cluster = Cluster::new(2, 2, 1);
+    // node-0 reaches node-1's pods through eth1; node-1 answers node-0's address on eth0.
+    cluster.second_segment();
+    cluster.like_a_wire_for_xdp_tx();
+    let eps = cluster.all_pods(false);
+    let files = [("web.yaml", CLUSTER_SVC.file(&eps))];
+    let args = ["--xdp", "--xdp-tx", "on", "--devices", "eth1"]; // appended: eth0 and eth1
+    let run = Running::start_with(cluster, &files, &args);
+    let remote = cluster_policy_answers_every_connection(&run, 200);
+
+    // A remote flow's packets from the client (SYN, ACK, request, FIN, ACK) came in on eth0 and
+    // XDP redirected them to eth1; the backend's (SYN-ACK, answer, FIN) came back on eth0 and
+    // went back out of it. Only the first ones, before the next hops' MACs were known, went
+    // through tc.
+    let counters = node_counters(&run, 0);
+    let (redirect, tx, to_tc) =
+        (counters["xdp_redirect"], counters["xdp_tx"], counters["xdp_to_tc"]);
+    assert!(
+        redirect as usize >= 3 * remote,
+        "xdp_redirect {redirect}, {remote} flows: {counters:?}"
+    );
+    assert!(tx as usize >= 2 * remote, "xdp_tx {tx} for {remote} remote flows: {counters:?}");
+    assert!(to_tc <= 8, "xdp_to_tc {to_tc}: {counters:?}");
+}
+
+#[test]
 fn on_a_veth_xdp_leaves_remote_flows_to_tc_by_default_and_says_so() {
     require_root!();
     let cluster = Cluster::new(2, 2, 1);
