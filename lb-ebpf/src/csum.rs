@@ -39,6 +39,12 @@ pub fn add(a: u32, b: u32) -> u32 {
     s.wrapping_add(carry as u32)
 }
 
+/// The checksum after changes summing to `diff`, as the kernel's csum_replace_by_diff does.
+#[inline(always)]
+pub fn apply_diff(csum: u16, diff: u32) -> u16 {
+    !fold(add(diff, !(csum as u32)))
+}
+
 /// Adds the change of a 32-bit word from `old` to `new` to the difference `diff` (the form
 /// bpf_csum_diff returns and the checksum helpers take with size 0).
 #[inline(always)]

@@ -106,9 +106,11 @@ impl Rewrite for Tc<'_> {
         true
     }
 
-    /// Three checksum helper calls at most (the addresses' difference into the transport and
-    /// IPv4 checksums, the ports' into the transport one), then direct writes: the helpers
-    /// keep every skb checksum state right, and a call per field would cost up to ten.
+    /// Two checksum helper calls at most (the addresses' difference into the transport
+    /// checksum as a pseudo-header change, the ports' as a plain one), then direct writes: the
+    /// helpers keep every skb checksum state right, and a call per field would cost up to ten.
+    /// The IPv4 header checksum is updated here: no offload state covers it, and its change
+    /// cancels the addresses' in a CHECKSUM_COMPLETE sum, so the helper would only add a call.
     #[inline(always)]
     fn set_tuple(&mut self, flow: &Flow, to: &Tuple) -> Result<(), ()> {
         let ctx = self.0;
@@ -128,9 +130,6 @@ impl Rewrite for Tc<'_> {
         if addrs {
             let pseudo = BPF_F_PSEUDO_HDR as u64 | l4_flags(flow);
             ctx.l4_csum_replace(csum_off, 0, addr_diff as u64, pseudo).map_err(|_| ())?;
-            if !flow.is_v6 {
-                ctx.l3_csum_replace(flow.l3() + 10, 0, addr_diff as u64, 0).map_err(|_| ())?;
-            }
         }
         if old_ports != new_ports {
             let diff = csum::diff4(0, old_ports, new_ports);
@@ -146,6 +145,9 @@ impl Rewrite for Tc<'_> {
                     let p: *mut [Addr; 2] = b.ptr_at(addr_off(flow, Which::Src)).ok_or(())?;
                     core::ptr::write_unaligned(p, [to.saddr, to.daddr]);
                 } else {
+                    let ip_csum: *mut u16 = b.ptr_at(flow.l3() + 10).ok_or(())?;
+                    let cur = core::ptr::read_unaligned(ip_csum);
+                    core::ptr::write_unaligned(ip_csum, csum::apply_diff(cur, addr_diff));
                     let p: *mut [u32; 2] = b.ptr_at(addr_off(flow, Which::Src)).ok_or(())?;
                     core::ptr::write_unaligned(p, [to.saddr[3], to.daddr[3]]);
                 }
