@@ -311,6 +311,7 @@ impl Inspection {
                     CT_STATE_ESTABLISHED => "established",
                     CT_STATE_CLOSING => "closing",
                     CT_STATE_RESET => "reset",
+                    CT_STATE_TIME_WAIT => "time-wait",
                     _ => "new",
                 },
                 idle_s: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,

@@ -139,12 +139,19 @@ pub const CT_STATE_ESTABLISHED: u8 = 1;
 pub const CT_STATE_CLOSING: u8 = 2;
 /// RST seen: no TIME_WAIT follows a reset, so the flow's entries (and its SNAT port) go soon.
 pub const CT_STATE_RESET: u8 = 3;
+/// A SNATed flow whose backend sent the first FIN: the backend keeps the tuple (node address,
+/// SNAT port) in TIME_WAIT, so the port must not serve another client meanwhile. Its SYN would
+/// meet the old connection and get an ACK instead of a SYN-ACK (RFC 5961), and the client
+/// would reset and retry a second later.
+pub const CT_STATE_TIME_WAIT: u8 = 4;
 
 // ---- conntrack lifetimes (seconds without traffic) ----
 pub const CT_TIMEOUT_TCP_SYN_S: u64 = 60;
 pub const CT_TIMEOUT_TCP_ESTABLISHED_S: u64 = 6 * 3600;
 pub const CT_TIMEOUT_TCP_CLOSING_S: u64 = 10;
 pub const CT_TIMEOUT_TCP_RESET_S: u64 = 1;
+/// Linux's TIME_WAIT (TCP_TIMEWAIT_LEN), which pods' kernels keep.
+pub const CT_TIMEOUT_TCP_TIME_WAIT_S: u64 = 60;
 pub const CT_TIMEOUT_UDP_S: u64 = 60;
 
 // ---- SNAT source ports ----

@@ -25,6 +25,7 @@ fn lifetime_ns(proto: u8, state: u8) -> u64 {
             CT_STATE_ESTABLISHED => CT_TIMEOUT_TCP_ESTABLISHED_S,
             CT_STATE_CLOSING => CT_TIMEOUT_TCP_CLOSING_S,
             CT_STATE_RESET => CT_TIMEOUT_TCP_RESET_S,
+            CT_STATE_TIME_WAIT => CT_TIMEOUT_TCP_TIME_WAIT_S,
             _ => CT_TIMEOUT_TCP_SYN_S,
         }
     };
@@ -74,8 +75,15 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
         let syn_only = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         if tcp_flags & TCP_RST != 0 {
             state = CT_STATE_RESET;
-        } else if tcp_flags & TCP_FIN != 0 && state != CT_STATE_RESET {
-            state = CT_STATE_CLOSING;
+        } else if tcp_flags & TCP_FIN != 0 && state < CT_STATE_CLOSING {
+            // The first FIN. From a backend this node SNATs for: it will hold the tuple in
+            // TIME_WAIT, and with it this flow's SNAT port.
+            let snat_reply = CT_F_REPLY | CT_F_SNAT;
+            state = if e.flags & snat_reply == snat_reply {
+                CT_STATE_TIME_WAIT
+            } else {
+                CT_STATE_CLOSING
+            };
         } else if syn_only && state >= CT_STATE_CLOSING {
             // The client opens a new connection on the tuple of one that ended.
             state = CT_STATE_NEW;

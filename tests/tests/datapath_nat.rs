@@ -152,6 +152,53 @@ fn without_a_node_address_a_flow_needing_snat_is_dropped_and_counted() {
 }
 
 #[test]
+fn a_snat_port_whose_backend_closed_first_waits_out_the_backends_time_wait() {
+    require_root!();
+    use lb_agent::dataplane::options::{Options, PortRange};
+    let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
+    // One SNAT port: whether it is free decides whether a new flow gets through.
+    dp.set_options(&Options {
+        nat_ports: PortRange { first: 20000, last: 20000 },
+        ..Default::default()
+    });
+    let new_flow =
+        |dp: &Datapath, sport: u16| run_raw(dp, &tcp4(CLIENT, sport, VIP, 80, true, b"")).0;
+    let states = |dp: &Datapath| dp.conntrack().iter().map(|(_, v)| v.state).collect::<Vec<_>>();
+    // Every entry silent for `secs` seconds, as if that much time had passed.
+    let age = |dp: &mut Datapath, secs: u64| {
+        let then = lb_tests::kernel::coarse_now_ns() - secs * 1_000_000_000;
+        for (k, v) in dp.conntrack() {
+            dp.set_conntrack(k, CtValue { last_seen_ns: then, ..v });
+        }
+    };
+
+    // The backend answers, then closes first: it will keep (node, 20000) in TIME_WAIT.
+    assert_ne!(new_flow(&dp, 42000), TC_ACT_SHOT);
+    run(&dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, 20000, false, b"answer"));
+    run(&dp, PROG_TC_INGRESS, &tcp4_end(REMOTE_POD, 8080, NODE, 20000, false));
+    assert_eq!(states(&dp), vec![CT_STATE_TIME_WAIT; 2]);
+    // The client's FIN that follows changes nothing.
+    run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 42000, VIP, 80, false));
+    assert_eq!(states(&dp), vec![CT_STATE_TIME_WAIT; 2]);
+    // Past a FIN's 10 s the port is still the old connection's; past 60 s it is free.
+    age(&mut dp, 11);
+    assert_eq!(new_flow(&dp, 42001), TC_ACT_SHOT, "another client would meet TIME_WAIT");
+    assert_eq!(dp.stat(STAT_DROP_NAT_EXHAUSTED), 1);
+    age(&mut dp, 61);
+    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 42002, VIP, 80, true, b""));
+    assert_eq!((s.src, s.dst), (sa(NODE, 20000), sa(REMOTE_POD, 8080)));
+
+    // When the client closes first, the backend keeps no TIME_WAIT: 10 s free the port.
+    run(&dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, 20000, false, b"answer"));
+    run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 42002, VIP, 80, false));
+    run(&dp, PROG_TC_INGRESS, &tcp4_end(REMOTE_POD, 8080, NODE, 20000, false));
+    assert_eq!(states(&dp), vec![CT_STATE_CLOSING; 2]);
+    age(&mut dp, 11);
+    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 42003, VIP, 80, true, b""));
+    assert_eq!(s.src, sa(NODE, 20000));
+}
+
+#[test]
 fn a_reset_frees_its_flows_snat_port_within_a_second_and_a_fin_closes_both_directions() {
     require_root!();
     use lb_agent::dataplane::options::{Options, PortRange};
