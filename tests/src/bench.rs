@@ -28,6 +28,9 @@ const XDP_TX_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
 const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
 
+/// One way of running the measured program on a packet (one build, one context).
+type Runner<'a> = Box<dyn Fn(&[u8]) -> RunOutput + 'a>;
+
 fn median(mut v: Vec<u64>) -> f64 {
     v.sort_unstable();
     v[v.len() / 2] as f64
@@ -42,7 +45,7 @@ fn measure(
     make: &mut dyn FnMut(usize) -> Vec<u8>,
     ok: &dyn Fn(i32, &[u8]) -> bool,
 ) -> Vec<f64> {
-    let runs: Vec<Box<dyn Fn(&[u8]) -> RunOutput + '_>> =
+    let runs: Vec<Runner<'_>> =
         dps.iter().map(|dp| Box::new(move |p: &[u8]| dp.run(prog, p)) as Box<_>).collect();
     measure_with(prog, &runs, make, ok)
 }
@@ -50,7 +53,7 @@ fn measure(
 /// [`measure`] with the way of running the program given (a context, another namespace).
 fn measure_with(
     prog: &str,
-    runs: &[Box<dyn Fn(&[u8]) -> RunOutput + '_>],
+    runs: &[Runner<'_>],
     make: &mut dyn FnMut(usize) -> Vec<u8>,
     ok: &dyn Fn(i32, &[u8]) -> bool,
 ) -> Vec<f64> {
@@ -202,7 +205,7 @@ pub fn datapath(baseline: Option<&[u8]>) {
             measure(&dps, PROG_XDP_INGRESS, &mut |_| xdp_est.clone(), &xdp_translated),
         ];
         rows.extend(routed.ns.run(|| {
-            let on_n0: Vec<Box<dyn Fn(&[u8]) -> RunOutput + '_>> = dps
+            let on_n0: Vec<Runner<'_>> = dps
                 .iter()
                 .map(|dp| {
                     Box::new(move |p: &[u8]| dp.run_xdp_on(PROG_XDP_INGRESS, p, routed.n0))
