@@ -148,6 +148,7 @@ pub fn datapath(baseline: Option<&[u8]>) {
         "tc: first packet, remote backend (SNAT)",
         "tc: established packet",
         "tc egress: reply reverse NAT",
+        "tc egress: not a reply (any pod's traffic)",
         "xdp: not for a frontend",
         "xdp: first packet, local backend",
         "xdp: established packet",
@@ -184,6 +185,7 @@ pub fn datapath(baseline: Option<&[u8]>) {
         let miss = tcp4(CLIENT, 5555, Ipv4Addr::new(10, 250, 0, 1), 443, false, b"");
         let est = tcp4(CLIENT, 7, NODE, 30080, false, b"payload");
         let reply = tcp4(LOCAL_POD, 8080, CLIENT, 7, false, b"answer");
+        let outbound = tcp4(LOCAL_POD, 40000, Ipv4Addr::new(192, 0, 2, 1), 443, false, b"get");
         let xdp_est = tcp4(CLIENT, 8, NODE, 30080, false, b"payload");
         let mut rows: Vec<Vec<f64>> = vec![
             measure(&dps, PROG_BENCH_XDP_NOOP, &mut |_| miss.clone(), &xdp_ok),
@@ -194,6 +196,9 @@ pub fn datapath(baseline: Option<&[u8]>) {
             measure(&dps, PROG_TC_INGRESS, &mut |_| est.clone(), &translated),
             measure(&dps, PROG_TC_EGRESS, &mut |_| reply.clone(), &|v, p| {
                 v == 0 && summarize(p).is_some_and(|s| s.src.port() == 30080)
+            }),
+            measure(&dps, PROG_TC_EGRESS, &mut |_| outbound.clone(), &|v, p| {
+                v == 0 && *p == outbound[..]
             }),
             measure(&dps, PROG_XDP_INGRESS, &mut |_| miss.clone(), &xdp_ok),
             measure(
