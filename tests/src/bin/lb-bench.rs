@@ -289,6 +289,10 @@ fn datapath() {
         eprintln!("cannot read {path}: {e}");
         std::process::exit(1);
     });
+    if !bytes.starts_with(b"\x7fELF") {
+        eprintln!("{path} is not an ELF object (expected an lb.bpf.o)");
+        std::process::exit(1);
+    }
     // Copied into 8-byte aligned memory, as the ELF parser expects.
     let mut words = vec![0u64; bytes.len().div_ceil(8)];
     // SAFETY: the u64 buffer viewed as bytes; it is at least bytes.len() long.
