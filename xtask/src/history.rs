@@ -114,3 +114,22 @@ pub fn ebpf_object_at(rev: &str) -> Result<PathBuf> {
         .with_context(|| format!("copying the baseline object to {}", object.display()))?;
     Ok(object)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::resolve;
+
+    #[test]
+    fn revisions_resolve_to_full_hashes_and_anything_else_to_none() {
+        if !super::git(&["rev-parse", "--git-dir"]).output().is_ok_and(|o| o.status.success()) {
+            eprintln!("SKIPPED: not a git checkout (or no git)");
+            return;
+        }
+        let head = resolve("HEAD").expect("HEAD resolves in a git checkout");
+        assert_eq!(head.len(), 40, "{head}");
+        assert!(head.chars().all(|c| c.is_ascii_hexdigit()), "{head}");
+        assert_eq!(resolve(&head[..12]).as_deref(), Some(head.as_str()));
+        assert_eq!(resolve("no-such-revision-anywhere"), None);
+        assert_eq!(resolve("HEAD; echo oops"), None);
+    }
+}
