@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, path::Path};
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::*;
 use serde::Serialize;
 
@@ -84,6 +84,27 @@ pub struct ConntrackRow {
     pub backend_id: u32,
     pub state: &'static str,
     pub idle_s: u64,
+}
+
+/// SNAT source ports towards one backend from one node address: what `lbctl nat --ports`
+/// shows, to see port exhaustion coming (`drop_nat_exhausted` counts it once it is there).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SnatPortsRow {
+    /// The backend (address:port) and the node address its flows are SNATed to.
+    pub backend: String,
+    pub protocol: &'static str,
+    pub node: String,
+    /// Ports held by live entries: `open` (new or established), `closing` (FIN),
+    /// `time_wait` (the backend closed first and keeps the tuple), `reset` (RST, for a second).
+    pub held: u32,
+    pub open: u32,
+    pub closing: u32,
+    pub time_wait: u32,
+    pub reset: u32,
+    /// Ports whose flow expired but which no new flow has taken over yet: free to reuse.
+    pub expired: u32,
+    /// Ports the range offers (`--nat-port-range`).
+    pub capacity: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -321,6 +342,50 @@ impl Inspection {
             (&a.service, &a.from, a.direction).cmp(&(&b.service, &b.from, b.direction))
         });
         Ok(rows)
+    }
+
+    /// SNAT port use per backend and node address, from the reply entries (each holds one port).
+    pub fn snat_ports(&self) -> Result<Vec<SnatPortsRow>> {
+        let map: HashMap<MapData, CtKey, CtValue> =
+            HashMap::try_from(Map::LruHashMap(open_pinned(&self.bpffs, MAP_CONNTRACK)?))?;
+        let capacity = self.nat_port_range()?;
+        let now = coarse_now_ns();
+        let mut by_backend: BTreeMap<(String, &'static str, String), SnatPortsRow> =
+            BTreeMap::new();
+        for kv in map.iter() {
+            let (k, v) = kv?;
+            let snat_reply = CT_F_REPLY | CT_F_SNAT;
+            if v.flags & snat_reply != snat_reply {
+                continue;
+            }
+            let (backend, protocol) = (sock(&k.saddr, k.sport_be), proto_name(k.proto));
+            let node = addr_to_ip(&k.daddr).to_string();
+            let row =
+                by_backend.entry((backend.clone(), protocol, node.clone())).or_insert_with(|| {
+                    SnatPortsRow { backend, protocol, node, capacity, ..Default::default() }
+                });
+            let idle_s = now.saturating_sub(v.last_seen_ns) / 1_000_000_000;
+            if idle_s > ct_lifetime_s(k.proto, v.state) {
+                row.expired += 1;
+                continue;
+            }
+            row.held += 1;
+            *match v.state {
+                CT_STATE_CLOSING => &mut row.closing,
+                CT_STATE_TIME_WAIT => &mut row.time_wait,
+                CT_STATE_RESET => &mut row.reset,
+                _ => &mut row.open,
+            } += 1;
+        }
+        Ok(by_backend.into_values().collect())
+    }
+
+    /// How many SNAT source ports the datapath uses (LB_OPTIONS, else the default range).
+    fn nat_port_range(&self) -> Result<u32> {
+        let map: Array<MapData, u32> =
+            Array::try_from(Map::Array(open_pinned(&self.bpffs, MAP_OPTIONS)?))?;
+        let (min, max) = (map.get(&OPT_NAT_PORT_MIN, 0)?, map.get(&OPT_NAT_PORT_MAX, 0)?);
+        Ok(nat_ports(min, max).1)
     }
 
     pub fn stats(&self) -> Result<StatsView> {

@@ -154,6 +154,22 @@ pub const CT_TIMEOUT_TCP_RESET_S: u64 = 1;
 pub const CT_TIMEOUT_TCP_TIME_WAIT_S: u64 = 60;
 pub const CT_TIMEOUT_UDP_S: u64 = 60;
 
+/// How long an entry of this protocol and state lives without traffic (the datapath's rule;
+/// `lbctl` uses it to tell held SNAT ports from reusable ones).
+#[inline(always)]
+pub const fn ct_lifetime_s(proto: u8, state: u8) -> u64 {
+    if proto != PROTO_TCP {
+        return CT_TIMEOUT_UDP_S;
+    }
+    match state {
+        CT_STATE_ESTABLISHED => CT_TIMEOUT_TCP_ESTABLISHED_S,
+        CT_STATE_CLOSING => CT_TIMEOUT_TCP_CLOSING_S,
+        CT_STATE_RESET => CT_TIMEOUT_TCP_RESET_S,
+        CT_STATE_TIME_WAIT => CT_TIMEOUT_TCP_TIME_WAIT_S,
+        _ => CT_TIMEOUT_TCP_SYN_S,
+    }
+}
+
 // ---- SNAT source ports ----
 // The default range (`--nat-port-range` changes it, through OPT_NAT_PORT_MIN/MAX): outside the
 // kernel's default ephemeral range (32768-60999), so a SNATed flow never takes the reply tuple
@@ -163,6 +179,17 @@ pub const NAT_PORT_MIN: u16 = 61000;
 pub const NAT_PORT_MAX: u16 = 65535;
 /// Ports tried per new flow before giving up (counted as nat_exhausted).
 pub const NAT_PORT_TRIES: u32 = 32;
+
+/// The SNAT ports in use, as (first, how many; never 0), from OPT_NAT_PORT_MIN/MAX as stored:
+/// the default range when they are unset or make no sense.
+#[inline(always)]
+pub const fn nat_ports(min: u32, max: u32) -> (u32, u32) {
+    if min == 0 || max < min || max > 65535 {
+        (NAT_PORT_MIN as u32, (NAT_PORT_MAX - NAT_PORT_MIN) as u32 + 1)
+    } else {
+        (min, max - min + 1)
+    }
+}
 
 // ---- BackendValue.flags ----
 /// The backend runs on this node.

@@ -18,18 +18,7 @@ const REFRESH_NS: u64 = NS;
 
 #[inline(always)]
 fn lifetime_ns(proto: u8, state: u8) -> u64 {
-    let s = if proto != PROTO_TCP {
-        CT_TIMEOUT_UDP_S
-    } else {
-        match state {
-            CT_STATE_ESTABLISHED => CT_TIMEOUT_TCP_ESTABLISHED_S,
-            CT_STATE_CLOSING => CT_TIMEOUT_TCP_CLOSING_S,
-            CT_STATE_RESET => CT_TIMEOUT_TCP_RESET_S,
-            CT_STATE_TIME_WAIT => CT_TIMEOUT_TCP_TIME_WAIT_S,
-            _ => CT_TIMEOUT_TCP_SYN_S,
-        }
-    };
-    s * NS
+    ct_lifetime_s(proto, state) * NS
 }
 
 /// Writes a key in place, field by field (a struct literal would be built on the stack first).

@@ -33,13 +33,8 @@ pub fn node_addr(v6: bool) -> Option<Addr> {
 #[inline(always)]
 fn port_range() -> (u32, NonZeroU32) {
     let opt = |i| OPTIONS.get(i).copied().unwrap_or(0);
-    let (min, max) = (opt(OPT_NAT_PORT_MIN), opt(OPT_NAT_PORT_MAX));
-    let default = (NAT_PORT_MAX - NAT_PORT_MIN) as u32 + 1;
-    let fallback = (NAT_PORT_MIN as u32, NonZeroU32::new(default).unwrap_or(NonZeroU32::MIN));
-    if min == 0 || max < min || max > 65535 {
-        return fallback;
-    }
-    NonZeroU32::new(max - min + 1).map_or(fallback, |n| (min, n))
+    let (first, count) = nat_ports(opt(OPT_NAT_PORT_MIN), opt(OPT_NAT_PORT_MAX));
+    (first, NonZeroU32::new(count).unwrap_or(NonZeroU32::MIN))
 }
 
 /// Records the flow `flow` -> `backend` (both directions) and returns the forward entry (the

@@ -57,6 +57,27 @@ fn nodeport_cluster_and_local_policies_from_an_outside_client() {
         }
     }
 
+    // lbctl counts node-0's SNAT ports per remote backend: one per connection it answered,
+    // each closing (the client closed first, so the backend keeps no TIME_WAIT), of 1000.
+    let out = std::process::Command::new(lb_tests::workspace_bin("lbctl"))
+        .args(["nat", "--ports", "--bpffs", run.pins[0].path.to_str().unwrap(), "-o", "json"])
+        .output()
+        .expect("run lbctl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ports: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let rows = ports.as_array().expect("rows");
+    assert_eq!(rows.len(), 2, "node-1's two pods: {ports}");
+    for pod in &run.cluster.nodes[1].pods {
+        let backend = format!("{}:8080", pod.ip4);
+        let row = rows.iter().find(|r| r["backend"] == backend.as_str()).expect(&backend);
+        let answered = spread[&pod.name] as u64;
+        assert_eq!(row["node"], node0.as_str(), "{row}");
+        assert_eq!(row["capacity"], 1000, "{row}");
+        assert_eq!(row["held"], answered, "{row}");
+        assert_eq!(row["closing"], answered, "{row}");
+        assert_eq!(row["time_wait"], 0, "{row}");
+    }
+
     // The same NodePort on node-1 works too.
     let results =
         parse_probe(&run.from_client(0, &["connect", &format!("{node1}:30080"), "--count", "40"]));

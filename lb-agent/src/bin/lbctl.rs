@@ -68,7 +68,13 @@ enum Command {
         pins: Pins,
     },
     /// Tracked flows that were SNATed to this node (remote backends).
-    Nat(Pins),
+    Nat {
+        /// Instead, per backend: SNAT ports held (and in which state), expired, and the range.
+        #[arg(long)]
+        ports: bool,
+        #[command(flatten)]
+        pins: Pins,
+    },
     /// sessionAffinity entries.
     Affinity(Pins),
     /// Datapath counters (drops by reason) and map fill levels.
@@ -284,10 +290,33 @@ fn live(cmd: Command) -> Result<()> {
                 .collect();
             print_conntrack(&rows, pins.output)?;
         }
-        Command::Nat(p) => {
+        Command::Nat { ports: false, pins: p } => {
             let rows: Vec<_> =
                 Inspection::open(&p.bpffs)?.conntrack()?.into_iter().filter(|r| r.snat).collect();
             print_conntrack(&rows, p.output)?;
+        }
+        Command::Nat { ports: true, pins: p } => {
+            let rows = Inspection::open(&p.bpffs)?.snat_ports()?;
+            match p.output {
+                Output::Json => print_json(&rows)?,
+                Output::Table => {
+                    for r in rows {
+                        println!(
+                            "{} {} from {}: {} of {} ports held ({} open, {} closing, {} time-wait, {} reset), {} expired",
+                            r.backend,
+                            r.protocol,
+                            r.node,
+                            r.held,
+                            r.capacity,
+                            r.open,
+                            r.closing,
+                            r.time_wait,
+                            r.reset,
+                            r.expired
+                        );
+                    }
+                }
+            }
         }
         Command::Affinity(p) => {
             let rows = Inspection::open(&p.bpffs)?.affinity()?;
