@@ -350,19 +350,23 @@ impl Inspection {
             HashMap::try_from(Map::LruHashMap(open_pinned(&self.bpffs, MAP_CONNTRACK)?))?;
         let capacity = self.nat_port_range()?;
         let now = coarse_now_ns();
-        let mut by_backend: BTreeMap<(String, &'static str, String), SnatPortsRow> =
-            BTreeMap::new();
+        // Keyed by the reply entry's backend address, port, protocol and node address.
+        let mut by_backend: BTreeMap<(Addr, u16, u8, Addr), SnatPortsRow> = BTreeMap::new();
         for kv in map.iter() {
             let (k, v) = kv?;
             let snat_reply = CT_F_REPLY | CT_F_SNAT;
             if v.flags & snat_reply != snat_reply {
                 continue;
             }
-            let (backend, protocol) = (sock(&k.saddr, k.sport_be), proto_name(k.proto));
-            let node = addr_to_ip(&k.daddr).to_string();
             let row =
-                by_backend.entry((backend.clone(), protocol, node.clone())).or_insert_with(|| {
-                    SnatPortsRow { backend, protocol, node, capacity, ..Default::default() }
+                by_backend.entry((k.saddr, k.sport_be, k.proto, k.daddr)).or_insert_with(|| {
+                    SnatPortsRow {
+                        backend: sock(&k.saddr, k.sport_be),
+                        protocol: proto_name(k.proto),
+                        node: addr_to_ip(&k.daddr).to_string(),
+                        capacity,
+                        ..Default::default()
+                    }
                 });
             let idle_s = now.saturating_sub(v.last_seen_ns) / 1_000_000_000;
             if idle_s > ct_lifetime_s(k.proto, v.state) {

@@ -151,19 +151,32 @@ fn without_a_node_address_a_flow_needing_snat_is_dropped_and_counted() {
     assert!(dp.conntrack().is_empty());
 }
 
-#[test]
-fn a_snat_port_whose_backend_closed_first_waits_out_the_backends_time_wait() {
-    require_root!();
+/// A datapath whose only backend is remote, with one SNAT port (20000): whether it is free
+/// decides whether a new flow gets through.
+fn one_snat_port() -> Datapath {
     use lb_agent::dataplane::options::{Options, PortRange};
     let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
-    // One SNAT port: whether it is free decides whether a new flow gets through.
     dp.set_options(&Options {
         nat_ports: PortRange { first: 20000, last: 20000 },
         ..Default::default()
     });
-    let new_flow =
-        |dp: &Datapath, sport: u16| run_raw(dp, &tcp4(CLIENT, sport, VIP, 80, true, b"")).0;
-    let states = |dp: &Datapath| dp.conntrack().iter().map(|(_, v)| v.state).collect::<Vec<_>>();
+    dp
+}
+
+/// The verdict on the SYN of a new flow from CLIENT:`sport`.
+fn new_flow(dp: &Datapath, sport: u16) -> i32 {
+    run_raw(dp, &tcp4(CLIENT, sport, VIP, 80, true, b"")).0
+}
+
+/// The TCP states of every conntrack entry.
+fn states(dp: &Datapath) -> Vec<u8> {
+    dp.conntrack().iter().map(|(_, v)| v.state).collect()
+}
+
+#[test]
+fn a_snat_port_whose_backend_closed_first_waits_out_the_backends_time_wait() {
+    require_root!();
+    let mut dp = one_snat_port();
     // Every entry silent for `secs` seconds, as if that much time had passed.
     let age = |dp: &mut Datapath, secs: u64| {
         let then = lb_tests::kernel::coarse_now_ns() - secs * 1_000_000_000;
@@ -201,15 +214,7 @@ fn a_snat_port_whose_backend_closed_first_waits_out_the_backends_time_wait() {
 #[test]
 fn a_reset_frees_its_flows_snat_port_within_a_second_and_a_fin_closes_both_directions() {
     require_root!();
-    use lb_agent::dataplane::options::{Options, PortRange};
-    let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
-    // One SNAT port: whether it is free decides whether a new flow gets through.
-    dp.set_options(&Options {
-        nat_ports: PortRange { first: 20000, last: 20000 },
-        ..Default::default()
-    });
-    let new_flow =
-        |dp: &Datapath, sport: u16| run_raw(dp, &tcp4(CLIENT, sport, VIP, 80, true, b"")).0;
+    let dp = one_snat_port();
     assert_ne!(new_flow(&dp, 41000), TC_ACT_SHOT);
     run(&dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, 20000, false, b"syn-ack"));
     run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41000, VIP, 80, false, b"request"));
@@ -217,8 +222,7 @@ fn a_reset_frees_its_flows_snat_port_within_a_second_and_a_fin_closes_both_direc
 
     // The client aborts: both directions' entries are marked, though only one saw the RST.
     run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 41000, VIP, 80, true));
-    let states: Vec<u8> = dp.conntrack().iter().map(|(_, v)| v.state).collect();
-    assert_eq!(states, vec![CT_STATE_RESET; 2]);
+    assert_eq!(states(&dp), vec![CT_STATE_RESET; 2]);
     assert_eq!(new_flow(&dp, 41002), TC_ACT_SHOT, "not before its reset timeout");
     std::thread::sleep(std::time::Duration::from_millis(1100));
     assert_ne!(new_flow(&dp, 41003), TC_ACT_SHOT, "the port is taken over after a second");
@@ -226,13 +230,11 @@ fn a_reset_frees_its_flows_snat_port_within_a_second_and_a_fin_closes_both_direc
 
     // A FIN from the client closes both directions' entries too.
     run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 41003, VIP, 80, false));
-    let closing = dp.conntrack().iter().filter(|(_, v)| v.state == CT_STATE_CLOSING).count();
-    assert_eq!(closing, 2, "{:?}", dp.conntrack());
+    assert_eq!(states(&dp), vec![CT_STATE_CLOSING; 2], "{:?}", dp.conntrack());
     // The client reopens the same tuple: both entries live again, same backend and port.
     let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41003, VIP, 80, true, b""));
     assert_eq!((s.src, s.dst), (sa(NODE, 20000), sa(REMOTE_POD, 8080)));
-    let states: Vec<u8> = dp.conntrack().iter().map(|(_, v)| v.state).collect();
-    assert_eq!(states, vec![CT_STATE_NEW; 2]);
+    assert_eq!(states(&dp), vec![CT_STATE_NEW; 2]);
 }
 
 #[test]
