@@ -3,10 +3,10 @@
 //! node). Each entry holds the rewrite for its direction, so a packet needs one lookup.
 //! Entries age by protocol and TCP state; the LRU map evicts the oldest when full.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::*;
 
 use crate::{
+    clock,
     maps::CONNTRACK,
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
@@ -54,8 +54,7 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
     // SAFETY: a live map value; concurrent updates by another CPU touch only last_seen/state,
     // whose torn reads are harmless.
     let e = unsafe { &mut *entry };
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock::now_ns();
     if remove_if_expired(key, e, now) {
         return None;
     }
@@ -132,7 +131,7 @@ fn remove_if_expired(key: &CtKey, e: &CtValue, now: u64) -> bool {
 pub fn reclaim_if_expired(key: &CtKey, copy: &mut CtValue) -> bool {
     let Some(e) = get(key) else { return false };
     *copy = *e;
-    remove_if_expired(key, copy, now_ns())
+    remove_if_expired(key, copy, clock::now_ns())
 }
 
 pub const BPF_ANY: u64 = 0;
@@ -147,12 +146,6 @@ pub fn insert(key: &CtKey, value: &CtValue, exclusive: bool) -> Result<(), ()> {
 #[inline(always)]
 pub fn remove(key: &CtKey) {
     let _ = CONNTRACK.remove(key);
-}
-
-#[inline(always)]
-pub fn now_ns() -> u64 {
-    // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The entry for `key` as stored (no ageing).

@@ -14,7 +14,7 @@ use aya_ebpf::{
 use lb_common::{Addr, STAT_XDP_REDIRECT, STAT_XDP_TX};
 
 use crate::{
-    conntrack,
+    clock,
     maps::{FLOW, NEXT_HOPS, NextHop, NextHopEntry, NextHopKey, SCRATCH, XDP_TX_DEVICES},
     packet::Bounds,
     stats,
@@ -102,7 +102,7 @@ fn next_hop(
     out: &mut NextHop,
 ) -> i64 {
     let key = NextHopKey { ifindex, family: flow.0 as u32, dst: *dst };
-    let now = conntrack::now_ns();
+    let now = clock::now_ns();
     // SAFETY: a copy of a live value is taken at once.
     if let Some(e) = unsafe { NEXT_HOPS.get(&key) }
         && now.wrapping_sub(e.looked_up_ns) < NEXT_HOP_TTL_NS

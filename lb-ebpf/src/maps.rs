@@ -125,6 +125,10 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "LB_REJECT_BUF")]
 pub static REJECT_BUF: PerCpuArray<[u8; 512]> = PerCpuArray::with_max_entries(1, 0);
 
+/// Each CPU's last clock reading (see clock.rs). Not pinned: a cache.
+#[map(name = "LB_CLOCK")]
+pub static CLOCK: PerCpuArray<crate::clock::ClockCache> = PerCpuArray::with_max_entries(1, 0);
+
 /// The packet being handled by a device hook (same rules as `SCRATCH`).
 #[map(name = "LB_FLOW")]
 pub static FLOW: PerCpuArray<crate::packet::Flow> = PerCpuArray::with_max_entries(1, 0);

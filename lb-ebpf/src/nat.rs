@@ -7,7 +7,7 @@ use core::num::NonZeroU32;
 use lb_common::*;
 
 use crate::{
-    conntrack,
+    clock, conntrack,
     maps::{NODE, OPTIONS, SCRATCH},
     packet::Flow,
 };
@@ -57,7 +57,7 @@ pub fn create(
     // First the reply (restores frontend as source, client as destination), then the same
     // value turned into the forward entry.
     let v = &mut s.value;
-    v.last_seen_ns = conntrack::now_ns();
+    v.last_seen_ns = clock::now_ns();
     v.new_saddr = flow.daddr;
     v.new_daddr = flow.saddr;
     v.new_sport_be = flow.dport_be;

@@ -1,13 +1,13 @@
 //! Backend selection, shared by the socket hooks and the device hooks: a live sessionAffinity
 //! entry first, else the frontend's Maglev table at a slot chosen by `hash`.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, BE_F_TERMINATING, BackendValue,
     STAT_AFFINITY_HIT, STAT_BACKEND_MISSING, SVC_F_AFFINITY, ServiceValue,
 };
 
 use crate::{
+    clock,
     maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, MAGLEV, TABLES},
     stats,
 };
@@ -63,8 +63,7 @@ pub fn with_affinity(
     if svc.flags & SVC_F_AFFINITY == 0 {
         return from_table(svc, hash);
     }
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock::now_ns();
     // SAFETY: a concurrent update gives an old or new value; both are valid entries.
     if let Some(v) = unsafe { AFFINITY.get(key) } {
         let fresh =

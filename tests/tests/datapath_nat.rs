@@ -95,6 +95,49 @@ fn local_backend_first_packet_established_and_reply() {
     assert_eq!(dp.run(PROG_TC_EGRESS, &other).packet, other);
 }
 
+/// Entries carry CLOCK_MONOTONIC_COARSE, the clock ageing and `lbctl` compare against. The
+/// datapath reads it through a per-CPU cache refreshed when jiffies moves (clock.rs): a stamp
+/// must be the time of its packet, never a reading left from an earlier tick.
+#[test]
+fn conntrack_entries_are_stamped_with_the_coarse_clock_of_their_packet() {
+    require_root!();
+    let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
+    // A reader may see jiffies move just before the timekeeper: one tick late (10 ms at HZ=100).
+    const SLACK_NS: u64 = 20_000_000;
+    let stamp = |dp: &Datapath, port: u16| {
+        let ct = dp.conntrack();
+        let (_, v) = ct.iter().find(|(k, _)| k.sport_be == port.to_be()).expect("forward entry");
+        v.last_seen_ns
+    };
+    let mut stamps = Vec::new();
+    for port in 41000..41005 {
+        let before = lb_tests::kernel::coarse_now_ns();
+        run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, port, VIP, 80, true, b""));
+        let after = lb_tests::kernel::coarse_now_ns();
+        let s = stamp(&dp, port);
+        assert!((before - SLACK_NS..=after).contains(&s), "{before} <= {s} <= {after}");
+        stamps.push(s);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for w in stamps.windows(2) {
+        assert!(w[1] - w[0] >= 50_000_000 - SLACK_NS, "stamps 50 ms apart: {stamps:?}");
+    }
+
+    // An established packet refreshes a stamp older than a second to its own time.
+    let (key, value) = dp
+        .conntrack()
+        .into_iter()
+        .find(|(k, _)| k.sport_be == 41000u16.to_be())
+        .expect("forward entry");
+    let old = lb_tests::kernel::coarse_now_ns() - 5_000_000_000;
+    dp.set_conntrack(key, CtValue { last_seen_ns: old, ..value });
+    let before = lb_tests::kernel::coarse_now_ns();
+    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41000, VIP, 80, false, b"x"));
+    let after = lb_tests::kernel::coarse_now_ns();
+    let s = stamp(&dp, 41000);
+    assert!((before - SLACK_NS..=after).contains(&s), "refreshed: {before} <= {s} <= {after}");
+}
+
 #[test]
 fn remote_backend_gets_snat_with_a_bpf_port_and_its_reply_is_reversed() {
     require_root!();

@@ -1,0 +1,42 @@
+//! The clock every stored timestamp uses: CLOCK_MONOTONIC_COARSE in nanoseconds, the value of
+//! `bpf_ktime_get_coarse_ns` (user space reads the same clock with `clock_gettime`).
+//!
+//! That clock only moves at a timer tick, when jiffies moves too. So each CPU keeps the last
+//! (jiffies, ns) pair it read and calls the helper only when jiffies has changed: once per tick
+//! instead of once per packet. The verifier inlines `bpf_jiffies64` into one load, and the
+//! per-CPU slot lookup into a few instructions; `bpf_ktime_get_coarse_ns` is a call into the
+//! timekeeping code (about 5% of an established packet's time, measured with `perf`).
+//! A reader that sees jiffies advance just before the timekeeper does keeps the previous tick's
+//! time until the next tick: a few milliseconds, against ages counted in seconds.
+
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
+
+use crate::maps::CLOCK;
+
+/// One CPU's last reading. Both fields start at 0, which jiffies never is (it starts 5 minutes
+/// before its 32-bit wrap), so the first call reads the clock.
+#[repr(C)]
+pub struct ClockCache {
+    pub jiffies: u64,
+    pub ns: u64,
+}
+
+/// Now, in CLOCK_MONOTONIC_COARSE nanoseconds.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: no preconditions.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(slot) = CLOCK.get_ptr_mut(0) else {
+        // SAFETY: no preconditions.
+        return unsafe { bpf_ktime_get_coarse_ns() };
+    };
+    // SAFETY: this CPU's slot. A program that interrupts this one between the two writes (a
+    // socket hook can be interrupted by a device hook) reads a pair at most one tick old.
+    let c = unsafe { &mut *slot };
+    if c.jiffies != jiffies {
+        // SAFETY: no preconditions.
+        c.ns = unsafe { bpf_ktime_get_coarse_ns() };
+        c.jiffies = jiffies;
+    }
+    c.ns
+}
