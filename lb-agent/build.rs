@@ -67,6 +67,12 @@ fn build_ebpf(workspace: &Path) -> PathBuf {
             cmd.env_remove(key.as_ref());
         }
     }
+    // Packet fields are byte arrays (alignment 1): without this LLVM splits every multi-byte
+    // read or write of one into byte loads, shifts and ors. The verifier takes misaligned
+    // packet and map-value accesses where the CPU does (x86_64, arm64); stack accesses must
+    // stay aligned (see `maps::Aligned`). Set here, not in .cargo/config.toml: worktrees of
+    // older commits under target/ would inherit it from there.
+    cmd.env("RUSTFLAGS", "-C target-feature=+allows-misaligned-mem-access");
     let status = cmd.status().unwrap_or_else(|e| {
         panic!(
             "cannot run `rustup run nightly cargo` to build lb-ebpf: {e}. Run `cargo xtask setup`."

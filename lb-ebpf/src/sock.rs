@@ -16,7 +16,11 @@ use lb_common::{
     SVC_F_ADDR_MARKER, SockRevNatKey, SockRevNatValue, addr_from_v4_raw, addr_is_v4,
 };
 
-use crate::{lookup, maps::SOCK_REVNAT, select, stats};
+use crate::{
+    lookup,
+    maps::{self, SOCK_REVNAT},
+    select, stats,
+};
 
 /// Let the call go on (with the address as we left it).
 const PROCEED: i32 = 1;
@@ -144,9 +148,15 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
         _pad16: 0,
         _pad32: 0,
     };
-    let value =
-        SockRevNatValue { addr: daddr, port_be: dport_be, _pad: 0, service_id: svc.service_id };
-    let _ = SOCK_REVNAT.insert(key, value, 0);
+    let value = maps::Aligned(SockRevNatValue {
+        addr: daddr,
+        port_be: dport_be,
+        _pad: 0,
+        service_id: svc.service_id,
+    });
+    // By reference: a value passed by value would be copied to an unaligned slot first.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    let _ = SOCK_REVNAT.insert(key, &value.0, 0);
     if !set_user_addr(ctx, v6, &backend.addr, backend.port_be) {
         // An IPv6 backend for an IPv4 socket: the plan never does this; refuse, counted.
         stats::count(STAT_SOCK_NO_BACKEND);

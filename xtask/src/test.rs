@@ -44,7 +44,10 @@ pub fn run(args: &[String]) -> Result<()> {
                 "--target-dir",
                 "target/bpf",
             ])
-            .args(["--", "-D", "warnings"]),
+            .args(["--", "-D", "warnings"])
+            // The flags lb-agent/build.rs builds the object with: the same fingerprint, so
+            // clippy and the build do not rebuild `core` for each other.
+            .env("RUSTFLAGS", "-C target-feature=+allows-misaligned-mem-access"),
     )?;
 
     let previous_agent = crate::history::previous_agent()?;
