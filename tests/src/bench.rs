@@ -4,7 +4,7 @@
 //! durations, every verdict checked; a no-op program measured the same way in the same run is
 //! the floor, and ratios are against it.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_agent::{
     dataplane::{attach::XdpTx, loader::MapSizes},
@@ -14,7 +14,7 @@ use lb_common::*;
 
 use crate::{
     kernel::{Datapath, RunOutput},
-    packets::{summarize, tcp4},
+    packets::{summarize, tcp4, tcp6},
     plans::{backend, lb_plan},
     routed::RoutedNode,
 };
@@ -27,6 +27,10 @@ const XDP_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 8);
 const XDP_TX_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
 const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 7, 0, 0, 0, 0, 7);
+const XDP_CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 7, 0, 0, 0, 0, 8);
+const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x11);
+const LOCAL_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 5);
 
 /// One way of running the measured program on a packet (one build, one context).
 type Runner<'a> = Box<dyn Fn(&[u8]) -> RunOutput + 'a>;
@@ -91,18 +95,23 @@ fn datapath_with(n: usize, object: Option<&[u8]>) -> Datapath {
         Some(object) => Datapath::load_object(sizes, object),
         None => Datapath::load_with(sizes),
     };
-    dp.set_node(Some(NODE.into()), None);
-    let nodeport = |name: &str, port: u16, backends: Vec<lb_agent::model::plan::Backend>| {
-        let mut p = lb_plan(name, NODE.into(), port, Protocol::Tcp, backends);
-        for f in &mut p.frontends {
-            f.kind = FrontendKind::NodePort;
-        }
-        p
-    };
+    dp.set_node(Some(NODE.into()), Some(NODE6.into()));
+    let nodeport_at =
+        |addr: IpAddr, name: &str, port: u16, backends: Vec<lb_agent::model::plan::Backend>| {
+            let mut p = lb_plan(name, addr, port, Protocol::Tcp, backends);
+            for f in &mut p.frontends {
+                f.kind = FrontendKind::NodePort;
+            }
+            p
+        };
+    let nodeport = |name: &str, port, backends| nodeport_at(NODE.into(), name, port, backends);
+    let nodeport6 = |name: &str, port, backends| nodeport_at(NODE6.into(), name, port, backends);
     dp.program(
         "np-local",
         &[nodeport("np-local", 30080, vec![backend(LOCAL_POD.into(), 8080, true)])],
     );
+    let np6 = nodeport6("np-local6", 30080, vec![backend(LOCAL_POD6.into(), 8080, true)]);
+    dp.program("np-local6", &[np6]);
     // Enough remote backends that tens of thousands of new SNATed flows find free ports (4536
     // per backend).
     let remote =
@@ -154,6 +163,10 @@ pub fn datapath(baseline: Option<&[u8]>) {
         "xdp: established packet",
         "xdp: first packet, remote backend (XDP_TX)",
         "xdp: established packet, remote (XDP_TX)",
+        "tc: first packet, local backend, IPv6",
+        "tc: established packet, IPv6",
+        "xdp: first packet, local backend, IPv6",
+        "xdp: established packet, IPv6",
     ];
     // XDP_TX needs a route and a known next hop on the device the packet arrives on.
     let routed = RoutedNode::new();
@@ -170,6 +183,8 @@ pub fn datapath(baseline: Option<&[u8]>) {
             routed.xdp_tx(dp, "n0", XdpTx::On);
             dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 7, NODE, 30080, true, b""));
             dp.run(PROG_XDP_INGRESS, &tcp4(CLIENT, 8, NODE, 30080, true, b""));
+            dp.run(PROG_TC_INGRESS, &tcp6(CLIENT6, 7, NODE6, 30080, true, b""));
+            dp.run(PROG_XDP_INGRESS, &tcp6(CLIENT6, 8, NODE6, 30080, true, b""));
         }
         let dps = dps;
         let tc_ok = |v: i32, _: &[u8]| v == 0 || v == 7;
@@ -228,6 +243,17 @@ pub fn datapath(baseline: Option<&[u8]>) {
                 measure_with(PROG_XDP_INGRESS, &on_n0, &mut |_| est.clone(), &sent_out),
             ]
         }));
+        let syn6 = |client: Ipv6Addr| {
+            move |i: usize| tcp6(client, 1024 + (i % 60000) as u16, NODE6, 30080, true, b"")
+        };
+        let est6 = tcp6(CLIENT6, 7, NODE6, 30080, false, b"payload");
+        let xdp_est6 = tcp6(CLIENT6, 8, NODE6, 30080, false, b"payload");
+        rows.extend([
+            measure(&dps, PROG_TC_INGRESS, &mut syn6(CLIENT6), &translated),
+            measure(&dps, PROG_TC_INGRESS, &mut |_| est6.clone(), &translated),
+            measure(&dps, PROG_XDP_INGRESS, &mut syn6(XDP_CLIENT6), &xdp_translated),
+            measure(&dps, PROG_XDP_INGRESS, &mut |_| xdp_est6.clone(), &xdp_translated),
+        ]);
         for (r, per_build) in rows.into_iter().enumerate() {
             for (b, v) in per_build.into_iter().enumerate() {
                 tables[b][r].push(v);
