@@ -113,23 +113,23 @@ impl Skip {
 }
 
 /// Parses Ethernet, IPv4/IPv6 (with options and extension headers) and the TCP/UDP ports.
-/// A subprogram of its own that writes the result to `out` (the per-CPU slot): parsing
-/// temporaries, and the result itself, stay off the hooks' stack frames.
-#[inline(never)]
+/// Writes the result to `out` (the per-CPU slot), field by field, and reads addresses as
+/// words straight from the packet: inlined into the hooks, it adds almost nothing to their
+/// stack frames (which share 512 bytes with the new-flow call chain).
+#[inline(always)]
 pub fn parse(b: &Bounds, out: &mut Flow) -> Result<(), Skip> {
     let eth: *const EthHdr = b.ptr_at(0).ok_or(Skip::Malformed)?;
     // SAFETY: `ptr_at` checked that the header lies inside the packet.
     let ether_type = u16::from_be(unsafe { (*eth).ether_type });
-    *out = match ether_type {
-        ETH_P_IP => parse_ipv4(b, ETH_LEN),
-        ETH_P_IPV6 => parse_ipv6(b, ETH_LEN),
+    match ether_type {
+        ETH_P_IP => parse_ipv4(b, ETH_LEN, out),
+        ETH_P_IPV6 => parse_ipv6(b, ETH_LEN, out),
         _ => Err(Skip::NotIp),
-    }?;
-    Ok(())
+    }
 }
 
 #[inline(always)]
-fn parse_ipv4(b: &Bounds, l3_off: usize) -> Result<Flow, Skip> {
+fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
     let ip: *const Ipv4Hdr = b.ptr_at(l3_off).ok_or(Skip::Malformed)?;
     // SAFETY: bounds checked above; every field is a byte array (alignment 1).
     let (vihl, tot_len, frags, proto, saddr, daddr) = unsafe {
@@ -151,26 +151,22 @@ fn parse_ipv4(b: &Bounds, l3_off: usize) -> Result<Flow, Skip> {
         return Err(Skip::Fragment);
     }
     let l4_off = l3_off + ihl;
-    let (sport_be, dport_be, tcp_flags) = parse_ports(b, l4_off, proto)?;
-    Ok(Flow {
-        saddr: addr_from_v4_raw(saddr),
-        daddr: addr_from_v4_raw(daddr),
-        sport_be,
-        dport_be,
-        proto,
-        tcp_flags,
-        is_v6: false,
-        l3_off,
-        l4_off,
-    })
+    (out.sport_be, out.dport_be, out.tcp_flags) = parse_ports(b, l4_off, proto)?;
+    // Field by field: a `Flow` built first would take stack in the hook's frame.
+    out.saddr = addr_from_v4_raw(saddr);
+    out.daddr = addr_from_v4_raw(daddr);
+    out.proto = proto;
+    out.is_v6 = false;
+    out.l3_off = l3_off;
+    out.l4_off = l4_off;
+    Ok(())
 }
 
 #[inline(always)]
-fn parse_ipv6(b: &Bounds, l3_off: usize) -> Result<Flow, Skip> {
+fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
     let ip: *const Ipv6Hdr = b.ptr_at(l3_off).ok_or(Skip::Malformed)?;
     // SAFETY: bounds checked above.
-    let (vcf0, mut next, saddr, daddr) =
-        unsafe { ((*ip).vcf[0], (*ip).next_hdr, (*ip).src_addr, (*ip).dst_addr) };
+    let (vcf0, mut next) = unsafe { ((*ip).vcf[0], (*ip).next_hdr) };
     if vcf0 >> 4 != 6 {
         return Err(Skip::Malformed);
     }
@@ -197,18 +193,17 @@ fn parse_ipv6(b: &Bounds, l3_off: usize) -> Result<Flow, Skip> {
             _ => break,
         }
     }
-    let (sport_be, dport_be, tcp_flags) = parse_ports(b, l4_off, next)?;
-    Ok(Flow {
-        saddr: words(saddr),
-        daddr: words(daddr),
-        sport_be,
-        dport_be,
-        proto: next,
-        tcp_flags,
-        is_v6: true,
-        l3_off,
-        l4_off,
-    })
+    (out.sport_be, out.dport_be, out.tcp_flags) = parse_ports(b, l4_off, next)?;
+    // SAFETY: bounds checked above; addresses are bytes 8..40 of the header, read as words.
+    unsafe {
+        let addrs = ip.cast::<u8>().add(8).cast::<[Addr; 2]>();
+        [out.saddr, out.daddr] = core::ptr::read_unaligned(addrs);
+    }
+    out.proto = next;
+    out.is_v6 = true;
+    out.l3_off = l3_off;
+    out.l4_off = l4_off;
+    Ok(())
 }
 
 /// Source and destination port (network byte order) and TCP flags of a complete TCP or UDP
@@ -232,14 +227,4 @@ fn parse_ports(b: &Bounds, l4_off: usize, proto: u8) -> Result<(u16, u16, u8), S
     // Read bytewise: the header is not 2-byte aligned after an odd-length option area.
     let raw: [u8; 4] = unsafe { core::ptr::read_unaligned(ports.cast()) };
     Ok((u16::from_ne_bytes([raw[0], raw[1]]), u16::from_ne_bytes([raw[2], raw[3]]), flags))
-}
-
-#[inline(always)]
-fn words(a: [u8; 16]) -> Addr {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
 }
