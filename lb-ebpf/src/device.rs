@@ -112,16 +112,7 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
 // Separate functions (BPF subprograms): each keeps its own stack frame under the 512-byte limit.
 #[inline(never)]
 fn tracked<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Option<Action> {
-    let key = CtKey {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        sport_be: flow.sport_be,
-        dport_be: flow.dport_be,
-        proto: flow.proto,
-        _pad8: 0,
-        _pad16: 0,
-    };
-    let ct = conntrack::lookup(&key, flow.tcp_flags)?;
+    let ct = conntrack::lookup(flow.ct_key(), flow.tcp_flags)?;
     // The stack would refuse a packet whose source is now a node address: it must be forwarded
     // from here (checked before counting: tc counts what XDP hands over).
     if ct.flags & CT_F_SNAT != 0 && leave_to_tc(pkt, flow, &ct.new_saddr, &ct.new_daddr) {

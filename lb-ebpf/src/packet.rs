@@ -6,7 +6,7 @@
 use core::mem::size_of;
 
 use lb_common::{
-    Addr, PROTO_TCP, PROTO_UDP, STAT_FRAGMENT, STAT_MALFORMED, STAT_NOT_IP, STAT_OTHER_L4,
+    Addr, CtKey, PROTO_TCP, PROTO_UDP, STAT_FRAGMENT, STAT_MALFORMED, STAT_NOT_IP, STAT_OTHER_L4,
     addr_from_v4_raw,
 };
 use network_types::{
@@ -48,7 +48,10 @@ impl Bounds {
     }
 }
 
-/// The transport flow of a packet, with where its headers start.
+/// The transport flow of a packet, with where its headers start. It starts with the fields of
+/// a [`CtKey`], in its layout, so the conntrack lookup takes its key straight from the parsed
+/// flow (see [`Flow::ct_key`]) instead of building one on the stack.
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Flow {
     pub saddr: Addr,
@@ -56,12 +59,27 @@ pub struct Flow {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
+    /// Always 0: the key's padding.
+    pub _pad8: u8,
+    pub _pad16: u16,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
     pub is_v6: bool,
     pub l3_off: usize,
     pub l4_off: usize,
 }
+
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(Flow, saddr) == offset_of!(CtKey, saddr));
+    assert!(offset_of!(Flow, daddr) == offset_of!(CtKey, daddr));
+    assert!(offset_of!(Flow, sport_be) == offset_of!(CtKey, sport_be));
+    assert!(offset_of!(Flow, dport_be) == offset_of!(CtKey, dport_be));
+    assert!(offset_of!(Flow, proto) == offset_of!(CtKey, proto));
+    assert!(offset_of!(Flow, _pad8) == offset_of!(CtKey, _pad8));
+    assert!(offset_of!(Flow, _pad16) == offset_of!(CtKey, _pad16));
+    assert!(size_of::<CtKey>() == 40 && align_of::<Flow>() >= align_of::<CtKey>());
+};
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -73,6 +91,14 @@ pub const TCP_ACK: u8 = 0x10;
 pub const MAX_L4_OFF: usize = 255;
 
 impl Flow {
+    /// The conntrack key of the packet's own direction.
+    #[inline(always)]
+    pub fn ct_key(&self) -> &CtKey {
+        // SAFETY: Flow is repr(C) and starts with CtKey's fields at CtKey's offsets (checked
+        // above); parse zeroes the padding.
+        unsafe { &*(self as *const Flow).cast::<CtKey>() }
+    }
+
     /// The network header offset, bounded for the verifier (always 14 today).
     #[inline(always)]
     pub fn l3(&self) -> usize {
@@ -156,6 +182,7 @@ fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
     out.saddr = addr_from_v4_raw(saddr);
     out.daddr = addr_from_v4_raw(daddr);
     out.proto = proto;
+    (out._pad8, out._pad16) = (0, 0);
     out.is_v6 = false;
     out.l3_off = l3_off;
     out.l4_off = l4_off;
@@ -200,6 +227,7 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
         [out.saddr, out.daddr] = core::ptr::read_unaligned(addrs);
     }
     out.proto = next;
+    (out._pad8, out._pad16) = (0, 0);
     out.is_v6 = true;
     out.l3_off = l3_off;
     out.l4_off = l4_off;
