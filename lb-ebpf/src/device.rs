@@ -60,9 +60,7 @@ fn source_allowed(service_id: u32, saddr: &Addr) -> bool {
 
 #[inline(always)]
 fn apply<R: Rewrite>(pkt: &mut R, flow: &Flow, ct: &CtValue, hook: Hook) -> Action {
-    if rewrite::apply(pkt, flow, &ct.new_saddr, &ct.new_daddr, ct.new_sport_be, ct.new_dport_be)
-        .is_err()
-    {
+    if rewrite::apply(pkt, flow, ct).is_err() {
         stats::count(STAT_DROP_REWRITE);
         return Action::Drop;
     }

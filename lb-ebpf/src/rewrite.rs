@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{Addr, PROTO_UDP};
+use lb_common::{Addr, CtValue, PROTO_UDP};
 
 use crate::{
     csum, fib,
@@ -168,7 +168,8 @@ fn ports_word(sport_be: u16, dport_be: u16) -> u32 {
     u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
 }
 
-/// A rewritten tuple (what a conntrack entry holds).
+/// A rewritten tuple, as a conntrack entry holds it (a view into the entry: see [`apply`]).
+#[repr(C)]
 pub struct Tuple {
     pub saddr: Addr,
     pub daddr: Addr,
@@ -251,16 +252,21 @@ impl Rewrite for Xdp<'_> {
     }
 }
 
-/// Rewrites the packet's tuple from `flow`'s to the given one, touching only what changes.
+/// Rewrites the packet's tuple from `flow`'s to the one `ct` records, touching only what
+/// changes.
 #[inline(always)]
-pub fn apply<R: Rewrite>(
-    pkt: &mut R,
-    flow: &Flow,
-    saddr: &Addr,
-    daddr: &Addr,
-    sport_be: u16,
-    dport_be: u16,
-) -> Result<(), ()> {
-    let to = Tuple { saddr: *saddr, daddr: *daddr, sport_be, dport_be };
-    pkt.set_tuple(flow, &to)
+pub fn apply<R: Rewrite>(pkt: &mut R, flow: &Flow, ct: &CtValue) -> Result<(), ()> {
+    // SAFETY: CtValue holds the four fields of a Tuple, in its layout, from `new_saddr` on
+    // (checked below): the entry is read in place, not copied to the stack.
+    let to = unsafe { &*(&ct.new_saddr as *const Addr).cast::<Tuple>() };
+    pkt.set_tuple(flow, to)
 }
+
+const _: () = {
+    use core::mem::offset_of;
+    let base = offset_of!(CtValue, new_saddr);
+    assert!(offset_of!(CtValue, new_daddr) - base == offset_of!(Tuple, daddr));
+    assert!(offset_of!(CtValue, new_sport_be) - base == offset_of!(Tuple, sport_be));
+    assert!(offset_of!(CtValue, new_dport_be) - base == offset_of!(Tuple, dport_be));
+    assert!(offset_of!(Tuple, saddr) == 0 && size_of::<Tuple>() == 36);
+};
