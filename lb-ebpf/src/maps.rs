@@ -68,7 +68,7 @@ pub static OPTIONS: Array<u32> = Array::with_max_entries(OPT_COUNT, 0);
 pub static XDP_TX_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_XDP_DEVICES, 0);
 
 /// A value built on the stack for a map update, 8-byte aligned. Misaligned accesses are allowed
-/// in this build (`.cargo/config.toml`), so LLVM may merge neighbouring 4-byte stores into one
+/// in this build (`lb-agent/build.rs`), so LLVM may merge neighbouring 4-byte stores into one
 /// 8-byte store, which the verifier refuses on the stack unless it is aligned.
 #[repr(C, align(8))]
 pub struct Aligned<T>(pub T);

@@ -252,7 +252,8 @@ fn parse_ports(b: &Bounds, l4_off: usize, proto: u8) -> Result<(u16, u16, u8), S
         _ => return Err(Skip::OtherL4),
     };
     // SAFETY: the whole transport header is inside the packet; ports are its first 4 bytes.
-    // Read bytewise: the header is not 2-byte aligned after an odd-length option area.
+    // Unaligned: the header is not 2-byte aligned after an odd-length option area (one load
+    // all the same: misaligned accesses are allowed in this build).
     let raw: [u8; 4] = unsafe { core::ptr::read_unaligned(ports.cast()) };
     Ok((u16::from_ne_bytes([raw[0], raw[1]]), u16::from_ne_bytes([raw[2], raw[3]]), flags))
 }
