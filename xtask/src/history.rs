@@ -15,7 +15,7 @@ use crate::util::{run_cmd, succeeds, workspace_root};
 
 /// The release upgraded from: the last commit of the previous working session. Move it forward
 /// when a release is cut.
-pub const UPGRADE_FROM: &str = "e9323f81000c3c8255811d592e5cae8690d5ad28";
+pub const UPGRADE_FROM: &str = "05d4e7552fe8e53b5e4702de8ef2f1142048779f";
 
 fn git(args: &[&str]) -> Command {
     let mut cmd = Command::new("git");
