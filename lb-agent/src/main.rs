@@ -19,7 +19,7 @@ use lb_agent::{
         attach, counters, links,
         links::LinkPins,
         loader::{self, LoadOptions, MapSizes},
-        options, programs,
+        options, programs, reply_ports,
         store::{KernelStore, WriteCounts},
         writer::{Writer, WriterConfig},
     },
@@ -216,7 +216,8 @@ async fn run(args: Args) -> Result<()> {
     let opts =
         options::Options { reject_tcp_with: args.reject_tcp_with, nat_ports: args.nat_port_range };
     options::write(&mut ebpf, &opts)?;
-    info!(bpffs = %args.bpffs.display(), "datapath loaded, maps pinned");
+    let reply_ports = reply_ports::enable(&mut ebpf)?;
+    info!(bpffs = %args.bpffs.display(), reply_ports, "datapath loaded, maps pinned");
     let attached = |program: &str, target: &str| {
         status
             .metrics

@@ -45,6 +45,14 @@ pub const OPT_REJECT_TCP_WITH_RESET: u32 = 0;
 /// SNAT source ports, first and last (0: NAT_PORT_MIN/NAT_PORT_MAX).
 pub const OPT_NAT_PORT_MIN: u32 = 1;
 pub const OPT_NAT_PORT_MAX: u32 = 2;
+/// Set once `MAP_REPLY_PORTS` holds the port of every local backend that may have flows (the
+/// agent seeds it at start): until then tc egress looks every packet up in conntrack.
+pub const OPT_REPLY_PORTS_READY: u32 = 3;
+/// Ports local backends answer from, one bit per port (64 per word): tc egress looks a packet
+/// up in conntrack only when its source port is set. Bits are only ever added, so a flow of a
+/// backend or service that is gone keeps its reverse translation.
+pub const MAP_REPLY_PORTS: &str = "LB_REPLY_PORTS";
+pub const REPLY_PORT_WORDS: u32 = 65_536 / 64;
 /// Per-CPU global counters, indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "LB_STATS";
 /// Per-CPU per-service counters, indexed by service id: [`crate::ServiceStats`].

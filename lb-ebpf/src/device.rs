@@ -10,7 +10,7 @@ use lb_common::*;
 
 use crate::{
     conntrack, lookup,
-    maps::{FLOW, SOURCE_RANGES},
+    maps::{FLOW, OPTIONS, REPLY_PORTS, SOURCE_RANGES},
     nat::{self, NatError},
     packet::{self, Flow, Skip, TCP_RST},
     rewrite::{self, Rewrite},
@@ -50,6 +50,17 @@ pub fn handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Action {
             Action::Pass
         }
     }
+}
+
+/// Whether a packet leaving the node from `sport_be` may be a local backend's reply: its port
+/// is in `LB_REPLY_PORTS`, or the agent has not filled that map yet.
+#[inline(always)]
+fn may_be_reply(sport_be: u16) -> bool {
+    if OPTIONS.get(OPT_REPLY_PORTS_READY).is_none_or(|ready| *ready == 0) {
+        return true;
+    }
+    let port = u16::from_be(sport_be) as u32;
+    REPLY_PORTS.get(port / 64).is_none_or(|word| word & (1 << (port % 64)) != 0)
 }
 
 #[inline(always)]
@@ -96,6 +107,11 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
     packet::parse(&pkt.bounds(), flow)?;
     let flow = &*flow;
     // 1. A tracked flow, either direction: its recorded rewrite, whatever the backend's state.
+    if hook == Hook::TcEgress && !may_be_reply(flow.sport_be) {
+        // Not from a local backend's port: no conntrack entry can match (every packet leaving
+        // the node takes this path).
+        return Ok(Action::Pass);
+    }
     if let Some(action) = tracked(pkt, flow, len, hook) {
         return Ok(action);
     }

@@ -63,6 +63,10 @@ pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
 #[map(name = "LB_OPTIONS")]
 pub static OPTIONS: Array<u32> = Array::with_max_entries(OPT_COUNT, 0);
 
+/// Source ports of local backends, a bit each (see `MAP_REPLY_PORTS`; written by the agent).
+#[map(name = "LB_REPLY_PORTS")]
+pub static REPLY_PORTS: Array<u64> = Array::with_max_entries(REPLY_PORT_WORDS, 0);
+
 /// Devices where XDP may answer with XDP_TX (the agent decides per device: see `--xdp-tx`).
 #[map(name = "LB_XDP_TX")]
 pub static XDP_TX_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_XDP_DEVICES, 0);

@@ -752,3 +752,54 @@ fn a_full_conntrack_map_evicts_old_flows_and_never_mistranslates() {
     assert!(dp.conntrack().len() <= 64 + 2);
     assert_eq!(dp.stat(STAT_DROP_CT_FULL), 0, "LRU eviction, not drops");
 }
+
+/// Whether `LB_REPLY_PORTS` has `port` (what tc egress checks before its conntrack lookup).
+fn reply_port_set(dp: &Datapath, port: u16) -> bool {
+    let map: aya::maps::Array<&aya::maps::MapData, u64> =
+        aya::maps::Array::try_from(dp.ebpf.map(MAP_REPLY_PORTS).expect("map")).expect("array");
+    map.get(&(port as u32 / 64), 0).expect("word") & (1 << (port % 64)) != 0
+}
+
+/// tc egress looks up conntrack only for packets from a local backend's port: an entry for any
+/// other source port is never consulted (the node's other outgoing traffic skips the lookup).
+/// The ports are only ever added: when the service and its backend are deleted, the replies of
+/// a flow still open keep their frontend as source.
+#[test]
+fn egress_looks_up_only_local_backend_ports_and_keeps_them_for_flows_that_outlive_their_service() {
+    require_root!();
+    let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
+    assert!(reply_port_set(&dp, 8080) && !reply_port_set(&dp, 9999));
+    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43000, VIP, 80, true, b""));
+    let reply = tcp4(LOCAL_POD, 8080, CLIENT, 43000, false, b"ok");
+    assert_eq!(run(&dp, PROG_TC_EGRESS, &reply).1.src, sa(VIP, 80));
+
+    // A reply entry as if for a backend on port 9999, which no backend uses: not consulted.
+    let (k, v) =
+        dp.conntrack().into_iter().find(|(_, v)| v.flags & CT_F_REPLY != 0).expect("reply entry");
+    dp.set_conntrack(CtKey { sport_be: 9999u16.to_be(), ..k }, v);
+    let other = tcp4(LOCAL_POD, 9999, CLIENT, 43000, false, b"ok");
+    assert_eq!(dp.run(PROG_TC_EGRESS, &other).packet, other, "9999 is no backend's port");
+
+    // The service goes away with its backend; the open flow's replies are still translated.
+    dp.program("web", &[]);
+    assert!(reply_port_set(&dp, 8080), "ports are never removed");
+    assert_eq!(run(&dp, PROG_TC_EGRESS, &reply).1.src, sa(VIP, 80));
+}
+
+/// At start the agent adds the ports of local-backend flows already in conntrack (an upgrade
+/// from a build without the map, or backends deleted meanwhile) before the filter takes effect.
+#[test]
+fn enabling_the_egress_filter_seeds_ports_from_existing_flows() {
+    require_root!();
+    let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
+    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43001, VIP, 80, true, b""));
+    let (k, v) =
+        dp.conntrack().into_iter().find(|(_, v)| v.flags & CT_F_REPLY != 0).expect("reply entry");
+    dp.set_conntrack(CtKey { sport_be: 7777u16.to_be(), ..k }, v);
+    assert!(!reply_port_set(&dp, 7777));
+    let seeded = lb_agent::dataplane::reply_ports::enable(&mut dp.ebpf).expect("enable");
+    assert!(reply_port_set(&dp, 7777) && reply_port_set(&dp, 8080));
+    assert_eq!(seeded, 2, "8080 and 7777");
+    let (_, s) = run(&dp, PROG_TC_EGRESS, &tcp4(LOCAL_POD, 7777, CLIENT, 43001, false, b"ok"));
+    assert_eq!(s.src, sa(VIP, 80));
+}

@@ -82,6 +82,7 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
         spec::<u32, ServiceStats>(MAP_SERVICE_STATS, sizes.max_services),
         spec::<u32, u32>(MAP_XDP_TX, MAX_XDP_DEVICES),
         spec::<u32, u32>(MAP_OPTIONS, OPT_COUNT),
+        spec::<u32, u64>(MAP_REPLY_PORTS, REPLY_PORT_WORDS),
     ]
 }
 
@@ -169,6 +170,7 @@ pub const READ_ONLY_MAPS: &[&str] = &[
     MAP_NAMES,
     MAP_XDP_TX,
     MAP_OPTIONS,
+    MAP_REPLY_PORTS,
 ];
 
 /// Loads a private copy of the object whose read-only maps are the live pinned ones under

@@ -10,5 +10,6 @@ pub mod maglev_map;
 pub mod netdev;
 pub mod options;
 pub mod programs;
+pub mod reply_ports;
 pub mod store;
 pub mod writer;

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::maglev_map::MaglevMap;
+use super::reply_ports::{ReplyPorts, note_backend};
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
@@ -244,6 +245,9 @@ pub struct KernelStore {
     node: Array<MapData, NodeConfig>,
     names: HashMap<MapData, u32, ServiceName>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
+    /// `None` for an object without that map (the bench's older builds) and for pins opened
+    /// to be read ([`KernelStore::open_pinned`]).
+    reply_ports: Option<ReplyPorts>,
     counts: WriteCounts,
 }
 
@@ -256,7 +260,7 @@ fn lpm_key(service_id: u32, net: &ipnet::IpNet) -> aya::maps::lpm_trie::Key<Sour
 }
 
 /// An independent handle on one of the object's maps (a duplicated file descriptor).
-fn dup_map(ebpf: &Ebpf, name: &str) -> Result<Map> {
+pub(crate) fn dup_map(ebpf: &Ebpf, name: &str) -> Result<Map> {
     use std::os::fd::AsFd;
     let dup = |d: &MapData| -> Result<MapData> {
         let fd = d
@@ -298,6 +302,7 @@ impl KernelStore {
             node: Array::try_from(Map::Array(open(MAP_NODE)?))?,
             names: HashMap::try_from(Map::HashMap(open(MAP_NAMES)?))?,
             source_ranges: LpmTrie::try_from(Map::LpmTrie(open(MAP_SOURCE_RANGES)?))?,
+            reply_ports: None,
             counts: WriteCounts::default(),
         })
     }
@@ -315,6 +320,12 @@ impl KernelStore {
             node: Array::try_from(dup_map(ebpf, MAP_NODE)?)?,
             names: HashMap::try_from(dup_map(ebpf, MAP_NAMES)?)?,
             source_ranges: LpmTrie::try_from(dup_map(ebpf, MAP_SOURCE_RANGES)?)?,
+            reply_ports: match ebpf.map(MAP_REPLY_PORTS) {
+                Some(_) => {
+                    Some(ReplyPorts::new(Array::try_from(dup_map(ebpf, MAP_REPLY_PORTS)?)?)?)
+                }
+                None => None,
+            },
             counts: WriteCounts::default(),
         })
     }
@@ -343,6 +354,10 @@ impl MapStore for KernelStore {
     }
     fn set_backend(&mut self, id: u32, value: &BackendValue) -> Result<()> {
         self.counts.backends += 1;
+        // The port first: a flow to the backend can start as soon as it is written.
+        if let Some(ports) = self.reply_ports.as_mut() {
+            note_backend(ports, value)?;
+        }
         self.backends.set(id, value, 0).with_context(|| format!("writing backend {id}"))
     }
     fn set_maglev_range(&mut self, start: u32, values: &[u32]) -> Result<()> {
