@@ -40,14 +40,10 @@ impl ReplyPorts {
         }
         Ok(())
     }
-
-    pub fn contains(&self, port_be: u16) -> bool {
-        let port = u16::from_be(port_be) as usize;
-        self.words[port / 64] & (1 << (port % 64)) != 0
-    }
 }
 
-/// The local backend to store: its port must be in the map before any flow can reach it.
+/// Adds `b`'s port if it is a local backend (call before writing `b`: a flow can reach it as
+/// soon as it is in `LB_BACKENDS`).
 pub fn note_backend(ports: &mut ReplyPorts, b: &BackendValue) -> Result<()> {
     if b.flags & BE_F_LOCAL != 0 { ports.add(b.port_be) } else { Ok(()) }
 }
