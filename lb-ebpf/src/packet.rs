@@ -91,6 +91,16 @@ pub const TCP_ACK: u8 = 0x10;
 pub const MAX_L4_OFF: usize = 255;
 
 impl Flow {
+    /// Sets everything but the addresses and ports, the key's padding included.
+    #[inline(always)]
+    fn set_layout(&mut self, proto: u8, is_v6: bool, l3_off: usize, l4_off: usize) {
+        self.proto = proto;
+        (self._pad8, self._pad16) = (0, 0);
+        self.is_v6 = is_v6;
+        self.l3_off = l3_off;
+        self.l4_off = l4_off;
+    }
+
     /// The conntrack key of the packet's own direction.
     #[inline(always)]
     pub fn ct_key(&self) -> &CtKey {
@@ -181,11 +191,7 @@ fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
     // Field by field: a `Flow` built first would take stack in the hook's frame.
     out.saddr = addr_from_v4_raw(saddr);
     out.daddr = addr_from_v4_raw(daddr);
-    out.proto = proto;
-    (out._pad8, out._pad16) = (0, 0);
-    out.is_v6 = false;
-    out.l3_off = l3_off;
-    out.l4_off = l4_off;
+    out.set_layout(proto, false, l3_off, l4_off);
     Ok(())
 }
 
@@ -226,11 +232,7 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
         let addrs = ip.cast::<u8>().add(8).cast::<[Addr; 2]>();
         [out.saddr, out.daddr] = core::ptr::read_unaligned(addrs);
     }
-    out.proto = next;
-    (out._pad8, out._pad16) = (0, 0);
-    out.is_v6 = true;
-    out.l3_off = l3_off;
-    out.l4_off = l4_off;
+    out.set_layout(next, true, l3_off, l4_off);
     Ok(())
 }
 

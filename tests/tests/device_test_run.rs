@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use lb_agent::model::plan::Protocol;
 use lb_common::*;
 use lb_tests::{
-    kernel::{Datapath, stat_deltas},
+    kernel::{Datapath, RunOutput, stat_deltas},
     packets::*,
     plans::{backend, lb_plan},
     require_root,
@@ -326,19 +326,38 @@ fn frames_shorter_than_ethernet_are_refused_by_the_kernel_and_count_nothing() {
     assert_eq!(stat_deltas(&before, &dp.stats()), vec![]);
 }
 
+/// A deterministic xorshift stream.
+fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
+/// Runs `prog` on `p`; `None` when the kernel builds no skb from it (tc only: XDP must take
+/// every frame).
+fn run_unless_refused(
+    dp: &Datapath,
+    prog: &str,
+    p: &[u8],
+    i: impl std::fmt::Display,
+) -> Option<RunOutput> {
+    match dp.try_run(prog, p) {
+        Ok(out) => Some(out),
+        Err(_) if prog == PROG_TC_INGRESS => None,
+        Err(e) => panic!("{prog} run {i}: {e}"),
+    }
+}
+
 #[test]
 fn random_bytes_never_break_either_program() {
     require_root!();
     let dp = datapath_with_services();
     // A deterministic xorshift stream: garbage of every length, two thirds of it with an IPv4 or
     // IPv6 ethertype so that parsing goes deeper.
-    let mut state = 0x9e3779b97f4a7c15u64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift(0x9e3779b97f4a7c15);
     let runs = 2000u64;
     for (prog, packets_counter, pass) in HOOKS {
         let before = dp.stats();
@@ -351,12 +370,7 @@ fn random_bytes_never_break_either_program() {
                 1 => p[12..14].copy_from_slice(&[0x86, 0xdd]),
                 _ => {}
             }
-            let out = match dp.try_run(prog, &p) {
-                Ok(out) => out,
-                // The kernel builds no skb from some garbage; XDP must take everything.
-                Err(_) if prog == PROG_TC_INGRESS => continue,
-                Err(e) => panic!("{prog} run {i}: {e}"),
-            };
+            let Some(out) = run_unless_refused(&dp, prog, &p, i) else { continue };
             ran += 1;
             assert_eq!(out.verdict, pass, "{prog} run {i}");
             assert_eq!(out.packet, p, "{prog} run {i}: packet changed");
@@ -393,13 +407,7 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
         std::net::SocketAddr::new(BACKEND4.into(), BACKEND_PORT),
         std::net::SocketAddr::new(BACKEND6.into(), BACKEND_PORT),
     ];
-    let mut state = 0x2545f4914f6cdd1du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift(0x2545f4914f6cdd1d);
     let runs = 3000;
     let (mut translated, mut unchanged) = (0, 0);
     for (prog, packets_counter, pass) in HOOKS {
@@ -407,7 +415,7 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
         let mut ran = 0;
         for i in 0..runs {
             let mut p = seeds[i % seeds.len()].clone();
-            if next() % 4 == 0 {
+            if next().is_multiple_of(4) {
                 p.truncate(14 + (next() as usize) % (p.len() - 14));
             } else {
                 for _ in 0..1 + next() % 3 {
@@ -417,11 +425,7 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
                     p[at] = next() as u8;
                 }
             }
-            let out = match dp.try_run(prog, &p) {
-                Ok(out) => out,
-                Err(_) if prog == PROG_TC_INGRESS => continue,
-                Err(e) => panic!("{prog} run {i}: {e}"),
-            };
+            let Some(out) = run_unless_refused(&dp, prog, &p, i) else { continue };
             ran += 1;
             assert_eq!(out.verdict, pass, "{prog} run {i}: {p:02x?}");
             if out.packet == p {
