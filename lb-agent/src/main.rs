@@ -19,7 +19,7 @@ use lb_agent::{
         attach, counters, links,
         links::LinkPins,
         loader::{self, LoadOptions, MapSizes},
-        options, programs, reply_ports,
+        options, port_filters, programs,
         store::{KernelStore, WriteCounts},
         writer::{Writer, WriterConfig},
     },
@@ -216,8 +216,13 @@ async fn run(args: Args) -> Result<()> {
     let opts =
         options::Options { reject_tcp_with: args.reject_tcp_with, nat_ports: args.nat_port_range };
     options::write(&mut ebpf, &opts)?;
-    let reply_ports = reply_ports::enable(&mut ebpf)?;
-    info!(bpffs = %args.bpffs.display(), reply_ports, "datapath loaded, maps pinned");
+    let filters = port_filters::enable(&mut ebpf)?;
+    info!(
+        bpffs = %args.bpffs.display(),
+        reply_ports = filters.reply_ports,
+        ingress_ports = filters.ingress_ports,
+        "datapath loaded, maps pinned"
+    );
     let attached = |program: &str, target: &str| {
         status
             .metrics

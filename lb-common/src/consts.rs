@@ -52,7 +52,16 @@ pub const OPT_REPLY_PORTS_READY: u32 = 3;
 /// up in conntrack only when its source port is set. Bits are only ever added, so a flow of a
 /// backend or service that is gone keeps its reverse translation.
 pub const MAP_REPLY_PORTS: &str = "LB_REPLY_PORTS";
-pub const REPLY_PORT_WORDS: u32 = 65_536 / 64;
+/// Set once `MAP_INGRESS_PORTS` holds every port a packet arriving on a device may need
+/// translating for: until then tc ingress and XDP look every packet up.
+pub const OPT_INGRESS_PORTS_READY: u32 = 4;
+/// Destination ports of packets tc ingress and XDP may translate, one bit per port: external
+/// frontends' ports (NodePort, ExternalIP, LoadBalancer) and the SNAT port range (replies of
+/// remote backends). A packet to any other port skips both lookups. Only ever added to, as
+/// `MAP_REPLY_PORTS`.
+pub const MAP_INGRESS_PORTS: &str = "LB_INGRESS_PORTS";
+/// Words of a port bit set (`MAP_REPLY_PORTS`, `MAP_INGRESS_PORTS`).
+pub const PORT_SET_WORDS: u32 = 65_536 / 64;
 /// Per-CPU global counters, indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "LB_STATS";
 /// Per-CPU per-service counters, indexed by service id: [`crate::ServiceStats`].

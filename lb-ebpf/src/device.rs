@@ -5,12 +5,12 @@
 //! untouched. tc and XDP share this code, so they never disagree about a packet; XDP hands a
 //! packet to tc untouched when it cannot finish the job (see `leave_to_tc`).
 
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{Array, lpm_trie::Key};
 use lb_common::*;
 
 use crate::{
     conntrack, lookup,
-    maps::{FLOW, OPTIONS, REPLY_PORTS, SOURCE_RANGES},
+    maps::{FLOW, INGRESS_PORTS, OPTIONS, REPLY_PORTS, SOURCE_RANGES},
     nat::{self, NatError},
     packet::{self, Flow, Skip, TCP_RST},
     rewrite::{self, Rewrite},
@@ -52,15 +52,16 @@ pub fn handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Action {
     }
 }
 
-/// Whether a packet leaving the node from `sport_be` may be a local backend's reply: its port
-/// is in `LB_REPLY_PORTS`, or the agent has not filled that map yet.
+/// Whether `port_be` is in the port set `ports`, or the agent has not yet filled it (its
+/// `ready` option is unset): a packet whose port is not there cannot be ours, and skips the
+/// lookups (`LB_REPLY_PORTS` on egress, `LB_INGRESS_PORTS` on ingress).
 #[inline(always)]
-fn may_be_reply(sport_be: u16) -> bool {
-    if OPTIONS.get(OPT_REPLY_PORTS_READY).is_none_or(|ready| *ready == 0) {
+fn port_may_match(ports: &Array<u64>, ready: u32, port_be: u16) -> bool {
+    if OPTIONS.get(ready).is_none_or(|ready| *ready == 0) {
         return true;
     }
-    let port = u16::from_be(sport_be) as u32;
-    REPLY_PORTS.get(port / 64).is_none_or(|word| word & (1 << (port % 64)) != 0)
+    let port = u16::from_be(port_be) as u32;
+    ports.get(port / 64).is_none_or(|word| word & (1 << (port % 64)) != 0)
 }
 
 #[inline(always)]
@@ -106,12 +107,20 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
     let flow = unsafe { &mut *slot };
     packet::parse(&pkt.bounds(), flow)?;
     let flow = &*flow;
-    // 1. A tracked flow, either direction: its recorded rewrite, whatever the backend's state.
-    if hook == Hook::TcEgress && !may_be_reply(flow.sport_be) {
-        // Not from a local backend's port: no conntrack entry can match (every packet leaving
-        // the node takes this path).
+    // 0. Most packets are not ours, and their port says so without a hash lookup.
+    if hook == Hook::TcEgress {
+        if !port_may_match(&REPLY_PORTS, OPT_REPLY_PORTS_READY, flow.sport_be) {
+            // Not from a local backend's port: no conntrack entry can match (every packet
+            // leaving the node takes this path).
+            return Ok(Action::Pass);
+        }
+    } else if !port_may_match(&INGRESS_PORTS, OPT_INGRESS_PORTS_READY, flow.dport_be) {
+        // Neither an external frontend's port nor a SNAT port: no frontend and no conntrack
+        // entry can match.
+        stats::count(STAT_SERVICE_MISS);
         return Ok(Action::Pass);
     }
+    // 1. A tracked flow, either direction: its recorded rewrite, whatever the backend's state.
     if let Some(action) = tracked(pkt, flow, len, hook) {
         return Ok(action);
     }

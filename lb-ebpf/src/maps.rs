@@ -65,7 +65,12 @@ pub static OPTIONS: Array<u32> = Array::with_max_entries(OPT_COUNT, 0);
 
 /// Source ports of local backends, a bit each (see `MAP_REPLY_PORTS`; written by the agent).
 #[map(name = "LB_REPLY_PORTS")]
-pub static REPLY_PORTS: Array<u64> = Array::with_max_entries(REPLY_PORT_WORDS, 0);
+pub static REPLY_PORTS: Array<u64> = Array::with_max_entries(PORT_SET_WORDS, 0);
+
+/// Destination ports tc ingress and XDP may translate, a bit each (see `MAP_INGRESS_PORTS`;
+/// written by the agent).
+#[map(name = "LB_INGRESS_PORTS")]
+pub static INGRESS_PORTS: Array<u64> = Array::with_max_entries(PORT_SET_WORDS, 0);
 
 /// Devices where XDP may answer with XDP_TX (the agent decides per device: see `--xdp-tx`).
 #[map(name = "LB_XDP_TX")]

@@ -78,10 +78,9 @@ impl Datapath {
         let mut ebpf = loader::load_object(&LoadOptions { bpffs: None, sizes }, object)
             .unwrap_or_else(|e| panic!("loading the eBPF object: {e:#}"));
         programs::load_all(&mut ebpf).unwrap_or_else(|e| panic!("{e:#}"));
-        // As the agent does at start (older builds, which the bench loads, lack the map).
-        if ebpf.map(lb_common::MAP_REPLY_PORTS).is_some() {
-            lb_agent::dataplane::reply_ports::enable(&mut ebpf).unwrap_or_else(|e| panic!("{e:#}"));
-        }
+        // As the agent does at start (it skips the filters older builds, which the bench
+        // loads, lack).
+        lb_agent::dataplane::port_filters::enable(&mut ebpf).unwrap_or_else(|e| panic!("{e:#}"));
         Self { ebpf, sizes, writer: None }
     }
 

@@ -753,11 +753,21 @@ fn a_full_conntrack_map_evicts_old_flows_and_never_mistranslates() {
     assert_eq!(dp.stat(STAT_DROP_CT_FULL), 0, "LRU eviction, not drops");
 }
 
+/// Whether the port set `map` has `port` (what the datapath checks before its lookups).
+fn port_in(dp: &Datapath, map: &str, port: u16) -> bool {
+    let map: aya::maps::Array<&aya::maps::MapData, u64> =
+        aya::maps::Array::try_from(dp.ebpf.map(map).expect("map")).expect("array");
+    map.get(&(port as u32 / 64), 0).expect("word") & (1 << (port % 64)) != 0
+}
+
 /// Whether `LB_REPLY_PORTS` has `port` (what tc egress checks before its conntrack lookup).
 fn reply_port_set(dp: &Datapath, port: u16) -> bool {
-    let map: aya::maps::Array<&aya::maps::MapData, u64> =
-        aya::maps::Array::try_from(dp.ebpf.map(MAP_REPLY_PORTS).expect("map")).expect("array");
-    map.get(&(port as u32 / 64), 0).expect("word") & (1 << (port % 64)) != 0
+    port_in(dp, MAP_REPLY_PORTS, port)
+}
+
+/// Whether `LB_INGRESS_PORTS` has `port` (what tc ingress and XDP check before their lookups).
+fn ingress_port_set(dp: &Datapath, port: u16) -> bool {
+    port_in(dp, MAP_INGRESS_PORTS, port)
 }
 
 /// tc egress looks up conntrack only for packets from a local backend's port: an entry for any
@@ -786,20 +796,73 @@ fn egress_looks_up_only_local_backend_ports_and_keeps_them_for_flows_that_outliv
     assert_eq!(run(&dp, PROG_TC_EGRESS, &reply).1.src, sa(VIP, 80));
 }
 
-/// At start the agent adds the ports of local-backend flows already in conntrack (an upgrade
-/// from a build without the map, or backends deleted meanwhile) before the filter takes effect.
+/// tc ingress and XDP look a packet up only when its destination port is an external
+/// frontend's or a SNAT port: a conntrack entry for any other port is never consulted, and the
+/// packet counts as not for a frontend. Ports are only ever added: a flow whose service is
+/// deleted keeps its translation.
 #[test]
-fn enabling_the_egress_filter_seeds_ports_from_existing_flows() {
+fn ingress_looks_up_only_frontend_and_snat_ports_and_keeps_them_for_flows_that_outlive_their_service()
+ {
+    require_root!();
+    let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
+    assert!(ingress_port_set(&dp, 80), "the frontend's port");
+    assert!(ingress_port_set(&dp, NAT_PORT_MIN) && ingress_port_set(&dp, NAT_PORT_MAX));
+    assert!(!ingress_port_set(&dp, NAT_PORT_MIN - 1) && !ingress_port_set(&dp, 8080));
+    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43002, VIP, 80, true, b""));
+
+    // A forward entry as if for a frontend on port 9999, which no frontend uses: not consulted.
+    let (k, v) =
+        dp.conntrack().into_iter().find(|(_, v)| v.flags & CT_F_REPLY == 0).expect("forward");
+    dp.set_conntrack(CtKey { dport_be: 9999u16.to_be(), ..k }, v);
+    let other = tcp4(CLIENT, 43002, VIP, 9999, false, b"ok");
+    let misses = dp.stat(STAT_SERVICE_MISS);
+    for prog in [PROG_TC_INGRESS, PROG_XDP_INGRESS] {
+        assert_eq!(dp.run(prog, &other).packet, other, "{prog}: 9999 is no frontend's port");
+    }
+    assert_eq!(dp.stat(STAT_SERVICE_MISS), misses + 2, "counted as not for a frontend");
+
+    // The service goes away; the open flow is still translated.
+    dp.program("web", &[]);
+    assert!(ingress_port_set(&dp, 80), "ports are never removed");
+    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43002, VIP, 80, false, b"more"));
+    assert_eq!(s.dst, sa(LOCAL_POD, 8080));
+}
+
+/// At start the agent fills both filters from what the maps already hold (an upgrade from a
+/// build without them, frontends or backends deleted meanwhile, an earlier SNAT range) before
+/// they take effect: reply ports from local backends and their flows' reply entries, ingress
+/// ports from external frontends, the SNAT range and every other entry's destination port.
+#[test]
+fn enabling_the_port_filters_seeds_them_from_frontends_and_existing_flows() {
     require_root!();
     let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
     run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43001, VIP, 80, true, b""));
-    let (k, v) =
-        dp.conntrack().into_iter().find(|(_, v)| v.flags & CT_F_REPLY != 0).expect("reply entry");
-    dp.set_conntrack(CtKey { sport_be: 7777u16.to_be(), ..k }, v);
-    assert!(!reply_port_set(&dp, 7777));
-    let seeded = lb_agent::dataplane::reply_ports::enable(&mut dp.ebpf).expect("enable");
+    let ct = dp.conntrack();
+    let (rk, rv) = *ct.iter().find(|(_, v)| v.flags & CT_F_REPLY != 0).expect("reply entry");
+    let (fk, fv) = *ct.iter().find(|(_, v)| v.flags & CT_F_REPLY == 0).expect("forward entry");
+    dp.set_conntrack(CtKey { sport_be: 7777u16.to_be(), ..rk }, rv);
+    dp.set_conntrack(CtKey { dport_be: 7000u16.to_be(), ..fk }, fv);
+    // A SNATed flow's reply entry on a port of an earlier --nat-port-range.
+    let snat_reply = CtValue { flags: CT_F_REPLY | CT_F_SNAT, ..rv };
+    dp.set_conntrack(
+        CtKey { sport_be: 6000u16.to_be(), dport_be: 20000u16.to_be(), ..rk },
+        snat_reply,
+    );
+    assert!(!reply_port_set(&dp, 7777) && !ingress_port_set(&dp, 7000));
+    let seeded = lb_agent::dataplane::port_filters::enable(&mut dp.ebpf).expect("enable");
+
     assert!(reply_port_set(&dp, 7777) && reply_port_set(&dp, 8080));
-    assert_eq!(seeded, 2, "8080 and 7777");
+    assert_eq!(seeded.reply_ports, 2, "8080 and 7777");
+    for port in [80, 7000, 20000, NAT_PORT_MIN, NAT_PORT_MAX] {
+        assert!(ingress_port_set(&dp, port), "ingress port {port}");
+    }
+    assert!(!ingress_port_set(&dp, 43001), "a local backend's reply leaves through egress");
+    assert!(!reply_port_set(&dp, 6000), "a SNATed reply arrives on ingress");
+    let nat_range = (NAT_PORT_MAX - NAT_PORT_MIN) as usize + 1;
+    assert_eq!(seeded.ingress_ports, nat_range + 3, "80, 7000, 20000 and the SNAT range");
+
     let (_, s) = run(&dp, PROG_TC_EGRESS, &tcp4(LOCAL_POD, 7777, CLIENT, 43001, false, b"ok"));
     assert_eq!(s.src, sa(VIP, 80));
+    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43001, VIP, 7000, false, b"ok"));
+    assert_eq!(s.dst, sa(LOCAL_POD, 8080));
 }

@@ -82,7 +82,8 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
         spec::<u32, ServiceStats>(MAP_SERVICE_STATS, sizes.max_services),
         spec::<u32, u32>(MAP_XDP_TX, MAX_XDP_DEVICES),
         spec::<u32, u32>(MAP_OPTIONS, OPT_COUNT),
-        spec::<u32, u64>(MAP_REPLY_PORTS, REPLY_PORT_WORDS),
+        spec::<u32, u64>(MAP_REPLY_PORTS, PORT_SET_WORDS),
+        spec::<u32, u64>(MAP_INGRESS_PORTS, PORT_SET_WORDS),
     ]
 }
 
@@ -171,6 +172,7 @@ pub const READ_ONLY_MAPS: &[&str] = &[
     MAP_XDP_TX,
     MAP_OPTIONS,
     MAP_REPLY_PORTS,
+    MAP_INGRESS_PORTS,
 ];
 
 /// Loads a private copy of the object whose read-only maps are the live pinned ones under

@@ -9,7 +9,7 @@ pub mod loader;
 pub mod maglev_map;
 pub mod netdev;
 pub mod options;
+pub mod port_filters;
 pub mod programs;
-pub mod reply_ports;
 pub mod store;
 pub mod writer;

@@ -101,7 +101,8 @@ pub fn write(ebpf: &mut Ebpf, opts: &Options) -> Result<()> {
     ] {
         map.set(i, v, 0).context("writing LB_OPTIONS")?;
     }
-    Ok(())
+    // Replies to SNATed flows arrive on these ports from now on.
+    super::port_filters::note_nat_range(ebpf)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::maglev_map::MaglevMap;
-use super::reply_ports::{ReplyPorts, note_backend};
+use super::port_filters::PortFilters;
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
@@ -245,9 +245,8 @@ pub struct KernelStore {
     node: Array<MapData, NodeConfig>,
     names: HashMap<MapData, u32, ServiceName>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
-    /// `None` for an object without that map (the bench's older builds) and for pins opened
-    /// to be read ([`KernelStore::open_pinned`]).
-    reply_ports: Option<ReplyPorts>,
+    /// Empty for pins opened to be read ([`KernelStore::open_pinned`]).
+    port_filters: PortFilters,
     counts: WriteCounts,
 }
 
@@ -302,7 +301,7 @@ impl KernelStore {
             node: Array::try_from(Map::Array(open(MAP_NODE)?))?,
             names: HashMap::try_from(Map::HashMap(open(MAP_NAMES)?))?,
             source_ranges: LpmTrie::try_from(Map::LpmTrie(open(MAP_SOURCE_RANGES)?))?,
-            reply_ports: None,
+            port_filters: PortFilters::default(),
             counts: WriteCounts::default(),
         })
     }
@@ -320,12 +319,7 @@ impl KernelStore {
             node: Array::try_from(dup_map(ebpf, MAP_NODE)?)?,
             names: HashMap::try_from(dup_map(ebpf, MAP_NAMES)?)?,
             source_ranges: LpmTrie::try_from(dup_map(ebpf, MAP_SOURCE_RANGES)?)?,
-            reply_ports: match ebpf.map(MAP_REPLY_PORTS) {
-                Some(_) => {
-                    Some(ReplyPorts::new(Array::try_from(dup_map(ebpf, MAP_REPLY_PORTS)?)?)?)
-                }
-                None => None,
-            },
+            port_filters: PortFilters::open(ebpf)?,
             counts: WriteCounts::default(),
         })
     }
@@ -334,6 +328,8 @@ impl KernelStore {
 impl MapStore for KernelStore {
     fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
         self.counts.services += 1;
+        // The port first: packets to the frontend are looked up once it is set.
+        self.port_filters.note_frontend(key)?;
         self.services
             .insert(key, value, 0)
             .with_context(|| format!("writing frontend {key:?} (LB_SERVICES full?)"))
@@ -355,9 +351,7 @@ impl MapStore for KernelStore {
     fn set_backend(&mut self, id: u32, value: &BackendValue) -> Result<()> {
         self.counts.backends += 1;
         // The port first: a flow to the backend can start as soon as it is written.
-        if let Some(ports) = self.reply_ports.as_mut() {
-            note_backend(ports, value)?;
-        }
+        self.port_filters.note_backend(value)?;
         self.backends.set(id, value, 0).with_context(|| format!("writing backend {id}"))
     }
     fn set_maglev_range(&mut self, start: u32, values: &[u32]) -> Result<()> {

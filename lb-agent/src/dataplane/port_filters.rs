@@ -1,0 +1,211 @@
+//! The port filters that let the datapath pass most packets without a hash lookup: bit sets of
+//! 65,536 ports the agent keeps complete, and the datapath trusts once told so.
+//! - `LB_REPLY_PORTS`: the ports local backends answer from. tc egress looks a packet up in
+//!   conntrack only when its source port is set.
+//! - `LB_INGRESS_PORTS`: the ports of external frontends and the SNAT port range. tc ingress
+//!   and XDP look a packet up (conntrack, then frontends) only when its destination port is set.
+//!
+//! Bits are only ever added: a flow whose backend or service is gone keeps its translation
+//! until it ends. A port is added before the map entry that makes it matter is written. The
+//! datapath ignores a set until its `OPT_*_READY` option says it is complete ([`enable`]).
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData},
+};
+use lb_common::{
+    BE_F_LOCAL, BackendValue, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, MAP_BACKENDS, MAP_CONNTRACK,
+    MAP_INGRESS_PORTS, MAP_OPTIONS, MAP_REPLY_PORTS, MAP_SERVICES, OPT_INGRESS_PORTS_READY,
+    OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN, OPT_REPLY_PORTS_READY, PORT_SET_WORDS, SCOPE_EXTERNAL,
+    ServiceKey, ServiceValue, nat_ports,
+};
+
+/// One port set: its map and a copy of its words (a port already set costs no syscall).
+pub struct PortSet {
+    name: &'static str,
+    map: Array<MapData, u64>,
+    words: Vec<u64>,
+}
+
+impl PortSet {
+    /// The set `name` of the object, or `None` when the object has no such map (older builds,
+    /// which the bench and the upgrade test load).
+    pub fn open(ebpf: &Ebpf, name: &'static str) -> Result<Option<Self>> {
+        if ebpf.map(name).is_none() {
+            return Ok(None);
+        }
+        let map: Array<MapData, u64> = Array::try_from(super::store::dup_map(ebpf, name)?)?;
+        let words = (0..PORT_SET_WORDS)
+            .map(|i| map.get(&i, 0).with_context(|| format!("reading {name}[{i}]")))
+            .collect::<Result<_>>()?;
+        Ok(Some(Self { name, map, words }))
+    }
+
+    /// Adds the ports `first..=last` (host order), writing each changed word once.
+    pub fn add_range(&mut self, first: u16, last: u16) -> Result<()> {
+        for (i, bits) in range_masks(first, last) {
+            if self.words[i] & bits != bits {
+                self.words[i] |= bits;
+                self.map
+                    .set(i as u32, self.words[i], 0)
+                    .with_context(|| format!("writing {}[{i}]", self.name))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a port (network byte order, as maps hold it).
+    pub fn add(&mut self, port_be: u16) -> Result<()> {
+        let port = u16::from_be(port_be);
+        self.add_range(port, port)
+    }
+
+    /// How many ports are set.
+    pub fn len(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The words `first..=last` touches, each with the bits of the range it holds.
+fn range_masks(first: u16, last: u16) -> impl Iterator<Item = (usize, u64)> {
+    (first as usize / 64..=last as usize / 64).map(move |i| {
+        let lo = (i * 64).max(first as usize);
+        let hi = (i * 64 + 63).min(last as usize);
+        (i, (u64::MAX >> (63 - (hi - lo))) << (lo % 64))
+    })
+}
+
+/// Both sets, as the map writer keeps them (each `None` when the object lacks its map, and both
+/// for pins opened to be read).
+#[derive(Default)]
+pub struct PortFilters {
+    reply: Option<PortSet>,
+    ingress: Option<PortSet>,
+}
+
+impl PortFilters {
+    pub fn open(ebpf: &Ebpf) -> Result<Self> {
+        Ok(Self {
+            reply: PortSet::open(ebpf, MAP_REPLY_PORTS)?,
+            ingress: PortSet::open(ebpf, MAP_INGRESS_PORTS)?,
+        })
+    }
+
+    /// Adds `b`'s port if it is a local backend (call before writing `b`: a flow can reach it
+    /// as soon as it is in `LB_BACKENDS`).
+    pub fn note_backend(&mut self, b: &BackendValue) -> Result<()> {
+        match self.reply.as_mut() {
+            Some(set) if b.flags & BE_F_LOCAL != 0 => set.add(b.port_be),
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds `key`'s port if it is an external frontend (call before writing the frontend).
+    pub fn note_frontend(&mut self, key: &ServiceKey) -> Result<()> {
+        match self.ingress.as_mut() {
+            Some(set) if key.scope == SCOPE_EXTERNAL => set.add(key.port_be),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The SNAT port range as `LB_OPTIONS` holds it (what the datapath allocates from).
+fn stored_nat_range(options: &Array<&mut MapData, u32>) -> Result<(u16, u16)> {
+    let opt = |i| options.get(&i, 0).context("reading LB_OPTIONS");
+    let (first, count) = nat_ports(opt(OPT_NAT_PORT_MIN)?, opt(OPT_NAT_PORT_MAX)?);
+    Ok((first as u16, (first + count - 1) as u16))
+}
+
+/// Adds the SNAT port range now in `LB_OPTIONS` to the ingress set (replies of remote backends
+/// arrive on those ports). Run whenever the range is written, and by [`enable`].
+pub fn note_nat_range(ebpf: &mut Ebpf) -> Result<()> {
+    let Some(mut set) = PortSet::open(ebpf, MAP_INGRESS_PORTS)? else { return Ok(()) };
+    let options = Array::try_from(ebpf.map_mut(MAP_OPTIONS).context("no LB_OPTIONS map")?)?;
+    let (first, last) = stored_nat_range(&options)?;
+    set.add_range(first, last)
+}
+
+/// What [`enable`] found: ports set in each filter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Enabled {
+    pub reply_ports: usize,
+    pub ingress_ports: usize,
+}
+
+/// Fills both sets from the maps as they are (an upgrade from a build without them, or flows
+/// whose backends or services are gone), then tells the datapath they are complete:
+/// - reply ports: every local backend in `LB_BACKENDS`, and the source port of every reply
+///   entry of a local backend in conntrack;
+/// - ingress ports: every external frontend in `LB_SERVICES`, the SNAT range in `LB_OPTIONS`,
+///   and the destination port of every other conntrack entry (a forward entry's frontend port,
+///   a SNATed reply's NAT port, also from an earlier range).
+///
+/// Run at agent start, before or after attaching: until its option is set, the datapath does
+/// not filter on a set. Sets the object lacks are skipped.
+pub fn enable(ebpf: &mut Ebpf) -> Result<Enabled> {
+    let mut filters = PortFilters::open(ebpf)?;
+    let map = |name: &str| ebpf.map(name).with_context(|| format!("object has no map {name}"));
+    let backends: Array<&MapData, BackendValue> = Array::try_from(map(MAP_BACKENDS)?)?;
+    for b in backends.iter().flatten() {
+        filters.note_backend(&b)?;
+    }
+    let services: HashMap<&MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(map(MAP_SERVICES)?)?;
+    for key in services.keys().flatten() {
+        filters.note_frontend(&key)?;
+    }
+    let ct: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map(MAP_CONNTRACK)?)?;
+    for (key, value) in ct.iter().flatten() {
+        if value.flags & (CT_F_REPLY | CT_F_SNAT) == CT_F_REPLY {
+            // A local backend's reply: it leaves through egress.
+            if let Some(set) = filters.reply.as_mut() {
+                set.add(key.sport_be)?;
+            }
+        } else if let Some(set) = filters.ingress.as_mut() {
+            set.add(key.dport_be)?;
+        }
+    }
+    let mut options: Array<&mut MapData, u32> =
+        Array::try_from(ebpf.map_mut(MAP_OPTIONS).context("no LB_OPTIONS map")?)?;
+    if let Some(set) = filters.ingress.as_mut() {
+        let (first, last) = stored_nat_range(&options)?;
+        set.add_range(first, last)?;
+    }
+    let mut enabled = Enabled::default();
+    for (set, ready, count) in [
+        (&filters.reply, OPT_REPLY_PORTS_READY, &mut enabled.reply_ports),
+        (&filters.ingress, OPT_INGRESS_PORTS_READY, &mut enabled.ingress_ports),
+    ] {
+        if let Some(set) = set {
+            *count = set.len();
+            options.set(ready, 1, 0).context("writing LB_OPTIONS")?;
+        }
+    }
+    Ok(enabled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The words `add_range` writes hold exactly the range's bits, checked port by port.
+    #[test]
+    fn range_masks_cover_exactly_the_range() {
+        for (first, last) in [(0, 0), (0, 63), (5, 9), (63, 64), (61000, 65535), (130, 1000)] {
+            let mut words = vec![0u64; PORT_SET_WORDS as usize];
+            for (i, bits) in range_masks(first, last) {
+                assert_eq!(words[i], 0, "word {i} twice");
+                words[i] = bits;
+            }
+            for port in 0..=65535u16 {
+                let set = words[port as usize / 64] & (1 << (port % 64)) != 0;
+                assert_eq!(set, (first..=last).contains(&port), "{first}..={last}: port {port}");
+            }
+        }
+    }
+}
