@@ -2,6 +2,7 @@
 //! writing maps.
 
 pub mod attach;
+pub mod conntrack;
 pub mod counters;
 pub mod ids;
 pub mod links;
