@@ -1,6 +1,7 @@
 //! The conntrack maps as one table for user space. IPv4 flows live in `LB_CT4` under a
 //! 16-byte key, IPv6 flows in `LB_CT` (the datapath's conntrack.rs picks the same way);
-//! callers see [`CtKey`] either way.
+//! callers see [`CtKey`] either way. An object built before `LB_CT4` (the bench loads older
+//! builds) keeps both families in `LB_CT`, and is read that way.
 
 use std::path::Path;
 
@@ -12,17 +13,19 @@ use aya::{
 use lb_common::{CtKey, CtKey4, CtValue, MAP_CONNTRACK, MAP_CONNTRACK4};
 
 pub struct Conntrack {
-    v4: HashMap<MapData, CtKey4, CtValue>,
+    /// `None` for an object without `LB_CT4`.
+    v4: Option<HashMap<MapData, CtKey4, CtValue>>,
     v6: HashMap<MapData, CtKey, CtValue>,
 }
 
 impl Conntrack {
     /// The object's maps (duplicated handles: the object stays usable).
     pub fn of(ebpf: &Ebpf) -> Result<Self> {
-        Ok(Self {
-            v4: HashMap::try_from(super::store::dup_map(ebpf, MAP_CONNTRACK4)?)?,
-            v6: HashMap::try_from(super::store::dup_map(ebpf, MAP_CONNTRACK)?)?,
-        })
+        let v4 = match ebpf.map(MAP_CONNTRACK4) {
+            Some(_) => Some(HashMap::try_from(super::store::dup_map(ebpf, MAP_CONNTRACK4)?)?),
+            None => None,
+        };
+        Ok(Self { v4, v6: HashMap::try_from(super::store::dup_map(ebpf, MAP_CONNTRACK)?)? })
     }
 
     /// The maps an agent pinned in `dir` (see `loader::maps_pin_dir`).
@@ -34,42 +37,43 @@ impl Conntrack {
             Ok(Map::LruHashMap(data))
         };
         Ok(Self {
-            v4: HashMap::try_from(open(MAP_CONNTRACK4)?)?,
+            v4: Some(HashMap::try_from(open(MAP_CONNTRACK4)?)?),
             v6: HashMap::try_from(open(MAP_CONNTRACK)?)?,
         })
     }
 
     /// Every entry, IPv4 first. An entry removed while this walks the map is left out.
     pub fn entries(&self) -> Vec<(CtKey, CtValue)> {
-        let v4 = self.v4.iter().flatten().map(|(k, v)| (k.to_key(), v));
+        let v4 = self.v4.iter().flat_map(|m| m.iter().flatten().map(|(k, v)| (k.to_key(), v)));
         v4.chain(self.v6.iter().flatten()).collect()
     }
 
-    /// Entries in each map: (IPv4, IPv6).
+    /// Entries in each map: (`LB_CT4`, `LB_CT`).
     pub fn counts(&self) -> (u64, u64) {
-        (self.v4.keys().flatten().count() as u64, self.v6.keys().flatten().count() as u64)
+        let v4 = self.v4.as_ref().map_or(0, |m| m.keys().flatten().count() as u64);
+        (v4, self.v6.keys().flatten().count() as u64)
     }
 
     pub fn get(&self, key: &CtKey) -> Option<CtValue> {
-        match key.to_v4() {
-            Some(k4) => self.v4.get(&k4, 0).ok(),
-            None => self.v6.get(key, 0).ok(),
+        match (&self.v4, key.to_v4()) {
+            (Some(v4), Some(k4)) => v4.get(&k4, 0).ok(),
+            _ => self.v6.get(key, 0).ok(),
         }
     }
 
     /// Writes an entry; `flags` as for bpf_map_update_elem (BPF_NOEXIST: only if absent).
     pub fn insert(&mut self, key: &CtKey, value: &CtValue, flags: u64) -> Result<()> {
-        match key.to_v4() {
-            Some(k4) => self.v4.insert(k4, value, flags),
-            None => self.v6.insert(key, value, flags),
+        match (&mut self.v4, key.to_v4()) {
+            (Some(v4), Some(k4)) => v4.insert(k4, value, flags),
+            _ => self.v6.insert(key, value, flags),
         }
         .with_context(|| format!("writing conntrack entry {key:?}"))
     }
 
     pub fn remove(&mut self, key: &CtKey) -> Result<()> {
-        match key.to_v4() {
-            Some(k4) => self.v4.remove(&k4),
-            None => self.v6.remove(key),
+        match (&mut self.v4, key.to_v4()) {
+            (Some(v4), Some(k4)) => v4.remove(&k4),
+            _ => self.v6.remove(key),
         }
         .with_context(|| format!("removing conntrack entry {key:?}"))
     }
@@ -81,6 +85,9 @@ impl Conntrack {
     /// still attached, keep using `LB_CT`), and once with it right after, for the entries they
     /// created or refreshed meanwhile. Returns how many entries were copied.
     pub fn move_v4_from_lb_ct(&mut self, finish: bool) -> Result<usize> {
+        if self.v4.is_none() {
+            return Ok(0); // an older object: LB_CT is where its IPv4 flows belong
+        }
         let legacy: Vec<(CtKey, CtValue)> =
             self.v6.iter().flatten().filter(|(k, _)| k.to_v4().is_some()).collect();
         let mut copied = 0;
