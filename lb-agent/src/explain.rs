@@ -19,7 +19,6 @@ use serde::Serialize;
 
 use crate::{
     dataplane::{
-        conntrack::Conntrack,
         links::links_pin_dir,
         loader::{load_shadow, maps_pin_dir},
     },
@@ -413,13 +412,26 @@ fn explain_device(
         _pad8: 0,
         _pad16: 0,
     };
-    let live_ct = Conntrack::pinned(&dir)?;
-    let mut private_ct = Conntrack::of(&shadow)?;
-    if let Some(v) = live_ct.get(&ct_key) {
-        private_ct.insert(&ct_key, &v, 0)?;
-        let pair = v.pair_key(proto);
-        if let Some(pv) = live_ct.get(&pair) {
-            private_ct.insert(&pair, &pv, 0)?;
+    let live_ct: HashMap<MapData, CtKey, CtValue> =
+        HashMap::try_from(Map::LruHashMap(MapData::from_pin(dir.join(MAP_CONNTRACK))?))?;
+    let live_entry = live_ct.get(&ct_key, 0).ok();
+    {
+        let mut ct: HashMap<&mut MapData, CtKey, CtValue> =
+            HashMap::try_from(shadow.map_mut(MAP_CONNTRACK).context("no LB_CT")?)?;
+        if let Some(v) = live_entry {
+            ct.insert(ct_key, v, 0)?;
+            let pair = CtKey {
+                saddr: v.new_daddr,
+                daddr: v.new_saddr,
+                sport_be: v.new_dport_be,
+                dport_be: v.new_sport_be,
+                proto,
+                _pad8: 0,
+                _pad16: 0,
+            };
+            if let Ok(pv) = live_ct.get(&pair, 0) {
+                ct.insert(pair, pv, 0)?;
+            }
         }
     }
     let mut affinity_note = None;
@@ -492,7 +504,9 @@ fn explain_device(
             "reject: ICMP port unreachable back to the client (no endpoint anywhere)".into();
         return Ok(());
     }
-    if let Some(v) = private_ct.get(&ct_key) {
+    let private_ct: HashMap<&MapData, CtKey, CtValue> =
+        HashMap::try_from(shadow.map(MAP_CONNTRACK).context("no LB_CT")?)?;
+    if let Ok(v) = private_ct.get(&ct_key, 0) {
         let b = ins.snapshot.backends.get(&v.backend_id).copied().unwrap_or_default();
         e.backend = Some(SocketAddr::new(b.ip(), b.port()).to_string());
         e.snat = v.flags & CT_F_SNAT != 0;

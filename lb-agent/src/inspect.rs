@@ -10,7 +10,6 @@ use lb_common::*;
 use serde::Serialize;
 
 use crate::dataplane::{
-    conntrack::Conntrack,
     loader::maps_pin_dir,
     store::{KernelStore, MapStore, Snapshot},
 };
@@ -312,15 +311,13 @@ impl Inspection {
         Ok(out)
     }
 
-    /// Both conntrack maps (IPv4 and IPv6 flows) as one.
-    fn conntrack_maps(&self) -> Result<Conntrack> {
-        Conntrack::pinned(&maps_pin_dir(&self.bpffs))
-    }
-
     pub fn conntrack(&self) -> Result<Vec<ConntrackRow>> {
+        let map: HashMap<MapData, CtKey, CtValue> =
+            HashMap::try_from(Map::LruHashMap(open_pinned(&self.bpffs, MAP_CONNTRACK)?))?;
         let now = coarse_now_ns();
         let mut rows = Vec::new();
-        for (k, v) in self.conntrack_maps()?.entries() {
+        for kv in map.iter() {
+            let (k, v) = kv?;
             rows.push(ConntrackRow {
                 direction: if v.flags & CT_F_REPLY != 0 { "reply" } else { "original" },
                 protocol: proto_name(k.proto),
@@ -349,11 +346,14 @@ impl Inspection {
 
     /// SNAT port use per backend and node address, from the reply entries (each holds one port).
     pub fn snat_ports(&self) -> Result<Vec<SnatPortsRow>> {
+        let map: HashMap<MapData, CtKey, CtValue> =
+            HashMap::try_from(Map::LruHashMap(open_pinned(&self.bpffs, MAP_CONNTRACK)?))?;
         let capacity = self.nat_port_range()?;
         let now = coarse_now_ns();
         // Keyed by the reply entry's backend address, port, protocol and node address.
         let mut by_backend: BTreeMap<(Addr, u16, u8, Addr), SnatPortsRow> = BTreeMap::new();
-        for (k, v) in self.conntrack_maps()?.entries() {
+        for kv in map.iter() {
+            let (k, v) = kv?;
             let snat_reply = CT_F_REPLY | CT_F_SNAT;
             if v.flags & snat_reply != snat_reply {
                 continue;
@@ -416,7 +416,7 @@ impl Inspection {
             entries: used_slots,
             capacity: maglev_entries * MAGLEV_SLOTS_PER_ENTRY,
         });
-        for name in [MAP_CONNTRACK4, MAP_CONNTRACK, MAP_AFFINITY, MAP_SOCK_REVNAT] {
+        for name in [MAP_CONNTRACK, MAP_AFFINITY, MAP_SOCK_REVNAT] {
             let data = open_pinned(&self.bpffs, name)?;
             let capacity = data.info()?.max_entries();
             let entries = count_keys(data, name)?;
@@ -430,9 +430,6 @@ fn count_keys(data: MapData, name: &str) -> Result<u64> {
     Ok(match name {
         MAP_CONNTRACK => {
             HashMap::<_, CtKey, CtValue>::try_from(Map::LruHashMap(data))?.keys().count() as u64
-        }
-        MAP_CONNTRACK4 => {
-            HashMap::<_, CtKey4, CtValue>::try_from(Map::LruHashMap(data))?.keys().count() as u64
         }
         MAP_AFFINITY => HashMap::<_, AffinityKey, AffinityValue>::try_from(Map::LruHashMap(data))?
             .keys()

@@ -16,9 +16,7 @@ use ipnet::IpNet;
 use lb_agent::{
     config::ModelConfig,
     dataplane::{
-        attach,
-        conntrack::Conntrack,
-        counters, links,
+        attach, counters, links,
         links::LinkPins,
         loader::{self, LoadOptions, MapSizes},
         options, port_filters, programs,
@@ -107,15 +105,9 @@ struct Args {
     /// Maglev slots shared by all backend sets (4 bytes each).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAGLEV_SLOTS)]
     maglev_slots: u32,
-    /// Conntrack entries for IPv4 flows through the devices (two per flow; LRU when full).
-    /// Preallocated in the kernel: about 120 bytes an entry.
+    /// Conntrack entries for flows through the devices (two per flow; LRU when full).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_CONNTRACK)]
     max_conntrack: u32,
-    /// The same for IPv6 flows (about 144 bytes an entry; default: `--max-conntrack`, which
-    /// sized this map alone before IPv4 flows got theirs, so pinned maps stay valid). A node
-    /// without IPv6 traffic can make it small.
-    #[arg(long)]
-    max_conntrack_v6: Option<u32>,
     /// Largest Maglev table of one backend set (a prime from 251 to 131071).
     #[arg(long, default_value_t = maglev::DEFAULT_MAX_SIZE)]
     maglev_max_size: u32,
@@ -199,7 +191,6 @@ async fn run(args: Args) -> Result<()> {
         max_backends: args.max_backends,
         maglev_slots: args.maglev_slots,
         max_conntrack: args.max_conntrack,
-        max_conntrack6: args.max_conntrack_v6.unwrap_or(args.max_conntrack),
     };
     let status = Status::new(args.bpffs.clone());
     let listener =
@@ -216,8 +207,7 @@ async fn run(args: Args) -> Result<()> {
         (lb_common::MAP_MAGLEV, sizes.maglev_slots as i64),
         (lb_common::MAP_AFFINITY_MATCH, sizes.max_backends as i64),
         (lb_common::MAP_NAMES, sizes.max_services as i64),
-        (lb_common::MAP_CONNTRACK4, sizes.max_conntrack as i64),
-        (lb_common::MAP_CONNTRACK, sizes.max_conntrack6 as i64),
+        (lb_common::MAP_CONNTRACK, sizes.max_conntrack as i64),
     ] {
         status.metrics.map_capacity.get_or_create(&MapLabel { map: map.into() }).set(cap);
     }
@@ -226,10 +216,6 @@ async fn run(args: Args) -> Result<()> {
     let opts =
         options::Options { reject_tcp_with: args.reject_tcp_with, nat_ports: args.nat_port_range };
     options::write(&mut ebpf, &opts)?;
-    // IPv4 flows of an older build, still attached, are in LB_CT: copied now, and once more
-    // (then removed there) after this build's programs are attached.
-    let mut conntrack = Conntrack::of(&ebpf)?;
-    let moved = conntrack.move_v4_from_lb_ct(false)?;
     let filters = port_filters::enable(&mut ebpf)?;
     info!(
         bpffs = %args.bpffs.display(),
@@ -264,10 +250,6 @@ async fn run(args: Args) -> Result<()> {
             attached(label, dev);
             attach::xdp_tx(&mut ebpf, dev, mode, args.xdp_tx)?;
         }
-    }
-    let moved = moved + conntrack.move_v4_from_lb_ct(true)?;
-    if moved > 0 {
-        info!(entries = moved, "moved IPv4 conntrack entries of an older build to LB_CT4");
     }
     for gone in pins.remove_unwanted()? {
         info!(hook = gone, "detached a hook no longer configured");

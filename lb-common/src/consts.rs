@@ -23,12 +23,9 @@ pub const MAP_AFFINITY_MATCH: &str = "LB_AFF_MATCH";
 /// Socket-level reverse translation (LRU): [`crate::SockRevNatKey`] -> [`crate::SockRevNatValue`],
 /// so getpeername() and UDP recvmsg() show the service address, not the backend.
 pub const MAP_SOCK_REVNAT: &str = "LB_SOCK_RNAT";
-/// Connection tracking and NAT of IPv6 device-hook flows (LRU): [`crate::CtKey`] ->
-/// [`crate::CtValue`]. Each flow has two entries: the original direction and the reply as it
-/// arrives. (Builds before `MAP_CONNTRACK4` kept IPv4 flows here too.)
+/// Connection tracking and NAT of device-hook flows (LRU): [`crate::CtKey`] -> [`crate::CtValue`].
+/// Each flow has two entries: the original direction and the reply as it arrives.
 pub const MAP_CONNTRACK: &str = "LB_CT";
-/// The same for IPv4 flows, keyed by [`crate::CtKey4`] (the smaller key hashes faster).
-pub const MAP_CONNTRACK4: &str = "LB_CT4";
 /// loadBalancerSourceRanges (LPM trie): prefix of [`crate::SourceRangeKey`] -> `u32` (unused).
 pub const MAP_SOURCE_RANGES: &str = "LB_SRC_RANGES";
 /// Service port names for lbctl: service id -> [`crate::ServiceName`]. Kept in a map so they

@@ -206,73 +206,6 @@ pub struct CtKey {
     pub _pad16: u16,
 }
 
-/// The key of an IPv4 flow in `LB_CT4`: [`CtKey`] without the mapped prefixes. 16 bytes hash
-/// in well under half the time of 40, and IPv4 flows are most flows.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CtKey4 {
-    pub saddr: u32,
-    pub daddr: u32,
-    pub sport_be: u16,
-    pub dport_be: u16,
-    pub proto: u8,
-    pub _pad8: u8,
-    pub _pad16: u16,
-}
-
-impl CtKey {
-    /// The `LB_CT4` key of an IPv4 flow; `None` for IPv6 (`LB_CT`). Both addresses of a flow
-    /// are of one family, so the source decides.
-    pub fn to_v4(&self) -> Option<CtKey4> {
-        addr_is_v4(&self.saddr).then(|| self.v4_key())
-    }
-
-    /// The `LB_CT4` key, for a caller that knows the flow is IPv4.
-    #[inline(always)]
-    pub fn v4_key(&self) -> CtKey4 {
-        CtKey4 {
-            saddr: self.saddr[3],
-            daddr: self.daddr[3],
-            sport_be: self.sport_be,
-            dport_be: self.dport_be,
-            proto: self.proto,
-            _pad8: 0,
-            _pad16: 0,
-        }
-    }
-}
-
-impl CtValue {
-    /// The key of the opposite direction's entry: this entry's rewritten tuple, reversed.
-    #[inline(always)]
-    pub fn pair_key(&self, proto: u8) -> CtKey {
-        CtKey {
-            saddr: self.new_daddr,
-            daddr: self.new_saddr,
-            sport_be: self.new_dport_be,
-            dport_be: self.new_sport_be,
-            proto,
-            _pad8: 0,
-            _pad16: 0,
-        }
-    }
-}
-
-impl CtKey4 {
-    /// The common form, as [`CtKey::to_v4`] took it apart.
-    pub fn to_key(&self) -> CtKey {
-        CtKey {
-            saddr: addr_from_v4_raw(self.saddr),
-            daddr: addr_from_v4_raw(self.daddr),
-            sport_be: self.sport_be,
-            dport_be: self.dport_be,
-            proto: self.proto,
-            _pad8: 0,
-            _pad16: 0,
-        }
-    }
-}
-
 /// What to do with packets of a tracked flow: rewrite their tuple to these values.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -370,7 +303,6 @@ const _: () = {
     assert!(size_of::<SockRevNatKey>() == 32 && align_of::<SockRevNatKey>() == 8);
     assert!(size_of::<SockRevNatValue>() == 24 && align_of::<SockRevNatValue>() == 4);
     assert!(size_of::<CtKey>() == 40 && align_of::<CtKey>() == 4);
-    assert!(size_of::<CtKey4>() == 16 && align_of::<CtKey4>() == 4);
     assert!(size_of::<CtValue>() == 56 && align_of::<CtValue>() == 8);
     assert!(size_of::<NodeConfig>() == 32);
     assert!(size_of::<SourceRangeKey>() == 20);
@@ -392,7 +324,6 @@ mod pod {
     unsafe impl aya::Pod for super::SockRevNatKey {}
     unsafe impl aya::Pod for super::SockRevNatValue {}
     unsafe impl aya::Pod for super::CtKey {}
-    unsafe impl aya::Pod for super::CtKey4 {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::SourceRangeKey {}
@@ -402,23 +333,6 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ipv4_conntrack_keys_round_trip_and_ipv6_ones_stay_in_lb_ct() {
-        let v4 = CtKey {
-            saddr: addr_from_ip(Ipv4Addr::new(203, 0, 113, 7).into()),
-            daddr: addr_from_ip(Ipv4Addr::new(192, 168, 1, 11).into()),
-            sport_be: 40000u16.to_be(),
-            dport_be: 30080u16.to_be(),
-            proto: crate::PROTO_TCP,
-            ..Default::default()
-        };
-        let k4 = v4.to_v4().expect("an IPv4 flow");
-        assert_eq!(k4.saddr.to_ne_bytes(), [203, 0, 113, 7]);
-        assert_eq!(k4.to_key(), v4);
-        let v6 = CtKey { saddr: addr_from_ip("2001:db8::7".parse().unwrap()), ..v4 };
-        assert_eq!(v6.to_v4(), None);
-    }
 
     #[test]
     fn v4_addresses_are_mapped_and_round_trip() {

@@ -1,17 +1,13 @@
-//! Connection tracking for device-hook flows. Each flow has two entries: the original
-//! direction (client -> frontend) and the reply as it arrives (backend -> client or node).
-//! Each entry holds the rewrite for its direction, so a packet needs one lookup. Entries age
-//! by protocol and TCP state; the LRU map evicts the oldest when full.
-//!
-//! Keys are `CtKey` here; only the map accesses at the end of this file tell the families
-//! apart: IPv4 flows live in `LB_CT4` under a 16-byte key, IPv6 flows in `LB_CT`.
+//! Connection tracking for device-hook flows. Each flow has two entries in `LB_CT`: the
+//! original direction (client -> frontend) and the reply as it arrives (backend -> client or
+//! node). Each entry holds the rewrite for its direction, so a packet needs one lookup.
+//! Entries age by protocol and TCP state; the LRU map evicts the oldest when full.
 
 use lb_common::*;
 
 use crate::{
     clock,
-    clock::age_ns,
-    maps::{CONNTRACK, CONNTRACK4},
+    maps::CONNTRACK,
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
@@ -36,16 +32,30 @@ pub fn fill_key(k: &mut CtKey, saddr: &Addr, daddr: &Addr, ports_be: (u16, u16),
     k._pad16 = 0;
 }
 
+/// The key of the opposite direction's entry: the rewritten tuple, reversed.
+#[inline(always)]
+pub fn pair_key(v: &CtValue, proto: u8) -> CtKey {
+    CtKey {
+        saddr: v.new_daddr,
+        daddr: v.new_saddr,
+        sport_be: v.new_dport_be,
+        dport_be: v.new_sport_be,
+        proto,
+        _pad8: 0,
+        _pad16: 0,
+    }
+}
+
 /// The live entry for a packet's tuple, after advancing its TCP state. An expired entry is
 /// removed with its pair and reported as absent.
 #[inline(always)]
-pub fn lookup<const V6: bool>(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
-    let entry = entry_ptr::<V6>(key)?;
+pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a live map value; concurrent updates by another CPU touch only last_seen/state,
     // whose torn reads are harmless.
     let e = unsafe { &mut *entry };
     let now = clock::now_ns();
-    if remove_if_expired::<V6>(key, e, now) {
+    if remove_if_expired(key, e, now) {
         return None;
     }
     let mut state = e.state;
@@ -69,13 +79,13 @@ pub fn lookup<const V6: bool>(key: &CtKey, tcp_flags: u8) -> Option<&'static CtV
             state = CT_STATE_ESTABLISHED;
         }
     }
-    if state != e.state || age_ns(now, e.last_seen_ns) > REFRESH_NS {
+    if state != e.state || now.wrapping_sub(e.last_seen_ns) > REFRESH_NS {
         // Closing, reset and reopening concern both directions; establishing does not.
         let both = state != e.state && (state >= CT_STATE_CLOSING || state == CT_STATE_NEW);
         e.state = state;
         e.last_seen_ns = now;
         if both {
-            sync_pair::<V6>(e, key.proto);
+            sync_pair(e, key.proto);
         }
     }
     Some(e)
@@ -87,9 +97,9 @@ pub fn lookup<const V6: bool>(key: &CtKey, tcp_flags: u8) -> Option<&'static CtV
 /// the tuple of one that ended): its reply entry must not expire under it. A subprogram: the
 /// pair's key stays off the caller's stack.
 #[inline(never)]
-fn sync_pair<const V6: bool>(e: &CtValue, proto: u8) {
-    let pair = e.pair_key(proto);
-    if let Some(p) = entry_ptr::<V6>(&pair) {
+fn sync_pair(e: &CtValue, proto: u8) {
+    let pair = pair_key(e, proto);
+    if let Some(p) = CONNTRACK.get_ptr_mut(pair) {
         // SAFETY: a live map value; a racing update of the same bytes is harmless.
         unsafe {
             if (*p).state < e.state || e.state == CT_STATE_NEW {
@@ -104,13 +114,13 @@ fn sync_pair<const V6: bool>(e: &CtValue, proto: u8) {
 /// state allows. Entries expire lazily: a flow never seen again keeps its entries (and a SNAT
 /// port) until this runs on them or the LRU evicts them.
 #[inline(always)]
-fn remove_if_expired<const V6: bool>(key: &CtKey, e: &CtValue, now: u64) -> bool {
-    if age_ns(now, e.last_seen_ns) <= lifetime_ns(key.proto, e.state) {
+fn remove_if_expired(key: &CtKey, e: &CtValue, now: u64) -> bool {
+    if now.wrapping_sub(e.last_seen_ns) <= lifetime_ns(key.proto, e.state) {
         return false;
     }
-    let pair = e.pair_key(key.proto);
-    remove::<V6>(key);
-    remove::<V6>(&pair);
+    let pair = pair_key(e, key.proto);
+    let _ = CONNTRACK.remove(key);
+    let _ = CONNTRACK.remove(pair);
     stats::count(STAT_CT_EXPIRED);
     true
 }
@@ -118,43 +128,29 @@ fn remove_if_expired<const V6: bool>(key: &CtKey, e: &CtValue, now: u64) -> bool
 /// Frees `key` if the entry holding it is expired (a SNAT port of a flow that ended). `copy`
 /// is scratch space: removing the entry frees the memory it lives in.
 #[inline(always)]
-pub fn reclaim_if_expired<const V6: bool>(key: &CtKey, copy: &mut CtValue) -> bool {
-    let Some(e) = get::<V6>(key) else { return false };
+pub fn reclaim_if_expired(key: &CtKey, copy: &mut CtValue) -> bool {
+    let Some(e) = get(key) else { return false };
     *copy = *e;
-    remove_if_expired::<V6>(key, copy, clock::now_ns())
+    remove_if_expired(key, copy, clock::now_ns())
 }
 
 pub const BPF_ANY: u64 = 0;
 pub const BPF_NOEXIST: u64 = 1;
 
-// ---- The map accesses. `V6` picks the map at compile time: one map per code path keeps the
-// verifier's work linear (a run-time choice in nat.rs's port loop multiplied its states).
-
 /// Inserts an entry; `exclusive` fails if the key exists (claiming a SNAT port).
 #[inline(always)]
-pub fn insert<const V6: bool>(key: &CtKey, value: &CtValue, exclusive: bool) -> Result<(), ()> {
-    let flags = if exclusive { BPF_NOEXIST } else { BPF_ANY };
-    if V6 {
-        CONNTRACK.insert(key, value, flags)
-    } else {
-        CONNTRACK4.insert(key.v4_key(), value, flags)
-    }
-    .map_err(|_| ())
+pub fn insert(key: &CtKey, value: &CtValue, exclusive: bool) -> Result<(), ()> {
+    CONNTRACK.insert(key, value, if exclusive { BPF_NOEXIST } else { BPF_ANY }).map_err(|_| ())
 }
 
 #[inline(always)]
-pub fn remove<const V6: bool>(key: &CtKey) {
-    let _ = if V6 { CONNTRACK.remove(key) } else { CONNTRACK4.remove(key.v4_key()) };
-}
-
-#[inline(always)]
-fn entry_ptr<const V6: bool>(key: &CtKey) -> Option<*mut CtValue> {
-    if V6 { CONNTRACK.get_ptr_mut(key) } else { CONNTRACK4.get_ptr_mut(key.v4_key()) }
+pub fn remove(key: &CtKey) {
+    let _ = CONNTRACK.remove(key);
 }
 
 /// The entry for `key` as stored (no ageing).
 #[inline(always)]
-pub fn get<const V6: bool>(key: &CtKey) -> Option<&'static CtValue> {
+pub fn get(key: &CtKey) -> Option<&'static CtValue> {
     // SAFETY: a live map value.
-    entry_ptr::<V6>(key).map(|p| unsafe { &*p })
+    CONNTRACK.get_ptr(key).map(|p| unsafe { &*p })
 }

@@ -135,11 +135,7 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
 // Separate functions (BPF subprograms): each keeps its own stack frame under the 512-byte limit.
 #[inline(never)]
 fn tracked<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Option<Action> {
-    let ct = if flow.is_v6 {
-        conntrack::lookup::<true>(flow.ct_key(), flow.tcp_flags)
-    } else {
-        conntrack::lookup::<false>(flow.ct_key(), flow.tcp_flags)
-    }?;
+    let ct = conntrack::lookup(flow.ct_key(), flow.tcp_flags)?;
     // The stack would refuse a packet whose source is now a node address: it must be forwarded
     // from here (checked before counting: tc counts what XDP hands over).
     if ct.flags & CT_F_SNAT != 0 && leave_to_tc(pkt, flow, &ct.new_saddr, &ct.new_daddr) {
@@ -201,12 +197,7 @@ fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Actio
     }
     count_service_hit(svc.service_id, len);
     let ids = nat::Ids { backend_id: sel.id, service_id: svc.service_id, snat, hash };
-    let created = if flow.is_v6 {
-        nat::create::<true>(flow, backend, &ids)
-    } else {
-        nat::create::<false>(flow, backend, &ids)
-    };
-    let ct = match created {
+    let ct = match nat::create(flow, backend, &ids) {
         Ok(ct) => ct,
         Err(e) => {
             stats::count(match e {

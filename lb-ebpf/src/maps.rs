@@ -48,14 +48,8 @@ pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u32> =
 pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
     LruHashMap::with_max_entries(DEFAULT_MAX_SOCK_REVNAT, 0);
 
-/// IPv6 flows (conntrack.rs picks the map by family).
 #[map(name = "LB_CT")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
-
-/// IPv4 flows, with the smaller key.
-#[map(name = "LB_CT4")]
-pub static CONNTRACK4: LruHashMap<CtKey4, CtValue> =
     LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
 
 // Written by the agent, read by lbctl; never by the datapath.

@@ -40,9 +40,8 @@ fn port_range() -> (u32, NonZeroU32) {
 /// Records the flow `flow` -> `backend` (both directions) and returns the forward entry (the
 /// copy in this CPU's scratch slot that was stored: looking it up again would cost a third
 /// hash operation per new flow). Keys and values are built in per-CPU scratch space, not on the stack.
-/// `V6`: the flow's family, which picks the conntrack map.
 #[inline(never)]
-pub fn create<const V6: bool>(
+pub fn create(
     flow: &Flow,
     backend: &BackendValue,
     ids: &Ids,
@@ -73,7 +72,7 @@ pub fn create<const V6: bool>(
     conntrack::fill_key(&mut s.reply_key, &backend.addr, &flow.saddr, ports, flow.proto);
     let mut sport_be = flow.sport_be;
     if !ids.snat {
-        conntrack::insert::<V6>(&s.reply_key, &s.value, false).map_err(|_| NatError::CtFull)?;
+        conntrack::insert(&s.reply_key, &s.value, false).map_err(|_| NatError::CtFull)?;
     } else {
         s.reply_key.daddr = node_addr(flow.is_v6).ok_or(NatError::NoNodeAddr)?;
         let (first, range) = port_range();
@@ -87,9 +86,9 @@ pub fn create<const V6: bool>(
             s.reply_key.dport_be = port.to_be();
             // Claim the port: the reply tuple must be unique. A port still held by a flow that
             // ended long ago (expired, never looked up since) is taken over.
-            if conntrack::insert::<V6>(&s.reply_key, &s.value, true).is_ok()
-                || (conntrack::reclaim_if_expired::<V6>(&s.reply_key, &mut s.expired)
-                    && conntrack::insert::<V6>(&s.reply_key, &s.value, true).is_ok())
+            if conntrack::insert(&s.reply_key, &s.value, true).is_ok()
+                || (conntrack::reclaim_if_expired(&s.reply_key, &mut s.expired)
+                    && conntrack::insert(&s.reply_key, &s.value, true).is_ok())
             {
                 claimed = true;
                 sport_be = port.to_be();
@@ -105,8 +104,8 @@ pub fn create<const V6: bool>(
     s.value.new_sport_be = sport_be;
     s.value.new_dport_be = backend.port_be;
     s.value.flags = flags;
-    if conntrack::insert::<V6>(&s.forward_key, &s.value, false).is_err() {
-        conntrack::remove::<V6>(&s.reply_key);
+    if conntrack::insert(&s.forward_key, &s.value, false).is_err() {
+        conntrack::remove(&s.reply_key);
         return Err(NatError::CtFull);
     }
     Ok(&s.value)

@@ -90,7 +90,6 @@ fn datapath_with(n: usize, object: Option<&[u8]>) -> Datapath {
         max_backends: (n as u32 + 256).next_power_of_two(),
         maglev_slots: (n as u32 + 16) * 256 + 8192 * 2,
         max_conntrack: 1 << 20,
-        max_conntrack6: 1 << 20,
     };
     let mut dp = match object {
         Some(object) => Datapath::load_object(sizes, object),

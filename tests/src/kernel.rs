@@ -13,7 +13,6 @@ use aya::{
 };
 use lb_agent::{
     dataplane::{
-        conntrack::Conntrack,
         counters,
         loader::{self, LoadOptions, MapSizes},
         programs,
@@ -36,7 +35,6 @@ pub const TEST_MAP_SIZES: MapSizes = MapSizes {
     max_backends: 1024,
     maglev_slots: 1 << 16,
     max_conntrack: 16384,
-    max_conntrack6: 16384,
 };
 
 /// The clock conntrack entries are stamped with (bpf_ktime_get_coarse_ns).
@@ -177,25 +175,28 @@ impl Datapath {
         self.writer().set_node_addresses(v4, v6).expect("write LB_NODE");
     }
 
-    /// Both conntrack maps (IPv4 and IPv6 flows) as one.
-    pub fn conntrack_maps(&self) -> Conntrack {
-        Conntrack::of(&self.ebpf).unwrap_or_else(|e| panic!("{e:#}"))
+    /// Every conntrack entry.
+    pub fn conntrack(&self) -> Vec<(lb_common::CtKey, lb_common::CtValue)> {
+        let map: HashMap<&MapData, lb_common::CtKey, lb_common::CtValue> =
+            HashMap::try_from(self.ebpf.map(lb_common::MAP_CONNTRACK).expect("ct map"))
+                .expect("ct map type");
+        map.iter().map(|r| r.expect("read ct")).collect()
     }
 
-    /// Every conntrack entry, of both families.
-    pub fn conntrack(&self) -> Vec<(lb_common::CtKey, lb_common::CtValue)> {
-        self.conntrack_maps().entries()
+    fn conntrack_mut(&mut self) -> HashMap<&mut MapData, lb_common::CtKey, lb_common::CtValue> {
+        HashMap::try_from(self.ebpf.map_mut(lb_common::MAP_CONNTRACK).expect("ct map"))
+            .expect("ct map type")
     }
 
     /// Adds a conntrack entry; `false` when the key exists already.
     pub fn insert_conntrack(&mut self, key: lb_common::CtKey, value: lb_common::CtValue) -> bool {
         const BPF_NOEXIST: u64 = 1;
-        self.conntrack_maps().insert(&key, &value, BPF_NOEXIST).is_ok()
+        self.conntrack_mut().insert(key, value, BPF_NOEXIST).is_ok()
     }
 
     /// Replaces a conntrack entry.
     pub fn set_conntrack(&mut self, key: lb_common::CtKey, value: lb_common::CtValue) {
-        self.conntrack_maps().insert(&key, &value, 0).expect("set ct entry");
+        self.conntrack_mut().insert(key, value, 0).expect("set ct entry");
     }
 
     /// Adds or replaces a frontend.

@@ -138,25 +138,6 @@ fn conntrack_entries_are_stamped_with_the_coarse_clock_of_their_packet() {
     assert!((before - SLACK_NS..=after).contains(&s), "refreshed: {before} <= {s} <= {after}");
 }
 
-/// Another CPU may stamp an entry with the next tick's time while this CPU's clock still reads
-/// the previous tick (clock.rs): such an entry is live, not 2^64 ns old and expired.
-#[test]
-fn an_entry_stamped_a_tick_ahead_by_another_cpu_stays_live() {
-    require_root!();
-    let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
-    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41010, VIP, 80, true, b""));
-    let ahead = lb_tests::kernel::coarse_now_ns() + 10_000_000;
-    for (k, v) in dp.conntrack() {
-        dp.set_conntrack(k, CtValue { last_seen_ns: ahead, ..v });
-    }
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41010, VIP, 80, false, b"more"));
-    assert_eq!(s.dst, sa(LOCAL_POD, 8080));
-    let (_, s) = run(&dp, PROG_TC_EGRESS, &tcp4(LOCAL_POD, 8080, CLIENT, 41010, false, b"ok"));
-    assert_eq!(s.src, sa(VIP, 80));
-    assert_eq!((dp.stat(STAT_CT_EXPIRED), dp.stat(STAT_CT_NEW)), (0, 1), "expired, new");
-    assert_eq!(dp.stat(STAT_CT_HIT), 2);
-}
-
 #[test]
 fn remote_backend_gets_snat_with_a_bpf_port_and_its_reply_is_reversed() {
     require_root!();
@@ -884,86 +865,4 @@ fn enabling_the_port_filters_seeds_them_from_frontends_and_existing_flows() {
     assert_eq!(s.src, sa(VIP, 80));
     let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43001, VIP, 7000, false, b"ok"));
     assert_eq!(s.dst, sa(LOCAL_POD, 8080));
-}
-
-/// Builds before `LB_CT4` kept IPv4 flows in `LB_CT`; this one looks them up in `LB_CT4`. The
-/// agent moves them at start: a copy before attaching, then what the older programs created
-/// or refreshed meanwhile, removed from `LB_CT`. A moved flow keeps its backend and SNAT port,
-/// its replies are still reversed, and IPv6 entries stay where they are.
-#[test]
-fn ipv4_flows_an_older_build_kept_in_lb_ct_move_to_lb_ct4_with_their_snat_port() {
-    require_root!();
-    let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41000, VIP, 80, true, b""));
-    let nat_port = s.src.port();
-    let entries = dp.conntrack();
-    assert_eq!(entries.len(), 2, "{entries:?}");
-    // Where the older build kept them, beside an IPv6 flow.
-    let mut cts = dp.conntrack_maps();
-    for (k, _) in &entries {
-        cts.remove(k).expect("remove");
-    }
-    let v6_key = CtKey {
-        saddr: addr_from_ip("2001:db8:7::7".parse().unwrap()),
-        daddr: addr_from_ip("fd00:1::11".parse().unwrap()),
-        ..entries[0].0
-    };
-    let legacy_entry = |dp: &mut Datapath, k: &CtKey, v: &CtValue| {
-        let mut legacy: aya::maps::HashMap<&mut aya::maps::MapData, CtKey, CtValue> =
-            aya::maps::HashMap::try_from(dp.ebpf.map_mut(MAP_CONNTRACK).expect("LB_CT"))
-                .expect("hash map");
-        legacy.insert(k, v, 0).expect("insert");
-    };
-    for (k, v) in &entries {
-        legacy_entry(&mut dp, k, v);
-    }
-    legacy_entry(&mut dp, &v6_key, &entries[0].1);
-    let in_lb_ct = |dp: &Datapath| -> Vec<CtKey> {
-        let legacy: aya::maps::HashMap<&aya::maps::MapData, CtKey, CtValue> =
-            aya::maps::HashMap::try_from(dp.ebpf.map(MAP_CONNTRACK).expect("LB_CT"))
-                .expect("hash map");
-        legacy.keys().map(|k| k.expect("key")).collect()
-    };
-
-    assert_eq!(cts.move_v4_from_lb_ct(false).expect("move"), 2);
-    assert_eq!(in_lb_ct(&dp).len(), 3, "copied, not yet removed");
-    // The older programs, still attached, refresh the forward entry meanwhile.
-    let (fk, fv) = *entries.iter().find(|(_, v)| v.flags & CT_F_REPLY == 0).expect("forward");
-    std::thread::sleep(std::time::Duration::from_millis(20)); // a few coarse clock ticks
-    let now = lb_tests::kernel::coarse_now_ns();
-    assert!(now > fv.last_seen_ns);
-    let refreshed = CtValue { last_seen_ns: now, state: CT_STATE_ESTABLISHED, ..fv };
-    legacy_entry(&mut dp, &fk, &refreshed);
-    assert_eq!(cts.move_v4_from_lb_ct(true).expect("move"), 1, "only the refreshed entry");
-    assert_eq!(in_lb_ct(&dp), vec![v6_key], "IPv4 entries removed, IPv6 kept");
-    assert_eq!(cts.get(&fk), Some(refreshed));
-
-    // The flow goes on through its SNAT port, both ways.
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41000, VIP, 80, false, b"more"));
-    assert_eq!((s.src, s.dst), (sa(NODE, nat_port), sa(REMOTE_POD, 8080)));
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, nat_port, false, b"ok"));
-    assert_eq!((s.src, s.dst), (sa(VIP, 80), sa(CLIENT, 41000)));
-    assert_eq!(dp.stat(STAT_CT_NEW), 1, "no new flow");
-}
-
-/// IPv4 flows are kept in `LB_CT4`, IPv6 flows in `LB_CT`, each with both of its entries.
-#[test]
-fn each_family_has_its_own_conntrack_map() {
-    require_root!();
-    let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
-    let client6: Ipv6Addr = "2001:db8:7::7".parse().unwrap();
-    let vip6: Ipv6Addr = "2001:db8::80".parse().unwrap();
-    let pod6: IpAddr = "fd00:10::5".parse().unwrap();
-    dp.program(
-        "web6",
-        &[lb_plan("web6", vip6.into(), 80, Protocol::Tcp, vec![backend(pod6, 8080, true)])],
-    );
-    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41001, VIP, 80, true, b""));
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp6(client6, 41001, vip6, 80, true, b""));
-    assert_eq!(s.dst, sa(pod6, 8080));
-    assert_eq!(dp.conntrack_maps().counts(), (2, 2), "(IPv4, IPv6)");
-    for (k, _) in dp.conntrack() {
-        let v4 = addr_is_v4(&k.saddr) && addr_is_v4(&k.daddr);
-        assert_eq!(k.to_v4().is_some(), v4, "{k:?}");
-    }
 }

@@ -59,8 +59,7 @@ fn health_ready_metrics_and_health_check_node_ports() {
     assert_eq!(value("lb_datapath_events_total{event=\"ct_new\"}"), 5.0);
     assert!(value("lb_datapath_service_packets_total{service=\"default/lb:p/TCP/IPv4\"}") >= 15.0);
     assert_eq!(value("lb_objects{kind=\"Service\"}"), 1.0);
-    assert_eq!(value("lb_map_capacity{map=\"LB_CT4\"}"), 65536.0);
-    assert_eq!(value("lb_map_capacity{map=\"LB_CT\"}"), 65536.0, "--max-conntrack-v6 unset");
+    assert_eq!(value("lb_map_capacity{map=\"LB_CT\"}"), 65536.0);
     assert!(value("lb_map_entries{map=\"LB_BACKENDS\"}") >= 1.0);
     assert_eq!(value("lb_program_attached{program=\"tc\",target=\"eth0\"}"), 1.0);
     assert!(metrics.trim_end().ends_with("# EOF"));

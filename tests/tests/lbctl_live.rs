@@ -118,12 +118,10 @@ fn lbctl_reports_services_backends_flows_affinity_and_counters() {
     let stats = lbctl(&["stats", "--bpffs", &pins, "-o", "json"]);
     assert_eq!(stats["counters"]["ct_new"], 10);
     assert_eq!(stats["counters"]["affinity_hit"], 9);
-    let fill = |map: &str| {
-        stats["maps"].as_array().unwrap().iter().find(|m| m["map"] == map).unwrap().clone()
-    };
-    let (ct4, ct6) = (fill("LB_CT4"), fill("LB_CT"));
-    assert_eq!((&ct4["entries"], &ct6["entries"]), (&20.into(), &0.into()), "IPv4 flows");
-    assert_eq!((&ct4["capacity"], &ct6["capacity"]), (&65536.into(), &65536.into()));
+    let ct_fill =
+        stats["maps"].as_array().unwrap().iter().find(|m| m["map"] == "LB_CT").unwrap().clone();
+    assert_eq!(ct_fill["entries"], 20);
+    assert_eq!(ct_fill["capacity"], 65536);
 
     let maglev = lbctl(&["maglev", "web", "--bpffs", &pins, "-o", "json", "--table"]);
     let t = &maglev.as_array().unwrap()[0];

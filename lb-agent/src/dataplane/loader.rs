@@ -25,10 +25,8 @@ pub struct MapSizes {
     pub max_frontends: u32,
     pub max_backends: u32,
     pub maglev_slots: u32,
-    /// Conntrack entries of IPv4 device-hook flows (two per flow; `LB_CT4`).
+    /// Conntrack entries of device-hook flows (two per flow).
     pub max_conntrack: u32,
-    /// The same for IPv6 flows (`LB_CT`).
-    pub max_conntrack6: u32,
 }
 
 impl Default for MapSizes {
@@ -39,7 +37,6 @@ impl Default for MapSizes {
             max_backends: DEFAULT_MAX_BACKENDS,
             maglev_slots: DEFAULT_MAGLEV_SLOTS,
             max_conntrack: DEFAULT_MAX_CONNTRACK,
-            max_conntrack6: DEFAULT_MAX_CONNTRACK,
         }
     }
 }
@@ -72,8 +69,7 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
         spec::<AffinityKey, AffinityValue>(MAP_AFFINITY, DEFAULT_MAX_AFFINITY),
         spec::<AffinityMatchKey, u32>(MAP_AFFINITY_MATCH, sizes.max_backends),
         spec::<SockRevNatKey, SockRevNatValue>(MAP_SOCK_REVNAT, DEFAULT_MAX_SOCK_REVNAT),
-        spec::<CtKey, CtValue>(MAP_CONNTRACK, sizes.max_conntrack6),
-        spec::<CtKey4, CtValue>(MAP_CONNTRACK4, sizes.max_conntrack),
+        spec::<CtKey, CtValue>(MAP_CONNTRACK, sizes.max_conntrack),
         spec::<u32, NodeConfig>(MAP_NODE, 1),
         spec::<u32, ServiceName>(MAP_NAMES, sizes.max_services),
         // LPM keys carry a 32-bit prefix length before the data.

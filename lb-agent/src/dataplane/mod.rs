@@ -2,7 +2,6 @@
 //! writing maps.
 
 pub mod attach;
-pub mod conntrack;
 pub mod counters;
 pub mod ids;
 pub mod links;

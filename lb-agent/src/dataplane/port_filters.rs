@@ -15,9 +15,10 @@ use aya::{
     maps::{Array, HashMap, MapData},
 };
 use lb_common::{
-    BE_F_LOCAL, BackendValue, CT_F_REPLY, CT_F_SNAT, MAP_BACKENDS, MAP_INGRESS_PORTS, MAP_OPTIONS,
-    MAP_REPLY_PORTS, MAP_SERVICES, OPT_INGRESS_PORTS_READY, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN,
-    OPT_REPLY_PORTS_READY, PORT_SET_WORDS, SCOPE_EXTERNAL, ServiceKey, ServiceValue, nat_ports,
+    BE_F_LOCAL, BackendValue, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, MAP_BACKENDS, MAP_CONNTRACK,
+    MAP_INGRESS_PORTS, MAP_OPTIONS, MAP_REPLY_PORTS, MAP_SERVICES, OPT_INGRESS_PORTS_READY,
+    OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN, OPT_REPLY_PORTS_READY, PORT_SET_WORDS, SCOPE_EXTERNAL,
+    ServiceKey, ServiceValue, nat_ports,
 };
 
 /// One port set: its map and a copy of its words (a port already set costs no syscall).
@@ -158,7 +159,8 @@ pub fn enable(ebpf: &mut Ebpf) -> Result<Enabled> {
     for key in services.keys().flatten() {
         filters.note_frontend(&key)?;
     }
-    for (key, value) in super::conntrack::Conntrack::of(ebpf)?.entries() {
+    let ct: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map(MAP_CONNTRACK)?)?;
+    for (key, value) in ct.iter().flatten() {
         if value.flags & (CT_F_REPLY | CT_F_SNAT) == CT_F_REPLY {
             // A local backend's reply: it leaves through egress.
             if let Some(set) = filters.reply.as_mut() {

@@ -271,7 +271,6 @@ pub(crate) fn dup_map(ebpf: &Ebpf, name: &str) -> Result<Map> {
     };
     match ebpf.map(name).with_context(|| format!("object has no map {name}"))? {
         Map::HashMap(d) => Ok(Map::HashMap(dup(d)?)),
-        Map::LruHashMap(d) => Ok(Map::LruHashMap(dup(d)?)),
         Map::Array(d) => Ok(Map::Array(dup(d)?)),
         Map::LpmTrie(d) => Ok(Map::LpmTrie(dup(d)?)),
         _ => anyhow::bail!("map {name} has an unexpected type"),

@@ -134,7 +134,6 @@ fn control_plane() {
         // Room for every table plus a quarter for tables being resized.
         maglev_slots: (SERVICES as u32 + 64) * m * 5 / 4,
         max_conntrack: 65_536,
-        max_conntrack6: 65_536,
     };
     println!(
         "control-plane bench: {SERVICES} services x {ENDPOINTS} endpoints (ClusterIP, Maglev M={m}), then {CHANGES} single-endpoint changes"
