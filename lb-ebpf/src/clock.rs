@@ -40,3 +40,11 @@ pub fn now_ns() -> u64 {
     }
     c.ns
 }
+
+/// How long before `now` the stamp `then` was taken. Another CPU's stamp may be ahead of this
+/// CPU's `now` by up to a tick (see above): that is age 0, not an age near 2^64, which would
+/// expire a live conntrack entry or affinity.
+#[inline(always)]
+pub fn age_ns(now: u64, then: u64) -> u64 {
+    now.saturating_sub(then)
+}

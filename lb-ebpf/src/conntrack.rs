@@ -6,7 +6,7 @@
 use lb_common::*;
 
 use crate::{
-    clock,
+    clock::{self, age_ns},
     maps::CONNTRACK,
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
@@ -79,7 +79,7 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
             state = CT_STATE_ESTABLISHED;
         }
     }
-    if state != e.state || now.wrapping_sub(e.last_seen_ns) > REFRESH_NS {
+    if state != e.state || age_ns(now, e.last_seen_ns) > REFRESH_NS {
         // Closing, reset and reopening concern both directions; establishing does not.
         let both = state != e.state && (state >= CT_STATE_CLOSING || state == CT_STATE_NEW);
         e.state = state;
@@ -115,7 +115,7 @@ fn sync_pair(e: &CtValue, proto: u8) {
 /// port) until this runs on them or the LRU evicts them.
 #[inline(always)]
 fn remove_if_expired(key: &CtKey, e: &CtValue, now: u64) -> bool {
-    if now.wrapping_sub(e.last_seen_ns) <= lifetime_ns(key.proto, e.state) {
+    if age_ns(now, e.last_seen_ns) <= lifetime_ns(key.proto, e.state) {
         return false;
     }
     let pair = pair_key(e, key.proto);

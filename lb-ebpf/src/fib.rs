@@ -105,7 +105,7 @@ fn next_hop(
     let now = clock::now_ns();
     // SAFETY: a copy of a live value is taken at once.
     if let Some(e) = unsafe { NEXT_HOPS.get(&key) }
-        && now.wrapping_sub(e.looked_up_ns) < NEXT_HOP_TTL_NS
+        && clock::age_ns(now, e.looked_up_ns) < NEXT_HOP_TTL_NS
     {
         copy_hop(&e.hop, out);
         return BPF_FIB_LKUP_RET_SUCCESS;

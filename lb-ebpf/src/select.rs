@@ -67,7 +67,7 @@ pub fn with_affinity(
     // SAFETY: a concurrent update gives an old or new value; both are valid entries.
     if let Some(v) = unsafe { AFFINITY.get(key) } {
         let fresh =
-            now.wrapping_sub(v.last_used_ns) <= svc.affinity_timeout_s as u64 * 1_000_000_000;
+            clock::age_ns(now, v.last_used_ns) <= svc.affinity_timeout_s as u64 * 1_000_000_000;
         let member = AffinityMatchKey { backend_id: v.backend_id, service_id: svc.service_id };
         // SAFETY: read-only presence check.
         if fresh

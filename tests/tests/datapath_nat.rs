@@ -138,6 +138,25 @@ fn conntrack_entries_are_stamped_with_the_coarse_clock_of_their_packet() {
     assert!((before - SLACK_NS..=after).contains(&s), "refreshed: {before} <= {s} <= {after}");
 }
 
+/// Another CPU may stamp an entry with the next tick's time while this CPU's clock still reads
+/// the previous tick (clock.rs): such an entry is live, not 2^64 ns old and expired.
+#[test]
+fn an_entry_stamped_a_tick_ahead_by_another_cpu_stays_live() {
+    require_root!();
+    let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
+    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41010, VIP, 80, true, b""));
+    let ahead = lb_tests::kernel::coarse_now_ns() + 10_000_000;
+    for (k, v) in dp.conntrack() {
+        dp.set_conntrack(k, CtValue { last_seen_ns: ahead, ..v });
+    }
+    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41010, VIP, 80, false, b"more"));
+    assert_eq!(s.dst, sa(LOCAL_POD, 8080));
+    let (_, s) = run(&dp, PROG_TC_EGRESS, &tcp4(LOCAL_POD, 8080, CLIENT, 41010, false, b"ok"));
+    assert_eq!(s.src, sa(VIP, 80));
+    assert_eq!((dp.stat(STAT_CT_EXPIRED), dp.stat(STAT_CT_NEW)), (0, 1), "expired, new");
+    assert_eq!(dp.stat(STAT_CT_HIT), 2);
+}
+
 #[test]
 fn remote_backend_gets_snat_with_a_bpf_port_and_its_reply_is_reversed() {
     require_root!();

@@ -15,7 +15,7 @@ use crate::util::{run_cmd, succeeds, workspace_root};
 
 /// The release upgraded from: the last commit of the previous working session. Move it forward
 /// when a release is cut.
-pub const UPGRADE_FROM: &str = "05d4e7552fe8e53b5e4702de8ef2f1142048779f";
+pub const UPGRADE_FROM: &str = "5083305059251fd1e84ff6e0c5fcf1a1f5f0b363";
 
 fn git(args: &[&str]) -> Command {
     let mut cmd = Command::new("git");
