@@ -58,7 +58,9 @@ fn nodeport_cluster_and_local_policies_from_an_outside_client() {
     }
 
     // lbctl counts node-0's SNAT ports per remote backend: one per connection it answered,
-    // each closing (the client closed first, so the backend keeps no TIME_WAIT), of 1000.
+    // each closing (the client closed first, so the backend keeps no TIME_WAIT), of 1000. On
+    // a loaded machine a connection can end in a reset instead (a retransmitted segment that
+    // reaches a socket already closed is answered with one): it still holds its port.
     let out = std::process::Command::new(lb_tests::workspace_bin("lbctl"))
         .args(["nat", "--ports", "--bpffs", run.pins[0].path.to_str().unwrap(), "-o", "json"])
         .output()
@@ -74,7 +76,9 @@ fn nodeport_cluster_and_local_policies_from_an_outside_client() {
         assert_eq!(row["node"], node0.as_str(), "{row}");
         assert_eq!(row["capacity"], 1000, "{row}");
         assert_eq!(row["held"], answered, "{row}");
-        assert_eq!(row["closing"], answered, "{row}");
+        let ended = row["closing"].as_u64().unwrap() + row["reset"].as_u64().unwrap();
+        assert_eq!(ended, answered, "{row}");
+        assert!(row["reset"].as_u64().unwrap() <= 2, "a rare reset, not the rule: {row}");
         assert_eq!(row["time_wait"], 0, "{row}");
     }
 
