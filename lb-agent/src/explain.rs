@@ -420,15 +420,7 @@ fn explain_device(
             HashMap::try_from(shadow.map_mut(MAP_CONNTRACK).context("no LB_CT")?)?;
         if let Some(v) = live_entry {
             ct.insert(ct_key, v, 0)?;
-            let pair = CtKey {
-                saddr: v.new_daddr,
-                daddr: v.new_saddr,
-                sport_be: v.new_dport_be,
-                dport_be: v.new_sport_be,
-                proto,
-                _pad8: 0,
-                _pad16: 0,
-            };
+            let pair = v.pair_key(proto);
             if let Ok(pv) = live_ct.get(&pair, 0) {
                 ct.insert(pair, pv, 0)?;
             }

@@ -225,6 +225,22 @@ pub struct CtValue {
     pub _pad: [u8; 2],
 }
 
+impl CtValue {
+    /// The key of the opposite direction's entry: this entry's rewritten tuple, reversed.
+    #[inline(always)]
+    pub fn pair_key(&self, proto: u8) -> CtKey {
+        CtKey {
+            saddr: self.new_daddr,
+            daddr: self.new_saddr,
+            sport_be: self.new_dport_be,
+            dport_be: self.new_sport_be,
+            proto,
+            _pad8: 0,
+            _pad16: 0,
+        }
+    }
+}
+
 /// The data of an LPM key for loadBalancerSourceRanges: the service id always matches in full
 /// (the first 32 bits of the prefix), then the client address bits.
 #[repr(C)]

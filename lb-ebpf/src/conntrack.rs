@@ -32,20 +32,6 @@ pub fn fill_key(k: &mut CtKey, saddr: &Addr, daddr: &Addr, ports_be: (u16, u16),
     k._pad16 = 0;
 }
 
-/// The key of the opposite direction's entry: the rewritten tuple, reversed.
-#[inline(always)]
-pub fn pair_key(v: &CtValue, proto: u8) -> CtKey {
-    CtKey {
-        saddr: v.new_daddr,
-        daddr: v.new_saddr,
-        sport_be: v.new_dport_be,
-        dport_be: v.new_sport_be,
-        proto,
-        _pad8: 0,
-        _pad16: 0,
-    }
-}
-
 /// The live entry for a packet's tuple, after advancing its TCP state. An expired entry is
 /// removed with its pair and reported as absent.
 #[inline(always)]
@@ -98,7 +84,7 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
 /// pair's key stays off the caller's stack.
 #[inline(never)]
 fn sync_pair(e: &CtValue, proto: u8) {
-    let pair = pair_key(e, proto);
+    let pair = e.pair_key(proto);
     if let Some(p) = CONNTRACK.get_ptr_mut(pair) {
         // SAFETY: a live map value; a racing update of the same bytes is harmless.
         unsafe {
@@ -118,7 +104,7 @@ fn remove_if_expired(key: &CtKey, e: &CtValue, now: u64) -> bool {
     if age_ns(now, e.last_seen_ns) <= lifetime_ns(key.proto, e.state) {
         return false;
     }
-    let pair = pair_key(e, key.proto);
+    let pair = e.pair_key(key.proto);
     let _ = CONNTRACK.remove(key);
     let _ = CONNTRACK.remove(pair);
     stats::count(STAT_CT_EXPIRED);
