@@ -62,12 +62,8 @@ impl PortSet {
     }
 
     /// How many ports are set.
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
