@@ -10,6 +10,8 @@ use lb_common::*;
 use serde::Serialize;
 
 use crate::dataplane::{
+    batch,
+    conntrack_gc::datapath_now_ns,
     loader::maps_pin_dir,
     store::{KernelStore, MapStore, Snapshot},
 };
@@ -312,13 +314,11 @@ impl Inspection {
     }
 
     pub fn conntrack(&self) -> Result<Vec<ConntrackRow>> {
-        let map: HashMap<MapData, CtKey, CtValue> =
-            HashMap::try_from(Map::LruHashMap(open_pinned(&self.bpffs, MAP_CONNTRACK)?))?;
-        let now = coarse_now_ns();
+        let map = open_pinned(&self.bpffs, MAP_CONNTRACK)?;
+        let now = datapath_now_ns();
         let mut rows = Vec::new();
-        for kv in map.iter() {
-            let (k, v) = kv?;
-            rows.push(ConntrackRow {
+        batch::for_each_chunk::<CtKey, CtValue>(&map, |keys, values| {
+            rows.extend(keys.iter().zip(values).map(|(k, v)| ConntrackRow {
                 direction: if v.flags & CT_F_REPLY != 0 { "reply" } else { "original" },
                 protocol: proto_name(k.proto),
                 from: sock(&k.saddr, k.sport_be),
@@ -336,8 +336,9 @@ impl Inspection {
                     _ => "new",
                 },
                 idle_s: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
-            });
-        }
+            }));
+            Ok(())
+        })?;
         rows.sort_by(|a, b| {
             (&a.service, &a.from, a.direction).cmp(&(&b.service, &b.from, b.direction))
         });
@@ -346,17 +347,15 @@ impl Inspection {
 
     /// SNAT port use per backend and node address, from the reply entries (each holds one port).
     pub fn snat_ports(&self) -> Result<Vec<SnatPortsRow>> {
-        let map: HashMap<MapData, CtKey, CtValue> =
-            HashMap::try_from(Map::LruHashMap(open_pinned(&self.bpffs, MAP_CONNTRACK)?))?;
+        let map = open_pinned(&self.bpffs, MAP_CONNTRACK)?;
         let capacity = self.nat_port_range()?;
-        let now = coarse_now_ns();
+        let now = datapath_now_ns();
         // Keyed by the reply entry's backend address, port, protocol and node address.
         let mut by_backend: BTreeMap<(Addr, u16, u8, Addr), SnatPortsRow> = BTreeMap::new();
-        for kv in map.iter() {
-            let (k, v) = kv?;
+        let mut count = |k: &CtKey, v: &CtValue| {
             let snat_reply = CT_F_REPLY | CT_F_SNAT;
             if v.flags & snat_reply != snat_reply {
-                continue;
+                return;
             }
             let row =
                 by_backend.entry((k.saddr, k.sport_be, k.proto, k.daddr)).or_insert_with(|| {
@@ -368,10 +367,9 @@ impl Inspection {
                         ..Default::default()
                     }
                 });
-            let idle_s = now.saturating_sub(v.last_seen_ns) / 1_000_000_000;
-            if idle_s > ct_lifetime_s(k.proto, v.state) {
+            if ct_expired(k.proto, v.state, now.saturating_sub(v.last_seen_ns)) {
                 row.expired += 1;
-                continue;
+                return;
             }
             row.held += 1;
             *match v.state {
@@ -380,7 +378,11 @@ impl Inspection {
                 CT_STATE_RESET => &mut row.reset,
                 _ => &mut row.open,
             } += 1;
-        }
+        };
+        batch::for_each_chunk::<CtKey, CtValue>(&map, |keys, values| {
+            keys.iter().zip(values).for_each(|(k, v)| count(k, v));
+            Ok(())
+        })?;
         Ok(by_backend.into_values().collect())
     }
 
@@ -428,9 +430,7 @@ impl Inspection {
 
 fn count_keys(data: MapData, name: &str) -> Result<u64> {
     Ok(match name {
-        MAP_CONNTRACK => {
-            HashMap::<_, CtKey, CtValue>::try_from(Map::LruHashMap(data))?.keys().count() as u64
-        }
+        MAP_CONNTRACK => batch::for_each_chunk::<CtKey, CtValue>(&data, |_, _| Ok(()))?,
         MAP_AFFINITY => HashMap::<_, AffinityKey, AffinityValue>::try_from(Map::LruHashMap(data))?
             .keys()
             .count() as u64,
@@ -441,13 +441,6 @@ fn count_keys(data: MapData, name: &str) -> Result<u64> {
 }
 
 /// CLOCK_MONOTONIC_COARSE, the clock bpf_ktime_get_coarse_ns reads.
-fn coarse_now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 #[derive(Clone, Debug, Serialize)]
 pub struct AffinityRow {
     pub service: String,
@@ -462,7 +455,7 @@ impl Inspection {
     pub fn affinity(&self) -> Result<Vec<AffinityRow>> {
         let map: HashMap<MapData, AffinityKey, AffinityValue> =
             HashMap::try_from(Map::LruHashMap(open_pinned(&self.bpffs, MAP_AFFINITY)?))?;
-        let now = coarse_now_ns();
+        let now = datapath_now_ns();
         let mut rows = Vec::new();
         for kv in map.iter() {
             let (k, v) = kv?;

@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use lb_agent::{
     config::ModelConfig,
     dataplane::{
-        attach, counters, links,
+        attach, conntrack_gc, counters, links,
         links::LinkPins,
         loader::{self, LoadOptions, MapSizes},
         options, port_filters, programs,
@@ -108,6 +108,10 @@ struct Args {
     /// Conntrack entries for flows through the devices (two per flow; LRU when full).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_CONNTRACK)]
     max_conntrack: u32,
+    /// Seconds between conntrack sweeps, which remove the entries of ended flows (the datapath
+    /// only expires an entry when a packet meets it). 0: never (the LRU map evicts).
+    #[arg(long, default_value_t = 30)]
+    conntrack_gc_interval: u64,
     /// Largest Maglev table of one backend set (a prime from 251 to 131071).
     #[arg(long, default_value_t = maglev::DEFAULT_MAX_SIZE)]
     maglev_max_size: u32,
@@ -250,6 +254,10 @@ async fn run(args: Args) -> Result<()> {
             attached(label, dev);
             attach::xdp_tx(&mut ebpf, dev, mode, args.xdp_tx)?;
         }
+    }
+    if args.conntrack_gc_interval > 0 {
+        let interval = Duration::from_secs(args.conntrack_gc_interval);
+        conntrack_gc::spawn(&args.bpffs, interval, status.metrics.conntrack_gc.clone())?;
     }
     for gone in pins.remove_unwanted()? {
         info!(hook = gone, "detached a hook no longer configured");

@@ -171,8 +171,7 @@ pub const CT_TIMEOUT_TCP_RESET_S: u64 = 1;
 pub const CT_TIMEOUT_TCP_TIME_WAIT_S: u64 = 60;
 pub const CT_TIMEOUT_UDP_S: u64 = 60;
 
-/// How long an entry of this protocol and state lives without traffic (the datapath's rule;
-/// `lbctl` uses it to tell held SNAT ports from reusable ones).
+/// How long an entry of this protocol and state lives without traffic (see [`ct_expired`]).
 #[inline(always)]
 pub const fn ct_lifetime_s(proto: u8, state: u8) -> u64 {
     if proto != PROTO_TCP {
@@ -185,6 +184,14 @@ pub const fn ct_lifetime_s(proto: u8, state: u8) -> u64 {
         CT_STATE_TIME_WAIT => CT_TIMEOUT_TCP_TIME_WAIT_S,
         _ => CT_TIMEOUT_TCP_SYN_S,
     }
+}
+
+/// Whether an entry of this protocol and state has expired, `age_ns` after its last packet:
+/// the one rule of the datapath (an expired entry is a new flow), the agent's conntrack GC and
+/// `lbctl` (held SNAT ports against reusable ones).
+#[inline(always)]
+pub const fn ct_expired(proto: u8, state: u8, age_ns: u64) -> bool {
+    age_ns > ct_lifetime_s(proto, state) * 1_000_000_000
 }
 
 // ---- SNAT source ports ----

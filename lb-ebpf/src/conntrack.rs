@@ -16,11 +16,6 @@ const NS: u64 = 1_000_000_000;
 /// last_seen is refreshed at most this often, to keep hot entries' cache lines quiet.
 const REFRESH_NS: u64 = NS;
 
-#[inline(always)]
-fn lifetime_ns(proto: u8, state: u8) -> u64 {
-    ct_lifetime_s(proto, state) * NS
-}
-
 /// Writes a key in place, field by field (a struct literal would be built on the stack first).
 #[inline(always)]
 pub fn fill_key(k: &mut CtKey, saddr: &Addr, daddr: &Addr, ports_be: (u16, u16), proto: u8) {
@@ -101,7 +96,7 @@ fn sync_pair(e: &CtValue, proto: u8) {
 /// port) until this runs on them or the LRU evicts them.
 #[inline(always)]
 fn remove_if_expired(key: &CtKey, e: &CtValue, now: u64) -> bool {
-    if age_ns(now, e.last_seen_ns) <= lifetime_ns(key.proto, e.state) {
+    if !ct_expired(key.proto, e.state, age_ns(now, e.last_seen_ns)) {
         return false;
     }
     let pair = e.pair_key(key.proto);

@@ -38,12 +38,7 @@ pub const TEST_MAP_SIZES: MapSizes = MapSizes {
 };
 
 /// The clock conntrack entries are stamped with (bpf_ktime_get_coarse_ns).
-pub fn coarse_now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use lb_agent::dataplane::conntrack_gc::datapath_now_ns as coarse_now_ns;
 
 /// What a program did with one packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,6 +176,14 @@ impl Datapath {
             HashMap::try_from(self.ebpf.map(lb_common::MAP_CONNTRACK).expect("ct map"))
                 .expect("ct map type");
         map.iter().map(|r| r.expect("read ct")).collect()
+    }
+
+    /// The conntrack map itself, for the agent's readers (the sweep, the batch reader).
+    pub fn conntrack_map(&self) -> &MapData {
+        match self.ebpf.map(lb_common::MAP_CONNTRACK) {
+            Some(aya::maps::Map::LruHashMap(map)) => map,
+            _ => panic!("no LB_CT LRU hash map"),
+        }
     }
 
     fn conntrack_mut(&mut self) -> HashMap<&mut MapData, lb_common::CtKey, lb_common::CtValue> {

@@ -3,9 +3,12 @@
 //! (client address kept, only local pods, nodes without one stay silent); pods reaching a
 //! ClusterIP through the same agents.
 
+use std::time::{Duration, Instant};
+
 use lb_tests::{
     cluster::{Cluster, Running, by_server, host_of, parse_probe},
     manifests::Svc,
+    netns::http_get,
     require_root,
 };
 
@@ -30,10 +33,11 @@ fn nodeport_cluster_and_local_policies_from_an_outside_client() {
     // The Local service has endpoints on node-0 only.
     let local_eps: Vec<_> = eps.iter().filter(|e| e.node == "node-0").cloned().collect();
     // SNAT source ports from a range of the operator's choosing (outside the ephemeral ports).
+    // No conntrack sweep: the ports of ended flows are counted below, however slow the run.
     let run = Running::start_with(
         cluster,
         &[("web.yaml", CLUSTER_SVC.file(&eps)), ("local.yaml", LOCAL_SVC.file(&local_eps))],
-        &["--nat-port-range", "20000-20999"],
+        &["--nat-port-range", "20000-20999", "--conntrack-gc-interval", "0"],
     );
     let node0 = run.cluster.nodes[0].ip4.to_string();
     let node1 = run.cluster.nodes[1].ip4.to_string();
@@ -216,4 +220,73 @@ fn cluster_policy_answers_every_connection(run: &Running, count: usize) -> usize
 fn node_counters(run: &Running, n: usize) -> std::collections::BTreeMap<&'static str, u64> {
     let path = &run.pins[n].path;
     lb_agent::dataplane::counters::global_pinned(path).unwrap().into_iter().collect()
+}
+
+/// Node-0's conntrack entries, as `lbctl conntrack` lists them.
+fn conntrack_rows(run: &Running) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(lb_tests::workspace_bin("lbctl"))
+        .args(["conntrack", "--bpffs", run.pins[0].path.to_str().unwrap(), "-o", "json"])
+        .output()
+        .expect("run lbctl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    rows.as_array().expect("rows").clone()
+}
+
+#[test]
+fn the_conntrack_sweep_removes_ended_flows_and_keeps_a_live_one() {
+    require_root!();
+    let cluster = Cluster::new(2, 2, 1);
+    let eps = cluster.all_pods(false);
+    let files = [("web.yaml", CLUSTER_SVC.file(&eps))];
+    let run = Running::start_with(cluster, &files, &["--conntrack-gc-interval", "1"]);
+    let target = format!("{}:30080", run.cluster.nodes[0].ip4);
+
+    // A connection open throughout: an exchange every 250 ms for 12 s.
+    let session = {
+        let (ns, target) = (run.cluster.clients[0].ns.name().to_owned(), target.clone());
+        std::thread::spawn(move || {
+            let args = ["session", &target, "--rounds", "48", "--interval-ms", "250"];
+            lb_tests::proc::probe(Some(&ns), None, &args)
+        })
+    };
+    // 20 connections the client ends with a reset: their entries expire a second later, and
+    // the datapath sees no packet of theirs again.
+    let results = parse_probe(
+        &run.from_client(0, &["connect", &target, "--count", "20", "--close", "reset"]),
+    );
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let reset = |rows: &[serde_json::Value]| rows.iter().filter(|r| r["state"] == "reset").count();
+    let first = conntrack_rows(&run);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut rows = first.clone();
+    while reset(&rows) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        rows = conntrack_rows(&run);
+    }
+    assert_eq!(reset(&rows), 0, "the reset flows' entries are gone: {rows:#?}");
+    // Only the session's two entries are left, and it goes on working to its last exchange.
+    let states: Vec<_> = rows.iter().map(|r| r["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["established", "established"], "{rows:#?}");
+    let session = session.join().expect("session thread");
+    assert!(
+        session.last().is_some_and(|l| l.starts_with("ok ") && l.ends_with(" 48")),
+        "{session:?}"
+    );
+
+    let node0 = &run.cluster.nodes[0];
+    let (code, metrics) = http_get(&node0.ns, "127.0.0.1:10256", "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    // Each reset flow's two entries, whether listed before they went or not.
+    assert!(reset(&first) <= 40, "{first:#?}");
+    assert!(value("lb_conntrack_gc_removed_entries_total") >= 40.0, "{metrics}");
+    assert!(value("lb_conntrack_gc_runs_total") >= 1.0, "{metrics}");
+    // The session's two entries, closing now (10 s to live).
+    assert_eq!(value("lb_conntrack_entries"), 2.0, "{metrics}");
 }

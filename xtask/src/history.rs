@@ -15,7 +15,7 @@ use crate::util::{run_cmd, succeeds, workspace_root};
 
 /// The release upgraded from: the last commit of the previous working session. Move it forward
 /// when a release is cut.
-pub const UPGRADE_FROM: &str = "5083305059251fd1e84ff6e0c5fcf1a1f5f0b363";
+pub const UPGRADE_FROM: &str = "d93510f73048d26e5435f84e92d8f0afa46a2b7d";
 
 fn git(args: &[&str]) -> Command {
     let mut cmd = Command::new("git");

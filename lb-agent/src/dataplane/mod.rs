@@ -2,6 +2,8 @@
 //! writing maps.
 
 pub mod attach;
+pub mod batch;
+pub mod conntrack_gc;
 pub mod counters;
 pub mod ids;
 pub mod links;

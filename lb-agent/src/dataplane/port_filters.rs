@@ -9,10 +9,10 @@
 //! until it ends. A port is added before the map entry that makes it matter is written. The
 //! datapath ignores a set until its `OPT_*_READY` option says it is complete ([`enable`]).
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData},
+    maps::{Array, HashMap, Map, MapData},
 };
 use lb_common::{
     BE_F_LOCAL, BackendValue, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, MAP_BACKENDS, MAP_CONNTRACK,
@@ -20,6 +20,8 @@ use lb_common::{
     OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN, OPT_REPLY_PORTS_READY, PORT_SET_WORDS, SCOPE_EXTERNAL,
     ServiceKey, ServiceValue, nat_ports,
 };
+
+use super::batch;
 
 /// One port set: its map and a copy of its words (a port already set costs no syscall).
 pub struct PortSet {
@@ -155,17 +157,20 @@ pub fn enable(ebpf: &mut Ebpf) -> Result<Enabled> {
     for key in services.keys().flatten() {
         filters.note_frontend(&key)?;
     }
-    let ct: HashMap<&MapData, CtKey, CtValue> = HashMap::try_from(map(MAP_CONNTRACK)?)?;
-    for (key, value) in ct.iter().flatten() {
-        if value.flags & (CT_F_REPLY | CT_F_SNAT) == CT_F_REPLY {
-            // A local backend's reply: it leaves through egress.
-            if let Some(set) = filters.reply.as_mut() {
-                set.add(key.sport_be)?;
+    let Map::LruHashMap(ct) = map(MAP_CONNTRACK)? else { bail!("LB_CT is not an LRU hash map") };
+    batch::for_each_chunk::<CtKey, CtValue>(ct, |keys, values| {
+        for (key, value) in keys.iter().zip(values) {
+            if value.flags & (CT_F_REPLY | CT_F_SNAT) == CT_F_REPLY {
+                // A local backend's reply: it leaves through egress.
+                if let Some(set) = filters.reply.as_mut() {
+                    set.add(key.sport_be)?;
+                }
+            } else if let Some(set) = filters.ingress.as_mut() {
+                set.add(key.dport_be)?;
             }
-        } else if let Some(set) = filters.ingress.as_mut() {
-            set.add(key.dport_be)?;
         }
-    }
+        Ok(())
+    })?;
     let mut options: Array<&mut MapData, u32> =
         Array::try_from(ebpf.map_mut(MAP_OPTIONS).context("no LB_OPTIONS map")?)?;
     if let Some(set) = filters.ingress.as_mut() {

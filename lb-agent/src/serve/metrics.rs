@@ -13,7 +13,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::dataplane::loader::maps_pin_dir;
+use crate::dataplane::{conntrack_gc::GcMetrics, loader::maps_pin_dir};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -50,6 +50,7 @@ pub struct Metrics {
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_capacity: Family<MapLabel, Gauge>,
     pub attached: Family<ProgramLabel, Gauge>,
+    pub conntrack_gc: GcMetrics,
 }
 
 impl Default for Metrics {
@@ -73,6 +74,7 @@ impl Metrics {
             map_entries: Family::default(),
             map_capacity: Family::default(),
             attached: Family::default(),
+            conntrack_gc: GcMetrics::default(),
         };
         registry.register("syncs", "Changes applied to the maps", m.syncs.clone());
         registry.register(
@@ -92,6 +94,23 @@ impl Metrics {
             "program_attached",
             "1 for each program attached, by hook target",
             m.attached.clone(),
+        );
+        let gc = &m.conntrack_gc;
+        registry.register("conntrack_gc_runs", "Conntrack sweeps done", gc.runs.clone());
+        registry.register(
+            "conntrack_gc_removed_entries",
+            "Conntrack entries of ended flows removed by the sweeps",
+            gc.removed.clone(),
+        );
+        registry.register(
+            "conntrack_entries",
+            "Conntrack entries left by the last sweep (live flows; two per flow)",
+            gc.entries.clone(),
+        );
+        registry.register(
+            "conntrack_gc_last_duration_seconds",
+            "How long the last conntrack sweep took",
+            gc.last_seconds.clone(),
         );
         *m.registry.lock().unwrap() = registry;
         m

@@ -31,6 +31,7 @@ fn main() {
     match what.as_str() {
         "control-plane" => control_plane(),
         "manifests" => manifests_reread(10_000, 10),
+        "conntrack" => conntrack_sweep(),
         "datapath" => datapath(),
         "profile" => lb_tests::bench::profile(
             &std::env::args().nth(2).unwrap_or_default(),
@@ -38,7 +39,9 @@ fn main() {
         ),
         "e2e" => e2e(),
         _ => {
-            eprintln!("usage: lb-bench control-plane | manifests | datapath | e2e [--svg PATH]");
+            eprintln!(
+                "usage: lb-bench control-plane | manifests | conntrack | datapath | e2e [--svg PATH]"
+            );
             std::process::exit(2);
         }
     }
@@ -225,6 +228,97 @@ fn control_plane() {
     );
     println!("targets: full < 2000 ms, p99 < 5000 us, < 5 writes per change, RSS < 150 MB");
     manifests_reread(SERVICES, ENDPOINTS);
+    conntrack_sweep();
+}
+
+/// The agent's conntrack sweep on a full map of the default size, half of its flows ended:
+/// reading it in batches against aya's one-by-one iteration (same map, alternating), then
+/// sweeps that remove the ended half and find nothing.
+fn conntrack_sweep() {
+    use aya::maps::{HashMap, Map, MapData};
+    use lb_agent::dataplane::{batch, conntrack_gc};
+    use lb_common::{CtKey, CtValue, PROTO_TCP, addr_from_v4_raw};
+
+    let n = lb_common::DEFAULT_MAX_CONNTRACK;
+    let sizes = MapSizes {
+        max_services: 64,
+        max_frontends: 64,
+        max_backends: 64,
+        maglev_slots: 1 << 16,
+        max_conntrack: n,
+    };
+    let mut ebpf =
+        loader::load(&LoadOptions { bpffs: None, sizes }).expect("load the datapath (root?)");
+    let now = conntrack_gc::datapath_now_ns();
+    {
+        let mut ct: HashMap<&mut MapData, CtKey, CtValue> =
+            HashMap::try_from(ebpf.map_mut(lb_common::MAP_CONNTRACK).unwrap()).unwrap();
+        for i in 0..n / 2 {
+            let client = addr_from_v4_raw((0xc612_0000 + (i >> 14)).to_be());
+            let key = CtKey {
+                saddr: client,
+                daddr: addr_from_v4_raw(0xc000_0250u32.to_be()),
+                sport_be: (1024 + (i & 0x3fff) as u16).to_be(),
+                dport_be: 80u16.to_be(),
+                proto: PROTO_TCP,
+                ..Default::default()
+            };
+            // Every other flow ended a minute ago (closing: 10 s to live).
+            let (state, last_seen_ns) =
+                if i % 2 == 0 { (1, now) } else { (2, now - 60_000_000_000) };
+            let forward = CtValue {
+                last_seen_ns,
+                new_saddr: client,
+                new_daddr: addr_from_v4_raw(0x0a01_0005u32.to_be()),
+                new_sport_be: key.sport_be,
+                new_dport_be: 8080u16.to_be(),
+                state,
+                ..Default::default()
+            };
+            let reply_key = forward.pair_key(PROTO_TCP);
+            let reply = CtValue {
+                new_saddr: key.daddr,
+                new_daddr: key.saddr,
+                new_sport_be: key.dport_be,
+                new_dport_be: key.sport_be,
+                flags: lb_common::CT_F_REPLY,
+                ..forward
+            };
+            ct.insert(key, forward, 0).expect("fill conntrack");
+            ct.insert(reply_key, reply, 0).expect("fill conntrack");
+        }
+    }
+    let Some(Map::LruHashMap(map)) = ebpf.map(lb_common::MAP_CONNTRACK) else { unreachable!() };
+    let (mut batched, mut one_by_one) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let t = Instant::now();
+        let read = batch::for_each_chunk::<CtKey, CtValue>(map, |_, _| Ok(())).unwrap();
+        batched.push(t.elapsed());
+        assert_eq!(read, n as u64);
+        let t = Instant::now();
+        let ct: HashMap<&MapData, CtKey, CtValue> =
+            HashMap::try_from(ebpf.map(lb_common::MAP_CONNTRACK).unwrap()).unwrap();
+        let read = ct.iter().filter(|r| r.is_ok()).count();
+        one_by_one.push(t.elapsed());
+        assert_eq!(read, n as usize);
+    }
+    batched.sort();
+    one_by_one.sort();
+    let (b, o) = (batched[1].as_secs_f64() * 1e3, one_by_one[1].as_secs_f64() * 1e3);
+    println!(
+        "conntrack read, {n} entries (full map, agent default size): in batches {b:.0} ms, one by one (aya) {o:.0} ms ({:.1}x faster), median of 3",
+        o / b
+    );
+    let t = Instant::now();
+    let first = conntrack_gc::sweep(map).unwrap();
+    let first_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let again = conntrack_gc::sweep(map).unwrap();
+    let again_ms = t.elapsed().as_secs_f64() * 1e3;
+    println!(
+        "conntrack sweep: {first_ms:.0} ms removing {} entries of ended flows ({} live kept); then {again_ms:.0} ms finding none to remove ({} read)",
+        first.removed, first.live, again.entries
+    );
 }
 
 /// A manifests folder holding every service and slice in one file: the first read, then a

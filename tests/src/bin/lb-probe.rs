@@ -3,8 +3,9 @@
 //! `lb-probe serve --name NAME [--tcp ADDR]... [--udp ADDR]...` answers every TCP connection
 //! and UDP datagram with `NAME <client address as seen by the server>`.
 //!
-//! `lb-probe connect ADDR [--udp] [--count N] [--timeout-ms T] [--interval-ms I]` prints one
-//! line per attempt:
+//! `lb-probe connect ADDR [--udp] [--count N] [--timeout-ms T] [--interval-ms I] [--close reset]`
+//! prints one line per attempt (`--close reset` ends each TCP connection with a reset instead
+//! of a FIN):
 //! `ok <server name> <client address the server saw> <peer address the client sees>` or
 //! `err <error>` (the peer address is getpeername() for TCP and recvfrom()'s source for UDP).
 //!
@@ -118,9 +119,11 @@ fn connect(args: &[String]) {
     );
     // UDP only: a fixed client port (to replay a flow `lbctl explain` described).
     let sport: u16 = flag(args, "--sport").first().and_then(|c| c.parse().ok()).unwrap_or(0);
+    let reset = flag(args, "--close").first() == Some(&"reset");
     for _ in 0..count {
         std::thread::sleep(interval);
-        let line = if udp { udp_once(target, timeout, sport) } else { tcp_once(target, timeout) };
+        let line =
+            if udp { udp_once(target, timeout, sport) } else { tcp_once(target, timeout, reset) };
         println!("{}", line.unwrap_or_else(|e| format!("err {}", errname(&e))));
     }
 }
@@ -139,8 +142,25 @@ fn read_line(s: &mut TcpStream) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
-fn tcp_once(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+fn tcp_once(target: SocketAddr, timeout: Duration, reset: bool) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&target, timeout)?;
+    if reset {
+        // Linger on, for 0 s: close() sends a reset and keeps no state.
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY: a valid socket and a linger struct of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &linger as *const libc::linger as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
     s.set_read_timeout(Some(timeout))?;
     let peer = s.peer_addr()?;
     let reply = read_line(&mut s)?;

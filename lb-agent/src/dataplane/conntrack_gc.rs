@@ -1,0 +1,157 @@
+//! Conntrack garbage collection: the agent removes flows whose entries have all expired.
+//!
+//! The datapath expires an entry only when a packet looks it up, and a flow that has ended
+//! sends none: without this sweep its two entries (and a SNAT port) stay until the LRU map
+//! evicts them. Then a full map evicts by last use, not by lifetime, so a long idle but live
+//! connection (6 h allowed) could lose its entries to the dead flows of the last minutes, and
+//! every new flow pays an eviction. The sweep keeps dead flows out, so the map's fill is the
+//! live flows.
+//!
+//! A flow is removed only when each of its entries has expired (or is gone): a one-way UDP
+//! flow keeps its reply entry, which holds its SNAT port, as long as its forward entry lives.
+//! The datapath may refresh or replace an entry between the batch read and the removal, so
+//! both entries are read again just before (a gap of microseconds, not a whole sweep).
+
+use std::{os::fd::AsFd, path::Path, time::Duration};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, Map, MapData};
+use lb_common::{CtKey, CtValue, MAP_CONNTRACK, ct_expired};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use tracing::{debug, warn};
+
+use super::{batch, loader::maps_pin_dir};
+
+/// The clock the datapath stamps entries with (`bpf_ktime_get_coarse_ns`).
+pub fn datapath_now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// What one sweep found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Entries read (an ended flow's second entry is not, when removing the first took it).
+    pub entries: u64,
+    /// Entries read that had not expired.
+    pub live: u64,
+    /// Entries removed (both of a dead flow's, as a rule).
+    pub removed: u64,
+    /// Expired entries kept because the flow's other direction lives.
+    pub kept_for_pair: u64,
+}
+
+fn expired(key: &CtKey, value: &CtValue, now_ns: u64) -> bool {
+    ct_expired(key.proto, value.state, now_ns.saturating_sub(value.last_seen_ns))
+}
+
+/// A second handle on the conntrack map `map` (the sweep reads through one while it removes
+/// through the other); fails unless `map` is an LRU hash map of conntrack entries.
+pub fn handle(map: &MapData) -> Result<HashMap<MapData, CtKey, CtValue>> {
+    let fd = map.fd().as_fd().try_clone_to_owned().context("duplicating the map's fd")?;
+    Ok(HashMap::try_from(Map::LruHashMap(MapData::from_fd(fd)?))?)
+}
+
+/// One pass over the conntrack map: removes the flows whose entries have all expired.
+pub fn sweep(map: &MapData) -> Result<Sweep> {
+    let mut ct = handle(map)?;
+    let mut sweep = Sweep::default();
+    let mut dead = Vec::new();
+    sweep.entries = batch::for_each_chunk::<CtKey, CtValue>(map, |keys, values| {
+        let now = datapath_now_ns();
+        for (k, v) in keys.iter().zip(values) {
+            if expired(k, v, now) {
+                dead.push((*k, *v));
+            } else {
+                sweep.live += 1;
+            }
+        }
+        // Removed chunk by chunk: a full map of dead flows is never copied whole.
+        remove_dead(&mut ct, &dead, &mut sweep)?;
+        dead.clear();
+        Ok(())
+    })?;
+    Ok(sweep)
+}
+
+/// Removes each entry of `dead` (as read a moment ago) and its pair, if both are still expired
+/// (or the pair is gone) now.
+pub fn remove_dead(
+    ct: &mut HashMap<MapData, CtKey, CtValue>,
+    dead: &[(CtKey, CtValue)],
+    sweep: &mut Sweep,
+) -> Result<()> {
+    for (key, read) in dead {
+        let now = datapath_now_ns();
+        let pair_key = read.pair_key(key.proto);
+        let pair = ct.get(&pair_key, 0).ok();
+        if pair.is_some_and(|p| !expired(&pair_key, &p, now)) {
+            sweep.kept_for_pair += 1;
+            continue;
+        }
+        // Gone (its pair's removal took it) or refreshed since the batch read.
+        match ct.get(key, 0) {
+            Ok(current) if expired(key, &current, now) => {}
+            _ => continue,
+        }
+        sweep.removed += remove(ct, key)?;
+        if pair.is_some() {
+            sweep.removed += remove(ct, &pair_key)?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes `key`: 1, or 0 when it was already gone.
+fn remove(ct: &mut HashMap<MapData, CtKey, CtValue>, key: &CtKey) -> Result<u64> {
+    match ct.remove(key) {
+        Ok(()) => Ok(1),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(0),
+        Err(e) => Err(e).context("removing a conntrack entry"),
+    }
+}
+
+/// The metrics a sweep updates.
+#[derive(Clone, Default)]
+pub struct GcMetrics {
+    pub runs: Counter,
+    pub removed: Counter,
+    /// Entries of live flows at the last sweep (those kept for their pair included).
+    pub entries: Gauge,
+    pub last_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+/// Sweeps the pinned conntrack map under `bpffs` every `interval`, on a thread of its own (a
+/// sweep of a full map takes tens of milliseconds, which the sync loop must not wait for).
+pub fn spawn(bpffs: &Path, interval: Duration, metrics: GcMetrics) -> Result<()> {
+    let path = maps_pin_dir(bpffs).join(MAP_CONNTRACK);
+    let map = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    handle(&map).with_context(|| format!("{} is not a conntrack map", path.display()))?;
+    std::thread::Builder::new().name("conntrack-gc".into()).spawn(move || {
+        loop {
+            std::thread::sleep(interval);
+            let start = std::time::Instant::now();
+            match sweep(&map) {
+                Ok(s) => {
+                    let secs = start.elapsed().as_secs_f64();
+                    metrics.runs.inc();
+                    metrics.removed.inc_by(s.removed);
+                    metrics.entries.set((s.live + s.kept_for_pair) as i64);
+                    metrics.last_seconds.set(secs);
+                    debug!(
+                        entries = s.entries,
+                        live = s.live,
+                        removed = s.removed,
+                        kept_for_pair = s.kept_for_pair,
+                        elapsed_ms = (secs * 1e3) as u64,
+                        "conntrack swept"
+                    );
+                }
+                Err(e) => warn!("conntrack sweep: {e:#}"),
+            }
+        }
+    })?;
+    Ok(())
+}

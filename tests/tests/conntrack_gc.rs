@@ -1,0 +1,196 @@
+//! The agent's conntrack sweep (`dataplane::conntrack_gc`) and batch reader
+//! (`dataplane::batch`) on the real maps: flows made by the real programs from packets, then
+//! aged by moving their stamps back.
+
+use std::{collections::HashSet, net::Ipv4Addr};
+
+use lb_agent::{
+    dataplane::{
+        batch,
+        conntrack_gc::{self, Sweep},
+    },
+    model::plan::Protocol,
+};
+use lb_common::*;
+use lb_tests::{
+    kernel::{Datapath, coarse_now_ns},
+    packets::*,
+    plans::{backend, lb_plan},
+    require_root,
+};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
+const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 5);
+const TC_ACT_OK: i32 = 0;
+const S: u64 = 1_000_000_000;
+
+/// TCP "web" on VIP:80 to a local pod; UDP "dns" on VIP:53 to another node's pod (SNAT).
+fn datapath() -> Datapath {
+    let mut dp = Datapath::load();
+    dp.set_node(Some(NODE.into()), None);
+    let web =
+        lb_plan("web", VIP.into(), 80, Protocol::Tcp, vec![backend(LOCAL_POD.into(), 8080, true)]);
+    let dns = lb_plan(
+        "dns",
+        VIP.into(),
+        53,
+        Protocol::Udp,
+        vec![backend(REMOTE_POD.into(), 5353, false)],
+    );
+    dp.program("web", &[web]);
+    dp.program("dns", &[dns]);
+    dp
+}
+
+/// The client port of the flow an entry belongs to (forward: its source; reply: the port it
+/// restores as destination).
+fn client_port(k: &CtKey, v: &CtValue) -> u16 {
+    u16::from_be(if v.flags & CT_F_REPLY != 0 { v.new_dport_be } else { k.sport_be })
+}
+
+/// Moves back by `secs` the stamps of the entries of client port `port` (`reply`: which
+/// direction; `None`: both).
+fn age(dp: &mut Datapath, port: u16, reply: Option<bool>, secs: u64) {
+    let old = coarse_now_ns() - secs * S;
+    for (k, v) in dp.conntrack() {
+        let is_reply = v.flags & CT_F_REPLY != 0;
+        if client_port(&k, &v) == port && reply.is_none_or(|r| r == is_reply) {
+            dp.set_conntrack(k, CtValue { last_seen_ns: old, ..v });
+        }
+    }
+}
+
+/// Client ports of the flows in conntrack, one per entry, sorted.
+fn ports(dp: &Datapath) -> Vec<u16> {
+    let mut p: Vec<u16> = dp.conntrack().iter().map(|(k, v)| client_port(k, v)).collect();
+    p.sort();
+    p
+}
+
+fn pass(dp: &Datapath, packet: &[u8]) {
+    assert_eq!(dp.run(PROG_TC_INGRESS, packet).verdict, TC_ACT_OK);
+}
+
+#[test]
+fn a_sweep_removes_the_flows_whose_entries_all_expired_and_keeps_the_others() {
+    require_root!();
+    let mut dp = datapath();
+    for port in [1001, 1002, 1004, 1005] {
+        pass(&dp, &tcp4(CLIENT, port, VIP, 80, true, b""));
+    }
+    pass(&dp, &tcp4_end(CLIENT, 1004, VIP, 80, true)); // reset: 1 s to live
+    pass(&dp, &tcp4_end(CLIENT, 1005, VIP, 80, false)); // closing: 10 s to live
+    // One-way UDP to a SNATed backend: the client keeps sending, the backend never answers.
+    pass(&dp, &udp4(CLIENT, 1003, VIP, 53, b"q"));
+    assert_eq!(ports(&dp), [1001, 1001, 1002, 1002, 1003, 1003, 1004, 1004, 1005, 1005]);
+
+    age(&mut dp, 1001, None, 61); // a SYN that never got further: both expired (60 s)
+    age(&mut dp, 1004, None, 2);
+    age(&mut dp, 1005, None, 5);
+    age(&mut dp, 1003, Some(true), 61); // its reply entry (which holds the SNAT port) only
+    let sweep = conntrack_gc::sweep(dp.conntrack_map()).expect("sweep");
+    assert_eq!(sweep, Sweep { entries: 10, live: 5, removed: 4, kept_for_pair: 1 });
+    assert_eq!(ports(&dp), [1002, 1002, 1003, 1003, 1005, 1005]);
+    let snat_reply = CT_F_REPLY | CT_F_SNAT;
+    assert!(dp.conntrack().iter().any(|(_, v)| v.flags & snat_reply == snat_reply));
+
+    // The datapath never met an expired entry: the sweep took them. A removed flow's next
+    // packet starts a new one; a kept flow's packets follow their entries.
+    let new_before = dp.stat(STAT_CT_NEW);
+    pass(&dp, &tcp4(CLIENT, 1001, VIP, 80, true, b""));
+    assert_eq!(dp.stat(STAT_CT_NEW), new_before + 1);
+    let hits_before = dp.stat(STAT_CT_HIT);
+    pass(&dp, &tcp4(CLIENT, 1002, VIP, 80, false, b"more"));
+    pass(&dp, &udp4(CLIENT, 1003, VIP, 53, b"again"));
+    assert_eq!(dp.stat(STAT_CT_HIT), hits_before + 2);
+    assert_eq!(dp.stat(STAT_CT_EXPIRED), 0);
+
+    // Nothing left to remove: a second sweep only reads.
+    let again = conntrack_gc::sweep(dp.conntrack_map()).expect("sweep");
+    assert_eq!(again, Sweep { entries: 8, live: 7, removed: 0, kept_for_pair: 1 });
+}
+
+/// Between the batch read and the removal the datapath may refresh an entry, or meet it
+/// expired and start the flow afresh under the same keys: neither may be removed.
+#[test]
+fn an_entry_refreshed_or_replaced_after_the_read_is_kept() {
+    require_root!();
+    let mut dp = datapath();
+    for port in [2001, 2002] {
+        pass(&dp, &tcp4(CLIENT, port, VIP, 80, true, b""));
+        age(&mut dp, port, None, 61);
+    }
+    let now = coarse_now_ns();
+    let dead: Vec<(CtKey, CtValue)> = dp
+        .conntrack()
+        .into_iter()
+        .filter(|(k, v)| ct_expired(k.proto, v.state, now - v.last_seen_ns))
+        .collect();
+    assert_eq!(dead.len(), 4, "both flows read as dead");
+
+    // Now 2001's forward entry is refreshed (the stamp a packet leaves on an entry that was
+    // still live at its arrival, the read having come a hair after), and 2002's client opens
+    // again (the datapath meets the expired entries, removes them and creates new ones).
+    let (k, v) = dp
+        .conntrack()
+        .into_iter()
+        .find(|(k, v)| client_port(k, v) == 2001 && v.flags & CT_F_REPLY == 0)
+        .expect("2001's forward entry");
+    dp.set_conntrack(k, CtValue { last_seen_ns: coarse_now_ns(), ..v });
+    pass(&dp, &tcp4(CLIENT, 2002, VIP, 80, true, b""));
+    assert_eq!(dp.stat(STAT_CT_EXPIRED), 1, "2002's old flow");
+
+    let mut ct = conntrack_gc::handle(dp.conntrack_map()).expect("handle");
+    let mut sweep = Sweep::default();
+    conntrack_gc::remove_dead(&mut ct, &dead, &mut sweep).expect("remove");
+    assert_eq!(sweep.removed, 0, "{sweep:?}");
+    assert_eq!(ports(&dp), [2001, 2001, 2002, 2002]);
+    // 2001's reply entry is still expired but kept, as its forward direction lives; 2002's two
+    // each found the other new.
+    assert_eq!(sweep.kept_for_pair, 3, "{sweep:?}");
+    let now = coarse_now_ns();
+    let fresh = dp
+        .conntrack()
+        .iter()
+        .filter(|(k, v)| !ct_expired(k.proto, v.state, now - v.last_seen_ns))
+        .count();
+    assert_eq!(fresh, 3, "2001's forward entry and 2002's new two");
+}
+
+#[test]
+fn the_batch_reader_returns_every_entry_once_across_chunks() {
+    require_root!();
+    let mut dp = Datapath::load();
+    let n = 10_000u32; // three chunks of batch::CHUNK
+    for i in 0..n {
+        let mut key =
+            CtKey { proto: PROTO_TCP, sport_be: (i as u16).to_be(), ..Default::default() };
+        key.saddr[3] = (i >> 16).to_be();
+        key.daddr[3] = 0x0a000001u32.to_be();
+        let value = CtValue { backend_id: i, ..Default::default() };
+        assert!(dp.insert_conntrack(key, value));
+    }
+    let (mut seen, mut chunks) = (HashSet::new(), 0);
+    let total = batch::for_each_chunk::<CtKey, CtValue>(dp.conntrack_map(), |keys, values| {
+        chunks += 1;
+        assert_eq!(keys.len(), values.len());
+        for (k, v) in keys.iter().zip(values) {
+            let i = (u32::from_be(k.saddr[3]) << 16) | u16::from_be(k.sport_be) as u32;
+            assert_eq!(v.backend_id, i, "value read with its own key");
+            assert!(seen.insert(i), "entry {i} twice");
+        }
+        Ok(())
+    })
+    .expect("batch read");
+    assert_eq!((total, seen.len()), (n as u64, n as usize));
+    assert!(chunks >= 3, "{chunks} chunks");
+    let aya: HashSet<u32> = dp.conntrack().iter().map(|(_, v)| v.backend_id).collect();
+    assert_eq!(aya, seen, "the same entries as aya's one-by-one iteration");
+
+    // Types of another size than the map's are refused, not misread.
+    let err = batch::for_each_chunk::<u32, u32>(dp.conntrack_map(), |_, _| Ok(())).unwrap_err();
+    assert!(format!("{err:#}").contains("40-byte keys"), "{err:#}");
+}
