@@ -13,7 +13,7 @@ use lb_agent::{
 };
 use lb_common::*;
 use lb_tests::{
-    kernel::{Datapath, coarse_now_ns},
+    kernel::{Datapath, TEST_MAP_SIZES, coarse_now_ns},
     packets::*,
     plans::{backend, lb_plan},
     require_root,
@@ -193,4 +193,43 @@ fn the_batch_reader_returns_every_entry_once_across_chunks() {
     // Types of another size than the map's are refused, not misread.
     let err = batch::for_each_chunk::<u32, u32>(dp.conntrack_map(), |_, _| Ok(())).unwrap_err();
     assert!(format!("{err:#}").contains("40-byte keys"), "{err:#}");
+}
+
+/// Why the sweep exists: short connections that end keep filling the map, and a long-lived
+/// connection, idle meanwhile, keeps its entries only because the sweep removes the ended
+/// flows before the LRU has to evict (which it does by last use, so the idle one would go
+/// first; checked by skipping the sweep: its entries were gone by the end, and the map was
+/// full of ended flows' entries).
+#[test]
+fn an_idle_connection_outlives_ended_flows_that_fill_the_map_twice_over() {
+    require_root!();
+    let mut dp = datapath();
+    pass(&dp, &tcp4(CLIENT, 7, VIP, 80, true, b""));
+    pass(&dp, &tcp4(CLIENT, 7, VIP, 80, false, b"hello"));
+    let capacity = TEST_MAP_SIZES.max_conntrack as u16; // two entries a flow
+    let per_round = capacity / 8;
+    let mut port = 1024u16;
+    for _ in 0..8 {
+        for _ in 0..per_round {
+            pass(&dp, &tcp4(CLIENT, port, VIP, 80, true, b""));
+            pass(&dp, &tcp4_end(CLIENT, port, VIP, 80, true));
+            port += 1;
+        }
+        // A second later the resets have expired (1 s); moved back instead of waited for.
+        let old = coarse_now_ns() - 2 * S;
+        for (k, v) in dp.conntrack() {
+            if v.state == CT_STATE_RESET {
+                dp.set_conntrack(k, CtValue { last_seen_ns: old, ..v });
+            }
+        }
+        conntrack_gc::sweep(dp.conntrack_map()).expect("sweep");
+    }
+    let entries_made = 2 * u32::from(port - 1024);
+    assert_eq!(entries_made, 2 * TEST_MAP_SIZES.max_conntrack, "twice the map");
+    let left = ports(&dp);
+    let idle = left.iter().filter(|&&p| p == 7).count();
+    assert_eq!((left.len(), idle), (2, 2), "entries left, of which the idle connection's");
+    let hits = dp.stat(STAT_CT_HIT);
+    pass(&dp, &tcp4(CLIENT, 7, VIP, 80, false, b"still there"));
+    assert_eq!(dp.stat(STAT_CT_HIT), hits + 1);
 }
