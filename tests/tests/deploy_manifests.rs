@@ -87,6 +87,7 @@ fn kustomization_daemonset_flags_and_dashboard_are_consistent() {
         "lb_datapath_service_packets_total",
         "lb_datapath_service_bytes_total",
         "lb_program_attached",
+        "lb_conntrack_gc_removed_entries_total",
     ];
     for panel in dash["panels"].as_array().unwrap() {
         for t in panel["targets"].as_array().unwrap() {

@@ -288,5 +288,5 @@ fn the_conntrack_sweep_removes_ended_flows_and_keeps_a_live_one() {
     assert!(value("lb_conntrack_gc_removed_entries_total") >= 40.0, "{metrics}");
     assert!(value("lb_conntrack_gc_runs_total") >= 1.0, "{metrics}");
     // The session's two entries, closing now (10 s to live).
-    assert_eq!(value("lb_conntrack_entries"), 2.0, "{metrics}");
+    assert_eq!(value("lb_map_entries{map=\"LB_CT\"}"), 2.0, "{metrics}");
 }

@@ -118,7 +118,8 @@ fn remove(ct: &mut HashMap<MapData, CtKey, CtValue>, key: &CtKey) -> Result<u64>
 pub struct GcMetrics {
     pub runs: Counter,
     pub removed: Counter,
-    /// Entries of live flows at the last sweep (those kept for their pair included).
+    /// Entries of live flows at the last sweep (those kept for their pair included): the
+    /// `lb_map_entries` of `LB_CT`.
     pub entries: Gauge,
     pub last_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }

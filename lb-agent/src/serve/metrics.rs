@@ -62,6 +62,10 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("lb");
+        let map_entries = Family::<MapLabel, Gauge>::default();
+        // The sweep counts conntrack's entries (the sync loop counts the other maps').
+        let entries = map_entries.get_or_create(&MapLabel { map: MAP_CONNTRACK.into() }).clone();
+        let conntrack_gc = GcMetrics { entries, ..Default::default() };
         let m = Self {
             registry: Mutex::new(Registry::default()),
             syncs: Counter::default(),
@@ -71,10 +75,10 @@ impl Metrics {
                 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.4, 1.6,
             ]),
             objects: Family::default(),
-            map_entries: Family::default(),
+            map_entries,
             map_capacity: Family::default(),
             attached: Family::default(),
-            conntrack_gc: GcMetrics::default(),
+            conntrack_gc,
         };
         registry.register("syncs", "Changes applied to the maps", m.syncs.clone());
         registry.register(
@@ -101,11 +105,6 @@ impl Metrics {
             "conntrack_gc_removed_entries",
             "Conntrack entries of ended flows removed by the sweeps",
             gc.removed.clone(),
-        );
-        registry.register(
-            "conntrack_entries",
-            "Conntrack entries left by the last sweep (live flows; two per flow)",
-            gc.entries.clone(),
         );
         registry.register(
             "conntrack_gc_last_duration_seconds",
