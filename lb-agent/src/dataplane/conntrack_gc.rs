@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{CtKey, CtValue, MAP_CONNTRACK, ct_expired};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{batch, loader::maps_pin_dir};
 
@@ -113,6 +113,14 @@ fn remove(ct: &mut HashMap<MapData, CtKey, CtValue>, key: &CtKey) -> Result<u64>
     }
 }
 
+/// Whether conntrack counts as full after a sweep found `live` entries: from 90% of capacity
+/// (new flows then make the LRU evict live ones), until under 80% again, so that a fill near
+/// one mark does not log at every sweep.
+fn still_full(was_full: bool, live: u64, capacity: u64) -> bool {
+    let mark = if was_full { 8 } else { 9 };
+    live * 10 >= capacity * mark
+}
+
 /// The metrics a sweep updates.
 #[derive(Clone, Default)]
 pub struct GcMetrics {
@@ -130,6 +138,8 @@ pub fn spawn(bpffs: &Path, interval: Duration, metrics: GcMetrics) -> Result<()>
     let path = maps_pin_dir(bpffs).join(MAP_CONNTRACK);
     let map = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
     handle(&map).with_context(|| format!("{} is not a conntrack map", path.display()))?;
+    let capacity = map.info()?.max_entries() as u64;
+    let mut pressed = false;
     std::thread::Builder::new().name("conntrack-gc".into()).spawn(move || {
         loop {
             std::thread::sleep(interval);
@@ -139,8 +149,21 @@ pub fn spawn(bpffs: &Path, interval: Duration, metrics: GcMetrics) -> Result<()>
                     let secs = start.elapsed().as_secs_f64();
                     metrics.runs.inc();
                     metrics.removed.inc_by(s.removed);
-                    metrics.entries.set((s.live + s.kept_for_pair) as i64);
+                    let live = s.live + s.kept_for_pair;
+                    metrics.entries.set(live as i64);
                     metrics.last_seconds.set(secs);
+                    let full = still_full(pressed, live, capacity);
+                    if full && !pressed {
+                        warn!(
+                            live_entries = live,
+                            capacity,
+                            "conntrack is over 90% full of live flows: new flows evict the least \
+                             recently used ones (raise --max-conntrack)"
+                        );
+                    } else if pressed && !full {
+                        info!(live_entries = live, capacity, "conntrack back under 80% full");
+                    }
+                    pressed = full;
                     debug!(
                         entries = s.entries,
                         live = s.live,
@@ -155,4 +178,21 @@ pub fn spawn(bpffs: &Path, interval: Duration, metrics: GcMetrics) -> Result<()>
         }
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::still_full;
+
+    #[test]
+    fn full_from_90_percent_until_under_80() {
+        let mut full = false;
+        let mut seen = Vec::new();
+        for live in [50, 89, 90, 95, 85, 80, 79, 85, 89, 90] {
+            full = still_full(full, live, 100);
+            seen.push(full);
+        }
+        let want = [false, false, true, true, true, true, false, false, false, true];
+        assert_eq!(seen, want);
+    }
 }
