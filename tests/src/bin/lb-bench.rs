@@ -31,7 +31,10 @@ fn main() {
     match what.as_str() {
         "control-plane" => control_plane(),
         "manifests" => manifests_reread(10_000, 10),
-        "conntrack" => conntrack_sweep(),
+        "conntrack" => {
+            conntrack_sweep();
+            lb_tests::bench::first_packet_after_sweep();
+        }
         "datapath" => datapath(),
         "profile" => lb_tests::bench::profile(
             &std::env::args().nth(2).unwrap_or_default(),
@@ -229,6 +232,7 @@ fn control_plane() {
     println!("targets: full < 2000 ms, p99 < 5000 us, < 5 writes per change, RSS < 150 MB");
     manifests_reread(SERVICES, ENDPOINTS);
     conntrack_sweep();
+    lb_tests::bench::first_packet_after_sweep();
 }
 
 /// The agent's conntrack sweep on a full map of the default size, half of its flows ended:
