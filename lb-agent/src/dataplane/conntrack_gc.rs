@@ -86,14 +86,14 @@ pub fn remove_dead(
     for (key, read) in dead {
         let now = datapath_now_ns();
         let pair_key = read.pair_key(key.proto);
-        let pair = ct.get(&pair_key, 0).ok();
+        let pair = get(ct, &pair_key)?;
         if pair.is_some_and(|p| !expired(&pair_key, &p, now)) {
             sweep.kept_for_pair += 1;
             continue;
         }
         // Gone (its pair's removal took it) or refreshed since the batch read.
-        match ct.get(key, 0) {
-            Ok(current) if expired(key, &current, now) => {}
+        match get(ct, key)? {
+            Some(current) if expired(key, &current, now) => {}
             _ => continue,
         }
         sweep.removed += remove(ct, key)?;
@@ -102,6 +102,16 @@ pub fn remove_dead(
         }
     }
     Ok(())
+}
+
+/// The entry of `key`, `None` when there is none (any other failure is an error: taking it
+/// for a missing pair would remove a live flow's other half).
+fn get(ct: &HashMap<MapData, CtKey, CtValue>, key: &CtKey) -> Result<Option<CtValue>> {
+    match ct.get(key, 0) {
+        Ok(v) => Ok(Some(v)),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e).context("reading a conntrack entry"),
+    }
 }
 
 /// Deletes `key`: 1, or 0 when it was already gone.
