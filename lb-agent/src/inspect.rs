@@ -349,6 +349,8 @@ impl Inspection {
     pub fn snat_ports(&self) -> Result<Vec<SnatPortsRow>> {
         let map = open_pinned(&self.bpffs, MAP_CONNTRACK)?;
         let capacity = self.nat_port_range()?;
+        let options = Map::Array(open_pinned(&self.bpffs, MAP_OPTIONS)?);
+        let timeouts = crate::dataplane::options::ct_timeouts(&options)?;
         let now = datapath_now_ns();
         // Keyed by the reply entry's backend address, port, protocol and node address.
         let mut by_backend: BTreeMap<(Addr, u16, u8, Addr), SnatPortsRow> = BTreeMap::new();
@@ -367,7 +369,7 @@ impl Inspection {
                         ..Default::default()
                     }
                 });
-            if ct_expired(k.proto, v.state, now.saturating_sub(v.last_seen_ns)) {
+            if timeouts.expired(k.proto, v.state, now.saturating_sub(v.last_seen_ns)) {
                 row.expired += 1;
                 return;
             }

@@ -108,6 +108,14 @@ struct Args {
     /// Conntrack entries for flows through the devices (two per flow; LRU when full).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_CONNTRACK)]
     max_conntrack: u32,
+    /// How long an established TCP flow through the devices may stay idle before its
+    /// conntrack entries expire, as kube-proxy's flag of that name: 6h, 90m, 24h0m0s, 3600.
+    #[arg(long, default_value_t = options::Timeout(lb_common::CT_TIMEOUT_TCP_ESTABLISHED_S as u32))]
+    conntrack_tcp_timeout_established: options::Timeout,
+    /// How long a UDP flow through the devices may stay idle before its conntrack entries
+    /// expire (kube-proxy's --conntrack-udp-timeout).
+    #[arg(long, default_value_t = options::Timeout(lb_common::CT_TIMEOUT_UDP_S as u32))]
+    conntrack_udp_timeout: options::Timeout,
     /// Seconds between conntrack sweeps, which remove the entries of ended flows (the datapath
     /// only expires an entry when a packet meets it). 0: never (the LRU map evicts).
     #[arg(long, default_value_t = 30)]
@@ -217,8 +225,14 @@ async fn run(args: Args) -> Result<()> {
     }
     let mut ebpf = loader::load(&LoadOptions { bpffs: Some(args.bpffs.clone()), sizes })?;
     programs::load_all(&mut ebpf)?;
-    let opts =
-        options::Options { reject_tcp_with: args.reject_tcp_with, nat_ports: args.nat_port_range };
+    let opts = options::Options {
+        reject_tcp_with: args.reject_tcp_with,
+        nat_ports: args.nat_port_range,
+        ct_timeouts: lb_common::CtTimeouts {
+            tcp_established_s: args.conntrack_tcp_timeout_established.0,
+            udp_s: args.conntrack_udp_timeout.0,
+        },
+    };
     options::write(&mut ebpf, &opts)?;
     let filters = port_filters::enable(&mut ebpf)?;
     info!(

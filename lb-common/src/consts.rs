@@ -55,6 +55,10 @@ pub const MAP_REPLY_PORTS: &str = "LB_REPLY_PORTS";
 /// Set once `MAP_INGRESS_PORTS` holds every port a packet arriving on a device may need
 /// translating for: until then tc ingress and XDP look every packet up.
 pub const OPT_INGRESS_PORTS_READY: u32 = 4;
+/// Conntrack lifetimes in seconds the agent sets (`--conntrack-tcp-timeout-established`,
+/// `--conntrack-udp-timeout`; 0: the default). Read through [`CtTimeouts`].
+pub const OPT_CT_TCP_ESTABLISHED_S: u32 = 5;
+pub const OPT_CT_UDP_S: u32 = 6;
 /// Destination ports of packets tc ingress and XDP may translate, one bit per port: external
 /// frontends' ports (NodePort, ExternalIP, LoadBalancer) and the SNAT port range (replies of
 /// remote backends). A packet to any other port skips both lookups. Only ever added to, as
@@ -171,27 +175,49 @@ pub const CT_TIMEOUT_TCP_RESET_S: u64 = 1;
 pub const CT_TIMEOUT_TCP_TIME_WAIT_S: u64 = 60;
 pub const CT_TIMEOUT_UDP_S: u64 = 60;
 
-/// How long an entry of this protocol and state lives without traffic (see [`ct_expired`]).
+/// No lifetime is shorter (the reset's; the agent refuses shorter configured ones): an entry
+/// seen this recently is live whatever its state, without reading the configuration.
+pub const CT_MIN_LIFETIME_S: u64 = CT_TIMEOUT_TCP_RESET_S;
+
 #[inline(always)]
-pub const fn ct_lifetime_s(proto: u8, state: u8) -> u64 {
-    if proto != PROTO_TCP {
-        return CT_TIMEOUT_UDP_S;
-    }
-    match state {
-        CT_STATE_ESTABLISHED => CT_TIMEOUT_TCP_ESTABLISHED_S,
-        CT_STATE_CLOSING => CT_TIMEOUT_TCP_CLOSING_S,
-        CT_STATE_RESET => CT_TIMEOUT_TCP_RESET_S,
-        CT_STATE_TIME_WAIT => CT_TIMEOUT_TCP_TIME_WAIT_S,
-        _ => CT_TIMEOUT_TCP_SYN_S,
-    }
+const fn or_default(configured_s: u32, default_s: u64) -> u64 {
+    if configured_s == 0 { default_s } else { configured_s as u64 }
 }
 
-/// Whether an entry of this protocol and state has expired, `age_ns` after its last packet:
-/// the one rule of the datapath (an expired entry is a new flow), the agent's conntrack GC and
-/// `lbctl` (held SNAT ports against reusable ones).
-#[inline(always)]
-pub const fn ct_expired(proto: u8, state: u8, age_ns: u64) -> bool {
-    age_ns > ct_lifetime_s(proto, state) * 1_000_000_000
+/// The conntrack lifetimes an operator may change, as stored in `LB_OPTIONS` (seconds; 0
+/// stands for the default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtTimeouts {
+    pub tcp_established_s: u32,
+    pub udp_s: u32,
+}
+
+impl CtTimeouts {
+    /// How long an entry of this protocol and state lives without traffic (see
+    /// [`CtTimeouts::expired`]).
+    #[inline(always)]
+    pub const fn lifetime_s(&self, proto: u8, state: u8) -> u64 {
+        if proto != PROTO_TCP {
+            return or_default(self.udp_s, CT_TIMEOUT_UDP_S);
+        }
+        match state {
+            CT_STATE_ESTABLISHED => {
+                or_default(self.tcp_established_s, CT_TIMEOUT_TCP_ESTABLISHED_S)
+            }
+            CT_STATE_CLOSING => CT_TIMEOUT_TCP_CLOSING_S,
+            CT_STATE_RESET => CT_TIMEOUT_TCP_RESET_S,
+            CT_STATE_TIME_WAIT => CT_TIMEOUT_TCP_TIME_WAIT_S,
+            _ => CT_TIMEOUT_TCP_SYN_S,
+        }
+    }
+
+    /// Whether an entry of this protocol and state has expired, `age_ns` after its last
+    /// packet: the one rule of the datapath (an expired entry is a new flow), the agent's
+    /// conntrack sweep and `lbctl` (held SNAT ports against reusable ones).
+    #[inline(always)]
+    pub const fn expired(&self, proto: u8, state: u8, age_ns: u64) -> bool {
+        age_ns > self.lifetime_s(proto, state) * 1_000_000_000
+    }
 }
 
 // ---- SNAT source ports ----

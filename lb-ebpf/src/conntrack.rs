@@ -7,7 +7,7 @@ use lb_common::*;
 
 use crate::{
     clock::{self, age_ns},
-    maps::CONNTRACK,
+    maps::{CONNTRACK, OPTIONS},
     packet::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
@@ -96,7 +96,9 @@ fn sync_pair(e: &CtValue, proto: u8) {
 /// port) until this runs on them or the LRU evicts them.
 #[inline(always)]
 fn remove_if_expired(key: &CtKey, e: &CtValue, now: u64) -> bool {
-    if !ct_expired(key.proto, e.state, age_ns(now, e.last_seen_ns)) {
+    let age = age_ns(now, e.last_seen_ns);
+    // An active flow's entries are refreshed every second: no need to read the lifetimes.
+    if age <= CT_MIN_LIFETIME_S * NS || !timeouts().expired(key.proto, e.state, age) {
         return false;
     }
     let pair = e.pair_key(key.proto);
@@ -104,6 +106,13 @@ fn remove_if_expired(key: &CtKey, e: &CtValue, now: u64) -> bool {
     let _ = CONNTRACK.remove(pair);
     stats::count(STAT_CT_EXPIRED);
     true
+}
+
+/// The lifetimes the agent configured (`LB_OPTIONS`).
+#[inline(always)]
+fn timeouts() -> CtTimeouts {
+    let opt = |i| OPTIONS.get(i).copied().unwrap_or(0);
+    CtTimeouts { tcp_established_s: opt(OPT_CT_TCP_ESTABLISHED_S), udp_s: opt(OPT_CT_UDP_S) }
 }
 
 /// Frees `key` if the entry holding it is expired (a SNAT port of a flow that ended). `copy`

@@ -372,7 +372,7 @@ pub fn first_packet_after_sweep() {
             dp.set_conntrack(forward.pair_key(PROTO_TCP), reply);
         }
     }
-    let swept = lb_agent::dataplane::conntrack_gc::sweep(dps[1].conntrack_map()).expect("sweep");
+    let swept = dps[1].sweep_conntrack();
     let translated =
         |v: i32, p: &[u8]| v == 0 && summarize(p).is_some_and(|s| s.dst.port() == 8080);
     let t = measure(

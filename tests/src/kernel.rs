@@ -186,6 +186,18 @@ impl Datapath {
         }
     }
 
+    /// The conntrack lifetimes this datapath's options set.
+    pub fn ct_timeouts(&self) -> lb_common::CtTimeouts {
+        let options = self.ebpf.map(lb_common::MAP_OPTIONS).expect("options map");
+        lb_agent::dataplane::options::ct_timeouts(options).expect("read options")
+    }
+
+    /// One conntrack sweep, as the agent's (by the lifetimes of this datapath's options).
+    pub fn sweep_conntrack(&self) -> lb_agent::dataplane::conntrack_gc::Sweep {
+        let t = self.ct_timeouts();
+        lb_agent::dataplane::conntrack_gc::sweep(self.conntrack_map(), &t).expect("sweep")
+    }
+
     fn conntrack_mut(&mut self) -> HashMap<&mut MapData, lb_common::CtKey, lb_common::CtValue> {
         HashMap::try_from(self.ebpf.map_mut(lb_common::MAP_CONNTRACK).expect("ct map"))
             .expect("ct map type")

@@ -1,5 +1,5 @@
 //! The real agent binary serving a manifests folder: initial sync into pinned maps, changes
-//! picked up, a restart that rewrites nothing, and removal.
+//! picked up, a restart that rewrites nothing, and removal; flag values it refuses.
 
 use std::{net::IpAddr, path::Path, time::Duration};
 
@@ -130,4 +130,22 @@ fn agent_programs_changes_survives_restart_and_cleans_up() {
     assert!(d.backends.is_empty() && d.unreferenced_tables == 0, "{d:?}");
     assert!(agent.stop().success());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Flags with values that make no sense stop the agent before it touches anything, saying why.
+#[test]
+fn nonsense_flag_values_are_refused_with_the_reason() {
+    for (flag, value, reason) in [
+        ("--conntrack-tcp-timeout-established", "0s", "at least 1 s"),
+        ("--conntrack-udp-timeout", "5d", "expected a duration such as 6h"),
+        ("--nat-port-range", "30000-20000", "first <= last"),
+    ] {
+        let out = std::process::Command::new(lb_tests::workspace_bin("lb-agent"))
+            .args(["--node-name", "n", flag, value])
+            .output()
+            .expect("run lb-agent");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(reason) && stderr.contains(flag), "{flag} {value}: {stderr}");
+    }
 }

@@ -91,7 +91,7 @@ fn a_sweep_removes_the_flows_whose_entries_all_expired_and_keeps_the_others() {
     age(&mut dp, 1004, None, 2);
     age(&mut dp, 1005, None, 5);
     age(&mut dp, 1003, Some(true), 61); // its reply entry (which holds the SNAT port) only
-    let sweep = conntrack_gc::sweep(dp.conntrack_map()).expect("sweep");
+    let sweep = dp.sweep_conntrack();
     assert_eq!(sweep, Sweep { entries: 10, live: 5, removed: 4, kept_for_pair: 1 });
     assert_eq!(ports(&dp), [1002, 1002, 1003, 1003, 1005, 1005]);
     let snat_reply = CT_F_REPLY | CT_F_SNAT;
@@ -109,7 +109,7 @@ fn a_sweep_removes_the_flows_whose_entries_all_expired_and_keeps_the_others() {
     assert_eq!(dp.stat(STAT_CT_EXPIRED), 0);
 
     // Nothing left to remove: a second sweep only reads.
-    let again = conntrack_gc::sweep(dp.conntrack_map()).expect("sweep");
+    let again = dp.sweep_conntrack();
     assert_eq!(again, Sweep { entries: 8, live: 7, removed: 0, kept_for_pair: 1 });
 }
 
@@ -127,7 +127,7 @@ fn an_entry_refreshed_or_replaced_after_the_read_is_kept() {
     let dead: Vec<(CtKey, CtValue)> = dp
         .conntrack()
         .into_iter()
-        .filter(|(k, v)| ct_expired(k.proto, v.state, now - v.last_seen_ns))
+        .filter(|(k, v)| CtTimeouts::default().expired(k.proto, v.state, now - v.last_seen_ns))
         .collect();
     assert_eq!(dead.len(), 4, "both flows read as dead");
 
@@ -145,7 +145,7 @@ fn an_entry_refreshed_or_replaced_after_the_read_is_kept() {
 
     let mut ct = conntrack_gc::handle(dp.conntrack_map()).expect("handle");
     let mut sweep = Sweep::default();
-    conntrack_gc::remove_dead(&mut ct, &dead, &mut sweep).expect("remove");
+    conntrack_gc::remove_dead(&mut ct, &dead, &dp.ct_timeouts(), &mut sweep).expect("remove");
     assert_eq!(sweep.removed, 0, "{sweep:?}");
     assert_eq!(ports(&dp), [2001, 2001, 2002, 2002]);
     // 2001's reply entry is still expired but kept, as its forward direction lives; 2002's two
@@ -155,7 +155,7 @@ fn an_entry_refreshed_or_replaced_after_the_read_is_kept() {
     let fresh = dp
         .conntrack()
         .iter()
-        .filter(|(k, v)| !ct_expired(k.proto, v.state, now - v.last_seen_ns))
+        .filter(|(k, v)| !CtTimeouts::default().expired(k.proto, v.state, now - v.last_seen_ns))
         .count();
     assert_eq!(fresh, 3, "2001's forward entry and 2002's new two");
 }
@@ -222,7 +222,7 @@ fn an_idle_connection_outlives_ended_flows_that_fill_the_map_twice_over() {
                 dp.set_conntrack(k, CtValue { last_seen_ns: old, ..v });
             }
         }
-        conntrack_gc::sweep(dp.conntrack_map()).expect("sweep");
+        dp.sweep_conntrack();
     }
     let entries_made = 2 * u32::from(port - 1024);
     assert_eq!(entries_made, 2 * TEST_MAP_SIZES.max_conntrack, "twice the map");
@@ -232,4 +232,53 @@ fn an_idle_connection_outlives_ended_flows_that_fill_the_map_twice_over() {
     let hits = dp.stat(STAT_CT_HIT);
     pass(&dp, &tcp4(CLIENT, 7, VIP, 80, false, b"still there"));
     assert_eq!(dp.stat(STAT_CT_HIT), hits + 1);
+}
+
+/// `--conntrack-tcp-timeout-established` and `--conntrack-udp-timeout` reach the datapath and
+/// the sweep alike; the same flows under the default lifetimes live on.
+#[test]
+fn configured_lifetimes_expire_flows_in_the_datapath_and_the_sweep_alike() {
+    require_root!();
+    use lb_agent::dataplane::options::Options;
+    let short = CtTimeouts { tcp_established_s: 5, udp_s: 2 };
+    for configured in [Some(short), None] {
+        let mut dp = datapath();
+        if let Some(t) = configured {
+            dp.set_options(&Options { ct_timeouts: t, ..Default::default() });
+        }
+        assert_eq!(dp.ct_timeouts(), configured.unwrap_or_default());
+        for port in [3001, 3002, 3005] {
+            // Both directions established: the client's ACK, the backend's answer.
+            pass(&dp, &tcp4(CLIENT, port, VIP, 80, true, b""));
+            pass(&dp, &tcp4(CLIENT, port, VIP, 80, false, b"ack"));
+            let answer = dp.run(PROG_TC_EGRESS, &tcp4(LOCAL_POD, 8080, CLIENT, port, false, b"ok"));
+            assert_eq!(answer.verdict, TC_ACT_OK);
+        }
+        for port in [3003, 3004, 3006] {
+            pass(&dp, &udp4(CLIENT, port, VIP, 53, b"q"));
+        }
+        for (port, secs) in [(3001, 6), (3002, 4), (3005, 6), (3003, 3), (3004, 1), (3006, 3)] {
+            age(&mut dp, port, None, secs);
+        }
+        let (expired, new) = (dp.stat(STAT_CT_EXPIRED), dp.stat(STAT_CT_NEW));
+        for port in [3001, 3002] {
+            pass(&dp, &tcp4(CLIENT, port, VIP, 80, false, b"more"));
+        }
+        for port in [3003, 3004] {
+            pass(&dp, &udp4(CLIENT, port, VIP, 53, b"again"));
+        }
+        let swept = dp.sweep_conntrack();
+        let left = ports(&dp);
+        if configured.is_some() {
+            // 3001 (6 s, established) and 3003 (3 s, UDP) start afresh; 3005 and 3006 are swept.
+            assert_eq!(dp.stat(STAT_CT_EXPIRED) - expired, 2);
+            assert_eq!(dp.stat(STAT_CT_NEW) - new, 2);
+            assert_eq!(swept.removed, 4, "{swept:?}");
+            assert_eq!(left, [3001, 3001, 3002, 3002, 3003, 3003, 3004, 3004]);
+        } else {
+            assert_eq!((dp.stat(STAT_CT_EXPIRED), dp.stat(STAT_CT_NEW)), (expired, new));
+            assert_eq!(swept.removed, 0, "{swept:?}");
+            assert_eq!(left.len(), 12);
+        }
+    }
 }

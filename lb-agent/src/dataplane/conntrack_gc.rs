@@ -16,11 +16,11 @@ use std::{os::fd::AsFd, path::Path, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
-use lb_common::{CtKey, CtValue, MAP_CONNTRACK, ct_expired};
+use lb_common::{CtKey, CtTimeouts, CtValue, MAP_CONNTRACK, MAP_OPTIONS};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tracing::{debug, info, warn};
 
-use super::{batch, loader::maps_pin_dir};
+use super::{batch, loader::maps_pin_dir, options};
 
 /// The clock the datapath stamps entries with (`bpf_ktime_get_coarse_ns`).
 pub fn datapath_now_ns() -> u64 {
@@ -43,8 +43,8 @@ pub struct Sweep {
     pub kept_for_pair: u64,
 }
 
-fn expired(key: &CtKey, value: &CtValue, now_ns: u64) -> bool {
-    ct_expired(key.proto, value.state, now_ns.saturating_sub(value.last_seen_ns))
+fn expired(t: &CtTimeouts, key: &CtKey, value: &CtValue, now_ns: u64) -> bool {
+    t.expired(key.proto, value.state, now_ns.saturating_sub(value.last_seen_ns))
 }
 
 /// A second handle on the conntrack map `map` (the sweep reads through one while it removes
@@ -54,22 +54,23 @@ pub fn handle(map: &MapData) -> Result<HashMap<MapData, CtKey, CtValue>> {
     Ok(HashMap::try_from(Map::LruHashMap(MapData::from_fd(fd)?))?)
 }
 
-/// One pass over the conntrack map: removes the flows whose entries have all expired.
-pub fn sweep(map: &MapData) -> Result<Sweep> {
+/// One pass over the conntrack map: removes the flows whose entries have all expired (by the
+/// lifetimes `t`, those configured in `LB_OPTIONS`).
+pub fn sweep(map: &MapData, t: &CtTimeouts) -> Result<Sweep> {
     let mut ct = handle(map)?;
     let mut sweep = Sweep::default();
     let mut dead = Vec::new();
     sweep.entries = batch::for_each_chunk::<CtKey, CtValue>(map, |keys, values| {
         let now = datapath_now_ns();
         for (k, v) in keys.iter().zip(values) {
-            if expired(k, v, now) {
+            if expired(t, k, v, now) {
                 dead.push((*k, *v));
             } else {
                 sweep.live += 1;
             }
         }
         // Removed chunk by chunk: a full map of dead flows is never copied whole.
-        remove_dead(&mut ct, &dead, &mut sweep)?;
+        remove_dead(&mut ct, &dead, t, &mut sweep)?;
         dead.clear();
         Ok(())
     })?;
@@ -81,19 +82,20 @@ pub fn sweep(map: &MapData) -> Result<Sweep> {
 pub fn remove_dead(
     ct: &mut HashMap<MapData, CtKey, CtValue>,
     dead: &[(CtKey, CtValue)],
+    t: &CtTimeouts,
     sweep: &mut Sweep,
 ) -> Result<()> {
     for (key, read) in dead {
         let now = datapath_now_ns();
         let pair_key = read.pair_key(key.proto);
         let pair = get(ct, &pair_key)?;
-        if pair.is_some_and(|p| !expired(&pair_key, &p, now)) {
+        if pair.is_some_and(|p| !expired(t, &pair_key, &p, now)) {
             sweep.kept_for_pair += 1;
             continue;
         }
         // Gone (its pair's removal took it) or refreshed since the batch read.
         match get(ct, key)? {
-            Some(current) if expired(key, &current, now) => {}
+            Some(current) if expired(t, key, &current, now) => {}
             _ => continue,
         }
         sweep.removed += remove(ct, key)?;
@@ -145,8 +147,13 @@ pub struct GcMetrics {
 /// Sweeps the pinned conntrack map under `bpffs` every `interval`, on a thread of its own (a
 /// sweep of a full map takes tens of milliseconds, which the sync loop must not wait for).
 pub fn spawn(bpffs: &Path, interval: Duration, metrics: GcMetrics) -> Result<()> {
+    let open = |name: &str| {
+        let path = maps_pin_dir(bpffs).join(name);
+        MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+    };
     let path = maps_pin_dir(bpffs).join(MAP_CONNTRACK);
-    let map = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let map = open(MAP_CONNTRACK)?;
+    let opts = Map::Array(open(MAP_OPTIONS)?);
     handle(&map).with_context(|| format!("{} is not a conntrack map", path.display()))?;
     let capacity = map.info()?.max_entries() as u64;
     let mut pressed = false;
@@ -154,7 +161,8 @@ pub fn spawn(bpffs: &Path, interval: Duration, metrics: GcMetrics) -> Result<()>
         loop {
             std::thread::sleep(interval);
             let start = std::time::Instant::now();
-            match sweep(&map) {
+            // Read each time: the lifetimes are the datapath's, which the next agent may change.
+            match options::ct_timeouts(&opts).and_then(|t| sweep(&map, &t)) {
                 Ok(s) => {
                     let secs = start.elapsed().as_secs_f64();
                     metrics.runs.inc();

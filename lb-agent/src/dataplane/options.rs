@@ -1,9 +1,11 @@
 //! Node-wide datapath switches (`LB_OPTIONS`), written by the agent at start from its flags.
 
 use anyhow::{Context, Result};
+use aya::maps::{Map, MapData};
 use aya::{Ebpf, maps::Array};
 use lb_common::{
-    MAP_OPTIONS, NAT_PORT_MAX, NAT_PORT_MIN, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN,
+    CT_MIN_LIFETIME_S, CtTimeouts, MAP_OPTIONS, NAT_PORT_MAX, NAT_PORT_MIN,
+    OPT_CT_TCP_ESTABLISHED_S, OPT_CT_UDP_S, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN,
     OPT_REJECT_TCP_WITH_RESET,
 };
 
@@ -83,10 +85,66 @@ pub fn ephemeral_ports() -> Result<PortRange> {
     }
 }
 
+/// A conntrack lifetime flag: whole seconds, written as kube-proxy's flags are (Go durations
+/// of hours, minutes and seconds: `6h`, `90m`, `24h0m0s`) or as a number of seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeout(pub u32);
+
+impl std::fmt::Display for Timeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.0;
+        match (s / 3600, s % 3600 / 60, s % 60) {
+            (h, 0, 0) if h > 0 => write!(f, "{h}h"),
+            (0, m, 0) if m > 0 => write!(f, "{m}m"),
+            _ => write!(f, "{s}s"),
+        }
+    }
+}
+
+impl std::str::FromStr for Timeout {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?}: expected a duration such as 6h, 90m, 30s or 1h30m");
+        let mut total: u64 = 0;
+        if let Ok(secs) = s.parse::<u64>() {
+            total = secs;
+        } else {
+            let mut rest = s;
+            while !rest.is_empty() {
+                let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+                let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+                let unit = match rest.as_bytes()[digits] {
+                    b'h' => 3600,
+                    b'm' => 60,
+                    b's' => 1,
+                    _ => return Err(bad()),
+                };
+                total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
+                rest = &rest[digits + 1..];
+            }
+        }
+        if total < CT_MIN_LIFETIME_S {
+            return Err(format!("{s:?}: at least {CT_MIN_LIFETIME_S} s"));
+        }
+        u32::try_from(total).map(Timeout).map_err(|_| format!("{s:?}: at most {} s", u32::MAX))
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Options {
     pub reject_tcp_with: RejectTcpWith,
     pub nat_ports: PortRange,
+    /// Conntrack lifetimes (0: the datapath's defaults).
+    pub ct_timeouts: CtTimeouts,
+}
+
+/// The conntrack lifetimes configured in an `LB_OPTIONS` map (the sweep and lbctl judge
+/// entries by them, as the datapath does).
+pub fn ct_timeouts(options: &Map) -> Result<CtTimeouts> {
+    let map: Array<&MapData, u32> = Array::try_from(options)?;
+    let opt = |i| map.get(&i, 0).context("reading LB_OPTIONS");
+    Ok(CtTimeouts { tcp_established_s: opt(OPT_CT_TCP_ESTABLISHED_S)?, udp_s: opt(OPT_CT_UDP_S)? })
 }
 
 /// Writes every option, so a restart with other flags replaces the previous agent's.
@@ -98,6 +156,8 @@ pub fn write(ebpf: &mut Ebpf, opts: &Options) -> Result<()> {
         (OPT_REJECT_TCP_WITH_RESET, reset),
         (OPT_NAT_PORT_MIN, opts.nat_ports.first.into()),
         (OPT_NAT_PORT_MAX, opts.nat_ports.last.into()),
+        (OPT_CT_TCP_ESTABLISHED_S, opts.ct_timeouts.tcp_established_s),
+        (OPT_CT_UDP_S, opts.ct_timeouts.udp_s),
     ] {
         map.set(i, v, 0).context("writing LB_OPTIONS")?;
     }
@@ -124,5 +184,27 @@ mod tests {
             e.to_string().contains("40000-62000 overlaps the node's ephemeral ports 32768-60999"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn timeouts_parse_as_kube_proxy_writes_them_and_refuse_nonsense() {
+        for (text, secs) in [
+            ("6h", 21600),
+            ("90m", 5400),
+            ("24h0m0s", 86400),
+            ("1h30m", 5400),
+            ("45s", 45),
+            ("3600", 3600),
+            ("1s", 1),
+        ] {
+            assert_eq!(text.parse::<Timeout>(), Ok(Timeout(secs)), "{text}");
+        }
+        for bad in ["", "0", "0s", "h", "5d", "1.5h", "-1h", "1h30", "9999999999h", "6 h"] {
+            assert!(bad.parse::<Timeout>().is_err(), "{bad:?}");
+        }
+        for secs in [1, 59, 60, 3600, 5400, 21600] {
+            let shown = Timeout(secs).to_string();
+            assert_eq!(shown.parse::<Timeout>(), Ok(Timeout(secs)), "{shown}");
+        }
     }
 }

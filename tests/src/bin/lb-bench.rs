@@ -314,10 +314,10 @@ fn conntrack_sweep() {
         o / b
     );
     let t = Instant::now();
-    let first = conntrack_gc::sweep(map).unwrap();
+    let first = conntrack_gc::sweep(map, &Default::default()).unwrap();
     let first_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
-    let again = conntrack_gc::sweep(map).unwrap();
+    let again = conntrack_gc::sweep(map, &Default::default()).unwrap();
     let again_ms = t.elapsed().as_secs_f64() * 1e3;
     println!(
         "conntrack sweep: {first_ms:.0} ms removing {} entries of ended flows ({} live kept); then {again_ms:.0} ms finding none to remove ({} read)",
