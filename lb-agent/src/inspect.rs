@@ -86,6 +86,9 @@ pub struct ConntrackRow {
     pub backend_id: u32,
     pub state: &'static str,
     pub idle_s: u64,
+    /// Seconds until the entry expires unless a packet comes (by the lifetimes configured for
+    /// the datapath); 0 once expired.
+    pub expires_in_s: u64,
 }
 
 /// SNAT source ports towards one backend from one node address: what `lbctl nat --ports`
@@ -315,27 +318,33 @@ impl Inspection {
 
     pub fn conntrack(&self) -> Result<Vec<ConntrackRow>> {
         let map = open_pinned(&self.bpffs, MAP_CONNTRACK)?;
+        let timeouts = self.ct_timeouts()?;
         let now = datapath_now_ns();
         let mut rows = Vec::new();
         batch::for_each_chunk::<CtKey, CtValue>(&map, |keys, values| {
-            rows.extend(keys.iter().zip(values).map(|(k, v)| ConntrackRow {
-                direction: if v.flags & CT_F_REPLY != 0 { "reply" } else { "original" },
-                protocol: proto_name(k.proto),
-                from: sock(&k.saddr, k.sport_be),
-                to: sock(&k.daddr, k.dport_be),
-                new_from: sock(&v.new_saddr, v.new_sport_be),
-                new_to: sock(&v.new_daddr, v.new_dport_be),
-                snat: v.flags & CT_F_SNAT != 0,
-                service: self.name(v.service_id),
-                backend_id: v.backend_id,
-                state: match v.state {
-                    CT_STATE_ESTABLISHED => "established",
-                    CT_STATE_CLOSING => "closing",
-                    CT_STATE_RESET => "reset",
-                    CT_STATE_TIME_WAIT => "time-wait",
-                    _ => "new",
-                },
-                idle_s: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
+            rows.extend(keys.iter().zip(values).map(|(k, v)| {
+                ConntrackRow {
+                    direction: if v.flags & CT_F_REPLY != 0 { "reply" } else { "original" },
+                    protocol: proto_name(k.proto),
+                    from: sock(&k.saddr, k.sport_be),
+                    to: sock(&k.daddr, k.dport_be),
+                    new_from: sock(&v.new_saddr, v.new_sport_be),
+                    new_to: sock(&v.new_daddr, v.new_dport_be),
+                    snat: v.flags & CT_F_SNAT != 0,
+                    service: self.name(v.service_id),
+                    backend_id: v.backend_id,
+                    state: match v.state {
+                        CT_STATE_ESTABLISHED => "established",
+                        CT_STATE_CLOSING => "closing",
+                        CT_STATE_RESET => "reset",
+                        CT_STATE_TIME_WAIT => "time-wait",
+                        _ => "new",
+                    },
+                    idle_s: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
+                    expires_in_s: (timeouts.lifetime_s(k.proto, v.state) * 1_000_000_000)
+                        .saturating_sub(now.saturating_sub(v.last_seen_ns))
+                        / 1_000_000_000,
+                }
             }));
             Ok(())
         })?;
@@ -349,8 +358,7 @@ impl Inspection {
     pub fn snat_ports(&self) -> Result<Vec<SnatPortsRow>> {
         let map = open_pinned(&self.bpffs, MAP_CONNTRACK)?;
         let capacity = self.nat_port_range()?;
-        let options = Map::Array(open_pinned(&self.bpffs, MAP_OPTIONS)?);
-        let timeouts = crate::dataplane::options::ct_timeouts(&options)?;
+        let timeouts = self.ct_timeouts()?;
         let now = datapath_now_ns();
         // Keyed by the reply entry's backend address, port, protocol and node address.
         let mut by_backend: BTreeMap<(Addr, u16, u8, Addr), SnatPortsRow> = BTreeMap::new();
@@ -386,6 +394,12 @@ impl Inspection {
             Ok(())
         })?;
         Ok(by_backend.into_values().collect())
+    }
+
+    /// The conntrack lifetimes the agent configured (`LB_OPTIONS`).
+    fn ct_timeouts(&self) -> Result<CtTimeouts> {
+        let options = Map::Array(open_pinned(&self.bpffs, MAP_OPTIONS)?);
+        crate::dataplane::options::ct_timeouts(&options)
     }
 
     /// How many SNAT source ports the datapath uses (LB_OPTIONS, else the default range).

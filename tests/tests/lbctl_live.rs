@@ -45,8 +45,9 @@ fn lbctl_reports_services_backends_flows_affinity_and_counters() {
         spec: "",
         extra: "",
     };
-    let run =
-        Running::start(cluster, &[("web.yaml", web.file(&eps)), ("dns.yaml", dns.file(&eps))]);
+    // A UDP lifetime of the operator's choosing: lbctl judges entries by it, as the datapath.
+    let files = [("web.yaml", web.file(&eps)), ("dns.yaml", dns.file(&eps))];
+    let run = Running::start_with(cluster, &files, &["--conntrack-udp-timeout", "45s"]);
     let r = parse_probe(&run.from_client(0, &["connect", "10.230.0.10:30080", "--count", "10"]));
     assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
     let backend = r[0].as_ref().unwrap().0.clone();
@@ -244,6 +245,13 @@ fn lbctl_reports_services_backends_flows_affinity_and_counters() {
     let after = state(&pins);
     let real_flows = 4 * 2;
     assert_eq!(after.0.as_array().unwrap().len(), before.0.as_array().unwrap().len() + real_flows);
+    let udp: Vec<&Value> =
+        after.0.as_array().unwrap().iter().filter(|r| r["protocol"] == "UDP").collect();
+    assert_eq!(udp.len(), real_flows, "{udp:?}");
+    for r in &udp {
+        let (idle, left) = (r["idle_s"].as_u64().unwrap(), r["expires_in_s"].as_u64().unwrap());
+        assert!(idle + left <= 45 && idle + left >= 44, "45 s to live: {r}");
+    }
     let without_idle = |v: &Value| -> Vec<Value> {
         v.as_array()
             .unwrap()

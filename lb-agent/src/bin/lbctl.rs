@@ -438,7 +438,7 @@ fn print_conntrack(rows: &[ConntrackRow], output: Output) -> Result<()> {
             for r in rows {
                 let snat = if r.snat { " snat" } else { "" };
                 println!(
-                    "{:<8} {} {} -> {}  =>  {} -> {}  [{}{snat}, backend {}, {}, idle {} s]",
+                    "{:<8} {} {} -> {}  =>  {} -> {}  [{}{snat}, backend {}, {}, idle {} s, expires in {} s]",
                     r.direction,
                     r.protocol,
                     r.from,
@@ -448,7 +448,8 @@ fn print_conntrack(rows: &[ConntrackRow], output: Output) -> Result<()> {
                     r.state,
                     r.backend_id,
                     r.service,
-                    r.idle_s
+                    r.idle_s,
+                    r.expires_in_s
                 );
             }
         }
