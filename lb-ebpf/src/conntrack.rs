@@ -1,7 +1,8 @@
 //! Connection tracking for device-hook flows. Each flow has two entries in `LB_CT`: the
 //! original direction (client -> frontend) and the reply as it arrives (backend -> client or
 //! node). Each entry holds the rewrite for its direction, so a packet needs one lookup.
-//! Entries age by protocol and TCP state; the LRU map evicts the oldest when full.
+//! Entries age by protocol and TCP state (lifetimes from `LB_OPTIONS` where the agent set
+//! them); the agent sweeps out ended flows, and the LRU map evicts the oldest when full.
 
 use lb_common::*;
 
@@ -93,7 +94,7 @@ fn sync_pair(e: &CtValue, proto: u8) {
 
 /// Removes `e` (the entry of `key`) and its pair when its flow has been silent longer than its
 /// state allows. Entries expire lazily: a flow never seen again keeps its entries (and a SNAT
-/// port) until this runs on them or the LRU evicts them.
+/// port) until this runs on them, the agent's sweep removes them, or the LRU evicts them.
 #[inline(always)]
 fn remove_if_expired(key: &CtKey, e: &CtValue, now: u64) -> bool {
     let age = age_ns(now, e.last_seen_ns);

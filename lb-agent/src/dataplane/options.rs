@@ -1,8 +1,10 @@
 //! Node-wide datapath switches (`LB_OPTIONS`), written by the agent at start from its flags.
 
 use anyhow::{Context, Result};
-use aya::maps::{Map, MapData};
-use aya::{Ebpf, maps::Array};
+use aya::{
+    Ebpf,
+    maps::{Array, Map, MapData},
+};
 use lb_common::{
     CT_MIN_LIFETIME_S, CtTimeouts, MAP_OPTIONS, NAT_PORT_MAX, NAT_PORT_MIN,
     OPT_CT_TCP_ESTABLISHED_S, OPT_CT_UDP_S, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN,
