@@ -269,10 +269,10 @@ async fn run(args: Args) -> Result<()> {
             attach::xdp_tx(&mut ebpf, dev, mode, args.xdp_tx)?;
         }
     }
-    if args.conntrack_gc_interval > 0 {
-        let interval = Duration::from_secs(args.conntrack_gc_interval);
-        conntrack_gc::spawn(&args.bpffs, interval, status.metrics.conntrack_gc.clone())?;
-    }
+    let sweep_every =
+        (args.conntrack_gc_interval > 0).then(|| Duration::from_secs(args.conntrack_gc_interval));
+    let conntrack =
+        conntrack_gc::spawn(&args.bpffs, sweep_every, status.metrics.conntrack_gc.clone())?;
     for gone in pins.remove_unwanted()? {
         info!(hook = gone, "detached a hook no longer configured");
     }
@@ -326,6 +326,11 @@ async fn run(args: Args) -> Result<()> {
                 if report.services_planned > 0 {
                     info!(services = report.services_planned, writes = ?report.writes,
                           elapsed_us = report.elapsed.as_micros() as u64, "synced");
+                }
+                // UDP flows to endpoints no longer in use move on (kube-proxy flushes them too).
+                let stale = syncer.writer.take_stale_udp();
+                if !stale.is_empty() && conntrack.send(stale).is_err() {
+                    bail!("the conntrack worker stopped");
                 }
                 after_sync(&status, &syncer, &mut health_servers, Some(&report)).await;
             }

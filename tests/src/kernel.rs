@@ -198,6 +198,13 @@ impl Datapath {
         lb_agent::dataplane::conntrack_gc::sweep(self.conntrack_map(), &t).expect("sweep")
     }
 
+    /// Flushes the UDP flows of endpoints the last programming took away, as the agent's
+    /// conntrack worker does after each sync; returns the entries removed.
+    pub fn flush_stale_udp(&mut self) -> u64 {
+        let stale = self.writer().take_stale_udp();
+        lb_agent::dataplane::conntrack_gc::flush_udp(self.conntrack_map(), &stale).expect("flush")
+    }
+
     fn conntrack_mut(&mut self) -> HashMap<&mut MapData, lb_common::CtKey, lb_common::CtValue> {
         HashMap::try_from(self.ebpf.map_mut(lb_common::MAP_CONNTRACK).expect("ct map"))
             .expect("ct map type")

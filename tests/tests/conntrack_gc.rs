@@ -282,3 +282,48 @@ fn configured_lifetimes_expire_flows_in_the_datapath_and_the_sweep_alike() {
         }
     }
 }
+
+/// Where the datapath sends this packet (tc ingress), as `addr:port`.
+fn sent_to(dp: &Datapath, packet: &[u8]) -> std::net::SocketAddr {
+    let out = dp.run(PROG_TC_INGRESS, packet);
+    assert!(out.verdict == TC_ACT_OK || out.verdict == 7, "verdict {}", out.verdict);
+    summarize(&out.packet).expect("a TCP/UDP packet").dst
+}
+
+/// A UDP endpoint its service stops using takes its flows' entries with it (both directions,
+/// SNATed ones too), so a client that keeps sending from one port reaches a live endpoint, as
+/// kube-proxy's conntrack flush makes happen; TCP flows keep their endpoint until they end.
+#[test]
+fn flows_to_a_udp_endpoint_the_service_dropped_move_to_a_live_one() {
+    require_root!();
+    let mut dp = Datapath::load();
+    dp.set_node(Some(NODE.into()), None);
+    let (a, b) = (Ipv4Addr::new(10, 1, 0, 5), Ipv4Addr::new(10, 1, 0, 6));
+    let (c, d) = (Ipv4Addr::new(10, 1, 1, 5), Ipv4Addr::new(10, 1, 1, 6));
+    let program = |dp: &mut Datapath, local: Ipv4Addr, remote: Ipv4Addr| {
+        let be = |ip: Ipv4Addr, port, local| vec![backend(ip.into(), port, local)];
+        dp.program("dns", &[lb_plan("dns", VIP.into(), 53, Protocol::Udp, be(local, 5353, true))]);
+        let dns2 = lb_plan("dns2", VIP.into(), 54, Protocol::Udp, be(remote, 5353, false));
+        dp.program("dns2", &[dns2]);
+        dp.program("web", &[lb_plan("web", VIP.into(), 80, Protocol::Tcp, be(local, 8080, true))]);
+    };
+    program(&mut dp, a, c);
+    assert_eq!(sent_to(&dp, &udp4(CLIENT, 4001, VIP, 53, b"q")), sa(a, 5353));
+    assert_eq!(sent_to(&dp, &udp4(CLIENT, 4003, VIP, 54, b"q")), sa(c, 5353));
+    assert_eq!(sent_to(&dp, &tcp4(CLIENT, 4002, VIP, 80, true, b"")), sa(a, 8080));
+    assert_eq!(dp.conntrack().len(), 6);
+
+    // a and c leave their services; b and d take their places.
+    program(&mut dp, b, d);
+    // Until the flush, the UDP flows still go to the endpoints that left.
+    assert_eq!(sent_to(&dp, &udp4(CLIENT, 4001, VIP, 53, b"q")), sa(a, 5353));
+    assert_eq!(dp.flush_stale_udp(), 4, "two UDP flows, two entries each");
+    assert_eq!(sent_to(&dp, &udp4(CLIENT, 4001, VIP, 53, b"q")), sa(b, 5353));
+    assert_eq!(sent_to(&dp, &udp4(CLIENT, 4003, VIP, 54, b"q")), sa(d, 5353));
+    assert_eq!(sent_to(&dp, &tcp4(CLIENT, 4002, VIP, 80, false, b"more")), sa(a, 8080));
+    assert_eq!(dp.flush_stale_udp(), 0, "nothing new to flush");
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(ip.into(), port)
+}

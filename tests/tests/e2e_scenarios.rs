@@ -267,6 +267,53 @@ fn udp_via_cluster_ip_and_nodeport() {
     );
 }
 
+/// A UDP client that keeps its source port (a resolver reusing its socket) moves to a live
+/// endpoint once its endpoint leaves the service, instead of sending into the void: the agent
+/// flushes the flow's conntrack entries, as kube-proxy flushes conntrack for deleted UDP
+/// endpoints. From outside, through a NodePort (the device hooks' conntrack).
+#[test]
+fn a_udp_client_keeping_its_port_moves_on_when_its_endpoint_leaves() {
+    require_root!();
+    let cluster = Cluster::new(2, 2, 1);
+    let eps = pods(&cluster, false);
+    let dns = Svc {
+        name: "dns",
+        cluster_ips: &["10.96.0.61"],
+        port: 53,
+        protocol: "UDP",
+        target_port: 5353,
+        node_port: Some(30054),
+        spec: "",
+        extra: "",
+    };
+    let mut run = Running::start(cluster, &[("dns.yaml", dns.file(&eps))]);
+    let ask = |run: &Running| {
+        let args = ["connect", "10.230.0.10:30054", "--udp", "--sport", "41234"];
+        let r = parse_probe(&run.from_client(0, &args));
+        r[0].clone().unwrap_or_else(|e| panic!("no answer: {e}")).0
+    };
+    let first = ask(&run);
+    assert_eq!(ask(&run), first, "one flow, one endpoint");
+
+    // Its endpoint leaves the service; the pod itself still answers (as one being replaced
+    // does for a while), so a flow left on it would still be answered by it.
+    let pod_ip =
+        run.cluster.nodes.iter().flat_map(|n| &n.pods).find(|p| p.name == first).unwrap().ip4;
+    let rest: Vec<Ep> = eps.iter().filter(|e| e.addr != pod_ip).cloned().collect();
+    run.update("dns.yaml", &dns.file(&rest));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut now_answering = ask(&run);
+    while now_answering == first && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        now_answering = ask(&run);
+    }
+    assert_ne!(now_answering, first, "the flow stayed on the endpoint that left");
+    assert_eq!(ask(&run), now_answering, "and keeps its new endpoint");
+    let counters = lb_agent::dataplane::counters::global_pinned(&run.pins[0].path).unwrap();
+    let expired = counters.iter().find(|(n, _)| *n == "ct_expired").unwrap().1;
+    assert_eq!(expired, 0, "moved by the flush, not by expiry");
+}
+
 #[test]
 fn load_balancer_source_ranges_admit_only_listed_clients() {
     require_root!();

@@ -186,3 +186,40 @@ fn random_change_sequences_equal_a_fresh_build_in_the_kernel() {
         );
     }
 }
+
+/// The UDP endpoints a service port stops using are reported for the conntrack flush: gone
+/// ones and the whole set of a removed service, but not those still serving while they
+/// terminate (retained for open flows), and never a TCP service's.
+#[test]
+fn udp_endpoints_no_longer_in_use_are_reported_for_the_conntrack_flush() {
+    use lb_agent::{dataplane::writer::StaleUdpBackend, model::plan::Protocol};
+    let mut w = Writer::new(memory(), CFG).unwrap();
+    let (dns, web) = (ObjKey::new("default", "dns"), ObjKey::new("default", "web"));
+    let plan = |name: &str, proto, bs: Vec<lb_agent::model::plan::Backend>, retained| {
+        let mut p = simple_plan(name, ip("10.96.0.10"), ip("192.168.1.11"), 30053, bs);
+        p.protocol = proto;
+        p.retained_backends = retained;
+        p
+    };
+    let (a, b, c) = (ip("10.1.0.1"), ip("10.1.0.2"), ip("10.1.0.3"));
+    let be = |x| backend(x, 5353, true);
+    w.apply_object(&dns, &[plan("dns", Protocol::Udp, vec![be(a), be(b), be(c)], vec![])]).unwrap();
+    w.apply_object(&web, &[plan("web", Protocol::Tcp, vec![be(a), be(b)], vec![])]).unwrap();
+    assert_eq!(w.take_stale_udp(), [], "nothing left yet");
+    let id = |w: &Writer<MemoryStore>| w.service_ids().find(|(k, _)| k.name == "dns").unwrap().1;
+    let dns_id = id(&w);
+
+    // a is gone, b terminates but still serves: only a's flows are stale. The TCP service
+    // losing a reports nothing.
+    w.apply_object(&dns, &[plan("dns", Protocol::Udp, vec![be(c)], vec![be(b)])]).unwrap();
+    w.apply_object(&web, &[plan("web", Protocol::Tcp, vec![be(b)], vec![])]).unwrap();
+    let stale = |x| StaleUdpBackend { service_id: dns_id, addr: x, port: 5353 };
+    assert_eq!(w.take_stale_udp(), [stale(a)]);
+    assert_eq!(w.take_stale_udp(), [], "taken once");
+
+    // The service goes: every endpoint it still had.
+    w.apply_object(&dns, &[]).unwrap();
+    let mut gone = w.take_stale_udp();
+    gone.sort();
+    assert_eq!(gone, [stale(b), stale(c)]);
+}

@@ -12,15 +12,24 @@
 //! The datapath may refresh or replace an entry between the batch read and the removal, so
 //! both entries are read again just before (a gap of microseconds, not a whole sweep).
 
-use std::{os::fd::AsFd, path::Path, time::Duration};
+use std::{
+    collections::HashSet,
+    os::fd::AsFd,
+    path::Path,
+    sync::mpsc::{RecvTimeoutError, Sender},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
-use lb_common::{CtKey, CtTimeouts, CtValue, MAP_CONNTRACK, MAP_OPTIONS};
+use lb_common::{
+    Addr, CT_F_REPLY, CtKey, CtTimeouts, CtValue, MAP_CONNTRACK, MAP_OPTIONS, PROTO_UDP,
+    addr_from_ip,
+};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tracing::{debug, info, warn};
 
-use super::{batch, loader::maps_pin_dir, options};
+use super::{batch, loader::maps_pin_dir, options, writer::StaleUdpBackend};
 
 /// The clock the datapath stamps entries with (`bpf_ktime_get_coarse_ns`).
 pub fn datapath_now_ns() -> u64 {
@@ -120,7 +129,12 @@ fn get(ct: &HashMap<MapData, CtKey, CtValue>, key: &CtKey) -> Result<Option<CtVa
 fn remove(ct: &mut HashMap<MapData, CtKey, CtValue>, key: &CtKey) -> Result<u64> {
     match ct.remove(key) {
         Ok(()) => Ok(1),
-        Err(aya::maps::MapError::KeyNotFound) => Ok(0),
+        // aya reports a missing key on delete as the system call's ENOENT.
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(0)
+        }
         Err(e) => Err(e).context("removing a conntrack entry"),
     }
 }
@@ -133,7 +147,39 @@ fn still_full(was_full: bool, live: u64, capacity: u64) -> bool {
     live * 10 >= capacity * mark
 }
 
-/// The metrics a sweep updates.
+/// Removes the entries (both directions) of UDP flows to backends their service port stopped
+/// using; returns how many. New flows cannot pick such a backend any more (it left the
+/// service's sets before this runs), so every entry found is a stale one.
+pub fn flush_udp(map: &MapData, stale: &[StaleUdpBackend]) -> Result<u64> {
+    let stale: HashSet<(u32, Addr, u16)> =
+        stale.iter().map(|b| (b.service_id, addr_from_ip(b.addr), b.port.to_be())).collect();
+    if stale.is_empty() {
+        return Ok(0);
+    }
+    let mut ct = handle(map)?;
+    let mut doomed = Vec::new();
+    let mut removed = 0;
+    batch::for_each_chunk::<CtKey, CtValue>(map, |keys, values| {
+        for (k, v) in keys.iter().zip(values) {
+            // The backend is where a forward entry sends, and where a reply comes from.
+            let backend = if v.flags & CT_F_REPLY != 0 {
+                (k.saddr, k.sport_be)
+            } else {
+                (v.new_daddr, v.new_dport_be)
+            };
+            if k.proto == PROTO_UDP && stale.contains(&(v.service_id, backend.0, backend.1)) {
+                doomed.push((*k, v.pair_key(k.proto)));
+            }
+        }
+        for (key, pair) in doomed.drain(..) {
+            removed += remove(&mut ct, &key)? + remove(&mut ct, &pair)?;
+        }
+        Ok(())
+    })?;
+    Ok(removed)
+}
+
+/// The metrics the conntrack worker updates.
 #[derive(Clone, Default)]
 pub struct GcMetrics {
     pub runs: Counter,
@@ -142,11 +188,19 @@ pub struct GcMetrics {
     /// `lb_map_entries` of `LB_CT`.
     pub entries: Gauge,
     pub last_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Entries of UDP flows to endpoints their service stopped using, flushed.
+    pub udp_flushed: Counter,
 }
 
-/// Sweeps the pinned conntrack map under `bpffs` every `interval`, on a thread of its own (a
-/// sweep of a full map takes tens of milliseconds, which the sync loop must not wait for).
-pub fn spawn(bpffs: &Path, interval: Duration, metrics: GcMetrics) -> Result<()> {
+/// Starts the conntrack worker on a thread of its own (a pass over a full map takes tens of
+/// milliseconds, which the sync loop must not wait for): it sweeps the pinned map under
+/// `bpffs` every `interval` (never if `None`), and flushes the UDP flows of the stale backends
+/// sent to it as soon as they come.
+pub fn spawn(
+    bpffs: &Path,
+    interval: Option<Duration>,
+    metrics: GcMetrics,
+) -> Result<Sender<Vec<StaleUdpBackend>>> {
     let open = |name: &str| {
         let path = maps_pin_dir(bpffs).join(name);
         MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
@@ -156,11 +210,41 @@ pub fn spawn(bpffs: &Path, interval: Duration, metrics: GcMetrics) -> Result<()>
     let opts = Map::Array(open(MAP_OPTIONS)?);
     handle(&map).with_context(|| format!("{} is not a conntrack map", path.display()))?;
     let capacity = map.info()?.max_entries() as u64;
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<StaleUdpBackend>>();
     let mut pressed = false;
-    std::thread::Builder::new().name("conntrack-gc".into()).spawn(move || {
+    let mut next_sweep = interval.map(|i| Instant::now() + i);
+    std::thread::Builder::new().name("conntrack".into()).spawn(move || {
         loop {
-            std::thread::sleep(interval);
-            let start = std::time::Instant::now();
+            let work = match next_sweep {
+                Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match work {
+                Ok(mut stale) => {
+                    // Whatever else is queued goes in the same pass.
+                    while let Ok(more) = rx.try_recv() {
+                        stale.extend(more);
+                    }
+                    match flush_udp(&map, &stale) {
+                        Ok(n) => {
+                            metrics.udp_flushed.inc_by(n);
+                            if n > 0 {
+                                info!(
+                                    entries = n,
+                                    backends = stale.len(),
+                                    "flushed the UDP flows of endpoints no longer in use"
+                                );
+                            }
+                        }
+                        Err(e) => warn!("conntrack flush: {e:#}"),
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            next_sweep = interval.map(|i| Instant::now() + i);
+            let start = Instant::now();
             // Read each time: the lifetimes are the datapath's, which the next agent may change.
             match options::ct_timeouts(&opts).and_then(|t| sweep(&map, &t)) {
                 Ok(s) => {
@@ -195,7 +279,7 @@ pub fn spawn(bpffs: &Path, interval: Duration, metrics: GcMetrics) -> Result<()>
             }
         }
     })?;
-    Ok(())
+    Ok(tx)
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use super::{
 use crate::{
     model::{
         maglev,
-        plan::{BackendSet, FrontendKind, PortKey, Scope, ServicePlan, TrafficPolicy},
+        plan::{BackendSet, FrontendKind, PortKey, Protocol, Scope, ServicePlan, TrafficPolicy},
     },
     state::ObjKey,
 };
@@ -126,6 +126,20 @@ pub struct Writer<S: MapStore> {
     markers: HashMap<IpAddr, u32>,
     node: NodeConfig,
     stale: Option<Stale>,
+    /// UDP endpoints service ports stopped using since the last [`Writer::take_stale_udp`].
+    stale_udp: Vec<StaleUdpBackend>,
+}
+
+/// A UDP endpoint a service port stopped using (gone, or no longer ready nor serving). Its
+/// flows' conntrack entries are to be flushed, so that a client that keeps sending from the
+/// same port moves to a live endpoint instead of sending into the void: kube-proxy clears
+/// conntrack for deleted UDP endpoints for the same reason. TCP flows keep their endpoint
+/// (they end by themselves, or time out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StaleUdpBackend {
+    pub service_id: u32,
+    pub addr: IpAddr,
+    pub port: u16,
 }
 
 fn frontend_flags(kind: FrontendKind) -> u32 {
@@ -177,6 +191,7 @@ impl<S: MapStore> Writer<S> {
             markers: HashMap::new(),
             node: snapshot.node,
             stale: None,
+            stale_udp: Vec::new(),
         };
         let empty = snapshot.services.is_empty()
             && snapshot.source_ranges.is_empty()
@@ -215,6 +230,12 @@ impl<S: MapStore> Writer<S> {
             w.stale = Some(stale);
         }
         Ok(w)
+    }
+
+    /// The UDP endpoints service ports stopped using since the last call, for the conntrack
+    /// worker to flush their flows.
+    pub fn take_stale_udp(&mut self) -> Vec<StaleUdpBackend> {
+        std::mem::take(&mut self.stale_udp)
     }
 
     pub fn store(&self) -> &S {
@@ -557,6 +578,9 @@ impl<S: MapStore> Writer<S> {
         if let Some(o) = &old {
             for addr in o.backends.difference(&wanted.keys().copied().collect()) {
                 self.release_backend(*addr, service_id)?;
+                if plan.protocol == Protocol::Udp {
+                    self.stale_udp.push(StaleUdpBackend { service_id, addr: addr.0, port: addr.1 });
+                }
             }
         }
         self.ports.insert(
@@ -595,6 +619,10 @@ impl<S: MapStore> Writer<S> {
         }
         for addr in &old.backends {
             self.release_backend(*addr, old.service_id)?;
+            if key.protocol == Protocol::Udp {
+                let service_id = old.service_id;
+                self.stale_udp.push(StaleUdpBackend { service_id, addr: addr.0, port: addr.1 });
+            }
         }
         self.store.set_name(old.service_id, None)?;
         self.service_ids.release(old.service_id);

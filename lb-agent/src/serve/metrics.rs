@@ -107,6 +107,11 @@ impl Metrics {
             gc.removed.clone(),
         );
         registry.register(
+            "conntrack_udp_flushed_entries",
+            "Conntrack entries of UDP flows to endpoints their service stopped using, flushed",
+            gc.udp_flushed.clone(),
+        );
+        registry.register(
             "conntrack_gc_last_duration_seconds",
             "How long the last conntrack sweep took",
             gc.last_seconds.clone(),
