@@ -290,6 +290,12 @@ async fn run(args: Args) -> Result<()> {
     let start = Instant::now();
     let writes = source.initial(&mut syncer).await?;
     syncer.finish_initial_sync()?;
+    // UDP flows to endpoints that went while no agent ran.
+    let in_use = conntrack_gc::UdpFlush::AllBut(syncer.writer.udp_targets());
+    syncer.writer.take_stale_udp();
+    if conntrack.send(in_use).is_err() {
+        bail!("the conntrack worker stopped");
+    }
     let (svcs, slices, nodes) = syncer.state.counts();
     info!(
         services = svcs,
@@ -329,7 +335,7 @@ async fn run(args: Args) -> Result<()> {
                 }
                 // UDP flows to endpoints no longer in use move on (kube-proxy flushes them too).
                 let stale = syncer.writer.take_stale_udp();
-                if !stale.is_empty() && conntrack.send(stale).is_err() {
+                if !stale.is_empty() && conntrack.send(conntrack_gc::UdpFlush::To(stale)).is_err() {
                     bail!("the conntrack worker stopped");
                 }
                 after_sync(&status, &syncer, &mut health_servers, Some(&report)).await;

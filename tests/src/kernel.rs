@@ -201,8 +201,25 @@ impl Datapath {
     /// Flushes the UDP flows of endpoints the last programming took away, as the agent's
     /// conntrack worker does after each sync; returns the entries removed.
     pub fn flush_stale_udp(&mut self) -> u64 {
-        let stale = self.writer().take_stale_udp();
-        lb_agent::dataplane::conntrack_gc::flush_udp(self.conntrack_map(), &stale).expect("flush")
+        use lb_agent::dataplane::conntrack_gc::{UdpFlush, flush_udp};
+        let stale = UdpFlush::To(self.writer().take_stale_udp());
+        flush_udp(self.conntrack_map(), &stale).expect("flush")
+    }
+
+    /// A new writer over the same maps, as a restarted agent makes: it adopts what they hold
+    /// until [`Datapath::finish_restart`].
+    pub fn restart_writer(&mut self) {
+        self.writer = None;
+        self.writer();
+    }
+
+    /// Ends a restart's initial sync, then flushes the UDP flows to endpoints no UDP service
+    /// port uses any more, as the agent does at start; returns the entries removed.
+    pub fn finish_restart(&mut self) -> u64 {
+        use lb_agent::dataplane::conntrack_gc::{UdpFlush, flush_udp};
+        self.writer().finish_initial_sync().expect("finish initial sync");
+        let in_use = UdpFlush::AllBut(self.writer().udp_targets());
+        flush_udp(self.conntrack_map(), &in_use).expect("flush")
     }
 
     fn conntrack_mut(&mut self) -> HashMap<&mut MapData, lb_common::CtKey, lb_common::CtValue> {

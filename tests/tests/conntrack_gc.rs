@@ -327,3 +327,40 @@ fn flows_to_a_udp_endpoint_the_service_dropped_move_to_a_live_one() {
 fn sa(ip: Ipv4Addr, port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::new(ip.into(), port)
 }
+
+/// An agent that starts flushes the UDP flows to endpoints that went while no agent ran; flows
+/// to endpoints still in use, and TCP flows, stay.
+#[test]
+fn after_a_restart_udp_flows_to_endpoints_gone_meanwhile_are_flushed() {
+    require_root!();
+    let mut dp = Datapath::load();
+    dp.set_node(Some(NODE.into()), None);
+    let (a, b) = (Ipv4Addr::new(10, 1, 0, 5), Ipv4Addr::new(10, 1, 0, 6));
+    let dns = |bs: &[Ipv4Addr]| {
+        let bs = bs.iter().map(|ip| backend((*ip).into(), 5353, true)).collect();
+        lb_plan("dns", VIP.into(), 53, Protocol::Udp, bs)
+    };
+    dp.program("dns", &[dns(&[a, b])]);
+    let web = vec![backend(a.into(), 8080, true)];
+    dp.program("web", &[lb_plan("web", VIP.into(), 80, Protocol::Tcp, web)]);
+    let on_a: Vec<u16> = (5001..5021)
+        .filter(|&port| sent_to(&dp, &udp4(CLIENT, port, VIP, 53, b"q")) == sa(a, 5353))
+        .collect();
+    assert!(!on_a.is_empty() && on_a.len() < 20, "both endpoints get flows: {on_a:?}");
+    assert_eq!(sent_to(&dp, &tcp4(CLIENT, 5100, VIP, 80, true, b"")), sa(a, 8080));
+
+    // The agent stops; a leaves the service; an agent starts.
+    dp.restart_writer();
+    dp.program("dns", &[dns(&[b])]);
+    dp.program(
+        "web",
+        &[lb_plan("web", VIP.into(), 80, Protocol::Tcp, vec![backend(b.into(), 8080, true)])],
+    );
+    assert_eq!(dp.finish_restart(), 2 * on_a.len() as u64);
+    let hits = dp.stat(STAT_CT_HIT);
+    for port in 5001..5021 {
+        assert_eq!(sent_to(&dp, &udp4(CLIENT, port, VIP, 53, b"q")), sa(b, 5353), "{port}");
+    }
+    assert_eq!(dp.stat(STAT_CT_HIT) - hits, 20 - on_a.len() as u64, "b's flows kept theirs");
+    assert_eq!(sent_to(&dp, &tcp4(CLIENT, 5100, VIP, 80, false, b"more")), sa(a, 8080));
+}

@@ -192,7 +192,7 @@ fn random_change_sequences_equal_a_fresh_build_in_the_kernel() {
 /// terminate (retained for open flows), and never a TCP service's.
 #[test]
 fn udp_endpoints_no_longer_in_use_are_reported_for_the_conntrack_flush() {
-    use lb_agent::{dataplane::writer::StaleUdpBackend, model::plan::Protocol};
+    use lb_agent::{dataplane::writer::UdpTarget, model::plan::Protocol};
     let mut w = Writer::new(memory(), CFG).unwrap();
     let (dns, web) = (ObjKey::new("default", "dns"), ObjKey::new("default", "web"));
     let plan = |name: &str, proto, bs: Vec<lb_agent::model::plan::Backend>, retained| {
@@ -213,7 +213,7 @@ fn udp_endpoints_no_longer_in_use_are_reported_for_the_conntrack_flush() {
     // losing a reports nothing.
     w.apply_object(&dns, &[plan("dns", Protocol::Udp, vec![be(c)], vec![be(b)])]).unwrap();
     w.apply_object(&web, &[plan("web", Protocol::Tcp, vec![be(b)], vec![])]).unwrap();
-    let stale = |x| StaleUdpBackend { service_id: dns_id, addr: x, port: 5353 };
+    let stale = |x| UdpTarget { service_id: dns_id, addr: x, port: 5353 };
     assert_eq!(w.take_stale_udp(), [stale(a)]);
     assert_eq!(w.take_stale_udp(), [], "taken once");
 

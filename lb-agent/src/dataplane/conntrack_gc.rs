@@ -29,7 +29,7 @@ use lb_common::{
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tracing::{debug, info, warn};
 
-use super::{batch, loader::maps_pin_dir, options, writer::StaleUdpBackend};
+use super::{batch, loader::maps_pin_dir, options, writer::UdpTarget};
 
 /// The clock the datapath stamps entries with (`bpf_ktime_get_coarse_ns`).
 pub fn datapath_now_ns() -> u64 {
@@ -147,15 +147,26 @@ fn still_full(was_full: bool, live: u64, capacity: u64) -> bool {
     live * 10 >= capacity * mark
 }
 
-/// Removes the entries (both directions) of UDP flows to backends their service port stopped
-/// using; returns how many. New flows cannot pick such a backend any more (it left the
-/// service's sets before this runs), so every entry found is a stale one.
-pub fn flush_udp(map: &MapData, stale: &[StaleUdpBackend]) -> Result<u64> {
-    let stale: HashSet<(u32, Addr, u16)> =
-        stale.iter().map(|b| (b.service_id, addr_from_ip(b.addr), b.port.to_be())).collect();
-    if stale.is_empty() {
-        return Ok(0);
-    }
+/// Which UDP flows to flush.
+#[derive(Clone, Debug)]
+pub enum UdpFlush {
+    /// Those to these endpoints, which their service ports stopped using (after a sync).
+    To(Vec<UdpTarget>),
+    /// Those to any endpoint but these, which UDP service ports use (after an agent start).
+    AllBut(Vec<UdpTarget>),
+}
+
+/// Removes the entries (both directions) of the UDP flows `which` names; returns how many.
+/// New flows cannot pick an endpoint a service stopped using (it left the service's sets
+/// before this runs), so every entry found is a stale one.
+pub fn flush_udp(map: &MapData, which: &UdpFlush) -> Result<u64> {
+    let (targets, keep) = match which {
+        UdpFlush::To(t) if t.is_empty() => return Ok(0),
+        UdpFlush::To(t) => (t, false),
+        UdpFlush::AllBut(t) => (t, true),
+    };
+    let targets: HashSet<(u32, Addr, u16)> =
+        targets.iter().map(|b| (b.service_id, addr_from_ip(b.addr), b.port.to_be())).collect();
     let mut ct = handle(map)?;
     let mut doomed = Vec::new();
     let mut removed = 0;
@@ -167,7 +178,8 @@ pub fn flush_udp(map: &MapData, stale: &[StaleUdpBackend]) -> Result<u64> {
             } else {
                 (v.new_daddr, v.new_dport_be)
             };
-            if k.proto == PROTO_UDP && stale.contains(&(v.service_id, backend.0, backend.1)) {
+            let listed = targets.contains(&(v.service_id, backend.0, backend.1));
+            if k.proto == PROTO_UDP && listed != keep {
                 doomed.push((*k, v.pair_key(k.proto)));
             }
         }
@@ -194,13 +206,13 @@ pub struct GcMetrics {
 
 /// Starts the conntrack worker on a thread of its own (a pass over a full map takes tens of
 /// milliseconds, which the sync loop must not wait for): it sweeps the pinned map under
-/// `bpffs` every `interval` (never if `None`), and flushes the UDP flows of the stale backends
-/// sent to it as soon as they come.
+/// `bpffs` every `interval` (never if `None`), and flushes the UDP flows sent to it as soon as
+/// they come.
 pub fn spawn(
     bpffs: &Path,
     interval: Option<Duration>,
     metrics: GcMetrics,
-) -> Result<Sender<Vec<StaleUdpBackend>>> {
+) -> Result<Sender<UdpFlush>> {
     let open = |name: &str| {
         let path = maps_pin_dir(bpffs).join(name);
         MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
@@ -210,7 +222,7 @@ pub fn spawn(
     let opts = Map::Array(open(MAP_OPTIONS)?);
     handle(&map).with_context(|| format!("{} is not a conntrack map", path.display()))?;
     let capacity = map.info()?.max_entries() as u64;
-    let (tx, rx) = std::sync::mpsc::channel::<Vec<StaleUdpBackend>>();
+    let (tx, rx) = std::sync::mpsc::channel::<UdpFlush>();
     let mut pressed = false;
     let mut next_sweep = interval.map(|i| Instant::now() + i);
     std::thread::Builder::new().name("conntrack".into()).spawn(move || {
@@ -220,23 +232,28 @@ pub fn spawn(
                 None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match work {
-                Ok(mut stale) => {
-                    // Whatever else is queued goes in the same pass.
+                Ok(first) => {
+                    // Endpoint lists queued meanwhile go in the same pass.
+                    let mut queue = vec![first];
                     while let Ok(more) = rx.try_recv() {
-                        stale.extend(more);
-                    }
-                    match flush_udp(&map, &stale) {
-                        Ok(n) => {
-                            metrics.udp_flushed.inc_by(n);
-                            if n > 0 {
-                                info!(
-                                    entries = n,
-                                    backends = stale.len(),
-                                    "flushed the UDP flows of endpoints no longer in use"
-                                );
-                            }
+                        match (queue.last_mut(), more) {
+                            (Some(UdpFlush::To(t)), UdpFlush::To(more)) => t.extend(more),
+                            (_, more) => queue.push(more),
                         }
-                        Err(e) => warn!("conntrack flush: {e:#}"),
+                    }
+                    for which in &queue {
+                        match flush_udp(&map, which) {
+                            Ok(n) => {
+                                metrics.udp_flushed.inc_by(n);
+                                if n > 0 {
+                                    info!(
+                                        entries = n,
+                                        "flushed the UDP flows of endpoints no longer in use"
+                                    );
+                                }
+                            }
+                            Err(e) => warn!("conntrack flush: {e:#}"),
+                        }
                     }
                     continue;
                 }

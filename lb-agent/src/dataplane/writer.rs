@@ -127,16 +127,17 @@ pub struct Writer<S: MapStore> {
     node: NodeConfig,
     stale: Option<Stale>,
     /// UDP endpoints service ports stopped using since the last [`Writer::take_stale_udp`].
-    stale_udp: Vec<StaleUdpBackend>,
+    stale_udp: Vec<UdpTarget>,
 }
 
-/// A UDP endpoint a service port stopped using (gone, or no longer ready nor serving). Its
-/// flows' conntrack entries are to be flushed, so that a client that keeps sending from the
-/// same port moves to a live endpoint instead of sending into the void: kube-proxy clears
-/// conntrack for deleted UDP endpoints for the same reason. TCP flows keep their endpoint
-/// (they end by themselves, or time out).
+/// A UDP service port's endpoint, as conntrack entries name it (service id, backend address and
+/// port). Those a port stopped using (gone, or no longer ready nor serving) have their flows'
+/// conntrack entries flushed, so that a client that keeps sending from the same port moves to
+/// a live endpoint instead of sending into the void: kube-proxy clears conntrack for deleted
+/// UDP endpoints for the same reason. TCP flows keep their endpoint (they end by themselves,
+/// or time out).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StaleUdpBackend {
+pub struct UdpTarget {
     pub service_id: u32,
     pub addr: IpAddr,
     pub port: u16,
@@ -234,8 +235,22 @@ impl<S: MapStore> Writer<S> {
 
     /// The UDP endpoints service ports stopped using since the last call, for the conntrack
     /// worker to flush their flows.
-    pub fn take_stale_udp(&mut self) -> Vec<StaleUdpBackend> {
+    pub fn take_stale_udp(&mut self) -> Vec<UdpTarget> {
         std::mem::take(&mut self.stale_udp)
+    }
+
+    /// Every endpoint UDP service ports use now (serving ones included): after a restart, UDP
+    /// flows to any other were left by endpoints that went while no agent ran.
+    pub fn udp_targets(&self) -> Vec<UdpTarget> {
+        let udp = self.ports.iter().filter(|(k, _)| k.protocol == Protocol::Udp);
+        udp.flat_map(|(_, p)| {
+            p.backends.iter().map(|&(addr, port)| UdpTarget {
+                service_id: p.service_id,
+                addr,
+                port,
+            })
+        })
+        .collect()
     }
 
     pub fn store(&self) -> &S {
@@ -579,7 +594,7 @@ impl<S: MapStore> Writer<S> {
             for addr in o.backends.difference(&wanted.keys().copied().collect()) {
                 self.release_backend(*addr, service_id)?;
                 if plan.protocol == Protocol::Udp {
-                    self.stale_udp.push(StaleUdpBackend { service_id, addr: addr.0, port: addr.1 });
+                    self.stale_udp.push(UdpTarget { service_id, addr: addr.0, port: addr.1 });
                 }
             }
         }
@@ -621,7 +636,7 @@ impl<S: MapStore> Writer<S> {
             self.release_backend(*addr, old.service_id)?;
             if key.protocol == Protocol::Udp {
                 let service_id = old.service_id;
-                self.stale_udp.push(StaleUdpBackend { service_id, addr: addr.0, port: addr.1 });
+                self.stale_udp.push(UdpTarget { service_id, addr: addr.0, port: addr.1 });
             }
         }
         self.store.set_name(old.service_id, None)?;
