@@ -48,6 +48,18 @@ impl Svc<'static> {
         spec: "",
         extra: "",
     };
+
+    /// The tests' UDP service: dns, ClusterIP 10.96.0.53:53 and NodePort 30053 -> pods' 5353.
+    pub const DNS: Svc<'static> = Svc {
+        name: "dns",
+        cluster_ips: &["10.96.0.53"],
+        port: 53,
+        protocol: "UDP",
+        target_port: 5353,
+        node_port: Some(30053),
+        spec: "",
+        extra: "",
+    };
 }
 
 impl Svc<'_> {

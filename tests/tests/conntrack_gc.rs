@@ -27,10 +27,16 @@ const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 5);
 const TC_ACT_OK: i32 = 0;
 const S: u64 = 1_000_000_000;
 
-/// TCP "web" on VIP:80 to a local pod; UDP "dns" on VIP:53 to another node's pod (SNAT).
-fn datapath() -> Datapath {
+/// A datapath on NODE (its SNAT address), with no service yet.
+fn node_datapath() -> Datapath {
     let mut dp = Datapath::load();
     dp.set_node(Some(NODE.into()), None);
+    dp
+}
+
+/// TCP "web" on VIP:80 to a local pod; UDP "dns" on VIP:53 to another node's pod (SNAT).
+fn datapath() -> Datapath {
+    let mut dp = node_datapath();
     let web =
         lb_plan("web", VIP.into(), 80, Protocol::Tcp, vec![backend(LOCAL_POD.into(), 8080, true)]);
     let dns = lb_plan(
@@ -296,8 +302,7 @@ fn sent_to(dp: &Datapath, packet: &[u8]) -> std::net::SocketAddr {
 #[test]
 fn flows_to_a_udp_endpoint_the_service_dropped_move_to_a_live_one() {
     require_root!();
-    let mut dp = Datapath::load();
-    dp.set_node(Some(NODE.into()), None);
+    let mut dp = node_datapath();
     let (a, b) = (Ipv4Addr::new(10, 1, 0, 5), Ipv4Addr::new(10, 1, 0, 6));
     let (c, d) = (Ipv4Addr::new(10, 1, 1, 5), Ipv4Addr::new(10, 1, 1, 6));
     let program = |dp: &mut Datapath, local: Ipv4Addr, remote: Ipv4Addr| {
@@ -333,8 +338,7 @@ fn sa(ip: Ipv4Addr, port: u16) -> std::net::SocketAddr {
 #[test]
 fn after_a_restart_udp_flows_to_endpoints_gone_meanwhile_are_flushed() {
     require_root!();
-    let mut dp = Datapath::load();
-    dp.set_node(Some(NODE.into()), None);
+    let mut dp = node_datapath();
     let (a, b) = (Ipv4Addr::new(10, 1, 0, 5), Ipv4Addr::new(10, 1, 0, 6));
     let dns = |bs: &[Ipv4Addr]| {
         let bs = bs.iter().map(|ip| backend((*ip).into(), 5353, true)).collect();

@@ -240,22 +240,13 @@ fn udp_via_cluster_ip_and_nodeport() {
     require_root!();
     let cluster = Cluster::new(2, 2, 1);
     let eps = pods(&cluster, false);
-    let dns = Svc {
-        name: "dns",
-        cluster_ips: &["10.96.0.60"],
-        port: 53,
-        protocol: "UDP",
-        target_port: 5353,
-        node_port: Some(30053),
-        spec: "",
-        extra: "",
-    };
+    let dns = Svc::DNS;
     let run = Running::start(cluster, &[("dns.yaml", dns.file(&eps))]);
     let r =
-        parse_probe(&run.from_pod(0, 0, &["connect", "10.96.0.60:53", "--udp", "--count", "60"]));
+        parse_probe(&run.from_pod(0, 0, &["connect", "10.96.0.53:53", "--udp", "--count", "60"]));
     all_ok(&r);
     assert!(by_server(&r).len() >= 3, "{:?}", by_server(&r));
-    assert!(r.iter().flatten().all(|(_, _, from)| from == "10.96.0.60:53"));
+    assert!(r.iter().flatten().all(|(_, _, from)| from == "10.96.0.53:53"));
     let r = parse_probe(
         &run.from_client(0, &["connect", "10.230.0.11:30053", "--udp", "--count", "60"]),
     );
@@ -276,19 +267,10 @@ fn a_udp_client_keeping_its_port_moves_on_when_its_endpoint_leaves() {
     require_root!();
     let cluster = Cluster::new(2, 2, 1);
     let eps = pods(&cluster, false);
-    let dns = Svc {
-        name: "dns",
-        cluster_ips: &["10.96.0.61"],
-        port: 53,
-        protocol: "UDP",
-        target_port: 5353,
-        node_port: Some(30054),
-        spec: "",
-        extra: "",
-    };
+    let dns = Svc::DNS;
     let mut run = Running::start(cluster, &[("dns.yaml", dns.file(&eps))]);
     let ask = |run: &Running| {
-        let args = ["connect", "10.230.0.10:30054", "--udp", "--sport", "41234"];
+        let args = ["connect", "10.230.0.10:30053", "--udp", "--sport", "41234"];
         let r = parse_probe(&run.from_client(0, &args));
         r[0].clone().unwrap_or_else(|e| panic!("no answer: {e}")).0
     };

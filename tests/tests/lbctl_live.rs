@@ -35,16 +35,7 @@ fn lbctl_reports_services_backends_flows_affinity_and_counters() {
     let cluster = Cluster::new(2, 1, 1);
     let eps: Vec<Ep> = cluster.nodes.iter().map(|n| Ep::ready(n.pods[0].ip4, &n.name)).collect();
     let web = Svc { spec: "  sessionAffinity: ClientIP\n", ..Svc::WEB };
-    let dns = Svc {
-        name: "dns",
-        cluster_ips: &["10.96.0.53"],
-        port: 53,
-        protocol: "UDP",
-        target_port: 5353,
-        node_port: Some(30053),
-        spec: "",
-        extra: "",
-    };
+    let dns = Svc::DNS;
     // A UDP lifetime of the operator's choosing: lbctl judges entries by it, as the datapath.
     let files = [("web.yaml", web.file(&eps)), ("dns.yaml", dns.file(&eps))];
     let run = Running::start_with(cluster, &files, &["--conntrack-udp-timeout", "45s"]);
