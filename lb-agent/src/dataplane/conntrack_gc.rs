@@ -11,6 +11,10 @@
 //! flow keeps its reply entry, which holds its SNAT port, as long as its forward entry lives.
 //! The datapath may refresh or replace an entry between the batch read and the removal, so
 //! both entries are read again just before (a gap of microseconds, not a whole sweep).
+//!
+//! The same worker flushes UDP flows to endpoints their service stopped using ([`flush_udp`]),
+//! as kube-proxy flushes conntrack for deleted UDP endpoints: a client that keeps sending from
+//! one port would otherwise keep its flow on an endpoint that is gone.
 
 use std::{
     collections::HashSet,
