@@ -290,7 +290,8 @@ async fn run(args: Args) -> Result<()> {
     let start = Instant::now();
     let writes = source.initial(&mut syncer).await?;
     syncer.finish_initial_sync()?;
-    // UDP flows to endpoints that went while no agent ran.
+    // UDP flows to endpoints that went while no agent ran. This pass covers whatever the
+    // initial sync released too, so its list is dropped.
     let in_use = conntrack_gc::UdpFlush::AllBut(syncer.writer.udp_targets());
     syncer.writer.take_stale_udp();
     if conntrack.send(in_use).is_err() {

@@ -325,6 +325,54 @@ pub fn datapath(baseline: Option<&[u8]>) {
 
 /// Runs one path over and over for `secs`, for a profiler attached to this process
 /// (`perf record -p`): `lb-bench profile tc-miss|tc-first|tc-est|tc-reply|xdp-est SECS`.
+/// Fills a conntrack map to the brim with NodePort flows (forward and reply entry each) of
+/// clients in 198.18.0.0/15: every other one live, the others ended a minute ago (closing: 10 s
+/// to live), as a busy node's map looks without a sweep.
+pub fn fill_conntrack_half_ended(ebpf: &mut aya::Ebpf) {
+    use aya::maps::{HashMap, Map, MapData};
+    let Some(Map::LruHashMap(data)) = ebpf.map_mut(MAP_CONNTRACK) else { panic!("no LB_CT") };
+    let size = data.info().expect("map info").max_entries();
+    let mut ct: HashMap<&mut MapData, CtKey, CtValue> =
+        HashMap::try_from(ebpf.map_mut(MAP_CONNTRACK).expect("conntrack map")).expect("map type");
+    let now = crate::kernel::coarse_now_ns();
+    for i in 0..size / 2 {
+        let client = Ipv4Addr::from(0xc612_0000 + (i >> 14));
+        let sport = 1024 + (i & 0x3fff) as u16;
+        let (state, last_seen_ns) = if i % 2 == 0 {
+            (CT_STATE_ESTABLISHED, now)
+        } else {
+            (CT_STATE_CLOSING, now - 60_000_000_000)
+        };
+        let forward = CtValue {
+            last_seen_ns,
+            new_saddr: addr_from_ip(client.into()),
+            new_daddr: addr_from_ip(LOCAL_POD.into()),
+            new_sport_be: sport.to_be(),
+            new_dport_be: 8080u16.to_be(),
+            state,
+            ..Default::default()
+        };
+        let key = CtKey {
+            saddr: forward.new_saddr,
+            daddr: addr_from_ip(NODE.into()),
+            sport_be: sport.to_be(),
+            dport_be: 30080u16.to_be(),
+            proto: PROTO_TCP,
+            ..Default::default()
+        };
+        let reply = CtValue {
+            new_saddr: key.daddr,
+            new_daddr: key.saddr,
+            new_sport_be: key.dport_be,
+            new_dport_be: key.sport_be,
+            flags: CT_F_REPLY,
+            ..forward
+        };
+        ct.insert(key, forward, 0).expect("fill conntrack");
+        ct.insert(forward.pair_key(PROTO_TCP), reply, 0).expect("fill conntrack");
+    }
+}
+
 /// What the agent's conntrack sweep buys new flows: first packets (tc, local backend) into a
 /// conntrack map of the agent's default size that is full, half of it ended flows, measured
 /// against the same map after a sweep removed those (packet by packet, alternating). Without
@@ -332,45 +380,8 @@ pub fn datapath(baseline: Option<&[u8]>) {
 pub fn first_packet_after_sweep() {
     let size = DEFAULT_MAX_CONNTRACK;
     let mut dps = [datapath_sized(1, None, size), datapath_sized(1, None, size)];
-    let now = crate::kernel::coarse_now_ns();
     for dp in &mut dps {
-        for i in 0..size / 2 {
-            let client = Ipv4Addr::from(0xc612_0000 + (i >> 14));
-            let sport = 1024 + (i & 0x3fff) as u16;
-            // Every other flow ended a minute ago (closing: 10 s to live).
-            let (state, last_seen_ns) = if i % 2 == 0 {
-                (CT_STATE_ESTABLISHED, now)
-            } else {
-                (CT_STATE_CLOSING, now - 60_000_000_000)
-            };
-            let forward = CtValue {
-                last_seen_ns,
-                new_saddr: addr_from_ip(client.into()),
-                new_daddr: addr_from_ip(LOCAL_POD.into()),
-                new_sport_be: sport.to_be(),
-                new_dport_be: 8080u16.to_be(),
-                state,
-                ..Default::default()
-            };
-            let key = CtKey {
-                saddr: forward.new_saddr,
-                daddr: addr_from_ip(NODE.into()),
-                sport_be: sport.to_be(),
-                dport_be: 30080u16.to_be(),
-                proto: PROTO_TCP,
-                ..Default::default()
-            };
-            let reply = CtValue {
-                new_saddr: key.daddr,
-                new_daddr: key.saddr,
-                new_sport_be: key.dport_be,
-                new_dport_be: key.sport_be,
-                flags: CT_F_REPLY,
-                ..forward
-            };
-            dp.set_conntrack(key, forward);
-            dp.set_conntrack(forward.pair_key(PROTO_TCP), reply);
-        }
+        fill_conntrack_half_ended(&mut dp.ebpf);
     }
     let swept = dps[1].sweep_conntrack();
     let translated =

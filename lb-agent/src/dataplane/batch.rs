@@ -11,8 +11,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{Pod, maps::MapData};
 
-/// `BPF_MAP_LOOKUP_BATCH` from `enum bpf_cmd` (include/uapi/linux/bpf.h).
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+use super::sys_bpf::{BPF_MAP_LOOKUP_BATCH, bpf};
 
 /// Entries asked for per call: 4096 conntrack entries are 384 KiB of buffers.
 pub const CHUNK: u32 = 4096;
@@ -71,24 +70,15 @@ pub fn for_each_chunk<K: Pod, V: Pod>(
         };
         // SAFETY: the buffers have room for `count` keys and values, which is all the kernel
         // writes; the attribute is a valid `bpf_attr` prefix, zero past its fields.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        let errno = std::io::Error::last_os_error();
-        let done = match ret {
-            0 => false,
-            _ if errno.raw_os_error() == Some(libc::ENOENT) => true,
+        let done = match unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) } {
+            Ok(_) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
             // One bucket holds more entries than asked for: ask for more.
-            _ if errno.raw_os_error() == Some(libc::ENOSPC) && attr.count == 0 => {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && attr.count == 0 => {
                 chunk = chunk.checked_mul(2).context("a bucket larger than 2^32 entries")?;
                 continue;
             }
-            _ => return Err(errno).context("BPF_MAP_LOOKUP_BATCH"),
+            Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH"),
         };
         let n = (attr.count as usize).min(chunk as usize);
         // SAFETY: the kernel wrote `n` whole keys and values; K and V are plain data (Pod).

@@ -221,10 +221,9 @@ pub fn spawn(
         let path = maps_pin_dir(bpffs).join(name);
         MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
     };
-    let path = maps_pin_dir(bpffs).join(MAP_CONNTRACK);
     let map = open(MAP_CONNTRACK)?;
     let opts = Map::Array(open(MAP_OPTIONS)?);
-    handle(&map).with_context(|| format!("{} is not a conntrack map", path.display()))?;
+    handle(&map).context("the pinned LB_CT is not a conntrack map")?;
     let capacity = map.info()?.max_entries() as u64;
     let (tx, rx) = std::sync::mpsc::channel::<UdpFlush>();
     let mut pressed = false;

@@ -13,11 +13,10 @@ use anyhow::{Context, Result, bail};
 use aya::programs::links::FdLink;
 use tracing::{info, warn};
 
-use super::loader::maps_pin_dir;
-
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+use super::{
+    loader::maps_pin_dir,
+    sys_bpf::{BPF_LINK_UPDATE, BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD, bpf},
+};
 
 /// Opens a pinned BPF object (`obj` member of `union bpf_attr`).
 fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
@@ -35,13 +34,8 @@ fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
     let mut attr =
         Attr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
-    // SAFETY: a valid obj attribute of the size passed; `c` outlives the call.
-    let fd = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &mut attr as *mut Attr, size_of::<Attr>() as u32)
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: a valid obj attribute, no byte unset; `c` outlives the call.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr)? };
     // SAFETY: the kernel returned a new descriptor we now own.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -90,17 +84,7 @@ pub fn pinned_link_ifindex(path: &Path) -> std::io::Result<u32> {
         info: info.as_mut_ptr() as u64,
     };
     // SAFETY: an obj_get_info_by_fd attribute pointing at a buffer of info_len bytes.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut Attr,
-            size_of::<Attr>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
     Ok(info[2] as u32)
 }
 
@@ -119,16 +103,8 @@ fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()
         flags: 0,
         old_prog_fd: 0,
     };
-    // SAFETY: a valid link_update attribute of the size passed.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &mut attr as *mut Attr,
-            size_of::<Attr>() as u32,
-        )
-    };
-    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    // SAFETY: a valid link_update attribute, no byte unset.
+    unsafe { bpf(BPF_LINK_UPDATE, &mut attr) }.map(drop)
 }
 
 pub struct LinkPins {

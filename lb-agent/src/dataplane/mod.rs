@@ -14,4 +14,5 @@ pub mod options;
 pub mod port_filters;
 pub mod programs;
 pub mod store;
+pub mod sys_bpf;
 pub mod writer;

@@ -241,7 +241,7 @@ fn control_plane() {
 fn conntrack_sweep() {
     use aya::maps::{HashMap, Map, MapData};
     use lb_agent::dataplane::{batch, conntrack_gc};
-    use lb_common::{CtKey, CtValue, PROTO_TCP, addr_from_v4_raw};
+    use lb_common::{CtKey, CtValue};
 
     let n = lb_common::DEFAULT_MAX_CONNTRACK;
     let sizes = MapSizes {
@@ -253,45 +253,7 @@ fn conntrack_sweep() {
     };
     let mut ebpf =
         loader::load(&LoadOptions { bpffs: None, sizes }).expect("load the datapath (root?)");
-    let now = conntrack_gc::datapath_now_ns();
-    {
-        let mut ct: HashMap<&mut MapData, CtKey, CtValue> =
-            HashMap::try_from(ebpf.map_mut(lb_common::MAP_CONNTRACK).unwrap()).unwrap();
-        for i in 0..n / 2 {
-            let client = addr_from_v4_raw((0xc612_0000 + (i >> 14)).to_be());
-            let key = CtKey {
-                saddr: client,
-                daddr: addr_from_v4_raw(0xc000_0250u32.to_be()),
-                sport_be: (1024 + (i & 0x3fff) as u16).to_be(),
-                dport_be: 80u16.to_be(),
-                proto: PROTO_TCP,
-                ..Default::default()
-            };
-            // Every other flow ended a minute ago (closing: 10 s to live).
-            let (state, last_seen_ns) =
-                if i % 2 == 0 { (1, now) } else { (2, now - 60_000_000_000) };
-            let forward = CtValue {
-                last_seen_ns,
-                new_saddr: client,
-                new_daddr: addr_from_v4_raw(0x0a01_0005u32.to_be()),
-                new_sport_be: key.sport_be,
-                new_dport_be: 8080u16.to_be(),
-                state,
-                ..Default::default()
-            };
-            let reply_key = forward.pair_key(PROTO_TCP);
-            let reply = CtValue {
-                new_saddr: key.daddr,
-                new_daddr: key.saddr,
-                new_sport_be: key.dport_be,
-                new_dport_be: key.sport_be,
-                flags: lb_common::CT_F_REPLY,
-                ..forward
-            };
-            ct.insert(key, forward, 0).expect("fill conntrack");
-            ct.insert(reply_key, reply, 0).expect("fill conntrack");
-        }
-    }
+    lb_tests::bench::fill_conntrack_half_ended(&mut ebpf);
     let Some(Map::LruHashMap(map)) = ebpf.map(lb_common::MAP_CONNTRACK) else { unreachable!() };
     let (mut batched, mut one_by_one) = (Vec::new(), Vec::new());
     for _ in 0..3 {
