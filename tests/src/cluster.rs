@@ -322,6 +322,15 @@ impl Running {
         }
     }
 
+    /// Node `n`'s agent's `/metrics` page.
+    pub fn metrics(&self, n: usize) -> String {
+        let (code, text) =
+            crate::netns::http_get(&self.cluster.nodes[n].ns, "127.0.0.1:10256", "/metrics")
+                .expect("GET /metrics");
+        assert_eq!(code, 200, "{text}");
+        text
+    }
+
     /// Runs lb-probe `connect` from outside client `c`.
     pub fn from_client(&self, c: usize, args: &[&str]) -> Vec<String> {
         crate::proc::probe(Some(self.cluster.clients[c].ns.name()), None, args)
@@ -477,6 +486,13 @@ pub fn by_server(
 }
 
 /// The IP part of `ip:port` / `[ip]:port`.
+/// The value of the sample `name` (with its labels, as printed) in a Prometheus text page.
+pub fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{page}"))
+}
+
 pub fn host_of(addr: &str) -> String {
     addr.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']).to_owned()).unwrap_or_default()
 }

@@ -222,6 +222,20 @@ impl Datapath {
         flush_udp(self.conntrack_map(), &in_use).expect("flush")
     }
 
+    /// Destroys the connected UDP sockets the socket hooks sent to endpoints `which` names, as
+    /// the agent's conntrack worker does after a flush.
+    pub fn destroy_udp_sockets(
+        &self,
+        which: &lb_agent::dataplane::conntrack_gc::UdpFlush,
+    ) -> lb_agent::dataplane::sock_destroy::Destroyed {
+        let revnat = match self.ebpf.map(lb_common::MAP_SOCK_REVNAT) {
+            Some(aya::maps::Map::LruHashMap(map)) => map,
+            _ => panic!("no LB_SOCK_RNAT LRU hash map"),
+        };
+        let Some(stale) = which.stale() else { return Default::default() };
+        lb_agent::dataplane::sock_destroy::destroy(revnat, &stale).expect("destroy sockets")
+    }
+
     fn conntrack_mut(&mut self) -> HashMap<&mut MapData, lb_common::CtKey, lb_common::CtValue> {
         HashMap::try_from(self.ebpf.map_mut(lb_common::MAP_CONNTRACK).expect("ct map"))
             .expect("ct map type")

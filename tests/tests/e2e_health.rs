@@ -1,7 +1,7 @@
 //! Health, readiness, metrics and healthCheckNodePorts of real agents in the mini-cluster.
 
 use lb_tests::{
-    cluster::{Cluster, Running, parse_probe},
+    cluster::{Cluster, Running, metric, parse_probe},
     manifests::{Ep, Svc},
     netns::http_get,
     require_root,
@@ -46,16 +46,8 @@ fn health_ready_metrics_and_health_check_node_ports() {
     // Traffic, then metrics.
     let r = parse_probe(&run.from_client(0, &["connect", "10.230.0.10:30080", "--count", "5"]));
     assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
-    let (code, metrics) = http_get(&node0.ns, "127.0.0.1:10256", "/metrics").unwrap();
-    assert_eq!(code, 200);
-    let value = |line_start: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(line_start))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {line_start} in\n{metrics}"))
-    };
+    let metrics = run.metrics(0);
+    let value = |name: &str| metric(&metrics, name);
     assert_eq!(value("lb_datapath_events_total{event=\"ct_new\"}"), 5.0);
     assert!(value("lb_datapath_service_packets_total{service=\"default/lb:p/TCP/IPv4\"}") >= 15.0);
     assert_eq!(value("lb_objects{kind=\"Service\"}"), 1.0);

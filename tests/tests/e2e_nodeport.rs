@@ -6,9 +6,8 @@
 use std::time::{Duration, Instant};
 
 use lb_tests::{
-    cluster::{Cluster, Running, by_server, host_of, parse_probe},
+    cluster::{Cluster, Running, by_server, host_of, metric, parse_probe},
     manifests::Svc,
-    netns::http_get,
     require_root,
 };
 
@@ -274,15 +273,8 @@ fn the_conntrack_sweep_removes_ended_flows_and_keeps_a_live_one() {
         "{session:?}"
     );
 
-    let node0 = &run.cluster.nodes[0];
-    let (code, metrics) = http_get(&node0.ns, "127.0.0.1:10256", "/metrics").unwrap();
-    assert_eq!(code, 200);
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
-    };
+    let metrics = run.metrics(0);
+    let value = |name: &str| metric(&metrics, name);
     // Each reset flow's two entries, whether listed before they went or not.
     assert!(reset(&first) <= 40, "{first:#?}");
     assert!(value("lb_conntrack_gc_removed_entries_total") >= 40.0, "{metrics}");

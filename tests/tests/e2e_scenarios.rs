@@ -8,7 +8,7 @@ use std::{
 };
 
 use lb_tests::{
-    cluster::{Cluster, Running, by_server, host_of, parse_probe},
+    cluster::{Cluster, Running, by_server, host_of, metric, parse_probe},
     manifests::{Ep, Svc},
     require_root,
 };
@@ -294,6 +294,59 @@ fn a_udp_client_keeping_its_port_moves_on_when_its_endpoint_leaves() {
     let counters = lb_agent::dataplane::counters::global_pinned(&run.pins[0].path).unwrap();
     let expired = counters.iter().find(|(n, _)| *n == "ct_expired").unwrap().1;
     assert_eq!(expired, 0, "moved by the flush, not by expiry");
+}
+
+#[test]
+fn a_connected_udp_socket_whose_endpoint_leaves_is_torn_down_and_reconnects_to_a_live_one() {
+    require_root!();
+    let cluster = Cluster::new(2, 2, 0);
+    let all = pods(&cluster, false);
+    let (a, b) = (all[2].clone(), all[3].clone()); // node-1-pod-0, node-1-pod-1
+    let dns = Svc::DNS;
+    let mut run = Running::start(cluster, &[("dns.yaml", dns.file(std::slice::from_ref(&a)))]);
+    // A resolver in a pod of node 0 keeps one socket connected through the ClusterIP (the
+    // socket hooks connect it to the pod itself); another socket there is connected to that
+    // pod's own address, not through the service.
+    let rounds = ["--rounds", "60", "--interval-ms", "100"];
+    let through_service =
+        run.background_from_pod(0, 1, &[&["udp-session", "10.96.0.53:53"][..], &rounds].concat());
+    let a_direct = format!("{}:5353", a.addr);
+    let direct =
+        run.background_from_pod(0, 1, &[&["udp-session", &a_direct][..], &rounds].concat());
+    std::thread::sleep(Duration::from_millis(1500));
+    // An endpoint joins: nothing connected is disturbed.
+    run.update("dns.yaml", &dns.file(&[a.clone(), b.clone()]));
+    std::thread::sleep(Duration::from_millis(1000));
+    // The first endpoint leaves (its pod still answers, as one being replaced does for a while).
+    run.update("dns.yaml", &dns.file(std::slice::from_ref(&b)));
+    let through_service = through_service.finish();
+    let direct = direct.finish();
+
+    let pos = |l: &str| through_service.iter().position(|x| x == l);
+    let torn = pos("err ECONNABORTED").or_else(|| pos("err EDESTADDRREQ"));
+    let torn =
+        torn.unwrap_or_else(|| panic!("the socket was never torn down: {through_service:?}"));
+    let (before, after) = (&through_service[..torn], &through_service[torn + 1..]);
+    // Every line an answer from `who`, whose address the client sees as `peer`; 5 at least.
+    let only = |lines: &[String], who: &str, peer: &str| {
+        let results = parse_probe(lines);
+        assert!(results.len() >= 5, "{lines:?}");
+        for r in results {
+            let (name, _, seen_peer) = r.unwrap_or_else(|e| panic!("{e}: {lines:?}"));
+            assert_eq!((name.as_str(), seen_peer.as_str()), (who, peer), "{lines:?}");
+        }
+    };
+    // Before: the first endpoint only, through 2.5 s and one change, seen as the service.
+    only(before, "node-1-pod-0", "10.96.0.53:53");
+    // Then one new socket, on the endpoint left, to the end.
+    assert_eq!(after.first().map(String::as_str), Some("reconnected"), "{through_service:?}");
+    only(&after[1..], "node-1-pod-1", "10.96.0.53:53");
+    // The socket connected to the pod itself was left alone: answered by it every round.
+    assert_eq!(direct.len(), 60, "{direct:?}");
+    only(&direct, "node-1-pod-0", &a_direct);
+
+    let metrics = run.metrics(0);
+    assert_eq!(metric(&metrics, "lb_udp_sockets_destroyed_total"), 1.0, "{metrics}");
 }
 
 #[test]

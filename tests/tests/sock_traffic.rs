@@ -11,6 +11,7 @@ use std::{
 use lb_agent::{
     dataplane::{
         attach,
+        conntrack_gc::UdpFlush,
         store::KernelStore,
         writer::{Writer, WriterConfig},
     },
@@ -22,7 +23,7 @@ use lb_tests::{
     cluster::Cluster,
     kernel::Datapath,
     plans::backend,
-    proc::{Server, probe},
+    proc::{Background, Server, probe},
     require_root,
 };
 
@@ -76,7 +77,7 @@ fn setup() -> Setup {
                 pod.ns.name(),
                 &pod.name,
                 &["0.0.0.0:8080", "[::]:8086"],
-                &["0.0.0.0:5353"],
+                &["0.0.0.0:5353", "[::]:5356"],
             ));
         }
     }
@@ -229,4 +230,65 @@ fn udp_ipv6_refusals_affinity_and_untouched_traffic() {
     // A process outside the node's cgroup is not translated (no route to the ClusterIP).
     let outside = probe(ns, None, &["connect", "10.96.0.10:80", "--timeout-ms", "500"]);
     assert!(outside[0].starts_with("err"), "{outside:?}");
+}
+
+#[test]
+fn connected_udp_sockets_to_endpoints_gone_while_no_agent_ran_are_destroyed_at_its_start() {
+    require_root!();
+    let mut s = setup();
+    let pod_ip6 = |n: usize, p: usize| s.cluster.nodes[n].pods[p].ip6;
+    let (gone, left) = (pod_ip6(1, 0), pod_ip6(1, 1));
+    let dns6 = |to: IpAddr| {
+        let plan = cluster_ip_plan(
+            "dns6",
+            "fd00:96::53",
+            53,
+            Protocol::Udp,
+            vec![backend(to, 5356, false)],
+            None,
+        );
+        (ObjKey::new("default", "dns6"), plan)
+    };
+    let (key, plan) = dns6(gone);
+    s.dp.writer().apply_object(&key, &[plan]).unwrap();
+    // A resolver keeps an IPv6 socket connected through the ClusterIP (to the one endpoint).
+    let node = &s.cluster.nodes[0];
+    let rounds = ["--rounds", "30", "--interval-ms", "100"];
+    let session = Background::start(
+        Some(node.pods[0].ns.name()),
+        Some(node.cgroup.path.as_path()),
+        &[&["udp-session", "[fd00:96::53]:53"][..], &rounds].concat(),
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    // The agent was down while the endpoint was replaced; the new one programs what is now.
+    s.dp.restart_writer();
+    let (key, plan) = dns6(left);
+    s.dp.writer().apply_object(&key, &[plan]).unwrap();
+    s.dp.writer().finish_initial_sync().unwrap();
+    let in_use = UdpFlush::AllBut(s.dp.writer().udp_targets());
+    let destroyed = s.dp.destroy_udp_sockets(&in_use);
+    assert_eq!(destroyed.sockets, 1, "{destroyed:?}");
+    assert!(destroyed.namespaces >= 5, "the pods' and the host's at least: {destroyed:?}");
+    // Nothing is left to destroy: a second pass finds the socket gone.
+    assert_eq!(s.dp.destroy_udp_sockets(&in_use).sockets, 0);
+
+    let lines = session.finish();
+    let torn = lines.iter().position(|l| l == "err ECONNABORTED" || l == "err EDESTADDRREQ");
+    let torn = torn.unwrap_or_else(|| panic!("never torn down: {lines:?}"));
+    let answers = |from: &[String]| -> Vec<(String, String)> {
+        parse(from)
+            .into_iter()
+            .map(|r| r.map(|(n, _, p)| (n, p)).unwrap_or_else(|e| panic!("{e}: {lines:?}")))
+            .collect()
+    };
+    let before = answers(&lines[..torn]);
+    assert!(before.len() >= 5, "{lines:?}");
+    assert!(
+        before.iter().all(|(n, p)| n == "node-1-pod-0" && p == "[fd00:96::53]:53"),
+        "{lines:?}"
+    );
+    assert_eq!(lines[torn + 1], "reconnected");
+    let after = answers(&lines[torn + 2..]);
+    assert!(after.len() >= 5, "{lines:?}");
+    assert!(after.iter().all(|(n, p)| n == "node-1-pod-1" && p == "[fd00:96::53]:53"), "{lines:?}");
 }

@@ -14,7 +14,8 @@
 //!
 //! The same worker flushes UDP flows to endpoints their service stopped using ([`flush_udp`]),
 //! as kube-proxy flushes conntrack for deleted UDP endpoints: a client that keeps sending from
-//! one port would otherwise keep its flow on an endpoint that is gone.
+//! one port would otherwise keep its flow on an endpoint that is gone. Sockets the socket
+//! hooks connected to such an endpoint are destroyed in the same pass ([`sock_destroy`]).
 
 use std::{
     collections::HashSet,
@@ -27,13 +28,13 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
-    Addr, CT_F_REPLY, CtKey, CtTimeouts, CtValue, MAP_CONNTRACK, MAP_OPTIONS, PROTO_UDP,
-    addr_from_ip,
+    Addr, CT_F_REPLY, CtKey, CtTimeouts, CtValue, MAP_CONNTRACK, MAP_OPTIONS, MAP_SOCK_REVNAT,
+    PROTO_UDP, addr_from_ip,
 };
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tracing::{debug, info, warn};
 
-use super::{batch, loader::maps_pin_dir, options, writer::UdpTarget};
+use super::{batch, loader::maps_pin_dir, options, sock_destroy, writer::UdpTarget};
 
 /// The clock the datapath stamps entries with (`bpf_ktime_get_coarse_ns`).
 pub fn datapath_now_ns() -> u64 {
@@ -160,17 +161,39 @@ pub enum UdpFlush {
     AllBut(Vec<UdpTarget>),
 }
 
+impl UdpFlush {
+    /// The test for "to a stale endpoint"; `None` when nothing can be (an empty list).
+    pub fn stale(&self) -> Option<StaleUdp> {
+        let (targets, keep) = match self {
+            UdpFlush::To(t) if t.is_empty() => return None,
+            UdpFlush::To(t) => (t, false),
+            UdpFlush::AllBut(t) => (t, true),
+        };
+        let targets =
+            targets.iter().map(|b| (b.service_id, addr_from_ip(b.addr), b.port.to_be())).collect();
+        Some(StaleUdp { targets, keep })
+    }
+}
+
+/// Which (service port, endpoint) pairs a [`UdpFlush`] names, as the maps hold them: the one
+/// rule for conntrack flows and for connected sockets ([`super::sock_destroy`]).
+pub struct StaleUdp {
+    targets: HashSet<(u32, Addr, u16)>,
+    /// The targets are the ones to keep (`AllBut`).
+    keep: bool,
+}
+
+impl StaleUdp {
+    pub fn contains(&self, service_id: u32, addr: Addr, port_be: u16) -> bool {
+        self.targets.contains(&(service_id, addr, port_be)) != self.keep
+    }
+}
+
 /// Removes the entries (both directions) of the UDP flows `which` names; returns how many.
 /// New flows cannot pick an endpoint a service stopped using (it left the service's sets
 /// before this runs), so every entry found is a stale one.
 pub fn flush_udp(map: &MapData, which: &UdpFlush) -> Result<u64> {
-    let (targets, keep) = match which {
-        UdpFlush::To(t) if t.is_empty() => return Ok(0),
-        UdpFlush::To(t) => (t, false),
-        UdpFlush::AllBut(t) => (t, true),
-    };
-    let targets: HashSet<(u32, Addr, u16)> =
-        targets.iter().map(|b| (b.service_id, addr_from_ip(b.addr), b.port.to_be())).collect();
+    let Some(stale) = which.stale() else { return Ok(0) };
     let mut ct = handle(map)?;
     let mut doomed = Vec::new();
     let mut removed = 0;
@@ -182,8 +205,7 @@ pub fn flush_udp(map: &MapData, which: &UdpFlush) -> Result<u64> {
             } else {
                 (v.new_daddr, v.new_dport_be)
             };
-            let listed = targets.contains(&(v.service_id, backend.0, backend.1));
-            if k.proto == PROTO_UDP && listed != keep {
+            if k.proto == PROTO_UDP && stale.contains(v.service_id, backend.0, backend.1) {
                 doomed.push((*k, v.pair_key(k.proto)));
             }
         }
@@ -193,6 +215,40 @@ pub fn flush_udp(map: &MapData, which: &UdpFlush) -> Result<u64> {
         Ok(())
     })?;
     Ok(removed)
+}
+
+/// Flushes the UDP flows `which` names, and destroys the connected UDP sockets the socket
+/// hooks sent to the same endpoints ([`sock_destroy`]).
+fn flush(map: &MapData, sock_revnat: &MapData, which: &UdpFlush, metrics: &GcMetrics) {
+    match flush_udp(map, which) {
+        Ok(n) => {
+            metrics.udp_flushed.inc_by(n);
+            if n > 0 {
+                info!(entries = n, "flushed the UDP flows of endpoints no longer in use");
+            }
+        }
+        Err(e) => warn!("conntrack flush: {e:#}"),
+    }
+    let Some(stale) = which.stale() else { return };
+    match sock_destroy::destroy(sock_revnat, &stale) {
+        Ok(d) => {
+            metrics.udp_sockets_destroyed.inc_by(d.sockets);
+            if let Some(e) = &d.first_error {
+                warn!(
+                    namespaces = d.failed,
+                    "connected UDP sockets could not be searched in some network namespaces: {e}"
+                );
+            }
+            if d.sockets > 0 {
+                info!(
+                    sockets = d.sockets,
+                    namespaces = d.namespaces,
+                    "destroyed connected UDP sockets of endpoints no longer in use"
+                );
+            }
+        }
+        Err(e) => warn!("destroying connected UDP sockets: {e:#}"),
+    }
 }
 
 /// The metrics the conntrack worker updates.
@@ -206,6 +262,8 @@ pub struct GcMetrics {
     pub last_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Entries of UDP flows to endpoints their service stopped using, flushed.
     pub udp_flushed: Counter,
+    /// Connected UDP sockets to such endpoints, destroyed.
+    pub udp_sockets_destroyed: Counter,
 }
 
 /// Starts the conntrack worker on a thread of its own (a pass over a full map takes tens of
@@ -223,6 +281,7 @@ pub fn spawn(
     };
     let map = open(MAP_CONNTRACK)?;
     let opts = Map::Array(open(MAP_OPTIONS)?);
+    let revnat = open(MAP_SOCK_REVNAT)?;
     handle(&map).context("the pinned LB_CT is not a conntrack map")?;
     let capacity = map.info()?.max_entries() as u64;
     let (tx, rx) = std::sync::mpsc::channel::<UdpFlush>();
@@ -245,18 +304,7 @@ pub fn spawn(
                         }
                     }
                     for which in &queue {
-                        match flush_udp(&map, which) {
-                            Ok(n) => {
-                                metrics.udp_flushed.inc_by(n);
-                                if n > 0 {
-                                    info!(
-                                        entries = n,
-                                        "flushed the UDP flows of endpoints no longer in use"
-                                    );
-                                }
-                            }
-                            Err(e) => warn!("conntrack flush: {e:#}"),
-                        }
+                        flush(&map, &revnat, which, &metrics);
                     }
                     continue;
                 }

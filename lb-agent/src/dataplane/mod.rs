@@ -13,6 +13,7 @@ pub mod netdev;
 pub mod options;
 pub mod port_filters;
 pub mod programs;
+pub mod sock_destroy;
 pub mod store;
 pub mod sys_bpf;
 pub mod writer;

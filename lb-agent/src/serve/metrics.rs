@@ -112,6 +112,11 @@ impl Metrics {
             gc.udp_flushed.clone(),
         );
         registry.register(
+            "udp_sockets_destroyed",
+            "Connected UDP sockets to endpoints their service stopped using, destroyed",
+            gc.udp_sockets_destroyed.clone(),
+        );
+        registry.register(
             "conntrack_gc_last_duration_seconds",
             "How long the last conntrack sweep took",
             gc.last_seconds.clone(),

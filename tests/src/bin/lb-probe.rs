@@ -9,6 +9,12 @@
 //! `ok <server name> <client address the server saw> <peer address the client sees>` or
 //! `err <error>` (the peer address is getpeername() for TCP and recvfrom()'s source for UDP).
 //!
+//! `lb-probe udp-session ADDR --rounds N --interval-ms M` keeps one *connected* UDP socket and
+//! sends a datagram every M ms; prints a line per round like `connect` (`ok ...` or
+//! `err <error>`). When the socket is torn down under it (ECONNABORTED, or EDESTADDRREQ once
+//! it is no longer connected) it prints `reconnected` and goes on with a new socket, as a
+//! resolver would.
+//!
 //! `lb-probe load ADDR --seconds S --concurrency C` opens TCP connections back to back (one
 //! greeting per connection) from C threads for S seconds and prints
 //! `load conns=N errors=E p50_us=X p99_us=Y`.
@@ -29,6 +35,7 @@ fn main() {
         Some("serve") => serve(&args[1..]),
         Some("connect") => connect(&args[1..]),
         Some("session") => session(&args[1..]),
+        Some("udp-session") => udp_session(&args[1..]),
         Some("load") => load(&args[1..]),
         _ => {
             eprintln!(
@@ -97,6 +104,8 @@ fn errname(e: &std::io::Error) -> String {
         Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
         Some(libc::EHOSTUNREACH) => "EHOSTUNREACH".into(),
         Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::ECONNABORTED) => "ECONNABORTED".into(),
+        Some(libc::EDESTADDRREQ) => "EDESTADDRREQ".into(),
         Some(libc::EAGAIN) => "TIMEOUT".into(),
         _ if e.kind() == std::io::ErrorKind::TimedOut
             || e.kind() == std::io::ErrorKind::WouldBlock =>
@@ -199,6 +208,42 @@ fn session(args: &[String]) {
     match result {
         Ok(name) => println!("ok {name} {done}"),
         Err(e) => println!("err {} after {done}", errname(&e)),
+    }
+}
+
+fn udp_session(args: &[String]) {
+    let target: SocketAddr =
+        args.first().and_then(|a| a.parse().ok()).expect("udp-session ADDR:PORT");
+    let rounds: usize = flag(args, "--rounds").first().and_then(|c| c.parse().ok()).unwrap_or(10);
+    let interval = Duration::from_millis(
+        flag(args, "--interval-ms").first().and_then(|c| c.parse().ok()).unwrap_or(100),
+    );
+    let open = || -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind(if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+        s.connect(target)?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        Ok(s)
+    };
+    let mut sock = open().unwrap_or_else(|e| panic!("udp connect {target}: {e}"));
+    for _ in 0..rounds {
+        std::thread::sleep(interval);
+        let round = (|| -> std::io::Result<String> {
+            sock.send(b"ping")?;
+            let mut buf = [0u8; 512];
+            let n = sock.recv(&mut buf)?;
+            let peer = sock.peer_addr()?;
+            Ok(format!("ok {} {peer}", String::from_utf8_lossy(&buf[..n]).trim()))
+        })();
+        match round {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                println!("err {}", errname(&e));
+                if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EDESTADDRREQ)) {
+                    sock = open().unwrap_or_else(|e| panic!("udp connect {target}: {e}"));
+                    println!("reconnected");
+                }
+            }
+        }
     }
 }
 
