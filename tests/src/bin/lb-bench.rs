@@ -34,6 +34,7 @@ fn main() {
         "conntrack" => {
             conntrack_sweep();
             lb_tests::bench::first_packet_after_sweep();
+            udp_socket_flush();
         }
         "datapath" => datapath(),
         "profile" => lb_tests::bench::profile(
@@ -233,6 +234,7 @@ fn control_plane() {
     manifests_reread(SERVICES, ENDPOINTS);
     conntrack_sweep();
     lb_tests::bench::first_packet_after_sweep();
+    udp_socket_flush();
 }
 
 /// The agent's conntrack sweep on a full map of the default size, half of its flows ended:
@@ -285,6 +287,112 @@ fn conntrack_sweep() {
         "conntrack sweep: {first_ms:.0} ms removing {} entries of ended flows ({} live kept); then {again_ms:.0} ms finding none to remove ({} read)",
         first.removed, first.live, again.entries
     );
+}
+
+/// The socket half of a UDP endpoint's flush (on the conntrack worker, after the sync):
+/// finding candidate sockets in a full `LB_SOCK_RNAT` when none is for that endpoint (what
+/// every UDP endpoint removal pays), then searching network namespaces of 10 connected UDP
+/// sockets each, finding nothing and destroying one socket in each.
+fn udp_socket_flush() {
+    use std::{collections::HashSet, net::UdpSocket, os::fd::AsRawFd};
+
+    use aya::maps::{HashMap, Map, MapData};
+    use lb_agent::dataplane::{conntrack_gc::UdpFlush, sock_destroy, writer::UdpTarget};
+    use lb_common::{SockRevNatKey, SockRevNatValue, addr_from_ip};
+
+    let sizes = MapSizes {
+        max_services: 64,
+        max_frontends: 64,
+        max_backends: 64,
+        maglev_slots: 1 << 16,
+        max_conntrack: 1024,
+    };
+    let mut ebpf =
+        loader::load(&LoadOptions { bpffs: None, sizes }).expect("load the datapath (root?)");
+    let n = lb_common::DEFAULT_MAX_SOCK_REVNAT;
+    let mut revnat: HashMap<&mut MapData, SockRevNatKey, SockRevNatValue> =
+        HashMap::try_from(ebpf.map_mut(lb_common::MAP_SOCK_REVNAT).unwrap()).unwrap();
+    for i in 0..n {
+        let addr = addr_from_ip(std::net::Ipv4Addr::from(0x0a00_0000 + (i % 4096)).into());
+        let key =
+            SockRevNatKey { cookie: i as u64, addr, port_be: 53u16.to_be(), ..Default::default() };
+        revnat
+            .insert(key, SockRevNatValue { service_id: 1 + i % 64, ..Default::default() }, 0)
+            .unwrap();
+    }
+    let Some(Map::LruHashMap(map)) = ebpf.map(lb_common::MAP_SOCK_REVNAT) else { unreachable!() };
+    let gone = UdpTarget { service_id: 1000, addr: "10.9.9.9".parse().unwrap(), port: 53 };
+    let stale = UdpFlush::To(vec![gone]).stale().unwrap();
+    let mut reads: Vec<Duration> = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            assert!(sock_destroy::recorded_sockets(map, &stale).unwrap().is_empty());
+            t.elapsed()
+        })
+        .collect();
+    reads.sort();
+    println!(
+        "UDP flush, socket candidates: {:.0} ms to read a full LB_SOCK_RNAT ({n} entries) finding none, median of 3",
+        reads[1].as_secs_f64() * 1e3
+    );
+
+    let namespaces: Vec<lb_tests::netns::NetNs> =
+        (0..100).map(|_| lb_tests::netns::NetNs::new("sk")).collect();
+    let mut doomed = HashSet::new();
+    let mut sockets = Vec::new();
+    for ns in &namespaces {
+        let (socks, first) = ns.run(|| {
+            let socks: Vec<UdpSocket> = (0..10)
+                .map(|j| {
+                    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+                    s.connect(("127.0.0.1", 9000 + j)).unwrap();
+                    s
+                })
+                .collect();
+            let mut cookie = 0u64;
+            let mut len = size_of::<u64>() as libc::socklen_t;
+            // SAFETY: SO_COOKIE into a u64 of the length given, on our own socket.
+            let rc = unsafe {
+                libc::getsockopt(
+                    socks[0].as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_COOKIE,
+                    &mut cookie as *mut u64 as *mut libc::c_void,
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0);
+            (socks, cookie)
+        });
+        let addr = addr_from_ip("127.0.0.1".parse().unwrap());
+        doomed.insert(SockRevNatKey {
+            cookie: first,
+            addr,
+            port_be: 9000u16.to_be(),
+            ..Default::default()
+        });
+        sockets.push(socks);
+    }
+    let paths: Vec<std::path::PathBuf> =
+        namespaces.iter().map(|ns| format!("/run/netns/{}", ns.name()).into()).collect();
+    let t = Instant::now();
+    let none = sock_destroy::destroy_in(&paths, &HashSet::new()).unwrap();
+    let search = t.elapsed();
+    let t = Instant::now();
+    let some = sock_destroy::destroy_in(&paths, &doomed).unwrap();
+    let destroy = t.elapsed();
+    assert_eq!((none.sockets, some.sockets, some.failed), (0, 100, 0), "{some:?}");
+    let t = Instant::now();
+    let on_this_machine = sock_destroy::network_namespaces().len();
+    let listing = t.elapsed();
+    println!(
+        "UDP flush, socket search: 100 network namespaces of 10 connected UDP sockets each: {:.1} ms finding nothing, {:.1} ms destroying one in each ({:.0} us a namespace); listing this machine's {on_this_machine} namespaces: {:.1} ms",
+        search.as_secs_f64() * 1e3,
+        destroy.as_secs_f64() * 1e3,
+        destroy.as_secs_f64() * 1e6 / 100.0,
+        listing.as_secs_f64() * 1e3
+    );
+    drop(sockets);
 }
 
 /// A manifests folder holding every service and slice in one file: the first read, then a
