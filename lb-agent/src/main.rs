@@ -12,9 +12,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use ipnet::IpNet;
 use lb_agent::{
-    config::ModelConfig,
+    config::{ModelConfig, NodePortAddresses},
     dataplane::{
         attach, conntrack_gc, counters, links,
         links::LinkPins,
@@ -87,9 +86,10 @@ struct Args {
     /// bpffs directory where maps are pinned, so that an agent restart keeps traffic flowing.
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     bpffs: PathBuf,
-    /// NodePorts answer only on node addresses inside these CIDRs (default: every address).
-    #[arg(long, value_delimiter = ',')]
-    nodeport_addresses: Vec<IpNet>,
+    /// NodePorts answer only on node addresses inside these CIDRs, or (`primary`) on the
+    /// node's primary address of each family (default: every address of the node).
+    #[arg(long, value_parser = NodePortAddresses::parse, default_value = "", hide_default_value = true)]
+    nodeport_addresses: NodePortAddresses,
     /// Addresses of this node, in addition to those its Node object lists.
     #[arg(long, value_delimiter = ',')]
     node_ip: Vec<IpAddr>,
@@ -181,7 +181,7 @@ async fn run(args: Args) -> Result<()> {
     }
     let node_name = args.node_name.as_deref().context("--node-name is required")?;
     let mut cfg = ModelConfig::new(node_name);
-    cfg.nodeport_cidrs = args.nodeport_addresses.clone();
+    cfg.nodeport_addresses = args.nodeport_addresses.clone();
     cfg.extra_node_ips = args.node_ip.clone();
     cfg.maglev_max_size = args.maglev_max_size;
     // The source first: a bad kubeconfig must fail before anything is loaded into the kernel.

@@ -79,10 +79,8 @@ impl<S: MapStore> Syncer<S> {
         let mut report = SyncReport::default();
         let node = model::node_view(&self.state, &self.cfg);
         if affected.all
-            && let Err(e) = self.writer.set_node_addresses(
-                node.snat_address(&self.cfg, false),
-                node.snat_address(&self.cfg, true),
-            )
+            && let Err(e) =
+                self.writer.set_node_addresses(node.snat_address(false), node.snat_address(true))
         {
             report.errors.push(format!("writing this node's addresses: {e:#}"));
         }

@@ -139,6 +139,8 @@ fn nonsense_flag_values_are_refused_with_the_reason() {
         ("--conntrack-tcp-timeout-established", "0s", "at least 1 s"),
         ("--conntrack-udp-timeout", "5d", "expected a duration such as 6h"),
         ("--nat-port-range", "30000-20000", "first <= last"),
+        ("--nodeport-addresses", "primary,10.0.0.0/8", "cannot be combined"),
+        ("--nodeport-addresses", "eth0", "a CIDR or primary"),
     ] {
         let out = std::process::Command::new(lb_tests::workspace_bin("lb-agent"))
             .args(["--node-name", "n", flag, value])

@@ -6,9 +6,8 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use ipnet::IpNet;
 use lb_agent::{
-    config::ModelConfig,
+    config::{ModelConfig, NodePortAddresses},
     inspect::{ConntrackRow, Inspection},
     model::{
         self, ServiceOutcome,
@@ -102,8 +101,9 @@ enum Command {
         manifests: PathBuf,
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
-        #[arg(long, value_delimiter = ',')]
-        nodeport_addresses: Vec<IpNet>,
+        /// CIDRs, or `primary` (as lb-agent's flag).
+        #[arg(long, value_parser = NodePortAddresses::parse, default_value = "", hide_default_value = true)]
+        nodeport_addresses: NodePortAddresses,
         #[arg(long, value_delimiter = ',')]
         node_ip: Vec<IpAddr>,
         #[arg(short, long, value_enum, default_value = "table")]
@@ -143,7 +143,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Plan { manifests, node_name, nodeport_addresses, node_ip, output } => {
             let mut cfg = ModelConfig::new(node_name);
-            cfg.nodeport_cidrs = nodeport_addresses;
+            cfg.nodeport_addresses = nodeport_addresses;
             cfg.extra_node_ips = node_ip;
             let poll = ManifestsDir::new(&manifests, cfg.clone())
                 .poll()

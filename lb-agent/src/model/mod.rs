@@ -17,7 +17,7 @@ use plan::{
 use service::{FieldError, Parsed, ParsedService, Skip};
 
 use crate::{
-    config::ModelConfig,
+    config::{ModelConfig, NodePortAddresses},
     state::{ClusterState, ObjKey},
 };
 
@@ -31,14 +31,18 @@ pub struct NodeView {
     pub zone: Option<String>,
     /// Every address of this node (Node object and `--node-ip`), sorted.
     pub addresses: Vec<IpAddr>,
+    /// Its primary address of each family (IPv4 first): the first `--node-ip` of the family,
+    /// else the Node's first InternalIP of it, else its first ExternalIP (kubelet's order).
+    pub primary: Vec<IpAddr>,
     /// Addresses NodePorts answer on (after `--nodeport-addresses`).
     pub nodeport_addresses: Vec<IpAddr>,
 }
 
 impl NodeView {
-    /// The address SNATed flows leave with, per family: `--node-ip` first, else the Node's.
-    pub fn snat_address(&self, cfg: &ModelConfig, v6: bool) -> Option<IpAddr> {
-        cfg.extra_node_ips.iter().chain(&self.addresses).copied().find(|ip| ip.is_ipv6() == v6)
+    /// The address SNATed flows leave with, per family: the primary one (an ExternalIP may be
+    /// a cloud's NAT address, which other nodes could not answer).
+    pub fn snat_address(&self, v6: bool) -> Option<IpAddr> {
+        self.primary.iter().copied().find(|ip| ip.is_ipv6() == v6)
     }
 }
 
@@ -50,24 +54,29 @@ pub fn node_view(state: &ClusterState, cfg: &ModelConfig) -> NodeView {
         .and_then(|l| l.get(ZONE_LABEL))
         .filter(|z| !z.is_empty())
         .cloned();
-    let mut addrs: BTreeSet<IpAddr> = cfg.extra_node_ips.iter().copied().collect();
     let listed = node.and_then(|n| n.status.as_ref()).and_then(|s| s.addresses.as_ref());
-    for a in listed.into_iter().flatten() {
-        if matches!(a.type_.as_str(), "InternalIP" | "ExternalIP")
-            && let Ok(ip) = IpAddr::from_str(&a.address)
-        {
-            addrs.insert(ip);
+    let of_type = |kind: &'static str| {
+        listed
+            .into_iter()
+            .flatten()
+            .filter(move |a| a.type_ == kind)
+            .filter_map(|a| IpAddr::from_str(&a.address).ok())
+    };
+    // In order of preference.
+    let all = || {
+        cfg.extra_node_ips.iter().copied().chain(of_type("InternalIP")).chain(of_type("ExternalIP"))
+    };
+    let addresses: Vec<IpAddr> = all().collect::<BTreeSet<_>>().into_iter().collect();
+    let primary: Vec<IpAddr> =
+        [false, true].into_iter().filter_map(|v6| all().find(|ip| ip.is_ipv6() == v6)).collect();
+    let nodeport_addresses = match &cfg.nodeport_addresses {
+        NodePortAddresses::All => addresses.clone(),
+        NodePortAddresses::Cidrs(cidrs) => {
+            addresses.iter().copied().filter(|ip| cidrs.iter().any(|c| c.contains(ip))).collect()
         }
-    }
-    let addresses: Vec<IpAddr> = addrs.into_iter().collect();
-    let nodeport_addresses = addresses
-        .iter()
-        .copied()
-        .filter(|ip| {
-            cfg.nodeport_cidrs.is_empty() || cfg.nodeport_cidrs.iter().any(|c| c.contains(ip))
-        })
-        .collect();
-    NodeView { name: cfg.node_name.clone(), zone, addresses, nodeport_addresses }
+        NodePortAddresses::Primary => primary.clone(),
+    };
+    NodeView { name: cfg.node_name.clone(), zone, addresses, primary, nodeport_addresses }
 }
 
 /// The outcome of planning one Service.

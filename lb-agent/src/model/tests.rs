@@ -315,7 +315,8 @@ fn session_affinity_timeouts() {
 #[test]
 fn nodeport_addresses_filter_and_extra_node_ips() {
     let mut cfg = cfg();
-    cfg.nodeport_cidrs = vec!["192.168.0.0/16".parse().unwrap()];
+    cfg.nodeport_addresses =
+        crate::config::NodePortAddresses::Cidrs(vec!["192.168.0.0/16".parse().unwrap()]);
     cfg.extra_node_ips = vec!["10.0.0.11".parse().unwrap(), "192.168.2.11".parse().unwrap()];
     let p = plan_with(
         "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: default}\nspec: {type: NodePort, clusterIP: 10.96.0.1, ports: [{port: 80, nodePort: 30001}]}",
@@ -328,6 +329,38 @@ fn nodeport_addresses_filter_and_extra_node_ips() {
         .map(|f| f.address.to_string())
         .collect();
     assert_eq!(nodeports, ["192.168.1.11", "192.168.2.11"]);
+}
+
+#[test]
+fn primary_addresses_answer_nodeports_with_primary_and_source_snat() {
+    // An ExternalIP (a cloud's NAT address, say) listed first and lower than the InternalIP.
+    let node = NODE.replace(
+        "  - {type: InternalIP, address: 192.168.1.11}\n",
+        "  - {type: ExternalIP, address: 10.200.0.1}\n  - {type: InternalIP, address: 192.168.1.11}\n  - {type: InternalIP, address: 192.168.1.12}\n",
+    );
+    let parsed = parse_str(&node, Path::new("node.yaml"), &cfg());
+    let mut st = ClusterState::default();
+    for (_, o) in parsed.objects {
+        st.apply_event(crate::sources::Event::Apply(o));
+    }
+    let ips = |v: &[&str]| v.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect::<Vec<_>>();
+    let mut cfg = cfg();
+    let view = node_view(&st, &cfg);
+    assert_eq!(
+        view.nodeport_addresses,
+        ips(&["10.200.0.1", "192.168.1.11", "192.168.1.12", "fd00:1::11"])
+    );
+    assert_eq!(view.primary, ips(&["192.168.1.11", "fd00:1::11"]));
+    assert_eq!(view.snat_address(false), Some(ips(&["192.168.1.11"])[0]));
+    assert_eq!(view.snat_address(true), Some(ips(&["fd00:1::11"])[0]));
+
+    cfg.nodeport_addresses = crate::config::NodePortAddresses::Primary;
+    assert_eq!(node_view(&st, &cfg).nodeport_addresses, ips(&["192.168.1.11", "fd00:1::11"]));
+    // --node-ip comes first.
+    cfg.extra_node_ips = ips(&["192.168.1.12"]);
+    let view = node_view(&st, &cfg);
+    assert_eq!(view.nodeport_addresses, ips(&["192.168.1.12", "fd00:1::11"]));
+    assert_eq!(view.snat_address(false), Some(ips(&["192.168.1.12"])[0]));
 }
 
 #[test]
