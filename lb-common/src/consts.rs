@@ -304,6 +304,8 @@ pub const STAT_XDP_TX: u32 = 25;
 pub const STAT_XDP_TO_TC: u32 = 26;
 /// XDP sent a translated packet to another device (XDP_REDIRECT).
 pub const STAT_XDP_REDIRECT: u32 = 27;
+/// An ICMP error about a tracked flow, given the flow's translation (tc).
+pub const STAT_ICMP_ERROR_TRANSLATED: u32 = 28;
 /// Number of slots in LB_STATS (room for the counters later programs add).
 pub const STAT_COUNT: u32 = 64;
 
@@ -337,4 +339,5 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (STAT_XDP_TX, "xdp_tx"),
     (STAT_XDP_TO_TC, "xdp_to_tc"),
     (STAT_XDP_REDIRECT, "xdp_redirect"),
+    (STAT_ICMP_ERROR_TRANSLATED, "icmp_error_translated"),
 ];

@@ -38,6 +38,9 @@ pub enum Action {
     /// A new connection to a service without endpoints: answer with ICMP port unreachable
     /// (tc ingress; XDP passes such packets on to tc).
     Reject,
+    /// An ICMP message (tc; XDP passes them on): an error about a tracked flow gets its
+    /// translation (`icmp.rs`; the outer header is parsed in `maps::FLOW`).
+    Icmp,
 }
 
 /// Handles one packet; `len` is its full length (for byte counters).
@@ -105,7 +108,11 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
     let slot = FLOW.get_ptr_mut(0).ok_or(Skip::Malformed)?;
     // SAFETY: this CPU's slot (see maps::FLOW); the parsed flow lives there, off the stack.
     let flow = unsafe { &mut *slot };
-    packet::parse(&pkt.bounds(), flow)?;
+    match packet::parse(&pkt.bounds(), flow) {
+        Ok(()) => {}
+        Err(Skip::Icmp) if hook != Hook::Xdp => return Ok(Action::Icmp),
+        Err(skip) => return Err(skip),
+    }
     let flow = &*flow;
     // 0. Most packets are not ours, and their port says so without a hash lookup.
     if hook == Hook::TcEgress {

@@ -16,6 +16,8 @@ use network_types::{
     udp::UdpHdr,
 };
 
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_LEN: usize = size_of::<EthHdr>();
@@ -135,13 +137,16 @@ pub enum Skip {
     OtherL4,
     Fragment,
     Malformed,
+    /// An ICMP or ICMPv6 message: the flow holds its network header's addresses and offsets
+    /// (ports 0); an error about a tracked flow is translated by tc (`icmp.rs`).
+    Icmp,
 }
 
 impl Skip {
     pub fn stat(self) -> u32 {
         match self {
             Skip::NotIp => STAT_NOT_IP,
-            Skip::OtherL4 => STAT_OTHER_L4,
+            Skip::OtherL4 | Skip::Icmp => STAT_OTHER_L4,
             Skip::Fragment => STAT_FRAGMENT,
             Skip::Malformed => STAT_MALFORMED,
         }
@@ -187,12 +192,13 @@ fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
         return Err(Skip::Fragment);
     }
     let l4_off = l3_off + ihl;
-    (out.sport_be, out.dport_be, out.tcp_flags) = parse_ports(b, l4_off, proto)?;
+    let ports = if proto == PROTO_ICMP { Ok((0, 0, 0)) } else { parse_ports(b, l4_off, proto) };
+    (out.sport_be, out.dport_be, out.tcp_flags) = ports?;
     // Field by field: a `Flow` built first would take stack in the hook's frame.
     out.saddr = addr_from_v4_raw(saddr);
     out.daddr = addr_from_v4_raw(daddr);
     out.set_layout(proto, false, l3_off, l4_off);
-    Ok(())
+    if proto == PROTO_ICMP { Err(Skip::Icmp) } else { Ok(()) }
 }
 
 #[inline(always)]
@@ -226,14 +232,15 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
             _ => break,
         }
     }
-    (out.sport_be, out.dport_be, out.tcp_flags) = parse_ports(b, l4_off, next)?;
+    let ports = if next == PROTO_ICMPV6 { Ok((0, 0, 0)) } else { parse_ports(b, l4_off, next) };
+    (out.sport_be, out.dport_be, out.tcp_flags) = ports?;
     // SAFETY: bounds checked above; addresses are bytes 8..40 of the header, read as words.
     unsafe {
         let addrs = ip.cast::<u8>().add(8).cast::<[Addr; 2]>();
         [out.saddr, out.daddr] = core::ptr::read_unaligned(addrs);
     }
     out.set_layout(next, true, l3_off, l4_off);
-    Ok(())
+    if next == PROTO_ICMPV6 { Err(Skip::Icmp) } else { Ok(()) }
 }
 
 /// Source and destination port (network byte order) and TCP flags of a complete TCP or UDP

@@ -19,15 +19,15 @@ use lb_common::{Addr, OPT_REJECT_TCP_WITH_RESET, PROTO_TCP};
 
 use crate::{
     maps::{FLOW, OPTIONS, REJECT_BUF},
-    packet::{ETH_P_IP, ETH_P_IPV6, Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{
+        ETH_P_IP, ETH_P_IPV6, Flow, PROTO_ICMP, PROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    },
 };
 
 /// The answer is built in the reject buffer from here on; the pseudo-header of its transport
 /// checksum goes before it.
 const FRAME: usize = 40;
 const ETH: usize = 14;
-const PROTO_ICMP: u8 = 1;
-const PROTO_ICMPV6: u8 = 58;
 const TCP_LEN: usize = 20;
 
 #[inline(always)]

@@ -163,7 +163,7 @@ impl Rewrite for Tc<'_> {
 
 /// Source and destination port as the 32-bit word they form in the transport header.
 #[inline(always)]
-fn ports_word(sport_be: u16, dport_be: u16) -> u32 {
+pub fn ports_word(sport_be: u16, dport_be: u16) -> u32 {
     let (s, d) = (sport_be.to_ne_bytes(), dport_be.to_ne_bytes());
     u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
 }

@@ -10,7 +10,7 @@ use lb_common::STAT_TC_INGRESS_PACKETS;
 
 use crate::{
     device::{self, Action, Hook},
-    fib, reject, rewrite, stats,
+    fib, icmp, reject, rewrite, stats,
 };
 
 /// Headers we may need in the linear part of the skb: Ethernet, IPv6 with a few extension
@@ -27,8 +27,12 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
 #[inline(always)]
 pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
     pull_headers(ctx);
-    match device::handle(&mut rewrite::Tc(ctx), ctx.len(), hook) {
-        Action::Pass => TC_ACT_OK,
+    let mut action = device::handle(&mut rewrite::Tc(ctx), ctx.len(), hook);
+    if action == Action::Icmp {
+        action = icmp::translate_error(ctx, hook);
+    }
+    match action {
+        Action::Pass | Action::Icmp => TC_ACT_OK,
         Action::Drop => TC_ACT_SHOT,
         // No route: let the stack decide (and count it there).
         Action::Redirect => fib::redirect(ctx).unwrap_or(TC_ACT_OK),

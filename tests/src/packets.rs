@@ -76,6 +76,117 @@ pub fn icmp6_echo(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
     write(b, b"ping")
 }
 
+/// An ICMP error from `src` to `dst` about the packet of the frame `about`, quoting its IPv4
+/// header and first 8 transport bytes, as routers do.
+pub fn icmp4_error(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    kind: etherparse::Icmpv4Type,
+    about: &[u8],
+) -> Vec<u8> {
+    let ihl = (about[ETH_LEN] & 0x0f) as usize * 4;
+    let quoted = &about[ETH_LEN..(ETH_LEN + ihl + 8).min(about.len())];
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.octets(), dst.octets(), TTL)
+        .icmpv4(kind);
+    write(b, quoted)
+}
+
+/// An ICMPv6 error from `src` to `dst` quoting the whole packet of the frame `about`.
+pub fn icmp6_error(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    kind: etherparse::Icmpv6Type,
+    about: &[u8],
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv6(src.octets(), dst.octets(), TTL)
+        .icmpv6(kind);
+    write(b, &about[ETH_LEN..])
+}
+
+/// What an ICMP or ICMPv6 error says, read from a frame whose every checksum was checked (the
+/// outer IPv4 header, the ICMP message, the quoted IPv4 header).
+#[derive(Debug, PartialEq, Eq)]
+pub struct IcmpError {
+    pub src: std::net::IpAddr,
+    pub dst: std::net::IpAddr,
+    pub icmp_type: u8,
+    /// Bytes 4..8 of the ICMP header (the MTU of "fragmentation needed" and "packet too big").
+    pub rest: [u8; 4],
+    pub quoted_src: std::net::SocketAddr,
+    pub quoted_dst: std::net::SocketAddr,
+}
+
+pub fn icmp_error(p: &[u8]) -> Result<IcmpError, String> {
+    use std::net::{IpAddr, SocketAddr};
+    let short = || "short packet".to_string();
+    let (src, dst, icmp, end, quoted_v6): (IpAddr, IpAddr, usize, usize, bool);
+    let mut pseudo = Vec::new();
+    match u16::from_be_bytes([p[12], p[13]]) {
+        0x0800 => {
+            let ihl = (p[ETH_LEN] & 0x0f) as usize * 4;
+            let h = p.get(ETH_LEN..ETH_LEN + ihl).ok_or_else(short)?;
+            if ones_complement_sum(h) != 0xffff {
+                return Err("bad IPv4 header checksum".into());
+            }
+            if h[9] != 1 {
+                return Err(format!("protocol {} is not ICMP", h[9]));
+            }
+            src = IpAddr::from(<[u8; 4]>::try_from(&h[12..16]).unwrap());
+            dst = IpAddr::from(<[u8; 4]>::try_from(&h[16..20]).unwrap());
+            icmp = ETH_LEN + ihl;
+            end = ETH_LEN + u16::from_be_bytes([h[2], h[3]]) as usize;
+            quoted_v6 = false;
+        }
+        0x86dd => {
+            let h = p.get(ETH_LEN..ETH_LEN + 40).ok_or_else(short)?;
+            if h[6] != 58 {
+                return Err(format!("next header {} is not ICMPv6", h[6]));
+            }
+            src = IpAddr::from(<[u8; 16]>::try_from(&h[8..24]).unwrap());
+            dst = IpAddr::from(<[u8; 16]>::try_from(&h[24..40]).unwrap());
+            icmp = ETH_LEN + 40;
+            end = p.len();
+            pseudo.extend_from_slice(&h[8..40]);
+            pseudo.extend_from_slice(&((end - icmp) as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, 58]);
+            quoted_v6 = true;
+        }
+        other => return Err(format!("ethertype {other:#06x}")),
+    }
+    let msg = p.get(icmp..end).ok_or_else(short)?;
+    if ones_complement_sum(&[pseudo, msg.to_vec()].concat()) != 0xffff {
+        return Err("bad ICMP checksum".into());
+    }
+    let q = msg.get(8..).ok_or_else(short)?;
+    let (qsrc, qdst, ports): (IpAddr, IpAddr, &[u8]) = if quoted_v6 {
+        (
+            IpAddr::from(<[u8; 16]>::try_from(q.get(8..24).ok_or_else(short)?).unwrap()),
+            IpAddr::from(<[u8; 16]>::try_from(q.get(24..40).ok_or_else(short)?).unwrap()),
+            q.get(40..44).ok_or_else(short)?,
+        )
+    } else {
+        let ihl = (q[0] & 0x0f) as usize * 4;
+        if ones_complement_sum(q.get(..ihl).ok_or_else(short)?) != 0xffff {
+            return Err("bad quoted IPv4 header checksum".into());
+        }
+        (
+            IpAddr::from(<[u8; 4]>::try_from(&q[12..16]).unwrap()),
+            IpAddr::from(<[u8; 4]>::try_from(&q[16..20]).unwrap()),
+            q.get(ihl..ihl + 4).ok_or_else(short)?,
+        )
+    };
+    Ok(IcmpError {
+        src,
+        dst,
+        icmp_type: msg[0],
+        rest: [msg[4], msg[5], msg[6], msg[7]],
+        quoted_src: SocketAddr::new(qsrc, u16::from_be_bytes([ports[0], ports[1]])),
+        quoted_dst: SocketAddr::new(qdst, u16::from_be_bytes([ports[2], ports[3]])),
+    })
+}
+
 /// An ARP request (not IP at all).
 pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     let mut p = Vec::with_capacity(42);

@@ -350,6 +350,44 @@ fn a_connected_udp_socket_whose_endpoint_leaves_is_torn_down_and_reconnects_to_a
 }
 
 #[test]
+fn a_udp_client_of_a_pod_with_nothing_listening_is_told_at_once_as_with_kube_proxy() {
+    require_root!();
+    let cluster = Cluster::new(2, 1, 1);
+    let all = pods(&cluster, false);
+    // Nothing listens on the target port: each pod's kernel answers "port unreachable".
+    let closed = |name, ip, node_port| Svc {
+        name,
+        cluster_ips: ip,
+        port: 53,
+        protocol: "UDP",
+        target_port: 5399,
+        node_port: Some(node_port),
+        spec: "",
+        extra: "",
+    };
+    let (local, remote) =
+        (closed("local", &["10.96.0.60"], 30060), closed("remote", &["10.96.0.61"], 30061));
+    let run = Running::start(
+        cluster,
+        &[
+            ("local.yaml", local.file(std::slice::from_ref(&all[0]))),
+            ("remote.yaml", remote.file(std::slice::from_ref(&all[1]))),
+        ],
+    );
+    // Through node-0: its own pod (translated back on egress), and node-1's (SNATed, the
+    // error comes back to node-0 and is sent on to the client).
+    for node_port in ["30060", "30061"] {
+        let target = format!("10.230.0.10:{node_port}");
+        let args = ["udp-session", &target, "--rounds", "3", "--interval-ms", "50"];
+        let lines = run.from_client(0, &args);
+        assert_eq!(lines, ["err ECONNREFUSED"; 3], "NodePort {node_port}");
+    }
+    let counters = lb_agent::dataplane::counters::global_pinned(&run.pins[0].path).unwrap();
+    let translated = counters.iter().find(|(n, _)| *n == "icmp_error_translated").unwrap().1;
+    assert_eq!(translated, 6, "{counters:?}");
+}
+
+#[test]
 fn load_balancer_source_ranges_admit_only_listed_clients() {
     require_root!();
     let cluster = Cluster::new(2, 1, 2);

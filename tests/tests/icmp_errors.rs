@@ -1,0 +1,235 @@
+//! ICMP errors about translated flows (BPF_PROG_TEST_RUN): each must reach whoever sent the
+//! packet it quotes, quoting it as that side sent it, with every checksum right; anything else
+//! ICMP passes untouched.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use etherparse::{Icmpv4Type, Icmpv6Type, icmpv4, icmpv6};
+use lb_agent::model::plan::{Backend, Protocol};
+use lb_common::*;
+use lb_tests::{
+    kernel::Datapath,
+    packets::*,
+    plans::{backend, lb_plan},
+    require_root,
+};
+
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_REDIRECT: i32 = 7;
+const XDP_PASS: i32 = 2;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 1, 255, 1);
+const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
+const NODE6: &str = "fd00:1::11";
+const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 5);
+
+fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+fn datapath(
+    name: &str,
+    vip: IpAddr,
+    port: u16,
+    proto: Protocol,
+    backends: Vec<Backend>,
+) -> Datapath {
+    let mut dp = Datapath::load();
+    dp.set_node(Some(NODE.into()), Some(NODE6.parse().unwrap()));
+    dp.program(name, &[lb_plan(name, vip, port, proto, backends)]);
+    dp
+}
+
+fn port_unreachable() -> Icmpv4Type {
+    Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port)
+}
+
+fn fragmentation_needed(mtu: u16) -> Icmpv4Type {
+    Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::FragmentationNeeded {
+        next_hop_mtu: mtu,
+    })
+}
+
+/// Runs `prog` on `packet`, which must come out a well-formed ICMP error.
+fn run_error(dp: &Datapath, prog: &str, packet: &[u8]) -> (i32, IcmpError) {
+    let out = dp.run(prog, packet);
+    let e = icmp_error(&out.packet).unwrap_or_else(|e| panic!("{prog}: {e}"));
+    (out.verdict, e)
+}
+
+#[test]
+fn a_local_pods_port_unreachable_reaches_the_client_from_the_frontend() {
+    require_root!();
+    let dp =
+        datapath("dns", VIP.into(), 53, Protocol::Udp, vec![backend(LOCAL_POD.into(), 5353, true)]);
+    let query = dp.run(PROG_TC_INGRESS, &udp4(CLIENT, 5000, VIP, 53, b"query")).packet;
+    assert_eq!(summarize(&query).unwrap().dst, sa(LOCAL_POD, 5353));
+
+    // Nothing listens in the pod: its kernel answers from the pod, about client -> pod.
+    let error = icmp4_error(LOCAL_POD, CLIENT, port_unreachable(), &query);
+    let (verdict, e) = run_error(&dp, PROG_TC_EGRESS, &error);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        (e.src, e.dst, e.icmp_type, e.quoted_src, e.quoted_dst),
+        (IpAddr::from(VIP), IpAddr::from(CLIENT), 3, sa(CLIENT, 5000), sa(VIP, 53)),
+        "as if the frontend itself had no listener"
+    );
+    assert_eq!(dp.stat(STAT_ICMP_ERROR_TRANSLATED), 1);
+}
+
+#[test]
+fn fragmentation_needed_on_the_way_to_a_remote_pod_goes_back_to_the_client() {
+    require_root!();
+    let dp = datapath(
+        "web",
+        VIP.into(),
+        80,
+        Protocol::Tcp,
+        vec![backend(REMOTE_POD.into(), 8080, false)],
+    );
+    let syn = dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 40001, VIP, 80, true, b"")).packet;
+    let snat = summarize(&syn).unwrap();
+    assert_eq!((snat.src.ip(), snat.dst), (IpAddr::from(NODE), sa(REMOTE_POD, 8080)));
+
+    // A router on the way to the pod cannot forward 1500 bytes: it tells the node, quoting
+    // node -> pod. The client must hear it, about client -> frontend, or its big segments
+    // vanish.
+    let error = icmp4_error(ROUTER, NODE, fragmentation_needed(1400), &syn);
+    let (verdict, e) = run_error(&dp, PROG_TC_INGRESS, &error);
+    assert!(verdict == TC_ACT_REDIRECT || verdict == TC_ACT_OK, "sent on like replies: {verdict}");
+    assert_eq!(
+        (e.src, e.dst, e.quoted_src, e.quoted_dst),
+        (IpAddr::from(ROUTER), IpAddr::from(CLIENT), sa(CLIENT, 40001), sa(VIP, 80))
+    );
+    assert_eq!(e.rest[2..], 1400u16.to_be_bytes(), "the MTU is kept");
+
+    // The pod's own error (from the pod) comes from the frontend.
+    let error = icmp4_error(REMOTE_POD, NODE, port_unreachable(), &syn);
+    let (_, e) = run_error(&dp, PROG_TC_INGRESS, &error);
+    assert_eq!((e.src, e.dst), (IpAddr::from(VIP), IpAddr::from(CLIENT)));
+    assert_eq!((e.quoted_src, e.quoted_dst), (sa(CLIENT, 40001), sa(VIP, 80)));
+    assert_eq!(dp.stat(STAT_ICMP_ERROR_TRANSLATED), 2);
+    assert_eq!(dp.conntrack().len(), 2, "errors create no flows");
+}
+
+#[test]
+fn an_error_about_a_reply_reaches_the_pod_that_sent_it() {
+    require_root!();
+    for (pod, local) in [(LOCAL_POD, true), (REMOTE_POD, false)] {
+        let dp =
+            datapath("web", VIP.into(), 80, Protocol::Tcp, vec![backend(pod.into(), 8080, local)]);
+        let syn = dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 40000, VIP, 80, true, b"")).packet;
+        let to_pod = summarize(&syn).unwrap();
+        // The reply as it leaves towards the client: from the frontend.
+        let reply_in = tcp4(
+            pod,
+            8080,
+            to_pod.src.ip().to_string().parse().unwrap(),
+            to_pod.src.port(),
+            true,
+            b"",
+        );
+        let prog = if local { PROG_TC_EGRESS } else { PROG_TC_INGRESS };
+        let reply = dp.run(prog, &reply_in).packet;
+        assert_eq!(summarize(&reply).unwrap().src, sa(VIP, 80));
+
+        // A router on the client's side cannot forward it, and tells the frontend.
+        let error = icmp4_error(ROUTER, VIP, fragmentation_needed(1280), &reply);
+        let (verdict, e) = run_error(&dp, PROG_TC_INGRESS, &error);
+        assert_eq!(
+            (e.src, e.dst, e.quoted_src, e.quoted_dst),
+            (IpAddr::from(ROUTER), IpAddr::from(pod), sa(pod, 8080), to_pod.src),
+            "local {local}"
+        );
+        let expected = if local { [TC_ACT_OK].as_slice() } else { &[TC_ACT_OK, TC_ACT_REDIRECT] };
+        assert!(expected.contains(&verdict), "local {local}: {verdict}");
+    }
+}
+
+#[test]
+fn ipv6_packet_too_big_and_port_unreachable() {
+    require_root!();
+    let vip6: Ipv6Addr = "2001:db8::80".parse().unwrap();
+    let client6: Ipv6Addr = "2001:db8:ffff::7".parse().unwrap();
+    let remote6: Ipv6Addr = "fd00:10:1::5".parse().unwrap();
+    let local6: Ipv6Addr = "fd00:10:0::5".parse().unwrap();
+    let router6: Ipv6Addr = "fd00:10:ff::1".parse().unwrap();
+    let node6: Ipv6Addr = NODE6.parse().unwrap();
+
+    let dp = datapath(
+        "web6",
+        vip6.into(),
+        80,
+        Protocol::Tcp,
+        vec![backend(remote6.into(), 8080, false)],
+    );
+    let syn = dp.run(PROG_TC_INGRESS, &tcp6(client6, 40001, vip6, 80, true, b"")).packet;
+    let snat = summarize(&syn).unwrap();
+    assert_eq!(snat.src.ip(), IpAddr::from(node6));
+    let error = icmp6_error(router6, node6, Icmpv6Type::PacketTooBig { mtu: 1280 }, &syn);
+    let (_, e) = run_error(&dp, PROG_TC_INGRESS, &error);
+    assert_eq!(
+        (e.src, e.dst, e.icmp_type, e.quoted_src, e.quoted_dst),
+        (IpAddr::from(router6), IpAddr::from(client6), 2, sa(client6, 40001), sa(vip6, 80))
+    );
+    assert_eq!(e.rest, 1280u32.to_be_bytes());
+
+    let dp =
+        datapath("dns6", vip6.into(), 53, Protocol::Udp, vec![backend(local6.into(), 5353, true)]);
+    let query = dp.run(PROG_TC_INGRESS, &udp6(client6, 5000, vip6, 53, b"query")).packet;
+    let unreachable = Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port);
+    let error = icmp6_error(local6, client6, unreachable, &query);
+    let (verdict, e) = run_error(&dp, PROG_TC_EGRESS, &error);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        (e.src, e.dst, e.icmp_type, e.quoted_src, e.quoted_dst),
+        (IpAddr::from(vip6), IpAddr::from(client6), 1, sa(client6, 5000), sa(vip6, 53))
+    );
+}
+
+#[test]
+fn icmp_that_is_not_an_error_about_a_tracked_flow_passes_untouched() {
+    require_root!();
+    let dp =
+        datapath("dns", VIP.into(), 53, Protocol::Udp, vec![backend(LOCAL_POD.into(), 5353, true)]);
+    let query = dp.run(PROG_TC_INGRESS, &udp4(CLIENT, 5000, VIP, 53, b"query")).packet;
+    let tracked = icmp4_error(LOCAL_POD, CLIENT, port_unreachable(), &query);
+    let untracked_flow = udp4(CLIENT, 5001, LOCAL_POD, 5353, b"direct");
+
+    let mut truncated = tracked.clone();
+    truncated.truncate(tracked.len() - 6); // the quoted ports cut off
+    let tot = (truncated.len() - 14) as u16;
+    truncated[16..18].copy_from_slice(&tot.to_be_bytes());
+    fix_ipv4_checksum(&mut truncated);
+    let mut quoted_icmp = tracked.clone();
+    quoted_icmp[14 + 20 + 8 + 9] = 1; // the quoted packet is ICMP itself
+    let mut quoted_v6_in_v4 = tracked.clone();
+    quoted_v6_in_v4[14 + 20 + 8] = 0x60;
+    let cases: [(&str, Vec<u8>); 6] = [
+        ("echo request", icmp4_echo(CLIENT, VIP)),
+        (
+            "echo request v6",
+            icmp6_echo("2001:db8::7".parse().unwrap(), "2001:db8::80".parse().unwrap()),
+        ),
+        (
+            "error about an untracked flow",
+            icmp4_error(LOCAL_POD, CLIENT, port_unreachable(), &untracked_flow),
+        ),
+        ("quoted ports cut off", truncated),
+        ("quotes an ICMP packet", quoted_icmp),
+        ("quotes something not IPv4", quoted_v6_in_v4),
+    ];
+    for prog in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
+        for (name, packet) in &cases {
+            let out = dp.run(prog, packet);
+            assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, packet), "{prog}: {name}");
+        }
+    }
+    // XDP leaves even a translatable error to tc.
+    let out = dp.run(PROG_XDP_INGRESS, &tracked);
+    assert_eq!((out.verdict, &out.packet), (XDP_PASS, &tracked));
+    assert_eq!(dp.stat(STAT_ICMP_ERROR_TRANSLATED), 0);
+    assert_eq!(dp.stat(STAT_OTHER_L4), 2 * cases.len() as u64 + 1);
+}
