@@ -132,14 +132,14 @@ fn local_addresses() -> Vec<IpAddr> {
 
 /// A `struct __sk_buff` for BPF_PROG_TEST_RUN that says the packet arrived on `ifindex` (the
 /// kernel accepts only a few fields; the rest must be zero).
-fn skb_ctx(ifindex: u32) -> [u8; SKB_CTX_SIZE] {
+pub fn skb_ctx(ifindex: u32) -> [u8; SKB_CTX_SIZE] {
     let mut ctx = [0u8; SKB_CTX_SIZE];
     ctx[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
     ctx[SKB_IFINDEX..SKB_IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
     ctx
 }
 // uapi/linux/bpf.h: sizeof(struct __sk_buff) and the offsets of ingress_ifindex and ifindex.
-const SKB_CTX_SIZE: usize = 192;
+pub const SKB_CTX_SIZE: usize = 192;
 const SKB_INGRESS_IFINDEX: usize = 36;
 const SKB_IFINDEX: usize = 40;
 

@@ -306,6 +306,9 @@ pub const STAT_XDP_TO_TC: u32 = 26;
 pub const STAT_XDP_REDIRECT: u32 = 27;
 /// An ICMP error about a tracked flow, given the flow's translation (tc).
 pub const STAT_ICMP_ERROR_TRANSLATED: u32 = 28;
+/// A packet of a translated flow too big for the route it would leave by: its sender was sent
+/// ICMP fragmentation needed / packet too big (tc).
+pub const STAT_TOO_BIG: u32 = 29;
 /// Number of slots in LB_STATS (room for the counters later programs add).
 pub const STAT_COUNT: u32 = 64;
 
@@ -340,4 +343,5 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (STAT_XDP_TO_TC, "xdp_to_tc"),
     (STAT_XDP_REDIRECT, "xdp_redirect"),
     (STAT_ICMP_ERROR_TRANSLATED, "icmp_error_translated"),
+    (STAT_TOO_BIG, "too_big"),
 ];

@@ -11,33 +11,40 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{Addr, STAT_XDP_REDIRECT, STAT_XDP_TX};
+use lb_common::{Addr, PROTO_TCP, STAT_XDP_REDIRECT, STAT_XDP_TX};
 
 use crate::{
     clock,
     maps::{FLOW, NEXT_HOPS, NextHop, NextHopEntry, NextHopKey, SCRATCH, XDP_TX_DEVICES},
-    packet::Bounds,
+    packet::{Bounds, Flow},
     stats,
 };
 
+const ETH_LEN: u32 = 14;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+/// tc: the route is found (device and MACs filled in) but the packet is larger than the
+/// device's MTU; also what a lookup with a length over the route's MTU answers.
+const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
+/// IPv4 "don't fragment", in the header's flags byte.
+const IPV4_DF: u8 = 0x40;
 
 /// Looks up the route of a packet `src` -> `dst` as if it had arrived on `ifindex` (the
-/// kernel's forwarding decision, `p` receives egress device and MACs). Returns the helper's
-/// code.
+/// kernel's forwarding decision, `p` receives egress device and MACs). With `tot_len`, only
+/// checks it against the route's MTU (`mtu_result` then says it). Returns the helper's code.
 #[inline(always)]
 fn lookup(
     ctx: *mut c_void,
     ifindex: u32,
     flow: (bool, u8),
-    src: &Addr,
-    dst: &Addr,
+    (src, dst): (&Addr, &Addr),
+    tot_len: u16,
     p: &mut FibParams,
 ) -> i64 {
     let (v6, proto) = flow;
+    p.__bindgen_anon_1.tot_len = tot_len;
     p.family = if v6 { AF_INET6 } else { AF_INET };
     p.l4_protocol = proto;
     p.ifindex = ifindex;
@@ -112,40 +119,108 @@ fn next_hop(
     }
     // SAFETY: an all-zero bpf_fib_lookup is a valid starting point.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
-    let rc = lookup(ctx, ifindex, flow, src, dst, &mut p);
+    let rc = lookup(ctx, ifindex, flow, (src, dst), 0, &mut p);
     out.ifindex = p.ifindex;
-    if rc == BPF_FIB_LKUP_RET_SUCCESS {
-        out.macs = macs(&p);
-        let _ = NEXT_HOPS.insert(&key, &NextHopEntry { hop: *out, looked_up_ns: now }, 0);
+    // tc's lookup also checks this packet against the device's MTU: the route is found all
+    // the same, and the packet's size is judged by the caller against the route's MTU.
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        return rc;
     }
-    rc
+    out.macs = macs(&p);
+    // The route's MTU (a route's own, a learned path MTU, else its device's): asked with a
+    // length no route takes. 0 (unchecked) if one does.
+    // SAFETY: as above.
+    p = unsafe { core::mem::zeroed() };
+    let rc = lookup(ctx, ifindex, flow, (src, dst), u16::MAX, &mut p);
+    // SAFETY: the helper wrote the union's MTU member on this answer.
+    out.mtu = if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        unsafe { p.__bindgen_anon_1.mtu_result as u32 }
+    } else {
+        0
+    };
+    let _ = NEXT_HOPS.insert(&key, &NextHopEntry { hop: *out, looked_up_ns: now }, 0);
+    BPF_FIB_LKUP_RET_SUCCESS
+}
+
+/// Whether a packet whose network part is `l3_len` bytes exceeds the hop's MTU.
+#[inline(always)]
+fn too_big(hop: &NextHop, l3_len: u32) -> bool {
+    hop.mtu != 0 && l3_len > hop.mtu
+}
+
+/// What tc did with a packet to send on.
+pub enum Redirect {
+    /// Redirected (or handed to the kernel to resolve the neighbour): the verdict.
+    Sent(i32),
+    /// No route, or the headers cannot be read: let the stack decide.
+    NoRoute,
+    /// Larger than the route's MTU (this MTU) and not to be fragmented: its sender must be
+    /// told (`reject::too_big`), as the kernel's forwarding would.
+    TooBig(u32),
 }
 
 /// tc: looks the route to the packet's (rewritten) destination up and redirects the packet to
-/// its device, filling in MAC addresses (or letting the kernel resolve the neighbour). `None`
-/// when there is no route or the headers cannot be read.
+/// its device, filling in MAC addresses (or letting the kernel resolve the neighbour).
 #[inline(never)]
-pub fn redirect(ctx: &TcContext) -> Option<i32> {
+pub fn redirect(ctx: &TcContext) -> Redirect {
+    let Some(flow) = FLOW.get_ptr(0) else { return Redirect::NoRoute };
     // SAFETY: this CPU's slot, filled by device::handle for this very packet.
-    let flow = unsafe { &*FLOW.get_ptr(0)? };
+    let flow = unsafe { &*flow };
     let b = Bounds { start: ctx.data(), end: ctx.data_end() };
-    let (src, dst) = packet_addrs(&b, flow.is_v6, flow.l3())?;
-    // SAFETY: reading a field of the skb context.
-    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let mut hop = NextHop { ifindex: 0, macs: [0; 12] };
+    let Some((src, dst)) = packet_addrs(&b, flow.is_v6, flow.l3()) else {
+        return Redirect::NoRoute;
+    };
+    // SAFETY: reading fields of the skb context.
+    let (ifindex, gso_size) = unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).gso_size) };
+    let mut hop = NextHop { ifindex: 0, macs: [0; 12], mtu: 0 };
     match next_hop(ctx.as_ptr(), ifindex, (flow.is_v6, flow.proto), &src, &dst, &mut hop) {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            ctx.store(0, &hop.macs, 0).ok()?;
+            // A GSO packet leaves as segments of its sender's size, judged as the kernel's
+            // forwarding judges them; an IPv4 packet that may be fragmented is sent on as
+            // before (the device decides).
+            let l3_len = if gso_size == 0 {
+                ctx.len() - flow.l3() as u32
+            } else {
+                segment_l3_len(&b, flow, gso_size)
+            };
+            if too_big(&hop, l3_len) && !may_fragment(&b, flow) {
+                return Redirect::TooBig(hop.mtu);
+            }
+            if ctx.store(0, &hop.macs, 0).is_err() {
+                return Redirect::NoRoute;
+            }
             // SAFETY: redirecting to a device the route named.
-            Some(unsafe { bpf_redirect(hop.ifindex, 0) } as i32)
+            Redirect::Sent(unsafe { bpf_redirect(hop.ifindex, 0) } as i32)
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => {
             // SAFETY: the kernel resolves the neighbour of the route's next hop.
             let rc = unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) };
-            Some(if rc == TC_ACT_REDIRECT as i64 { TC_ACT_REDIRECT } else { TC_ACT_OK })
+            Redirect::Sent(if rc == TC_ACT_REDIRECT as i64 { TC_ACT_REDIRECT } else { TC_ACT_OK })
         }
-        _ => None,
+        _ => Redirect::NoRoute,
     }
+}
+
+/// The network length of one segment of a GSO packet: its headers and `gso_size` payload bytes.
+#[inline(always)]
+fn segment_l3_len(b: &Bounds, flow: &Flow, gso_size: u32) -> u32 {
+    let l4_header = if flow.proto == PROTO_TCP {
+        // SAFETY: bounds checked by ptr_at; the data offset is byte 12's high nibble.
+        b.ptr_at::<[u8; 20]>(flow.l4()).map_or(20, |h| ((unsafe { (*h)[12] } >> 4) as u32) * 4)
+    } else {
+        8
+    };
+    (flow.l4() - flow.l3()) as u32 + l4_header + gso_size
+}
+
+/// An IPv4 packet without "don't fragment" (IPv6 packets are never fragmented on the way).
+#[inline(always)]
+fn may_fragment(b: &Bounds, flow: &Flow) -> bool {
+    if flow.is_v6 {
+        return false;
+    }
+    // SAFETY: bounds checked by ptr_at; the flags byte of the IPv4 header.
+    b.ptr_at::<[u8; 8]>(flow.l3()).is_some_and(|h| unsafe { (*h)[6] } & IPV4_DF == 0)
 }
 
 /// Destination then source MAC, as they start an Ethernet header.
@@ -174,8 +249,11 @@ pub fn xdp_can_tx(ctx: &XdpContext, flow: (bool, u8), src: &Addr, dst: &Addr) ->
     let s = unsafe { &mut *s };
     let rc = next_hop(ctx.as_ptr(), ifindex, flow, src, dst, &mut s.next_hop);
     let out = s.next_hop.ifindex;
+    // Too big for the route: tc tells the sender (a frame here is never GSO).
+    let l3_len = (ctx.data_end() - ctx.data()) as u32 - ETH_LEN;
     // SAFETY: a plain lookup; the value is not used.
     rc == BPF_FIB_LKUP_RET_SUCCESS
+        && !too_big(&s.next_hop, l3_len)
         && (out == ifindex || unsafe { XDP_TX_DEVICES.get(out) }.is_some())
 }
 

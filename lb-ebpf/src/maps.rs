@@ -110,10 +110,12 @@ pub struct Scratch {
 pub struct NextHop {
     pub ifindex: u32,
     pub macs: [u8; 12],
+    /// The route's MTU (0: not known, not checked).
+    pub mtu: u32,
 }
 
 // fib.rs copies it as words.
-const _: () = assert!(size_of::<NextHop>() == 16 && align_of::<NextHop>() == 4);
+const _: () = assert!(size_of::<NextHop>() == 20 && align_of::<NextHop>() == 4);
 
 #[repr(C)]
 pub struct NextHopKey {

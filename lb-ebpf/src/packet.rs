@@ -192,13 +192,13 @@ fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
         return Err(Skip::Fragment);
     }
     let l4_off = l3_off + ihl;
-    let ports = if proto == PROTO_ICMP { Ok((0, 0, 0)) } else { parse_ports(b, l4_off, proto) };
-    (out.sport_be, out.dport_be, out.tcp_flags) = ports?;
+    let ports = parse_ports(b, l4_off, proto, PROTO_ICMP);
+    (out.sport_be, out.dport_be, out.tcp_flags) = icmp_or(ports)?;
     // Field by field: a `Flow` built first would take stack in the hook's frame.
     out.saddr = addr_from_v4_raw(saddr);
     out.daddr = addr_from_v4_raw(daddr);
     out.set_layout(proto, false, l3_off, l4_off);
-    if proto == PROTO_ICMP { Err(Skip::Icmp) } else { Ok(()) }
+    ports.map(|_| ())
 }
 
 #[inline(always)]
@@ -232,21 +232,31 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
             _ => break,
         }
     }
-    let ports = if next == PROTO_ICMPV6 { Ok((0, 0, 0)) } else { parse_ports(b, l4_off, next) };
-    (out.sport_be, out.dport_be, out.tcp_flags) = ports?;
+    let ports = parse_ports(b, l4_off, next, PROTO_ICMPV6);
+    (out.sport_be, out.dport_be, out.tcp_flags) = icmp_or(ports)?;
     // SAFETY: bounds checked above; addresses are bytes 8..40 of the header, read as words.
     unsafe {
         let addrs = ip.cast::<u8>().add(8).cast::<[Addr; 2]>();
         [out.saddr, out.daddr] = core::ptr::read_unaligned(addrs);
     }
     out.set_layout(next, true, l3_off, l4_off);
-    if next == PROTO_ICMPV6 { Err(Skip::Icmp) } else { Ok(()) }
+    ports.map(|_| ())
+}
+
+/// The ports of `parse_ports`' answer, or none for an ICMP message, whose outer header is
+/// parsed all the same (`Skip::Icmp` is reported after).
+#[inline(always)]
+fn icmp_or(ports: Result<(u16, u16, u8), Skip>) -> Result<(u16, u16, u8), Skip> {
+    match ports {
+        Err(Skip::Icmp) => Ok((0, 0, 0)),
+        other => other,
+    }
 }
 
 /// Source and destination port (network byte order) and TCP flags of a complete TCP or UDP
-/// header.
+/// header; `Skip::Icmp` for the family's ICMP (`icmp`) within reach.
 #[inline(always)]
-fn parse_ports(b: &Bounds, l4_off: usize, proto: u8) -> Result<(u16, u16, u8), Skip> {
+fn parse_ports(b: &Bounds, l4_off: usize, proto: u8, icmp: u8) -> Result<(u16, u16, u8), Skip> {
     if l4_off > MAX_L4_OFF {
         return Err(Skip::OtherL4);
     }
@@ -258,6 +268,7 @@ fn parse_ports(b: &Bounds, l4_off: usize, proto: u8) -> Result<(u16, u16, u8), S
             (tcp.cast(), flags)
         }
         PROTO_UDP => (b.ptr_at::<UdpHdr>(l4_off).ok_or(Skip::Malformed)?.cast(), 0),
+        _ if proto == icmp => return Err(Skip::Icmp),
         _ => return Err(Skip::OtherL4),
     };
     // SAFETY: the whole transport header is inside the packet; ports are its first 4 bytes.

@@ -15,13 +15,14 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use lb_common::{Addr, OPT_REJECT_TCP_WITH_RESET, PROTO_TCP};
+use lb_common::{Addr, OPT_REJECT_TCP_WITH_RESET, PROTO_TCP, STAT_TOO_BIG};
 
 use crate::{
     maps::{FLOW, OPTIONS, REJECT_BUF},
     packet::{
         ETH_P_IP, ETH_P_IPV6, Flow, PROTO_ICMP, PROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
+    stats,
 };
 
 /// The answer is built in the reject buffer from here on; the pseudo-header of its transport
@@ -150,6 +151,34 @@ fn send_back(ctx: &TcContext, buf: &[u8; 512], len: usize) -> Option<i32> {
 /// ICMP / ICMPv6 port unreachable quoting the packet's network header and 8 transport bytes.
 #[inline(always)]
 fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Option<i32> {
+    let kind = if flow.is_v6 { [1u8, 4] } else { [3u8, 3] };
+    icmp_error(ctx, flow, kind, [0; 4])
+}
+
+/// Answers a packet of a translated flow that is larger than the MTU of the route it would
+/// leave by (`fib::Redirect::TooBig`), as the kernel's forwarding would: ICMP fragmentation
+/// needed / ICMPv6 packet too big with that MTU, from the frontend, quoting the packet as the
+/// client sent it. Its sender's path MTU drops, and its next packets fit.
+#[inline(never)]
+pub fn too_big(ctx: &TcContext, mtu: u32) -> i32 {
+    let Some(flow) = FLOW.get_ptr(0) else { return TC_ACT_SHOT };
+    // SAFETY: this CPU's slot, filled for this packet by device::handle.
+    let flow = unsafe { &*flow };
+    stats::count(STAT_TOO_BIG);
+    let (kind, rest) = if flow.is_v6 {
+        ([2u8, 0], mtu.to_be_bytes())
+    } else {
+        let m = (mtu.min(0xffff) as u16).to_be_bytes();
+        ([3u8, 4], [0, 0, m[0], m[1]])
+    };
+    icmp_error(ctx, flow, kind, rest).unwrap_or(TC_ACT_SHOT)
+}
+
+/// An ICMP / ICMPv6 error of `kind` (type, code) with `rest` (the header's last 4 bytes), from
+/// the frontend to the client, quoting the packet's network header and 8 transport bytes with
+/// the addresses and ports the client sent (the packet may have been translated since).
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, flow: &Flow, kind: [u8; 2], rest: [u8; 4]) -> Option<i32> {
     // SAFETY: this CPU's slot (see maps::REJECT_BUF).
     let buf = unsafe { &mut *REJECT_BUF.get_ptr_mut(0)? };
     let l3 = flow.l3();
@@ -160,11 +189,8 @@ fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Option<i32> {
         return None;
     }
     let quote = net_len + 8;
-    let (icmp, proto, kind) = if flow.is_v6 {
-        (FRAME + ETH + 40, PROTO_ICMPV6, [1u8, 4])
-    } else {
-        (FRAME + ETH + 20, PROTO_ICMP, [3u8, 3])
-    };
+    let (icmp, proto) =
+        if flow.is_v6 { (FRAME + ETH + 40, PROTO_ICMPV6) } else { (FRAME + ETH + 20, PROTO_ICMP) };
     // SAFETY: reading packet bytes into the buffer, length bounded above.
     unsafe {
         let to = buf.as_mut_ptr().add(icmp + 8).cast();
@@ -172,12 +198,47 @@ fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Option<i32> {
             return None;
         }
     }
+    restore_quote(buf, icmp + 8, net_len, flow)?;
     let seed = start_answer(ctx, flow, buf, proto, (8 + quote) as u16)?;
     let h = &mut buf[icmp..icmp + 8];
-    h.copy_from_slice(&[kind[0], kind[1], 0, 0, 0, 0, 0, 0]);
+    h.copy_from_slice(&[kind[0], kind[1], 0, 0, rest[0], rest[1], rest[2], rest[3]]);
     let c = fold(sum(buf[icmp..].as_ptr(), (8 + quote) as u32, seed));
     buf[icmp + 2..icmp + 4].copy_from_slice(&c.to_ne_bytes());
     send_back(ctx, buf, icmp - FRAME + 8 + quote)
+}
+
+/// Writes the client's own addresses and ports (the parsed flow, from before any translation)
+/// into the quote at `at` (network header `net_len` bytes long), and the IPv4 header's
+/// checksum to match.
+#[inline(always)]
+fn restore_quote(buf: &mut [u8; 512], at: usize, net_len: usize, flow: &Flow) -> Option<()> {
+    let q = &mut buf[at..at + 40];
+    if flow.is_v6 {
+        for i in 0..4 {
+            q[8 + i * 4..12 + i * 4].copy_from_slice(&flow.saddr[i].to_ne_bytes());
+            q[24 + i * 4..28 + i * 4].copy_from_slice(&flow.daddr[i].to_ne_bytes());
+        }
+    } else {
+        q[12..16].copy_from_slice(&flow.saddr[3].to_ne_bytes());
+        q[16..20].copy_from_slice(&flow.daddr[3].to_ne_bytes());
+        q[10..12].copy_from_slice(&[0, 0]);
+        // The header with its options: net_len bytes, 20 to 60 (a multiple of 4).
+        let ihl = (net_len as u32) & 0x3c;
+        let c = fold(sum(q.as_ptr(), ihl, 0));
+        buf[at + 10..at + 12].copy_from_slice(&c.to_ne_bytes());
+    }
+    // The ports, after the network header; bounded for the verifier.
+    let ports = (at + net_len) & 0x1ff;
+    if ports > 512 - 4 {
+        return None;
+    }
+    // SAFETY: inside the buffer (checked above).
+    unsafe {
+        let p = buf.as_mut_ptr().add(ports);
+        core::ptr::write_unaligned(p.cast::<u16>(), flow.sport_be);
+        core::ptr::write_unaligned(p.add(2).cast::<u16>(), flow.dport_be);
+    }
+    Some(())
 }
 
 /// A TCP reset as a closed port sends it (RFC 9293 3.10.7.1): to a segment with ACK, seq = its

@@ -10,7 +10,8 @@ use lb_common::STAT_TC_INGRESS_PACKETS;
 
 use crate::{
     device::{self, Action, Hook},
-    fib, icmp, reject, rewrite, stats,
+    fib::{self, Redirect},
+    icmp, reject, rewrite, stats,
 };
 
 /// Headers we may need in the linear part of the skb: Ethernet, IPv6 with a few extension
@@ -34,8 +35,12 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
     match action {
         Action::Pass | Action::Icmp => TC_ACT_OK,
         Action::Drop => TC_ACT_SHOT,
-        // No route: let the stack decide (and count it there).
-        Action::Redirect => fib::redirect(ctx).unwrap_or(TC_ACT_OK),
+        Action::Redirect => match fib::redirect(ctx) {
+            Redirect::Sent(verdict) => verdict,
+            // No route: let the stack decide (and count it there).
+            Redirect::NoRoute => TC_ACT_OK,
+            Redirect::TooBig(mtu) => reject::too_big(ctx, mtu),
+        },
         Action::Reject => reject::reject(ctx),
     }
 }

@@ -131,6 +131,21 @@ impl Datapath {
             .unwrap_or_else(|e| panic!("test run of {name} on ifindex {ifindex}: {e}"))
     }
 
+    /// Runs tc program `name` on `packet` as if it arrived on interface `ifindex` of the
+    /// calling thread's network namespace; `gso_size` > 0 makes it a GSO packet of segments
+    /// that size.
+    pub fn run_tc_on(&self, name: &str, packet: &[u8], ifindex: u32, gso_size: u32) -> RunOutput {
+        // struct __sk_buff: gso_segs at 164, gso_size at 176.
+        let mut ctx = lb_agent::explain::skb_ctx(ifindex);
+        if gso_size > 0 {
+            let segs = packet.len().div_ceil(gso_size as usize) as u32;
+            ctx[164..168].copy_from_slice(&segs.to_ne_bytes());
+            ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+        }
+        self.try_run_ctx(name, packet, Some(&ctx))
+            .unwrap_or_else(|e| panic!("test run of {name} on ifindex {ifindex}: {e}"))
+    }
+
     /// The writer over this datapath's maps (created on first use).
     pub fn writer(&mut self) -> &mut Writer<KernelStore> {
         if self.writer.is_none() {

@@ -282,3 +282,44 @@ fn the_conntrack_sweep_removes_ended_flows_and_keeps_a_live_one() {
     // The session's two entries, closing now (10 s to live).
     assert_eq!(value("lb_map_entries{map=\"LB_CT\"}"), 2.0, "{metrics}");
 }
+
+#[test]
+fn big_segments_to_a_pod_behind_a_smaller_mtu_lower_the_clients_path_mtu() {
+    require_root!();
+    let mut cluster = Cluster::new(2, 1, 1);
+    // node-0 reaches node-1's pods through eth1, a link of 1400 bytes (a tunnel's, say);
+    // clients reach node-0 with 1500.
+    cluster.second_segment();
+    for node in &cluster.nodes {
+        node.ns.ip(&["link", "set", "eth1", "mtu", "1400"]);
+    }
+    for peer in ["m0", "m1"] {
+        cluster.lan.ip(&["link", "set", peer, "mtu", "1400"]);
+    }
+    // The client sends plain full-size segments, as a NIC puts them on a wire (a veth would
+    // carry a GSO packet whole past any MTU).
+    let client = &cluster.clients[0].ns;
+    let out = client.exec("ethtool", &["-K", "eth0", "tso", "off", "gso", "off"]);
+    assert!(out.status.success(), "{out:?}");
+    let remote: Vec<_> =
+        cluster.all_pods(false).into_iter().filter(|e| e.node == "node-1").collect();
+    let run = Running::start(cluster, &[("web.yaml", CLUSTER_SVC.file(&remote))]);
+    // 4000-byte exchanges: the client's 1500-byte segments cannot cross eth1. Told so, as the
+    // kernel's forwarding would tell it, it sends smaller ones; otherwise they vanish.
+    let args = ["session", "10.230.0.10:30080", "--rounds", "3", "--interval-ms", "10"];
+    let lines = run.from_client(0, &[&args[..], &["--size", "4000"]].concat());
+    assert_eq!(lines.last().map(String::as_str), Some("ok node-1-pod-0 3"), "{lines:?}");
+    let told = node_counters(&run, 0)["too_big"];
+    assert!(told >= 1, "too_big {told}");
+
+    // Packets the client's kernel left whole (GSO) are judged by their segments' size, as the
+    // kernel's forwarding judges them: told too (once per connection: its path MTU is kept).
+    let client = &run.cluster.clients[0].ns;
+    let out = client.exec("ip", &["route", "flush", "cache"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = client.exec("ethtool", &["-K", "eth0", "tso", "on", "gso", "on"]);
+    assert!(out.status.success(), "{out:?}");
+    let lines = run.from_client(0, &[&args[..], &["--size", "4000"]].concat());
+    assert_eq!(lines.last().map(String::as_str), Some("ok node-1-pod-0 3"), "{lines:?}");
+    assert!(node_counters(&run, 0)["too_big"] > told);
+}

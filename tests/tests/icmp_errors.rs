@@ -5,6 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use etherparse::{Icmpv4Type, Icmpv6Type, icmpv4, icmpv6};
+use lb_agent::dataplane::attach::XdpTx;
 use lb_agent::model::plan::{Backend, Protocol};
 use lb_common::*;
 use lb_tests::{
@@ -12,6 +13,7 @@ use lb_tests::{
     packets::*,
     plans::{backend, lb_plan},
     require_root,
+    routed::RoutedNode,
 };
 
 const TC_ACT_OK: i32 = 0;
@@ -232,4 +234,78 @@ fn icmp_that_is_not_an_error_about_a_tracked_flow_passes_untouched() {
     assert_eq!((out.verdict, &out.packet), (XDP_PASS, &tracked));
     assert_eq!(dp.stat(STAT_ICMP_ERROR_TRANSLATED), 0);
     assert_eq!(dp.stat(STAT_OTHER_L4), 2 * cases.len() as u64 + 1);
+}
+
+/// `packet` with IPv4 "don't fragment" set or cleared.
+fn with_df(packet: &[u8], df: bool) -> Vec<u8> {
+    let mut p = packet.to_vec();
+    p[14 + 6] = if df { p[14 + 6] | 0x40 } else { p[14 + 6] & !0x40 };
+    fix_ipv4_checksum(&mut p);
+    p
+}
+
+#[test]
+fn a_packet_too_big_for_the_route_to_a_remote_pod_gets_fragmentation_needed() {
+    require_root!();
+    // The route to the pods leaves by n0, now with an MTU of 1400 (a tunnel's, say).
+    let node = RoutedNode::new();
+    node.ns.ip(&["link", "set", "n0", "mtu", "1400"]);
+    let mut dp = datapath(
+        "web",
+        VIP.into(),
+        80,
+        Protocol::Tcp,
+        vec![backend(REMOTE_POD.into(), 8080, false)],
+    );
+    let syn = tcp4(CLIENT, 40001, VIP, 80, true, b"");
+    let out = node.run_tc(&dp, &syn, 0);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "fits: SNATed and sent on");
+
+    // 1450 bytes that must not be fragmented: the client is told, about what it sent.
+    let big = with_df(&tcp4(CLIENT, 40001, VIP, 80, false, &[7u8; 1410]), true);
+    assert_eq!(big.len() - 14, 1450);
+    let out = node.run_tc(&dp, &big, 0);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back out of n0");
+    let e = icmp_error(&out.packet).unwrap();
+    assert_eq!(
+        (e.src, e.dst, e.icmp_type, e.quoted_src, e.quoted_dst),
+        (IpAddr::from(VIP), IpAddr::from(CLIENT), 3, sa(CLIENT, 40001), sa(VIP, 80))
+    );
+    assert_eq!(e.rest, [0, 0, 0x05, 0x78], "next-hop MTU 1400");
+    assert_eq!(dp.stat(STAT_TOO_BIG), 1);
+
+    // Without "don't fragment", and as a GSO packet (segments of 1000), it goes on as before.
+    for (p, gso) in [(with_df(&big, false), 0), (big.clone(), 1000)] {
+        let out = node.run_tc(&dp, &p, gso);
+        let s = summarize(&out.packet).expect("the packet itself");
+        assert_eq!((out.verdict, s.dst), (TC_ACT_REDIRECT, sa(REMOTE_POD, 8080)), "gso {gso}");
+    }
+    assert_eq!(dp.stat(STAT_TOO_BIG), 1);
+
+    // XDP leaves it to tc, which tells the client.
+    node.xdp_tx(&mut dp, "n0", XdpTx::On);
+    let out = node.run_xdp(&dp, &big);
+    assert_eq!((out.verdict, &out.packet), (XDP_PASS, &big));
+    assert_eq!(dp.stat(STAT_XDP_TO_TC), 1);
+    let small = tcp4(CLIENT, 40001, VIP, 80, false, b"fits");
+    assert_eq!(node.run_xdp(&dp, &small).verdict, 3, "XDP_TX");
+
+    // IPv6: packet too big.
+    let vip6: Ipv6Addr = "2001:db8::80".parse().unwrap();
+    let client6: Ipv6Addr = "2001:db8:ffff::7".parse().unwrap();
+    let pod6: Ipv6Addr = "fd00:10:1::5".parse().unwrap();
+    let dp =
+        datapath("web6", vip6.into(), 80, Protocol::Tcp, vec![backend(pod6.into(), 8080, false)]);
+    let big6 = tcp6(client6, 40001, vip6, 80, false, &[7u8; 1400]);
+    assert_eq!(
+        node.run_tc(&dp, &tcp6(client6, 40001, vip6, 80, true, b""), 0).verdict,
+        TC_ACT_REDIRECT
+    );
+    let out = node.run_tc(&dp, &big6, 0);
+    let e = icmp_error(&out.packet).unwrap();
+    assert_eq!(
+        (e.src, e.dst, e.icmp_type, e.quoted_src, e.quoted_dst),
+        (IpAddr::from(vip6), IpAddr::from(client6), 2, sa(client6, 40001), sa(vip6, 80))
+    );
+    assert_eq!(e.rest, 1400u32.to_be_bytes());
 }

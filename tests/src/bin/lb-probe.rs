@@ -19,8 +19,8 @@
 //! greeting per connection) from C threads for S seconds and prints
 //! `load conns=N errors=E p50_us=X p99_us=Y`.
 //!
-//! `lb-probe session ADDR --rounds N --interval-ms M` keeps one TCP connection open and
-//! exchanges a line every M ms (the server echoes after its greeting); prints
+//! `lb-probe session ADDR --rounds N --interval-ms M [--size B]` keeps one TCP connection open
+//! and exchanges a line (of B bytes) every M ms (the server echoes after its greeting); prints
 //! `ok <server name> <rounds>` or `err <error> after <rounds>`.
 
 use std::{
@@ -185,6 +185,8 @@ fn session(args: &[String]) {
     let interval = Duration::from_millis(
         flag(args, "--interval-ms").first().and_then(|c| c.parse().ok()).unwrap_or(100),
     );
+    // Bytes per exchange (default: a short line).
+    let size: usize = flag(args, "--size").first().and_then(|c| c.parse().ok()).unwrap_or(0);
     let mut done = 0;
     let result = (|| -> std::io::Result<String> {
         let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
@@ -194,7 +196,11 @@ fn session(args: &[String]) {
         println!("started {name}");
         for i in 0..rounds {
             std::thread::sleep(interval);
-            let msg = format!("round-{i}\n");
+            let msg = if size > 1 {
+                format!("{}\n", "x".repeat(size - 1))
+            } else {
+                format!("round-{i}\n")
+            };
             s.write_all(msg.as_bytes())?;
             let mut buf = vec![0u8; msg.len()];
             s.read_exact(&mut buf)?;
