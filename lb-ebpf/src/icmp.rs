@@ -60,8 +60,7 @@ struct Quoted {
 
 /// Handles an ICMP message tc ingress or egress met (the outer header is parsed in `FLOW`).
 /// Anything but an error about a tracked flow passes untouched. `Redirect`: translated, bound
-/// for a client through a SNATed flow, to be sent on as that flow's replies are (by the caller:
-/// this frame and the redirect's would not fit the stack together).
+/// for a client through a SNATed flow, to be sent on as that flow's replies are.
 #[inline(never)]
 pub fn translate_error(ctx: &TcContext, hook: Hook) -> Action {
     let Some(flow) = FLOW.get_ptr(0) else { return Action::Pass };

@@ -192,13 +192,24 @@ fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
         return Err(Skip::Fragment);
     }
     let l4_off = l3_off + ihl;
-    let ports = parse_ports(b, l4_off, proto, PROTO_ICMP);
-    (out.sport_be, out.dport_be, out.tcp_flags) = icmp_or(ports)?;
     // Field by field: a `Flow` built first would take stack in the hook's frame.
-    out.saddr = addr_from_v4_raw(saddr);
-    out.daddr = addr_from_v4_raw(daddr);
-    out.set_layout(proto, false, l3_off, l4_off);
-    ports.map(|_| ())
+    let mut fill = |ports: (u16, u16, u8)| {
+        (out.sport_be, out.dport_be, out.tcp_flags) = ports;
+        out.saddr = addr_from_v4_raw(saddr);
+        out.daddr = addr_from_v4_raw(daddr);
+        out.set_layout(proto, false, l3_off, l4_off);
+    };
+    // An ICMP message's network header is parsed all the same (for icmp.rs), off the path of
+    // TCP and UDP.
+    match parse_ports(b, l4_off, proto, PROTO_ICMP) {
+        Ok(ports) => fill(ports),
+        Err(Skip::Icmp) => {
+            fill((0, 0, 0));
+            return Err(Skip::Icmp);
+        }
+        Err(skip) => return Err(skip),
+    }
+    Ok(())
 }
 
 #[inline(always)]
@@ -232,25 +243,25 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
             _ => break,
         }
     }
-    let ports = parse_ports(b, l4_off, next, PROTO_ICMPV6);
-    (out.sport_be, out.dport_be, out.tcp_flags) = icmp_or(ports)?;
-    // SAFETY: bounds checked above; addresses are bytes 8..40 of the header, read as words.
-    unsafe {
-        let addrs = ip.cast::<u8>().add(8).cast::<[Addr; 2]>();
-        [out.saddr, out.daddr] = core::ptr::read_unaligned(addrs);
+    let mut fill = |ports: (u16, u16, u8)| {
+        (out.sport_be, out.dport_be, out.tcp_flags) = ports;
+        // SAFETY: bounds checked above; addresses are bytes 8..40 of the header, as words.
+        unsafe {
+            let addrs = ip.cast::<u8>().add(8).cast::<[Addr; 2]>();
+            [out.saddr, out.daddr] = core::ptr::read_unaligned(addrs);
+        }
+        out.set_layout(next, true, l3_off, l4_off);
+    };
+    // As for IPv4: ICMPv6 off the path of TCP and UDP.
+    match parse_ports(b, l4_off, next, PROTO_ICMPV6) {
+        Ok(ports) => fill(ports),
+        Err(Skip::Icmp) => {
+            fill((0, 0, 0));
+            return Err(Skip::Icmp);
+        }
+        Err(skip) => return Err(skip),
     }
-    out.set_layout(next, true, l3_off, l4_off);
-    ports.map(|_| ())
-}
-
-/// The ports of `parse_ports`' answer, or none for an ICMP message, whose outer header is
-/// parsed all the same (`Skip::Icmp` is reported after).
-#[inline(always)]
-fn icmp_or(ports: Result<(u16, u16, u8), Skip>) -> Result<(u16, u16, u8), Skip> {
-    match ports {
-        Err(Skip::Icmp) => Ok((0, 0, 0)),
-        other => other,
-    }
+    Ok(())
 }
 
 /// Source and destination port (network byte order) and TCP flags of a complete TCP or UDP

@@ -28,20 +28,27 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
 #[inline(always)]
 pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
     pull_headers(ctx);
-    let mut action = device::handle(&mut rewrite::Tc(ctx), ctx.len(), hook);
-    if action == Action::Icmp {
-        action = icmp::translate_error(ctx, hook);
-    }
-    match action {
-        Action::Pass | Action::Icmp => TC_ACT_OK,
+    match device::handle(&mut rewrite::Tc(ctx), ctx.len(), hook) {
+        Action::Pass => TC_ACT_OK,
         Action::Drop => TC_ACT_SHOT,
-        Action::Redirect => match fib::redirect(ctx) {
-            Redirect::Sent(verdict) => verdict,
-            // No route: let the stack decide (and count it there).
-            Redirect::NoRoute => TC_ACT_OK,
-            Redirect::TooBig(mtu) => reject::too_big(ctx, mtu),
-        },
+        Action::Redirect => send_on(ctx),
         Action::Reject => reject::reject(ctx),
+        // Called here, not from icmp.rs: its frame and the redirect's do not fit nested.
+        Action::Icmp => match icmp::translate_error(ctx, hook) {
+            Action::Redirect => send_on(ctx),
+            _ => TC_ACT_OK,
+        },
+    }
+}
+
+/// Sends a translated packet towards its new destination (`Action::Redirect`).
+#[inline(always)]
+fn send_on(ctx: &TcContext) -> i32 {
+    match fib::redirect(ctx) {
+        Redirect::Sent(verdict) => verdict,
+        // No route: let the stack decide (and count it there).
+        Redirect::NoRoute => TC_ACT_OK,
+        Redirect::TooBig(mtu) => reject::too_big(ctx, mtu),
     }
 }
 
