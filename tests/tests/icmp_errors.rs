@@ -309,3 +309,77 @@ fn a_packet_too_big_for_the_route_to_a_remote_pod_gets_fragmentation_needed() {
     );
     assert_eq!(e.rest, 1400u32.to_be_bytes());
 }
+
+/// ICMP errors about tracked flows (IPv4 and IPv6, from both sides) with one to three header
+/// bytes overwritten at random, or cut short, through tc ingress and egress: whatever parsing
+/// makes of them, each passes (or is sent on), keeps its length, and conntrack is left exactly
+/// as it was; the clean errors are still translated after the storm.
+#[test]
+fn mutated_icmp_errors_never_break_the_programs_or_conntrack() {
+    require_root!();
+    let vip6: Ipv6Addr = "2001:db8::80".parse().unwrap();
+    let client6: Ipv6Addr = "2001:db8:ffff::7".parse().unwrap();
+    let pod6: Ipv6Addr = "fd00:10:1::5".parse().unwrap();
+    let mut dp = Datapath::load();
+    dp.set_node(Some(NODE.into()), Some(NODE6.parse().unwrap()));
+    let local = backend(LOCAL_POD.into(), 5353, true);
+    dp.program("dns", &[lb_plan("dns", VIP.into(), 53, Protocol::Udp, vec![local])]);
+    let remote = backend(REMOTE_POD.into(), 8080, false);
+    dp.program("web", &[lb_plan("web", VIP.into(), 80, Protocol::Tcp, vec![remote])]);
+    let remote6 = backend(pod6.into(), 8080, false);
+    dp.program("web6", &[lb_plan("web6", vip6.into(), 80, Protocol::Tcp, vec![remote6])]);
+    let query = dp.run(PROG_TC_INGRESS, &udp4(CLIENT, 5000, VIP, 53, b"query")).packet;
+    let syn = dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 40001, VIP, 80, true, b"")).packet;
+    let syn6 = dp.run(PROG_TC_INGRESS, &tcp6(client6, 40001, vip6, 80, true, b"")).packet;
+    let node6: Ipv6Addr = NODE6.parse().unwrap();
+    let seeds = [
+        icmp4_error(LOCAL_POD, CLIENT, port_unreachable(), &query),
+        icmp4_error(ROUTER, NODE, fragmentation_needed(1400), &syn),
+        icmp4_error(REMOTE_POD, NODE, port_unreachable(), &syn),
+        icmp6_error(
+            "fd00:10:ff::1".parse().unwrap(),
+            node6,
+            Icmpv6Type::PacketTooBig { mtu: 1280 },
+            &syn6,
+        ),
+    ];
+    let flows = |dp: &Datapath| {
+        let mut ct: Vec<_> = dp
+            .conntrack()
+            .into_iter()
+            .map(|(k, v)| (k, CtValue { last_seen_ns: 0, ..v }))
+            .collect();
+        ct.sort_by_key(|(k, _)| *k);
+        ct
+    };
+    let before = flows(&dp);
+    let mut rng = lb_tests::plans::Rng::new(0x5851f42d4c957f2d);
+    let (mut changed, mut unchanged) = (0, 0);
+    for i in 0..3000u64 {
+        let mut p = seeds[(i % seeds.len() as u64) as usize].clone();
+        if rng.chance(25) {
+            p.truncate(14 + rng.below(p.len() as u64 - 14) as usize);
+        } else {
+            for _ in 0..1 + rng.below(3) {
+                // Anywhere in the headers: outer, ICMP, quoted network and transport.
+                let at = 12 + rng.below((p.len() as u64 - 12).min(110)) as usize;
+                p[at] = rng.next_u64() as u8;
+            }
+        }
+        for prog in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
+            let Ok(out) = dp.try_run(prog, &p) else { continue }; // no skb from a stub
+            assert!(
+                [TC_ACT_OK, TC_ACT_REDIRECT].contains(&out.verdict),
+                "{prog} run {i}: {p:02x?}"
+            );
+            assert_eq!(out.packet.len(), p.len(), "{prog} run {i}");
+            if out.packet == p { unchanged += 1 } else { changed += 1 }
+        }
+    }
+    assert!(changed > 100 && unchanged > 100, "{changed} changed, {unchanged} unchanged");
+    assert_eq!(flows(&dp), before, "conntrack as it was");
+    let (_, e) = run_error(&dp, PROG_TC_EGRESS, &seeds[0]);
+    assert_eq!((e.src, e.quoted_dst), (IpAddr::from(VIP), sa(VIP, 53)));
+    let (_, e) = run_error(&dp, PROG_TC_INGRESS, &seeds[1]);
+    assert_eq!((e.dst, e.quoted_src), (IpAddr::from(CLIENT), sa(CLIENT, 40001)));
+}
