@@ -89,7 +89,8 @@ fn pick_device(
         .filter(|ip| !ip.is_unspecified() && *ip != IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED))
         .map(|ip| ip.to_canonical())
         .collect();
-    let here = local_addresses();
+    let here: Vec<IpAddr> =
+        crate::dataplane::netdev::addresses().into_iter().map(|(_, ip)| ip).collect();
     if attached != ifindex || (!node.is_empty() && !node.iter().any(|ip| here.contains(ip))) {
         bail!(
             "this is not the agent's network namespace (the agent's {name} is interface {attached} on a node with address {}): run lbctl in the node's network namespace",
@@ -97,37 +98,6 @@ fn pick_device(
         );
     }
     Ok(Some((name, ifindex, xdp)))
-}
-
-/// Every address on an interface of this network namespace.
-fn local_addresses() -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list`, walked read-only below and freed once.
-    unsafe {
-        if libc::getifaddrs(&mut list) != 0 {
-            return out;
-        }
-        let mut cur = list;
-        while let Some(ifa) = cur.as_ref() {
-            if let Some(sa) = ifa.ifa_addr.as_ref() {
-                match sa.sa_family as i32 {
-                    libc::AF_INET => {
-                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                        out.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
-                    }
-                    _ => {}
-                }
-            }
-            cur = ifa.ifa_next;
-        }
-        libc::freeifaddrs(list);
-    }
-    out
 }
 
 /// A `struct __sk_buff` for BPF_PROG_TEST_RUN that says the packet arrived on `ifindex` (the

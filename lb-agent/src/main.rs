@@ -60,7 +60,9 @@ struct Args {
     /// This node's name: decides which endpoints are local and which Node object is ours.
     #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
     node_name: Option<String>,
-    /// Devices that receive traffic from outside clients (NodePort, ExternalIP, LB IP).
+    /// Devices that receive traffic from outside clients (NodePort, ExternalIP, LB IP). `auto`:
+    /// those the default routes leave by and those holding a --node-ip address (with any
+    /// named besides).
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
     /// Attach XDP to the devices too (native when the driver supports it, else generic).
@@ -255,7 +257,7 @@ async fn run(args: Args) -> Result<()> {
         attach::cgroup(&mut ebpf, cg, Some(&mut pins))?;
         attached("socket hooks", &cg.display().to_string());
     }
-    for dev in &args.devices {
+    for dev in &devices(&args.devices, &args.node_ip) {
         attach::tc(&mut ebpf, dev, Some(&mut pins))?;
         attached("tc", dev);
         if args.xdp {
@@ -470,4 +472,27 @@ fn log_manifest_errors(
         }
     }
     *last = now;
+}
+
+/// The devices to attach to: those named, and for `auto` those detected (logged, since they
+/// depend on the node's routes).
+fn devices(named: &[String], node_ips: &[IpAddr]) -> Vec<String> {
+    let mut out: Vec<String> = named.iter().filter(|d| *d != "auto").cloned().collect();
+    if named.iter().any(|d| d == "auto") {
+        let found = lb_agent::dataplane::netdev::detect_devices(node_ips);
+        if found.is_empty() {
+            warn!(
+                "--devices auto found no device (no default route, no --node-ip on a device): only the socket hooks serve"
+            );
+        } else {
+            info!(
+                devices = found.join(","),
+                "--devices auto: devices of the default routes and of --node-ip"
+            );
+        }
+        out.extend(found);
+    }
+    out.sort();
+    out.dedup();
+    out
 }

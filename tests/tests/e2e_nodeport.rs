@@ -323,3 +323,50 @@ fn big_segments_to_a_pod_behind_a_smaller_mtu_lower_the_clients_path_mtu() {
     assert_eq!(lines.last().map(String::as_str), Some("ok node-1-pod-0 3"), "{lines:?}");
     assert!(node_counters(&run, 0)["too_big"] > told);
 }
+
+#[test]
+fn devices_auto_picks_the_default_routes_devices_and_the_node_ips() {
+    require_root!();
+    let ns = lb_tests::netns::NetNs::new("auto");
+    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth9"]);
+    ns.ip(&["link", "add", "dev0", "type", "veth", "peer", "name", "dev8"]);
+    ns.ip(&["link", "add", "dev1", "type", "veth", "peer", "name", "dev7"]);
+    for (dev, addr) in
+        [("eth0", "192.168.7.2/24"), ("dev0", "10.77.0.5/32"), ("dev1", "10.88.0.5/32")]
+    {
+        ns.ip(&["addr", "add", addr, "dev", dev]);
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    for peer in ["eth9", "dev8", "dev7"] {
+        ns.ip(&["link", "set", peer, "up"]);
+    }
+    ns.ip(&["route", "add", "default", "via", "192.168.7.1"]);
+    let node_ip: std::net::IpAddr = "10.77.0.5".parse().unwrap();
+    let found = ns.run(|| lb_agent::dataplane::netdev::detect_devices(&[node_ip]));
+    assert_eq!(found, ["dev0", "eth0"], "--node-ip's and the default route's, no other");
+}
+
+#[test]
+fn with_devices_auto_the_agent_also_attaches_where_the_default_route_leaves() {
+    require_root!();
+    let mut cluster = Cluster::new(2, 1, 1);
+    // node-0 gets a second device, eth1, and its default route leaves by it; node-1 has none.
+    cluster.second_segment();
+    cluster.nodes[0].ns.ip(&["route", "add", "default", "via", "10.232.0.11", "dev", "eth1"]);
+    let eps = cluster.all_pods(false);
+    let run = Running::start_with(
+        cluster,
+        &[("web.yaml", CLUSTER_SVC.file(&eps))],
+        &["--devices", "auto"],
+    );
+    let attached = |n: usize, dev: &str| {
+        let page = run.metrics(n);
+        let sample = format!("lb_program_attached{{program=\"tc\",target=\"{dev}\"}}");
+        page.lines().any(|l| l.strip_prefix(&sample).is_some_and(|v| v.trim() == "1"))
+    };
+    assert!(attached(0, "eth0") && attached(0, "eth1"), "{}", run.metrics(0));
+    assert!(attached(1, "eth0") && !attached(1, "eth1"), "{}", run.metrics(1));
+    assert!(run.agents[0].log().iter().any(|l| l.contains("--devices auto") && l.contains("eth1")));
+    let r = parse_probe(&run.from_client(0, &["connect", "10.230.0.10:30080", "--count", "20"]));
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+}

@@ -1,4 +1,7 @@
-//! Facts about a network device of the calling thread's network namespace, asked of the kernel.
+//! Facts about the network devices of the calling thread's network namespace, asked of the
+//! kernel, and which of them `--devices auto` picks.
+
+use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::{Context, Result, bail};
 
@@ -69,9 +72,106 @@ pub fn driver(name: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&info.driver[..len]).into_owned())
 }
 
+/// Every address on an interface of this network namespace, with the interface's name.
+pub fn addresses() -> Vec<(String, IpAddr)> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, walked read-only below and freed once.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return out;
+        }
+        let mut cur = list;
+        while let Some(ifa) = cur.as_ref() {
+            let name = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned();
+            if let Some(sa) = ifa.ifa_addr.as_ref() {
+                match sa.sa_family as i32 {
+                    libc::AF_INET => {
+                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        let ip = IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes());
+                        out.push((name, ip));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        out.push((name, IpAddr::from(sin6.sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            cur = ifa.ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out
+}
+
+/// `--devices auto`: the devices outside clients reach this node by, as Cilium picks them:
+/// those the default routes (IPv4 and IPv6) leave by, and those holding one of `node_ips`
+/// (`--node-ip`). Sorted; never the loopback.
+pub fn detect_devices(node_ips: &[IpAddr]) -> Vec<String> {
+    let read = |path| std::fs::read_to_string(path).unwrap_or_default();
+    let mut found: BTreeSet<String> = default_route_devices_v4(&read("/proc/net/route"))
+        .into_iter()
+        .chain(default_route_devices_v6(&read("/proc/net/ipv6_route")))
+        .collect();
+    found.extend(addresses().into_iter().filter(|(_, ip)| node_ips.contains(ip)).map(|(n, _)| n));
+    found.remove("lo");
+    found.into_iter().collect()
+}
+
+/// Devices of IPv4 default routes, from `/proc/net/route` (a header line, then
+/// `Iface Destination Gateway Flags RefCnt Use Metric Mask ...`, addresses in hex).
+fn default_route_devices_v4(table: &str) -> Vec<String> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 8 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_owned())
+        })
+        .collect()
+}
+
+/// Devices of IPv6 default routes, from `/proc/net/ipv6_route` (`destination prefix-length
+/// source prefix-length next-hop metric refcount use flags device`, hex).
+fn default_route_devices_v6(table: &str) -> Vec<String> {
+    table
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let default = f.len() == 10 && f[0].bytes().all(|b| b == b'0') && f[1] == "00";
+            // The kernel lists unreachable defaults (no route) on the loopback.
+            (default && f[9] != "lo").then(|| f[9].to_owned())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_routes_are_read_from_the_kernels_tables() {
+        let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                  ens5\t00000000\t0100A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
+                  ens5\t0000A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0\n\
+                  vxlan0\t00000000\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n";
+        assert_eq!(default_route_devices_v4(v4), ["ens5"]);
+        let v6 = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003 bond0\n\
+                  fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001 bond0\n\
+                  00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200 lo\n";
+        assert_eq!(default_route_devices_v6(v6), ["bond0"]);
+        assert!(
+            default_route_devices_v4("").is_empty()
+                && default_route_devices_v6("garbage").is_empty()
+        );
+    }
+
+    #[test]
+    fn auto_detection_never_picks_the_loopback() {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        assert!(!detect_devices(&[lo]).contains(&"lo".to_string()));
+    }
 
     #[test]
     fn loopback_has_an_index_and_a_missing_device_is_named() {
