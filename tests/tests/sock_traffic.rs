@@ -232,6 +232,30 @@ fn udp_ipv6_refusals_affinity_and_untouched_traffic() {
     assert!(outside[0].starts_with("err"), "{outside:?}");
 }
 
+/// An IPv6 socket reaching an IPv4 service through its IPv4-mapped address (as Java, Node.js
+/// and other dual-stack programs do): translated like an IPv4 one, and shown the mapped
+/// service address back.
+#[test]
+fn dual_stack_sockets_reach_ipv4_services_through_mapped_addresses() {
+    require_root!();
+    let s = setup();
+    let node = &s.cluster.nodes[0];
+    let (ns, cg) = (Some(node.pods[0].ns.name()), Some(node.cgroup.path.as_path()));
+    for args in [
+        &["connect", "[::ffff:10.96.0.10]:80", "--count", "40"][..],
+        &["connect", "[::ffff:10.96.0.10]:53", "--udp", "--count", "40"],
+    ] {
+        let results = parse(&probe(ns, cg, args));
+        assert!(results.iter().all(|r| r.is_ok()), "{args:?}: {results:?}");
+        assert!(by_server(&results).len() >= 3, "{args:?}: {:?}", by_server(&results));
+        let port = if args.contains(&"--udp") { 53 } else { 80 };
+        for (_, seen, peer) in results.iter().flatten() {
+            assert_eq!(peer, &format!("[::ffff:10.96.0.10]:{port}"), "{args:?}");
+            assert_eq!(host_ip(seen), node.pods[0].ip4.to_string(), "{args:?}");
+        }
+    }
+}
+
 #[test]
 fn connected_udp_sockets_to_endpoints_gone_while_no_agent_ran_are_destroyed_at_its_start() {
     require_root!();
