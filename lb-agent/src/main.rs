@@ -243,33 +243,15 @@ async fn run(args: Args) -> Result<()> {
         ingress_ports = filters.ingress_ports,
         "datapath loaded, maps pinned"
     );
-    let attached = |program: &str, target: &str| {
-        status
-            .metrics
-            .attached
-            .get_or_create(&ProgramLabel { program: program.into(), target: target.into() })
-            .set(1);
-    };
     // Links are pinned: programs stay attached when the agent stops, and the next agent swaps
     // its programs in atomically.
     let mut pins = LinkPins::new(&args.bpffs)?;
     if let Some(cg) = &args.cgroup {
         attach::cgroup(&mut ebpf, cg, Some(&mut pins))?;
-        attached("socket hooks", &cg.display().to_string());
+        attached(&status, "socket hooks", &cg.display().to_string());
     }
     for dev in &devices(&args.devices, &args.node_ip) {
-        attach::tc(&mut ebpf, dev, Some(&mut pins))?;
-        attached("tc", dev);
-        if args.xdp {
-            let mode = attach::xdp_ingress(&mut ebpf, dev, Some(&mut pins))?;
-            let label = match mode {
-                attach::XdpAttachMode::Native => "xdp native",
-                attach::XdpAttachMode::Generic => "xdp generic",
-                attach::XdpAttachMode::Kept => "xdp",
-            };
-            attached(label, dev);
-            attach::xdp_tx(&mut ebpf, dev, mode, args.xdp_tx)?;
-        }
+        attach_device(&mut ebpf, dev, &args, &mut pins, &status)?;
     }
     let sweep_every =
         (args.conntrack_gc_interval > 0).then(|| Duration::from_secs(args.conntrack_gc_interval));
@@ -318,6 +300,8 @@ async fn run(args: Args) -> Result<()> {
     let mut poll_tick = tokio::time::interval(Duration::from_millis(args.poll_interval_ms.max(10)));
     let mut stats_tick = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
     stats_tick.tick().await;
+    let mut device_tick = tokio::time::interval(DEVICE_CHECK_INTERVAL);
+    device_tick.tick().await;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -342,6 +326,18 @@ async fn run(args: Args) -> Result<()> {
                     bail!("the conntrack worker stopped");
                 }
                 after_sync(&status, &syncer, &mut health_servers, Some(&report)).await;
+            }
+            _ = device_tick.tick() => {
+                // A device re-created (a NIC reset, a bond or VLAN rebuilt) comes back without
+                // its programs; with --devices auto a new device may appear.
+                for dev in devices(&args.devices, &args.node_ip) {
+                    if attach::tc_missing(&args.bpffs, &dev) {
+                        match attach_device(&mut ebpf, &dev, &args, &mut pins, &status) {
+                            Ok(()) => warn!(device = dev, "programs were missing on the device (re-created, or new): attached"),
+                            Err(e) => warn!(device = dev, "attaching to a re-created or new device: {e:#}"),
+                        }
+                    }
+                }
             }
             _ = stats_tick.tick(), if args.stats_interval > 0 => {
                 let stats = counters::global(&ebpf).context("reading counters")?;
@@ -495,4 +491,37 @@ fn devices(named: &[String], node_ips: &[IpAddr]) -> Vec<String> {
     out.sort();
     out.dedup();
     out
+}
+
+/// How often the devices are checked for missing programs.
+const DEVICE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Records an attached program in the metrics.
+fn attached(status: &Status, program: &str, target: &str) {
+    let label = ProgramLabel { program: program.into(), target: target.into() };
+    status.metrics.attached.get_or_create(&label).set(1);
+}
+
+/// Attaches tc (and with --xdp, XDP) to `dev`, or puts this agent's programs into the links a
+/// previous agent pinned there.
+fn attach_device(
+    ebpf: &mut aya::Ebpf,
+    dev: &str,
+    args: &Args,
+    pins: &mut LinkPins,
+    status: &Status,
+) -> Result<()> {
+    attach::tc(ebpf, dev, Some(pins))?;
+    attached(status, "tc", dev);
+    if args.xdp {
+        let mode = attach::xdp_ingress(ebpf, dev, Some(pins))?;
+        let label = match mode {
+            attach::XdpAttachMode::Native => "xdp native",
+            attach::XdpAttachMode::Generic => "xdp generic",
+            attach::XdpAttachMode::Kept => "xdp",
+        };
+        attached(status, label, dev);
+        attach::xdp_tx(ebpf, dev, mode, args.xdp_tx)?;
+    }
+    Ok(())
 }

@@ -86,15 +86,7 @@ impl Cluster {
         let name = format!("node-{i}");
         let ns = NetNs::new(&format!("n{i}"));
         let (ip4, ip6) = (ip(format!("10.230.0.{}", 10 + i)), ip(format!("fd00:230::{}", 10 + i)));
-        veth(
-            &ns,
-            "eth0",
-            &[&format!("{ip4}/24"), &format!("{ip6}/64")],
-            &self.lan,
-            &format!("n{i}"),
-            &[],
-        );
-        self.lan.ip(&["link", "set", &format!("n{i}"), "master", "br0"]);
+        self.wire_node(&ns, i, nodes);
         for (k, v) in [
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv6.conf.all.forwarding", "1"),
@@ -102,25 +94,6 @@ impl Cluster {
             ("net.ipv4.conf.default.rp_filter", "0"),
         ] {
             ns.sysctl(k, v);
-        }
-        for k in 0..nodes {
-            if k != i {
-                ns.ip(&[
-                    "route",
-                    "add",
-                    &format!("10.231.{k}.0/24"),
-                    "via",
-                    &format!("10.230.0.{}", 10 + k),
-                ]);
-                ns.ip(&[
-                    "-6",
-                    "route",
-                    "add",
-                    &format!("fd00:231:{k}::/64"),
-                    "via",
-                    &format!("fd00:230::{}", 10 + k),
-                ]);
-            }
         }
         let mut node_pods = Vec::new();
         for j in 0..pods {
@@ -150,6 +123,31 @@ impl Cluster {
             });
         }
         Node { ns, name, ip4, ip6, cgroup: Cgroup::new(&format!("node-{i}")), pods: node_pods }
+    }
+
+    /// Node `i`'s eth0, on the segment, and its routes to the other nodes' pods.
+    fn wire_node(&self, ns: &NetNs, i: usize, nodes: usize) {
+        let (ip4, ip6) = (format!("10.230.0.{}/24", 10 + i), format!("fd00:230::{}/64", 10 + i));
+        veth(ns, "eth0", &[&ip4, &ip6], &self.lan, &format!("n{i}"), &[]);
+        self.lan.ip(&["link", "set", &format!("n{i}"), "master", "br0"]);
+        for k in (0..nodes).filter(|&k| k != i) {
+            let (via4, via6) = (format!("10.230.0.{}", 10 + k), format!("fd00:230::{}", 10 + k));
+            ns.ip(&["route", "add", &format!("10.231.{k}.0/24"), "via", &via4]);
+            ns.ip(&["-6", "route", "add", &format!("fd00:231:{k}::/64"), "via", &via6]);
+        }
+    }
+
+    /// Deletes node `i`'s eth0 and makes it again, as a NIC reset or a rebuilt bond does: the
+    /// same name and addresses on a new device.
+    pub fn recreate_node_device(&self, i: usize) {
+        let ns = &self.nodes[i].ns;
+        let out = ns.exec("cat", &["/sys/class/net/eth0/address"]);
+        let mac = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(out.status.success() && !mac.is_empty(), "eth0's address: {out:?}");
+        ns.ip(&["link", "del", "eth0"]);
+        self.wire_node(ns, i, self.nodes.len());
+        // A NIC keeps its MAC address across a reset (neighbours need not learn a new one).
+        ns.ip(&["link", "set", "eth0", "address", &mac]);
     }
 
     /// A Node object for the manifests folder (its InternalIP addresses).

@@ -370,3 +370,27 @@ fn with_devices_auto_the_agent_also_attaches_where_the_default_route_leaves() {
     let r = parse_probe(&run.from_client(0, &["connect", "10.230.0.10:30080", "--count", "20"]));
     assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
 }
+
+#[test]
+fn a_re_created_device_gets_its_programs_back_within_seconds() {
+    require_root!();
+    let cluster = Cluster::new(2, 1, 1);
+    let eps = cluster.all_pods(false);
+    let run = Running::start(cluster, &[("web.yaml", CLUSTER_SVC.file(&eps))]);
+    let nodeport = ["connect", "10.230.0.10:30080", "--count", "10"];
+    assert!(parse_probe(&run.from_client(0, &nodeport)).iter().all(|r| r.is_ok()));
+
+    // node-0's eth0 goes and comes back (a NIC reset, a rebuilt bond): same name and
+    // addresses, a new device without programs. NodePorts fail until the agent notices.
+    run.cluster.recreate_node_device(0);
+    let (start, once) = (Instant::now(), ["connect", "10.230.0.10:30080", "--timeout-ms", "300"]);
+    while !run.from_client(0, &once)[0].starts_with("ok") {
+        let waited = start.elapsed();
+        assert!(waited < Duration::from_secs(10), "the NodePort never answered again");
+    }
+    let r = parse_probe(&run.from_client(0, &nodeport));
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    let log = run.agents[0].log().join("\n");
+    assert_eq!(run.agents[0].count_log("programs were missing"), 1, "once, then in place: {log}");
+    assert!(log.contains("device=eth0") || log.contains("device=\"eth0\""), "{log}");
+}

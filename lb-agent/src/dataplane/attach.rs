@@ -62,7 +62,7 @@ pub fn tc(ebpf: &mut Ebpf, ifname: &str, pins: Option<&mut LinkPins>) -> Result<
             }
             Some(pins) => {
                 let fd = prog.fd()?.as_fd().try_clone_to_owned()?;
-                pins.attach(&format!("{label}@{ifname}"), fd.as_fd(), || {
+                pins.attach(&link_name(label, ifname), fd.as_fd(), || {
                     let id = attach_new(prog)?;
                     let link = prog.take_link(id)?;
                     FdLink::try_from(link)
@@ -73,6 +73,20 @@ pub fn tc(ebpf: &mut Ebpf, ifname: &str, pins: Option<&mut LinkPins>) -> Result<
     }
     info!(device = ifname, "tc ingress and egress attached");
     Ok(())
+}
+
+/// The name a device hook's link is pinned under (`<hook>@<device>`).
+fn link_name(hook: &str, ifname: &str) -> String {
+    format!("{hook}@{ifname}")
+}
+
+/// Whether `ifname` exists without this agent's tc programs: re-created since they were
+/// attached (its pinned link is defunct, or names another interface index), or never attached.
+/// A device that does not exist has nothing to attach to.
+pub fn tc_missing(bpffs: &Path, ifname: &str) -> bool {
+    let Ok(ifindex) = super::netdev::ifindex(ifname) else { return false };
+    let pin = super::links::links_pin_dir(bpffs).join(link_name("tc-ingress", ifname));
+    super::links::pinned_link_ifindex(&pin).map_or(true, |at| at != ifindex)
 }
 
 /// Attaches XDP to `ifname`, natively when the driver supports it, else in generic mode.
@@ -108,7 +122,7 @@ pub fn xdp_ingress(
         }
         Some(pins) => {
             let fd = prog.fd()?.as_fd().try_clone_to_owned()?;
-            let reused = pins.attach(&format!("xdp@{ifname}"), fd.as_fd(), || {
+            let reused = pins.attach(&link_name("xdp", ifname), fd.as_fd(), || {
                 let id = attach_new(prog)?;
                 let link = prog.take_link(id)?;
                 FdLink::try_from(link).context("XDP link is not a BPF link")
