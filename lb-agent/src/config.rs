@@ -12,6 +12,9 @@ pub struct ModelConfig {
     pub node_name: String,
     /// `--nodeport-addresses`: which node addresses answer NodePorts.
     pub nodeport_addresses: NodePortAddresses,
+    /// `--localhost-nodeports`: host processes reach NodePorts on 127.0.0.1 too (IPv4, as
+    /// kube-proxy's iptables mode by default), unless `nodeport_addresses` leaves loopback out.
+    pub localhost_nodeports: bool,
     /// `--node-ip`: addresses of this node in addition to those its Node object lists.
     pub extra_node_ips: Vec<IpAddr>,
     /// The cluster's service-node-port-range, for validating manifests.
@@ -25,6 +28,7 @@ impl ModelConfig {
         Self {
             node_name: node_name.into(),
             nodeport_addresses: NodePortAddresses::All,
+            localhost_nodeports: true,
             extra_node_ips: Vec::new(),
             node_port_range: 30000..=32767,
             maglev_max_size: maglev::DEFAULT_MAX_SIZE,

@@ -92,6 +92,10 @@ struct Args {
     /// node's primary address of each family (default: every address of the node).
     #[arg(long, value_parser = NodePortAddresses::parse, default_value = "", hide_default_value = true)]
     nodeport_addresses: NodePortAddresses,
+    /// Host processes reach NodePorts on 127.0.0.1 too, as with kube-proxy's iptables mode
+    /// (unless --nodeport-addresses leaves 127.0.0.1 out). Pods' loopback stays their own.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    localhost_nodeports: bool,
     /// Addresses of this node, in addition to those its Node object lists.
     #[arg(long, value_delimiter = ',')]
     node_ip: Vec<IpAddr>,
@@ -184,6 +188,7 @@ async fn run(args: Args) -> Result<()> {
     let node_name = args.node_name.as_deref().context("--node-name is required")?;
     let mut cfg = ModelConfig::new(node_name);
     cfg.nodeport_addresses = args.nodeport_addresses.clone();
+    cfg.localhost_nodeports = args.localhost_nodeports;
     cfg.extra_node_ips = args.node_ip.clone();
     cfg.maglev_max_size = args.maglev_max_size;
     // The source first: a bad kubeconfig must fail before anything is loaded into the kernel.

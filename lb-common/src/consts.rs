@@ -59,6 +59,10 @@ pub const OPT_INGRESS_PORTS_READY: u32 = 4;
 /// `--conntrack-udp-timeout`; 0: the default). Read through [`CtTimeouts`].
 pub const OPT_CT_TCP_ESTABLISHED_S: u32 = 5;
 pub const OPT_CT_UDP_S: u32 = 6;
+/// The agent's (the host's) network namespace cookie, low and high 32 bits: socket hooks
+/// translate a loopback NodePort (127.0.0.1) only there, as kube-proxy's rules live only there.
+pub const OPT_HOST_NETNS_COOKIE_LO: u32 = 7;
+pub const OPT_HOST_NETNS_COOKIE_HI: u32 = 8;
 /// Destination ports of packets tc ingress and XDP may translate, one bit per port: external
 /// frontends' ports (NodePort, ExternalIP, LoadBalancer) and the SNAT port range (replies of
 /// remote backends). A packet to any other port skips both lookups. Only ever added to, as

@@ -11,9 +11,10 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    AFFINITY_BY_NETNS, Addr, AffinityKey, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL,
-    STAT_SOCK_NO_BACKEND, STAT_SOCK_REVERSED, STAT_SOCK_TRANSLATED, STAT_SOCK_UNKNOWN_PORT,
-    SVC_F_ADDR_MARKER, SockRevNatKey, SockRevNatValue, addr_from_v4_raw, addr_is_v4,
+    AFFINITY_BY_NETNS, Addr, AffinityKey, OPT_HOST_NETNS_COOKIE_HI, OPT_HOST_NETNS_COOKIE_LO,
+    PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, STAT_SOCK_NO_BACKEND, STAT_SOCK_REVERSED,
+    STAT_SOCK_TRANSLATED, STAT_SOCK_UNKNOWN_PORT, SVC_F_ADDR_MARKER, SockRevNatKey,
+    SockRevNatValue, addr_from_v4_raw, addr_is_v4,
 };
 
 use crate::{
@@ -125,6 +126,10 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
     };
     // SAFETY: helpers valid for sock_addr programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // 127.0.0.1:NodePort is the host's alone: a pod's loopback is its own.
+    if is_loopback(&daddr) && netns != host_netns() {
+        return PROCEED;
+    }
     let client = AffinityKey {
         client: [netns as u32, (netns >> 32) as u32, 0, 0],
         service_id: svc.service_id,
@@ -165,6 +170,19 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
     stats::count(STAT_SOCK_TRANSLATED);
     stats::count_service(svc.service_id, 0);
     PROCEED
+}
+
+/// An IPv4 loopback address (127.0.0.0/8).
+#[inline(always)]
+fn is_loopback(addr: &Addr) -> bool {
+    addr_is_v4(addr) && addr[3].to_ne_bytes()[0] == 127
+}
+
+/// The agent's network namespace (`LB_OPTIONS`; 0, which no namespace has, before it is set).
+#[inline(always)]
+fn host_netns() -> u64 {
+    let opt = |i| maps::OPTIONS.get(i).copied().unwrap_or(0) as u64;
+    opt(OPT_HOST_NETNS_COOKIE_LO) | opt(OPT_HOST_NETNS_COOKIE_HI) << 32
 }
 
 #[inline(always)]

@@ -89,8 +89,8 @@ fn agent_programs_changes_survives_restart_and_cleans_up() {
     let d = dump(&pins.path);
     assert_eq!(
         d.frontends.len(),
-        3,
-        "ClusterIP + NodePort internal/external: {:?}",
+        4,
+        "ClusterIP, NodePort internal/external, 127.0.0.1:NodePort: {:?}",
         d.frontends.keys()
     );
     let two: Vec<IpAddr> = vec!["10.244.2.10".parse().unwrap(), "10.244.2.11".parse().unwrap()];

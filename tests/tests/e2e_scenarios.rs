@@ -524,3 +524,20 @@ fn a_tcp_reset_refuses_clients_whose_firewall_drops_icmp() {
     assert_eq!(r, vec!["err ECONNREFUSED"; 3]);
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 }
+
+#[test]
+fn host_processes_reach_nodeports_on_localhost_and_pods_keep_their_own_loopback() {
+    require_root!();
+    let cluster = Cluster::new(2, 1, 0);
+    let eps = pods(&cluster, false);
+    let web = svc("web", &["10.96.0.10"], Some(30080), "  type: NodePort\n", "");
+    let run = Running::start(cluster, &[("web.yaml", web.file(&eps))]);
+    // As with kube-proxy's iptables rules: a node's own processes reach 127.0.0.1:NodePort.
+    let r = parse_probe(&run.from_host(0, &["connect", "127.0.0.1:30080", "--count", "40"]));
+    all_ok(&r);
+    assert_eq!(by_server(&r).len(), 2, "every endpoint, both nodes: {:?}", by_server(&r));
+    assert!(r.iter().flatten().all(|(_, _, peer)| peer == "127.0.0.1:30080"), "{r:?}");
+    // A pod's 127.0.0.1 is its own: nothing listens there.
+    let r = run.from_pod(0, 0, &["connect", "127.0.0.1:30080", "--timeout-ms", "500"]);
+    assert_eq!(r, ["err ECONNREFUSED"]);
+}

@@ -104,6 +104,9 @@ enum Command {
         /// CIDRs, or `primary` (as lb-agent's flag).
         #[arg(long, value_parser = NodePortAddresses::parse, default_value = "", hide_default_value = true)]
         nodeport_addresses: NodePortAddresses,
+        /// As lb-agent's flag.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        localhost_nodeports: bool,
         #[arg(long, value_delimiter = ',')]
         node_ip: Vec<IpAddr>,
         #[arg(short, long, value_enum, default_value = "table")]
@@ -141,9 +144,17 @@ fn print_json<T: Serialize>(v: &T) -> Result<()> {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Plan { manifests, node_name, nodeport_addresses, node_ip, output } => {
+        Command::Plan {
+            manifests,
+            node_name,
+            nodeport_addresses,
+            localhost_nodeports,
+            node_ip,
+            output,
+        } => {
             let mut cfg = ModelConfig::new(node_name);
             cfg.nodeport_addresses = nodeport_addresses;
+            cfg.localhost_nodeports = localhost_nodeports;
             cfg.extra_node_ips = node_ip;
             let poll = ManifestsDir::new(&manifests, cfg.clone())
                 .poll()

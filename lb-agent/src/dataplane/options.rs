@@ -7,8 +7,8 @@ use aya::{
 };
 use lb_common::{
     CT_MIN_LIFETIME_S, CtTimeouts, MAP_OPTIONS, NAT_PORT_MAX, NAT_PORT_MIN,
-    OPT_CT_TCP_ESTABLISHED_S, OPT_CT_UDP_S, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN,
-    OPT_REJECT_TCP_WITH_RESET,
+    OPT_CT_TCP_ESTABLISHED_S, OPT_CT_UDP_S, OPT_HOST_NETNS_COOKIE_HI, OPT_HOST_NETNS_COOKIE_LO,
+    OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN, OPT_REJECT_TCP_WITH_RESET,
 };
 
 /// How a TCP connection to a service without endpoints is refused (`--reject-tcp-with`).
@@ -154,17 +154,50 @@ pub fn write(ebpf: &mut Ebpf, opts: &Options) -> Result<()> {
     let mut map: Array<_, u32> =
         Array::try_from(ebpf.map_mut(MAP_OPTIONS).context("no LB_OPTIONS map")?)?;
     let reset = u32::from(opts.reject_tcp_with == RejectTcpWith::Reset);
+    let host_netns = netns_cookie().context("reading this network namespace's cookie")?;
     for (i, v) in [
         (OPT_REJECT_TCP_WITH_RESET, reset),
         (OPT_NAT_PORT_MIN, opts.nat_ports.first.into()),
         (OPT_NAT_PORT_MAX, opts.nat_ports.last.into()),
         (OPT_CT_TCP_ESTABLISHED_S, opts.ct_timeouts.tcp_established_s),
         (OPT_CT_UDP_S, opts.ct_timeouts.udp_s),
+        (OPT_HOST_NETNS_COOKIE_LO, host_netns as u32),
+        (OPT_HOST_NETNS_COOKIE_HI, (host_netns >> 32) as u32),
     ] {
         map.set(i, v, 0).context("writing LB_OPTIONS")?;
     }
     // Replies to SNATed flows arrive on these ports from now on.
     super::port_filters::note_nat_range(ebpf)
+}
+
+/// The cookie of the calling thread's network namespace (what `bpf_get_netns_cookie` returns
+/// for sockets there).
+pub fn netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: a datagram socket only serves as the handle for the option; closed below.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: SO_NETNS_COOKIE into a u64 of the length given.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(sock) };
+    if rc != 0 {
+        return Err(err.into());
+    }
+    Ok(cookie)
 }
 
 #[cfg(test)]

@@ -23,6 +23,8 @@ use crate::{
 
 /// The node label kube-proxy reads its zone from.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Where host processes reach NodePorts besides the node's addresses (`--localhost-nodeports`).
+const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// What the model needs to know about this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -36,6 +38,8 @@ pub struct NodeView {
     pub primary: Vec<IpAddr>,
     /// Addresses NodePorts answer on (after `--nodeport-addresses`).
     pub nodeport_addresses: Vec<IpAddr>,
+    /// Whether host processes reach NodePorts on 127.0.0.1 too.
+    pub localhost_nodeports: bool,
 }
 
 impl NodeView {
@@ -76,7 +80,20 @@ pub fn node_view(state: &ClusterState, cfg: &ModelConfig) -> NodeView {
         }
         NodePortAddresses::Primary => primary.clone(),
     };
-    NodeView { name: cfg.node_name.clone(), zone, addresses, primary, nodeport_addresses }
+    let localhost_nodeports = cfg.localhost_nodeports
+        && match &cfg.nodeport_addresses {
+            NodePortAddresses::All => true,
+            NodePortAddresses::Cidrs(cidrs) => cidrs.iter().any(|c| c.contains(&LOCALHOST)),
+            NodePortAddresses::Primary => false,
+        };
+    NodeView {
+        name: cfg.node_name.clone(),
+        zone,
+        addresses,
+        primary,
+        nodeport_addresses,
+        localhost_nodeports,
+    }
 }
 
 /// The outcome of planning one Service.
@@ -188,6 +205,19 @@ fn plan_port(
     }
     for ip in in_family(&svc.lb_ips) {
         external(FrontendKind::LoadBalancer, ip, port.port);
+    }
+    // For host processes only (the socket hooks translate it in the host's namespace).
+    if let Some(np) = port.node_port
+        && node.localhost_nodeports
+        && family == Family::IPv4
+    {
+        frontends.insert(Frontend {
+            kind: FrontendKind::NodePort,
+            address: LOCALHOST,
+            port: np,
+            scope: Scope::Internal,
+            backends: BackendSet::Cluster,
+        });
     }
 
     let eps = endpoints::for_port(state.slices_of(&svc.key), port, family, &node.name);

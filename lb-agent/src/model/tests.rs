@@ -135,6 +135,7 @@ fn nodeport_with_external_policy_local_sends_outside_traffic_to_local_endpoints_
         fronts(p),
         [
             "ClusterIP 10.96.0.10:80 Internal->Internal",
+            "NodePort 127.0.0.1:30080 Internal->Cluster",
             "NodePort 192.168.1.11:30080 Internal->Cluster",
             "NodePort 192.168.1.11:30080 External->External",
         ]
@@ -225,6 +226,7 @@ status:
         fronts(p),
         [
             "ClusterIP 10.96.0.20:443 Internal->Internal",
+            "NodePort 127.0.0.1:30443 Internal->Cluster",
             "NodePort 192.168.1.11:30443 Internal->Cluster",
             "NodePort 192.168.1.11:30443 External->External",
             "ExternalIP 192.0.2.50:443 Internal->Cluster",
@@ -361,6 +363,37 @@ fn primary_addresses_answer_nodeports_with_primary_and_source_snat() {
     let view = node_view(&st, &cfg);
     assert_eq!(view.nodeport_addresses, ips(&["192.168.1.12", "fd00:1::11"]));
     assert_eq!(view.snat_address(false), Some(ips(&["192.168.1.12"])[0]));
+}
+
+#[test]
+fn host_processes_reach_nodeports_on_localhost_unless_left_out() {
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: default}\nspec: {type: NodePort, clusterIP: 10.96.0.1, clusterIPs: [10.96.0.1, 'fd00:96::1'], ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack, ports: [{port: 80, nodePort: 30001}]}";
+    let localhost = |cfg: &ModelConfig| -> Vec<String> {
+        plan_with(svc, cfg)
+            .iter()
+            .flat_map(|p| &p.frontends)
+            .filter(|f| f.address.is_loopback())
+            .map(|f| {
+                format!("{:?} {}:{} {:?}->{:?}", f.kind, f.address, f.port, f.scope, f.backends)
+            })
+            .collect()
+    };
+    let mut cfg = cfg();
+    // IPv4 only, as kube-proxy; for the socket hooks, with every cluster endpoint.
+    assert_eq!(localhost(&cfg), ["NodePort 127.0.0.1:30001 Internal->Cluster"]);
+    cfg.nodeport_addresses =
+        crate::config::NodePortAddresses::Cidrs(vec!["127.0.0.0/8".parse().unwrap()]);
+    assert_eq!(localhost(&cfg).len(), 1);
+    for left_out in [
+        crate::config::NodePortAddresses::Cidrs(vec!["192.168.0.0/16".parse().unwrap()]),
+        crate::config::NodePortAddresses::Primary,
+    ] {
+        cfg.nodeport_addresses = left_out;
+        assert!(localhost(&cfg).is_empty());
+    }
+    cfg.nodeport_addresses = crate::config::NodePortAddresses::All;
+    cfg.localhost_nodeports = false;
+    assert!(localhost(&cfg).is_empty());
 }
 
 #[test]
