@@ -193,23 +193,13 @@ fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
     }
     let l4_off = l3_off + ihl;
     // Field by field: a `Flow` built first would take stack in the hook's frame.
-    let mut fill = |ports: (u16, u16, u8)| {
+    let fill = |ports: (u16, u16, u8)| {
         (out.sport_be, out.dport_be, out.tcp_flags) = ports;
         out.saddr = addr_from_v4_raw(saddr);
         out.daddr = addr_from_v4_raw(daddr);
         out.set_layout(proto, false, l3_off, l4_off);
     };
-    // An ICMP message's network header is parsed all the same (for icmp.rs), off the path of
-    // TCP and UDP.
-    match parse_ports(b, l4_off, proto, PROTO_ICMP) {
-        Ok(ports) => fill(ports),
-        Err(Skip::Icmp) => {
-            fill((0, 0, 0));
-            return Err(Skip::Icmp);
-        }
-        Err(skip) => return Err(skip),
-    }
-    Ok(())
+    finish(parse_ports(b, l4_off, proto, PROTO_ICMP), fill)
 }
 
 #[inline(always)]
@@ -243,7 +233,7 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
             _ => break,
         }
     }
-    let mut fill = |ports: (u16, u16, u8)| {
+    let fill = |ports: (u16, u16, u8)| {
         (out.sport_be, out.dport_be, out.tcp_flags) = ports;
         // SAFETY: bounds checked above; addresses are bytes 8..40 of the header, as words.
         unsafe {
@@ -252,16 +242,27 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
         }
         out.set_layout(next, true, l3_off, l4_off);
     };
-    // As for IPv4: ICMPv6 off the path of TCP and UDP.
-    match parse_ports(b, l4_off, next, PROTO_ICMPV6) {
-        Ok(ports) => fill(ports),
+    finish(parse_ports(b, l4_off, next, PROTO_ICMPV6), fill)
+}
+
+/// Fills the flow with the ports `parse_ports` found; an ICMP message's network header is
+/// filled all the same (for icmp.rs), in a branch off the path of TCP and UDP.
+#[inline(always)]
+fn finish(
+    ports: Result<(u16, u16, u8), Skip>,
+    fill: impl FnOnce((u16, u16, u8)),
+) -> Result<(), Skip> {
+    match ports {
+        Ok(ports) => {
+            fill(ports);
+            Ok(())
+        }
         Err(Skip::Icmp) => {
             fill((0, 0, 0));
-            return Err(Skip::Icmp);
+            Err(Skip::Icmp)
         }
-        Err(skip) => return Err(skip),
+        Err(skip) => Err(skip),
     }
-    Ok(())
 }
 
 /// Source and destination port (network byte order) and TCP flags of a complete TCP or UDP
