@@ -255,6 +255,7 @@ async fn run(args: Args) -> Result<()> {
         attach::cgroup(&mut ebpf, cg, Some(&mut pins))?;
         attached(&status, "socket hooks", &cg.display().to_string());
     }
+    log_detected(&args.devices, &args.node_ip);
     for dev in &devices(&args.devices, &args.node_ip) {
         attach_device(&mut ebpf, dev, &args, &mut pins, &status)?;
     }
@@ -475,27 +476,33 @@ fn log_manifest_errors(
     *last = now;
 }
 
-/// The devices to attach to: those named, and for `auto` those detected (logged, since they
-/// depend on the node's routes).
+/// The devices to attach to: those named, and for `auto` those detected now.
 fn devices(named: &[String], node_ips: &[IpAddr]) -> Vec<String> {
     let mut out: Vec<String> = named.iter().filter(|d| *d != "auto").cloned().collect();
     if named.iter().any(|d| d == "auto") {
-        let found = lb_agent::dataplane::netdev::detect_devices(node_ips);
-        if found.is_empty() {
-            warn!(
-                "--devices auto found no device (no default route, no --node-ip on a device): only the socket hooks serve"
-            );
-        } else {
-            info!(
-                devices = found.join(","),
-                "--devices auto: devices of the default routes and of --node-ip"
-            );
-        }
-        out.extend(found);
+        out.extend(lb_agent::dataplane::netdev::detect_devices(node_ips));
     }
     out.sort();
     out.dedup();
     out
+}
+
+/// Says which devices `auto` found at start (they depend on the node's routes).
+fn log_detected(named: &[String], node_ips: &[IpAddr]) {
+    if !named.iter().any(|d| d == "auto") {
+        return;
+    }
+    let found = lb_agent::dataplane::netdev::detect_devices(node_ips);
+    if found.is_empty() {
+        warn!(
+            "--devices auto found no device (no default route, no --node-ip on a device): only the socket hooks serve"
+        );
+    } else {
+        info!(
+            devices = found.join(","),
+            "--devices auto: devices of the default routes and of --node-ip"
+        );
+    }
 }
 
 /// How often the devices are checked for missing programs.

@@ -367,6 +367,10 @@ fn with_devices_auto_the_agent_also_attaches_where_the_default_route_leaves() {
     assert!(attached(0, "eth0") && attached(0, "eth1"), "{}", run.metrics(0));
     assert!(attached(1, "eth0") && !attached(1, "eth1"), "{}", run.metrics(1));
     assert!(run.agents[0].log().iter().any(|l| l.contains("--devices auto") && l.contains("eth1")));
+    // Said once, not at each device check (every 2 s); nothing found missing meanwhile.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(run.agents[0].count_log("--devices auto:"), 1);
+    assert_eq!(run.agents[0].count_log("programs were missing"), 0);
     let r = parse_probe(&run.from_client(0, &["connect", "10.230.0.10:30080", "--count", "20"]));
     assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
 }
