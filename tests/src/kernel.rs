@@ -218,7 +218,7 @@ impl Datapath {
     pub fn flush_stale_udp(&mut self) -> u64 {
         use lb_agent::dataplane::conntrack_gc::{UdpFlush, flush_udp};
         let stale = UdpFlush::To(self.writer().take_stale_udp());
-        flush_udp(self.conntrack_map(), &stale).expect("flush")
+        stale.stale().map_or(0, |s| flush_udp(self.conntrack_map(), &s).expect("flush"))
     }
 
     /// A new writer over the same maps, as a restarted agent makes: it adopts what they hold
@@ -234,7 +234,7 @@ impl Datapath {
         use lb_agent::dataplane::conntrack_gc::{UdpFlush, flush_udp};
         self.writer().finish_initial_sync().expect("finish initial sync");
         let in_use = UdpFlush::AllBut(self.writer().udp_targets());
-        flush_udp(self.conntrack_map(), &in_use).expect("flush")
+        in_use.stale().map_or(0, |s| flush_udp(self.conntrack_map(), &s).expect("flush"))
     }
 
     /// Destroys the connected UDP sockets the socket hooks sent to endpoints `which` names, as

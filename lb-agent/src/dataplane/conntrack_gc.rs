@@ -189,11 +189,10 @@ impl StaleUdp {
     }
 }
 
-/// Removes the entries (both directions) of the UDP flows `which` names; returns how many.
-/// New flows cannot pick an endpoint a service stopped using (it left the service's sets
-/// before this runs), so every entry found is a stale one.
-pub fn flush_udp(map: &MapData, which: &UdpFlush) -> Result<u64> {
-    let Some(stale) = which.stale() else { return Ok(0) };
+/// Removes the entries (both directions) of the UDP flows to endpoints `stale` names; returns
+/// how many. New flows cannot pick an endpoint a service stopped using (it left the service's
+/// sets before this runs), so every entry found is a stale one.
+pub fn flush_udp(map: &MapData, stale: &StaleUdp) -> Result<u64> {
     let mut ct = handle(map)?;
     let mut doomed = Vec::new();
     let mut removed = 0;
@@ -220,7 +219,8 @@ pub fn flush_udp(map: &MapData, which: &UdpFlush) -> Result<u64> {
 /// Flushes the UDP flows `which` names, and destroys the connected UDP sockets the socket
 /// hooks sent to the same endpoints ([`sock_destroy`]).
 fn flush(map: &MapData, sock_revnat: &MapData, which: &UdpFlush, metrics: &GcMetrics) {
-    match flush_udp(map, which) {
+    let Some(stale) = which.stale() else { return };
+    match flush_udp(map, &stale) {
         Ok(n) => {
             metrics.udp_flushed.inc_by(n);
             if n > 0 {
@@ -229,7 +229,6 @@ fn flush(map: &MapData, sock_revnat: &MapData, which: &UdpFlush, metrics: &GcMet
         }
         Err(e) => warn!("conntrack flush: {e:#}"),
     }
-    let Some(stale) = which.stale() else { return };
     match sock_destroy::destroy(sock_revnat, &stale) {
         Ok(d) => {
             metrics.udp_sockets_destroyed.inc_by(d.sockets);
