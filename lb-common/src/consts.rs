@@ -313,6 +313,8 @@ pub const STAT_ICMP_ERROR_TRANSLATED: u32 = 28;
 /// A packet of a translated flow too big for the route it would leave by: its sender was sent
 /// ICMP fragmentation needed / packet too big (tc).
 pub const STAT_TOO_BIG: u32 = 29;
+/// An ICMP error not sent: this CPU's allowance was used up (the packet was dropped).
+pub const STAT_ICMP_RATE_LIMITED: u32 = 30;
 /// Number of slots in LB_STATS (room for the counters later programs add).
 pub const STAT_COUNT: u32 = 64;
 
@@ -348,4 +350,5 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (STAT_XDP_REDIRECT, "xdp_redirect"),
     (STAT_ICMP_ERROR_TRANSLATED, "icmp_error_translated"),
     (STAT_TOO_BIG, "too_big"),
+    (STAT_ICMP_RATE_LIMITED, "icmp_rate_limited"),
 ];

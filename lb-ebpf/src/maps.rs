@@ -142,6 +142,10 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "LB_REJECT_BUF")]
 pub static REJECT_BUF: PerCpuArray<[u8; 512]> = PerCpuArray::with_max_entries(1, 0);
 
+/// Each CPU's ICMP error allowance (see reject.rs). Not pinned: a restart refills it.
+#[map(name = "LB_ICMP_RATE")]
+pub static ICMP_RATE: PerCpuArray<crate::reject::IcmpBucket> = PerCpuArray::with_max_entries(1, 0);
+
 /// Each CPU's last clock reading (see clock.rs). Not pinned: a cache.
 #[map(name = "LB_CLOCK")]
 pub static CLOCK: PerCpuArray<crate::clock::ClockCache> = PerCpuArray::with_max_entries(1, 0);

@@ -15,10 +15,11 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use lb_common::{Addr, OPT_REJECT_TCP_WITH_RESET, PROTO_TCP, STAT_TOO_BIG};
+use lb_common::{Addr, OPT_REJECT_TCP_WITH_RESET, PROTO_TCP, STAT_ICMP_RATE_LIMITED, STAT_TOO_BIG};
 
 use crate::{
-    maps::{FLOW, OPTIONS, REJECT_BUF},
+    clock,
+    maps::{FLOW, ICMP_RATE, OPTIONS, REJECT_BUF},
     packet::{
         ETH_P_IP, ETH_P_IPV6, Flow, PROTO_ICMP, PROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
@@ -57,8 +58,51 @@ pub fn reject(ctx: &TcContext) -> i32 {
     let flow = unsafe { &*flow };
     let reset =
         flow.proto == PROTO_TCP && OPTIONS.get(OPT_REJECT_TCP_WITH_RESET).is_some_and(|&v| v != 0);
-    let answer = if reset { tcp_reset(ctx, flow) } else { port_unreachable(ctx, flow) };
+    let answer = if reset {
+        tcp_reset(ctx, flow)
+    } else if icmp_allowed() {
+        port_unreachable(ctx, flow)
+    } else {
+        None
+    };
     answer.unwrap_or(TC_ACT_SHOT)
+}
+
+/// ICMP errors one CPU may send in a burst, and how many more each millisecond: the kernel's
+/// own ICMP limits (`net.ipv4.icmp_msgs_burst`, `icmp_msgs_per_sec`), which kube-proxy's REJECT
+/// and the kernel's "fragmentation needed" go through. A flood of packets that each call for
+/// an error (SYNs to a service without endpoints, oversized packets) must not make the node a
+/// reflector.
+const ICMP_BURST: u64 = 50;
+const ICMP_PER_MS: u64 = 1;
+
+/// A CPU's ICMP error allowance (token bucket).
+#[repr(C)]
+pub struct IcmpBucket {
+    tokens: u64,
+    refilled_ns: u64,
+}
+
+/// Takes one ICMP error from this CPU's allowance; false (counted) when there is none left.
+#[inline(always)]
+fn icmp_allowed() -> bool {
+    let Some(b) = ICMP_RATE.get_ptr_mut(0) else { return true };
+    // SAFETY: this CPU's slot; programs do not preempt each other on one CPU.
+    let b = unsafe { &mut *b };
+    let now = clock::now_ns();
+    // Whole milliseconds since the last refill (all of them when the slot is new: full).
+    let ms = clock::age_ns(now, b.refilled_ns) / 1_000_000;
+    if ms > 0 {
+        let add = ms.saturating_mul(ICMP_PER_MS);
+        b.tokens = if add >= ICMP_BURST { ICMP_BURST } else { (b.tokens + add).min(ICMP_BURST) };
+        b.refilled_ns = now;
+    }
+    if b.tokens == 0 {
+        stats::count(STAT_ICMP_RATE_LIMITED);
+        return false;
+    }
+    b.tokens -= 1;
+    true
 }
 
 /// Writes Ethernet (back to the sender) and the IP header (frontend -> client, `payload` bytes
@@ -165,6 +209,10 @@ pub fn too_big(ctx: &TcContext, mtu: u32) -> i32 {
     // SAFETY: this CPU's slot, filled for this packet by device::handle.
     let flow = unsafe { &*flow };
     stats::count(STAT_TOO_BIG);
+    if !icmp_allowed() {
+        // Too big to send on, and no answer allowed now: as the kernel's forwarding does.
+        return TC_ACT_SHOT;
+    }
     let (kind, rest) = if flow.is_v6 {
         ([2u8, 0], mtu.to_be_bytes())
     } else {

@@ -383,3 +383,33 @@ fn mutated_icmp_errors_never_break_the_programs_or_conntrack() {
     let (_, e) = run_error(&dp, PROG_TC_INGRESS, &seeds[1]);
     assert_eq!((e.dst, e.quoted_src), (IpAddr::from(CLIENT), sa(CLIENT, 40001)));
 }
+
+/// The node's own ICMP errors (port unreachable for a service without endpoints, "too big")
+/// come from a per-CPU allowance as the kernel's do (a burst of 50, then one a millisecond): a
+/// flood of SYNs to an empty service is not answered one for one.
+#[test]
+fn the_icmp_errors_the_node_sends_are_rate_limited_like_the_kernels() {
+    require_root!();
+    let dp = datapath("empty", VIP.into(), 80, Protocol::Tcp, vec![]);
+    let (mut answered, mut dropped) = (0u64, 0u64);
+    for port in 0..300u16 {
+        let out = dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 20000 + port, VIP, 80, true, b""));
+        match icmp_error(&out.packet) {
+            Ok(e) => {
+                assert_eq!((e.icmp_type, e.quoted_dst), (3, sa(VIP, 80)));
+                answered += 1;
+            }
+            Err(_) => {
+                assert_eq!(out.verdict, 2, "TC_ACT_SHOT");
+                dropped += 1;
+            }
+        }
+    }
+    // 50 a CPU at once (the test may move between CPUs), and one more a millisecond.
+    assert!((50..200).contains(&answered), "{answered} answered");
+    assert_eq!(dp.stat(STAT_ICMP_RATE_LIMITED), dropped);
+    assert_eq!(dp.stat(STAT_REJECT_NO_BACKEND), 300);
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    let out = dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 30000, VIP, 80, true, b""));
+    assert!(icmp_error(&out.packet).is_ok(), "answered again after a pause");
+}
