@@ -386,13 +386,14 @@ fn mutated_icmp_errors_never_break_the_programs_or_conntrack() {
 
 /// The node's own ICMP errors (port unreachable for a service without endpoints, "too big")
 /// come from a per-CPU allowance as the kernel's do (a burst of 50, then one a millisecond): a
-/// flood of SYNs to an empty service is not answered one for one.
+/// flood of 1,000 SYNs to an empty service is not answered one for one.
 #[test]
 fn the_icmp_errors_the_node_sends_are_rate_limited_like_the_kernels() {
     require_root!();
     let dp = datapath("empty", VIP.into(), 80, Protocol::Tcp, vec![]);
     let (mut answered, mut dropped) = (0u64, 0u64);
-    for port in 0..300u16 {
+    let start = std::time::Instant::now();
+    for port in 0..1000u16 {
         let out = dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 20000 + port, VIP, 80, true, b""));
         match icmp_error(&out.packet) {
             Ok(e) => {
@@ -405,10 +406,15 @@ fn the_icmp_errors_the_node_sends_are_rate_limited_like_the_kernels() {
             }
         }
     }
-    // 50 a CPU at once (the test may move between CPUs), and one more a millisecond.
-    assert!((50..200).contains(&answered), "{answered} answered");
+    // 50 a CPU at once (the test may move between the CPUs), and one more a millisecond each
+    // (and a clock tick of slack).
+    let ms = start.elapsed().as_millis() as u64;
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    let most = cpus * (50 + ms + 10);
+    assert!(answered >= 50 && answered <= most, "{answered} answered in {ms} ms");
+    assert!(dropped > 0, "nothing dropped in {ms} ms");
     assert_eq!(dp.stat(STAT_ICMP_RATE_LIMITED), dropped);
-    assert_eq!(dp.stat(STAT_REJECT_NO_BACKEND), 300);
+    assert_eq!(dp.stat(STAT_REJECT_NO_BACKEND), 1000);
     std::thread::sleep(std::time::Duration::from_millis(30));
     let out = dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 30000, VIP, 80, true, b""));
     assert!(icmp_error(&out.packet).is_ok(), "answered again after a pause");
