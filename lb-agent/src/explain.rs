@@ -446,19 +446,16 @@ fn explain_device(
         e.verdict = "not for a frontend: passed untouched".into();
         return Ok(());
     }
-    for (idx, reason) in [
-        (
-            STAT_DROP_NO_BACKEND,
-            "no usable endpoint on this node (policy Local) or maps inconsistent",
-        ),
-        (STAT_DROP_SOURCE_RANGE, "client outside loadBalancerSourceRanges"),
-        (STAT_DROP_NAT_EXHAUSTED, "no free SNAT port"),
-        (STAT_DROP_CT_FULL, "conntrack full"),
-        (STAT_DROP_NO_NODE_ADDR, "no node address to SNAT to"),
-        (STAT_DROP_REWRITE, "packet rewrite failed"),
+    for idx in [
+        STAT_DROP_NO_BACKEND,
+        STAT_DROP_SOURCE_RANGE,
+        STAT_DROP_NAT_EXHAUSTED,
+        STAT_DROP_CT_FULL,
+        STAT_DROP_NO_NODE_ADDR,
+        STAT_DROP_REWRITE,
     ] {
         if moved(idx) {
-            e.drop_reason = Some(reason);
+            e.drop_reason = Some(crate::monitor::why(idx));
         }
     }
     if moved(STAT_REJECT_NO_BACKEND) {

@@ -8,6 +8,7 @@ pub mod explain;
 pub mod inspect;
 pub mod memory;
 pub mod model;
+pub mod monitor;
 pub mod serve;
 pub mod sources;
 pub mod state;

@@ -315,6 +315,8 @@ pub const STAT_ICMP_ERROR_TRANSLATED: u32 = 28;
 pub const STAT_TOO_BIG: u32 = 29;
 /// An ICMP error not sent: this CPU's allowance was used up (the packet was dropped).
 pub const STAT_ICMP_RATE_LIMITED: u32 = 30;
+/// A monitor event not sent: the ring buffer was full (`lbctl monitor` reading too slowly).
+pub const STAT_MONITOR_LOST: u32 = 31;
 /// Number of slots in LB_STATS (room for the counters later programs add).
 pub const STAT_COUNT: u32 = 64;
 
@@ -351,4 +353,5 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (STAT_ICMP_ERROR_TRANSLATED, "icmp_error_translated"),
     (STAT_TOO_BIG, "too_big"),
     (STAT_ICMP_RATE_LIMITED, "icmp_rate_limited"),
+    (STAT_MONITOR_LOST, "monitor_lost"),
 ];

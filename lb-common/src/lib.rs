@@ -8,9 +8,11 @@
 #![no_std]
 
 pub mod consts;
+pub mod events;
 pub mod hash;
 pub mod maps;
 
 pub use consts::*;
+pub use events::*;
 pub use hash::flow_hash;
 pub use maps::*;

@@ -11,6 +11,7 @@ use lb_common::*;
 use crate::{
     conntrack, lookup,
     maps::{FLOW, INGRESS_PORTS, OPTIONS, REPLY_PORTS, SOURCE_RANGES},
+    monitor,
     nat::{self, NatError},
     packet::{self, Flow, Skip, TCP_RST},
     rewrite::{self, Rewrite},
@@ -74,10 +75,9 @@ fn source_allowed(service_id: u32, saddr: &Addr) -> bool {
 }
 
 #[inline(always)]
-fn apply<R: Rewrite>(pkt: &mut R, flow: &Flow, ct: &CtValue, hook: Hook) -> Action {
+fn apply<R: Rewrite>(pkt: &mut R, flow: &Flow, ct: &CtValue, hook: Hook, len: u32) -> Action {
     if rewrite::apply(pkt, flow, ct).is_err() {
-        stats::count(STAT_DROP_REWRITE);
-        return Action::Drop;
+        return dropped(pkt, hook, STAT_DROP_REWRITE, ct.service_id, len);
     }
     if ct.flags & CT_F_SNAT != 0 && hook != Hook::TcEgress {
         return Action::Redirect;
@@ -94,6 +94,49 @@ fn leave_to_tc<R: Rewrite>(pkt: &R, flow: &Flow, src: &Addr, dst: &Addr) -> bool
     }
     stats::count(STAT_XDP_TO_TC);
     true
+}
+
+/// Tells a monitor about this packet, if one wants `kind` (`lbctl monitor`).
+#[inline(always)]
+fn report<R: Rewrite>(
+    pkt: &R,
+    hook: Hook,
+    kind: u8,
+    reason: u32,
+    ct: (u32, Option<&CtValue>),
+    len: u32,
+) {
+    if monitor::wanted(kind) {
+        monitor::packet(monitor::what(kind, hook, reason), ct.0, ct.1, pkt.ifindex(), len);
+    }
+}
+
+/// A packet dropped for `reason` (a `STAT_DROP_*` counter), reported to a monitor.
+#[inline(always)]
+fn dropped<R: Rewrite>(pkt: &R, hook: Hook, reason: u32, service_id: u32, len: u32) -> Action {
+    stats::count(reason);
+    report(pkt, hook, EVENT_DROP, reason, (service_id, None), len);
+    Action::Drop
+}
+
+/// A new flow's packet that goes no further: counted for its service and by `reason`, reported
+/// to a monitor; refused (`Action::Reject`) or dropped.
+#[inline(always)]
+fn stopped<R: Rewrite>(
+    pkt: &R,
+    hook: Hook,
+    reject: bool,
+    reason: u32,
+    svc: u32,
+    len: u32,
+) -> Action {
+    count_service_hit(svc, len);
+    if !reject {
+        return dropped(pkt, hook, reason, svc, len);
+    }
+    stats::count(reason);
+    report(pkt, hook, EVENT_REJECT, reason, (svc, None), len);
+    Action::Reject
 }
 
 /// Counts a packet of a new flow to a frontend, for the service and in total.
@@ -150,7 +193,7 @@ fn tracked<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Option
     }
     stats::count(STAT_CT_HIT);
     stats::count_service(ct.service_id, len);
-    Some(apply(pkt, flow, ct, hook))
+    Some(apply(pkt, flow, ct, hook, len))
 }
 
 #[inline(never)]
@@ -160,9 +203,7 @@ fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Actio
         return Action::Pass;
     };
     if svc.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(svc.service_id, &flow.saddr) {
-        count_service_hit(svc.service_id, len);
-        stats::count(STAT_DROP_SOURCE_RANGE);
-        return Action::Drop;
+        return stopped(pkt, hook, false, STAT_DROP_SOURCE_RANGE, svc.service_id, len);
     }
     let client = AffinityKey {
         client: flow.saddr,
@@ -179,19 +220,13 @@ fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Actio
             if hook == Hook::Xdp {
                 return Action::Pass;
             }
-            count_service_hit(svc.service_id, len);
-            stats::count(STAT_REJECT_NO_BACKEND);
-            return Action::Reject;
+            return stopped(pkt, hook, true, STAT_REJECT_NO_BACKEND, svc.service_id, len);
         }
-        count_service_hit(svc.service_id, len);
-        stats::count(STAT_DROP_NO_BACKEND);
-        return Action::Drop;
+        return stopped(pkt, hook, false, STAT_DROP_NO_BACKEND, svc.service_id, len);
     };
     let backend = sel.backend;
     if addr_is_v4(&backend.addr) == flow.is_v6 {
-        count_service_hit(svc.service_id, len);
-        stats::count(STAT_DROP_NO_BACKEND);
-        return Action::Drop;
+        return stopped(pkt, hook, false, STAT_DROP_NO_BACKEND, svc.service_id, len);
     }
     // Policy Cluster to another node's backend: SNAT, so its replies come back through here.
     let snat = backend.flags & BE_F_LOCAL == 0 && svc.flags & SVC_F_LOCAL_ONLY == 0;
@@ -207,14 +242,15 @@ fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Actio
     let ct = match nat::create(flow, backend, &ids) {
         Ok(ct) => ct,
         Err(e) => {
-            stats::count(match e {
+            let reason = match e {
                 NatError::NoNodeAddr => STAT_DROP_NO_NODE_ADDR,
                 NatError::PortsExhausted => STAT_DROP_NAT_EXHAUSTED,
                 NatError::CtFull => STAT_DROP_CT_FULL,
-            });
-            return Action::Drop;
+            };
+            return dropped(pkt, hook, reason, svc.service_id, len);
         }
     };
     stats::count(STAT_CT_NEW);
-    apply(pkt, flow, ct, hook)
+    report(pkt, hook, EVENT_NEW_FLOW, STAT_CT_NEW, (svc.service_id, Some(ct)), len);
+    apply(pkt, flow, ct, hook, len)
 }

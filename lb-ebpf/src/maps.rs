@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::*;
 
@@ -75,6 +75,10 @@ pub static INGRESS_PORTS: Array<u64> = Array::with_max_entries(PORT_SET_WORDS, 0
 /// Devices where XDP may answer with XDP_TX (the agent decides per device: see `--xdp-tx`).
 #[map(name = "LB_XDP_TX")]
 pub static XDP_TX_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_XDP_DEVICES, 0);
+
+/// Events for `lbctl monitor` (see monitor.rs). Pinned, so lbctl can read them.
+#[map(name = "LB_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 /// A value built on the stack for a map update, 8-byte aligned. Misaligned accesses are allowed
 /// in this build (`lb-agent/build.rs`), so LLVM may merge neighbouring 4-byte stores into one

@@ -43,6 +43,8 @@ pub trait Rewrite {
     /// Whether this hook can itself send the packet, once rewritten to `src` -> `dst`, towards
     /// its new destination (a flow with SNAT must not reach the stack). tc always can.
     fn can_forward(&self, flow: &Flow, src: &Addr, dst: &Addr) -> bool;
+    /// The device the packet is on (for monitor events).
+    fn ifindex(&self) -> u32;
 }
 
 #[inline(always)]
@@ -104,6 +106,11 @@ impl Rewrite for Tc<'_> {
 
     fn can_forward(&self, _: &Flow, _: &Addr, _: &Addr) -> bool {
         true
+    }
+
+    fn ifindex(&self) -> u32 {
+        // SAFETY: the context's skb, valid for the program's run.
+        unsafe { (*self.0.skb.skb).ifindex }
     }
 
     /// Two checksum helper calls at most (the addresses' difference into the transport
@@ -249,6 +256,10 @@ impl Rewrite for Xdp<'_> {
 
     fn can_forward(&self, flow: &Flow, src: &Addr, dst: &Addr) -> bool {
         fib::xdp_can_tx(self.0, (flow.is_v6, flow.proto), src, dst)
+    }
+
+    fn ifindex(&self) -> u32 {
+        self.0.ingress_ifindex() as u32
     }
 }
 

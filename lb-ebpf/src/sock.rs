@@ -11,15 +11,17 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    AFFINITY_BY_NETNS, Addr, AffinityKey, OPT_HOST_NETNS_COOKIE_HI, OPT_HOST_NETNS_COOKIE_LO,
-    PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, STAT_SOCK_NO_BACKEND, STAT_SOCK_REVERSED,
-    STAT_SOCK_TRANSLATED, STAT_SOCK_UNKNOWN_PORT, SVC_F_ADDR_MARKER, SockRevNatKey,
-    SockRevNatValue, addr_from_v4_raw, addr_is_v4,
+    AFFINITY_BY_NETNS, Addr, AffinityKey, EVENT_NO_SERVICE, EVENT_SOCK_REFUSED,
+    EVENT_SOCK_TRANSLATED, HOOK_SOCK_CONNECT, HOOK_SOCK_SENDMSG, OPT_HOST_NETNS_COOKIE_HI,
+    OPT_HOST_NETNS_COOKIE_LO, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, STAT_SOCK_NO_BACKEND,
+    STAT_SOCK_REVERSED, STAT_SOCK_TRANSLATED, STAT_SOCK_UNKNOWN_PORT, SVC_F_ADDR_MARKER,
+    SockRevNatKey, SockRevNatValue, addr_from_v4_raw, addr_is_v4,
 };
 
 use crate::{
     lookup,
     maps::{self, SOCK_REVNAT},
+    monitor::{self, SockCall},
     select, stats,
 };
 
@@ -31,22 +33,22 @@ const ECONNREFUSED: i32 = 111;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, false)
+    forward(&ctx, false, HOOK_SOCK_CONNECT)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, true)
+    forward(&ctx, true, HOOK_SOCK_CONNECT)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, false)
+    forward(&ctx, false, HOOK_SOCK_SENDMSG)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, true)
+    forward(&ctx, true, HOOK_SOCK_SENDMSG)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -98,29 +100,34 @@ fn set_user_addr(ctx: &SockAddrContext, v6: bool, addr: &Addr, port_be: u16) -> 
     true
 }
 
+/// Fails the call with ECONNREFUSED, as a kube-proxy REJECT would make it; counted by
+/// `reason` and reported to a monitor.
 #[inline(always)]
-fn refuse() -> i32 {
-    // SAFETY: allowed in cgroup hooks; the call then fails with ECONNREFUSED, as a kube-proxy
-    // REJECT would make it.
+fn refuse(ctx: &SockAddrContext, call: &SockCall, reason: u32, service_id: u32) -> i32 {
+    stats::count(reason);
+    if monitor::wanted(EVENT_SOCK_REFUSED) {
+        monitor::socket(ctx, call, (EVENT_SOCK_REFUSED, reason), service_id, None);
+    }
+    // SAFETY: allowed in cgroup hooks.
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     FAIL
 }
 
 #[inline(always)]
-fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
+fn forward(ctx: &SockAddrContext, v6: bool, hook: u8) -> i32 {
     // SAFETY: as in `user_addr`.
     let proto = unsafe { (*ctx.sock_addr).protocol } as u8;
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return PROCEED;
     }
     let (daddr, dport_be) = user_addr(ctx, v6);
+    let call = SockCall { hook, proto, v6, daddr: &daddr, dport_be };
     let Some(svc) = lookup::service(daddr, dport_be, proto, SCOPE_INTERNAL) else {
         // A ClusterIP without this port: refuse rather than let it leave the node.
         if let Some(marker) = lookup::service(daddr, 0, 0, SCOPE_INTERNAL)
             && marker.flags & SVC_F_ADDR_MARKER != 0
         {
-            stats::count(STAT_SOCK_UNKNOWN_PORT);
-            return refuse();
+            return refuse(ctx, &call, STAT_SOCK_UNKNOWN_PORT, EVENT_NO_SERVICE);
         }
         return PROCEED;
     };
@@ -140,8 +147,7 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
     // SAFETY: no preconditions.
     let hash = unsafe { bpf_get_prandom_u32() };
     let Ok(sel) = select::with_affinity(svc, &client, hash) else {
-        stats::count(STAT_SOCK_NO_BACKEND);
-        return refuse();
+        return refuse(ctx, &call, STAT_SOCK_NO_BACKEND, svc.service_id);
     };
     let backend = sel.backend;
     // SAFETY: as above.
@@ -164,11 +170,15 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
     let _ = SOCK_REVNAT.insert(key, &value.0, 0);
     if !set_user_addr(ctx, v6, &backend.addr, backend.port_be) {
         // An IPv6 backend for an IPv4 socket: the plan never does this; refuse, counted.
-        stats::count(STAT_SOCK_NO_BACKEND);
-        return refuse();
+        return refuse(ctx, &call, STAT_SOCK_NO_BACKEND, svc.service_id);
     }
     stats::count(STAT_SOCK_TRANSLATED);
     stats::count_service(svc.service_id, 0);
+    if monitor::wanted(EVENT_SOCK_TRANSLATED) {
+        let to = Some((&backend.addr, backend.port_be));
+        let what = (EVENT_SOCK_TRANSLATED, STAT_SOCK_TRANSLATED);
+        monitor::socket(ctx, &call, what, svc.service_id, to);
+    }
     PROCEED
 }
 

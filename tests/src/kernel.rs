@@ -201,6 +201,25 @@ impl Datapath {
         }
     }
 
+    /// An independent handle on one of the object's maps (a duplicated descriptor), for the
+    /// agent's and lbctl's code that owns its map.
+    pub fn map_handle(&self, name: &str) -> aya::maps::MapData {
+        use aya::maps::Map;
+        use std::os::fd::AsFd;
+        let data = match self.ebpf.map(name) {
+            Some(
+                Map::Array(d)
+                | Map::HashMap(d)
+                | Map::RingBuf(d)
+                | Map::PerCpuArray(d)
+                | Map::LruHashMap(d),
+            ) => d,
+            _ => panic!("no map {name} of a known kind"),
+        };
+        let fd = data.fd().as_fd().try_clone_to_owned().expect("duplicating a map descriptor");
+        aya::maps::MapData::from_fd(fd).expect("reopening a map")
+    }
+
     /// The conntrack lifetimes this datapath's options set.
     pub fn ct_timeouts(&self) -> lb_common::CtTimeouts {
         let options = self.ebpf.map(lb_common::MAP_OPTIONS).expect("options map");

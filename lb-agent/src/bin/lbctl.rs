@@ -94,6 +94,33 @@ enum Command {
         #[command(flatten)]
         pins: Pins,
     },
+    /// Follow what the datapath drops, refuses and translates, event by event, until Ctrl-C (by
+    /// default: drops, rejects and refused connects). One line per event; with `-o json`, one
+    /// JSON object per line. The datapath sends events only while a monitor runs.
+    Monitor {
+        /// Kinds of event (comma-separated).
+        #[arg(
+            long = "type",
+            value_enum,
+            value_delimiter = ',',
+            default_value = "drop,reject,refused"
+        )]
+        kinds: Vec<lb_agent::monitor::Kind>,
+        /// Only events of services whose name contains this.
+        #[arg(long)]
+        service: Option<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this long (30s, 5m, 1h).
+        #[arg(long)]
+        duration: Option<lb_agent::dataplane::options::Timeout>,
+        /// Take over from another monitor that is running (it stops receiving events).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        pins: Pins,
+    },
     /// Print what the agent would program for a manifests folder (no kernel needed). Exits 1
     /// when a document was rejected (the rest is still planned).
     Plan {
@@ -422,6 +449,29 @@ fn live(cmd: Command) -> Result<()> {
                         println!("note:       {n}");
                     }
                 }
+            }
+        }
+        Command::Monitor { kinds, service, count, duration, force, pins } => {
+            let watch = lb_agent::monitor::Watch {
+                kinds,
+                service,
+                count,
+                duration: duration.map(|d| std::time::Duration::from_secs(d.0.into())),
+                force,
+            };
+            let mut out = std::io::stdout().lock();
+            let lost = lb_agent::monitor::run(&pins.bpffs, &watch, |e| {
+                use std::io::Write;
+                match pins.output {
+                    Output::Json => writeln!(out, "{}", serde_json::to_string(e)?)?,
+                    Output::Table => writeln!(out, "{e}")?,
+                }
+                // Each line as it happens, also into a pipe.
+                out.flush()?;
+                Ok(())
+            })?;
+            if lost > 0 {
+                eprintln!("lbctl: {lost} events lost (the ring buffer was full)");
             }
         }
         Command::Plan { .. } => unreachable!("handled by run"),

@@ -84,6 +84,8 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
         spec::<u32, u32>(MAP_OPTIONS, OPT_COUNT),
         spec::<u32, u64>(MAP_REPLY_PORTS, PORT_SET_WORDS),
         spec::<u32, u64>(MAP_INGRESS_PORTS, PORT_SET_WORDS),
+        // A ring buffer has no keys or values; its capacity is in bytes.
+        MapSpec { name: MAP_EVENTS, key_size: 0, value_size: 0, max_entries: EVENTS_BYTES },
     ]
 }
 
@@ -208,7 +210,8 @@ pub fn load_shadow(bpffs: &Path) -> Result<Ebpf> {
                 spec.name,
                 live.ok().and_then(|r| r.ok()).unwrap_or(spec.max_entries),
             );
-        } else if spec.name != MAP_STATS {
+        } else if spec.name != MAP_STATS && spec.name != MAP_EVENTS {
+            // (A ring buffer's size must stay a multiple of the page size.)
             loader.map_max_entries(spec.name, 1024);
         }
     }

@@ -1,0 +1,162 @@
+//! Events for `lbctl monitor` (see `lb_common::events`): a drop, a refusal or a new flow, sent
+//! only while a monitor holds the lease in `LB_OPTIONS` and wants that kind. Without a
+//! monitor, the cost is one option read on the paths that send events (none of them is an
+//! established flow's).
+//!
+//! Events are written straight into the ring buffer: no copy on the stack, whose frames the
+//! callers' subprograms already use.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_socket_cookie, generated::bpf_get_current_comm},
+    programs::SockAddrContext,
+};
+use lb_common::{
+    Addr, CtValue, EVENT_F_SNAT, EVENT_F_V6, MonitorEvent, OPT_MONITOR_KINDS, OPT_MONITOR_UNTIL_S,
+    STAT_MONITOR_LOST,
+};
+
+use crate::{
+    clock,
+    device::Hook,
+    maps::{EVENTS, FLOW, OPTIONS},
+    stats,
+};
+
+const NS: u64 = 1_000_000_000;
+
+/// Whether a monitor wants events of `kind` now.
+#[inline(always)]
+pub fn wanted(kind: u8) -> bool {
+    let kinds = OPTIONS.get(OPT_MONITOR_KINDS).copied().unwrap_or(0);
+    if kinds & (1 << kind) == 0 {
+        return false;
+    }
+    let until = OPTIONS.get(OPT_MONITOR_UNTIL_S).copied().unwrap_or(0) as u64;
+    clock::now_ns() / NS <= until
+}
+
+/// What happened, for [`packet`]: kind, hook and reason in one register (a subprogram takes
+/// five arguments at most).
+#[inline(always)]
+pub fn what(kind: u8, hook: Hook, reason: u32) -> u32 {
+    let hook = match hook {
+        Hook::TcIngress => lb_common::HOOK_TC_INGRESS,
+        Hook::TcEgress => lb_common::HOOK_TC_EGRESS,
+        Hook::Xdp => lb_common::HOOK_XDP,
+    };
+    kind as u32 | (hook as u32) << 8 | reason << 16
+}
+
+/// Sends an event about the packet a device hook is handling (its flow is in `maps::FLOW`);
+/// `ct`: the translation of a new flow. Call it when [`wanted`].
+#[inline(never)]
+pub fn packet(what: u32, service_id: u32, ct: Option<&CtValue>, ifindex: u32, len: u32) {
+    let Some(flow) = FLOW.get_ptr(0) else { return };
+    // SAFETY: this CPU's slot, filled for this packet by device::handle.
+    let flow = unsafe { &*flow };
+    let Some(mut entry) = EVENTS.reserve::<MonitorEvent>(0) else {
+        stats::count(STAT_MONITOR_LOST);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` is the reserved record, every field of which is written below.
+    unsafe {
+        (*e).time_ns = clock::now_ns();
+        (*e).cookie = 0;
+        (*e).saddr = flow.saddr;
+        (*e).daddr = flow.daddr;
+        (*e).sport_be = flow.sport_be;
+        (*e).dport_be = flow.dport_be;
+        let mut flags = if flow.is_v6 { EVENT_F_V6 } else { 0 };
+        match ct {
+            Some(ct) => {
+                (*e).new_saddr = ct.new_saddr;
+                (*e).new_daddr = ct.new_daddr;
+                (*e).new_sport_be = ct.new_sport_be;
+                (*e).new_dport_be = ct.new_dport_be;
+                if ct.flags & lb_common::CT_F_SNAT != 0 {
+                    flags |= EVENT_F_SNAT;
+                }
+            }
+            None => {
+                (*e).new_saddr = [0; 4];
+                (*e).new_daddr = [0; 4];
+                (*e).new_sport_be = 0;
+                (*e).new_dport_be = 0;
+            }
+        }
+        (*e).service_id = service_id;
+        (*e).reason = what >> 16;
+        (*e).ifindex = ifindex;
+        (*e).len = len;
+        (*e).pid = 0;
+        (*e).comm = [0; 16];
+        (*e).kind = what as u8;
+        (*e).hook = (what >> 8) as u8;
+        (*e).proto = flow.proto;
+        (*e).flags = flags;
+    }
+    entry.submit(0);
+}
+
+/// A socket call a hook handles, for [`socket`].
+pub struct SockCall<'a> {
+    pub hook: u8,
+    pub proto: u8,
+    pub v6: bool,
+    pub daddr: &'a Addr,
+    pub dport_be: u16,
+}
+
+/// Sends an event about a socket call, with the calling process; `backend`: where a translated
+/// call goes. Call it when [`wanted`].
+#[inline(always)]
+pub fn socket(
+    ctx: &SockAddrContext,
+    call: &SockCall,
+    (kind, reason): (u8, u32),
+    service_id: u32,
+    backend: Option<(&Addr, u16)>,
+) {
+    let Some(mut entry) = EVENTS.reserve::<MonitorEvent>(0) else {
+        stats::count(STAT_MONITOR_LOST);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` is the reserved record, every field of which is written below; the helpers
+    // are allowed in socket hooks, which run in the calling process's context.
+    unsafe {
+        (*e).time_ns = clock::now_ns();
+        (*e).cookie = bpf_get_socket_cookie(ctx.as_ptr());
+        (*e).saddr = [0; 4];
+        (*e).daddr = *call.daddr;
+        (*e).sport_be = 0;
+        (*e).dport_be = call.dport_be;
+        (*e).new_saddr = [0; 4];
+        match backend {
+            Some((addr, port_be)) => {
+                (*e).new_daddr = *addr;
+                (*e).new_dport_be = port_be;
+            }
+            None => {
+                (*e).new_daddr = [0; 4];
+                (*e).new_dport_be = 0;
+            }
+        }
+        (*e).new_sport_be = 0;
+        (*e).service_id = service_id;
+        (*e).reason = reason;
+        (*e).ifindex = 0;
+        (*e).len = 0;
+        (*e).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        // Straight into the record (zeroed by the helper if it fails).
+        let comm = &raw mut (*e).comm;
+        bpf_get_current_comm(comm.cast(), size_of::<[u8; 16]>() as u32);
+        (*e).kind = kind;
+        (*e).hook = call.hook;
+        (*e).proto = call.proto;
+        (*e).flags = if call.v6 { EVENT_F_V6 } else { 0 };
+    }
+    entry.submit(0);
+}
