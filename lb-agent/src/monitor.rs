@@ -321,13 +321,15 @@ pub fn run(bpffs: &Path, watch: &Watch, emit: impl FnMut(&EventView) -> Result<(
             )
         })
     };
-    let ring = RingBuf::try_from(Map::RingBuf(open(MAP_EVENTS)?))?;
+    let mut ring = RingBuf::try_from(Map::RingBuf(open(MAP_EVENTS)?))?;
     let names = PinnedNames { names: HashMap::try_from(Map::HashMap(open(MAP_NAMES)?))? };
     let stats: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(Map::PerCpuArray(open(MAP_STATS)?))?;
     let lost = || stats.get(&STAT_MONITOR_LOST, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
     let lost_before = lost();
     let lease = Lease::take(bpffs, mask(&watch.kinds), watch.force)?;
+    // Left by an earlier monitor (sent before it let go, never read): not this one's to show.
+    while ring.next().is_some() {}
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -163,6 +163,43 @@ impl Cluster {
     }
 }
 
+/// A running `lbctl monitor` (see [`Running::monitor`]).
+pub struct Monitor {
+    child: Option<std::process::Child>,
+}
+
+impl Monitor {
+    /// Stops it as Ctrl-C does, once what was sent has had time to be read, and returns its
+    /// exit status and output.
+    pub fn stop(mut self) -> std::process::Output {
+        let child = self.child.take().expect("running");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        // SAFETY: signalling our own child, which has not been waited for.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        child.wait_with_output().expect("wait for lbctl monitor")
+    }
+}
+
+impl Drop for Monitor {
+    /// Not stopped (a failed test): killed, so it does not outlive the cluster.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The kinds of event an agent's datapath sends (non-zero while a monitor holds the lease),
+/// from the maps pinned under `bpffs`.
+pub fn monitor_kinds(bpffs: &std::path::Path) -> u32 {
+    use aya::maps::{Array, Map, MapData};
+    let path = lb_agent::dataplane::loader::maps_pin_dir(bpffs).join(lb_common::MAP_OPTIONS);
+    let map = MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let options: Array<_, u32> = Array::try_from(Map::Array(map)).unwrap();
+    options.get(&lb_common::OPT_MONITOR_KINDS, 0).unwrap()
+}
+
 /// The mini-cluster with an `lb-agent` on every node serving one manifests folder, and an
 /// `lb-probe` server in every pod (TCP 8080 and UDP 5353 on IPv4, TCP 8086 on IPv6, answering
 /// with the pod's name and the client address it saw).
@@ -327,6 +364,31 @@ impl Running {
                 .expect("GET /metrics");
         assert_eq!(code, 200, "{text}");
         text
+    }
+
+    /// Starts `lbctl monitor` with `args` for node `n`'s agent, in the node's network namespace
+    /// (as an operator runs it there: device names), and waits until it holds its lease.
+    pub fn monitor(&self, n: usize, args: &[&str]) -> Monitor {
+        let pins = self.pins[n].path.clone();
+        let child = crate::proc::command_in(
+            &crate::workspace_bin("lbctl"),
+            Some(self.cluster.nodes[n].ns.name()),
+            None,
+        )
+        .arg("monitor")
+        .args(args)
+        .arg("--bpffs")
+        .arg(&pins)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start lbctl monitor");
+        let start = std::time::Instant::now();
+        while monitor_kinds(&pins) == 0 {
+            assert!(start.elapsed().as_secs() < 10, "lbctl monitor never took its lease");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Monitor { child: Some(child) }
     }
 
     /// Runs lb-probe `connect` from outside client `c`.

@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use lb_tests::{
-    cluster::{Cluster, Running, parse_probe},
+    cluster::{Cluster, Running, monitor_kinds, parse_probe},
     manifests::{Ep, Svc},
     proc::command_in,
     require_root, workspace_bin,
@@ -271,4 +271,100 @@ fn lbctl_reports_services_backends_flows_affinity_and_counters() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn lbctl_monitor_follows_drops_refusals_and_new_flows_with_who_and_why_and_then_lets_go() {
+    require_root!();
+    let cluster = Cluster::new(2, 1, 1);
+    let eps: Vec<Ep> = cluster.nodes.iter().map(|n| Ep::ready(n.pods[0].ip4, &n.name)).collect();
+    let empty =
+        Svc { name: "empty", cluster_ips: &["10.96.0.91"], node_port: Some(30091), ..Svc::WEB };
+    let files = [("web.yaml", Svc::WEB.file(&eps)), ("empty.yaml", empty.file(&[]))];
+    let run = Running::start(cluster, &files);
+    let pins = run.pins[0].path.to_str().unwrap().to_owned();
+    let node0 = run.cluster.nodes[0].ns.name().to_owned();
+    assert_eq!(monitor_kinds(&run.pins[0].path), 0);
+    let monitor = run.monitor(0, &["--type", "all", "-o", "json"]);
+    // One at a time.
+    let second = Command::new(workspace_bin("lbctl"))
+        .args(["monitor", "--bpffs", &pins, "--count", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("another lbctl monitor is running"), "{err}");
+
+    let ok = |lines: Vec<String>| {
+        let r = parse_probe(&lines);
+        assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+        r[0].as_ref().unwrap().0.clone()
+    };
+    let refused = |lines: Vec<String>| {
+        assert_eq!(parse_probe(&lines), [Err("ECONNREFUSED".to_string())], "{lines:?}");
+    };
+    let outside_backend = ok(run.from_client(0, &["connect", "10.230.0.10:30080"]));
+    refused(run.from_client(0, &["connect", "10.230.0.10:30091"]));
+    let pod_backend = ok(run.from_pod(0, 0, &["connect", "10.96.0.10:80"]));
+    refused(run.from_pod(0, 0, &["connect", "10.96.0.91:80"]));
+    refused(run.from_pod(0, 0, &["connect", "10.96.0.10:81"]));
+
+    // Ctrl-C: it stops, successfully, and gives the lease back.
+    let out = monitor.stop();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(monitor_kinds(&run.pins[0].path), 0, "lease released");
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let find = |kind: &str, to: &str| -> Vec<&Value> {
+        events.iter().filter(|e| e["kind"] == kind && e["to"] == to).collect()
+    };
+    let pod_ip = |name: &str| {
+        let n: usize = name[5..6].parse().unwrap();
+        run.cluster.nodes[n].pods[0].ip4.to_string()
+    };
+
+    // The outside client's new flow, once, with the backend that answered it.
+    let flow = find("flow", "10.230.0.10:30080");
+    assert_eq!(flow.len(), 1, "{events:#?}");
+    let flow = flow[0];
+    assert_eq!((&flow["hook"], &flow["device"]), (&"tc-ingress".into(), &"eth0".into()), "{flow}");
+    assert!(flow["from"].as_str().unwrap().starts_with("10.230.0.100:"), "{flow}");
+    assert_eq!(flow["new_to"], format!("{}:8080", pod_ip(&outside_backend)), "{flow}");
+    assert_eq!(flow["snat"], !outside_backend.starts_with("node-0"), "{flow}");
+    assert_eq!(flow["service"], "default/web:p/TCP/IPv4");
+    assert!(flow["bytes"].as_u64().unwrap() >= 54, "{flow}");
+
+    let reject = find("reject", "10.230.0.10:30091");
+    assert_eq!(reject.len(), 1, "{events:#?}");
+    assert_eq!(reject[0]["service"], "default/empty:p/TCP/IPv4");
+    assert_eq!(reject[0]["reason"], "reject_no_backend");
+
+    // The pod's calls, with the process that made them.
+    let connect = find("connect", "10.96.0.10:80");
+    assert_eq!(connect.len(), 1, "{events:#?}");
+    assert_eq!(connect[0]["new_to"], format!("{}:8080", pod_ip(&pod_backend)));
+    let no_endpoint = find("refused", "10.96.0.91:80");
+    let no_port = find("refused", "10.96.0.10:81");
+    assert_eq!((no_endpoint.len(), no_port.len()), (1, 1), "{events:#?}");
+    assert_eq!(no_endpoint[0]["reason"], "sock_no_backend");
+    assert_eq!(no_endpoint[0]["service"], "default/empty:p/TCP/IPv4");
+    assert_eq!(no_port[0]["reason"], "sock_unknown_port");
+    assert_eq!(no_port[0]["service"], Value::Null);
+    for e in [connect[0], no_endpoint[0], no_port[0]] {
+        assert_eq!((&e["hook"], &e["command"]), (&"connect".into(), &"lb-probe".into()), "{e}");
+        assert!(e["pid"].as_u64().unwrap() > 1, "{e}");
+        assert_eq!(e["device"], Value::Null);
+    }
+
+    // After it: nothing is sent (a monitor started now sees only what happens from now on).
+    refused(run.from_pod(0, 0, &["connect", "10.96.0.91:80"]));
+    let out = command_in(&workspace_bin("lbctl"), Some(&node0), None)
+        .args(["monitor", "--bpffs", &pins, "--duration", "1s"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "events from before it started");
+    assert_eq!(monitor_kinds(&run.pins[0].path), 0);
 }

@@ -130,6 +130,8 @@ fn main() {
             }),
         ),
     ];
+    // What node-0's datapath refuses or drops meanwhile, as an operator would follow it.
+    let monitor = run.monitor(0, &[]);
     let mut rows = Vec::new();
     for (service, path, step) in steps {
         if INTERRUPTED.load(Ordering::SeqCst) {
@@ -147,6 +149,16 @@ fn main() {
         let line = format!("{:<10} {:<w$}  {:<a$}  {}", r.service, r.path, r.answered, r.seen);
         println!("{}", line.trim_end());
     }
+
+    let monitored = monitor.stop();
+    println!(
+        "\nlbctl monitor on node-0 while that ran (drops, rejects, refused connects; Ctrl-C ends it):"
+    );
+    print!(
+        "{}{}",
+        String::from_utf8_lossy(&monitored.stdout),
+        String::from_utf8_lossy(&monitored.stderr)
+    );
 
     println!("\nlbctl services on node-0 (read from its pinned maps):");
     let out = std::process::Command::new(workspace_bin("lbctl"))
