@@ -107,12 +107,15 @@ fn report<R: Rewrite>(
     len: u32,
 ) {
     if monitor::wanted(kind) {
-        monitor::packet(monitor::what(kind, hook, reason), ct.0, ct.1, pkt.ifindex(), len);
+        let what = monitor::what(kind, monitor::hook_id(hook), reason);
+        monitor::packet(what, ct.0, ct.1, pkt.ifindex(), len);
     }
 }
 
-/// A packet dropped for `reason` (a `STAT_DROP_*` counter), reported to a monitor.
-#[inline(always)]
+/// A packet dropped for `reason` (a `STAT_DROP_*` counter), reported to a monitor. A
+/// subprogram: the established path, which reaches it only when a rewrite fails, keeps its
+/// code and registers as they were.
+#[inline(never)]
 fn dropped<R: Rewrite>(pkt: &R, hook: Hook, reason: u32, service_id: u32, len: u32) -> Action {
     stats::count(reason);
     report(pkt, hook, EVENT_DROP, reason, (service_id, None), len);

@@ -12,7 +12,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    Addr, CtValue, EVENT_F_SNAT, EVENT_F_V6, MonitorEvent, OPT_MONITOR_KINDS, OPT_MONITOR_UNTIL_S,
+    Addr, BackendValue, CtValue, EVENT_F_SNAT, EVENT_F_V6, MonitorEvent, OPT_MONITOR_KINDS, OPT_MONITOR_UNTIL_S,
     STAT_MONITOR_LOST,
 };
 
@@ -36,16 +36,21 @@ pub fn wanted(kind: u8) -> bool {
     clock::now_ns() / NS <= until
 }
 
-/// What happened, for [`packet`]: kind, hook and reason in one register (a subprogram takes
-/// five arguments at most).
+/// What happened, for [`packet`] and [`socket`]: kind, hook and reason in one register (a
+/// subprogram takes five arguments at most).
 #[inline(always)]
-pub fn what(kind: u8, hook: Hook, reason: u32) -> u32 {
-    let hook = match hook {
+pub fn what(kind: u8, hook: u8, reason: u32) -> u32 {
+    kind as u32 | (hook as u32) << 8 | reason << 16
+}
+
+/// A device hook's `HOOK_*`.
+#[inline(always)]
+pub fn hook_id(hook: Hook) -> u8 {
+    match hook {
         Hook::TcIngress => lb_common::HOOK_TC_INGRESS,
         Hook::TcEgress => lb_common::HOOK_TC_EGRESS,
         Hook::Xdp => lb_common::HOOK_XDP,
-    };
-    kind as u32 | (hook as u32) << 8 | reason << 16
+    }
 }
 
 /// Sends an event about the packet a device hook is handling (its flow is in `maps::FLOW`);
@@ -109,15 +114,16 @@ pub struct SockCall<'a> {
     pub dport_be: u16,
 }
 
-/// Sends an event about a socket call, with the calling process; `backend`: where a translated
-/// call goes. Call it when [`wanted`].
-#[inline(always)]
+/// Sends an event about a socket call, with the calling process; `what`: kind and reason (as
+/// [`what`] packs them); `backend`: where a translated call goes. Call it when [`wanted`]. A
+/// subprogram: each hook has four call sites.
+#[inline(never)]
 pub fn socket(
     ctx: &SockAddrContext,
     call: &SockCall,
-    (kind, reason): (u8, u32),
+    what: u32,
     service_id: u32,
-    backend: Option<(&Addr, u16)>,
+    backend: Option<&BackendValue>,
 ) {
     let Some(mut entry) = EVENTS.reserve::<MonitorEvent>(0) else {
         stats::count(STAT_MONITOR_LOST);
@@ -135,9 +141,9 @@ pub fn socket(
         (*e).dport_be = call.dport_be;
         (*e).new_saddr = [0; 4];
         match backend {
-            Some((addr, port_be)) => {
-                (*e).new_daddr = *addr;
-                (*e).new_dport_be = port_be;
+            Some(b) => {
+                (*e).new_daddr = b.addr;
+                (*e).new_dport_be = b.port_be;
             }
             None => {
                 (*e).new_daddr = [0; 4];
@@ -146,14 +152,14 @@ pub fn socket(
         }
         (*e).new_sport_be = 0;
         (*e).service_id = service_id;
-        (*e).reason = reason;
+        (*e).reason = what >> 16;
         (*e).ifindex = 0;
         (*e).len = 0;
         (*e).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
         // Straight into the record (zeroed by the helper if it fails).
         let comm = &raw mut (*e).comm;
         bpf_get_current_comm(comm.cast(), size_of::<[u8; 16]>() as u32);
-        (*e).kind = kind;
+        (*e).kind = what as u8;
         (*e).hook = call.hook;
         (*e).proto = call.proto;
         (*e).flags = if call.v6 { EVENT_F_V6 } else { 0 };

@@ -106,7 +106,8 @@ fn set_user_addr(ctx: &SockAddrContext, v6: bool, addr: &Addr, port_be: u16) -> 
 fn refuse(ctx: &SockAddrContext, call: &SockCall, reason: u32, service_id: u32) -> i32 {
     stats::count(reason);
     if monitor::wanted(EVENT_SOCK_REFUSED) {
-        monitor::socket(ctx, call, (EVENT_SOCK_REFUSED, reason), service_id, None);
+        let what = monitor::what(EVENT_SOCK_REFUSED, call.hook, reason);
+        monitor::socket(ctx, call, what, service_id, None);
     }
     // SAFETY: allowed in cgroup hooks.
     unsafe { bpf_set_retval(-ECONNREFUSED) };
@@ -175,9 +176,8 @@ fn forward(ctx: &SockAddrContext, v6: bool, hook: u8) -> i32 {
     stats::count(STAT_SOCK_TRANSLATED);
     stats::count_service(svc.service_id, 0);
     if monitor::wanted(EVENT_SOCK_TRANSLATED) {
-        let to = Some((&backend.addr, backend.port_be));
-        let what = (EVENT_SOCK_TRANSLATED, STAT_SOCK_TRANSLATED);
-        monitor::socket(ctx, &call, what, svc.service_id, to);
+        let what = monitor::what(EVENT_SOCK_TRANSLATED, hook, STAT_SOCK_TRANSLATED);
+        monitor::socket(ctx, &call, what, svc.service_id, Some(backend));
     }
     PROCEED
 }
