@@ -12,8 +12,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    Addr, BackendValue, CtValue, EVENT_F_SNAT, EVENT_F_V6, MonitorEvent, OPT_MONITOR_KINDS, OPT_MONITOR_UNTIL_S,
-    STAT_MONITOR_LOST,
+    Addr, BackendValue, CtValue, EVENT_F_SNAT, EVENT_F_V6, MonitorEvent, OPT_MONITOR_KINDS,
+    OPT_MONITOR_UNTIL_S, STAT_MONITOR_LOST,
 };
 
 use crate::{

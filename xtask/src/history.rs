@@ -15,7 +15,7 @@ use crate::util::{run_cmd, succeeds, workspace_root};
 
 /// The release upgraded from: the last commit of the previous working session. Move it forward
 /// when a release is cut.
-pub const UPGRADE_FROM: &str = "4c54b60850c37b14cf22eef0218307783e16af15";
+pub const UPGRADE_FROM: &str = "6d8482d82e4719e1801e6f4f6d73a5090bf90459";
 
 fn git(args: &[&str]) -> Command {
     let mut cmd = Command::new("git");
