@@ -65,6 +65,9 @@ pub fn why(reason: u32) -> &'static str {
         STAT_DROP_CT_FULL => "conntrack full",
         STAT_DROP_NO_NODE_ADDR => "no node address to SNAT to",
         STAT_DROP_REWRITE => "packet rewrite failed",
+        STAT_TOO_BIG => {
+            "too big for the route to the backend: fragmentation needed / packet too big sent back"
+        }
         STAT_REJECT_NO_BACKEND => "no endpoint: refused (ICMP port unreachable or TCP reset)",
         STAT_SOCK_NO_BACKEND => "no usable endpoint: ECONNREFUSED",
         STAT_SOCK_UNKNOWN_PORT => "no such port on this ClusterIP: ECONNREFUSED",
@@ -168,7 +171,11 @@ pub struct EventView {
     /// The calling process and its socket (socket hooks).
     pub pid: Option<u32>,
     pub command: Option<String>,
+    /// Its cgroup, under the cgroup v2 mount (a pod's names its UID and container).
+    pub cgroup: Option<String>,
     pub socket_cookie: Option<u64>,
+    /// A packet too big for its route: the route's MTU.
+    pub mtu: Option<u32>,
 }
 
 /// A record as the datapath wrote it; `None` for one of another size (another layout).
@@ -189,6 +196,8 @@ fn endpoint(addr: &Addr, port_be: u16) -> String {
 pub trait Names {
     fn service(&self, id: u32) -> Option<String>;
     fn device(&self, ifindex: u32) -> Option<String>;
+    /// A cgroup's path under the cgroup v2 mount (`/` for its root).
+    fn cgroup(&self, id: u64) -> Option<String>;
 }
 
 /// How an event reads. `wall_offset_ns`: the wall clock minus the datapath's clock.
@@ -236,7 +245,9 @@ pub fn view(e: &MonitorEvent, names: &impl Names, wall_offset_ns: i128) -> Event
         bytes: (!socket).then_some(e.len),
         pid: socket.then_some(e.pid),
         command: socket.then(|| String::from_utf8_lossy(comm).into_owned()),
+        cgroup: if socket { names.cgroup(e.cgroup_id) } else { None },
         socket_cookie: socket.then_some(e.cookie),
+        mtu: (e.reason == STAT_TOO_BIG).then_some(e.mtu),
     }
 }
 
@@ -264,16 +275,65 @@ impl std::fmt::Display for EventView {
         if !matches!(self.kind, "flow" | "connect") {
             write!(f, ": {}", self.why)?;
         }
+        if let (Some(mtu), Some(bytes)) = (self.mtu, self.bytes) {
+            write!(f, " (route MTU {mtu}, packet {bytes} bytes)")?;
+        }
         if let (Some(pid), Some(cmd)) = (self.pid, &self.command) {
             write!(f, "  pid {pid} ({cmd})")?;
+        }
+        if let Some(cg) = &self.cgroup {
+            write!(f, " in {cg}")?;
         }
         Ok(())
     }
 }
 
-/// Service names from the pinned `LB_NAMES`, devices from this network namespace.
+/// Service names from the pinned `LB_NAMES`, devices from this network namespace, cgroups
+/// from the cgroup v2 mount.
 struct PinnedNames {
     names: HashMap<MapData, u32, ServiceName>,
+    cgroups: std::cell::RefCell<std::collections::HashMap<u64, Option<String>>>,
+    cgroup_root: std::path::PathBuf,
+}
+
+/// Where cgroup v2 is mounted: from /proc/self/mounts, else /sys/fs/cgroup (where the
+/// DaemonSet mounts the host's).
+fn cgroup_root() -> std::path::PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| f[1].into())
+        })
+        .unwrap_or_else(|| "/sys/fs/cgroup".into())
+}
+/// A walk gives up after this many directories (a node has a few thousand).
+const CGROUP_WALK_LIMIT: usize = 200_000;
+
+/// The path of the cgroup whose id (its directory's inode number) is `id`, found by walking
+/// `root` breadth first.
+pub fn find_cgroup(root: &Path, id: u64) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut queue = std::collections::VecDeque::from([root.to_path_buf()]);
+    let mut seen = 0;
+    while let Some(dir) = queue.pop_front() {
+        if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+            let rel = dir.strip_prefix(root).ok()?;
+            return Some(format!("/{}", rel.display()));
+        }
+        seen += 1;
+        if seen > CGROUP_WALK_LIMIT {
+            return None;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                queue.push_back(e.path());
+            }
+        }
+    }
+    None
 }
 
 impl Names for PinnedNames {
@@ -290,6 +350,15 @@ impl Names for PinnedNames {
         }
         // SAFETY: on success the buffer holds a NUL-terminated name.
         Some(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+    }
+
+    /// Cached: a cgroup's id is never reused while the node runs.
+    fn cgroup(&self, id: u64) -> Option<String> {
+        self.cgroups
+            .borrow_mut()
+            .entry(id)
+            .or_insert_with(|| find_cgroup(&self.cgroup_root, id))
+            .clone()
     }
 }
 
@@ -322,7 +391,11 @@ pub fn run(bpffs: &Path, watch: &Watch, emit: impl FnMut(&EventView) -> Result<(
         })
     };
     let mut ring = RingBuf::try_from(Map::RingBuf(open(MAP_EVENTS)?))?;
-    let names = PinnedNames { names: HashMap::try_from(Map::HashMap(open(MAP_NAMES)?))? };
+    let names = PinnedNames {
+        names: HashMap::try_from(Map::HashMap(open(MAP_NAMES)?))?,
+        cgroups: Default::default(),
+        cgroup_root: cgroup_root(),
+    };
     let stats: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(Map::PerCpuArray(open(MAP_STATS)?))?;
     let lost = || stats.get(&STAT_MONITOR_LOST, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
@@ -411,6 +484,9 @@ mod tests {
         fn device(&self, ifindex: u32) -> Option<String> {
             (ifindex == 2).then(|| "eth0".to_string())
         }
+        fn cgroup(&self, id: u64) -> Option<String> {
+            (id == 5).then(|| "/kubepods.slice/pod1".to_string())
+        }
     }
 
     fn v4(a: [u8; 4]) -> Addr {
@@ -472,6 +548,7 @@ mod tests {
             pid: 4242,
             comm,
             cookie: 99,
+            cgroup_id: 5,
             kind: EVENT_SOCK_REFUSED,
             hook: HOOK_SOCK_CONNECT,
             proto: PROTO_TCP,
@@ -490,17 +567,63 @@ mod tests {
         assert!(
             line.ends_with(
                 "refused connect     TCP -> 10.96.0.12:81  (no service port): no such port on this \
-                 ClusterIP: ECONNREFUSED  pid 4242 (curl)"
+                 ClusterIP: ECONNREFUSED  pid 4242 (curl) in /kubepods.slice/pod1"
             ),
             "{line}"
         );
     }
 
     #[test]
+    fn a_cgroup_is_found_by_its_directory_inode_and_an_unknown_one_is_not() {
+        use std::os::unix::fs::MetadataExt;
+        let root = std::env::temp_dir().join(format!("lb-cgroup-walk-{}", std::process::id()));
+        let deep = root.join("kubepods.slice/pod-a/ctr");
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::create_dir_all(root.join("system.slice/x")).unwrap();
+        let id = std::fs::metadata(&deep).unwrap().ino();
+        let found = find_cgroup(&root, id);
+        let root_id = std::fs::metadata(&root).unwrap().ino();
+        let at_root = find_cgroup(&root, root_id);
+        let unknown = find_cgroup(&root, 1);
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(found.as_deref(), Some("/kubepods.slice/pod-a/ctr"));
+        assert_eq!(at_root.as_deref(), Some("/"));
+        assert_eq!(unknown, None);
+    }
+
+    #[test]
+    fn a_packet_too_big_for_its_route_reads_with_the_mtu() {
+        let e = MonitorEvent {
+            saddr: v4([203, 0, 113, 7]),
+            daddr: v4([10, 231, 1, 2]),
+            sport_be: 40000u16.to_be(),
+            dport_be: 8080u16.to_be(),
+            service_id: 7,
+            reason: STAT_TOO_BIG,
+            ifindex: 2,
+            len: 4054,
+            mtu: 1400,
+            kind: EVENT_DROP,
+            hook: HOOK_TC_INGRESS,
+            proto: PROTO_TCP,
+            ..Default::default()
+        };
+        let v = view(&e, &Fixed, 0);
+        assert_eq!((v.mtu, v.reason), (Some(1400), "too_big"));
+        assert!(
+            v.to_string().ends_with(
+                "default/web:http/TCP/IPv4: too big for the route to the backend: fragmentation \
+                 needed / packet too big sent back (route MTU 1400, packet 4054 bytes)"
+            ),
+            "{v}"
+        );
+    }
+
+    #[test]
     fn records_of_another_size_are_skipped_and_unknown_numbers_do_not_break_the_view() {
-        assert!(decode(&[0u8; 127]).is_none());
-        assert!(decode(&[0u8; 129]).is_none());
-        let mut bytes = [0xffu8; 128];
+        assert!(decode(&[0u8; 143]).is_none());
+        assert!(decode(&[0u8; 128]).is_none(), "the first layout");
+        let mut bytes = [0xffu8; 144];
         bytes[0] = 1;
         let e = decode(&bytes).unwrap();
         let v = view(&e, &Fixed, 0);

@@ -17,7 +17,8 @@ pub const OPT_MONITOR_KINDS: u32 = 9;
 /// Until when, in whole seconds of CLOCK_MONOTONIC_COARSE (the datapath's clock).
 pub const OPT_MONITOR_UNTIL_S: u32 = 10;
 
-/// A device hook dropped a packet (`reason`: the `STAT_DROP_*` counter it also counted).
+/// A device hook dropped a packet (`reason`: the `STAT_DROP_*` counter it also counted, or
+/// `STAT_TOO_BIG`: too big for its route, answered with fragmentation needed / packet too big).
 pub const EVENT_DROP: u8 = 0;
 /// A device hook refused a new connection to a service without endpoints (ICMP port
 /// unreachable or TCP reset).
@@ -51,6 +52,8 @@ pub struct MonitorEvent {
     pub time_ns: u64,
     /// Socket hooks: the socket's cookie (0 from device hooks).
     pub cookie: u64,
+    /// Socket hooks: the calling process's cgroup (v2 id: the inode of its directory).
+    pub cgroup_id: u64,
     pub saddr: Addr,
     pub daddr: Addr,
     pub new_saddr: Addr,
@@ -67,8 +70,11 @@ pub struct MonitorEvent {
     pub ifindex: u32,
     /// Device hooks: the packet's length.
     pub len: u32,
-    /// Socket hooks: the calling process (thread group id) and its command name.
+    /// Socket hooks: the calling process (thread group id, as the host numbers it) and its
+    /// command name; its cgroup is `cgroup_id`.
     pub pid: u32,
+    /// A packet too big for its route (`STAT_TOO_BIG`): the route's MTU.
+    pub mtu: u32,
     pub comm: [u8; 16],
     /// `EVENT_*`.
     pub kind: u8,
@@ -77,6 +83,7 @@ pub struct MonitorEvent {
     pub proto: u8,
     /// `EVENT_F_*`.
     pub flags: u8,
+    pub _pad: u32,
 }
 
 /// The packet (or socket) is IPv6.
@@ -85,7 +92,7 @@ pub const EVENT_F_V6: u8 = 1;
 pub const EVENT_F_SNAT: u8 = 2;
 
 const _: () = {
-    assert!(core::mem::size_of::<MonitorEvent>() == 128);
+    assert!(core::mem::size_of::<MonitorEvent>() == 144);
     assert!(core::mem::align_of::<MonitorEvent>() == 8);
     assert!(OPT_MONITOR_UNTIL_S < crate::OPT_COUNT && OPT_MONITOR_KINDS < crate::OPT_COUNT);
     assert!(OPT_MONITOR_KINDS > crate::OPT_HOST_NETNS_COOKIE_HI);

@@ -108,7 +108,7 @@ fn report<R: Rewrite>(
 ) {
     if monitor::wanted(kind) {
         let what = monitor::what(kind, monitor::hook_id(hook), reason);
-        monitor::packet(what, ct.0, ct.1, pkt.ifindex(), len);
+        monitor::packet(what, ct.0, ct.1, monitor::at(pkt.ifindex(), len), 0);
     }
 }
 

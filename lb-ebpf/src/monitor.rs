@@ -8,7 +8,10 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_socket_cookie, generated::bpf_get_current_comm},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
+        generated::bpf_get_current_comm,
+    },
     programs::SockAddrContext,
 };
 use lb_common::{
@@ -53,10 +56,17 @@ pub fn hook_id(hook: Hook) -> u8 {
     }
 }
 
+/// Where a packet is, for [`packet`]: its device and length in one register.
+#[inline(always)]
+pub fn at(ifindex: u32, len: u32) -> u64 {
+    ifindex as u64 | (len as u64) << 32
+}
+
 /// Sends an event about the packet a device hook is handling (its flow is in `maps::FLOW`);
-/// `ct`: the translation of a new flow. Call it when [`wanted`].
+/// `ct`: the flow's translation; `mtu`: the route's, for a packet too big for it. Call it when
+/// [`wanted`].
 #[inline(never)]
-pub fn packet(what: u32, service_id: u32, ct: Option<&CtValue>, ifindex: u32, len: u32) {
+pub fn packet(what: u32, service_id: u32, ct: Option<&CtValue>, at: u64, mtu: u32) {
     let Some(flow) = FLOW.get_ptr(0) else { return };
     // SAFETY: this CPU's slot, filled for this packet by device::handle.
     let flow = unsafe { &*flow };
@@ -69,6 +79,7 @@ pub fn packet(what: u32, service_id: u32, ct: Option<&CtValue>, ifindex: u32, le
     unsafe {
         (*e).time_ns = clock::now_ns();
         (*e).cookie = 0;
+        (*e).cgroup_id = 0;
         (*e).saddr = flow.saddr;
         (*e).daddr = flow.daddr;
         (*e).sport_be = flow.sport_be;
@@ -93,14 +104,16 @@ pub fn packet(what: u32, service_id: u32, ct: Option<&CtValue>, ifindex: u32, le
         }
         (*e).service_id = service_id;
         (*e).reason = what >> 16;
-        (*e).ifindex = ifindex;
-        (*e).len = len;
+        (*e).ifindex = at as u32;
+        (*e).len = (at >> 32) as u32;
         (*e).pid = 0;
+        (*e).mtu = mtu;
         (*e).comm = [0; 16];
         (*e).kind = what as u8;
         (*e).hook = (what >> 8) as u8;
         (*e).proto = flow.proto;
         (*e).flags = flags;
+        (*e)._pad = 0;
     }
     entry.submit(0);
 }
@@ -135,6 +148,7 @@ pub fn socket(
     unsafe {
         (*e).time_ns = clock::now_ns();
         (*e).cookie = bpf_get_socket_cookie(ctx.as_ptr());
+        (*e).cgroup_id = bpf_get_current_cgroup_id();
         (*e).saddr = [0; 4];
         (*e).daddr = *call.daddr;
         (*e).sport_be = 0;
@@ -155,6 +169,7 @@ pub fn socket(
         (*e).reason = what >> 16;
         (*e).ifindex = 0;
         (*e).len = 0;
+        (*e).mtu = 0;
         (*e).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
         // Straight into the record (zeroed by the helper if it fails).
         let comm = &raw mut (*e).comm;
@@ -163,6 +178,7 @@ pub fn socket(
         (*e).hook = call.hook;
         (*e).proto = call.proto;
         (*e).flags = if call.v6 { EVENT_F_V6 } else { 0 };
+        (*e)._pad = 0;
     }
     entry.submit(0);
 }

@@ -15,11 +15,15 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use lb_common::{Addr, OPT_REJECT_TCP_WITH_RESET, PROTO_TCP, STAT_ICMP_RATE_LIMITED, STAT_TOO_BIG};
+use lb_common::{
+    Addr, EVENT_DROP, EVENT_NO_SERVICE, HOOK_TC_INGRESS, OPT_REJECT_TCP_WITH_RESET, PROTO_TCP,
+    STAT_ICMP_RATE_LIMITED, STAT_TOO_BIG,
+};
 
 use crate::{
-    clock,
+    clock, conntrack,
     maps::{FLOW, ICMP_RATE, OPTIONS, REJECT_BUF},
+    monitor,
     packet::{
         ETH_P_IP, ETH_P_IPV6, Flow, PROTO_ICMP, PROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
@@ -209,6 +213,15 @@ pub fn too_big(ctx: &TcContext, mtu: u32) -> i32 {
     // SAFETY: this CPU's slot, filled for this packet by device::handle.
     let flow = unsafe { &*flow };
     stats::count(STAT_TOO_BIG);
+    if monitor::wanted(EVENT_DROP) {
+        // The flow's entry (the packet carries its translation by now) names the service.
+        let ct = conntrack::get(flow.ct_key());
+        let service_id = ct.map_or(EVENT_NO_SERVICE, |c| c.service_id);
+        let what = monitor::what(EVENT_DROP, HOOK_TC_INGRESS, STAT_TOO_BIG);
+        // SAFETY: the context's skb, valid for the program's run.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        monitor::packet(what, service_id, ct, monitor::at(ifindex, ctx.len()), mtu);
+    }
     if !icmp_allowed() {
         // Too big to send on, and no answer allowed now: as the kernel's forwarding does.
         return TC_ACT_SHOT;

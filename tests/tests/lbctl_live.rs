@@ -4,6 +4,7 @@
 use std::process::Command;
 
 use lb_tests::{
+    cgroup::cgroup2_root,
     cluster::{Cluster, Running, monitor_kinds, parse_probe},
     manifests::{Ep, Svc},
     proc::command_in,
@@ -352,8 +353,12 @@ fn lbctl_monitor_follows_drops_refusals_and_new_flows_with_who_and_why_and_then_
     assert_eq!(no_endpoint[0]["service"], "default/empty:p/TCP/IPv4");
     assert_eq!(no_port[0]["reason"], "sock_unknown_port");
     assert_eq!(no_port[0]["service"], Value::Null);
+    // The pods of this mini-cluster live in their node's cgroup.
+    let node_cgroup = &run.cluster.nodes[0].cgroup.path;
+    let cgroup = format!("/{}", node_cgroup.strip_prefix(cgroup2_root()).unwrap().display());
     for e in [connect[0], no_endpoint[0], no_port[0]] {
         assert_eq!((&e["hook"], &e["command"]), (&"connect".into(), &"lb-probe".into()), "{e}");
+        assert_eq!(e["cgroup"], cgroup, "{e}");
         assert!(e["pid"].as_u64().unwrap() > 1, "{e}");
         assert_eq!(e["device"], Value::Null);
     }

@@ -16,6 +16,7 @@ use lb_tests::{
     packets::*,
     plans::{backend, lb_plan},
     require_root,
+    routed::RoutedNode,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
@@ -157,6 +158,9 @@ impl monitor::Names for LoNames {
     fn device(&self, ifindex: u32) -> Option<String> {
         (ifindex == LO).then(|| "lo".into())
     }
+    fn cgroup(&self, _: u64) -> Option<String> {
+        None
+    }
 }
 
 #[test]
@@ -255,9 +259,39 @@ fn an_expired_lease_stops_the_events_and_a_full_ring_counts_what_it_lost() {
     // What was kept is in order, from the first packet on.
     let ports: Vec<u16> = kept.iter().map(|e| u16::from_be(e.sport_be)).collect();
     assert_eq!(ports, (0..kept.len() as u16).map(|i| 10_000 + i).collect::<Vec<_>>());
-    assert!(kept.len() as u32 * 128 <= EVENTS_BYTES);
+    assert!(kept.len() * size_of::<MonitorEvent>() <= EVENTS_BYTES as usize);
     // Read: room again.
     dp.run(PROG_TC_INGRESS, &denied(2));
     assert_eq!(drain(&mut ring).len(), 1);
     assert_eq!(dp.stat(STAT_DROP_SOURCE_RANGE), sent as u64 + 2);
+}
+
+#[test]
+fn a_packet_too_big_for_its_route_is_reported_with_the_mtu_and_the_flow() {
+    require_root!();
+    // The route to the pods leaves by n0, with an MTU of 1400 (a tunnel's, say).
+    let node = RoutedNode::new();
+    node.ns.ip(&["link", "set", "n0", "mtu", "1400"]);
+    let mut dp = datapath();
+    let remote = dp.service_id("remote");
+    let dp = dp;
+    let mut ring = ring(&dp);
+    assert_eq!(node.run_tc(&dp, &tcp4(CLIENT, 6000, VIP, 81, true, b""), 0).verdict, 7);
+    let _held = lease(&dp, &[Kind::Drop]).unwrap();
+    let mut big = tcp4(CLIENT, 6000, VIP, 81, false, &[7u8; 1410]);
+    big[14 + 6] |= 0x40; // don't fragment
+    fix_ipv4_checksum(&mut big);
+    assert_eq!(node.run_tc(&dp, &big, 0).verdict, 7, "fragmentation needed sent back");
+    assert_eq!(dp.stat(STAT_TOO_BIG), 1);
+    let events = drain(&mut ring);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = events[0];
+    assert_eq!((e.kind, e.reason, e.hook), (EVENT_DROP, STAT_TOO_BIG, HOOK_TC_INGRESS));
+    assert_eq!((e.mtu, e.len, e.ifindex), (1400, big.len() as u32, node.n0));
+    assert_eq!((e.service_id, e.saddr, e.dport_be), (remote, addr(CLIENT), 81u16.to_be()));
+    assert_eq!(
+        (e.new_daddr, e.new_saddr),
+        (addr(REMOTE_POD), addr(NODE)),
+        "the flow's translation"
+    );
 }
