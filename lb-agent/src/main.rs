@@ -141,9 +141,14 @@ struct Args {
     /// and maps) and exit: the uninstall step.
     #[arg(long)]
     cleanup: bool,
-    /// Where /healthz, /readyz and /metrics are served.
+    /// Where /healthz, /livez, /readyz and /metrics are served.
     #[arg(long, default_value = "127.0.0.1:10256")]
     health_bind_address: std::net::SocketAddr,
+    /// How long a change may wait to reach the maps (a write failing, retried every 2 s), or
+    /// the sync loop stand still, before /healthz and /livez answer 503 (kube-proxy: twice its
+    /// sync period).
+    #[arg(long, default_value = "60s")]
+    health_timeout: options::Timeout,
     /// Seconds between counter summaries in the log (0: never).
     #[arg(long, default_value_t = 60)]
     stats_interval: u64,
@@ -211,7 +216,7 @@ async fn run(args: Args) -> Result<()> {
         maglev_slots: args.maglev_slots,
         max_conntrack: args.max_conntrack,
     };
-    let status = Status::new(args.bpffs.clone());
+    let status = Status::new(args.bpffs.clone(), Duration::from_secs(args.health_timeout.0.into()));
     let listener =
         tokio::net::TcpListener::bind(args.health_bind_address).await.with_context(|| {
             format!("listening on --health-bind-address {}", args.health_bind_address)
@@ -309,6 +314,8 @@ async fn run(args: Args) -> Result<()> {
     let mut device_tick = tokio::time::interval(DEVICE_CHECK_INTERVAL);
     device_tick.tick().await;
     loop {
+        // At least every DEVICE_CHECK_INTERVAL: a loop that stops turning is unhealthy.
+        status.proxy().beat(Instant::now());
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -322,18 +329,13 @@ async fn run(args: Args) -> Result<()> {
                         report
                     }
                 };
-                if report.services_planned > 0 {
-                    info!(services = report.services_planned, writes = ?report.writes,
-                          elapsed_us = report.elapsed.as_micros() as u64, "synced");
-                }
-                // UDP flows to endpoints no longer in use move on (kube-proxy flushes them too).
-                let stale = syncer.writer.take_stale_udp();
-                if !stale.is_empty() && conntrack.send(conntrack_gc::UdpFlush::To(stale)).is_err() {
-                    bail!("the conntrack worker stopped");
-                }
-                after_sync(&status, &syncer, &mut health_servers, Some(&report)).await;
+                synced(&status, &mut syncer, &conntrack, &mut health_servers, &report).await?;
             }
             _ = device_tick.tick() => {
+                // What could not be written (a map was full, say) is tried again.
+                if let Some(report) = syncer.retry_failed() {
+                    synced(&status, &mut syncer, &conntrack, &mut health_servers, &report).await?;
+                }
                 // A device re-created (a NIC reset, a bond or VLAN rebuilt) comes back without
                 // its programs; with --devices auto a new device may appear.
                 for dev in devices(&args.devices, &args.node_ip) {
@@ -437,7 +439,28 @@ impl Source {
     }
 }
 
-/// Metrics and healthCheckNodePorts after the maps changed.
+/// After a sync: log it, flush the UDP flows to endpoints no longer in use (kube-proxy flushes
+/// them too), update metrics, health and healthCheckNodePorts.
+async fn synced(
+    status: &Status,
+    syncer: &mut Syncer<KernelStore>,
+    conntrack: &std::sync::mpsc::Sender<conntrack_gc::UdpFlush>,
+    health: &mut HealthServers,
+    report: &SyncReport,
+) -> Result<()> {
+    if report.services_planned > 0 {
+        info!(services = report.services_planned, writes = ?report.writes,
+              elapsed_us = report.elapsed.as_micros() as u64, "synced");
+    }
+    let stale = syncer.writer.take_stale_udp();
+    if !stale.is_empty() && conntrack.send(conntrack_gc::UdpFlush::To(stale)).is_err() {
+        bail!("the conntrack worker stopped");
+    }
+    after_sync(status, syncer, health, Some(report)).await;
+    Ok(())
+}
+
+/// Metrics, health and healthCheckNodePorts after the maps changed.
 async fn after_sync(
     status: &Status,
     syncer: &Syncer<KernelStore>,
@@ -452,6 +475,17 @@ async fn after_sync(
             m.sync_errors.inc();
         }
     }
+    {
+        let mut h = status.proxy();
+        match syncer.pending_since() {
+            Some(since) => h.pending(since),
+            None => h.updated(std::time::SystemTime::now()),
+        }
+        // A node about to go away fails /healthz, so load balancers drain it first.
+        let node = syncer.state.node(&syncer.cfg.node_name);
+        h.set_node_eligible(node.is_none_or(lb_agent::serve::proxy_health::node_eligible));
+    }
+    m.unprogrammed.set(syncer.failed_count() as i64);
     let (services, slices, nodes) = syncer.state.counts();
     for (kind, n) in [("Service", services), ("EndpointSlice", slices), ("Node", nodes)] {
         m.objects.get_or_create(&KindLabel { kind: kind.into() }).set(n as i64);

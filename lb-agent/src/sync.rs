@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     config::ModelConfig,
@@ -35,6 +35,11 @@ pub struct Syncer<S: MapStore> {
     problems: std::collections::BTreeMap<ObjKey, String>,
     /// healthCheckNodePorts of the services that have one: port -> health.
     health: std::collections::BTreeMap<ObjKey, Vec<(u16, Health)>>,
+    /// Services whose maps could not be written (a map full, say), since when: retried by
+    /// [`Self::retry_failed`]; the agent is unhealthy while one waits too long.
+    failed: std::collections::BTreeMap<ObjKey, (Instant, String)>,
+    /// Since when this node's addresses could not be written.
+    node_failed: Option<Instant>,
 }
 
 impl<S: MapStore> Syncer<S> {
@@ -45,7 +50,34 @@ impl<S: MapStore> Syncer<S> {
             writer,
             problems: Default::default(),
             health: Default::default(),
+            failed: Default::default(),
+            node_failed: None,
         }
+    }
+
+    /// Since when a change has been waiting to reach the maps (none: they match the state).
+    pub fn pending_since(&self) -> Option<Instant> {
+        self.failed.values().map(|(t, _)| *t).chain(self.node_failed).min()
+    }
+
+    /// How many services could not be written.
+    pub fn failed_count(&self) -> usize {
+        self.failed.len()
+    }
+
+    /// Tries again what could not be written; `None` when nothing waits.
+    pub fn retry_failed(&mut self) -> Option<SyncReport> {
+        if self.failed.is_empty() && self.node_failed.is_none() {
+            return None;
+        }
+        let start = Instant::now();
+        let affected = Affected {
+            services: self.failed.keys().cloned().collect(),
+            all: self.node_failed.is_some(),
+        };
+        let mut report = self.reprogram(&affected);
+        report.elapsed = start.elapsed();
+        Some(report)
     }
 
     /// Applies events and reprograms every service they affect.
@@ -78,11 +110,18 @@ impl<S: MapStore> Syncer<S> {
         let before = self.writer.counts();
         let mut report = SyncReport::default();
         let node = model::node_view(&self.state, &self.cfg);
-        if affected.all
-            && let Err(e) =
-                self.writer.set_node_addresses(node.snat_address(false), node.snat_address(true))
-        {
-            report.errors.push(format!("writing this node's addresses: {e:#}"));
+        if affected.all {
+            match self.writer.set_node_addresses(node.snat_address(false), node.snat_address(true))
+            {
+                Ok(()) => self.node_failed = None,
+                Err(e) => {
+                    if self.node_failed.is_none() {
+                        warn!("writing this node's addresses failed (retried every 2 s): {e:#}");
+                    }
+                    report.errors.push(format!("writing this node's addresses: {e:#}"));
+                    self.node_failed.get_or_insert_with(Instant::now);
+                }
+            }
         }
         let keys: Vec<ObjKey> = if affected.all {
             // Everything known now, plus whatever the writer still holds for vanished ones.
@@ -129,11 +168,30 @@ impl<S: MapStore> Syncer<S> {
             report.services_planned += 1;
             match self.writer.apply_object(&key, outcome.plans()) {
                 Ok(r) => {
+                    if self.failed.remove(&key).is_some() {
+                        info!(service = %key, "programmed after failing before");
+                    }
                     for c in r.conflicts {
                         report.errors.push(c);
                     }
                 }
-                Err(e) => report.errors.push(format!("{e:#}")),
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    // Logged when it starts or changes, not at every retry.
+                    let since = match self.failed.get(&key) {
+                        Some((since, last)) if *last == e => *since,
+                        Some((since, _)) => {
+                            warn!(service = %key, "programming failed (retried every 2 s): {e}");
+                            *since
+                        }
+                        None => {
+                            warn!(service = %key, "programming failed (retried every 2 s): {e}");
+                            Instant::now()
+                        }
+                    };
+                    self.failed.insert(key, (since, e.clone()));
+                    report.errors.push(e);
+                }
             }
         }
         let after = self.writer.counts();

@@ -62,3 +62,84 @@ fn health_ready_metrics_and_health_check_node_ports() {
     assert_eq!(code, 503, "{body}");
     assert!(value("lb_syncs_total") >= 0.0);
 }
+
+/// Polls `f` until it holds, for up to `secs` seconds.
+fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// kube-proxy's own health port, as cloud load balancers and liveness probes use it: 503 from
+/// `/healthz` and `/livez` while a change cannot reach the maps for longer than the timeout
+/// (here: a full service map), retried until it does; 503 from `/healthz` only while the node
+/// is marked for deletion by the cluster autoscaler.
+#[test]
+fn healthz_and_livez_answer_like_kube_proxys_for_failed_writes_and_draining_nodes() {
+    require_root!();
+    let cluster = Cluster::new(2, 1, 1);
+    let eps = cluster.all_pods(false);
+    let extra = Svc { name: "extra", cluster_ips: &["10.96.0.77"], node_port: None, ..Svc::WEB };
+    let files = [
+        ("a-web.yaml", Svc::WEB.file(&eps)),
+        ("b-dns.yaml", Svc::DNS.file(&eps)),
+        ("c-extra.yaml", extra.file(&eps)),
+    ];
+    // Room for two service ports (one of the three ids is reserved): the last in name order,
+    // web, cannot be written.
+    let mut run =
+        Running::start_with(cluster, &files, &["--max-services", "3", "--health-timeout", "2s"]);
+    let get = |run: &Running, n: usize, path: &str| {
+        http_get(&run.cluster.nodes[n].ns, "127.0.0.1:10256", path).expect("GET")
+    };
+    let unprogrammed = |run: &Running| metric(&run.metrics(0), "lb_services_unprogrammed");
+    assert_eq!(unprogrammed(&run), 1.0, "{}", run.agents[0].log().join("\n"));
+    assert_eq!(run.agents[0].count_log("programming failed (retried every 2 s)"), 1);
+    let refused = run.from_pod(0, 0, &["connect", "10.96.0.10:80"]);
+    assert_eq!(refused, ["err ENETUNREACH"], "not programmed: a ClusterIP no node routes");
+
+    // Past the timeout, both say so; the body is kube-proxy's.
+    eventually(10, "/healthz 503", || get(&run, 0, "/healthz").0 == 503);
+    let (code, body) = get(&run, 0, "/livez");
+    assert_eq!(code, 503, "{body}");
+    let (_, body) = get(&run, 0, "/healthz");
+    let v: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(v["nodeEligible"], true, "{body}");
+    assert!(v["lastUpdated"].as_str().unwrap() < v["currentTime"].as_str().unwrap(), "{body}");
+    assert_eq!(run.agents[0].count_log("programming failed"), 1, "logged once, not per retry");
+
+    // Room again: the retry gets it written, and health comes back without any new event
+    // for that service.
+    run.update("c-extra.yaml", "");
+    eventually(10, "/healthz 200 after the retry", || get(&run, 0, "/healthz").0 == 200);
+    assert_eq!(get(&run, 0, "/livez").0, 200);
+    assert_eq!(unprogrammed(&run), 0.0);
+    assert_eq!(run.agents[0].count_log("programmed after failing before"), 1);
+    let ok = parse_probe(&run.from_pod(0, 0, &["connect", "10.96.0.10:80"]));
+    assert!(ok.iter().all(|r| r.is_ok()), "{ok:?}");
+    let (code, body) = get(&run, 0, "/healthz");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((code, &v["lastUpdated"]), (200, &v["currentTime"]), "{body}");
+
+    // The autoscaler marks node-0 for deletion: its /healthz fails (load balancers drain it),
+    // its /livez does not (the agent keeps running), node-1 is unaffected.
+    let taint = "spec:\n  taints:\n  - {key: ToBeDeletedByClusterAutoscaler, value: \"1764988800\", effect: NoSchedule}\n";
+    let nodes = |run: &Running, tainted: bool| {
+        let mut n0 = run.cluster.node_manifest(0);
+        if tainted {
+            n0 += taint;
+        }
+        format!("{n0}---\n{}", run.cluster.node_manifest(1))
+    };
+    run.update("nodes.yaml", &nodes(&run, true));
+    let (code, body) = get(&run, 0, "/healthz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"nodeEligible\": false"), "{body}");
+    assert_eq!(get(&run, 0, "/livez").0, 200);
+    assert_eq!(get(&run, 1, "/healthz").0, 200);
+    run.update("nodes.yaml", &nodes(&run, false));
+    assert_eq!(get(&run, 0, "/healthz").0, 200);
+}

@@ -1,35 +1,55 @@
-//! `/healthz` (the agent is alive), `/readyz` (ready only after the first complete sync of every
-//! object into the maps) and `/metrics`.
+//! `/healthz` and `/livez` (kube-proxy's, see `proxy_health.rs`), `/readyz` (ready only after
+//! the first complete sync of every object into the maps) and `/metrics`.
 
 use std::{
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
+    time::{Duration, Instant, SystemTime},
 };
 
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
 
-use super::{Reply, metrics::Metrics, reply};
+use super::{Reply, metrics::Metrics, proxy_health::ProxyHealth, reply};
 
 pub struct Status {
     pub ready: AtomicBool,
     pub metrics: Metrics,
     /// Where the datapath's maps are pinned (counters are read from them at each scrape).
     pub bpffs: PathBuf,
+    pub proxy: Mutex<ProxyHealth>,
 }
 
 impl Status {
-    pub fn new(bpffs: PathBuf) -> Arc<Self> {
-        Arc::new(Self { ready: AtomicBool::new(false), metrics: Metrics::new(), bpffs })
+    /// `health_timeout`: how long a change may wait to reach the maps (or the sync loop stay
+    /// still) before `/healthz` and `/livez` answer 503.
+    pub fn new(bpffs: PathBuf, health_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            ready: AtomicBool::new(false),
+            metrics: Metrics::new(),
+            bpffs,
+            proxy: Mutex::new(ProxyHealth::new(health_timeout)),
+        })
+    }
+
+    /// The proxy health (a poisoned lock still holds valid data: every update is one store).
+    pub fn proxy(&self) -> std::sync::MutexGuard<'_, ProxyHealth> {
+        self.proxy.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 pub async fn handle(status: Arc<Status>, req: Request<Incoming>) -> Reply {
     match req.uri().path() {
-        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
+        path @ ("/healthz" | "/livez") => {
+            let h = status.proxy();
+            let (now, wall) = (Instant::now(), SystemTime::now());
+            let (code, body) =
+                if path == "/healthz" { h.healthz(now, wall) } else { h.livez(now, wall) };
+            reply(code, "application/json", body)
+        }
         "/readyz" if status.ready.load(Ordering::Acquire) => {
             reply(StatusCode::OK, "text/plain", "ready\n")
         }

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_capacity: Family<MapLabel, Gauge>,
     pub attached: Family<ProgramLabel, Gauge>,
+    /// Services whose maps could not be written (retried).
+    pub unprogrammed: Gauge,
     pub conntrack_gc: GcMetrics,
 }
 
@@ -78,6 +80,7 @@ impl Metrics {
             map_entries,
             map_capacity: Family::default(),
             attached: Family::default(),
+            unprogrammed: Gauge::default(),
             conntrack_gc,
         };
         registry.register("syncs", "Changes applied to the maps", m.syncs.clone());
@@ -90,6 +93,11 @@ impl Metrics {
             "sync_duration_seconds",
             "From a change's arrival to its maps written",
             m.sync_seconds.clone(),
+        );
+        registry.register(
+            "services_unprogrammed",
+            "Services whose maps could not be written (a map full, say); retried every 2 s",
+            m.unprogrammed.clone(),
         );
         registry.register("objects", "Kubernetes objects known, by kind", m.objects.clone());
         registry.register("map_entries", "Entries in each BPF map", m.map_entries.clone());

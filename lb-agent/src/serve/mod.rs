@@ -1,10 +1,11 @@
-//! What the agent serves over HTTP: `/healthz`, `/readyz` and `/metrics` (`endpoints.rs`,
-//! `metrics.rs`), and the healthCheckNodePort of every LoadBalancer service with
+//! What the agent serves over HTTP: `/healthz`, `/livez`, `/readyz` and `/metrics`
+//! (`endpoints.rs`, `proxy_health.rs`, `metrics.rs`), and the healthCheckNodePort of every LoadBalancer service with
 //! externalTrafficPolicy Local (`health_check.rs`).
 
 pub mod endpoints;
 pub mod health_check;
 pub mod metrics;
+pub mod proxy_health;
 
 use std::{convert::Infallible, future::Future, sync::Arc};
 
