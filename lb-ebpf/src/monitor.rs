@@ -12,6 +12,7 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
         generated::bpf_get_current_comm,
     },
+    maps::ring_buf::RingBufEntry,
     programs::SockAddrContext,
 };
 use lb_common::{
@@ -56,6 +57,16 @@ pub fn hook_id(hook: Hook) -> u8 {
     }
 }
 
+/// Room for one event in the ring buffer; a full ring counts the event lost.
+#[inline(always)]
+fn reserve() -> Option<RingBufEntry<MonitorEvent>> {
+    let entry = EVENTS.reserve::<MonitorEvent>(0);
+    if entry.is_none() {
+        stats::count(STAT_MONITOR_LOST);
+    }
+    entry
+}
+
 /// Where a packet is, for [`packet`]: its device and length in one register.
 #[inline(always)]
 pub fn at(ifindex: u32, len: u32) -> u64 {
@@ -70,10 +81,7 @@ pub fn packet(what: u32, service_id: u32, ct: Option<&CtValue>, at: u64, mtu: u3
     let Some(flow) = FLOW.get_ptr(0) else { return };
     // SAFETY: this CPU's slot, filled for this packet by device::handle.
     let flow = unsafe { &*flow };
-    let Some(mut entry) = EVENTS.reserve::<MonitorEvent>(0) else {
-        stats::count(STAT_MONITOR_LOST);
-        return;
-    };
+    let Some(mut entry) = reserve() else { return };
     let e = entry.as_mut_ptr();
     // SAFETY: `e` is the reserved record, every field of which is written below.
     unsafe {
@@ -138,10 +146,7 @@ pub fn socket(
     service_id: u32,
     backend: Option<&BackendValue>,
 ) {
-    let Some(mut entry) = EVENTS.reserve::<MonitorEvent>(0) else {
-        stats::count(STAT_MONITOR_LOST);
-        return;
-    };
+    let Some(mut entry) = reserve() else { return };
     let e = entry.as_mut_ptr();
     // SAFETY: `e` is the reserved record, every field of which is written below; the helpers
     // are allowed in socket hooks, which run in the calling process's context.
