@@ -303,7 +303,7 @@ async fn run(args: Args) -> Result<()> {
         elapsed_us = start.elapsed().as_micros() as u64,
         "initial sync done"
     );
-    let mut health_servers = HealthServers::default();
+    let mut health_servers = HealthServers::new(status.clone());
     after_sync(&status, &syncer, &mut health_servers, None).await;
     status.ready.store(true, std::sync::atomic::Ordering::Release);
 

@@ -82,9 +82,14 @@ fn healthz_and_livez_answer_like_kube_proxys_for_failed_writes_and_draining_node
     let cluster = Cluster::new(2, 1, 1);
     let eps = cluster.all_pods(false);
     let extra = Svc { name: "extra", cluster_ips: &["10.96.0.77"], node_port: None, ..Svc::WEB };
+    // With a healthCheckNodePort: its answer includes the agent's health.
+    let dns = Svc {
+        spec: "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32001\n",
+        ..Svc::DNS
+    };
     let files = [
         ("a-web.yaml", Svc::WEB.file(&eps)),
-        ("b-dns.yaml", Svc::DNS.file(&eps)),
+        ("b-dns.yaml", dns.file(&eps)),
         ("c-extra.yaml", extra.file(&eps)),
     ];
     // Room for two service ports (one of the three ids is reserved): the last in name order,
@@ -110,12 +115,19 @@ fn healthz_and_livez_answer_like_kube_proxys_for_failed_writes_and_draining_node
     assert_eq!(v["nodeEligible"], true, "{body}");
     assert!(v["lastUpdated"].as_str().unwrap() < v["currentTime"].as_str().unwrap(), "{body}");
     assert_eq!(run.agents[0].count_log("programming failed"), 1, "logged once, not per retry");
+    let check = |run: &Running| {
+        let (code, body) = http_get(&run.cluster.clients[0].ns, "10.230.0.10:32001", "/").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        (code, v["localEndpoints"].as_u64().unwrap(), v["serviceProxyHealthy"].as_bool().unwrap())
+    };
+    assert_eq!(check(&run), (503, 1, false), "a local endpoint, but an unhealthy agent");
 
     // Room again: the retry gets it written, and health comes back without any new event
     // for that service.
     run.update("c-extra.yaml", "");
     eventually(10, "/healthz 200 after the retry", || get(&run, 0, "/healthz").0 == 200);
     assert_eq!(get(&run, 0, "/livez").0, 200);
+    assert_eq!(check(&run), (200, 1, true));
     assert_eq!(unprogrammed(&run), 0.0);
     assert_eq!(run.agents[0].count_log("programmed after failing before"), 1);
     let ok = parse_probe(&run.from_pod(0, 0, &["connect", "10.96.0.10:80"]));
@@ -140,6 +152,7 @@ fn healthz_and_livez_answer_like_kube_proxys_for_failed_writes_and_draining_node
     assert!(body.contains("\"nodeEligible\": false"), "{body}");
     assert_eq!(get(&run, 0, "/livez").0, 200);
     assert_eq!(get(&run, 1, "/healthz").0, 200);
+    assert_eq!(check(&run), (200, 1, true), "the node's eligibility aside, as kube-proxy's");
     run.update("nodes.yaml", &nodes(&run, false));
     assert_eq!(get(&run, 0, "/healthz").0, 200);
 }

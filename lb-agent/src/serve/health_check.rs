@@ -1,19 +1,21 @@
 //! healthCheckNodePort servers, answering exactly as kube-proxy does: for a LoadBalancer service
-//! with externalTrafficPolicy Local, 200 when this node has local endpoints and 503 when it has
-//! none, with a JSON body naming the service and the count, so that load balancers send traffic
-//! only to nodes that serve it.
+//! with externalTrafficPolicy Local, 200 when this node has local endpoints and the agent is
+//! healthy (`proxy_health.rs`, the node's eligibility aside), else 503, with a JSON body naming
+//! the service, the count and the agent's health, so that load balancers send traffic only to
+//! nodes that serve it.
 
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use http::StatusCode;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::{reply, serve};
+use super::{endpoints::Status, reply, serve};
 
 /// What one health check port reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,20 +25,27 @@ pub struct Health {
     pub local_endpoints: usize,
 }
 
-/// kube-proxy's body, byte for byte (tab-indented JSON).
-pub fn body(h: &Health) -> String {
-    format!(
-        "{{\n\t\"service\": {{\n\t\t\"namespace\": {:?},\n\t\t\"name\": {:?}\n\t}},\n\t\"localEndpoints\": {},\n\t\"serviceProxyHealthy\": true\n}}",
+/// kube-proxy's answer, byte for byte (tab-indented JSON).
+pub fn answer(h: &Health, proxy_healthy: bool) -> (StatusCode, String) {
+    let body = format!(
+        "{{\n\t\"service\": {{\n\t\t\"namespace\": {:?},\n\t\t\"name\": {:?}\n\t}},\n\t\"localEndpoints\": {},\n\t\"serviceProxyHealthy\": {proxy_healthy}\n}}",
         h.namespace, h.name, h.local_endpoints
-    )
+    );
+    let serving = h.local_endpoints > 0 && proxy_healthy;
+    (if serving { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
 }
 
-#[derive(Default)]
 pub struct HealthServers {
     running: BTreeMap<u16, (Arc<Mutex<Health>>, JoinHandle<()>)>,
+    /// The agent's health, which every answer includes.
+    status: Arc<Status>,
 }
 
 impl HealthServers {
+    pub fn new(status: Arc<Status>) -> Self {
+        Self { running: BTreeMap::new(), status }
+    }
+
     /// Makes the running servers match `desired` (port -> health): new ports start listening,
     /// gone ones stop, the others just update what they report.
     pub async fn update(&mut self, desired: &BTreeMap<u16, Health>) {
@@ -67,16 +76,11 @@ impl HealthServers {
             };
             let shared = Arc::new(Mutex::new(health.clone()));
             let state = shared.clone();
+            let status = self.status.clone();
             let task = tokio::spawn(serve(listener, move |_req| {
                 let h = state.lock().unwrap().clone();
-                async move {
-                    let status = if h.local_endpoints > 0 {
-                        StatusCode::OK
-                    } else {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    };
-                    reply(status, "application/json", body(&h))
-                }
+                let (code, body) = answer(&h, status.proxy().healthy(Instant::now()));
+                async move { reply(code, "application/json", body) }
             }));
             info!(port, service = %format!("{}/{}", health.namespace, health.name), "healthCheckNodePort open");
             self.running.insert(port, (shared, task));
@@ -89,13 +93,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn body_is_kube_proxys() {
+    fn answers_are_kube_proxys() {
         let h = Health { namespace: "default".into(), name: "web".into(), local_endpoints: 2 };
+        let (code, body) = answer(&h, true);
+        assert_eq!(code, StatusCode::OK);
         assert_eq!(
-            body(&h),
+            body,
             "{\n\t\"service\": {\n\t\t\"namespace\": \"default\",\n\t\t\"name\": \"web\"\n\t},\n\t\"localEndpoints\": 2,\n\t\"serviceProxyHealthy\": true\n}"
         );
-        let v: serde_json::Value = serde_json::from_str(&body(&h)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["localEndpoints"], 2);
+        // An unhealthy agent does not vouch for its endpoints; none local is 503 anyway.
+        let (code, body) = answer(&h, false);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.ends_with("\"serviceProxyHealthy\": false\n}"), "{body}");
+        let none = Health { local_endpoints: 0, ..h };
+        assert_eq!(answer(&none, true).0, StatusCode::SERVICE_UNAVAILABLE);
     }
 }
