@@ -368,11 +368,30 @@ pub struct Watch {
     pub kinds: Vec<Kind>,
     /// Only events whose service name contains this.
     pub service: Option<String>,
+    /// Only events with an address (either side, before or after translation) containing this.
+    pub address: Option<String>,
     /// Stop after this many events.
     pub count: Option<u64>,
     pub duration: Option<Duration>,
     /// Take over another monitor's lease.
     pub force: bool,
+}
+
+impl Watch {
+    /// Whether an event passes the `service` and `address` filters.
+    pub fn keeps(&self, v: &EventView) -> bool {
+        let service = self
+            .service
+            .as_ref()
+            .is_none_or(|s| v.service.as_deref().is_some_and(|name| name.contains(s.as_str())));
+        let address = self.address.as_ref().is_none_or(|a| {
+            [v.from.as_deref(), Some(v.to.as_str()), v.new_from.as_deref(), v.new_to.as_deref()]
+                .into_iter()
+                .flatten()
+                .any(|x| x.contains(a.as_str()))
+        });
+        service && address
+    }
 }
 
 /// Runs a monitor until Ctrl-C / SIGTERM, `count` events or `duration`; `emit` gets each event
@@ -443,9 +462,7 @@ async fn watch_events(
                 while let Some(item) = guard.get_inner_mut().next() {
                     let Some(event) = decode(&item) else { continue };
                     let v = view(&event, names, wall_offset);
-                    if watch.service.as_ref().is_some_and(|s| {
-                        !v.service.as_deref().unwrap_or("").contains(s.as_str())
-                    }) {
+                    if !watch.keeps(&v) {
                         continue;
                     }
                     emit(&v)?;
@@ -617,6 +634,42 @@ mod tests {
             ),
             "{v}"
         );
+    }
+
+    #[test]
+    fn filters_keep_events_of_the_service_and_address_asked_for() {
+        let e = MonitorEvent {
+            saddr: v4([203, 0, 113, 7]),
+            daddr: v4([10, 230, 0, 10]),
+            sport_be: 40000u16.to_be(),
+            dport_be: 30080u16.to_be(),
+            new_saddr: v4([203, 0, 113, 7]),
+            new_daddr: v4([10, 231, 1, 2]),
+            service_id: 7,
+            kind: EVENT_NEW_FLOW,
+            proto: PROTO_TCP,
+            ..Default::default()
+        };
+        let v = view(&e, &Fixed, 0);
+        let watch = |service: Option<&str>, address: Option<&str>| Watch {
+            kinds: vec![Kind::All],
+            service: service.map(Into::into),
+            address: address.map(Into::into),
+            count: None,
+            duration: None,
+            force: false,
+        };
+        assert!(watch(None, None).keeps(&v));
+        assert!(watch(Some("web"), None).keeps(&v));
+        assert!(!watch(Some("shop"), None).keeps(&v));
+        for a in ["203.0.113.7", "10.230.0.10:30080", "10.231.1.2"] {
+            assert!(watch(Some("default/web"), Some(a)).keeps(&v), "{a}");
+        }
+        assert!(!watch(None, Some("10.231.1.3")).keeps(&v));
+        // An unknown ClusterIP port has no service: a service filter leaves it out.
+        let unknown = view(&MonitorEvent { service_id: EVENT_NO_SERVICE, ..e }, &Fixed, 0);
+        assert!(!watch(Some("web"), None).keeps(&unknown));
+        assert!(watch(None, Some("203.0.113")).keeps(&unknown));
     }
 
     #[test]

@@ -180,6 +180,22 @@ impl Monitor {
     }
 }
 
+impl Monitor {
+    /// Waits for it to stop by itself (`--count`, `--duration`); killed after 10 s.
+    pub fn finish(mut self) -> std::process::Output {
+        let mut child = self.child.take().expect("running");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while child.try_wait().expect("lbctl monitor").is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child.wait_with_output().expect("wait for lbctl monitor")
+    }
+}
+
 impl Drop for Monitor {
     /// Not stopped (a failed test): killed, so it does not outlive the cluster.
     fn drop(&mut self) {

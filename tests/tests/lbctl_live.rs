@@ -363,6 +363,20 @@ fn lbctl_monitor_follows_drops_refusals_and_new_flows_with_who_and_why_and_then_
         assert_eq!(e["device"], Value::Null);
     }
 
+    // Filters: only what concerns one address, and a monitor that stops after one event.
+    let monitor = run.monitor(0, &["--type", "all", "--address", "10.96.0.91", "--count", "1"]);
+    ok(run.from_pod(0, 0, &["connect", "10.96.0.10:80"]));
+    refused(run.from_pod(0, 0, &["connect", "10.96.0.91:80"]));
+    let out = monitor.finish();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect::<Vec<_>>();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains(" refused connect     TCP -> 10.96.0.91:80  default/empty:p/TCP/IPv4: no usable endpoint: ECONNREFUSED  pid "),
+        "{lines:?}"
+    );
+    assert_eq!(monitor_kinds(&run.pins[0].path), 0, "stopped by its count: lease released");
+
     // After it: nothing is sent (a monitor started now sees only what happens from now on).
     refused(run.from_pod(0, 0, &["connect", "10.96.0.91:80"]));
     let out = command_in(&workspace_bin("lbctl"), Some(&node0), None)

@@ -109,6 +109,9 @@ enum Command {
         /// Only events of services whose name contains this.
         #[arg(long)]
         service: Option<String>,
+        /// Only events with an address (client, frontend, backend, SNAT) containing this.
+        #[arg(long)]
+        address: Option<String>,
         /// Stop after this many events.
         #[arg(long)]
         count: Option<u64>,
@@ -451,10 +454,11 @@ fn live(cmd: Command) -> Result<()> {
                 }
             }
         }
-        Command::Monitor { kinds, service, count, duration, force, pins } => {
+        Command::Monitor { kinds, service, address, count, duration, force, pins } => {
             let watch = lb_agent::monitor::Watch {
                 kinds,
                 service,
+                address,
                 count,
                 duration: duration.map(|d| std::time::Duration::from_secs(d.0.into())),
                 force,
