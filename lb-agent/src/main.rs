@@ -471,6 +471,9 @@ async fn after_sync(
     if let Some(r) = report {
         m.syncs.inc();
         m.sync_seconds.observe(r.elapsed.as_secs_f64());
+        for &s in &r.programming_seconds {
+            m.programming_seconds.observe(s);
+        }
         if !r.errors.is_empty() {
             m.sync_errors.inc();
         }
@@ -479,7 +482,12 @@ async fn after_sync(
         let mut h = status.proxy();
         match syncer.pending_since() {
             Some(since) => h.pending(since),
-            None => h.updated(std::time::SystemTime::now()),
+            None => {
+                let now = std::time::SystemTime::now();
+                h.updated(now);
+                let unix = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                m.last_synced.set(unix.as_secs_f64());
+            }
         }
         // A node about to go away fails /healthz, so load balancers drain it first.
         let node = syncer.state.node(&syncer.cfg.node_name);

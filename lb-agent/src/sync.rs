@@ -12,9 +12,10 @@ use crate::{
         store::{MapStore, WriteCounts},
         writer::Writer,
     },
+    latency::TriggerTimes,
     model::{self, ServiceOutcome},
     serve::health_check::Health,
-    sources::Event,
+    sources::{Event, Object, ObjectRef},
     state::{Affected, ClusterState, ObjKey},
 };
 
@@ -25,6 +26,9 @@ pub struct SyncReport {
     pub writes: WriteCounts,
     pub errors: Vec<String>,
     pub elapsed: Duration,
+    /// Network programming latencies (seconds) of the EndpointSlice changes this sync wrote
+    /// (`latency.rs`).
+    pub programming_seconds: Vec<f64>,
 }
 
 pub struct Syncer<S: MapStore> {
@@ -40,6 +44,8 @@ pub struct Syncer<S: MapStore> {
     failed: std::collections::BTreeMap<ObjKey, (Instant, String)>,
     /// Since when this node's addresses could not be written.
     node_failed: Option<Instant>,
+    /// EndpointSlice changes' trigger times, for the network programming latency.
+    triggers: TriggerTimes,
 }
 
 impl<S: MapStore> Syncer<S> {
@@ -52,6 +58,7 @@ impl<S: MapStore> Syncer<S> {
             health: Default::default(),
             failed: Default::default(),
             node_failed: None,
+            triggers: TriggerTimes::new(jiff::Timestamp::now()),
         }
     }
 
@@ -85,6 +92,11 @@ impl<S: MapStore> Syncer<S> {
         let start = Instant::now();
         let mut affected = Affected::default();
         for e in events {
+            match &e {
+                Event::Apply(Object::EndpointSlice(s)) => self.triggers.note(s),
+                Event::Delete(ObjectRef::EndpointSlice(k)) => self.triggers.forget(k),
+                _ => {}
+            }
             affected.merge(self.state.apply_event(e));
         }
         let mut report = self.reprogram(&affected);
@@ -194,6 +206,9 @@ impl<S: MapStore> Syncer<S> {
                 }
             }
         }
+        let failed = &self.failed;
+        report.programming_seconds =
+            self.triggers.programmed(jiff::Timestamp::now(), |s| failed.contains_key(s));
         let after = self.writer.counts();
         report.writes = after.since(&before);
         debug!(planned = report.services_planned, writes = ?report.writes, "reprogrammed");

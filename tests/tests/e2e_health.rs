@@ -56,6 +56,30 @@ fn health_ready_metrics_and_health_check_node_ports() {
     assert_eq!(value("lb_program_attached{program=\"tc\",target=\"eth0\"}"), 1.0);
     assert!(metrics.trim_end().ends_with("# EOF"));
 
+    // A pod change the EndpointSlice controller stamps now (after the agent started: earlier
+    // ones are not counted) and the agent sees 300 ms later: the network programming latency
+    // counts it once, from that stamp to the maps written.
+    let stamp = jiff::Timestamp::now();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let annotation = format!(
+        "namespace: default, annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{stamp}\"}}, labels:"
+    );
+    let slices = lb.slices(&[Ep::ready(pod0, "node-0")]).replacen(
+        "namespace: default, labels:",
+        &annotation,
+        1,
+    );
+    assert!(slices.contains("last-change-trigger-time"), "{slices}");
+    run.update("lb.yaml", &format!("{}---\n{slices}", lb.yaml()));
+    let metrics = run.metrics(0);
+    let value = |name: &str| metric(&metrics, name);
+    assert_eq!(value("lb_network_programming_duration_seconds_count"), 1.0);
+    let latency = value("lb_network_programming_duration_seconds_sum");
+    assert!((0.3..10.0).contains(&latency), "{latency}");
+    let synced = value("lb_sync_last_timestamp_seconds");
+    let now = jiff::Timestamp::now().as_second() as f64;
+    assert!(synced <= now + 1.0 && synced > now - 10.0, "{synced} vs {now}");
+
     // The endpoint goes away: node-0 now answers 503 too.
     run.update("lb.yaml", &lb.file(&[]));
     let (code, body) = http_get(&run.cluster.clients[0].ns, "10.230.0.10:32000", "/").unwrap();

@@ -52,6 +52,10 @@ pub struct Metrics {
     pub attached: Family<ProgramLabel, Gauge>,
     /// Services whose maps could not be written (retried).
     pub unprogrammed: Gauge,
+    /// kube-proxy's network programming latency (`latency.rs`).
+    pub programming_seconds: Histogram,
+    /// When the maps last matched the cluster state (Unix seconds).
+    pub last_synced: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub conntrack_gc: GcMetrics,
 }
 
@@ -81,6 +85,11 @@ impl Metrics {
             map_capacity: Family::default(),
             attached: Family::default(),
             unprogrammed: Gauge::default(),
+            // 10 ms .. 10 min: the time includes the EndpointSlice controller's and the watch's.
+            programming_seconds: Histogram::new([
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+            ]),
+            last_synced: Gauge::default(),
             conntrack_gc,
         };
         registry.register("syncs", "Changes applied to the maps", m.syncs.clone());
@@ -98,6 +107,17 @@ impl Metrics {
             "services_unprogrammed",
             "Services whose maps could not be written (a map full, say); retried every 2 s",
             m.unprogrammed.clone(),
+        );
+        registry.register(
+            "network_programming_duration_seconds",
+            "From a pod change (the EndpointSlice's last-change-trigger-time) to this node's maps \
+             reflecting it, as kube-proxy's metric of that name",
+            m.programming_seconds.clone(),
+        );
+        registry.register(
+            "sync_last_timestamp_seconds",
+            "When the maps last matched every object (Unix time)",
+            m.last_synced.clone(),
         );
         registry.register("objects", "Kubernetes objects known, by kind", m.objects.clone());
         registry.register("map_entries", "Entries in each BPF map", m.map_entries.clone());
