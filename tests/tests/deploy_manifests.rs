@@ -88,6 +88,9 @@ fn kustomization_daemonset_flags_and_dashboard_are_consistent() {
         "lb_datapath_service_bytes_total",
         "lb_program_attached",
         "lb_conntrack_gc_removed_entries_total",
+        "lb_network_programming_duration_seconds_bucket",
+        "lb_services_unprogrammed",
+        "lb_sync_last_timestamp_seconds",
     ];
     for panel in dash["panels"].as_array().unwrap() {
         for t in panel["targets"].as_array().unwrap() {
