@@ -150,6 +150,8 @@ fn healthz_and_livez_answer_like_kube_proxys_for_failed_writes_and_draining_node
     // for that service.
     run.update("c-extra.yaml", "");
     eventually(10, "/healthz 200 after the retry", || get(&run, 0, "/healthz").0 == 200);
+    // (node-1's agent retries on its own 2 s tick.)
+    eventually(10, "node-1 healthy too", || get(&run, 1, "/healthz").0 == 200);
     assert_eq!(get(&run, 0, "/livez").0, 200);
     assert_eq!(check(&run), (200, 1, true));
     assert_eq!(unprogrammed(&run), 0.0);
