@@ -181,7 +181,7 @@ impl<S: MapStore> Syncer<S> {
             match self.writer.apply_object(&key, outcome.plans()) {
                 Ok(r) => {
                     if self.failed.remove(&key).is_some() {
-                        info!(service = %key, "programmed after failing before");
+                        info!(service = %key, "maps written after failing before");
                     }
                     for c in r.conflicts {
                         report.errors.push(c);

@@ -155,7 +155,7 @@ fn healthz_and_livez_answer_like_kube_proxys_for_failed_writes_and_draining_node
     assert_eq!(get(&run, 0, "/livez").0, 200);
     assert_eq!(check(&run), (200, 1, true));
     assert_eq!(unprogrammed(&run), 0.0);
-    assert_eq!(run.agents[0].count_log("programmed after failing before"), 1);
+    assert_eq!(run.agents[0].count_log("maps written after failing before"), 1);
     let ok = parse_probe(&run.from_pod(0, 0, &["connect", "10.96.0.10:80"]));
     assert!(ok.iter().all(|r| r.is_ok()), "{ok:?}");
     let (code, body) = get(&run, 0, "/healthz");
