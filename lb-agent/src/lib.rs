@@ -13,6 +13,7 @@ pub mod monitor;
 pub mod serve;
 pub mod sources;
 pub mod state;
+pub mod status;
 pub mod sync;
 
 pub use ebpf_object::{EBPF_OBJECT, ebpf_object};

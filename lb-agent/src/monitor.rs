@@ -298,7 +298,7 @@ struct PinnedNames {
 
 /// Where cgroup v2 is mounted: from /proc/self/mounts, else /sys/fs/cgroup (where the
 /// DaemonSet mounts the host's).
-fn cgroup_root() -> std::path::PathBuf {
+pub fn cgroup_root() -> std::path::PathBuf {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     mounts
         .lines()

@@ -387,3 +387,61 @@ fn lbctl_monitor_follows_drops_refusals_and_new_flows_with_who_and_why_and_then_
     assert_eq!(String::from_utf8_lossy(&out.stdout), "", "events from before it started");
     assert_eq!(monitor_kinds(&run.pins[0].path), 0);
 }
+
+#[test]
+fn lbctl_status_shows_health_attachments_maps_and_drops_and_the_maps_once_the_agent_is_gone() {
+    require_root!();
+    let cluster = Cluster::new(2, 1, 1);
+    let eps: Vec<Ep> = cluster.nodes.iter().map(|n| Ep::ready(n.pods[0].ip4, &n.name)).collect();
+    let empty =
+        Svc { name: "empty", cluster_ips: &["10.96.0.91"], node_port: Some(30091), ..Svc::WEB };
+    let files = [("web.yaml", Svc::WEB.file(&eps)), ("empty.yaml", empty.file(&[]))];
+    let mut run = Running::start(cluster, &files);
+    let pins = run.pins[0].path.to_str().unwrap().to_owned();
+    let node0 = run.cluster.nodes[0].ns.name().to_owned();
+    let r = parse_probe(&run.from_client(0, &["connect", "10.230.0.10:30080", "--count", "3"]));
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    let refused = run.from_client(0, &["connect", "10.230.0.10:30091"]);
+    assert_eq!(refused, ["err ECONNREFUSED"]);
+
+    let s = lbctl_in(&node0, &["status", "--bpffs", &pins, "-o", "json"]);
+    let a = &s["agent"];
+    assert_eq!(
+        (&a["healthz"], &a["livez"], &a["ready"]),
+        (&200.into(), &200.into(), &true.into()),
+        "{s}"
+    );
+    assert_eq!(
+        (&a["node_eligible"], &a["services_unprogrammed"]),
+        (&true.into(), &0.into()),
+        "{s}"
+    );
+    assert!(a["synced_s_ago"].as_f64().unwrap() < 60.0, "{s}");
+    assert_eq!(s["devices"], serde_json::json!([{"name": "eth0", "xdp": false}]));
+    let node_cgroup = &run.cluster.nodes[0].cgroup.path;
+    let cgroup = format!("/{}", node_cgroup.strip_prefix(cgroup2_root()).unwrap().display());
+    assert_eq!(s["socket_hooks"], serde_json::json!([cgroup]));
+    assert_eq!((&s["service_ports"], &s["backends"]), (&2.into(), &2.into()), "{s}");
+    assert_eq!(s["drops"], serde_json::json!({"reject_no_backend": 1}), "{s}");
+    assert!(s["conntrack_entries"].as_u64().unwrap() >= 6, "three flows, two entries each: {s}");
+    assert_eq!(s["monitor_lease_s"], Value::Null);
+    let out = command_in(&workspace_bin("lbctl"), Some(&node0), None)
+        .args(["status", "--bpffs", &pins])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(
+            "agent:        healthy; /healthz 200, /livez 200, ready (127.0.0.1:10256)\n"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("\ndevices:      eth0 (tc)\n"), "{text}");
+
+    // The agent dies: its health port is silent, the datapath and what it holds remain.
+    run.kill_agent(0);
+    let s = lbctl_in(&node0, &["status", "--bpffs", &pins, "-o", "json"]);
+    assert_eq!(s["agent"]["healthz"], Value::Null, "{s}");
+    assert!(s["agent"]["error"].as_str().unwrap().contains("refused"), "{s}");
+    assert_eq!((&s["service_ports"], &s["devices"][0]["name"]), (&2.into(), &"eth0".into()));
+}

@@ -42,6 +42,16 @@ struct Pins {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The node's load balancer on one screen: the agent's health (asked over its health port),
+    /// devices and cgroups attached, what the maps hold, drops. Run it in the node's network
+    /// namespace (the agent pod's).
+    Status {
+        /// The agent's --health-bind-address (0.0.0.0 is asked at 127.0.0.1).
+        #[arg(long, default_value = "127.0.0.1:10256")]
+        health_address: std::net::SocketAddr,
+        #[command(flatten)]
+        pins: Pins,
+    },
     /// One row per frontend: service, kind, address, scope, flags, backends and counters.
     Services(Pins),
     /// Every backend and the service ports using it.
@@ -228,6 +238,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
 /// The commands that read an agent's pinned maps.
 fn live(cmd: Command) -> Result<()> {
     match cmd {
+        Command::Status { health_address, pins } => {
+            let mut address = health_address;
+            if address.ip().is_unspecified() {
+                address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            let s = lb_agent::status::status(&pins.bpffs, address)?;
+            match pins.output {
+                Output::Json => print_json(&s)?,
+                Output::Table => print!("{s}"),
+            }
+        }
         Command::Services(p) => {
             let ins = Inspection::open(&p.bpffs)?;
             let services = ins.services();

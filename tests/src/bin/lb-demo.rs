@@ -160,6 +160,14 @@ fn main() {
         String::from_utf8_lossy(&monitored.stderr)
     );
 
+    println!("\nlbctl status on node-0 (in its network namespace):");
+    let lbctl = workspace_bin("lbctl");
+    let out = lb_tests::proc::command_in(&lbctl, Some(run.cluster.nodes[0].ns.name()), None)
+        .args(["status", "--bpffs", run.pins[0].path.to_str().unwrap()])
+        .output()
+        .expect("lbctl");
+    print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+
     println!("\nlbctl services on node-0 (read from its pinned maps):");
     let out = std::process::Command::new(workspace_bin("lbctl"))
         .args(["services", "--bpffs", run.pins[0].path.to_str().unwrap()])
@@ -169,7 +177,6 @@ fn main() {
     println!(
         "\nlbctl explain 10.230.0.100:40000 10.230.0.10:30080 on node-0 (in its network namespace):"
     );
-    let lbctl = workspace_bin("lbctl");
     let out = lb_tests::proc::command_in(&lbctl, Some(run.cluster.nodes[0].ns.name()), None)
         .args([
             "explain",

@@ -1,0 +1,284 @@
+//! `lbctl status`: one screen on a node's load balancer. The agent's health, asked over its
+//! health port (what load balancers and probes see); what is attached where, from the pinned
+//! links; what the maps hold and what the datapath dropped, from the pinned maps. The maps
+//! part works while no agent runs (the datapath keeps working then).
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, Map, MapData};
+use lb_common::*;
+use serde::Serialize;
+
+use crate::{
+    dataplane::{conntrack_gc::datapath_now_ns, links::links_pin_dir, loader::maps_pin_dir},
+    explain::attached_devices,
+    inspect::Inspection,
+    monitor::find_cgroup,
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StatusView {
+    pub agent: AgentView,
+    /// Devices with tc programs, and whether XDP is attached there too.
+    pub devices: Vec<DeviceView>,
+    /// cgroups with the socket hooks.
+    pub socket_hooks: Vec<String>,
+    pub service_ports: usize,
+    pub frontends: usize,
+    pub backends: usize,
+    pub conntrack_entries: u64,
+    pub conntrack_capacity: u32,
+    /// Datapath drops and rejects since the maps were created, by reason (those not zero).
+    pub drops: BTreeMap<&'static str, u64>,
+    /// Seconds left on a running `lbctl monitor`'s lease.
+    pub monitor_lease_s: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceView {
+    pub name: String,
+    pub xdp: bool,
+}
+
+/// The agent as its health port shows it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AgentView {
+    pub address: String,
+    /// None when nothing answered.
+    pub healthz: Option<u16>,
+    pub livez: Option<u16>,
+    pub ready: Option<bool>,
+    pub node_eligible: Option<bool>,
+    /// Services whose maps could not be written.
+    pub services_unprogrammed: Option<u64>,
+    /// Seconds since the maps last matched the cluster.
+    pub synced_s_ago: Option<f64>,
+    /// Why nothing answered.
+    pub error: Option<String>,
+}
+
+/// A GET over HTTP/1.0 (the agent's server closes the connection after answering): status
+/// code and body.
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let timeout = Duration::from_secs(2);
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("not an HTTP answer from {addr}{path}"))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Ok((code, body))
+}
+
+/// The value of an unlabelled metric in a Prometheus text page.
+fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// What the agent's health port says.
+pub fn agent(address: SocketAddr) -> AgentView {
+    let mut v = AgentView { address: address.to_string(), ..Default::default() };
+    match http_get(address, "/healthz") {
+        Ok((code, body)) => {
+            v.healthz = Some(code);
+            v.node_eligible = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|j| j["nodeEligible"].as_bool());
+        }
+        Err(e) => {
+            v.error = Some(format!("{e:#}"));
+            return v;
+        }
+    }
+    v.livez = http_get(address, "/livez").ok().map(|(c, _)| c);
+    v.ready = http_get(address, "/readyz").ok().map(|(c, _)| c == 200);
+    if let Ok((200, page)) = http_get(address, "/metrics") {
+        v.services_unprogrammed = metric(&page, "lb_services_unprogrammed").map(|n| n as u64);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        v.synced_s_ago = metric(&page, "lb_sync_last_timestamp_seconds")
+            .filter(|t| *t > 0.0)
+            .map(|t| (now - t).max(0.0));
+    }
+    v
+}
+
+/// The whole status: the agent at `health`, the rest from the pins under `bpffs`.
+pub fn status(bpffs: &Path, health: SocketAddr) -> Result<StatusView> {
+    let ins = Inspection::open(bpffs)?;
+    let stats = ins.stats()?;
+    let drops = stats
+        .counters
+        .iter()
+        .filter(|(n, v)| **v > 0 && (n.starts_with("drop_") || n.starts_with("reject_")))
+        .map(|(n, v)| (*n, *v))
+        .collect();
+    let conntrack = stats.maps.iter().find(|m| m.map == MAP_CONNTRACK);
+    let services = ins.services();
+    let cgroup_root = crate::monitor::cgroup_root();
+    let socket_hooks = std::fs::read_dir(links_pin_dir(bpffs))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|n| n.split_once("@cgroup-").and_then(|(_, ino)| ino.parse::<u64>().ok()))
+        .collect::<std::collections::BTreeSet<u64>>()
+        .into_iter()
+        .map(|ino| find_cgroup(&cgroup_root, ino).unwrap_or_else(|| format!("cgroup {ino}")))
+        .collect();
+    Ok(StatusView {
+        agent: agent(health),
+        devices: attached_devices(bpffs)
+            .into_iter()
+            .map(|(name, xdp)| DeviceView { name, xdp })
+            .collect(),
+        socket_hooks,
+        service_ports: services.len(),
+        frontends: services.iter().map(|s| s.frontends.len()).sum(),
+        backends: ins.backends().len(),
+        conntrack_entries: conntrack.map_or(0, |m| m.entries),
+        conntrack_capacity: conntrack.map_or(0, |m| m.capacity),
+        drops,
+        monitor_lease_s: monitor_lease(bpffs),
+    })
+}
+
+/// Seconds left on a monitor's lease, if one holds it.
+fn monitor_lease(bpffs: &Path) -> Option<u32> {
+    let data = MapData::from_pin(maps_pin_dir(bpffs).join(MAP_OPTIONS)).ok()?;
+    let options: Array<MapData, u32> = Array::try_from(Map::Array(data)).ok()?;
+    let kinds = options.get(&OPT_MONITOR_KINDS, 0).ok()?;
+    let until = options.get(&OPT_MONITOR_UNTIL_S, 0).ok()?;
+    let now = (datapath_now_ns() / 1_000_000_000) as u32;
+    (kinds != 0 && until >= now).then(|| until - now)
+}
+
+impl std::fmt::Display for StatusView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let a = &self.agent;
+        match (a.healthz, &a.error) {
+            (Some(code), _) => {
+                let health = match (code, a.livez) {
+                    (200, _) => "healthy".to_string(),
+                    (_, Some(200)) => "healthy, but /healthz fails (node not eligible)".into(),
+                    _ => {
+                        "UNHEALTHY (a change waits for the maps, or the sync loop is stuck)".into()
+                    }
+                };
+                write!(f, "agent:        {health}; /healthz {code}")?;
+                if let Some(l) = a.livez {
+                    write!(f, ", /livez {l}")?;
+                }
+                match a.ready {
+                    Some(true) => write!(f, ", ready")?,
+                    Some(false) => write!(f, ", NOT READY (initial sync)")?,
+                    None => {}
+                }
+                writeln!(f, " ({})", a.address)?;
+                if a.node_eligible == Some(false) {
+                    writeln!(f, "node:         being deleted or drained by the autoscaler")?;
+                }
+                if let Some(s) = a.synced_s_ago {
+                    write!(f, "maps:         matched the cluster {s:.0} s ago")?;
+                    match a.services_unprogrammed {
+                        Some(n) if n > 0 => {
+                            writeln!(f, "; {n} services NOT programmed (see the agent's log)")?
+                        }
+                        _ => writeln!(f)?,
+                    }
+                }
+            }
+            (None, e) => writeln!(
+                f,
+                "agent:        not answering at {} ({}): the datapath keeps its last state",
+                a.address,
+                e.as_deref().unwrap_or("?")
+            )?,
+        }
+        let devices: Vec<String> =
+            self.devices
+                .iter()
+                .map(|d| {
+                    if d.xdp { format!("{} (tc, XDP)", d.name) } else { format!("{} (tc)", d.name) }
+                })
+                .collect();
+        let none = || "none".to_string();
+        let list = |v: &[String]| if v.is_empty() { none() } else { v.join(", ") };
+        writeln!(f, "devices:      {}", list(&devices))?;
+        writeln!(f, "socket hooks: {}", list(&self.socket_hooks))?;
+        writeln!(
+            f,
+            "services:     {} service ports, {} frontends, {} backends",
+            self.service_ports, self.frontends, self.backends
+        )?;
+        let pct = 100.0 * self.conntrack_entries as f64 / self.conntrack_capacity.max(1) as f64;
+        writeln!(
+            f,
+            "conntrack:    {} of {} entries ({pct:.1}%)",
+            self.conntrack_entries, self.conntrack_capacity
+        )?;
+        let drops: Vec<String> = self.drops.iter().map(|(n, v)| format!("{n} {v}")).collect();
+        writeln!(f, "drops:        {}", if drops.is_empty() { none() } else { drops.join(", ") })?;
+        match self.monitor_lease_s {
+            Some(s) => writeln!(f, "monitor:      an lbctl monitor is running (lease {s} s)"),
+            None => writeln!(f, "monitor:      none running"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_read_by_exact_name() {
+        let page = "# HELP x\nlb_services_unprogrammed 2\nlb_services_unprogrammed_total 9\nlb_sync_last_timestamp_seconds 1796515200.5\n";
+        assert_eq!(metric(page, "lb_services_unprogrammed"), Some(2.0));
+        assert_eq!(metric(page, "lb_sync_last_timestamp_seconds"), Some(1_796_515_200.5));
+        assert_eq!(metric(page, "lb_sync"), None);
+    }
+
+    #[test]
+    fn an_agent_that_does_not_answer_is_said_so_and_the_rest_still_shows() {
+        // Nothing listens on port 1 of this address.
+        let a = agent("127.0.0.1:1".parse().unwrap());
+        assert!(a.healthz.is_none() && a.error.is_some(), "{a:?}");
+        let s = StatusView {
+            agent: a,
+            devices: vec![DeviceView { name: "eth0".into(), xdp: true }],
+            socket_hooks: vec!["/".into()],
+            service_ports: 3,
+            frontends: 7,
+            backends: 4,
+            conntrack_entries: 10,
+            conntrack_capacity: 1000,
+            drops: [("drop_source_range", 2)].into(),
+            monitor_lease_s: None,
+        };
+        let text = s.to_string();
+        assert!(text.starts_with("agent:        not answering at 127.0.0.1:1 ("), "{text}");
+        for line in [
+            "devices:      eth0 (tc, XDP)",
+            "services:     3 service ports, 7 frontends, 4 backends",
+            "conntrack:    10 of 1000 entries (1.0%)",
+            "drops:        drop_source_range 2",
+            "monitor:      none running",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
+    }
+}
