@@ -58,7 +58,8 @@ pub struct AgentView {
     pub node_eligible: Option<bool>,
     /// Services whose maps could not be written.
     pub services_unprogrammed: Option<u64>,
-    /// Seconds since the maps last matched the cluster.
+    /// Seconds since a sync left the maps matching the cluster (the last change written, on an
+    /// idle cluster).
     pub synced_s_ago: Option<f64>,
     /// Why nothing answered.
     pub error: Option<String>,
@@ -192,14 +193,15 @@ impl std::fmt::Display for StatusView {
                 if a.node_eligible == Some(false) {
                     writeln!(f, "node:         being deleted or drained by the autoscaler")?;
                 }
-                if let Some(s) = a.synced_s_ago {
-                    write!(f, "maps:         matched the cluster {s:.0} s ago")?;
-                    match a.services_unprogrammed {
-                        Some(n) if n > 0 => {
-                            writeln!(f, "; {n} services NOT programmed (see the agent's log)")?
-                        }
-                        _ => writeln!(f)?,
+                match (a.services_unprogrammed, a.synced_s_ago) {
+                    (Some(n), _) if n > 0 => writeln!(
+                        f,
+                        "maps:         {n} services NOT programmed (retried; see the agent's log)"
+                    )?,
+                    (_, Some(s)) => {
+                        writeln!(f, "maps:         up to date; last change written {s:.0} s ago")?
                     }
+                    _ => {}
                 }
             }
             (None, e) => writeln!(
