@@ -139,6 +139,18 @@ fn healthz_and_livez_answer_like_kube_proxys_for_failed_writes_and_draining_node
     assert_eq!(v["nodeEligible"], true, "{body}");
     assert!(v["lastUpdated"].as_str().unwrap() < v["currentTime"].as_str().unwrap(), "{body}");
     assert_eq!(run.agents[0].count_log("programming failed"), 1, "logged once, not per retry");
+    // What an operator on the node sees.
+    let status = lb_tests::proc::command_in(
+        &lb_tests::workspace_bin("lbctl"),
+        Some(run.cluster.nodes[0].ns.name()),
+        None,
+    )
+    .args(["status", "--bpffs", run.pins[0].path.to_str().unwrap()])
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.starts_with("agent:        UNHEALTHY (a change waits for the maps"), "{text}");
+    assert!(text.contains("\nmaps:         1 services NOT programmed (retried"), "{text}");
     let check = |run: &Running| {
         let (code, body) = http_get(&run.cluster.clients[0].ns, "10.230.0.10:32001", "/").unwrap();
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
