@@ -30,7 +30,7 @@ use crate::{
     conntrack, csum,
     device::{Action, Hook},
     maps::FLOW,
-    packet::{Bounds, Flow},
+    packet::{self, Bounds, Flow},
     rewrite::ports_word,
     stats,
 };
@@ -46,6 +46,9 @@ const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
 const ICMP_HEADER: usize = 8;
 const IPV4_MIN: usize = 20;
 const IPV6_HEADER: usize = 40;
+/// Where a quoted transport header may start at most (bounds the packet offsets the verifier
+/// follows; an error quotes the first bytes of a packet: its headers fit well before).
+const MAX_QUOTED_L4: usize = 512;
 
 /// The quoted packet's tuple and where its fields are.
 struct Quoted {
@@ -160,14 +163,19 @@ fn quoted(b: &Bounds, flow: &Flow) -> Result<Quoted, ()> {
         }
         let ip: *const [u8; IPV6_HEADER] = b.ptr_at(l3).ok_or(())?;
         // SAFETY: bounds checked by ptr_at; the version nibble, next header, addresses.
-        unsafe {
+        let (addrs, next) = unsafe {
             let h = ip.cast::<u8>();
             if *h >> 4 != 6 {
                 return Err(());
             }
-            let addrs = core::ptr::read_unaligned(h.add(8).cast::<[Addr; 2]>());
-            (addrs[0], addrs[1], *h.add(6), l3 + IPV6_HEADER)
+            (core::ptr::read_unaligned(h.add(8).cast::<[Addr; 2]>()), *h.add(6))
+        };
+        // The quoted packet's extension headers, as the packet parser steps over them.
+        let (proto, l4) = packet::ipv6_transport(b, l3 + IPV6_HEADER, next).map_err(|_| ())?;
+        if l4 > MAX_QUOTED_L4 {
+            return Err(());
         }
+        (addrs[0], addrs[1], proto, l4)
     } else {
         if !matches!(icmp_type, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM) {
             return Err(());

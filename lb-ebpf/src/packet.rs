@@ -210,29 +210,8 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
     if vcf0 >> 4 != 6 {
         return Err(Skip::Malformed);
     }
-    let mut l4_off = l3_off + IPV6_LEN;
-    for _ in 0..IPV6_MAX_EXT_HEADERS {
-        match next {
-            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
-                let ext: *const [u8; 2] = b.ptr_at(l4_off).ok_or(Skip::Malformed)?;
-                // SAFETY: bounds checked above.
-                let (nh, len) = unsafe { ((*ext)[0], (*ext)[1]) };
-                next = nh;
-                l4_off += (len as usize + 1) * 8;
-            }
-            IPV6_FRAGMENT => {
-                let ext: *const [u8; 4] = b.ptr_at(l4_off).ok_or(Skip::Malformed)?;
-                // SAFETY: bounds checked above.
-                let (nh, off) = unsafe { ((*ext)[0], u16::from_be_bytes([(*ext)[2], (*ext)[3]])) };
-                if off >> 3 != 0 {
-                    return Err(Skip::Fragment);
-                }
-                next = nh;
-                l4_off += 8;
-            }
-            _ => break,
-        }
-    }
+    let l4_off;
+    (next, l4_off) = ipv6_transport(b, l3_off + IPV6_LEN, next)?;
     let fill = |ports: (u16, u16, u8)| {
         (out.sport_be, out.dport_be, out.tcp_flags) = ports;
         // SAFETY: bounds checked above; addresses are bytes 8..40 of the header, as words.
@@ -243,6 +222,36 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
         out.set_layout(next, true, l3_off, l4_off);
     };
     finish(parse_ports(b, l4_off, next, PROTO_ICMPV6), fill)
+}
+
+/// Steps over the extension headers of an IPv6 packet (up to `IPV6_MAX_EXT_HEADERS`) from
+/// `off`, where a header of kind `next` starts: the transport protocol and where it starts. A
+/// fragment other than the first has no transport header (`Skip::Fragment`).
+#[inline(always)]
+pub fn ipv6_transport(b: &Bounds, mut off: usize, mut next: u8) -> Result<(u8, usize), Skip> {
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                let ext: *const [u8; 2] = b.ptr_at(off).ok_or(Skip::Malformed)?;
+                // SAFETY: bounds checked above.
+                let (nh, len) = unsafe { ((*ext)[0], (*ext)[1]) };
+                next = nh;
+                off += (len as usize + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                let ext: *const [u8; 4] = b.ptr_at(off).ok_or(Skip::Malformed)?;
+                // SAFETY: bounds checked above.
+                let (nh, frag) = unsafe { ((*ext)[0], u16::from_be_bytes([(*ext)[2], (*ext)[3]])) };
+                if frag >> 3 != 0 {
+                    return Err(Skip::Fragment);
+                }
+                next = nh;
+                off += 8;
+            }
+            _ => break,
+        }
+    }
+    Ok((next, off))
 }
 
 /// Fills the flow with the ports `parse_ports` found; an ICMP message's network header is

@@ -161,10 +161,18 @@ pub fn icmp_error(p: &[u8]) -> Result<IcmpError, String> {
     }
     let q = msg.get(8..).ok_or_else(short)?;
     let (qsrc, qdst, ports): (IpAddr, IpAddr, &[u8]) = if quoted_v6 {
+        // Over the quoted packet's extension headers (hop-by-hop, routing, destination
+        // options: length in 8-byte units after the first 8; fragment: 8 bytes).
+        let (mut next, mut at) = (*q.get(6).ok_or_else(short)?, 40);
+        while matches!(next, 0 | 43 | 44 | 60) {
+            let ext = q.get(at..at + 2).ok_or_else(short)?;
+            let len = if next == 44 { 8 } else { (ext[1] as usize + 1) * 8 };
+            (next, at) = (ext[0], at + len);
+        }
         (
             IpAddr::from(<[u8; 16]>::try_from(q.get(8..24).ok_or_else(short)?).unwrap()),
             IpAddr::from(<[u8; 16]>::try_from(q.get(24..40).ok_or_else(short)?).unwrap()),
-            q.get(40..44).ok_or_else(short)?,
+            q.get(at..at + 4).ok_or_else(short)?,
         )
     } else {
         let ihl = (q[0] & 0x0f) as usize * 4;

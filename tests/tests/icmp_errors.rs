@@ -191,6 +191,47 @@ fn ipv6_packet_too_big_and_port_unreachable() {
     );
 }
 
+/// An error quoting an IPv6 packet with extension headers (hop-by-hop options, the first
+/// fragment of a larger datagram) is translated like one quoting a plain packet; one quoting a
+/// later fragment, which carries no ports, is left alone.
+#[test]
+fn ipv6_errors_quoting_extension_headers_are_translated_too() {
+    require_root!();
+    let vip6: Ipv6Addr = "2001:db8::80".parse().unwrap();
+    let client6: Ipv6Addr = "2001:db8:ffff::7".parse().unwrap();
+    let remote6: Ipv6Addr = "fd00:10:1::5".parse().unwrap();
+    let router6: Ipv6Addr = "fd00:10:ff::1".parse().unwrap();
+    let node6: Ipv6Addr = NODE6.parse().unwrap();
+    let dp = datapath(
+        "web6",
+        vip6.into(),
+        80,
+        Protocol::Tcp,
+        vec![backend(remote6.into(), 8080, false)],
+    );
+    let syn = dp.run(PROG_TC_INGRESS, &tcp6(client6, 40001, vip6, 80, true, b"")).packet;
+    let too_big = Icmpv6Type::PacketTooBig { mtu: 1280 };
+    for (what, quoted) in [
+        ("hop-by-hop options", with_ipv6_hop_by_hop(&syn)),
+        ("a first fragment", with_ipv6_fragment(&syn, 0, true)),
+        ("both", with_ipv6_hop_by_hop(&with_ipv6_fragment(&syn, 0, true))),
+    ] {
+        let error = icmp6_error(router6, node6, too_big, &quoted);
+        let (_, e) = run_error(&dp, PROG_TC_INGRESS, &error);
+        assert_eq!(
+            (e.src, e.dst, e.quoted_src, e.quoted_dst),
+            (IpAddr::from(router6), IpAddr::from(client6), sa(client6, 40001), sa(vip6, 80)),
+            "{what}"
+        );
+    }
+    let translated = dp.stat(STAT_ICMP_ERROR_TRANSLATED);
+    assert_eq!(translated, 3);
+    let later = icmp6_error(router6, node6, too_big, &with_ipv6_fragment(&syn, 100, false));
+    let out = dp.run(PROG_TC_INGRESS, &later);
+    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &later), "untouched");
+    assert_eq!(dp.stat(STAT_ICMP_ERROR_TRANSLATED), translated);
+}
+
 #[test]
 fn icmp_that_is_not_an_error_about_a_tracked_flow_passes_untouched() {
     require_root!();
