@@ -141,9 +141,15 @@ struct Args {
     /// and maps) and exit: the uninstall step.
     #[arg(long)]
     cleanup: bool,
-    /// Where /healthz, /livez, /readyz and /metrics are served.
+    /// Where /healthz, /livez and /readyz are served (cloud load balancers probe /healthz:
+    /// set 0.0.0.0:10256, as kube-proxy's --healthz-bind-address).
     #[arg(long, default_value = "127.0.0.1:10256")]
     health_bind_address: std::net::SocketAddr,
+    /// Where /metrics is served (kube-proxy's --metrics-bind-address; its own port, so that
+    /// opening the health port to load balancers does not expose the metrics). The same
+    /// address as --health-bind-address serves everything on one port.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: std::net::SocketAddr,
     /// How long a change may wait to reach the maps (a write failing, retried every 2 s), or
     /// the sync loop stand still, before /healthz and /livez answer 503 (kube-proxy: twice its
     /// sync period).
@@ -217,13 +223,24 @@ async fn run(args: Args) -> Result<()> {
         max_conntrack: args.max_conntrack,
     };
     let status = Status::new(args.bpffs.clone(), Duration::from_secs(args.health_timeout.0.into()));
-    let listener =
-        tokio::net::TcpListener::bind(args.health_bind_address).await.with_context(|| {
-            format!("listening on --health-bind-address {}", args.health_bind_address)
-        })?;
-    info!(address = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
-    let served = status.clone();
-    tokio::spawn(serve::serve(listener, move |req| endpoints::handle(served.clone(), req)));
+    let one_port = args.metrics_bind_address == args.health_bind_address;
+    for (address, flag, paths) in [
+        (args.health_bind_address, "--health-bind-address", endpoints::Paths::Health),
+        (args.metrics_bind_address, "--metrics-bind-address", endpoints::Paths::Metrics),
+    ] {
+        let paths = if one_port { endpoints::Paths::All } else { paths };
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("listening on {flag} {address}"))?;
+        info!(address = %listener.local_addr()?, "serving {}", paths.describe());
+        let served = status.clone();
+        tokio::spawn(serve::serve(listener, move |req| {
+            endpoints::handle(served.clone(), paths, req)
+        }));
+        if one_port {
+            break;
+        }
+    }
     for (map, cap) in [
         (lb_common::MAP_SERVICES, sizes.max_frontends as i64),
         (lb_common::MAP_TABLES, (lb_common::TABLES_PER_SERVICE * sizes.max_services) as i64),

@@ -89,8 +89,8 @@ fn metric(page: &str, name: &str) -> Option<f64> {
     page.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-/// What the agent's health port says.
-pub fn agent(address: SocketAddr) -> AgentView {
+/// What the agent's health port (`address`) and metrics port (`metrics`) say.
+pub fn agent(address: SocketAddr, metrics: SocketAddr) -> AgentView {
     let mut v = AgentView { address: address.to_string(), ..Default::default() };
     match http_get(address, "/healthz") {
         Ok((code, body)) => {
@@ -106,7 +106,7 @@ pub fn agent(address: SocketAddr) -> AgentView {
     }
     v.livez = http_get(address, "/livez").ok().map(|(c, _)| c);
     v.ready = http_get(address, "/readyz").ok().map(|(c, _)| c == 200);
-    if let Ok((200, page)) = http_get(address, "/metrics") {
+    if let Ok((200, page)) = http_get(metrics, "/metrics") {
         v.services_unprogrammed = metric(&page, "lb_services_unprogrammed").map(|n| n as u64);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -118,8 +118,8 @@ pub fn agent(address: SocketAddr) -> AgentView {
     v
 }
 
-/// The whole status: the agent at `health`, the rest from the pins under `bpffs`.
-pub fn status(bpffs: &Path, health: SocketAddr) -> Result<StatusView> {
+/// The whole status: the agent at `health` and `metrics`, the rest from the pins under `bpffs`.
+pub fn status(bpffs: &Path, health: SocketAddr, metrics: SocketAddr) -> Result<StatusView> {
     let ins = Inspection::open(bpffs)?;
     let stats = ins.stats()?;
     let drops = stats
@@ -142,7 +142,7 @@ pub fn status(bpffs: &Path, health: SocketAddr) -> Result<StatusView> {
         .map(|ino| find_cgroup(&cgroup_root, ino).unwrap_or_else(|| format!("cgroup {ino}")))
         .collect();
     Ok(StatusView {
-        agent: agent(health),
+        agent: agent(health, metrics),
         devices: attached_devices(bpffs)
             .into_iter()
             .map(|(name, xdp)| DeviceView { name, xdp })
@@ -257,7 +257,7 @@ mod tests {
     #[test]
     fn an_agent_that_does_not_answer_is_said_so_and_the_rest_still_shows() {
         // Nothing listens on port 1 of this address.
-        let a = agent("127.0.0.1:1".parse().unwrap());
+        let a = agent("127.0.0.1:1".parse().unwrap(), "127.0.0.1:1".parse().unwrap());
         assert!(a.healthz.is_none() && a.error.is_some(), "{a:?}");
         let s = StatusView {
             agent: a,

@@ -376,7 +376,7 @@ impl Running {
     /// Node `n`'s agent's `/metrics` page.
     pub fn metrics(&self, n: usize) -> String {
         let (code, text) =
-            crate::netns::http_get(&self.cluster.nodes[n].ns, "127.0.0.1:10256", "/metrics")
+            crate::netns::http_get(&self.cluster.nodes[n].ns, "127.0.0.1:10249", "/metrics")
                 .expect("GET /metrics");
         assert_eq!(code, 200, "{text}");
         text

@@ -25,6 +25,9 @@ fn health_ready_metrics_and_health_check_node_ports() {
     let mut run = Running::start(cluster, &[("lb.yaml", lb.file(&[Ep::ready(pod0, "node-0")]))]);
     let node0 = &run.cluster.nodes[0];
     assert_eq!(http_get(&node0.ns, "127.0.0.1:10256", "/healthz").unwrap().0, 200);
+    // Metrics on their own port, as kube-proxy's: the health port is for load balancers.
+    assert_eq!(http_get(&node0.ns, "127.0.0.1:10256", "/metrics").unwrap().0, 404);
+    assert_eq!(http_get(&node0.ns, "127.0.0.1:10249", "/healthz").unwrap().0, 404);
     assert_eq!(
         http_get(&node0.ns, "127.0.0.1:10256", "/readyz").unwrap().0,
         200,

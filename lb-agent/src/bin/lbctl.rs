@@ -49,6 +49,9 @@ enum Command {
         /// The agent's --health-bind-address (0.0.0.0 is asked at 127.0.0.1).
         #[arg(long, default_value = "127.0.0.1:10256")]
         health_address: std::net::SocketAddr,
+        /// The agent's --metrics-bind-address (likewise).
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics_address: std::net::SocketAddr,
         #[command(flatten)]
         pins: Pins,
     },
@@ -238,12 +241,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
 /// The commands that read an agent's pinned maps.
 fn live(cmd: Command) -> Result<()> {
     match cmd {
-        Command::Status { health_address, pins } => {
-            let mut address = health_address;
-            if address.ip().is_unspecified() {
-                address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            let s = lb_agent::status::status(&pins.bpffs, address)?;
+        Command::Status { health_address, metrics_address, pins } => {
+            let local = |mut a: std::net::SocketAddr| {
+                if a.ip().is_unspecified() {
+                    a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                a
+            };
+            let s = lb_agent::status::status(
+                &pins.bpffs,
+                local(health_address),
+                local(metrics_address),
+            )?;
             match pins.output {
                 Output::Json => print_json(&s)?,
                 Output::Table => print!("{s}"),

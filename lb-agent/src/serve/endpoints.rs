@@ -1,5 +1,6 @@
 //! `/healthz` and `/livez` (kube-proxy's, see `proxy_health.rs`), `/readyz` (ready only after
-//! the first complete sync of every object into the maps) and `/metrics`.
+//! the first complete sync of every object into the maps) on the health port, and `/metrics`
+//! on its own port (as kube-proxy: the health port is opened to load balancers).
 
 use std::{
     path::PathBuf,
@@ -41,8 +42,41 @@ impl Status {
     }
 }
 
-pub async fn handle(status: Arc<Status>, req: Request<Incoming>) -> Reply {
-    match req.uri().path() {
+/// Which paths a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Paths {
+    /// `/healthz`, `/livez`, `/readyz`: the port load balancers and probes reach.
+    Health,
+    /// `/metrics`.
+    Metrics,
+    /// Both (one port for both flags).
+    All,
+}
+
+impl Paths {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Paths::Health => "/healthz, /livez and /readyz",
+            Paths::Metrics => "/metrics",
+            Paths::All => "/healthz, /livez, /readyz and /metrics",
+        }
+    }
+
+    fn serves(self, path: &str) -> bool {
+        match self {
+            Paths::All => true,
+            Paths::Metrics => path == "/metrics",
+            Paths::Health => path != "/metrics",
+        }
+    }
+}
+
+pub async fn handle(status: Arc<Status>, paths: Paths, req: Request<Incoming>) -> Reply {
+    let path = req.uri().path();
+    if !paths.serves(path) {
+        return reply(StatusCode::NOT_FOUND, "text/plain", "not found\n");
+    }
+    match path {
         path @ ("/healthz" | "/livez") => {
             let h = status.proxy();
             let (now, wall) = (Instant::now(), SystemTime::now());
