@@ -162,6 +162,16 @@ struct Args {
     /// ("info,lb_agent::sync=debug"). Default: RUST_LOG if set, else info.
     #[arg(long, value_parser = parse_log_level)]
     log_level: Option<tracing_subscriber::EnvFilter>,
+    /// Log lines as text, or as one JSON object each (for log pipelines; kube-proxy's
+    /// --logging-format).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn parse_log_level(s: &str) -> Result<tracing_subscriber::EnvFilter, String> {
@@ -176,7 +186,11 @@ async fn main() {
     let filter = args.log_level.take().unwrap_or_else(|| {
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())
     });
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     if let Err(e) = run(args).await {
         eprintln!("lb-agent: {e:#}");
         std::process::exit(1);

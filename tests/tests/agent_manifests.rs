@@ -74,6 +74,8 @@ fn agent_programs_changes_survives_restart_and_cleans_up() {
         "20",
         "--health-bind-address",
         "127.0.0.1:0",
+        "--metrics-bind-address",
+        "127.0.0.1:0",
         // Small maps: tests run side by side.
         "--max-services",
         "1024",
@@ -117,10 +119,23 @@ fn agent_programs_changes_survives_restart_and_cleans_up() {
     assert!(agent.stop().success());
     assert_eq!(dump(&pins.path), before_restart, "maps survive the agent");
 
-    // Restart over the same folder: it adopts everything and writes nothing.
-    let mut agent = Agent::start(&args, None, None);
+    // Restart over the same folder: it adopts everything and writes nothing. (Logging JSON
+    // this time, one object a line, as log pipelines take it.)
+    let json_args = [&args[..], &["--log-format", "json"]].concat();
+    let mut agent = Agent::start(&json_args, None, None);
     let line = agent.wait_for_log("initial sync done", Duration::from_secs(20));
-    assert!(line.contains("entries_written=0 maglev_slots_written=0"), "{line}");
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(
+        (&v["level"], &v["message"]),
+        (&"INFO".into(), &"initial sync done".into()),
+        "{line}"
+    );
+    assert_eq!(
+        (&v["entries_written"], &v["maglev_slots_written"]),
+        (&0.into(), &0.into()),
+        "{line}"
+    );
     assert_eq!(dump(&pins.path), before_restart);
 
     // Removing the service removes its entries.
