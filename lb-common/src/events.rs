@@ -9,7 +9,8 @@ use crate::Addr;
 
 /// Events (ring buffer of [`MonitorEvent`] records).
 pub const MAP_EVENTS: &str = "LB_EVENTS";
-/// Its size in bytes (a power of two, a multiple of the page size): 4,096 events.
+/// Its size in bytes (a power of two, a multiple of the page size): about 3,400 events (144
+/// bytes and an 8-byte header each).
 pub const EVENTS_BYTES: u32 = 512 * 1024;
 
 /// Which kinds of event to send, a bit each (`1 << EVENT_*`; 0: none).
