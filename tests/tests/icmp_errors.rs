@@ -24,6 +24,11 @@ const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 1, 255, 1);
 const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
 const NODE6: &str = "fd00:1::11";
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x80);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 7);
+const REMOTE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 1, 0, 0, 0, 0, 5);
+const LOCAL6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 5);
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0xff, 0, 0, 0, 0, 1);
 const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
 const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 5);
 
@@ -150,44 +155,46 @@ fn an_error_about_a_reply_reaches_the_pod_that_sent_it() {
     }
 }
 
+/// web6 ([2001:db8::80]:80) with its one backend on another node, and the client's SYN as tc
+/// ingress forwarded it (SNATed to the node).
+fn web6_remote_syn() -> (Datapath, Vec<u8>) {
+    let dp = datapath(
+        "web6",
+        VIP6.into(),
+        80,
+        Protocol::Tcp,
+        vec![backend(REMOTE6.into(), 8080, false)],
+    );
+    let syn = dp.run(PROG_TC_INGRESS, &tcp6(CLIENT6, 40001, VIP6, 80, true, b"")).packet;
+    (dp, syn)
+}
+
 #[test]
 fn ipv6_packet_too_big_and_port_unreachable() {
     require_root!();
-    let vip6: Ipv6Addr = "2001:db8::80".parse().unwrap();
-    let client6: Ipv6Addr = "2001:db8:ffff::7".parse().unwrap();
-    let remote6: Ipv6Addr = "fd00:10:1::5".parse().unwrap();
-    let local6: Ipv6Addr = "fd00:10:0::5".parse().unwrap();
-    let router6: Ipv6Addr = "fd00:10:ff::1".parse().unwrap();
     let node6: Ipv6Addr = NODE6.parse().unwrap();
 
-    let dp = datapath(
-        "web6",
-        vip6.into(),
-        80,
-        Protocol::Tcp,
-        vec![backend(remote6.into(), 8080, false)],
-    );
-    let syn = dp.run(PROG_TC_INGRESS, &tcp6(client6, 40001, vip6, 80, true, b"")).packet;
+    let (dp, syn) = web6_remote_syn();
     let snat = summarize(&syn).unwrap();
     assert_eq!(snat.src.ip(), IpAddr::from(node6));
-    let error = icmp6_error(router6, node6, Icmpv6Type::PacketTooBig { mtu: 1280 }, &syn);
+    let error = icmp6_error(ROUTER6, node6, Icmpv6Type::PacketTooBig { mtu: 1280 }, &syn);
     let (_, e) = run_error(&dp, PROG_TC_INGRESS, &error);
     assert_eq!(
         (e.src, e.dst, e.icmp_type, e.quoted_src, e.quoted_dst),
-        (IpAddr::from(router6), IpAddr::from(client6), 2, sa(client6, 40001), sa(vip6, 80))
+        (IpAddr::from(ROUTER6), IpAddr::from(CLIENT6), 2, sa(CLIENT6, 40001), sa(VIP6, 80))
     );
     assert_eq!(e.rest, 1280u32.to_be_bytes());
 
     let dp =
-        datapath("dns6", vip6.into(), 53, Protocol::Udp, vec![backend(local6.into(), 5353, true)]);
-    let query = dp.run(PROG_TC_INGRESS, &udp6(client6, 5000, vip6, 53, b"query")).packet;
+        datapath("dns6", VIP6.into(), 53, Protocol::Udp, vec![backend(LOCAL6.into(), 5353, true)]);
+    let query = dp.run(PROG_TC_INGRESS, &udp6(CLIENT6, 5000, VIP6, 53, b"query")).packet;
     let unreachable = Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port);
-    let error = icmp6_error(local6, client6, unreachable, &query);
+    let error = icmp6_error(LOCAL6, CLIENT6, unreachable, &query);
     let (verdict, e) = run_error(&dp, PROG_TC_EGRESS, &error);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(
         (e.src, e.dst, e.icmp_type, e.quoted_src, e.quoted_dst),
-        (IpAddr::from(vip6), IpAddr::from(client6), 1, sa(client6, 5000), sa(vip6, 53))
+        (IpAddr::from(VIP6), IpAddr::from(CLIENT6), 1, sa(CLIENT6, 5000), sa(VIP6, 53))
     );
 }
 
@@ -197,36 +204,25 @@ fn ipv6_packet_too_big_and_port_unreachable() {
 #[test]
 fn ipv6_errors_quoting_extension_headers_are_translated_too() {
     require_root!();
-    let vip6: Ipv6Addr = "2001:db8::80".parse().unwrap();
-    let client6: Ipv6Addr = "2001:db8:ffff::7".parse().unwrap();
-    let remote6: Ipv6Addr = "fd00:10:1::5".parse().unwrap();
-    let router6: Ipv6Addr = "fd00:10:ff::1".parse().unwrap();
     let node6: Ipv6Addr = NODE6.parse().unwrap();
-    let dp = datapath(
-        "web6",
-        vip6.into(),
-        80,
-        Protocol::Tcp,
-        vec![backend(remote6.into(), 8080, false)],
-    );
-    let syn = dp.run(PROG_TC_INGRESS, &tcp6(client6, 40001, vip6, 80, true, b"")).packet;
+    let (dp, syn) = web6_remote_syn();
     let too_big = Icmpv6Type::PacketTooBig { mtu: 1280 };
     for (what, quoted) in [
         ("hop-by-hop options", with_ipv6_hop_by_hop(&syn)),
         ("a first fragment", with_ipv6_fragment(&syn, 0, true)),
         ("both", with_ipv6_hop_by_hop(&with_ipv6_fragment(&syn, 0, true))),
     ] {
-        let error = icmp6_error(router6, node6, too_big, &quoted);
+        let error = icmp6_error(ROUTER6, node6, too_big, &quoted);
         let (_, e) = run_error(&dp, PROG_TC_INGRESS, &error);
         assert_eq!(
             (e.src, e.dst, e.quoted_src, e.quoted_dst),
-            (IpAddr::from(router6), IpAddr::from(client6), sa(client6, 40001), sa(vip6, 80)),
+            (IpAddr::from(ROUTER6), IpAddr::from(CLIENT6), sa(CLIENT6, 40001), sa(VIP6, 80)),
             "{what}"
         );
     }
     let translated = dp.stat(STAT_ICMP_ERROR_TRANSLATED);
     assert_eq!(translated, 3);
-    let later = icmp6_error(router6, node6, too_big, &with_ipv6_fragment(&syn, 100, false));
+    let later = icmp6_error(ROUTER6, node6, too_big, &with_ipv6_fragment(&syn, 100, false));
     let out = dp.run(PROG_TC_INGRESS, &later);
     assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &later), "untouched");
     assert_eq!(dp.stat(STAT_ICMP_ERROR_TRANSLATED), translated);
@@ -332,21 +328,23 @@ fn a_packet_too_big_for_the_route_to_a_remote_pod_gets_fragmentation_needed() {
     assert_eq!(node.run_xdp(&dp, &small).verdict, 3, "XDP_TX");
 
     // IPv6: packet too big.
-    let vip6: Ipv6Addr = "2001:db8::80".parse().unwrap();
-    let client6: Ipv6Addr = "2001:db8:ffff::7".parse().unwrap();
-    let pod6: Ipv6Addr = "fd00:10:1::5".parse().unwrap();
-    let dp =
-        datapath("web6", vip6.into(), 80, Protocol::Tcp, vec![backend(pod6.into(), 8080, false)]);
-    let big6 = tcp6(client6, 40001, vip6, 80, false, &[7u8; 1400]);
+    let dp = datapath(
+        "web6",
+        VIP6.into(),
+        80,
+        Protocol::Tcp,
+        vec![backend(REMOTE6.into(), 8080, false)],
+    );
+    let big6 = tcp6(CLIENT6, 40001, VIP6, 80, false, &[7u8; 1400]);
     assert_eq!(
-        node.run_tc(&dp, &tcp6(client6, 40001, vip6, 80, true, b""), 0).verdict,
+        node.run_tc(&dp, &tcp6(CLIENT6, 40001, VIP6, 80, true, b""), 0).verdict,
         TC_ACT_REDIRECT
     );
     let out = node.run_tc(&dp, &big6, 0);
     let e = icmp_error(&out.packet).unwrap();
     assert_eq!(
         (e.src, e.dst, e.icmp_type, e.quoted_src, e.quoted_dst),
-        (IpAddr::from(vip6), IpAddr::from(client6), 2, sa(client6, 40001), sa(vip6, 80))
+        (IpAddr::from(VIP6), IpAddr::from(CLIENT6), 2, sa(CLIENT6, 40001), sa(VIP6, 80))
     );
     assert_eq!(e.rest, 1400u32.to_be_bytes());
 }
@@ -358,20 +356,17 @@ fn a_packet_too_big_for_the_route_to_a_remote_pod_gets_fragmentation_needed() {
 #[test]
 fn mutated_icmp_errors_never_break_the_programs_or_conntrack() {
     require_root!();
-    let vip6: Ipv6Addr = "2001:db8::80".parse().unwrap();
-    let client6: Ipv6Addr = "2001:db8:ffff::7".parse().unwrap();
-    let pod6: Ipv6Addr = "fd00:10:1::5".parse().unwrap();
     let mut dp = Datapath::load();
     dp.set_node(Some(NODE.into()), Some(NODE6.parse().unwrap()));
     let local = backend(LOCAL_POD.into(), 5353, true);
     dp.program("dns", &[lb_plan("dns", VIP.into(), 53, Protocol::Udp, vec![local])]);
     let remote = backend(REMOTE_POD.into(), 8080, false);
     dp.program("web", &[lb_plan("web", VIP.into(), 80, Protocol::Tcp, vec![remote])]);
-    let remote6 = backend(pod6.into(), 8080, false);
-    dp.program("web6", &[lb_plan("web6", vip6.into(), 80, Protocol::Tcp, vec![remote6])]);
+    let remote6 = backend(REMOTE6.into(), 8080, false);
+    dp.program("web6", &[lb_plan("web6", VIP6.into(), 80, Protocol::Tcp, vec![remote6])]);
     let query = dp.run(PROG_TC_INGRESS, &udp4(CLIENT, 5000, VIP, 53, b"query")).packet;
     let syn = dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 40001, VIP, 80, true, b"")).packet;
-    let syn6 = dp.run(PROG_TC_INGRESS, &tcp6(client6, 40001, vip6, 80, true, b"")).packet;
+    let syn6 = dp.run(PROG_TC_INGRESS, &tcp6(CLIENT6, 40001, VIP6, 80, true, b"")).packet;
     let node6: Ipv6Addr = NODE6.parse().unwrap();
     let seeds = [
         icmp4_error(LOCAL_POD, CLIENT, port_unreachable(), &query),

@@ -274,15 +274,21 @@ fn lbctl_reports_services_backends_flows_affinity_and_counters() {
     );
 }
 
-#[test]
-fn lbctl_monitor_follows_drops_refusals_and_new_flows_with_who_and_why_and_then_lets_go() {
-    require_root!();
+/// Two nodes, each with a pod serving web (ClusterIP 10.96.0.10, NodePort 30080), and a
+/// service without endpoints, empty (ClusterIP 10.96.0.91, NodePort 30091).
+fn web_and_empty() -> Running {
     let cluster = Cluster::new(2, 1, 1);
     let eps: Vec<Ep> = cluster.nodes.iter().map(|n| Ep::ready(n.pods[0].ip4, &n.name)).collect();
     let empty =
         Svc { name: "empty", cluster_ips: &["10.96.0.91"], node_port: Some(30091), ..Svc::WEB };
     let files = [("web.yaml", Svc::WEB.file(&eps)), ("empty.yaml", empty.file(&[]))];
-    let run = Running::start(cluster, &files);
+    Running::start(cluster, &files)
+}
+
+#[test]
+fn lbctl_monitor_follows_drops_refusals_and_new_flows_with_who_and_why_and_then_lets_go() {
+    require_root!();
+    let run = web_and_empty();
     let pins = run.pins[0].path.to_str().unwrap().to_owned();
     let node0 = run.cluster.nodes[0].ns.name().to_owned();
     assert_eq!(monitor_kinds(&run.pins[0].path), 0);
@@ -391,12 +397,7 @@ fn lbctl_monitor_follows_drops_refusals_and_new_flows_with_who_and_why_and_then_
 #[test]
 fn lbctl_status_shows_health_attachments_maps_and_drops_and_the_maps_once_the_agent_is_gone() {
     require_root!();
-    let cluster = Cluster::new(2, 1, 1);
-    let eps: Vec<Ep> = cluster.nodes.iter().map(|n| Ep::ready(n.pods[0].ip4, &n.name)).collect();
-    let empty =
-        Svc { name: "empty", cluster_ips: &["10.96.0.91"], node_port: Some(30091), ..Svc::WEB };
-    let files = [("web.yaml", Svc::WEB.file(&eps)), ("empty.yaml", empty.file(&[]))];
-    let mut run = Running::start(cluster, &files);
+    let mut run = web_and_empty();
     let pins = run.pins[0].path.to_str().unwrap().to_owned();
     let node0 = run.cluster.nodes[0].ns.name().to_owned();
     let r = parse_probe(&run.from_client(0, &["connect", "10.230.0.10:30080", "--count", "3"]));
