@@ -72,9 +72,11 @@ impl<S: MapStore> Syncer<S> {
         self.failed.len()
     }
 
-    /// Tries again what could not be written; `None` when nothing waits.
+    /// Tries again what could not be written. The report only when some of it got written
+    /// (a retry that changes nothing is not a sync to log or count).
     pub fn retry_failed(&mut self) -> Option<SyncReport> {
-        if self.failed.is_empty() && self.node_failed.is_none() {
+        let waiting = self.failed.len() + usize::from(self.node_failed.is_some());
+        if waiting == 0 {
             return None;
         }
         let start = Instant::now();
@@ -84,7 +86,8 @@ impl<S: MapStore> Syncer<S> {
         };
         let mut report = self.reprogram(&affected);
         report.elapsed = start.elapsed();
-        Some(report)
+        let still = self.failed.len() + usize::from(self.node_failed.is_some());
+        (still < waiting).then_some(report)
     }
 
     /// Applies events and reprograms every service they affect.

@@ -133,7 +133,10 @@ fn healthz_and_livez_answer_like_kube_proxys_for_failed_writes_and_draining_node
     assert_eq!(refused, ["err ENETUNREACH"], "not programmed: a ClusterIP no node routes");
 
     // Past the timeout, both say so; the body is kube-proxy's.
+    let synced = run.agents[0].count_log("synced");
     eventually(10, "/healthz 503", || get(&run, 0, "/healthz").0 == 503);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(run.agents[0].count_log("synced"), synced, "retries that write nothing: not syncs");
     let (code, body) = get(&run, 0, "/livez");
     assert_eq!(code, 503, "{body}");
     let (_, body) = get(&run, 0, "/healthz");
