@@ -383,6 +383,34 @@ fn lbctl_monitor_follows_drops_refusals_and_new_flows_with_who_and_why_and_then_
     );
     assert_eq!(monitor_kinds(&run.pins[0].path), 0, "stopped by its count: lease released");
 
+    // Read through a pipe whose reader leaves (`| head -n 1`): it stops cleanly, lease given
+    // back.
+    let line = format!(
+        "set -o pipefail; {} monitor --type connect --bpffs {pins} | head -n 1",
+        workspace_bin("lbctl").display()
+    );
+    let mut piped = command_in(std::path::Path::new("/bin/bash"), Some(&node0), None)
+        .args(["-c", &line])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while monitor_kinds(&run.pins[0].path) == 0 {
+        assert!(start.elapsed().as_secs() < 10, "the piped monitor never took its lease");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Events until it notices the reader is gone (its next write after head's exit).
+    let start = std::time::Instant::now();
+    while piped.try_wait().unwrap().is_none() {
+        assert!(start.elapsed().as_secs() < 10, "the piped monitor never stopped");
+        ok(run.from_pod(0, 0, &["connect", "10.96.0.10:80"]));
+    }
+    let out = piped.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+    assert_eq!(monitor_kinds(&run.pins[0].path), 0, "lease released");
+
     // After it: nothing is sent (a monitor started now sees only what happens from now on).
     refused(run.from_pod(0, 0, &["connect", "10.96.0.91:80"]));
     let out = command_in(&workspace_bin("lbctl"), Some(&node0), None)

@@ -494,7 +494,7 @@ fn live(cmd: Command) -> Result<()> {
                 force,
             };
             let mut out = std::io::stdout().lock();
-            let lost = lb_agent::monitor::run(&pins.bpffs, &watch, |e| {
+            let lost = match lb_agent::monitor::run(&pins.bpffs, &watch, |e| {
                 use std::io::Write;
                 match pins.output {
                     Output::Json => writeln!(out, "{}", serde_json::to_string(e)?)?,
@@ -503,7 +503,17 @@ fn live(cmd: Command) -> Result<()> {
                 // Each line as it happens, also into a pipe.
                 out.flush()?;
                 Ok(())
-            })?;
+            }) {
+                Ok(lost) => lost,
+                // The reader went away (`lbctl monitor | head`): done, not an error.
+                Err(e)
+                    if e.downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+                {
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
             if lost > 0 {
                 eprintln!("lbctl: {lost} events lost (the ring buffer was full)");
             }
