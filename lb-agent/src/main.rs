@@ -27,7 +27,7 @@ use lb_agent::{
         self, endpoints,
         endpoints::Status,
         health_check::HealthServers,
-        metrics::{KindLabel, MapLabel, ProgramLabel},
+        metrics::{KindLabel, MapLabel, PolicyLabel, ProgramLabel},
     },
     sources::{
         Event, Object,
@@ -525,6 +525,11 @@ async fn after_sync(
         h.set_node_eligible(node.is_none_or(lb_agent::serve::proxy_health::node_eligible));
     }
     m.unprogrammed.set(syncer.failed_count() as i64);
+    let (internal, external) = syncer.no_local_endpoints();
+    for (policy, n) in [("internal", internal), ("external", external)] {
+        let label = PolicyLabel { traffic_policy: policy.into() };
+        m.no_local_endpoints.get_or_create(&label).set(n as i64);
+    }
     let (services, slices, nodes) = syncer.state.counts();
     for (kind, n) in [("Service", services), ("EndpointSlice", slices), ("Node", nodes)] {
         m.objects.get_or_create(&KindLabel { kind: kind.into() }).set(n as i64);

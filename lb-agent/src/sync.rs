@@ -46,6 +46,9 @@ pub struct Syncer<S: MapStore> {
     node_failed: Option<Instant>,
     /// EndpointSlice changes' trigger times, for the network programming latency.
     triggers: TriggerTimes,
+    /// Service ports (per family) with a Local traffic policy and no local endpoint here,
+    /// though endpoints exist elsewhere: (internal, external), per service.
+    no_local: std::collections::BTreeMap<ObjKey, (usize, usize)>,
 }
 
 impl<S: MapStore> Syncer<S> {
@@ -59,7 +62,15 @@ impl<S: MapStore> Syncer<S> {
             failed: Default::default(),
             node_failed: None,
             triggers: TriggerTimes::new(jiff::Timestamp::now()),
+            no_local: Default::default(),
         }
+    }
+
+    /// Service ports whose traffic this node drops for want of a local endpoint, by traffic
+    /// policy (internal, external): kube-proxy's
+    /// `sync_proxy_rules_no_local_endpoints_total`, for alerts.
+    pub fn no_local_endpoints(&self) -> (usize, usize) {
+        self.no_local.values().fold((0, 0), |(i, e), (a, b)| (i + a, e + b))
     }
 
     /// Since when a change has been waiting to reach the maps (none: they match the state).
@@ -180,6 +191,12 @@ impl<S: MapStore> Syncer<S> {
             } else {
                 self.health.insert(key.clone(), health);
             }
+            let no_local = no_local_endpoints(outcome.plans());
+            if no_local == (0, 0) {
+                self.no_local.remove(&key);
+            } else {
+                self.no_local.insert(key.clone(), no_local);
+            }
             report.services_planned += 1;
             match self.writer.apply_object(&key, outcome.plans()) {
                 Ok(r) => {
@@ -249,4 +266,25 @@ impl<S: MapStore> Syncer<S> {
     pub fn finish_initial_sync(&mut self) -> Result<()> {
         self.writer.finish_initial_sync()
     }
+}
+
+/// Of `plans`, how many have internalTrafficPolicy Local and how many have
+/// externalTrafficPolicy Local (with a frontend for outside traffic) and no local endpoint
+/// for that traffic, while endpoints exist elsewhere.
+fn no_local_endpoints(plans: &[model::plan::ServicePlan]) -> (usize, usize) {
+    use model::plan::{Scope, TrafficPolicy};
+    let (mut internal, mut external) = (0, 0);
+    for p in plans.iter().filter(|p| p.has_any_endpoints) {
+        if p.internal_traffic_policy == TrafficPolicy::Local && p.internal_backends.is_empty() {
+            internal += 1;
+        }
+        let outside = p.frontends.iter().any(|f| f.scope == Scope::External);
+        if outside
+            && p.external_traffic_policy == TrafficPolicy::Local
+            && p.external_backends.is_empty()
+        {
+            external += 1;
+        }
+    }
+    (internal, external)
 }

@@ -22,7 +22,20 @@ fn health_ready_metrics_and_health_check_node_ports() {
         spec: "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
         extra: "",
     };
-    let mut run = Running::start(cluster, &[("lb.yaml", lb.file(&[Ep::ready(pod0, "node-0")]))]);
+    // internalTrafficPolicy Local with its one endpoint on node-1.
+    let pod1 = cluster.nodes[1].pods[0].ip4;
+    let itp = Svc {
+        name: "itp",
+        cluster_ips: &["10.96.0.81"],
+        node_port: None,
+        spec: "  internalTrafficPolicy: Local\n",
+        ..Svc::WEB
+    };
+    let files = [
+        ("lb.yaml", lb.file(&[Ep::ready(pod0, "node-0")])),
+        ("itp.yaml", itp.file(&[Ep::ready(pod1, "node-1")])),
+    ];
+    let mut run = Running::start(cluster, &files);
     let node0 = &run.cluster.nodes[0];
     assert_eq!(http_get(&node0.ns, "127.0.0.1:10256", "/healthz").unwrap().0, 200);
     // Metrics on their own port, as kube-proxy's: the health port is for load balancers.
@@ -53,7 +66,15 @@ fn health_ready_metrics_and_health_check_node_ports() {
     let value = |name: &str| metric(&metrics, name);
     assert_eq!(value("lb_datapath_events_total{event=\"ct_new\"}"), 5.0);
     assert!(value("lb_datapath_service_packets_total{service=\"default/lb:p/TCP/IPv4\"}") >= 15.0);
-    assert_eq!(value("lb_objects{kind=\"Service\"}"), 1.0);
+    assert_eq!(value("lb_objects{kind=\"Service\"}"), 2.0);
+    // Local policies without a local endpoint here (kube-proxy's alerting metric): node-0
+    // drops itp's traffic from its pods, node-1 lb's from outside.
+    let no_local = |page: &str, policy: &str| {
+        metric(page, &format!("lb_services_no_local_endpoints{{traffic_policy=\"{policy}\"}}"))
+    };
+    assert_eq!((no_local(&metrics, "internal"), no_local(&metrics, "external")), (1.0, 0.0));
+    let node1 = run.metrics(1);
+    assert_eq!((no_local(&node1, "internal"), no_local(&node1, "external")), (0.0, 1.0));
     assert_eq!(value("lb_map_capacity{map=\"LB_CT\"}"), 65536.0);
     assert!(value("lb_map_entries{map=\"LB_BACKENDS\"}") >= 1.0);
     assert_eq!(value("lb_program_attached{program=\"tc\",target=\"eth0\"}"), 1.0);
@@ -88,6 +109,8 @@ fn health_ready_metrics_and_health_check_node_ports() {
     let (code, body) = http_get(&run.cluster.clients[0].ns, "10.230.0.10:32000", "/").unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(value("lb_syncs_total") >= 0.0);
+    // No endpoint anywhere: refused everywhere, not a local-policy drop any more.
+    assert_eq!(no_local(&run.metrics(1), "external"), 0.0);
 }
 
 /// Polls `f` until it holds, for up to `secs` seconds.

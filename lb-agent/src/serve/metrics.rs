@@ -32,6 +32,12 @@ pub struct ProgramLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    /// `internal` or `external`.
+    pub traffic_policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabel {
     service: String,
 }
@@ -52,6 +58,8 @@ pub struct Metrics {
     pub attached: Family<ProgramLabel, Gauge>,
     /// Services whose maps could not be written (retried).
     pub unprogrammed: Gauge,
+    /// Service ports with a Local policy and no local endpoint, by policy.
+    pub no_local_endpoints: Family<PolicyLabel, Gauge>,
     /// kube-proxy's network programming latency (`latency.rs`).
     pub programming_seconds: Histogram,
     /// When the maps last matched the cluster state (Unix seconds).
@@ -85,6 +93,7 @@ impl Metrics {
             map_capacity: Family::default(),
             attached: Family::default(),
             unprogrammed: Gauge::default(),
+            no_local_endpoints: Family::default(),
             // 10 ms .. 10 min: the time includes the EndpointSlice controller's and the watch's.
             programming_seconds: Histogram::new([
                 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -107,6 +116,13 @@ impl Metrics {
             "services_unprogrammed",
             "Services whose maps could not be written (a map full, say); retried every 2 s",
             m.unprogrammed.clone(),
+        );
+        registry.register(
+            "services_no_local_endpoints",
+            "Service ports with internal or externalTrafficPolicy Local and no local endpoint on \
+             this node (their traffic here is dropped), as kube-proxy's \
+             sync_proxy_rules_no_local_endpoints_total",
+            m.no_local_endpoints.clone(),
         );
         registry.register(
             "network_programming_duration_seconds",
