@@ -91,6 +91,7 @@ fn kustomization_daemonset_flags_and_dashboard_are_consistent() {
         "lb_network_programming_duration_seconds_bucket",
         "lb_services_unprogrammed",
         "lb_sync_last_timestamp_seconds",
+        "lb_services_no_local_endpoints",
     ];
     for panel in dash["panels"].as_array().unwrap() {
         for t in panel["targets"].as_array().unwrap() {
