@@ -86,6 +86,16 @@ fn counter_name(index: u32) -> &'static str {
 pub struct Lease {
     options: Array<MapData, u32>,
     kinds: u32,
+    /// This holder's token in `OPT_MONITOR_OWNER`.
+    token: u32,
+}
+
+/// A token no other running monitor is likely to have chosen (never 0).
+fn token() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    (nanos ^ std::process::id().rotate_left(16)) | 1
 }
 
 /// Now, in the datapath's clock's whole seconds.
@@ -119,13 +129,22 @@ impl Lease {
                 until - now
             );
         }
-        let mut lease = Self { options, kinds };
+        let mut lease = Self { options, kinds, token: token() };
+        lease.options.set(OPT_MONITOR_OWNER, lease.token, 0)?;
         lease.renew()?;
         Ok(lease)
     }
 
-    /// Extends the lease by [`LEASE_S`] from now.
+    /// Whether this monitor still holds the lease (another may have taken it over).
+    fn held(&self) -> bool {
+        self.options.get(&OPT_MONITOR_OWNER, 0).is_ok_and(|owner| owner == self.token)
+    }
+
+    /// Extends the lease by [`LEASE_S`] from now; fails once another monitor took it over.
     pub fn renew(&mut self) -> Result<()> {
+        if !self.held() {
+            bail!("another lbctl monitor took over (--force): stopping");
+        }
         // The deadline first: a reader seeing the kinds must not see a stale deadline.
         self.options.set(OPT_MONITOR_UNTIL_S, now_s() + LEASE_S, 0)?;
         self.options.set(OPT_MONITOR_KINDS, self.kinds, 0).context("writing LB_OPTIONS")
@@ -133,9 +152,13 @@ impl Lease {
 }
 
 impl Drop for Lease {
+    /// Gives the lease back, unless another monitor holds it now.
     fn drop(&mut self) {
-        let _ = self.options.set(OPT_MONITOR_KINDS, 0, 0);
-        let _ = self.options.set(OPT_MONITOR_UNTIL_S, 0, 0);
+        if self.held() {
+            let _ = self.options.set(OPT_MONITOR_KINDS, 0, 0);
+            let _ = self.options.set(OPT_MONITOR_UNTIL_S, 0, 0);
+            let _ = self.options.set(OPT_MONITOR_OWNER, 0, 0);
+        }
     }
 }
 

@@ -17,6 +17,9 @@ pub const EVENTS_BYTES: u32 = 512 * 1024;
 pub const OPT_MONITOR_KINDS: u32 = 9;
 /// Until when, in whole seconds of CLOCK_MONOTONIC_COARSE (the datapath's clock).
 pub const OPT_MONITOR_UNTIL_S: u32 = 10;
+/// Which monitor holds the lease (a token it chose): one that was taken over (`--force`)
+/// notices, and leaves the new holder's lease alone when it stops. Not read by the datapath.
+pub const OPT_MONITOR_OWNER: u32 = 11;
 
 /// A device hook dropped a packet (`reason`: the `STAT_DROP_*` counter it also counted, or
 /// `STAT_TOO_BIG`: too big for its route, answered with fragmentation needed / packet too big).
@@ -95,7 +98,7 @@ pub const EVENT_F_SNAT: u8 = 2;
 const _: () = {
     assert!(core::mem::size_of::<MonitorEvent>() == 144);
     assert!(core::mem::align_of::<MonitorEvent>() == 8);
-    assert!(OPT_MONITOR_UNTIL_S < crate::OPT_COUNT && OPT_MONITOR_KINDS < crate::OPT_COUNT);
+    assert!(OPT_MONITOR_OWNER < crate::OPT_COUNT && OPT_MONITOR_KINDS < crate::OPT_COUNT);
     assert!(OPT_MONITOR_KINDS > crate::OPT_HOST_NETNS_COOKIE_HI);
 };
 

@@ -58,8 +58,12 @@ fn datapath() -> Datapath {
 }
 
 fn lease(dp: &Datapath, kinds: &[Kind]) -> anyhow::Result<Lease> {
+    lease_forced(dp, kinds, false)
+}
+
+fn lease_forced(dp: &Datapath, kinds: &[Kind], force: bool) -> anyhow::Result<Lease> {
     let options = Array::try_from(Map::Array(dp.map_handle(MAP_OPTIONS))).unwrap();
-    Lease::on(options, monitor::mask(kinds), false)
+    Lease::on(options, monitor::mask(kinds), force)
 }
 
 fn ring(dp: &Datapath) -> RingBuf<MapData> {
@@ -142,6 +146,18 @@ fn device_hooks_report_only_while_a_lease_asks_and_only_the_kinds_it_asks_for() 
         events.iter().map(|e| (e.kind, e.hook)).collect::<Vec<_>>(),
         [(EVENT_DROP, HOOK_XDP)]
     );
+
+    // Taken over (--force): the first monitor notices at its next renewal, and stopping
+    // leaves the new holder's lease alone.
+    let mut first = held;
+    let second = lease_forced(&dp, &[Kind::Reject], true).unwrap();
+    let err = first.renew().err().expect("taken over");
+    assert!(err.to_string().contains("another lbctl monitor took over"), "{err}");
+    drop(first);
+    assert_eq!(dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 4004, VIP, 82, true, b"")).verdict, 7);
+    let events = drain(&mut ring);
+    assert_eq!(events.iter().map(|e| e.kind).collect::<Vec<_>>(), [EVENT_REJECT], "second's kinds");
+    let held = second;
 
     // Released: nothing more.
     drop(held);
