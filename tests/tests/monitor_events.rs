@@ -151,7 +151,7 @@ fn device_hooks_report_only_while_a_lease_asks_and_only_the_kinds_it_asks_for() 
     // leaves the new holder's lease alone.
     let mut first = held;
     let second = lease_forced(&dp, &[Kind::Reject], true).unwrap();
-    let err = first.renew().err().expect("taken over");
+    let err = first.renew().expect_err("taken over");
     assert!(err.to_string().contains("another lbctl monitor took over"), "{err}");
     drop(first);
     assert_eq!(dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 4004, VIP, 82, true, b"")).verdict, 7);
