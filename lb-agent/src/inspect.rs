@@ -68,6 +68,13 @@ pub struct BackendRow {
     pub local: bool,
     pub terminating: bool,
     pub services: Vec<String>,
+    /// Device-hook flows (outside clients) on it that have not ended or expired, from
+    /// conntrack: what a terminating backend still serves. Socket-hook connections (pods, the
+    /// node) go to the backend directly and are not tracked. Filled by
+    /// [`Inspection::backends_with_flows`].
+    pub open_flows: u64,
+    /// Flows on it that are closing (FIN or RST seen, or in TIME_WAIT) and not yet expired.
+    pub closing_flows: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -283,8 +290,40 @@ impl Inspection {
                 local: b.flags & BE_F_LOCAL != 0,
                 terminating: b.flags & BE_F_TERMINATING != 0,
                 services: users.remove(&id).unwrap_or_default().into_iter().collect(),
+                open_flows: 0,
+                closing_flows: 0,
             })
             .collect()
+    }
+
+    /// [`Self::backends`] with their live flows counted from conntrack (one read of the map).
+    pub fn backends_with_flows(&self) -> Result<Vec<BackendRow>> {
+        let map = open_pinned(&self.bpffs, MAP_CONNTRACK)?;
+        let timeouts = self.ct_timeouts()?;
+        let now = datapath_now_ns();
+        let mut flows: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+        batch::for_each_chunk::<CtKey, CtValue>(&map, |keys, values| {
+            for (k, v) in keys.iter().zip(values) {
+                // One entry per flow: the original direction's.
+                if v.flags & CT_F_REPLY != 0
+                    || timeouts.expired(k.proto, v.state, now.saturating_sub(v.last_seen_ns))
+                {
+                    continue;
+                }
+                let counts = flows.entry(v.backend_id).or_default();
+                if v.state >= CT_STATE_CLOSING {
+                    counts.1 += 1;
+                } else {
+                    counts.0 += 1;
+                }
+            }
+            Ok(())
+        })?;
+        let mut rows = self.backends();
+        for r in &mut rows {
+            (r.open_flows, r.closing_flows) = flows.get(&r.id).copied().unwrap_or_default();
+        }
+        Ok(rows)
     }
 
     /// The Maglev table of a service port (by id or name substring): frontend, size, slots.

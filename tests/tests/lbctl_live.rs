@@ -87,6 +87,21 @@ fn lbctl_reports_services_backends_flows_affinity_and_counters() {
     let local: Vec<bool> =
         backends.as_array().unwrap().iter().map(|b| b["local"].as_bool().unwrap()).collect();
     assert_eq!(local.iter().filter(|l| **l).count(), 2, "node-0's pod is local: {backends}");
+    // The 10 connections (one backend: affinity) ended with FIN: closing, none open.
+    let flows =
+        |b: &Value| (b["open_flows"].as_u64().unwrap(), b["closing_flows"].as_u64().unwrap());
+    let with_flows: Vec<(String, (u64, u64))> = backends
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| flows(b) != (0, 0))
+        .map(|b| (b["address"].as_str().unwrap().to_owned(), flows(b)))
+        .collect();
+    let pod_ip = |name: &str| {
+        let n: usize = name[5..6].parse().unwrap();
+        run.cluster.nodes[n].pods[0].ip4.to_string()
+    };
+    assert_eq!(with_flows, [(format!("{}:8080", pod_ip(&backend)), (0, 10))], "{backends}");
 
     let ct = lbctl(&["conntrack", "--bpffs", &pins, "-o", "json", "--protocol", "tcp"]);
     let rows = ct.as_array().unwrap();
@@ -129,10 +144,6 @@ fn lbctl_reports_services_backends_flows_affinity_and_counters() {
         )
     };
     let before = state(&pins);
-    let pod_ip = |name: &str| {
-        let n: usize = name[5..6].parse().unwrap();
-        run.cluster.nodes[n].pods[0].ip4.to_string()
-    };
     // An established-by-affinity client: explain names the affinity entry and the sticky backend.
     let e = lbctl_in(
         &node0,

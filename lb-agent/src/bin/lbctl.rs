@@ -302,24 +302,27 @@ fn live(cmd: Command) -> Result<()> {
             }
         }
         Command::Backends(p) => {
-            let rows = Inspection::open(&p.bpffs)?.backends();
+            let rows = Inspection::open(&p.bpffs)?.backends_with_flows()?;
             match p.output {
                 Output::Json => print_json(&rows)?,
                 Output::Table => {
                     println!(
-                        "{:>6}  {:<26} {:<6} {:<12} SERVICES",
-                        "ID", "ADDRESS", "LOCAL", "TERMINATING"
+                        "{:>6}  {:<26} {:<6} {:<12} {:>7} {:>8}  SERVICES",
+                        "ID", "ADDRESS", "LOCAL", "TERMINATING", "FLOWS", "CLOSING"
                     );
                     for r in rows {
                         println!(
-                            "{:>6}  {:<26} {:<6} {:<12} {}",
+                            "{:>6}  {:<26} {:<6} {:<12} {:>7} {:>8}  {}",
                             r.id,
                             r.address,
                             r.local,
                             r.terminating,
+                            r.open_flows,
+                            r.closing_flows,
                             r.services.join(", ")
                         );
                     }
+                    println!("(flows: from outside clients, through the device hooks)");
                 }
             }
         }
