@@ -155,16 +155,14 @@ fn an_error_about_a_reply_reaches_the_pod_that_sent_it() {
     }
 }
 
-/// web6 ([2001:db8::80]:80) with its one backend on another node, and the client's SYN as tc
-/// ingress forwarded it (SNATed to the node).
+/// web6 ([2001:db8::80]:80) with its one backend on another node.
+fn web6_remote() -> Datapath {
+    datapath("web6", VIP6.into(), 80, Protocol::Tcp, vec![backend(REMOTE6.into(), 8080, false)])
+}
+
+/// [`web6_remote`] and the client's SYN as tc ingress forwarded it (SNATed to the node).
 fn web6_remote_syn() -> (Datapath, Vec<u8>) {
-    let dp = datapath(
-        "web6",
-        VIP6.into(),
-        80,
-        Protocol::Tcp,
-        vec![backend(REMOTE6.into(), 8080, false)],
-    );
+    let dp = web6_remote();
     let syn = dp.run(PROG_TC_INGRESS, &tcp6(CLIENT6, 40001, VIP6, 80, true, b"")).packet;
     (dp, syn)
 }
@@ -328,13 +326,7 @@ fn a_packet_too_big_for_the_route_to_a_remote_pod_gets_fragmentation_needed() {
     assert_eq!(node.run_xdp(&dp, &small).verdict, 3, "XDP_TX");
 
     // IPv6: packet too big.
-    let dp = datapath(
-        "web6",
-        VIP6.into(),
-        80,
-        Protocol::Tcp,
-        vec![backend(REMOTE6.into(), 8080, false)],
-    );
+    let dp = web6_remote();
     let big6 = tcp6(CLIENT6, 40001, VIP6, 80, false, &[7u8; 1400]);
     assert_eq!(
         node.run_tc(&dp, &tcp6(CLIENT6, 40001, VIP6, 80, true, b""), 0).verdict,
