@@ -21,6 +21,8 @@ use crate::dataplane::{conntrack_gc::datapath_now_ns, loader::maps_pin_dir};
 
 /// Seconds a lease lasts without renewal.
 pub const LEASE_S: u32 = 3;
+/// Events read before the other branches of the loop (renewal, signals) get their turn.
+const MAX_READ_AT_ONCE: usize = 1024;
 
 /// Kinds of event, as `lbctl monitor --type` names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -482,7 +484,9 @@ async fn watch_events(
         tokio::select! {
             ready = ring.readable_mut() => {
                 let mut guard = ready?;
+                let mut read = 0;
                 while let Some(item) = guard.get_inner_mut().next() {
+                    read += 1;
                     let Some(event) = decode(&item) else { continue };
                     let v = view(&event, names, wall_offset);
                     if !watch.keeps(&v) {
@@ -493,8 +497,15 @@ async fn watch_events(
                     if watch.count.is_some_and(|c| seen >= c) {
                         return Ok(());
                     }
+                    if read >= MAX_READ_AT_ONCE {
+                        // Still ready: back after the other branches (the lease's renewal
+                        // must not wait for a flood to end).
+                        break;
+                    }
                 }
-                guard.clear_ready();
+                if read < MAX_READ_AT_ONCE {
+                    guard.clear_ready();
+                }
             }
             _ = renew.tick() => lease.renew()?,
             _ = interrupt.recv() => return Ok(()),
