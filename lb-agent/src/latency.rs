@@ -53,6 +53,12 @@ impl TriggerTimes {
         self.seen.remove(slice);
     }
 
+    /// Only these slices exist (a re-list): the others are forgotten.
+    pub fn keep_only(&mut self, slices: impl Iterator<Item = ObjKey>) {
+        let live: std::collections::HashSet<ObjKey> = slices.collect();
+        self.seen.retain(|k, _| live.contains(k));
+    }
+
     /// The latencies, in seconds at `now`, of the pending changes whose service is now in the
     /// maps (`failed`: it could not be written; its changes wait for the retry).
     pub fn programmed(&mut self, now: Timestamp, failed: impl Fn(&ObjKey) -> bool) -> Vec<f64> {
@@ -102,7 +108,10 @@ mod tests {
         assert_eq!(t.programmed(now, failed), vec![2.5]);
         assert_eq!(t.programmed(now, failed), Vec::<f64>::new());
         assert_eq!(t.programmed(ts("2026-12-06T00:00:14Z"), |_| false), vec![3.0]);
-        // Deleted and re-created with the same time: a new change.
+        // A re-list without it forgets it; deleted and re-created with the same time: a new
+        // change.
+        t.keep_only([ObjKey::new("default", "dns-a")].into_iter());
+        assert_eq!(t.seen.len(), 1);
         t.forget(&ObjKey::new("default", "web-a"));
         t.note(&slice("web-a", "web", Some("2026-12-06T00:00:10Z")));
         assert_eq!(t.programmed(ts("2026-12-06T00:00:20Z"), |s| s != &web), vec![10.0]);

@@ -102,7 +102,8 @@ pub struct ClusterState {
     nodes: BTreeMap<String, Node>,
 }
 
-fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjKey {
+/// An object's key: its namespace ("default" when unset) and name.
+pub fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjKey {
     ObjKey::new(
         meta.namespace.clone().unwrap_or_else(|| "default".into()),
         meta.name.clone().unwrap_or_default(),

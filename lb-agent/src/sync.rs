@@ -125,6 +125,14 @@ impl<S: MapStore> Syncer<S> {
         objects: Vec<crate::sources::Object>,
     ) -> SyncReport {
         let start = Instant::now();
+        if kind == crate::sources::kube::Kind::EndpointSlice {
+            // Slices deleted while the watch was down are forgotten (no trigger time counts
+            // from a re-list: its slices did not change now).
+            self.triggers.keep_only(objects.iter().filter_map(|o| match o {
+                Object::EndpointSlice(s) => Some(crate::state::key_of(&s.metadata)),
+                _ => None,
+            }));
+        }
         let affected = self.state.replace_kind(kind, objects);
         let mut report = self.reprogram(&affected);
         report.elapsed = start.elapsed();
