@@ -158,7 +158,8 @@ fn kind_name(flags: u32) -> &'static str {
     }
 }
 
-fn open_pinned(bpffs: &Path, name: &str) -> Result<MapData> {
+/// A map pinned by the agent under `bpffs`, or why it cannot be opened.
+pub fn open_pinned(bpffs: &Path, name: &str) -> Result<MapData> {
     let path = maps_pin_dir(bpffs).join(name);
     if !path.exists() {
         bail!(

@@ -17,7 +17,7 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use lb_common::*;
 use serde::Serialize;
 
-use crate::dataplane::{conntrack_gc::datapath_now_ns, loader::maps_pin_dir};
+use crate::dataplane::conntrack_gc::datapath_now_ns;
 
 /// Seconds a lease lasts without renewal.
 pub const LEASE_S: u32 = 3;
@@ -108,14 +108,7 @@ fn now_s() -> u32 {
 impl Lease {
     /// Takes the lease for `kinds`; refuses while another monitor's lasts, unless `force`.
     pub fn take(bpffs: &Path, kinds: u32, force: bool) -> Result<Self> {
-        let path = maps_pin_dir(bpffs).join(MAP_OPTIONS);
-        let data = MapData::from_pin(&path).with_context(|| {
-            format!(
-                "opening {} (is an agent running with --bpffs {}?)",
-                path.display(),
-                bpffs.display()
-            )
-        })?;
+        let data = crate::inspect::open_pinned(bpffs, MAP_OPTIONS)?;
         Self::on(Array::try_from(Map::Array(data))?, kinds, force)
     }
 
@@ -321,17 +314,9 @@ struct PinnedNames {
     cgroup_root: std::path::PathBuf,
 }
 
-/// Where cgroup v2 is mounted: from /proc/self/mounts, else /sys/fs/cgroup (where the
-/// DaemonSet mounts the host's).
+/// Where cgroup v2 is mounted, else /sys/fs/cgroup (where the DaemonSet mounts the host's).
 pub fn cgroup_root() -> std::path::PathBuf {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 2 && f[2] == "cgroup2").then(|| f[1].into())
-        })
-        .unwrap_or_else(|| "/sys/fs/cgroup".into())
+    crate::dataplane::attach::cgroup2_mount().unwrap_or_else(|| "/sys/fs/cgroup".into())
 }
 /// A walk gives up after this many directories (a node has a few thousand).
 const CGROUP_WALK_LIMIT: usize = 200_000;
@@ -423,17 +408,7 @@ impl Watch {
 /// (an error from it, such as a closed pipe, stops the monitor). Returns how many events the
 /// ring buffer had no room for meanwhile.
 pub fn run(bpffs: &Path, watch: &Watch, emit: impl FnMut(&EventView) -> Result<()>) -> Result<u64> {
-    let dir = maps_pin_dir(bpffs);
-    let open = |name: &str| {
-        let path = dir.join(name);
-        MapData::from_pin(&path).with_context(|| {
-            format!(
-                "opening {} (is an agent of this version running with --bpffs {}?)",
-                path.display(),
-                bpffs.display()
-            )
-        })
-    };
+    let open = |name: &str| crate::inspect::open_pinned(bpffs, name);
     let mut ring = RingBuf::try_from(Map::RingBuf(open(MAP_EVENTS)?))?;
     let names = PinnedNames {
         names: HashMap::try_from(Map::HashMap(open(MAP_NAMES)?))?,

@@ -17,7 +17,7 @@ use lb_common::*;
 use serde::Serialize;
 
 use crate::{
-    dataplane::{conntrack_gc::datapath_now_ns, links::links_pin_dir, loader::maps_pin_dir},
+    dataplane::{conntrack_gc::datapath_now_ns, links::links_pin_dir},
     explain::attached_devices,
     inspect::Inspection,
     monitor::find_cgroup,
@@ -160,7 +160,7 @@ pub fn status(bpffs: &Path, health: SocketAddr, metrics: SocketAddr) -> Result<S
 
 /// Seconds left on a monitor's lease, if one holds it.
 fn monitor_lease(bpffs: &Path) -> Option<u32> {
-    let data = MapData::from_pin(maps_pin_dir(bpffs).join(MAP_OPTIONS)).ok()?;
+    let data = crate::inspect::open_pinned(bpffs, MAP_OPTIONS).ok()?;
     let options: Array<MapData, u32> = Array::try_from(Map::Array(data)).ok()?;
     let kinds = options.get(&OPT_MONITOR_KINDS, 0).ok()?;
     let until = options.get(&OPT_MONITOR_UNTIL_S, 0).ok()?;

@@ -29,13 +29,7 @@ pub fn remove_stale_in(dir: &std::path::Path, remove: impl Fn(&std::path::Path))
 /// Where cgroup v2 is mounted (`/sys/fs/cgroup/unified` on hybrid hosts, `/sys/fs/cgroup` on
 /// pure v2 ones).
 pub fn cgroup2_root() -> PathBuf {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
-        })
+    lb_agent::dataplane::attach::cgroup2_mount()
         .expect("no cgroup2 mount found (socket hooks need cgroup v2)")
 }
 

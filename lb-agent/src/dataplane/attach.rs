@@ -217,3 +217,13 @@ pub fn cgroup(ebpf: &mut Ebpf, cgroup: &Path, pins: Option<&mut LinkPins>) -> Re
     info!(cgroup = %cgroup.display(), "socket hooks attached");
     Ok(())
 }
+
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup` on pure v2 hosts, `/sys/fs/cgroup/unified` on
+/// hybrid ones), from /proc/self/mounts.
+pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 2 && f[2] == "cgroup2").then(|| f[1].into())
+    })
+}
