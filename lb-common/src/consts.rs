@@ -262,7 +262,8 @@ pub const STAT_SERVICE_MISS: u32 = 2;
 pub const STAT_NOT_IP: u32 = 3;
 /// IP, but neither TCP nor UDP (ICMP, ...): passed untouched.
 pub const STAT_OTHER_L4: u32 = 4;
-/// A non-first IP fragment: no ports to look up, passed untouched.
+/// A non-first IP fragment passed untouched: not of a translated flow, or ahead of its first
+/// fragment (XDP: every one, handed to tc). Translated ones: `STAT_FRAGMENT_TRANSLATED`.
 pub const STAT_FRAGMENT: u32 = 5;
 /// Truncated or inconsistent headers: passed to the stack, which rejects them itself.
 pub const STAT_MALFORMED: u32 = 6;
@@ -317,6 +318,8 @@ pub const STAT_TOO_BIG: u32 = 29;
 pub const STAT_ICMP_RATE_LIMITED: u32 = 30;
 /// A monitor event not sent: the ring buffer was full (`lbctl monitor` reading too slowly).
 pub const STAT_MONITOR_LOST: u32 = 31;
+/// A fragment after the first given its datagram's translation (tc; see `STAT_FRAGMENT`).
+pub const STAT_FRAGMENT_TRANSLATED: u32 = 32;
 /// Number of slots in LB_STATS (room for the counters later programs add).
 pub const STAT_COUNT: u32 = 64;
 
@@ -354,4 +357,5 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (STAT_TOO_BIG, "too_big"),
     (STAT_ICMP_RATE_LIMITED, "icmp_rate_limited"),
     (STAT_MONITOR_LOST, "monitor_lost"),
+    (STAT_FRAGMENT_TRANSLATED, "fragment_translated"),
 ];

@@ -9,11 +9,11 @@ use aya_ebpf::maps::{Array, lpm_trie::Key};
 use lb_common::*;
 
 use crate::{
-    conntrack, lookup,
+    conntrack, fragment, lookup,
     maps::{FLOW, INGRESS_PORTS, OPTIONS, REPLY_PORTS, SOURCE_RANGES},
     monitor,
     nat::{self, NatError},
-    packet::{self, Flow, Skip, TCP_RST},
+    packet::{self, FRAG_FIRST, Flow, Skip, TCP_RST},
     rewrite::{self, Rewrite},
     select, stats,
 };
@@ -78,6 +78,9 @@ fn source_allowed(service_id: u32, saddr: &Addr) -> bool {
 fn apply<R: Rewrite>(pkt: &mut R, flow: &Flow, ct: &CtValue, hook: Hook, len: u32) -> Action {
     if rewrite::apply(pkt, flow, ct).is_err() {
         return dropped(pkt, hook, STAT_DROP_REWRITE, ct.service_id, len);
+    }
+    if flow.frag == FRAG_FIRST {
+        fragment::remember(flow);
     }
     if ct.flags & CT_F_SNAT != 0 && hook != Hook::TcEgress {
         return Action::Redirect;
@@ -157,6 +160,10 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
     match packet::parse(&pkt.bounds(), flow) {
         Ok(()) => {}
         Err(Skip::Icmp) if hook != Hook::Xdp => return Ok(Action::Icmp),
+        // XDP hands later fragments to tc, untouched.
+        Err(Skip::Fragment) if hook != Hook::Xdp => {
+            return Ok(later_fragment(pkt, flow, len, hook));
+        }
         Err(skip) => return Err(skip),
     }
     let flow = &*flow;
@@ -197,6 +204,25 @@ fn tracked<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Option
     stats::count(STAT_CT_HIT);
     stats::count_service(ct.service_id, len);
     Some(apply(pkt, flow, ct, hook, len))
+}
+
+/// A fragment after the first (tc): its datagram's flow, through the ports the first
+/// fragment left (`fragment.rs`), gets its translation; the conntrack entry is only read
+/// (no TCP flags here).
+#[inline(never)]
+fn later_fragment<R: Rewrite>(pkt: &mut R, flow: &mut Flow, len: u32, hook: Hook) -> Action {
+    let Some(ports) = fragment::ports(flow) else {
+        stats::count(STAT_FRAGMENT);
+        return Action::Pass;
+    };
+    (flow.sport_be, flow.dport_be) = (ports.sport_be, ports.dport_be);
+    let Some(ct) = conntrack::lookup(flow.ct_key(), 0) else {
+        stats::count(STAT_FRAGMENT);
+        return Action::Pass;
+    };
+    stats::count(STAT_FRAGMENT_TRANSLATED);
+    stats::count_service(ct.service_id, len);
+    apply(pkt, flow, ct, hook, len)
 }
 
 #[inline(never)]

@@ -171,11 +171,12 @@ fn quoted(b: &Bounds, flow: &Flow) -> Result<Quoted, ()> {
             (core::ptr::read_unaligned(h.add(8).cast::<[Addr; 2]>()), *h.add(6))
         };
         // The quoted packet's extension headers, as the packet parser steps over them.
-        let (proto, l4) = packet::ipv6_transport(b, l3 + IPV6_HEADER, next).map_err(|_| ())?;
-        if l4 > MAX_QUOTED_L4 {
+        let t = packet::ipv6_transport(b, l3 + IPV6_HEADER, next).map_err(|_| ())?;
+        // A later fragment's quote has no ports.
+        if t.frag == packet::FRAG_LATER || t.off > MAX_QUOTED_L4 {
             return Err(());
         }
-        (addrs[0], addrs[1], proto, l4)
+        (addrs[0], addrs[1], t.proto, t.off)
     } else {
         if !matches!(icmp_type, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM) {
             return Err(());
@@ -186,7 +187,9 @@ fn quoted(b: &Bounds, flow: &Flow) -> Result<Quoted, ()> {
             let h = ip.cast::<u8>();
             let vihl = *h;
             let ihl = ((vihl & 0x0f) as usize) * 4;
-            if vihl >> 4 != 4 || ihl < IPV4_MIN {
+            // A later fragment's quote (a fragment offset) has no ports.
+            let frag_off = u16::from_be_bytes([*h.add(6), *h.add(7)]) & 0x1fff;
+            if vihl >> 4 != 4 || ihl < IPV4_MIN || frag_off != 0 {
                 return Err(());
             }
             let s = core::ptr::read_unaligned(h.add(12).cast::<u32>());

@@ -23,6 +23,8 @@ mod device;
 #[cfg(target_arch = "bpf")]
 mod fib;
 #[cfg(target_arch = "bpf")]
+mod fragment;
+#[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod lookup;

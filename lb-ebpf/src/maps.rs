@@ -154,6 +154,12 @@ pub static ICMP_RATE: PerCpuArray<crate::reject::IcmpBucket> = PerCpuArray::with
 #[map(name = "LB_CLOCK")]
 pub static CLOCK: PerCpuArray<crate::clock::ClockCache> = PerCpuArray::with_max_entries(1, 0);
 
+/// The ports of datagrams whose first fragment was translated, for their later fragments
+/// (see fragment.rs). Not pinned: fragments of one datagram arrive within moments.
+#[map(name = "LB_FRAGS")]
+pub static FRAGMENTS: LruHashMap<crate::fragment::FragKey, crate::fragment::FragPorts> =
+    LruHashMap::with_max_entries(crate::fragment::MAX_DATAGRAMS, 0);
+
 /// The packet being handled by a device hook (same rules as `SCRATCH`).
 #[map(name = "LB_FLOW")]
 pub static FLOW: PerCpuArray<crate::packet::Flow> = PerCpuArray::with_max_entries(1, 0);

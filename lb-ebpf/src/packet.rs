@@ -22,6 +22,8 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_LEN: usize = size_of::<EthHdr>();
 const IPV6_LEN: usize = size_of::<Ipv6Hdr>();
+/// IPv4 "more fragments", in the flags and offset field.
+const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
 
 // IPv6 extension headers we step over to find the transport header.
 const IPV6_HOP_BY_HOP: u8 = 0;
@@ -67,6 +69,11 @@ pub struct Flow {
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
     pub is_v6: bool,
+    /// `FRAG_*`: whether the packet is a fragment, and which.
+    pub frag: u8,
+    /// The fragment identification (IPv4: the header's 16 bits; IPv6: the fragment header's
+    /// 32), which the fragments of one datagram share; 0 for a packet that is no fragment.
+    pub frag_id: u32,
     pub l3_off: usize,
     pub l4_off: usize,
 }
@@ -83,6 +90,21 @@ const _: () = {
     assert!(size_of::<CtKey>() == 40 && align_of::<Flow>() >= align_of::<CtKey>());
 };
 
+/// Not a fragment (an IPv6 atomic fragment, offset 0 and no more to come, included).
+pub const FRAG_NONE: u8 = 0;
+/// The first fragment of a datagram: it carries the transport header.
+pub const FRAG_FIRST: u8 = 1;
+/// A later fragment: no transport header (ports 0); see fragment.rs.
+pub const FRAG_LATER: u8 = 2;
+
+/// Where a packet's transport header is, after its IPv6 extension headers.
+pub struct Transport {
+    pub proto: u8,
+    pub off: usize,
+    pub frag: u8,
+    pub frag_id: u32,
+}
+
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -95,12 +117,13 @@ pub const MAX_L4_OFF: usize = 255;
 impl Flow {
     /// Sets everything but the addresses and ports, the key's padding included.
     #[inline(always)]
-    fn set_layout(&mut self, proto: u8, is_v6: bool, l3_off: usize, l4_off: usize) {
-        self.proto = proto;
+    fn set_layout(&mut self, is_v6: bool, l3_off: usize, t: &Transport) {
+        self.proto = t.proto;
         (self._pad8, self._pad16) = (0, 0);
         self.is_v6 = is_v6;
+        (self.frag, self.frag_id) = (t.frag, t.frag_id);
         self.l3_off = l3_off;
-        self.l4_off = l4_off;
+        self.l4_off = t.off;
     }
 
     /// The conntrack key of the packet's own direction.
@@ -135,6 +158,8 @@ impl Flow {
 pub enum Skip {
     NotIp,
     OtherL4,
+    /// A fragment other than the first: the flow holds its addresses, protocol and
+    /// identification (ports 0); tc may translate it (`fragment.rs`).
     Fragment,
     Malformed,
     /// An ICMP or ICMPv6 message: the flow holds its network header's addresses and offsets
@@ -173,10 +198,11 @@ pub fn parse(b: &Bounds, out: &mut Flow) -> Result<(), Skip> {
 fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
     let ip: *const Ipv4Hdr = b.ptr_at(l3_off).ok_or(Skip::Malformed)?;
     // SAFETY: bounds checked above; every field is a byte array (alignment 1).
-    let (vihl, tot_len, frags, proto, saddr, daddr) = unsafe {
+    let (vihl, tot_len, id, frags, proto, saddr, daddr) = unsafe {
         (
             (*ip).vihl,
             u16::from_be_bytes((*ip).tot_len),
+            u16::from_ne_bytes((*ip).id),
             u16::from_be_bytes((*ip).frags),
             (*ip).proto,
             u32::from_ne_bytes((*ip).src_addr),
@@ -187,31 +213,44 @@ fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
     if vihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() || (tot_len as usize) < ihl {
         return Err(Skip::Malformed);
     }
-    // Only the first fragment carries the transport header.
-    if frags & 0x1fff != 0 {
-        return Err(Skip::Fragment);
-    }
-    let l4_off = l3_off + ihl;
+    // Only the first fragment carries the transport header; "more fragments" marks the first.
+    let frag = if frags & 0x1fff != 0 {
+        FRAG_LATER
+    } else if frags & IPV4_MORE_FRAGMENTS != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    };
+    let t = Transport { proto, off: l3_off + ihl, frag, frag_id: id as u32 };
+    let ports = if frag == FRAG_LATER {
+        Err(Skip::Fragment)
+    } else {
+        parse_ports(b, t.off, proto, PROTO_ICMP)
+    };
     // Field by field: a `Flow` built first would take stack in the hook's frame.
     let fill = |ports: (u16, u16, u8)| {
         (out.sport_be, out.dport_be, out.tcp_flags) = ports;
         out.saddr = addr_from_v4_raw(saddr);
         out.daddr = addr_from_v4_raw(daddr);
-        out.set_layout(proto, false, l3_off, l4_off);
+        out.set_layout(false, l3_off, &t);
     };
-    finish(parse_ports(b, l4_off, proto, PROTO_ICMP), fill)
+    finish(ports, fill)
 }
 
 #[inline(always)]
 fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
     let ip: *const Ipv6Hdr = b.ptr_at(l3_off).ok_or(Skip::Malformed)?;
     // SAFETY: bounds checked above.
-    let (vcf0, mut next) = unsafe { ((*ip).vcf[0], (*ip).next_hdr) };
+    let (vcf0, next) = unsafe { ((*ip).vcf[0], (*ip).next_hdr) };
     if vcf0 >> 4 != 6 {
         return Err(Skip::Malformed);
     }
-    let l4_off;
-    (next, l4_off) = ipv6_transport(b, l3_off + IPV6_LEN, next)?;
+    let t = ipv6_transport(b, l3_off + IPV6_LEN, next)?;
+    let ports = if t.frag == FRAG_LATER {
+        Err(Skip::Fragment)
+    } else {
+        parse_ports(b, t.off, t.proto, PROTO_ICMPV6)
+    };
     let fill = |ports: (u16, u16, u8)| {
         (out.sport_be, out.dport_be, out.tcp_flags) = ports;
         // SAFETY: bounds checked above; addresses are bytes 8..40 of the header, as words.
@@ -219,16 +258,18 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
             let addrs = ip.cast::<u8>().add(8).cast::<[Addr; 2]>();
             [out.saddr, out.daddr] = core::ptr::read_unaligned(addrs);
         }
-        out.set_layout(next, true, l3_off, l4_off);
+        out.set_layout(true, l3_off, &t);
     };
-    finish(parse_ports(b, l4_off, next, PROTO_ICMPV6), fill)
+    finish(ports, fill)
 }
 
 /// Steps over the extension headers of an IPv6 packet (up to `IPV6_MAX_EXT_HEADERS`) from
 /// `off`, where a header of kind `next` starts: the transport protocol and where it starts. A
-/// fragment other than the first has no transport header (`Skip::Fragment`).
+/// fragment other than the first has no transport header: its protocol and `off` are those
+/// its fragment header names, and `frag` says `FRAG_LATER`.
 #[inline(always)]
-pub fn ipv6_transport(b: &Bounds, mut off: usize, mut next: u8) -> Result<(u8, usize), Skip> {
+pub fn ipv6_transport(b: &Bounds, mut off: usize, mut next: u8) -> Result<Transport, Skip> {
+    let (mut frag, mut frag_id) = (FRAG_NONE, 0);
     for _ in 0..IPV6_MAX_EXT_HEADERS {
         match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
@@ -239,23 +280,37 @@ pub fn ipv6_transport(b: &Bounds, mut off: usize, mut next: u8) -> Result<(u8, u
                 off += (len as usize + 1) * 8;
             }
             IPV6_FRAGMENT => {
-                let ext: *const [u8; 4] = b.ptr_at(off).ok_or(Skip::Malformed)?;
-                // SAFETY: bounds checked above.
-                let (nh, frag) = unsafe { ((*ext)[0], u16::from_be_bytes([(*ext)[2], (*ext)[3]])) };
-                if frag >> 3 != 0 {
-                    return Err(Skip::Fragment);
-                }
+                let ext: *const [u8; 8] = b.ptr_at(off).ok_or(Skip::Malformed)?;
+                // SAFETY: bounds checked above: next header, offset and M flag, identification.
+                let (nh, field, id) = unsafe {
+                    let e = &*ext;
+                    (
+                        e[0],
+                        u16::from_be_bytes([e[2], e[3]]),
+                        u32::from_ne_bytes([e[4], e[5], e[6], e[7]]),
+                    )
+                };
                 next = nh;
                 off += 8;
+                frag_id = id;
+                if field >> 3 != 0 {
+                    // What follows is the middle of a datagram, not headers.
+                    frag = FRAG_LATER;
+                    break;
+                }
+                if field & 1 != 0 {
+                    frag = FRAG_FIRST;
+                }
             }
             _ => break,
         }
     }
-    Ok((next, off))
+    Ok(Transport { proto: next, off, frag, frag_id })
 }
 
-/// Fills the flow with the ports `parse_ports` found; an ICMP message's network header is
-/// filled all the same (for icmp.rs), in a branch off the path of TCP and UDP.
+/// Fills the flow with the ports `parse_ports` found; the network header of an ICMP message
+/// or a later fragment is filled all the same (for icmp.rs, fragment.rs), in a branch off
+/// the path of TCP and UDP.
 #[inline(always)]
 fn finish(
     ports: Result<(u16, u16, u8), Skip>,
@@ -266,9 +321,9 @@ fn finish(
             fill(ports);
             Ok(())
         }
-        Err(Skip::Icmp) => {
+        Err(skip @ (Skip::Icmp | Skip::Fragment)) => {
             fill((0, 0, 0));
-            Err(Skip::Icmp)
+            Err(skip)
         }
         Err(skip) => Err(skip),
     }

@@ -3,14 +3,14 @@
 //! including offloaded ones); XDP writes through packet pointers with incremental updates.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{Addr, CtValue, PROTO_UDP};
 
 use crate::{
     csum, fib,
-    packet::{Bounds, Flow},
+    packet::{Bounds, FRAG_LATER, Flow},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,15 @@ pub trait Rewrite {
             self.set_port(flow, Which::Dst, flow.dport_be, to.dport_be)?;
         }
         Ok(())
+    }
+    /// Rewrites only the addresses, for a fragment after the first: it has no transport
+    /// header (the first fragment's rewrite changed the ports and the transport checksum,
+    /// which covers the whole datagram). By default with direct writes.
+    #[inline(always)]
+    fn set_addrs(&mut self, flow: &Flow, to: &Tuple) -> Result<(), ()> {
+        let diff = addr_diff(flow, to);
+        // SAFETY: the packet's own bounds.
+        unsafe { write_addrs(&self.bounds(), flow, to, diff) }
     }
     /// Whether this hook can itself send the packet, once rewritten to `src` -> `dst`, towards
     /// its new destination (a flow with SNAT must not reach the stack). tc always can.
@@ -104,6 +113,21 @@ impl Rewrite for Tc<'_> {
         ctx.store(port_off(flow, which), &new, 0).map_err(|_| ())
     }
 
+    /// IPv4 as by default (the header checksum's change cancels the addresses' in a
+    /// CHECKSUM_COMPLETE sum); IPv6 addresses through the helper that keeps such a sum right,
+    /// since no checksum in a later fragment makes up for their change.
+    #[inline(always)]
+    fn set_addrs(&mut self, flow: &Flow, to: &Tuple) -> Result<(), ()> {
+        if !flow.is_v6 {
+            let diff = addr_diff(flow, to);
+            // SAFETY: the packet's own bounds; tc may write packet data.
+            return unsafe { write_addrs(&self.bounds(), flow, to, diff) };
+        }
+        // SAFETY: Tuple holds the two addresses side by side from its start (checked below).
+        let addrs = unsafe { &*(to as *const Tuple).cast::<[Addr; 2]>() };
+        self.0.store(addr_off(flow, Which::Src), addrs, BPF_F_RECOMPUTE_CSUM as u64).map_err(|_| ())
+    }
+
     fn can_forward(&self, _: &Flow, _: &Addr, _: &Addr) -> bool {
         true
     }
@@ -121,16 +145,7 @@ impl Rewrite for Tc<'_> {
     #[inline(always)]
     fn set_tuple(&mut self, flow: &Flow, to: &Tuple) -> Result<(), ()> {
         let ctx = self.0;
-        let (mut addrs, mut addr_diff) = (false, 0u32);
-        let first = if flow.is_v6 { 0 } else { 3 };
-        for i in first..4 {
-            for (old, new) in [(flow.saddr[i], to.saddr[i]), (flow.daddr[i], to.daddr[i])] {
-                if old != new {
-                    addrs = true;
-                    addr_diff = csum::diff4(addr_diff, old, new);
-                }
-            }
-        }
+        let (addrs, addr_diff) = addr_diff(flow, to);
         let old_ports = ports_word(flow.sport_be, flow.dport_be);
         let new_ports = ports_word(to.sport_be, to.dport_be);
         let csum_off = flow.l4_csum_off();
@@ -147,18 +162,7 @@ impl Rewrite for Tc<'_> {
         // SAFETY: every pointer bounds-checked by ptr_at; tc may write packet data directly
         // (the kernel unclones a shared skb before the program runs).
         unsafe {
-            if addrs {
-                if flow.is_v6 {
-                    let p: *mut [Addr; 2] = b.ptr_at(addr_off(flow, Which::Src)).ok_or(())?;
-                    core::ptr::write_unaligned(p, [to.saddr, to.daddr]);
-                } else {
-                    let ip_csum: *mut u16 = b.ptr_at(flow.l3() + 10).ok_or(())?;
-                    let cur = core::ptr::read_unaligned(ip_csum);
-                    core::ptr::write_unaligned(ip_csum, csum::apply_diff(cur, addr_diff));
-                    let p: *mut [u32; 2] = b.ptr_at(addr_off(flow, Which::Src)).ok_or(())?;
-                    core::ptr::write_unaligned(p, [to.saddr[3], to.daddr[3]]);
-                }
-            }
+            write_addrs(&b, flow, to, (addrs, addr_diff))?;
             if old_ports != new_ports {
                 let p: *mut u32 = b.ptr_at(port_off(flow, Which::Src)).ok_or(())?;
                 core::ptr::write_unaligned(p, new_ports);
@@ -166,6 +170,50 @@ impl Rewrite for Tc<'_> {
         }
         Ok(())
     }
+}
+
+/// Whether the addresses change from `flow`'s to `to`'s, and the one's complement difference
+/// of that change (the form the checksum helpers take with size 0).
+#[inline(always)]
+fn addr_diff(flow: &Flow, to: &Tuple) -> (bool, u32) {
+    let (mut addrs, mut diff) = (false, 0u32);
+    let first = if flow.is_v6 { 0 } else { 3 };
+    for i in first..4 {
+        for (old, new) in [(flow.saddr[i], to.saddr[i]), (flow.daddr[i], to.daddr[i])] {
+            if old != new {
+                addrs = true;
+                diff = csum::diff4(diff, old, new);
+            }
+        }
+    }
+    (addrs, diff)
+}
+
+/// Writes `to`'s addresses over the packet's when `diff` (from [`addr_diff`]) says they
+/// change, with the IPv4 header checksum updated by that difference.
+///
+/// # Safety
+/// `b` must be the packet's current bounds, and the hook allowed to write packet data.
+#[inline(always)]
+unsafe fn write_addrs(b: &Bounds, flow: &Flow, to: &Tuple, diff: (bool, u32)) -> Result<(), ()> {
+    let (addrs, addr_diff) = diff;
+    if !addrs {
+        return Ok(());
+    }
+    // SAFETY: every pointer bounds-checked by ptr_at; writing is the caller's promise.
+    unsafe {
+        if flow.is_v6 {
+            let p: *mut [Addr; 2] = b.ptr_at(addr_off(flow, Which::Src)).ok_or(())?;
+            core::ptr::write_unaligned(p, [to.saddr, to.daddr]);
+        } else {
+            let ip_csum: *mut u16 = b.ptr_at(flow.l3() + 10).ok_or(())?;
+            let cur = core::ptr::read_unaligned(ip_csum);
+            core::ptr::write_unaligned(ip_csum, csum::apply_diff(cur, addr_diff));
+            let p: *mut [u32; 2] = b.ptr_at(addr_off(flow, Which::Src)).ok_or(())?;
+            core::ptr::write_unaligned(p, [to.saddr[3], to.daddr[3]]);
+        }
+    }
+    Ok(())
 }
 
 /// Source and destination port as the 32-bit word they form in the transport header.
@@ -270,6 +318,9 @@ pub fn apply<R: Rewrite>(pkt: &mut R, flow: &Flow, ct: &CtValue) -> Result<(), (
     // SAFETY: CtValue holds the four fields of a Tuple, in its layout, from `new_saddr` on
     // (checked below): the entry is read in place, not copied to the stack.
     let to = unsafe { &*(&ct.new_saddr as *const Addr).cast::<Tuple>() };
+    if flow.frag == FRAG_LATER {
+        return pkt.set_addrs(flow, to);
+    }
     pkt.set_tuple(flow, to)
 }
 
@@ -280,4 +331,5 @@ const _: () = {
     assert!(offset_of!(CtValue, new_sport_be) - base == offset_of!(Tuple, sport_be));
     assert!(offset_of!(CtValue, new_dport_be) - base == offset_of!(Tuple, dport_be));
     assert!(offset_of!(Tuple, saddr) == 0 && size_of::<Tuple>() == 36);
+    assert!(offset_of!(Tuple, daddr) == size_of::<Addr>());
 };

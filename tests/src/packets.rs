@@ -257,9 +257,131 @@ pub fn with_ipv6_hop_by_hop(packet: &[u8]) -> Vec<u8> {
 
 /// An IPv6 packet with a fragment header at `offset_units` (8-byte units).
 pub fn with_ipv6_fragment(packet: &[u8], offset_units: u16, more_fragments: bool) -> Vec<u8> {
-    let field = (offset_units << 3) | more_fragments as u16;
-    let [f0, f1] = field.to_be_bytes();
-    insert_ipv6_ext(packet, 44, |next| [next, 0, f0, f1, 0, 0, 0, 7])
+    with_ipv6_fragment_id(packet, offset_units, more_fragments, 7)
+}
+
+/// [`with_ipv6_fragment`] with the fragment identification `id`.
+pub fn with_ipv6_fragment_id(packet: &[u8], offset: u16, more: bool, id: u32) -> Vec<u8> {
+    let [f0, f1] = ((offset << 3) | more as u16).to_be_bytes();
+    let [i0, i1, i2, i3] = id.to_be_bytes();
+    insert_ipv6_ext(packet, 44, |next| [next, 0, f0, f1, i0, i1, i2, i3])
+}
+
+/// An IPv4 packet with the identification `id` (the checksum fixed up).
+pub fn with_ipv4_id(packet: &[u8], id: u16) -> Vec<u8> {
+    let mut p = packet.to_vec();
+    p[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&id.to_be_bytes());
+    fix_ipv4_checksum(&mut p);
+    p
+}
+
+/// Splits a whole IPv4 or IPv6 datagram (an Ethernet frame, IPv6 without extension headers)
+/// into fragments of `chunk` bytes of its IP payload (a multiple of 8; the last holds the
+/// rest), as a sender's stack does, with identification `id` (16 bits for IPv4).
+pub fn fragments(frame: &[u8], chunk: usize, id: u32) -> Vec<Vec<u8>> {
+    assert!(chunk.is_multiple_of(8) && chunk > 0);
+    let v6 = frame[12..14] == [0x86, 0xdd];
+    let header = if v6 { 40 } else { (frame[ETH_LEN] & 0x0f) as usize * 4 };
+    let payload = &frame[ETH_LEN + header..];
+    let pieces: Vec<&[u8]> = payload.chunks(chunk).collect();
+    let last = pieces.len() - 1;
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let (offset, more) = ((i * chunk / 8) as u16, i < last);
+            let mut p = frame[..ETH_LEN + header].to_vec();
+            if v6 {
+                p.extend_from_slice(piece);
+                p[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&(piece.len() as u16).to_be_bytes());
+                with_ipv6_fragment_id(&p, offset, more, id)
+            } else {
+                p.extend_from_slice(piece);
+                let tot = (header + piece.len()) as u16;
+                p[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&tot.to_be_bytes());
+                let p = with_ipv4_id(&p, id as u16);
+                as_ipv4_fragment(&p, offset, more)
+            }
+        })
+        .collect()
+}
+
+/// Puts fragments (in any order) back into one datagram, as the receiver's stack does: every
+/// fragment must name the same addresses, protocol and identification, and together they
+/// must cover the datagram without gaps.
+pub fn reassemble(frames: &[Vec<u8>]) -> Result<Vec<u8>, String> {
+    // (offset in bytes, more fragments, identity, header bytes to keep, payload)
+    let mut parts = Vec::new();
+    for f in frames {
+        let v6 = f[12..14] == [0x86, 0xdd];
+        if v6 {
+            if f[ETH_LEN + 6] != 44 {
+                return Err("an IPv6 frame without a fragment header".into());
+            }
+            let e = &f[ETH_LEN + 40..ETH_LEN + 48];
+            let field = u16::from_be_bytes([e[2], e[3]]);
+            let mut header = f[..ETH_LEN + 40].to_vec();
+            header[ETH_LEN + 6] = e[0];
+            let identity = [&f[ETH_LEN + 8..ETH_LEN + 40], &[e[0]][..], &e[4..8]].concat();
+            parts.push((
+                (field >> 3) as usize * 8,
+                field & 1 != 0,
+                identity,
+                header,
+                &f[ETH_LEN + 48..],
+            ));
+        } else {
+            let ihl = (f[ETH_LEN] & 0x0f) as usize * 4;
+            if ones_complement_sum(&f[ETH_LEN..ETH_LEN + ihl]) != 0xffff {
+                return Err("a fragment with a bad IPv4 header checksum".into());
+            }
+            let field = u16::from_be_bytes([f[ETH_LEN + 6], f[ETH_LEN + 7]]);
+            let identity = [
+                &f[ETH_LEN + 12..ETH_LEN + 20],
+                &[f[ETH_LEN + 9]][..],
+                &f[ETH_LEN + 4..ETH_LEN + 6],
+            ]
+            .concat();
+            let header = f[..ETH_LEN + ihl].to_vec();
+            parts.push((
+                (field & 0x1fff) as usize * 8,
+                field & 0x2000 != 0,
+                identity,
+                header,
+                &f[ETH_LEN + ihl..],
+            ));
+        }
+    }
+    parts.sort_by_key(|p| p.0);
+    let Some(first) = parts.first() else { return Err("no fragments".into()) };
+    if first.0 != 0 {
+        return Err("no first fragment".into());
+    }
+    let mut payload = Vec::new();
+    for (i, (offset, more, identity, _, data)) in parts.iter().enumerate() {
+        if *identity != first.2 {
+            return Err(format!("fragment at {offset} names another datagram"));
+        }
+        if *offset != payload.len() {
+            return Err(format!("a gap or overlap at {offset} (have {})", payload.len()));
+        }
+        if *more != (i + 1 < parts.len()) {
+            return Err(format!("fragment at {offset}: wrong more-fragments flag"));
+        }
+        payload.extend_from_slice(data);
+    }
+    let mut p = first.3.clone();
+    let v6 = p[12..14] == [0x86, 0xdd];
+    if v6 {
+        p[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+    } else {
+        let ihl = (p[ETH_LEN] & 0x0f) as usize * 4;
+        p[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&((ihl + payload.len()) as u16).to_be_bytes());
+        p[ETH_LEN + 6..ETH_LEN + 8].copy_from_slice(&[0, 0]);
+        fix_ipv4_checksum(&mut p);
+    }
+    p.extend_from_slice(&payload);
+    Ok(p)
 }
 
 fn insert_ipv6_ext(packet: &[u8], ext_type: u8, ext: impl FnOnce(u8) -> [u8; 8]) -> Vec<u8> {
@@ -342,13 +464,15 @@ pub struct Summary {
     pub l4_off: usize,
     /// A (first) fragment: the transport checksum covers bytes this frame does not hold.
     pub fragment: bool,
+    /// A fragment after the first: what `src` and `dst` give as ports are payload bytes.
+    pub later_fragment: bool,
 }
 
 /// Parses an Ethernet frame with IPv4 (options) or IPv6 (extension headers) and TCP/UDP.
 pub fn summarize(p: &[u8]) -> Option<Summary> {
     use std::net::{IpAddr, SocketAddr};
     let ethertype = u16::from_be_bytes([*p.get(12)?, *p.get(13)?]);
-    let (src, dst, mut proto, mut off, mut fragment);
+    let (src, dst, mut proto, mut off, mut fragment, mut later_fragment);
     match ethertype {
         0x0800 => {
             let ihl = (*p.get(ETH_LEN)? & 0x0f) as usize * 4;
@@ -358,6 +482,7 @@ pub fn summarize(p: &[u8]) -> Option<Summary> {
             proto = h[9];
             off = ETH_LEN + ihl;
             fragment = u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0;
+            later_fragment = u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0;
         }
         0x86dd => {
             let h = p.get(ETH_LEN..ETH_LEN + 40)?;
@@ -365,11 +490,12 @@ pub fn summarize(p: &[u8]) -> Option<Summary> {
             dst = IpAddr::from(<[u8; 16]>::try_from(&h[24..40]).ok()?);
             proto = h[6];
             off = ETH_LEN + 40;
-            fragment = false;
+            (fragment, later_fragment) = (false, false);
             while matches!(proto, 0 | 43 | 44 | 60) {
                 let e = p.get(off..off + 8)?;
                 if proto == 44 {
                     fragment = true;
+                    later_fragment = u16::from_be_bytes([e[2], e[3]]) >> 3 != 0;
                     off += 8;
                 } else {
                     off += (e[1] as usize + 1) * 8;
@@ -386,6 +512,7 @@ pub fn summarize(p: &[u8]) -> Option<Summary> {
         proto,
         l4_off: off,
         fragment,
+        later_fragment,
     })
 }
 
