@@ -217,7 +217,7 @@ pub fn monitor_kinds(bpffs: &std::path::Path) -> u32 {
 }
 
 /// The mini-cluster with an `lb-agent` on every node serving one manifests folder, and an
-/// `lb-probe` server in every pod (TCP 8080 and UDP 5353 on IPv4, TCP 8086 on IPv6, answering
+/// `lb-probe` server in every pod (TCP 8080 and UDP 5353 on IPv4, TCP 8086 and UDP 5356 on IPv6, answering
 /// with the pod's name and the client address it saw).
 pub struct Running {
     pub cluster: Cluster,
@@ -270,7 +270,7 @@ impl Running {
                     pod.ns.name(),
                     &pod.name,
                     &["0.0.0.0:8080", "[::]:8086"],
-                    &["0.0.0.0:5353"],
+                    &["0.0.0.0:5353", "[::]:5356"],
                 ));
             }
         }

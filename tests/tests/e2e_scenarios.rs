@@ -258,6 +258,55 @@ fn udp_via_cluster_ip_and_nodeport() {
     );
 }
 
+/// Datagrams larger than the path MTU cross in fragments, each given its flow's translation
+/// (kube-proxy gets this from netfilter's defragmentation): 4,000-byte queries from outside
+/// through a NodePort reach every endpoint whole, the local ones (DNAT) and the remote ones
+/// (SNAT), and their 4,000-byte echoes come back whole from the NodePort. IPv4 and IPv6.
+#[test]
+fn udp_datagrams_larger_than_the_mtu_cross_a_nodeport_in_fragments_both_ways() {
+    require_root!();
+    let cluster = Cluster::new(2, 2, 1);
+    let (eps, eps6) = (pods(&cluster, false), pods(&cluster, true));
+    let dns6 = Svc {
+        name: "dns6",
+        cluster_ips: &["fd00:96::53"],
+        target_port: 5356,
+        node_port: Some(30056),
+        ..Svc::DNS
+    };
+    let run = Running::start(
+        cluster,
+        &[("dns.yaml", Svc::DNS.file(&eps)), ("dns6.yaml", dns6.file(&eps6))],
+    );
+    let node0 = (run.cluster.nodes[0].ip4, run.cluster.nodes[0].ip6);
+    for nodeport in [format!("{}:30053", node0.0), format!("[{}]:30056", node0.1)] {
+        let before = node_counter(&run, "fragment_translated");
+        let args = ["connect", &nodeport, "--udp", "--count", "40", "--size", "4000"];
+        let r = parse_probe(&run.from_client(0, &args));
+        all_ok(&r);
+        assert_eq!(
+            by_server(&r).len(),
+            4,
+            "{nodeport}: every endpoint, local and remote: {:?}",
+            by_server(&r)
+        );
+        assert!(
+            r.iter().flatten().all(|(_, _, from)| *from == nodeport),
+            "answers come from the NodePort"
+        );
+        // Three fragments a datagram each way: the two later ones of each went through
+        // conntrack by their datagram's first.
+        let translated = node_counter(&run, "fragment_translated") - before;
+        assert!(translated >= 40 * 4, "{nodeport}: {translated} later fragments translated");
+    }
+}
+
+/// node-0's datapath counter `name`.
+fn node_counter(run: &Running, name: &str) -> u64 {
+    let counters = lb_agent::dataplane::counters::global_pinned(&run.pins[0].path).unwrap();
+    counters.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no counter {name}")).1
+}
+
 /// A UDP client that keeps its source port (a resolver reusing its socket) moves to a live
 /// endpoint once its endpoint leaves the service, instead of sending into the void: the agent
 /// flushes the flow's conntrack entries, as kube-proxy flushes conntrack for deleted UDP

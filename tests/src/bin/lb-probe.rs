@@ -1,13 +1,16 @@
 //! A tiny traffic tool for tests and the demo.
 //!
 //! `lb-probe serve --name NAME [--tcp ADDR]... [--udp ADDR]...` answers every TCP connection
-//! and UDP datagram with `NAME <client address as seen by the server>`.
+//! and UDP datagram with `NAME <client address as seen by the server>`; a datagram of more
+//! than 4 bytes is echoed after that line (`\n` then its bytes).
 //!
 //! `lb-probe connect ADDR [--udp] [--count N] [--timeout-ms T] [--interval-ms I] [--close reset]`
 //! prints one line per attempt (`--close reset` ends each TCP connection with a reset instead
 //! of a FIN):
 //! `ok <server name> <client address the server saw> <peer address the client sees>` or
 //! `err <error>` (the peer address is getpeername() for TCP and recvfrom()'s source for UDP).
+//! UDP with `--size B`: each datagram is B bytes, and the answer must echo them all
+//! (`err EchoMismatch` otherwise): big ones cross the network in fragments.
 //!
 //! `lb-probe udp-session ADDR --rounds N --interval-ms M` keeps one *connected* UDP socket and
 //! sends a datagram every M ms; prints a line per round like `connect` (`ok ...` or
@@ -84,10 +87,15 @@ fn serve(args: &[String]) {
         let sock = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
         let name = name.clone();
         threads.push(std::thread::spawn(move || {
-            let mut buf = [0u8; 512];
+            let mut buf = vec![0u8; 65536];
             loop {
-                let Ok((_, peer)) = sock.recv_from(&mut buf) else { continue };
-                let _ = sock.send_to(format!("{name} {peer}").as_bytes(), peer);
+                let Ok((n, peer)) = sock.recv_from(&mut buf) else { continue };
+                let mut answer = format!("{name} {peer}").into_bytes();
+                if n > 4 {
+                    answer.push(b'\n');
+                    answer.extend_from_slice(&buf[..n]);
+                }
+                let _ = sock.send_to(&answer, peer);
             }
         }));
     }
@@ -112,6 +120,8 @@ fn errname(e: &std::io::Error) -> String {
         {
             "TIMEOUT".into()
         }
+        // This tool's own findings (EchoMismatch:...).
+        _ if e.kind() == std::io::ErrorKind::Other => e.to_string(),
         _ => format!("{:?}", e.kind()),
     }
 }
@@ -129,10 +139,15 @@ fn connect(args: &[String]) {
     // UDP only: a fixed client port (to replay a flow `lbctl explain` described).
     let sport: u16 = flag(args, "--sport").first().and_then(|c| c.parse().ok()).unwrap_or(0);
     let reset = flag(args, "--close").first() == Some(&"reset");
+    // UDP only: bytes per datagram, echoed back (default: a 4-byte "ping", not echoed).
+    let size: usize = flag(args, "--size").first().and_then(|c| c.parse().ok()).unwrap_or(0);
     for _ in 0..count {
         std::thread::sleep(interval);
-        let line =
-            if udp { udp_once(target, timeout, sport) } else { tcp_once(target, timeout, reset) };
+        let line = if udp {
+            udp_once(target, timeout, sport, size)
+        } else {
+            tcp_once(target, timeout, reset)
+        };
         println!("{}", line.unwrap_or_else(|e| format!("err {}", errname(&e))));
     }
 }
@@ -253,14 +268,37 @@ fn udp_session(args: &[String]) {
     }
 }
 
-fn udp_once(target: SocketAddr, timeout: Duration, sport: u16) -> std::io::Result<String> {
+fn udp_once(
+    target: SocketAddr,
+    timeout: Duration,
+    sport: u16,
+    size: usize,
+) -> std::io::Result<String> {
     let bind = if target.is_ipv4() { format!("0.0.0.0:{sport}") } else { format!("[::]:{sport}") };
     let s = UdpSocket::bind(bind)?;
     s.set_read_timeout(Some(timeout))?;
-    s.send_to(b"ping", target)?;
-    let mut buf = [0u8; 512];
+    // A pattern that differs from fragment to fragment, so a misplaced one shows.
+    let datagram: Vec<u8> = if size > 4 {
+        (0..size).map(|i| (i * 7 + i / 251) as u8).collect()
+    } else {
+        b"ping".to_vec()
+    };
+    s.send_to(&datagram, target)?;
+    let mut buf = vec![0u8; 65536];
     let (n, from) = s.recv_from(&mut buf)?;
-    Ok(format!("ok {} {from}", String::from_utf8_lossy(&buf[..n]).trim()))
+    let answer = &buf[..n];
+    let line_end = if size > 4 {
+        let Some(at) = answer.iter().position(|&b| b == b'\n') else {
+            return Err(std::io::Error::other("EchoMismatch:no-echo"));
+        };
+        if answer[at + 1..] != datagram[..] {
+            return Err(std::io::Error::other(format!("EchoMismatch:{}-bytes", n - at - 1)));
+        }
+        at
+    } else {
+        n
+    };
+    Ok(format!("ok {} {from}", String::from_utf8_lossy(&answer[..line_end]).trim()))
 }
 
 fn load(args: &[String]) {
