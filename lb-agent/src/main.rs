@@ -18,7 +18,7 @@ use lb_agent::{
         attach, conntrack_gc, counters, links,
         links::LinkPins,
         loader::{self, LoadOptions, MapSizes},
-        options, port_filters, programs,
+        netdev, options, port_filters, programs,
         store::{KernelStore, WriteCounts},
         writer::{Writer, WriterConfig},
     },
@@ -89,7 +89,8 @@ struct Args {
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     bpffs: PathBuf,
     /// NodePorts answer only on node addresses inside these CIDRs, or (`primary`) on the
-    /// node's primary address of each family (default: every address of the node).
+    /// node's primary address of each family (default: every address of the node: its Node
+    /// object's, --node-ip, and those of the attached devices, as they come and go).
     #[arg(long, value_parser = NodePortAddresses::parse, default_value = "", hide_default_value = true)]
     nodeport_addresses: NodePortAddresses,
     /// Host processes reach NodePorts on 127.0.0.1 too, as with kube-proxy's iptables mode
@@ -292,7 +293,8 @@ async fn run(args: Args) -> Result<()> {
         attached(&status, "socket hooks", &cg.display().to_string());
     }
     log_detected(&args.devices, &args.node_ip);
-    for dev in &devices(&args.devices, &args.node_ip) {
+    let attached_devices = devices(&args.devices, &args.node_ip);
+    for dev in &attached_devices {
         attach_device(&mut ebpf, dev, &args, &mut pins, &status)?;
     }
     let sweep_every =
@@ -311,6 +313,10 @@ async fn run(args: Args) -> Result<()> {
         WriterConfig { maglev_max_size: args.maglev_max_size, max_services: args.max_services },
     )?;
     let mut syncer = Syncer::new(cfg.clone(), writer);
+    // NodePorts answer on the devices' addresses too, from the first sync on.
+    let device_addresses = netdev::device_addresses(&attached_devices);
+    info!(addresses = ?device_addresses, "addresses of the attached devices (NodePorts answer on them)");
+    syncer.state.set_device_addresses(device_addresses);
 
     // Initial sync: everything the source holds, then stale pinned entries go.
     let start = Instant::now();
@@ -369,13 +375,22 @@ async fn run(args: Args) -> Result<()> {
                 }
                 // A device re-created (a NIC reset, a bond or VLAN rebuilt) comes back without
                 // its programs; with --devices auto a new device may appear.
-                for dev in devices(&args.devices, &args.node_ip) {
-                    if attach::tc_missing(&args.bpffs, &dev) {
-                        match attach_device(&mut ebpf, &dev, &args, &mut pins, &status) {
+                let devs = devices(&args.devices, &args.node_ip);
+                for dev in &devs {
+                    if attach::tc_missing(&args.bpffs, dev) {
+                        match attach_device(&mut ebpf, dev, &args, &mut pins, &status) {
                             Ok(()) => warn!(device = dev, "programs were missing on the device (re-created, or new): attached"),
                             Err(e) => warn!(device = dev, "attaching to a re-created or new device: {e:#}"),
                         }
                     }
+                }
+                // An address added to or removed from a device (a VIP moving, a DHCP lease).
+                let addresses = netdev::device_addresses(&devs);
+                if addresses != syncer.state.device_addresses() {
+                    info!(addresses = ?addresses, "the attached devices' addresses changed: NodePorts follow");
+                }
+                if let Some(report) = syncer.set_device_addresses(addresses) {
+                    synced(&status, &mut syncer, &conntrack, &mut health_servers, &report).await?;
                 }
             }
             _ = stats_tick.tick(), if args.stats_interval > 0 => {
@@ -558,7 +573,7 @@ fn log_manifest_errors(
 fn devices(named: &[String], node_ips: &[IpAddr]) -> Vec<String> {
     let mut out: Vec<String> = named.iter().filter(|d| *d != "auto").cloned().collect();
     if named.iter().any(|d| d == "auto") {
-        out.extend(lb_agent::dataplane::netdev::detect_devices(node_ips));
+        out.extend(netdev::detect_devices(node_ips));
     }
     out.sort();
     out.dedup();
@@ -570,7 +585,7 @@ fn log_detected(named: &[String], node_ips: &[IpAddr]) {
     if !named.iter().any(|d| d == "auto") {
         return;
     }
-    let found = lb_agent::dataplane::netdev::detect_devices(node_ips);
+    let found = netdev::detect_devices(node_ips);
     if found.is_empty() {
         warn!(
             "--devices auto found no device (no default route, no --node-ip on a device): only the socket hooks serve"

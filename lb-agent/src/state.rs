@@ -100,6 +100,9 @@ pub struct ClusterState {
     /// Service -> names of its slices (same namespace).
     slices_by_service: BTreeMap<ObjKey, BTreeSet<String>>,
     nodes: BTreeMap<String, Node>,
+    /// The addresses of the devices the agent attaches to, as the kernel has them now (they
+    /// come and go: a keepalived VIP, a DHCP renewal): NodePorts answer on them too.
+    device_addresses: Vec<IpAddr>,
 }
 
 /// An object's key: its namespace ("default" when unset) and name.
@@ -244,6 +247,19 @@ impl ClusterState {
     pub fn remove_node(&mut self, name: &str) -> Affected {
         self.nodes.remove(name);
         Affected { services: BTreeSet::new(), all: true }
+    }
+
+    pub fn device_addresses(&self) -> &[IpAddr] {
+        &self.device_addresses
+    }
+
+    /// Records the devices' addresses; every service is affected when they changed.
+    pub fn set_device_addresses(&mut self, mut addresses: Vec<IpAddr>) -> Affected {
+        addresses.sort();
+        addresses.dedup();
+        let all = addresses != self.device_addresses;
+        self.device_addresses = addresses;
+        Affected { services: BTreeSet::new(), all }
     }
 
     /// Replaces every object of one kind (a re-list from the API server): those absent from

@@ -1,7 +1,10 @@
 //! The agent's pipeline in one place: events from a source -> state -> plans of the affected
 //! services (pure model) -> writer (maps). Used by the agent binary, the tests and benchmarks.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use tracing::{debug, info, warn};
@@ -81,6 +84,19 @@ impl<S: MapStore> Syncer<S> {
     /// How many services could not be written.
     pub fn failed_count(&self) -> usize {
         self.failed.len()
+    }
+
+    /// Records the attached devices' addresses (NodePorts answer on them); when they changed,
+    /// every service is reprogrammed and the report returned.
+    pub fn set_device_addresses(&mut self, addresses: Vec<IpAddr>) -> Option<SyncReport> {
+        let start = Instant::now();
+        let affected = self.state.set_device_addresses(addresses);
+        if affected.is_empty() {
+            return None;
+        }
+        let mut report = self.reprogram(&affected);
+        report.elapsed = start.elapsed();
+        Some(report)
     }
 
     /// Tries again what could not be written. The report only when some of it got written

@@ -22,8 +22,9 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_LEN: usize = size_of::<EthHdr>();
 const IPV6_LEN: usize = size_of::<Ipv6Hdr>();
-/// IPv4 "more fragments", in the flags and offset field.
+/// IPv4 "more fragments", and the fragment offset, in the flags and offset field.
 const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+const IPV4_OFFSET: u16 = 0x1fff;
 
 // IPv6 extension headers we step over to find the transport header.
 const IPV6_HOP_BY_HOP: u8 = 0;
@@ -198,11 +199,10 @@ pub fn parse(b: &Bounds, out: &mut Flow) -> Result<(), Skip> {
 fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
     let ip: *const Ipv4Hdr = b.ptr_at(l3_off).ok_or(Skip::Malformed)?;
     // SAFETY: bounds checked above; every field is a byte array (alignment 1).
-    let (vihl, tot_len, id, frags, proto, saddr, daddr) = unsafe {
+    let (vihl, tot_len, frags, proto, saddr, daddr) = unsafe {
         (
             (*ip).vihl,
             u16::from_be_bytes((*ip).tot_len),
-            u16::from_ne_bytes((*ip).id),
             u16::from_be_bytes((*ip).frags),
             (*ip).proto,
             u32::from_ne_bytes((*ip).src_addr),
@@ -213,16 +213,15 @@ fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
     if vihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() || (tot_len as usize) < ihl {
         return Err(Skip::Malformed);
     }
-    // Only the first fragment carries the transport header; "more fragments" marks the first.
-    let frag = if frags & 0x1fff != 0 {
-        FRAG_LATER
-    } else if frags & IPV4_MORE_FRAGMENTS != 0 {
-        FRAG_FIRST
-    } else {
-        FRAG_NONE
-    };
-    let t = Transport { proto, off: l3_off + ihl, frag, frag_id: id as u32 };
-    let ports = if frag == FRAG_LATER {
+    let mut t = Transport { proto, off: l3_off + ihl, frag: FRAG_NONE, frag_id: 0 };
+    // One test for the packets that are no fragment; only the first fragment carries the
+    // transport header, and "more fragments" marks it.
+    if frags & (IPV4_MORE_FRAGMENTS | IPV4_OFFSET) != 0 {
+        t.frag = if frags & IPV4_OFFSET != 0 { FRAG_LATER } else { FRAG_FIRST };
+        // SAFETY: bounds checked above.
+        t.frag_id = u16::from_ne_bytes(unsafe { (*ip).id }) as u32;
+    }
+    let ports = if t.frag == FRAG_LATER {
         Err(Skip::Fragment)
     } else {
         parse_ports(b, t.off, proto, PROTO_ICMP)

@@ -398,3 +398,67 @@ fn a_re_created_device_gets_its_programs_back_within_seconds() {
     assert_eq!(run.agents[0].count_log("programs were missing"), 1, "once, then in place: {log}");
     assert!(log.contains("device=eth0") || log.contains("device=\"eth0\""), "{log}");
 }
+
+/// The external NodePort addresses node-0 programs for the web service, as `lbctl services`
+/// lists them.
+fn nodeport_addresses(run: &Running) -> Vec<String> {
+    let out = std::process::Command::new(lb_tests::workspace_bin("lbctl"))
+        .args(["services", "--bpffs", run.pins[0].path.to_str().unwrap(), "-o", "json"])
+        .output()
+        .expect("run lbctl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let services: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let web = services.as_array().unwrap().iter().find(|s| s["name"] == "default/web:p/TCP/IPv4");
+    let mut found: Vec<String> = web
+        .and_then(|s| s["frontends"].as_array())
+        .into_iter()
+        .flatten()
+        .filter(|f| f["kind"] == "NodePort" && f["scope"] == "external")
+        .filter_map(|f| f["address"].as_str().map(str::to_owned))
+        .collect();
+    found.sort();
+    found
+}
+
+/// An address added to a device the agent attaches to (a VIP keepalived moves to this node, a
+/// second address of the NIC) answers NodePorts within seconds, as kube-proxy answers on every
+/// local address; flows to other nodes' pods still leave with the node's own address (the VIP
+/// may move on). When the address goes, so do its frontends.
+#[test]
+fn a_nodeport_answers_on_an_address_added_to_the_device_until_it_goes() {
+    require_root!();
+    let cluster = Cluster::new(2, 1, 1);
+    let eps = cluster.all_pods(false);
+    let run = Running::start(cluster, &[("web.yaml", CLUSTER_SVC.file(&eps))]);
+    assert_eq!(nodeport_addresses(&run), ["10.230.0.10:30080"]);
+    let node0 = &run.cluster.nodes[0];
+    node0.ns.ip(&["addr", "add", "10.230.0.200/24", "dev", "eth0"]);
+    let (start, once) = (Instant::now(), ["connect", "10.230.0.200:30080", "--timeout-ms", "300"]);
+    while !run.from_client(0, &once)[0].starts_with("ok") {
+        assert!(start.elapsed() < Duration::from_secs(8), "the new address never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = parse_probe(&run.from_client(0, &["connect", "10.230.0.200:30080", "--count", "40"]));
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    assert_eq!(by_server(&r).len(), 2, "{:?}", by_server(&r));
+    let client = run.cluster.clients[0].ip4.to_string();
+    for (name, seen, peer) in r.iter().flatten() {
+        assert_eq!(peer, "10.230.0.200:30080");
+        let want = if name.starts_with("node-0") { &client } else { "10.230.0.10" };
+        assert_eq!(host_of(seen), want, "{name}: SNAT with the node's own address");
+    }
+    assert_eq!(nodeport_addresses(&run), ["10.230.0.10:30080", "10.230.0.200:30080"]);
+
+    node0.ns.ip(&["addr", "del", "10.230.0.200/24", "dev", "eth0"]);
+    let start = Instant::now();
+    while nodeport_addresses(&run) != ["10.230.0.10:30080"] {
+        assert!(start.elapsed() < Duration::from_secs(8), "{:?}", nodeport_addresses(&run));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        run.agents[0].count_log("addresses changed"),
+        2,
+        "{}",
+        run.agents[0].log().join("\n")
+    );
+}

@@ -105,6 +105,29 @@ pub fn addresses() -> Vec<(String, IpAddr)> {
     out
 }
 
+/// The addresses of `devices` that can take NodePort traffic: neither loopback nor
+/// link-local (an IPv6 link-local address needs a scope no client names), sorted.
+pub fn device_addresses(devices: &[String]) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = addresses()
+        .into_iter()
+        .filter(|(name, ip)| devices.contains(name) && answers_nodeports(ip))
+        .map(|(_, ip)| ip)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn answers_nodeports(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_link_local() || v4.is_unspecified()),
+        IpAddr::V6(v6) => {
+            !(v6.is_loopback() || v6.is_unicast_link_local() || v6.is_unspecified())
+                && v6.to_ipv4_mapped().is_none()
+        }
+    }
+}
+
 /// `--devices auto`: the devices outside clients reach this node by, as Cilium picks them:
 /// those the default routes (IPv4 and IPv6) leave by, and those holding one of `node_ips`
 /// (`--node-ip`). Sorted; never the loopback.
@@ -165,6 +188,16 @@ mod tests {
             default_route_devices_v4("").is_empty()
                 && default_route_devices_v6("garbage").is_empty()
         );
+    }
+
+    #[test]
+    fn device_addresses_leave_out_loopback_and_link_local_ones() {
+        let ok = |s: &str| answers_nodeports(&s.parse().unwrap());
+        assert!(ok("10.230.0.100") && ok("fd00:230::100") && ok("2001:db8::1"));
+        assert!(!ok("127.0.0.1") && !ok("::1") && !ok("169.254.3.4") && !ok("fe80::1"));
+        assert!(!ok("0.0.0.0") && !ok("::"));
+        // The loopback device's own addresses are all loopback.
+        assert_eq!(device_addresses(&["lo".to_string()]), Vec::<IpAddr>::new());
     }
 
     #[test]

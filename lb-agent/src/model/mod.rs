@@ -31,7 +31,7 @@ const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 pub struct NodeView {
     pub name: String,
     pub zone: Option<String>,
-    /// Every address of this node (Node object and `--node-ip`), sorted.
+    /// Every address of this node (Node object, `--node-ip`, the attached devices'), sorted.
     pub addresses: Vec<IpAddr>,
     /// Its primary address of each family (IPv4 first): the first `--node-ip` of the family,
     /// else the Node's first InternalIP of it, else its first ExternalIP (kubelet's order).
@@ -70,7 +70,14 @@ pub fn node_view(state: &ClusterState, cfg: &ModelConfig) -> NodeView {
     let all = || {
         cfg.extra_node_ips.iter().copied().chain(of_type("InternalIP")).chain(of_type("ExternalIP"))
     };
-    let addresses: Vec<IpAddr> = all().collect::<BTreeSet<_>>().into_iter().collect();
+    // The devices' own addresses answer NodePorts too (as kube-proxy answers on every local
+    // address), but never become primary: one may be a VIP that moves to another node, and
+    // SNATed flows would lose their replies with it.
+    let addresses: Vec<IpAddr> = all()
+        .chain(state.device_addresses().iter().copied())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let primary: Vec<IpAddr> =
         [false, true].into_iter().filter_map(|v6| all().find(|ip| ip.is_ipv6() == v6)).collect();
     let nodeport_addresses = match &cfg.nodeport_addresses {

@@ -366,6 +366,39 @@ fn primary_addresses_answer_nodeports_with_primary_and_source_snat() {
 }
 
 #[test]
+fn the_devices_addresses_answer_nodeports_but_are_never_primary() {
+    let parsed = parse_str(NODE, Path::new("node.yaml"), &cfg());
+    let mut st = ClusterState::default();
+    for (_, o) in parsed.objects {
+        st.apply_event(crate::sources::Event::Apply(o));
+    }
+    let ips = |v: &[&str]| v.iter().map(|a| a.parse::<IpAddr>().unwrap()).collect::<Vec<_>>();
+    // A VIP keepalived moved here, and the node's own address again.
+    let changed = st.set_device_addresses(ips(&["192.168.1.200", "192.168.1.11", "fd00:1::200"]));
+    assert!(changed.all, "every service follows");
+    assert!(
+        st.set_device_addresses(ips(&["fd00:1::200", "192.168.1.11", "192.168.1.200"])).is_empty()
+    );
+    let mut cfg = cfg();
+    let view = node_view(&st, &cfg);
+    assert_eq!(
+        view.nodeport_addresses,
+        ips(&["192.168.1.11", "192.168.1.200", "fd00:1::11", "fd00:1::200"])
+    );
+    assert_eq!(view.primary, ips(&["192.168.1.11", "fd00:1::11"]), "SNAT keeps the node's own");
+    cfg.nodeport_addresses =
+        crate::config::NodePortAddresses::Cidrs(vec!["fd00:1::/64".parse().unwrap()]);
+    assert_eq!(node_view(&st, &cfg).nodeport_addresses, ips(&["fd00:1::11", "fd00:1::200"]));
+    cfg.nodeport_addresses = crate::config::NodePortAddresses::Primary;
+    assert_eq!(node_view(&st, &cfg).nodeport_addresses, ips(&["192.168.1.11", "fd00:1::11"]));
+    // Without a Node or --node-ip, a device address is still no SNAT address.
+    let mut bare = ClusterState::default();
+    bare.set_device_addresses(ips(&["192.168.1.200"]));
+    let view = node_view(&bare, &crate::config::ModelConfig::new("node-0"));
+    assert_eq!((view.nodeport_addresses, view.primary), (ips(&["192.168.1.200"]), vec![]));
+}
+
+#[test]
 fn host_processes_reach_nodeports_on_localhost_unless_left_out() {
     let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: default}\nspec: {type: NodePort, clusterIP: 10.96.0.1, clusterIPs: [10.96.0.1, 'fd00:96::1'], ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack, ports: [{port: 80, nodePort: 30001}]}";
     let localhost = |cfg: &ModelConfig| -> Vec<String> {
