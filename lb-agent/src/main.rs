@@ -60,9 +60,10 @@ struct Args {
     /// This node's name: decides which endpoints are local and which Node object is ours.
     #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
     node_name: Option<String>,
-    /// Devices that receive traffic from outside clients (NodePort, ExternalIP, LB IP). `auto`:
-    /// those the default routes leave by and those holding a --node-ip address (with any
-    /// named besides).
+    /// Devices that receive traffic from outside clients (NodePort, ExternalIP, LB IP): names,
+    /// `PREFIX+` for every device whose name starts with PREFIX (`eth+`), or `auto`: those the
+    /// default routes leave by and those holding a --node-ip address. A device absent at start
+    /// is attached when it appears (checked every 2 s), as are new ones a pattern matches.
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
     /// Attach XDP to the devices too (native when the driver supports it, else generic).
@@ -295,6 +296,12 @@ async fn run(args: Args) -> Result<()> {
     log_detected(&args.devices, &args.node_ip);
     let attached_devices = devices(&args.devices, &args.node_ip);
     for dev in &attached_devices {
+        // A DaemonSet's device list may name one some nodes lack (yet): attached when it
+        // appears (the device check below), instead of keeping the node without a proxy.
+        if netdev::ifindex(dev).is_err() {
+            warn!(device = dev, "device absent: attached when it appears");
+            continue;
+        }
         attach_device(&mut ebpf, dev, &args, &mut pins, &status)?;
     }
     let sweep_every =
@@ -569,15 +576,9 @@ fn log_manifest_errors(
     *last = now;
 }
 
-/// The devices to attach to: those named, and for `auto` those detected now.
+/// The devices to attach to now (see `netdev::resolve_devices`).
 fn devices(named: &[String], node_ips: &[IpAddr]) -> Vec<String> {
-    let mut out: Vec<String> = named.iter().filter(|d| *d != "auto").cloned().collect();
-    if named.iter().any(|d| d == "auto") {
-        out.extend(netdev::detect_devices(node_ips));
-    }
-    out.sort();
-    out.dedup();
-    out
+    netdev::resolve_devices(named, node_ips)
 }
 
 /// Says which devices `auto` found at start (they depend on the node's routes).

@@ -462,3 +462,39 @@ fn a_nodeport_answers_on_an_address_added_to_the_device_until_it_goes() {
         run.agents[0].log().join("\n")
     );
 }
+
+/// `--devices` as a DaemonSet spreads it over unlike nodes: a prefix pattern (`eth+`) takes
+/// every matching device, and a device named but absent does not keep the node without a
+/// proxy: the agent starts, says so once, and attaches when the device appears.
+#[test]
+fn device_patterns_match_by_prefix_and_an_absent_device_is_attached_when_it_appears() {
+    require_root!();
+    let mut cluster = Cluster::new(2, 1, 1);
+    cluster.second_segment();
+    let eps = cluster.all_pods(false);
+    let run = Running::start_with(
+        cluster,
+        &[("web.yaml", CLUSTER_SVC.file(&eps))],
+        &["--devices", "eth+", "--devices", "late0"],
+    );
+    let node0 = &run.cluster.nodes[0];
+    let bpffs = run.pins[0].path.clone();
+    let missing = |dev: &'static str| {
+        let bpffs = bpffs.clone();
+        node0.ns.run(move || lb_agent::dataplane::attach::tc_missing(&bpffs, dev))
+    };
+    assert!(!missing("eth0") && !missing("eth1"), "eth+ takes both");
+    let r = parse_probe(&run.from_client(0, &["connect", "10.230.0.10:30080", "--count", "10"]));
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    assert_eq!(run.agents[0].count_log("device absent"), 1, "{}", run.agents[0].log().join("\n"));
+
+    node0.ns.ip(&["link", "add", "late0", "type", "veth", "peer", "name", "late0p"]);
+    node0.ns.ip(&["link", "set", "late0", "up"]);
+    let start = Instant::now();
+    while missing("late0") {
+        assert!(start.elapsed() < Duration::from_secs(8), "late0 never got its programs");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(run.agents[0].count_log("device absent"), 1, "said once");
+    assert_eq!(run.agents[0].count_log("programs were missing"), 1);
+}

@@ -105,6 +105,56 @@ pub fn addresses() -> Vec<(String, IpAddr)> {
     out
 }
 
+/// The names of this network namespace's interfaces.
+pub fn interfaces() -> Vec<String> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array ended by a zeroed entry, walked read-only and
+    // freed once.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut cur = list;
+        while (*cur).if_index != 0 && !(*cur).if_name.is_null() {
+            out.push(std::ffi::CStr::from_ptr((*cur).if_name).to_string_lossy().into_owned());
+            cur = cur.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+/// The devices `--devices` names now: `auto` as [`detect_devices`] finds them, `PREFIX+`
+/// every interface whose name starts with PREFIX (Cilium's syntax; never the loopback), any
+/// other entry itself, present or not (it is attached when it appears). Sorted.
+pub fn resolve_devices(named: &[String], node_ips: &[IpAddr]) -> Vec<String> {
+    let present = if named.iter().any(|d| d.ends_with('+')) { interfaces() } else { Vec::new() };
+    let mut out = matching(named, &present);
+    if named.iter().any(|d| d == "auto") {
+        out.extend(detect_devices(node_ips));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The entries of `named` that are device names, and the `present` interfaces its prefix
+/// patterns match.
+fn matching(named: &[String], present: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in named {
+        match entry.strip_suffix('+') {
+            Some(prefix) => {
+                out.extend(present.iter().filter(|i| i.starts_with(prefix) && *i != "lo").cloned())
+            }
+            None if entry != "auto" => out.push(entry.clone()),
+            None => {}
+        }
+    }
+    out
+}
+
 /// The addresses of `devices` that can take NodePort traffic: neither loopback nor
 /// link-local (an IPv6 link-local address needs a scope no client names), sorted.
 pub fn device_addresses(devices: &[String]) -> Vec<IpAddr> {
@@ -188,6 +238,25 @@ mod tests {
             default_route_devices_v4("").is_empty()
                 && default_route_devices_v6("garbage").is_empty()
         );
+    }
+
+    #[test]
+    fn device_patterns_match_by_prefix_and_names_stand_for_themselves() {
+        let s = |v: &[&str]| v.iter().map(|d| d.to_string()).collect::<Vec<_>>();
+        let present = s(&["lo", "eth0", "eth1", "ens3", "lxc12ab", "bond0"]);
+        assert_eq!(
+            matching(&s(&["eth+", "bond0", "absent9"]), &present),
+            s(&["eth0", "eth1", "bond0", "absent9"])
+        );
+        assert_eq!(matching(&s(&["en+", "auto"]), &present), s(&["ens3"]));
+        assert_eq!(
+            matching(&s(&["+"]), &present),
+            s(&["eth0", "eth1", "ens3", "lxc12ab", "bond0"])
+        );
+        assert!(matching(&s(&["wlan+"]), &present).is_empty());
+        // This namespace's interfaces are read: the loopback is one of them.
+        assert!(interfaces().contains(&"lo".to_string()));
+        assert!(!resolve_devices(&s(&["l+"]), &[]).contains(&"lo".to_string()));
     }
 
     #[test]
