@@ -21,6 +21,9 @@ pub struct ModelConfig {
     pub node_port_range: RangeInclusive<u16>,
     /// Largest Maglev table per backend set (a prime from `maglev::SIZES`).
     pub maglev_max_size: u32,
+    /// `--external-clusterip`: the device hooks translate ClusterIPs too, for clients outside
+    /// the cluster that the network routes the service range to (BGP-advertised ClusterIPs).
+    pub external_cluster_ips: bool,
 }
 
 impl ModelConfig {
@@ -32,6 +35,7 @@ impl ModelConfig {
             extra_node_ips: Vec::new(),
             node_port_range: 30000..=32767,
             maglev_max_size: maglev::DEFAULT_MAX_SIZE,
+            external_cluster_ips: false,
         }
     }
 }

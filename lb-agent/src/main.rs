@@ -98,6 +98,13 @@ struct Args {
     /// (unless --nodeport-addresses leaves 127.0.0.1 out). Pods' loopback stays their own.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     localhost_nodeports: bool,
+    /// The device hooks translate ClusterIPs too, for clients outside the cluster that the
+    /// network routes the service range to (BGP-advertised ClusterIPs), as kube-proxy's rules
+    /// do: off-cluster clients reach the same endpoints as pods (internalTrafficPolicy), with
+    /// SNAT to other nodes' ones. Off by default: every packet to a ClusterIP's port then pays
+    /// the device hooks' lookups.
+    #[arg(long)]
+    external_clusterip: bool,
     /// Addresses of this node, in addition to those its Node object lists.
     #[arg(long, value_delimiter = ',')]
     node_ip: Vec<IpAddr>,
@@ -216,6 +223,7 @@ async fn run(args: Args) -> Result<()> {
     let mut cfg = ModelConfig::new(node_name);
     cfg.nodeport_addresses = args.nodeport_addresses.clone();
     cfg.localhost_nodeports = args.localhost_nodeports;
+    cfg.external_cluster_ips = args.external_clusterip;
     cfg.extra_node_ips = args.node_ip.clone();
     cfg.maglev_max_size = args.maglev_max_size;
     // The source first: a bad kubeconfig must fail before anything is loaded into the kernel.

@@ -498,3 +498,44 @@ fn device_patterns_match_by_prefix_and_an_absent_device_is_attached_when_it_appe
     assert_eq!(run.agents[0].count_log("device absent"), 1, "said once");
     assert_eq!(run.agents[0].count_log("programs were missing"), 1);
 }
+
+/// `--external-clusterip`: a client outside the cluster whose network routes the service
+/// range to a node (BGP-advertised ClusterIPs) reaches the ClusterIP through that node, as
+/// through kube-proxy's rules: every endpoint, local ones seeing the client, other nodes'
+/// ones the node (SNAT), and answers from the ClusterIP. Without the flag the device hooks
+/// leave ClusterIPs alone.
+#[test]
+fn external_clusterip_serves_clients_routed_to_the_service_range() {
+    require_root!();
+    let cluster = Cluster::new(2, 2, 1);
+    let eps = cluster.all_pods(false);
+    let run = Running::start_with(
+        cluster,
+        &[("web.yaml", CLUSTER_SVC.file(&eps))],
+        &["--external-clusterip"],
+    );
+    let node0 = run.cluster.nodes[0].ip4.to_string();
+    let client = run.cluster.clients[0].ip4.to_string();
+    run.cluster.clients[0].ns.ip(&["route", "add", "10.96.0.0/16", "via", &node0]);
+    let r = parse_probe(&run.from_client(0, &["connect", "10.96.0.10:80", "--count", "60"]));
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    assert_eq!(by_server(&r).len(), 4, "{:?}", by_server(&r));
+    for (name, seen, peer) in r.iter().flatten() {
+        assert_eq!(peer, "10.96.0.10:80", "answers come from the ClusterIP");
+        let want = if name.starts_with("node-0") { &client } else { &node0 };
+        assert_eq!(&host_of(seen), want, "{name}");
+    }
+
+    // node-1 runs without the flag (the same manifests): routed there, the client gets nothing.
+    let mut run = run;
+    run.stop_agent(1);
+    let node1 = run.cluster.nodes[1].ip4.to_string();
+    let args: Vec<String> =
+        run.agent_args[1].iter().filter(|a| *a != "--external-clusterip").cloned().collect();
+    run.agent_args[1] = args;
+    run.restart_agent(1);
+    run.cluster.clients[0].ns.ip(&["route", "replace", "10.96.0.0/16", "via", &node1]);
+    let once = ["connect", "10.96.0.10:80", "--timeout-ms", "500"];
+    let r = parse_probe(&run.from_client(0, &once));
+    assert!(r[0].is_err(), "translated without --external-clusterip: {r:?}");
+}

@@ -150,6 +150,9 @@ enum Command {
         /// As lb-agent's flag.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         localhost_nodeports: bool,
+        /// As lb-agent's flag.
+        #[arg(long)]
+        external_clusterip: bool,
         #[arg(long, value_delimiter = ',')]
         node_ip: Vec<IpAddr>,
         #[arg(short, long, value_enum, default_value = "table")]
@@ -192,12 +195,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             node_name,
             nodeport_addresses,
             localhost_nodeports,
+            external_clusterip,
             node_ip,
             output,
         } => {
             let mut cfg = ModelConfig::new(node_name);
             cfg.nodeport_addresses = nodeport_addresses;
             cfg.localhost_nodeports = localhost_nodeports;
+            cfg.external_cluster_ips = external_clusterip;
             cfg.extra_node_ips = node_ip;
             let poll = ManifestsDir::new(&manifests, cfg.clone())
                 .poll()

@@ -146,7 +146,7 @@ pub fn plan_service(
     let mut plans = Vec::new();
     for family in families(&parsed) {
         for port in &parsed.ports {
-            plans.push(plan_port(state, &parsed, port, family, node));
+            plans.push(plan_port(state, &parsed, port, family, node, cfg.external_cluster_ips));
         }
     }
     ServiceOutcome::Planned { plans, warnings }
@@ -168,6 +168,7 @@ fn plan_port(
     port: &service::ParsedPort,
     family: Family,
     node: &NodeView,
+    external_cluster_ips: bool,
 ) -> ServicePlan {
     let in_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
         let mut v: Vec<IpAddr> =
@@ -185,6 +186,17 @@ fn plan_port(
             scope: Scope::Internal,
             backends: BackendSet::Internal,
         });
+        // From outside (`--external-clusterip`): the same endpoints as from inside, as
+        // kube-proxy's ClusterIP rules match whatever the source.
+        if external_cluster_ips {
+            frontends.insert(Frontend {
+                kind: FrontendKind::ClusterIP,
+                address: ip,
+                port: port.port,
+                scope: Scope::External,
+                backends: BackendSet::Internal,
+            });
+        }
     }
     let mut external = |kind: FrontendKind, ip: IpAddr, port: u16| {
         frontends.insert(Frontend {

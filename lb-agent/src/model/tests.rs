@@ -399,6 +399,28 @@ fn the_devices_addresses_answer_nodeports_but_are_never_primary() {
 }
 
 #[test]
+fn external_clusterip_adds_a_device_frontend_with_the_internal_endpoints() {
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: default}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}";
+    let external = |cfg: &ModelConfig, svc: &str| -> Vec<String> {
+        plan_with(svc, cfg)[0]
+            .frontends
+            .iter()
+            .filter(|f| f.scope == Scope::External)
+            .map(|f| format!("{:?} {}:{} {:?}", f.kind, f.address, f.port, f.backends))
+            .collect()
+    };
+    let mut cfg = cfg();
+    assert!(external(&cfg, svc).is_empty(), "off by default: pods only");
+    cfg.external_cluster_ips = true;
+    assert_eq!(external(&cfg, svc), ["ClusterIP 10.96.0.1:80 Internal"]);
+    // internalTrafficPolicy Local holds for outside clients too (the same set).
+    let local = svc.replace("ports:", "internalTrafficPolicy: Local, ports:");
+    let p = &plan_with(&local, &cfg)[0];
+    assert_eq!(external(&cfg, &local), ["ClusterIP 10.96.0.1:80 Internal"]);
+    assert_eq!(p.internal_traffic_policy, TrafficPolicy::Local);
+}
+
+#[test]
 fn host_processes_reach_nodeports_on_localhost_unless_left_out() {
     let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: default}\nspec: {type: NodePort, clusterIP: 10.96.0.1, clusterIPs: [10.96.0.1, 'fd00:96::1'], ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack, ports: [{port: 80, nodePort: 30001}]}";
     let localhost = |cfg: &ModelConfig| -> Vec<String> {
