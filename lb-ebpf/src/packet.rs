@@ -73,7 +73,8 @@ pub struct Flow {
     /// `FRAG_*`: whether the packet is a fragment, and which.
     pub frag: u8,
     /// The fragment identification (IPv4: the header's 16 bits; IPv6: the fragment header's
-    /// 32), which the fragments of one datagram share; 0 for a packet that is no fragment.
+    /// 32), which the fragments of one datagram share. Left as it was for a packet that is
+    /// no fragment (one store less on every packet): read it only when `frag` says so.
     pub frag_id: u32,
     pub l3_off: usize,
     pub l4_off: usize,
@@ -116,15 +117,15 @@ pub const TCP_ACK: u8 = 0x10;
 pub const MAX_L4_OFF: usize = 255;
 
 impl Flow {
-    /// Sets everything but the addresses and ports, the key's padding included.
+    /// Sets everything but the addresses, ports and fragment facts, the key's padding
+    /// included.
     #[inline(always)]
-    fn set_layout(&mut self, is_v6: bool, l3_off: usize, t: &Transport) {
-        self.proto = t.proto;
+    fn set_layout(&mut self, proto: u8, is_v6: bool, l3_off: usize, l4_off: usize) {
+        self.proto = proto;
         (self._pad8, self._pad16) = (0, 0);
         self.is_v6 = is_v6;
-        (self.frag, self.frag_id) = (t.frag, t.frag_id);
         self.l3_off = l3_off;
-        self.l4_off = t.off;
+        self.l4_off = l4_off;
     }
 
     /// The conntrack key of the packet's own direction.
@@ -199,11 +200,11 @@ pub fn parse(b: &Bounds, out: &mut Flow) -> Result<(), Skip> {
 fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
     let ip: *const Ipv4Hdr = b.ptr_at(l3_off).ok_or(Skip::Malformed)?;
     // SAFETY: bounds checked above; every field is a byte array (alignment 1).
-    let (vihl, tot_len, frags, proto, saddr, daddr) = unsafe {
+    let (vihl, tot_len, frags_ne, proto, saddr, daddr) = unsafe {
         (
             (*ip).vihl,
             u16::from_be_bytes((*ip).tot_len),
-            u16::from_be_bytes((*ip).frags),
+            u16::from_ne_bytes((*ip).frags),
             (*ip).proto,
             u32::from_ne_bytes((*ip).src_addr),
             u32::from_ne_bytes((*ip).dst_addr),
@@ -213,25 +214,26 @@ fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
     if vihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() || (tot_len as usize) < ihl {
         return Err(Skip::Malformed);
     }
-    let mut t = Transport { proto, off: l3_off + ihl, frag: FRAG_NONE, frag_id: 0 };
-    // One test for the packets that are no fragment; only the first fragment carries the
-    // transport header, and "more fragments" marks it.
-    if frags & (IPV4_MORE_FRAGMENTS | IPV4_OFFSET) != 0 {
-        t.frag = if frags & IPV4_OFFSET != 0 { FRAG_LATER } else { FRAG_FIRST };
-        // SAFETY: bounds checked above.
-        t.frag_id = u16::from_ne_bytes(unsafe { (*ip).id }) as u32;
-    }
-    let ports = if t.frag == FRAG_LATER {
-        Err(Skip::Fragment)
+    let l4_off = l3_off + ihl;
+    // Most packets are no fragment: one test of the field as it lies in memory, and what a
+    // fragment is goes straight to `out` (nothing held in registers across the parsing).
+    // Only the first fragment carries the transport header; "more fragments" marks it.
+    let mut later = false;
+    if frags_ne & (IPV4_MORE_FRAGMENTS | IPV4_OFFSET).to_be() == 0 {
+        out.frag = FRAG_NONE;
     } else {
-        parse_ports(b, t.off, proto, PROTO_ICMP)
-    };
+        later = frags_ne & IPV4_OFFSET.to_be() != 0;
+        out.frag = if later { FRAG_LATER } else { FRAG_FIRST };
+        // SAFETY: bounds checked above.
+        out.frag_id = u16::from_ne_bytes(unsafe { (*ip).id }) as u32;
+    }
+    let ports = if later { Err(Skip::Fragment) } else { parse_ports(b, l4_off, proto, PROTO_ICMP) };
     // Field by field: a `Flow` built first would take stack in the hook's frame.
     let fill = |ports: (u16, u16, u8)| {
         (out.sport_be, out.dport_be, out.tcp_flags) = ports;
         out.saddr = addr_from_v4_raw(saddr);
         out.daddr = addr_from_v4_raw(daddr);
-        out.set_layout(false, l3_off, &t);
+        out.set_layout(proto, false, l3_off, l4_off);
     };
     finish(ports, fill)
 }
@@ -245,6 +247,7 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
         return Err(Skip::Malformed);
     }
     let t = ipv6_transport(b, l3_off + IPV6_LEN, next)?;
+    (out.frag, out.frag_id) = (t.frag, t.frag_id);
     let ports = if t.frag == FRAG_LATER {
         Err(Skip::Fragment)
     } else {
@@ -257,7 +260,7 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
             let addrs = ip.cast::<u8>().add(8).cast::<[Addr; 2]>();
             [out.saddr, out.daddr] = core::ptr::read_unaligned(addrs);
         }
-        out.set_layout(true, l3_off, &t);
+        out.set_layout(t.proto, true, l3_off, t.off);
     };
     finish(ports, fill)
 }
