@@ -20,7 +20,7 @@
 //! tc only: XDP hands ICMP to tc untouched. The quoted transport checksum is left as it is
 //! (receivers do not check it); every checksum of the packet itself is kept right.
 
-use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use lb_common::{
     Addr, CT_F_SNAT, CtKey, PROTO_TCP, PROTO_UDP, STAT_ICMP_ERROR_TRANSLATED, STAT_OTHER_L4,
     addr_from_v4_raw,
@@ -31,7 +31,7 @@ use crate::{
     device::{Action, Hook},
     maps::FLOW,
     packet::{self, Bounds, Flow},
-    rewrite::ports_word,
+    rewrite::{self, ports_word},
     stats,
 };
 
@@ -112,8 +112,7 @@ fn translate(ctx: &TcContext, flow: &Flow) -> Result<bool, ()> {
     let icmp_csum = flow.l4() + 2;
     if flow.is_v6 {
         // ICMPv6 sums a pseudo-header (the outer addresses) and everything quoted.
-        ctx.l4_csum_replace(icmp_csum, 0, outer_diff as u64, BPF_F_PSEUDO_HDR as u64)
-            .map_err(|_| ())?;
+        rewrite::l4_pseudo_replace(ctx, icmp_csum, outer_diff, true, 0)?;
         let payload = csum::add(quoted_diff, ports_diff);
         ctx.l4_csum_replace(icmp_csum, 0, payload as u64, 0).map_err(|_| ())?;
     } else {

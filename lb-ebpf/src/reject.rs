@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::TC_ACT_SHOT,
+    bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT},
     helpers::{
         bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes,
     },
@@ -189,7 +189,15 @@ fn send_back(ctx: &TcContext, buf: &[u8; 512], len: usize) -> Option<i32> {
         if bpf_skb_change_tail(ctx.skb.skb, len, 0) != 0 {
             return None;
         }
-        if bpf_skb_store_bytes(ctx.skb.skb, 0, buf.as_ptr().add(FRAME).cast(), len, 0) != 0 {
+        // The Ethernet header as is; the rest with the skb's sum kept right (a NIC's
+        // CHECKSUM_COMPLETE covers the packet from its network header).
+        let frame = buf.as_ptr().add(FRAME);
+        if bpf_skb_store_bytes(ctx.skb.skb, 0, frame.cast(), ETH as u32, 0) != 0 {
+            return None;
+        }
+        let (net, net_len) = (frame.add(ETH).cast(), len - ETH as u32);
+        let recompute = BPF_F_RECOMPUTE_CSUM as u64;
+        if bpf_skb_store_bytes(ctx.skb.skb, ETH as u32, net, net_len, recompute) != 0 {
             return None;
         }
         Some(bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32)

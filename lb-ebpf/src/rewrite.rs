@@ -74,6 +74,30 @@ fn port_off(flow: &Flow, which: Which) -> usize {
     }
 }
 
+/// BPF_F_IPV6 for bpf_l4_csum_replace (newer than aya-ebpf's bindings).
+const BPF_F_IPV6: u64 = 1 << 7;
+
+/// Adds `diff`, the change of pseudo-header fields (addresses), to the transport checksum at
+/// `csum_off`, with `flags` besides. IPv6 says so (BPF_F_IPV6): no header checksum covers its
+/// addresses, so their change and the transport checksum's cancel in a CHECKSUM_COMPLETE
+/// sum, which must then stay as it is (for IPv4 the helper moves it, rightly: the header
+/// checksum absorbs the addresses' change). Kernels older than the flag refuse it and get
+/// the call without, their old behaviour.
+#[inline(always)]
+pub fn l4_pseudo_replace(
+    ctx: &TcContext,
+    csum_off: usize,
+    diff: u32,
+    is_v6: bool,
+    flags: u64,
+) -> Result<(), ()> {
+    let flags = BPF_F_PSEUDO_HDR as u64 | flags;
+    if is_v6 && ctx.l4_csum_replace(csum_off, 0, diff as u64, flags | BPF_F_IPV6).is_ok() {
+        return Ok(());
+    }
+    ctx.l4_csum_replace(csum_off, 0, diff as u64, flags).map_err(|_| ())
+}
+
 /// Flags for the L4 checksum helper: a UDP checksum of 0 (none, IPv4) stays 0.
 #[inline(always)]
 fn l4_flags(flow: &Flow) -> u64 {
@@ -150,8 +174,7 @@ impl Rewrite for Tc<'_> {
         let new_ports = ports_word(to.sport_be, to.dport_be);
         let csum_off = flow.l4_csum_off();
         if addrs {
-            let pseudo = BPF_F_PSEUDO_HDR as u64 | l4_flags(flow);
-            ctx.l4_csum_replace(csum_off, 0, addr_diff as u64, pseudo).map_err(|_| ())?;
+            l4_pseudo_replace(ctx, csum_off, addr_diff, flow.is_v6, l4_flags(flow))?;
         }
         if old_ports != new_ports {
             let diff = csum::diff4(0, old_ports, new_ports);
