@@ -590,3 +590,58 @@ fn host_processes_reach_nodeports_on_localhost_and_pods_keep_their_own_loopback(
     let r = run.from_pod(0, 0, &["connect", "127.0.0.1:30080", "--timeout-ms", "500"]);
     assert_eq!(r, ["err ECONNREFUSED"]);
 }
+
+/// Endpoints on the nodes' own addresses (hostNetwork pods; the `kubernetes` service's API
+/// servers): reached by ClusterIP from pods and host processes, and by NodePort from outside,
+/// where node-0's own endpoint gets the packet delivered to itself and node-1's gets SNAT.
+#[test]
+fn host_network_endpoints_answer_by_cluster_ip_from_pods_and_hosts_and_by_nodeport() {
+    require_root!();
+    let cluster = Cluster::new(2, 1, 1);
+    let eps: Vec<Ep> = cluster.nodes.iter().map(|n| Ep::ready(n.ip4, &n.name)).collect();
+    let _servers: Vec<_> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            lb_tests::proc::Server::start(
+                n.ns.name(),
+                &format!("host-{}", n.name),
+                &["0.0.0.0:6443"],
+                &[],
+            )
+        })
+        .collect();
+    let api = Svc {
+        name: "kubernetes",
+        cluster_ips: &["10.96.0.1"],
+        port: 443,
+        protocol: "TCP",
+        target_port: 6443,
+        node_port: Some(30443),
+        spec: "",
+        extra: "",
+    };
+    let run = Running::start(cluster, &[("api.yaml", api.file(&eps))]);
+    let node0 = run.cluster.nodes[0].ip4.to_string();
+    let pod = run.cluster.nodes[1].pods[0].ip4.to_string();
+    let r = parse_probe(&run.from_pod(1, 0, &["connect", "10.96.0.1:443", "--count", "30"]));
+    all_ok(&r);
+    assert_eq!(by_server(&r).len(), 2, "{:?}", by_server(&r));
+    assert!(
+        r.iter().flatten().all(|(_, seen, from)| host_of(seen) == pod && from == "10.96.0.1:443"),
+        "{r:?}"
+    );
+    let r = parse_probe(&run.from_host(0, &["connect", "10.96.0.1:443", "--count", "30"]));
+    all_ok(&r);
+    assert_eq!(by_server(&r).len(), 2, "{:?}", by_server(&r));
+    let client = run.cluster.clients[0].ip4.to_string();
+    let target = format!("{node0}:30443");
+    let r = parse_probe(&run.from_client(0, &["connect", &target, "--count", "30"]));
+    all_ok(&r);
+    assert_eq!(by_server(&r).len(), 2, "{:?}", by_server(&r));
+    for (name, seen, from) in r.iter().flatten() {
+        assert_eq!(from, &target);
+        let want = if name == "host-node-0" { &client } else { &node0 };
+        assert_eq!(&host_of(seen), want, "{name}");
+    }
+}
