@@ -464,7 +464,7 @@ pub struct Summary {
     pub l4_off: usize,
     /// A (first) fragment: the transport checksum covers bytes this frame does not hold.
     pub fragment: bool,
-    /// A fragment after the first: what `src` and `dst` give as ports are payload bytes.
+    /// A fragment after the first: it has no ports (0 in `src` and `dst`).
     pub later_fragment: bool,
 }
 
@@ -505,7 +505,7 @@ pub fn summarize(p: &[u8]) -> Option<Summary> {
         }
         _ => return None,
     }
-    let l4 = p.get(off..off + 4)?;
+    let l4 = if later_fragment { &[0u8; 4][..] } else { p.get(off..off + 4)? };
     Some(Summary {
         src: SocketAddr::new(src, u16::from_be_bytes([l4[0], l4[1]])),
         dst: SocketAddr::new(dst, u16::from_be_bytes([l4[2], l4[3]])),

@@ -413,6 +413,13 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
         tcp6(CLIENT6, 41000, VIP6, 80, true, b""),
         with_ipv6_hop_by_hop(&udp6(CLIENT6, 41000, VIP6, 80, b"query")),
         with_ipv6_fragment(&tcp6(CLIENT6, 41001, VIP6, 80, true, b""), 0, true),
+        // A datagram in fragments: the first translated, the later ones by it.
+        as_ipv4_fragment(&with_ipv4_id(&udp4(CLIENT4, 41002, VIP4, 80, b"big query"), 77), 0, true),
+        as_ipv4_fragment(
+            &with_ipv4_id(&udp4(CLIENT4, 41002, VIP4, 80, b"rest of it"), 77),
+            3,
+            false,
+        ),
     ];
     let backends = [
         std::net::SocketAddr::new(BACKEND4.into(), BACKEND_PORT),
