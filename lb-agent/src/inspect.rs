@@ -312,7 +312,7 @@ impl Inspection {
                     continue;
                 }
                 let counts = flows.entry(v.backend_id).or_default();
-                if v.state >= CT_STATE_CLOSING {
+                if ct_state_ended(v.state) {
                     counts.1 += 1;
                 } else {
                     counts.0 += 1;
@@ -375,6 +375,8 @@ impl Inspection {
                     backend_id: v.backend_id,
                     state: match v.state {
                         CT_STATE_ESTABLISHED => "established",
+                        CT_STATE_FIN_CLIENT => "half-closed (client)",
+                        CT_STATE_FIN_BACKEND => "half-closed (backend)",
                         CT_STATE_CLOSING => "closing",
                         CT_STATE_RESET => "reset",
                         CT_STATE_TIME_WAIT => "time-wait",

@@ -131,6 +131,11 @@ struct Args {
     /// expire (kube-proxy's --conntrack-udp-timeout).
     #[arg(long, default_value_t = options::Timeout(lb_common::CT_TIMEOUT_UDP_S as u32))]
     conntrack_udp_timeout: options::Timeout,
+    /// How long a half-closed TCP flow (one side sent FIN, the other may go on sending) may
+    /// stay idle before its conntrack entries expire (kube-proxy's
+    /// --conntrack-tcp-timeout-close-wait).
+    #[arg(long, default_value_t = options::Timeout(lb_common::CT_TIMEOUT_TCP_CLOSE_WAIT_S as u32))]
+    conntrack_tcp_timeout_close_wait: options::Timeout,
     /// Seconds between conntrack sweeps, which remove the entries of ended flows (the datapath
     /// only expires an entry when a packet meets it). 0: never (the LRU map evicts).
     #[arg(long, default_value_t = 30)]
@@ -284,6 +289,7 @@ async fn run(args: Args) -> Result<()> {
         ct_timeouts: lb_common::CtTimeouts {
             tcp_established_s: args.conntrack_tcp_timeout_established.0,
             udp_s: args.conntrack_udp_timeout.0,
+            tcp_close_wait_s: args.conntrack_tcp_timeout_close_wait.0,
         },
     };
     options::write(&mut ebpf, &opts)?;

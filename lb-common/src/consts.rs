@@ -63,6 +63,9 @@ pub const OPT_CT_UDP_S: u32 = 6;
 /// translate a loopback NodePort (127.0.0.1) only there, as kube-proxy's rules live only there.
 pub const OPT_HOST_NETNS_COOKIE_LO: u32 = 7;
 pub const OPT_HOST_NETNS_COOKIE_HI: u32 = 8;
+/// How long a half-closed TCP flow (one side sent FIN) lives idle, in seconds
+/// (`--conntrack-tcp-timeout-close-wait`; 0: the default). Read through [`CtTimeouts`].
+pub const OPT_CT_TCP_CLOSE_WAIT_S: u32 = 12;
 /// Destination ports of packets tc ingress and XDP may translate, one bit per port: external
 /// frontends' ports (NodePort, ExternalIP, LoadBalancer) and the SNAT port range (replies of
 /// remote backends). A packet to any other port skips both lookups. Only ever added to, as
@@ -158,9 +161,11 @@ pub const CT_F_REPLY: u8 = 1 << 0;
 pub const CT_F_SNAT: u8 = 1 << 1;
 
 // ---- CtValue.state ----
+// Values are stored in pinned maps: new states take new numbers, and order comes from
+// `ct_state_progress`, not from the numbers.
 pub const CT_STATE_NEW: u8 = 0;
 pub const CT_STATE_ESTABLISHED: u8 = 1;
-/// FIN seen: kept briefly for the last packets.
+/// FIN seen both ways: kept briefly for the last packets.
 pub const CT_STATE_CLOSING: u8 = 2;
 /// RST seen: no TIME_WAIT follows a reset, so the flow's entries (and its SNAT port) go soon.
 pub const CT_STATE_RESET: u8 = 3;
@@ -169,11 +174,41 @@ pub const CT_STATE_RESET: u8 = 3;
 /// meet the old connection and get an ACK instead of a SYN-ACK (RFC 5961), and the client
 /// would reset and retry a second later.
 pub const CT_STATE_TIME_WAIT: u8 = 4;
+/// Half-closed by the client (its FIN seen, none from the backend yet): the backend may go on
+/// sending for as long as it likes (a response streamed after the request's end), so the
+/// flow lives like an open one, as with kube-proxy (netfilter's CLOSE_WAIT, which kube-proxy
+/// stretches to an hour) and Cilium (the regular lifetime until both sides closed).
+pub const CT_STATE_FIN_CLIENT: u8 = 5;
+/// Half-closed by the backend (its FIN seen, none from the client yet).
+pub const CT_STATE_FIN_BACKEND: u8 = 6;
+
+/// How far a TCP flow has come, to compare states: a flow's two entries only ever move
+/// forward (a new SYN on an ended tuple aside).
+#[inline(always)]
+pub const fn ct_state_progress(state: u8) -> u8 {
+    match state {
+        CT_STATE_NEW => 0,
+        CT_STATE_ESTABLISHED => 1,
+        CT_STATE_FIN_CLIENT | CT_STATE_FIN_BACKEND => 2,
+        CT_STATE_CLOSING => 3,
+        CT_STATE_RESET => 4,
+        _ => 5, // CT_STATE_TIME_WAIT
+    }
+}
+
+/// Whether a TCP flow in this state has ended (both FINs, or a reset): what is left are its
+/// last packets, and a new SYN on its tuple opens a new connection.
+#[inline(always)]
+pub const fn ct_state_ended(state: u8) -> bool {
+    ct_state_progress(state) >= ct_state_progress(CT_STATE_CLOSING)
+}
 
 // ---- conntrack lifetimes (seconds without traffic) ----
 pub const CT_TIMEOUT_TCP_SYN_S: u64 = 60;
 pub const CT_TIMEOUT_TCP_ESTABLISHED_S: u64 = 6 * 3600;
 pub const CT_TIMEOUT_TCP_CLOSING_S: u64 = 10;
+/// Half-closed flows: kube-proxy's `--conntrack-tcp-timeout-close-wait` default.
+pub const CT_TIMEOUT_TCP_CLOSE_WAIT_S: u64 = 3600;
 pub const CT_TIMEOUT_TCP_RESET_S: u64 = 1;
 /// Linux's TIME_WAIT (TCP_TIMEWAIT_LEN), which pods' kernels keep.
 pub const CT_TIMEOUT_TCP_TIME_WAIT_S: u64 = 60;
@@ -194,6 +229,7 @@ const fn or_default(configured_s: u32, default_s: u64) -> u64 {
 pub struct CtTimeouts {
     pub tcp_established_s: u32,
     pub udp_s: u32,
+    pub tcp_close_wait_s: u32,
 }
 
 impl CtTimeouts {
@@ -207,6 +243,9 @@ impl CtTimeouts {
         match state {
             CT_STATE_ESTABLISHED => {
                 or_default(self.tcp_established_s, CT_TIMEOUT_TCP_ESTABLISHED_S)
+            }
+            CT_STATE_FIN_CLIENT | CT_STATE_FIN_BACKEND => {
+                or_default(self.tcp_close_wait_s, CT_TIMEOUT_TCP_CLOSE_WAIT_S)
             }
             CT_STATE_CLOSING => CT_TIMEOUT_TCP_CLOSING_S,
             CT_STATE_RESET => CT_TIMEOUT_TCP_RESET_S,

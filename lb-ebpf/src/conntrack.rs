@@ -45,16 +45,9 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
         let syn_only = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         if tcp_flags & TCP_RST != 0 {
             state = CT_STATE_RESET;
-        } else if tcp_flags & TCP_FIN != 0 && state < CT_STATE_CLOSING {
-            // The first FIN. From a backend this node SNATs for: it will hold the tuple in
-            // TIME_WAIT, and with it this flow's SNAT port.
-            let snat_reply = CT_F_REPLY | CT_F_SNAT;
-            state = if e.flags & snat_reply == snat_reply {
-                CT_STATE_TIME_WAIT
-            } else {
-                CT_STATE_CLOSING
-            };
-        } else if syn_only && state >= CT_STATE_CLOSING {
+        } else if tcp_flags & TCP_FIN != 0 && !ct_state_ended(state) {
+            state = after_fin(state, e.flags);
+        } else if syn_only && ct_state_ended(state) {
             // The client opens a new connection on the tuple of one that ended.
             state = CT_STATE_NEW;
         } else if state == CT_STATE_NEW && tcp_flags & TCP_ACK != 0 && tcp_flags & TCP_SYN == 0 {
@@ -62,8 +55,9 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
         }
     }
     if state != e.state || age_ns(now, e.last_seen_ns) > REFRESH_NS {
-        // Closing, reset and reopening concern both directions; establishing does not.
-        let both = state != e.state && (state >= CT_STATE_CLOSING || state == CT_STATE_NEW);
+        // Closing (half or whole), reset and reopening concern both directions; establishing
+        // does not.
+        let both = state != e.state && state != CT_STATE_ESTABLISHED;
         e.state = state;
         e.last_seen_ns = now;
         if both {
@@ -73,7 +67,27 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
     Some(e)
 }
 
-/// Gives the opposite direction's entry the state `e` just took. Closing or reset: a flow
+/// The state a FIN moves a flow to, arriving on the entry with `flags` (a reply entry's
+/// packets come from the backend): the first FIN half-closes the flow, which lives on like an
+/// open one (the other side may go on sending); the other side's FIN closes it.
+#[inline(always)]
+fn after_fin(state: u8, flags: u8) -> u8 {
+    let from_backend = flags & CT_F_REPLY != 0;
+    match state {
+        CT_STATE_FIN_CLIENT if from_backend => CT_STATE_CLOSING,
+        // Closed first by a backend this node SNATs for: it holds the tuple (node address,
+        // SNAT port) in TIME_WAIT, and with it this flow's SNAT port.
+        CT_STATE_FIN_BACKEND if !from_backend && flags & CT_F_SNAT != 0 => CT_STATE_TIME_WAIT,
+        CT_STATE_FIN_BACKEND if !from_backend => CT_STATE_CLOSING,
+        // The same side's FIN again.
+        CT_STATE_FIN_CLIENT | CT_STATE_FIN_BACKEND => state,
+        _ if from_backend => CT_STATE_FIN_BACKEND,
+        _ => CT_STATE_FIN_CLIENT,
+    }
+}
+
+/// Gives the opposite direction's entry the state `e` just took. Half-closed: the other
+/// side's FIN arrives on that entry and must find it so. Closing or reset: a flow
 /// ended by one side's RST sees no packet the other way, and the reply entry holds the SNAT
 /// port, which would stay taken for the established timeout. New (a connection reopened on
 /// the tuple of one that ended): its reply entry must not expire under it. A subprogram: the
@@ -84,7 +98,8 @@ fn sync_pair(e: &CtValue, proto: u8) {
     if let Some(p) = CONNTRACK.get_ptr_mut(pair) {
         // SAFETY: a live map value; a racing update of the same bytes is harmless.
         unsafe {
-            if (*p).state < e.state || e.state == CT_STATE_NEW {
+            if ct_state_progress((*p).state) < ct_state_progress(e.state) || e.state == CT_STATE_NEW
+            {
                 (*p).state = e.state;
                 (*p).last_seen_ns = e.last_seen_ns;
             }
@@ -113,7 +128,11 @@ fn remove_if_expired(key: &CtKey, e: &CtValue, now: u64) -> bool {
 #[inline(always)]
 fn timeouts() -> CtTimeouts {
     let opt = |i| OPTIONS.get(i).copied().unwrap_or(0);
-    CtTimeouts { tcp_established_s: opt(OPT_CT_TCP_ESTABLISHED_S), udp_s: opt(OPT_CT_UDP_S) }
+    CtTimeouts {
+        tcp_established_s: opt(OPT_CT_TCP_ESTABLISHED_S),
+        udp_s: opt(OPT_CT_UDP_S),
+        tcp_close_wait_s: opt(OPT_CT_TCP_CLOSE_WAIT_S),
+    }
 }
 
 /// Frees `key` if the entry holding it is expired (a SNAT port of a flow that ended). `copy`

@@ -240,34 +240,49 @@ fn an_idle_connection_outlives_ended_flows_that_fill_the_map_twice_over() {
     assert_eq!(dp.stat(STAT_CT_HIT), hits + 1);
 }
 
-/// `--conntrack-tcp-timeout-established` and `--conntrack-udp-timeout` reach the datapath and
-/// the sweep alike; the same flows under the default lifetimes live on.
+/// `--conntrack-tcp-timeout-established`, `--conntrack-udp-timeout` and
+/// `--conntrack-tcp-timeout-close-wait` reach the datapath and the sweep alike; the same flows
+/// under the default lifetimes live on.
 #[test]
 fn configured_lifetimes_expire_flows_in_the_datapath_and_the_sweep_alike() {
     require_root!();
     use lb_agent::dataplane::options::Options;
-    let short = CtTimeouts { tcp_established_s: 5, udp_s: 2 };
+    let short = CtTimeouts { tcp_established_s: 5, udp_s: 2, tcp_close_wait_s: 3 };
     for configured in [Some(short), None] {
         let mut dp = datapath();
         if let Some(t) = configured {
             dp.set_options(&Options { ct_timeouts: t, ..Default::default() });
         }
         assert_eq!(dp.ct_timeouts(), configured.unwrap_or_default());
-        for port in [3001, 3002, 3005] {
+        for port in [3001, 3002, 3005, 3007, 3008] {
             // Both directions established: the client's ACK, the backend's answer.
             pass(&dp, &tcp4(CLIENT, port, VIP, 80, true, b""));
             pass(&dp, &tcp4(CLIENT, port, VIP, 80, false, b"ack"));
             let answer = dp.run(PROG_TC_EGRESS, &tcp4(LOCAL_POD, 8080, CLIENT, port, false, b"ok"));
             assert_eq!(answer.verdict, TC_ACT_OK);
         }
+        // Half-closed by the client: the backend may go on sending.
+        for port in [3007, 3008] {
+            pass(&dp, &tcp4_end(CLIENT, port, VIP, 80, false));
+        }
         for port in [3003, 3004, 3006] {
             pass(&dp, &udp4(CLIENT, port, VIP, 53, b"q"));
         }
-        for (port, secs) in [(3001, 6), (3002, 4), (3005, 6), (3003, 3), (3004, 1), (3006, 3)] {
+        let aged = [
+            (3001, 6),
+            (3002, 4),
+            (3005, 6),
+            (3003, 3),
+            (3004, 1),
+            (3006, 3),
+            (3007, 4),
+            (3008, 2),
+        ];
+        for (port, secs) in aged {
             age(&mut dp, port, None, secs);
         }
         let (expired, new) = (dp.stat(STAT_CT_EXPIRED), dp.stat(STAT_CT_NEW));
-        for port in [3001, 3002] {
+        for port in [3001, 3002, 3007, 3008] {
             pass(&dp, &tcp4(CLIENT, port, VIP, 80, false, b"more"));
         }
         for port in [3003, 3004] {
@@ -276,15 +291,17 @@ fn configured_lifetimes_expire_flows_in_the_datapath_and_the_sweep_alike() {
         let swept = dp.sweep_conntrack();
         let left = ports(&dp);
         if configured.is_some() {
-            // 3001 (6 s, established) and 3003 (3 s, UDP) start afresh; 3005 and 3006 are swept.
-            assert_eq!(dp.stat(STAT_CT_EXPIRED) - expired, 2);
-            assert_eq!(dp.stat(STAT_CT_NEW) - new, 2);
+            // 3001 (6 s, established), 3003 (3 s, UDP) and 3007 (4 s, half-closed) start
+            // afresh; 3005 and 3006 are swept.
+            assert_eq!(dp.stat(STAT_CT_EXPIRED) - expired, 3);
+            assert_eq!(dp.stat(STAT_CT_NEW) - new, 3);
             assert_eq!(swept.removed, 4, "{swept:?}");
-            assert_eq!(left, [3001, 3001, 3002, 3002, 3003, 3003, 3004, 3004]);
+            let want = [3001, 3001, 3002, 3002, 3003, 3003, 3004, 3004, 3007, 3007, 3008, 3008];
+            assert_eq!(left, want);
         } else {
             assert_eq!((dp.stat(STAT_CT_EXPIRED), dp.stat(STAT_CT_NEW)), (expired, new));
             assert_eq!(swept.removed, 0, "{swept:?}");
-            assert_eq!(left.len(), 12);
+            assert_eq!(left.len(), 16);
         }
     }
 }

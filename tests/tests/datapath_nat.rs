@@ -247,18 +247,23 @@ fn a_snat_port_whose_backend_closed_first_waits_out_the_backends_time_wait() {
         }
     };
 
-    // The backend answers, then closes first: it will keep (node, 20000) in TIME_WAIT.
+    // The backend answers, then closes its side first: half-closed, the flow lives on (the
+    // client may still send), and keeps its port.
     assert_ne!(new_flow(&dp, 42000), TC_ACT_SHOT);
     run(&dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, 20000, false, b"answer"));
     run(&dp, PROG_TC_INGRESS, &tcp4_end(REMOTE_POD, 8080, NODE, 20000, false));
-    assert_eq!(states(&dp), vec![CT_STATE_TIME_WAIT; 2]);
-    // The client's FIN that follows changes nothing.
-    run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 42000, VIP, 80, false));
+    assert_eq!(states(&dp), vec![CT_STATE_FIN_BACKEND; 2]);
+    age(&mut dp, 61);
+    assert_eq!(new_flow(&dp, 42001), TC_ACT_SHOT, "a half-closed flow keeps its port");
+    // The client's FIN closes it; the backend, which closed first, keeps (node, 20000) in
+    // TIME_WAIT.
+    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 42000, VIP, 80, false));
+    assert_eq!(s.dst, sa(REMOTE_POD, 8080), "translated after a minute half-closed");
     assert_eq!(states(&dp), vec![CT_STATE_TIME_WAIT; 2]);
     // Past a FIN's 10 s the port is still the old connection's; past 60 s it is free.
     age(&mut dp, 11);
-    assert_eq!(new_flow(&dp, 42001), TC_ACT_SHOT, "another client would meet TIME_WAIT");
-    assert_eq!(dp.stat(STAT_DROP_NAT_EXHAUSTED), 1);
+    assert_eq!(new_flow(&dp, 42004), TC_ACT_SHOT, "another client would meet TIME_WAIT");
+    assert_eq!(dp.stat(STAT_DROP_NAT_EXHAUSTED), 2);
     age(&mut dp, 61);
     let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 42002, VIP, 80, true, b""));
     assert_eq!((s.src, s.dst), (sa(NODE, 20000), sa(REMOTE_POD, 8080)));
@@ -266,6 +271,7 @@ fn a_snat_port_whose_backend_closed_first_waits_out_the_backends_time_wait() {
     // When the client closes first, the backend keeps no TIME_WAIT: 10 s free the port.
     run(&dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, 20000, false, b"answer"));
     run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 42002, VIP, 80, false));
+    assert_eq!(states(&dp), vec![CT_STATE_FIN_CLIENT; 2]);
     run(&dp, PROG_TC_INGRESS, &tcp4_end(REMOTE_POD, 8080, NODE, 20000, false));
     assert_eq!(states(&dp), vec![CT_STATE_CLOSING; 2]);
     age(&mut dp, 11);
@@ -273,8 +279,42 @@ fn a_snat_port_whose_backend_closed_first_waits_out_the_backends_time_wait() {
     assert_eq!(s.src, sa(NODE, 20000));
 }
 
+/// A client that sends its request and half-closes (shutdown(SHUT_WR), HTTP/1.0 style) while
+/// the backend takes its time to answer: the flow lives like an open one for as long as
+/// `--conntrack-tcp-timeout-close-wait` allows (an hour, kube-proxy's), not a FIN's 10 s; the
+/// answer still reaches the client from the frontend.
 #[test]
-fn a_reset_frees_its_flows_snat_port_within_a_second_and_a_fin_closes_both_directions() {
+fn a_half_closed_flow_keeps_its_translation_for_the_close_wait_lifetime() {
+    require_root!();
+    let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
+    let age = |dp: &mut Datapath, secs: u64| {
+        let then = lb_tests::kernel::coarse_now_ns() - secs * 1_000_000_000;
+        for (k, v) in dp.conntrack() {
+            dp.set_conntrack(k, CtValue { last_seen_ns: then, ..v });
+        }
+    };
+    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43000, VIP, 80, true, b""));
+    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43000, VIP, 80, false, b"GET / HTTP/1.0\r\n\r\n"));
+    run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 43000, VIP, 80, false));
+    assert_eq!(states(&dp), vec![CT_STATE_FIN_CLIENT; 2]);
+    age(&mut dp, 30 * 60);
+    let answer = tcp4(LOCAL_POD, 8080, CLIENT, 43000, false, b"HTTP/1.0 200 OK");
+    let (_, s) = run(&dp, PROG_TC_EGRESS, &answer);
+    assert_eq!(s.src, sa(VIP, 80), "half an hour later, still from the frontend");
+    run(&dp, PROG_TC_EGRESS, &tcp4_end(LOCAL_POD, 8080, CLIENT, 43000, false));
+    assert_eq!(states(&dp), vec![CT_STATE_CLOSING; 2], "both sides closed: the last packets");
+
+    // Past the hour, a half-closed flow is over.
+    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43001, VIP, 80, true, b""));
+    run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 43001, VIP, 80, false));
+    age(&mut dp, 3601);
+    let late = tcp4(LOCAL_POD, 8080, CLIENT, 43001, false, b"too late");
+    let out = dp.run(PROG_TC_EGRESS, &late);
+    assert_eq!(out.packet, late, "expired: left untranslated");
+}
+
+#[test]
+fn a_reset_frees_its_flows_snat_port_within_a_second_and_fins_close_both_directions() {
     require_root!();
     let dp = one_snat_port();
     assert_ne!(new_flow(&dp, 41000), TC_ACT_SHOT);
@@ -290,8 +330,10 @@ fn a_reset_frees_its_flows_snat_port_within_a_second_and_a_fin_closes_both_direc
     assert_ne!(new_flow(&dp, 41003), TC_ACT_SHOT, "the port is taken over after a second");
     assert_eq!(dp.stat(STAT_DROP_NAT_EXHAUSTED), 2);
 
-    // A FIN from the client closes both directions' entries too.
+    // A FIN from the client half-closes both directions' entries; the backend's closes them.
     run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 41003, VIP, 80, false));
+    assert_eq!(states(&dp), vec![CT_STATE_FIN_CLIENT; 2], "{:?}", dp.conntrack());
+    run(&dp, PROG_TC_INGRESS, &tcp4_end(REMOTE_POD, 8080, NODE, 20000, false));
     assert_eq!(states(&dp), vec![CT_STATE_CLOSING; 2], "{:?}", dp.conntrack());
     // The client reopens the same tuple: both entries live again, same backend and port.
     let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41003, VIP, 80, true, b""));
