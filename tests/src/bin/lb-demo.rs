@@ -118,6 +118,14 @@ fn main() {
             }),
         ),
         (
+            "dns",
+            "client -> NodePort 10.230.0.10:30053, UDP of 4,000 bytes (fragments) echoed".into(),
+            Box::new(|r: &Running| {
+                let args = ["connect", "10.230.0.10:30053", "--udp", "--size", "4000"];
+                r.from_client(0, &[&args[..], &["--count", "40"]].concat())
+            }),
+        ),
+        (
             "empty",
             "pod -> ClusterIP 10.96.0.12:80 (no endpoints)".into(),
             Box::new(|r: &Running| r.from_pod(0, 0, &["connect", "10.96.0.12:80", "--count", "1"])),
