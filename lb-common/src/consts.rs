@@ -301,8 +301,10 @@ pub const STAT_SERVICE_MISS: u32 = 2;
 pub const STAT_NOT_IP: u32 = 3;
 /// IP, but neither TCP nor UDP (ICMP, ...): passed untouched.
 pub const STAT_OTHER_L4: u32 = 4;
-/// A non-first IP fragment passed untouched: not of a translated flow, or ahead of its first
-/// fragment (XDP: every one, handed to tc). Translated ones: `STAT_FRAGMENT_TRANSLATED`.
+/// A non-first IP fragment passed untouched: not of a flow translated here (the node's own
+/// traffic, or fragments tc egress sees again after tc ingress translated and sent them out),
+/// or ahead of its first fragment (XDP: every one, handed to tc). Translated ones:
+/// `STAT_FRAGMENT_TRANSLATED`.
 pub const STAT_FRAGMENT: u32 = 5;
 /// Truncated or inconsistent headers: passed to the stack, which rejects them itself.
 pub const STAT_MALFORMED: u32 = 6;
