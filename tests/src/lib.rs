@@ -5,6 +5,7 @@
 //! - [`packets`]: crafted packets (valid and malformed) for the datapath.
 //! - [`routed`]: a namespace with routes and neighbours for XDP/tc forwarding decisions.
 
+pub mod addrs;
 pub mod agent;
 pub mod bench;
 pub mod bench_e2e;

@@ -5,8 +5,6 @@
 //! established ones, replies both ways, SNAT, both families, TCP and UDP, fragments, ICMP errors
 //! and the answers the node makes itself.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
-
 use etherparse::{Icmpv4Type, icmpv4};
 use lb_agent::{
     dataplane::options::{Options, RejectTcpWith},
@@ -14,20 +12,12 @@ use lb_agent::{
 };
 use lb_common::*;
 use lb_tests::{
+    addrs::*,
     kernel::Datapath,
     packets::*,
     plans::{backend, lb_plan},
     require_root,
 };
-
-const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
-const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
-const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
-const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
-const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 5);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 7);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x80);
-const LOCAL6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 5);
 
 fn datapath() -> Datapath {
     let mut dp = Datapath::load();

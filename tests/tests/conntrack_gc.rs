@@ -13,18 +13,13 @@ use lb_agent::{
 };
 use lb_common::*;
 use lb_tests::{
+    addrs::*,
     kernel::{Datapath, TEST_MAP_SIZES, coarse_now_ns},
     packets::*,
     plans::{backend, lb_plan},
     require_root,
 };
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
-const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
-const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
-const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
-const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 5);
-const TC_ACT_OK: i32 = 0;
 const S: u64 = 1_000_000_000;
 
 /// A datapath on NODE (its SNAT address), with no service yet.

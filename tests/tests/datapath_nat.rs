@@ -9,6 +9,7 @@ use lb_agent::dataplane::attach::XdpTx;
 use lb_agent::model::plan::{Backend, Protocol, ServicePlan, TrafficPolicy};
 use lb_common::*;
 use lb_tests::{
+    addrs::*,
     kernel::{Datapath, TEST_MAP_SIZES},
     packets::*,
     plans::{backend, lb_plan},
@@ -16,20 +17,8 @@ use lb_tests::{
     routed::{self, RoutedNode, mac},
 };
 
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_SHOT: i32 = 2;
-const TC_ACT_REDIRECT: i32 = 7;
-const XDP_PASS: i32 = 2;
-const XDP_TX: i32 = 3;
-const XDP_REDIRECT: i32 = 4;
 /// How long the datapath reuses a next hop (fib.rs NEXT_HOP_TTL_NS), and a little more.
 const NEXT_HOP_TTL: std::time::Duration = std::time::Duration::from_millis(1100);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
-const OTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 99);
-const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
-const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
-const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
-const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 5);
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)

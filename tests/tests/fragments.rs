@@ -3,29 +3,18 @@
 //! come out reassemble into the translated datagram with a valid checksum. Only the first
 //! fragment carries ports; the later ones are matched to it by the datagram's identity.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use lb_agent::model::plan::{Backend, Protocol};
 use lb_common::*;
 use lb_tests::{
+    addrs::*,
     kernel::{Datapath, stat_deltas},
     packets::*,
     plans::{backend, lb_plan},
     require_root,
 };
 
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_REDIRECT: i32 = 7;
-const XDP_PASS: i32 = 2;
-const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
-const OTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 99);
-const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
-const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
-const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
-const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 5);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 7);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x80);
-const LOCAL6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 5);
 /// IP payload bytes per fragment: a 3,000-byte datagram comes in three.
 const CHUNK: usize = 1232;
 

@@ -9,6 +9,7 @@ use lb_agent::dataplane::attach::XdpTx;
 use lb_agent::model::plan::{Backend, Protocol};
 use lb_common::*;
 use lb_tests::{
+    addrs::*,
     kernel::Datapath,
     packets::*,
     plans::{backend, lb_plan},
@@ -16,21 +17,9 @@ use lb_tests::{
     routed::RoutedNode,
 };
 
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_REDIRECT: i32 = 7;
-const XDP_PASS: i32 = 2;
-const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 1, 255, 1);
-const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
-const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
 const NODE6: &str = "fd00:1::11";
-const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x80);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 7);
-const REMOTE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 1, 0, 0, 0, 0, 5);
-const LOCAL6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 5);
 const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0xff, 0, 0, 0, 0, 1);
-const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
-const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 5);
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)

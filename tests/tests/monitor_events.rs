@@ -12,6 +12,7 @@ use lb_agent::{
 };
 use lb_common::*;
 use lb_tests::{
+    addrs::*,
     kernel::{Datapath, coarse_now_ns},
     packets::*,
     plans::{backend, lb_plan},
@@ -19,16 +20,8 @@ use lb_tests::{
     routed::RoutedNode,
 };
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 const OUTSIDER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 99);
-const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x80);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 7);
-const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
-const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
-const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 5);
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_SHOT: i32 = 2;
 const XDP_DROP: i32 = 1;
 /// BPF_PROG_TEST_RUN runs skb programs on the loopback device unless told otherwise.
 const LO: u32 = 1;

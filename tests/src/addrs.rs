@@ -1,0 +1,25 @@
+//! The addressing plan of the kernel tests (BPF_PROG_TEST_RUN): clients outside, a node and its
+//! pod, another node's pod, a frontend address; and the programs' verdicts. A test that needs
+//! another address defines its own (a local constant shadows these).
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+pub const OTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 99);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
+/// The node the datapath runs on (its SNAT address).
+pub const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
+pub const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x11);
+pub const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
+pub const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 5);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 7);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x80);
+pub const LOCAL6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 5);
+pub const REMOTE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 1, 0, 0, 0, 0, 5);
+
+pub const TC_ACT_OK: i32 = 0;
+pub const TC_ACT_SHOT: i32 = 2;
+pub const TC_ACT_REDIRECT: i32 = 7;
+pub const XDP_PASS: i32 = 2;
+pub const XDP_TX: i32 = 3;
+pub const XDP_REDIRECT: i32 = 4;
