@@ -382,6 +382,19 @@ impl Running {
         text
     }
 
+    /// `lbctl <args> -o json` against node `n`'s pinned maps, as JSON (the command must succeed).
+    pub fn lbctl_json(&self, n: usize, args: &[&str]) -> serde_json::Value {
+        let out = std::process::Command::new(crate::workspace_bin("lbctl"))
+            .args(args)
+            .args(["--bpffs", self.pins[n].path.to_str().unwrap(), "-o", "json"])
+            .output()
+            .expect("run lbctl");
+        assert!(out.status.success(), "lbctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("lbctl {args:?}: not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
     /// Starts `lbctl monitor` with `args` for node `n`'s agent, in the node's network namespace
     /// (as an operator runs it there: device names), and waits until it holds its lease.
     pub fn monitor(&self, n: usize, args: &[&str]) -> Monitor {

@@ -64,12 +64,7 @@ fn nodeport_cluster_and_local_policies_from_an_outside_client() {
     // each closing (the client closed first, so the backend keeps no TIME_WAIT), of 1000. On
     // a loaded machine a connection can end in a reset instead (a retransmitted segment that
     // reaches a socket already closed is answered with one): it still holds its port.
-    let out = std::process::Command::new(lb_tests::workspace_bin("lbctl"))
-        .args(["nat", "--ports", "--bpffs", run.pins[0].path.to_str().unwrap(), "-o", "json"])
-        .output()
-        .expect("run lbctl");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let ports: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let ports = run.lbctl_json(0, &["nat", "--ports"]);
     let rows = ports.as_array().expect("rows");
     assert_eq!(rows.len(), 2, "node-1's two pods: {ports}");
     for pod in &run.cluster.nodes[1].pods {
@@ -223,13 +218,7 @@ fn node_counters(run: &Running, n: usize) -> std::collections::BTreeMap<&'static
 
 /// Node-0's conntrack entries, as `lbctl conntrack` lists them.
 fn conntrack_rows(run: &Running) -> Vec<serde_json::Value> {
-    let out = std::process::Command::new(lb_tests::workspace_bin("lbctl"))
-        .args(["conntrack", "--bpffs", run.pins[0].path.to_str().unwrap(), "-o", "json"])
-        .output()
-        .expect("run lbctl");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    rows.as_array().expect("rows").clone()
+    run.lbctl_json(0, &["conntrack"]).as_array().expect("rows").clone()
 }
 
 #[test]
@@ -402,12 +391,7 @@ fn a_re_created_device_gets_its_programs_back_within_seconds() {
 /// The external NodePort addresses node-0 programs for the web service, as `lbctl services`
 /// lists them.
 fn nodeport_addresses(run: &Running) -> Vec<String> {
-    let out = std::process::Command::new(lb_tests::workspace_bin("lbctl"))
-        .args(["services", "--bpffs", run.pins[0].path.to_str().unwrap(), "-o", "json"])
-        .output()
-        .expect("run lbctl");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let services: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let services = run.lbctl_json(0, &["services"]);
     let web = services.as_array().unwrap().iter().find(|s| s["name"] == "default/web:p/TCP/IPv4");
     let mut found: Vec<String> = web
         .and_then(|s| s["frontends"].as_array())
