@@ -111,20 +111,18 @@ impl Rewrite for Tc<'_> {
         Bounds { start: self.0.data(), end: self.0.data_end() }
     }
 
+    /// One address (tc's own `set_tuple` rewrites the whole tuple with fewer calls).
     fn set_addr(&mut self, flow: &Flow, which: Which, old: &Addr, new: &Addr) -> Result<(), ()> {
         let ctx = self.0;
-        let csum = flow.l4_csum_off();
-        let pseudo = BPF_F_PSEUDO_HDR as u64 | 4 | l4_flags(flow);
+        let first = if flow.is_v6 { 0 } else { 3 };
+        let mut diff = 0;
+        for i in first..4 {
+            diff = csum::diff4(diff, old[i], new[i]);
+        }
+        l4_pseudo_replace(ctx, flow.l4_csum_off(), diff, flow.is_v6, l4_flags(flow))?;
         if flow.is_v6 {
-            for i in 0..4 {
-                if old[i] != new[i] {
-                    ctx.l4_csum_replace(csum, old[i] as u64, new[i] as u64, pseudo)
-                        .map_err(|_| ())?;
-                }
-            }
             ctx.store(addr_off(flow, which), new, 0).map_err(|_| ())
         } else {
-            ctx.l4_csum_replace(csum, old[3] as u64, new[3] as u64, pseudo).map_err(|_| ())?;
             ctx.l3_csum_replace(flow.l3() + 10, old[3] as u64, new[3] as u64, 4).map_err(|_| ())?;
             ctx.store(addr_off(flow, which), &new[3], 0).map_err(|_| ())
         }
