@@ -314,6 +314,8 @@ async fn run(args: Args) -> Result<()> {
         // appears (the device check below), instead of keeping the node without a proxy.
         if netdev::ifindex(dev).is_err() {
             warn!(device = dev, "device absent: attached when it appears");
+            let label = ProgramLabel { program: "tc".into(), target: dev.clone() };
+            status.metrics.attached.get_or_create(&label).set(0);
             continue;
         }
         attach_device(&mut ebpf, dev, &args, &mut pins, &status)?;

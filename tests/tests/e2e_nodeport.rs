@@ -471,6 +471,10 @@ fn device_patterns_match_by_prefix_and_an_absent_device_is_attached_when_it_appe
     let r = parse_probe(&run.from_client(0, &["connect", "10.230.0.10:30080", "--count", "10"]));
     assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
     assert_eq!(run.agents[0].count_log("device absent"), 1, "{}", run.agents[0].log().join("\n"));
+    let attached = |dev: &str| {
+        metric(&run.metrics(0), &format!("lb_program_attached{{program=\"tc\",target=\"{dev}\"}}"))
+    };
+    assert_eq!((attached("eth1"), attached("late0")), (1.0, 0.0), "absent: 0, for alerts");
 
     node0.ns.ip(&["link", "add", "late0", "type", "veth", "peer", "name", "late0p"]);
     node0.ns.ip(&["link", "set", "late0", "up"]);
@@ -480,6 +484,7 @@ fn device_patterns_match_by_prefix_and_an_absent_device_is_attached_when_it_appe
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(run.agents[0].count_log("device absent"), 1, "said once");
+    assert_eq!(attached("late0"), 1.0);
     assert_eq!(run.agents[0].count_log("programs were missing"), 1);
 }
 

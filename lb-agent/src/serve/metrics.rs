@@ -140,7 +140,7 @@ impl Metrics {
         registry.register("map_capacity", "Capacity of each BPF map", m.map_capacity.clone());
         registry.register(
             "program_attached",
-            "1 for each program attached, by hook target",
+            "1 for each program attached, by hook target (0: a device named but absent, attached when it appears)",
             m.attached.clone(),
         );
         let gc = &m.conntrack_gc;
