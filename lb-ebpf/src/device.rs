@@ -215,7 +215,7 @@ fn later_fragment<R: Rewrite>(pkt: &mut R, flow: &mut Flow, len: u32, hook: Hook
         stats::count(STAT_FRAGMENT);
         return Action::Pass;
     };
-    (flow.sport_be, flow.dport_be) = (ports.sport_be, ports.dport_be);
+    (flow.sport_be, flow.dport_be, flow.proto) = (ports.sport_be, ports.dport_be, ports.proto);
     let Some(ct) = conntrack::lookup(flow.ct_key(), 0) else {
         stats::count(STAT_FRAGMENT);
         return Action::Pass;

@@ -30,12 +30,15 @@ pub struct FragKey {
     pub _pad16: u16,
 }
 
-/// The ports of a datagram's flow, from its first fragment.
+/// The transport of a datagram's flow, from its first fragment: its ports, and its protocol
+/// (an IPv6 fragment names the next header, which may be an extension header before it).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct FragPorts {
     pub sport_be: u16,
     pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
 }
 
 /// How many datagrams' ports are kept (Cilium's default too).
@@ -47,7 +50,7 @@ fn key_of(flow: &Flow) -> Aligned<FragKey> {
         saddr: flow.saddr,
         daddr: flow.daddr,
         id: flow.frag_id,
-        proto: flow.proto,
+        proto: flow.frag_proto,
         _pad8: 0,
         _pad16: 0,
     })
@@ -57,7 +60,12 @@ fn key_of(flow: &Flow) -> Aligned<FragKey> {
 /// datagram. A subprogram: its key stays off the caller's stack frame.
 #[inline(never)]
 pub fn remember(flow: &Flow) {
-    let ports = FragPorts { sport_be: flow.sport_be, dport_be: flow.dport_be };
+    let ports = FragPorts {
+        sport_be: flow.sport_be,
+        dport_be: flow.dport_be,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
     // A full map evicts the oldest datagram; a failure leaves the later fragments untranslated.
     let _ = FRAGMENTS.insert(&key_of(flow).0, ports, 0);
 }

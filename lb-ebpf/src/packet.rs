@@ -72,6 +72,10 @@ pub struct Flow {
     pub is_v6: bool,
     /// `FRAG_*`: whether the packet is a fragment, and which.
     pub frag: u8,
+    /// The protocol every fragment of the datagram names (IPv4: the header's; IPv6: the
+    /// fragment header's next header, which extension headers may still follow before the
+    /// transport header in the first fragment). Like `frag_id`, read only for fragments.
+    pub frag_proto: u8,
     /// The fragment identification (IPv4: the header's 16 bits; IPv6: the fragment header's
     /// 32), which the fragments of one datagram share. Left as it was for a packet that is
     /// no fragment (one store less on every packet): read it only when `frag` says so.
@@ -104,6 +108,7 @@ pub struct Transport {
     pub proto: u8,
     pub off: usize,
     pub frag: u8,
+    pub frag_proto: u8,
     pub frag_id: u32,
 }
 
@@ -226,6 +231,7 @@ fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
         out.frag = if later { FRAG_LATER } else { FRAG_FIRST };
         // SAFETY: bounds checked above.
         out.frag_id = u16::from_ne_bytes(unsafe { (*ip).id }) as u32;
+        out.frag_proto = proto;
     }
     let ports = if later { Err(Skip::Fragment) } else { parse_ports(b, l4_off, proto, PROTO_ICMP) };
     // Field by field: a `Flow` built first would take stack in the hook's frame.
@@ -247,7 +253,7 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
         return Err(Skip::Malformed);
     }
     let t = ipv6_transport(b, l3_off + IPV6_LEN, next)?;
-    (out.frag, out.frag_id) = (t.frag, t.frag_id);
+    (out.frag, out.frag_id, out.frag_proto) = (t.frag, t.frag_id, t.frag_proto);
     let ports = if t.frag == FRAG_LATER {
         Err(Skip::Fragment)
     } else {
@@ -271,7 +277,7 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
 /// its fragment header names, and `frag` says `FRAG_LATER`.
 #[inline(always)]
 pub fn ipv6_transport(b: &Bounds, mut off: usize, mut next: u8) -> Result<Transport, Skip> {
-    let (mut frag, mut frag_id) = (FRAG_NONE, 0);
+    let (mut frag, mut frag_id, mut frag_proto) = (FRAG_NONE, 0, 0);
     for _ in 0..IPV6_MAX_EXT_HEADERS {
         match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
@@ -294,7 +300,7 @@ pub fn ipv6_transport(b: &Bounds, mut off: usize, mut next: u8) -> Result<Transp
                 };
                 next = nh;
                 off += 8;
-                frag_id = id;
+                (frag_id, frag_proto) = (id, nh);
                 if field >> 3 != 0 {
                     // What follows is the middle of a datagram, not headers.
                     frag = FRAG_LATER;
@@ -307,7 +313,7 @@ pub fn ipv6_transport(b: &Bounds, mut off: usize, mut next: u8) -> Result<Transp
             _ => break,
         }
     }
-    Ok(Transport { proto: next, off, frag, frag_id })
+    Ok(Transport { proto: next, off, frag, frag_proto, frag_id })
 }
 
 /// Fills the flow with the ports `parse_ports` found; the network header of an ICMP message

@@ -255,6 +255,11 @@ pub fn with_ipv6_hop_by_hop(packet: &[u8]) -> Vec<u8> {
     insert_ipv6_ext(packet, 0, |next| [next, 0, 1, 4, 0, 0, 0, 0])
 }
 
+/// An IPv6 packet with an 8-byte destination options header in front of its transport header.
+pub fn with_ipv6_dest_opts(packet: &[u8]) -> Vec<u8> {
+    insert_ipv6_ext(packet, 60, |next| [next, 0, 1, 4, 0, 0, 0, 0])
+}
+
 /// An IPv6 packet with a fragment header at `offset_units` (8-byte units).
 pub fn with_ipv6_fragment(packet: &[u8], offset_units: u16, more_fragments: bool) -> Vec<u8> {
     with_ipv6_fragment_id(packet, offset_units, more_fragments, 7)

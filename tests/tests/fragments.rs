@@ -161,3 +161,18 @@ fn later_fragments_of_datagrams_not_translated_here_pass_untouched() {
     assert_eq!(summarize(&later[0]).unwrap().dst.ip(), IpAddr::from(LOCAL_POD));
     assert_eq!(dp.stat(STAT_FRAGMENT_TRANSLATED), 1);
 }
+
+/// IPv6 lets extension headers meant for the destination follow the fragment header, inside
+/// the fragmented part: every fragment then names that header, not the transport, and the
+/// later ones must still find their flow.
+#[test]
+fn ipv6_fragments_with_destination_options_inside_the_fragmented_part() {
+    require_root!();
+    let dp = dns(VIP6.into(), vec![backend(LOCAL6.into(), 5353, true)]);
+    let datagram = with_ipv6_dest_opts(&udp(sa(CLIENT6, 5000), sa(VIP6, 53), &payload()));
+    let query = fragments(&datagram, CHUNK, 0x1234);
+    assert_eq!(query[1][14 + 40], 60, "the fragment header names destination options");
+    let out = run_all(&dp, PROG_TC_INGRESS, &query, &[TC_ACT_OK]);
+    check_datagram(&out, sa(CLIENT6, 5000), sa(LOCAL6, 5353), &payload());
+    assert_eq!(dp.stat(STAT_FRAGMENT_TRANSLATED), 2);
+}
