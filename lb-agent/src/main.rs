@@ -136,6 +136,10 @@ struct Args {
     /// --conntrack-tcp-timeout-close-wait).
     #[arg(long, default_value_t = options::Timeout(lb_common::CT_TIMEOUT_TCP_CLOSE_WAIT_S as u32))]
     conntrack_tcp_timeout_close_wait: options::Timeout,
+    /// How long a UDP flow that has seen a reply may stay idle before its conntrack entries
+    /// expire (kube-proxy's --conntrack-udp-timeout-stream; default: --conntrack-udp-timeout).
+    #[arg(long)]
+    conntrack_udp_timeout_stream: Option<options::Timeout>,
     /// Seconds between conntrack sweeps, which remove the entries of ended flows (the datapath
     /// only expires an entry when a packet meets it). 0: never (the LRU map evicts).
     #[arg(long, default_value_t = 30)]
@@ -290,6 +294,7 @@ async fn run(args: Args) -> Result<()> {
             tcp_established_s: args.conntrack_tcp_timeout_established.0,
             udp_s: args.conntrack_udp_timeout.0,
             tcp_close_wait_s: args.conntrack_tcp_timeout_close_wait.0,
+            udp_stream_s: args.conntrack_udp_timeout_stream.map_or(0, |t| t.0),
         },
     };
     options::write(&mut ebpf, &opts)?;

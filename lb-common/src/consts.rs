@@ -66,6 +66,9 @@ pub const OPT_HOST_NETNS_COOKIE_HI: u32 = 8;
 /// How long a half-closed TCP flow (one side sent FIN) lives idle, in seconds
 /// (`--conntrack-tcp-timeout-close-wait`; 0: the default). Read through [`CtTimeouts`].
 pub const OPT_CT_TCP_CLOSE_WAIT_S: u32 = 12;
+/// How long a UDP flow that has seen a reply lives idle, in seconds
+/// (`--conntrack-udp-timeout-stream`; 0: as `OPT_CT_UDP_S`). Read through [`CtTimeouts`].
+pub const OPT_CT_UDP_STREAM_S: u32 = 13;
 /// Destination ports of packets tc ingress and XDP may translate, one bit per port: external
 /// frontends' ports (NodePort, ExternalIP, LoadBalancer) and the SNAT port range (replies of
 /// remote backends). A packet to any other port skips both lookups. Only ever added to, as
@@ -164,6 +167,7 @@ pub const CT_F_SNAT: u8 = 1 << 1;
 // Values are stored in pinned maps: new states take new numbers, and order comes from
 // `ct_state_progress`, not from the numbers.
 pub const CT_STATE_NEW: u8 = 0;
+/// TCP: the handshake's ACK seen. UDP: a reply seen (a stream, netfilter's "assured").
 pub const CT_STATE_ESTABLISHED: u8 = 1;
 /// FIN seen both ways: kept briefly for the last packets.
 pub const CT_STATE_CLOSING: u8 = 2;
@@ -230,6 +234,7 @@ pub struct CtTimeouts {
     pub tcp_established_s: u32,
     pub udp_s: u32,
     pub tcp_close_wait_s: u32,
+    pub udp_stream_s: u32,
 }
 
 impl CtTimeouts {
@@ -238,7 +243,13 @@ impl CtTimeouts {
     #[inline(always)]
     pub const fn lifetime_s(&self, proto: u8, state: u8) -> u64 {
         if proto != PROTO_TCP {
-            return or_default(self.udp_s, CT_TIMEOUT_UDP_S);
+            // A UDP flow is ESTABLISHED once a reply came back (netfilter's "assured").
+            let udp = or_default(self.udp_s, CT_TIMEOUT_UDP_S);
+            return if state == CT_STATE_ESTABLISHED {
+                or_default(self.udp_stream_s, udp)
+            } else {
+                udp
+            };
         }
         match state {
             CT_STATE_ESTABLISHED => {

@@ -53,11 +53,14 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
         } else if state == CT_STATE_NEW && tcp_flags & TCP_ACK != 0 && tcp_flags & TCP_SYN == 0 {
             state = CT_STATE_ESTABLISHED;
         }
+    } else if state == CT_STATE_NEW && e.flags & CT_F_REPLY != 0 {
+        // A UDP flow answered: a stream (its own lifetime, --conntrack-udp-timeout-stream).
+        state = CT_STATE_ESTABLISHED;
     }
     if state != e.state || age_ns(now, e.last_seen_ns) > REFRESH_NS {
         // Closing (half or whole), reset and reopening concern both directions; establishing
-        // does not.
-        let both = state != e.state && state != CT_STATE_ESTABLISHED;
+        // does not, but for UDP, where the forward entry must live as long.
+        let both = state != e.state && (state != CT_STATE_ESTABLISHED || key.proto != PROTO_TCP);
         e.state = state;
         e.last_seen_ns = now;
         if both {
@@ -132,6 +135,7 @@ fn timeouts() -> CtTimeouts {
         tcp_established_s: opt(OPT_CT_TCP_ESTABLISHED_S),
         udp_s: opt(OPT_CT_UDP_S),
         tcp_close_wait_s: opt(OPT_CT_TCP_CLOSE_WAIT_S),
+        udp_stream_s: opt(OPT_CT_UDP_STREAM_S),
     }
 }
 

@@ -235,14 +235,14 @@ fn an_idle_connection_outlives_ended_flows_that_fill_the_map_twice_over() {
     assert_eq!(dp.stat(STAT_CT_HIT), hits + 1);
 }
 
-/// `--conntrack-tcp-timeout-established`, `--conntrack-udp-timeout` and
-/// `--conntrack-tcp-timeout-close-wait` reach the datapath and the sweep alike; the same flows
-/// under the default lifetimes live on.
+/// `--conntrack-tcp-timeout-established`, `--conntrack-udp-timeout`,
+/// `--conntrack-udp-timeout-stream` and `--conntrack-tcp-timeout-close-wait` reach the datapath
+/// and the sweep alike; the same flows under the default lifetimes live on.
 #[test]
 fn configured_lifetimes_expire_flows_in_the_datapath_and_the_sweep_alike() {
     require_root!();
     use lb_agent::dataplane::options::Options;
-    let short = CtTimeouts { tcp_established_s: 5, udp_s: 2, tcp_close_wait_s: 3 };
+    let short = CtTimeouts { tcp_established_s: 5, udp_s: 2, tcp_close_wait_s: 3, udp_stream_s: 4 };
     for configured in [Some(short), None] {
         let mut dp = datapath();
         if let Some(t) = configured {
@@ -260,8 +260,19 @@ fn configured_lifetimes_expire_flows_in_the_datapath_and_the_sweep_alike() {
         for port in [3007, 3008] {
             pass(&dp, &tcp4_end(CLIENT, port, VIP, 80, false));
         }
-        for port in [3003, 3004, 3006] {
+        for port in [3003, 3004, 3006, 3009, 3010] {
             pass(&dp, &udp4(CLIENT, port, VIP, 53, b"q"));
+        }
+        // Answered: streams.
+        for port in [3009, 3010] {
+            let nat_port = dp
+                .conntrack()
+                .iter()
+                .find(|(k, v)| v.flags & CT_F_REPLY == 0 && u16::from_be(k.sport_be) == port)
+                .map(|(_, v)| u16::from_be(v.new_sport_be))
+                .expect("the flow's SNAT port");
+            let answer = dp.run(PROG_TC_INGRESS, &udp4(REMOTE_POD, 5353, NODE, nat_port, b"a"));
+            assert!(answer.verdict == TC_ACT_OK || answer.verdict == TC_ACT_REDIRECT);
         }
         let aged = [
             (3001, 6),
@@ -272,6 +283,8 @@ fn configured_lifetimes_expire_flows_in_the_datapath_and_the_sweep_alike() {
             (3006, 3),
             (3007, 4),
             (3008, 2),
+            (3009, 3),
+            (3010, 5),
         ];
         for (port, secs) in aged {
             age(&mut dp, port, None, secs);
@@ -280,23 +293,26 @@ fn configured_lifetimes_expire_flows_in_the_datapath_and_the_sweep_alike() {
         for port in [3001, 3002, 3007, 3008] {
             pass(&dp, &tcp4(CLIENT, port, VIP, 80, false, b"more"));
         }
-        for port in [3003, 3004] {
+        for port in [3003, 3004, 3009] {
             pass(&dp, &udp4(CLIENT, port, VIP, 53, b"again"));
         }
         let swept = dp.sweep_conntrack();
         let left = ports(&dp);
         if configured.is_some() {
             // 3001 (6 s, established), 3003 (3 s, UDP) and 3007 (4 s, half-closed) start
-            // afresh; 3005 and 3006 are swept.
+            // afresh, 3009 (3 s, an answered UDP stream) lives on; 3005, 3006 and 3010 (5 s,
+            // a stream) are swept.
             assert_eq!(dp.stat(STAT_CT_EXPIRED) - expired, 3);
             assert_eq!(dp.stat(STAT_CT_NEW) - new, 3);
-            assert_eq!(swept.removed, 4, "{swept:?}");
-            let want = [3001, 3001, 3002, 3002, 3003, 3003, 3004, 3004, 3007, 3007, 3008, 3008];
+            assert_eq!(swept.removed, 6, "{swept:?}");
+            let want = [
+                3001, 3001, 3002, 3002, 3003, 3003, 3004, 3004, 3007, 3007, 3008, 3008, 3009, 3009,
+            ];
             assert_eq!(left, want);
         } else {
             assert_eq!((dp.stat(STAT_CT_EXPIRED), dp.stat(STAT_CT_NEW)), (expired, new));
             assert_eq!(swept.removed, 0, "{swept:?}");
-            assert_eq!(left.len(), 16);
+            assert_eq!(left.len(), 20);
         }
     }
 }

@@ -7,8 +7,9 @@ use aya::{
 };
 use lb_common::{
     CT_MIN_LIFETIME_S, CtTimeouts, MAP_OPTIONS, NAT_PORT_MAX, NAT_PORT_MIN,
-    OPT_CT_TCP_CLOSE_WAIT_S, OPT_CT_TCP_ESTABLISHED_S, OPT_CT_UDP_S, OPT_HOST_NETNS_COOKIE_HI,
-    OPT_HOST_NETNS_COOKIE_LO, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN, OPT_REJECT_TCP_WITH_RESET,
+    OPT_CT_TCP_CLOSE_WAIT_S, OPT_CT_TCP_ESTABLISHED_S, OPT_CT_UDP_S, OPT_CT_UDP_STREAM_S,
+    OPT_HOST_NETNS_COOKIE_HI, OPT_HOST_NETNS_COOKIE_LO, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN,
+    OPT_REJECT_TCP_WITH_RESET,
 };
 
 /// How a TCP connection to a service without endpoints is refused (`--reject-tcp-with`).
@@ -150,6 +151,7 @@ pub fn ct_timeouts(options: &Map) -> Result<CtTimeouts> {
         tcp_established_s: opt(OPT_CT_TCP_ESTABLISHED_S)?,
         udp_s: opt(OPT_CT_UDP_S)?,
         tcp_close_wait_s: opt(OPT_CT_TCP_CLOSE_WAIT_S)?,
+        udp_stream_s: opt(OPT_CT_UDP_STREAM_S)?,
     })
 }
 
@@ -166,6 +168,7 @@ pub fn write(ebpf: &mut Ebpf, opts: &Options) -> Result<()> {
         (OPT_CT_TCP_ESTABLISHED_S, opts.ct_timeouts.tcp_established_s),
         (OPT_CT_UDP_S, opts.ct_timeouts.udp_s),
         (OPT_CT_TCP_CLOSE_WAIT_S, opts.ct_timeouts.tcp_close_wait_s),
+        (OPT_CT_UDP_STREAM_S, opts.ct_timeouts.udp_stream_s),
         (OPT_HOST_NETNS_COOKIE_LO, host_netns as u32),
         (OPT_HOST_NETNS_COOKIE_HI, (host_netns >> 32) as u32),
     ] {
