@@ -58,6 +58,9 @@ fn health_ready_metrics_and_health_check_node_ports() {
     let (code, body) = http_get(client, "10.230.0.11:32000", "/").unwrap();
     assert_eq!(code, 503, "node-1 has no local endpoint: {body}");
     assert!(body.contains("\"localEndpoints\": 0"));
+    // Load balancers of IPv6 and dual-stack clusters ask over IPv6.
+    let (code, body) = http_get(client, "[fd00:230::10]:32000", "/").unwrap();
+    assert_eq!(code, 200, "{body}");
 
     // Traffic, then metrics.
     let r = parse_probe(&run.from_client(0, &["connect", "10.230.0.10:30080", "--count", "5"]));
