@@ -160,7 +160,8 @@ struct Args {
     #[arg(long)]
     cleanup: bool,
     /// Where /healthz, /livez and /readyz are served (cloud load balancers probe /healthz:
-    /// set 0.0.0.0:10256, as kube-proxy's --healthz-bind-address).
+    /// set 0.0.0.0:10256, as kube-proxy's --healthz-bind-address). 0.0.0.0 or :: means every
+    /// address of both families where the node has IPv6.
     #[arg(long, default_value = "127.0.0.1:10256")]
     health_bind_address: std::net::SocketAddr,
     /// Where /metrics is served (kube-proxy's --metrics-bind-address; its own port, so that
@@ -262,7 +263,7 @@ async fn run(args: Args) -> Result<()> {
         (args.metrics_bind_address, "--metrics-bind-address", endpoints::Paths::Metrics),
     ] {
         let paths = if one_port { endpoints::Paths::All } else { paths };
-        let listener = tokio::net::TcpListener::bind(address)
+        let listener = serve::listen(address)
             .await
             .with_context(|| format!("listening on {flag} {address}"))?;
         info!(address = %listener.local_addr()?, "serving {}", paths.describe());

@@ -35,9 +35,15 @@ fn health_ready_metrics_and_health_check_node_ports() {
         ("lb.yaml", lb.file(&[Ep::ready(pod0, "node-0")])),
         ("itp.yaml", itp.file(&[Ep::ready(pod1, "node-1")])),
     ];
-    let mut run = Running::start(cluster, &files);
+    // The health port open to load balancers, as the DaemonSet sets it.
+    let mut run = Running::start_with(cluster, &files, &["--health-bind-address", "0.0.0.0:10256"]);
     let node0 = &run.cluster.nodes[0];
     assert_eq!(http_get(&node0.ns, "127.0.0.1:10256", "/healthz").unwrap().0, 200);
+    // Every address of both families: IPv6 load balancers probe over IPv6.
+    for from_outside in ["10.230.0.10:10256", "[fd00:230::10]:10256"] {
+        let (code, body) = http_get(&run.cluster.clients[0].ns, from_outside, "/healthz").unwrap();
+        assert_eq!(code, 200, "{from_outside}: {body}");
+    }
     // Metrics on their own port, as kube-proxy's: the health port is for load balancers.
     assert_eq!(http_get(&node0.ns, "127.0.0.1:10256", "/metrics").unwrap().0, 404);
     assert_eq!(http_get(&node0.ns, "127.0.0.1:10249", "/healthz").unwrap().0, 404);

@@ -15,7 +15,7 @@ use http::StatusCode;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::{endpoints::Status, reply, serve};
+use super::{endpoints::Status, listen, reply, serve};
 
 /// What one health check port reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,28 +33,6 @@ pub fn answer(h: &Health, proxy_healthy: bool) -> (StatusCode, String) {
     );
     let serving = h.local_endpoints > 0 && proxy_healthy;
     (if serving { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
-}
-
-/// Listens on `port` of every address: both families where the node has IPv6 (load balancers
-/// of IPv6 and dual-stack clusters probe over IPv6, as kube-proxy's servers answer them),
-/// else IPv4 alone.
-async fn listen_any(port: u16) -> std::io::Result<tokio::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let dual_stack = || -> std::io::Result<std::net::TcpListener> {
-        let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
-        s.set_only_v6(false)?;
-        s.set_reuse_address(true)?;
-        s.set_nonblocking(true)?;
-        s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
-        s.listen(1024)?;
-        Ok(s.into())
-    };
-    match dual_stack() {
-        Ok(l) => tokio::net::TcpListener::from_std(l),
-        Err(_) => {
-            tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))).await
-        }
-    }
 }
 
 pub struct HealthServers {
@@ -84,7 +62,7 @@ impl HealthServers {
                 *shared.lock().unwrap() = health.clone();
                 continue;
             }
-            let listener = match listen_any(port).await {
+            let listener = match listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))).await {
                 Ok(l) => l,
                 Err(e) => {
                     warn!(port, error = %e, service = %format!("{}/{}", health.namespace, health.name), "cannot open healthCheckNodePort");

@@ -7,7 +7,12 @@ pub mod health_check;
 pub mod metrics;
 pub mod proxy_health;
 
-use std::{convert::Infallible, future::Future, sync::Arc};
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -26,6 +31,31 @@ pub fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> 
         .header("X-Content-Type-Options", "nosniff")
         .body(Full::new(body.into()))
         .expect("a valid response")
+}
+
+/// Listens on `address`. An unspecified one (0.0.0.0 or ::) means every address of both
+/// families where the node has IPv6 (load balancers and probes of IPv6 and dual-stack clusters
+/// come over IPv6): a dual-stack socket; IPv4 alone where the node has none.
+pub async fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    if !address.ip().is_unspecified() {
+        return TcpListener::bind(address).await;
+    }
+    let dual_stack = || -> std::io::Result<std::net::TcpListener> {
+        let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+        s.set_only_v6(false)?;
+        s.set_reuse_address(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, address.port())).into())?;
+        s.listen(1024)?;
+        Ok(s.into())
+    };
+    match dual_stack() {
+        Ok(l) => TcpListener::from_std(l),
+        Err(_) => {
+            TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, address.port()))).await
+        }
+    }
 }
 
 /// Serves HTTP/1.1 on `listener`, answering every request with `handler` until the task is
