@@ -148,7 +148,8 @@ fn matching(named: &[String], present: &[String]) -> Vec<String> {
             Some(prefix) => {
                 out.extend(present.iter().filter(|i| i.starts_with(prefix) && *i != "lo").cloned())
             }
-            None if entry != "auto" => out.push(entry.clone()),
+            // An empty entry (`--devices ""`, a trailing comma) names nothing.
+            None if entry != "auto" && !entry.is_empty() => out.push(entry.clone()),
             None => {}
         }
     }
@@ -254,6 +255,7 @@ mod tests {
             s(&["eth0", "eth1", "ens3", "lxc12ab", "bond0"])
         );
         assert!(matching(&s(&["wlan+"]), &present).is_empty());
+        assert_eq!(matching(&s(&["", "eth0", ""]), &present), s(&["eth0"]));
         // This namespace's interfaces are read: the loopback is one of them.
         assert!(interfaces().contains(&"lo".to_string()));
         assert!(!resolve_devices(&s(&["l+"]), &[]).contains(&"lo".to_string()));
