@@ -18,7 +18,9 @@ use lb_agent::{
         attach, conntrack_gc, counters, links,
         links::LinkPins,
         loader::{self, LoadOptions, MapSizes},
-        netdev, options, port_filters, programs,
+        netdev, options,
+        pod_devices::{self, LinkWatch, PodDevices},
+        port_filters, programs,
         store::{KernelStore, WriteCounts},
         writer::{Writer, WriterConfig},
     },
@@ -66,6 +68,19 @@ struct Args {
     /// is attached when it appears (checked every 2 s), as are new ones a pattern matches.
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
+    /// The node's side of pods' devices (names and `PREFIX+` patterns: `lxc+`, `veth+`,
+    /// `cali+`): pods' own service traffic is translated per packet there (ClusterIP,
+    /// NodePort, ExternalIP, LB IP, by internalTrafficPolicy), as the devices come and go.
+    /// Needed with --socket-lb-host-namespace-only.
+    #[arg(long, value_delimiter = ',')]
+    pod_devices: Vec<String>,
+    /// The socket hooks translate only sockets of the host's network namespace (host
+    /// processes, hostNetwork pods): a pod's connection to a service leaves its socket still
+    /// addressed to the service, and --pod-devices translate its packets. What service meshes
+    /// (Istio's sidecar redirect, Linkerd) need to see the service address, as Cilium's
+    /// socketLB.hostNamespaceOnly.
+    #[arg(long, requires = "pod_devices")]
+    socket_lb_host_namespace_only: bool,
     /// Attach XDP to the devices too (native when the driver supports it, else generic).
     #[arg(long)]
     xdp: bool,
@@ -297,6 +312,7 @@ async fn run(args: Args) -> Result<()> {
             tcp_close_wait_s: args.conntrack_tcp_timeout_close_wait.0,
             udp_stream_s: args.conntrack_udp_timeout_stream.map_or(0, |t| t.0),
         },
+        sock_host_netns_only: args.socket_lb_host_namespace_only,
     };
     options::write(&mut ebpf, &opts)?;
     let filters = port_filters::enable(&mut ebpf)?;
@@ -304,6 +320,7 @@ async fn run(args: Args) -> Result<()> {
         bpffs = %args.bpffs.display(),
         reply_ports = filters.reply_ports,
         ingress_ports = filters.ingress_ports,
+        pod_ports = filters.pod_ports,
         "datapath loaded, maps pinned"
     );
     // Links are pinned: programs stay attached when the agent stops, and the next agent swaps
@@ -325,6 +342,23 @@ async fn run(args: Args) -> Result<()> {
             continue;
         }
         attach_device(&mut ebpf, dev, &args, &mut pins, &status)?;
+    }
+    let mut pod_devices = PodDevices::new(&args.pod_devices, &args.bpffs);
+    let link_watch = match args.pod_devices.is_empty() {
+        true => None,
+        // Subscribed before the first scan: a device created meanwhile is not missed.
+        false => Some(LinkWatch::new()?),
+    };
+    if link_watch.is_some() {
+        let r = pod_devices.refresh(&mut ebpf, &mut pins, &attached_devices);
+        pod_devices::log_refresh(&r, pod_devices.count());
+        status.metrics.pod_devices.set(pod_devices.count() as i64);
+        info!(
+            patterns = args.pod_devices.join(","),
+            devices = pod_devices.count(),
+            socket_lb_host_namespace_only = args.socket_lb_host_namespace_only,
+            "pod devices: pods' service traffic is translated on them"
+        );
     }
     let sweep_every =
         (args.conntrack_gc_interval > 0).then(|| Duration::from_secs(args.conntrack_gc_interval));
@@ -406,12 +440,18 @@ async fn run(args: Args) -> Result<()> {
                 // its programs; with --devices auto a new device may appear.
                 let devs = devices(&args.devices, &args.node_ip);
                 for dev in &devs {
-                    if attach::tc_missing(&args.bpffs, dev) {
+                    if attach::tc_missing(&args.bpffs, dev, attach::TcRole::External) {
                         match attach_device(&mut ebpf, dev, &args, &mut pins, &status) {
                             Ok(()) => warn!(device = dev, "programs were missing on the device (re-created, or new): attached"),
                             Err(e) => warn!(device = dev, "attaching to a re-created or new device: {e:#}"),
                         }
                     }
+                }
+                if link_watch.is_some() {
+                    // Anything the link events missed.
+                    let r = pod_devices.refresh(&mut ebpf, &mut pins, &devs);
+                    pod_devices::log_refresh(&r, pod_devices.count());
+                    status.metrics.pod_devices.set(pod_devices.count() as i64);
                 }
                 // An address added to or removed from a device (a VIP moving, a DHCP lease).
                 let addresses = netdev::device_addresses(&devs);
@@ -421,6 +461,14 @@ async fn run(args: Args) -> Result<()> {
                 if let Some(report) = syncer.set_device_addresses(addresses) {
                     synced(&status, &mut syncer, &conntrack, &mut health_servers, &report).await?;
                 }
+            }
+            changed = async { link_watch.as_ref()?.changed().await.into() }, if link_watch.is_some() => {
+                if let Some(Err(e)) = changed {
+                    warn!("netlink link events: {e:#}");
+                }
+                let r = pod_devices.refresh(&mut ebpf, &mut pins, &devices(&args.devices, &args.node_ip));
+                pod_devices::log_refresh(&r, pod_devices.count());
+                status.metrics.pod_devices.set(pod_devices.count() as i64);
             }
             _ = stats_tick.tick(), if args.stats_interval > 0 => {
                 let stats = counters::global(&ebpf).context("reading counters")?;

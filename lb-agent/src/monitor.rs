@@ -243,6 +243,8 @@ pub fn view(e: &MonitorEvent, names: &impl Names, wall_offset_ns: i128) -> Event
             HOOK_XDP => "xdp",
             HOOK_SOCK_CONNECT => "connect",
             HOOK_SOCK_SENDMSG => "sendmsg",
+            HOOK_TC_FROM_POD => "from-pod",
+            HOOK_TC_TO_POD => "to-pod",
             _ => "?",
         },
         device: (!socket).then(|| names.device(e.ifindex).unwrap_or(format!("if{}", e.ifindex))),

@@ -69,11 +69,23 @@ pub const OPT_CT_TCP_CLOSE_WAIT_S: u32 = 12;
 /// How long a UDP flow that has seen a reply lives idle, in seconds
 /// (`--conntrack-udp-timeout-stream`; 0: as `OPT_CT_UDP_S`). Read through [`CtTimeouts`].
 pub const OPT_CT_UDP_STREAM_S: u32 = 13;
+/// Set: the socket hooks translate only sockets of the host's network namespace
+/// (`--socket-lb-host-namespace-only`); pods' service traffic is translated per packet on
+/// their devices (`tc_from_pod`), where a service mesh's sidecar redirect still sees the
+/// service address.
+pub const OPT_SOCK_HOST_NETNS_ONLY: u32 = 14;
+/// Set once `MAP_POD_PORTS` is complete (as `OPT_INGRESS_PORTS_READY`).
+pub const OPT_POD_PORTS_READY: u32 = 15;
 /// Destination ports of packets tc ingress and XDP may translate, one bit per port: external
 /// frontends' ports (NodePort, ExternalIP, LoadBalancer) and the SNAT port range (replies of
 /// remote backends). A packet to any other port skips both lookups. Only ever added to, as
 /// `MAP_REPLY_PORTS`.
 pub const MAP_INGRESS_PORTS: &str = "LB_INGRESS_PORTS";
+/// Ports the pod-device hooks may translate, one bit per port: internal frontends' ports
+/// (what pods connect to), every backend's port (what replies to pods come from) and the SNAT
+/// port range (replies of a pod reaching itself through a service). `tc_from_pod` tests a
+/// packet's destination port, `tc_to_pod` its source port. Only ever added to.
+pub const MAP_POD_PORTS: &str = "LB_POD_PORTS";
 /// Words of a port bit set (`MAP_REPLY_PORTS`, `MAP_INGRESS_PORTS`).
 pub const PORT_SET_WORDS: u32 = 65_536 / 64;
 /// Per-CPU global counters, indexed by the `STAT_*` constants.
@@ -88,6 +100,12 @@ pub const PROG_TC_INGRESS: &str = "tc_ingress";
 pub const PROG_TC_EGRESS: &str = "tc_egress";
 /// XDP on the node's external devices (acceleration of tc ingress).
 pub const PROG_XDP_INGRESS: &str = "xdp_ingress";
+/// tc ingress on the node's side of a pod's device (`--pod-devices`): the pod's packets to
+/// ClusterIPs and other service addresses, translated per packet (the socket hooks leave pods'
+/// sockets alone with `--socket-lb-host-namespace-only`).
+pub const PROG_TC_FROM_POD: &str = "tc_from_pod";
+/// tc egress on the same devices: replies to the pod get their frontend back as source.
+pub const PROG_TC_TO_POD: &str = "tc_to_pod";
 /// Programs that do nothing (benchmark floor; never attached).
 pub const PROG_BENCH_XDP_NOOP: &str = "bench_xdp_noop";
 pub const PROG_BENCH_TC_NOOP: &str = "bench_tc_noop";
@@ -372,6 +390,9 @@ pub const STAT_ICMP_RATE_LIMITED: u32 = 30;
 pub const STAT_MONITOR_LOST: u32 = 31;
 /// A fragment after the first given its datagram's translation (tc; see `STAT_FRAGMENT`).
 pub const STAT_FRAGMENT_TRANSLATED: u32 = 32;
+/// Packets seen by tc on pods' devices, from the pods and to them (`--pod-devices`).
+pub const STAT_TC_FROM_POD_PACKETS: u32 = 33;
+pub const STAT_TC_TO_POD_PACKETS: u32 = 34;
 /// Number of slots in LB_STATS (room for the counters later programs add).
 pub const STAT_COUNT: u32 = 64;
 
@@ -410,4 +431,6 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (STAT_ICMP_RATE_LIMITED, "icmp_rate_limited"),
     (STAT_MONITOR_LOST, "monitor_lost"),
     (STAT_FRAGMENT_TRANSLATED, "fragment_translated"),
+    (STAT_TC_FROM_POD_PACKETS, "tc_from_pod_packets"),
+    (STAT_TC_TO_POD_PACKETS, "tc_to_pod_packets"),
 ];

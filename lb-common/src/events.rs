@@ -42,6 +42,9 @@ pub const HOOK_TC_EGRESS: u8 = 1;
 pub const HOOK_XDP: u8 = 2;
 pub const HOOK_SOCK_CONNECT: u8 = 3;
 pub const HOOK_SOCK_SENDMSG: u8 = 4;
+/// tc on a pod's device (`--pod-devices`): packets from the pod, packets to it.
+pub const HOOK_TC_FROM_POD: u8 = 5;
+pub const HOOK_TC_TO_POD: u8 = 6;
 
 /// No service port (an unknown port on a ClusterIP).
 pub const EVENT_NO_SERVICE: u32 = u32::MAX;

@@ -3,14 +3,16 @@
 //! a frontend starts a flow (source ranges, backend choice with affinity, conntrack entries,
 //! SNAT when the backend is on another node) and is rewritten. Everything else passes
 //! untouched. tc and XDP share this code, so they never disagree about a packet; XDP hands a
-//! packet to tc untouched when it cannot finish the job (see `leave_to_tc`).
+//! packet to tc untouched when it cannot finish the job (see `leave_to_tc`). Pods' devices
+//! (`tc_pod.rs`) run it too, for pods' own service traffic: internal frontends, SNAT only for
+//! a pod reaching itself.
 
 use aya_ebpf::maps::{Array, lpm_trie::Key};
 use lb_common::*;
 
 use crate::{
     conntrack, fragment, lookup,
-    maps::{FLOW, INGRESS_PORTS, OPTIONS, REPLY_PORTS, SOURCE_RANGES},
+    maps::{FLOW, INGRESS_PORTS, OPTIONS, POD_PORTS, REPLY_PORTS, SCRATCH, SOURCE_RANGES},
     monitor,
     nat::{self, NatError},
     packet::{self, FRAG_FIRST, Flow, Skip, TCP_RST},
@@ -23,6 +25,19 @@ pub enum Hook {
     TcIngress,
     TcEgress,
     Xdp,
+    /// tc ingress on a pod's device: the pod's packets.
+    FromPod,
+    /// tc egress on a pod's device: packets to the pod.
+    ToPod,
+}
+
+impl Hook {
+    /// Hooks that only restore frontends on replies (packets leaving the node, or entering a
+    /// pod); the others start flows.
+    #[inline(always)]
+    pub fn is_egress(self) -> bool {
+        matches!(self, Hook::TcEgress | Hook::ToPod)
+    }
 }
 
 // Fieldless on purpose: an enum with payload returned through memory lets LLVM store
@@ -82,7 +97,7 @@ fn apply<R: Rewrite>(pkt: &mut R, flow: &Flow, ct: &CtValue, hook: Hook, len: u3
     if flow.frag == FRAG_FIRST {
         fragment::remember(flow);
     }
-    if ct.flags & CT_F_SNAT != 0 && hook != Hook::TcEgress {
+    if ct.flags & CT_F_SNAT != 0 && !hook.is_egress() {
         return Action::Redirect;
     }
     Action::Pass
@@ -168,23 +183,36 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
     }
     let flow = &*flow;
     // 0. Most packets are not ours, and their port says so without a hash lookup.
-    if hook == Hook::TcEgress {
-        if !port_may_match(&REPLY_PORTS, OPT_REPLY_PORTS_READY, flow.sport_be) {
-            // Not from a local backend's port: no conntrack entry can match (every packet
-            // leaving the node takes this path).
+    match hook {
+        // Not from a local backend's port: no conntrack entry can match (every packet leaving
+        // the node takes this path).
+        Hook::TcEgress if !port_may_match(&REPLY_PORTS, OPT_REPLY_PORTS_READY, flow.sport_be) => {
             return Ok(Action::Pass);
         }
-    } else if !port_may_match(&INGRESS_PORTS, OPT_INGRESS_PORTS_READY, flow.dport_be) {
-        // Neither an external frontend's port nor a SNAT port: no frontend and no conntrack
-        // entry can match.
-        stats::count(STAT_SERVICE_MISS);
-        return Ok(Action::Pass);
+        // Not from a backend's port.
+        Hook::ToPod if !port_may_match(&POD_PORTS, OPT_POD_PORTS_READY, flow.sport_be) => {
+            return Ok(Action::Pass);
+        }
+        Hook::TcEgress | Hook::ToPod => {}
+        // Neither a frontend's port nor a SNAT port: no frontend and no conntrack entry can
+        // match.
+        Hook::FromPod if !port_may_match(&POD_PORTS, OPT_POD_PORTS_READY, flow.dport_be) => {
+            stats::count(STAT_SERVICE_MISS);
+            return Ok(Action::Pass);
+        }
+        Hook::TcIngress | Hook::Xdp
+            if !port_may_match(&INGRESS_PORTS, OPT_INGRESS_PORTS_READY, flow.dport_be) =>
+        {
+            stats::count(STAT_SERVICE_MISS);
+            return Ok(Action::Pass);
+        }
+        Hook::TcIngress | Hook::Xdp | Hook::FromPod => {}
     }
     // 1. A tracked flow, either direction: its recorded rewrite, whatever the backend's state.
     if let Some(action) = tracked(pkt, flow, len, hook) {
         return Ok(action);
     }
-    if hook == Hook::TcEgress {
+    if hook.is_egress() {
         // Egress only restores frontends on replies; anything else is not ours.
         return Ok(Action::Pass);
     }
@@ -196,6 +224,12 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
 #[inline(never)]
 fn tracked<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Option<Action> {
     let ct = conntrack::lookup(flow.ct_key(), flow.tcp_flags)?;
+    if hook == Hook::FromPod && ct.flags & (CT_F_REPLY | CT_F_SNAT) == CT_F_REPLY {
+        // A backend pod's reply: restored where it leaves the node or enters its client's pod
+        // (tc egress), as without pod devices. Here its new source could be a node address
+        // (a NodePort), which the stack would refuse on input.
+        return Some(Action::Pass);
+    }
     // The stack would refuse a packet whose source is now a node address: it must be forwarded
     // from here (checked before counting: tc counts what XDP hands over).
     if ct.flags & CT_F_SNAT != 0 && leave_to_tc(pkt, flow, &ct.new_saddr, &ct.new_daddr) {
@@ -227,22 +261,25 @@ fn later_fragment<R: Rewrite>(pkt: &mut R, flow: &mut Flow, len: u32, hook: Hook
 
 #[inline(never)]
 fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Action {
-    let Some(svc) = lookup::service(flow.daddr, flow.dport_be, flow.proto, SCOPE_EXTERNAL) else {
+    // A pod reaches services as the socket hooks would have it: internal frontends.
+    let scope = if hook == Hook::FromPod { SCOPE_INTERNAL } else { SCOPE_EXTERNAL };
+    let Some(svc) = lookup::service(flow.daddr, flow.dport_be, flow.proto, scope) else {
         stats::count(STAT_SERVICE_MISS);
         return Action::Pass;
     };
     if svc.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(svc.service_id, &flow.saddr) {
         return stopped(pkt, hook, false, STAT_DROP_SOURCE_RANGE, svc.service_id, len);
     }
-    let client = AffinityKey {
-        client: flow.saddr,
-        service_id: svc.service_id,
-        kind: AFFINITY_BY_ADDR,
-        _pad8: 0,
-        _pad16: 0,
-    };
+    let Some(client) = SCRATCH.get_ptr_mut(0) else { return Action::Pass };
+    // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
+    let client = unsafe { &mut (*client).client };
+    client.client = flow.saddr;
+    client.service_id = svc.service_id;
+    client.kind = AFFINITY_BY_ADDR;
+    client._pad8 = 0;
+    client._pad16 = 0;
     let hash = flow_hash(&flow.saddr, &flow.daddr, flow.sport_be, flow.dport_be, flow.proto);
-    let Ok(sel) = select::with_affinity(svc, &client, hash) else {
+    let Ok(sel) = select::with_affinity(svc, client, hash) else {
         // No endpoint anywhere: reject (kube-proxy's REJECT). Policy Local without a local
         // endpoint, or the maps disagreeing: drop.
         if svc.flags & SVC_F_NO_ENDPOINT_DROP == 0 && flow.tcp_flags & TCP_RST == 0 {
@@ -258,7 +295,15 @@ fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Actio
         return stopped(pkt, hook, false, STAT_DROP_NO_BACKEND, svc.service_id, len);
     }
     // Policy Cluster to another node's backend: SNAT, so its replies come back through here.
-    let snat = backend.flags & BE_F_LOCAL == 0 && svc.flags & SVC_F_LOCAL_ONLY == 0;
+    // From a pod, only to the pod itself: its answer would otherwise stay inside the pod,
+    // from an address its socket does not know (kube-proxy masquerades this hairpin too);
+    // other backends answer the pod's own address, routed back to its device.
+    let snat = if hook == Hook::FromPod {
+        // Word by word: comparing the arrays whole copies them to the stack first.
+        (0..4).all(|i| backend.addr[i] == flow.saddr[i])
+    } else {
+        backend.flags & BE_F_LOCAL == 0 && svc.flags & SVC_F_LOCAL_ONLY == 0
+    };
     if snat && hook == Hook::Xdp {
         // Without a node address XDP leaves it to tc, which counts the drop.
         let Some(node) = nat::node_addr(flow.is_v6) else { return Action::Pass };

@@ -72,7 +72,7 @@ pub fn translate_error(ctx: &TcContext, hook: Hook) -> Action {
     match translate(ctx, flow) {
         Ok(snat) => {
             stats::count(STAT_ICMP_ERROR_TRANSLATED);
-            if snat && hook == Hook::TcIngress { Action::Redirect } else { Action::Pass }
+            if snat && !hook.is_egress() { Action::Redirect } else { Action::Pass }
         }
         Err(()) => {
             stats::count(STAT_OTHER_L4);

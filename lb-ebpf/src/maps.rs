@@ -72,6 +72,11 @@ pub static REPLY_PORTS: Array<u64> = Array::with_max_entries(PORT_SET_WORDS, 0);
 #[map(name = "LB_INGRESS_PORTS")]
 pub static INGRESS_PORTS: Array<u64> = Array::with_max_entries(PORT_SET_WORDS, 0);
 
+/// Ports the pod-device hooks may translate, a bit each (see `MAP_POD_PORTS`; written by the
+/// agent).
+#[map(name = "LB_POD_PORTS")]
+pub static POD_PORTS: Array<u64> = Array::with_max_entries(PORT_SET_WORDS, 0);
+
 /// Devices where XDP may answer with XDP_TX (the agent decides per device: see `--xdp-tx`).
 #[map(name = "LB_XDP_TX")]
 pub static XDP_TX_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_XDP_DEVICES, 0);
@@ -105,6 +110,9 @@ pub struct Scratch {
     pub expired: CtValue,
     /// Where a packet XDP sends back out goes (fib.rs).
     pub next_hop: NextHop,
+    /// A new flow's client, for session affinity (device.rs: off the stack of a call chain
+    /// that ends in `nat::create`).
+    pub client: AffinityKey,
 }
 
 /// A route's egress device and the MACs of its next hop (destination then source, as they

@@ -54,6 +54,8 @@ pub fn hook_id(hook: Hook) -> u8 {
         Hook::TcIngress => lb_common::HOOK_TC_INGRESS,
         Hook::TcEgress => lb_common::HOOK_TC_EGRESS,
         Hook::Xdp => lb_common::HOOK_XDP,
+        Hook::FromPod => lb_common::HOOK_TC_FROM_POD,
+        Hook::ToPod => lb_common::HOOK_TC_TO_POD,
     }
 }
 

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use lb_common::{
     AFFINITY_BY_NETNS, Addr, AffinityKey, EVENT_NO_SERVICE, EVENT_SOCK_REFUSED,
     EVENT_SOCK_TRANSLATED, HOOK_SOCK_CONNECT, HOOK_SOCK_SENDMSG, OPT_HOST_NETNS_COOKIE_HI,
-    OPT_HOST_NETNS_COOKIE_LO, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, STAT_SOCK_NO_BACKEND,
+    OPT_HOST_NETNS_COOKIE_LO, OPT_SOCK_HOST_NETNS_ONLY, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, STAT_SOCK_NO_BACKEND,
     STAT_SOCK_REVERSED, STAT_SOCK_TRANSLATED, STAT_SOCK_UNKNOWN_PORT, SVC_F_ADDR_MARKER,
     SockRevNatKey, SockRevNatValue, addr_from_v4_raw, addr_is_v4,
 };
@@ -121,6 +121,10 @@ fn forward(ctx: &SockAddrContext, v6: bool, hook: u8) -> i32 {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return PROCEED;
     }
+    if host_netns_only() && netns_cookie(ctx) != host_netns() {
+        // A pod's socket keeps the service address; its device's hooks translate the packets.
+        return PROCEED;
+    }
     let (daddr, dport_be) = user_addr(ctx, v6);
     let call = SockCall { hook, proto, v6, daddr: &daddr, dport_be };
     let Some(svc) = lookup::service(daddr, dport_be, proto, SCOPE_INTERNAL) else {
@@ -132,8 +136,7 @@ fn forward(ctx: &SockAddrContext, v6: bool, hook: u8) -> i32 {
         }
         return PROCEED;
     };
-    // SAFETY: helpers valid for sock_addr programs.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let netns = netns_cookie(ctx);
     // 127.0.0.1:NodePort is the host's alone: a pod's loopback is its own.
     if is_loopback(&daddr) && netns != host_netns() {
         return PROCEED;
@@ -186,6 +189,19 @@ fn forward(ctx: &SockAddrContext, v6: bool, hook: u8) -> i32 {
 #[inline(always)]
 fn is_loopback(addr: &Addr) -> bool {
     addr_is_v4(addr) && addr[3].to_ne_bytes()[0] == 127
+}
+
+/// The network namespace of the calling socket.
+#[inline(always)]
+fn netns_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: a helper valid for sock_addr programs.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+/// `--socket-lb-host-namespace-only` (`LB_OPTIONS`).
+#[inline(always)]
+fn host_netns_only() -> bool {
+    maps::OPTIONS.get(OPT_SOCK_HOST_NETNS_ONLY).is_some_and(|on| *on != 0)
 }
 
 /// The agent's network namespace (`LB_OPTIONS`; 0, which no namespace has, before it is set).

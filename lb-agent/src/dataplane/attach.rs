@@ -12,7 +12,10 @@ use aya::{
         links::FdLink, tc,
     },
 };
-use lb_common::{MAP_XDP_TX, PROG_SOCK, PROG_TC_EGRESS, PROG_TC_INGRESS, PROG_XDP_INGRESS};
+use lb_common::{
+    MAP_XDP_TX, PROG_SOCK, PROG_TC_EGRESS, PROG_TC_FROM_POD, PROG_TC_INGRESS, PROG_TC_TO_POD,
+    PROG_XDP_INGRESS,
+};
 use tracing::{info, warn};
 
 use super::links::LinkPins;
@@ -26,14 +29,53 @@ pub enum XdpAttachMode {
     Kept,
 }
 
+/// A device's role: which programs its tc hooks get, and the names their links are pinned under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcRole {
+    /// A device outside clients reach the node by (`--devices`).
+    External,
+    /// The node's side of a pod's device (`--pod-devices`).
+    Pod,
+}
+
+impl TcRole {
+    /// (program, direction, link label) of each hook.
+    fn hooks(self) -> [(&'static str, TcAttachType, &'static str); 2] {
+        match self {
+            TcRole::External => [
+                (PROG_TC_INGRESS, TcAttachType::Ingress, "tc-ingress"),
+                (PROG_TC_EGRESS, TcAttachType::Egress, "tc-egress"),
+            ],
+            TcRole::Pod => [
+                (PROG_TC_FROM_POD, TcAttachType::Ingress, "pod-ingress"),
+                (PROG_TC_TO_POD, TcAttachType::Egress, "pod-egress"),
+            ],
+        }
+    }
+
+    /// Link labels of this role (pinned as `<label>@<device>`).
+    pub fn labels(self) -> [&'static str; 2] {
+        self.hooks().map(|(_, _, label)| label)
+    }
+}
+
 /// Attaches tc ingress and egress to `ifname` (in the calling thread's network namespace).
 /// Without `pins` the links live as long as `ebpf` (tests).
 pub fn tc(ebpf: &mut Ebpf, ifname: &str, pins: Option<&mut LinkPins>) -> Result<()> {
+    tc_as(ebpf, ifname, TcRole::External, pins)?;
+    info!(device = ifname, "tc ingress and egress attached");
+    Ok(())
+}
+
+/// Attaches the tc programs of `role` to `ifname`'s ingress and egress.
+pub fn tc_as(
+    ebpf: &mut Ebpf,
+    ifname: &str,
+    role: TcRole,
+    pins: Option<&mut LinkPins>,
+) -> Result<()> {
     let mut pins = pins;
-    for (name, dir, label) in [
-        (PROG_TC_INGRESS, TcAttachType::Ingress, "tc-ingress"),
-        (PROG_TC_EGRESS, TcAttachType::Egress, "tc-egress"),
-    ] {
+    for (name, dir, label) in role.hooks() {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("object has no {name} program"))?
@@ -71,21 +113,20 @@ pub fn tc(ebpf: &mut Ebpf, ifname: &str, pins: Option<&mut LinkPins>) -> Result<
             }
         }
     }
-    info!(device = ifname, "tc ingress and egress attached");
     Ok(())
 }
 
 /// The name a device hook's link is pinned under (`<hook>@<device>`).
-fn link_name(hook: &str, ifname: &str) -> String {
+pub fn link_name(hook: &str, ifname: &str) -> String {
     format!("{hook}@{ifname}")
 }
 
-/// Whether `ifname` exists without this agent's tc programs: re-created since they were
-/// attached (its pinned link is defunct, or names another interface index), or never attached.
-/// A device that does not exist has nothing to attach to.
-pub fn tc_missing(bpffs: &Path, ifname: &str) -> bool {
+/// Whether `ifname` exists without this agent's tc programs (of `role`): re-created since they
+/// were attached (its pinned link is defunct, or names another interface index), or never
+/// attached. A device that does not exist has nothing to attach to.
+pub fn tc_missing(bpffs: &Path, ifname: &str, role: TcRole) -> bool {
     let Ok(ifindex) = super::netdev::ifindex(ifname) else { return false };
-    let pin = super::links::links_pin_dir(bpffs).join(link_name("tc-ingress", ifname));
+    let pin = super::links::links_pin_dir(bpffs).join(link_name(role.labels()[0], ifname));
     super::links::pinned_link_ifindex(&pin).map_or(true, |at| at != ifindex)
 }
 

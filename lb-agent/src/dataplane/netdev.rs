@@ -139,6 +139,17 @@ pub fn resolve_devices(named: &[String], node_ips: &[IpAddr]) -> Vec<String> {
     out
 }
 
+/// The interfaces present now that `named` (names and `PREFIX+` patterns, as `--devices`
+/// takes them; `auto` means nothing here) matches, sorted.
+pub fn matching_present(named: &[String]) -> Vec<String> {
+    let present = interfaces();
+    let mut out: Vec<String> =
+        matching(named, &present).into_iter().filter(|d| present.contains(d)).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The entries of `named` that are device names, and the `present` interfaces its prefix
 /// patterns match.
 fn matching(named: &[String], present: &[String]) -> Vec<String> {

@@ -9,7 +9,7 @@ use lb_common::{
     CT_MIN_LIFETIME_S, CtTimeouts, MAP_OPTIONS, NAT_PORT_MAX, NAT_PORT_MIN,
     OPT_CT_TCP_CLOSE_WAIT_S, OPT_CT_TCP_ESTABLISHED_S, OPT_CT_UDP_S, OPT_CT_UDP_STREAM_S,
     OPT_HOST_NETNS_COOKIE_HI, OPT_HOST_NETNS_COOKIE_LO, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN,
-    OPT_REJECT_TCP_WITH_RESET,
+    OPT_REJECT_TCP_WITH_RESET, OPT_SOCK_HOST_NETNS_ONLY,
 };
 
 /// How a TCP connection to a service without endpoints is refused (`--reject-tcp-with`).
@@ -140,6 +140,8 @@ pub struct Options {
     pub nat_ports: PortRange,
     /// Conntrack lifetimes (0: the datapath's defaults).
     pub ct_timeouts: CtTimeouts,
+    /// The socket hooks leave pods' sockets alone (`--socket-lb-host-namespace-only`).
+    pub sock_host_netns_only: bool,
 }
 
 /// The conntrack lifetimes configured in an `LB_OPTIONS` map (the sweep and lbctl judge
@@ -171,6 +173,7 @@ pub fn write(ebpf: &mut Ebpf, opts: &Options) -> Result<()> {
         (OPT_CT_UDP_STREAM_S, opts.ct_timeouts.udp_stream_s),
         (OPT_HOST_NETNS_COOKIE_LO, host_netns as u32),
         (OPT_HOST_NETNS_COOKIE_HI, (host_netns >> 32) as u32),
+        (OPT_SOCK_HOST_NETNS_ONLY, opts.sock_host_netns_only.into()),
     ] {
         map.set(i, v, 0).context("writing LB_OPTIONS")?;
     }

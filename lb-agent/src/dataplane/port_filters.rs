@@ -4,6 +4,8 @@
 //!   conntrack only when its source port is set.
 //! - `LB_INGRESS_PORTS`: the ports of external frontends and the SNAT port range. tc ingress
 //!   and XDP look a packet up (conntrack, then frontends) only when its destination port is set.
+//! - `LB_POD_PORTS`: the ports of internal frontends, of every backend, and the SNAT port
+//!   range: the pod-device hooks' filter (destination port from pods, source port to them).
 //!
 //! Bits are only ever added: a flow whose backend or service is gone keeps its translation
 //! until it ends. A port is added before the map entry that makes it matter is written. The
@@ -16,8 +18,9 @@ use aya::{
 };
 use lb_common::{
     BE_F_LOCAL, BackendValue, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, MAP_BACKENDS, MAP_CONNTRACK,
-    MAP_INGRESS_PORTS, MAP_OPTIONS, MAP_REPLY_PORTS, MAP_SERVICES, OPT_INGRESS_PORTS_READY,
-    OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN, OPT_REPLY_PORTS_READY, PORT_SET_WORDS, SCOPE_EXTERNAL,
+    MAP_INGRESS_PORTS, MAP_OPTIONS, MAP_POD_PORTS, MAP_REPLY_PORTS, MAP_SERVICES,
+    OPT_INGRESS_PORTS_READY, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN, OPT_POD_PORTS_READY,
+    OPT_REPLY_PORTS_READY, PORT_SET_WORDS, SCOPE_EXTERNAL,
     ServiceKey, ServiceValue, nat_ports,
 };
 
@@ -78,12 +81,13 @@ fn range_masks(first: u16, last: u16) -> impl Iterator<Item = (usize, u64)> {
     })
 }
 
-/// Both sets, as the map writer keeps them (each `None` when the object lacks its map, and both
+/// The sets, as the map writer keeps them (each `None` when the object lacks its map, and all
 /// for pins opened to be read).
 #[derive(Default)]
 pub struct PortFilters {
     reply: Option<PortSet>,
     ingress: Option<PortSet>,
+    pod: Option<PortSet>,
 }
 
 impl PortFilters {
@@ -91,24 +95,37 @@ impl PortFilters {
         Ok(Self {
             reply: PortSet::open(ebpf, MAP_REPLY_PORTS)?,
             ingress: PortSet::open(ebpf, MAP_INGRESS_PORTS)?,
+            pod: PortSet::open(ebpf, MAP_POD_PORTS)?,
         })
     }
 
-    /// Adds `b`'s port if it is a local backend (call before writing `b`: a flow can reach it
-    /// as soon as it is in `LB_BACKENDS`).
+    /// Adds `b`'s port: to the reply set if it is a local backend, to the pod set whatever its
+    /// node (call before writing `b`: a flow can reach it as soon as it is in `LB_BACKENDS`).
     pub fn note_backend(&mut self, b: &BackendValue) -> Result<()> {
+        if let Some(set) = self.pod.as_mut() {
+            set.add(b.port_be)?;
+        }
         match self.reply.as_mut() {
             Some(set) if b.flags & BE_F_LOCAL != 0 => set.add(b.port_be),
             _ => Ok(()),
         }
     }
 
-    /// Adds `key`'s port if it is an external frontend (call before writing the frontend).
+    /// Adds `key`'s port: to the ingress set if it is an external frontend, else to the pod
+    /// set (call before writing the frontend).
     pub fn note_frontend(&mut self, key: &ServiceKey) -> Result<()> {
-        match self.ingress.as_mut() {
-            Some(set) if key.scope == SCOPE_EXTERNAL => set.add(key.port_be),
+        let set = if key.scope == SCOPE_EXTERNAL { &mut self.ingress } else { &mut self.pod };
+        match set.as_mut() {
+            // A port-0 entry marks a ClusterIP (for refusing unknown ports): no port.
+            Some(set) if key.port_be != 0 || key.scope == SCOPE_EXTERNAL => set.add(key.port_be),
             _ => Ok(()),
         }
+    }
+
+    /// The sets that hold the SNAT range (replies to SNATed flows: remote backends', and a
+    /// pod's own through a service).
+    fn nat_range_sets(&mut self) -> impl Iterator<Item = &mut PortSet> {
+        [self.ingress.as_mut(), self.pod.as_mut()].into_iter().flatten()
     }
 }
 
@@ -119,13 +136,13 @@ fn stored_nat_range(options: &Array<&mut MapData, u32>) -> Result<(u16, u16)> {
     Ok((first as u16, (first + count - 1) as u16))
 }
 
-/// Adds the SNAT port range now in `LB_OPTIONS` to the ingress set (replies of remote backends
-/// arrive on those ports). Run whenever the range is written, and by [`enable`].
+/// Adds the SNAT port range now in `LB_OPTIONS` to the ingress and pod sets (replies to
+/// SNATed flows arrive on those ports). Run whenever the range is written, and by [`enable`].
 pub fn note_nat_range(ebpf: &mut Ebpf) -> Result<()> {
-    let Some(mut set) = PortSet::open(ebpf, MAP_INGRESS_PORTS)? else { return Ok(()) };
+    let mut filters = PortFilters::open(ebpf)?;
     let options = Array::try_from(ebpf.map_mut(MAP_OPTIONS).context("no LB_OPTIONS map")?)?;
     let (first, last) = stored_nat_range(&options)?;
-    set.add_range(first, last)
+    filters.nat_range_sets().try_for_each(|set| set.add_range(first, last))
 }
 
 /// What [`enable`] found: ports set in each filter.
@@ -133,6 +150,7 @@ pub fn note_nat_range(ebpf: &mut Ebpf) -> Result<()> {
 pub struct Enabled {
     pub reply_ports: usize,
     pub ingress_ports: usize,
+    pub pod_ports: usize,
 }
 
 /// Fills both sets from the maps as they are (an upgrade from a build without them, or flows
@@ -141,7 +159,9 @@ pub struct Enabled {
 ///   entry of a local backend in conntrack;
 /// - ingress ports: every external frontend in `LB_SERVICES`, the SNAT range in `LB_OPTIONS`,
 ///   and the destination port of every other conntrack entry (a forward entry's frontend port,
-///   a SNATed reply's NAT port, also from an earlier range).
+///   a SNATed reply's NAT port, also from an earlier range);
+/// - pod ports: every internal frontend and every backend, the SNAT range, and both ports of
+///   every conntrack entry (which side a pod is on, the entry does not say).
 ///
 /// Run at agent start, before or after attaching: until its option is set, the datapath does
 /// not filter on a set. Sets the object lacks are skipped.
@@ -160,6 +180,10 @@ pub fn enable(ebpf: &mut Ebpf) -> Result<Enabled> {
     let Map::LruHashMap(ct) = map(MAP_CONNTRACK)? else { bail!("LB_CT is not an LRU hash map") };
     batch::for_each_chunk::<CtKey, CtValue>(ct, |keys, values| {
         for (key, value) in keys.iter().zip(values) {
+            if let Some(set) = filters.pod.as_mut() {
+                set.add(key.sport_be)?;
+                set.add(key.dport_be)?;
+            }
             if value.flags & (CT_F_REPLY | CT_F_SNAT) == CT_F_REPLY {
                 // A local backend's reply: it leaves through egress.
                 if let Some(set) = filters.reply.as_mut() {
@@ -173,14 +197,13 @@ pub fn enable(ebpf: &mut Ebpf) -> Result<Enabled> {
     })?;
     let mut options: Array<&mut MapData, u32> =
         Array::try_from(ebpf.map_mut(MAP_OPTIONS).context("no LB_OPTIONS map")?)?;
-    if let Some(set) = filters.ingress.as_mut() {
-        let (first, last) = stored_nat_range(&options)?;
-        set.add_range(first, last)?;
-    }
+    let (first, last) = stored_nat_range(&options)?;
+    filters.nat_range_sets().try_for_each(|set| set.add_range(first, last))?;
     let mut enabled = Enabled::default();
     for (set, ready, count) in [
         (&filters.reply, OPT_REPLY_PORTS_READY, &mut enabled.reply_ports),
         (&filters.ingress, OPT_INGRESS_PORTS_READY, &mut enabled.ingress_ports),
+        (&filters.pod, OPT_POD_PORTS_READY, &mut enabled.pod_ports),
     ] {
         if let Some(set) = set {
             *count = set.len();

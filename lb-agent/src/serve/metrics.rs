@@ -56,6 +56,8 @@ pub struct Metrics {
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_capacity: Family<MapLabel, Gauge>,
     pub attached: Family<ProgramLabel, Gauge>,
+    /// Pods' devices carrying the pod hooks (`--pod-devices`).
+    pub pod_devices: Gauge,
     /// Services whose maps could not be written (retried).
     pub unprogrammed: Gauge,
     /// Service ports with a Local policy and no local endpoint, by policy.
@@ -92,6 +94,7 @@ impl Metrics {
             map_entries,
             map_capacity: Family::default(),
             attached: Family::default(),
+            pod_devices: Gauge::default(),
             unprogrammed: Gauge::default(),
             no_local_endpoints: Family::default(),
             // 10 ms .. 10 min: the time includes the EndpointSlice controller's and the watch's.
@@ -134,6 +137,11 @@ impl Metrics {
             "sync_last_timestamp_seconds",
             "When the maps last matched every object (Unix time)",
             m.last_synced.clone(),
+        );
+        registry.register(
+            "pod_devices_attached",
+            "Pods' devices carrying the pod hooks (--pod-devices)",
+            m.pod_devices.clone(),
         );
         registry.register("objects", "Kubernetes objects known, by kind", m.objects.clone());
         registry.register("map_entries", "Entries in each BPF map", m.map_entries.clone());

@@ -1,0 +1,207 @@
+//! Pods' devices (`--pod-devices`): the node's side of each pod's veth carries `tc_from_pod`
+//! (ingress: the pod's packets) and `tc_to_pod` (egress: packets to the pod), as pods come and
+//! go. The agent hears of new links through netlink ([`LinkWatch`]), so a pod's device gets
+//! its hooks within milliseconds of the CNI creating it; a periodic check catches anything
+//! missed. The links are pinned like the other hooks' (traffic flows through an agent restart);
+//! those of devices that are gone are unpinned.
+
+use std::{
+    collections::BTreeSet,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use aya::Ebpf;
+use tokio::io::unix::AsyncFd;
+use tracing::{debug, info, warn};
+
+use super::{
+    attach::{self, TcRole},
+    links::{LinkPins, links_pin_dir},
+    netdev,
+};
+
+/// The pod devices the patterns match, and the hooks attached to them.
+pub struct PodDevices {
+    patterns: Vec<String>,
+    bpffs: PathBuf,
+    /// Devices carrying the pod hooks now.
+    attached: BTreeSet<String>,
+}
+
+/// What one [`PodDevices::refresh`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Refresh {
+    pub attached: Vec<String>,
+    pub gone: Vec<String>,
+    pub failed: Vec<(String, String)>,
+}
+
+impl PodDevices {
+    pub fn new(patterns: &[String], bpffs: &Path) -> Self {
+        Self { patterns: patterns.to_vec(), bpffs: bpffs.to_owned(), attached: BTreeSet::new() }
+    }
+
+    /// How many devices carry the pod hooks.
+    pub fn count(&self) -> usize {
+        self.attached.len()
+    }
+
+    /// Attaches the pod hooks to every matching device that lacks them (new, or re-created),
+    /// and unpins the links of pod devices that are gone. A device also in `external` (the
+    /// `--devices` ones) is left to that role.
+    pub fn refresh(&mut self, ebpf: &mut Ebpf, pins: &mut LinkPins, external: &[String]) -> Refresh {
+        let mut out = Refresh::default();
+        let mut present = netdev::matching_present(&self.patterns);
+        present.retain(|d| !external.contains(d));
+        for dev in &present {
+            if !attach::tc_missing(&self.bpffs, dev, TcRole::Pod) {
+                self.attached.insert(dev.clone());
+                continue;
+            }
+            match attach::tc_as(ebpf, dev, TcRole::Pod, Some(pins)) {
+                Ok(()) => {
+                    self.attached.insert(dev.clone());
+                    out.attached.push(dev.clone());
+                }
+                // Gone again already (a pod that failed to start), or refused: said, retried.
+                Err(e) => out.failed.push((dev.clone(), format!("{e:#}"))),
+            }
+        }
+        self.attached.retain(|d| present.contains(d));
+        out.gone = self.unpin_gone(&present);
+        out
+    }
+
+    /// Removes the pinned pod links of devices not in `present`: a deleted device's links
+    /// are already detached, the pins would only pile up.
+    fn unpin_gone(&self, present: &[String]) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(links_pin_dir(&self.bpffs)) else { return Vec::new() };
+        let mut gone = BTreeSet::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(dev) = TcRole::Pod
+                .labels()
+                .iter()
+                .find_map(|label| name.strip_prefix(label)?.strip_prefix('@'))
+            else {
+                continue;
+            };
+            if !present.iter().any(|p| p == dev) && netdev::ifindex(dev).is_err() {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => {
+                        gone.insert(dev.to_owned());
+                    }
+                    Err(e) => warn!(pin = name, "removing a gone pod device's link: {e}"),
+                }
+            }
+        }
+        gone.into_iter().collect()
+    }
+}
+
+/// Logs what a refresh did (one line per device: pods come and go all day, so at debug level
+/// for the routine part).
+pub fn log_refresh(r: &Refresh, total: usize) {
+    for dev in &r.attached {
+        debug!(device = dev, "pod device: hooks attached");
+    }
+    for dev in &r.gone {
+        debug!(device = dev, "pod device gone: its links unpinned");
+    }
+    for (dev, e) in &r.failed {
+        warn!(device = dev, "attaching to a pod device: {e}");
+    }
+    if !r.attached.is_empty() || !r.gone.is_empty() {
+        info!(
+            attached = r.attached.len(),
+            gone = r.gone.len(),
+            pod_devices = total,
+            "pod devices changed"
+        );
+    }
+}
+
+/// Netlink link notifications (RTNLGRP_LINK): a device was added, removed or changed.
+pub struct LinkWatch {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl LinkWatch {
+    /// Subscribes to link changes in the calling thread's network namespace.
+    pub fn new() -> Result<Self> {
+        const RTMGRP_LINK: u32 = 1;
+        // SAFETY: plain socket creation; the descriptor is owned below.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error()).context("opening a netlink socket");
+        }
+        // SAFETY: a descriptor the kernel just returned, owned from here on.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_nl is plain data; zeroed is its "any" value.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = RTMGRP_LINK;
+        // SAFETY: binding a netlink socket to an address of the right size.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error()).context("joining netlink link events");
+        }
+        // SAFETY: the descriptor is owned by the AsyncFd and stays open as long as it lives.
+        let fd = unsafe { AsyncFd::register(fd) }
+            .map_err(|e| anyhow::anyhow!("registering the netlink socket: {e}"))?;
+        Ok(Self { fd })
+    }
+
+    /// Waits until links changed (any message, or a lost one: the socket's buffer overflowed),
+    /// then reads out everything queued. Cancel-safe.
+    pub async fn changed(&self) -> Result<()> {
+        let mut buf = [0u8; 8192];
+        loop {
+            let mut ready = self.fd.readable().await?;
+            let mut any = false;
+            loop {
+                // SAFETY: receiving into a buffer of the length given.
+                let n = unsafe {
+                    libc::recv(
+                        self.fd.get_ref().as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if n > 0 {
+                    any = true;
+                    continue;
+                }
+                let err = std::io::Error::last_os_error();
+                if n < 0 && err.raw_os_error() == Some(libc::ENOBUFS) {
+                    // Notifications were lost: something changed.
+                    any = true;
+                    continue;
+                }
+                if n < 0 && err.kind() != std::io::ErrorKind::WouldBlock {
+                    return Err(err).context("reading netlink link events");
+                }
+                break;
+            }
+            ready.clear_ready();
+            if any {
+                return Ok(());
+            }
+        }
+    }
+}
