@@ -358,6 +358,13 @@ impl Datapath {
     }
 
     /// A global counter (`STAT_*`), summed over CPUs.
+    /// Whether the port set `map` has `port` (what the datapath checks before its lookups).
+    pub fn port_set(&self, map: &str, port: u16) -> bool {
+        let map: aya::maps::Array<&aya::maps::MapData, u64> =
+            aya::maps::Array::try_from(self.ebpf.map(map).expect("map")).expect("array");
+        map.get(&(port as u32 / 64), 0).expect("word") & (1 << (port % 64)) != 0
+    }
+
     pub fn stat(&self, index: u32) -> u64 {
         counters::global_one(&self.ebpf, index).expect("read counter")
     }

@@ -604,3 +604,33 @@ pub fn fix_l4_checksum(p: &mut [u8]) {
     }
     p[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
 }
+
+/// Checks an ICMP/ICMPv6 port-unreachable frame answering `original`.
+pub fn assert_port_unreachable(out: &[u8], original: &[u8]) {
+    assert_eq!(&out[0..6], &original[6..12], "back to the sender's MAC");
+    assert_eq!(&out[6..12], &original[0..6]);
+    let orig = summarize(original).unwrap();
+    let quote_len = orig.l4_off - 14 + 8;
+    if out[12..14] == [0x08, 0x00] {
+        assert_eq!(out[14] >> 4, 4);
+        assert_eq!(out[14 + 9], 1, "ICMP");
+        assert_eq!(&out[14 + 12..14 + 16], &original[14 + 16..14 + 20], "from the frontend");
+        assert_eq!(&out[14 + 16..14 + 20], &original[14 + 12..14 + 16], "to the client");
+        assert_eq!(ones_complement_sum(&out[14..34]), 0xffff, "IPv4 header checksum");
+        assert_eq!(&out[34..36], &[3, 3], "destination unreachable, port unreachable");
+        assert_eq!(ones_complement_sum(&out[34..]), 0xffff, "ICMP checksum");
+        assert_eq!(&out[42..], &original[14..14 + quote_len], "quotes header + 8 bytes");
+    } else {
+        assert_eq!(&out[12..14], &[0x86, 0xdd]);
+        assert_eq!(out[14 + 6], 58, "ICMPv6");
+        assert_eq!(&out[14 + 8..14 + 24], &original[14 + 24..14 + 40], "from the frontend");
+        assert_eq!(&out[14 + 24..14 + 40], &original[14 + 8..14 + 24], "to the client");
+        assert_eq!(&out[54..56], &[1, 4], "destination unreachable, port unreachable");
+        let mut pseudo = out[14 + 8..14 + 40].to_vec();
+        pseudo.extend_from_slice(&((out.len() - 54) as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 58]);
+        pseudo.extend_from_slice(&out[54..]);
+        assert_eq!(ones_complement_sum(&pseudo), 0xffff, "ICMPv6 checksum");
+        assert_eq!(&out[62..], &original[14..14 + quote_len]);
+    }
+}

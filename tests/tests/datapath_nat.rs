@@ -487,36 +487,6 @@ fn a_removed_backend_keeps_its_flows_and_gets_no_new_ones() {
     }
 }
 
-/// Checks an ICMP/ICMPv6 port-unreachable frame answering `original`.
-fn assert_port_unreachable(out: &[u8], original: &[u8]) {
-    assert_eq!(&out[0..6], &original[6..12], "back to the sender's MAC");
-    assert_eq!(&out[6..12], &original[0..6]);
-    let orig = summarize(original).unwrap();
-    let quote_len = orig.l4_off - 14 + 8;
-    if out[12..14] == [0x08, 0x00] {
-        assert_eq!(out[14] >> 4, 4);
-        assert_eq!(out[14 + 9], 1, "ICMP");
-        assert_eq!(&out[14 + 12..14 + 16], &original[14 + 16..14 + 20], "from the frontend");
-        assert_eq!(&out[14 + 16..14 + 20], &original[14 + 12..14 + 16], "to the client");
-        assert_eq!(ones_complement_sum(&out[14..34]), 0xffff, "IPv4 header checksum");
-        assert_eq!(&out[34..36], &[3, 3], "destination unreachable, port unreachable");
-        assert_eq!(ones_complement_sum(&out[34..]), 0xffff, "ICMP checksum");
-        assert_eq!(&out[42..], &original[14..14 + quote_len], "quotes header + 8 bytes");
-    } else {
-        assert_eq!(&out[12..14], &[0x86, 0xdd]);
-        assert_eq!(out[14 + 6], 58, "ICMPv6");
-        assert_eq!(&out[14 + 8..14 + 24], &original[14 + 24..14 + 40], "from the frontend");
-        assert_eq!(&out[14 + 24..14 + 40], &original[14 + 8..14 + 24], "to the client");
-        assert_eq!(&out[54..56], &[1, 4], "destination unreachable, port unreachable");
-        let mut pseudo = out[14 + 8..14 + 40].to_vec();
-        pseudo.extend_from_slice(&((out.len() - 54) as u32).to_be_bytes());
-        pseudo.extend_from_slice(&[0, 0, 0, 58]);
-        pseudo.extend_from_slice(&out[54..]);
-        assert_eq!(ones_complement_sum(&pseudo), 0xffff, "ICMPv6 checksum");
-        assert_eq!(&out[62..], &original[14..14 + quote_len]);
-    }
-}
-
 #[test]
 fn no_endpoints_anywhere_is_rejected_with_icmp_port_unreachable() {
     require_root!();
@@ -803,21 +773,14 @@ fn a_full_conntrack_map_evicts_old_flows_and_never_mistranslates() {
     assert_eq!(dp.stat(STAT_DROP_CT_FULL), 0, "LRU eviction, not drops");
 }
 
-/// Whether the port set `map` has `port` (what the datapath checks before its lookups).
-fn port_in(dp: &Datapath, map: &str, port: u16) -> bool {
-    let map: aya::maps::Array<&aya::maps::MapData, u64> =
-        aya::maps::Array::try_from(dp.ebpf.map(map).expect("map")).expect("array");
-    map.get(&(port as u32 / 64), 0).expect("word") & (1 << (port % 64)) != 0
-}
-
 /// Whether `LB_REPLY_PORTS` has `port` (what tc egress checks before its conntrack lookup).
 fn reply_port_set(dp: &Datapath, port: u16) -> bool {
-    port_in(dp, MAP_REPLY_PORTS, port)
+    dp.port_set(MAP_REPLY_PORTS, port)
 }
 
 /// Whether `LB_INGRESS_PORTS` has `port` (what tc ingress and XDP check before their lookups).
 fn ingress_port_set(dp: &Datapath, port: u16) -> bool {
-    port_in(dp, MAP_INGRESS_PORTS, port)
+    dp.port_set(MAP_INGRESS_PORTS, port)
 }
 
 /// tc egress looks up conntrack only for packets from a local backend's port: an entry for any

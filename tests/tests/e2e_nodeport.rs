@@ -474,7 +474,13 @@ fn device_patterns_match_by_prefix_and_an_absent_device_is_attached_when_it_appe
     let bpffs = run.pins[0].path.clone();
     let missing = |dev: &'static str| {
         let bpffs = bpffs.clone();
-        node0.ns.run(move || lb_agent::dataplane::attach::tc_missing(&bpffs, dev, lb_agent::dataplane::attach::TcRole::External))
+        node0.ns.run(move || {
+            lb_agent::dataplane::attach::tc_missing(
+                &bpffs,
+                dev,
+                lb_agent::dataplane::attach::TcRole::External,
+            )
+        })
     };
     assert!(!missing("eth0") && !missing("eth1"), "eth+ takes both");
     let r = parse_probe(&run.from_client(0, &["connect", "10.230.0.10:30080", "--count", "10"]));

@@ -51,7 +51,12 @@ impl PodDevices {
     /// Attaches the pod hooks to every matching device that lacks them (new, or re-created),
     /// and unpins the links of pod devices that are gone. A device also in `external` (the
     /// `--devices` ones) is left to that role.
-    pub fn refresh(&mut self, ebpf: &mut Ebpf, pins: &mut LinkPins, external: &[String]) -> Refresh {
+    pub fn refresh(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pins: &mut LinkPins,
+        external: &[String],
+    ) -> Refresh {
         let mut out = Refresh::default();
         let mut present = netdev::matching_present(&self.patterns);
         present.retain(|d| !external.contains(d));
