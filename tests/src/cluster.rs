@@ -95,34 +95,41 @@ impl Cluster {
         ] {
             ns.sysctl(k, v);
         }
-        let mut node_pods = Vec::new();
-        for j in 0..pods {
-            let pod_ns = NetNs::new(&format!("n{i}p{j}"));
-            let (p4, p6) = (format!("10.231.{i}.{}", j + 2), format!("fd00:231:{i}::{}", j + 2));
-            let (gw4, gw6) = (format!("10.231.{i}.1"), format!("fd00:231:{i}::1"));
-            let host_if = format!("p{j}");
-            veth(
-                &pod_ns,
-                "eth0",
-                &[&format!("{p4}/32"), &format!("{p6}/128")],
-                &ns,
-                &host_if,
-                &[&format!("{gw4}/32"), &format!("{gw6}/128")],
-            );
-            pod_ns.ip(&["route", "add", &gw4, "dev", "eth0"]);
-            pod_ns.ip(&["route", "add", "default", "via", &gw4]);
-            pod_ns.ip(&["-6", "route", "add", &gw6, "dev", "eth0"]);
-            pod_ns.ip(&["-6", "route", "add", "default", "via", &gw6]);
-            ns.ip(&["route", "add", &format!("{p4}/32"), "dev", &host_if, "src", &gw4]);
-            ns.ip(&["-6", "route", "add", &format!("{p6}/128"), "dev", &host_if, "src", &gw6]);
-            node_pods.push(Pod {
-                ns: pod_ns,
-                name: format!("{name}-pod-{j}"),
-                ip4: ip(p4),
-                ip6: ip(p6),
-            });
-        }
+        let node_pods = (0..pods).map(|j| Self::make_pod(&ns, &name, i, j)).collect();
         Node { ns, name, ip4, ip6, cgroup: Cgroup::new(&format!("node-{i}")), pods: node_pods }
+    }
+
+    /// Adds a pod to node `i` (as a CNI does when one is scheduled there), without a server;
+    /// returns its index.
+    pub fn add_pod(&mut self, i: usize) -> usize {
+        let node = &mut self.nodes[i];
+        let j = node.pods.len();
+        node.pods.push(Self::make_pod(&node.ns, &node.name, i, j));
+        j
+    }
+
+    /// Pod `j` of node `i` (namespace `ns`, named `node`): its namespace, and a veth to the node
+    /// (`p<j>` on the node's side), routed both ways.
+    fn make_pod(ns: &NetNs, node: &str, i: usize, j: usize) -> Pod {
+        let pod_ns = NetNs::new(&format!("n{i}p{j}"));
+        let (p4, p6) = (format!("10.231.{i}.{}", j + 2), format!("fd00:231:{i}::{}", j + 2));
+        let (gw4, gw6) = (format!("10.231.{i}.1"), format!("fd00:231:{i}::1"));
+        let host_if = format!("p{j}");
+        veth(
+            &pod_ns,
+            "eth0",
+            &[&format!("{p4}/32"), &format!("{p6}/128")],
+            ns,
+            &host_if,
+            &[&format!("{gw4}/32"), &format!("{gw6}/128")],
+        );
+        pod_ns.ip(&["route", "add", &gw4, "dev", "eth0"]);
+        pod_ns.ip(&["route", "add", "default", "via", &gw4]);
+        pod_ns.ip(&["-6", "route", "add", &gw6, "dev", "eth0"]);
+        pod_ns.ip(&["-6", "route", "add", "default", "via", &gw6]);
+        ns.ip(&["route", "add", &format!("{p4}/32"), "dev", &host_if, "src", &gw4]);
+        ns.ip(&["-6", "route", "add", &format!("{p6}/128"), "dev", &host_if, "src", &gw6]);
+        Pod { ns: pod_ns, name: format!("{node}-pod-{j}"), ip4: ip(p4), ip6: ip(p6) }
     }
 
     /// Node `i`'s eth0, on the segment, and its routes to the other nodes' pods.
