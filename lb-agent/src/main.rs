@@ -321,6 +321,7 @@ async fn run(args: Args) -> Result<()> {
         reply_ports = filters.reply_ports,
         ingress_ports = filters.ingress_ports,
         pod_ports = filters.pod_ports,
+        pod_reply_ports = filters.pod_reply_ports,
         "datapath loaded, maps pinned"
     );
     // Links are pinned: programs stay attached when the agent stops, and the next agent swaps

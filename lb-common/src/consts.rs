@@ -74,18 +74,21 @@ pub const OPT_CT_UDP_STREAM_S: u32 = 13;
 /// their devices (`tc_from_pod`), where a service mesh's sidecar redirect still sees the
 /// service address.
 pub const OPT_SOCK_HOST_NETNS_ONLY: u32 = 14;
-/// Set once `MAP_POD_PORTS` is complete (as `OPT_INGRESS_PORTS_READY`).
+/// Set once `MAP_POD_PORTS` and `MAP_POD_REPLY_PORTS` are complete (as
+/// `OPT_INGRESS_PORTS_READY`).
 pub const OPT_POD_PORTS_READY: u32 = 15;
 /// Destination ports of packets tc ingress and XDP may translate, one bit per port: external
 /// frontends' ports (NodePort, ExternalIP, LoadBalancer) and the SNAT port range (replies of
 /// remote backends). A packet to any other port skips both lookups. Only ever added to, as
 /// `MAP_REPLY_PORTS`.
 pub const MAP_INGRESS_PORTS: &str = "LB_INGRESS_PORTS";
-/// Ports the pod-device hooks may translate, one bit per port: internal frontends' ports
-/// (what pods connect to), every backend's port (what replies to pods come from) and the SNAT
-/// port range (replies of a pod reaching itself through a service). `tc_from_pod` tests a
-/// packet's destination port, `tc_to_pod` its source port. Only ever added to.
+/// Destination ports `tc_from_pod` may translate, one bit per port: internal frontends' ports
+/// (what pods connect to) and the SNAT port range (answers of a pod that reached itself
+/// through a service). Only ever added to, as `MAP_INGRESS_PORTS`.
 pub const MAP_POD_PORTS: &str = "LB_POD_PORTS";
+/// Source ports `tc_to_pod` may translate, one bit per port: every backend's, local or not
+/// (replies to pods come from them). Only ever added to, as `MAP_REPLY_PORTS`.
+pub const MAP_POD_REPLY_PORTS: &str = "LB_POD_REPLY_PORTS";
 /// Words of a port bit set (`MAP_REPLY_PORTS`, `MAP_INGRESS_PORTS`).
 pub const PORT_SET_WORDS: u32 = 65_536 / 64;
 /// Per-CPU global counters, indexed by the `STAT_*` constants.

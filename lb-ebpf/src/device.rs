@@ -12,7 +12,10 @@ use lb_common::*;
 
 use crate::{
     conntrack, fragment, lookup,
-    maps::{FLOW, INGRESS_PORTS, OPTIONS, POD_PORTS, REPLY_PORTS, SCRATCH, SOURCE_RANGES},
+    maps::{
+        FLOW, INGRESS_PORTS, OPTIONS, POD_PORTS, POD_REPLY_PORTS, REPLY_PORTS, SCRATCH,
+        SOURCE_RANGES,
+    },
     monitor,
     nat::{self, NatError},
     packet::{self, FRAG_FIRST, Flow, Skip, TCP_RST},
@@ -190,12 +193,12 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
             return Ok(Action::Pass);
         }
         // Not from a backend's port.
-        Hook::ToPod if !port_may_match(&POD_PORTS, OPT_POD_PORTS_READY, flow.sport_be) => {
+        Hook::ToPod if !port_may_match(&POD_REPLY_PORTS, OPT_POD_PORTS_READY, flow.sport_be) => {
             return Ok(Action::Pass);
         }
         Hook::TcEgress | Hook::ToPod => {}
-        // Neither a frontend's port nor a SNAT port: no frontend and no conntrack entry can
-        // match.
+        // Neither a frontend's port nor a SNAT port (ingress: an external frontend's; from a
+        // pod: an internal one's): no frontend and no conntrack entry can match.
         Hook::FromPod if !port_may_match(&POD_PORTS, OPT_POD_PORTS_READY, flow.dport_be) => {
             stats::count(STAT_SERVICE_MISS);
             return Ok(Action::Pass);

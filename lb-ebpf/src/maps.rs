@@ -72,10 +72,15 @@ pub static REPLY_PORTS: Array<u64> = Array::with_max_entries(PORT_SET_WORDS, 0);
 #[map(name = "LB_INGRESS_PORTS")]
 pub static INGRESS_PORTS: Array<u64> = Array::with_max_entries(PORT_SET_WORDS, 0);
 
-/// Ports the pod-device hooks may translate, a bit each (see `MAP_POD_PORTS`; written by the
-/// agent).
+/// Destination ports of pods' packets `tc_from_pod` may translate, a bit each (see
+/// `MAP_POD_PORTS`; written by the agent).
 #[map(name = "LB_POD_PORTS")]
 pub static POD_PORTS: Array<u64> = Array::with_max_entries(PORT_SET_WORDS, 0);
+
+/// Source ports of packets to pods `tc_to_pod` may translate, a bit each (see
+/// `MAP_POD_REPLY_PORTS`; written by the agent).
+#[map(name = "LB_POD_REPLY_PORTS")]
+pub static POD_REPLY_PORTS: Array<u64> = Array::with_max_entries(PORT_SET_WORDS, 0);
 
 /// Devices where XDP may answer with XDP_TX (the agent decides per device: see `--xdp-tx`).
 #[map(name = "LB_XDP_TX")]

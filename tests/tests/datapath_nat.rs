@@ -873,6 +873,14 @@ fn enabling_the_port_filters_seeds_them_from_frontends_and_existing_flows() {
     assert!(!reply_port_set(&dp, 6000), "a SNATed reply arrives on ingress");
     let nat_range = (NAT_PORT_MAX - NAT_PORT_MIN) as usize + 1;
     assert_eq!(seeded.ingress_ports, nat_range + 3, "80, 7000, 20000 and the SNAT range");
+    // The pod sets: the frontend is internal too (the LB IP from inside), flows' ports as
+    // ingress's; every reply's source port for packets to pods.
+    for port in [80, 7000, 20000, NAT_PORT_MIN] {
+        assert!(dp.port_set(MAP_POD_PORTS, port), "pod port {port}");
+    }
+    assert_eq!(seeded.pod_ports, nat_range + 3);
+    assert!([8080, 7777, 6000].iter().all(|&p| dp.port_set(MAP_POD_REPLY_PORTS, p)));
+    assert_eq!(seeded.pod_reply_ports, 3, "8080, 7777 and 6000");
 
     let (_, s) = run(&dp, PROG_TC_EGRESS, &tcp4(LOCAL_POD, 7777, CLIENT, 43001, false, b"ok"));
     assert_eq!(s.src, sa(VIP, 80));

@@ -155,9 +155,12 @@ fn other_traffic_passes_untouched_and_the_port_filter_holds() {
             vec![backend(REMOTE_POD.into(), 8443, false)],
         ),
     ]);
-    assert!(dp.port_set(MAP_POD_PORTS, 80) && dp.port_set(MAP_POD_PORTS, NODE_PORT));
-    assert!(dp.port_set(MAP_POD_PORTS, 8080) && dp.port_set(MAP_POD_PORTS, 8443), "backends'");
-    assert!(!dp.port_set(MAP_POD_PORTS, 9999));
+    // From pods: frontends' ports (and SNAT ports); to pods: backends' ports.
+    let (from, to) = (MAP_POD_PORTS, MAP_POD_REPLY_PORTS);
+    assert!(dp.port_set(from, 80) && dp.port_set(from, NODE_PORT) && dp.port_set(from, 443));
+    assert!(dp.port_set(from, NAT_PORT_MIN) && dp.port_set(from, NAT_PORT_MAX));
+    assert!(!dp.port_set(from, 8080) && !dp.port_set(from, 9999), "no backend's port");
+    assert!(dp.port_set(to, 8080) && dp.port_set(to, 8443) && !dp.port_set(to, 80));
     for p in [
         tcp4(CLIENT_POD, 40000, REMOTE_POD, 8080, true, b""),
         tcp4(CLIENT_POD, 40000, OTHER_CLIENT, 80, true, b""),
@@ -181,6 +184,13 @@ fn other_traffic_passes_untouched_and_the_port_filter_holds() {
     dp.set_conntrack(CtKey { sport_be: 9999u16.to_be(), ..k }, v);
     let other = tcp4(REMOTE_POD, 9999, CLIENT_POD, 40001, false, b"ok");
     assert_eq!(dp.run(PROG_TC_TO_POD, &other).packet, other, "9999 is no backend's port");
+    // A forward entry as if for a frontend on port 8080: a pod's packets straight to a
+    // backend (a mesh's sidecar connects to endpoints itself) are never looked up.
+    let (k, v) =
+        dp.conntrack().into_iter().find(|(_, v)| v.flags & CT_F_REPLY == 0).expect("forward entry");
+    dp.set_conntrack(CtKey { dport_be: 8080u16.to_be(), ..k }, v);
+    let direct = tcp4(CLIENT_POD, 40001, VIP, 8080, false, b"ok");
+    assert_eq!(dp.run(PROG_TC_FROM_POD, &direct).packet, direct, "8080 is no frontend's port");
 }
 
 /// A service without endpoints refuses a pod's connection at once (ICMP port unreachable back

@@ -85,6 +85,7 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
         spec::<u32, u64>(MAP_REPLY_PORTS, PORT_SET_WORDS),
         spec::<u32, u64>(MAP_INGRESS_PORTS, PORT_SET_WORDS),
         spec::<u32, u64>(MAP_POD_PORTS, PORT_SET_WORDS),
+        spec::<u32, u64>(MAP_POD_REPLY_PORTS, PORT_SET_WORDS),
         // A ring buffer has no keys or values; its capacity is in bytes.
         MapSpec { name: MAP_EVENTS, key_size: 0, value_size: 0, max_entries: EVENTS_BYTES },
     ]

@@ -4,8 +4,10 @@
 //!   conntrack only when its source port is set.
 //! - `LB_INGRESS_PORTS`: the ports of external frontends and the SNAT port range. tc ingress
 //!   and XDP look a packet up (conntrack, then frontends) only when its destination port is set.
-//! - `LB_POD_PORTS`: the ports of internal frontends, of every backend, and the SNAT port
-//!   range: the pod-device hooks' filter (destination port from pods, source port to them).
+//! - `LB_POD_PORTS`: the ports of internal frontends and the SNAT port range: `tc_from_pod`
+//!   looks a pod's packet up only when its destination port is set.
+//! - `LB_POD_REPLY_PORTS`: the ports of every backend, local or not: `tc_to_pod` looks a
+//!   packet to a pod up only when its source port is set.
 //!
 //! Bits are only ever added: a flow whose backend or service is gone keeps its translation
 //! until it ends. A port is added before the map entry that makes it matter is written. The
@@ -18,8 +20,8 @@ use aya::{
 };
 use lb_common::{
     BE_F_LOCAL, BackendValue, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, MAP_BACKENDS, MAP_CONNTRACK,
-    MAP_INGRESS_PORTS, MAP_OPTIONS, MAP_POD_PORTS, MAP_REPLY_PORTS, MAP_SERVICES,
-    OPT_INGRESS_PORTS_READY, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN, OPT_POD_PORTS_READY,
+    MAP_INGRESS_PORTS, MAP_OPTIONS, MAP_POD_PORTS, MAP_POD_REPLY_PORTS, MAP_REPLY_PORTS,
+    MAP_SERVICES, OPT_INGRESS_PORTS_READY, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN, OPT_POD_PORTS_READY,
     OPT_REPLY_PORTS_READY, PORT_SET_WORDS, SCOPE_EXTERNAL, ServiceKey, ServiceValue, nat_ports,
 };
 
@@ -87,6 +89,7 @@ pub struct PortFilters {
     reply: Option<PortSet>,
     ingress: Option<PortSet>,
     pod: Option<PortSet>,
+    pod_reply: Option<PortSet>,
 }
 
 impl PortFilters {
@@ -95,14 +98,18 @@ impl PortFilters {
             reply: PortSet::open(ebpf, MAP_REPLY_PORTS)?,
             ingress: PortSet::open(ebpf, MAP_INGRESS_PORTS)?,
             pod: PortSet::open(ebpf, MAP_POD_PORTS)?,
+            pod_reply: PortSet::open(ebpf, MAP_POD_REPLY_PORTS)?,
         })
     }
 
-    /// Adds `b`'s port: to the reply set if it is a local backend, to the pod set whatever its
-    /// node (call before writing `b`: a flow can reach it as soon as it is in `LB_BACKENDS`).
+    /// Adds `b`'s port: to the reply set if it is a local backend, to the pod reply set
+    /// whatever its node (call before writing `b`: a flow can reach it as soon as it is in
+    /// `LB_BACKENDS`).
     pub fn note_backend(&mut self, b: &BackendValue) -> Result<()> {
-        if let Some(set) = self.pod.as_mut() {
-            set.add(b.port_be)?;
+        match self.pod_reply.as_mut() {
+            // Port 0: an unused slot of `LB_BACKENDS` (`enable` reads them all).
+            Some(set) if b.port_be != 0 => set.add(b.port_be)?,
+            _ => {}
         }
         match self.reply.as_mut() {
             Some(set) if b.flags & BE_F_LOCAL != 0 => set.add(b.port_be),
@@ -150,6 +157,7 @@ pub struct Enabled {
     pub reply_ports: usize,
     pub ingress_ports: usize,
     pub pod_ports: usize,
+    pub pod_reply_ports: usize,
 }
 
 /// Fills both sets from the maps as they are (an upgrade from a build without them, or flows
@@ -159,8 +167,9 @@ pub struct Enabled {
 /// - ingress ports: every external frontend in `LB_SERVICES`, the SNAT range in `LB_OPTIONS`,
 ///   and the destination port of every other conntrack entry (a forward entry's frontend port,
 ///   a SNATed reply's NAT port, also from an earlier range);
-/// - pod ports: every internal frontend and every backend, the SNAT range, and both ports of
-///   every conntrack entry (which side a pod is on, the entry does not say).
+/// - pod ports: every internal frontend, the SNAT range, and the destination port of every
+///   entry but a local backend's reply (as for the ingress ports);
+/// - pod reply ports: every backend, and the source port of every reply entry.
 ///
 /// Run at agent start, before or after attaching: until its option is set, the datapath does
 /// not filter on a set. Sets the object lacks are skipped.
@@ -179,17 +188,20 @@ pub fn enable(ebpf: &mut Ebpf) -> Result<Enabled> {
     let Map::LruHashMap(ct) = map(MAP_CONNTRACK)? else { bail!("LB_CT is not an LRU hash map") };
     batch::for_each_chunk::<CtKey, CtValue>(ct, |keys, values| {
         for (key, value) in keys.iter().zip(values) {
-            if let Some(set) = filters.pod.as_mut() {
+            if value.flags & CT_F_REPLY != 0
+                && let Some(set) = filters.pod_reply.as_mut()
+            {
                 set.add(key.sport_be)?;
-                set.add(key.dport_be)?;
             }
             if value.flags & (CT_F_REPLY | CT_F_SNAT) == CT_F_REPLY {
                 // A local backend's reply: it leaves through egress.
                 if let Some(set) = filters.reply.as_mut() {
                     set.add(key.sport_be)?;
                 }
-            } else if let Some(set) = filters.ingress.as_mut() {
-                set.add(key.dport_be)?;
+            } else {
+                for set in [filters.ingress.as_mut(), filters.pod.as_mut()].into_iter().flatten() {
+                    set.add(key.dport_be)?;
+                }
             }
         }
         Ok(())
@@ -203,6 +215,7 @@ pub fn enable(ebpf: &mut Ebpf) -> Result<Enabled> {
         (&filters.reply, OPT_REPLY_PORTS_READY, &mut enabled.reply_ports),
         (&filters.ingress, OPT_INGRESS_PORTS_READY, &mut enabled.ingress_ports),
         (&filters.pod, OPT_POD_PORTS_READY, &mut enabled.pod_ports),
+        (&filters.pod_reply, OPT_POD_PORTS_READY, &mut enabled.pod_reply_ports),
     ] {
         if let Some(set) = set {
             *count = set.len();
