@@ -239,6 +239,12 @@ async fn run(args: Args) -> Result<()> {
         bail!("--maglev-max-size {} is not one of {:?}", args.maglev_max_size, maglev::SIZES);
     }
     args.nat_port_range.check_against(options::ephemeral_ports()?)?;
+    if args.pod_devices.iter().any(|d| d == "auto") {
+        bail!("--pod-devices takes device names and PREFIX+ patterns (lxc+, veth+), not auto");
+    }
+    if args.socket_lb_host_namespace_only && args.pod_devices.iter().all(|d| d.is_empty()) {
+        bail!("--socket-lb-host-namespace-only needs --pod-devices: pods' service traffic would go untranslated");
+    }
     if let Some(dir) = &args.manifests
         && !dir.is_dir()
     {

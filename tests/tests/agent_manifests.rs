@@ -166,3 +166,24 @@ fn nonsense_flag_values_are_refused_with_the_reason() {
         assert!(stderr.contains(reason) && stderr.contains(flag), "{flag} {value}: {stderr}");
     }
 }
+
+/// Keeping the socket hooks to the host without pod devices would leave pods' service traffic
+/// untranslated: refused, as is `auto` for pod devices (which devices are pods' is no route's
+/// business).
+#[test]
+fn socket_hooks_kept_to_the_host_need_pod_devices() {
+    for (args, code, reason) in [
+        (&["--socket-lb-host-namespace-only"][..], 2, "--pod-devices"),
+        (&["--socket-lb-host-namespace-only", "--pod-devices", ""], 1, "needs --pod-devices"),
+        (&["--pod-devices", "auto"], 1, "not auto"),
+    ] {
+        let out = std::process::Command::new(lb_tests::workspace_bin("lb-agent"))
+            .args(["--node-name", "n", "--manifests", "/"])
+            .args(args)
+            .output()
+            .expect("run lb-agent");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+    }
+}
