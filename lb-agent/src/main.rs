@@ -243,7 +243,9 @@ async fn run(args: Args) -> Result<()> {
         bail!("--pod-devices takes device names and PREFIX+ patterns (lxc+, veth+), not auto");
     }
     if args.socket_lb_host_namespace_only && args.pod_devices.iter().all(|d| d.is_empty()) {
-        bail!("--socket-lb-host-namespace-only needs --pod-devices: pods' service traffic would go untranslated");
+        bail!(
+            "--socket-lb-host-namespace-only needs --pod-devices: pods' service traffic would go untranslated"
+        );
     }
     if let Some(dir) = &args.manifests
         && !dir.is_dir()

@@ -31,6 +31,10 @@ const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 7, 0, 0, 0, 0, 7);
 const XDP_CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 7, 0, 0, 0, 0, 8);
 const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x11);
 const LOCAL_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 5);
+/// A pod of the node as a client (`--pod-devices` rows); it reaches the NodePort on the
+/// node's address, an internal frontend.
+const CLIENT_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 9);
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 5);
 
 /// One way of running the measured program on a packet (one build, one context).
 type Runner<'a> = Box<dyn Fn(&[u8]) -> RunOutput + 'a>;
@@ -173,6 +177,10 @@ pub fn datapath(baseline: Option<&[u8]>) {
         "tc: established packet, IPv6",
         "xdp: first packet, local backend, IPv6",
         "xdp: established packet, IPv6",
+        "pod: to another pod (not a service)",
+        "pod: first packet to a service",
+        "pod: established packet",
+        "to pod: reply reverse NAT",
     ];
     // XDP_TX needs a route and a known next hop on the device the packet arrives on.
     let routed = RoutedNode::new();
@@ -266,6 +274,48 @@ pub fn datapath(baseline: Option<&[u8]>) {
             measure(&dps, PROG_XDP_INGRESS, &mut syn6(XDP_CLIENT6), &xdp_translated),
             measure(&dps, PROG_XDP_INGRESS, &mut |_| xdp_est6.clone(), &xdp_translated),
         ]);
+        // Pods' devices: builds without those programs (older baselines) sit these rows out.
+        let with_pods: Vec<&Datapath> =
+            dps.iter().take_while(|dp| dp.ebpf.program(PROG_TC_FROM_POD).is_some()).collect();
+        let direct = tcp4(CLIENT_POD, 40000, REMOTE_POD, 8080, false, b"to a pod");
+        let pod_est = tcp4(CLIENT_POD, 7, NODE, 30080, false, b"payload");
+        let pod_reply = tcp4(LOCAL_POD, 8080, CLIENT_POD, 7, false, b"answer");
+        let pod_runs = |prog: &'static str| -> Vec<Runner<'_>> {
+            with_pods.iter().map(|dp| Box::new(move |p: &[u8]| dp.run(prog, p)) as Box<_>).collect()
+        };
+        for run in &pod_runs(PROG_TC_FROM_POD) {
+            run(&tcp4(CLIENT_POD, 7, NODE, 30080, true, b""));
+        }
+        let pod_rows = [
+            measure_with(
+                PROG_TC_FROM_POD,
+                &pod_runs(PROG_TC_FROM_POD),
+                &mut |_| direct.clone(),
+                &|v, p| v == 0 && *p == direct[..],
+            ),
+            measure_with(
+                PROG_TC_FROM_POD,
+                &pod_runs(PROG_TC_FROM_POD),
+                &mut syn(CLIENT_POD, 30080),
+                &translated,
+            ),
+            measure_with(
+                PROG_TC_FROM_POD,
+                &pod_runs(PROG_TC_FROM_POD),
+                &mut |_| pod_est.clone(),
+                &translated,
+            ),
+            measure_with(
+                PROG_TC_TO_POD,
+                &pod_runs(PROG_TC_TO_POD),
+                &mut |_| pod_reply.clone(),
+                &|v, p| v == 0 && summarize(p).is_some_and(|s| s.src.port() == 30080),
+            ),
+        ];
+        rows.extend(pod_rows.into_iter().map(|mut r| {
+            r.resize(dps.len(), f64::NAN);
+            r
+        }));
         for (r, per_build) in rows.into_iter().enumerate() {
             for (b, v) in per_build.into_iter().enumerate() {
                 tables[b][r].push(v);
@@ -312,6 +362,9 @@ pub fn datapath(baseline: Option<&[u8]>) {
             let cells: Vec<String> = (0..sizes.len())
                 .map(|k| {
                     let (new, old) = (table[i][k], base[i][k]);
+                    if old.is_nan() {
+                        return format!("{new:.0}/-   (none)");
+                    }
                     format!("{new:.0}/{old:.0} {:>5.2}x", new / old)
                 })
                 .collect();
