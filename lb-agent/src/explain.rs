@@ -37,16 +37,31 @@ fn xdp_tx_allowed(bpffs: &std::path::Path, ifindex: u32) -> bool {
 /// The devices the agent attached its device programs to (from the pinned links), with whether
 /// XDP is attached there too.
 pub fn attached_devices(bpffs: &std::path::Path) -> Vec<(String, bool)> {
-    let names: Vec<String> = std::fs::read_dir(links_pin_dir(bpffs))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
+    let names = pinned_links(bpffs);
     let mut devices: Vec<(String, bool)> = names
         .iter()
         .filter_map(|n| n.strip_prefix("tc-ingress@"))
         .map(|d| (d.to_owned(), names.iter().any(|n| n.strip_prefix("xdp@") == Some(d))))
+        .collect();
+    devices.sort();
+    devices
+}
+
+/// The names of the links pinned under `bpffs` (`<hook>@<target>`).
+fn pinned_links(bpffs: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(links_pin_dir(bpffs))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect()
+}
+
+/// Pods' devices carrying the pod hooks (`--pod-devices`), from the pinned links, sorted.
+pub fn pod_devices(bpffs: &std::path::Path) -> Vec<String> {
+    let mut devices: Vec<String> = pinned_links(bpffs)
+        .iter()
+        .filter_map(|n| n.strip_prefix("pod-ingress@").map(str::to_owned))
         .collect();
     devices.sort();
     devices

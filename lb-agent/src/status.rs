@@ -30,6 +30,8 @@ pub struct StatusView {
     pub devices: Vec<DeviceView>,
     /// cgroups with the socket hooks.
     pub socket_hooks: Vec<String>,
+    /// Pods' devices with the pod hooks (`--pod-devices`).
+    pub pod_devices: Vec<String>,
     pub service_ports: usize,
     pub frontends: usize,
     pub backends: usize,
@@ -148,6 +150,7 @@ pub fn status(bpffs: &Path, health: SocketAddr, metrics: SocketAddr) -> Result<S
             .map(|(name, xdp)| DeviceView { name, xdp })
             .collect(),
         socket_hooks,
+        pod_devices: crate::explain::pod_devices(bpffs),
         service_ports: services.len(),
         frontends: services.iter().map(|s| s.frontends.len()).sum(),
         backends: ins.backends().len(),
@@ -222,6 +225,14 @@ impl std::fmt::Display for StatusView {
         let list = |v: &[String]| if v.is_empty() { none() } else { v.join(", ") };
         writeln!(f, "devices:      {}", list(&devices))?;
         writeln!(f, "socket hooks: {}", list(&self.socket_hooks))?;
+        if !self.pod_devices.is_empty() {
+            // A node runs many pods: the count, and a few names.
+            const SHOWN: usize = 6;
+            let more = self.pod_devices.len().saturating_sub(SHOWN);
+            let names = self.pod_devices[..self.pod_devices.len().min(SHOWN)].join(", ");
+            let more = if more > 0 { format!(", {more} more") } else { String::new() };
+            writeln!(f, "pod devices:  {} ({names}{more})", self.pod_devices.len())?;
+        }
         writeln!(
             f,
             "services:     {} service ports, {} frontends, {} backends",
@@ -263,6 +274,7 @@ mod tests {
             agent: a,
             devices: vec![DeviceView { name: "eth0".into(), xdp: true }],
             socket_hooks: vec!["/".into()],
+            pod_devices: (0..8).map(|i| format!("lxc{i}")).collect(),
             service_ports: 3,
             frontends: 7,
             backends: 4,
@@ -275,6 +287,7 @@ mod tests {
         assert!(text.starts_with("agent:        not answering at 127.0.0.1:1 ("), "{text}");
         for line in [
             "devices:      eth0 (tc, XDP)",
+            "pod devices:  8 (lxc0, lxc1, lxc2, lxc3, lxc4, lxc5, 2 more)",
             "services:     3 service ports, 7 frontends, 4 backends",
             "conntrack:    10 of 1000 entries (1.0%)",
             "drops:        drop_source_range 2",

@@ -97,6 +97,8 @@ fn pods_reach_services_through_their_devices_and_new_pods_are_hooked_as_they_com
     ];
     let mut run = Running::start_with(cluster, &files, POD_FLAGS);
     assert_eq!(metric(&run.metrics(0), "lb_pod_devices_attached"), 2.0);
+    let status = run.lbctl_json(0, &["status"]);
+    assert_eq!(status["pod_devices"], serde_json::json!(["p0", "p1"]), "{status}");
 
     let r = parse_probe(&run.from_pod(0, 0, &["connect", "10.96.0.100:80", "--count", "60"]));
     all_ok(&r);
