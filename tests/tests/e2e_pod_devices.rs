@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use aya::programs::{SchedClassifier, TcAttachType};
 use lb_tests::{
     cluster::{Cluster, Running, by_server, host_of, metric, parse_probe},
     manifests::{Ep, Svc},
@@ -136,6 +137,29 @@ fn pods_reach_services_through_their_devices_and_new_pods_are_hooked_as_they_com
         4,
         "host processes keep socket-level translation"
     );
+
+    // A session from a pod across an agent stop and restart: the pod hooks stay, the flow
+    // keeps its backend, and the new agent swaps its programs into the pinned links.
+    let session = run.background_from_pod(
+        0,
+        1,
+        &["session", "10.96.0.100:80", "--rounds", "60", "--interval-ms", "50"],
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(run.stop_agent(0).success());
+    std::thread::sleep(Duration::from_millis(300));
+    run.restart_agent(0);
+    let out = session.finish();
+    assert!(out.last().is_some_and(|l| l.starts_with("ok ") && l.ends_with(" 60")), "{out:?}");
+    let tcx = |dev: &'static str, dir| {
+        run.cluster.nodes[0].ns.run(move || {
+            let (_, progs) = SchedClassifier::query_tcx(dev, dir).expect("query tcx");
+            progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()).collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(tcx("p0", TcAttachType::Ingress), ["tc_from_pod"], "one program a hook");
+    assert_eq!(tcx("p0", TcAttachType::Egress), ["tc_to_pod"]);
+    assert_eq!(tcx("eth0", TcAttachType::Ingress), ["tc_ingress"]);
 
     // A pod scheduled now: hooked as its device appears.
     let j = run.cluster.add_pod(0);

@@ -50,7 +50,9 @@ impl PodDevices {
 
     /// Attaches the pod hooks to every matching device that lacks them (new, or re-created),
     /// and unpins the links of pod devices that are gone. A device also in `external` (the
-    /// `--devices` ones) is left to that role.
+    /// `--devices` ones) is left to that role. The first call goes through every device: a
+    /// previous agent's links get this agent's programs (and count as wanted, see
+    /// `LinkPins::remove_unwanted`).
     pub fn refresh(
         &mut self,
         ebpf: &mut Ebpf,
@@ -61,8 +63,7 @@ impl PodDevices {
         let mut present = netdev::matching_present(&self.patterns);
         present.retain(|d| !external.contains(d));
         for dev in &present {
-            if !attach::tc_missing(&self.bpffs, dev, TcRole::Pod) {
-                self.attached.insert(dev.clone());
+            if self.attached.contains(dev) && !attach::tc_missing(&self.bpffs, dev, TcRole::Pod) {
                 continue;
             }
             match attach::tc_as(ebpf, dev, TcRole::Pod, Some(pins)) {
