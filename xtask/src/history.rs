@@ -15,7 +15,7 @@ use crate::util::{run_cmd, succeeds, workspace_root};
 
 /// The release upgraded from: the last commit of the previous working session. Move it forward
 /// when a release is cut.
-pub const UPGRADE_FROM: &str = "e149cfda2512b57c17c248e97e7dab828d1d26cb";
+pub const UPGRADE_FROM: &str = "93d6cd890ad8bcd4f148a57a971aad7460da8aa2";
 
 fn git(args: &[&str]) -> Command {
     let mut cmd = Command::new("git");
