@@ -177,7 +177,9 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
     let flow = unsafe { &mut *slot };
     match packet::parse(&pkt.bounds(), flow) {
         Ok(()) => {}
-        Err(Skip::Icmp) if hook != Hook::Xdp => return Ok(Action::Icmp),
+        // From a pod, an error about a flow is translated where it enters its client's pod or
+        // leaves the node (egress), like the flow's replies (see `tracked`).
+        Err(Skip::Icmp) if hook != Hook::Xdp && hook != Hook::FromPod => return Ok(Action::Icmp),
         // XDP hands later fragments to tc, untouched.
         Err(Skip::Fragment) if hook != Hook::Xdp => {
             return Ok(later_fragment(pkt, flow, len, hook));

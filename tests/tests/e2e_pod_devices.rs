@@ -29,6 +29,11 @@ fn web(name: &'static str, ip: &'static [&'static str]) -> Svc<'static> {
     }
 }
 
+/// A UDP service whose endpoints have nothing listening on the target port.
+fn closed(name: &'static str, ip: &'static [&'static str]) -> Svc<'static> {
+    Svc { port: 53, protocol: "UDP", target_port: 5399, ..web(name, ip) }
+}
+
 fn all_ok(results: &[Result<(String, String, String), String>]) {
     let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
     assert!(failed.is_empty(), "{} of {} failed: {:?}", failed.len(), results.len(), failed);
@@ -95,6 +100,8 @@ fn pods_reach_services_through_their_devices_and_new_pods_are_hooked_as_they_com
         ("dns.yaml", Svc::DNS.file(&eps)),
         ("self.yaml", web("self", &["10.96.0.101"]).file(&[Ep::ready(me, "node-0")])),
         ("empty.yaml", web("empty", &["10.96.0.102"]).file(&[])),
+        ("closed-local.yaml", closed("closed-local", &["10.96.0.103"]).file(&eps[0..1])),
+        ("closed-remote.yaml", closed("closed-remote", &["10.96.0.104"]).file(&eps[2..3])),
     ];
     let mut run = Running::start_with(cluster, &files, POD_FLAGS);
     assert_eq!(metric(&run.metrics(0), "lb_pod_devices_attached"), 2.0);
@@ -127,6 +134,14 @@ fn pods_reach_services_through_their_devices_and_new_pods_are_hooked_as_they_com
     let r = run.from_pod(0, 1, &["connect", "10.96.0.102:80", "--count", "3"]);
     assert_eq!(r, vec!["err ECONNREFUSED"; 3]);
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+
+    // UDP to endpoints where nothing listens: their port unreachable reaches the pod as the
+    // service's (translated where it enters the pod), at once.
+    for ip in ["10.96.0.103:53", "10.96.0.104:53"] {
+        let lines =
+            run.from_pod(0, 1, &["udp-session", ip, "--rounds", "3", "--interval-ms", "50"]);
+        assert_eq!(lines, ["err ECONNREFUSED"; 3], "{ip}");
+    }
 
     assert_eq!(counter(&run, 0, "sock_translated"), 0, "pods' sockets are left alone");
     assert!(counter(&run, 0, "tc_from_pod_packets") > 0);

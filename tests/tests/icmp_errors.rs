@@ -73,6 +73,11 @@ fn a_local_pods_port_unreachable_reaches_the_client_from_the_frontend() {
         "as if the frontend itself had no listener"
     );
     assert_eq!(dp.stat(STAT_ICMP_ERROR_TRANSLATED), 1);
+    // With pod devices (`--pod-devices`), the error passes the pod's own device first: left
+    // untouched there (its new source could be a node address, which the stack would refuse
+    // as input), for the egress above.
+    assert_eq!(dp.run(PROG_TC_FROM_POD, &error).packet, error);
+    assert_eq!(dp.stat(STAT_ICMP_ERROR_TRANSLATED), 1);
 }
 
 #[test]

@@ -7,12 +7,12 @@
 
 use std::{
     collections::BTreeSet,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
 use aya::Ebpf;
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
 
@@ -129,80 +129,43 @@ pub fn log_refresh(r: &Refresh, total: usize) {
     }
 }
 
-/// Netlink link notifications (RTNLGRP_LINK): a device was added, removed or changed.
+/// Netlink link notifications (RTNLGRP_LINK): a device was added, removed or changed. Only
+/// that something changed matters (the refresh reads the interfaces anew), so messages are
+/// not parsed.
 pub struct LinkWatch {
-    fd: AsyncFd<OwnedFd>,
+    socket: AsyncFd<Socket>,
 }
 
 impl LinkWatch {
     /// Subscribes to link changes in the calling thread's network namespace.
     pub fn new() -> Result<Self> {
         const RTMGRP_LINK: u32 = 1;
-        // SAFETY: plain socket creation; the descriptor is owned below.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error()).context("opening a netlink socket");
-        }
-        // SAFETY: a descriptor the kernel just returned, owned from here on.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sockaddr_nl is plain data; zeroed is its "any" value.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups = RTMGRP_LINK;
-        // SAFETY: binding a netlink socket to an address of the right size.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error()).context("joining netlink link events");
-        }
-        // SAFETY: the descriptor is owned by the AsyncFd and stays open as long as it lives.
-        let fd = unsafe { AsyncFd::register(fd) }
+        let mut socket = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
+        socket.bind(&SocketAddr::new(0, RTMGRP_LINK)).context("joining netlink link events")?;
+        socket.set_non_blocking(true)?;
+        // SAFETY: the socket owns its descriptor, which stays open as long as the AsyncFd
+        // holding it lives.
+        let socket = unsafe { AsyncFd::register(socket) }
             .map_err(|e| anyhow::anyhow!("registering the netlink socket: {e}"))?;
-        Ok(Self { fd })
+        Ok(Self { socket })
     }
 
-    /// Waits until links changed (any message, or a lost one: the socket's buffer overflowed),
+    /// Waits until links changed (any message, or lost ones: the socket's buffer overflowed),
     /// then reads out everything queued. Cancel-safe.
     pub async fn changed(&self) -> Result<()> {
-        let mut buf = [0u8; 8192];
+        let mut buf = Vec::with_capacity(8192);
         loop {
-            let mut ready = self.fd.readable().await?;
+            let mut ready = self.socket.readable().await?;
             let mut any = false;
             loop {
-                // SAFETY: receiving into a buffer of the length given.
-                let n = unsafe {
-                    libc::recv(
-                        self.fd.get_ref().as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                if n > 0 {
-                    any = true;
-                    continue;
-                }
-                let err = std::io::Error::last_os_error();
-                if n < 0 && err.raw_os_error() == Some(libc::ENOBUFS) {
+                buf.clear();
+                match self.socket.get_ref().recv(&mut buf, 0) {
+                    Ok(_) => any = true,
                     // Notifications were lost: something changed.
-                    any = true;
-                    continue;
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => any = true,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e).context("reading netlink link events"),
                 }
-                if n < 0 && err.kind() != std::io::ErrorKind::WouldBlock {
-                    return Err(err).context("reading netlink link events");
-                }
-                break;
             }
             ready.clear_ready();
             if any {
