@@ -380,6 +380,14 @@ impl Datapath {
 }
 
 /// Differences between two [`Datapath::stats`] snapshots, by counter name, non-zero only.
+/// Runs `prog` on `packet`, checks the checksums of what came out, and returns the verdict
+/// and a summary of the packet (which must be TCP or UDP).
+pub fn run_checked(dp: &Datapath, prog: &str, packet: &[u8]) -> (i32, crate::packets::Summary) {
+    let out = dp.run(prog, packet);
+    crate::packets::checksums_ok(&out.packet).unwrap_or_else(|e| panic!("{prog}: {e}"));
+    (out.verdict, crate::packets::summarize(&out.packet).expect("a TCP/UDP packet"))
+}
+
 pub fn stat_deltas(before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
     STAT_NAMES
         .iter()

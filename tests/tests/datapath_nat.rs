@@ -10,7 +10,7 @@ use lb_agent::model::plan::{Backend, Protocol, ServicePlan, TrafficPolicy};
 use lb_common::*;
 use lb_tests::{
     addrs::*,
-    kernel::{Datapath, TEST_MAP_SIZES},
+    kernel::{Datapath, TEST_MAP_SIZES, run_checked as run},
     packets::*,
     plans::{backend, lb_plan},
     require_root,
@@ -33,13 +33,6 @@ fn datapath(backends: Vec<Backend>) -> Datapath {
     dp.set_node(Some(NODE.into()), Some("fd00:1::11".parse().unwrap()));
     dp.program("web", &[web(backends)]);
     dp
-}
-
-/// Runs `prog` and returns (verdict, summary of the output), checking checksums.
-fn run(dp: &Datapath, prog: &str, packet: &[u8]) -> (i32, Summary) {
-    let out = dp.run(prog, packet);
-    checksums_ok(&out.packet).unwrap_or_else(|e| panic!("{prog}: {e}"));
-    (out.verdict, summarize(&out.packet).expect("a TCP/UDP packet"))
 }
 
 #[test]

@@ -16,17 +16,9 @@ use lb_tests::{
 
 const POD_FLAGS: &[&str] = &["--pod-devices", "p+", "--socket-lb-host-namespace-only"];
 
+/// A ClusterIP service, port 80 to the pods' 8080/TCP.
 fn web(name: &'static str, ip: &'static [&'static str]) -> Svc<'static> {
-    Svc {
-        name,
-        cluster_ips: ip,
-        port: 80,
-        protocol: "TCP",
-        target_port: 8080,
-        node_port: None,
-        spec: "",
-        extra: "",
-    }
+    Svc { name, cluster_ips: ip, node_port: None, ..Svc::WEB }
 }
 
 /// A UDP service whose endpoints have nothing listening on the target port.

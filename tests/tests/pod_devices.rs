@@ -11,7 +11,7 @@ use lb_agent::model::plan::{Backend, Protocol, ServicePlan};
 use lb_common::*;
 use lb_tests::{
     addrs::*,
-    kernel::Datapath,
+    kernel::{Datapath, run_checked as run},
     packets::*,
     plans::{backend, lb_plan, simple_plan},
     require_root,
@@ -40,12 +40,6 @@ fn web(cluster_ip: IpAddr, node: IpAddr, backends: Vec<Backend>) -> ServicePlan 
     let mut p = simple_plan("web", cluster_ip, node, NODE_PORT, backends);
     p.has_any_endpoints = !p.cluster_backends.is_empty();
     p
-}
-
-fn run(dp: &Datapath, prog: &str, packet: &[u8]) -> (i32, Summary) {
-    let out = dp.run(prog, packet);
-    checksums_ok(&out.packet).unwrap_or_else(|e| panic!("{prog}: {e}"));
-    (out.verdict, summarize(&out.packet).expect("a TCP/UDP packet"))
 }
 
 /// A pod's connection to a ClusterIP: DNAT to the backend, the pod's own address kept (the
