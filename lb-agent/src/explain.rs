@@ -5,7 +5,9 @@
 //! the live read-only maps (frontends, backend sets, Maglev, backends, ...) and has private
 //! stateful ones, pre-filled with the live conntrack and affinity entries of this flow. Live
 //! maps are left exactly as they were. From a pod or the host (socket hooks, which cannot be
-//! test-run) the same maps are read to say what connect() will do.
+//! test-run) the same maps are read to say what connect() will do; from a pod whose socket
+//! the hooks leave alone (`--socket-lb-host-namespace-only`), the packet is run through the
+//! pod devices' program (`tc_from_pod`) the same way as from outside.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -316,6 +318,14 @@ pub fn explain(
         verdict: String::new(),
         drop_reason: None,
     };
+    if from == From::Pod && ins.sock_host_netns_only()? {
+        e.hook = "tc ingress of the pod's device";
+        e.notes.push(
+            "the socket hooks leave pods' sockets alone (--socket-lb-host-namespace-only): the pod's packets are translated where they leave it (--pod-devices)".into(),
+        );
+        explain_device(&ins, src, dst, proto, svc, (PROG_TC_FROM_POD, None), &mut e)?;
+        return Ok(e);
+    }
     if from != From::Outside {
         return Ok(explain_socket(&ins, e, &key, svc));
     }
@@ -337,7 +347,7 @@ pub fn explain(
         ),
     }
     e.device = dev.as_ref().map(|(n, _, _)| n.clone());
-    explain_device(&ins, src, dst, proto, svc, dev.map(|(_, i, _)| i), &mut e)?;
+    explain_device(&ins, src, dst, proto, svc, (PROG_TC_INGRESS, dev.map(|(_, i, _)| i)), &mut e)?;
     Ok(e)
 }
 
@@ -379,7 +389,7 @@ fn explain_device(
     dst: SocketAddr,
     proto: u8,
     svc: Option<ServiceValue>,
-    ifindex: Option<u32>,
+    (program, ifindex): (&str, Option<u32>),
     e: &mut Explanation,
 ) -> Result<()> {
     let packet = build_packet(src, dst, proto)?;
@@ -434,8 +444,8 @@ fn explain_device(
         }
     }
     let prog: &mut SchedClassifier =
-        shadow.program_mut(PROG_TC_INGRESS).context("no tc_ingress")?.try_into()?;
-    prog.load().context("loading tc_ingress (root needed)")?;
+        shadow.program_mut(program).with_context(|| format!("no {program}"))?.try_into()?;
+    prog.load().with_context(|| format!("loading {program} (root needed)"))?;
     let mut out = vec![0u8; packet.len() + 256];
     let result = prog
         .test_run(TestRunOptions {
@@ -444,7 +454,7 @@ fn explain_device(
             ctx_in: ctx.as_ref().map(|c| c.as_slice()),
             ..Default::default()
         })
-        .context("running tc_ingress on the packet")?;
+        .with_context(|| format!("running {program} on the packet"))?;
     out.truncate(result.data_size_out as usize);
 
     let stats: PerCpuArray<&MapData, u64> =

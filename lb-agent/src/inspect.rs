@@ -444,12 +444,23 @@ impl Inspection {
         crate::dataplane::options::ct_timeouts(&options)
     }
 
-    /// How many SNAT source ports the datapath uses (LB_OPTIONS, else the default range).
-    fn nat_port_range(&self) -> Result<u32> {
+    /// One of the agent's `LB_OPTIONS`.
+    fn option(&self, index: u32) -> Result<u32> {
         let map: Array<MapData, u32> =
             Array::try_from(Map::Array(open_pinned(&self.bpffs, MAP_OPTIONS)?))?;
-        let (min, max) = (map.get(&OPT_NAT_PORT_MIN, 0)?, map.get(&OPT_NAT_PORT_MAX, 0)?);
+        Ok(map.get(&index, 0)?)
+    }
+
+    /// How many SNAT source ports the datapath uses (LB_OPTIONS, else the default range).
+    fn nat_port_range(&self) -> Result<u32> {
+        let (min, max) = (self.option(OPT_NAT_PORT_MIN)?, self.option(OPT_NAT_PORT_MAX)?);
         Ok(nat_ports(min, max).1)
+    }
+
+    /// Whether the socket hooks leave pods' sockets alone (`--socket-lb-host-namespace-only`):
+    /// pods' packets are translated on their devices.
+    pub fn sock_host_netns_only(&self) -> Result<bool> {
+        Ok(self.option(OPT_SOCK_HOST_NETNS_ONLY)? != 0)
     }
 
     pub fn stats(&self) -> Result<StatsView> {

@@ -19,7 +19,7 @@ use lb_agent::{
         links::LinkPins,
         loader::{self, LoadOptions, MapSizes},
         netdev, options,
-        pod_devices::{self, LinkWatch, PodDevices},
+        pod_devices::{self, PodDevices},
         port_filters, programs,
         store::{KernelStore, WriteCounts},
         writer::{Writer, WriterConfig},
@@ -65,7 +65,7 @@ struct Args {
     /// Devices that receive traffic from outside clients (NodePort, ExternalIP, LB IP): names,
     /// `PREFIX+` for every device whose name starts with PREFIX (`eth+`), or `auto`: those the
     /// default routes leave by and those holding a --node-ip address. A device absent at start
-    /// is attached when it appears (checked every 2 s), as are new ones a pattern matches.
+    /// is attached when it appears (on netlink's word), as are new ones a pattern matches.
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
     /// The node's side of pods' devices (names and `PREFIX+` patterns: `lxc+`, `veth+`,
@@ -339,6 +339,11 @@ async fn run(args: Args) -> Result<()> {
         attach::cgroup(&mut ebpf, cg, Some(&mut pins))?;
         attached(&status, "socket hooks", &cg.display().to_string());
     }
+    // Word of devices and addresses coming and going, asked for before the first look at them
+    // (a change meanwhile is not missed); without it, the 2 s check alone follows them.
+    let mut net_watch = netdev::NetWatch::new()
+        .map_err(|e| warn!("netlink events unavailable, devices are checked every 2 s: {e:#}"))
+        .ok();
     log_detected(&args.devices, &args.node_ip);
     let attached_devices = devices(&args.devices, &args.node_ip);
     for dev in &attached_devices {
@@ -352,19 +357,13 @@ async fn run(args: Args) -> Result<()> {
         }
         attach_device(&mut ebpf, dev, &args, &mut pins, &status)?;
     }
-    let mut pod_devices = PodDevices::new(&args.pod_devices, &args.bpffs);
-    let link_watch = match args.pod_devices.is_empty() {
-        true => None,
-        // Subscribed before the first scan: a device created meanwhile is not missed.
-        false => Some(LinkWatch::new()?),
-    };
-    if link_watch.is_some() {
-        let r = pod_devices.refresh(&mut ebpf, &mut pins, &attached_devices);
-        pod_devices::log_refresh(&r, pod_devices.count());
-        status.metrics.pod_devices.set(pod_devices.count() as i64);
+    let mut pod_devices =
+        (!args.pod_devices.is_empty()).then(|| PodDevices::new(&args.pod_devices, &args.bpffs));
+    if let Some(pods) = pod_devices.as_mut() {
+        refresh_pods(pods, &mut ebpf, &mut pins, &attached_devices, &status);
         info!(
             patterns = args.pod_devices.join(","),
-            devices = pod_devices.count(),
+            devices = pods.count(),
             socket_lb_host_namespace_only = args.socket_lb_host_namespace_only,
             "pod devices: pods' service traffic is translated on them"
         );
@@ -445,39 +444,21 @@ async fn run(args: Args) -> Result<()> {
                 if let Some(report) = syncer.retry_failed() {
                     synced(&status, &mut syncer, &conntrack, &mut health_servers, &report).await?;
                 }
-                // A device re-created (a NIC reset, a bond or VLAN rebuilt) comes back without
-                // its programs; with --devices auto a new device may appear.
-                let devs = devices(&args.devices, &args.node_ip);
-                for dev in &devs {
-                    if attach::tc_missing(&args.bpffs, dev, attach::TcRole::External) {
-                        match attach_device(&mut ebpf, dev, &args, &mut pins, &status) {
-                            Ok(()) => warn!(device = dev, "programs were missing on the device (re-created, or new): attached"),
-                            Err(e) => warn!(device = dev, "attaching to a re-created or new device: {e:#}"),
-                        }
-                    }
-                }
-                if link_watch.is_some() {
-                    // Anything the link events missed.
-                    let r = pod_devices.refresh(&mut ebpf, &mut pins, &devs);
-                    pod_devices::log_refresh(&r, pod_devices.count());
-                    status.metrics.pod_devices.set(pod_devices.count() as i64);
-                }
-                // An address added to or removed from a device (a VIP moving, a DHCP lease).
-                let addresses = netdev::device_addresses(&devs);
-                if addresses != syncer.state.device_addresses() {
-                    info!(addresses = ?addresses, "the attached devices' addresses changed: NodePorts follow");
-                }
-                if let Some(report) = syncer.set_device_addresses(addresses) {
+                // Anything netlink's word missed.
+                let mut devs = Devices { ebpf: &mut ebpf, pins: &mut pins, pods: pod_devices.as_mut() };
+                if let Some(report) = follow_devices(&args, &mut devs, &status, &mut syncer) {
                     synced(&status, &mut syncer, &conntrack, &mut health_servers, &report).await?;
                 }
             }
-            changed = async { link_watch.as_ref()?.changed().await.into() }, if link_watch.is_some() => {
+            changed = async { net_watch.as_ref()?.changed().await.into() }, if net_watch.is_some() => {
                 if let Some(Err(e)) = changed {
-                    warn!("netlink link events: {e:#}");
+                    warn!("netlink events failed, devices are checked every 2 s from now on: {e:#}");
+                    net_watch = None;
                 }
-                let r = pod_devices.refresh(&mut ebpf, &mut pins, &devices(&args.devices, &args.node_ip));
-                pod_devices::log_refresh(&r, pod_devices.count());
-                status.metrics.pod_devices.set(pod_devices.count() as i64);
+                let mut devs = Devices { ebpf: &mut ebpf, pins: &mut pins, pods: pod_devices.as_mut() };
+                if let Some(report) = follow_devices(&args, &mut devs, &status, &mut syncer) {
+                    synced(&status, &mut syncer, &conntrack, &mut health_servers, &report).await?;
+                }
             }
             _ = stats_tick.tick(), if args.stats_interval > 0 => {
                 let stats = counters::global(&ebpf).context("reading counters")?;
@@ -676,6 +657,58 @@ fn log_detected(named: &[String], node_ips: &[IpAddr]) {
             "--devices auto: devices of the default routes and of --node-ip"
         );
     }
+}
+
+/// What `follow_devices` attaches with.
+struct Devices<'a> {
+    ebpf: &'a mut aya::Ebpf,
+    pins: &'a mut LinkPins,
+    pods: Option<&'a mut PodDevices>,
+}
+
+/// Follows the node's devices (on netlink's word, and every 2 s): a device re-created (a NIC
+/// reset, a bond or VLAN rebuilt) comes back without its programs, `--devices auto` or a
+/// pattern may match a new one, pods' devices come and go, and an address added to or removed
+/// from a device (a VIP moving, a DHCP lease) moves NodePorts. The sync report when they moved.
+fn follow_devices(
+    args: &Args,
+    devs: &mut Devices<'_>,
+    status: &Status,
+    syncer: &mut Syncer<KernelStore>,
+) -> Option<SyncReport> {
+    let named = devices(&args.devices, &args.node_ip);
+    for dev in &named {
+        if attach::tc_missing(&args.bpffs, dev, attach::TcRole::External) {
+            match attach_device(devs.ebpf, dev, args, devs.pins, status) {
+                Ok(()) => warn!(
+                    device = dev,
+                    "programs were missing on the device (re-created, or new): attached"
+                ),
+                Err(e) => warn!(device = dev, "attaching to a re-created or new device: {e:#}"),
+            }
+        }
+    }
+    if let Some(pods) = devs.pods.as_deref_mut() {
+        refresh_pods(pods, devs.ebpf, devs.pins, &named, status);
+    }
+    let addresses = netdev::device_addresses(&named);
+    if addresses != syncer.state.device_addresses() {
+        info!(addresses = ?addresses, "the attached devices' addresses changed: NodePorts follow");
+    }
+    syncer.set_device_addresses(addresses)
+}
+
+/// Attaches the pod hooks to pods' devices that lack them, logs it and counts them.
+fn refresh_pods(
+    pods: &mut PodDevices,
+    ebpf: &mut aya::Ebpf,
+    pins: &mut LinkPins,
+    external: &[String],
+    status: &Status,
+) {
+    let r = pods.refresh(ebpf, pins, external);
+    pod_devices::log_refresh(&r, pods.count());
+    status.metrics.pod_devices.set(pods.count() as i64);
 }
 
 /// How often the devices are checked for missing programs.

@@ -110,6 +110,11 @@ fn pods_reach_services_through_their_devices_and_new_pods_are_hooked_as_they_com
         assert_eq!(host_of(seen), want, "{name}: the pod itself, no SNAT but for the hairpin");
         assert_eq!(peer, "10.96.0.100:80", "the pod's peer is the service");
     }
+    // lbctl explain from a pod says what its device's hook does (run through it).
+    let e = run.lbctl_json(0, &["explain", &me.to_string(), "10.96.0.100:80", "--from", "pod"]);
+    assert_eq!(e["hook"], "tc ingress of the pod's device", "{e}");
+    assert!(e["rewritten"].as_str().is_some_and(|r| r.ends_with(":8080")), "{e}");
+    assert_eq!(e["snat"], false, "{e}");
     let r =
         parse_probe(&run.from_pod(1, 1, &["connect", "10.96.0.53:53", "--udp", "--count", "40"]));
     all_ok(&r);

@@ -177,6 +177,8 @@ pub const READ_ONLY_MAPS: &[&str] = &[
     MAP_OPTIONS,
     MAP_REPLY_PORTS,
     MAP_INGRESS_PORTS,
+    MAP_POD_PORTS,
+    MAP_POD_REPLY_PORTS,
 ];
 
 /// Loads a private copy of the object whose read-only maps are the live pinned ones under

@@ -1,9 +1,11 @@
 //! Facts about the network devices of the calling thread's network namespace, asked of the
-//! kernel, and which of them `--devices auto` picks.
+//! kernel, which of them `--devices auto` picks, and word of their changes (`NetWatch`).
 
 use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::{Context, Result, bail};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use tokio::io::unix::AsyncFd;
 
 /// The device's interface index; an error names the device when it is not in this namespace.
 pub fn ifindex(name: &str) -> Result<u32> {
@@ -229,6 +231,56 @@ fn default_route_devices_v6(table: &str) -> Vec<String> {
             (default && f[9] != "lo").then(|| f[9].to_owned())
         })
         .collect()
+}
+
+/// Netlink notifications of link and address changes (RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR,
+/// RTNLGRP_IPV6_IFADDR): a device added, removed or re-created, an address added or removed.
+/// Only that something changed matters (the agent then reads the interfaces anew), so messages
+/// are not parsed.
+pub struct NetWatch {
+    socket: AsyncFd<Socket>,
+}
+
+impl NetWatch {
+    /// Subscribes to link and address changes in the calling thread's network namespace.
+    pub fn new() -> Result<Self> {
+        // uapi/linux/rtnetlink.h: RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR.
+        const GROUPS: u32 = 0x1 | 0x10 | 0x100;
+        let mut socket = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
+        socket
+            .bind(&SocketAddr::new(0, GROUPS))
+            .context("joining netlink link and address events")?;
+        socket.set_non_blocking(true)?;
+        // SAFETY: the socket owns its descriptor, which stays open as long as the AsyncFd
+        // holding it lives.
+        let socket = unsafe { AsyncFd::register(socket) }
+            .map_err(|e| anyhow::anyhow!("registering the netlink socket: {e}"))?;
+        Ok(Self { socket })
+    }
+
+    /// Waits until something changed (any message, or lost ones: the socket's buffer overflowed),
+    /// then reads out everything queued. Cancel-safe.
+    pub async fn changed(&self) -> Result<()> {
+        let mut buf = Vec::with_capacity(8192);
+        loop {
+            let mut ready = self.socket.readable().await?;
+            let mut any = false;
+            loop {
+                buf.clear();
+                match self.socket.get_ref().recv(&mut buf, 0) {
+                    Ok(_) => any = true,
+                    // Notifications were lost: something changed.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => any = true,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e).context("reading netlink events"),
+                }
+            }
+            ready.clear_ready();
+            if any {
+                return Ok(());
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Pods' devices (`--pod-devices`): the node's side of each pod's veth carries `tc_from_pod`
 //! (ingress: the pod's packets) and `tc_to_pod` (egress: packets to the pod), as pods come and
-//! go. The agent hears of new links through netlink ([`LinkWatch`]), so a pod's device gets
-//! its hooks within milliseconds of the CNI creating it; a periodic check catches anything
+//! go. The agent hears of new links through netlink (`netdev::NetWatch`), so a pod's device
+//! gets its hooks within milliseconds of the CNI creating it; a periodic check catches anything
 //! missed. The links are pinned like the other hooks' (traffic flows through an agent restart);
 //! those of devices that are gone are unpinned.
 
@@ -10,10 +10,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result};
 use aya::Ebpf;
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
-use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
 
 use super::{
@@ -126,51 +123,5 @@ pub fn log_refresh(r: &Refresh, total: usize) {
             pod_devices = total,
             "pod devices changed"
         );
-    }
-}
-
-/// Netlink link notifications (RTNLGRP_LINK): a device was added, removed or changed. Only
-/// that something changed matters (the refresh reads the interfaces anew), so messages are
-/// not parsed.
-pub struct LinkWatch {
-    socket: AsyncFd<Socket>,
-}
-
-impl LinkWatch {
-    /// Subscribes to link changes in the calling thread's network namespace.
-    pub fn new() -> Result<Self> {
-        const RTMGRP_LINK: u32 = 1;
-        let mut socket = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
-        socket.bind(&SocketAddr::new(0, RTMGRP_LINK)).context("joining netlink link events")?;
-        socket.set_non_blocking(true)?;
-        // SAFETY: the socket owns its descriptor, which stays open as long as the AsyncFd
-        // holding it lives.
-        let socket = unsafe { AsyncFd::register(socket) }
-            .map_err(|e| anyhow::anyhow!("registering the netlink socket: {e}"))?;
-        Ok(Self { socket })
-    }
-
-    /// Waits until links changed (any message, or lost ones: the socket's buffer overflowed),
-    /// then reads out everything queued. Cancel-safe.
-    pub async fn changed(&self) -> Result<()> {
-        let mut buf = Vec::with_capacity(8192);
-        loop {
-            let mut ready = self.socket.readable().await?;
-            let mut any = false;
-            loop {
-                buf.clear();
-                match self.socket.get_ref().recv(&mut buf, 0) {
-                    Ok(_) => any = true,
-                    // Notifications were lost: something changed.
-                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => any = true,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e).context("reading netlink link events"),
-                }
-            }
-            ready.clear_ready();
-            if any {
-                return Ok(());
-            }
-        }
     }
 }
