@@ -87,6 +87,7 @@ fn pods_reach_services_through_their_devices_and_new_pods_are_hooked_as_they_com
     let cluster = Cluster::new(2, 2, 0);
     let me = cluster.nodes[0].pods[0].ip4;
     let eps = cluster.all_pods(false);
+    let web6 = Svc { target_port: 8086, ..web("web6", &["fd00:96::100"]) };
     let files = [
         ("web.yaml", web("web", &["10.96.0.100"]).file(&eps)),
         ("dns.yaml", Svc::DNS.file(&eps)),
@@ -94,6 +95,7 @@ fn pods_reach_services_through_their_devices_and_new_pods_are_hooked_as_they_com
         ("empty.yaml", web("empty", &["10.96.0.102"]).file(&[])),
         ("closed-local.yaml", closed("closed-local", &["10.96.0.103"]).file(&eps[0..1])),
         ("closed-remote.yaml", closed("closed-remote", &["10.96.0.104"]).file(&eps[2..3])),
+        ("web6.yaml", web6.file(&cluster.all_pods(true))),
     ];
     let mut run = Running::start_with(cluster, &files, POD_FLAGS);
     assert_eq!(metric(&run.metrics(0), "lb_pod_devices_attached"), 2.0);
@@ -131,6 +133,17 @@ fn pods_reach_services_through_their_devices_and_new_pods_are_hooked_as_they_com
     let r = run.from_pod(0, 1, &["connect", "10.96.0.102:80", "--count", "3"]);
     assert_eq!(r, vec!["err ECONNREFUSED"; 3]);
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+
+    // IPv6: the same, every endpoint, the pod's own address seen (but by itself).
+    let r = parse_probe(&run.from_pod(0, 1, &["connect", "[fd00:96::100]:80", "--count", "60"]));
+    all_ok(&r);
+    assert_eq!(by_server(&r).len(), 4, "{:?}", by_server(&r));
+    let (me6, node6) = (run.cluster.nodes[0].pods[1].ip6, run.cluster.nodes[0].ip6);
+    for (name, seen, peer) in r.iter().flatten() {
+        let want = if name == "node-0-pod-1" { node6 } else { me6 };
+        assert_eq!(host_of(seen), want.to_string(), "{name}");
+        assert_eq!(peer, "[fd00:96::100]:80");
+    }
 
     // UDP to endpoints where nothing listens: their port unreachable reaches the pod as the
     // service's (translated where it enters the pod), at once.
