@@ -97,8 +97,9 @@ fn copy_hop(from: &NextHop, to: &mut NextHop) {
 const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 
 /// The next hop of a packet `src` -> `dst` arriving on `ifindex`, from the cache or the
-/// kernel's routing (`BPF_FIB_LKUP_RET_*`). On success `out` holds egress device and MACs; on
-/// NO_NEIGH only the egress device.
+/// kernel's routing (`BPF_FIB_LKUP_RET_*`). On success `out` holds egress device, MACs and the
+/// route's MTU; on NO_NEIGH the egress device and the MTU (not cached: the neighbour is
+/// resolved by the redirect).
 #[inline(always)]
 fn next_hop(
     ctx: *mut c_void,
@@ -123,7 +124,8 @@ fn next_hop(
     out.ifindex = p.ifindex;
     // tc's lookup also checks this packet against the device's MTU: the route is found all
     // the same, and the packet's size is judged by the caller against the route's MTU.
-    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_FRAG_NEEDED {
+    let neighbour_known = rc != BPF_FIB_LKUP_RET_NO_NEIGH;
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_FRAG_NEEDED && neighbour_known {
         return rc;
     }
     out.macs = macs(&p);
@@ -138,6 +140,9 @@ fn next_hop(
     } else {
         0
     };
+    if !neighbour_known {
+        return BPF_FIB_LKUP_RET_NO_NEIGH;
+    }
     let _ = NEXT_HOPS.insert(&key, &NextHopEntry { hop: *out, looked_up_ns: now }, 0);
     BPF_FIB_LKUP_RET_SUCCESS
 }
@@ -173,19 +178,24 @@ pub fn redirect(ctx: &TcContext) -> Redirect {
     // SAFETY: reading fields of the skb context.
     let (ifindex, gso_size) = unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).gso_size) };
     let mut hop = NextHop { ifindex: 0, macs: [0; 12], mtu: 0 };
-    match next_hop(ctx.as_ptr(), ifindex, (flow.is_v6, flow.proto), &src, &dst, &mut hop) {
+    let rc = next_hop(ctx.as_ptr(), ifindex, (flow.is_v6, flow.proto), &src, &dst, &mut hop);
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Redirect::NoRoute;
+    }
+    // A GSO packet leaves as segments of its sender's size, judged as the kernel's forwarding
+    // judges them; an IPv4 packet that may be fragmented is sent on as before (the device
+    // decides). Judged whether the neighbour is known or not (the first packets to a new next
+    // hop are as big as the others).
+    let l3_len = if gso_size == 0 {
+        ctx.len() - flow.l3() as u32
+    } else {
+        segment_l3_len(&b, flow, gso_size)
+    };
+    if too_big(&hop, l3_len) && !may_fragment(&b, flow) {
+        return Redirect::TooBig(hop.mtu);
+    }
+    match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            // A GSO packet leaves as segments of its sender's size, judged as the kernel's
-            // forwarding judges them; an IPv4 packet that may be fragmented is sent on as
-            // before (the device decides).
-            let l3_len = if gso_size == 0 {
-                ctx.len() - flow.l3() as u32
-            } else {
-                segment_l3_len(&b, flow, gso_size)
-            };
-            if too_big(&hop, l3_len) && !may_fragment(&b, flow) {
-                return Redirect::TooBig(hop.mtu);
-            }
             if ctx.store(0, &hop.macs, 0).is_err() {
                 return Redirect::NoRoute;
             }

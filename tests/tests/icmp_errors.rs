@@ -303,6 +303,18 @@ fn a_packet_too_big_for_the_route_to_a_remote_pod_gets_fragmentation_needed() {
     assert_eq!(e.rest, [0, 0, 0x05, 0x78], "next-hop MTU 1400");
     assert_eq!(dp.stat(STAT_TOO_BIG), 1);
 
+    // The same to a next hop whose neighbour is not known yet (192.168.1.13): judged all the
+    // same, before the kernel is left to resolve it.
+    let unresolved = Ipv4Addr::new(192, 168, 1, 13);
+    let dp2 =
+        datapath("web", VIP.into(), 80, Protocol::Tcp, vec![backend(unresolved.into(), 80, false)]);
+    let out = node.run_tc(&dp2, &big, 0);
+    let e = icmp_error(&out.packet).expect("fragmentation needed, not the packet sent on");
+    assert_eq!((e.icmp_type, e.rest), (3, [0, 0, 0x05, 0x78]));
+    let fits = tcp4(CLIENT, 40001, VIP, 80, false, b"fits");
+    let s = summarize(&node.run_tc(&dp2, &fits, 0).packet).unwrap();
+    assert_eq!(s.dst, sa(unresolved, 80), "a packet that fits is sent on");
+
     // Without "don't fragment", and as a GSO packet (segments of 1000), it goes on as before.
     for (p, gso) in [(with_df(&big, false), 0), (big.clone(), 1000)] {
         let out = node.run_tc(&dp, &p, gso);
