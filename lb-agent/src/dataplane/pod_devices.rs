@@ -6,7 +6,7 @@
 //! those of devices that are gone are unpinned.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
@@ -25,6 +25,9 @@ pub struct PodDevices {
     bpffs: PathBuf,
     /// Devices carrying the pod hooks now.
     attached: BTreeSet<String>,
+    /// Devices the hooks could not be attached to, by interface index: tried again only once
+    /// the device is re-created (else every refresh would try and warn again).
+    failed: BTreeMap<String, u32>,
 }
 
 /// What one [`PodDevices::refresh`] did.
@@ -37,7 +40,12 @@ pub struct Refresh {
 
 impl PodDevices {
     pub fn new(patterns: &[String], bpffs: &Path) -> Self {
-        Self { patterns: patterns.to_vec(), bpffs: bpffs.to_owned(), attached: BTreeSet::new() }
+        Self {
+            patterns: patterns.to_vec(),
+            bpffs: bpffs.to_owned(),
+            attached: BTreeSet::new(),
+            failed: BTreeMap::new(),
+        }
     }
 
     /// How many devices carry the pod hooks.
@@ -63,16 +71,25 @@ impl PodDevices {
             if self.attached.contains(dev) && !attach::tc_missing(&self.bpffs, dev, TcRole::Pod) {
                 continue;
             }
+            let ifindex = netdev::ifindex(dev).unwrap_or(0);
+            if self.failed.get(dev) == Some(&ifindex) {
+                continue;
+            }
             match attach::tc_as(ebpf, dev, TcRole::Pod, Some(pins)) {
                 Ok(()) => {
                     self.attached.insert(dev.clone());
+                    self.failed.remove(dev);
                     out.attached.push(dev.clone());
                 }
-                // Gone again already (a pod that failed to start), or refused: said, retried.
-                Err(e) => out.failed.push((dev.clone(), format!("{e:#}"))),
+                // Gone again already (a pod that failed to start), or refused: said once.
+                Err(e) => {
+                    self.failed.insert(dev.clone(), ifindex);
+                    out.failed.push((dev.clone(), format!("{e:#}")));
+                }
             }
         }
         self.attached.retain(|d| present.contains(d));
+        self.failed.retain(|d, _| present.contains(d));
         out.gone = self.unpin_gone(&present);
         out
     }
