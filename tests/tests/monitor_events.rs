@@ -150,6 +150,15 @@ fn device_hooks_report_only_while_a_lease_asks_and_only_the_kinds_it_asks_for() 
     assert_eq!(dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 4004, VIP, 82, true, b"")).verdict, 7);
     let events = drain(&mut ring);
     assert_eq!(events.iter().map(|e| e.kind).collect::<Vec<_>>(), [EVENT_REJECT], "second's kinds");
+    // A pod's device (`--pod-devices`) names itself: a pod's connection to the empty service.
+    let from_pod = tcp4(LOCAL_POD, 4005, VIP, 82, true, b"");
+    assert_eq!(dp.run(PROG_TC_FROM_POD, &from_pod).verdict, 7);
+    let events = drain(&mut ring);
+    assert_eq!(
+        events.iter().map(|e| (e.kind, e.hook)).collect::<Vec<_>>(),
+        [(EVENT_REJECT, HOOK_TC_FROM_POD)]
+    );
+    assert_eq!(monitor::view(&events[0], &LoNames, 0).hook, "from-pod");
     let held = second;
 
     // Released: nothing more.
