@@ -160,7 +160,7 @@ pub struct Enabled {
     pub pod_reply_ports: usize,
 }
 
-/// Fills both sets from the maps as they are (an upgrade from a build without them, or flows
+/// Fills every set from the maps as they are (an upgrade from a build without them, or flows
 /// whose backends or services are gone), then tells the datapath they are complete:
 /// - reply ports: every local backend in `LB_BACKENDS`, and the source port of every reply
 ///   entry of a local backend in conntrack;
