@@ -2,7 +2,8 @@
 //! which counter moved, the verdict, and the bytes that came out: a packet to a frontend is
 //! translated to its (local) backend with valid checksums however its headers are laid out;
 //! every other packet passes byte for byte unchanged. Every case runs through both programs.
-//! Cases are data: adding one needs no code.
+//! Cases are data: adding one needs no code. Random and mutated packets also go through the
+//! egress hooks and pods' devices' programs.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -21,6 +22,18 @@ const XDP_PASS: i32 = 2;
 const HOOKS: [(&str, &str, i32); 2] = [
     (PROG_TC_INGRESS, "tc_ingress_packets", TC_ACT_OK),
     (PROG_XDP_INGRESS, "xdp_packets", XDP_PASS),
+];
+/// The hooks that start flows, pods' devices' included (`tc_from_pod` takes the same
+/// frontends' internal entries: `lb_plan` has both).
+const FLOW_HOOKS: [(&str, &str, i32); 3] =
+    [HOOKS[0], HOOKS[1], (PROG_TC_FROM_POD, "tc_from_pod_packets", TC_ACT_OK)];
+/// Every device hook.
+const ALL_HOOKS: [(&str, &str, i32); 5] = [
+    FLOW_HOOKS[0],
+    FLOW_HOOKS[1],
+    FLOW_HOOKS[2],
+    (PROG_TC_EGRESS, "tc_egress_packets", TC_ACT_OK),
+    (PROG_TC_TO_POD, "tc_to_pod_packets", TC_ACT_OK),
 ];
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const VIP4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -357,20 +370,20 @@ fn run_unless_refused(
 ) -> Option<RunOutput> {
     match dp.try_run(prog, p) {
         Ok(out) => Some(out),
-        Err(_) if prog == PROG_TC_INGRESS => None,
+        Err(_) if prog != PROG_XDP_INGRESS => None,
         Err(e) => panic!("{prog} run {i}: {e}"),
     }
 }
 
 #[test]
-fn random_bytes_never_break_either_program() {
+fn random_bytes_never_break_any_device_program() {
     require_root!();
     let dp = datapath_with_services();
     // A deterministic xorshift stream: garbage of every length, two thirds of it with an IPv4 or
     // IPv6 ethertype so that parsing goes deeper.
     let mut next = xorshift(0x9e3779b97f4a7c15);
     let runs = 2000u64;
-    for (prog, packets_counter, pass) in HOOKS {
+    for (prog, packets_counter, pass) in ALL_HOOKS {
         let before = dp.stats();
         let mut ran = 0;
         for i in 0..runs {
@@ -428,7 +441,7 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
     let mut next = xorshift(0x2545f4914f6cdd1d);
     let runs = 3000;
     let (mut translated, mut unchanged) = (0, 0);
-    for (prog, packets_counter, pass) in HOOKS {
+    for (prog, packets_counter, pass) in FLOW_HOOKS {
         let before = dp.stats();
         let mut ran = 0;
         for i in 0..runs {
@@ -489,7 +502,7 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
             assert_eq!(u16::from_be(v.new_sport_be), 80, "{k:?} -> {v:?}");
         }
     }
-    for (prog, _, _) in HOOKS {
+    for (prog, _, _) in FLOW_HOOKS {
         let fresh = tcp4(CLIENT4, 42000, VIP4, 80, true, b"");
         let s = summarize(&dp.run(prog, &fresh).packet).expect("a TCP packet");
         assert_eq!(s.dst, backends[0], "{prog}: a clean new flow after the storm");
