@@ -63,7 +63,10 @@ fn pinned_links(bpffs: &std::path::Path) -> Vec<String> {
 pub fn pod_devices(bpffs: &std::path::Path) -> Vec<String> {
     let mut devices: Vec<String> = pinned_links(bpffs)
         .iter()
-        .filter_map(|n| n.strip_prefix("pod-ingress@").map(str::to_owned))
+        .filter_map(|n| {
+            let label = crate::dataplane::attach::TcRole::Pod.labels()[0];
+            n.strip_prefix(label)?.strip_prefix('@').map(str::to_owned)
+        })
         .collect();
     devices.sort();
     devices

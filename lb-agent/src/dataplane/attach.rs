@@ -117,7 +117,7 @@ pub fn tc_as(
 }
 
 /// The name a device hook's link is pinned under (`<hook>@<device>`).
-pub fn link_name(hook: &str, ifname: &str) -> String {
+fn link_name(hook: &str, ifname: &str) -> String {
     format!("{hook}@{ifname}")
 }
 
