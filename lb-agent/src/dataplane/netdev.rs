@@ -322,6 +322,8 @@ mod tests {
         // This namespace's interfaces are read: the loopback is one of them.
         assert!(interfaces().contains(&"lo".to_string()));
         assert!(!resolve_devices(&s(&["l+"]), &[]).contains(&"lo".to_string()));
+        // Pod devices: only those present, never a named one that is absent, nor `auto`.
+        assert_eq!(matching_present(&s(&["lo", "absent9", "auto", "lo"])), s(&["lo"]));
     }
 
     #[test]
