@@ -87,6 +87,7 @@ fn kustomization_daemonset_flags_and_dashboard_are_consistent() {
         "lb_datapath_service_packets_total",
         "lb_datapath_service_bytes_total",
         "lb_program_attached",
+        "lb_pod_devices_attached",
         "lb_conntrack_gc_removed_entries_total",
         "lb_network_programming_duration_seconds_bucket",
         "lb_services_unprogrammed",
