@@ -357,6 +357,7 @@ async fn run(args: Args) -> Result<()> {
         }
         attach_device(&mut ebpf, dev, &args, &mut pins, &status)?;
     }
+    attach::snat_devices(&mut ebpf, &attached_devices)?;
     let mut pod_devices =
         (!args.pod_devices.is_empty()).then(|| PodDevices::new(&args.pod_devices, &args.bpffs));
     if let Some(pods) = pod_devices.as_mut() {
@@ -687,6 +688,9 @@ fn follow_devices(
                 Err(e) => warn!(device = dev, "attaching to a re-created or new device: {e:#}"),
             }
         }
+    }
+    if let Err(e) = attach::snat_devices(devs.ebpf, &named) {
+        warn!("recording the devices for SNAT sources: {e:#}");
     }
     if let Some(pods) = devs.pods.as_deref_mut() {
         refresh_pods(pods, devs.ebpf, devs.pins, &named, status);

@@ -35,6 +35,10 @@ pub const MAP_NAMES: &str = "LB_NAMES";
 pub const MAP_NODE: &str = "LB_NODE";
 /// Devices (by interface index) XDP may send packets out of (XDP_TX, XDP_REDIRECT).
 pub const MAP_XDP_TX: &str = "LB_XDP_TX";
+/// Devices (by interface index) the device hooks are on: a SNATed flow whose route to its
+/// backend leaves by one takes that route's source address (its replies come back through the
+/// hooks there); by any other, the node's primary address.
+pub const MAP_SNAT_DEVICES: &str = "LB_SNAT_DEVICES";
 /// Capacity of LB_XDP_TX: devices one agent attaches to.
 pub const MAX_XDP_DEVICES: u32 = 64;
 /// Node-wide datapath options, indexed by the `OPT_*` constants (0 = off).

@@ -309,10 +309,15 @@ fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Actio
     } else {
         backend.flags & BE_F_LOCAL == 0 && svc.flags & SVC_F_LOCAL_ONLY == 0
     };
-    if snat && hook == Hook::Xdp {
+    if snat {
+        let Some(s) = SCRATCH.get_ptr_mut(0) else { return Action::Pass };
+        // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
+        let src = unsafe { &mut (*s).snat_src };
+        // Left all zero without a node address: nat::create says so (a counted drop).
+        *src = [0; 4];
+        let have_node = pkt.snat_source(flow, &backend.addr, src);
         // Without a node address XDP leaves it to tc, which counts the drop.
-        let Some(node) = nat::node_addr(flow.is_v6) else { return Action::Pass };
-        if leave_to_tc(pkt, flow, &node, &backend.addr) {
+        if hook == Hook::Xdp && (!have_node || leave_to_tc(pkt, flow, src, &backend.addr)) {
             return Action::Pass;
         }
     }

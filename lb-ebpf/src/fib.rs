@@ -15,7 +15,9 @@ use lb_common::{Addr, PROTO_TCP, STAT_XDP_REDIRECT, STAT_XDP_TX};
 
 use crate::{
     clock,
-    maps::{FLOW, NEXT_HOPS, NextHop, NextHopEntry, NextHopKey, SCRATCH, XDP_TX_DEVICES},
+    maps::{
+        FLOW, NEXT_HOPS, NextHop, NextHopEntry, NextHopKey, SCRATCH, SNAT_DEVICES, XDP_TX_DEVICES,
+    },
     packet::{Bounds, Flow},
     stats,
 };
@@ -28,19 +30,23 @@ const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 /// tc: the route is found (device and MACs filled in) but the packet is larger than the
 /// device's MTU; also what a lookup with a length over the route's MTU answers.
 const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
+/// Ask the lookup for the route's preferred source address too (kernel 6.7+; older kernels
+/// refuse the flag, and the lookup is made again without it).
+const BPF_FIB_LOOKUP_SRC: u32 = 1 << 4;
 /// IPv4 "don't fragment", in the header's flags byte.
 const IPV4_DF: u8 = 0x40;
 
 /// Looks up the route of a packet `src` -> `dst` as if it had arrived on `ifindex` (the
-/// kernel's forwarding decision, `p` receives egress device and MACs). With `tot_len`, only
-/// checks it against the route's MTU (`mtu_result` then says it). Returns the helper's code.
+/// kernel's forwarding decision, `p` receives egress device and MACs, and with
+/// `BPF_FIB_LOOKUP_SRC` in `flags` the route's source address). With `tot_len`, only checks it
+/// against the route's MTU (`mtu_result` then says it). Returns the helper's code.
 #[inline(always)]
 fn lookup(
     ctx: *mut c_void,
     ifindex: u32,
     flow: (bool, u8),
     (src, dst): (&Addr, &Addr),
-    tot_len: u16,
+    (tot_len, flags): (u16, u32),
     p: &mut FibParams,
 ) -> i64 {
     let (v6, proto) = flow;
@@ -57,7 +63,7 @@ fn lookup(
         p.__bindgen_anon_4.ipv4_dst = dst[3];
     }
     // SAFETY: p is a valid bpf_fib_lookup of the size passed; ctx is the program's context.
-    unsafe { bpf_fib_lookup(ctx, p, size_of::<FibParams>() as i32, 0) }
+    unsafe { bpf_fib_lookup(ctx, p, size_of::<FibParams>() as i32, flags) }
 }
 
 /// The source and destination address the packet holds now (after rewriting).
@@ -120,7 +126,23 @@ fn next_hop(
     }
     // SAFETY: an all-zero bpf_fib_lookup is a valid starting point.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
-    let rc = lookup(ctx, ifindex, flow, (src, dst), 0, &mut p);
+    let mut rc = lookup(ctx, ifindex, flow, (src, dst), (0, BPF_FIB_LOOKUP_SRC), &mut p);
+    out.src = [0; 4];
+    if rc < 0 {
+        // A kernel without BPF_FIB_LOOKUP_SRC: the route alone.
+        // SAFETY: as above.
+        p = unsafe { core::mem::zeroed() };
+        rc = lookup(ctx, ifindex, flow, (src, dst), (0, 0), &mut p);
+    } else {
+        // SAFETY: the helper wrote the source member of the union (BPF_FIB_LOOKUP_SRC).
+        unsafe {
+            if flow.0 {
+                out.src = p.__bindgen_anon_3.ipv6_src;
+            } else {
+                out.src[3] = p.__bindgen_anon_3.ipv4_src;
+            }
+        }
+    }
     out.ifindex = p.ifindex;
     // tc's lookup also checks this packet against the device's MTU: the route is found all
     // the same, and the packet's size is judged by the caller against the route's MTU.
@@ -133,7 +155,7 @@ fn next_hop(
     // length no route takes. 0 (unchecked) if one does.
     // SAFETY: as above.
     p = unsafe { core::mem::zeroed() };
-    let rc = lookup(ctx, ifindex, flow, (src, dst), u16::MAX, &mut p);
+    let rc = lookup(ctx, ifindex, flow, (src, dst), (u16::MAX, 0), &mut p);
     // SAFETY: the helper wrote the union's MTU member on this answer.
     out.mtu = if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
         unsafe { p.__bindgen_anon_1.mtu_result as u32 }
@@ -177,7 +199,7 @@ pub fn redirect(ctx: &TcContext) -> Redirect {
     };
     // SAFETY: reading fields of the skb context.
     let (ifindex, gso_size) = unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).gso_size) };
-    let mut hop = NextHop { ifindex: 0, macs: [0; 12], mtu: 0 };
+    let mut hop = NextHop { ifindex: 0, macs: [0; 12], mtu: 0, src: [0; 4] };
     let rc = next_hop(ctx.as_ptr(), ifindex, (flow.is_v6, flow.proto), &src, &dst, &mut hop);
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
         return Redirect::NoRoute;
@@ -240,6 +262,45 @@ fn macs(p: &FibParams) -> [u8; 12] {
     macs[..6].copy_from_slice(&p.dmac);
     macs[6..].copy_from_slice(&p.smac);
     macs
+}
+
+/// The source address a new SNATed flow `flow` to backend `dst` takes, written to `out`: the
+/// one the kernel prefers for the route to the backend (what MASQUERADE would take: on a node
+/// with several devices, the address of the one the route leaves by) when the route leaves by
+/// a device the hooks are on (`LB_SNAT_DEVICES`, so the replies come back through them); else
+/// the node's primary address. `false` when the node has no address of the family. The route
+/// is looked up as for the packet it will be (from the node's address), through the next-hop
+/// cache the redirect reads next.
+#[inline(never)]
+pub fn snat_source(
+    ctx: *mut c_void,
+    ifindex: u32,
+    flow: &Flow,
+    dst: &Addr,
+    out: &mut Addr,
+) -> bool {
+    let Some(node) = crate::nat::node_addr(flow.is_v6) else { return false };
+    *out = node;
+    // The hop in this CPU's scratch slot, not on the stack (XDP's own lookup, after this one,
+    // fills it again).
+    let Some(s) = SCRATCH.get_ptr_mut(0) else { return true };
+    // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
+    let hop = unsafe { &mut (*s).next_hop };
+    let rc = next_hop(ctx, ifindex, (flow.is_v6, flow.proto), &node, dst, hop);
+    let found = if flow.is_v6 { hop.src.iter().any(|w| *w != 0) } else { hop.src[3] != 0 };
+    // SAFETY: a plain lookup; the value is not used.
+    if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+        && found
+        && unsafe { SNAT_DEVICES.get(hop.ifindex) }.is_some()
+    {
+        if flow.is_v6 {
+            *out = hop.src;
+        } else {
+            // The node's address is IPv4-mapped: only its last word is the address.
+            out[3] = hop.src[3];
+        }
+    }
+    true
 }
 
 /// XDP: whether a packet rewritten to `src` -> `dst` can be sent on by XDP itself: the next

@@ -86,6 +86,11 @@ pub static POD_REPLY_PORTS: Array<u64> = Array::with_max_entries(PORT_SET_WORDS,
 #[map(name = "LB_XDP_TX")]
 pub static XDP_TX_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_XDP_DEVICES, 0);
 
+/// Devices the device hooks are on, for SNAT sources (see `MAP_SNAT_DEVICES`; written by the
+/// agent).
+#[map(name = "LB_SNAT_DEVICES")]
+pub static SNAT_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_XDP_DEVICES, 0);
+
 /// Events for `lbctl monitor` (see monitor.rs). Pinned, so lbctl can read them.
 #[map(name = "LB_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
@@ -118,6 +123,8 @@ pub struct Scratch {
     /// A new flow's client, for session affinity (device.rs: off the stack of a call chain
     /// that ends in `nat::create`).
     pub client: AffinityKey,
+    /// A new flow's SNAT source (`fib::snat_source`, read by `nat::create`).
+    pub snat_src: Addr,
 }
 
 /// A route's egress device and the MACs of its next hop (destination then source, as they
@@ -129,10 +136,13 @@ pub struct NextHop {
     pub macs: [u8; 12],
     /// The route's MTU (0: not known, not checked).
     pub mtu: u32,
+    /// The source address the kernel prefers for the route (all zero: not known), in the
+    /// family's own form (an IPv4 address in the last word).
+    pub src: Addr,
 }
 
 // fib.rs copies it as words.
-const _: () = assert!(size_of::<NextHop>() == 20 && align_of::<NextHop>() == 4);
+const _: () = assert!(size_of::<NextHop>() == 36 && align_of::<NextHop>() == 4);
 
 #[repr(C)]
 pub struct NextHopKey {

@@ -74,7 +74,11 @@ pub fn create(
     if !ids.snat {
         conntrack::insert(&s.reply_key, &s.value, false).map_err(|_| NatError::CtFull)?;
     } else {
-        s.reply_key.daddr = node_addr(flow.is_v6).ok_or(NatError::NoNodeAddr)?;
+        // The source `fib::snat_source` chose (the caller put it in the slot).
+        if s.snat_src.iter().all(|w| *w == 0) {
+            return Err(NatError::NoNodeAddr);
+        }
+        s.reply_key.daddr = s.snat_src;
         let (first, range) = port_range();
         let start = ids.hash % range;
         // A stride from the hash too, so that flows starting at nearby ports do not walk the

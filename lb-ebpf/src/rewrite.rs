@@ -3,6 +3,7 @@
 //! including offloaded ones); XDP writes through packet pointers with incremental updates.
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     programs::{TcContext, XdpContext},
 };
@@ -52,6 +53,9 @@ pub trait Rewrite {
     /// Whether this hook can itself send the packet, once rewritten to `src` -> `dst`, towards
     /// its new destination (a flow with SNAT must not reach the stack). tc always can.
     fn can_forward(&self, flow: &Flow, src: &Addr, dst: &Addr) -> bool;
+    /// The source a new flow with SNAT to `dst` takes, into `out` (`fib::snat_source`);
+    /// `false` without a node address of the flow's family.
+    fn snat_source(&self, flow: &Flow, dst: &Addr, out: &mut Addr) -> bool;
     /// The device the packet is on (for monitor events).
     fn ifindex(&self) -> u32;
 }
@@ -152,6 +156,12 @@ impl Rewrite for Tc<'_> {
 
     fn can_forward(&self, _: &Flow, _: &Addr, _: &Addr) -> bool {
         true
+    }
+
+    fn snat_source(&self, flow: &Flow, dst: &Addr, out: &mut Addr) -> bool {
+        // SAFETY: the context's skb, valid for the program's run.
+        let ifindex = unsafe { (*self.0.skb.skb).ingress_ifindex };
+        fib::snat_source(self.0.as_ptr(), ifindex, flow, dst, out)
     }
 
     fn ifindex(&self) -> u32 {
@@ -325,6 +335,10 @@ impl Rewrite for Xdp<'_> {
 
     fn can_forward(&self, flow: &Flow, src: &Addr, dst: &Addr) -> bool {
         fib::xdp_can_tx(self.0, (flow.is_v6, flow.proto), src, dst)
+    }
+
+    fn snat_source(&self, flow: &Flow, dst: &Addr, out: &mut Addr) -> bool {
+        fib::snat_source(self.0.as_ptr(), self.0.ingress_ifindex() as u32, flow, dst, out)
     }
 
     fn ifindex(&self) -> u32 {

@@ -69,6 +69,15 @@ impl RoutedNode {
             .unwrap_or_else(|e| panic!("XDP_TX decision for {dev}: {e:#}"))
     }
 
+    /// The agent's record of the devices its hooks are on (`LB_SNAT_DEVICES`), written into
+    /// `dp`'s maps.
+    pub fn snat_devices(&self, dp: &mut Datapath, devices: &[&str]) {
+        let devices: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
+        self.ns
+            .run(|| attach::snat_devices(&mut dp.ebpf, &devices))
+            .unwrap_or_else(|e| panic!("SNAT devices {devices:?}: {e:#}"));
+    }
+
     /// Runs `dp`'s tc ingress on `packet` as arriving on `n0` (`gso_size`: see
     /// [`Datapath::run_tc_on`]).
     pub fn run_tc(&self, dp: &Datapath, packet: &[u8], gso_size: u32) -> RunOutput {

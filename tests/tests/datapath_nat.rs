@@ -747,6 +747,46 @@ fn xdp_leaves_to_tc_a_new_snat_flow_whose_route_leaves_by_another_device_or_lack
     }
 }
 
+/// A SNATed flow takes the source address of the route to its backend, as MASQUERADE would,
+/// when the route leaves by a device the hooks are on (its replies come back through them):
+/// on a node with two devices, the one facing the backend. By a device without the hooks, the
+/// node's primary address, as before.
+#[test]
+fn a_snat_flow_takes_the_address_of_the_device_its_route_leaves_by_when_the_hooks_are_there() {
+    require_root!();
+    let node = RoutedNode::new();
+    let backend_ip = Ipv4Addr::new(172, 16, 0, 2);
+    let d0_addr = Ipv4Addr::new(172, 16, 0, 1);
+    let mut dp = datapath(vec![backend(backend_ip.into(), 8080, false)]);
+    let first = |dp: &Datapath, port: u16| {
+        let out = node.run_tc(dp, &tcp4(CLIENT, port, VIP, 80, true, b""), 0);
+        checksums_ok(&out.packet).unwrap();
+        summarize(&out.packet).unwrap()
+    };
+    // Hooks on n0 alone: the route to the backend leaves by d0, without them.
+    node.snat_devices(&mut dp, &["n0"]);
+    let s = first(&dp, 40001);
+    assert_eq!((s.src.ip(), s.dst), (IpAddr::from(NODE), sa(backend_ip, 8080)));
+    // Hooks on d0 too: its address.
+    node.snat_devices(&mut dp, &["n0", "d0"]);
+    let s = first(&dp, 40002);
+    assert_eq!((s.src.ip(), s.dst), (IpAddr::from(d0_addr), sa(backend_ip, 8080)));
+    let port = s.src.port();
+    // The reply to that address comes back translated to the client, from the frontend.
+    let reply = tcp4(backend_ip, 8080, d0_addr, port, true, b"");
+    let (_, r) = run(&dp, PROG_TC_INGRESS, &reply);
+    assert_eq!((r.src, r.dst), (sa(VIP, 80), sa(CLIENT, 40002)));
+    // The device gone from the record: the primary address again.
+    node.snat_devices(&mut dp, &["n0"]);
+    assert_eq!(first(&dp, 40003).src.ip(), IpAddr::from(NODE));
+    // A node address of the other family only: no source for this flow (a counted drop).
+    dp.set_node(None, Some(NODE6.into()));
+    node.snat_devices(&mut dp, &["n0", "d0"]);
+    let out = node.run_tc(&dp, &tcp4(CLIENT, 40004, VIP, 80, true, b""), 0);
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(dp.stat(STAT_DROP_NO_NODE_ADDR), 1);
+}
+
 #[test]
 fn a_full_conntrack_map_evicts_old_flows_and_never_mistranslates() {
     require_root!();

@@ -13,8 +13,8 @@ use aya::{
     },
 };
 use lb_common::{
-    MAP_XDP_TX, PROG_SOCK, PROG_TC_EGRESS, PROG_TC_FROM_POD, PROG_TC_INGRESS, PROG_TC_TO_POD,
-    PROG_XDP_INGRESS,
+    MAP_SNAT_DEVICES, MAP_XDP_TX, PROG_SOCK, PROG_TC_EGRESS, PROG_TC_FROM_POD, PROG_TC_INGRESS,
+    PROG_TC_TO_POD, PROG_XDP_INGRESS,
 };
 use tracing::{info, warn};
 
@@ -174,6 +174,27 @@ pub fn xdp_ingress(
         }
     }
     Ok(mode)
+}
+
+/// Records the devices the device hooks are on (`LB_SNAT_DEVICES`): exactly those of `devices`
+/// present now. A SNATed flow whose route to its backend leaves by one of them takes the
+/// route's source address, as MASQUERADE would (on a node with several devices, the address
+/// of the one the route leaves by), and its replies come back through the hooks there; by any
+/// other device, the node's primary address.
+pub fn snat_devices(ebpf: &mut Ebpf, devices: &[String]) -> Result<()> {
+    let want: std::collections::BTreeSet<u32> =
+        devices.iter().filter_map(|d| super::netdev::ifindex(d).ok()).collect();
+    let mut map: aya::maps::HashMap<_, u32, u32> = aya::maps::HashMap::try_from(
+        ebpf.map_mut(MAP_SNAT_DEVICES).context("no LB_SNAT_DEVICES map")?,
+    )?;
+    let have: Vec<u32> = map.keys().flatten().collect();
+    for gone in have.iter().filter(|i| !want.contains(i)) {
+        map.remove(gone).context("writing LB_SNAT_DEVICES")?;
+    }
+    for new in want.iter().filter(|i| !have.contains(i)) {
+        map.insert(new, 1, 0).context("writing LB_SNAT_DEVICES")?;
+    }
+    Ok(())
 }
 
 /// Whether XDP may send translated packets straight back out of a device (`--xdp-tx`).
