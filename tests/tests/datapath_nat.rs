@@ -750,7 +750,7 @@ fn xdp_leaves_to_tc_a_new_snat_flow_whose_route_leaves_by_another_device_or_lack
 /// A SNATed flow takes the source address of the route to its backend, as MASQUERADE would,
 /// when the route leaves by a device the hooks are on (its replies come back through them):
 /// on a node with two devices, the one facing the backend. By a device without the hooks, the
-/// node's primary address, as before.
+/// node's primary address, as before; and on a node whose hooks are on one device, always.
 #[test]
 fn a_snat_flow_takes_the_address_of_the_device_its_route_leaves_by_when_the_hooks_are_there() {
     require_root!();
@@ -776,9 +776,12 @@ fn a_snat_flow_takes_the_address_of_the_device_its_route_leaves_by_when_the_hook
     let reply = tcp4(backend_ip, 8080, d0_addr, port, true, b"");
     let (_, r) = run(&dp, PROG_TC_INGRESS, &reply);
     assert_eq!((r.src, r.dst), (sa(VIP, 80), sa(CLIENT, 40002)));
-    // The device gone from the record: the primary address again.
+    // The device gone from the record: the primary address again. And with the hooks on one
+    // device, even the one the route leaves by: the primary address, as always (no lookup).
     node.snat_devices(&mut dp, &["n0"]);
     assert_eq!(first(&dp, 40003).src.ip(), IpAddr::from(NODE));
+    node.snat_devices(&mut dp, &["d0"]);
+    assert_eq!(first(&dp, 40005).src.ip(), IpAddr::from(NODE));
     // A node address of the other family only: no source for this flow (a counted drop).
     dp.set_node(None, Some(NODE6.into()));
     node.snat_devices(&mut dp, &["n0", "d0"]);

@@ -176,14 +176,20 @@ pub fn xdp_ingress(
     Ok(mode)
 }
 
-/// Records the devices the device hooks are on (`LB_SNAT_DEVICES`): exactly those of `devices`
-/// present now. A SNATed flow whose route to its backend leaves by one of them takes the
-/// route's source address, as MASQUERADE would (on a node with several devices, the address
-/// of the one the route leaves by), and its replies come back through the hooks there; by any
-/// other device, the node's primary address.
+/// Records the devices the device hooks are on (`LB_SNAT_DEVICES`): those of `devices` present
+/// now, when there are two or more (and key 0, which says so). A SNATed flow whose route to
+/// its backend leaves by one of them takes the route's source address, as MASQUERADE would
+/// (the address of the device the route leaves by), and its replies come back through the
+/// hooks there; by any other device, or when the hooks are on one device, the node's primary
+/// address.
 pub fn snat_devices(ebpf: &mut Ebpf, devices: &[String]) -> Result<()> {
-    let want: std::collections::BTreeSet<u32> =
+    let mut want: std::collections::BTreeSet<u32> =
         devices.iter().filter_map(|d| super::netdev::ifindex(d).ok()).collect();
+    if want.len() < 2 {
+        want.clear();
+    } else {
+        want.insert(0);
+    }
     let mut map: aya::maps::HashMap<_, u32, u32> = aya::maps::HashMap::try_from(
         ebpf.map_mut(MAP_SNAT_DEVICES).context("no LB_SNAT_DEVICES map")?,
     )?;
