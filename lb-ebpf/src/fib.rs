@@ -33,6 +33,9 @@ const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 /// Ask the lookup for the route's preferred source address too (kernel 6.7+; older kernels
 /// refuse the flag, and the lookup is made again without it).
 const BPF_FIB_LOOKUP_SRC: u32 = 1 << 4;
+/// What the helper returns for flags it does not know (and for nothing else a valid call
+/// here can meet: an unknown device is -ENODEV).
+const EINVAL: i64 = 22;
 /// IPv4 "don't fragment", in the header's flags byte.
 const IPV4_DF: u8 = 0x40;
 
@@ -128,12 +131,12 @@ fn next_hop(
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     let mut rc = lookup(ctx, ifindex, flow, (src, dst), (0, BPF_FIB_LOOKUP_SRC), &mut p);
     out.src = [0; 4];
-    if rc < 0 {
-        // A kernel without BPF_FIB_LOOKUP_SRC: the route alone.
+    if rc == -EINVAL {
+        // A kernel without BPF_FIB_LOOKUP_SRC refuses the flag: the route alone.
         // SAFETY: as above.
         p = unsafe { core::mem::zeroed() };
         rc = lookup(ctx, ifindex, flow, (src, dst), (0, 0), &mut p);
-    } else {
+    } else if rc >= 0 {
         // SAFETY: the helper wrote the source member of the union (BPF_FIB_LOOKUP_SRC).
         unsafe {
             if flow.0 {
