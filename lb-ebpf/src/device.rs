@@ -11,7 +11,7 @@ use aya_ebpf::maps::{Array, lpm_trie::Key};
 use lb_common::*;
 
 use crate::{
-    conntrack, fragment, lookup,
+    conntrack, fib, fragment, lookup,
     maps::{
         FLOW, INGRESS_PORTS, OPTIONS, POD_PORTS, POD_REPLY_PORTS, REPLY_PORTS, SCRATCH,
         SOURCE_RANGES,
@@ -309,7 +309,10 @@ fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Actio
     } else {
         backend.flags & BE_F_LOCAL == 0 && svc.flags & SVC_F_LOCAL_ONLY == 0
     };
-    if snat {
+    // On a node whose hooks are on several devices, the source of the route to the backend
+    // (`fib::snat_source`), else the node's primary address.
+    let by_route = snat && fib::snat_by_route();
+    if by_route {
         let Some(s) = SCRATCH.get_ptr_mut(0) else { return Action::Pass };
         // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
         let src = unsafe { &mut (*s).snat_src };
@@ -320,9 +323,15 @@ fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Actio
         if hook == Hook::Xdp && (!have_node || leave_to_tc(pkt, flow, src, &backend.addr)) {
             return Action::Pass;
         }
+    } else if snat && hook == Hook::Xdp {
+        // Without a node address XDP leaves it to tc, which counts the drop.
+        let Some(node) = nat::node_addr(flow.is_v6) else { return Action::Pass };
+        if leave_to_tc(pkt, flow, &node, &backend.addr) {
+            return Action::Pass;
+        }
     }
     count_service_hit(svc.service_id, len);
-    let ids = nat::Ids { backend_id: sel.id, service_id: svc.service_id, snat, hash };
+    let ids = nat::Ids { backend_id: sel.id, service_id: svc.service_id, snat, by_route, hash };
     let ct = match nat::create(flow, backend, &ids) {
         Ok(ct) => ct,
         Err(e) => {

@@ -271,6 +271,15 @@ fn macs(p: &FibParams) -> [u8; 12] {
 /// more than one device: only then may a route leave by one whose address is not the primary.
 const SNAT_BY_ROUTE: u32 = 0;
 
+/// Whether SNAT sources are chosen by route (`snat_source`): only where the hooks are on
+/// several devices; with one, flows take the node's primary address, as they always did,
+/// without a route lookup.
+#[inline(always)]
+pub fn snat_by_route() -> bool {
+    // SAFETY: a plain lookup; the value is not used.
+    unsafe { SNAT_DEVICES.get(SNAT_BY_ROUTE) }.is_some()
+}
+
 /// The source address a new SNATed flow `flow` to backend `dst` takes, written to `out`: the
 /// one the kernel prefers for the route to the backend (what MASQUERADE would take: on a node
 /// with several devices, the address of the one the route leaves by) when the route leaves by
@@ -288,12 +297,6 @@ pub fn snat_source(
 ) -> bool {
     let Some(node) = crate::nat::node_addr(flow.is_v6) else { return false };
     *out = node;
-    // SAFETY: a plain lookup; the value is not used.
-    if unsafe { SNAT_DEVICES.get(SNAT_BY_ROUTE) }.is_none() {
-        // The hooks are on one device (or none): its flows leave with the primary address, as
-        // they always did, without a route lookup here.
-        return true;
-    }
     // The hop in this CPU's scratch slot, not on the stack (XDP's own lookup, after this one,
     // fills it again).
     let Some(s) = SCRATCH.get_ptr_mut(0) else { return true };

@@ -74,11 +74,15 @@ pub fn create(
     if !ids.snat {
         conntrack::insert(&s.reply_key, &s.value, false).map_err(|_| NatError::CtFull)?;
     } else {
-        // The source `fib::snat_source` chose (the caller put it in the slot).
-        if s.snat_src.iter().all(|w| *w == 0) {
-            return Err(NatError::NoNodeAddr);
+        if ids.by_route {
+            // The source `fib::snat_source` chose (the caller put it in the slot).
+            if s.snat_src.iter().all(|w| *w == 0) {
+                return Err(NatError::NoNodeAddr);
+            }
+            s.reply_key.daddr = s.snat_src;
+        } else {
+            s.reply_key.daddr = node_addr(flow.is_v6).ok_or(NatError::NoNodeAddr)?;
         }
-        s.reply_key.daddr = s.snat_src;
         let (first, range) = port_range();
         let start = ids.hash % range;
         // A stride from the hash too, so that flows starting at nearby ports do not walk the
@@ -120,5 +124,8 @@ pub struct Ids {
     pub backend_id: u32,
     pub service_id: u32,
     pub snat: bool,
+    /// SNAT from the source the caller left in `SCRATCH.snat_src` (`fib::snat_source`), not
+    /// the node's primary address.
+    pub by_route: bool,
     pub hash: u32,
 }
