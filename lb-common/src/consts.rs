@@ -37,10 +37,13 @@ pub const MAP_NODE: &str = "LB_NODE";
 pub const MAP_XDP_TX: &str = "LB_XDP_TX";
 /// Devices (by interface index) the device hooks are on: a SNATed flow whose route to its
 /// backend leaves by one takes that route's source address (its replies come back through the
-/// hooks there); by any other, the node's primary address. Filled only when the hooks are on
-/// two devices or more, with key 0 besides (no interface has it) saying so: with one device,
-/// flows take the primary address without a route lookup.
+/// hooks there); by any other, the node's primary address. Used only while `MAP_SNAT_BY_ROUTE`
+/// says so.
 pub const MAP_SNAT_DEVICES: &str = "LB_SNAT_DEVICES";
+/// One word, set when the hooks are on two devices or more: only then are SNAT sources chosen
+/// by route (`MAP_SNAT_DEVICES`); with one device, flows take the node's primary address
+/// without a route lookup. An array, read in a few instructions on every new SNATed flow.
+pub const MAP_SNAT_BY_ROUTE: &str = "LB_SNAT_BY_ROUTE";
 /// Capacity of LB_XDP_TX: devices one agent attaches to.
 pub const MAX_XDP_DEVICES: u32 = 64;
 /// Node-wide datapath options, indexed by the `OPT_*` constants (0 = off).

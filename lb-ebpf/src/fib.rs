@@ -16,7 +16,8 @@ use lb_common::{Addr, PROTO_TCP, STAT_XDP_REDIRECT, STAT_XDP_TX};
 use crate::{
     clock,
     maps::{
-        FLOW, NEXT_HOPS, NextHop, NextHopEntry, NextHopKey, SCRATCH, SNAT_DEVICES, XDP_TX_DEVICES,
+        FLOW, NEXT_HOPS, NextHop, NextHopEntry, NextHopKey, SCRATCH, SNAT_BY_ROUTE, SNAT_DEVICES,
+        XDP_TX_DEVICES,
     },
     packet::{Bounds, Flow},
     stats,
@@ -267,17 +268,12 @@ fn macs(p: &FibParams) -> [u8; 12] {
     macs
 }
 
-/// The key of `LB_SNAT_DEVICES` (no interface has index 0) the agent sets when the hooks are on
-/// more than one device: only then may a route leave by one whose address is not the primary.
-const SNAT_BY_ROUTE: u32 = 0;
-
 /// Whether SNAT sources are chosen by route (`snat_source`): only where the hooks are on
 /// several devices; with one, flows take the node's primary address, as they always did,
 /// without a route lookup.
 #[inline(always)]
 pub fn snat_by_route() -> bool {
-    // SAFETY: a plain lookup; the value is not used.
-    unsafe { SNAT_DEVICES.get(SNAT_BY_ROUTE) }.is_some()
+    SNAT_BY_ROUTE.get(0).is_some_and(|on| *on != 0)
 }
 
 /// The source address a new SNATed flow `flow` to backend `dst` takes, written to `out`: the

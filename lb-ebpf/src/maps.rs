@@ -91,6 +91,10 @@ pub static XDP_TX_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_XDP
 #[map(name = "LB_SNAT_DEVICES")]
 pub static SNAT_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_XDP_DEVICES, 0);
 
+/// Whether SNAT sources are chosen by route (see `MAP_SNAT_BY_ROUTE`; written by the agent).
+#[map(name = "LB_SNAT_BY_ROUTE")]
+pub static SNAT_BY_ROUTE: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Events for `lbctl monitor` (see monitor.rs). Pinned, so lbctl can read them.
 #[map(name = "LB_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);

@@ -13,8 +13,8 @@ use aya::{
     },
 };
 use lb_common::{
-    MAP_SNAT_DEVICES, MAP_XDP_TX, PROG_SOCK, PROG_TC_EGRESS, PROG_TC_FROM_POD, PROG_TC_INGRESS,
-    PROG_TC_TO_POD, PROG_XDP_INGRESS,
+    MAP_SNAT_BY_ROUTE, MAP_SNAT_DEVICES, MAP_XDP_TX, PROG_SOCK, PROG_TC_EGRESS, PROG_TC_FROM_POD,
+    PROG_TC_INGRESS, PROG_TC_TO_POD, PROG_XDP_INGRESS,
 };
 use tracing::{info, warn};
 
@@ -177,18 +177,20 @@ pub fn xdp_ingress(
 }
 
 /// Records the devices the device hooks are on (`LB_SNAT_DEVICES`): those of `devices` present
-/// now, when there are two or more (and key 0, which says so). A SNATed flow whose route to
+/// now, and whether there are two or more (`LB_SNAT_BY_ROUTE`). A SNATed flow whose route to
 /// its backend leaves by one of them takes the route's source address, as MASQUERADE would
 /// (the address of the device the route leaves by), and its replies come back through the
 /// hooks there; by any other device, or when the hooks are on one device, the node's primary
 /// address.
 pub fn snat_devices(ebpf: &mut Ebpf, devices: &[String]) -> Result<()> {
-    let mut want: std::collections::BTreeSet<u32> =
+    let want: std::collections::BTreeSet<u32> =
         devices.iter().filter_map(|d| super::netdev::ifindex(d).ok()).collect();
+    let mut by_route: aya::maps::Array<_, u32> = aya::maps::Array::try_from(
+        ebpf.map_mut(MAP_SNAT_BY_ROUTE).context("no LB_SNAT_BY_ROUTE map")?,
+    )?;
+    // Off first, on last: the set is complete whenever the datapath reads it.
     if want.len() < 2 {
-        want.clear();
-    } else {
-        want.insert(0);
+        by_route.set(0, 0, 0).context("writing LB_SNAT_BY_ROUTE")?;
     }
     let mut map: aya::maps::HashMap<_, u32, u32> = aya::maps::HashMap::try_from(
         ebpf.map_mut(MAP_SNAT_DEVICES).context("no LB_SNAT_DEVICES map")?,
@@ -199,6 +201,12 @@ pub fn snat_devices(ebpf: &mut Ebpf, devices: &[String]) -> Result<()> {
     }
     for new in want.iter().filter(|i| !have.contains(i)) {
         map.insert(new, 1, 0).context("writing LB_SNAT_DEVICES")?;
+    }
+    if want.len() >= 2 {
+        let mut by_route: aya::maps::Array<_, u32> = aya::maps::Array::try_from(
+            ebpf.map_mut(MAP_SNAT_BY_ROUTE).context("no LB_SNAT_BY_ROUTE map")?,
+        )?;
+        by_route.set(0, 1, 0).context("writing LB_SNAT_BY_ROUTE")?;
     }
     Ok(())
 }
