@@ -31,6 +31,8 @@ const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 /// tc: the route is found (device and MACs filled in) but the packet is larger than the
 /// device's MTU; also what a lookup with a length over the route's MTU answers.
 const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
+/// IPv6 with `BPF_FIB_LOOKUP_SRC`: the route is found but no source address suits it.
+const BPF_FIB_LKUP_RET_NO_SRC_ADDR: i64 = 9;
 /// Ask the lookup for the route's preferred source address too (kernel 6.7+; older kernels
 /// refuse the flag, and the lookup is made again without it).
 const BPF_FIB_LOOKUP_SRC: u32 = 1 << 4;
@@ -132,8 +134,9 @@ fn next_hop(
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     let mut rc = lookup(ctx, ifindex, flow, (src, dst), (0, BPF_FIB_LOOKUP_SRC), &mut p);
     out.src = [0; 4];
-    if rc == -EINVAL {
-        // A kernel without BPF_FIB_LOOKUP_SRC refuses the flag: the route alone.
+    if rc == -EINVAL || rc == BPF_FIB_LKUP_RET_NO_SRC_ADDR {
+        // A kernel without BPF_FIB_LOOKUP_SRC refuses the flag, and a route without a source
+        // address fails the lookup: the route alone (the redirect needs it all the same).
         // SAFETY: as above.
         p = unsafe { core::mem::zeroed() };
         rc = lookup(ctx, ifindex, flow, (src, dst), (0, 0), &mut p);
