@@ -174,6 +174,11 @@ fn pods_reach_services_through_their_devices_and_new_pods_are_hooked_as_they_com
     assert!(run.stop_agent(0).success());
     std::thread::sleep(Duration::from_millis(300));
     run.restart_agent(0);
+    // Said once a hook for the node's own (eth0's two, the cgroup's eight), not for each pod.
+    let replaced = run.agents[0].count_log("program replaced in the pinned link");
+    assert_eq!(replaced, 10, "{}", run.agents[0].log().join("\n"));
+    let summary = run.agents[0].count_log("pod devices changed");
+    assert_eq!(summary, 1, "{}", run.agents[0].log().join("\n"));
     let out = session.finish();
     assert!(out.last().is_some_and(|l| l.starts_with("ok ") && l.ends_with(" 60")), "{out:?}");
     let tcx = |dev: &'static str, dir| {

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use aya::programs::links::FdLink;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     loader::maps_pin_dir,
@@ -134,7 +134,13 @@ impl LinkPins {
             match obj_get(&path) {
                 Ok(link) => match link_update(link.as_fd(), prog) {
                     Ok(()) => {
-                        info!(hook = name, "program replaced in the pinned link");
+                        // Pods' devices are many (hundreds a node): their summary is logged
+                        // by `pod_devices::log_refresh`.
+                        if super::attach::TcRole::Pod.labels().iter().any(|l| name.starts_with(l)) {
+                            debug!(hook = name, "program replaced in the pinned link");
+                        } else {
+                            info!(hook = name, "program replaced in the pinned link");
+                        }
                         return Ok(true);
                     }
                     Err(e) => {
