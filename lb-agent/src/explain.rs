@@ -21,7 +21,8 @@ use serde::Serialize;
 
 use crate::{
     dataplane::{
-        links::links_pin_dir,
+        attach::TcRole,
+        links::{links_pin_dir, pinned_targets},
         loader::{load_shadow, maps_pin_dir},
     },
     inspect::{BackendView, Inspection},
@@ -39,37 +40,19 @@ fn xdp_tx_allowed(bpffs: &std::path::Path, ifindex: u32) -> bool {
 /// The devices the agent attached its device programs to (from the pinned links), with whether
 /// XDP is attached there too.
 pub fn attached_devices(bpffs: &std::path::Path) -> Vec<(String, bool)> {
-    let names = pinned_links(bpffs);
-    let mut devices: Vec<(String, bool)> = names
-        .iter()
-        .filter_map(|n| n.strip_prefix("tc-ingress@"))
-        .map(|d| (d.to_owned(), names.iter().any(|n| n.strip_prefix("xdp@") == Some(d))))
-        .collect();
-    devices.sort();
-    devices
-}
-
-/// The names of the links pinned under `bpffs` (`<hook>@<target>`).
-fn pinned_links(bpffs: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(links_pin_dir(bpffs))
+    let xdp = pinned_targets(bpffs, "xdp");
+    pinned_targets(bpffs, TcRole::External.labels()[0])
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
+        .map(|d| {
+            let with_xdp = xdp.contains(&d);
+            (d, with_xdp)
+        })
         .collect()
 }
 
 /// Pods' devices carrying the pod hooks (`--pod-devices`), from the pinned links, sorted.
 pub fn pod_devices(bpffs: &std::path::Path) -> Vec<String> {
-    let mut devices: Vec<String> = pinned_links(bpffs)
-        .iter()
-        .filter_map(|n| {
-            let label = crate::dataplane::attach::TcRole::Pod.labels()[0];
-            n.strip_prefix(label)?.strip_prefix('@').map(str::to_owned)
-        })
-        .collect();
-    devices.sort();
-    devices
+    pinned_targets(bpffs, TcRole::Pod.labels()[0])
 }
 
 /// The device a packet from outside arrives on: `requested` if the agent attached to it, else

@@ -427,6 +427,17 @@ impl Running {
         Monitor { child: Some(child) }
     }
 
+    /// Node `n`'s datapath counters, by name (from its pinned maps).
+    pub fn counters(&self, n: usize) -> std::collections::BTreeMap<&'static str, u64> {
+        let path = &self.pins[n].path;
+        lb_agent::dataplane::counters::global_pinned(path).unwrap().into_iter().collect()
+    }
+
+    /// Node `n`'s datapath counter `name`.
+    pub fn counter(&self, n: usize, name: &str) -> u64 {
+        *self.counters(n).get(name).unwrap_or_else(|| panic!("no counter {name}"))
+    }
+
     /// Runs lb-probe `connect` from outside client `c`.
     pub fn from_client(&self, c: usize, args: &[&str]) -> Vec<String> {
         crate::proc::probe(Some(self.cluster.clients[c].ns.name()), None, args)

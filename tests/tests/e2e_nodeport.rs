@@ -120,7 +120,7 @@ fn nodeport_cluster_policy_with_xdp_tx_sends_remote_flows_back_out_without_the_s
 
     // Each remote flow's packets both ways (SYN, SYN-ACK, request, answer, FINs...) left node-0
     // by XDP_TX; only the first ones, before node-0 knew the next hop's MAC, went through tc.
-    let counters = node_counters(&run, 0);
+    let counters = run.counters(0);
     let (tx, to_tc) = (counters["xdp_tx"], counters["xdp_to_tc"]);
     assert!(tx as usize >= 6 * remote, "xdp_tx {tx} for {remote} remote flows: {counters:?}");
     assert!(to_tc <= 4, "xdp_to_tc {to_tc}: {counters:?}");
@@ -146,7 +146,7 @@ fn nodeport_cluster_policy_with_xdp_redirects_flows_whose_route_leaves_by_anothe
     // XDP redirected them to eth1; the backend's (SYN-ACK, answer, FIN) came back on eth1 and
     // XDP redirected them to eth0, towards the client. Only the first ones, before the next
     // hops' MACs were known, went through tc.
-    let counters = node_counters(&run, 0);
+    let counters = run.counters(0);
     let (redirect, tx, to_tc) =
         (counters["xdp_redirect"], counters["xdp_tx"], counters["xdp_to_tc"]);
     assert!(
@@ -187,7 +187,7 @@ fn on_a_veth_xdp_leaves_remote_flows_to_tc_by_default_and_says_so() {
     let said = run.agents[0].log().into_iter().find(|l| l.contains("XDP_TX")).unwrap_or_default();
     assert!(said.contains("XDP_TX off") && said.contains("veth"), "{said}");
     let remote = cluster_policy_answers_every_connection(&run, 60, "10.230.0.10");
-    let counters = node_counters(&run, 0);
+    let counters = run.counters(0);
     assert_eq!(counters["xdp_tx"], 0, "{counters:?}");
     assert!(counters["xdp_to_tc"] as usize >= 3 * remote, "{counters:?}");
     let notes = explain_notes(&run);
@@ -229,12 +229,6 @@ fn cluster_policy_answers_every_connection(run: &Running, count: usize, snat: &s
         remote += usize::from(!local);
     }
     remote
-}
-
-/// Node `n`'s global datapath counters, by name.
-fn node_counters(run: &Running, n: usize) -> std::collections::BTreeMap<&'static str, u64> {
-    let path = &run.pins[n].path;
-    lb_agent::dataplane::counters::global_pinned(path).unwrap().into_iter().collect()
 }
 
 /// Node-0's conntrack entries, as `lbctl conntrack` lists them.
@@ -319,7 +313,7 @@ fn big_segments_to_a_pod_behind_a_smaller_mtu_lower_the_clients_path_mtu() {
     let args = ["session", "10.230.0.10:30080", "--rounds", "3", "--interval-ms", "10"];
     let lines = run.from_client(0, &[&args[..], &["--size", "4000"]].concat());
     assert_eq!(lines.last().map(String::as_str), Some("ok node-1-pod-0 3"), "{lines:?}");
-    let told = node_counters(&run, 0)["too_big"];
+    let told = run.counters(0)["too_big"];
     assert!(told >= 1, "too_big {told}");
 
     // Packets the client's kernel left whole (GSO) are judged by their segments' size, as the
@@ -331,7 +325,7 @@ fn big_segments_to_a_pod_behind_a_smaller_mtu_lower_the_clients_path_mtu() {
     assert!(out.status.success(), "{out:?}");
     let lines = run.from_client(0, &[&args[..], &["--size", "4000"]].concat());
     assert_eq!(lines.last().map(String::as_str), Some("ok node-1-pod-0 3"), "{lines:?}");
-    assert!(node_counters(&run, 0)["too_big"] > told);
+    assert!(run.counters(0)["too_big"] > told);
 }
 
 #[test]

@@ -31,12 +31,6 @@ fn all_ok(results: &[Result<(String, String, String), String>]) {
     assert!(failed.is_empty(), "{} of {} failed: {:?}", failed.len(), results.len(), failed);
 }
 
-/// Node `n`'s datapath counter `name`.
-fn counter(run: &Running, n: usize, name: &str) -> u64 {
-    let counters = lb_agent::dataplane::counters::global_pinned(&run.pins[n].path).unwrap();
-    counters.iter().find(|(c, _)| *c == name).unwrap_or_else(|| panic!("no counter {name}")).1
-}
-
 /// Puts an Istio-style redirect in pod (0, 1): its connections to 10.96.0.100:80 go to a
 /// "sidecar" listening on port 15001 in the pod (returned: it serves while held). Then asks
 /// that service 10 times from the pod: who answered?
@@ -153,12 +147,12 @@ fn pods_reach_services_through_their_devices_and_new_pods_are_hooked_as_they_com
         assert_eq!(lines, ["err ECONNREFUSED"; 3], "{ip}");
     }
 
-    assert_eq!(counter(&run, 0, "sock_translated"), 0, "pods' sockets are left alone");
-    assert!(counter(&run, 0, "tc_from_pod_packets") > 0);
+    assert_eq!(run.counter(0, "sock_translated"), 0, "pods' sockets are left alone");
+    assert!(run.counter(0, "tc_from_pod_packets") > 0);
     let r = parse_probe(&run.from_host(0, &["connect", "10.96.0.100:80", "--count", "4"]));
     all_ok(&r);
     assert_eq!(
-        counter(&run, 0, "sock_translated"),
+        run.counter(0, "sock_translated"),
         4,
         "host processes keep socket-level translation"
     );

@@ -294,7 +294,7 @@ fn big_udp_datagrams_through_a_nodeport(agent_args: &[&str]) -> u64 {
     );
     let node0 = (run.cluster.nodes[0].ip4, run.cluster.nodes[0].ip6);
     for nodeport in [format!("{}:30053", node0.0), format!("[{}]:30056", node0.1)] {
-        let before = node_counter(&run, "fragment_translated");
+        let before = run.counter(0, "fragment_translated");
         let args = ["connect", &nodeport, "--udp", "--count", "40", "--size", "4000"];
         let r = parse_probe(&run.from_client(0, &args));
         all_ok(&r);
@@ -310,19 +310,13 @@ fn big_udp_datagrams_through_a_nodeport(agent_args: &[&str]) -> u64 {
         );
         // Three fragments a datagram each way: the two later ones of each went through
         // conntrack by their datagram's first.
-        let translated = node_counter(&run, "fragment_translated") - before;
+        let translated = run.counter(0, "fragment_translated") - before;
         assert!(
             translated >= 40 * 4,
             "{nodeport} {agent_args:?}: {translated} later fragments translated"
         );
     }
-    node_counter(&run, "fragment")
-}
-
-/// node-0's datapath counter `name`.
-fn node_counter(run: &Running, name: &str) -> u64 {
-    let counters = lb_agent::dataplane::counters::global_pinned(&run.pins[0].path).unwrap();
-    counters.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no counter {name}")).1
+    run.counter(0, "fragment")
 }
 
 /// A UDP client that keeps its source port (a resolver reusing its socket) moves to a live
@@ -358,8 +352,7 @@ fn a_udp_client_keeping_its_port_moves_on_when_its_endpoint_leaves() {
     }
     assert_ne!(now_answering, first, "the flow stayed on the endpoint that left");
     assert_eq!(ask(&run), now_answering, "and keeps its new endpoint");
-    let counters = lb_agent::dataplane::counters::global_pinned(&run.pins[0].path).unwrap();
-    let expired = counters.iter().find(|(n, _)| *n == "ct_expired").unwrap().1;
+    let expired = run.counter(0, "ct_expired");
     assert_eq!(expired, 0, "moved by the flush, not by expiry");
 }
 
@@ -449,9 +442,8 @@ fn a_udp_client_of_a_pod_with_nothing_listening_is_told_at_once_as_with_kube_pro
         let lines = run.from_client(0, &args);
         assert_eq!(lines, ["err ECONNREFUSED"; 3], "NodePort {node_port}");
     }
-    let counters = lb_agent::dataplane::counters::global_pinned(&run.pins[0].path).unwrap();
-    let translated = counters.iter().find(|(n, _)| *n == "icmp_error_translated").unwrap().1;
-    assert_eq!(translated, 6, "{counters:?}");
+    let translated = run.counter(0, "icmp_error_translated");
+    assert_eq!(translated, 6, "{:?}", run.counters(0));
 }
 
 #[test]

@@ -46,6 +46,22 @@ pub fn links_pin_dir(bpffs: &Path) -> PathBuf {
     bpffs.join("links")
 }
 
+/// The targets (devices, cgroups) of the links pinned under `bpffs` as `<label>@<target>`,
+/// sorted.
+pub fn pinned_targets(bpffs: &Path, label: &str) -> Vec<String> {
+    let mut targets: Vec<String> = std::fs::read_dir(links_pin_dir(bpffs))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            Some(name.strip_prefix(label)?.strip_prefix('@')?.to_owned())
+        })
+        .collect();
+    targets.sort();
+    targets
+}
+
 /// Removes maps pinned by agents of another map layout version (after this agent's programs
 /// replaced theirs): established flows tracked in them are re-balanced, as they must be when
 /// the layout changes.

@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     attach::{self, TcRole},
-    links::{LinkPins, links_pin_dir},
+    links::{LinkPins, links_pin_dir, pinned_targets},
     netdev,
 };
 
@@ -97,23 +97,18 @@ impl PodDevices {
     /// Removes the pinned pod links of devices not in `present`: a deleted device's links
     /// are already detached, the pins would only pile up.
     fn unpin_gone(&self, present: &[String]) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(links_pin_dir(&self.bpffs)) else { return Vec::new() };
         let mut gone = BTreeSet::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(dev) = TcRole::Pod
-                .labels()
-                .iter()
-                .find_map(|label| name.strip_prefix(label)?.strip_prefix('@'))
-            else {
-                continue;
-            };
-            if !present.iter().any(|p| p == dev) && netdev::ifindex(dev).is_err() {
-                match std::fs::remove_file(entry.path()) {
+        for label in TcRole::Pod.labels() {
+            for dev in pinned_targets(&self.bpffs, label) {
+                if present.contains(&dev) || netdev::ifindex(&dev).is_ok() {
+                    continue;
+                }
+                let pin = links_pin_dir(&self.bpffs).join(format!("{label}@{dev}"));
+                match std::fs::remove_file(&pin) {
                     Ok(()) => {
-                        gone.insert(dev.to_owned());
+                        gone.insert(dev);
                     }
-                    Err(e) => warn!(pin = name, "removing a gone pod device's link: {e}"),
+                    Err(e) => warn!(pin = %pin.display(), "removing a gone pod device's link: {e}"),
                 }
             }
         }
