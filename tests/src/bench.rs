@@ -387,15 +387,12 @@ pub fn fill_conntrack_half_ended(ebpf: &mut aya::Ebpf) {
     let size = data.info().expect("map info").max_entries();
     let mut ct: HashMap<&mut MapData, CtKey, CtValue> =
         HashMap::try_from(ebpf.map_mut(MAP_CONNTRACK).expect("conntrack map")).expect("map type");
-    let now = crate::kernel::coarse_now_ns();
+    let (now, a_minute_ago) = (crate::kernel::coarse_now_ns(), crate::kernel::secs_ago_ns(60));
     for i in 0..size / 2 {
         let client = Ipv4Addr::from(0xc612_0000 + (i >> 14));
         let sport = 1024 + (i & 0x3fff) as u16;
-        let (state, last_seen_ns) = if i % 2 == 0 {
-            (CT_STATE_ESTABLISHED, now)
-        } else {
-            (CT_STATE_CLOSING, now - 60_000_000_000)
-        };
+        let (state, last_seen_ns) =
+            if i % 2 == 0 { (CT_STATE_ESTABLISHED, now) } else { (CT_STATE_CLOSING, a_minute_ago) };
         let forward = CtValue {
             last_seen_ns,
             new_saddr: addr_from_ip(client.into()),

@@ -40,6 +40,16 @@ pub const TEST_MAP_SIZES: MapSizes = MapSizes {
 /// The clock conntrack entries are stamped with (bpf_ktime_get_coarse_ns).
 pub use lb_agent::dataplane::conntrack_gc::datapath_now_ns as coarse_now_ns;
 
+/// A stamp of that clock `secs` seconds ago, for entries aged by moving their stamps back. The
+/// clock starts at boot, so a test cannot age an entry by more than the machine's uptime: it
+/// says so rather than wrapping round to a stamp far in the future.
+pub fn secs_ago_ns(secs: u64) -> u64 {
+    let now = coarse_now_ns();
+    now.checked_sub(secs * 1_000_000_000).unwrap_or_else(|| {
+        panic!("cannot age by {secs} s: the machine booted {} s ago", now / 1_000_000_000)
+    })
+}
+
 /// What a program did with one packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOutput {

@@ -14,13 +14,11 @@ use lb_agent::{
 use lb_common::*;
 use lb_tests::{
     addrs::*,
-    kernel::{Datapath, TEST_MAP_SIZES, coarse_now_ns},
+    kernel::{Datapath, TEST_MAP_SIZES, coarse_now_ns, secs_ago_ns},
     packets::*,
     plans::{backend, lb_plan},
     require_root,
 };
-
-const S: u64 = 1_000_000_000;
 
 /// A datapath on NODE (its SNAT address), with no service yet.
 fn node_datapath() -> Datapath {
@@ -55,7 +53,7 @@ fn client_port(k: &CtKey, v: &CtValue) -> u16 {
 /// Moves back by `secs` the stamps of the entries of client port `port` (`reply`: which
 /// direction; `None`: both).
 fn age(dp: &mut Datapath, port: u16, reply: Option<bool>, secs: u64) {
-    let old = coarse_now_ns() - secs * S;
+    let old = secs_ago_ns(secs);
     for (k, v) in dp.conntrack() {
         let is_reply = v.flags & CT_F_REPLY != 0;
         if client_port(&k, &v) == port && reply.is_none_or(|r| r == is_reply) {
@@ -217,7 +215,7 @@ fn an_idle_connection_outlives_ended_flows_that_fill_the_map_twice_over() {
             port += 1;
         }
         // A second later the resets have expired (1 s); moved back instead of waited for.
-        let old = coarse_now_ns() - 2 * S;
+        let old = secs_ago_ns(2);
         for (k, v) in dp.conntrack() {
             if v.state == CT_STATE_RESET {
                 dp.set_conntrack(k, CtValue { last_seen_ns: old, ..v });

@@ -111,7 +111,7 @@ fn conntrack_entries_are_stamped_with_the_coarse_clock_of_their_packet() {
         .into_iter()
         .find(|(k, _)| k.sport_be == 41000u16.to_be())
         .expect("forward entry");
-    let old = lb_tests::kernel::coarse_now_ns() - 5_000_000_000;
+    let old = lb_tests::kernel::secs_ago_ns(5);
     dp.set_conntrack(key, CtValue { last_seen_ns: old, ..value });
     let before = lb_tests::kernel::coarse_now_ns();
     run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41000, VIP, 80, false, b"x"));
@@ -212,6 +212,14 @@ fn new_flow(dp: &Datapath, sport: u16) -> i32 {
     run_raw(dp, &tcp4(CLIENT, sport, VIP, 80, true, b"")).0
 }
 
+/// Every conntrack entry silent for `secs` seconds, as if that much time had passed.
+fn age(dp: &mut Datapath, secs: u64) {
+    let then = lb_tests::kernel::secs_ago_ns(secs);
+    for (k, v) in dp.conntrack() {
+        dp.set_conntrack(k, CtValue { last_seen_ns: then, ..v });
+    }
+}
+
 /// The TCP states of every conntrack entry.
 fn states(dp: &Datapath) -> Vec<u8> {
     dp.conntrack().iter().map(|(_, v)| v.state).collect()
@@ -221,13 +229,6 @@ fn states(dp: &Datapath) -> Vec<u8> {
 fn a_snat_port_whose_backend_closed_first_waits_out_the_backends_time_wait() {
     require_root!();
     let mut dp = one_snat_port();
-    // Every entry silent for `secs` seconds, as if that much time had passed.
-    let age = |dp: &mut Datapath, secs: u64| {
-        let then = lb_tests::kernel::coarse_now_ns() - secs * 1_000_000_000;
-        for (k, v) in dp.conntrack() {
-            dp.set_conntrack(k, CtValue { last_seen_ns: then, ..v });
-        }
-    };
 
     // The backend answers, then closes its side first: half-closed, the flow lives on (the
     // client may still send), and keeps its port.
@@ -263,33 +264,39 @@ fn a_snat_port_whose_backend_closed_first_waits_out_the_backends_time_wait() {
 
 /// A client that sends its request and half-closes (shutdown(SHUT_WR), HTTP/1.0 style) while
 /// the backend takes its time to answer: the flow lives like an open one for as long as
-/// `--conntrack-tcp-timeout-close-wait` allows (an hour, kube-proxy's), not a FIN's 10 s; the
-/// answer still reaches the client from the frontend.
+/// `--conntrack-tcp-timeout-close-wait` allows (an hour by default, kube-proxy's), not a FIN's
+/// 10 s; the answer still reaches the client from the frontend. The lifetime is set to 30 s
+/// here: entries are aged by moving their stamps back, and the clock starts at boot, so an
+/// hour could not be reached on a machine up for less (as CI's may be).
 #[test]
 fn a_half_closed_flow_keeps_its_translation_for_the_close_wait_lifetime() {
     require_root!();
     let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
-    let age = |dp: &mut Datapath, secs: u64| {
-        let then = lb_tests::kernel::coarse_now_ns() - secs * 1_000_000_000;
-        for (k, v) in dp.conntrack() {
-            dp.set_conntrack(k, CtValue { last_seen_ns: then, ..v });
-        }
-    };
+    let close_wait = CtTimeouts { tcp_close_wait_s: 30, ..Default::default() };
+    dp.set_options(&lb_agent::dataplane::options::Options {
+        ct_timeouts: close_wait,
+        ..Default::default()
+    });
+    assert_eq!(
+        CtTimeouts::default().lifetime_s(PROTO_TCP, CT_STATE_FIN_CLIENT),
+        3600,
+        "the default, as kube-proxy's --conntrack-tcp-timeout-close-wait"
+    );
     run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43000, VIP, 80, true, b""));
     run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43000, VIP, 80, false, b"GET / HTTP/1.0\r\n\r\n"));
     run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 43000, VIP, 80, false));
     assert_eq!(states(&dp), vec![CT_STATE_FIN_CLIENT; 2]);
-    age(&mut dp, 30 * 60);
+    age(&mut dp, 25);
     let answer = tcp4(LOCAL_POD, 8080, CLIENT, 43000, false, b"HTTP/1.0 200 OK");
     let (_, s) = run(&dp, PROG_TC_EGRESS, &answer);
-    assert_eq!(s.src, sa(VIP, 80), "half an hour later, still from the frontend");
+    assert_eq!(s.src, sa(VIP, 80), "25 s later (past a FIN's 10 s), still from the frontend");
     run(&dp, PROG_TC_EGRESS, &tcp4_end(LOCAL_POD, 8080, CLIENT, 43000, false));
     assert_eq!(states(&dp), vec![CT_STATE_CLOSING; 2], "both sides closed: the last packets");
 
-    // Past the hour, a half-closed flow is over.
+    // Past the lifetime, a half-closed flow is over.
     run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43001, VIP, 80, true, b""));
     run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 43001, VIP, 80, false));
-    age(&mut dp, 3601);
+    age(&mut dp, 31);
     let late = tcp4(LOCAL_POD, 8080, CLIENT, 43001, false, b"too late");
     let out = dp.run(PROG_TC_EGRESS, &late);
     assert_eq!(out.packet, late, "expired: left untranslated");
