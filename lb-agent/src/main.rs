@@ -18,7 +18,7 @@ use lb_agent::{
         attach, conntrack_gc, counters, links,
         links::LinkPins,
         loader::{self, LoadOptions, MapSizes},
-        netdev, options,
+        netdev, options, pin_lock,
         pod_devices::{self, PodDevices},
         port_filters, programs,
         store::{KernelStore, WriteCounts},
@@ -233,6 +233,10 @@ async fn main() {
 
 async fn run(args: Args) -> Result<()> {
     if args.cleanup {
+        if !args.bpffs.exists() {
+            bail!("nothing pinned under {}", args.bpffs.display());
+        }
+        let _lock = pin_lock::acquire(&args.bpffs, pin_lock::WAIT)?;
         return links::cleanup(&args.bpffs);
     }
     if !maglev::SIZES.contains(&args.maglev_max_size) {
@@ -279,6 +283,8 @@ async fn run(args: Args) -> Result<()> {
         maglev_slots: args.maglev_slots,
         max_conntrack: args.max_conntrack,
     };
+    // Before anything is served or loaded: another agent may be running on these pins.
+    let _pins_lock = pin_lock::acquire(&args.bpffs, pin_lock::WAIT)?;
     let status = Status::new(args.bpffs.clone(), Duration::from_secs(args.health_timeout.0.into()));
     let one_port = args.metrics_bind_address == args.health_bind_address;
     for (address, flag, paths) in [

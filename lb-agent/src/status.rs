@@ -17,7 +17,7 @@ use lb_common::*;
 use serde::Serialize;
 
 use crate::{
-    dataplane::{conntrack_gc::datapath_now_ns, links::links_pin_dir},
+    dataplane::{conntrack_gc::datapath_now_ns, links::links_pin_dir, pin_lock},
     explain::attached_devices,
     inspect::Inspection,
     monitor::find_cgroup,
@@ -65,6 +65,8 @@ pub struct AgentView {
     pub synced_s_ago: Option<f64>,
     /// Why nothing answered.
     pub error: Option<String>,
+    /// The process holding the pin directory (the running agent), if any.
+    pub pid: Option<u32>,
 }
 
 /// A GET over HTTP/1.0 (the agent's server closes the connection after answering): status
@@ -144,7 +146,7 @@ pub fn status(bpffs: &Path, health: SocketAddr, metrics: SocketAddr) -> Result<S
         .map(|ino| find_cgroup(&cgroup_root, ino).unwrap_or_else(|| format!("cgroup {ino}")))
         .collect();
     Ok(StatusView {
-        agent: agent(health, metrics),
+        agent: AgentView { pid: pin_lock::holder_of(bpffs), ..agent(health, metrics) },
         devices: attached_devices(bpffs)
             .into_iter()
             .map(|(name, xdp)| DeviceView { name, xdp })
@@ -192,7 +194,11 @@ impl std::fmt::Display for StatusView {
                     Some(false) => write!(f, ", NOT READY (initial sync)")?,
                     None => {}
                 }
-                writeln!(f, " ({})", a.address)?;
+                write!(f, " ({})", a.address)?;
+                match a.pid {
+                    Some(pid) => writeln!(f, ", pid {pid}")?,
+                    None => writeln!(f)?,
+                }
                 if a.node_eligible == Some(false) {
                     writeln!(f, "node:         being deleted or drained by the autoscaler")?;
                 }
@@ -207,12 +213,22 @@ impl std::fmt::Display for StatusView {
                     _ => {}
                 }
             }
-            (None, e) => writeln!(
-                f,
-                "agent:        not answering at {} ({}): the datapath keeps its last state",
-                a.address,
-                e.as_deref().unwrap_or("?")
-            )?,
+            (None, e) => {
+                let why = e.as_deref().unwrap_or("?");
+                match a.pid {
+                    // Running, but not where asked: another --health-bind-address, or stuck.
+                    Some(pid) => writeln!(
+                        f,
+                        "agent:        pid {pid} runs on these maps but does not answer at {} ({why}): give lbctl its --health-bind-address",
+                        a.address
+                    )?,
+                    None => writeln!(
+                        f,
+                        "agent:        NOT RUNNING (nothing answers at {} ({why}), no process holds the maps): the datapath keeps its last state",
+                        a.address
+                    )?,
+                }
+            }
         }
         let devices: Vec<String> =
             self.devices
@@ -284,7 +300,19 @@ mod tests {
             monitor_lease_s: None,
         };
         let text = s.to_string();
-        assert!(text.starts_with("agent:        not answering at 127.0.0.1:1 ("), "{text}");
+        assert!(
+            text.starts_with("agent:        NOT RUNNING (nothing answers at 127.0.0.1:1 ("),
+            "{text}"
+        );
+        let running =
+            StatusView { agent: AgentView { pid: Some(42), ..s.agent.clone() }, ..s.clone() };
+        let text = running.to_string();
+        assert!(
+            text.starts_with(
+                "agent:        pid 42 runs on these maps but does not answer at 127.0.0.1:1 ("
+            ),
+            "{text}"
+        );
         for line in [
             "devices:      eth0 (tc, XDP)",
             "pod devices:  8 (lxc0, lxc1, lxc2, lxc3, lxc4, lxc5, 2 more)",

@@ -37,37 +37,16 @@ fn backends_per_frontend(d: &CanonicalDump) -> Vec<Vec<IpAddr>> {
         .collect()
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("timed out waiting until {what}");
-}
-
-#[test]
-fn agent_programs_changes_survives_restart_and_cleans_up() {
-    require_root!();
-    let pins = PinDir::new("agent");
-    let dir = std::env::temp_dir().join(format!("lb-agent-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("node.yaml"), NODE).unwrap();
-    std::fs::write(
-        dir.join("web.yaml"),
-        format!("{SERVICE}---\n{}", slice(&["10.244.2.10", "10.244.2.11"])),
-    )
-    .unwrap();
-    let pin_arg = pins.path.to_str().unwrap().to_owned();
-    let args = [
+/// The flags of an agent serving the manifests folder `dir` with its maps pinned under `pins`.
+fn agent_args(dir: &Path, pins: &Path) -> Vec<String> {
+    let (dir, pins) = (dir.to_str().unwrap(), pins.to_str().unwrap());
+    [
         "--manifests",
-        dir.to_str().unwrap(),
+        dir,
         "--node-name",
         "node-a",
         "--bpffs",
-        &pin_arg,
+        pins,
         "--stats-interval",
         "0",
         "--poll-interval-ms",
@@ -85,8 +64,42 @@ fn agent_programs_changes_survives_restart_and_cleans_up() {
         "1024",
         "--maglev-slots",
         "65536",
-    ];
-    let mut agent = Agent::start(&args, None, None);
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn start(args: &[String]) -> Agent {
+    Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>(), None, None)
+}
+
+/// A fresh manifests folder holding the node and the web service with endpoints `ips`.
+fn web_folder(tag: &str, ips: &[&str]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("lb-agent-test-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("node.yaml"), NODE).unwrap();
+    std::fs::write(dir.join("web.yaml"), format!("{SERVICE}---\n{}", slice(ips))).unwrap();
+    dir
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[test]
+fn agent_programs_changes_survives_restart_and_cleans_up() {
+    require_root!();
+    let pins = PinDir::new("agent");
+    let dir = web_folder("restart", &["10.244.2.10", "10.244.2.11"]);
+    let args = agent_args(&dir, &pins.path);
+    let mut agent = start(&args);
     agent.wait_for_log("initial sync done", Duration::from_secs(20));
     let d = dump(&pins.path);
     assert_eq!(
@@ -121,8 +134,8 @@ fn agent_programs_changes_survives_restart_and_cleans_up() {
 
     // Restart over the same folder: it adopts everything and writes nothing. (Logging JSON
     // this time, one object a line, as log pipelines take it.)
-    let json_args = [&args[..], &["--log-format", "json"]].concat();
-    let mut agent = Agent::start(&json_args, None, None);
+    let json_args = [&args[..], &["--log-format".into(), "json".into()]].concat();
+    let mut agent = start(&json_args);
     let line = agent.wait_for_log("initial sync done", Duration::from_secs(20));
     let v: serde_json::Value =
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
@@ -145,6 +158,53 @@ fn agent_programs_changes_survives_restart_and_cleans_up() {
     assert!(d.backends.is_empty() && d.unreferenced_tables == 0, "{d:?}");
     assert!(agent.stop().success());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// One agent per pin directory: a second one (a debugging run on a node, a stray second
+/// DaemonSet) would overwrite the first's maps with its own view of the cluster and hand out
+/// the ids the first gave. It is refused, naming the agent that holds the directory, and
+/// changes nothing; so is `--cleanup`, which would detach the running agent's programs. Once
+/// that agent has stopped, both go ahead.
+#[test]
+fn a_second_agent_on_the_same_pins_is_refused_and_changes_nothing() {
+    require_root!();
+    let pins = PinDir::new("second");
+    let first_dir = web_folder("first", &["10.244.2.10", "10.244.2.11"]);
+    let second_dir = web_folder("second", &["10.244.2.20"]);
+    let first_args = agent_args(&first_dir, &pins.path);
+    let second_args = agent_args(&second_dir, &pins.path);
+    let mut first = start(&first_args);
+    first.wait_for_log("initial sync done", Duration::from_secs(20));
+    let programmed = dump(&pins.path);
+    let holder = format!("pid {}", first.pid());
+
+    let mut second = start(&second_args);
+    let status = second.wait_exit(Duration::from_secs(20));
+    let log = second.log().join("\n");
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "refused:\n{log}");
+    assert!(log.contains(&holder) && log.contains("--bpffs"), "names the holder:\n{log}");
+    assert_eq!(dump(&pins.path), programmed, "the first agent's maps untouched");
+
+    let cleanup = std::process::Command::new(lb_tests::workspace_bin("lb-agent"))
+        .args(["--cleanup", "--bpffs", pins.path.to_str().unwrap()])
+        .output()
+        .expect("run lb-agent --cleanup");
+    let stderr = String::from_utf8_lossy(&cleanup.stderr);
+    assert_eq!(cleanup.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&holder), "{stderr}");
+    assert_eq!(dump(&pins.path), programmed, "nothing removed under a running agent");
+
+    // Stopped, the first agent lets the next one in at once.
+    assert!(first.stop().success());
+    let mut next = start(&second_args);
+    next.wait_for_log("initial sync done", Duration::from_secs(20));
+    let twenty: Vec<IpAddr> = vec!["10.244.2.20".parse().unwrap()];
+    let d = dump(&pins.path);
+    assert!(backends_per_frontend(&d).iter().all(|b| *b == twenty), "{d:?}");
+    assert!(next.stop().success());
+    for dir in [first_dir, second_dir] {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
 
 /// Flags with values that make no sense stop the agent before it touches anything, saying why.

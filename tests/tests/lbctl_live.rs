@@ -474,12 +474,12 @@ fn lbctl_status_shows_health_attachments_maps_and_drops_and_the_maps_once_the_ag
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.starts_with(
-            "agent:        healthy; /healthz 200, /livez 200, ready (127.0.0.1:10256)\n"
-        ),
-        "{text}"
+    let pid = run.agents[0].pid();
+    assert_eq!(s["agent"]["pid"], pid, "the process holding the pins: {s}");
+    let healthy = format!(
+        "agent:        healthy; /healthz 200, /livez 200, ready (127.0.0.1:10256), pid {pid}\n"
     );
+    assert!(text.starts_with(&healthy), "{text}");
     assert!(text.contains("\ndevices:      eth0 (tc)\n"), "{text}");
 
     // The agent dies: its health port is silent, the datapath and what it holds remain.
@@ -487,5 +487,6 @@ fn lbctl_status_shows_health_attachments_maps_and_drops_and_the_maps_once_the_ag
     let s = lbctl_in(&node0, &["status", "--bpffs", &pins, "-o", "json"]);
     assert_eq!(s["agent"]["healthz"], Value::Null, "{s}");
     assert!(s["agent"]["error"].as_str().unwrap().contains("refused"), "{s}");
+    assert_eq!(s["agent"]["pid"], Value::Null, "nothing holds the pins: {s}");
     assert_eq!((&s["service_ports"], &s["devices"][0]["name"]), (&2.into(), &"eth0".into()));
 }

@@ -11,6 +11,7 @@ pub mod loader;
 pub mod maglev_map;
 pub mod netdev;
 pub mod options;
+pub mod pin_lock;
 pub mod pod_devices;
 pub mod port_filters;
 pub mod programs;
