@@ -18,7 +18,7 @@ use lb_agent::{
         attach, conntrack_gc, counters, links,
         links::LinkPins,
         loader::{self, LoadOptions, MapSizes},
-        netdev, options, pin_lock,
+        mounts, netdev, options, pin_lock,
         pod_devices::{self, PodDevices},
         port_filters, programs,
         store::{KernelStore, WriteCounts},
@@ -236,6 +236,7 @@ async fn run(args: Args) -> Result<()> {
         if !args.bpffs.exists() {
             bail!("nothing pinned under {}", args.bpffs.display());
         }
+        mounts::require_bpffs(&args.bpffs)?;
         let _lock = pin_lock::acquire(&args.bpffs, pin_lock::WAIT)?;
         return links::cleanup(&args.bpffs);
     }
@@ -255,6 +256,10 @@ async fn run(args: Args) -> Result<()> {
         && !dir.is_dir()
     {
         bail!("--manifests {}: not a directory", dir.display());
+    }
+    mounts::require_bpffs(&args.bpffs)?;
+    if let Some(cgroup) = &args.cgroup {
+        mounts::require_cgroup2(cgroup)?;
     }
     let node_name = args.node_name.as_deref().context("--node-name is required")?;
     let mut cfg = ModelConfig::new(node_name);

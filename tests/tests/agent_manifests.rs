@@ -247,3 +247,39 @@ fn socket_hooks_kept_to_the_host_need_pod_devices() {
         assert!(stderr.contains(reason), "{args:?}: {stderr}");
     }
 }
+
+/// A `--bpffs` off a bpf filesystem, or a `--cgroup` that is no cgroup v2 directory, is refused
+/// with the reason before anything is created (the kernel's own answers, EPERM from a pin and
+/// EBADF from a link, came after pin directories had been made on the wrong filesystem).
+#[test]
+fn paths_on_the_wrong_filesystem_are_refused_before_anything_is_made() {
+    let scratch = std::env::temp_dir().join(format!("lb-agent-fs-{}", std::process::id()));
+    let pins = scratch.join("pins");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).unwrap();
+    let bpffs = pins.to_str().unwrap();
+    let tmp = scratch.to_str().unwrap();
+    for (args, reason) in [
+        (&["--bpffs", bpffs][..], "is not on a bpf filesystem"),
+        (&["--bpffs", bpffs, "--cleanup"][..], "nothing pinned"),
+        (&["--cgroup", tmp][..], "not a cgroup v2 directory"),
+    ] {
+        let out = std::process::Command::new(lb_tests::workspace_bin("lb-agent"))
+            .args(["--node-name", "n", "--manifests", tmp])
+            .args(args)
+            .output()
+            .expect("run lb-agent");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+        assert!(!pins.exists(), "{args:?}: nothing made");
+    }
+    std::fs::create_dir_all(&pins).unwrap();
+    let out = std::process::Command::new(lb_tests::workspace_bin("lb-agent"))
+        .args(["--cleanup", "--bpffs", bpffs])
+        .output()
+        .expect("run lb-agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not on a bpf filesystem"), "{stderr}");
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
