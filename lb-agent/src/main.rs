@@ -81,6 +81,12 @@ struct Args {
     /// socketLB.hostNamespaceOnly.
     #[arg(long, requires = "pod_devices")]
     socket_lb_host_namespace_only: bool,
+    /// Attach the tc programs as TCX links (kernel 6.6+). false, or a kernel without TCX: as
+    /// filters of a clsact qdisc (over netlink), which stay when the agent exits and which
+    /// the next agent replaces in place, as it swaps programs into pinned links (Cilium's
+    /// --enable-tcx).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    enable_tcx: bool,
     /// Attach XDP to the devices too (native when the driver supports it, else generic).
     #[arg(long)]
     xdp: bool,
@@ -345,7 +351,14 @@ async fn run(args: Args) -> Result<()> {
     );
     // Links are pinned: programs stay attached when the agent stops, and the next agent swaps
     // its programs in atomically.
-    let mut pins = LinkPins::new(&args.bpffs)?;
+    let tc_filters = !args.enable_tcx || !attach::kernel_has_tcx();
+    if tc_filters {
+        info!(
+            enable_tcx = args.enable_tcx,
+            "tc programs attached as clsact filters (no TCX on this kernel, or --enable-tcx=false)"
+        );
+    }
+    let mut pins = LinkPins::new(&args.bpffs)?.with_tc_filters(tc_filters);
     if let Some(cg) = &args.cgroup {
         attach::cgroup(&mut ebpf, cg, Some(&mut pins))?;
         attached(&status, "socket hooks", &cg.display().to_string());
@@ -690,7 +703,7 @@ fn follow_devices(
 ) -> Option<SyncReport> {
     let named = devices(&args.devices, &args.node_ip);
     for dev in &named {
-        if attach::tc_missing(&args.bpffs, dev, attach::TcRole::External) {
+        if attach::tc_missing(devs.pins, dev, attach::TcRole::External) {
             match attach_device(devs.ebpf, dev, args, devs.pins, status) {
                 Ok(()) => warn!(
                     device = dev,

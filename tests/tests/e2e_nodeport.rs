@@ -492,8 +492,10 @@ fn device_patterns_match_by_prefix_and_an_absent_device_is_attached_when_it_appe
     let missing = |dev: &'static str| {
         let bpffs = bpffs.clone();
         node0.ns.run(move || {
+            // This agent's view of its pinned links (TCX).
+            let pins = lb_agent::dataplane::links::LinkPins::new(&bpffs).expect("link pins");
             lb_agent::dataplane::attach::tc_missing(
-                &bpffs,
+                &pins,
                 dev,
                 lb_agent::dataplane::attach::TcRole::External,
             )

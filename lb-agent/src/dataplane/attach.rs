@@ -1,6 +1,7 @@
-//! Attaching the programs: tc (TCX links on 6.6+; aya falls back to a clsact qdisc and netlink
-//! elsewhere), XDP (native, else generic, saying so), and the cgroup socket hooks. Every link is
-//! pinned (see `links.rs`) so programs outlive the agent.
+//! Attaching the programs: tc (TCX links on 6.6+; clsact filters over netlink on older kernels
+//! or with `--enable-tcx=false`), XDP (native, else generic, saying so), and the cgroup socket
+//! hooks. Every link is pinned, every filter recorded (see `links.rs`), so programs outlive the
+//! agent.
 
 use std::{os::fd::AsFd, os::unix::fs::MetadataExt, path::Path};
 
@@ -9,8 +10,10 @@ use aya::{
     Ebpf,
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::FdLink, tc,
+        links::FdLink,
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
+    util::KernelVersion,
 };
 use lb_common::{
     MAP_SNAT_BY_ROUTE, MAP_SNAT_DEVICES, MAP_XDP_TX, PROG_SOCK, PROG_TC_EGRESS, PROG_TC_FROM_POD,
@@ -67,6 +70,64 @@ pub fn tc(ebpf: &mut Ebpf, ifname: &str, pins: Option<&mut LinkPins>) -> Result<
     Ok(())
 }
 
+/// Whether this kernel has TCX (6.6+): tc programs as BPF links, which can be pinned.
+pub fn kernel_has_tcx() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// Where the tc programs sit among a clsact qdisc's filters without TCX: first (priority 1),
+/// under a handle of their own, where the next agent finds them to replace.
+const FILTER_PRIORITY: u16 = 1;
+const FILTER_HANDLE: TcHandle = TcHandle::new(0, 0x4c42);
+
+/// Adds a clsact qdisc to `ifname` unless it has one.
+fn ensure_clsact(ifname: &str) -> Result<()> {
+    match tc::qdisc_add_clsact(ifname) {
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        r => r.with_context(|| format!("adding a clsact qdisc to {ifname}")),
+    }
+}
+
+/// Puts `prog` into `ifname`'s clsact filter at `dir` (no TCX): a previous agent's filter gets
+/// it in place (cls_bpf swaps programs atomically: no packet sees none), else a new filter is
+/// made. Either way it stays when this agent exits, as a pinned link does.
+fn tc_filter(prog: &mut SchedClassifier, ifname: &str, dir: TcAttachType) -> Result<()> {
+    let replaced = SchedClassifierLink::attached(ifname, dir, FILTER_PRIORITY, FILTER_HANDLE, None)
+        .map_err(anyhow::Error::from)
+        .and_then(|link| prog.attach_to_link(link).map_err(anyhow::Error::from));
+    let id = match replaced {
+        Ok(id) => id,
+        Err(_) => {
+            ensure_clsact(ifname)?;
+            let opts =
+                NlOptions { priority: FILTER_PRIORITY, handle: FILTER_HANDLE, classid: None };
+            prog.attach_with_options(ifname, dir, TcAttachOptions::Netlink(opts))
+                .with_context(|| format!("attaching a clsact filter to {ifname}"))?
+        }
+    };
+    // Dropping the link would detach the filter.
+    std::mem::forget(prog.take_link(id)?);
+    Ok(())
+}
+
+/// Detaches the clsact filter a record pinned as `pin_name` (`<label>@<device>`) stands for,
+/// if it is a tc hook's and the device has one (`links.rs`: removal, cleanup).
+pub fn detach_tc_filter(pin_name: &str) {
+    let Some((label, dev)) = pin_name.split_once('@') else { return };
+    let hooks = [TcRole::External, TcRole::Pod].map(TcRole::hooks);
+    let Some((prog, dir, _)) = hooks.iter().flatten().find(|(_, _, l)| *l == label) else {
+        return;
+    };
+    if netdev_exists(dev) {
+        // NotFound: a link's pin, or a filter already gone with its qdisc.
+        let _ = tc::qdisc_detach_program(dev, *dir, prog);
+    }
+}
+
+fn netdev_exists(dev: &str) -> bool {
+    super::netdev::ifindex(dev).is_ok()
+}
+
 /// Attaches the tc programs of `role` to `ifname`'s ingress and egress.
 pub fn tc_as(
     ebpf: &mut Ebpf,
@@ -86,13 +147,7 @@ pub fn tc_as(
                     Ok(id) => Ok(id),
                     Err(first) => {
                         // Without TCX, classifiers hang off a clsact qdisc; add it and try once more.
-                        tc::qdisc_add_clsact(ifname)
-                            .or_else(
-                                |e| if e.to_string().contains("exists") { Ok(()) } else { Err(e) },
-                            )
-                            .with_context(|| {
-                                format!("adding clsact qdisc to {ifname} after: {first}")
-                            })?;
+                        ensure_clsact(ifname).with_context(|| format!("after: {first}"))?;
                         prog.attach(ifname, dir)
                             .with_context(|| format!("attaching {name} to {ifname}"))
                     }
@@ -101,6 +156,13 @@ pub fn tc_as(
         match pins.as_deref_mut() {
             None => {
                 attach_new(prog)?;
+            }
+            Some(pins) if pins.tc_filters() => {
+                tc_filter(prog, ifname, dir)
+                    .with_context(|| format!("attaching {name} to {ifname}"))?;
+                let ifindex = super::netdev::ifindex(ifname)?;
+                let fd = prog.fd()?.as_fd().try_clone_to_owned()?;
+                pins.record_filter(&link_name(label, ifname), fd.as_fd(), ifindex)?;
             }
             Some(pins) => {
                 let fd = prog.fd()?.as_fd().try_clone_to_owned()?;
@@ -122,12 +184,16 @@ fn link_name(hook: &str, ifname: &str) -> String {
 }
 
 /// Whether `ifname` exists without this agent's tc programs (of `role`): re-created since they
-/// were attached (its pinned link is defunct, or names another interface index), or never
-/// attached. A device that does not exist has nothing to attach to.
-pub fn tc_missing(bpffs: &Path, ifname: &str, role: TcRole) -> bool {
+/// were attached (its pinned link is defunct, or names another interface index; its filters
+/// were on another interface index), or never attached. A device that does not exist has
+/// nothing to attach to.
+pub fn tc_missing(pins: &LinkPins, ifname: &str, role: TcRole) -> bool {
     let Ok(ifindex) = super::netdev::ifindex(ifname) else { return false };
-    let pin = super::links::links_pin_dir(bpffs).join(link_name(role.labels()[0], ifname));
-    super::links::pinned_link_ifindex(&pin).map_or(true, |at| at != ifindex)
+    let name = link_name(role.labels()[0], ifname);
+    if pins.tc_filters() {
+        return pins.filter_ifindex(&name) != Some(ifindex);
+    }
+    super::links::pinned_link_ifindex(&pins.dir().join(name)).map_or(true, |at| at != ifindex)
 }
 
 /// Attaches XDP to `ifname`, natively when the driver supports it, else in generic mode.

@@ -2,9 +2,14 @@
 //! through an agent restart or upgrade), and a new agent swaps its programs into the same links
 //! atomically (BPF_LINK_UPDATE) instead of detaching and re-attaching. `lb-agent --cleanup`
 //! removes them.
+//!
+//! Without TCX (kernels before 6.6, or `--enable-tcx=false`) the tc programs are filters of a
+//! clsact qdisc instead (`attach::tc_filter`), which stay attached by themselves; each is
+//! recorded by pinning its program under the name its link would have, so that `lbctl`, the
+//! removal of hooks no longer configured and `--cleanup` find them as they find links.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
 };
@@ -15,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     loader::maps_pin_dir,
-    sys_bpf::{BPF_LINK_UPDATE, BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD, bpf},
+    sys_bpf::{BPF_LINK_UPDATE, BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD, BPF_OBJ_PIN, bpf},
 };
 
 /// Opens a pinned BPF object (`obj` member of `union bpf_attr`).
@@ -38,6 +43,47 @@ fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr)? };
     // SAFETY: the kernel returned a new descriptor we now own.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins a BPF object (`obj` member of `union bpf_attr`, with `bpf_fd` set).
+fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    #[repr(C)]
+    struct Attr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut attr = Attr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: a valid obj attribute, no byte unset; `c` outlives the call.
+    unsafe { bpf(BPF_OBJ_PIN, &mut attr) }.map(drop)
+}
+
+/// Whether the object pinned at `path` is a program (a clsact filter's record), not a link.
+fn is_filter_record(path: &Path) -> bool {
+    let Ok(fd) = obj_get(path) else { return false };
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()));
+    info.is_ok_and(|i| i.lines().any(|l| l.starts_with("prog_type:")))
+}
+
+/// Unpins `path`; a clsact filter's record takes its filter along (an unpinned link detaches
+/// by itself).
+fn unpin(path: &Path) -> std::io::Result<()> {
+    let record = is_filter_record(path);
+    std::fs::remove_file(path)?;
+    if record && let Some(name) = path.file_name() {
+        super::attach::detach_tc_filter(&name.to_string_lossy());
+    }
+    Ok(())
 }
 
 /// Where links are pinned. Not versioned: a new agent, whatever its map layout, swaps its
@@ -126,13 +172,53 @@ fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()
 pub struct LinkPins {
     dir: PathBuf,
     wanted: BTreeSet<String>,
+    /// The tc programs are clsact filters, not TCX links (see the module's comment).
+    tc_filters: bool,
+    /// The interface index each filter this agent attached is on, by hook name: a device
+    /// re-created under the same name has lost its filters.
+    filters_at: HashMap<String, u32>,
 }
 
 impl LinkPins {
     pub fn new(bpffs: &Path) -> Result<Self> {
         let dir = links_pin_dir(bpffs);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self { dir, wanted: BTreeSet::new() })
+        Ok(Self { dir, wanted: BTreeSet::new(), tc_filters: false, filters_at: HashMap::new() })
+    }
+
+    /// Attach tc programs as clsact filters (`attach::tc_filter`) instead of TCX links.
+    pub fn with_tc_filters(mut self, on: bool) -> Self {
+        self.tc_filters = on;
+        self
+    }
+
+    pub fn tc_filters(&self) -> bool {
+        self.tc_filters
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Records the filter at hook `name` (on interface `ifindex`) that now runs `prog`: its
+    /// program pinned under that name, replacing what was pinned there (a previous agent's
+    /// record, or a link of a TCX-mode agent, which unpinned detaches).
+    pub fn record_filter(&mut self, name: &str, prog: BorrowedFd<'_>, ifindex: u32) -> Result<()> {
+        self.wanted.insert(name.to_owned());
+        let path = self.dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+        obj_pin(prog, &path).with_context(|| format!("pinning {}", path.display()))?;
+        self.filters_at.insert(name.to_owned(), ifindex);
+        Ok(())
+    }
+
+    /// The interface index the filter at hook `name` was attached at by this agent.
+    pub fn filter_ifindex(&self, name: &str) -> Option<u32> {
+        self.filters_at.get(name).copied()
     }
 
     /// Puts `prog` at the hook `name`: into the pinned link of that name when there is one
@@ -146,7 +232,9 @@ impl LinkPins {
     ) -> Result<bool> {
         self.wanted.insert(name.to_owned());
         let path = self.dir.join(name);
-        if path.exists() {
+        // A clsact filter's record (an agent without TCX): its filter goes once the link is in.
+        let record = path.exists() && is_filter_record(&path);
+        if path.exists() && !record {
             match obj_get(&path) {
                 Ok(link) => match link_update(link.as_fd(), prog) {
                     Ok(()) => {
@@ -168,6 +256,9 @@ impl LinkPins {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
         let link = attach_new()?;
+        if record {
+            unpin(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
         link.pin(&path).with_context(|| format!("pinning link {}", path.display()))?;
         Ok(false)
     }
@@ -180,7 +271,7 @@ impl LinkPins {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if !self.wanted.contains(&name) {
-                std::fs::remove_file(entry.path())?;
+                unpin(&entry.path())?;
                 removed.push(name);
             }
         }
@@ -197,6 +288,9 @@ pub fn cleanup(bpffs: &Path) -> Result<()> {
         bail!("nothing pinned under {}", bpffs.display());
     }
     if links.exists() {
+        for entry in std::fs::read_dir(&links)?.flatten() {
+            unpin(&entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
+        }
         std::fs::remove_dir_all(&links).with_context(|| format!("removing {}", links.display()))?;
     }
     remove_other_versions(bpffs)?;

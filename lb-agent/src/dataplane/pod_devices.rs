@@ -68,7 +68,7 @@ impl PodDevices {
         let mut present = netdev::matching_present(&self.patterns);
         present.retain(|d| !external.contains(d));
         for dev in &present {
-            if self.attached.contains(dev) && !attach::tc_missing(&self.bpffs, dev, TcRole::Pod) {
+            if self.attached.contains(dev) && !attach::tc_missing(pins, dev, TcRole::Pod) {
                 continue;
             }
             let ifindex = netdev::ifindex(dev).unwrap_or(0);

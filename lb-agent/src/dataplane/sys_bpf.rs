@@ -2,6 +2,7 @@
 //! update, link info, batch lookups).
 
 /// `enum bpf_cmd` values (include/uapi/linux/bpf.h).
+pub const BPF_OBJ_PIN: libc::c_long = 6;
 pub const BPF_OBJ_GET: libc::c_long = 7;
 pub const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 pub const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
