@@ -27,6 +27,8 @@ const ETH_LEN: u32 = 14;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+/// Not forwarded (what a lookup without its scratch space answers: cannot happen).
+const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 /// tc: the route is found (device and MACs filled in) but the packet is larger than the
 /// device's MTU; also what a lookup with a length over the route's MTU answers.
@@ -130,16 +132,19 @@ fn next_hop(
         copy_hop(&e.hop, out);
         return BPF_FIB_LKUP_RET_SUCCESS;
     }
-    // SAFETY: an all-zero bpf_fib_lookup is a valid starting point.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
-    let mut rc = lookup(ctx, ifindex, flow, (src, dst), (0, BPF_FIB_LOOKUP_SRC), &mut p);
+    let Some(s) = SCRATCH.get_ptr_mut(0) else { return BPF_FIB_LKUP_RET_NOT_FWDED };
+    // SAFETY: this CPU's scratch slot; `out` may be its `next_hop`, another field. An
+    // all-zero bpf_fib_lookup is a valid starting point.
+    let p = unsafe { &mut (*s).fib };
+    *p = unsafe { core::mem::zeroed() };
+    let mut rc = lookup(ctx, ifindex, flow, (src, dst), (0, BPF_FIB_LOOKUP_SRC), p);
     out.src = [0; 4];
     if rc == -EINVAL || rc == BPF_FIB_LKUP_RET_NO_SRC_ADDR {
         // A kernel without BPF_FIB_LOOKUP_SRC refuses the flag, and a route without a source
         // address fails the lookup: the route alone (the redirect needs it all the same).
         // SAFETY: as above.
-        p = unsafe { core::mem::zeroed() };
-        rc = lookup(ctx, ifindex, flow, (src, dst), (0, 0), &mut p);
+        *p = unsafe { core::mem::zeroed() };
+        rc = lookup(ctx, ifindex, flow, (src, dst), (0, 0), p);
     } else if rc >= 0 {
         // SAFETY: the helper wrote the source member of the union (BPF_FIB_LOOKUP_SRC).
         unsafe {
@@ -157,12 +162,12 @@ fn next_hop(
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_FRAG_NEEDED && neighbour_known {
         return rc;
     }
-    out.macs = macs(&p);
+    out.macs = macs(p);
     // The route's MTU (a route's own, a learned path MTU, else its device's): asked with a
     // length no route takes. 0 (unchecked) if one does.
     // SAFETY: as above.
-    p = unsafe { core::mem::zeroed() };
-    let rc = lookup(ctx, ifindex, flow, (src, dst), (u16::MAX, 0), &mut p);
+    *p = unsafe { core::mem::zeroed() };
+    let rc = lookup(ctx, ifindex, flow, (src, dst), (u16::MAX, 0), p);
     // SAFETY: the helper wrote the union's MTU member on this answer.
     out.mtu = if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
         unsafe { p.__bindgen_anon_1.mtu_result as u32 }

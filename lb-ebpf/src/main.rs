@@ -13,6 +13,8 @@
 #[cfg(target_arch = "bpf")]
 mod bench_noop;
 #[cfg(target_arch = "bpf")]
+mod bounds;
+#[cfg(target_arch = "bpf")]
 mod clock;
 #[cfg(target_arch = "bpf")]
 mod conntrack;

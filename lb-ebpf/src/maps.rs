@@ -129,6 +129,10 @@ pub struct Scratch {
     pub client: AffinityKey,
     /// A new flow's SNAT source (`fib::snat_source`, read by `nat::create`).
     pub snat_src: Addr,
+    /// The route lookup's parameters (`fib::next_hop`): 64 bytes off the stack of the
+    /// deepest call chain (tc -> new_flow -> snat_source), which older verifiers (6.1, stack
+    /// frames rounded up to 32 bytes) found over 512 bytes.
+    pub fib: aya_ebpf::bindings::bpf_fib_lookup,
 }
 
 /// A route's egress device and the MACs of its next hop (destination then source, as they

@@ -21,7 +21,7 @@ use lb_common::{
 };
 
 use crate::{
-    clock, conntrack,
+    bounds, clock, conntrack,
     maps::{FLOW, ICMP_RATE, OPTIONS, REJECT_BUF},
     monitor,
     packet::{
@@ -179,14 +179,13 @@ fn start_answer(
 /// device it came in on.
 #[inline(always)]
 fn send_back(ctx: &TcContext, buf: &[u8; 512], len: usize) -> Option<i32> {
-    // Bounded for the verifier: a frame with headers, inside the buffer after FRAME.
-    let len = (len as u32) & 0x1ff;
-    if !(54..=(512 - FRAME) as u32).contains(&len) {
-        return None;
-    }
+    // Bounded for the verifier: a frame with headers, inside the buffer after FRAME. In 64
+    // bits: a length computed as u32 may reach a helper with junk above bit 31 (LLVM need not
+    // clear what a u32 argument ignores), which 6.1's verifier refuses.
+    let len = bounds::within(len, 54, 512 - FRAME)?;
     // SAFETY: resizing and rewriting the skb we own; lengths bounded above.
     unsafe {
-        if bpf_skb_change_tail(ctx.skb.skb, len, 0) != 0 {
+        if bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) != 0 {
             return None;
         }
         // The Ethernet header as is; the rest with the skb's sum kept right (a NIC's
@@ -195,7 +194,7 @@ fn send_back(ctx: &TcContext, buf: &[u8; 512], len: usize) -> Option<i32> {
         if bpf_skb_store_bytes(ctx.skb.skb, 0, frame.cast(), ETH as u32, 0) != 0 {
             return None;
         }
-        let (net, net_len) = (frame.add(ETH).cast(), len - ETH as u32);
+        let (net, net_len) = (frame.add(ETH).cast(), (len - ETH) as u32);
         let recompute = BPF_F_RECOMPUTE_CSUM as u64;
         if bpf_skb_store_bytes(ctx.skb.skb, ETH as u32, net, net_len, recompute) != 0 {
             return None;
@@ -253,10 +252,7 @@ fn icmp_error(ctx: &TcContext, flow: &Flow, kind: [u8; 2], rest: [u8; 4]) -> Opt
     let l3 = flow.l3();
     // The quote: network header(s) and 8 transport bytes. Bounded by comparing the difference
     // itself (the verifier does not relate two registers, and LLVM would drop a mask).
-    let net_len = flow.l4().wrapping_sub(l3);
-    if !(20..=256).contains(&net_len) {
-        return None;
-    }
+    let net_len = bounds::within(flow.l4().wrapping_sub(l3), 20, 256)?;
     let quote = net_len + 8;
     let (icmp, proto) =
         if flow.is_v6 { (FRAME + ETH + 40, PROTO_ICMPV6) } else { (FRAME + ETH + 20, PROTO_ICMP) };
