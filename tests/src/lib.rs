@@ -42,6 +42,20 @@ macro_rules! require_root {
     };
 }
 
+/// A tool `cargo xtask setup` installed into its Python environment
+/// (`~/.local/share/lb-tools/venv/bin/<name>`), if it is there.
+pub fn setup_tool(name: &str) -> Option<std::path::PathBuf> {
+    let home = std::path::PathBuf::from(std::env::var_os("HOME")?);
+    let bin = home.join(".local/share/lb-tools/venv/bin").join(name);
+    bin.exists().then_some(bin)
+}
+
+/// Whether a test whose tools are missing must fail rather than skip (`cargo xtask test` as
+/// root, after its setup installed them).
+pub fn tools_required() -> bool {
+    std::env::var_os("LB_REQUIRE_TOOLS").is_some_and(|v| v == "1")
+}
+
 /// A binary of the workspace built next to the running program (`target/<profile>/<name>`; tests
 /// run from `target/<profile>/deps`).
 pub fn workspace_bin(name: &str) -> std::path::PathBuf {

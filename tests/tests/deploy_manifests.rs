@@ -9,16 +9,10 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
-fn tool() -> Option<PathBuf> {
-    let home = PathBuf::from(std::env::var_os("HOME")?);
-    let bin = home.join(".local/share/lb-tools/venv/bin/kubernetes-validate");
-    bin.exists().then_some(bin)
-}
-
 #[test]
 fn manifests_validate_against_the_kubernetes_schemas() {
-    let Some(bin) = tool() else {
-        if std::env::var_os("LB_REQUIRE_TOOLS").is_some_and(|v| v == "1") {
+    let Some(bin) = lb_tests::setup_tool("kubernetes-validate") else {
+        if lb_tests::tools_required() {
             panic!("kubernetes-validate is missing; run `cargo xtask setup`");
         }
         eprintln!("SKIPPED: kubernetes-validate not installed (cargo xtask setup installs it)");

@@ -12,6 +12,11 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 /// Validates the deploy manifests against the Kubernetes schemas (pinned).
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// Boots another kernel over the host's filesystem, for the older-kernel test (pinned).
+const VIRTME_NG: &str = "virtme-ng==1.42";
+/// What the older-kernel test boots: Debian 12's kernel (6.1 LTS), qemu (emulated: nested
+/// KVM is not to be relied on) and the static busybox virtme-ng's init needs.
+const OLD_KERNEL_PACKAGES: &[&str] = &["linux-image-amd64", "qemu-system-x86", "busybox-static"];
 /// Debian packages the tests and demo use: (command that proves it is there, package).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
@@ -90,6 +95,12 @@ const STEPS: &[Step] = &[
         install: install_kubernetes_validate,
         hint: "needs python3 with venv and access to PyPI",
     },
+    Step {
+        name: "kernel 6.1 in qemu (virtme-ng), for the older-kernel test",
+        done: || skip("LB_SETUP_SKIP_PACKAGES") || old_kernel_ready(),
+        install: install_old_kernel,
+        hint: "as root on Debian 12: apt-get install linux-image-amd64 qemu-system-x86 busybox-static, and virtme-ng from PyPI",
+    },
 ];
 
 /// Set to 1 to skip a step (container image builds need neither packages nor bpffs).
@@ -106,6 +117,48 @@ fn kubernetes_validate_works() -> bool {
     let bin = tools_dir().join("venv/bin/kubernetes-validate");
     output(bin.to_str().unwrap_or(""), &["--version"])
         .is_ok_and(|v| KUBERNETES_VALIDATE.ends_with(v.trim()))
+}
+
+/// The newest 6.1 kernel image under /boot (the older-kernel test's).
+pub fn old_kernel() -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-6.1.")))
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+fn old_kernel_ready() -> bool {
+    old_kernel().is_some()
+        && succeeds("dpkg", &["-s", "qemu-system-x86", "busybox-static"])
+        && output(tools_dir().join("venv/bin/vng").to_str().unwrap_or(""), &["--version"])
+            .is_ok_and(|v| VIRTME_NG.ends_with(v.split_whitespace().last().unwrap_or("")))
+}
+
+fn install_old_kernel() -> Result<()> {
+    if !is_root() {
+        bail!("installing a kernel package and qemu needs root");
+    }
+    let install = || {
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y"])
+                .args(OLD_KERNEL_PACKAGES)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    if install().is_err() {
+        run_cmd(Command::new("apt-get").arg("update"))?;
+        install()?;
+    }
+    let venv = tools_dir().join("venv");
+    if !venv.join("bin/pip").exists() {
+        run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    run_cmd(Command::new(venv.join("bin/pip")).args(["install", "--quiet", VIRTME_NG]))
 }
 
 fn install_kubernetes_validate() -> Result<()> {

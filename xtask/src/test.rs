@@ -57,6 +57,10 @@ pub fn run(args: &[String]) -> Result<()> {
     if let Some(bin) = previous_agent {
         cmd.env("LB_UPGRADE_FROM_AGENT", bin);
     }
+    // The older-kernel test boots it (setup installed it).
+    if let Some(kernel) = crate::setup::old_kernel() {
+        cmd.env("LB_OLD_KERNEL", kernel);
+    }
     if succeeds("cargo", &["nextest", "--version"]) {
         cmd.args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"]);
     } else {

@@ -1,0 +1,134 @@
+//! The datapath on an older kernel: 6.1 LTS (Debian 12, Amazon Linux 2023, many managed node
+//! images), which has no TCX and a verifier of its day, booted in a VM (qemu through
+//! virtme-ng over the host's filesystem; emulated rather than KVM, so it runs on any machine,
+//! in about a minute). There the real agent loads and verifies every program, attaches tc as
+//! clsact filters, XDP, the socket hooks and a pod device, serves a manifests folder and stops
+//! cleanly; and the device hooks' kernel tests (BPF_PROG_TEST_RUN on crafted packets: every
+//! path's verdict, bytes, checksums and counters) pass there too. Before this test, 6.1's
+//! verifier refused three programs, and without TCX the agent failed to attach at all.
+
+use std::{path::PathBuf, process::Command, time::Instant};
+
+use lb_tests::{require_root, setup_tool, tools_required, workspace_bin};
+
+const MANIFESTS: &str = "apiVersion: v1
+kind: Node
+metadata: {name: n}
+status: {addresses: [{type: InternalIP, address: 10.0.0.1}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {type: NodePort, clusterIP: 10.96.0.10, ports: [{port: 80, nodePort: 30080, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.0.5], nodeName: n}
+";
+
+/// What runs inside the VM; every result lands in the shared directory `$1`.
+const SCRIPT: &str = r#"#!/bin/sh
+D=$1
+uname -r > $D/uname
+mount -t bpf bpf /sys/fs/bpf
+ip link add d0 type dummy && ip link set d0 up && ip addr add 10.0.0.1/24 dev d0
+ip link add dp0 type dummy && ip link set dp0 up
+$D/lb-agent --manifests $D/manifests --node-name n --bpffs /sys/fs/bpf/lb --devices d0 \
+  --pod-devices dp+ --cgroup /sys/fs/cgroup --xdp --stats-interval 0 > $D/agent.log 2>&1 &
+PID=$!
+i=0
+while [ $i -lt 600 ] && ! grep -q "initial sync done" $D/agent.log && kill -0 $PID 2>/dev/null; do
+  sleep 1; i=$((i+1))
+done
+$D/lbctl status --bpffs /sys/fs/bpf/lb -o json > $D/status.json 2>&1
+tc -j filter show dev d0 ingress > $D/filters.json 2>&1
+kill $PID; wait $PID; echo $? > $D/agent.rc
+LB_REQUIRE_ROOT_TESTS=1 $D/device_test_run --test-threads 1 > $D/device_test_run.log 2>&1
+echo $? > $D/device_test_run.rc
+"#;
+
+/// The newest build of a sibling test binary (`deps/<name>-<hash>`).
+fn test_binary(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let prefix = format!("{name}-");
+    std::fs::read_dir(exe.parent()?)
+        .ok()?
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(&prefix) && !n.contains('.')
+        })
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| e.path())
+}
+
+#[test]
+fn the_datapath_loads_attaches_and_passes_its_kernel_tests_on_kernel_6_1() {
+    require_root!();
+    let kernel = std::env::var_os("LB_OLD_KERNEL").map(PathBuf::from);
+    let (Some(kernel), Some(vng)) = (kernel, setup_tool("vng")) else {
+        assert!(!tools_required(), "no 6.1 kernel or virtme-ng: run `cargo xtask setup`");
+        eprintln!("SKIPPED: no 6.1 kernel or virtme-ng (`cargo xtask setup` installs them)");
+        return;
+    };
+    let device_tests = test_binary("device_test_run").expect("device_test_run is built");
+    let dir = std::env::temp_dir().join(format!("lb-old-kernel-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("manifests")).unwrap();
+    std::fs::write(dir.join("manifests/web.yaml"), MANIFESTS).unwrap();
+    std::fs::write(dir.join("run.sh"), SCRIPT).unwrap();
+    // Copies beside the script: the VM sees the host's files, but this keeps its paths short.
+    for (name, from) in [
+        ("lb-agent", workspace_bin("lb-agent")),
+        ("lbctl", workspace_bin("lbctl")),
+        ("device_test_run", device_tests),
+    ] {
+        std::fs::copy(&from, dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+    }
+    let d = dir.to_str().unwrap();
+    let start = Instant::now();
+    let out = Command::new("timeout")
+        .arg("900")
+        .arg(&vng)
+        .arg("-r")
+        .arg(&kernel)
+        .args(["--disable-kvm", "--user", "root", "--memory", "2G", "--cpus", "1"])
+        .args(["--rwdir", d, "-e", &format!("sh {d}/run.sh {d}")])
+        .output()
+        .expect("run virtme-ng");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let said = format!(
+        "vng exited {}: {}\nagent log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        read("agent.log")
+    );
+    println!("the VM ran for {:.0?}", start.elapsed());
+    assert!(read("uname").starts_with("6.1."), "booted {:?}; {said}", read("uname"));
+
+    let log = read("agent.log");
+    assert!(log.contains("initial sync done"), "{said}");
+    assert!(log.contains("attached as clsact filters"), "{said}");
+    assert!(log.contains("XDP attached") || log.contains("attached in generic mode"), "{said}");
+    assert_eq!(read("agent.rc").trim(), "0", "a clean stop: {said}");
+    let status: serde_json::Value = serde_json::from_str(&read("status.json"))
+        .unwrap_or_else(|e| panic!("{e}: {}", read("status.json")));
+    assert_eq!(status["devices"], serde_json::json!([{"name": "d0", "xdp": true}]), "{status}");
+    assert_eq!(status["pod_devices"], serde_json::json!(["dp0"]), "{status}");
+    assert_eq!(status["socket_hooks"], serde_json::json!(["/"]), "{status}");
+    assert_eq!(status["service_ports"], 1, "{status}");
+    assert!(
+        read("filters.json").contains("\"bpf_name\":\"tc_ingress\""),
+        "{}",
+        read("filters.json")
+    );
+
+    let tests = read("device_test_run.log");
+    assert_eq!(read("device_test_run.rc").trim(), "0", "{tests}");
+    assert!(tests.contains("test result: ok"), "{tests}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
