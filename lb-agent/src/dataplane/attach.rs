@@ -118,14 +118,10 @@ pub fn detach_tc_filter(pin_name: &str) {
     let Some((prog, dir, _)) = hooks.iter().flatten().find(|(_, _, l)| *l == label) else {
         return;
     };
-    if netdev_exists(dev) {
-        // NotFound: a link's pin, or a filter already gone with its qdisc.
+    if super::netdev::ifindex(dev).is_ok() {
+        // NotFound: a filter already gone with its qdisc.
         let _ = tc::qdisc_detach_program(dev, *dir, prog);
     }
-}
-
-fn netdev_exists(dev: &str) -> bool {
-    super::netdev::ifindex(dev).is_ok()
 }
 
 /// Attaches the tc programs of `role` to `ifname`'s ingress and egress.
@@ -179,7 +175,7 @@ pub fn tc_as(
 }
 
 /// The name a device hook's link is pinned under (`<hook>@<device>`).
-fn link_name(hook: &str, ifname: &str) -> String {
+pub(super) fn link_name(hook: &str, ifname: &str) -> String {
     format!("{hook}@{ifname}")
 }
 

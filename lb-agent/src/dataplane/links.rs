@@ -216,6 +216,12 @@ impl LinkPins {
         Ok(())
     }
 
+    /// Forgets hook `name`, whose device is gone (its pin already removed).
+    pub fn forget(&mut self, name: &str) {
+        self.wanted.remove(name);
+        self.filters_at.remove(name);
+    }
+
     /// The interface index the filter at hook `name` was attached at by this agent.
     pub fn filter_ifindex(&self, name: &str) -> Option<u32> {
         self.filters_at.get(name).copied()

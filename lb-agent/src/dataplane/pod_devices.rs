@@ -91,6 +91,12 @@ impl PodDevices {
         self.attached.retain(|d| present.contains(d));
         self.failed.retain(|d, _| present.contains(d));
         out.gone = self.unpin_gone(&present);
+        // Pods come and go all day: what the agent remembers of their hooks goes with them.
+        for dev in &out.gone {
+            for label in TcRole::Pod.labels() {
+                pins.forget(&attach::link_name(label, dev));
+            }
+        }
         out
     }
 
@@ -103,7 +109,7 @@ impl PodDevices {
                 if present.contains(&dev) || netdev::ifindex(&dev).is_ok() {
                     continue;
                 }
-                let pin = links_pin_dir(&self.bpffs).join(format!("{label}@{dev}"));
+                let pin = links_pin_dir(&self.bpffs).join(attach::link_name(label, &dev));
                 match std::fs::remove_file(&pin) {
                     Ok(()) => {
                         gone.insert(dev);
