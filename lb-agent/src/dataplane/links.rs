@@ -23,9 +23,10 @@ use super::{
     sys_bpf::{BPF_LINK_UPDATE, BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD, BPF_OBJ_PIN, bpf},
 };
 
-/// Opens a pinned BPF object (`obj` member of `union bpf_attr`).
-fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+/// BPF_OBJ_GET or BPF_OBJ_PIN (`cmd`) at `path` (the `obj` member of `union bpf_attr`; `fd`
+/// is the object to pin, 0 to get): the syscall's result.
+fn obj(cmd: libc::c_long, path: &Path, fd: u32) -> std::io::Result<i64> {
+    use std::os::unix::ffi::OsStrExt;
     #[repr(C)]
     struct Attr {
         pathname: u64,
@@ -38,34 +39,22 @@ fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     }
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
     let mut attr =
-        Attr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
+        Attr { pathname: c.as_ptr() as u64, bpf_fd: fd, file_flags: 0, path_fd: 0, _pad: 0 };
     // SAFETY: a valid obj attribute, no byte unset; `c` outlives the call.
-    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr)? };
+    unsafe { bpf(cmd, &mut attr) }
+}
+
+/// Opens a pinned BPF object.
+fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let fd = obj(BPF_OBJ_GET, path, 0)?;
     // SAFETY: the kernel returned a new descriptor we now own.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Pins a BPF object (`obj` member of `union bpf_attr`, with `bpf_fd` set).
+/// Pins the BPF object `fd` at `path`.
 fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    #[repr(C)]
-    struct Attr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    let mut attr = Attr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
-        file_flags: 0,
-        path_fd: 0,
-        _pad: 0,
-    };
-    // SAFETY: a valid obj attribute, no byte unset; `c` outlives the call.
-    unsafe { bpf(BPF_OBJ_PIN, &mut attr) }.map(drop)
+    obj(BPF_OBJ_PIN, path, fd.as_raw_fd() as u32).map(drop)
 }
 
 /// Whether the object pinned at `path` is a program (a clsact filter's record), not a link.
