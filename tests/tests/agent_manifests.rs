@@ -73,14 +73,30 @@ fn start(args: &[String]) -> Agent {
     Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>(), None, None)
 }
 
+/// A manifests folder, removed when dropped (a failing test too).
+struct Folder(std::path::PathBuf);
+
+impl std::ops::Deref for Folder {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A fresh manifests folder holding the node and the web service with endpoints `ips`.
-fn web_folder(tag: &str, ips: &[&str]) -> std::path::PathBuf {
+fn web_folder(tag: &str, ips: &[&str]) -> Folder {
     let dir = std::env::temp_dir().join(format!("lb-agent-test-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("node.yaml"), NODE).unwrap();
     std::fs::write(dir.join("web.yaml"), format!("{SERVICE}---\n{}", slice(ips))).unwrap();
-    dir
+    Folder(dir)
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -157,7 +173,6 @@ fn agent_programs_changes_survives_restart_and_cleans_up() {
     let d = dump(&pins.path);
     assert!(d.backends.is_empty() && d.unreferenced_tables == 0, "{d:?}");
     assert!(agent.stop().success());
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// One agent per pin directory: a second one (a debugging run on a node, a stray second
@@ -202,9 +217,6 @@ fn a_second_agent_on_the_same_pins_is_refused_and_changes_nothing() {
     let d = dump(&pins.path);
     assert!(backends_per_frontend(&d).iter().all(|b| *b == twenty), "{d:?}");
     assert!(next.stop().success());
-    for dir in [first_dir, second_dir] {
-        std::fs::remove_dir_all(dir).unwrap();
-    }
 }
 
 /// Flags with values that make no sense stop the agent before it touches anything, saying why.
