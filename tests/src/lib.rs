@@ -42,6 +42,15 @@ macro_rules! require_root {
     };
 }
 
+/// Polls `done` every 20 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "timed out waiting until {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// A tool `cargo xtask setup` installed into its Python environment
 /// (`~/.local/share/lb-tools/venv/bin/<name>`), if it is there.
 pub fn setup_tool(name: &str) -> Option<std::path::PathBuf> {

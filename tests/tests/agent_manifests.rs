@@ -7,7 +7,7 @@ use lb_agent::dataplane::{
     store::{KernelStore, MapStore},
     writer::{CanonicalDump, canonical},
 };
-use lb_tests::{agent::Agent, kernel::PinDir, require_root};
+use lb_tests::{agent::Agent, kernel::PinDir, require_root, wait_until};
 
 const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus: {addresses: [{type: InternalIP, address: 10.210.0.11}]}\n";
 const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec: {type: NodePort, clusterIP: 10.96.0.10, ports: [{port: 80, nodePort: 30080}]}\n";
@@ -99,16 +99,6 @@ fn web_folder(tag: &str, ips: &[&str]) -> Folder {
     Folder(dir)
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("timed out waiting until {what}");
-}
-
 #[test]
 fn agent_programs_changes_survives_restart_and_cleans_up() {
     require_root!();
@@ -133,7 +123,7 @@ fn agent_programs_changes_survives_restart_and_cleans_up() {
         format!("{SERVICE}---\n{}", slice(&["10.244.2.10", "10.244.2.11", "10.244.2.12"])),
     )
     .unwrap();
-    wait_until("the third endpoint is programmed", || {
+    wait_until("the third endpoint is programmed", Duration::from_secs(4), || {
         backends_per_frontend(&dump(&pins.path)).iter().all(|b| b.len() == 3)
     });
     let before_restart = dump(&pins.path);
@@ -169,7 +159,9 @@ fn agent_programs_changes_survives_restart_and_cleans_up() {
 
     // Removing the service removes its entries.
     std::fs::remove_file(dir.join("web.yaml")).unwrap();
-    wait_until("the maps are empty", || dump(&pins.path).frontends.is_empty());
+    wait_until("the maps are empty", Duration::from_secs(4), || {
+        dump(&pins.path).frontends.is_empty()
+    });
     let d = dump(&pins.path);
     assert!(d.backends.is_empty() && d.unreferenced_tables == 0, "{d:?}");
     assert!(agent.stop().success());

@@ -4,13 +4,13 @@
 //! the programs in place under traffic, a re-created device, a pod device, a device dropped
 //! from the flags, `lbctl`, and `--cleanup`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use lb_tests::{
     cluster::{Cluster, Running, by_server, parse_probe},
     manifests::Svc,
-    require_root, workspace_bin,
+    require_root, wait_until, workspace_bin,
 };
 
 /// (program name, program id, priority, handle) of each bpf filter on node-0's `dev` at its
@@ -45,14 +45,6 @@ fn tcx_programs(run: &Running, dev: &str) -> usize {
             ns.run(|| SchedClassifier::query_tcx(dev, dir).map(|(_, p)| p.len()).unwrap_or(0))
         })
         .sum()
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -110,7 +102,7 @@ fn without_tcx_the_programs_are_clsact_filters_that_live_through_restarts_until_
 
     // The device re-created (a NIC reset): its filters come back.
     run.cluster.recreate_node_device(0);
-    wait_for("the NodePort answers again", || {
+    wait_until("the NodePort answers again", Duration::from_secs(10), || {
         run.from_client(0, &["connect", "10.230.0.10:30080", "--timeout-ms", "300"])[0]
             .starts_with("ok")
     });
@@ -162,7 +154,9 @@ fn switching_between_links_and_filters_at_a_restart_leaves_one_program_per_hook(
     run.kill_agent(0);
     run.restart_agent(0);
     // The kernel releases a link whose last pin went from a work queue: a moment later.
-    wait_for("the links are released", || tcx_programs(&run, "eth0") == 0);
+    wait_until("the links are released", Duration::from_secs(10), || {
+        tcx_programs(&run, "eth0") == 0
+    });
     assert_eq!(filters(&run, "eth0", "ingress").len(), 1);
     assert_eq!(filters(&run, "eth0", "egress").len(), 1);
     assert!(answers(&run));

@@ -43,8 +43,11 @@ pub fn acquire(dir: &Path, wait: Duration) -> Result<PinDirLock> {
         if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
             return Err(err).with_context(|| format!("locking {}", dir.display()));
         }
-        let holder = holder(&file).map_or_else(|| "another process".into(), |p| format!("pid {p}"));
+        // Read from /proc/locks only when said (twice at most), not on every retry.
+        let holder =
+            || holder(&file).map_or_else(|| "another process".into(), |p| format!("pid {p}"));
         if Instant::now() >= deadline {
+            let holder = holder();
             bail!(
                 "--bpffs {} is in use by a running lb-agent ({holder}): a second agent would \
                  overwrite its maps, --cleanup would detach its programs. Stop it first (or give \
@@ -53,6 +56,7 @@ pub fn acquire(dir: &Path, wait: Duration) -> Result<PinDirLock> {
             );
         }
         if !said {
+            let holder = holder();
             warn!(dir = %dir.display(), %holder, "pin directory in use; waiting for its agent to exit");
             said = true;
         }
