@@ -474,6 +474,11 @@ fn explain_device(
             "reject: ICMP port unreachable back to the client (no endpoint anywhere)".into();
         return Ok(());
     }
+    if moved(STAT_REJECT_UNKNOWN_PORT) {
+        e.verdict =
+            "reject: ICMP port unreachable back to the pod (a ClusterIP, but no such port)".into();
+        return Ok(());
+    }
     let private_ct: HashMap<&MapData, CtKey, CtValue> =
         HashMap::try_from(shadow.map(MAP_CONNTRACK).context("no LB_CT")?)?;
     if let Ok(v) = private_ct.get(&ct_key, 0) {

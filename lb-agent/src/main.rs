@@ -347,6 +347,7 @@ async fn run(args: Args) -> Result<()> {
         ingress_ports = filters.ingress_ports,
         pod_ports = filters.pod_ports,
         pod_reply_ports = filters.pod_reply_ports,
+        cluster_ips = filters.cluster_ips,
         "datapath loaded, maps pinned"
     );
     // Links are pinned: programs stay attached when the agent stops, and the next agent swaps

@@ -73,6 +73,9 @@ pub fn why(reason: u32) -> &'static str {
         STAT_REJECT_NO_BACKEND => "no endpoint: refused (ICMP port unreachable or TCP reset)",
         STAT_SOCK_NO_BACKEND => "no usable endpoint: ECONNREFUSED",
         STAT_SOCK_UNKNOWN_PORT => "no such port on this ClusterIP: ECONNREFUSED",
+        STAT_REJECT_UNKNOWN_PORT => {
+            "no such port on this ClusterIP: refused (ICMP port unreachable or TCP reset)"
+        }
         STAT_CT_NEW => "new flow",
         STAT_SOCK_TRANSLATED => "sent to a backend",
         _ => "",

@@ -98,7 +98,13 @@ pub const MAP_POD_PORTS: &str = "LB_POD_PORTS";
 /// Source ports `tc_to_pod` may translate, one bit per port: every backend's, local or not
 /// (replies to pods come from them). Only ever added to, as `MAP_REPLY_PORTS`.
 pub const MAP_POD_REPLY_PORTS: &str = "LB_POD_REPLY_PORTS";
-/// Words of a port bit set (`MAP_REPLY_PORTS`, `MAP_INGRESS_PORTS`).
+/// ClusterIPs, one bit per address hash ([`crate::addr_bit`]): `tc_from_pod` asks whether a
+/// pod's packet to a port no pod frontend has is to a ClusterIP (which refuses it) only when
+/// its destination's bit is set. Complete with `OPT_POD_PORTS_READY`; only ever added to, as
+/// `MAP_POD_PORTS` (a stale bit costs a lookup, never a wrong answer).
+pub const MAP_CLUSTER_IPS: &str = "LB_CLUSTER_IPS";
+/// Words of a port bit set (`MAP_REPLY_PORTS`, `MAP_INGRESS_PORTS`), or of an address bit set
+/// (`MAP_CLUSTER_IPS`).
 pub const PORT_SET_WORDS: u32 = 65_536 / 64;
 /// Per-CPU global counters, indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "LB_STATS";
@@ -405,6 +411,9 @@ pub const STAT_FRAGMENT_TRANSLATED: u32 = 32;
 /// Packets seen by tc on pods' devices, from the pods and to them (`--pod-devices`).
 pub const STAT_TC_FROM_POD_PACKETS: u32 = 33;
 pub const STAT_TC_TO_POD_PACKETS: u32 = 34;
+/// A pod's packet to a ClusterIP on a port no service has there, refused as a service without
+/// endpoints is (`tc_from_pod`; the socket hooks count theirs as `STAT_SOCK_UNKNOWN_PORT`).
+pub const STAT_REJECT_UNKNOWN_PORT: u32 = 35;
 /// Number of slots in LB_STATS (room for the counters later programs add).
 pub const STAT_COUNT: u32 = 64;
 
@@ -445,4 +454,5 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (STAT_FRAGMENT_TRANSLATED, "fragment_translated"),
     (STAT_TC_FROM_POD_PACKETS, "tc_from_pod_packets"),
     (STAT_TC_TO_POD_PACKETS, "tc_to_pod_packets"),
+    (STAT_REJECT_UNKNOWN_PORT, "reject_unknown_port"),
 ];

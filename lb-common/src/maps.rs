@@ -38,6 +38,15 @@ pub const fn addr_from_ip(ip: IpAddr) -> Addr {
     }
 }
 
+/// An address's bit in an address bit set (`MAP_CLUSTER_IPS`): its words folded to 16 bits.
+/// Addresses that differ only in their last 16 bits (one /16 of ClusterIPs, one /112) get
+/// distinct bits; a set bit says "maybe", a clear one "no".
+#[inline(always)]
+pub const fn addr_bit(addr: &Addr) -> u16 {
+    let x = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
+    (x ^ (x >> 16)) as u16
+}
+
 pub const fn addr_to_ip(addr: &Addr) -> IpAddr {
     if addr_is_v4(addr) {
         let b = addr[3].to_ne_bytes();

@@ -13,8 +13,8 @@ use lb_common::*;
 use crate::{
     conntrack, fib, fragment, lookup,
     maps::{
-        FLOW, INGRESS_PORTS, OPTIONS, POD_PORTS, POD_REPLY_PORTS, REPLY_PORTS, SCRATCH,
-        SOURCE_RANGES,
+        CLUSTER_IPS, FLOW, INGRESS_PORTS, OPTIONS, POD_PORTS, POD_REPLY_PORTS, REPLY_PORTS,
+        SCRATCH, SOURCE_RANGES,
     },
     monitor,
     nat::{self, NatError},
@@ -79,11 +79,51 @@ pub fn handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Action {
 /// lookups (`LB_REPLY_PORTS` on egress, `LB_INGRESS_PORTS` on ingress).
 #[inline(always)]
 fn port_may_match(ports: &Array<u64>, ready: u32, port_be: u16) -> bool {
+    bit_may_be_set(ports, ready, u16::from_be(port_be))
+}
+
+/// Whether `bit` is set in the bit set `set`, or the agent has not yet filled it.
+#[inline(always)]
+fn bit_may_be_set(set: &Array<u64>, ready: u32, bit: u16) -> bool {
     if OPTIONS.get(ready).is_none_or(|ready| *ready == 0) {
         return true;
     }
-    let port = u16::from_be(port_be) as u32;
-    ports.get(port / 64).is_none_or(|word| word & (1 << (port % 64)) != 0)
+    let bit = bit as u32;
+    set.get(bit / 64).is_none_or(|word| word & (1 << (bit % 64)) != 0)
+}
+
+/// A pod's packet to a ClusterIP on a port no service has there: refused, as the socket hooks
+/// refuse such a connect() and kube-proxy rejects it, rather than routed out of the node to an
+/// address nothing answers (a client's timeout). The address bit set spares other pods'
+/// packets the lookup of the ClusterIP's marker entry.
+#[inline(never)]
+fn unknown_port<R: Rewrite>(pkt: &R, flow: &Flow, len: u32) -> Action {
+    if !bit_may_be_set(&CLUSTER_IPS, OPT_POD_PORTS_READY, addr_bit(&flow.daddr)) {
+        stats::count(STAT_SERVICE_MISS);
+        return Action::Pass;
+    }
+    let Some(marker) = lookup::service(flow.daddr, 0, 0, SCOPE_INTERNAL) else {
+        stats::count(STAT_SERVICE_MISS);
+        return Action::Pass;
+    };
+    if marker.flags & SVC_F_ADDR_MARKER == 0 {
+        stats::count(STAT_SERVICE_MISS);
+        return Action::Pass;
+    }
+    // Never answer a reset (nor one's ICMP error): both ends would be left guessing.
+    if flow.tcp_flags & TCP_RST != 0 {
+        return dropped(pkt, Hook::FromPod, STAT_REJECT_UNKNOWN_PORT, EVENT_NO_SERVICE, len);
+    }
+    stats::count(STAT_REJECT_UNKNOWN_PORT);
+    report(
+        pkt,
+        Hook::FromPod,
+        EVENT_REJECT,
+        STAT_REJECT_UNKNOWN_PORT,
+        (EVENT_NO_SERVICE, None),
+        len,
+    );
+    Action::Reject
 }
 
 #[inline(always)]
@@ -202,8 +242,7 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
         // Neither a frontend's port nor a SNAT port (ingress: an external frontend's; from a
         // pod: an internal one's): no frontend and no conntrack entry can match.
         Hook::FromPod if !port_may_match(&POD_PORTS, OPT_POD_PORTS_READY, flow.dport_be) => {
-            stats::count(STAT_SERVICE_MISS);
-            return Ok(Action::Pass);
+            return Ok(unknown_port(pkt, flow, len));
         }
         Hook::TcIngress | Hook::Xdp
             if !port_may_match(&INGRESS_PORTS, OPT_INGRESS_PORTS_READY, flow.dport_be) =>
@@ -269,6 +308,10 @@ fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Actio
     // A pod reaches services as the socket hooks would have it: internal frontends.
     let scope = if hook == Hook::FromPod { SCOPE_INTERNAL } else { SCOPE_EXTERNAL };
     let Some(svc) = lookup::service(flow.daddr, flow.dport_be, flow.proto, scope) else {
+        // Another frontend's port, or this one's with another protocol.
+        if hook == Hook::FromPod {
+            return unknown_port(pkt, flow, len);
+        }
         stats::count(STAT_SERVICE_MISS);
         return Action::Pass;
     };

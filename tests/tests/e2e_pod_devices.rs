@@ -127,6 +127,20 @@ fn pods_reach_services_through_their_devices_and_new_pods_are_hooked_as_they_com
     let r = run.from_pod(0, 1, &["connect", "10.96.0.102:80", "--count", "3"]);
     assert_eq!(r, vec!["err ECONNREFUSED"; 3]);
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // A ClusterIP's port no service has: refused at once too, not routed out of the node to
+    // time out; a port no frontend has (81), another service's port (53, the DNS service's).
+    let t = Instant::now();
+    for target in ["10.96.0.100:81", "10.96.0.100:53"] {
+        let r = run.from_pod(0, 1, &["connect", target, "--count", "2"]);
+        assert_eq!(r, vec!["err ECONNREFUSED"; 2], "{target}");
+    }
+    let udp = ["udp-session", "10.96.0.100:9999", "--rounds", "2", "--interval-ms", "50"];
+    assert_eq!(run.from_pod(0, 1, &udp), ["err ECONNREFUSED"; 2]);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(run.counter(0, "reject_unknown_port"), 6, "one packet each");
+    let e = run.lbctl_json(0, &["explain", &me.to_string(), "10.96.0.100:81", "--from", "pod"]);
+    let verdict = e["verdict"].as_str().unwrap_or_default();
+    assert!(verdict.starts_with("reject") && verdict.contains("no such port"), "{e}");
 
     // IPv6: the same, every endpoint, the pod's own address seen (but by itself).
     let r = parse_probe(&run.from_pod(0, 1, &["connect", "[fd00:96::100]:80", "--count", "60"]));

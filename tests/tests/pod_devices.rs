@@ -3,7 +3,7 @@
 //! when the pod reaches itself; `tc_to_pod` gives replies their frontend back; a backend pod's
 //! reply leaving its own device is left for the egress that restores it; the filter
 //! (`LB_POD_PORTS`) keeps other packets off the lookups; external-only frontends are not for
-//! pods, and a service without endpoints is refused.
+//! pods, and a service without endpoints is refused, as is a ClusterIP's port no service has.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -158,12 +158,13 @@ fn other_traffic_passes_untouched_and_the_port_filter_holds() {
     for p in [
         tcp4(CLIENT_POD, 40000, REMOTE_POD, 8080, true, b""),
         tcp4(CLIENT_POD, 40000, OTHER_CLIENT, 80, true, b""),
-        udp4(CLIENT_POD, 40000, CLUSTER_IP, 9999, b"no such port"),
+        udp4(CLIENT_POD, 40000, OTHER_CLIENT, 9999, b"no frontend's port"),
     ] {
         assert_eq!(dp.run(PROG_TC_FROM_POD, &p).packet, p);
         assert_eq!(dp.run(PROG_TC_TO_POD, &p).packet, p);
     }
     assert_eq!(dp.stat(STAT_CT_NEW), 0);
+    assert_eq!(dp.stat(STAT_SERVICE_MISS), 3, "counted as not for a frontend");
     // The LB IP from a pod: its internal entry (cluster traffic), as the socket hooks see it.
     let (_, s) = run(&dp, PROG_TC_FROM_POD, &tcp4(CLIENT_POD, 40001, VIP, 443, true, b""));
     assert_eq!(s.dst, sa(REMOTE_POD, 8443));
@@ -198,4 +199,58 @@ fn a_service_without_endpoints_refuses_a_pods_connection() {
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back into the pod");
     assert_port_unreachable(&out.packet, &syn);
     assert_eq!(dp.stat(STAT_REJECT_NO_BACKEND), 1);
+}
+
+/// A pod's packet to a ClusterIP on a port no service has there is refused at once (ICMP port
+/// unreachable back into the pod), as the socket hooks refuse such a connect() and kube-proxy
+/// rejects it: a port no frontend has (the filter's miss), another service's port (a lookup's
+/// miss), the service's port with the other protocol; IPv6 alike. A reset is dropped, not
+/// answered. Another address whose bit in `LB_CLUSTER_IPS` is the ClusterIP's passes untouched.
+#[test]
+fn a_clusterip_refuses_a_pods_packets_to_a_port_it_has_no_service_for() {
+    require_root!();
+    let backends = vec![backend(REMOTE_POD.into(), 8080, false)];
+    let mut dns = web(Ipv4Addr::new(10, 96, 0, 53).into(), NODE.into(), backends.clone());
+    (dns.name, dns.protocol, dns.frontends[0].port) = ("dns".into(), Protocol::Udp, 53);
+    dns.frontends.truncate(1);
+    let web6 = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x11);
+    let mut v6 = web(web6.into(), NODE6.into(), vec![backend(REMOTE6.into(), 8080, false)]);
+    v6.name = "web6".into();
+    v6.frontends.truncate(1);
+    let dp = datapath(&[web(CLUSTER_IP.into(), NODE.into(), backends), dns, v6]);
+    assert!(!dp.port_set(MAP_POD_PORTS, 9999) && dp.port_set(MAP_POD_PORTS, 53));
+    let refused = [
+        tcp4(CLIENT_POD, 40000, CLUSTER_IP, 9999, true, b""),
+        udp4(CLIENT_POD, 40001, CLUSTER_IP, 9999, b"no such port"),
+        udp4(CLIENT_POD, 40002, CLUSTER_IP, 53, b"dns's port, not this ClusterIP's"),
+        udp4(CLIENT_POD, 40003, CLUSTER_IP, 80, b"80 is TCP here"),
+        tcp4(CLIENT_POD, 40004, CLUSTER_IP, 81, false, b"mid-connection"),
+        tcp6(CLIENT_POD6, 40005, web6, 9999, true, b""),
+        udp6(CLIENT_POD6, 40006, web6, 80, b"80 is TCP here"),
+    ];
+    for p in &refused {
+        let out = dp.run(PROG_TC_FROM_POD, p);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back into the pod: {:?}", summarize(p));
+        assert_port_unreachable(&out.packet, p);
+    }
+    assert_eq!(dp.stat(STAT_REJECT_UNKNOWN_PORT), refused.len() as u64);
+    assert!(dp.conntrack().is_empty(), "no flow for any of them");
+
+    let rst = tcp4_end(CLIENT_POD, 40007, CLUSTER_IP, 9999, true);
+    assert_eq!(dp.run(PROG_TC_FROM_POD, &rst).verdict, TC_ACT_SHOT, "a reset is not answered");
+    assert_eq!(dp.stat(STAT_REJECT_UNKNOWN_PORT), refused.len() as u64 + 1);
+
+    // The pod address (of this node's range) whose bit is the ClusterIP's: passes untouched.
+    let bit = addr_bit(&addr_from_ip(CLUSTER_IP.into()));
+    assert!(dp.port_set(MAP_CLUSTER_IPS, bit), "the ClusterIP's bit is set");
+    let twin = (0..=u16::MAX)
+        .map(|i| Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8))
+        .find(|a| addr_bit(&addr_from_ip((*a).into())) == bit)
+        .expect("a /16 holds every bit");
+    let other = tcp4(CLIENT_POD, 40008, twin, 9999, true, b"");
+    assert_eq!(dp.run(PROG_TC_FROM_POD, &other).packet, other, "{twin} is no ClusterIP");
+    // The service's own port still works.
+    let (_, s) = run(&dp, PROG_TC_FROM_POD, &tcp4(CLIENT_POD, 40009, CLUSTER_IP, 80, true, b""));
+    assert_eq!(s.dst, sa(REMOTE_POD, 8080));
+    assert_eq!(dp.stat(STAT_REJECT_UNKNOWN_PORT), refused.len() as u64 + 1);
 }

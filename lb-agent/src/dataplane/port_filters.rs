@@ -8,6 +8,9 @@
 //!   looks a pod's packet up only when its destination port is set.
 //! - `LB_POD_REPLY_PORTS`: the ports of every backend, local or not: `tc_to_pod` looks a
 //!   packet to a pod up only when its source port is set.
+//! - `LB_CLUSTER_IPS`, a set of address bits (`addr_bit`) rather than ports: the ClusterIPs.
+//!   `tc_from_pod` looks up whether a pod's packet to a port no frontend has is to a ClusterIP
+//!   (and refuses it) only when its destination's bit is set.
 //!
 //! Bits are only ever added: a flow whose backend or service is gone keeps its translation
 //! until it ends. A port is added before the map entry that makes it matter is written. The
@@ -19,22 +22,24 @@ use aya::{
     maps::{Array, HashMap, Map, MapData},
 };
 use lb_common::{
-    BE_F_LOCAL, BackendValue, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, MAP_BACKENDS, MAP_CONNTRACK,
-    MAP_INGRESS_PORTS, MAP_OPTIONS, MAP_POD_PORTS, MAP_POD_REPLY_PORTS, MAP_REPLY_PORTS,
-    MAP_SERVICES, OPT_INGRESS_PORTS_READY, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN, OPT_POD_PORTS_READY,
-    OPT_REPLY_PORTS_READY, PORT_SET_WORDS, SCOPE_EXTERNAL, ServiceKey, ServiceValue, nat_ports,
+    BE_F_LOCAL, BackendValue, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, MAP_BACKENDS, MAP_CLUSTER_IPS,
+    MAP_CONNTRACK, MAP_INGRESS_PORTS, MAP_OPTIONS, MAP_POD_PORTS, MAP_POD_REPLY_PORTS,
+    MAP_REPLY_PORTS, MAP_SERVICES, OPT_INGRESS_PORTS_READY, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN,
+    OPT_POD_PORTS_READY, OPT_REPLY_PORTS_READY, PORT_SET_WORDS, SCOPE_EXTERNAL, ServiceKey,
+    ServiceValue, addr_bit, nat_ports,
 };
 
 use super::batch;
 
-/// One port set: its map and a copy of its words (a port already set costs no syscall).
-pub struct PortSet {
+/// One set of 65,536 bits (ports, or address bits): its map and a copy of its words (a bit
+/// already set costs no syscall).
+pub struct BitSet {
     name: &'static str,
     map: Array<MapData, u64>,
     words: Vec<u64>,
 }
 
-impl PortSet {
+impl BitSet {
     /// The set `name` of the object, or `None` when the object has no such map (older builds,
     /// which the bench and the upgrade test load).
     pub fn open(ebpf: &Ebpf, name: &'static str) -> Result<Option<Self>> {
@@ -63,11 +68,14 @@ impl PortSet {
 
     /// Adds a port (network byte order, as maps hold it).
     pub fn add(&mut self, port_be: u16) -> Result<()> {
-        let port = u16::from_be(port_be);
-        self.add_range(port, port)
+        self.add_bit(u16::from_be(port_be))
     }
 
-    /// How many ports are set.
+    pub fn add_bit(&mut self, bit: u16) -> Result<()> {
+        self.add_range(bit, bit)
+    }
+
+    /// How many bits are set.
     fn len(&self) -> usize {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
     }
@@ -86,19 +94,21 @@ fn range_masks(first: u16, last: u16) -> impl Iterator<Item = (usize, u64)> {
 /// for pins opened to be read).
 #[derive(Default)]
 pub struct PortFilters {
-    reply: Option<PortSet>,
-    ingress: Option<PortSet>,
-    pod: Option<PortSet>,
-    pod_reply: Option<PortSet>,
+    reply: Option<BitSet>,
+    ingress: Option<BitSet>,
+    pod: Option<BitSet>,
+    pod_reply: Option<BitSet>,
+    cluster_ips: Option<BitSet>,
 }
 
 impl PortFilters {
     pub fn open(ebpf: &Ebpf) -> Result<Self> {
         Ok(Self {
-            reply: PortSet::open(ebpf, MAP_REPLY_PORTS)?,
-            ingress: PortSet::open(ebpf, MAP_INGRESS_PORTS)?,
-            pod: PortSet::open(ebpf, MAP_POD_PORTS)?,
-            pod_reply: PortSet::open(ebpf, MAP_POD_REPLY_PORTS)?,
+            reply: BitSet::open(ebpf, MAP_REPLY_PORTS)?,
+            ingress: BitSet::open(ebpf, MAP_INGRESS_PORTS)?,
+            pod: BitSet::open(ebpf, MAP_POD_PORTS)?,
+            pod_reply: BitSet::open(ebpf, MAP_POD_REPLY_PORTS)?,
+            cluster_ips: BitSet::open(ebpf, MAP_CLUSTER_IPS)?,
         })
     }
 
@@ -118,19 +128,21 @@ impl PortFilters {
     }
 
     /// Adds `key`'s port: to the ingress set if it is an external frontend, else to the pod
-    /// set (call before writing the frontend).
+    /// set; a ClusterIP's marker (port 0, internal) adds its address to the ClusterIP set
+    /// instead (call before writing the entry).
     pub fn note_frontend(&mut self, key: &ServiceKey) -> Result<()> {
-        let set = if key.scope == SCOPE_EXTERNAL { &mut self.ingress } else { &mut self.pod };
-        match set.as_mut() {
-            // A port-0 entry marks a ClusterIP (for refusing unknown ports): no port.
-            Some(set) if key.port_be != 0 || key.scope == SCOPE_EXTERNAL => set.add(key.port_be),
-            _ => Ok(()),
-        }
+        let marker = key.port_be == 0 && key.scope != SCOPE_EXTERNAL;
+        let (set, bit) = match (marker, key.scope == SCOPE_EXTERNAL) {
+            (true, _) => (&mut self.cluster_ips, addr_bit(&key.addr)),
+            (false, true) => (&mut self.ingress, u16::from_be(key.port_be)),
+            (false, false) => (&mut self.pod, u16::from_be(key.port_be)),
+        };
+        set.as_mut().map_or(Ok(()), |set| set.add_bit(bit))
     }
 
     /// The sets that hold the SNAT range (replies to SNATed flows: remote backends', and a
     /// pod's own through a service).
-    fn nat_range_sets(&mut self) -> impl Iterator<Item = &mut PortSet> {
+    fn nat_range_sets(&mut self) -> impl Iterator<Item = &mut BitSet> {
         [self.ingress.as_mut(), self.pod.as_mut()].into_iter().flatten()
     }
 }
@@ -158,6 +170,7 @@ pub struct Enabled {
     pub ingress_ports: usize,
     pub pod_ports: usize,
     pub pod_reply_ports: usize,
+    pub cluster_ips: usize,
 }
 
 /// Fills every set from the maps as they are (an upgrade from a build without them, or flows
@@ -169,7 +182,8 @@ pub struct Enabled {
 ///   a SNATed reply's NAT port, also from an earlier range);
 /// - pod ports: every internal frontend, the SNAT range, and the destination port of every
 ///   entry but a local backend's reply (as for the ingress ports);
-/// - pod reply ports: every backend, and the source port of every reply entry.
+/// - pod reply ports: every backend, and the source port of every reply entry;
+/// - ClusterIPs: every ClusterIP's marker in `LB_SERVICES`.
 ///
 /// Run at agent start, before or after attaching: until its option is set, the datapath does
 /// not filter on a set. Sets the object lacks are skipped.
@@ -216,6 +230,7 @@ pub fn enable(ebpf: &mut Ebpf) -> Result<Enabled> {
         (&filters.ingress, OPT_INGRESS_PORTS_READY, &mut enabled.ingress_ports),
         (&filters.pod, OPT_POD_PORTS_READY, &mut enabled.pod_ports),
         (&filters.pod_reply, OPT_POD_PORTS_READY, &mut enabled.pod_reply_ports),
+        (&filters.cluster_ips, OPT_POD_PORTS_READY, &mut enabled.cluster_ips),
     ] {
         if let Some(set) = set {
             *count = set.len();
