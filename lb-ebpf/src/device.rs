@@ -88,20 +88,22 @@ fn bit_may_be_set(set: &Array<u64>, ready: u32, bit: u16) -> bool {
     if OPTIONS.get(ready).is_none_or(|ready| *ready == 0) {
         return true;
     }
+    bit_set(set, bit)
+}
+
+/// Whether `bit` is set in the bit set `set` (known to be complete).
+#[inline(always)]
+fn bit_set(set: &Array<u64>, bit: u16) -> bool {
     let bit = bit as u32;
     set.get(bit / 64).is_none_or(|word| word & (1 << (bit % 64)) != 0)
 }
 
-/// A pod's packet to a ClusterIP on a port no service has there: refused, as the socket hooks
-/// refuse such a connect() and kube-proxy rejects it, rather than routed out of the node to an
-/// address nothing answers (a client's timeout). The address bit set spares other pods'
-/// packets the lookup of the ClusterIP's marker entry.
+/// A pod's packet to a port its destination has no frontend for, whose address's bit in
+/// `LB_CLUSTER_IPS` is set: if it is a ClusterIP, refused, as the socket hooks refuse such a
+/// connect() and kube-proxy rejects it, rather than routed out of the node to an address
+/// nothing answers (a client's timeout). The bit set spares other pods' packets this lookup.
 #[inline(never)]
 fn unknown_port<R: Rewrite>(pkt: &R, flow: &Flow, len: u32) -> Action {
-    if !bit_may_be_set(&CLUSTER_IPS, OPT_POD_PORTS_READY, addr_bit(&flow.daddr)) {
-        stats::count(STAT_SERVICE_MISS);
-        return Action::Pass;
-    }
     let Some(marker) = lookup::service(flow.daddr, 0, 0, SCOPE_INTERNAL) else {
         stats::count(STAT_SERVICE_MISS);
         return Action::Pass;
@@ -242,7 +244,12 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
         // Neither a frontend's port nor a SNAT port (ingress: an external frontend's; from a
         // pod: an internal one's): no frontend and no conntrack entry can match.
         Hook::FromPod if !port_may_match(&POD_PORTS, OPT_POD_PORTS_READY, flow.dport_be) => {
-            return Ok(unknown_port(pkt, flow, len));
+            // The sets are complete (else the port would have matched): a clear bit says no.
+            if bit_set(&CLUSTER_IPS, addr_bit(&flow.daddr)) {
+                return Ok(unknown_port(pkt, flow, len));
+            }
+            stats::count(STAT_SERVICE_MISS);
+            return Ok(Action::Pass);
         }
         Hook::TcIngress | Hook::Xdp
             if !port_may_match(&INGRESS_PORTS, OPT_INGRESS_PORTS_READY, flow.dport_be) =>
@@ -309,7 +316,9 @@ fn new_flow<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Actio
     let scope = if hook == Hook::FromPod { SCOPE_INTERNAL } else { SCOPE_EXTERNAL };
     let Some(svc) = lookup::service(flow.daddr, flow.dport_be, flow.proto, scope) else {
         // Another frontend's port, or this one's with another protocol.
-        if hook == Hook::FromPod {
+        if hook == Hook::FromPod
+            && bit_may_be_set(&CLUSTER_IPS, OPT_POD_PORTS_READY, addr_bit(&flow.daddr))
+        {
             return unknown_port(pkt, flow, len);
         }
         stats::count(STAT_SERVICE_MISS);
