@@ -10,6 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use lb_agent::model::plan::Protocol;
 use lb_common::*;
 use lb_tests::{
+    addrs::{TC_ACT_REDIRECT, TC_ACT_SHOT},
     kernel::{Datapath, RunOutput, stat_deltas},
     packets::*,
     plans::{backend, lb_plan},
@@ -412,7 +413,9 @@ fn random_bytes_never_break_any_device_program() {
 /// Whatever parsing makes of them: every packet lands in exactly one outcome, passes unchanged
 /// or comes out translated to the backend (same length), and afterwards every conntrack entry
 /// records a rewrite to a backend (forward) or back to a frontend (reply), while a clean new
-/// flow is still translated. Parsing reads whole words at any alignment, so this walks it over
+/// flow is still translated. VIP4 is also a ClusterIP: from a pod, a port mutated to one no
+/// service has there is refused (an ICMP port unreachable quoting the packet, or dropped when
+/// it is a reset or the ICMP allowance is spent). Parsing reads whole words at any alignment, so this walks it over
 /// header layouts the crafted cases do not.
 #[test]
 fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
@@ -439,7 +442,7 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
     ];
     let mut next = xorshift(0x2545f4914f6cdd1d);
     let runs = 3000;
-    let (mut translated, mut unchanged) = (0, 0);
+    let (mut translated, mut unchanged, mut refused) = (0, 0, 0);
     for (prog, packets_counter, pass) in FLOW_HOOKS {
         let before = dp.stats();
         let mut ran = 0;
@@ -457,6 +460,23 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
             }
             let Some(out) = run_unless_refused(&dp, prog, &p, i) else { continue };
             ran += 1;
+            if prog == PROG_TC_FROM_POD && out.verdict != pass {
+                let s = summarize(&p).unwrap_or_else(|| panic!("run {i}: refused {p:02x?}"));
+                assert_eq!(s.dst.ip(), IpAddr::from(VIP4), "run {i}: refused {s:?}");
+                assert!(![80, 8080].contains(&s.dst.port()), "run {i}: refused {s:?}");
+                if out.verdict == TC_ACT_REDIRECT {
+                    // The quote's IPv4 header checksum is recomputed (a mutation broke it).
+                    let mut quoted = p.clone();
+                    if quoted[12..14] == [0x08, 0x00] {
+                        fix_ipv4_checksum(&mut quoted);
+                    }
+                    assert_port_unreachable(&out.packet, &quoted);
+                } else {
+                    assert_eq!(out.verdict, TC_ACT_SHOT, "run {i}: {p:02x?}");
+                }
+                refused += 1;
+                continue;
+            }
             assert_eq!(out.verdict, pass, "{prog} run {i}: {p:02x?}");
             if out.packet == p {
                 unchanged += 1;
@@ -475,10 +495,11 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
             assert!(backends.contains(&s.dst), "{prog} run {i}: translated to {}", s.dst);
         }
         let deltas = stat_deltas(&before, &dp.stats());
-        // A new flow counts service_hit and ct_new: the outcome is ct_new.
+        // A new flow counts service_hit and ct_new: the outcome is ct_new. A refusal the ICMP
+        // allowance stopped counts icmp_rate_limited too: the outcome is the refusal.
         let outcomes: u64 = deltas
             .iter()
-            .filter(|(n, _)| *n != packets_counter && *n != "service_hit")
+            .filter(|(n, _)| ![packets_counter, "service_hit", "icmp_rate_limited"].contains(n))
             .map(|(_, d)| d)
             .sum();
         assert!(ran > runs as u64 / 2, "{prog}: only {ran} of {runs} runs accepted");
@@ -486,6 +507,7 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
     }
     // The mutations reach both outcomes (a test that only ever saw one would prove little).
     assert!(translated > 100 && unchanged > 100, "{translated} translated, {unchanged} unchanged");
+    assert!(refused > 0, "no mutation refused from a pod");
 
     let vips = [addr_from_ip(VIP4.into()), addr_from_ip(VIP6.into())];
     let backend_addrs = [addr_from_ip(BACKEND4.into()), addr_from_ip(BACKEND6.into())];

@@ -3,9 +3,10 @@
 //! virtme-ng over the host's filesystem; emulated rather than KVM, so it runs on any machine,
 //! in about three minutes). There the real agent loads and verifies every program, attaches tc as
 //! clsact filters, XDP, the socket hooks and a pod device, serves a manifests folder and stops
-//! cleanly; and the kernel tests of the device hooks (BPF_PROG_TEST_RUN on crafted packets: every
-//! path's verdict, bytes, checksums and counters) pass there too. Before this test, 6.1's
-//! verifier refused three programs, and without TCX the agent failed to attach at all.
+//! cleanly; and the kernel tests of the device hooks and pods' devices (BPF_PROG_TEST_RUN on
+//! crafted packets: every path's verdict, bytes, checksums and counters) pass there too. Before
+//! this test, 6.1's verifier refused three programs, and without TCX the agent failed to attach
+//! at all; since, it caught a change 6.18 ran right and 6.1 did not (see `device::try_handle`).
 
 use std::{path::PathBuf, process::Command, time::Instant};
 
@@ -57,7 +58,7 @@ done
 /// 6.1's verifier refused the quote's length). Emulated, each takes a minute or two; by hand
 /// (2026-12-06) `pod_devices`, `fragments`, `checksum_complete` and `datapath_nat` passed
 /// there as well (bar two of the last that age entries further back than a VM's uptime).
-const KERNEL_TESTS: &[&str] = &["device_test_run", "icmp_errors"];
+const KERNEL_TESTS: &[&str] = &["device_test_run", "icmp_errors", "pod_devices"];
 
 /// The newest build of a sibling test binary (`deps/<name>-<hash>`).
 fn test_binary(name: &str) -> Option<PathBuf> {

@@ -15,7 +15,7 @@ use crate::util::{run_cmd, succeeds, workspace_root};
 
 /// The release upgraded from: the last commit of the previous working session. Move it forward
 /// when a release is cut.
-pub const UPGRADE_FROM: &str = "9ba389887318f11adfb1dad72ae733973e623c71";
+pub const UPGRADE_FROM: &str = "47b79ac9a7d81b67ce28e6f4923a3430a8ce1233";
 
 fn git(args: &[&str]) -> Command {
     let mut cmd = Command::new("git");
