@@ -12,12 +12,20 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{Array, Map, MapData};
+use aya::{
+    maps::{Array, Map, MapData},
+    programs::TcAttachType,
+};
 use lb_common::*;
 use serde::Serialize;
 
 use crate::{
-    dataplane::{conntrack_gc::datapath_now_ns, links::links_pin_dir, pin_lock},
+    dataplane::{
+        attach::{TcRole, agent_filter_present},
+        conntrack_gc::datapath_now_ns,
+        links::{is_filter_record, links_pin_dir},
+        pin_lock,
+    },
     explain::attached_devices,
     inspect::Inspection,
     monitor::find_cgroup,
@@ -47,6 +55,24 @@ pub struct StatusView {
 pub struct DeviceView {
     pub name: String,
     pub xdp: bool,
+    /// How its tc programs are attached: "tcx" (links), "clsact" (filters, without TCX), or
+    /// "clsact MISSING" (recorded, but the kernel has them no more: its qdisc was deleted; a
+    /// running agent puts them back).
+    pub tc: &'static str,
+}
+
+/// How `dev`'s tc programs are attached (see [`DeviceView::tc`]).
+fn tc_kind(bpffs: &Path, dev: &str) -> &'static str {
+    let record = links_pin_dir(bpffs).join(format!("{}@{dev}", TcRole::External.labels()[0]));
+    if !is_filter_record(&record) {
+        return "tcx";
+    }
+    let present = crate::dataplane::netdev::ifindex(dev).is_ok_and(|ifindex| {
+        [TcAttachType::Ingress, TcAttachType::Egress]
+            .into_iter()
+            .all(|dir| agent_filter_present(ifindex, dir))
+    });
+    if present { "clsact" } else { "clsact MISSING" }
 }
 
 /// The agent as its health port shows it.
@@ -149,7 +175,7 @@ pub fn status(bpffs: &Path, health: SocketAddr, metrics: SocketAddr) -> Result<S
         agent: AgentView { pid: pin_lock::holder_of(bpffs), ..agent(health, metrics) },
         devices: attached_devices(bpffs)
             .into_iter()
-            .map(|(name, xdp)| DeviceView { name, xdp })
+            .map(|(name, xdp)| DeviceView { tc: tc_kind(bpffs, &name), name, xdp })
             .collect(),
         socket_hooks,
         pod_devices: crate::explain::pod_devices(bpffs),
@@ -230,13 +256,18 @@ impl std::fmt::Display for StatusView {
                 }
             }
         }
-        let devices: Vec<String> =
-            self.devices
-                .iter()
-                .map(|d| {
-                    if d.xdp { format!("{} (tc, XDP)", d.name) } else { format!("{} (tc)", d.name) }
-                })
-                .collect();
+        let devices: Vec<String> = self
+            .devices
+            .iter()
+            .map(|d| {
+                let tc = match d.tc {
+                    "tcx" => "tc",
+                    "clsact" => "tc as clsact filters",
+                    _ => "tc as clsact filters, MISSING from the kernel",
+                };
+                if d.xdp { format!("{} ({tc}, XDP)", d.name) } else { format!("{} ({tc})", d.name) }
+            })
+            .collect();
         let none = || "none".to_string();
         let list = |v: &[String]| if v.is_empty() { none() } else { v.join(", ") };
         writeln!(f, "devices:      {}", list(&devices))?;
@@ -288,7 +319,7 @@ mod tests {
         assert!(a.healthz.is_none() && a.error.is_some(), "{a:?}");
         let s = StatusView {
             agent: a,
-            devices: vec![DeviceView { name: "eth0".into(), xdp: true }],
+            devices: vec![DeviceView { name: "eth0".into(), xdp: true, tc: "tcx" }],
             socket_hooks: vec!["/".into()],
             pod_devices: (0..8).map(|i| format!("lxc{i}")).collect(),
             service_ports: 3,

@@ -391,7 +391,10 @@ impl Running {
 
     /// `lbctl <args> -o json` against node `n`'s pinned maps, as JSON (the command must succeed).
     pub fn lbctl_json(&self, n: usize, args: &[&str]) -> serde_json::Value {
-        let out = std::process::Command::new(crate::workspace_bin("lbctl"))
+        // In the node's network namespace, as an operator runs it there (the DaemonSet's host
+        // network): device names are the node's.
+        let node = Some(self.cluster.nodes[n].ns.name());
+        let out = crate::proc::command_in(&crate::workspace_bin("lbctl"), node, None)
             .args(args)
             .args(["--bpffs", self.pins[n].path.to_str().unwrap(), "-o", "json"])
             .output()

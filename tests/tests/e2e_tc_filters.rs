@@ -77,7 +77,8 @@ fn without_tcx_the_programs_are_clsact_filters_that_live_through_restarts_until_
     let on_pod: Vec<String> = filters(&run, pod_dev, "ingress").into_iter().map(|f| f.0).collect();
     assert_eq!(on_pod, ["tc_from_pod"], "the pod device's hook");
     let status = run.lbctl_json(0, &["status"]);
-    assert_eq!(status["devices"], serde_json::json!([{"name": "eth0", "xdp": false}]), "{status}");
+    let eth0 = serde_json::json!([{"name": "eth0", "xdp": false, "tc": "clsact"}]);
+    assert_eq!(status["devices"], eth0, "{status}");
     assert_eq!(status["pod_devices"], serde_json::json!([pod_dev]), "{status}");
 
     // A restart under traffic: the filters get the new agent's programs in place (same
@@ -107,6 +108,35 @@ fn without_tcx_the_programs_are_clsact_filters_that_live_through_restarts_until_
             .starts_with("ok")
     });
     assert_eq!(filters(&run, "eth0", "ingress").len(), 1);
+
+    // The clsact qdiscs deleted under the agent (a tool resetting devices' queueing): every
+    // filter goes with its qdisc, and nothing tells the agent but netlink's word of the
+    // change; it puts them back within moments, and `lbctl status` says when they are gone.
+    let del_clsact = |run: &Running, dev: &str| {
+        let out = run.cluster.nodes[0].ns.exec("tc", &["qdisc", "del", "dev", dev, "clsact"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    for dev in ["eth0", pod_dev] {
+        del_clsact(&run, dev);
+    }
+    let started = std::time::Instant::now();
+    wait_until("the filters are back", Duration::from_secs(5), || {
+        filters(&run, "eth0", "ingress").len() == 1
+            && filters(&run, "eth0", "egress").len() == 1
+            && filters(&run, pod_dev, "ingress").len() == 1
+            && filters(&run, pod_dev, "egress").len() == 1
+    });
+    println!("filters back {:?} after their qdiscs were deleted", started.elapsed());
+    let r = parse_probe(&run.from_client(0, &nodeport));
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    assert_eq!(run.lbctl_json(0, &["status"])["devices"], eth0);
+    // Gone with no agent to notice: said so.
+    assert!(run.stop_agent(0).success());
+    del_clsact(&run, "eth0");
+    let status = run.lbctl_json(0, &["status"]);
+    assert_eq!(status["devices"][0]["tc"], "clsact MISSING", "{status}");
+    run.restart_agent(0);
+    assert_eq!(filters(&run, "eth0", "ingress").len(), 1, "a new agent attaches them");
 
     // Dropped from the flags: the pod device's filters go at the next start.
     run.agent_args[0].retain(|a| a != "--pod-devices" && a != "p+");

@@ -461,7 +461,7 @@ fn lbctl_status_shows_health_attachments_maps_and_drops_and_the_maps_once_the_ag
         "{s}"
     );
     assert!(a["synced_s_ago"].as_f64().unwrap() < 60.0, "{s}");
-    assert_eq!(s["devices"], serde_json::json!([{"name": "eth0", "xdp": false}]));
+    assert_eq!(s["devices"], serde_json::json!([{"name": "eth0", "xdp": false, "tc": "tcx"}]));
     let node_cgroup = &run.cluster.nodes[0].cgroup.path;
     let cgroup = format!("/{}", node_cgroup.strip_prefix(cgroup2_root()).unwrap().display());
     assert_eq!(s["socket_hooks"], serde_json::json!([cgroup]));

@@ -130,7 +130,8 @@ fn the_datapath_loads_attaches_and_passes_its_kernel_tests_on_kernel_6_1() {
     assert_eq!(read("agent.rc").trim(), "0", "a clean stop: {said}");
     let status: serde_json::Value = serde_json::from_str(&read("status.json"))
         .unwrap_or_else(|e| panic!("{e}: {}", read("status.json")));
-    assert_eq!(status["devices"], serde_json::json!([{"name": "d0", "xdp": true}]), "{status}");
+    let d0 = serde_json::json!([{"name": "d0", "xdp": true, "tc": "clsact"}]);
+    assert_eq!(status["devices"], d0, "{status}");
     assert_eq!(status["pod_devices"], serde_json::json!(["dp0"]), "{status}");
     assert_eq!(status["socket_hooks"], serde_json::json!(["/"]), "{status}");
     assert_eq!(status["service_ports"], 1, "{status}");

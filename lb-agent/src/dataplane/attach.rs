@@ -185,11 +185,29 @@ pub(super) fn link_name(hook: &str, ifname: &str) -> String {
 /// nothing to attach to.
 pub fn tc_missing(pins: &LinkPins, ifname: &str, role: TcRole) -> bool {
     let Ok(ifindex) = super::netdev::ifindex(ifname) else { return false };
-    let name = link_name(role.labels()[0], ifname);
     if pins.tc_filters() {
-        return pins.filter_ifindex(&name) != Some(ifindex);
+        // Recorded for this device, and still there (a deleted qdisc takes them along).
+        return role.hooks().iter().any(|(_, dir, label)| {
+            pins.filter_ifindex(&link_name(label, ifname)) != Some(ifindex)
+                || !agent_filter_present(ifindex, *dir)
+        });
     }
+    let name = link_name(role.labels()[0], ifname);
     super::links::pinned_link_ifindex(&pins.dir().join(name)).map_or(true, |at| at != ifindex)
+}
+
+/// Whether the agent's filter (its priority and handle) is on `ifindex`'s clsact hook `dir`.
+/// When the kernel cannot be asked, says so and answers yes: attaching again would not help.
+pub fn agent_filter_present(ifindex: u32, dir: TcAttachType) -> bool {
+    match super::tc_query::bpf_filters(ifindex, dir) {
+        Ok(filters) => filters
+            .iter()
+            .any(|f| f.priority == FILTER_PRIORITY && f.handle == u32::from(FILTER_HANDLE)),
+        Err(e) => {
+            warn!(ifindex, "listing a device's tc filters: {e:#}");
+            true
+        }
+    }
 }
 
 /// Attaches XDP to `ifname`, natively when the driver supports it, else in generic mode.

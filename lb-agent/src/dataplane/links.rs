@@ -58,7 +58,7 @@ fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
 }
 
 /// Whether the object pinned at `path` is a program (a clsact filter's record), not a link.
-fn is_filter_record(path: &Path) -> bool {
+pub fn is_filter_record(path: &Path) -> bool {
     let Ok(fd) = obj_get(path) else { return false };
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()));
     info.is_ok_and(|i| i.lines().any(|l| l.starts_with("prog_type:")))

@@ -19,4 +19,5 @@ pub mod programs;
 pub mod sock_destroy;
 pub mod store;
 pub mod sys_bpf;
+pub mod tc_query;
 pub mod writer;

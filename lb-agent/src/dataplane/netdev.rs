@@ -233,8 +233,9 @@ fn default_route_devices_v6(table: &str) -> Vec<String> {
         .collect()
 }
 
-/// Netlink notifications of link and address changes (RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR,
-/// RTNLGRP_IPV6_IFADDR): a device added, removed or re-created, an address added or removed.
+/// Netlink notifications of link, address and tc changes (RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR,
+/// RTNLGRP_IPV6_IFADDR, RTNLGRP_TC): a device added, removed or re-created, an address added or
+/// removed, a qdisc or filter added or removed (without TCX, the agent's own filters may go).
 /// Only that something changed matters (the agent then reads the interfaces anew), so messages
 /// are not parsed.
 pub struct NetWatch {
@@ -242,10 +243,11 @@ pub struct NetWatch {
 }
 
 impl NetWatch {
-    /// Subscribes to link and address changes in the calling thread's network namespace.
+    /// Subscribes to link, address and tc changes in the calling thread's network namespace.
     pub fn new() -> Result<Self> {
-        // uapi/linux/rtnetlink.h: RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR.
-        const GROUPS: u32 = 0x1 | 0x10 | 0x100;
+        // uapi/linux/rtnetlink.h: RTMGRP_LINK, RTMGRP_TC, RTMGRP_IPV4_IFADDR,
+        // RTMGRP_IPV6_IFADDR.
+        const GROUPS: u32 = 0x1 | 0x8 | 0x10 | 0x100;
         let mut socket = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
         socket
             .bind(&SocketAddr::new(0, GROUPS))

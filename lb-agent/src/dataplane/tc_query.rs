@@ -1,0 +1,83 @@
+//! What a device's clsact hooks hold, as the kernel says (a netlink dump of its filters, as
+//! `tc filter show` asks). Without TCX the agent's tc programs are filters there, and a filter
+//! can go without the agent doing anything: `tc qdisc del dev X clsact` (a tool resetting a
+//! device's queueing, another agent's cleanup) takes every filter of the device with it, and
+//! nothing tells the program's holder. A TCX link cannot be removed that way.
+
+use anyhow::{Context, Result, bail};
+use aya::programs::TcAttachType;
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    tc::{TcAttribute, TcHandle, TcMessage},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// A bpf filter on a clsact hook: its priority and handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BpfFilter {
+    pub priority: u16,
+    pub handle: u32,
+}
+
+/// The bpf filters on `ifindex`'s clsact hook `dir` (none when the device has no clsact
+/// qdisc), in the calling thread's network namespace.
+pub fn bpf_filters(ifindex: u32, dir: TcAttachType) -> Result<Vec<BpfFilter>> {
+    let mut socket = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
+    socket.bind_auto().context("binding a netlink socket")?;
+    socket.connect(&SocketAddr::new(0, 0)).context("connecting a netlink socket")?;
+
+    let mut tc = TcMessage::with_index(ifindex as i32);
+    let minor = match dir {
+        TcAttachType::Ingress => TcHandle::MIN_INGRESS,
+        TcAttachType::Egress => TcHandle::MIN_EGRESS,
+        TcAttachType::Custom(_) => bail!("not a clsact hook"),
+    };
+    tc.header.parent = TcHandle { major: 0xffff, minor };
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut request = NetlinkMessage::new(header, RouteNetlinkMessage::GetTrafficFilter(tc).into());
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0).context("asking for a device's tc filters")?;
+
+    let mut found = Vec::new();
+    let mut reply = Vec::with_capacity(64 * 1024);
+    loop {
+        reply.clear();
+        socket.recv(&mut reply, 0).context("reading a device's tc filters")?;
+        let mut at = 0;
+        while at < reply.len() {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[at..])
+                .context("parsing a tc filter message")?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(m)) => {
+                    let bpf = m
+                        .attributes
+                        .iter()
+                        .any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"));
+                    // A filter's info: its priority above its protocol.
+                    if bpf && m.header.handle != TcHandle::UNSPEC {
+                        found.push(BpfFilter {
+                            priority: (m.header.info >> 16) as u16,
+                            handle: u32::from(m.header.handle),
+                        });
+                    }
+                }
+                NetlinkPayload::Done(_) => return Ok(found),
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    bail!("the kernel refused the tc filter dump: {}", e.to_io())
+                }
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            at += len;
+        }
+    }
+}
