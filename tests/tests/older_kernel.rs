@@ -10,7 +10,10 @@
 
 use std::{path::PathBuf, process::Command, time::Instant};
 
-use lb_tests::{require_root, setup_tool, tools_required, workspace_bin};
+use lb_tests::{
+    cluster::{host_of, parse_probe},
+    require_root, setup_tool, tools_required, workspace_bin,
+};
 
 const MANIFESTS: &str = "apiVersion: v1
 kind: Node
@@ -28,7 +31,7 @@ metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name:
 addressType: IPv4
 ports: [{port: 8080}]
 endpoints:
-- {addresses: [10.0.0.5], nodeName: n}
+- {addresses: [10.0.2.5], nodeName: n}
 ";
 
 /// What runs inside the VM; every result lands in the shared directory `$1`.
@@ -36,15 +39,33 @@ const SCRIPT: &str = r#"#!/bin/sh
 D=$1
 uname -r > $D/uname
 mount -t bpf bpf /sys/fs/bpf
-ip link add d0 type dummy && ip link set d0 up && ip addr add 10.0.0.1/24 dev d0
-ip link add dp0 type dummy && ip link set dp0 up
+# A client outside the node (netns c) on d0; a pod (netns p) behind its device dp0.
+ip netns add c && ip netns add p
+ip link add d0 type veth peer name c0 netns c
+ip addr add 10.0.0.1/24 dev d0 && ip link set d0 up
+ip -n c addr add 10.0.0.9/24 dev c0 && ip -n c link set c0 up && ip -n c link set lo up
+ip link add dp0 type veth peer name eth0 netns p
+ip addr add 10.0.2.1/24 dev dp0 && ip link set dp0 up
+ip -n p addr add 10.0.2.5/24 dev eth0 && ip -n p link set eth0 up && ip -n p link set lo up
+ip -n p route add default via 10.0.2.1
+echo 1 > /proc/sys/net/ipv4/ip_forward
+ip netns exec p $D/lb-probe serve --name pod --tcp 0.0.0.0:8080 > /dev/null &
 $D/lb-agent --manifests $D/manifests --node-name n --bpffs /sys/fs/bpf/lb --devices d0 \
-  --pod-devices dp+ --cgroup /sys/fs/cgroup --xdp --stats-interval 0 > $D/agent.log 2>&1 &
+  --pod-devices dp+ --socket-lb-host-namespace-only --cgroup /sys/fs/cgroup --xdp \
+  --stats-interval 0 > $D/agent.log 2>&1 &
 PID=$!
 i=0
 while [ $i -lt 600 ] && ! grep -q "initial sync done" $D/agent.log && kill -0 $PID 2>/dev/null; do
   sleep 1; i=$((i+1))
 done
+# Real traffic, all to the pod: a NodePort from outside (XDP, the tc filters of d0), the
+# ClusterIP from the pod itself (the filters of its device: socket hooks are kept to the
+# host's namespace, which every process here shares a cgroup with) and from the host (the
+# socket hooks); a port the ClusterIP lacks, from the pod.
+ip netns exec c $D/lb-probe connect 10.0.0.1:30080 --count 5 > $D/nodeport.out 2>&1
+ip netns exec p $D/lb-probe connect 10.96.0.10:80 --count 5 > $D/from-pod.out 2>&1
+$D/lb-probe connect 10.96.0.10:80 --count 5 > $D/from-host.out 2>&1
+ip netns exec p $D/lb-probe connect 10.96.0.10:81 --count 2 > $D/unknown-port.out 2>&1
 $D/lbctl status --bpffs /sys/fs/bpf/lb -o json > $D/status.json 2>&1
 tc -j filter show dev d0 ingress > $D/filters.json 2>&1
 kill $PID; wait $PID; echo $? > $D/agent.rc
@@ -91,10 +112,8 @@ fn the_datapath_loads_attaches_and_passes_its_kernel_tests_on_kernel_6_1() {
     std::fs::write(dir.join("run.sh"), SCRIPT).unwrap();
     // Copies beside the script: the VM sees the host's files, but this keeps its paths short.
     let tests = KERNEL_TESTS.iter().map(|t| (*t, test_binary(t).expect("kernel tests built")));
-    for (name, from) in [("lb-agent", workspace_bin("lb-agent")), ("lbctl", workspace_bin("lbctl"))]
-        .into_iter()
-        .chain(tests)
-    {
+    let bins = ["lb-agent", "lbctl", "lb-probe"].map(|b| (b, workspace_bin(b)));
+    for (name, from) in bins.into_iter().chain(tests) {
         std::fs::copy(&from, dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
     }
     let d = dir.to_str().unwrap();
@@ -135,6 +154,21 @@ fn the_datapath_loads_attaches_and_passes_its_kernel_tests_on_kernel_6_1() {
     assert_eq!(status["pod_devices"], serde_json::json!(["dp0"]), "{status}");
     assert_eq!(status["socket_hooks"], serde_json::json!(["/"]), "{status}");
     assert_eq!(status["service_ports"], 1, "{status}");
+    // Who answered, seeing whom, as whom: the pod, each time; the client's own address, the
+    // node's for the pod reaching itself (hairpin SNAT), the host's route source; each client
+    // saw the address it asked.
+    for (file, seen, peer) in [
+        ("nodeport.out", "10.0.0.9", "10.0.0.1:30080"),
+        ("from-pod.out", "10.0.0.1", "10.96.0.10:80"),
+        ("from-host.out", "10.0.2.1", "10.96.0.10:80"),
+    ] {
+        let r = parse_probe(&read(file).lines().map(str::to_owned).collect::<Vec<_>>());
+        let r: Vec<_> = r.into_iter().map(|r| r.map(|(n, s, p)| (n, host_of(&s), p))).collect();
+        let want = (String::from("pod"), seen.to_owned(), peer.to_owned());
+        assert_eq!(r, vec![Ok(want); 5], "{file} on 6.1: {said}");
+    }
+    let refused = read("unknown-port.out");
+    assert_eq!(refused.lines().collect::<Vec<_>>(), ["err ECONNREFUSED"; 2], "{said}");
     assert!(
         read("filters.json").contains("\"bpf_name\":\"tc_ingress\""),
         "{}",
