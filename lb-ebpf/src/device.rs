@@ -104,11 +104,8 @@ fn bit_set(set: &Array<u64>, bit: u16) -> bool {
 /// nothing answers (a client's timeout). The bit set spares other pods' packets this lookup.
 #[inline(never)]
 fn unknown_port<R: Rewrite>(pkt: &R, flow: &Flow, len: u32) -> Action {
-    let Some(marker) = lookup::service(flow.daddr, 0, 0, SCOPE_INTERNAL) else {
-        stats::count(STAT_SERVICE_MISS);
-        return Action::Pass;
-    };
-    if marker.flags & SVC_F_ADDR_MARKER == 0 {
+    let marker = lookup::service(flow.daddr, 0, 0, SCOPE_INTERNAL);
+    if marker.is_none_or(|m| m.flags & SVC_F_ADDR_MARKER == 0) {
         stats::count(STAT_SERVICE_MISS);
         return Action::Pass;
     }

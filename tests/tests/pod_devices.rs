@@ -217,7 +217,7 @@ fn a_clusterip_refuses_a_pods_packets_to_a_port_it_has_no_service_for() {
     let mut v6 = web(web6.into(), NODE6.into(), vec![backend(REMOTE6.into(), 8080, false)]);
     v6.name = "web6".into();
     v6.frontends.truncate(1);
-    let dp = datapath(&[web(CLUSTER_IP.into(), NODE.into(), backends), dns, v6]);
+    let mut dp = datapath(&[web(CLUSTER_IP.into(), NODE.into(), backends), dns, v6]);
     assert!(!dp.port_set(MAP_POD_PORTS, 9999) && dp.port_set(MAP_POD_PORTS, 53));
     let refused = [
         tcp4(CLIENT_POD, 40000, CLUSTER_IP, 9999, true, b""),
@@ -253,4 +253,15 @@ fn a_clusterip_refuses_a_pods_packets_to_a_port_it_has_no_service_for() {
     let (_, s) = run(&dp, PROG_TC_FROM_POD, &tcp4(CLIENT_POD, 40009, CLUSTER_IP, 80, true, b""));
     assert_eq!(s.dst, sa(REMOTE_POD, 8080));
     assert_eq!(dp.stat(STAT_REJECT_UNKNOWN_PORT), refused.len() as u64 + 1);
+
+    // An agent starting over maps without the set (an upgrade) fills it from the ClusterIPs'
+    // marker entries before the datapath trusts it.
+    let mut set: aya::maps::Array<&mut aya::maps::MapData, u64> =
+        aya::maps::Array::try_from(dp.ebpf.map_mut(MAP_CLUSTER_IPS).expect("map")).unwrap();
+    set.set(u32::from(bit / 64), 0, 0).unwrap();
+    assert!(!dp.port_set(MAP_CLUSTER_IPS, bit));
+    let seeded = lb_agent::dataplane::port_filters::enable(&mut dp.ebpf).expect("enable");
+    assert_eq!(seeded.cluster_ips, 3, "three ClusterIPs");
+    assert!(dp.port_set(MAP_CLUSTER_IPS, bit));
+    assert_eq!(dp.run(PROG_TC_FROM_POD, &refused[0]).verdict, TC_ACT_REDIRECT);
 }

@@ -131,11 +131,12 @@ impl PortFilters {
     /// set; a ClusterIP's marker (port 0, internal) adds its address to the ClusterIP set
     /// instead (call before writing the entry).
     pub fn note_frontend(&mut self, key: &ServiceKey) -> Result<()> {
-        let marker = key.port_be == 0 && key.scope != SCOPE_EXTERNAL;
-        let (set, bit) = match (marker, key.scope == SCOPE_EXTERNAL) {
-            (true, _) => (&mut self.cluster_ips, addr_bit(&key.addr)),
-            (false, true) => (&mut self.ingress, u16::from_be(key.port_be)),
-            (false, false) => (&mut self.pod, u16::from_be(key.port_be)),
+        let (set, bit) = if key.scope == SCOPE_EXTERNAL {
+            (&mut self.ingress, u16::from_be(key.port_be))
+        } else if key.port_be == 0 {
+            (&mut self.cluster_ips, addr_bit(&key.addr))
+        } else {
+            (&mut self.pod, u16::from_be(key.port_be))
         };
         set.as_mut().map_or(Ok(()), |set| set.add_bit(bit))
     }
