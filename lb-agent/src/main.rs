@@ -366,7 +366,7 @@ async fn run(args: Args) -> Result<()> {
     }
     // Word of devices and addresses coming and going, asked for before the first look at them
     // (a change meanwhile is not missed); without it, the 2 s check alone follows them.
-    let mut net_watch = netdev::NetWatch::new()
+    let mut net_watch = netdev::NetWatch::new(tc_filters)
         .map_err(|e| warn!("netlink events unavailable, devices are checked every 2 s: {e:#}"))
         .ok();
     log_detected(&args.devices, &args.node_ip);

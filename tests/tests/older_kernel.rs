@@ -107,6 +107,8 @@ fn the_datapath_loads_attaches_and_passes_its_kernel_tests_on_kernel_6_1() {
     };
     let dir = std::env::temp_dir().join(format!("lb-old-kernel-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    // Removed however the test ends (its logs are in the failure's message).
+    let _cleanup = RemoveOnDrop(dir.clone());
     std::fs::create_dir_all(dir.join("manifests")).unwrap();
     std::fs::write(dir.join("manifests/web.yaml"), MANIFESTS).unwrap();
     std::fs::write(dir.join("run.sh"), SCRIPT).unwrap();
@@ -181,5 +183,12 @@ fn the_datapath_loads_attaches_and_passes_its_kernel_tests_on_kernel_6_1() {
         assert!(log.contains("test result: ok"), "{t} on 6.1:\n{log}");
         println!("{t} on 6.1: {}", log.lines().find(|l| l.contains("test result")).unwrap_or(""));
     }
-    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

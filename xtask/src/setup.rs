@@ -127,8 +127,14 @@ pub fn old_kernel() -> Option<PathBuf> {
         .map(|e| e.path())
         .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-6.1.")))
         .collect();
-    found.sort();
+    // Newest by its numbers: 6.1.0-57 after 6.1.0-9.
+    found.sort_by_key(|p| numbers(&p.to_string_lossy()));
     found.pop()
+}
+
+/// The runs of digits in `s`, as numbers.
+fn numbers(s: &str) -> Vec<u64> {
+    s.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect()
 }
 
 fn old_kernel_ready() -> bool {
@@ -267,4 +273,19 @@ fn install_packages() -> Result<()> {
         install(&missing)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numbers;
+
+    /// Kernel images compare by their numbers, not their text.
+    #[test]
+    fn kernel_versions_compare_by_number() {
+        let mut names =
+            ["vmlinuz-6.1.0-57-amd64", "vmlinuz-6.1.0-9-amd64", "vmlinuz-6.1.0-10-amd64"];
+        names.sort_by_key(|n| numbers(n));
+        assert_eq!(names.last(), Some(&"vmlinuz-6.1.0-57-amd64"));
+        assert_eq!(numbers("vmlinuz-6.1.0-9-amd64"), [6, 1, 0, 9, 64]);
+    }
 }

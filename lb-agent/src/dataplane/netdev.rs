@@ -233,9 +233,10 @@ fn default_route_devices_v6(table: &str) -> Vec<String> {
         .collect()
 }
 
-/// Netlink notifications of link, address and tc changes (RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR,
-/// RTNLGRP_IPV6_IFADDR, RTNLGRP_TC): a device added, removed or re-created, an address added or
-/// removed, a qdisc or filter added or removed (without TCX, the agent's own filters may go).
+/// Netlink notifications of link and address changes (RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR,
+/// RTNLGRP_IPV6_IFADDR), and without TCX of tc changes (RTNLGRP_TC): a device added, removed or
+/// re-created, an address added or removed, a qdisc or filter removed (the agent's own filters
+/// may go with it).
 /// Only that something changed matters (the agent then reads the interfaces anew), so messages
 /// are not parsed.
 pub struct NetWatch {
@@ -243,14 +244,17 @@ pub struct NetWatch {
 }
 
 impl NetWatch {
-    /// Subscribes to link, address and tc changes in the calling thread's network namespace.
-    pub fn new() -> Result<Self> {
-        // uapi/linux/rtnetlink.h: RTMGRP_LINK, RTMGRP_TC, RTMGRP_IPV4_IFADDR,
-        // RTMGRP_IPV6_IFADDR.
-        const GROUPS: u32 = 0x1 | 0x8 | 0x10 | 0x100;
+    /// Subscribes to link and address changes, and with `tc_filters` to tc changes, in the
+    /// calling thread's network namespace.
+    pub fn new(tc_filters: bool) -> Result<Self> {
+        // uapi/linux/rtnetlink.h: RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR,
+        // RTMGRP_TC.
+        const GROUPS: u32 = 0x1 | 0x10 | 0x100;
+        const TC: u32 = 0x8;
+        let groups = if tc_filters { GROUPS | TC } else { GROUPS };
         let mut socket = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
         socket
-            .bind(&SocketAddr::new(0, GROUPS))
+            .bind(&SocketAddr::new(0, groups))
             .context("joining netlink link and address events")?;
         socket.set_non_blocking(true)?;
         // SAFETY: the socket owns its descriptor, which stays open as long as the AsyncFd
