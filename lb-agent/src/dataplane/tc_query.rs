@@ -4,6 +4,8 @@
 //! device's queueing, another agent's cleanup) takes every filter of the device with it, and
 //! nothing tells the program's holder. A TCX link cannot be removed that way.
 
+use std::os::fd::AsRawFd;
+
 use anyhow::{Context, Result, bail};
 use aya::programs::TcAttachType;
 use netlink_packet_core::{
@@ -28,6 +30,21 @@ pub fn bpf_filters(ifindex: u32, dir: TcAttachType) -> Result<Vec<BpfFilter>> {
     let mut socket = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
     socket.bind_auto().context("binding a netlink socket")?;
     socket.connect(&SocketAddr::new(0, 0)).context("connecting a netlink socket")?;
+    // The agent's loop asks this: never wait on the kernel for long.
+    let timeout = libc::timeval { tv_sec: 1, tv_usec: 0 };
+    // SAFETY: a valid socket and option of the size given.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(std::io::Error::last_os_error()).context("setting a netlink read timeout");
+    }
 
     let mut tc = TcMessage::with_index(ifindex as i32);
     let minor = match dir {
@@ -77,7 +94,8 @@ pub fn bpf_filters(ifindex: u32, dir: TcAttachType) -> Result<Vec<BpfFilter>> {
             if len == 0 {
                 break;
             }
-            at += len;
+            // Messages start 4-byte aligned (NLMSG_ALIGN).
+            at += (len + 3) & !3;
         }
     }
 }
