@@ -705,11 +705,19 @@ fn follow_devices(
     let named = devices(&args.devices, &args.node_ip);
     for dev in &named {
         if attach::tc_missing(devs.pins, dev, attach::TcRole::External) {
+            // Attached before by this agent: its programs went (re-created, a qdisc deleted).
+            let label = ProgramLabel { program: "tc".into(), target: dev.clone() };
+            let had = status.metrics.attached.get_or_create(&label).get() == 1;
             match attach_device(devs.ebpf, dev, args, devs.pins, status) {
-                Ok(()) => warn!(
-                    device = dev,
-                    "programs were missing on the device (re-created, or new): attached"
-                ),
+                Ok(()) => {
+                    if had {
+                        status.metrics.hooks_restored.inc();
+                    }
+                    warn!(
+                        device = dev,
+                        "programs were missing on the device (re-created, or new): attached"
+                    )
+                }
                 Err(e) => warn!(device = dev, "attaching to a re-created or new device: {e:#}"),
             }
         }
@@ -737,6 +745,7 @@ fn refresh_pods(
 ) {
     let r = pods.refresh(ebpf, pins, external);
     pod_devices::log_refresh(&r, pods.count());
+    status.metrics.hooks_restored.inc_by(r.restored.len() as u64);
     status.metrics.pod_devices.set(pods.count() as i64);
 }
 

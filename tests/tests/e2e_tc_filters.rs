@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use lb_tests::{
-    cluster::{Cluster, Running, by_server, parse_probe},
+    cluster::{Cluster, Running, by_server, metric, parse_probe},
     manifests::Svc,
     require_root, wait_until, workspace_bin,
 };
@@ -127,6 +127,11 @@ fn without_tcx_the_programs_are_clsact_filters_that_live_through_restarts_until_
             && filters(&run, pod_dev, "egress").len() == 1
     });
     println!("filters back {:?} after their qdiscs were deleted", started.elapsed());
+    // Counted (just after the filters show): the re-created device above, then the node's and
+    // the pod's device here.
+    wait_until("three restorations counted", Duration::from_secs(2), || {
+        metric(&run.metrics(0), "lb_hooks_restored_total") == 3.0
+    });
     let r = parse_probe(&run.from_client(0, &nodeport));
     assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
     assert_eq!(run.lbctl_json(0, &["status"])["devices"], eth0);

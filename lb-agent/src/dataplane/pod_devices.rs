@@ -34,6 +34,8 @@ pub struct PodDevices {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Refresh {
     pub attached: Vec<String>,
+    /// Of those, devices hooked before whose programs went (a clsact qdisc deleted).
+    pub restored: Vec<String>,
     pub gone: Vec<String>,
     pub failed: Vec<(String, String)>,
 }
@@ -77,7 +79,9 @@ impl PodDevices {
             }
             match attach::tc_as(ebpf, dev, TcRole::Pod, Some(pins)) {
                 Ok(()) => {
-                    self.attached.insert(dev.clone());
+                    if !self.attached.insert(dev.clone()) {
+                        out.restored.push(dev.clone());
+                    }
                     self.failed.remove(dev);
                     out.attached.push(dev.clone());
                 }
@@ -133,6 +137,9 @@ pub fn log_refresh(r: &Refresh, total: usize) {
     }
     for (dev, e) in &r.failed {
         warn!(device = dev, "attaching to a pod device: {e}");
+    }
+    for dev in &r.restored {
+        warn!(device = dev, "pod device: its hooks were missing (qdisc deleted?): attached again");
     }
     if !r.attached.is_empty() || !r.gone.is_empty() {
         info!(

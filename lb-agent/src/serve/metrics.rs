@@ -58,6 +58,8 @@ pub struct Metrics {
     pub attached: Family<ProgramLabel, Gauge>,
     /// Pods' devices carrying the pod hooks (`--pod-devices`).
     pub pod_devices: Gauge,
+    /// Devices whose programs went missing and were attached again.
+    pub hooks_restored: Counter,
     /// Services whose maps could not be written (retried).
     pub unprogrammed: Gauge,
     /// Service ports with a Local policy and no local endpoint, by policy.
@@ -95,6 +97,7 @@ impl Metrics {
             map_capacity: Family::default(),
             attached: Family::default(),
             pod_devices: Gauge::default(),
+            hooks_restored: Counter::default(),
             unprogrammed: Gauge::default(),
             no_local_endpoints: Family::default(),
             // 10 ms .. 10 min: the time includes the EndpointSlice controller's and the watch's.
@@ -142,6 +145,12 @@ impl Metrics {
             "pod_devices_attached",
             "Pods' devices carrying the pod hooks (--pod-devices)",
             m.pod_devices.clone(),
+        );
+        registry.register(
+            "hooks_restored",
+            "Devices (the node's or pods') whose programs this agent had attached went missing \
+             (a device re-created, a clsact qdisc deleted) and were attached again",
+            m.hooks_restored.clone(),
         );
         registry.register("objects", "Kubernetes objects known, by kind", m.objects.clone());
         registry.register("map_entries", "Entries in each BPF map", m.map_entries.clone());
