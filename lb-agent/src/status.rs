@@ -12,16 +12,13 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::{
-    maps::{Array, Map, MapData},
-    programs::TcAttachType,
-};
+use aya::maps::{Array, Map, MapData};
 use lb_common::*;
 use serde::Serialize;
 
 use crate::{
     dataplane::{
-        attach::{TcRole, agent_filter_present},
+        attach::{TcRole, agent_filters_present, link_name},
         conntrack_gc::datapath_now_ns,
         links::{is_filter_record, links_pin_dir},
         pin_lock,
@@ -55,24 +52,35 @@ pub struct StatusView {
 pub struct DeviceView {
     pub name: String,
     pub xdp: bool,
-    /// How its tc programs are attached: "tcx" (links), "clsact" (filters, without TCX), or
-    /// "clsact MISSING" (recorded, but the kernel has them no more: its qdisc was deleted; a
-    /// running agent puts them back).
-    pub tc: &'static str,
+    pub tc: TcKind,
 }
 
-/// How `dev`'s tc programs are attached (see [`DeviceView::tc`]).
-fn tc_kind(bpffs: &Path, dev: &str) -> &'static str {
-    let record = links_pin_dir(bpffs).join(format!("{}@{dev}", TcRole::External.labels()[0]));
-    if !is_filter_record(&record) {
-        return "tcx";
+/// How a device's tc programs are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum TcKind {
+    /// TCX links.
+    #[serde(rename = "tcx")]
+    Tcx,
+    /// clsact filters (without TCX).
+    #[serde(rename = "clsact")]
+    Clsact,
+    /// Recorded as filters, but the kernel has them no more (their qdisc was deleted; a
+    /// running agent puts them back).
+    #[serde(rename = "clsact MISSING")]
+    ClsactMissing,
+}
+
+impl TcKind {
+    /// How `dev`'s tc programs are attached, from its ingress pin and the kernel's filters.
+    fn of(bpffs: &Path, dev: &str) -> Self {
+        let record = links_pin_dir(bpffs).join(link_name(TcRole::External.labels()[0], dev));
+        if !is_filter_record(&record) {
+            return TcKind::Tcx;
+        }
+        let present = crate::dataplane::netdev::ifindex(dev)
+            .is_ok_and(|ifindex| agent_filters_present(ifindex, TcRole::External));
+        if present { TcKind::Clsact } else { TcKind::ClsactMissing }
     }
-    let present = crate::dataplane::netdev::ifindex(dev).is_ok_and(|ifindex| {
-        [TcAttachType::Ingress, TcAttachType::Egress]
-            .into_iter()
-            .all(|dir| agent_filter_present(ifindex, dir))
-    });
-    if present { "clsact" } else { "clsact MISSING" }
 }
 
 /// The agent as its health port shows it.
@@ -175,7 +183,7 @@ pub fn status(bpffs: &Path, health: SocketAddr, metrics: SocketAddr) -> Result<S
         agent: AgentView { pid: pin_lock::holder_of(bpffs), ..agent(health, metrics) },
         devices: attached_devices(bpffs)
             .into_iter()
-            .map(|(name, xdp)| DeviceView { tc: tc_kind(bpffs, &name), name, xdp })
+            .map(|(name, xdp)| DeviceView { tc: TcKind::of(bpffs, &name), name, xdp })
             .collect(),
         socket_hooks,
         pod_devices: crate::explain::pod_devices(bpffs),
@@ -261,9 +269,9 @@ impl std::fmt::Display for StatusView {
             .iter()
             .map(|d| {
                 let tc = match d.tc {
-                    "tcx" => "tc",
-                    "clsact" => "tc as clsact filters",
-                    _ => "tc as clsact filters, MISSING from the kernel",
+                    TcKind::Tcx => "tc",
+                    TcKind::Clsact => "tc as clsact filters",
+                    TcKind::ClsactMissing => "tc as clsact filters, MISSING from the kernel",
                 };
                 if d.xdp { format!("{} ({tc}, XDP)", d.name) } else { format!("{} ({tc})", d.name) }
             })
@@ -319,7 +327,7 @@ mod tests {
         assert!(a.healthz.is_none() && a.error.is_some(), "{a:?}");
         let s = StatusView {
             agent: a,
-            devices: vec![DeviceView { name: "eth0".into(), xdp: true, tc: "tcx" }],
+            devices: vec![DeviceView { name: "eth0".into(), xdp: true, tc: TcKind::Tcx }],
             socket_hooks: vec!["/".into()],
             pod_devices: (0..8).map(|i| format!("lxc{i}")).collect(),
             service_ports: 3,

@@ -175,7 +175,7 @@ pub fn tc_as(
 }
 
 /// The name a device hook's link is pinned under (`<hook>@<device>`).
-pub(super) fn link_name(hook: &str, ifname: &str) -> String {
+pub fn link_name(hook: &str, ifname: &str) -> String {
     format!("{hook}@{ifname}")
 }
 
@@ -187,18 +187,24 @@ pub fn tc_missing(pins: &LinkPins, ifname: &str, role: TcRole) -> bool {
     let Ok(ifindex) = super::netdev::ifindex(ifname) else { return false };
     if pins.tc_filters() {
         // Recorded for this device, and still there (a deleted qdisc takes them along).
-        return role.hooks().iter().any(|(_, dir, label)| {
-            pins.filter_ifindex(&link_name(label, ifname)) != Some(ifindex)
-                || !agent_filter_present(ifindex, *dir)
-        });
+        let recorded = role
+            .labels()
+            .iter()
+            .all(|l| pins.filter_ifindex(&link_name(l, ifname)) == Some(ifindex));
+        return !recorded || !agent_filters_present(ifindex, role);
     }
     let name = link_name(role.labels()[0], ifname);
     super::links::pinned_link_ifindex(&pins.dir().join(name)).map_or(true, |at| at != ifindex)
 }
 
+/// Whether the agent's filters are on both of `ifindex`'s clsact hooks for `role`.
+pub fn agent_filters_present(ifindex: u32, role: TcRole) -> bool {
+    role.hooks().iter().all(|(_, dir, _)| agent_filter_present(ifindex, *dir))
+}
+
 /// Whether the agent's filter (its priority and handle) is on `ifindex`'s clsact hook `dir`.
 /// When the kernel cannot be asked, says so and answers yes: attaching again would not help.
-pub fn agent_filter_present(ifindex: u32, dir: TcAttachType) -> bool {
+fn agent_filter_present(ifindex: u32, dir: TcAttachType) -> bool {
     match super::tc_query::bpf_filters(ifindex, dir) {
         Ok(filters) => filters
             .iter()
