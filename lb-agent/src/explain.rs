@@ -479,6 +479,13 @@ fn explain_device(
             "reject: ICMP port unreachable back to the pod (a ClusterIP, but no such port)".into();
         return Ok(());
     }
+    if moved(STAT_DROP_UNKNOWN_PORT) {
+        e.verdict = "drop: a service address clients outside reach, but no such port (not the \
+                     node's own address: the stack would send it back out by its routes)"
+            .into();
+        e.drop_reason = Some(crate::monitor::why(STAT_DROP_UNKNOWN_PORT));
+        return Ok(());
+    }
     let private_ct: HashMap<&MapData, CtKey, CtValue> =
         HashMap::try_from(shadow.map(MAP_CONNTRACK).context("no LB_CT")?)?;
     if let Ok(v) = private_ct.get(&ct_key, 0) {

@@ -126,6 +126,13 @@ struct Args {
     /// the device hooks' lookups.
     #[arg(long)]
     external_clusterip: bool,
+    /// Service addresses outside clients reach (LoadBalancer IPs, ExternalIPs) answer ICMP
+    /// echo requests on the node devices, as kube-proxy's IPVS mode answers them (the address
+    /// is on a local dummy device there). Off: pings are dropped with every other packet to
+    /// a port or protocol no service has on such an address (rather than sent back out by the
+    /// routes: a loop). Addresses that are also the node's are left to the stack.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    answer_service_pings: bool,
     /// Addresses of this node, in addition to those its Node object lists.
     #[arg(long, value_delimiter = ',')]
     node_ip: Vec<IpAddr>,
@@ -348,6 +355,7 @@ async fn run(args: Args) -> Result<()> {
         pod_ports = filters.pod_ports,
         pod_reply_ports = filters.pod_reply_ports,
         cluster_ips = filters.cluster_ips,
+        external_ips = filters.external_ips,
         "datapath loaded, maps pinned"
     );
     // Links are pinned: programs stay attached when the agent stops, and the next agent swaps
@@ -407,7 +415,11 @@ async fn run(args: Args) -> Result<()> {
 
     let writer = Writer::new(
         KernelStore::new(&ebpf)?,
-        WriterConfig { maglev_max_size: args.maglev_max_size, max_services: args.max_services },
+        WriterConfig {
+            maglev_max_size: args.maglev_max_size,
+            max_services: args.max_services,
+            answer_service_pings: args.answer_service_pings,
+        },
     )?;
     let mut syncer = Syncer::new(cfg.clone(), writer);
     // NodePorts answer on the devices' addresses too, from the first sync on.

@@ -76,6 +76,10 @@ pub fn why(reason: u32) -> &'static str {
         STAT_REJECT_UNKNOWN_PORT => {
             "no such port on this ClusterIP: refused (ICMP port unreachable or TCP reset)"
         }
+        STAT_DROP_UNKNOWN_PORT => {
+            "no such port or protocol on this service address: dropped (the stack would send it \
+             back out)"
+        }
         STAT_CT_NEW => "new flow",
         STAT_SOCK_TRANSLATED => "sent to a backend",
         _ => "",

@@ -180,7 +180,11 @@ async fn lists_watches_410_gone_and_reconnects_leave_nothing_stale_or_missing() 
     let client = spawn_api(api.clone());
     let writer = Writer::new(
         MemoryStore::new(1 << 16, 1024),
-        WriterConfig { maglev_max_size: maglev::DEFAULT_MAX_SIZE, max_services: 1024 },
+        WriterConfig {
+            maglev_max_size: maglev::DEFAULT_MAX_SIZE,
+            max_services: 1024,
+            answer_service_pings: true,
+        },
     )
     .unwrap();
     let mut syncer = Syncer::new(ModelConfig::new("node-a"), writer);

@@ -103,8 +103,14 @@ pub const MAP_POD_REPLY_PORTS: &str = "LB_POD_REPLY_PORTS";
 /// its destination's bit is set. Complete with `OPT_POD_PORTS_READY`; only ever added to, as
 /// `MAP_POD_PORTS` (a stale bit costs a lookup, never a wrong answer).
 pub const MAP_CLUSTER_IPS: &str = "LB_CLUSTER_IPS";
+/// Addresses with frontends from outside other than NodePorts (LoadBalancer IPs, ExternalIPs,
+/// ClusterIPs with `--external-clusterip`), one bit per address hash: tc ingress and XDP ask
+/// whether a packet to a port or protocol no frontend has is to such an address (which drops
+/// it) only when its destination's bit is set. Complete with `OPT_INGRESS_PORTS_READY`; only
+/// ever added to, as `MAP_CLUSTER_IPS`.
+pub const MAP_EXTERNAL_IPS: &str = "LB_EXTERNAL_IPS";
 /// Words of a port bit set (`MAP_REPLY_PORTS`, `MAP_INGRESS_PORTS`), or of an address bit set
-/// (`MAP_CLUSTER_IPS`).
+/// (`MAP_CLUSTER_IPS`, `MAP_EXTERNAL_IPS`).
 pub const PORT_SET_WORDS: u32 = 65_536 / 64;
 /// Per-CPU global counters, indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "LB_STATS";
@@ -184,9 +190,12 @@ pub const SVC_F_LOCAL_ONLY: u32 = 1 << 1;
 pub const SVC_F_SOURCE_RANGES: u32 = 1 << 2;
 /// With no usable backend, drop silently (ETP Local without local endpoints) instead of rejecting.
 pub const SVC_F_NO_ENDPOINT_DROP: u32 = 1 << 3;
-/// Not a frontend: marks a ClusterIP (key with port 0, protocol 0) so that connections to its
-/// other ports are refused rather than sent off the node.
+/// Not a frontend: marks a service address (key with port 0, protocol 0) so that packets to
+/// its other ports are not sent off the node: internal scope, a ClusterIP (refused); external
+/// scope, an address outside clients reach other than a NodePort's (dropped).
 pub const SVC_F_ADDR_MARKER: u32 = 1 << 4;
+/// An external marker's address answers ICMP echo requests (`--answer-service-pings`).
+pub const SVC_F_ANSWER_PING: u32 = 1 << 5;
 // Frontend kind, for counters, `lbctl explain` and kind-specific rules.
 pub const SVC_F_CLUSTER_IP: u32 = 1 << 8;
 pub const SVC_F_NODE_PORT: u32 = 1 << 9;
@@ -414,6 +423,14 @@ pub const STAT_TC_TO_POD_PACKETS: u32 = 34;
 /// A pod's packet to a ClusterIP on a port no service has there, refused as a service without
 /// endpoints is (`tc_from_pod`; the socket hooks count theirs as `STAT_SOCK_UNKNOWN_PORT`).
 pub const STAT_REJECT_UNKNOWN_PORT: u32 = 35;
+/// Dropped: a packet from outside to a LoadBalancer IP or ExternalIP (or a ClusterIP reachable
+/// from outside) on a port or protocol no service has there, which the stack would have
+/// forwarded back out: to the router that sent it, a loop until its TTL ran out (tc ingress,
+/// XDP).
+pub const STAT_DROP_UNKNOWN_PORT: u32 = 36;
+/// An ICMP echo request to a service address from outside answered by the datapath, as the
+/// address's own host would (tc ingress; `--answer-service-pings`).
+pub const STAT_ECHO_REPLY: u32 = 37;
 /// Number of slots in LB_STATS (room for the counters later programs add).
 pub const STAT_COUNT: u32 = 64;
 
@@ -455,4 +472,6 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (STAT_TC_FROM_POD_PACKETS, "tc_from_pod_packets"),
     (STAT_TC_TO_POD_PACKETS, "tc_to_pod_packets"),
     (STAT_REJECT_UNKNOWN_PORT, "reject_unknown_port"),
+    (STAT_DROP_UNKNOWN_PORT, "drop_unknown_port"),
+    (STAT_ECHO_REPLY, "echo_reply"),
 ];

@@ -13,12 +13,15 @@ use lb_common::*;
 use crate::{
     conntrack, fib, fragment, lookup,
     maps::{
-        CLUSTER_IPS, FLOW, INGRESS_PORTS, OPTIONS, POD_PORTS, POD_REPLY_PORTS, REPLY_PORTS,
-        SCRATCH, SOURCE_RANGES,
+        CLUSTER_IPS, EXTERNAL_IPS, FLOW, INGRESS_PORTS, OPTIONS, POD_PORTS, POD_REPLY_PORTS,
+        REPLY_PORTS, SCRATCH, SOURCE_RANGES,
     },
     monitor,
     nat::{self, NatError},
-    packet::{self, FRAG_FIRST, Flow, Skip, TCP_RST},
+    packet::{
+        self, FRAG_FIRST, FRAG_NONE, Flow, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST, PROTO_ICMP,
+        PROTO_ICMPV6, Skip, TCP_RST,
+    },
     rewrite::{self, Rewrite},
     select, stats,
 };
@@ -60,6 +63,9 @@ pub enum Action {
     /// An ICMP message (tc; XDP passes them on): an error about a tracked flow gets its
     /// translation (`icmp.rs`; the outer header is parsed in `maps::FLOW`).
     Icmp,
+    /// An ICMP echo request to a service address that answers pings: answered (tc, `echo.rs`;
+    /// XDP passes it on).
+    Echo,
 }
 
 /// Handles one packet; `len` is its full length (for byte counters).
@@ -123,6 +129,60 @@ fn unknown_port<R: Rewrite>(pkt: &R, flow: &Flow, len: u32) -> Action {
         len,
     );
     Action::Reject
+}
+
+/// A packet from outside that no frontend takes (ingress hooks; `miss` is the counter it
+/// belongs to then): for `unknown_external` if its destination's bit in `LB_EXTERNAL_IPS` is
+/// set, else passed.
+#[inline(always)]
+pub fn no_frontend<R: Rewrite>(pkt: &R, flow: &Flow, len: u32, hook: Hook, miss: u32) -> Action {
+    if bit_may_be_set(&EXTERNAL_IPS, OPT_INGRESS_PORTS_READY, addr_bit(&flow.daddr)) {
+        return unknown_external(pkt, flow, len, hook, miss);
+    }
+    stats::count(miss);
+    Action::Pass
+}
+
+/// A packet from outside to a port or protocol no frontend has, whose destination's bit in
+/// `LB_EXTERNAL_IPS` is set: if that is a service address outside clients reach (its external
+/// marker: a LoadBalancer IP, an ExternalIP) and the stack would forward the packet rather
+/// than take it (the address is not the node's), dropped, as Cilium does. Passed on, it would
+/// go back out by the routes, usually to the router that sent it here: a loop until its TTL
+/// runs out. An echo request is answered instead where the address answers pings
+/// (`Action::Echo`). Anything else is counted as `miss` and passed.
+#[inline(never)]
+fn unknown_external<R: Rewrite>(pkt: &R, flow: &Flow, len: u32, hook: Hook, miss: u32) -> Action {
+    let marker = lookup::service(flow.daddr, 0, 0, SCOPE_EXTERNAL);
+    let Some(marker) = marker.filter(|m| m.flags & SVC_F_ADDR_MARKER != 0) else {
+        stats::count(miss);
+        return Action::Pass;
+    };
+    if !pkt.would_forward(flow) {
+        stats::count(miss);
+        return Action::Pass;
+    }
+    if marker.flags & SVC_F_ANSWER_PING != 0 && is_echo_request(pkt, flow) {
+        return Action::Echo;
+    }
+    dropped(pkt, hook, STAT_DROP_UNKNOWN_PORT, EVENT_NO_SERVICE, len)
+}
+
+/// Whether the packet is an ICMP or ICMPv6 echo request of one piece, without IPv4 options or
+/// IPv6 extension headers (what `echo.rs` answers in place).
+#[inline(always)]
+fn is_echo_request<R: Rewrite>(pkt: &R, flow: &Flow) -> bool {
+    let (proto, header, request) = if flow.is_v6 {
+        (PROTO_ICMPV6, 40, ICMPV6_ECHO_REQUEST)
+    } else {
+        (PROTO_ICMP, 20, ICMP_ECHO_REQUEST)
+    };
+    if flow.proto != proto || flow.frag != FRAG_NONE || flow.l4() != flow.l3() + header {
+        return false;
+    }
+    // The whole echo header: a 1-byte bounds check compiles to a form the verifier rejects.
+    let Some(echo) = pkt.bounds().ptr_at::<[u8; 8]>(flow.l4()) else { return false };
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { (*echo)[0] == request }
 }
 
 #[inline(always)]
@@ -223,6 +283,10 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
         Err(Skip::Fragment) if hook != Hook::Xdp => {
             return Ok(later_fragment(pkt, flow, len, hook));
         }
+        // A protocol no frontend has (GRE, SCTP, ESP...), maybe to a service address.
+        Err(Skip::OtherL4) if matches!(hook, Hook::TcIngress | Hook::Xdp) => {
+            return Ok(no_frontend(pkt, flow, len, hook, STAT_OTHER_L4));
+        }
         Err(skip) => return Err(skip),
     }
     let flow = &*flow;
@@ -251,6 +315,10 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
         Hook::TcIngress | Hook::Xdp
             if !port_may_match(&INGRESS_PORTS, OPT_INGRESS_PORTS_READY, flow.dport_be) =>
         {
+            // As from a pod: the sets are complete.
+            if bit_set(&EXTERNAL_IPS, addr_bit(&flow.daddr)) {
+                return Ok(unknown_external(pkt, flow, len, hook, STAT_SERVICE_MISS));
+            }
             stats::count(STAT_SERVICE_MISS);
             return Ok(Action::Pass);
         }
@@ -272,9 +340,10 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
     let scope = if hook == Hook::FromPod { SCOPE_INTERNAL } else { SCOPE_EXTERNAL };
     let Some(svc) = frontend(flow, scope) else {
         // Another frontend's port, or this one's with another protocol.
-        if hook == Hook::FromPod
-            && bit_may_be_set(&CLUSTER_IPS, OPT_POD_PORTS_READY, addr_bit(&flow.daddr))
-        {
+        if hook != Hook::FromPod {
+            return Ok(no_frontend(pkt, flow, len, hook, STAT_SERVICE_MISS));
+        }
+        if bit_may_be_set(&CLUSTER_IPS, OPT_POD_PORTS_READY, addr_bit(&flow.daddr)) {
             return Ok(unknown_port(pkt, flow, len));
         }
         stats::count(STAT_SERVICE_MISS);
@@ -309,6 +378,10 @@ fn tracked<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Option
 #[inline(never)]
 fn later_fragment<R: Rewrite>(pkt: &mut R, flow: &mut Flow, len: u32, hook: Hook) -> Action {
     let Some(ports) = fragment::ports(flow) else {
+        // Its first fragment was not translated: dropped with it if to a service address.
+        if hook == Hook::TcIngress {
+            return no_frontend(pkt, flow, len, hook, STAT_FRAGMENT);
+        }
         stats::count(STAT_FRAGMENT);
         return Action::Pass;
     };

@@ -323,6 +323,25 @@ pub fn snat_source(
     true
 }
 
+/// Whether the kernel would forward `flow`'s packet, arriving on `ifindex`, to another host: a
+/// route other than a local or unreachable one, forwarding on. A local address (a service
+/// address that is also the node's, or one a tool like kube-vip put on a device) is for the
+/// stack to answer.
+#[inline(never)]
+pub fn would_forward(ctx: *mut c_void, ifindex: u32, flow: &Flow) -> bool {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else { return false };
+    // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile. An all-zero
+    // bpf_fib_lookup is a valid starting point.
+    let p = unsafe { &mut (*s).fib };
+    *p = unsafe { core::mem::zeroed() };
+    let rc = lookup(ctx, ifindex, (flow.is_v6, flow.proto), (&flow.saddr, &flow.daddr), (0, 0), p);
+    // tc's lookup also judges the packet against the route's device MTU: routed all the same.
+    matches!(
+        rc,
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FRAG_NEEDED
+    )
+}
+
 /// XDP: whether a packet rewritten to `src` -> `dst` can be sent on by XDP itself: the next
 /// hop's MAC is known and the route leaves by the device it arrived on (XDP_TX) or by another
 /// one (XDP_REDIRECT), each a device where the agent allows it (`LB_XDP_TX`). If so the next

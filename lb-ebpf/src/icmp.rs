@@ -28,7 +28,7 @@ use lb_common::{
 
 use crate::{
     conntrack, csum,
-    device::{Action, Hook},
+    device::{self, Action, Hook},
     maps::FLOW,
     packet::{self, Bounds, Flow},
     rewrite::{self, ports_word},
@@ -62,8 +62,10 @@ struct Quoted {
 }
 
 /// Handles an ICMP message tc ingress or egress met (the outer header is parsed in `FLOW`).
-/// Anything but an error about a tracked flow passes untouched. `Redirect`: translated, bound
-/// for a client through a SNATed flow, to be sent on as that flow's replies are.
+/// Anything but an error about a tracked flow passes untouched, but on ingress a message to a
+/// service address (`device::no_frontend`: dropped, or an echo request answered). `Redirect`:
+/// translated, bound for a client through a SNATed flow, to be sent on as that flow's replies
+/// are.
 #[inline(never)]
 pub fn translate_error(ctx: &TcContext, hook: Hook) -> Action {
     let Some(flow) = FLOW.get_ptr(0) else { return Action::Pass };
@@ -73,6 +75,9 @@ pub fn translate_error(ctx: &TcContext, hook: Hook) -> Action {
         Ok(snat) => {
             stats::count(STAT_ICMP_ERROR_TRANSLATED);
             if snat && !hook.is_egress() { Action::Redirect } else { Action::Pass }
+        }
+        Err(()) if hook == Hook::TcIngress => {
+            device::no_frontend(&rewrite::Tc(ctx), flow, ctx.len(), hook, STAT_OTHER_L4)
         }
         Err(()) => {
             stats::count(STAT_OTHER_L4);

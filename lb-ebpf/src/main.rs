@@ -23,6 +23,8 @@ mod csum;
 #[cfg(target_arch = "bpf")]
 mod device;
 #[cfg(target_arch = "bpf")]
+mod echo;
+#[cfg(target_arch = "bpf")]
 mod fib;
 #[cfg(target_arch = "bpf")]
 mod fragment;

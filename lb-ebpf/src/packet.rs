@@ -18,6 +18,9 @@ use network_types::{
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;
+/// ICMP and ICMPv6 echo request types.
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_LEN: usize = size_of::<EthHdr>();
@@ -316,9 +319,10 @@ pub fn ipv6_transport(b: &Bounds, mut off: usize, mut next: u8) -> Result<Transp
     Ok(Transport { proto: next, off, frag, frag_proto, frag_id })
 }
 
-/// Fills the flow with the ports `parse_ports` found; the network header of an ICMP message
-/// or a later fragment is filled all the same (for icmp.rs, fragment.rs), in a branch off
-/// the path of TCP and UDP.
+/// Fills the flow with the ports `parse_ports` found; the network header of an ICMP message,
+/// a later fragment or another protocol is filled all the same (for icmp.rs, fragment.rs, and
+/// the service address check of `device::no_frontend`), in a branch off the path of TCP and
+/// UDP.
 #[inline(always)]
 fn finish(
     ports: Result<(u16, u16, u8), Skip>,
@@ -329,7 +333,7 @@ fn finish(
             fill(ports);
             Ok(())
         }
-        Err(skip @ (Skip::Icmp | Skip::Fragment)) => {
+        Err(skip @ (Skip::Icmp | Skip::Fragment | Skip::OtherL4)) => {
             fill((0, 0, 0));
             Err(skip)
         }

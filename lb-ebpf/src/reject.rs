@@ -89,7 +89,7 @@ pub struct IcmpBucket {
 
 /// Takes one ICMP error from this CPU's allowance; false (counted) when there is none left.
 #[inline(always)]
-fn icmp_allowed() -> bool {
+pub fn icmp_allowed() -> bool {
     let Some(b) = ICMP_RATE.get_ptr_mut(0) else { return true };
     // SAFETY: this CPU's slot; programs do not preempt each other on one CPU.
     let b = unsafe { &mut *b };

@@ -56,6 +56,9 @@ pub trait Rewrite {
     /// The source a new flow with SNAT to `dst` takes, into `out` (`fib::snat_source`);
     /// `false` without a node address of the flow's family.
     fn snat_source(&self, flow: &Flow, dst: &Addr, out: &mut Addr) -> bool;
+    /// Whether the stack would forward the packet as it is to another host
+    /// (`fib::would_forward`).
+    fn would_forward(&self, flow: &Flow) -> bool;
     /// The device the packet is on (for monitor events).
     fn ifindex(&self) -> u32;
 }
@@ -156,6 +159,12 @@ impl Rewrite for Tc<'_> {
 
     fn can_forward(&self, _: &Flow, _: &Addr, _: &Addr) -> bool {
         true
+    }
+
+    fn would_forward(&self, flow: &Flow) -> bool {
+        // SAFETY: the context's skb, valid for the program's run.
+        let ifindex = unsafe { (*self.0.skb.skb).ingress_ifindex };
+        fib::would_forward(self.0.as_ptr(), ifindex, flow)
     }
 
     fn snat_source(&self, flow: &Flow, dst: &Addr, out: &mut Addr) -> bool {
@@ -335,6 +344,10 @@ impl Rewrite for Xdp<'_> {
 
     fn can_forward(&self, flow: &Flow, src: &Addr, dst: &Addr) -> bool {
         fib::xdp_can_tx(self.0, (flow.is_v6, flow.proto), src, dst)
+    }
+
+    fn would_forward(&self, flow: &Flow) -> bool {
+        fib::would_forward(self.0.as_ptr(), self.0.ingress_ifindex() as u32, flow)
     }
 
     fn snat_source(&self, flow: &Flow, dst: &Addr, out: &mut Addr) -> bool {

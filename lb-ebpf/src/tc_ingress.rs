@@ -10,6 +10,7 @@ use lb_common::STAT_TC_INGRESS_PACKETS;
 
 use crate::{
     device::{self, Action, Hook},
+    echo,
     fib::{self, Redirect},
     icmp, reject, rewrite, stats,
 };
@@ -36,8 +37,12 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
         // Called here, not from icmp.rs: its frame and the redirect's do not fit nested.
         Action::Icmp => match icmp::translate_error(ctx, hook) {
             Action::Redirect => send_on(ctx),
+            Action::Drop => TC_ACT_SHOT,
+            Action::Echo => echo::reply(ctx),
             _ => TC_ACT_OK,
         },
+        // Only an ICMP message is answered (above).
+        Action::Echo => TC_ACT_OK,
     }
 }
 

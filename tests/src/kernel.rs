@@ -65,6 +65,8 @@ pub struct Datapath {
     pub ebpf: Ebpf,
     sizes: MapSizes,
     writer: Option<Writer<KernelStore>>,
+    /// `--answer-service-pings` of the writer.
+    answer_service_pings: bool,
 }
 
 impl Datapath {
@@ -86,7 +88,7 @@ impl Datapath {
         // As the agent does at start (it skips the filters older builds, which the bench
         // loads, lack).
         lb_agent::dataplane::port_filters::enable(&mut ebpf).unwrap_or_else(|e| panic!("{e:#}"));
-        Self { ebpf, sizes, writer: None }
+        Self { ebpf, sizes, writer: None, answer_service_pings: true }
     }
 
     /// Runs a tc or XDP program once on `packet`; `Err` carries the kernel's refusal (for
@@ -212,6 +214,12 @@ impl Datapath {
             .unwrap_or_else(|e| panic!("test run of {name} on ifindex {ifindex}: {e}"))
     }
 
+    /// Sets the writer's `--answer-service-pings` (before anything is programmed).
+    pub fn answer_service_pings(&mut self, on: bool) {
+        assert!(self.writer.is_none(), "set before programming");
+        self.answer_service_pings = on;
+    }
+
     /// The writer over this datapath's maps (created on first use).
     pub fn writer(&mut self) -> &mut Writer<KernelStore> {
         if self.writer.is_none() {
@@ -219,6 +227,7 @@ impl Datapath {
             let cfg = WriterConfig {
                 maglev_max_size: maglev::DEFAULT_MAX_SIZE,
                 max_services: self.sizes.max_services,
+                answer_service_pings: self.answer_service_pings,
             };
             self.writer = Some(Writer::new(store, cfg).expect("writer"));
         }

@@ -92,7 +92,11 @@ fn setup() -> Setup {
     let mut dp = Datapath::load();
     let mut w = Writer::new(
         KernelStore::new(&dp.ebpf).unwrap(),
-        WriterConfig { maglev_max_size: maglev::DEFAULT_MAX_SIZE, max_services: 1024 },
+        WriterConfig {
+            maglev_max_size: maglev::DEFAULT_MAX_SIZE,
+            max_services: 1024,
+            answer_service_pings: true,
+        },
     )
     .unwrap();
     for plan in [

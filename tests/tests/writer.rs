@@ -18,8 +18,11 @@ use lb_tests::{
     require_root,
 };
 
-const CFG: WriterConfig =
-    WriterConfig { maglev_max_size: maglev::DEFAULT_MAX_SIZE, max_services: 1024 };
+const CFG: WriterConfig = WriterConfig {
+    maglev_max_size: maglev::DEFAULT_MAX_SIZE,
+    max_services: 1024,
+    answer_service_pings: true,
+};
 
 fn memory() -> MemoryStore {
     MemoryStore::new(1 << 18, 4096)

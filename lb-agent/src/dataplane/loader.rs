@@ -89,6 +89,7 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
         spec::<u32, u64>(MAP_POD_PORTS, PORT_SET_WORDS),
         spec::<u32, u64>(MAP_POD_REPLY_PORTS, PORT_SET_WORDS),
         spec::<u32, u64>(MAP_CLUSTER_IPS, PORT_SET_WORDS),
+        spec::<u32, u64>(MAP_EXTERNAL_IPS, PORT_SET_WORDS),
         // A ring buffer has no keys or values; its capacity is in bytes.
         MapSpec { name: MAP_EVENTS, key_size: 0, value_size: 0, max_entries: EVENTS_BYTES },
     ]
@@ -185,6 +186,7 @@ pub const READ_ONLY_MAPS: &[&str] = &[
     MAP_POD_PORTS,
     MAP_POD_REPLY_PORTS,
     MAP_CLUSTER_IPS,
+    MAP_EXTERNAL_IPS,
 ];
 
 /// Loads a private copy of the object whose read-only maps are the live pinned ones under

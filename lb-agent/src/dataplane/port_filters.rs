@@ -11,6 +11,9 @@
 //! - `LB_CLUSTER_IPS`, a set of address bits (`addr_bit`) rather than ports: the ClusterIPs.
 //!   `tc_from_pod` looks up whether a pod's packet to a port no frontend has is to a ClusterIP
 //!   (and refuses it) only when its destination's bit is set.
+//! - `LB_EXTERNAL_IPS`, address bits too: the addresses with an external marker (LoadBalancer
+//!   IPs, ExternalIPs). tc ingress and XDP look up whether a packet to a port no frontend has
+//!   is to one (and drop it) only when its destination's bit is set.
 //!
 //! Bits are only ever added: a flow whose backend or service is gone keeps its translation
 //! until it ends. A port is added before the map entry that makes it matter is written. The
@@ -23,10 +26,10 @@ use aya::{
 };
 use lb_common::{
     BE_F_LOCAL, BackendValue, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, MAP_BACKENDS, MAP_CLUSTER_IPS,
-    MAP_CONNTRACK, MAP_INGRESS_PORTS, MAP_OPTIONS, MAP_POD_PORTS, MAP_POD_REPLY_PORTS,
-    MAP_REPLY_PORTS, MAP_SERVICES, OPT_INGRESS_PORTS_READY, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN,
-    OPT_POD_PORTS_READY, OPT_REPLY_PORTS_READY, PORT_SET_WORDS, SCOPE_EXTERNAL, ServiceKey,
-    ServiceValue, addr_bit, nat_ports,
+    MAP_CONNTRACK, MAP_EXTERNAL_IPS, MAP_INGRESS_PORTS, MAP_OPTIONS, MAP_POD_PORTS,
+    MAP_POD_REPLY_PORTS, MAP_REPLY_PORTS, MAP_SERVICES, OPT_INGRESS_PORTS_READY, OPT_NAT_PORT_MAX,
+    OPT_NAT_PORT_MIN, OPT_POD_PORTS_READY, OPT_REPLY_PORTS_READY, PORT_SET_WORDS, SCOPE_EXTERNAL,
+    ServiceKey, ServiceValue, addr_bit, nat_ports,
 };
 
 use super::batch;
@@ -99,6 +102,7 @@ pub struct PortFilters {
     pod: Option<BitSet>,
     pod_reply: Option<BitSet>,
     cluster_ips: Option<BitSet>,
+    external_ips: Option<BitSet>,
 }
 
 impl PortFilters {
@@ -109,6 +113,7 @@ impl PortFilters {
             pod: BitSet::open(ebpf, MAP_POD_PORTS)?,
             pod_reply: BitSet::open(ebpf, MAP_POD_REPLY_PORTS)?,
             cluster_ips: BitSet::open(ebpf, MAP_CLUSTER_IPS)?,
+            external_ips: BitSet::open(ebpf, MAP_EXTERNAL_IPS)?,
         })
     }
 
@@ -128,15 +133,15 @@ impl PortFilters {
     }
 
     /// Adds `key`'s port: to the ingress set if it is an external frontend, else to the pod
-    /// set; a ClusterIP's marker (port 0, internal) adds its address to the ClusterIP set
-    /// instead (call before writing the entry).
+    /// set; an address marker (port 0) adds its address to the ClusterIP set (internal) or the
+    /// external address set instead (call before writing the entry).
     pub fn note_frontend(&mut self, key: &ServiceKey) -> Result<()> {
-        let (set, bit) = if key.scope == SCOPE_EXTERNAL {
-            (&mut self.ingress, u16::from_be(key.port_be))
-        } else if key.port_be == 0 {
-            (&mut self.cluster_ips, addr_bit(&key.addr))
-        } else {
-            (&mut self.pod, u16::from_be(key.port_be))
+        let external = key.scope == SCOPE_EXTERNAL;
+        let (set, bit) = match (key.port_be == 0, external) {
+            (true, true) => (&mut self.external_ips, addr_bit(&key.addr)),
+            (true, false) => (&mut self.cluster_ips, addr_bit(&key.addr)),
+            (false, true) => (&mut self.ingress, u16::from_be(key.port_be)),
+            (false, false) => (&mut self.pod, u16::from_be(key.port_be)),
         };
         set.as_mut().map_or(Ok(()), |set| set.add_bit(bit))
     }
@@ -172,6 +177,7 @@ pub struct Enabled {
     pub pod_ports: usize,
     pub pod_reply_ports: usize,
     pub cluster_ips: usize,
+    pub external_ips: usize,
 }
 
 /// Fills every set from the maps as they are (an upgrade from a build without them, or flows
@@ -184,7 +190,8 @@ pub struct Enabled {
 /// - pod ports: every internal frontend, the SNAT range, and the destination port of every
 ///   entry but a local backend's reply (as for the ingress ports);
 /// - pod reply ports: every backend, and the source port of every reply entry;
-/// - ClusterIPs: every ClusterIP's marker in `LB_SERVICES`.
+/// - ClusterIPs: every ClusterIP's marker in `LB_SERVICES`;
+/// - external addresses: every external marker there.
 ///
 /// Run at agent start, before or after attaching: until its option is set, the datapath does
 /// not filter on a set. Sets the object lacks are skipped.
@@ -232,6 +239,7 @@ pub fn enable(ebpf: &mut Ebpf) -> Result<Enabled> {
         (&filters.pod, OPT_POD_PORTS_READY, &mut enabled.pod_ports),
         (&filters.pod_reply, OPT_POD_PORTS_READY, &mut enabled.pod_reply_ports),
         (&filters.cluster_ips, OPT_POD_PORTS_READY, &mut enabled.cluster_ips),
+        (&filters.external_ips, OPT_INGRESS_PORTS_READY, &mut enabled.external_ips),
     ] {
         if let Some(set) = set {
             *count = set.len();

@@ -43,6 +43,8 @@ pub struct WriterConfig {
     pub maglev_max_size: u32,
     /// Service ids available (`--max-services`).
     pub max_services: u32,
+    /// Service addresses outside clients reach answer pings (`--answer-service-pings`).
+    pub answer_service_pings: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -76,8 +78,9 @@ struct TableState {
 #[derive(Clone, Debug)]
 struct PortState {
     service_id: u32,
-    /// ClusterIPs of this port, each holding a reference on its address marker.
-    markers: Vec<IpAddr>,
+    /// Address markers of this port's frontends (see [`marker_keys`]), each holding a
+    /// reference.
+    markers: Vec<ServiceKey>,
     /// Backend ids registered in LB_AFF_MATCH for this port (sessionAffinity only).
     affinity_members: BTreeSet<u32>,
     /// loadBalancerSourceRanges programmed for this port.
@@ -122,8 +125,8 @@ pub struct Writer<S: MapStore> {
     by_object: HashMap<ObjKey, BTreeSet<PortKey>>,
     /// Frontend -> service id of the port that owns it.
     frontend_owner: HashMap<ServiceKey, u32>,
-    /// ClusterIP address markers and how many service ports hold each.
-    markers: HashMap<IpAddr, u32>,
+    /// Address markers and how many service ports hold each.
+    markers: HashMap<ServiceKey, u32>,
     node: NodeConfig,
     stale: Option<Stale>,
     /// UDP endpoints service ports stopped using since the last [`Writer::take_stale_udp`].
@@ -169,6 +172,28 @@ fn frontend_key(f: &crate::model::plan::Frontend, proto: u8) -> ServiceKey {
         Scope::External => SCOPE_EXTERNAL,
     };
     ServiceKey::new(f.address, f.port, proto, scope)
+}
+
+/// The address markers (port 0, protocol 0) `frontends` need, each once: a ClusterIP's from
+/// pods and the host (internal: its other ports are refused), and every address outside
+/// clients reach but a NodePort's, which is the node's own (external: its other ports and
+/// protocols are dropped where the stack would send them back out).
+fn marker_keys<'a>(
+    frontends: impl Iterator<Item = &'a crate::model::plan::Frontend>,
+) -> Vec<ServiceKey> {
+    let mut keys: Vec<ServiceKey> = frontends
+        .filter_map(|f| {
+            match (f.scope, f.kind) {
+                (Scope::Internal, FrontendKind::ClusterIP) => Some(SCOPE_INTERNAL),
+                (Scope::External, kind) if kind != FrontendKind::NodePort => Some(SCOPE_EXTERNAL),
+                _ => None,
+            }
+            .map(|scope| ServiceKey::new(f.address, 0, 0, scope))
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 const ROLES: [BackendSet; 3] = [BackendSet::Internal, BackendSet::Cluster, BackendSet::External];
@@ -335,8 +360,7 @@ impl<S: MapStore> Writer<S> {
             }
         }
         for key in &stale.frontends {
-            let marker = key.port_be == 0 && key.proto == 0 && self.markers.contains_key(&key.ip());
-            if !self.frontend_owner.contains_key(key) && !marker {
+            if !self.frontend_owner.contains_key(key) && !self.markers.contains_key(key) {
                 self.store.delete_service(key)?;
             }
         }
@@ -544,16 +568,11 @@ impl<S: MapStore> Writer<S> {
             new_frontends.insert(*sk, value);
         }
 
-        // ClusterIP markers (refuse other ports of the address) and affinity memberships.
-        let mut markers: Vec<IpAddr> = frontends
-            .iter()
-            .filter(|(_, f)| f.kind == FrontendKind::ClusterIP)
-            .map(|(_, f)| f.address)
-            .collect();
-        markers.sort();
-        markers.dedup();
-        for ip in &markers {
-            self.acquire_marker(*ip)?;
+        // Address markers (other ports of the address are not sent off the node) and affinity
+        // memberships.
+        let markers = marker_keys(frontends.iter().map(|(_, f)| *f));
+        for key in &markers {
+            self.acquire_marker(key)?;
         }
         let affinity_members: BTreeSet<u32> = if plan.affinity_timeout_s.is_some() {
             wanted.keys().map(|a| self.backends[a].id).collect()
@@ -583,8 +602,8 @@ impl<S: MapStore> Writer<S> {
             for &backend_id in o.affinity_members.difference(&affinity_members) {
                 self.store.delete_affinity_match(&AffinityMatchKey { backend_id, service_id })?;
             }
-            for ip in &o.markers {
-                self.release_marker(*ip)?;
+            for key in &o.markers {
+                self.release_marker(key)?;
             }
         }
         for t in old_tables {
@@ -620,8 +639,8 @@ impl<S: MapStore> Writer<S> {
             self.store.delete_service(sk)?;
             self.frontend_owner.remove(sk);
         }
-        for ip in &old.markers {
-            self.release_marker(*ip)?;
+        for key in &old.markers {
+            self.release_marker(key)?;
         }
         for &backend_id in &old.affinity_members {
             self.store.delete_affinity_match(&AffinityMatchKey {
@@ -657,36 +676,33 @@ impl<S: MapStore> Writer<S> {
         Ok(())
     }
 
-    fn marker_key(ip: IpAddr) -> ServiceKey {
-        ServiceKey::new(ip, 0, 0, SCOPE_INTERNAL)
+    /// The marker `key` holds: external ones answer pings if so configured.
+    fn marker_value(&self, key: &ServiceKey) -> ServiceValue {
+        let ping = key.scope == SCOPE_EXTERNAL && self.cfg.answer_service_pings;
+        let flags = SVC_F_ADDR_MARKER | if ping { SVC_F_ANSWER_PING } else { 0 };
+        ServiceValue { flags, ..Default::default() }
     }
 
-    fn marker_value() -> ServiceValue {
-        ServiceValue { flags: SVC_F_ADDR_MARKER, ..Default::default() }
-    }
-
-    fn acquire_marker(&mut self, ip: IpAddr) -> Result<()> {
-        let count = self.markers.entry(ip).or_insert(0);
+    fn acquire_marker(&mut self, key: &ServiceKey) -> Result<()> {
+        let count = self.markers.entry(*key).or_insert(0);
         *count += 1;
         if *count == 1 {
-            let key = Self::marker_key(ip);
-            let present = self
-                .stale
-                .as_ref()
-                .is_some_and(|s| s.snapshot.services.get(&key) == Some(&Self::marker_value()));
+            let value = self.marker_value(key);
+            let present =
+                self.stale.as_ref().is_some_and(|s| s.snapshot.services.get(key) == Some(&value));
             if !present {
-                self.store.set_service(&key, &Self::marker_value())?;
+                self.store.set_service(key, &value)?;
             }
         }
         Ok(())
     }
 
-    fn release_marker(&mut self, ip: IpAddr) -> Result<()> {
-        if let Some(count) = self.markers.get_mut(&ip) {
+    fn release_marker(&mut self, key: &ServiceKey) -> Result<()> {
+        if let Some(count) = self.markers.get_mut(key) {
             *count -= 1;
             if *count == 0 {
-                self.markers.remove(&ip);
-                self.store.delete_service(&Self::marker_key(ip))?;
+                self.markers.remove(key);
+                self.store.delete_service(key)?;
             }
         }
         Ok(())
@@ -880,7 +896,7 @@ pub fn canonical(s: &Snapshot) -> Result<CanonicalDump> {
     let mut markers = BTreeSet::new();
     for (k, v) in &s.services {
         if v.flags & SVC_F_ADDR_MARKER != 0 {
-            markers.insert(k.ip());
+            markers.insert((k.ip(), k.scope, v.flags));
             continue;
         }
         let t = s
@@ -932,8 +948,8 @@ pub struct CanonicalDump {
     pub frontends: BTreeMap<ServiceKey, (u32, u32, u32, Vec<BackendAddr>)>,
     pub backends: BTreeSet<(IpAddr, u16, u8)>,
     pub unreferenced_tables: usize,
-    /// ClusterIP address markers.
-    pub markers: BTreeSet<IpAddr>,
+    /// Address markers: (address, scope, flags).
+    pub markers: BTreeSet<(IpAddr, u8, u32)>,
     /// Affinity memberships as (a frontend of the service, backend address, port).
     pub affinity: BTreeSet<(ServiceKey, IpAddr, u16)>,
     pub affinity_entries: usize,

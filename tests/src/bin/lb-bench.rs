@@ -157,6 +157,7 @@ fn control_plane() {
         WriterConfig {
             maglev_max_size: maglev::DEFAULT_MAX_SIZE,
             max_services: sizes.max_services,
+            answer_service_pings: true,
         },
     )
     .unwrap();
