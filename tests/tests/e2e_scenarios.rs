@@ -655,3 +655,59 @@ fn host_network_endpoints_answer_by_cluster_ip_from_pods_and_hosts_and_by_nodepo
         assert_eq!(&host_of(seen), want, "{name}");
     }
 }
+
+/// The packets a namespace forwarded so far (`Ip: ForwDatagrams` of its /proc/net/snmp).
+fn forwarded(ns: &lb_tests::netns::NetNs) -> u64 {
+    let out = ns.exec("cat", &["/proc/net/snmp"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().expect("Ip header"), ip.next().expect("Ip values"));
+    let at = names.split_whitespace().position(|n| n == "ForwDatagrams").expect("ForwDatagrams");
+    values.split_whitespace().nth(at).and_then(|v| v.parse().ok()).expect("a count")
+}
+
+/// A LoadBalancer IP behaves like an address a host owns: it answers pings, and a port no
+/// service has is dropped on the node. Before, such packets went back out by the node's
+/// routes; where the default route leads to the router that sent them (here a second client
+/// is that router), they looped between the two until their TTL ran out.
+#[test]
+fn a_load_balancer_ip_answers_pings_and_its_unknown_ports_do_not_loop() {
+    require_root!();
+    let cluster = Cluster::new(1, 1, 2);
+    let eps = pods(&cluster, false);
+    let lb = svc(
+        "vip",
+        &["10.96.0.90"],
+        Some(30090),
+        "  type: LoadBalancer\n",
+        "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.90\n",
+    );
+    let run = Running::start(cluster, &[("lb.yaml", lb.file(&eps))]);
+    let (client, router, node) =
+        (&run.cluster.clients[0], &run.cluster.clients[1], &run.cluster.nodes[0]);
+    client.ns.ip(&["route", "add", "198.51.100.90/32", "via", "10.230.0.101"]);
+    router.ns.ip(&["route", "add", "198.51.100.90/32", "via", "10.230.0.10"]);
+    router.ns.sysctl("net.ipv4.ip_forward", "1");
+    router.ns.sysctl("net.ipv4.conf.all.send_redirects", "0");
+    router.ns.sysctl("net.ipv4.conf.eth0.send_redirects", "0");
+    node.ns.ip(&["route", "add", "default", "via", "10.230.0.101"]);
+
+    let pings =
+        run.from_client(0, &["ping", "198.51.100.90", "--count", "3", "--timeout-ms", "500"]);
+    // TTL 64 from the node, one less through the router.
+    assert_eq!(pings, ["ok 198.51.100.90 ttl=63"; 3], "answered by the node, from the VIP");
+    assert_eq!(run.counter(0, "echo_reply"), 3);
+    // The service's port works.
+    all_ok(&parse_probe(&run.from_client(0, &["connect", "198.51.100.90:80", "--count", "3"])));
+
+    let before = forwarded(&router.ns);
+    let t = Instant::now();
+    let tcp = run.from_client(0, &["connect", "198.51.100.90:81", "--timeout-ms", "300"]);
+    let udp = run.from_client(0, &["connect", "198.51.100.90:81", "--udp", "--timeout-ms", "300"]);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!([tcp[0].as_str(), udp[0].as_str()], ["err TIMEOUT"; 2], "no answer");
+    assert_eq!(forwarded(&router.ns) - before, 2, "each forwarded once, none came back");
+    assert_eq!(run.counter(0, "drop_unknown_port"), 2, "the SYN and the datagram");
+    let e = run.lbctl_json(0, &["explain", "10.230.0.100:45000", "198.51.100.90:81"]);
+    assert!(e["verdict"].as_str().unwrap_or_default().starts_with("drop"), "{e}");
+}

@@ -25,6 +25,10 @@
 //! `lb-probe session ADDR --rounds N --interval-ms M [--size B]` keeps one TCP connection open
 //! and exchanges a line (of B bytes) every M ms (the server echoes after its greeting); prints
 //! `ok <server name> <rounds>` or `err <error> after <rounds>`.
+//!
+//! `lb-probe ping ADDR [--count N] [--timeout-ms T]` sends ICMP or ICMPv6 echo requests (a raw
+//! socket: root) and prints a line per request: `ok <address the reply came from>` with
+//! ` ttl=<TTL>` for IPv4, or `err TIMEOUT`.
 
 use std::{
     io::{Read, Write},
@@ -40,6 +44,7 @@ fn main() {
         Some("session") => session(&args[1..]),
         Some("udp-session") => udp_session(&args[1..]),
         Some("load") => load(&args[1..]),
+        Some("ping") => ping(&args[1..]),
         _ => {
             eprintln!(
                 "usage: lb-probe serve --name N [--tcp ADDR].. [--udp ADDR].. | connect ADDR [--udp] [--count N] [--timeout-ms T]"
@@ -192,6 +197,68 @@ fn tcp_once(target: SocketAddr, timeout: Duration, reset: bool) -> std::io::Resu
         return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no greeting"));
     }
     Ok(format!("ok {} {peer}", reply.trim()))
+}
+
+fn ping(args: &[String]) {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let target: std::net::IpAddr = args.first().and_then(|a| a.parse().ok()).expect("ping ADDR");
+    let count: u16 = flag(args, "--count").first().and_then(|c| c.parse().ok()).unwrap_or(1);
+    let timeout = Duration::from_millis(
+        flag(args, "--timeout-ms").first().and_then(|c| c.parse().ok()).unwrap_or(1000),
+    );
+    let v4 = target.is_ipv4();
+    let (domain, proto, request, reply) = if v4 {
+        (Domain::IPV4, Protocol::ICMPV4, 8u8, 0u8)
+    } else {
+        (Domain::IPV6, Protocol::ICMPV6, 128, 129)
+    };
+    let sock = Socket::new(domain, Type::RAW, Some(proto)).expect("raw ICMP socket (root)");
+    let id = (std::process::id() as u16).to_be_bytes();
+    for seq in 0..count {
+        let seq = seq.to_be_bytes();
+        let mut msg = vec![request, 0, 0, 0, id[0], id[1], seq[0], seq[1]];
+        msg.extend_from_slice(b"lb-probe");
+        if v4 {
+            // ICMPv6's checksum the kernel fills in (it covers a pseudo-header).
+            let sum = !internet_sum(&msg);
+            msg[2..4].copy_from_slice(&sum.to_be_bytes());
+        }
+        sock.send_to(&msg, &SockAddr::from(SocketAddr::new(target, 0))).expect("send");
+        let deadline = std::time::Instant::now() + timeout;
+        let line = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break "err TIMEOUT".to_owned();
+            }
+            sock.set_read_timeout(Some(left)).expect("timeout");
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+            let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
+            // SAFETY: recv_from initialised the first n bytes.
+            let buf: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+            // An IPv4 raw socket hands over the IP header too.
+            let (icmp, ttl) = if v4 {
+                let ihl = (buf[0] & 0x0f) as usize * 4;
+                (&buf[ihl.min(n)..], format!(" ttl={}", buf[8]))
+            } else {
+                (&buf[..], String::new())
+            };
+            if icmp.len() >= 8 && icmp[0] == reply && icmp[4..6] == id && icmp[6..8] == seq {
+                let from = from.as_socket().map(|s| s.ip().to_string()).unwrap_or_default();
+                break format!("ok {from}{ttl}");
+            }
+        };
+        println!("{line}");
+    }
+}
+
+/// The 16-bit one's complement sum of `bytes` (RFC 1071).
+fn internet_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 =
+        bytes.chunks(2).map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
 }
 
 fn session(args: &[String]) {
