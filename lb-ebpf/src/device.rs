@@ -61,7 +61,8 @@ pub enum Action {
     /// (tc ingress; XDP passes such packets on to tc).
     Reject,
     /// An ICMP message (tc; XDP passes them on): an error about a tracked flow gets its
-    /// translation (`icmp.rs`; the outer header is parsed in `maps::FLOW`).
+    /// translation (`icmp.rs`; the outer header is parsed in `maps::FLOW`), anything else
+    /// goes to `other_icmp` (`icmp::translate_error` answers `Icmp` again for those).
     Icmp,
     /// An ICMP echo request to a service address that answers pings: answered (tc, `echo.rs`;
     /// XDP passes it on).
@@ -129,6 +130,21 @@ fn unknown_port<R: Rewrite>(pkt: &R, flow: &Flow, len: u32) -> Action {
         len,
     );
     Action::Reject
+}
+
+/// An ICMP message tc met that is no error about a tracked flow (`icmp::translate_error`):
+/// on ingress, for `no_frontend` (to a service address: dropped, or an echo request answered);
+/// elsewhere passed.
+#[inline(always)]
+pub fn other_icmp<R: Rewrite>(pkt: &R, len: u32, hook: Hook) -> Action {
+    let Some(flow) = FLOW.get_ptr(0) else { return Action::Pass };
+    // SAFETY: this CPU's slot, filled for this packet by `handle`.
+    let flow = unsafe { &*flow };
+    if hook == Hook::TcIngress {
+        return no_frontend(pkt, flow, len, hook, STAT_OTHER_L4);
+    }
+    stats::count(STAT_OTHER_L4);
+    Action::Pass
 }
 
 /// A packet from outside that no frontend takes (ingress hooks; `miss` is the counter it
@@ -281,7 +297,17 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
         Err(Skip::Icmp) if hook != Hook::Xdp && hook != Hook::FromPod => return Ok(Action::Icmp),
         // XDP hands later fragments to tc, untouched.
         Err(Skip::Fragment) if hook != Hook::Xdp => {
-            return Ok(later_fragment(pkt, flow, len, hook));
+            return Ok(match later_fragment(pkt, flow, len, hook) {
+                Some(action) => action,
+                // Its first fragment was not translated: dropped with it if to a service
+                // address. (Called here, where the hook is a constant: from `later_fragment`,
+                // 6.1 found the chain of frames to a drop's monitor event over 512 bytes.)
+                None if hook == Hook::TcIngress => no_frontend(pkt, flow, len, hook, STAT_FRAGMENT),
+                None => {
+                    stats::count(STAT_FRAGMENT);
+                    Action::Pass
+                }
+            });
         }
         // A protocol no frontend has (GRE, SCTP, ESP...), maybe to a service address.
         Err(Skip::OtherL4) if matches!(hook, Hook::TcIngress | Hook::Xdp) => {
@@ -374,25 +400,23 @@ fn tracked<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Option
 
 /// A fragment after the first (tc): its datagram's flow, through the ports the first
 /// fragment left (`fragment.rs`), gets its translation; the conntrack entry is only read
-/// (no TCP flags here).
+/// (no TCP flags here). `None`: the first fragment left no ports (it was not translated).
 #[inline(never)]
-fn later_fragment<R: Rewrite>(pkt: &mut R, flow: &mut Flow, len: u32, hook: Hook) -> Action {
-    let Some(ports) = fragment::ports(flow) else {
-        // Its first fragment was not translated: dropped with it if to a service address.
-        if hook == Hook::TcIngress {
-            return no_frontend(pkt, flow, len, hook, STAT_FRAGMENT);
-        }
-        stats::count(STAT_FRAGMENT);
-        return Action::Pass;
-    };
+fn later_fragment<R: Rewrite>(
+    pkt: &mut R,
+    flow: &mut Flow,
+    len: u32,
+    hook: Hook,
+) -> Option<Action> {
+    let ports = fragment::ports(flow)?;
     (flow.sport_be, flow.dport_be, flow.proto) = (ports.sport_be, ports.dport_be, ports.proto);
     let Some(ct) = conntrack::lookup(flow.ct_key(), 0) else {
         stats::count(STAT_FRAGMENT);
-        return Action::Pass;
+        return Some(Action::Pass);
     };
     stats::count(STAT_FRAGMENT_TRANSLATED);
     stats::count_service(ct.service_id, len);
-    apply(pkt, flow, ct, hook, len)
+    Some(apply(pkt, flow, ct, hook, len))
 }
 
 /// The frontend of a flow's destination. A subprogram: its key stays off the program's own

@@ -22,13 +22,12 @@
 
 use aya_ebpf::programs::TcContext;
 use lb_common::{
-    Addr, CT_F_SNAT, CtKey, PROTO_TCP, PROTO_UDP, STAT_ICMP_ERROR_TRANSLATED, STAT_OTHER_L4,
-    addr_from_v4_raw,
+    Addr, CT_F_SNAT, CtKey, PROTO_TCP, PROTO_UDP, STAT_ICMP_ERROR_TRANSLATED, addr_from_v4_raw,
 };
 
 use crate::{
     conntrack, csum,
-    device::{self, Action, Hook},
+    device::{Action, Hook},
     maps::FLOW,
     packet::{self, Bounds, Flow},
     rewrite::{self, ports_word},
@@ -62,10 +61,10 @@ struct Quoted {
 }
 
 /// Handles an ICMP message tc ingress or egress met (the outer header is parsed in `FLOW`).
-/// Anything but an error about a tracked flow passes untouched, but on ingress a message to a
-/// service address (`device::no_frontend`: dropped, or an echo request answered). `Redirect`:
-/// translated, bound for a client through a SNATed flow, to be sent on as that flow's replies
-/// are.
+/// `Redirect`: translated, bound for a client through a SNATed flow, to be sent on as that
+/// flow's replies are. `Icmp`: not an error about a tracked flow, untouched, for the caller
+/// (`device::other_icmp`; called there, where the hook is a constant: from here, 6.1 found
+/// the chain of frames to a drop's monitor event over 512 bytes).
 #[inline(never)]
 pub fn translate_error(ctx: &TcContext, hook: Hook) -> Action {
     let Some(flow) = FLOW.get_ptr(0) else { return Action::Pass };
@@ -76,13 +75,7 @@ pub fn translate_error(ctx: &TcContext, hook: Hook) -> Action {
             stats::count(STAT_ICMP_ERROR_TRANSLATED);
             if snat && !hook.is_egress() { Action::Redirect } else { Action::Pass }
         }
-        Err(()) if hook == Hook::TcIngress => {
-            device::no_frontend(&rewrite::Tc(ctx), flow, ctx.len(), hook, STAT_OTHER_L4)
-        }
-        Err(()) => {
-            stats::count(STAT_OTHER_L4);
-            Action::Pass
-        }
+        Err(()) => Action::Icmp,
     }
 }
 

@@ -37,8 +37,11 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
         // Called here, not from icmp.rs: its frame and the redirect's do not fit nested.
         Action::Icmp => match icmp::translate_error(ctx, hook) {
             Action::Redirect => send_on(ctx),
-            Action::Drop => TC_ACT_SHOT,
-            Action::Echo => echo::reply(ctx),
+            Action::Icmp => match device::other_icmp(&rewrite::Tc(ctx), ctx.len(), hook) {
+                Action::Drop => TC_ACT_SHOT,
+                Action::Echo => echo::reply(ctx),
+                _ => TC_ACT_OK,
+            },
             _ => TC_ACT_OK,
         },
         // Only an ICMP message is answered (above).

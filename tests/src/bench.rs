@@ -150,6 +150,11 @@ fn datapath_sized(n: usize, object: Option<&[u8]>, max_conntrack: u32) -> Datapa
 /// Prints the table; with `baseline` (another build's ELF object) every path is also measured
 /// in that build, interleaved with this one, and a second table gives their ratios.
 pub fn datapath(baseline: Option<&[u8]>) {
+    // One thread, warm, in a namespace without routes (as the kernel tests run).
+    crate::kernel::in_quiet_netns(|| datapath_here(baseline))
+}
+
+fn datapath_here(baseline: Option<&[u8]>) {
     println!(
         "datapath bench: ns per packet, median of {RUNS} single BPF_PROG_TEST_RUN runs after {WARMUP} warm-up runs (kernel-reported), every verdict checked"
     );
@@ -428,6 +433,10 @@ pub fn fill_conntrack_half_ended(ebpf: &mut aya::Ebpf) {
 /// against the same map after a sweep removed those (packet by packet, alternating). Without
 /// the sweep every new flow's two inserts make the LRU evict; after it they take free entries.
 pub fn first_packet_after_sweep() {
+    crate::kernel::in_quiet_netns(first_packet_after_sweep_here)
+}
+
+fn first_packet_after_sweep_here() {
     let size = DEFAULT_MAX_CONNTRACK;
     let mut dps = [datapath_sized(1, None, size), datapath_sized(1, None, size)];
     for dp in &mut dps {
@@ -452,6 +461,10 @@ pub fn first_packet_after_sweep() {
 }
 
 pub fn profile(path: &str, secs: u64) {
+    crate::kernel::in_quiet_netns(|| profile_here(path, secs))
+}
+
+fn profile_here(path: &str, secs: u64) {
     let dp = datapath_with(1, None);
     let miss = tcp4(CLIENT, 5555, Ipv4Addr::new(10, 250, 0, 1), 443, false, b"");
     dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 7, NODE, 30080, true, b""));

@@ -25,6 +25,42 @@ use lb_common::{
     BackendValue, MAP_BACKENDS, MAP_SERVICES, STAT_NAMES, ServiceKey, ServiceStats, ServiceValue,
 };
 
+/// Runs `f` in a network namespace of this process with no device up and no route when the
+/// calling thread is in the process's own namespace (the machine's), else (a test's namespace,
+/// such as a `RoutedNode`'s) where it is. The programs' route lookups then find nothing,
+/// whatever the machine's routes and forwarding: a service address's unknown port, say, is
+/// dropped only where the node would forward it. The namespace is anonymous (held by an fd):
+/// it goes with the process.
+pub fn in_quiet_netns<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::fs::MetadataExt;
+    static QUIET: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+    let ino = |p: &str| std::fs::metadata(p).map(|m| m.ino()).ok();
+    if ino("/proc/thread-self/ns/net") != ino("/proc/self/ns/net") {
+        return f();
+    }
+    let quiet = QUIET.get_or_init(|| {
+        std::thread::spawn(|| {
+            // SAFETY: unshare affects only this thread, which ends here.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+            OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").expect("its namespace"))
+        })
+        .join()
+        .expect("a quiet namespace")
+    });
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a valid namespace fd affects only this thread.
+            let rc = unsafe { libc::setns(quiet.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+}
+
 /// Room a program may add to a packet (encapsulation, options) in the output buffer.
 const OUTPUT_HEADROOM: usize = 256;
 
@@ -112,13 +148,14 @@ impl Datapath {
             ctx_in: ctx,
             ..Default::default()
         };
-        let result = match self.ebpf.program(name) {
+        let program = self.ebpf.program(name);
+        let run = move || match program {
             Some(Program::SchedClassifier(p)) => p.test_run(opts),
             Some(Program::Xdp(p)) => p.test_run(opts),
             Some(_) => panic!("{name} cannot be test-run"),
             None => panic!("object has no program {name}"),
-        }
-        .map_err(|e| format!("{e:?}"))?;
+        };
+        let result = in_quiet_netns(run).map_err(|e| format!("{e:?}"))?;
         out.truncate(result.data_size_out as usize);
         Ok(RunOutput {
             verdict: result.return_value as i32,

@@ -226,3 +226,45 @@ fn udp_endpoints_no_longer_in_use_are_reported_for_the_conntrack_flush() {
     gone.sort();
     assert_eq!(gone, [stale(b), stale(c)]);
 }
+
+/// Address markers: a ClusterIP's (internal), and one for every address outside clients reach
+/// but a NodePort's (external; answering pings as configured), held while any service port
+/// uses the address, rewritten when a restarted agent answers pings otherwise.
+#[test]
+fn address_markers_follow_the_addresses_services_use() {
+    use lb_agent::model::plan::Protocol;
+    use lb_common::{SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_ADDR_MARKER, SVC_F_ANSWER_PING};
+    use lb_tests::plans::lb_plan;
+    let markers =
+        |w: &Writer<MemoryStore>| canonical(&w.store().snapshot().unwrap()).unwrap().markers;
+    let (internal, external) = (SVC_F_ADDR_MARKER, SVC_F_ADDR_MARKER | SVC_F_ANSWER_PING);
+    let mut w = Writer::new(memory(), CFG).unwrap();
+    let web = simple_plan("web", ip("10.96.0.10"), ip("192.168.1.11"), 30080, backends(2));
+    w.apply_object(&ObjKey::new("default", "web"), &[web]).unwrap();
+    assert_eq!(
+        markers(&w).into_iter().collect::<Vec<_>>(),
+        [(ip("10.96.0.10"), SCOPE_INTERNAL, internal)],
+        "the ClusterIP's; none for the NodePort's node address"
+    );
+    // One LoadBalancer IP, two services on it (ports 80 and 443).
+    let (a, b) = (ObjKey::new("default", "a"), ObjKey::new("default", "b"));
+    let vip = ip("198.51.100.1");
+    w.apply_object(&a, &[lb_plan("a", vip, 80, Protocol::Tcp, backends(1))]).unwrap();
+    w.apply_object(&b, &[lb_plan("b", vip, 443, Protocol::Tcp, backends(1))]).unwrap();
+    assert!(markers(&w).contains(&(vip, SCOPE_EXTERNAL, external)), "{:?}", markers(&w));
+    assert!(!markers(&w).iter().any(|m| m.0 == vip && m.1 == SCOPE_INTERNAL));
+    w.apply_object(&a, &[]).unwrap();
+    assert!(markers(&w).contains(&(vip, SCOPE_EXTERNAL, external)), "b still uses it");
+
+    // A restart with pings not answered: the same marker, rewritten without the flag.
+    let quiet = WriterConfig { answer_service_pings: false, ..CFG };
+    let mut w2 = Writer::new(w.store().clone(), quiet).unwrap();
+    let web = simple_plan("web", ip("10.96.0.10"), ip("192.168.1.11"), 30080, backends(2));
+    w2.apply_object(&ObjKey::new("default", "web"), &[web]).unwrap();
+    w2.apply_object(&b, &[lb_plan("b", vip, 443, Protocol::Tcp, backends(1))]).unwrap();
+    w2.finish_initial_sync().unwrap();
+    assert!(markers(&w2).contains(&(vip, SCOPE_EXTERNAL, SVC_F_ADDR_MARKER)), "{:?}", markers(&w2));
+    assert_eq!(markers(&w2).len(), 2);
+    w2.apply_object(&b, &[]).unwrap();
+    assert_eq!(markers(&w2).len(), 1, "only the ClusterIP's left: {:?}", markers(&w2));
+}

@@ -15,7 +15,7 @@ use crate::util::{run_cmd, succeeds, workspace_root};
 
 /// The release upgraded from: the last commit of the previous working session. Move it forward
 /// when a release is cut.
-pub const UPGRADE_FROM: &str = "47b79ac9a7d81b67ce28e6f4923a3430a8ce1233";
+pub const UPGRADE_FROM: &str = "db4e8075d9da8f2081693057694f90884e6dce1a";
 
 fn git(args: &[&str]) -> Command {
     let mut cmd = Command::new("git");
