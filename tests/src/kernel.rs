@@ -29,36 +29,43 @@ use lb_common::{
 /// calling thread is in the process's own namespace (the machine's), else (a test's namespace,
 /// such as a `RoutedNode`'s) where it is. The programs' route lookups then find nothing,
 /// whatever the machine's routes and forwarding: a service address's unknown port, say, is
-/// dropped only where the node would forward it. The namespace is anonymous (held by an fd):
-/// it goes with the process.
-pub fn in_quiet_netns<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+/// dropped only where the node would forward it. The thread moves there and back (two
+/// setns calls); the namespace is anonymous (held by an fd): it goes with the process.
+pub fn in_quiet_netns<R>(f: impl FnOnce() -> R) -> R {
     use std::os::fd::{AsRawFd, OwnedFd};
     use std::os::unix::fs::MetadataExt;
     static QUIET: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
-    let ino = |p: &str| std::fs::metadata(p).map(|m| m.ino()).ok();
-    if ino("/proc/thread-self/ns/net") != ino("/proc/self/ns/net") {
+    let ns = |p: &str| std::fs::File::open(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let ino = |f: &std::fs::File| f.metadata().map(|m| m.ino()).ok();
+    let home = ns("/proc/thread-self/ns/net");
+    if ino(&home) != ino(&ns("/proc/self/ns/net")) {
         return f();
     }
     let quiet = QUIET.get_or_init(|| {
-        std::thread::spawn(|| {
+        std::thread::spawn(move || {
             // SAFETY: unshare affects only this thread, which ends here.
             let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
-            OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net").expect("its namespace"))
+            OwnedFd::from(ns("/proc/thread-self/ns/net"))
         })
         .join()
         .expect("a quiet namespace")
     });
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on a valid namespace fd affects only this thread.
-            let rc = unsafe { libc::setns(quiet.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    })
+    let enter = |fd: i32| {
+        // SAFETY: setns on a valid namespace fd affects only this thread.
+        let rc = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    };
+    /// Takes the thread home however `f` ends.
+    struct Home<'a>(std::fs::File, &'a dyn Fn(i32));
+    impl Drop for Home<'_> {
+        fn drop(&mut self) {
+            (self.1)(self.0.as_raw_fd());
+        }
+    }
+    enter(quiet.as_raw_fd());
+    let _home = Home(home, &enter);
+    f()
 }
 
 /// Room a program may add to a packet (encapsulation, options) in the output buffer.

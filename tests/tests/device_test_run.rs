@@ -495,13 +495,13 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
             assert!(backends.contains(&s.dst), "{prog} run {i}: translated to {}", s.dst);
         }
         let deltas = stat_deltas(&before, &dp.stats());
-        // A new flow counts service_hit and ct_new: the outcome is ct_new. A refusal the ICMP
-        // allowance stopped counts icmp_rate_limited too: the outcome is the refusal.
-        let outcomes: u64 = deltas
-            .iter()
-            .filter(|(n, _)| ![packets_counter, "service_hit", "icmp_rate_limited"].contains(n))
-            .map(|(_, d)| d)
-            .sum();
+        // A new flow counts service_hit and ct_new: the outcome is ct_new (and one that
+        // replaced an expired entry, ct_expired too: a slow machine, such as the emulated 6.1,
+        // sees closing flows' 10 s run out mid-test). A refusal the ICMP allowance stopped
+        // counts icmp_rate_limited too: the outcome is the refusal.
+        let annotations = [packets_counter, "service_hit", "icmp_rate_limited", "ct_expired"];
+        let outcomes: u64 =
+            deltas.iter().filter(|(n, _)| !annotations.contains(n)).map(|(_, d)| d).sum();
         assert!(ran > runs as u64 / 2, "{prog}: only {ran} of {runs} runs accepted");
         assert_eq!(outcomes, ran, "{prog}: each packet lands in exactly one outcome: {deltas:?}");
     }

@@ -313,3 +313,25 @@ fn a_packet_too_big_for_its_route_is_reported_with_the_mtu_and_the_flow() {
         "the flow's translation"
     );
 }
+
+#[test]
+fn a_dropped_packet_to_a_service_addresss_unknown_port_is_reported_without_a_service() {
+    require_root!();
+    // The node forwards, by a default route: the drop's condition.
+    let node = RoutedNode::new();
+    let dp = datapath();
+    let mut ring = ring(&dp);
+    let _held = lease(&dp, &[Kind::Drop]).unwrap();
+    let p = tcp4(CLIENT, 6001, VIP, 9999, true, b"");
+    assert_eq!(node.run_tc(&dp, &p, 0).verdict, TC_ACT_SHOT);
+    let events = drain(&mut ring);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = events[0];
+    assert_eq!(
+        (e.kind, e.reason, e.hook, e.service_id),
+        (EVENT_DROP, STAT_DROP_UNKNOWN_PORT, HOOK_TC_INGRESS, EVENT_NO_SERVICE)
+    );
+    assert_eq!((e.daddr, e.dport_be, e.ifindex), (addr(VIP), 9999u16.to_be(), node.n0));
+    let v = monitor::view(&e, &LoNames, 0);
+    assert!(v.why.starts_with("no such port or protocol on this service address"), "{}", v.why);
+}
