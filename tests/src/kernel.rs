@@ -34,37 +34,49 @@ use lb_common::{
 pub fn in_quiet_netns<R>(f: impl FnOnce() -> R) -> R {
     use std::os::fd::{AsRawFd, OwnedFd};
     use std::os::unix::fs::MetadataExt;
-    static QUIET: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
-    let ns = |p: &str| std::fs::File::open(p).unwrap_or_else(|e| panic!("{p}: {e}"));
-    let ino = |f: &std::fs::File| f.metadata().map(|m| m.ino()).ok();
-    let home = ns("/proc/thread-self/ns/net");
-    if ino(&home) != ino(&ns("/proc/self/ns/net")) {
-        return f();
+    fn open(p: &str) -> std::fs::File {
+        std::fs::File::open(p).unwrap_or_else(|e| panic!("{p}: {e}"))
     }
+    fn enter(fd: i32) {
+        // SAFETY: setns on a valid namespace fd affects only this thread.
+        let rc = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+    static QUIET: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+    thread_local! {
+        /// This thread's namespace if it is the process's own (a thread keeps the namespace
+        /// it starts in: tests enter others on threads of their own), asked once.
+        static HOME: Option<OwnedFd> = {
+            let (home, own) = (open("/proc/thread-self/ns/net"), open("/proc/self/ns/net"));
+            let ino = |f: &std::fs::File| f.metadata().map(|m| m.ino()).ok();
+            (ino(&home) == ino(&own)).then(|| OwnedFd::from(home))
+        };
+        /// In the quiet namespace now (a caller wrapped a whole loop).
+        static INSIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    /// Takes the thread home however `f` ends.
+    struct Home(i32);
+    impl Drop for Home {
+        fn drop(&mut self) {
+            enter(self.0);
+            INSIDE.set(false);
+        }
+    }
+    let home = HOME.with(|h| h.as_ref().map(|fd| fd.as_raw_fd()));
+    let Some(home) = home.filter(|_| !INSIDE.get()) else { return f() };
     let quiet = QUIET.get_or_init(|| {
-        std::thread::spawn(move || {
+        std::thread::spawn(|| {
             // SAFETY: unshare affects only this thread, which ends here.
             let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
-            OwnedFd::from(ns("/proc/thread-self/ns/net"))
+            OwnedFd::from(open("/proc/thread-self/ns/net"))
         })
         .join()
         .expect("a quiet namespace")
     });
-    let enter = |fd: i32| {
-        // SAFETY: setns on a valid namespace fd affects only this thread.
-        let rc = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-    };
-    /// Takes the thread home however `f` ends.
-    struct Home<'a>(std::fs::File, &'a dyn Fn(i32));
-    impl Drop for Home<'_> {
-        fn drop(&mut self) {
-            (self.1)(self.0.as_raw_fd());
-        }
-    }
     enter(quiet.as_raw_fd());
-    let _home = Home(home, &enter);
+    INSIDE.set(true);
+    let _home = Home(home);
     f()
 }
 

@@ -203,14 +203,21 @@ pub fn agent_filters_present(ifindex: u32, role: TcRole) -> bool {
 }
 
 /// Whether the agent's filter (its priority and handle) is on `ifindex`'s clsact hook `dir`.
-/// When the kernel cannot be asked, says so and answers yes: attaching again would not help.
+/// When the kernel cannot be asked, says so (once a minute at most: the agent asks every 2 s,
+/// and a kernel that would not answer will not answer the next time either) and answers yes:
+/// attaching again would not help.
 fn agent_filter_present(ifindex: u32, dir: TcAttachType) -> bool {
+    static LAST_WARNING: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
     match super::tc_query::bpf_filters(ifindex, dir) {
         Ok(filters) => filters
             .iter()
             .any(|f| f.priority == FILTER_PRIORITY && f.handle == u32::from(FILTER_HANDLE)),
         Err(e) => {
-            warn!(ifindex, "listing a device's tc filters: {e:#}");
+            let mut last = LAST_WARNING.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
+                *last = Some(std::time::Instant::now());
+                warn!(ifindex, "listing a device's tc filters (said once a minute): {e:#}");
+            }
             true
         }
     }
