@@ -434,6 +434,14 @@ impl Datapath {
 
     /// A global counter (`STAT_*`), summed over CPUs.
     /// Whether the port set `map` has `port` (what the datapath checks before its lookups).
+    /// Clears the word of the bit set `map` that holds `bit`, as an object without the set (an
+    /// upgrade) leaves it.
+    pub fn clear_set_word(&mut self, map: &str, bit: u16) {
+        let mut set: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut(map).expect("map")).expect("array");
+        set.set(u32::from(bit / 64), 0, 0).expect("clear the word");
+    }
+
     pub fn port_set(&self, map: &str, port: u16) -> bool {
         let map: aya::maps::Array<&aya::maps::MapData, u64> =
             aya::maps::Array::try_from(self.ebpf.map(map).expect("map")).expect("array");

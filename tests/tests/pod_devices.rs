@@ -243,10 +243,7 @@ fn a_clusterip_refuses_a_pods_packets_to_a_port_it_has_no_service_for() {
     // The pod address (of this node's range) whose bit is the ClusterIP's: passes untouched.
     let bit = addr_bit(&addr_from_ip(CLUSTER_IP.into()));
     assert!(dp.port_set(MAP_CLUSTER_IPS, bit), "the ClusterIP's bit is set");
-    let twin = (0..=u16::MAX)
-        .map(|i| Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8))
-        .find(|a| addr_bit(&addr_from_ip((*a).into())) == bit)
-        .expect("a /16 holds every bit");
+    let twin = same_bit_in(CLUSTER_IP.into(), 10, 1);
     let other = tcp4(CLIENT_POD, 40008, twin, 9999, true, b"");
     assert_eq!(dp.run(PROG_TC_FROM_POD, &other).packet, other, "{twin} is no ClusterIP");
     // The service's own port still works.
@@ -256,9 +253,7 @@ fn a_clusterip_refuses_a_pods_packets_to_a_port_it_has_no_service_for() {
 
     // An agent starting over maps without the set (an upgrade) fills it from the ClusterIPs'
     // marker entries before the datapath trusts it.
-    let mut set: aya::maps::Array<&mut aya::maps::MapData, u64> =
-        aya::maps::Array::try_from(dp.ebpf.map_mut(MAP_CLUSTER_IPS).expect("map")).unwrap();
-    set.set(u32::from(bit / 64), 0, 0).unwrap();
+    dp.clear_set_word(MAP_CLUSTER_IPS, bit);
     assert!(!dp.port_set(MAP_CLUSTER_IPS, bit));
     let seeded = lb_agent::dataplane::port_filters::enable(&mut dp.ebpf).expect("enable");
     assert_eq!(seeded.cluster_ips, 3, "three ClusterIPs");
