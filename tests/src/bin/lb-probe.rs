@@ -220,7 +220,7 @@ fn ping(args: &[String]) {
         msg.extend_from_slice(b"lb-probe");
         if v4 {
             // ICMPv6's checksum the kernel fills in (it covers a pseudo-header).
-            let sum = !internet_sum(&msg);
+            let sum = !lb_tests::packets::ones_complement_sum(&msg);
             msg[2..4].copy_from_slice(&sum.to_be_bytes());
         }
         sock.send_to(&msg, &SockAddr::from(SocketAddr::new(target, 0))).expect("send");
@@ -249,16 +249,6 @@ fn ping(args: &[String]) {
         };
         println!("{line}");
     }
-}
-
-/// The 16-bit one's complement sum of `bytes` (RFC 1071).
-fn internet_sum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 =
-        bytes.chunks(2).map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32).sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
 }
 
 fn session(args: &[String]) {
