@@ -409,6 +409,9 @@ async fn run(args: Args) -> Result<()> {
     for gone in pins.remove_unwanted()? {
         info!(hook = gone, "detached a hook no longer configured");
     }
+    for old in loader::remove_retired_maps(&args.bpffs)? {
+        info!(pin = %old.display(), "removed a map this version replaced");
+    }
     for old in links::remove_other_versions(&args.bpffs)? {
         warn!(dir = %old.display(), "removed maps of another layout version: their flows are re-balanced once");
     }

@@ -102,16 +102,26 @@ pub const MAP_POD_REPLY_PORTS: &str = "LB_POD_REPLY_PORTS";
 /// pod's packet to a port no pod frontend has is to a ClusterIP (which refuses it) only when
 /// its destination's bit is set. Complete with `OPT_POD_PORTS_READY`; only ever added to, as
 /// `MAP_POD_PORTS` (a stale bit costs a lookup, never a wrong answer).
-pub const MAP_CLUSTER_IPS: &str = "LB_CLUSTER_IPS";
+pub const MAP_CLUSTER_IPS: &str = "LB_CLUSTER_SET";
 /// Addresses with frontends from outside other than NodePorts (LoadBalancer IPs, ExternalIPs,
 /// ClusterIPs with `--external-clusterip`), one bit per address hash: tc ingress and XDP ask
 /// whether a packet to a port or protocol no frontend has is to such an address (which drops
 /// it) only when its destination's bit is set. Complete with `OPT_INGRESS_PORTS_READY`; only
 /// ever added to, as `MAP_CLUSTER_IPS`.
-pub const MAP_EXTERNAL_IPS: &str = "LB_EXTERNAL_IPS";
-/// Words of a port bit set (`MAP_REPLY_PORTS`, `MAP_INGRESS_PORTS`), or of an address bit set
-/// (`MAP_CLUSTER_IPS`, `MAP_EXTERNAL_IPS`).
+pub const MAP_EXTERNAL_IPS: &str = "LB_EXTERNAL_SET";
+/// The address sets of builds before 2026-12-06 (`LB_CLUSTER_IPS`, `LB_EXTERNAL_IPS`): 65,536
+/// bits, by a 16-bit fold of the address, which tens of thousands of addresses filled. An
+/// agent removes their pins once its own programs are attached (new names: an agent rolled
+/// back to an older build finds, or makes, its own set again).
+pub const RETIRED_ADDRESS_SETS: [(&str, &str); 2] =
+    [("LB_CLUSTER_IPS", MAP_CLUSTER_IPS), ("LB_EXTERNAL_IPS", MAP_EXTERNAL_IPS)];
+/// Words of a port bit set (`MAP_REPLY_PORTS`, `MAP_INGRESS_PORTS`): a bit per port.
 pub const PORT_SET_WORDS: u32 = 65_536 / 64;
+/// Bits of an address bit set (`MAP_CLUSTER_IPS`, `MAP_EXTERNAL_IPS`; [`crate::addr_bit`]):
+/// 100,000 addresses set under a tenth of them, so most other destinations pay no lookup.
+/// 128 KiB a set.
+pub const ADDR_SET_BITS: u32 = 1 << 20;
+pub const ADDR_SET_WORDS: u32 = ADDR_SET_BITS / 64;
 /// Per-CPU global counters, indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "LB_STATS";
 /// Per-CPU per-service counters, indexed by service id: [`crate::ServiceStats`].

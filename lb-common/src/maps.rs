@@ -38,13 +38,15 @@ pub const fn addr_from_ip(ip: IpAddr) -> Addr {
     }
 }
 
-/// An address's bit in an address bit set (`MAP_CLUSTER_IPS`): its words folded to 16 bits.
-/// Addresses that differ only in their last 16 bits (one /16 of ClusterIPs, one /112) get
+/// An address's bit in an address bit set (`MAP_CLUSTER_IPS`, [`crate::ADDR_SET_BITS`]): its
+/// words folded to one, read as a number, and its top 12 bits folded onto its low 20.
+/// Addresses that differ only in their last 20 bits (one /12 of ClusterIPs, one /108) get
 /// distinct bits; a set bit says "maybe", a clear one "no".
 #[inline(always)]
-pub const fn addr_bit(addr: &Addr) -> u16 {
-    let x = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
-    (x ^ (x >> 16)) as u16
+pub const fn addr_bit(addr: &Addr) -> u32 {
+    // Numeric order, so that an address range's varying bits are the low ones.
+    let x = u32::from_be(addr[0] ^ addr[1] ^ addr[2] ^ addr[3]);
+    (x ^ (x >> 20)) & (crate::ADDR_SET_BITS - 1)
 }
 
 pub const fn addr_to_ip(addr: &Addr) -> IpAddr {
@@ -358,6 +360,36 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every address of a /12 (Kubernetes' default service range 10.96.0.0/12) and of an IPv6
+    /// /108 gets its own bit: a set of ClusterIPs or LoadBalancer IPs from one range has as
+    /// many bits set as addresses, and an address outside it is told apart by the rest.
+    #[test]
+    fn addresses_of_one_range_get_distinct_bits() {
+        fn all_distinct(first: IpAddr, nth: impl Fn(IpAddr, u32) -> IpAddr) {
+            let mut seen = [0u64; crate::ADDR_SET_WORDS as usize];
+            for i in 0..crate::ADDR_SET_BITS {
+                let ip = nth(first, i);
+                let bit = addr_bit(&addr_from_ip(ip));
+                let (word, mask) = ((bit / 64) as usize, 1u64 << (bit % 64));
+                assert!(seen[word] & mask == 0, "{ip}: bit {bit} twice");
+                seen[word] |= mask;
+            }
+        }
+        all_distinct(Ipv4Addr::new(10, 96, 0, 0).into(), |first, i| match first {
+            IpAddr::V4(a) => Ipv4Addr::from(u32::from(a) + i).into(),
+            IpAddr::V6(_) => unreachable!(),
+        });
+        let v6: Ipv6Addr = "fd00:10:96::".parse().unwrap();
+        all_distinct(v6.into(), |first, i| match first {
+            IpAddr::V6(a) => Ipv6Addr::from(u128::from(a) + u128::from(i)).into(),
+            IpAddr::V4(_) => unreachable!(),
+        });
+        // Two ranges' addresses collide only where their folded top bits say.
+        let a = addr_bit(&addr_from_ip(Ipv4Addr::new(10, 96, 0, 10).into()));
+        let b = addr_bit(&addr_from_ip(Ipv4Addr::new(100, 64, 0, 10).into()));
+        assert_ne!(a, b);
+    }
 
     #[test]
     fn v4_addresses_are_mapped_and_round_trip() {

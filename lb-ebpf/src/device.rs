@@ -86,12 +86,12 @@ pub fn handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Action {
 /// lookups (`LB_REPLY_PORTS` on egress, `LB_INGRESS_PORTS` on ingress).
 #[inline(always)]
 fn port_may_match(ports: &Array<u64>, ready: u32, port_be: u16) -> bool {
-    bit_may_be_set(ports, ready, u16::from_be(port_be))
+    bit_may_be_set(ports, ready, u16::from_be(port_be).into())
 }
 
 /// Whether `bit` is set in the bit set `set`, or the agent has not yet filled it.
 #[inline(always)]
-fn bit_may_be_set(set: &Array<u64>, ready: u32, bit: u16) -> bool {
+fn bit_may_be_set(set: &Array<u64>, ready: u32, bit: u32) -> bool {
     if OPTIONS.get(ready).is_none_or(|ready| *ready == 0) {
         return true;
     }
@@ -100,13 +100,12 @@ fn bit_may_be_set(set: &Array<u64>, ready: u32, bit: u16) -> bool {
 
 /// Whether `bit` is set in the bit set `set` (known to be complete).
 #[inline(always)]
-fn bit_set(set: &Array<u64>, bit: u16) -> bool {
-    let bit = bit as u32;
+fn bit_set(set: &Array<u64>, bit: u32) -> bool {
     set.get(bit / 64).is_none_or(|word| word & (1 << (bit % 64)) != 0)
 }
 
 /// A pod's packet to a port its destination has no frontend for, whose address's bit in
-/// `LB_CLUSTER_IPS` is set: if it is a ClusterIP, refused, as the socket hooks refuse such a
+/// `LB_CLUSTER_SET` is set: if it is a ClusterIP, refused, as the socket hooks refuse such a
 /// connect() and kube-proxy rejects it, rather than routed out of the node to an address
 /// nothing answers (a client's timeout). The bit set spares other pods' packets this lookup.
 #[inline(never)]
@@ -148,7 +147,7 @@ pub fn other_icmp<R: Rewrite>(pkt: &R, len: u32, hook: Hook) -> Action {
 }
 
 /// A packet from outside that no frontend takes (ingress hooks; `miss` is the counter it
-/// belongs to then): for `unknown_external` if its destination's bit in `LB_EXTERNAL_IPS` is
+/// belongs to then): for `unknown_external` if its destination's bit in `LB_EXTERNAL_SET` is
 /// set, else passed.
 #[inline(always)]
 pub fn no_frontend<R: Rewrite>(pkt: &R, flow: &Flow, len: u32, hook: Hook, miss: u32) -> Action {
@@ -160,7 +159,7 @@ pub fn no_frontend<R: Rewrite>(pkt: &R, flow: &Flow, len: u32, hook: Hook, miss:
 }
 
 /// A packet from outside to a port or protocol no frontend has, whose destination's bit in
-/// `LB_EXTERNAL_IPS` is set: if that is a service address outside clients reach (its external
+/// `LB_EXTERNAL_SET` is set: if that is a service address outside clients reach (its external
 /// marker: a LoadBalancer IP, an ExternalIP) and the stack would forward the packet rather
 /// than take it (the address is not the node's), dropped, as Cilium does. Passed on, it would
 /// go back out by the routes, usually to the router that sent it here: a loop until its TTL

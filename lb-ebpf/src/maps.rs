@@ -78,13 +78,13 @@ pub static INGRESS_PORTS: Array<u64> = Array::with_max_entries(PORT_SET_WORDS, 0
 pub static POD_PORTS: Array<u64> = Array::with_max_entries(PORT_SET_WORDS, 0);
 
 /// ClusterIPs, a bit per address hash (see `MAP_CLUSTER_IPS`; written by the agent).
-#[map(name = "LB_CLUSTER_IPS")]
-pub static CLUSTER_IPS: Array<u64> = Array::with_max_entries(PORT_SET_WORDS, 0);
+#[map(name = "LB_CLUSTER_SET")]
+pub static CLUSTER_IPS: Array<u64> = Array::with_max_entries(ADDR_SET_WORDS, 0);
 
 /// Addresses with frontends from outside other than NodePorts, a bit per address hash (see
 /// `MAP_EXTERNAL_IPS`; written by the agent).
-#[map(name = "LB_EXTERNAL_IPS")]
-pub static EXTERNAL_IPS: Array<u64> = Array::with_max_entries(PORT_SET_WORDS, 0);
+#[map(name = "LB_EXTERNAL_SET")]
+pub static EXTERNAL_IPS: Array<u64> = Array::with_max_entries(ADDR_SET_WORDS, 0);
 
 /// Source ports of packets to pods `tc_to_pod` may translate, a bit each (see
 /// `MAP_POD_REPLY_PORTS`; written by the agent).

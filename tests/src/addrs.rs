@@ -17,14 +17,16 @@ pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x80);
 pub const LOCAL6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 5);
 pub const REMOTE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 1, 0, 0, 0, 0, 5);
 
-/// An address of `a.b.0.0/16` whose bit in an address bit set (`lb_common::addr_bit`) is
-/// `of`'s: the set says "maybe" for it, and the datapath must look further.
-pub fn same_bit_in(of: std::net::IpAddr, a: u8, b: u8) -> Ipv4Addr {
+/// An address of the /12 `prefix` starts whose bit in an address bit set
+/// (`lb_common::addr_bit`) is `of`'s: the set says "maybe" for it, and the datapath must look
+/// further.
+pub fn same_bit_in(of: std::net::IpAddr, prefix: Ipv4Addr) -> Ipv4Addr {
     let bit = lb_common::addr_bit(&lb_common::addr_from_ip(of));
-    (0..=u16::MAX)
-        .map(|i| Ipv4Addr::new(a, b, (i >> 8) as u8, i as u8))
+    let first = u32::from(prefix) & !(lb_common::ADDR_SET_BITS - 1);
+    (first..first + lb_common::ADDR_SET_BITS)
+        .map(Ipv4Addr::from)
         .find(|x| lb_common::addr_bit(&lb_common::addr_from_ip((*x).into())) == bit)
-        .expect("a /16 holds every bit")
+        .expect("a /12 holds every bit")
 }
 
 pub const TC_ACT_OK: i32 = 0;

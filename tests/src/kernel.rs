@@ -432,22 +432,32 @@ impl Datapath {
         map.set(id, value, 0).expect("set backend");
     }
 
-    /// A global counter (`STAT_*`), summed over CPUs.
-    /// Whether the port set `map` has `port` (what the datapath checks before its lookups).
-    /// Clears the word of the bit set `map` that holds `bit`, as an object without the set (an
-    /// upgrade) leaves it.
-    pub fn clear_set_word(&mut self, map: &str, bit: u16) {
+    /// Clears the word of the address set `map` that holds `addr`'s bit, as an object without
+    /// the set (an upgrade) leaves it.
+    pub fn clear_addr_word(&mut self, map: &str, addr: IpAddr) {
+        let bit = lb_common::addr_bit(&lb_common::addr_from_ip(addr));
         let mut set: Array<&mut MapData, u64> =
             Array::try_from(self.ebpf.map_mut(map).expect("map")).expect("array");
-        set.set(u32::from(bit / 64), 0, 0).expect("clear the word");
+        set.set(bit / 64, 0, 0).expect("clear the word");
     }
 
+    /// Whether the port set `map` has `port` (what the datapath checks before its lookups).
     pub fn port_set(&self, map: &str, port: u16) -> bool {
+        self.bit_set(map, port.into())
+    }
+
+    /// Whether `addr`'s bit is set in the address set `map`.
+    pub fn addr_set(&self, map: &str, addr: IpAddr) -> bool {
+        self.bit_set(map, lb_common::addr_bit(&lb_common::addr_from_ip(addr)))
+    }
+
+    fn bit_set(&self, map: &str, bit: u32) -> bool {
         let map: aya::maps::Array<&aya::maps::MapData, u64> =
             aya::maps::Array::try_from(self.ebpf.map(map).expect("map")).expect("array");
-        map.get(&(port as u32 / 64), 0).expect("word") & (1 << (port % 64)) != 0
+        map.get(&(bit / 64), 0).expect("word") & (1 << (bit % 64)) != 0
     }
 
+    /// A global counter (`STAT_*`), summed over CPUs.
     pub fn stat(&self, index: u32) -> u64 {
         counters::global_one(&self.ebpf, index).expect("read counter")
     }

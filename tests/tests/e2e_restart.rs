@@ -122,11 +122,17 @@ fn upgrading_from_the_previous_release_under_traffic_fails_nothing() {
         return;
     };
     let run = two_nodes_with_web(Some(std::path::Path::new(&previous)));
-    let log = traffic_through_node_0_fails_nothing(run, |run| {
+    let run = traffic_through_node_0_fails_nothing(run, |run| {
         // A rolling update: the old agent gets SIGTERM, then the new one starts.
         assert!(run.stop_agent(0).success());
         run.restart_agent(0);
     });
+    let log = run.agents[0].log();
+    // Maps an older build had and this one replaced are gone; their successors are pinned.
+    let maps = lb_agent::dataplane::loader::maps_pin_dir(&run.pins[0].path);
+    for (old, now) in lb_common::RETIRED_ADDRESS_SETS {
+        assert!(!maps.join(old).exists() && maps.join(now).exists(), "{old} -> {now}");
+    }
     // The new build's programs went into the links the old one pinned, over its maps.
     let replaced = log.iter().filter(|l| l.contains("program replaced in the pinned link")).count();
     assert!(replaced >= 3, "tc ingress, tc egress, socket hooks: {log:#?}");
@@ -147,12 +153,12 @@ fn two_nodes_with_web(agent_bin: Option<&std::path::Path>) -> Running {
 }
 
 /// Runs `change` on node-0's agent while a long connection and streams of new ones, from
-/// outside and from a pod, go through node-0; asserts none failed. Returns node-0's new agent
-/// log.
+/// outside and from a pod, go through node-0; asserts none failed. Returns the cluster, still
+/// running.
 fn traffic_through_node_0_fails_nothing(
     mut run: Running,
     change: impl FnOnce(&mut Running),
-) -> Vec<String> {
+) -> Running {
     let traffic = [
         run.background_from_client(
             0,
@@ -186,5 +192,5 @@ fn traffic_through_node_0_fails_nothing(
         );
         assert_eq!(by_server(&r).len(), 2);
     }
-    run.agents[0].log()
+    run
 }

@@ -205,7 +205,7 @@ fn a_service_without_endpoints_refuses_a_pods_connection() {
 /// unreachable back into the pod), as the socket hooks refuse such a connect() and kube-proxy
 /// rejects it: a port no frontend has (the filter's miss), another service's port (a lookup's
 /// miss), the service's port with the other protocol; IPv6 alike. A reset is dropped, not
-/// answered. Another address whose bit in `LB_CLUSTER_IPS` is the ClusterIP's passes untouched.
+/// answered. Another address whose bit in `LB_CLUSTER_SET` is the ClusterIP's passes untouched.
 #[test]
 fn a_clusterip_refuses_a_pods_packets_to_a_port_it_has_no_service_for() {
     require_root!();
@@ -241,9 +241,8 @@ fn a_clusterip_refuses_a_pods_packets_to_a_port_it_has_no_service_for() {
     assert_eq!(dp.stat(STAT_REJECT_UNKNOWN_PORT), refused.len() as u64 + 1);
 
     // The pod address (of this node's range) whose bit is the ClusterIP's: passes untouched.
-    let bit = addr_bit(&addr_from_ip(CLUSTER_IP.into()));
-    assert!(dp.port_set(MAP_CLUSTER_IPS, bit), "the ClusterIP's bit is set");
-    let twin = same_bit_in(CLUSTER_IP.into(), 10, 1);
+    assert!(dp.addr_set(MAP_CLUSTER_IPS, CLUSTER_IP.into()), "the ClusterIP's bit is set");
+    let twin = same_bit_in(CLUSTER_IP.into(), Ipv4Addr::new(10, 0, 0, 0));
     let other = tcp4(CLIENT_POD, 40008, twin, 9999, true, b"");
     assert_eq!(dp.run(PROG_TC_FROM_POD, &other).packet, other, "{twin} is no ClusterIP");
     // The service's own port still works.
@@ -253,10 +252,10 @@ fn a_clusterip_refuses_a_pods_packets_to_a_port_it_has_no_service_for() {
 
     // An agent starting over maps without the set (an upgrade) fills it from the ClusterIPs'
     // marker entries before the datapath trusts it.
-    dp.clear_set_word(MAP_CLUSTER_IPS, bit);
-    assert!(!dp.port_set(MAP_CLUSTER_IPS, bit));
+    dp.clear_addr_word(MAP_CLUSTER_IPS, CLUSTER_IP.into());
+    assert!(!dp.addr_set(MAP_CLUSTER_IPS, CLUSTER_IP.into()));
     let seeded = lb_agent::dataplane::port_filters::enable(&mut dp.ebpf).expect("enable");
     assert_eq!(seeded.cluster_ips, 3, "three ClusterIPs");
-    assert!(dp.port_set(MAP_CLUSTER_IPS, bit));
+    assert!(dp.addr_set(MAP_CLUSTER_IPS, CLUSTER_IP.into()));
     assert_eq!(dp.run(PROG_TC_FROM_POD, &refused[0]).verdict, TC_ACT_REDIRECT);
 }

@@ -138,9 +138,8 @@ fn a_load_balancer_ips_unknown_ports_and_protocols_are_dropped_not_routed_back_o
 
     // Addresses that are no service's pass untouched, also one whose bit in the address set
     // is the VIP's (the marker lookup says no).
-    let bit = addr_bit(&addr_from_ip(VIP.into()));
-    assert!(dp.port_set(MAP_EXTERNAL_IPS, bit), "the VIP's bit is set");
-    let twin = same_bit_in(VIP.into(), 198, 18);
+    assert!(dp.addr_set(MAP_EXTERNAL_IPS, VIP.into()), "the VIP's bit is set");
+    let twin = same_bit_in(VIP.into(), Ipv4Addr::new(198, 16, 0, 0));
     for p in [
         tcp4(CLIENT, 40004, twin, 81, true, b""),
         gre4(CLIENT, twin),
@@ -258,9 +257,8 @@ fn the_address_set_is_seeded_from_the_markers_when_an_agent_starts() {
     require_root!();
     let node = RoutedNode::new();
     let mut dp = datapath(true);
-    let bit = addr_bit(&addr_from_ip(VIP.into()));
     // An upgrade from a build without the set: empty, while the markers are there.
-    dp.clear_set_word(MAP_EXTERNAL_IPS, bit);
+    dp.clear_addr_word(MAP_EXTERNAL_IPS, VIP.into());
     let p = tcp4(CLIENT, 40000, VIP, 81, true, b"");
     assert_eq!(node.run_tc(&dp, &p, 0).verdict, TC_ACT_OK, "bit clear: passed");
     let seeded = lb_agent::dataplane::port_filters::enable(&mut dp.ebpf).expect("enable");
@@ -271,7 +269,7 @@ fn the_address_set_is_seeded_from_the_markers_when_an_agent_starts() {
     let mut opts: aya::maps::Array<&mut aya::maps::MapData, u32> =
         aya::maps::Array::try_from(dp.ebpf.map_mut(MAP_OPTIONS).expect("map")).unwrap();
     opts.set(OPT_INGRESS_PORTS_READY, 0, 0).unwrap();
-    dp.clear_set_word(MAP_EXTERNAL_IPS, bit);
+    dp.clear_addr_word(MAP_EXTERNAL_IPS, VIP.into());
     assert_eq!(node.run_tc(&dp, &p, 0).verdict, TC_ACT_SHOT);
     assert_eq!(node.run_xdp(&dp, &p).verdict, XDP_DROP);
 

@@ -15,7 +15,7 @@ use crate::util::{run_cmd, succeeds, workspace_root};
 
 /// The release upgraded from: the last commit of the previous working session. Move it forward
 /// when a release is cut.
-pub const UPGRADE_FROM: &str = "db4e8075d9da8f2081693057694f90884e6dce1a";
+pub const UPGRADE_FROM: &str = "23b102f32ac5503ef5d69ca8d5e1de51637e24bc";
 
 fn git(args: &[&str]) -> Command {
     let mut cmd = Command::new("git");

@@ -88,8 +88,8 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
         spec::<u32, u64>(MAP_INGRESS_PORTS, PORT_SET_WORDS),
         spec::<u32, u64>(MAP_POD_PORTS, PORT_SET_WORDS),
         spec::<u32, u64>(MAP_POD_REPLY_PORTS, PORT_SET_WORDS),
-        spec::<u32, u64>(MAP_CLUSTER_IPS, PORT_SET_WORDS),
-        spec::<u32, u64>(MAP_EXTERNAL_IPS, PORT_SET_WORDS),
+        spec::<u32, u64>(MAP_CLUSTER_IPS, ADDR_SET_WORDS),
+        spec::<u32, u64>(MAP_EXTERNAL_IPS, ADDR_SET_WORDS),
         // A ring buffer has no keys or values; its capacity is in bytes.
         MapSpec { name: MAP_EVENTS, key_size: 0, value_size: 0, max_entries: EVENTS_BYTES },
     ]
@@ -142,6 +142,22 @@ pub fn load_object(opts: &LoadOptions, object: &[u8]) -> Result<Ebpf> {
         }
     }
     loader.load(object).context("loading the eBPF object into the kernel")
+}
+
+/// Removes the pins of maps this build replaced ([`RETIRED_ADDRESS_SETS`]); run once this
+/// agent's programs are attached (the ones that used them are gone then). Returns what went.
+pub fn remove_retired_maps(bpffs: &Path) -> Result<Vec<PathBuf>> {
+    let dir = maps_pin_dir(bpffs);
+    let mut removed = Vec::new();
+    for (old, _) in RETIRED_ADDRESS_SETS {
+        let path = dir.join(old);
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    Ok(removed)
 }
 
 /// Refuses a pinned map whose shape differs from `spec` (left by another version or other sizes).

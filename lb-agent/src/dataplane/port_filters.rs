@@ -8,10 +8,10 @@
 //!   looks a pod's packet up only when its destination port is set.
 //! - `LB_POD_REPLY_PORTS`: the ports of every backend, local or not: `tc_to_pod` looks a
 //!   packet to a pod up only when its source port is set.
-//! - `LB_CLUSTER_IPS`, a set of address bits (`addr_bit`) rather than ports: the ClusterIPs.
+//! - `LB_CLUSTER_SET`, a set of 2^20 address bits (`addr_bit`) rather than ports: the ClusterIPs.
 //!   `tc_from_pod` looks up whether a pod's packet to a port no frontend has is to a ClusterIP
 //!   (and refuses it) only when its destination's bit is set.
-//! - `LB_EXTERNAL_IPS`, address bits too: the addresses with an external marker (LoadBalancer
+//! - `LB_EXTERNAL_SET`, address bits too: the addresses with an external marker (LoadBalancer
 //!   IPs, ExternalIPs). tc ingress and XDP look up whether a packet to a port no frontend has
 //!   is to one (and drop it) only when its destination's bit is set.
 //!
@@ -25,16 +25,16 @@ use aya::{
     maps::{Array, HashMap, Map, MapData},
 };
 use lb_common::{
-    BE_F_LOCAL, BackendValue, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, MAP_BACKENDS, MAP_CLUSTER_IPS,
-    MAP_CONNTRACK, MAP_EXTERNAL_IPS, MAP_INGRESS_PORTS, MAP_OPTIONS, MAP_POD_PORTS,
-    MAP_POD_REPLY_PORTS, MAP_REPLY_PORTS, MAP_SERVICES, OPT_INGRESS_PORTS_READY, OPT_NAT_PORT_MAX,
-    OPT_NAT_PORT_MIN, OPT_POD_PORTS_READY, OPT_REPLY_PORTS_READY, PORT_SET_WORDS, SCOPE_EXTERNAL,
-    ServiceKey, ServiceValue, addr_bit, nat_ports,
+    Addr, BE_F_LOCAL, BackendValue, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, MAP_BACKENDS,
+    MAP_CLUSTER_IPS, MAP_CONNTRACK, MAP_EXTERNAL_IPS, MAP_INGRESS_PORTS, MAP_OPTIONS,
+    MAP_POD_PORTS, MAP_POD_REPLY_PORTS, MAP_REPLY_PORTS, MAP_SERVICES, OPT_INGRESS_PORTS_READY,
+    OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN, OPT_POD_PORTS_READY, OPT_REPLY_PORTS_READY, PORT_SET_WORDS,
+    RETIRED_ADDRESS_SETS, SCOPE_EXTERNAL, ServiceKey, ServiceValue, addr_bit, nat_ports,
 };
 
 use super::batch;
 
-/// One set of 65,536 bits (ports, or address bits): its map and a copy of its words (a bit
+/// One bit set (65,536 ports, or 2^20 address bits): its map and a copy of its words (a bit
 /// already set costs no syscall).
 pub struct BitSet {
     name: &'static str,
@@ -49,17 +49,47 @@ impl BitSet {
         if ebpf.map(name).is_none() {
             return Ok(None);
         }
-        let map: Array<MapData, u64> = Array::try_from(super::store::dup_map(ebpf, name)?)?;
-        let words = (0..PORT_SET_WORDS)
-            .map(|i| map.get(&i, 0).with_context(|| format!("reading {name}[{i}]")))
-            .collect::<Result<_>>()?;
-        Ok(Some(Self { name, map, words }))
+        let Map::Array(data) = super::store::dup_map(ebpf, name)? else {
+            bail!("{name} is not an array");
+        };
+        let mut words = vec![0u64; data.info()?.max_entries() as usize];
+        // A chunk of words a system call (16,384 words make an address set).
+        batch::for_each_chunk::<u32, u64>(&data, |keys, values| {
+            for (&i, &word) in keys.iter().zip(values) {
+                *words.get_mut(i as usize).context("a word past the set's end")? = word;
+            }
+            Ok(())
+        })
+        .with_context(|| format!("reading {name}"))?;
+        Ok(Some(Self { name, map: Array::try_from(Map::Array(data))?, words }))
+    }
+
+    /// The address set `name`, or for an older build's object its retired 65,536-bit set.
+    fn open_addresses(ebpf: &Ebpf, name: &'static str) -> Result<Option<Self>> {
+        match RETIRED_ADDRESS_SETS.iter().find(|(_, now)| *now == name) {
+            Some((old, _)) if ebpf.map(name).is_none() => Self::open(ebpf, old),
+            _ => Self::open(ebpf, name),
+        }
+    }
+
+    /// Adds an address's bit.
+    fn add_addr(&mut self, addr: &Addr) -> Result<()> {
+        let bit = if self.words.len() == PORT_SET_WORDS as usize {
+            // A retired set's 16-bit fold (`bench --against` an older build).
+            let x = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
+            (x ^ (x >> 16)) & 0xffff
+        } else {
+            addr_bit(addr)
+        };
+        self.add_bit(bit)
     }
 
     /// Adds the ports `first..=last` (host order), writing each changed word once.
-    pub fn add_range(&mut self, first: u16, last: u16) -> Result<()> {
+    pub fn add_range(&mut self, first: u32, last: u32) -> Result<()> {
         for (i, bits) in range_masks(first, last) {
-            if self.words[i] & bits != bits {
+            let word =
+                *self.words.get(i).with_context(|| format!("bit {last} past {}", self.name))?;
+            if word & bits != bits {
                 self.words[i] |= bits;
                 self.map
                     .set(i as u32, self.words[i], 0)
@@ -71,10 +101,10 @@ impl BitSet {
 
     /// Adds a port (network byte order, as maps hold it).
     pub fn add(&mut self, port_be: u16) -> Result<()> {
-        self.add_bit(u16::from_be(port_be))
+        self.add_bit(u16::from_be(port_be).into())
     }
 
-    pub fn add_bit(&mut self, bit: u16) -> Result<()> {
+    pub fn add_bit(&mut self, bit: u32) -> Result<()> {
         self.add_range(bit, bit)
     }
 
@@ -85,7 +115,7 @@ impl BitSet {
 }
 
 /// The words `first..=last` touches, each with the bits of the range it holds.
-fn range_masks(first: u16, last: u16) -> impl Iterator<Item = (usize, u64)> {
+fn range_masks(first: u32, last: u32) -> impl Iterator<Item = (usize, u64)> {
     (first as usize / 64..=last as usize / 64).map(move |i| {
         let lo = (i * 64).max(first as usize);
         let hi = (i * 64 + 63).min(last as usize);
@@ -112,8 +142,8 @@ impl PortFilters {
             ingress: BitSet::open(ebpf, MAP_INGRESS_PORTS)?,
             pod: BitSet::open(ebpf, MAP_POD_PORTS)?,
             pod_reply: BitSet::open(ebpf, MAP_POD_REPLY_PORTS)?,
-            cluster_ips: BitSet::open(ebpf, MAP_CLUSTER_IPS)?,
-            external_ips: BitSet::open(ebpf, MAP_EXTERNAL_IPS)?,
+            cluster_ips: BitSet::open_addresses(ebpf, MAP_CLUSTER_IPS)?,
+            external_ips: BitSet::open_addresses(ebpf, MAP_EXTERNAL_IPS)?,
         })
     }
 
@@ -137,13 +167,17 @@ impl PortFilters {
     /// external address set instead (call before writing the entry).
     pub fn note_frontend(&mut self, key: &ServiceKey) -> Result<()> {
         let external = key.scope == SCOPE_EXTERNAL;
-        let (set, bit) = match (key.port_be == 0, external) {
-            (true, true) => (&mut self.external_ips, addr_bit(&key.addr)),
-            (true, false) => (&mut self.cluster_ips, addr_bit(&key.addr)),
-            (false, true) => (&mut self.ingress, u16::from_be(key.port_be)),
-            (false, false) => (&mut self.pod, u16::from_be(key.port_be)),
+        let set = match (key.port_be == 0, external) {
+            (true, true) => &mut self.external_ips,
+            (true, false) => &mut self.cluster_ips,
+            (false, true) => &mut self.ingress,
+            (false, false) => &mut self.pod,
         };
-        set.as_mut().map_or(Ok(()), |set| set.add_bit(bit))
+        match set.as_mut() {
+            Some(set) if key.port_be == 0 => set.add_addr(&key.addr),
+            Some(set) => set.add(key.port_be),
+            None => Ok(()),
+        }
     }
 
     /// The sets that hold the SNAT range (replies to SNATed flows: remote backends', and a
@@ -154,10 +188,10 @@ impl PortFilters {
 }
 
 /// The SNAT port range as `LB_OPTIONS` holds it (what the datapath allocates from).
-fn stored_nat_range(options: &Array<&mut MapData, u32>) -> Result<(u16, u16)> {
+fn stored_nat_range(options: &Array<&mut MapData, u32>) -> Result<(u32, u32)> {
     let opt = |i| options.get(&i, 0).context("reading LB_OPTIONS");
     let (first, count) = nat_ports(opt(OPT_NAT_PORT_MIN)?, opt(OPT_NAT_PORT_MAX)?);
-    Ok((first as u16, (first + count - 1) as u16))
+    Ok((first, first + count - 1))
 }
 
 /// Adds the SNAT port range now in `LB_OPTIONS` to the ingress and pod sets (replies to
@@ -262,7 +296,7 @@ mod tests {
                 assert_eq!(words[i], 0, "word {i} twice");
                 words[i] = bits;
             }
-            for port in 0..=65535u16 {
+            for port in 0..=65535u32 {
                 let set = words[port as usize / 64] & (1 << (port % 64)) != 0;
                 assert_eq!(set, (first..=last).contains(&port), "{first}..={last}: port {port}");
             }
