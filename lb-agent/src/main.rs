@@ -409,6 +409,10 @@ async fn run(args: Args) -> Result<()> {
     for gone in pins.remove_unwanted()? {
         info!(hook = gone, "detached a hook no longer configured");
     }
+    // The programs this agent replaced are gone: the ingress address set can be completed.
+    if let Some(addresses) = port_filters::complete_ingress_addrs(&mut ebpf)? {
+        info!(addresses, "ingress address filter on");
+    }
     for old in loader::remove_retired_maps(&args.bpffs)? {
         info!(pin = %old.display(), "removed a map this version replaced");
     }

@@ -13,8 +13,8 @@ use lb_common::*;
 use crate::{
     conntrack, fib, fragment, lookup,
     maps::{
-        CLUSTER_IPS, EXTERNAL_IPS, FLOW, INGRESS_PORTS, OPTIONS, POD_PORTS, POD_REPLY_PORTS,
-        REPLY_PORTS, SCRATCH, SOURCE_RANGES,
+        CLUSTER_IPS, EXTERNAL_IPS, FLOW, INGRESS_ADDRS, INGRESS_PORTS, OPTIONS, POD_PORTS,
+        POD_REPLY_PORTS, REPLY_PORTS, SCRATCH, SOURCE_RANGES,
     },
     monitor,
     nat::{self, NatError},
@@ -96,6 +96,14 @@ fn bit_may_be_set(set: &Array<u64>, ready: u32, bit: u32) -> bool {
         return true;
     }
     bit_set(set, bit)
+}
+
+/// Whether `addr` is in `LB_INGRESS_SET` (an external frontend's address or a SNAT source),
+/// or the agent has not yet completed it.
+#[inline(always)]
+fn may_be_ingress_addr(addr: &Addr) -> bool {
+    let ready = OPTIONS.get(OPT_INGRESS_PORTS_READY).map_or(0, |ready| *ready);
+    ready & READY_INGRESS_ADDRS == 0 || bit_set(&INGRESS_ADDRS, addr_bit(addr))
 }
 
 /// Whether `bit` is set in the bit set `set` (known to be complete).
@@ -344,6 +352,12 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
             if bit_set(&EXTERNAL_IPS, addr_bit(&flow.daddr)) {
                 return Ok(unknown_external(pkt, flow, len, hook, STAT_SERVICE_MISS));
             }
+            stats::count(STAT_SERVICE_MISS);
+            return Ok(Action::Pass);
+        }
+        // A frontend's port, but to an address that is no external frontend's nor a SNAT
+        // source (pod to pod traffic to a port a service exposes too): nothing to look up.
+        Hook::TcIngress | Hook::Xdp if !may_be_ingress_addr(&flow.daddr) => {
             stats::count(STAT_SERVICE_MISS);
             return Ok(Action::Pass);
         }

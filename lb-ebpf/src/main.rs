@@ -9,6 +9,10 @@
 //! object is built for `bpfel-unknown-none` by lb-agent's build script.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// An atomic OR into a map value (`nat::note_snat_source`): the BPF target's `core` has no
+// atomic read-modify-write types, while the instruction set has it (BPF_ATOMIC, Linux 5.12).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod bench_noop;

@@ -2,13 +2,13 @@
 //! source port chosen in BPF when the backend is on another node (so that its replies come
 //! back through this node).
 
-use core::num::NonZeroU32;
+use core::{intrinsics::AtomicOrdering, num::NonZeroU32};
 
 use lb_common::*;
 
 use crate::{
     clock, conntrack,
-    maps::{NODE, OPTIONS, SCRATCH},
+    maps::{INGRESS_ADDRS, NODE, OPTIONS, SCRATCH},
     packet::Flow,
 };
 
@@ -25,6 +25,22 @@ pub fn node_addr(v6: bool) -> Option<Addr> {
     let node = NODE.get(0)?;
     let a = if v6 { node.addr6 } else { node.addr4 };
     if a == [0; 4] || (!v6 && a[3] == 0) { None } else { Some(a) }
+}
+
+/// Sets a SNAT source's bit in `LB_INGRESS_SET`, so that replies to it pass tc ingress's and
+/// XDP's address filter: the agent cannot know in time every source a route picks.
+#[inline(always)]
+fn note_snat_source(addr: &Addr) {
+    let bit = addr_bit(addr);
+    let Some(word) = INGRESS_ADDRS.get_ptr_mut(bit / 64) else { return };
+    let mask = 1u64 << (bit % 64);
+    // SAFETY: a word of an array map's value, valid while the program runs. Other CPUs (and
+    // the agent) set bits of it too, hence an atomic OR, and only when the bit is missing.
+    unsafe {
+        if core::ptr::read_volatile(word) & mask == 0 {
+            core::intrinsics::atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, mask);
+        }
+    }
 }
 
 /// SNAT source ports as (first, how many): the agent's `--nat-port-range`, else the default.
@@ -106,6 +122,7 @@ pub fn create(
         if !claimed {
             return Err(NatError::PortsExhausted);
         }
+        note_snat_source(&s.reply_key.daddr);
     }
     s.value.new_saddr = s.reply_key.daddr;
     s.value.new_daddr = backend.addr;
