@@ -410,7 +410,7 @@ async fn run(args: Args) -> Result<()> {
         info!(hook = gone, "detached a hook no longer configured");
     }
     // The programs this agent replaced are gone: the ingress address set can be completed.
-    if let Some(addresses) = port_filters::complete_ingress_addrs(&mut ebpf)? {
+    if let Some(addresses) = port_filters::complete_frontend_addrs(&mut ebpf)? {
         info!(addresses, "ingress address filter on");
     }
     for old in loader::remove_retired_maps(&args.bpffs)? {

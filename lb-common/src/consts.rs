@@ -64,11 +64,11 @@ pub const MAP_REPLY_PORTS: &str = "LB_REPLY_PORTS";
 /// Set once `MAP_INGRESS_PORTS` holds every port a packet arriving on a device may need
 /// translating for: until then tc ingress and XDP look every packet up.
 pub const OPT_INGRESS_PORTS_READY: u32 = 4;
-/// A second bit of `OPT_INGRESS_PORTS_READY` (whose other readers test for non-zero): set once
-/// `MAP_INGRESS_ADDRS` is complete, after the agent's programs are attached (before, an older
-/// build's made SNAT flows without setting their sources' bits). `LB_OPTIONS` has no free
-/// slot, and its size is part of its pinned shape.
-pub const READY_INGRESS_ADDRS: u32 = 2;
+/// A second bit of `OPT_INGRESS_PORTS_READY` and `OPT_POD_PORTS_READY` (whose other readers
+/// test for non-zero): set once `MAP_FRONTEND_ADDRS` is complete, after the agent's programs
+/// are attached (before, an older build's made SNAT flows without setting their sources'
+/// bits). `LB_OPTIONS` has no free slot, and its size is part of its pinned shape.
+pub const READY_FRONTEND_ADDRS: u32 = 2;
 /// Conntrack lifetimes in seconds the agent sets (`--conntrack-tcp-timeout-established`,
 /// `--conntrack-udp-timeout`; 0: the default). Read through [`CtTimeouts`].
 pub const OPT_CT_TCP_ESTABLISHED_S: u32 = 5;
@@ -120,13 +120,14 @@ pub const MAP_EXTERNAL_IPS: &str = "LB_EXTERNAL_SET";
 /// back to an older build finds, or makes, its own set again).
 pub const RETIRED_ADDRESS_SETS: [(&str, &str); 2] =
     [("LB_CLUSTER_IPS", MAP_CLUSTER_IPS), ("LB_EXTERNAL_IPS", MAP_EXTERNAL_IPS)];
-/// Destination addresses of packets tc ingress and XDP may translate, one bit per address
-/// hash: every external frontend's address (NodePorts' node addresses, LoadBalancer IPs,
-/// ExternalIPs) and every SNAT source (replies to SNATed flows come back to it; the datapath
-/// sets its bit when it makes such a flow). A packet to a frontend's port but another address
-/// (pod to pod traffic to a port a service exposes too) skips the lookups. Complete with
-/// [`READY_INGRESS_ADDRS`]; only ever added to, as `MAP_INGRESS_PORTS`.
-pub const MAP_INGRESS_ADDRS: &str = "LB_INGRESS_SET";
+/// Destination addresses of packets the device hooks (tc ingress, XDP, `tc_from_pod`) may
+/// translate, one bit per address hash: every frontend's address (ClusterIPs, NodePorts' node
+/// addresses, LoadBalancer IPs, ExternalIPs) and every SNAT source (replies to SNATed flows
+/// come back to it; the datapath sets its bit when it makes such a flow). A packet to a
+/// frontend's port but another address (pod to pod traffic to a port a service exposes too)
+/// skips the lookups. Complete with [`READY_FRONTEND_ADDRS`]; only ever added to, as
+/// `MAP_INGRESS_PORTS`.
+pub const MAP_FRONTEND_ADDRS: &str = "LB_FRONTEND_SET";
 /// Words of a port bit set (`MAP_REPLY_PORTS`, `MAP_INGRESS_PORTS`): a bit per port.
 pub const PORT_SET_WORDS: u32 = 65_536 / 64;
 /// Bits of an address bit set (`MAP_CLUSTER_IPS`, `MAP_EXTERNAL_IPS`; [`crate::addr_bit`]):

@@ -13,7 +13,7 @@ use lb_common::*;
 use crate::{
     conntrack, fib, fragment, lookup,
     maps::{
-        CLUSTER_IPS, EXTERNAL_IPS, FLOW, INGRESS_ADDRS, INGRESS_PORTS, OPTIONS, POD_PORTS,
+        CLUSTER_IPS, EXTERNAL_IPS, FLOW, FRONTEND_ADDRS, INGRESS_PORTS, OPTIONS, POD_PORTS,
         POD_REPLY_PORTS, REPLY_PORTS, SCRATCH, SOURCE_RANGES,
     },
     monitor,
@@ -98,12 +98,12 @@ fn bit_may_be_set(set: &Array<u64>, ready: u32, bit: u32) -> bool {
     bit_set(set, bit)
 }
 
-/// Whether `addr` is in `LB_INGRESS_SET` (an external frontend's address or a SNAT source),
-/// or the agent has not yet completed it.
+/// Whether `addr` is in `LB_FRONTEND_SET` (a frontend's address or a SNAT source), or the
+/// agent has not yet completed it (`ready`: the hook's port filter's option).
 #[inline(always)]
-fn may_be_ingress_addr(addr: &Addr) -> bool {
-    let ready = OPTIONS.get(OPT_INGRESS_PORTS_READY).map_or(0, |ready| *ready);
-    ready & READY_INGRESS_ADDRS == 0 || bit_set(&INGRESS_ADDRS, addr_bit(addr))
+fn may_be_frontend_addr(ready: u32, addr: &Addr) -> bool {
+    let ready = OPTIONS.get(ready).map_or(0, |ready| *ready);
+    ready & READY_FRONTEND_ADDRS == 0 || bit_set(&FRONTEND_ADDRS, addr_bit(addr))
 }
 
 /// Whether `bit` is set in the bit set `set` (known to be complete).
@@ -355,9 +355,16 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
             stats::count(STAT_SERVICE_MISS);
             return Ok(Action::Pass);
         }
-        // A frontend's port, but to an address that is no external frontend's nor a SNAT
-        // source (pod to pod traffic to a port a service exposes too): nothing to look up.
-        Hook::TcIngress | Hook::Xdp if !may_be_ingress_addr(&flow.daddr) => {
+        // A frontend's port, but to an address that is no frontend's nor a SNAT source (pod to
+        // pod traffic to a port a service exposes too): nothing to look up. (Not a ClusterIP
+        // either: from a pod, nothing to refuse.)
+        Hook::TcIngress | Hook::Xdp
+            if !may_be_frontend_addr(OPT_INGRESS_PORTS_READY, &flow.daddr) =>
+        {
+            stats::count(STAT_SERVICE_MISS);
+            return Ok(Action::Pass);
+        }
+        Hook::FromPod if !may_be_frontend_addr(OPT_POD_PORTS_READY, &flow.daddr) => {
             stats::count(STAT_SERVICE_MISS);
             return Ok(Action::Pass);
         }

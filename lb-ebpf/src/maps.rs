@@ -86,10 +86,10 @@ pub static CLUSTER_IPS: Array<u64> = Array::with_max_entries(ADDR_SET_WORDS, 0);
 #[map(name = "LB_EXTERNAL_SET")]
 pub static EXTERNAL_IPS: Array<u64> = Array::with_max_entries(ADDR_SET_WORDS, 0);
 
-/// Destination addresses tc ingress and XDP may translate, a bit per address hash (see
-/// `MAP_INGRESS_ADDRS`; written by the agent, and by `nat::create` for SNAT sources).
-#[map(name = "LB_INGRESS_SET")]
-pub static INGRESS_ADDRS: Array<u64> = Array::with_max_entries(ADDR_SET_WORDS, 0);
+/// Destination addresses the device hooks may translate, a bit per address hash (see
+/// `MAP_FRONTEND_ADDRS`; written by the agent, and by `nat::create` for SNAT sources).
+#[map(name = "LB_FRONTEND_SET")]
+pub static FRONTEND_ADDRS: Array<u64> = Array::with_max_entries(ADDR_SET_WORDS, 0);
 
 /// Source ports of packets to pods `tc_to_pod` may translate, a bit each (see
 /// `MAP_POD_REPLY_PORTS`; written by the agent).

@@ -8,7 +8,7 @@ use lb_common::*;
 
 use crate::{
     clock, conntrack,
-    maps::{INGRESS_ADDRS, NODE, OPTIONS, SCRATCH},
+    maps::{FRONTEND_ADDRS, NODE, OPTIONS, SCRATCH},
     packet::Flow,
 };
 
@@ -27,12 +27,12 @@ pub fn node_addr(v6: bool) -> Option<Addr> {
     if a == [0; 4] || (!v6 && a[3] == 0) { None } else { Some(a) }
 }
 
-/// Sets a SNAT source's bit in `LB_INGRESS_SET`, so that replies to it pass tc ingress's and
-/// XDP's address filter: the agent cannot know in time every source a route picks.
+/// Sets a SNAT source's bit in `LB_FRONTEND_SET`, so that replies to it pass the device hooks'
+/// address filter: the agent cannot know in time every source a route picks.
 #[inline(always)]
 fn note_snat_source(addr: &Addr) {
     let bit = addr_bit(addr);
-    let Some(word) = INGRESS_ADDRS.get_ptr_mut(bit / 64) else { return };
+    let Some(word) = FRONTEND_ADDRS.get_ptr_mut(bit / 64) else { return };
     let mask = 1u64 << (bit % 64);
     // SAFETY: a word of an array map's value, valid while the program runs. Other CPUs (and
     // the agent) set bits of it too, hence an atomic OR, and only when the bit is missing.

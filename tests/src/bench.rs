@@ -183,6 +183,7 @@ fn datapath_here(baseline: Option<&[u8]>) {
         "xdp: first packet, local backend, IPv6",
         "xdp: established packet, IPv6",
         "pod: to another pod (not a service)",
+        "pod: to another pod, on a service's port",
         "pod: first packet to a service",
         "pod: established packet",
         "to pod: reply reverse NAT",
@@ -283,6 +284,8 @@ fn datapath_here(baseline: Option<&[u8]>) {
         let with_pods: Vec<&Datapath> =
             dps.iter().take_while(|dp| dp.ebpf.program(PROG_TC_FROM_POD).is_some()).collect();
         let direct = tcp4(CLIENT_POD, 40000, REMOTE_POD, 8080, false, b"to a pod");
+        // The port filter lets this one through (30080 is a NodePort, pods' frontend too).
+        let direct_frontend_port = tcp4(CLIENT_POD, 40000, REMOTE_POD, 30080, false, b"to a pod");
         let pod_est = tcp4(CLIENT_POD, 7, NODE, 30080, false, b"payload");
         let pod_reply = tcp4(LOCAL_POD, 8080, CLIENT_POD, 7, false, b"answer");
         let pod_runs = |prog: &'static str| -> Vec<Runner<'_>> {
@@ -297,6 +300,12 @@ fn datapath_here(baseline: Option<&[u8]>) {
                 &pod_runs(PROG_TC_FROM_POD),
                 &mut |_| direct.clone(),
                 &|v, p| v == 0 && *p == direct[..],
+            ),
+            measure_with(
+                PROG_TC_FROM_POD,
+                &pod_runs(PROG_TC_FROM_POD),
+                &mut |_| direct_frontend_port.clone(),
+                &|v, p| v == 0 && *p == direct_frontend_port[..],
             ),
             measure_with(
                 PROG_TC_FROM_POD,

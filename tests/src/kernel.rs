@@ -143,7 +143,7 @@ impl Datapath {
         // As the agent does at start (it skips the filters older builds, which the bench
         // loads, lack).
         lb_agent::dataplane::port_filters::enable(&mut ebpf).unwrap_or_else(|e| panic!("{e:#}"));
-        lb_agent::dataplane::port_filters::complete_ingress_addrs(&mut ebpf)
+        lb_agent::dataplane::port_filters::complete_frontend_addrs(&mut ebpf)
             .unwrap_or_else(|e| panic!("{e:#}"));
         Self { ebpf, sizes, writer: None, answer_service_pings: true }
     }

@@ -885,7 +885,7 @@ fn ingress_looks_up_only_frontend_and_snat_ports_and_keeps_them_for_flows_that_o
 }
 
 /// tc ingress and XDP look a packet to a frontend's port up only when its destination is in
-/// `LB_INGRESS_SET`, an external frontend's address or a SNAT source: one to another address on
+/// `LB_FRONTEND_SET`, an external frontend's address or a SNAT source: one to another address on
 /// that port (pod to pod traffic to a port a service also exposes) skips both lookups, even
 /// with a conntrack entry for it. The datapath sets a SNAT source's bit when it makes the flow
 /// (the agent cannot know every source a route picks), so the flow's replies pass; an agent
@@ -895,11 +895,11 @@ fn ingress_looks_up_only_frontend_addresses_and_snat_sources() {
     require_root!();
     const OTHER_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 2, 9);
     let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
-    assert!(dp.addr_set(MAP_INGRESS_ADDRS, VIP.into()), "the frontend's address");
-    assert!(!dp.addr_set(MAP_INGRESS_ADDRS, NODE.into()), "no frontend on the node's address");
+    assert!(dp.addr_set(MAP_FRONTEND_ADDRS, VIP.into()), "the frontend's address");
+    assert!(!dp.addr_set(MAP_FRONTEND_ADDRS, NODE.into()), "no frontend on the node's address");
     let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43010, VIP, 80, true, b""));
     assert_eq!((s.src.ip(), s.dst), (IpAddr::from(NODE), sa(REMOTE_POD, 8080)), "SNAT");
-    assert!(dp.addr_set(MAP_INGRESS_ADDRS, NODE.into()), "set by the datapath");
+    assert!(dp.addr_set(MAP_FRONTEND_ADDRS, NODE.into()), "set by the datapath");
     let reply = tcp4(REMOTE_POD, 8080, NODE, s.src.port(), false, b"answer");
     assert_eq!(run(&dp, PROG_TC_INGRESS, &reply).1.src, sa(VIP, 80));
 
@@ -907,7 +907,7 @@ fn ingress_looks_up_only_frontend_addresses_and_snat_sources() {
     let (k, v) =
         dp.conntrack().into_iter().find(|(_, v)| v.flags & CT_F_REPLY == 0).expect("forward");
     let pod = IpAddr::from(OTHER_POD);
-    assert!(!dp.addr_set(MAP_INGRESS_ADDRS, pod));
+    assert!(!dp.addr_set(MAP_FRONTEND_ADDRS, pod));
     dp.set_conntrack(CtKey { daddr: addr_from_ip(pod), ..k }, v);
     let to_pod = tcp4(CLIENT, 43010, OTHER_POD, 80, false, b"ok");
     let misses = dp.stat(STAT_SERVICE_MISS);
@@ -918,17 +918,17 @@ fn ingress_looks_up_only_frontend_addresses_and_snat_sources() {
 
     // An older build made the SNATed flow (no bit set): the agent starting over it finds the
     // source in conntrack, and until it has looked, every address is looked up.
-    dp.clear_addr_word(MAP_INGRESS_ADDRS, NODE.into());
+    dp.clear_addr_word(MAP_FRONTEND_ADDRS, NODE.into());
     assert_eq!(dp.run(PROG_TC_INGRESS, &reply).packet, reply, "bit clear: passed untranslated");
     lb_agent::dataplane::port_filters::enable(&mut dp.ebpf).expect("enable");
     // As if the old programs made the flow after that first look, while still attached.
-    dp.clear_addr_word(MAP_INGRESS_ADDRS, NODE.into());
+    dp.clear_addr_word(MAP_FRONTEND_ADDRS, NODE.into());
     assert_eq!(run(&dp, PROG_TC_INGRESS, &reply).1.src, sa(VIP, 80), "not yet trusted");
-    let set = lb_agent::dataplane::port_filters::complete_ingress_addrs(&mut dp.ebpf)
+    let set = lb_agent::dataplane::port_filters::complete_frontend_addrs(&mut dp.ebpf)
         .expect("complete")
         .expect("the object has the set");
     assert_eq!(set, 3, "the VIP, the node (SNAT source) and the pod (the entry set above)");
-    assert!(dp.addr_set(MAP_INGRESS_ADDRS, NODE.into()));
+    assert!(dp.addr_set(MAP_FRONTEND_ADDRS, NODE.into()));
     assert_eq!(run(&dp, PROG_TC_INGRESS, &reply).1.src, sa(VIP, 80));
 }
 

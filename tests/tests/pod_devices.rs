@@ -186,6 +186,17 @@ fn other_traffic_passes_untouched_and_the_port_filter_holds() {
     dp.set_conntrack(CtKey { dport_be: 8080u16.to_be(), ..k }, v);
     let direct = tcp4(CLIENT_POD, 40001, VIP, 8080, false, b"ok");
     assert_eq!(dp.run(PROG_TC_FROM_POD, &direct).packet, direct, "8080 is no frontend's port");
+    // One as if to port 443 of a pod (a frontend's port, but no frontend's address): a pod's
+    // packets to other pods on a port a service also exposes are not looked up either.
+    let (k, v) = dp
+        .conntrack()
+        .into_iter()
+        .find(|(k, v)| v.flags & CT_F_REPLY == 0 && k.dport_be == 443u16.to_be())
+        .expect("forward entry to the LB IP");
+    assert!(!dp.addr_set(MAP_FRONTEND_ADDRS, REMOTE_POD.into()));
+    dp.set_conntrack(CtKey { daddr: addr_from_ip(REMOTE_POD.into()), ..k }, v);
+    let to_pod = tcp4(CLIENT_POD, 40001, REMOTE_POD, 443, false, b"ok");
+    assert_eq!(dp.run(PROG_TC_FROM_POD, &to_pod).packet, to_pod, "a pod is no frontend");
 }
 
 /// A service without endpoints refuses a pod's connection at once (ICMP port unreachable back

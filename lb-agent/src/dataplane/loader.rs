@@ -90,7 +90,7 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
         spec::<u32, u64>(MAP_POD_REPLY_PORTS, PORT_SET_WORDS),
         spec::<u32, u64>(MAP_CLUSTER_IPS, ADDR_SET_WORDS),
         spec::<u32, u64>(MAP_EXTERNAL_IPS, ADDR_SET_WORDS),
-        spec::<u32, u64>(MAP_INGRESS_ADDRS, ADDR_SET_WORDS),
+        spec::<u32, u64>(MAP_FRONTEND_ADDRS, ADDR_SET_WORDS),
         // A ring buffer has no keys or values; its capacity is in bytes.
         MapSpec { name: MAP_EVENTS, key_size: 0, value_size: 0, max_entries: EVENTS_BYTES },
     ]
@@ -183,7 +183,7 @@ fn check_pinned(spec: &MapSpec, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Maps the datapath only reads (`LB_INGRESS_SET` aside: a first packet SNATed there sets its
+/// Maps the datapath only reads (`LB_FRONTEND_SET` aside: a first packet SNATed there sets its
 /// source's bit, as that flow would): a private copy of the object may share the live, pinned ones
 /// without ever changing them (`lbctl explain`).
 pub const READ_ONLY_MAPS: &[&str] = &[
@@ -205,7 +205,7 @@ pub const READ_ONLY_MAPS: &[&str] = &[
     MAP_POD_REPLY_PORTS,
     MAP_CLUSTER_IPS,
     MAP_EXTERNAL_IPS,
-    MAP_INGRESS_ADDRS,
+    MAP_FRONTEND_ADDRS,
 ];
 
 /// Loads a private copy of the object whose read-only maps are the live pinned ones under

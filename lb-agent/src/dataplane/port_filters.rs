@@ -14,10 +14,10 @@
 //! - `LB_EXTERNAL_SET`, address bits too: the addresses with an external marker (LoadBalancer
 //!   IPs, ExternalIPs). tc ingress and XDP look up whether a packet to a port no frontend has
 //!   is to one (and drop it) only when its destination's bit is set.
-//! - `LB_INGRESS_SET`, address bits: every external frontend's address and SNAT source. tc
-//!   ingress and XDP look up a packet to a port of the ingress set only when its destination's
-//!   bit is set too (pod to pod traffic to a port a service also exposes skips them). The
-//!   datapath sets a SNAT source's bit itself when it makes the flow.
+//! - `LB_FRONTEND_SET`, address bits: every frontend's address and SNAT source. tc ingress,
+//!   XDP and `tc_from_pod` look up a packet to a port of their port set only when its
+//!   destination's bit is set too (pod to pod traffic to a port a service also exposes skips
+//!   them). The datapath sets a SNAT source's bit itself when it makes the flow.
 //!
 //! Bits are only ever added: a flow whose backend or service is gone keeps its translation
 //! until it ends. A port is added before the map entry that makes it matter is written. The
@@ -30,10 +30,10 @@ use aya::{
 };
 use lb_common::{
     Addr, BE_F_LOCAL, BackendValue, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, MAP_BACKENDS,
-    MAP_CLUSTER_IPS, MAP_CONNTRACK, MAP_EXTERNAL_IPS, MAP_INGRESS_ADDRS, MAP_INGRESS_PORTS,
+    MAP_CLUSTER_IPS, MAP_CONNTRACK, MAP_EXTERNAL_IPS, MAP_FRONTEND_ADDRS, MAP_INGRESS_PORTS,
     MAP_OPTIONS, MAP_POD_PORTS, MAP_POD_REPLY_PORTS, MAP_REPLY_PORTS, MAP_SERVICES,
     OPT_INGRESS_PORTS_READY, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN, OPT_POD_PORTS_READY,
-    OPT_REPLY_PORTS_READY, PORT_SET_WORDS, READY_INGRESS_ADDRS, RETIRED_ADDRESS_SETS,
+    OPT_REPLY_PORTS_READY, PORT_SET_WORDS, READY_FRONTEND_ADDRS, RETIRED_ADDRESS_SETS,
     SCOPE_EXTERNAL, ServiceKey, ServiceValue, addr_bit, nat_ports,
 };
 
@@ -138,7 +138,7 @@ pub struct PortFilters {
     pod_reply: Option<BitSet>,
     cluster_ips: Option<BitSet>,
     external_ips: Option<BitSet>,
-    ingress_addrs: Option<BitSet>,
+    frontend_addrs: Option<BitSet>,
 }
 
 impl PortFilters {
@@ -150,7 +150,7 @@ impl PortFilters {
             pod_reply: BitSet::open(ebpf, MAP_POD_REPLY_PORTS)?,
             cluster_ips: BitSet::open_addresses(ebpf, MAP_CLUSTER_IPS)?,
             external_ips: BitSet::open_addresses(ebpf, MAP_EXTERNAL_IPS)?,
-            ingress_addrs: BitSet::open(ebpf, MAP_INGRESS_ADDRS)?,
+            frontend_addrs: BitSet::open(ebpf, MAP_FRONTEND_ADDRS)?,
         })
     }
 
@@ -171,11 +171,11 @@ impl PortFilters {
 
     /// Adds `key`'s port: to the ingress set if it is an external frontend, else to the pod
     /// set; an address marker (port 0) adds its address to the ClusterIP set (internal) or the
-    /// external address set instead. An external frontend's address, marker or not, goes into
-    /// the ingress address set (call before writing the entry).
+    /// external address set instead. Every frontend's address, marker or not, goes into the
+    /// frontend address set (call before writing the entry).
     pub fn note_frontend(&mut self, key: &ServiceKey) -> Result<()> {
         let external = key.scope == SCOPE_EXTERNAL;
-        if let Some(set) = self.ingress_addrs.as_mut().filter(|_| external) {
+        if let Some(set) = self.frontend_addrs.as_mut() {
             set.add_addr(&key.addr)?;
         }
         let set = match (key.port_be == 0, external) {
@@ -237,9 +237,9 @@ pub struct Enabled {
 /// - pod reply ports: every backend, and the source port of every reply entry;
 /// - ClusterIPs: every ClusterIP's marker in `LB_SERVICES`;
 /// - external addresses: every external marker there;
-/// - ingress addresses: every external frontend's address, and the destination address of
+/// - frontend addresses: every frontend's address, and the destination address of
 ///   every conntrack entry but a local backend's reply (a SNATed reply's SNAT source); the
-///   datapath trusts it only after [`complete_ingress_addrs`].
+///   datapath trusts it only after [`complete_frontend_addrs`].
 ///
 /// Run at agent start, before or after attaching: until its option is set, the datapath does
 /// not filter on a set. Sets the object lacks are skipped.
@@ -271,31 +271,31 @@ pub fn enable(ebpf: &mut Ebpf) -> Result<Enabled> {
     ] {
         if let Some(set) = set {
             *count = set.len();
-            // (For the ingress ports, also: the address set is trusted only once
-            // `complete_ingress_addrs` has run, after this agent's programs are in.)
+            // (Also: the frontend address set is trusted only once `complete_frontend_addrs`
+            // has run, after this agent's programs are in.)
             options.set(ready, 1, 0).context("writing LB_OPTIONS")?;
         }
     }
     Ok(enabled)
 }
 
-/// Completes `LB_INGRESS_SET` once this agent's programs are attached, and tells the datapath
+/// Completes `LB_FRONTEND_SET` once this agent's programs are attached, and tells the datapath
 /// so: the programs they replaced (an older build's) may have made SNAT flows meanwhile
 /// without setting their sources' bits, and [`enable`]'s look at conntrack came before those.
 /// Returns how many bits are set (`None`: the object has no such set).
-pub fn complete_ingress_addrs(ebpf: &mut Ebpf) -> Result<Option<usize>> {
+pub fn complete_frontend_addrs(ebpf: &mut Ebpf) -> Result<Option<usize>> {
     let mut filters = PortFilters::open(ebpf)?;
     note_conntrack(ebpf, &mut filters)?;
-    let Some(set) = filters.ingress_addrs.as_ref() else { return Ok(None) };
+    let Some(set) = filters.frontend_addrs.as_ref() else { return Ok(None) };
     let mut options: Array<&mut MapData, u32> =
         Array::try_from(ebpf.map_mut(MAP_OPTIONS).context("no LB_OPTIONS map")?)?;
-    let ready = options.get(&OPT_INGRESS_PORTS_READY, 0).context("reading LB_OPTIONS")?;
-    if ready == 0 {
-        bail!("the ingress address set completed before the ingress ports (call enable first)");
+    for option in [OPT_INGRESS_PORTS_READY, OPT_POD_PORTS_READY] {
+        let ready = options.get(&option, 0).context("reading LB_OPTIONS")?;
+        if ready == 0 {
+            bail!("the frontend address set completed before the port sets (call enable first)");
+        }
+        options.set(option, ready | READY_FRONTEND_ADDRS, 0).context("writing LB_OPTIONS")?;
     }
-    options
-        .set(OPT_INGRESS_PORTS_READY, ready | READY_INGRESS_ADDRS, 0)
-        .context("writing LB_OPTIONS")?;
     Ok(Some(set.len()))
 }
 
@@ -320,7 +320,7 @@ fn note_conntrack(ebpf: &Ebpf, filters: &mut PortFilters) -> Result<()> {
                 for set in [filters.ingress.as_mut(), filters.pod.as_mut()].into_iter().flatten() {
                     set.add(key.dport_be)?;
                 }
-                if let Some(set) = filters.ingress_addrs.as_mut() {
+                if let Some(set) = filters.frontend_addrs.as_mut() {
                     set.add_addr(&key.daddr)?;
                 }
             }
