@@ -88,8 +88,9 @@ pub static EXTERNAL_IPS: Array<u64> = Array::with_max_entries(ADDR_SET_WORDS, 0)
 
 /// Destination addresses the device hooks may translate, a bit per address hash (see
 /// `MAP_FRONTEND_ADDRS`; written by the agent, and by `nat::create` for SNAT sources).
+/// Mmapable: the agent adds bits with atomic ORs, as `nat::create` does.
 #[map(name = "LB_FRONTEND_SET")]
-pub static FRONTEND_ADDRS: Array<u64> = Array::with_max_entries(ADDR_SET_WORDS, 0);
+pub static FRONTEND_ADDRS: Array<u64> = Array::with_max_entries(ADDR_SET_WORDS, BPF_F_MMAPABLE);
 
 /// Source ports of packets to pods `tc_to_pod` may translate, a bit each (see
 /// `MAP_POD_REPLY_PORTS`; written by the agent).

@@ -434,13 +434,14 @@ impl Datapath {
         map.set(id, value, 0).expect("set backend");
     }
 
-    /// Clears the word of the address set `map` that holds `addr`'s bit, as an object without
-    /// the set (an upgrade) leaves it.
-    pub fn clear_addr_word(&mut self, map: &str, addr: IpAddr) {
+    /// Clears `addr`'s bit in the address set `map`, as an object without the set (an
+    /// upgrade) leaves it.
+    pub fn clear_addr_bit(&mut self, map: &str, addr: IpAddr) {
         let bit = lb_common::addr_bit(&lb_common::addr_from_ip(addr));
         let mut set: Array<&mut MapData, u64> =
             Array::try_from(self.ebpf.map_mut(map).expect("map")).expect("array");
-        set.set(bit / 64, 0, 0).expect("clear the word");
+        let word = set.get(&(bit / 64), 0).expect("read the word");
+        set.set(bit / 64, word & !(1 << (bit % 64)), 0).expect("write the word");
     }
 
     /// Whether the port set `map` has `port` (what the datapath checks before its lookups).

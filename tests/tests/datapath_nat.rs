@@ -902,6 +902,15 @@ fn ingress_looks_up_only_frontend_addresses_and_snat_sources() {
     assert!(dp.addr_set(MAP_FRONTEND_ADDRS, NODE.into()), "set by the datapath");
     let reply = tcp4(REMOTE_POD, 8080, NODE, s.src.port(), false, b"answer");
     assert_eq!(run(&dp, PROG_TC_INGRESS, &reply).1.src, sa(VIP, 80));
+    // The agent adding a frontend whose bit shares the node's word keeps the datapath's bit
+    // (its writer's view of the set predates that bit).
+    let next = Ipv4Addr::new(192, 168, 1, 10);
+    let word = |ip: Ipv4Addr| addr_bit(&addr_from_ip(ip.into())) / 64;
+    assert_eq!(word(next), word(NODE));
+    dp.program("next", &[lb_plan("next", next.into(), 80, Protocol::Tcp, vec![])]);
+    assert!(dp.addr_set(MAP_FRONTEND_ADDRS, next.into()));
+    assert!(dp.addr_set(MAP_FRONTEND_ADDRS, NODE.into()), "the datapath's bit kept");
+    assert_eq!(run(&dp, PROG_TC_INGRESS, &reply).1.src, sa(VIP, 80));
 
     // A forward entry as if for port 80 of another address (a pod's): not consulted.
     let (k, v) =
@@ -918,16 +927,16 @@ fn ingress_looks_up_only_frontend_addresses_and_snat_sources() {
 
     // An older build made the SNATed flow (no bit set): the agent starting over it finds the
     // source in conntrack, and until it has looked, every address is looked up.
-    dp.clear_addr_word(MAP_FRONTEND_ADDRS, NODE.into());
+    dp.clear_addr_bit(MAP_FRONTEND_ADDRS, NODE.into());
     assert_eq!(dp.run(PROG_TC_INGRESS, &reply).packet, reply, "bit clear: passed untranslated");
     lb_agent::dataplane::port_filters::enable(&mut dp.ebpf).expect("enable");
     // As if the old programs made the flow after that first look, while still attached.
-    dp.clear_addr_word(MAP_FRONTEND_ADDRS, NODE.into());
+    dp.clear_addr_bit(MAP_FRONTEND_ADDRS, NODE.into());
     assert_eq!(run(&dp, PROG_TC_INGRESS, &reply).1.src, sa(VIP, 80), "not yet trusted");
     let set = lb_agent::dataplane::port_filters::complete_frontend_addrs(&mut dp.ebpf)
         .expect("complete")
         .expect("the object has the set");
-    assert_eq!(set, 3, "the VIP, the node (SNAT source) and the pod (the entry set above)");
+    assert_eq!(set, 4, "the two VIPs, the node (SNAT source), the pod (the entry set above)");
     assert!(dp.addr_set(MAP_FRONTEND_ADDRS, NODE.into()));
     assert_eq!(run(&dp, PROG_TC_INGRESS, &reply).1.src, sa(VIP, 80));
 }

@@ -263,7 +263,7 @@ fn a_clusterip_refuses_a_pods_packets_to_a_port_it_has_no_service_for() {
 
     // An agent starting over maps without the set (an upgrade) fills it from the ClusterIPs'
     // marker entries before the datapath trusts it.
-    dp.clear_addr_word(MAP_CLUSTER_IPS, CLUSTER_IP.into());
+    dp.clear_addr_bit(MAP_CLUSTER_IPS, CLUSTER_IP.into());
     assert!(!dp.addr_set(MAP_CLUSTER_IPS, CLUSTER_IP.into()));
     let seeded = lb_agent::dataplane::port_filters::enable(&mut dp.ebpf).expect("enable");
     assert_eq!(seeded.cluster_ips, 3, "three ClusterIPs");

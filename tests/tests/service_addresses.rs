@@ -258,7 +258,7 @@ fn the_address_set_is_seeded_from_the_markers_when_an_agent_starts() {
     let node = RoutedNode::new();
     let mut dp = datapath(true);
     // An upgrade from a build without the set: empty, while the markers are there.
-    dp.clear_addr_word(MAP_EXTERNAL_IPS, VIP.into());
+    dp.clear_addr_bit(MAP_EXTERNAL_IPS, VIP.into());
     let p = tcp4(CLIENT, 40000, VIP, 81, true, b"");
     assert_eq!(node.run_tc(&dp, &p, 0).verdict, TC_ACT_OK, "bit clear: passed");
     let seeded = lb_agent::dataplane::port_filters::enable(&mut dp.ebpf).expect("enable");
@@ -269,7 +269,7 @@ fn the_address_set_is_seeded_from_the_markers_when_an_agent_starts() {
     let mut opts: aya::maps::Array<&mut aya::maps::MapData, u32> =
         aya::maps::Array::try_from(dp.ebpf.map_mut(MAP_OPTIONS).expect("map")).unwrap();
     opts.set(OPT_INGRESS_PORTS_READY, 0, 0).unwrap();
-    dp.clear_addr_word(MAP_EXTERNAL_IPS, VIP.into());
+    dp.clear_addr_bit(MAP_EXTERNAL_IPS, VIP.into());
     assert_eq!(node.run_tc(&dp, &p, 0).verdict, TC_ACT_SHOT);
     assert_eq!(node.run_xdp(&dp, &p).verdict, XDP_DROP);
 

@@ -2,26 +2,18 @@
 //! reads and writes Maglev slots with plain 32-bit stores, no syscall per slot. A 4-byte aligned
 //! store is atomic, so a packet reading a slot sees the old or the new backend id, never a mix.
 
-use std::{
-    os::fd::{AsFd, AsRawFd},
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result, bail};
 use aya::maps::MapData;
 use lb_common::MAGLEV_SLOTS_PER_ENTRY;
 
-pub struct MaglevMap {
-    // Keeps the map (and its fd) alive as long as the mapping.
-    _map: MapData,
-    base: *mut AtomicU32,
-    slots: usize,
-    bytes: usize,
-}
+use super::mapped::MappedArray;
 
-// SAFETY: the mapping is shared memory accessed only through atomics.
-unsafe impl Send for MaglevMap {}
-unsafe impl Sync for MaglevMap {}
+pub struct MaglevMap {
+    map: MappedArray,
+    slots: usize,
+}
 
 impl MaglevMap {
     pub fn new(map: MapData) -> Result<Self> {
@@ -34,26 +26,7 @@ impl MaglevMap {
             );
         }
         let slots = info.max_entries() as usize * MAGLEV_SLOTS_PER_ENTRY as usize;
-        let page = 4096usize;
-        let bytes = (slots * 4).div_ceil(page) * page;
-        // SAFETY: mapping a BPF array fd of at least `bytes` bytes, shared, read/write.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            bail!(
-                "mapping LB_MAGLEV into memory: {} (a map pinned by an older agent without BPF_F_MMAPABLE? remove it)",
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(Self { _map: map, base: ptr.cast(), slots, bytes })
+        Ok(Self { map: MappedArray::new(map, "LB_MAGLEV")?, slots })
     }
 
     pub fn len(&self) -> u32 {
@@ -66,8 +39,7 @@ impl MaglevMap {
 
     fn slot(&self, i: usize) -> &AtomicU32 {
         assert!(i < self.slots, "Maglev slot {i} beyond {}", self.slots);
-        // SAFETY: in bounds of the live mapping (checked above); AtomicU32 has u32's layout.
-        unsafe { &*self.base.add(i) }
+        &self.map.u32s()[i]
     }
 
     pub fn read(&self, start: u32, len: u32) -> Vec<u32> {
@@ -88,12 +60,5 @@ impl MaglevMap {
             self.slot(i as usize).store(v, Ordering::Relaxed);
         }
         std::sync::atomic::fence(Ordering::Release);
-    }
-}
-
-impl Drop for MaglevMap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.base.cast(), self.bytes) };
     }
 }

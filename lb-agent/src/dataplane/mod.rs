@@ -9,6 +9,7 @@ pub mod ids;
 pub mod links;
 pub mod loader;
 pub mod maglev_map;
+pub mod mapped;
 pub mod mounts;
 pub mod netdev;
 pub mod options;

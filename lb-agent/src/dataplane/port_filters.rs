@@ -23,6 +23,8 @@
 //! until it ends. A port is added before the map entry that makes it matter is written. The
 //! datapath ignores a set until its `OPT_*_READY` option says it is complete ([`enable`]).
 
+use std::sync::atomic::Ordering;
+
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
@@ -37,7 +39,7 @@ use lb_common::{
     SCOPE_EXTERNAL, ServiceKey, ServiceValue, addr_bit, nat_ports,
 };
 
-use super::batch;
+use super::{batch, mapped::MappedArray};
 
 /// One bit set (65,536 ports, or 2^20 address bits): its map and a copy of its words (a bit
 /// already set costs no syscall).
@@ -119,6 +121,38 @@ impl BitSet {
     }
 }
 
+/// `LB_FRONTEND_SET`, mapped into memory: the datapath sets bits of it too (SNAT sources), so
+/// bits are added with an atomic OR on the shared words, never by writing a word back from a
+/// copy, which would clear the bits set meanwhile.
+pub struct SharedAddrSet {
+    words: MappedArray,
+}
+
+impl SharedAddrSet {
+    /// The set `name` of the object, or `None` when the object has no such map.
+    fn open(ebpf: &Ebpf, name: &'static str) -> Result<Option<Self>> {
+        if ebpf.map(name).is_none() {
+            return Ok(None);
+        }
+        let Map::Array(data) = super::store::dup_map(ebpf, name)? else {
+            bail!("{name} is not an array");
+        };
+        Ok(Some(Self { words: MappedArray::new(data, name)? }))
+    }
+
+    fn add_addr(&self, addr: &Addr) -> Result<()> {
+        let bit = addr_bit(addr);
+        let word = self.words.u64s().get(bit as usize / 64).context("an address set too small")?;
+        // Release: the bit is visible before the entry it lets packets reach is written.
+        word.fetch_or(1 << (bit % 64), Ordering::Release);
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.words.u64s().iter().map(|w| w.load(Ordering::Relaxed).count_ones() as usize).sum()
+    }
+}
+
 /// The words `first..=last` touches, each with the bits of the range it holds.
 fn range_masks(first: u32, last: u32) -> impl Iterator<Item = (usize, u64)> {
     (first as usize / 64..=last as usize / 64).map(move |i| {
@@ -138,7 +172,7 @@ pub struct PortFilters {
     pod_reply: Option<BitSet>,
     cluster_ips: Option<BitSet>,
     external_ips: Option<BitSet>,
-    frontend_addrs: Option<BitSet>,
+    frontend_addrs: Option<SharedAddrSet>,
 }
 
 impl PortFilters {
@@ -150,7 +184,7 @@ impl PortFilters {
             pod_reply: BitSet::open(ebpf, MAP_POD_REPLY_PORTS)?,
             cluster_ips: BitSet::open_addresses(ebpf, MAP_CLUSTER_IPS)?,
             external_ips: BitSet::open_addresses(ebpf, MAP_EXTERNAL_IPS)?,
-            frontend_addrs: BitSet::open(ebpf, MAP_FRONTEND_ADDRS)?,
+            frontend_addrs: SharedAddrSet::open(ebpf, MAP_FRONTEND_ADDRS)?,
         })
     }
 
@@ -175,7 +209,7 @@ impl PortFilters {
     /// frontend address set (call before writing the entry).
     pub fn note_frontend(&mut self, key: &ServiceKey) -> Result<()> {
         let external = key.scope == SCOPE_EXTERNAL;
-        if let Some(set) = self.frontend_addrs.as_mut() {
+        if let Some(set) = &self.frontend_addrs {
             set.add_addr(&key.addr)?;
         }
         let set = match (key.port_be == 0, external) {
@@ -320,7 +354,7 @@ fn note_conntrack(ebpf: &Ebpf, filters: &mut PortFilters) -> Result<()> {
                 for set in [filters.ingress.as_mut(), filters.pod.as_mut()].into_iter().flatten() {
                     set.add(key.dport_be)?;
                 }
-                if let Some(set) = filters.frontend_addrs.as_mut() {
+                if let Some(set) = &filters.frontend_addrs {
                     set.add_addr(&key.daddr)?;
                 }
             }
