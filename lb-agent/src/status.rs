@@ -19,9 +19,11 @@ use serde::Serialize;
 use crate::{
     dataplane::{
         attach::{TcRole, agent_filters_present, link_name},
+        batch,
         conntrack_gc::datapath_now_ns,
         links::{is_filter_record, links_pin_dir},
         pin_lock,
+        port_filters::FILTER_SETS,
     },
     explain::attached_devices,
     inspect::Inspection,
@@ -46,6 +48,20 @@ pub struct StatusView {
     pub drops: BTreeMap<&'static str, u64>,
     /// Seconds left on a running `lbctl monitor`'s lease.
     pub monitor_lease_s: Option<u32>,
+    /// The bit sets that spare packets their lookups (`port_filters.rs`): a set nearly full
+    /// spares few.
+    pub filters: Vec<FilterView>,
+}
+
+/// One filter set: bits set of how many, and whether the datapath trusts it yet (until then
+/// it looks every packet up).
+#[derive(Clone, Debug, Serialize)]
+pub struct FilterView {
+    pub name: &'static str,
+    pub map: &'static str,
+    pub set: u64,
+    pub bits: u64,
+    pub on: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -194,7 +210,30 @@ pub fn status(bpffs: &Path, health: SocketAddr, metrics: SocketAddr) -> Result<S
         conntrack_capacity: conntrack.map_or(0, |m| m.capacity),
         drops,
         monitor_lease_s: monitor_lease(bpffs),
+        filters: filters(bpffs),
     })
+}
+
+/// The filter sets the pins hold (an older agent's lack some), read a chunk of words a call.
+fn filters(bpffs: &Path) -> Vec<FilterView> {
+    let options = crate::inspect::open_pinned(bpffs, MAP_OPTIONS)
+        .ok()
+        .and_then(|data| Array::<MapData, u32>::try_from(Map::Array(data)).ok());
+    FILTER_SETS
+        .iter()
+        .filter_map(|&(name, map, option, ready_bits)| {
+            let data = crate::inspect::open_pinned(bpffs, map).ok()?;
+            let bits = u64::from(data.info().ok()?.max_entries()) * 64;
+            let mut set = 0u64;
+            batch::for_each_chunk::<u32, u64>(&data, |_, words| {
+                set += words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+                Ok(())
+            })
+            .ok()?;
+            let ready = options.as_ref().and_then(|o| o.get(&option, 0).ok()).unwrap_or(0);
+            Some(FilterView { name, map, set, bits, on: ready & ready_bits != 0 })
+        })
+        .collect()
 }
 
 /// Seconds left on a monitor's lease, if one holds it.
@@ -302,9 +341,19 @@ impl std::fmt::Display for StatusView {
         let drops: Vec<String> = self.drops.iter().map(|(n, v)| format!("{n} {v}")).collect();
         writeln!(f, "drops:        {}", if drops.is_empty() { none() } else { drops.join(", ") })?;
         match self.monitor_lease_s {
-            Some(s) => writeln!(f, "monitor:      an lbctl monitor is running (lease {s} s)"),
-            None => writeln!(f, "monitor:      none running"),
+            Some(s) => writeln!(f, "monitor:      an lbctl monitor is running (lease {s} s)")?,
+            None => writeln!(f, "monitor:      none running")?,
         }
+        let filters: Vec<String> = self
+            .filters
+            .iter()
+            .map(|s| {
+                let pct = 100.0 * s.set as f64 / s.bits.max(1) as f64;
+                let off = if s.on { "" } else { ", off" };
+                format!("{} {} ({pct:.1}%{off})", s.name, s.set)
+            })
+            .collect();
+        writeln!(f, "filters:      {}", list(&filters))
     }
 }
 
@@ -337,6 +386,16 @@ mod tests {
             conntrack_capacity: 1000,
             drops: [("drop_source_range", 2)].into(),
             monitor_lease_s: None,
+            filters: vec![
+                FilterView { name: "ingress ports", map: "", set: 4538, bits: 65536, on: true },
+                FilterView {
+                    name: "frontend addresses",
+                    map: "",
+                    set: 3,
+                    bits: 1 << 20,
+                    on: false,
+                },
+            ],
         };
         let text = s.to_string();
         assert!(
@@ -358,6 +417,7 @@ mod tests {
             "services:     3 service ports, 7 frontends, 4 backends",
             "conntrack:    10 of 1000 entries (1.0%)",
             "drops:        drop_source_range 2",
+            "filters:      ingress ports 4538 (6.9%), frontend addresses 3 (0.0%, off)",
             "monitor:      none running",
         ] {
             assert!(text.contains(line), "{line}\n{text}");

@@ -469,6 +469,17 @@ fn lbctl_status_shows_health_attachments_maps_and_drops_and_the_maps_once_the_ag
     assert_eq!(s["drops"], serde_json::json!({"reject_no_backend": 1}), "{s}");
     assert!(s["conntrack_entries"].as_u64().unwrap() >= 6, "three flows, two entries each: {s}");
     assert_eq!(s["monitor_lease_s"], Value::Null);
+    // The filters, all trusted: the two ClusterIPs; the frontend addresses: those, the node's
+    // (NodePorts, SNAT source) and 127.0.0.1 (NodePorts from the host); the ingress ports: the
+    // two NodePorts and the SNAT range.
+    let filter = |name: &str| {
+        let f = s["filters"].as_array().unwrap().iter().find(|f| f["name"] == name).cloned();
+        f.unwrap_or_else(|| panic!("no filter {name}: {s}"))
+    };
+    assert!(s["filters"].as_array().unwrap().iter().all(|f| f["on"] == true), "{s}");
+    assert_eq!(filter("ClusterIPs")["set"], 2, "{s}");
+    assert_eq!(filter("ingress ports")["set"], 2 + 4536, "{s}");
+    assert_eq!(filter("frontend addresses")["set"], 4, "{s}");
     let out = command_in(&workspace_bin("lbctl"), Some(&node0), None)
         .args(["status", "--bpffs", &pins])
         .output()
@@ -481,6 +492,8 @@ fn lbctl_status_shows_health_attachments_maps_and_drops_and_the_maps_once_the_ag
     );
     assert!(text.starts_with(&healthy), "{text}");
     assert!(text.contains("\ndevices:      eth0 (tc)\n"), "{text}");
+    let filters = "\nfilters:      reply ports 1 (0.0%), ingress ports 4538 (6.9%), pod ports 4539";
+    assert!(text.contains(filters), "{text}");
 
     // The agent dies: its health port is silent, the datapath and what it holds remain.
     run.kill_agent(0);

@@ -41,6 +41,18 @@ use lb_common::{
 
 use super::{batch, mapped::MappedArray};
 
+/// Every filter set as `lbctl status` shows it: its name, map, and the `LB_OPTIONS` entry and
+/// bits that say the datapath trusts it.
+pub const FILTER_SETS: [(&str, &str, u32, u32); 7] = [
+    ("reply ports", MAP_REPLY_PORTS, OPT_REPLY_PORTS_READY, u32::MAX),
+    ("ingress ports", MAP_INGRESS_PORTS, OPT_INGRESS_PORTS_READY, u32::MAX),
+    ("pod ports", MAP_POD_PORTS, OPT_POD_PORTS_READY, u32::MAX),
+    ("pod reply ports", MAP_POD_REPLY_PORTS, OPT_POD_PORTS_READY, u32::MAX),
+    ("ClusterIPs", MAP_CLUSTER_IPS, OPT_POD_PORTS_READY, u32::MAX),
+    ("external addresses", MAP_EXTERNAL_IPS, OPT_INGRESS_PORTS_READY, u32::MAX),
+    ("frontend addresses", MAP_FRONTEND_ADDRS, OPT_INGRESS_PORTS_READY, READY_FRONTEND_ADDRS),
+];
+
 /// One bit set (65,536 ports, or 2^20 address bits): its map and a copy of its words (a bit
 /// already set costs no syscall).
 pub struct BitSet {
