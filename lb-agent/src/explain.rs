@@ -148,7 +148,11 @@ pub struct Explanation {
 }
 
 fn proto_name(p: u8) -> &'static str {
-    if p == PROTO_UDP { "UDP" } else { "TCP" }
+    match p {
+        PROTO_UDP => "UDP",
+        PROTO_ICMP => "ICMP echo request",
+        _ => "TCP",
+    }
 }
 
 fn checksum(data: &[u8]) -> u16 {
@@ -164,7 +168,19 @@ fn checksum(data: &[u8]) -> u16 {
 
 /// An Ethernet frame with a TCP SYN or a small UDP datagram from `src` to `dst`.
 pub fn build_packet(src: SocketAddr, dst: SocketAddr, proto: u8) -> Result<Vec<u8>> {
-    let l4: Vec<u8> = if proto == PROTO_TCP {
+    // `PROTO_ICMP`: an echo request (a ping), ICMPv6's for IPv6 addresses.
+    let (proto, csum_at) = match (proto, src.is_ipv6()) {
+        (PROTO_ICMP, false) => (PROTO_ICMP, 2),
+        (PROTO_ICMP, true) => (PROTO_ICMPV6, 2),
+        (PROTO_TCP, _) => (PROTO_TCP, 16),
+        _ => (proto, 6),
+    };
+    let l4: Vec<u8> = if proto == PROTO_ICMP || proto == PROTO_ICMPV6 {
+        let request = if proto == PROTO_ICMP { ICMP_ECHO_REQUEST } else { ICMPV6_ECHO_REQUEST };
+        let mut i = vec![request, 0, 0, 0, 0x4c, 0x42, 0, 1];
+        i.extend_from_slice(b"lbctl explain");
+        i
+    } else if proto == PROTO_TCP {
         let mut t = vec![0u8; 20];
         t[0..2].copy_from_slice(&src.port().to_be_bytes());
         t[2..4].copy_from_slice(&dst.port().to_be_bytes());
@@ -194,10 +210,13 @@ pub fn build_packet(src: SocketAddr, dst: SocketAddr, proto: u8) -> Result<Vec<u
             let c = checksum(&ip);
             ip[10..12].copy_from_slice(&c.to_be_bytes());
             p.extend_from_slice(&ip);
-            pseudo.extend_from_slice(&s.octets());
-            pseudo.extend_from_slice(&d.octets());
-            pseudo.extend_from_slice(&[0, proto]);
-            pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            // (ICMP's checksum covers the message alone.)
+            if proto != PROTO_ICMP {
+                pseudo.extend_from_slice(&s.octets());
+                pseudo.extend_from_slice(&d.octets());
+                pseudo.extend_from_slice(&[0, proto]);
+                pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            }
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
             p.extend_from_slice(&[0x86, 0xdd]);
@@ -217,10 +236,29 @@ pub fn build_packet(src: SocketAddr, dst: SocketAddr, proto: u8) -> Result<Vec<u
     let mut l4 = l4;
     pseudo.extend_from_slice(&l4);
     let c = checksum(&pseudo);
-    let off = if proto == PROTO_TCP { 16 } else { 6 };
-    l4[off..off + 2].copy_from_slice(&c.to_be_bytes());
+    l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
     p.extend_from_slice(&l4);
     Ok(p)
+}
+
+/// What became of a ping to `dst` (`moved`: whether a counter moved).
+fn ping_verdict(dst: IpAddr, moved: &dyn Fn(u32) -> bool) -> String {
+    if moved(STAT_ECHO_REPLY) {
+        format!(
+            "answered: an echo reply from {dst}, sent back out by the node (a service address \
+             clients outside reach; --answer-service-pings)"
+        )
+    } else if moved(STAT_ICMP_RATE_LIMITED) {
+        "drop: a service address, but over the node's ICMP allowance (icmp_rate_limited)".into()
+    } else if moved(STAT_DROP_UNKNOWN_PORT) {
+        "drop: a service address clients outside reach, whose pings are not answered \
+         (--answer-service-pings=false)"
+            .into()
+    } else {
+        "pass to the stack: no service address clients outside reach (or the node's own, or \
+         a node that does not forward)"
+            .into()
+    }
 }
 
 /// (src, dst) of a frame built by [`build_packet`] or rewritten by the datapath.
@@ -272,6 +310,11 @@ pub fn explain(
     if device.is_some() && from != From::Outside {
         bail!("--device is for packets from outside (--from outside)");
     }
+    if proto == PROTO_ICMP && from != From::Outside {
+        bail!(
+            "pings are explained as they arrive from outside (--from outside): inside, nothing translates them"
+        );
+    }
     let ins = Inspection::open(bpffs)?;
     let scope = if from == From::Outside { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
     let key = ServiceKey::new(dst.ip(), dst.port(), proto, scope);
@@ -289,7 +332,10 @@ pub fn explain(
             .cloned()
     });
     let mut e = Explanation {
-        packet: format!("{src} -> {dst} {}", proto_name(proto)),
+        packet: match proto {
+            PROTO_ICMP => format!("{} -> {} {}", src.ip(), dst.ip(), proto_name(proto)),
+            _ => format!("{src} -> {dst} {}", proto_name(proto)),
+        },
         hook: if from == From::Outside { "tc ingress" } else { "cgroup connect/sendmsg (socket)" },
         device: None,
         notes: Vec::new(),
@@ -453,6 +499,10 @@ fn explain_device(
         _ => "other",
     }
     .into();
+    if proto == PROTO_ICMP {
+        e.verdict = ping_verdict(dst.ip(), &moved);
+        return Ok(());
+    }
     if moved(STAT_SERVICE_MISS) {
         e.verdict = "not for a frontend: passed untouched".into();
         return Ok(());

@@ -197,6 +197,11 @@ pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 // ---- L4 protocols (IANA numbers, as in the IP header) ----
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+/// ICMP and ICMPv6 echo request types.
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
 
 // ---- service scope: which traffic a frontend entry serves ----
 /// Traffic arriving on a node device from outside (tc/XDP): externalTrafficPolicy applies.

@@ -18,10 +18,7 @@ use crate::{
     },
     monitor,
     nat::{self, NatError},
-    packet::{
-        self, FRAG_FIRST, FRAG_NONE, Flow, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST, PROTO_ICMP,
-        PROTO_ICMPV6, Skip, TCP_RST,
-    },
+    packet::{self, FRAG_FIRST, FRAG_NONE, Flow, Skip, TCP_RST},
     rewrite::{self, Rewrite},
     select, stats,
 };

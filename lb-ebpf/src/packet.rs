@@ -6,8 +6,8 @@
 use core::mem::size_of;
 
 use lb_common::{
-    Addr, CtKey, PROTO_TCP, PROTO_UDP, STAT_FRAGMENT, STAT_MALFORMED, STAT_NOT_IP, STAT_OTHER_L4,
-    addr_from_v4_raw,
+    Addr, CtKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, STAT_FRAGMENT, STAT_MALFORMED,
+    STAT_NOT_IP, STAT_OTHER_L4, addr_from_v4_raw,
 };
 use network_types::{
     eth::EthHdr,
@@ -16,11 +16,6 @@ use network_types::{
     udp::UdpHdr,
 };
 
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_ICMPV6: u8 = 58;
-/// ICMP and ICMPv6 echo request types.
-pub const ICMP_ECHO_REQUEST: u8 = 8;
-pub const ICMPV6_ECHO_REQUEST: u8 = 128;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_LEN: usize = size_of::<EthHdr>();

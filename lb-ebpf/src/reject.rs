@@ -16,17 +16,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    Addr, EVENT_DROP, EVENT_NO_SERVICE, HOOK_TC_INGRESS, OPT_REJECT_TCP_WITH_RESET, PROTO_TCP,
-    STAT_ICMP_RATE_LIMITED, STAT_TOO_BIG,
+    Addr, EVENT_DROP, EVENT_NO_SERVICE, HOOK_TC_INGRESS, OPT_REJECT_TCP_WITH_RESET, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_TCP, STAT_ICMP_RATE_LIMITED, STAT_TOO_BIG,
 };
 
 use crate::{
     bounds, clock, conntrack,
     maps::{FLOW, ICMP_RATE, OPTIONS, REJECT_BUF},
     monitor,
-    packet::{
-        ETH_P_IP, ETH_P_IPV6, Flow, PROTO_ICMP, PROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
-    },
+    packet::{ETH_P_IP, ETH_P_IPV6, Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
 

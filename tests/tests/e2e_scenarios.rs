@@ -724,4 +724,16 @@ fn a_load_balancer_ip_answers_pings_and_its_unknown_ports_do_not_loop() {
     assert_eq!(run.counter(0, "drop_unknown_port"), 2, "the SYN and the datagram");
     let e = run.lbctl_json(0, &["explain", "10.230.0.100:45000", "198.51.100.90:81"]);
     assert!(e["verdict"].as_str().unwrap_or_default().starts_with("drop"), "{e}");
+    // lbctl explains pings too: the VIP's answered, the node's own address left to its stack.
+    let verdict = |dst: &str| {
+        let e = run.lbctl_json(0, &["explain", "10.230.0.100", dst]);
+        let to = dst.trim_end_matches("/icmp");
+        assert_eq!(e["packet"], format!("10.230.0.100 -> {to} ICMP echo request"), "{e}");
+        e["verdict"].as_str().unwrap_or_default().to_string()
+    };
+    let vip = verdict("198.51.100.90/icmp");
+    assert!(vip.starts_with("answered: an echo reply from 198.51.100.90"), "{vip}");
+    let own = verdict("10.230.0.10/icmp");
+    assert!(own.starts_with("pass to the stack"), "{own}");
+    assert_eq!(run.counter(0, "echo_reply"), 3, "explained on private copies, not counted");
 }

@@ -96,7 +96,8 @@ enum Command {
     Explain {
         /// Source address, optionally with port: 203.0.113.7 or 203.0.113.7:40000 or [2001:db8::7]:40000.
         src: String,
-        /// Destination address:port, optionally /tcp or /udp (default tcp).
+        /// Destination address:port, optionally /tcp or /udp (default tcp); or address/icmp,
+        /// a ping.
         dst: String,
         #[arg(long, value_enum, default_value = "outside")]
         from: lb_agent::explain::From,
@@ -441,11 +442,16 @@ fn live(cmd: Command) -> Result<()> {
                 Some((d, p)) if p.eq_ignore_ascii_case("tcp") => {
                     (d.to_string(), lb_common::PROTO_TCP)
                 }
-                Some((_, p)) => anyhow::bail!("protocol {p:?} is not tcp or udp"),
+                Some((d, p)) if p.eq_ignore_ascii_case("icmp") => {
+                    (d.to_string(), lb_common::PROTO_ICMP)
+                }
+                Some((_, p)) => anyhow::bail!("protocol {p:?} is not tcp, udp or icmp"),
                 None => (dst, lb_common::PROTO_TCP),
             };
             let src = parse_endpoint(&src, Some(40000))?;
-            let dst = parse_endpoint(&dst, None)?;
+            // A ping has no port.
+            let ping = proto == lb_common::PROTO_ICMP;
+            let dst = parse_endpoint(&dst, ping.then_some(0))?;
             let e =
                 lb_agent::explain::explain(&pins.bpffs, src, dst, proto, from, device.as_deref())?;
             match pins.output {
