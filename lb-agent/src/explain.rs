@@ -166,7 +166,8 @@ fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// An Ethernet frame with a TCP SYN or a small UDP datagram from `src` to `dst`.
+/// An Ethernet frame with a TCP SYN, a small UDP datagram or (`PROTO_ICMP`) an echo request
+/// from `src` to `dst`.
 pub fn build_packet(src: SocketAddr, dst: SocketAddr, proto: u8) -> Result<Vec<u8>> {
     // `PROTO_ICMP`: an echo request (a ping), ICMPv6's for IPv6 addresses.
     let (proto, csum_at) = match (proto, src.is_ipv6()) {

@@ -1,6 +1,7 @@
-//! Reading a whole hash map a chunk of entries per system call (`BPF_MAP_LOOKUP_BATCH`, Linux
+//! Reading a whole map a chunk of entries per system call (`BPF_MAP_LOOKUP_BATCH`, Linux
 //! 5.6+), for the maps that hold a flow each: a full conntrack map has over half a million
-//! entries, and aya's iterator costs two system calls per entry (next key, then lookup).
+//! entries, and aya's iterator costs two system calls per entry (next key, then lookup). The
+//! filters' bit sets (arrays of up to 16,384 words) are read the same way.
 //! aya 0.14 has no batch operations, hence this small wrapper over the system call.
 
 use std::{
@@ -30,8 +31,8 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Calls `visit` with each chunk of a hash map's entries (keys and values, same length), in
-/// bucket order; returns how many entries there were. Entries changed meanwhile by the
+/// Calls `visit` with each chunk of a map's entries (keys and values, same length), in bucket
+/// (or index) order; returns how many entries there were. Entries changed meanwhile by the
 /// datapath may be seen in either state, or (if moved between buckets' reads) missed: callers
 /// that act on an entry re-read it first.
 pub fn for_each_chunk<K: Pod, V: Pod>(
