@@ -251,7 +251,7 @@ fn a_clusterip_refuses_a_pods_packets_to_a_port_it_has_no_service_for() {
     assert_eq!(dp.run(PROG_TC_FROM_POD, &rst).verdict, TC_ACT_SHOT, "a reset is not answered");
     assert_eq!(dp.stat(STAT_REJECT_UNKNOWN_PORT), refused.len() as u64 + 1);
 
-    // The pod address (of this node's range) whose bit is the ClusterIP's: passes untouched.
+    // An address of the pods' /12 whose bit is the ClusterIP's: passes untouched.
     assert!(dp.addr_set(MAP_CLUSTER_IPS, CLUSTER_IP.into()), "the ClusterIP's bit is set");
     let twin = same_bit_in(CLUSTER_IP.into(), Ipv4Addr::new(10, 0, 0, 0));
     let other = tcp4(CLIENT_POD, 40008, twin, 9999, true, b"");
