@@ -95,14 +95,6 @@ fn bit_may_be_set(set: &Array<u64>, ready: u32, bit: u32) -> bool {
     bit_set(set, bit)
 }
 
-/// Whether `addr` is in `LB_FRONTEND_SET` (a frontend's address or a SNAT source), or the
-/// agent has not yet completed it (`ready`: the hook's port filter's option).
-#[inline(always)]
-fn may_be_frontend_addr(ready: u32, addr: &Addr) -> bool {
-    let ready = OPTIONS.get(ready).map_or(0, |ready| *ready);
-    ready & READY_FRONTEND_ADDRS == 0 || bit_set(&FRONTEND_ADDRS, addr_bit(addr))
-}
-
 /// Whether `bit` is set in the bit set `set` (known to be complete).
 #[inline(always)]
 fn bit_set(set: &Array<u64>, bit: u32) -> bool {
@@ -332,40 +324,38 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
             return Ok(Action::Pass);
         }
         Hook::TcEgress | Hook::ToPod => {}
-        // Neither a frontend's port nor a SNAT port (ingress: an external frontend's; from a
-        // pod: an internal one's): no frontend and no conntrack entry can match.
-        Hook::FromPod if !port_may_match(&POD_PORTS, OPT_POD_PORTS_READY, flow.dport_be) => {
-            // The sets are complete (else the port would have matched): a clear bit says no.
-            if bit_set(&CLUSTER_IPS, addr_bit(&flow.daddr)) {
-                return Ok(unknown_port(pkt, flow, len));
+        Hook::TcIngress | Hook::Xdp | Hook::FromPod => {
+            // Ingress: external frontends' ports; from a pod: internal ones'. Both: SNAT ports.
+            // The option, read once, says which of the port and address sets are complete.
+            let from_pod = hook == Hook::FromPod;
+            let (ports, ready) = if from_pod {
+                (&POD_PORTS, OPT_POD_PORTS_READY)
+            } else {
+                (&INGRESS_PORTS, OPT_INGRESS_PORTS_READY)
+            };
+            let ready = OPTIONS.get(ready).map_or(0, |ready| *ready);
+            // Neither a frontend's port nor a SNAT port: no frontend and no conntrack entry can
+            // match. The sets are complete (else the port would have matched): a clear bit in
+            // the address sets says no too.
+            if ready != 0 && !bit_set(ports, u16::from_be(flow.dport_be).into()) {
+                if from_pod && bit_set(&CLUSTER_IPS, addr_bit(&flow.daddr)) {
+                    return Ok(unknown_port(pkt, flow, len));
+                }
+                if !from_pod && bit_set(&EXTERNAL_IPS, addr_bit(&flow.daddr)) {
+                    return Ok(unknown_external(pkt, flow, len, hook, STAT_SERVICE_MISS));
+                }
+                stats::count(STAT_SERVICE_MISS);
+                return Ok(Action::Pass);
             }
-            stats::count(STAT_SERVICE_MISS);
-            return Ok(Action::Pass);
-        }
-        Hook::TcIngress | Hook::Xdp
-            if !port_may_match(&INGRESS_PORTS, OPT_INGRESS_PORTS_READY, flow.dport_be) =>
-        {
-            // As from a pod: the sets are complete.
-            if bit_set(&EXTERNAL_IPS, addr_bit(&flow.daddr)) {
-                return Ok(unknown_external(pkt, flow, len, hook, STAT_SERVICE_MISS));
+            // A frontend's port, but to an address that is no frontend's nor a SNAT source (pod
+            // to pod traffic to a port a service exposes too): nothing to look up. (Not a
+            // ClusterIP either: from a pod, nothing to refuse.)
+            if ready & READY_FRONTEND_ADDRS != 0 && !bit_set(&FRONTEND_ADDRS, addr_bit(&flow.daddr))
+            {
+                stats::count(STAT_SERVICE_MISS);
+                return Ok(Action::Pass);
             }
-            stats::count(STAT_SERVICE_MISS);
-            return Ok(Action::Pass);
         }
-        // A frontend's port, but to an address that is no frontend's nor a SNAT source (pod to
-        // pod traffic to a port a service exposes too): nothing to look up. (Not a ClusterIP
-        // either: from a pod, nothing to refuse.)
-        Hook::TcIngress | Hook::Xdp
-            if !may_be_frontend_addr(OPT_INGRESS_PORTS_READY, &flow.daddr) =>
-        {
-            stats::count(STAT_SERVICE_MISS);
-            return Ok(Action::Pass);
-        }
-        Hook::FromPod if !may_be_frontend_addr(OPT_POD_PORTS_READY, &flow.daddr) => {
-            stats::count(STAT_SERVICE_MISS);
-            return Ok(Action::Pass);
-        }
-        Hook::TcIngress | Hook::Xdp | Hook::FromPod => {}
     }
     // 1. A tracked flow, either direction: its recorded rewrite, whatever the backend's state.
     if let Some(action) = tracked(pkt, flow, len, hook) {
