@@ -334,7 +334,11 @@ async fn run(args: Args) -> Result<()> {
         status.metrics.map_capacity.get_or_create(&MapLabel { map: map.into() }).set(cap);
     }
     let mut ebpf = loader::load(&LoadOptions { bpffs: Some(args.bpffs.clone()), sizes })?;
-    programs::load_all(&mut ebpf)?;
+    let loaded = programs::load_all(&mut ebpf)?;
+    // Each program: instructions as run / instructions the verifier walked (its limit is
+    // 1,000,000), and the load's time.
+    let loaded: Vec<String> = loaded.iter().map(ToString::to_string).collect();
+    info!(programs = %loaded.join(", "), "programs verified");
     let opts = options::Options {
         reject_tcp_with: args.reject_tcp_with,
         nat_ports: args.nat_port_range,

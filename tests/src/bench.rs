@@ -54,7 +54,7 @@ fn measure(
     ok: &dyn Fn(i32, &[u8]) -> bool,
 ) -> Vec<f64> {
     let runs: Vec<Runner<'_>> =
-        dps.iter().map(|dp| Box::new(move |p: &[u8]| dp.run(prog, p)) as Box<_>).collect();
+        dps.iter().map(|dp| Box::new(move |p: &[u8]| dp.run_loaded(prog, p)) as Box<_>).collect();
     measure_with(prog, &runs, make, ok)
 }
 
@@ -104,6 +104,8 @@ fn datapath_sized(n: usize, object: Option<&[u8]>, max_conntrack: u32) -> Datapa
         Some(object) => Datapath::load_object(sizes, object),
         None => Datapath::load_with(sizes),
     };
+    // Verified now, not inside the first timed run.
+    dp.load_programs();
     dp.set_node(Some(NODE.into()), Some(NODE6.into()));
     let nodeport_at =
         |addr: IpAddr, name: &str, port: u16, backends: Vec<lb_agent::model::plan::Backend>| {
@@ -254,7 +256,7 @@ fn datapath_here(baseline: Option<&[u8]>) {
             let on_n0: Vec<Runner<'_>> = dps
                 .iter()
                 .map(|dp| {
-                    Box::new(move |p: &[u8]| dp.run_xdp_on(PROG_XDP_INGRESS, p, routed.n0))
+                    Box::new(move |p: &[u8]| dp.run_xdp_on_loaded(PROG_XDP_INGRESS, p, routed.n0))
                         as Box<_>
                 })
                 .collect();
@@ -289,7 +291,10 @@ fn datapath_here(baseline: Option<&[u8]>) {
         let pod_est = tcp4(CLIENT_POD, 7, NODE, 30080, false, b"payload");
         let pod_reply = tcp4(LOCAL_POD, 8080, CLIENT_POD, 7, false, b"answer");
         let pod_runs = |prog: &'static str| -> Vec<Runner<'_>> {
-            with_pods.iter().map(|dp| Box::new(move |p: &[u8]| dp.run(prog, p)) as Box<_>).collect()
+            with_pods
+                .iter()
+                .map(|dp| Box::new(move |p: &[u8]| dp.run_loaded(prog, p)) as Box<_>)
+                .collect()
         };
         for run in &pod_runs(PROG_TC_FROM_POD) {
             run(&tcp4(CLIENT_POD, 7, NODE, 30080, true, b""));
@@ -474,7 +479,7 @@ pub fn profile(path: &str, secs: u64) {
 }
 
 fn profile_here(path: &str, secs: u64) {
-    let dp = datapath_with(1, None);
+    let mut dp = datapath_with(1, None);
     let miss = tcp4(CLIENT, 5555, Ipv4Addr::new(10, 250, 0, 1), 443, false, b"");
     dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 7, NODE, 30080, true, b""));
     dp.run(PROG_XDP_INGRESS, &tcp4(CLIENT, 8, NODE, 30080, true, b""));

@@ -125,7 +125,10 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the embedded object with private maps and loads (verifies) every program.
+    /// Loads the embedded object with private maps. Its programs are loaded (verified) as a
+    /// test first runs each ([`Self::try_run`]), or all at once by [`Self::load_programs`]:
+    /// the verifier's walk of the device programs is most of a load's time, the more so on
+    /// 6.1 in an emulated VM (`older_kernel`), and most tests run two or three of them.
     pub fn load() -> Self {
         Self::load_with(TEST_MAP_SIZES)
     }
@@ -139,7 +142,6 @@ impl Datapath {
     pub fn load_object(sizes: MapSizes, object: &[u8]) -> Self {
         let mut ebpf = loader::load_object(&LoadOptions { bpffs: None, sizes }, object)
             .unwrap_or_else(|e| panic!("loading the eBPF object: {e:#}"));
-        programs::load_all(&mut ebpf).unwrap_or_else(|e| panic!("{e:#}"));
         // As the agent does at start (it skips the filters older builds, which the bench
         // loads, lack).
         lb_agent::dataplane::port_filters::enable(&mut ebpf).unwrap_or_else(|e| panic!("{e:#}"));
@@ -148,15 +150,44 @@ impl Datapath {
         Self { ebpf, sizes, writer: None, answer_service_pings: true }
     }
 
+    /// Loads (verifies) every program not loaded yet, as the agent does at start (before
+    /// attaching them); what each load cost.
+    pub fn load_programs(&mut self) -> Vec<programs::Loaded> {
+        let names: Vec<String> = self.ebpf.programs().map(|(n, _)| n.to_owned()).collect();
+        names.iter().filter_map(|n| self.load_program(n)).collect()
+    }
+
+    /// Loads (verifies) program `name` unless it is loaded already.
+    pub fn load_program(&mut self, name: &str) -> Option<programs::Loaded> {
+        programs::load_if_needed(&mut self.ebpf, name).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
     /// Runs a tc or XDP program once on `packet`; `Err` carries the kernel's refusal (for
     /// example a frame too short for the headers its ethertype announces, which the kernel
     /// refuses for skb programs).
-    pub fn try_run(&self, name: &str, packet: &[u8]) -> Result<RunOutput, String> {
+    pub fn try_run(&mut self, name: &str, packet: &[u8]) -> Result<RunOutput, String> {
         self.try_run_ctx(name, packet, None)
     }
 
     /// [`Self::try_run`] with a context (`__sk_buff` or `xdp_md` bytes) passed in.
     pub fn try_run_ctx(
+        &mut self,
+        name: &str,
+        packet: &[u8],
+        ctx: Option<&[u8]>,
+    ) -> Result<RunOutput, String> {
+        self.load_program(name);
+        self.try_run_loaded(name, packet, ctx)
+    }
+
+    /// [`Self::run`] of a program already loaded ([`Self::load_programs`]): the bench's
+    /// datapaths take turns on each packet through shared references.
+    pub fn run_loaded(&self, name: &str, packet: &[u8]) -> RunOutput {
+        self.try_run_loaded(name, packet, None)
+            .unwrap_or_else(|e| panic!("test run of {name}: {e}"))
+    }
+
+    fn try_run_loaded(
         &self,
         name: &str,
         packet: &[u8],
@@ -185,7 +216,7 @@ impl Datapath {
         })
     }
 
-    pub fn run(&self, name: &str, packet: &[u8]) -> RunOutput {
+    pub fn run(&mut self, name: &str, packet: &[u8]) -> RunOutput {
         self.try_run(name, packet).unwrap_or_else(|e| panic!("test run of {name}: {e}"))
     }
 
@@ -193,7 +224,12 @@ impl Datapath {
     /// (CHECKSUM_COMPLETE): the kernel puts the packet's sum into the skb first and, after the
     /// run, refuses the result (EBADMSG) when the program's changes left that sum wrong,
     /// which the stack would later take for a corrupt packet. (aya 0.14 cannot pass the flag.)
-    pub fn run_checksum_complete(&self, name: &str, packet: &[u8]) -> Result<RunOutput, String> {
+    pub fn run_checksum_complete(
+        &mut self,
+        name: &str,
+        packet: &[u8],
+    ) -> Result<RunOutput, String> {
+        self.load_program(name);
         use std::os::fd::{AsFd, AsRawFd};
         /// The BPF_PROG_TEST_RUN member of `union bpf_attr`.
         #[repr(C)]
@@ -247,20 +283,32 @@ impl Datapath {
 
     /// Runs XDP `name` on `packet` as if it arrived on interface `ifindex` of the calling
     /// thread's network namespace (routes and neighbours are looked up there).
-    pub fn run_xdp_on(&self, name: &str, packet: &[u8], ifindex: u32) -> RunOutput {
+    pub fn run_xdp_on(&mut self, name: &str, packet: &[u8], ifindex: u32) -> RunOutput {
+        self.load_program(name);
+        self.run_xdp_on_loaded(name, packet, ifindex)
+    }
+
+    /// [`Self::run_xdp_on`] of a program already loaded (as [`Self::run_loaded`]).
+    pub fn run_xdp_on_loaded(&self, name: &str, packet: &[u8], ifindex: u32) -> RunOutput {
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
         // egress_ifindex.
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
         ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-        self.try_run_ctx(name, packet, Some(&ctx))
+        self.try_run_loaded(name, packet, Some(&ctx))
             .unwrap_or_else(|e| panic!("test run of {name} on ifindex {ifindex}: {e}"))
     }
 
     /// Runs tc program `name` on `packet` as if it arrived on interface `ifindex` of the
     /// calling thread's network namespace; `gso_size` > 0 makes it a GSO packet of segments
     /// that size.
-    pub fn run_tc_on(&self, name: &str, packet: &[u8], ifindex: u32, gso_size: u32) -> RunOutput {
+    pub fn run_tc_on(
+        &mut self,
+        name: &str,
+        packet: &[u8],
+        ifindex: u32,
+        gso_size: u32,
+    ) -> RunOutput {
         // struct __sk_buff: gso_segs at 164, gso_size at 176.
         let mut ctx = lb_agent::explain::skb_ctx(ifindex);
         if gso_size > 0 {
@@ -478,7 +526,7 @@ impl Datapath {
 /// Differences between two [`Datapath::stats`] snapshots, by counter name, non-zero only.
 /// Runs `prog` on `packet`, checks the checksums of what came out, and returns the verdict
 /// and a summary of the packet (which must be TCP or UDP).
-pub fn run_checked(dp: &Datapath, prog: &str, packet: &[u8]) -> (i32, crate::packets::Summary) {
+pub fn run_checked(dp: &mut Datapath, prog: &str, packet: &[u8]) -> (i32, crate::packets::Summary) {
     let out = dp.run(prog, packet);
     crate::packets::checksums_ok(&out.packet).unwrap_or_else(|e| panic!("{prog}: {e}"));
     (out.verdict, crate::packets::summarize(&out.packet).expect("a TCP/UDP packet"))

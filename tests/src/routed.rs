@@ -80,12 +80,12 @@ impl RoutedNode {
 
     /// Runs `dp`'s tc ingress on `packet` as arriving on `n0` (`gso_size`: see
     /// [`Datapath::run_tc_on`]).
-    pub fn run_tc(&self, dp: &Datapath, packet: &[u8], gso_size: u32) -> RunOutput {
+    pub fn run_tc(&self, dp: &mut Datapath, packet: &[u8], gso_size: u32) -> RunOutput {
         self.ns.run(|| dp.run_tc_on(lb_common::PROG_TC_INGRESS, packet, self.n0, gso_size))
     }
 
     /// Runs `dp`'s XDP program on `packet` as arriving on `n0`.
-    pub fn run_xdp(&self, dp: &Datapath, packet: &[u8]) -> RunOutput {
+    pub fn run_xdp(&self, dp: &mut Datapath, packet: &[u8]) -> RunOutput {
         self.ns.run(|| dp.run_xdp_on(PROG_XDP_INGRESS, packet, self.n0))
     }
 }

@@ -39,7 +39,7 @@ fn datapath() -> Datapath {
 #[test]
 fn every_translation_keeps_a_checksum_complete_sum_right() {
     require_root!();
-    let dp = datapath();
+    let mut dp = datapath();
     let big: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
     let mut steps: Vec<(&str, &str, Vec<u8>)> = vec![
         ("tcp4 first packet", PROG_TC_INGRESS, tcp4(CLIENT, 40000, VIP, 80, true, b"")),

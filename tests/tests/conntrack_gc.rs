@@ -63,13 +63,13 @@ fn age(dp: &mut Datapath, port: u16, reply: Option<bool>, secs: u64) {
 }
 
 /// Client ports of the flows in conntrack, one per entry, sorted.
-fn ports(dp: &Datapath) -> Vec<u16> {
+fn ports(dp: &mut Datapath) -> Vec<u16> {
     let mut p: Vec<u16> = dp.conntrack().iter().map(|(k, v)| client_port(k, v)).collect();
     p.sort();
     p
 }
 
-fn pass(dp: &Datapath, packet: &[u8]) {
+fn pass(dp: &mut Datapath, packet: &[u8]) {
     assert_eq!(dp.run(PROG_TC_INGRESS, packet).verdict, TC_ACT_OK);
 }
 
@@ -78,13 +78,13 @@ fn a_sweep_removes_the_flows_whose_entries_all_expired_and_keeps_the_others() {
     require_root!();
     let mut dp = datapath();
     for port in [1001, 1002, 1004, 1005] {
-        pass(&dp, &tcp4(CLIENT, port, VIP, 80, true, b""));
+        pass(&mut dp, &tcp4(CLIENT, port, VIP, 80, true, b""));
     }
-    pass(&dp, &tcp4_end(CLIENT, 1004, VIP, 80, true)); // reset: 1 s to live
-    pass(&dp, &tcp4_end(CLIENT, 1005, VIP, 80, false)); // closing: 10 s to live
+    pass(&mut dp, &tcp4_end(CLIENT, 1004, VIP, 80, true)); // reset: 1 s to live
+    pass(&mut dp, &tcp4_end(CLIENT, 1005, VIP, 80, false)); // closing: 10 s to live
     // One-way UDP to a SNATed backend: the client keeps sending, the backend never answers.
-    pass(&dp, &udp4(CLIENT, 1003, VIP, 53, b"q"));
-    assert_eq!(ports(&dp), [1001, 1001, 1002, 1002, 1003, 1003, 1004, 1004, 1005, 1005]);
+    pass(&mut dp, &udp4(CLIENT, 1003, VIP, 53, b"q"));
+    assert_eq!(ports(&mut dp), [1001, 1001, 1002, 1002, 1003, 1003, 1004, 1004, 1005, 1005]);
 
     age(&mut dp, 1001, None, 61); // a SYN that never got further: both expired (60 s)
     age(&mut dp, 1004, None, 2);
@@ -92,18 +92,18 @@ fn a_sweep_removes_the_flows_whose_entries_all_expired_and_keeps_the_others() {
     age(&mut dp, 1003, Some(true), 61); // its reply entry (which holds the SNAT port) only
     let sweep = dp.sweep_conntrack();
     assert_eq!(sweep, Sweep { entries: 10, live: 5, removed: 4, kept_for_pair: 1 });
-    assert_eq!(ports(&dp), [1002, 1002, 1003, 1003, 1005, 1005]);
+    assert_eq!(ports(&mut dp), [1002, 1002, 1003, 1003, 1005, 1005]);
     let snat_reply = CT_F_REPLY | CT_F_SNAT;
     assert!(dp.conntrack().iter().any(|(_, v)| v.flags & snat_reply == snat_reply));
 
     // The datapath never met an expired entry: the sweep took them. A removed flow's next
     // packet starts a new one; a kept flow's packets follow their entries.
     let new_before = dp.stat(STAT_CT_NEW);
-    pass(&dp, &tcp4(CLIENT, 1001, VIP, 80, true, b""));
+    pass(&mut dp, &tcp4(CLIENT, 1001, VIP, 80, true, b""));
     assert_eq!(dp.stat(STAT_CT_NEW), new_before + 1);
     let hits_before = dp.stat(STAT_CT_HIT);
-    pass(&dp, &tcp4(CLIENT, 1002, VIP, 80, false, b"more"));
-    pass(&dp, &udp4(CLIENT, 1003, VIP, 53, b"again"));
+    pass(&mut dp, &tcp4(CLIENT, 1002, VIP, 80, false, b"more"));
+    pass(&mut dp, &udp4(CLIENT, 1003, VIP, 53, b"again"));
     assert_eq!(dp.stat(STAT_CT_HIT), hits_before + 2);
     assert_eq!(dp.stat(STAT_CT_EXPIRED), 0);
 
@@ -119,7 +119,7 @@ fn an_entry_refreshed_or_replaced_after_the_read_is_kept() {
     require_root!();
     let mut dp = datapath();
     for port in [2001, 2002] {
-        pass(&dp, &tcp4(CLIENT, port, VIP, 80, true, b""));
+        pass(&mut dp, &tcp4(CLIENT, port, VIP, 80, true, b""));
         age(&mut dp, port, None, 61);
     }
     let now = coarse_now_ns();
@@ -139,14 +139,14 @@ fn an_entry_refreshed_or_replaced_after_the_read_is_kept() {
         .find(|(k, v)| client_port(k, v) == 2001 && v.flags & CT_F_REPLY == 0)
         .expect("2001's forward entry");
     dp.set_conntrack(k, CtValue { last_seen_ns: coarse_now_ns(), ..v });
-    pass(&dp, &tcp4(CLIENT, 2002, VIP, 80, true, b""));
+    pass(&mut dp, &tcp4(CLIENT, 2002, VIP, 80, true, b""));
     assert_eq!(dp.stat(STAT_CT_EXPIRED), 1, "2002's old flow");
 
     let mut ct = conntrack_gc::handle(dp.conntrack_map()).expect("handle");
     let mut sweep = Sweep::default();
     conntrack_gc::remove_dead(&mut ct, &dead, &dp.ct_timeouts(), &mut sweep).expect("remove");
     assert_eq!(sweep.removed, 0, "{sweep:?}");
-    assert_eq!(ports(&dp), [2001, 2001, 2002, 2002]);
+    assert_eq!(ports(&mut dp), [2001, 2001, 2002, 2002]);
     // 2001's reply entry is still expired but kept, as its forward direction lives; 2002's two
     // each found the other new.
     assert_eq!(sweep.kept_for_pair, 3, "{sweep:?}");
@@ -203,15 +203,15 @@ fn the_batch_reader_returns_every_entry_once_across_chunks() {
 fn an_idle_connection_outlives_ended_flows_that_fill_the_map_twice_over() {
     require_root!();
     let mut dp = datapath();
-    pass(&dp, &tcp4(CLIENT, 7, VIP, 80, true, b""));
-    pass(&dp, &tcp4(CLIENT, 7, VIP, 80, false, b"hello"));
+    pass(&mut dp, &tcp4(CLIENT, 7, VIP, 80, true, b""));
+    pass(&mut dp, &tcp4(CLIENT, 7, VIP, 80, false, b"hello"));
     let capacity = TEST_MAP_SIZES.max_conntrack as u16; // two entries a flow
     let per_round = capacity / 8;
     let mut port = 1024u16;
     for _ in 0..8 {
         for _ in 0..per_round {
-            pass(&dp, &tcp4(CLIENT, port, VIP, 80, true, b""));
-            pass(&dp, &tcp4_end(CLIENT, port, VIP, 80, true));
+            pass(&mut dp, &tcp4(CLIENT, port, VIP, 80, true, b""));
+            pass(&mut dp, &tcp4_end(CLIENT, port, VIP, 80, true));
             port += 1;
         }
         // A second later the resets have expired (1 s); moved back instead of waited for.
@@ -225,11 +225,11 @@ fn an_idle_connection_outlives_ended_flows_that_fill_the_map_twice_over() {
     }
     let entries_made = 2 * u32::from(port - 1024);
     assert_eq!(entries_made, 2 * TEST_MAP_SIZES.max_conntrack, "twice the map");
-    let left = ports(&dp);
+    let left = ports(&mut dp);
     let idle = left.iter().filter(|&&p| p == 7).count();
     assert_eq!((left.len(), idle), (2, 2), "entries left, of which the idle connection's");
     let hits = dp.stat(STAT_CT_HIT);
-    pass(&dp, &tcp4(CLIENT, 7, VIP, 80, false, b"still there"));
+    pass(&mut dp, &tcp4(CLIENT, 7, VIP, 80, false, b"still there"));
     assert_eq!(dp.stat(STAT_CT_HIT), hits + 1);
 }
 
@@ -249,17 +249,17 @@ fn configured_lifetimes_expire_flows_in_the_datapath_and_the_sweep_alike() {
         assert_eq!(dp.ct_timeouts(), configured.unwrap_or_default());
         for port in [3001, 3002, 3005, 3007, 3008] {
             // Both directions established: the client's ACK, the backend's answer.
-            pass(&dp, &tcp4(CLIENT, port, VIP, 80, true, b""));
-            pass(&dp, &tcp4(CLIENT, port, VIP, 80, false, b"ack"));
+            pass(&mut dp, &tcp4(CLIENT, port, VIP, 80, true, b""));
+            pass(&mut dp, &tcp4(CLIENT, port, VIP, 80, false, b"ack"));
             let answer = dp.run(PROG_TC_EGRESS, &tcp4(LOCAL_POD, 8080, CLIENT, port, false, b"ok"));
             assert_eq!(answer.verdict, TC_ACT_OK);
         }
         // Half-closed by the client: the backend may go on sending.
         for port in [3007, 3008] {
-            pass(&dp, &tcp4_end(CLIENT, port, VIP, 80, false));
+            pass(&mut dp, &tcp4_end(CLIENT, port, VIP, 80, false));
         }
         for port in [3003, 3004, 3006, 3009, 3010] {
-            pass(&dp, &udp4(CLIENT, port, VIP, 53, b"q"));
+            pass(&mut dp, &udp4(CLIENT, port, VIP, 53, b"q"));
         }
         // Answered: streams.
         for port in [3009, 3010] {
@@ -289,13 +289,13 @@ fn configured_lifetimes_expire_flows_in_the_datapath_and_the_sweep_alike() {
         }
         let (expired, new) = (dp.stat(STAT_CT_EXPIRED), dp.stat(STAT_CT_NEW));
         for port in [3001, 3002, 3007, 3008] {
-            pass(&dp, &tcp4(CLIENT, port, VIP, 80, false, b"more"));
+            pass(&mut dp, &tcp4(CLIENT, port, VIP, 80, false, b"more"));
         }
         for port in [3003, 3004, 3009] {
-            pass(&dp, &udp4(CLIENT, port, VIP, 53, b"again"));
+            pass(&mut dp, &udp4(CLIENT, port, VIP, 53, b"again"));
         }
         let swept = dp.sweep_conntrack();
-        let left = ports(&dp);
+        let left = ports(&mut dp);
         if configured.is_some() {
             // 3001 (6 s, established), 3003 (3 s, UDP) and 3007 (4 s, half-closed) start
             // afresh, 3009 (3 s, an answered UDP stream) lives on; 3005, 3006 and 3010 (5 s,
@@ -316,7 +316,7 @@ fn configured_lifetimes_expire_flows_in_the_datapath_and_the_sweep_alike() {
 }
 
 /// Where the datapath sends this packet (tc ingress), as `addr:port`.
-fn sent_to(dp: &Datapath, packet: &[u8]) -> std::net::SocketAddr {
+fn sent_to(dp: &mut Datapath, packet: &[u8]) -> std::net::SocketAddr {
     let out = dp.run(PROG_TC_INGRESS, packet);
     assert!(out.verdict == TC_ACT_OK || out.verdict == 7, "verdict {}", out.verdict);
     summarize(&out.packet).expect("a TCP/UDP packet").dst
@@ -339,19 +339,19 @@ fn flows_to_a_udp_endpoint_the_service_dropped_move_to_a_live_one() {
         dp.program("web", &[lb_plan("web", VIP.into(), 80, Protocol::Tcp, be(local, 8080, true))]);
     };
     program(&mut dp, a, c);
-    assert_eq!(sent_to(&dp, &udp4(CLIENT, 4001, VIP, 53, b"q")), sa(a, 5353));
-    assert_eq!(sent_to(&dp, &udp4(CLIENT, 4003, VIP, 54, b"q")), sa(c, 5353));
-    assert_eq!(sent_to(&dp, &tcp4(CLIENT, 4002, VIP, 80, true, b"")), sa(a, 8080));
+    assert_eq!(sent_to(&mut dp, &udp4(CLIENT, 4001, VIP, 53, b"q")), sa(a, 5353));
+    assert_eq!(sent_to(&mut dp, &udp4(CLIENT, 4003, VIP, 54, b"q")), sa(c, 5353));
+    assert_eq!(sent_to(&mut dp, &tcp4(CLIENT, 4002, VIP, 80, true, b"")), sa(a, 8080));
     assert_eq!(dp.conntrack().len(), 6);
 
     // a and c leave their services; b and d take their places.
     program(&mut dp, b, d);
     // Until the flush, the UDP flows still go to the endpoints that left.
-    assert_eq!(sent_to(&dp, &udp4(CLIENT, 4001, VIP, 53, b"q")), sa(a, 5353));
+    assert_eq!(sent_to(&mut dp, &udp4(CLIENT, 4001, VIP, 53, b"q")), sa(a, 5353));
     assert_eq!(dp.flush_stale_udp(), 4, "two UDP flows, two entries each");
-    assert_eq!(sent_to(&dp, &udp4(CLIENT, 4001, VIP, 53, b"q")), sa(b, 5353));
-    assert_eq!(sent_to(&dp, &udp4(CLIENT, 4003, VIP, 54, b"q")), sa(d, 5353));
-    assert_eq!(sent_to(&dp, &tcp4(CLIENT, 4002, VIP, 80, false, b"more")), sa(a, 8080));
+    assert_eq!(sent_to(&mut dp, &udp4(CLIENT, 4001, VIP, 53, b"q")), sa(b, 5353));
+    assert_eq!(sent_to(&mut dp, &udp4(CLIENT, 4003, VIP, 54, b"q")), sa(d, 5353));
+    assert_eq!(sent_to(&mut dp, &tcp4(CLIENT, 4002, VIP, 80, false, b"more")), sa(a, 8080));
     assert_eq!(dp.flush_stale_udp(), 0, "nothing new to flush");
 }
 
@@ -374,10 +374,10 @@ fn after_a_restart_udp_flows_to_endpoints_gone_meanwhile_are_flushed() {
     let web = vec![backend(a.into(), 8080, true)];
     dp.program("web", &[lb_plan("web", VIP.into(), 80, Protocol::Tcp, web)]);
     let on_a: Vec<u16> = (5001..5021)
-        .filter(|&port| sent_to(&dp, &udp4(CLIENT, port, VIP, 53, b"q")) == sa(a, 5353))
+        .filter(|&port| sent_to(&mut dp, &udp4(CLIENT, port, VIP, 53, b"q")) == sa(a, 5353))
         .collect();
     assert!(!on_a.is_empty() && on_a.len() < 20, "both endpoints get flows: {on_a:?}");
-    assert_eq!(sent_to(&dp, &tcp4(CLIENT, 5100, VIP, 80, true, b"")), sa(a, 8080));
+    assert_eq!(sent_to(&mut dp, &tcp4(CLIENT, 5100, VIP, 80, true, b"")), sa(a, 8080));
 
     // The agent stops; a leaves the service; an agent starts.
     dp.restart_writer();
@@ -389,8 +389,8 @@ fn after_a_restart_udp_flows_to_endpoints_gone_meanwhile_are_flushed() {
     assert_eq!(dp.finish_restart(), 2 * on_a.len() as u64);
     let hits = dp.stat(STAT_CT_HIT);
     for port in 5001..5021 {
-        assert_eq!(sent_to(&dp, &udp4(CLIENT, port, VIP, 53, b"q")), sa(b, 5353), "{port}");
+        assert_eq!(sent_to(&mut dp, &udp4(CLIENT, port, VIP, 53, b"q")), sa(b, 5353), "{port}");
     }
     assert_eq!(dp.stat(STAT_CT_HIT) - hits, 20 - on_a.len() as u64, "b's flows kept theirs");
-    assert_eq!(sent_to(&dp, &tcp4(CLIENT, 5100, VIP, 80, false, b"more")), sa(a, 8080));
+    assert_eq!(sent_to(&mut dp, &tcp4(CLIENT, 5100, VIP, 80, false, b"more")), sa(a, 8080));
 }

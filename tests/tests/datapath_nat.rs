@@ -38,9 +38,9 @@ fn datapath(backends: Vec<Backend>) -> Datapath {
 #[test]
 fn local_backend_first_packet_established_and_reply() {
     require_root!();
-    let dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
+    let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
 
-    let (verdict, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 40000, VIP, 80, true, b""));
+    let (verdict, s) = run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 40000, VIP, 80, true, b""));
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(
         (s.src, s.dst),
@@ -57,14 +57,17 @@ fn local_backend_first_packet_established_and_reply() {
     assert_eq!(rv.new_sport_be, 80u16.to_be());
 
     // The rest of the connection follows the entry.
-    let (_, s) =
-        run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 40000, VIP, 80, false, b"GET / HTTP/1.1\r\n\r\n"));
+    let (_, s) = run(
+        &mut dp,
+        PROG_TC_INGRESS,
+        &tcp4(CLIENT, 40000, VIP, 80, false, b"GET / HTTP/1.1\r\n\r\n"),
+    );
     assert_eq!(s.dst, sa(LOCAL_POD, 8080));
     assert_eq!(dp.stat(STAT_CT_HIT), 1);
 
     // The pod's reply leaves the node with the frontend as source.
     let (verdict, s) = run(
-        &dp,
+        &mut dp,
         PROG_TC_EGRESS,
         &tcp4(LOCAL_POD, 8080, CLIENT, 40000, false, b"HTTP/1.1 200 OK\r\n\r\n"),
     );
@@ -86,7 +89,7 @@ fn conntrack_entries_are_stamped_with_the_coarse_clock_of_their_packet() {
     let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
     // A reader may see jiffies move just before the timekeeper: one tick late (10 ms at HZ=100).
     const SLACK_NS: u64 = 20_000_000;
-    let stamp = |dp: &Datapath, port: u16| {
+    let stamp = |dp: &mut Datapath, port: u16| {
         let ct = dp.conntrack();
         let (_, v) = ct.iter().find(|(k, _)| k.sport_be == port.to_be()).expect("forward entry");
         v.last_seen_ns
@@ -94,9 +97,9 @@ fn conntrack_entries_are_stamped_with_the_coarse_clock_of_their_packet() {
     let mut stamps = Vec::new();
     for port in 41000..41005 {
         let before = lb_tests::kernel::coarse_now_ns();
-        run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, port, VIP, 80, true, b""));
+        run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, port, VIP, 80, true, b""));
         let after = lb_tests::kernel::coarse_now_ns();
-        let s = stamp(&dp, port);
+        let s = stamp(&mut dp, port);
         assert!((before - SLACK_NS..=after).contains(&s), "{before} <= {s} <= {after}");
         stamps.push(s);
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -114,9 +117,9 @@ fn conntrack_entries_are_stamped_with_the_coarse_clock_of_their_packet() {
     let old = lb_tests::kernel::secs_ago_ns(5);
     dp.set_conntrack(key, CtValue { last_seen_ns: old, ..value });
     let before = lb_tests::kernel::coarse_now_ns();
-    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41000, VIP, 80, false, b"x"));
+    run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41000, VIP, 80, false, b"x"));
     let after = lb_tests::kernel::coarse_now_ns();
-    let s = stamp(&dp, 41000);
+    let s = stamp(&mut dp, 41000);
     assert!((before - SLACK_NS..=after).contains(&s), "refreshed: {before} <= {s} <= {after}");
 }
 
@@ -126,14 +129,14 @@ fn conntrack_entries_are_stamped_with_the_coarse_clock_of_their_packet() {
 fn an_entry_stamped_a_tick_ahead_by_another_cpu_stays_live() {
     require_root!();
     let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
-    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41010, VIP, 80, true, b""));
+    run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41010, VIP, 80, true, b""));
     let ahead = lb_tests::kernel::coarse_now_ns() + 10_000_000;
     for (k, v) in dp.conntrack() {
         dp.set_conntrack(k, CtValue { last_seen_ns: ahead, ..v });
     }
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41010, VIP, 80, false, b"more"));
+    let (_, s) = run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41010, VIP, 80, false, b"more"));
     assert_eq!(s.dst, sa(LOCAL_POD, 8080));
-    let (_, s) = run(&dp, PROG_TC_EGRESS, &tcp4(LOCAL_POD, 8080, CLIENT, 41010, false, b"ok"));
+    let (_, s) = run(&mut dp, PROG_TC_EGRESS, &tcp4(LOCAL_POD, 8080, CLIENT, 41010, false, b"ok"));
     assert_eq!(s.src, sa(VIP, 80));
     assert_eq!((dp.stat(STAT_CT_EXPIRED), dp.stat(STAT_CT_NEW)), (0, 1), "expired, new");
     assert_eq!(dp.stat(STAT_CT_HIT), 2);
@@ -142,8 +145,8 @@ fn an_entry_stamped_a_tick_ahead_by_another_cpu_stays_live() {
 #[test]
 fn remote_backend_gets_snat_with_a_bpf_port_and_its_reply_is_reversed() {
     require_root!();
-    let dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
-    let (verdict, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 40001, VIP, 80, true, b""));
+    let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
+    let (verdict, s) = run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 40001, VIP, 80, true, b""));
     // Redirected out of the routed device, or handed to the stack when the test context has no
     // route (BPF_PROG_TEST_RUN); either way rewritten.
     assert!(verdict == TC_ACT_REDIRECT || verdict == TC_ACT_OK, "verdict {verdict}");
@@ -155,11 +158,12 @@ fn remote_backend_gets_snat_with_a_bpf_port_and_its_reply_is_reversed() {
     assert!(ct.iter().all(|(_, v)| v.flags & CT_F_SNAT != 0), "{ct:?}");
 
     // The backend answers the node; the client gets it from the frontend.
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, nat_port, false, b"ok"));
+    let (_, s) =
+        run(&mut dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, nat_port, false, b"ok"));
     assert_eq!((s.src, s.dst), (sa(VIP, 80), sa(CLIENT, 40001)));
 
     // A second flow gets another port.
-    let (_, s2) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 40002, VIP, 80, true, b""));
+    let (_, s2) = run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 40002, VIP, 80, true, b""));
     assert_ne!(s2.src.port(), nat_port);
 }
 
@@ -174,12 +178,12 @@ fn snat_ports_come_from_the_configured_range_and_run_out_cleanly() {
     });
     let mut ports: Vec<u16> = (0..4)
         .map(|i| {
-            run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41000 + i, VIP, 80, true, b"")).1.src.port()
+            run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41000 + i, VIP, 80, true, b"")).1.src.port()
         })
         .collect();
     ports.sort();
     assert_eq!(ports, vec![20000, 20001, 20002, 20003], "every port of the range, once");
-    let (verdict, _) = run_raw(&dp, &tcp4(CLIENT, 41004, VIP, 80, true, b""));
+    let (verdict, _) = run_raw(&mut dp, &tcp4(CLIENT, 41004, VIP, 80, true, b""));
     assert_eq!((verdict, dp.stat(STAT_DROP_NAT_EXHAUSTED)), (TC_ACT_SHOT, 1));
 }
 
@@ -190,7 +194,7 @@ fn without_a_node_address_a_flow_needing_snat_is_dropped_and_counted() {
     dp.program("web", &[web(vec![backend(REMOTE_POD.into(), 8080, false)])]);
     let syn = tcp4(CLIENT, 40001, VIP, 80, true, b"");
     assert_eq!(dp.run(PROG_XDP_INGRESS, &syn).packet, syn, "XDP leaves it to tc");
-    assert_eq!(run_raw(&dp, &syn).0, TC_ACT_SHOT);
+    assert_eq!(run_raw(&mut dp, &syn).0, TC_ACT_SHOT);
     assert_eq!(dp.stat(STAT_DROP_NO_NODE_ADDR), 1);
     assert!(dp.conntrack().is_empty());
 }
@@ -208,7 +212,7 @@ fn one_snat_port() -> Datapath {
 }
 
 /// The verdict on the SYN of a new flow from CLIENT:`sport`.
-fn new_flow(dp: &Datapath, sport: u16) -> i32 {
+fn new_flow(dp: &mut Datapath, sport: u16) -> i32 {
     run_raw(dp, &tcp4(CLIENT, sport, VIP, 80, true, b"")).0
 }
 
@@ -221,7 +225,7 @@ fn age(dp: &mut Datapath, secs: u64) {
 }
 
 /// The TCP states of every conntrack entry.
-fn states(dp: &Datapath) -> Vec<u8> {
+fn states(dp: &mut Datapath) -> Vec<u8> {
     dp.conntrack().iter().map(|(_, v)| v.state).collect()
 }
 
@@ -232,33 +236,33 @@ fn a_snat_port_whose_backend_closed_first_waits_out_the_backends_time_wait() {
 
     // The backend answers, then closes its side first: half-closed, the flow lives on (the
     // client may still send), and keeps its port.
-    assert_ne!(new_flow(&dp, 42000), TC_ACT_SHOT);
-    run(&dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, 20000, false, b"answer"));
-    run(&dp, PROG_TC_INGRESS, &tcp4_end(REMOTE_POD, 8080, NODE, 20000, false));
-    assert_eq!(states(&dp), vec![CT_STATE_FIN_BACKEND; 2]);
+    assert_ne!(new_flow(&mut dp, 42000), TC_ACT_SHOT);
+    run(&mut dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, 20000, false, b"answer"));
+    run(&mut dp, PROG_TC_INGRESS, &tcp4_end(REMOTE_POD, 8080, NODE, 20000, false));
+    assert_eq!(states(&mut dp), vec![CT_STATE_FIN_BACKEND; 2]);
     age(&mut dp, 61);
-    assert_eq!(new_flow(&dp, 42001), TC_ACT_SHOT, "a half-closed flow keeps its port");
+    assert_eq!(new_flow(&mut dp, 42001), TC_ACT_SHOT, "a half-closed flow keeps its port");
     // The client's FIN closes it; the backend, which closed first, keeps (node, 20000) in
     // TIME_WAIT.
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 42000, VIP, 80, false));
+    let (_, s) = run(&mut dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 42000, VIP, 80, false));
     assert_eq!(s.dst, sa(REMOTE_POD, 8080), "translated after a minute half-closed");
-    assert_eq!(states(&dp), vec![CT_STATE_TIME_WAIT; 2]);
+    assert_eq!(states(&mut dp), vec![CT_STATE_TIME_WAIT; 2]);
     // Past a FIN's 10 s the port is still the old connection's; past 60 s it is free.
     age(&mut dp, 11);
-    assert_eq!(new_flow(&dp, 42004), TC_ACT_SHOT, "another client would meet TIME_WAIT");
+    assert_eq!(new_flow(&mut dp, 42004), TC_ACT_SHOT, "another client would meet TIME_WAIT");
     assert_eq!(dp.stat(STAT_DROP_NAT_EXHAUSTED), 2);
     age(&mut dp, 61);
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 42002, VIP, 80, true, b""));
+    let (_, s) = run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 42002, VIP, 80, true, b""));
     assert_eq!((s.src, s.dst), (sa(NODE, 20000), sa(REMOTE_POD, 8080)));
 
     // When the client closes first, the backend keeps no TIME_WAIT: 10 s free the port.
-    run(&dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, 20000, false, b"answer"));
-    run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 42002, VIP, 80, false));
-    assert_eq!(states(&dp), vec![CT_STATE_FIN_CLIENT; 2]);
-    run(&dp, PROG_TC_INGRESS, &tcp4_end(REMOTE_POD, 8080, NODE, 20000, false));
-    assert_eq!(states(&dp), vec![CT_STATE_CLOSING; 2]);
+    run(&mut dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, 20000, false, b"answer"));
+    run(&mut dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 42002, VIP, 80, false));
+    assert_eq!(states(&mut dp), vec![CT_STATE_FIN_CLIENT; 2]);
+    run(&mut dp, PROG_TC_INGRESS, &tcp4_end(REMOTE_POD, 8080, NODE, 20000, false));
+    assert_eq!(states(&mut dp), vec![CT_STATE_CLOSING; 2]);
     age(&mut dp, 11);
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 42003, VIP, 80, true, b""));
+    let (_, s) = run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 42003, VIP, 80, true, b""));
     assert_eq!(s.src, sa(NODE, 20000));
 }
 
@@ -282,20 +286,20 @@ fn a_half_closed_flow_keeps_its_translation_for_the_close_wait_lifetime() {
         3600,
         "the default, as kube-proxy's --conntrack-tcp-timeout-close-wait"
     );
-    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43000, VIP, 80, true, b""));
-    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43000, VIP, 80, false, b"GET / HTTP/1.0\r\n\r\n"));
-    run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 43000, VIP, 80, false));
-    assert_eq!(states(&dp), vec![CT_STATE_FIN_CLIENT; 2]);
+    run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43000, VIP, 80, true, b""));
+    run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43000, VIP, 80, false, b"GET / HTTP/1.0\r\n\r\n"));
+    run(&mut dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 43000, VIP, 80, false));
+    assert_eq!(states(&mut dp), vec![CT_STATE_FIN_CLIENT; 2]);
     age(&mut dp, 25);
     let answer = tcp4(LOCAL_POD, 8080, CLIENT, 43000, false, b"HTTP/1.0 200 OK");
-    let (_, s) = run(&dp, PROG_TC_EGRESS, &answer);
+    let (_, s) = run(&mut dp, PROG_TC_EGRESS, &answer);
     assert_eq!(s.src, sa(VIP, 80), "25 s later (past a FIN's 10 s), still from the frontend");
-    run(&dp, PROG_TC_EGRESS, &tcp4_end(LOCAL_POD, 8080, CLIENT, 43000, false));
-    assert_eq!(states(&dp), vec![CT_STATE_CLOSING; 2], "both sides closed: the last packets");
+    run(&mut dp, PROG_TC_EGRESS, &tcp4_end(LOCAL_POD, 8080, CLIENT, 43000, false));
+    assert_eq!(states(&mut dp), vec![CT_STATE_CLOSING; 2], "both sides closed: the last packets");
 
     // Past the lifetime, a half-closed flow is over.
-    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43001, VIP, 80, true, b""));
-    run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 43001, VIP, 80, false));
+    run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43001, VIP, 80, true, b""));
+    run(&mut dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 43001, VIP, 80, false));
     age(&mut dp, 31);
     let late = tcp4(LOCAL_POD, 8080, CLIENT, 43001, false, b"too late");
     let out = dp.run(PROG_TC_EGRESS, &late);
@@ -305,36 +309,36 @@ fn a_half_closed_flow_keeps_its_translation_for_the_close_wait_lifetime() {
 #[test]
 fn a_reset_frees_its_flows_snat_port_within_a_second_and_fins_close_both_directions() {
     require_root!();
-    let dp = one_snat_port();
-    assert_ne!(new_flow(&dp, 41000), TC_ACT_SHOT);
-    run(&dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, 20000, false, b"syn-ack"));
-    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41000, VIP, 80, false, b"request"));
-    assert_eq!(new_flow(&dp, 41001), TC_ACT_SHOT, "the only port is taken");
+    let mut dp = one_snat_port();
+    assert_ne!(new_flow(&mut dp, 41000), TC_ACT_SHOT);
+    run(&mut dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, 20000, false, b"syn-ack"));
+    run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41000, VIP, 80, false, b"request"));
+    assert_eq!(new_flow(&mut dp, 41001), TC_ACT_SHOT, "the only port is taken");
 
     // The client aborts: both directions' entries are marked, though only one saw the RST.
-    run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 41000, VIP, 80, true));
-    assert_eq!(states(&dp), vec![CT_STATE_RESET; 2]);
-    assert_eq!(new_flow(&dp, 41002), TC_ACT_SHOT, "not before its reset timeout");
+    run(&mut dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 41000, VIP, 80, true));
+    assert_eq!(states(&mut dp), vec![CT_STATE_RESET; 2]);
+    assert_eq!(new_flow(&mut dp, 41002), TC_ACT_SHOT, "not before its reset timeout");
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    assert_ne!(new_flow(&dp, 41003), TC_ACT_SHOT, "the port is taken over after a second");
+    assert_ne!(new_flow(&mut dp, 41003), TC_ACT_SHOT, "the port is taken over after a second");
     assert_eq!(dp.stat(STAT_DROP_NAT_EXHAUSTED), 2);
 
     // A FIN from the client half-closes both directions' entries; the backend's closes them.
-    run(&dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 41003, VIP, 80, false));
-    assert_eq!(states(&dp), vec![CT_STATE_FIN_CLIENT; 2], "{:?}", dp.conntrack());
-    run(&dp, PROG_TC_INGRESS, &tcp4_end(REMOTE_POD, 8080, NODE, 20000, false));
-    assert_eq!(states(&dp), vec![CT_STATE_CLOSING; 2], "{:?}", dp.conntrack());
+    run(&mut dp, PROG_TC_INGRESS, &tcp4_end(CLIENT, 41003, VIP, 80, false));
+    assert_eq!(states(&mut dp), vec![CT_STATE_FIN_CLIENT; 2], "{:?}", dp.conntrack());
+    run(&mut dp, PROG_TC_INGRESS, &tcp4_end(REMOTE_POD, 8080, NODE, 20000, false));
+    assert_eq!(states(&mut dp), vec![CT_STATE_CLOSING; 2], "{:?}", dp.conntrack());
     // The client reopens the same tuple: both entries live again, same backend and port.
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41003, VIP, 80, true, b""));
+    let (_, s) = run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 41003, VIP, 80, true, b""));
     assert_eq!((s.src, s.dst), (sa(NODE, 20000), sa(REMOTE_POD, 8080)));
-    assert_eq!(states(&dp), vec![CT_STATE_NEW; 2]);
+    assert_eq!(states(&mut dp), vec![CT_STATE_NEW; 2]);
 }
 
 #[test]
 fn snat_ports_of_flows_that_ended_are_reused_and_live_ones_never_are() {
     require_root!();
     let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 40001, VIP, 80, true, b""));
+    let (_, s) = run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 40001, VIP, 80, true, b""));
     let nat_port = s.src.port();
     let (reply_key, reply) =
         dp.conntrack().into_iter().find(|(_, v)| v.flags & CT_F_REPLY != 0).expect("reply entry");
@@ -352,7 +356,7 @@ fn snat_ports_of_flows_that_ended_are_reused_and_live_ones_never_are() {
         assert!(dp.insert_conntrack(key, value), "port {port} was free");
         dead.push((key, value));
     }
-    let (verdict, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 40002, VIP, 80, true, b""));
+    let (verdict, s) = run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 40002, VIP, 80, true, b""));
     assert_ne!(verdict, TC_ACT_SHOT, "a dead flow's port is taken over");
     assert_eq!(s.src.ip(), IpAddr::from(NODE));
     assert!((NAT_PORT_MIN..=NAT_PORT_MAX).contains(&s.src.port()));
@@ -361,7 +365,7 @@ fn snat_ports_of_flows_that_ended_are_reused_and_live_ones_never_are() {
     assert!(dp.stat(STAT_CT_EXPIRED) >= 1);
     // The live flow is untouched: its reply still reaches its client.
     let (_, back) =
-        run(&dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, nat_port, false, b"ok"));
+        run(&mut dp, PROG_TC_INGRESS, &tcp4(REMOTE_POD, 8080, NODE, nat_port, false, b"ok"));
     assert_eq!(back.dst, sa(CLIENT, 40001));
 
     // Now every port belongs to a live flow: a new flow is dropped and counted, never given
@@ -375,14 +379,14 @@ fn snat_ports_of_flows_that_ended_are_reused_and_live_ones_never_are() {
         }
     }
     let before = dp.conntrack().len();
-    let (verdict, _) = run_raw(&dp, &tcp4(CLIENT, 40003, VIP, 80, true, b""));
+    let (verdict, _) = run_raw(&mut dp, &tcp4(CLIENT, 40003, VIP, 80, true, b""));
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(dp.stat(STAT_DROP_NAT_EXHAUSTED), 1);
     assert_eq!(dp.conntrack().len(), before, "nothing claimed, nothing overwritten");
 }
 
 /// Runs tc ingress without expecting a translated packet.
-fn run_raw(dp: &Datapath, packet: &[u8]) -> (i32, Vec<u8>) {
+fn run_raw(dp: &mut Datapath, packet: &[u8]) -> (i32, Vec<u8>) {
     let out = dp.run(PROG_TC_INGRESS, packet);
     (out.verdict, out.packet)
 }
@@ -399,11 +403,11 @@ fn ipv6_remote_backend_snat_and_reply() {
         "web6",
         &[lb_plan("web6", vip6.into(), 80, Protocol::Udp, vec![backend(pod6.into(), 5353, false)])],
     );
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &udp6(client6, 5000, vip6, 80, b"query"));
+    let (_, s) = run(&mut dp, PROG_TC_INGRESS, &udp6(client6, 5000, vip6, 80, b"query"));
     assert_eq!(s.src.ip(), "fd00:1::11".parse::<IpAddr>().unwrap());
     assert_eq!(s.dst, sa(pod6, 5353));
     let (_, r) = run(
-        &dp,
+        &mut dp,
         PROG_TC_INGRESS,
         &udp6(pod6, 5353, "fd00:1::11".parse().unwrap(), s.src.port(), b"answer"),
     );
@@ -444,15 +448,18 @@ fn affinity_keeps_a_client_on_its_backend_across_connections() {
     plan.affinity_timeout_s = Some(10800);
     let mut dp = Datapath::load();
     dp.program("web", &[plan]);
-    let first = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 10000, VIP, 80, true, b"")).1.dst;
+    let first = run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 10000, VIP, 80, true, b"")).1.dst;
     for port in 10001..10030 {
-        assert_eq!(run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, port, VIP, 80, true, b"")).1.dst, first);
+        assert_eq!(
+            run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, port, VIP, 80, true, b"")).1.dst,
+            first
+        );
     }
     assert_eq!(dp.stat(STAT_AFFINITY_HIT), 29);
     // Without affinity the same 30 connections spread.
-    let dp = datapath(backends);
+    let mut dp = datapath(backends);
     let spread: std::collections::BTreeSet<SocketAddr> = (10000..10030)
-        .map(|p| run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, p, VIP, 80, true, b"")).1.dst)
+        .map(|p| run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, p, VIP, 80, true, b"")).1.dst)
         .collect();
     assert!(spread.len() >= 3, "{spread:?}");
 }
@@ -466,7 +473,8 @@ fn a_removed_backend_keeps_its_flows_and_gets_no_new_ones() {
     // Find a flow on `a`.
     let port = (30000..30100)
         .find(|&p| {
-            run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, p, VIP, 80, true, b"")).1.dst == a.socket_addr()
+            run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, p, VIP, 80, true, b"")).1.dst
+                == a.socket_addr()
         })
         .expect("some flow lands on a");
     // `a` starts terminating: out of the set, kept for open flows.
@@ -476,12 +484,12 @@ fn a_removed_backend_keeps_its_flows_and_gets_no_new_ones() {
     plan.retained_backends = vec![terminating];
     dp.program("web", &[plan]);
     assert_eq!(
-        run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, port, VIP, 80, false, b"more")).1.dst,
+        run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, port, VIP, 80, false, b"more")).1.dst,
         a.socket_addr()
     );
     for p in 31000..31020 {
         assert_eq!(
-            run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, p, VIP, 80, true, b"")).1.dst,
+            run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, p, VIP, 80, true, b"")).1.dst,
             b.socket_addr()
         );
     }
@@ -490,7 +498,7 @@ fn a_removed_backend_keeps_its_flows_and_gets_no_new_ones() {
 #[test]
 fn no_endpoints_anywhere_is_rejected_with_icmp_port_unreachable() {
     require_root!();
-    let dp = datapath(vec![]);
+    let mut dp = datapath(vec![]);
     let syn = tcp4(CLIENT, 1, VIP, 80, true, b"");
     let out = dp.run(PROG_TC_INGRESS, &syn);
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back out of the device");
@@ -509,7 +517,7 @@ fn no_endpoints_anywhere_is_rejected_with_icmp_port_unreachable() {
     assert_port_unreachable(&out.packet, &q);
     // With IPv4 options the whole header is quoted.
     let opt = with_ipv4_options(&tcp4(CLIENT, 2, VIP, 80, true, b""), 2);
-    let dp = datapath(vec![]);
+    let mut dp = datapath(vec![]);
     let out = dp.run(PROG_TC_INGRESS, &opt);
     assert_port_unreachable(&out.packet, &opt);
 }
@@ -603,16 +611,16 @@ fn no_local_endpoint_and_source_ranges_drop_with_a_reason() {
 #[test]
 fn xdp_translates_local_flows_and_leaves_snat_flows_to_tc() {
     require_root!();
-    let dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
-    let (verdict, s) = run(&dp, PROG_XDP_INGRESS, &tcp4(CLIENT, 40000, VIP, 80, true, b""));
+    let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
+    let (verdict, s) = run(&mut dp, PROG_XDP_INGRESS, &tcp4(CLIENT, 40000, VIP, 80, true, b""));
     assert_eq!((verdict, s.dst), (XDP_PASS, sa(LOCAL_POD, 8080)));
 
-    let dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
+    let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
     let p = tcp4(CLIENT, 40000, VIP, 80, true, b"");
     let out = dp.run(PROG_XDP_INGRESS, &p);
     assert_eq!((out.verdict, &out.packet), (XDP_PASS, &p), "untouched: tc will SNAT it");
     assert!(dp.conntrack().is_empty(), "XDP created no entry for tc to trip on");
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &p);
+    let (_, s) = run(&mut dp, PROG_TC_INGRESS, &p);
     assert_eq!(s.src.ip(), IpAddr::from(NODE));
 }
 
@@ -631,20 +639,19 @@ fn xdp_forwards_snat_flows_back_out_of_their_device_when_the_next_hop_is_known()
     // The agent's decision for a veth is "no" unless told otherwise.
     assert!(!node.xdp_tx(&mut dp, "n0", XdpTx::Auto), "auto on a veth");
     let p = tcp4(CLIENT, 40001, VIP, 80, true, b"");
-    let out = node.run_xdp(&dp, &p);
+    let out = node.run_xdp(&mut dp, &p);
     assert_eq!((out.verdict, &out.packet), (XDP_PASS, &p), "XDP_TX not allowed: left to tc");
     assert!(dp.conntrack().is_empty());
     assert!(node.xdp_tx(&mut dp, "n0", XdpTx::On));
-    let dp = dp;
     // Runs XDP in the node namespace; checks checksums.
-    let xdp = |p: &[u8]| {
-        let out = node.run_xdp(&dp, p);
+    let xdp = |dp: &mut Datapath, p: &[u8]| {
+        let out = node.run_xdp(dp, p);
         checksums_ok(&out.packet).unwrap();
         out
     };
 
     // First packet: DNAT + SNAT, sent back out of n0 to the router of the pod network.
-    let out = xdp(&tcp4(CLIENT, 40001, VIP, 80, true, b""));
+    let out = xdp(&mut dp, &tcp4(CLIENT, 40001, VIP, 80, true, b""));
     assert_eq!(out.verdict, XDP_TX);
     assert_eq!(macs_of(&out.packet), (mac(routed::ROUTER_MAC), mac(routed::N0_MAC)));
     let s = summarize(&out.packet).unwrap();
@@ -654,9 +661,9 @@ fn xdp_forwards_snat_flows_back_out_of_their_device_when_the_next_hop_is_known()
     assert_eq!(dp.conntrack().len(), 2);
 
     // The rest of the flow, and the backend's reply towards the client's gateway.
-    let out = xdp(&tcp4(CLIENT, 40001, VIP, 80, false, b"GET /"));
+    let out = xdp(&mut dp, &tcp4(CLIENT, 40001, VIP, 80, false, b"GET /"));
     assert_eq!((out.verdict, summarize(&out.packet).unwrap().src), (XDP_TX, s.src));
-    let out = xdp(&tcp4(REMOTE_POD, 8080, NODE, nat_port, false, b"200 OK"));
+    let out = xdp(&mut dp, &tcp4(REMOTE_POD, 8080, NODE, nat_port, false, b"200 OK"));
     assert_eq!(out.verdict, XDP_TX);
     assert_eq!(macs_of(&out.packet), (mac(routed::GATEWAY_MAC), mac(routed::N0_MAC)));
     let r = summarize(&out.packet).unwrap();
@@ -667,20 +674,20 @@ fn xdp_forwards_snat_flows_back_out_of_their_device_when_the_next_hop_is_known()
     let moved = "02:00:00:00:00:13";
     ns.ip(&["neigh", "replace", "192.168.1.12", "lladdr", moved, "nud", "permanent", "dev", "n0"]);
     let data = tcp4(CLIENT, 40001, VIP, 80, false, b"GET /");
-    assert_eq!(macs_of(&xdp(&data).packet).0, mac(routed::ROUTER_MAC), "cached");
+    assert_eq!(macs_of(&xdp(&mut dp, &data).packet).0, mac(routed::ROUTER_MAC), "cached");
     std::thread::sleep(NEXT_HOP_TTL);
-    assert_eq!(macs_of(&xdp(&data).packet).0, mac(moved), "looked up again");
+    assert_eq!(macs_of(&xdp(&mut dp, &data).packet).0, mac(moved), "looked up again");
 
     // The router's MAC is forgotten: XDP hands the packet to tc untouched, tc translates it
     // and lets the kernel resolve the neighbour. The packet is counted once, by tc.
     ns.ip(&["neigh", "del", "192.168.1.12", "dev", "n0"]);
     std::thread::sleep(NEXT_HOP_TTL);
     let p = tcp4(CLIENT, 40001, VIP, 80, false, b"more");
-    let out = xdp(&p);
+    let out = xdp(&mut dp, &p);
     assert_eq!((out.verdict, &out.packet), (XDP_PASS, &p));
     assert_eq!(dp.stat(STAT_XDP_TO_TC), 2);
     assert_eq!(dp.service_stats(svc).packets, 5, "not counted by XDP");
-    let (_, s2) = run(&dp, PROG_TC_INGRESS, &p);
+    let (_, s2) = run(&mut dp, PROG_TC_INGRESS, &p);
     assert_eq!(s2.src, s.src, "tc: the same translation");
     assert_eq!(dp.service_stats(svc).packets, 6);
 }
@@ -698,17 +705,17 @@ fn xdp_forwards_ipv6_snat_flows_too() {
     let backends = vec![backend(pod6.into(), 8080, false)];
     dp.program("web6", &[lb_plan("web6", vip6.into(), 80, Protocol::Tcp, backends)]);
     node.xdp_tx(&mut dp, "n0", XdpTx::On);
-    let xdp = |p: &[u8]| {
-        let out = node.run_xdp(&dp, p);
+    let xdp = |dp: &mut Datapath, p: &[u8]| {
+        let out = node.run_xdp(dp, p);
         checksums_ok(&out.packet).unwrap();
         out
     };
-    let out = xdp(&tcp6(client6, 40001, vip6, 80, true, b""));
+    let out = xdp(&mut dp, &tcp6(client6, 40001, vip6, 80, true, b""));
     assert_eq!(out.verdict, XDP_TX);
     assert_eq!(macs_of(&out.packet), (mac(routed::ROUTER_MAC), mac(routed::N0_MAC)));
     let s = summarize(&out.packet).unwrap();
     assert_eq!((s.src.ip(), s.dst), (IpAddr::from(node6), sa(pod6, 8080)));
-    let out = xdp(&tcp6(pod6, 8080, node6, s.src.port(), false, b"200 OK"));
+    let out = xdp(&mut dp, &tcp6(pod6, 8080, node6, s.src.port(), false, b"200 OK"));
     assert_eq!(out.verdict, XDP_TX);
     assert_eq!(macs_of(&out.packet), (mac(routed::GATEWAY_MAC), mac(routed::N0_MAC)));
     let r = summarize(&out.packet).unwrap();
@@ -724,11 +731,11 @@ fn xdp_redirects_to_another_device_only_where_the_agent_allows_xdp() {
     node.xdp_tx(&mut dp, "n0", XdpTx::On);
     // d0 runs no XDP of ours: tc takes it.
     let p = tcp4(CLIENT, 40001, VIP, 80, true, b"");
-    let out = node.run_xdp(&dp, &p);
+    let out = node.run_xdp(&mut dp, &p);
     assert_eq!((out.verdict, &out.packet), (XDP_PASS, &p));
     // It does: redirected there, with d0's MACs.
     node.xdp_tx(&mut dp, "d0", XdpTx::On);
-    let out = node.run_xdp(&dp, &p);
+    let out = node.run_xdp(&mut dp, &p);
     assert_eq!(out.verdict, XDP_REDIRECT);
     checksums_ok(&out.packet).unwrap();
     assert_eq!(macs_of(&out.packet), (mac(routed::D0_PEER_MAC), mac(routed::D0_MAC)));
@@ -745,11 +752,11 @@ fn xdp_leaves_to_tc_a_new_snat_flow_whose_route_leaves_by_another_device_or_lack
         let mut dp = datapath(vec![backend(backend_ip.into(), 8080, false)]);
         node.xdp_tx(&mut dp, "n0", XdpTx::On);
         let p = tcp4(CLIENT, 40001, VIP, 80, true, b"");
-        let out = node.run_xdp(&dp, &p);
+        let out = node.run_xdp(&mut dp, &p);
         assert_eq!((out.verdict, &out.packet), (XDP_PASS, &p), "{backend_ip}: untouched");
         assert!(dp.conntrack().is_empty(), "{backend_ip}: tc creates the flow");
         assert_eq!((dp.stat(STAT_XDP_TO_TC), dp.stat(STAT_SERVICE_HIT)), (1, 0));
-        let (_, s) = run(&dp, PROG_TC_INGRESS, &p);
+        let (_, s) = run(&mut dp, PROG_TC_INGRESS, &p);
         assert_eq!((s.src.ip(), s.dst), (IpAddr::from(NODE), sa(backend_ip, 8080)));
     }
 }
@@ -765,34 +772,34 @@ fn a_snat_flow_takes_the_address_of_the_device_its_route_leaves_by_when_the_hook
     let backend_ip = Ipv4Addr::new(172, 16, 0, 2);
     let d0_addr = Ipv4Addr::new(172, 16, 0, 1);
     let mut dp = datapath(vec![backend(backend_ip.into(), 8080, false)]);
-    let first = |dp: &Datapath, port: u16| {
+    let first = |dp: &mut Datapath, port: u16| {
         let out = node.run_tc(dp, &tcp4(CLIENT, port, VIP, 80, true, b""), 0);
         checksums_ok(&out.packet).unwrap();
         summarize(&out.packet).unwrap()
     };
     // Hooks on n0 alone: the route to the backend leaves by d0, without them.
     node.snat_devices(&mut dp, &["n0"]);
-    let s = first(&dp, 40001);
+    let s = first(&mut dp, 40001);
     assert_eq!((s.src.ip(), s.dst), (IpAddr::from(NODE), sa(backend_ip, 8080)));
     // Hooks on d0 too: its address.
     node.snat_devices(&mut dp, &["n0", "d0"]);
-    let s = first(&dp, 40002);
+    let s = first(&mut dp, 40002);
     assert_eq!((s.src.ip(), s.dst), (IpAddr::from(d0_addr), sa(backend_ip, 8080)));
     let port = s.src.port();
     // The reply to that address comes back translated to the client, from the frontend.
     let reply = tcp4(backend_ip, 8080, d0_addr, port, true, b"");
-    let (_, r) = run(&dp, PROG_TC_INGRESS, &reply);
+    let (_, r) = run(&mut dp, PROG_TC_INGRESS, &reply);
     assert_eq!((r.src, r.dst), (sa(VIP, 80), sa(CLIENT, 40002)));
     // The device gone from the record: the primary address again. And with the hooks on one
     // device, even the one the route leaves by: the primary address, as always (no lookup).
     node.snat_devices(&mut dp, &["n0"]);
-    assert_eq!(first(&dp, 40003).src.ip(), IpAddr::from(NODE));
+    assert_eq!(first(&mut dp, 40003).src.ip(), IpAddr::from(NODE));
     node.snat_devices(&mut dp, &["d0"]);
-    assert_eq!(first(&dp, 40005).src.ip(), IpAddr::from(NODE));
+    assert_eq!(first(&mut dp, 40005).src.ip(), IpAddr::from(NODE));
     // A node address of the other family only: no source for this flow (a counted drop).
     dp.set_node(None, Some(NODE6.into()));
     node.snat_devices(&mut dp, &["n0", "d0"]);
-    let out = node.run_tc(&dp, &tcp4(CLIENT, 40004, VIP, 80, true, b""), 0);
+    let out = node.run_tc(&mut dp, &tcp4(CLIENT, 40004, VIP, 80, true, b""), 0);
     assert_eq!(out.verdict, TC_ACT_SHOT);
     assert_eq!(dp.stat(STAT_DROP_NO_NODE_ADDR), 1);
 }
@@ -808,7 +815,7 @@ fn a_full_conntrack_map_evicts_old_flows_and_never_mistranslates() {
     dp.program("web", &[web(backends.clone())]);
     let valid: Vec<SocketAddr> = backends.iter().map(|b| b.socket_addr()).collect();
     for p in 1000..1500u16 {
-        let (verdict, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, p, VIP, 80, true, b""));
+        let (verdict, s) = run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, p, VIP, 80, true, b""));
         assert_eq!(verdict, TC_ACT_OK);
         assert!(valid.contains(&s.dst), "{s:?}");
     }
@@ -817,12 +824,12 @@ fn a_full_conntrack_map_evicts_old_flows_and_never_mistranslates() {
 }
 
 /// Whether `LB_REPLY_PORTS` has `port` (what tc egress checks before its conntrack lookup).
-fn reply_port_set(dp: &Datapath, port: u16) -> bool {
+fn reply_port_set(dp: &mut Datapath, port: u16) -> bool {
     dp.port_set(MAP_REPLY_PORTS, port)
 }
 
 /// Whether `LB_INGRESS_PORTS` has `port` (what tc ingress and XDP check before their lookups).
-fn ingress_port_set(dp: &Datapath, port: u16) -> bool {
+fn ingress_port_set(dp: &mut Datapath, port: u16) -> bool {
     dp.port_set(MAP_INGRESS_PORTS, port)
 }
 
@@ -834,10 +841,10 @@ fn ingress_port_set(dp: &Datapath, port: u16) -> bool {
 fn egress_looks_up_only_local_backend_ports_and_keeps_them_for_flows_that_outlive_their_service() {
     require_root!();
     let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
-    assert!(reply_port_set(&dp, 8080) && !reply_port_set(&dp, 9999));
-    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43000, VIP, 80, true, b""));
+    assert!(reply_port_set(&mut dp, 8080) && !reply_port_set(&mut dp, 9999));
+    run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43000, VIP, 80, true, b""));
     let reply = tcp4(LOCAL_POD, 8080, CLIENT, 43000, false, b"ok");
-    assert_eq!(run(&dp, PROG_TC_EGRESS, &reply).1.src, sa(VIP, 80));
+    assert_eq!(run(&mut dp, PROG_TC_EGRESS, &reply).1.src, sa(VIP, 80));
 
     // A reply entry as if for a backend on port 9999, which no backend uses: not consulted.
     let (k, v) =
@@ -848,8 +855,8 @@ fn egress_looks_up_only_local_backend_ports_and_keeps_them_for_flows_that_outliv
 
     // The service goes away with its backend; the open flow's replies are still translated.
     dp.program("web", &[]);
-    assert!(reply_port_set(&dp, 8080), "ports are never removed");
-    assert_eq!(run(&dp, PROG_TC_EGRESS, &reply).1.src, sa(VIP, 80));
+    assert!(reply_port_set(&mut dp, 8080), "ports are never removed");
+    assert_eq!(run(&mut dp, PROG_TC_EGRESS, &reply).1.src, sa(VIP, 80));
 }
 
 /// tc ingress and XDP look a packet up only when its destination port is an external
@@ -861,10 +868,10 @@ fn ingress_looks_up_only_frontend_and_snat_ports_and_keeps_them_for_flows_that_o
  {
     require_root!();
     let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
-    assert!(ingress_port_set(&dp, 80), "the frontend's port");
-    assert!(ingress_port_set(&dp, NAT_PORT_MIN) && ingress_port_set(&dp, NAT_PORT_MAX));
-    assert!(!ingress_port_set(&dp, NAT_PORT_MIN - 1) && !ingress_port_set(&dp, 8080));
-    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43002, VIP, 80, true, b""));
+    assert!(ingress_port_set(&mut dp, 80), "the frontend's port");
+    assert!(ingress_port_set(&mut dp, NAT_PORT_MIN) && ingress_port_set(&mut dp, NAT_PORT_MAX));
+    assert!(!ingress_port_set(&mut dp, NAT_PORT_MIN - 1) && !ingress_port_set(&mut dp, 8080));
+    run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43002, VIP, 80, true, b""));
 
     // A forward entry as if for a frontend on port 9999, which no frontend uses: not consulted.
     let (k, v) =
@@ -879,8 +886,8 @@ fn ingress_looks_up_only_frontend_and_snat_ports_and_keeps_them_for_flows_that_o
 
     // The service goes away; the open flow is still translated.
     dp.program("web", &[]);
-    assert!(ingress_port_set(&dp, 80), "ports are never removed");
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43002, VIP, 80, false, b"more"));
+    assert!(ingress_port_set(&mut dp, 80), "ports are never removed");
+    let (_, s) = run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43002, VIP, 80, false, b"more"));
     assert_eq!(s.dst, sa(LOCAL_POD, 8080));
 }
 
@@ -897,11 +904,11 @@ fn ingress_looks_up_only_frontend_addresses_and_snat_sources() {
     let mut dp = datapath(vec![backend(REMOTE_POD.into(), 8080, false)]);
     assert!(dp.addr_set(MAP_FRONTEND_ADDRS, VIP.into()), "the frontend's address");
     assert!(!dp.addr_set(MAP_FRONTEND_ADDRS, NODE.into()), "no frontend on the node's address");
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43010, VIP, 80, true, b""));
+    let (_, s) = run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43010, VIP, 80, true, b""));
     assert_eq!((s.src.ip(), s.dst), (IpAddr::from(NODE), sa(REMOTE_POD, 8080)), "SNAT");
     assert!(dp.addr_set(MAP_FRONTEND_ADDRS, NODE.into()), "set by the datapath");
     let reply = tcp4(REMOTE_POD, 8080, NODE, s.src.port(), false, b"answer");
-    assert_eq!(run(&dp, PROG_TC_INGRESS, &reply).1.src, sa(VIP, 80));
+    assert_eq!(run(&mut dp, PROG_TC_INGRESS, &reply).1.src, sa(VIP, 80));
     // The agent adding a frontend whose bit shares the node's word keeps the datapath's bit
     // (its writer's view of the set predates that bit).
     let next = Ipv4Addr::new(192, 168, 1, 10);
@@ -910,7 +917,7 @@ fn ingress_looks_up_only_frontend_addresses_and_snat_sources() {
     dp.program("next", &[lb_plan("next", next.into(), 80, Protocol::Tcp, vec![])]);
     assert!(dp.addr_set(MAP_FRONTEND_ADDRS, next.into()));
     assert!(dp.addr_set(MAP_FRONTEND_ADDRS, NODE.into()), "the datapath's bit kept");
-    assert_eq!(run(&dp, PROG_TC_INGRESS, &reply).1.src, sa(VIP, 80));
+    assert_eq!(run(&mut dp, PROG_TC_INGRESS, &reply).1.src, sa(VIP, 80));
 
     // A forward entry as if for port 80 of another address (a pod's): not consulted.
     let (k, v) =
@@ -932,13 +939,13 @@ fn ingress_looks_up_only_frontend_addresses_and_snat_sources() {
     lb_agent::dataplane::port_filters::enable(&mut dp.ebpf).expect("enable");
     // As if the old programs made the flow after that first look, while still attached.
     dp.clear_addr_bit(MAP_FRONTEND_ADDRS, NODE.into());
-    assert_eq!(run(&dp, PROG_TC_INGRESS, &reply).1.src, sa(VIP, 80), "not yet trusted");
+    assert_eq!(run(&mut dp, PROG_TC_INGRESS, &reply).1.src, sa(VIP, 80), "not yet trusted");
     let set = lb_agent::dataplane::port_filters::complete_frontend_addrs(&mut dp.ebpf)
         .expect("complete")
         .expect("the object has the set");
     assert_eq!(set, 4, "the two VIPs, the node (SNAT source), the pod (the entry set above)");
     assert!(dp.addr_set(MAP_FRONTEND_ADDRS, NODE.into()));
-    assert_eq!(run(&dp, PROG_TC_INGRESS, &reply).1.src, sa(VIP, 80));
+    assert_eq!(run(&mut dp, PROG_TC_INGRESS, &reply).1.src, sa(VIP, 80));
 }
 
 /// At start the agent fills both filters from what the maps already hold (an upgrade from a
@@ -949,7 +956,7 @@ fn ingress_looks_up_only_frontend_addresses_and_snat_sources() {
 fn enabling_the_port_filters_seeds_them_from_frontends_and_existing_flows() {
     require_root!();
     let mut dp = datapath(vec![backend(LOCAL_POD.into(), 8080, true)]);
-    run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43001, VIP, 80, true, b""));
+    run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43001, VIP, 80, true, b""));
     let ct = dp.conntrack();
     let (rk, rv) = *ct.iter().find(|(_, v)| v.flags & CT_F_REPLY != 0).expect("reply entry");
     let (fk, fv) = *ct.iter().find(|(_, v)| v.flags & CT_F_REPLY == 0).expect("forward entry");
@@ -961,16 +968,16 @@ fn enabling_the_port_filters_seeds_them_from_frontends_and_existing_flows() {
         CtKey { sport_be: 6000u16.to_be(), dport_be: 20000u16.to_be(), ..rk },
         snat_reply,
     );
-    assert!(!reply_port_set(&dp, 7777) && !ingress_port_set(&dp, 7000));
+    assert!(!reply_port_set(&mut dp, 7777) && !ingress_port_set(&mut dp, 7000));
     let seeded = lb_agent::dataplane::port_filters::enable(&mut dp.ebpf).expect("enable");
 
-    assert!(reply_port_set(&dp, 7777) && reply_port_set(&dp, 8080));
+    assert!(reply_port_set(&mut dp, 7777) && reply_port_set(&mut dp, 8080));
     assert_eq!(seeded.reply_ports, 2, "8080 and 7777");
     for port in [80, 7000, 20000, NAT_PORT_MIN, NAT_PORT_MAX] {
-        assert!(ingress_port_set(&dp, port), "ingress port {port}");
+        assert!(ingress_port_set(&mut dp, port), "ingress port {port}");
     }
-    assert!(!ingress_port_set(&dp, 43001), "a local backend's reply leaves through egress");
-    assert!(!reply_port_set(&dp, 6000), "a SNATed reply arrives on ingress");
+    assert!(!ingress_port_set(&mut dp, 43001), "a local backend's reply leaves through egress");
+    assert!(!reply_port_set(&mut dp, 6000), "a SNATed reply arrives on ingress");
     let nat_range = (NAT_PORT_MAX - NAT_PORT_MIN) as usize + 1;
     assert_eq!(seeded.ingress_ports, nat_range + 3, "80, 7000, 20000 and the SNAT range");
     // The pod sets: the frontend is internal too (the LB IP from inside), flows' ports as
@@ -982,8 +989,8 @@ fn enabling_the_port_filters_seeds_them_from_frontends_and_existing_flows() {
     assert!([8080, 7777, 6000].iter().all(|&p| dp.port_set(MAP_POD_REPLY_PORTS, p)));
     assert_eq!(seeded.pod_reply_ports, 3, "8080, 7777 and 6000");
 
-    let (_, s) = run(&dp, PROG_TC_EGRESS, &tcp4(LOCAL_POD, 7777, CLIENT, 43001, false, b"ok"));
+    let (_, s) = run(&mut dp, PROG_TC_EGRESS, &tcp4(LOCAL_POD, 7777, CLIENT, 43001, false, b"ok"));
     assert_eq!(s.src, sa(VIP, 80));
-    let (_, s) = run(&dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43001, VIP, 7000, false, b"ok"));
+    let (_, s) = run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43001, VIP, 7000, false, b"ok"));
     assert_eq!(s.dst, sa(LOCAL_POD, 8080));
 }

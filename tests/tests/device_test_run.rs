@@ -341,7 +341,7 @@ fn services_not_hit_keep_zero_counters() {
 #[test]
 fn frames_shorter_than_ethernet_are_refused_by_the_kernel_and_count_nothing() {
     require_root!();
-    let dp = datapath_with_services();
+    let mut dp = datapath_with_services();
     let before = dp.stats();
     for len in [0usize, 1, 13] {
         let packet = vec![0u8; len];
@@ -363,7 +363,7 @@ fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
 /// Runs `prog` on `p`; `None` when the kernel builds no skb from it (tc only: XDP must take
 /// every frame).
 fn run_unless_refused(
-    dp: &Datapath,
+    dp: &mut Datapath,
     prog: &str,
     p: &[u8],
     i: impl std::fmt::Display,
@@ -378,7 +378,7 @@ fn run_unless_refused(
 #[test]
 fn random_bytes_never_break_any_device_program() {
     require_root!();
-    let dp = datapath_with_services();
+    let mut dp = datapath_with_services();
     // A deterministic xorshift stream: garbage of every length, two thirds of it with an IPv4 or
     // IPv6 ethertype so that parsing goes deeper.
     let mut next = xorshift(0x9e3779b97f4a7c15);
@@ -394,7 +394,7 @@ fn random_bytes_never_break_any_device_program() {
                 1 => p[12..14].copy_from_slice(&[0x86, 0xdd]),
                 _ => {}
             }
-            let Some(out) = run_unless_refused(&dp, prog, &p, i) else { continue };
+            let Some(out) = run_unless_refused(&mut dp, prog, &p, i) else { continue };
             ran += 1;
             assert_eq!(out.verdict, pass, "{prog} run {i}");
             assert_eq!(out.packet, p, "{prog} run {i}: packet changed");
@@ -420,7 +420,7 @@ fn random_bytes_never_break_any_device_program() {
 #[test]
 fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
     require_root!();
-    let dp = datapath_with_services();
+    let mut dp = datapath_with_services();
     let seeds = [
         tcp4(CLIENT4, 41000, VIP4, 80, true, b""),
         udp4(CLIENT4, 41000, VIP4, 80, b"query"),
@@ -458,7 +458,7 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
                     p[at] = next() as u8;
                 }
             }
-            let Some(out) = run_unless_refused(&dp, prog, &p, i) else { continue };
+            let Some(out) = run_unless_refused(&mut dp, prog, &p, i) else { continue };
             ran += 1;
             if prog == PROG_TC_FROM_POD && out.verdict != pass {
                 let s = summarize(&p).unwrap_or_else(|| panic!("run {i}: refused {p:02x?}"));

@@ -83,6 +83,7 @@ fn expected_pings(count: usize) -> Vec<String> {
 fn tc_ingress_counts_real_traffic_and_leaves_it_intact() {
     require_root!();
     let (client, node, mut dp) = setup();
+    dp.load_programs();
     node.run(|| attach::tc(&mut dp.ebpf, "nd0", None)).expect("attach tc ingress");
     let (udp4, udp6, tcp) = node.run(|| {
         (
@@ -144,6 +145,7 @@ fn tc_ingress_counts_real_traffic_and_leaves_it_intact() {
 fn xdp_counts_real_traffic_and_leaves_it_intact() {
     require_root!();
     let (client, node, mut dp) = setup();
+    dp.load_programs();
     let mode = node.run(|| attach::xdp_ingress(&mut dp.ebpf, "nd0", None)).expect("attach xdp");
     eprintln!("XDP attached to a veth in {mode:?} mode");
     let udp4 = node.run(|| UdpSocket::bind((NODE4, UDP_PORT)).unwrap());

@@ -44,7 +44,7 @@ fn udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Runs every frame through `prog`, each with a verdict in `verdicts`: the frames that came out.
-fn run_all(dp: &Datapath, prog: &str, frames: &[Vec<u8>], verdicts: &[i32]) -> Vec<Vec<u8>> {
+fn run_all(dp: &mut Datapath, prog: &str, frames: &[Vec<u8>], verdicts: &[i32]) -> Vec<Vec<u8>> {
     frames
         .iter()
         .enumerate()
@@ -84,11 +84,11 @@ fn every_fragment_of_a_datagram_and_of_its_reply_gets_the_flows_translation() {
         let before = dp.stats();
         let query = fragments(&udp(sa(client, 5000), sa(vip, 53), &payload()), CHUNK, 0x1234);
         assert_eq!(query.len(), 3);
-        let out = run_all(&dp, PROG_TC_INGRESS, &query, &[TC_ACT_OK]);
+        let out = run_all(&mut dp, PROG_TC_INGRESS, &query, &[TC_ACT_OK]);
         check_datagram(&out, sa(client, 5000), sa(pod, 5353), &payload());
         // The pod's answer leaves through tc egress, fragmented by the pod: from the frontend.
         let answer = fragments(&udp(sa(pod, 5353), sa(client, 5000), &payload()), CHUNK, 0x4321);
-        let out = run_all(&dp, PROG_TC_EGRESS, &answer, &[TC_ACT_OK]);
+        let out = run_all(&mut dp, PROG_TC_EGRESS, &answer, &[TC_ACT_OK]);
         check_datagram(&out, sa(vip, 53), sa(client, 5000), &payload());
 
         let moved = stat_deltas(&before, &dp.stats());
@@ -105,16 +105,16 @@ fn every_fragment_of_a_datagram_and_of_its_reply_gets_the_flows_translation() {
 #[test]
 fn fragments_to_a_remote_backend_and_back_get_snat_and_its_reversal() {
     require_root!();
-    let dp = dns(VIP.into(), vec![backend(REMOTE_POD.into(), 5353, false)]);
+    let mut dp = dns(VIP.into(), vec![backend(REMOTE_POD.into(), 5353, false)]);
     let query = fragments(&udp4(CLIENT, 5000, VIP, 53, &payload()), CHUNK, 0x1234);
     let sent = [TC_ACT_OK, TC_ACT_REDIRECT];
-    let out = run_all(&dp, PROG_TC_INGRESS, &query, &sent);
+    let out = run_all(&mut dp, PROG_TC_INGRESS, &query, &sent);
     let nat_port = summarize(&out[0]).unwrap().src.port();
     check_datagram(&out, sa(NODE, nat_port), sa(REMOTE_POD, 5353), &payload());
 
     // The pod answers the node; its node's stack fragments the answer on the way.
     let answer = fragments(&udp4(REMOTE_POD, 5353, NODE, nat_port, &payload()), CHUNK, 0x4321);
-    let out = run_all(&dp, PROG_TC_INGRESS, &answer, &sent);
+    let out = run_all(&mut dp, PROG_TC_INGRESS, &answer, &sent);
     check_datagram(&out, sa(VIP, 53), sa(CLIENT, 5000), &payload());
     assert_eq!(dp.stat(STAT_FRAGMENT_TRANSLATED), 4);
 }
@@ -122,42 +122,42 @@ fn fragments_to_a_remote_backend_and_back_get_snat_and_its_reversal() {
 #[test]
 fn xdp_translates_a_first_fragment_and_hands_the_later_ones_to_tc() {
     require_root!();
-    let dp = dns(VIP.into(), vec![backend(LOCAL_POD.into(), 5353, true)]);
+    let mut dp = dns(VIP.into(), vec![backend(LOCAL_POD.into(), 5353, true)]);
     let query = fragments(&udp4(CLIENT, 5000, VIP, 53, &payload()), CHUNK, 0x1234);
-    let first = run_all(&dp, PROG_XDP_INGRESS, &query[..1], &[XDP_PASS]);
-    let later_xdp = run_all(&dp, PROG_XDP_INGRESS, &query[1..], &[XDP_PASS]);
+    let first = run_all(&mut dp, PROG_XDP_INGRESS, &query[..1], &[XDP_PASS]);
+    let later_xdp = run_all(&mut dp, PROG_XDP_INGRESS, &query[1..], &[XDP_PASS]);
     assert_eq!(later_xdp, query[1..], "XDP passes later fragments untouched");
     assert_eq!(dp.stat(STAT_FRAGMENT), 2);
-    let later = run_all(&dp, PROG_TC_INGRESS, &later_xdp, &[TC_ACT_OK]);
+    let later = run_all(&mut dp, PROG_TC_INGRESS, &later_xdp, &[TC_ACT_OK]);
     check_datagram(&[first, later].concat(), sa(CLIENT, 5000), sa(LOCAL_POD, 5353), &payload());
 }
 
 #[test]
 fn later_fragments_of_datagrams_not_translated_here_pass_untouched() {
     require_root!();
-    let dp = dns(VIP.into(), vec![backend(LOCAL_POD.into(), 5353, true)]);
+    let mut dp = dns(VIP.into(), vec![backend(LOCAL_POD.into(), 5353, true)]);
     let query = fragments(&udp4(CLIENT, 5000, VIP, 53, &payload()), CHUNK, 0x1234);
-    let untouched = |frame: &Vec<u8>, why: &str| {
+    let untouched = |dp: &mut Datapath, frame: &Vec<u8>, why: &str| {
         let out = dp.run(PROG_TC_INGRESS, frame);
         assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, frame), "{why}");
     };
     // Ahead of its first fragment: nothing to go by (the receiver loses the datagram, as it
     // would lose it to a reordering NAT; the sender's next one goes through).
-    untouched(&query[2], "a later fragment ahead of its first");
-    let first = run_all(&dp, PROG_TC_INGRESS, &query[..1], &[TC_ACT_OK]);
+    untouched(&mut dp, &query[2], "a later fragment ahead of its first");
+    let first = run_all(&mut dp, PROG_TC_INGRESS, &query[..1], &[TC_ACT_OK]);
     assert_eq!(summarize(&first[0]).unwrap().dst, sa(LOCAL_POD, 5353));
     // Other datagrams: another identification, another client with the same one, a
     // datagram to the node itself.
     let other_id = fragments(&udp4(CLIENT, 5000, VIP, 53, &payload()), CHUNK, 0x1235);
-    untouched(&other_id[1], "another datagram of the same flow, its first not seen");
+    untouched(&mut dp, &other_id[1], "another datagram of the same flow, its first not seen");
     let other_client = fragments(&udp4(OTHER_CLIENT, 5000, VIP, 53, &payload()), CHUNK, 0x1234);
-    untouched(&other_client[1], "another client's datagram with the same identification");
+    untouched(&mut dp, &other_client[1], "another client's datagram with the same identification");
     let to_node = fragments(&udp4(CLIENT, 5000, NODE, 53, &payload()), CHUNK, 0x1234);
-    untouched(&to_node[0], "a first fragment for no frontend");
-    untouched(&to_node[1], "its later fragment");
+    untouched(&mut dp, &to_node[0], "a first fragment for no frontend");
+    untouched(&mut dp, &to_node[1], "its later fragment");
     assert_eq!(dp.stat(STAT_FRAGMENT), 4);
     // The datagram's own later fragment still finds its flow.
-    let later = run_all(&dp, PROG_TC_INGRESS, &query[1..2], &[TC_ACT_OK]);
+    let later = run_all(&mut dp, PROG_TC_INGRESS, &query[1..2], &[TC_ACT_OK]);
     assert_eq!(summarize(&later[0]).unwrap().dst.ip(), IpAddr::from(LOCAL_POD));
     assert_eq!(dp.stat(STAT_FRAGMENT_TRANSLATED), 1);
 }
@@ -168,11 +168,11 @@ fn later_fragments_of_datagrams_not_translated_here_pass_untouched() {
 #[test]
 fn ipv6_fragments_with_destination_options_inside_the_fragmented_part() {
     require_root!();
-    let dp = dns(VIP6.into(), vec![backend(LOCAL6.into(), 5353, true)]);
+    let mut dp = dns(VIP6.into(), vec![backend(LOCAL6.into(), 5353, true)]);
     let datagram = with_ipv6_dest_opts(&udp(sa(CLIENT6, 5000), sa(VIP6, 53), &payload()));
     let query = fragments(&datagram, CHUNK, 0x1234);
     assert_eq!(query[1][14 + 40], 60, "the fragment header names destination options");
-    let out = run_all(&dp, PROG_TC_INGRESS, &query, &[TC_ACT_OK]);
+    let out = run_all(&mut dp, PROG_TC_INGRESS, &query, &[TC_ACT_OK]);
     check_datagram(&out, sa(CLIENT6, 5000), sa(LOCAL6, 5353), &payload());
     assert_eq!(dp.stat(STAT_FRAGMENT_TRANSLATED), 2);
 }

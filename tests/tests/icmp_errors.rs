@@ -49,7 +49,7 @@ fn fragmentation_needed(mtu: u16) -> Icmpv4Type {
 }
 
 /// Runs `prog` on `packet`, which must come out a well-formed ICMP error.
-fn run_error(dp: &Datapath, prog: &str, packet: &[u8]) -> (i32, IcmpError) {
+fn run_error(dp: &mut Datapath, prog: &str, packet: &[u8]) -> (i32, IcmpError) {
     let out = dp.run(prog, packet);
     let e = icmp_error(&out.packet).unwrap_or_else(|e| panic!("{prog}: {e}"));
     (out.verdict, e)
@@ -58,14 +58,14 @@ fn run_error(dp: &Datapath, prog: &str, packet: &[u8]) -> (i32, IcmpError) {
 #[test]
 fn a_local_pods_port_unreachable_reaches_the_client_from_the_frontend() {
     require_root!();
-    let dp =
+    let mut dp =
         datapath("dns", VIP.into(), 53, Protocol::Udp, vec![backend(LOCAL_POD.into(), 5353, true)]);
     let query = dp.run(PROG_TC_INGRESS, &udp4(CLIENT, 5000, VIP, 53, b"query")).packet;
     assert_eq!(summarize(&query).unwrap().dst, sa(LOCAL_POD, 5353));
 
     // Nothing listens in the pod: its kernel answers from the pod, about client -> pod.
     let error = icmp4_error(LOCAL_POD, CLIENT, port_unreachable(), &query);
-    let (verdict, e) = run_error(&dp, PROG_TC_EGRESS, &error);
+    let (verdict, e) = run_error(&mut dp, PROG_TC_EGRESS, &error);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(
         (e.src, e.dst, e.icmp_type, e.quoted_src, e.quoted_dst),
@@ -83,7 +83,7 @@ fn a_local_pods_port_unreachable_reaches_the_client_from_the_frontend() {
 #[test]
 fn fragmentation_needed_on_the_way_to_a_remote_pod_goes_back_to_the_client() {
     require_root!();
-    let dp = datapath(
+    let mut dp = datapath(
         "web",
         VIP.into(),
         80,
@@ -98,7 +98,7 @@ fn fragmentation_needed_on_the_way_to_a_remote_pod_goes_back_to_the_client() {
     // node -> pod. The client must hear it, about client -> frontend, or its big segments
     // vanish.
     let error = icmp4_error(ROUTER, NODE, fragmentation_needed(1400), &syn);
-    let (verdict, e) = run_error(&dp, PROG_TC_INGRESS, &error);
+    let (verdict, e) = run_error(&mut dp, PROG_TC_INGRESS, &error);
     assert!(verdict == TC_ACT_REDIRECT || verdict == TC_ACT_OK, "sent on like replies: {verdict}");
     assert_eq!(
         (e.src, e.dst, e.quoted_src, e.quoted_dst),
@@ -108,7 +108,7 @@ fn fragmentation_needed_on_the_way_to_a_remote_pod_goes_back_to_the_client() {
 
     // The pod's own error (from the pod) comes from the frontend.
     let error = icmp4_error(REMOTE_POD, NODE, port_unreachable(), &syn);
-    let (_, e) = run_error(&dp, PROG_TC_INGRESS, &error);
+    let (_, e) = run_error(&mut dp, PROG_TC_INGRESS, &error);
     assert_eq!((e.src, e.dst), (IpAddr::from(VIP), IpAddr::from(CLIENT)));
     assert_eq!((e.quoted_src, e.quoted_dst), (sa(CLIENT, 40001), sa(VIP, 80)));
     assert_eq!(dp.stat(STAT_ICMP_ERROR_TRANSLATED), 2);
@@ -119,7 +119,7 @@ fn fragmentation_needed_on_the_way_to_a_remote_pod_goes_back_to_the_client() {
 fn an_error_about_a_reply_reaches_the_pod_that_sent_it() {
     require_root!();
     for (pod, local) in [(LOCAL_POD, true), (REMOTE_POD, false)] {
-        let dp =
+        let mut dp =
             datapath("web", VIP.into(), 80, Protocol::Tcp, vec![backend(pod.into(), 8080, local)]);
         let syn = dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 40000, VIP, 80, true, b"")).packet;
         let to_pod = summarize(&syn).unwrap();
@@ -138,7 +138,7 @@ fn an_error_about_a_reply_reaches_the_pod_that_sent_it() {
 
         // A router on the client's side cannot forward it, and tells the frontend.
         let error = icmp4_error(ROUTER, VIP, fragmentation_needed(1280), &reply);
-        let (verdict, e) = run_error(&dp, PROG_TC_INGRESS, &error);
+        let (verdict, e) = run_error(&mut dp, PROG_TC_INGRESS, &error);
         assert_eq!(
             (e.src, e.dst, e.quoted_src, e.quoted_dst),
             (IpAddr::from(ROUTER), IpAddr::from(pod), sa(pod, 8080), to_pod.src),
@@ -156,7 +156,7 @@ fn web6_remote() -> Datapath {
 
 /// [`web6_remote`] and the client's SYN as tc ingress forwarded it (SNATed to the node).
 fn web6_remote_syn() -> (Datapath, Vec<u8>) {
-    let dp = web6_remote();
+    let mut dp = web6_remote();
     let syn = dp.run(PROG_TC_INGRESS, &tcp6(CLIENT6, 40001, VIP6, 80, true, b"")).packet;
     (dp, syn)
 }
@@ -166,23 +166,23 @@ fn ipv6_packet_too_big_and_port_unreachable() {
     require_root!();
     let node6: Ipv6Addr = NODE6.parse().unwrap();
 
-    let (dp, syn) = web6_remote_syn();
+    let (mut dp, syn) = web6_remote_syn();
     let snat = summarize(&syn).unwrap();
     assert_eq!(snat.src.ip(), IpAddr::from(node6));
     let error = icmp6_error(ROUTER6, node6, Icmpv6Type::PacketTooBig { mtu: 1280 }, &syn);
-    let (_, e) = run_error(&dp, PROG_TC_INGRESS, &error);
+    let (_, e) = run_error(&mut dp, PROG_TC_INGRESS, &error);
     assert_eq!(
         (e.src, e.dst, e.icmp_type, e.quoted_src, e.quoted_dst),
         (IpAddr::from(ROUTER6), IpAddr::from(CLIENT6), 2, sa(CLIENT6, 40001), sa(VIP6, 80))
     );
     assert_eq!(e.rest, 1280u32.to_be_bytes());
 
-    let dp =
+    let mut dp =
         datapath("dns6", VIP6.into(), 53, Protocol::Udp, vec![backend(LOCAL6.into(), 5353, true)]);
     let query = dp.run(PROG_TC_INGRESS, &udp6(CLIENT6, 5000, VIP6, 53, b"query")).packet;
     let unreachable = Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port);
     let error = icmp6_error(LOCAL6, CLIENT6, unreachable, &query);
-    let (verdict, e) = run_error(&dp, PROG_TC_EGRESS, &error);
+    let (verdict, e) = run_error(&mut dp, PROG_TC_EGRESS, &error);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(
         (e.src, e.dst, e.icmp_type, e.quoted_src, e.quoted_dst),
@@ -197,7 +197,7 @@ fn ipv6_packet_too_big_and_port_unreachable() {
 fn ipv6_errors_quoting_extension_headers_are_translated_too() {
     require_root!();
     let node6: Ipv6Addr = NODE6.parse().unwrap();
-    let (dp, syn) = web6_remote_syn();
+    let (mut dp, syn) = web6_remote_syn();
     let too_big = Icmpv6Type::PacketTooBig { mtu: 1280 };
     for (what, quoted) in [
         ("hop-by-hop options", with_ipv6_hop_by_hop(&syn)),
@@ -205,7 +205,7 @@ fn ipv6_errors_quoting_extension_headers_are_translated_too() {
         ("both", with_ipv6_hop_by_hop(&with_ipv6_fragment(&syn, 0, true))),
     ] {
         let error = icmp6_error(ROUTER6, node6, too_big, &quoted);
-        let (_, e) = run_error(&dp, PROG_TC_INGRESS, &error);
+        let (_, e) = run_error(&mut dp, PROG_TC_INGRESS, &error);
         assert_eq!(
             (e.src, e.dst, e.quoted_src, e.quoted_dst),
             (IpAddr::from(ROUTER6), IpAddr::from(CLIENT6), sa(CLIENT6, 40001), sa(VIP6, 80)),
@@ -223,7 +223,7 @@ fn ipv6_errors_quoting_extension_headers_are_translated_too() {
 #[test]
 fn icmp_that_is_not_an_error_about_a_tracked_flow_passes_untouched() {
     require_root!();
-    let dp =
+    let mut dp =
         datapath("dns", VIP.into(), 53, Protocol::Udp, vec![backend(LOCAL_POD.into(), 5353, true)]);
     let query = dp.run(PROG_TC_INGRESS, &udp4(CLIENT, 5000, VIP, 53, b"query")).packet;
     let tracked = icmp4_error(LOCAL_POD, CLIENT, port_unreachable(), &query);
@@ -287,13 +287,13 @@ fn a_packet_too_big_for_the_route_to_a_remote_pod_gets_fragmentation_needed() {
         vec![backend(REMOTE_POD.into(), 8080, false)],
     );
     let syn = tcp4(CLIENT, 40001, VIP, 80, true, b"");
-    let out = node.run_tc(&dp, &syn, 0);
+    let out = node.run_tc(&mut dp, &syn, 0);
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "fits: SNATed and sent on");
 
     // 1450 bytes that must not be fragmented: the client is told, about what it sent.
     let big = with_df(&tcp4(CLIENT, 40001, VIP, 80, false, &[7u8; 1410]), true);
     assert_eq!(big.len() - 14, 1450);
-    let out = node.run_tc(&dp, &big, 0);
+    let out = node.run_tc(&mut dp, &big, 0);
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back out of n0");
     let e = icmp_error(&out.packet).unwrap();
     assert_eq!(
@@ -306,18 +306,18 @@ fn a_packet_too_big_for_the_route_to_a_remote_pod_gets_fragmentation_needed() {
     // The same to a next hop whose neighbour is not known yet (192.168.1.13): judged all the
     // same, before the kernel is left to resolve it.
     let unresolved = Ipv4Addr::new(192, 168, 1, 13);
-    let dp2 =
+    let mut dp2 =
         datapath("web", VIP.into(), 80, Protocol::Tcp, vec![backend(unresolved.into(), 80, false)]);
-    let out = node.run_tc(&dp2, &big, 0);
+    let out = node.run_tc(&mut dp2, &big, 0);
     let e = icmp_error(&out.packet).expect("fragmentation needed, not the packet sent on");
     assert_eq!((e.icmp_type, e.rest), (3, [0, 0, 0x05, 0x78]));
     let fits = tcp4(CLIENT, 40001, VIP, 80, false, b"fits");
-    let s = summarize(&node.run_tc(&dp2, &fits, 0).packet).unwrap();
+    let s = summarize(&node.run_tc(&mut dp2, &fits, 0).packet).unwrap();
     assert_eq!(s.dst, sa(unresolved, 80), "a packet that fits is sent on");
 
     // Without "don't fragment", and as a GSO packet (segments of 1000), it goes on as before.
     for (p, gso) in [(with_df(&big, false), 0), (big.clone(), 1000)] {
-        let out = node.run_tc(&dp, &p, gso);
+        let out = node.run_tc(&mut dp, &p, gso);
         let s = summarize(&out.packet).expect("the packet itself");
         assert_eq!((out.verdict, s.dst), (TC_ACT_REDIRECT, sa(REMOTE_POD, 8080)), "gso {gso}");
     }
@@ -325,20 +325,20 @@ fn a_packet_too_big_for_the_route_to_a_remote_pod_gets_fragmentation_needed() {
 
     // XDP leaves it to tc, which tells the client.
     node.xdp_tx(&mut dp, "n0", XdpTx::On);
-    let out = node.run_xdp(&dp, &big);
+    let out = node.run_xdp(&mut dp, &big);
     assert_eq!((out.verdict, &out.packet), (XDP_PASS, &big));
     assert_eq!(dp.stat(STAT_XDP_TO_TC), 1);
     let small = tcp4(CLIENT, 40001, VIP, 80, false, b"fits");
-    assert_eq!(node.run_xdp(&dp, &small).verdict, 3, "XDP_TX");
+    assert_eq!(node.run_xdp(&mut dp, &small).verdict, 3, "XDP_TX");
 
     // IPv6: packet too big.
-    let dp = web6_remote();
+    let mut dp = web6_remote();
     let big6 = tcp6(CLIENT6, 40001, VIP6, 80, false, &[7u8; 1400]);
     assert_eq!(
-        node.run_tc(&dp, &tcp6(CLIENT6, 40001, VIP6, 80, true, b""), 0).verdict,
+        node.run_tc(&mut dp, &tcp6(CLIENT6, 40001, VIP6, 80, true, b""), 0).verdict,
         TC_ACT_REDIRECT
     );
-    let out = node.run_tc(&dp, &big6, 0);
+    let out = node.run_tc(&mut dp, &big6, 0);
     let e = icmp_error(&out.packet).unwrap();
     assert_eq!(
         (e.src, e.dst, e.icmp_type, e.quoted_src, e.quoted_dst),
@@ -377,7 +377,7 @@ fn mutated_icmp_errors_never_break_the_programs_or_conntrack() {
             &syn6,
         ),
     ];
-    let flows = |dp: &Datapath| {
+    let flows = |dp: &mut Datapath| {
         let mut ct: Vec<_> = dp
             .conntrack()
             .into_iter()
@@ -386,7 +386,7 @@ fn mutated_icmp_errors_never_break_the_programs_or_conntrack() {
         ct.sort_by_key(|(k, _)| *k);
         ct
     };
-    let before = flows(&dp);
+    let before = flows(&mut dp);
     let mut rng = lb_tests::plans::Rng::new(0x5851f42d4c957f2d);
     let (mut changed, mut unchanged) = (0, 0);
     for i in 0..3000u64 {
@@ -411,10 +411,10 @@ fn mutated_icmp_errors_never_break_the_programs_or_conntrack() {
         }
     }
     assert!(changed > 100 && unchanged > 100, "{changed} changed, {unchanged} unchanged");
-    assert_eq!(flows(&dp), before, "conntrack as it was");
-    let (_, e) = run_error(&dp, PROG_TC_EGRESS, &seeds[0]);
+    assert_eq!(flows(&mut dp), before, "conntrack as it was");
+    let (_, e) = run_error(&mut dp, PROG_TC_EGRESS, &seeds[0]);
     assert_eq!((e.src, e.quoted_dst), (IpAddr::from(VIP), sa(VIP, 53)));
-    let (_, e) = run_error(&dp, PROG_TC_INGRESS, &seeds[1]);
+    let (_, e) = run_error(&mut dp, PROG_TC_INGRESS, &seeds[1]);
     assert_eq!((e.dst, e.quoted_src), (IpAddr::from(CLIENT), sa(CLIENT, 40001)));
 }
 
@@ -424,7 +424,7 @@ fn mutated_icmp_errors_never_break_the_programs_or_conntrack() {
 #[test]
 fn the_icmp_errors_the_node_sends_are_rate_limited_like_the_kernels() {
     require_root!();
-    let dp = datapath("empty", VIP.into(), 80, Protocol::Tcp, vec![]);
+    let mut dp = datapath("empty", VIP.into(), 80, Protocol::Tcp, vec![]);
     let (mut answered, mut dropped) = (0u64, 0u64);
     let start = std::time::Instant::now();
     // Runs back to back, in one visit to the test namespace (an emulated kernel is slow

@@ -50,16 +50,16 @@ fn datapath() -> Datapath {
     dp
 }
 
-fn lease(dp: &Datapath, kinds: &[Kind]) -> anyhow::Result<Lease> {
+fn lease(dp: &mut Datapath, kinds: &[Kind]) -> anyhow::Result<Lease> {
     lease_forced(dp, kinds, false)
 }
 
-fn lease_forced(dp: &Datapath, kinds: &[Kind], force: bool) -> anyhow::Result<Lease> {
+fn lease_forced(dp: &mut Datapath, kinds: &[Kind], force: bool) -> anyhow::Result<Lease> {
     let options = Array::try_from(Map::Array(dp.map_handle(MAP_OPTIONS))).unwrap();
     Lease::on(options, monitor::mask(kinds), force)
 }
 
-fn ring(dp: &Datapath) -> RingBuf<MapData> {
+fn ring(dp: &mut Datapath) -> RingBuf<MapData> {
     RingBuf::try_from(Map::RingBuf(dp.map_handle(MAP_EVENTS))).unwrap()
 }
 
@@ -89,8 +89,8 @@ fn device_hooks_report_only_while_a_lease_asks_and_only_the_kinds_it_asks_for() 
     require_root!();
     let mut dp = datapath();
     let web = dp.service_id("web");
-    let dp = dp;
-    let mut ring = ring(&dp);
+    let mut dp = dp;
+    let mut ring = ring(&mut dp);
     let denied = tcp4(OUTSIDER, 4000, VIP, 80, true, b"");
 
     // No monitor: counted, not reported.
@@ -99,8 +99,8 @@ fn device_hooks_report_only_while_a_lease_asks_and_only_the_kinds_it_asks_for() 
     assert_eq!(drain(&mut ring), vec![]);
 
     // Drops only.
-    let held = lease(&dp, &[Kind::Drop]).unwrap();
-    let err = lease(&dp, &[Kind::All]).err().expect("a second monitor is refused");
+    let held = lease(&mut dp, &[Kind::Drop]).unwrap();
+    let err = lease(&mut dp, &[Kind::All]).err().expect("a second monitor is refused");
     assert!(err.to_string().contains("another lbctl monitor is running"), "{err}");
     let before = coarse_now_ns();
     assert_eq!(dp.run(PROG_TC_INGRESS, &denied).verdict, TC_ACT_SHOT);
@@ -143,7 +143,7 @@ fn device_hooks_report_only_while_a_lease_asks_and_only_the_kinds_it_asks_for() 
     // Taken over (--force): the first monitor notices at its next renewal, and stopping
     // leaves the new holder's lease alone.
     let mut first = held;
-    let second = lease_forced(&dp, &[Kind::Reject], true).unwrap();
+    let second = lease_forced(&mut dp, &[Kind::Reject], true).unwrap();
     let err = first.renew().expect_err("taken over");
     assert!(err.to_string().contains("another lbctl monitor took over"), "{err}");
     drop(first);
@@ -186,9 +186,9 @@ fn new_flows_carry_their_translation_and_rejects_their_service_in_both_families(
     require_root!();
     let mut dp = datapath();
     let ids: Vec<u32> = ["web", "remote", "empty", "empty6"].map(|s| dp.service_id(s)).into();
-    let dp = dp;
-    let mut ring = ring(&dp);
-    let _held = lease(&dp, &[Kind::All]).unwrap();
+    let mut dp = dp;
+    let mut ring = ring(&mut dp);
+    let _held = lease(&mut dp, &[Kind::All]).unwrap();
 
     let first = tcp4(CLIENT, 5000, VIP, 80, true, b"");
     assert_eq!(dp.run(PROG_TC_INGRESS, &first).verdict, TC_ACT_OK);
@@ -251,10 +251,10 @@ fn new_flows_carry_their_translation_and_rejects_their_service_in_both_families(
 #[test]
 fn an_expired_lease_stops_the_events_and_a_full_ring_counts_what_it_lost() {
     require_root!();
-    let dp = datapath();
-    let mut ring = ring(&dp);
+    let mut dp = datapath();
+    let mut ring = ring(&mut dp);
     let denied = |port| tcp4(OUTSIDER, port, VIP, 80, true, b"");
-    let _held = lease(&dp, &[Kind::Drop]).unwrap();
+    let _held = lease(&mut dp, &[Kind::Drop]).unwrap();
 
     // A monitor that died without clearing its lease: past its deadline, nothing is sent.
     let mut options: Array<MapData, u32> =
@@ -292,14 +292,14 @@ fn a_packet_too_big_for_its_route_is_reported_with_the_mtu_and_the_flow() {
     node.ns.ip(&["link", "set", "n0", "mtu", "1400"]);
     let mut dp = datapath();
     let remote = dp.service_id("remote");
-    let dp = dp;
-    let mut ring = ring(&dp);
-    assert_eq!(node.run_tc(&dp, &tcp4(CLIENT, 6000, VIP, 81, true, b""), 0).verdict, 7);
-    let _held = lease(&dp, &[Kind::Drop]).unwrap();
+    let mut dp = dp;
+    let mut ring = ring(&mut dp);
+    assert_eq!(node.run_tc(&mut dp, &tcp4(CLIENT, 6000, VIP, 81, true, b""), 0).verdict, 7);
+    let _held = lease(&mut dp, &[Kind::Drop]).unwrap();
     let mut big = tcp4(CLIENT, 6000, VIP, 81, false, &[7u8; 1410]);
     big[14 + 6] |= 0x40; // don't fragment
     fix_ipv4_checksum(&mut big);
-    assert_eq!(node.run_tc(&dp, &big, 0).verdict, 7, "fragmentation needed sent back");
+    assert_eq!(node.run_tc(&mut dp, &big, 0).verdict, 7, "fragmentation needed sent back");
     assert_eq!(dp.stat(STAT_TOO_BIG), 1);
     let events = drain(&mut ring);
     assert_eq!(events.len(), 1, "{events:?}");
@@ -319,11 +319,11 @@ fn a_dropped_packet_to_a_service_addresss_unknown_port_is_reported_without_a_ser
     require_root!();
     // The node forwards, by a default route: the drop's condition.
     let node = RoutedNode::new();
-    let dp = datapath();
-    let mut ring = ring(&dp);
-    let _held = lease(&dp, &[Kind::Drop]).unwrap();
+    let mut dp = datapath();
+    let mut ring = ring(&mut dp);
+    let _held = lease(&mut dp, &[Kind::Drop]).unwrap();
     let p = tcp4(CLIENT, 6001, VIP, 9999, true, b"");
-    assert_eq!(node.run_tc(&dp, &p, 0).verdict, TC_ACT_SHOT);
+    assert_eq!(node.run_tc(&mut dp, &p, 0).verdict, TC_ACT_SHOT);
     let events = drain(&mut ring);
     assert_eq!(events.len(), 1, "{events:?}");
     let e = events[0];

@@ -10,6 +10,8 @@
 
 use std::{path::PathBuf, process::Command, time::Instant};
 
+use lb_agent::dataplane::programs::VERIFIER_LIMIT;
+use lb_common::{PROG_TC_EGRESS, PROG_TC_FROM_POD, PROG_TC_INGRESS, PROG_XDP_INGRESS};
 use lb_tests::{
     cluster::{host_of, parse_probe},
     require_root, setup_tool, tools_required, workspace_bin,
@@ -157,6 +159,16 @@ fn the_datapath_loads_attaches_and_passes_its_kernel_tests_on_kernel_6_1() {
 
     let log = read("agent.log");
     assert!(log.contains("initial sync done"), "{said}");
+    // 6.1's verifier walks more than 6.18's for the same code (`tests/tests/verifier.rs`
+    // checks this kernel's walks); each program must stay under half its limit there too.
+    let walks = verifier_walks(&log);
+    println!("6.1's verifier, instructions walked: {walks:?}");
+    for name in [PROG_TC_INGRESS, PROG_XDP_INGRESS, PROG_TC_FROM_POD, PROG_TC_EGRESS] {
+        assert!(walks.iter().any(|(n, _)| n == name), "{name} not in {walks:?}; {said}");
+    }
+    for (name, walked) in &walks {
+        assert!(*walked < VERIFIER_LIMIT / 2, "{name}: {walked} walked on 6.1");
+    }
     assert!(log.contains("attached as clsact filters"), "{said}");
     assert!(log.contains("XDP attached") || log.contains("attached in generic mode"), "{said}");
     assert_eq!(read("agent.rc").trim(), "0", "a clean stop: {said}");
@@ -210,6 +222,38 @@ fn the_datapath_loads_attaches_and_passes_its_kernel_tests_on_kernel_6_1() {
         assert!(log.contains("test result: ok"), "{t} on 6.1:\n{log}");
         println!("{t} on 6.1: {}", log.lines().find(|l| l.contains("test result")).unwrap_or(""));
     }
+}
+
+/// The agent's "programs verified" line, as (program, instructions the verifier walked).
+fn verifier_walks(log: &str) -> Vec<(String, u32)> {
+    let Some(line) = log.lines().find(|l| l.contains("programs verified")) else {
+        return Vec::new();
+    };
+    let line = strip_ansi(line);
+    let Some((_, list)) = line.split_once("programs=") else { return Vec::new() };
+    // Each: "<name> <instructions>/<walked> <ms> ms".
+    list.split(", ")
+        .filter_map(|p| {
+            let mut words = p.split(' ');
+            let name = words.next()?;
+            let walked = words.next()?.split_once('/')?.1.parse().ok()?;
+            Some((name.to_owned(), walked))
+        })
+        .collect()
+}
+
+/// `s` without terminal colour sequences (ESC [ ... m), which the agent's log has.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 struct RemoveOnDrop(PathBuf);

@@ -49,13 +49,13 @@ fn web(cluster_ip: IpAddr, node: IpAddr, backends: Vec<Backend>) -> ServicePlan 
 fn a_pods_connection_to_a_clusterip_is_translated_per_packet_both_ways() {
     require_root!();
     for (backend_addr, local) in [(REMOTE_POD, false), (LOCAL_POD, true)] {
-        let dp = datapath(&[web(
+        let mut dp = datapath(&[web(
             CLUSTER_IP.into(),
             NODE.into(),
             vec![backend(backend_addr.into(), 8080, local)],
         )]);
         let syn = tcp4(CLIENT_POD, 40000, CLUSTER_IP, 80, true, b"");
-        let (verdict, s) = run(&dp, PROG_TC_FROM_POD, &syn);
+        let (verdict, s) = run(&mut dp, PROG_TC_FROM_POD, &syn);
         assert_eq!(verdict, TC_ACT_OK, "to the stack, which routes it to the backend");
         assert_eq!((s.src, s.dst), (sa(CLIENT_POD, 40000), sa(backend_addr, 8080)));
         assert_eq!(dp.stat(STAT_CT_NEW), 1);
@@ -68,13 +68,13 @@ fn a_pods_connection_to_a_clusterip_is_translated_per_packet_both_ways() {
         let reply = tcp4(backend_addr, 8080, CLIENT_POD, 40000, false, b"HTTP/1.1 200 OK");
         assert_eq!(dp.run(PROG_TC_FROM_POD, &reply).packet, reply, "left for the egress");
         // Entering the client's pod: from the ClusterIP.
-        let (verdict, s) = run(&dp, PROG_TC_TO_POD, &reply);
+        let (verdict, s) = run(&mut dp, PROG_TC_TO_POD, &reply);
         assert_eq!(verdict, TC_ACT_OK);
         assert_eq!((s.src, s.dst), (sa(CLUSTER_IP, 80), sa(CLIENT_POD, 40000)));
 
         // The rest of the connection follows the entry.
         let data = tcp4(CLIENT_POD, 40000, CLUSTER_IP, 80, false, b"GET / HTTP/1.1\r\n\r\n");
-        assert_eq!(run(&dp, PROG_TC_FROM_POD, &data).1.dst, sa(backend_addr, 8080));
+        assert_eq!(run(&mut dp, PROG_TC_FROM_POD, &data).1.dst, sa(backend_addr, 8080));
         assert_eq!(dp.stat(STAT_CT_NEW), 1, "one flow");
         assert_eq!(dp.stat(STAT_TC_FROM_POD_PACKETS), 3);
         assert_eq!(dp.stat(STAT_TC_TO_POD_PACKETS), 1);
@@ -89,18 +89,18 @@ fn ipv6_udp_and_nodeports_on_node_addresses_are_translated_for_pods() {
     let backends = vec![backend(REMOTE6.into(), 8080, false)];
     let mut dns = web(CLUSTER_IP6.into(), NODE6.into(), backends.clone());
     (dns.name, dns.protocol) = ("dns".into(), Protocol::Udp);
-    let dp = datapath(&[web(CLUSTER_IP6.into(), NODE6.into(), backends), dns]);
+    let mut dp = datapath(&[web(CLUSTER_IP6.into(), NODE6.into(), backends), dns]);
     let q = udp6(CLIENT_POD6, 5353, CLUSTER_IP6, 80, b"a query");
-    let (_, s) = run(&dp, PROG_TC_FROM_POD, &q);
+    let (_, s) = run(&mut dp, PROG_TC_FROM_POD, &q);
     assert_eq!((s.src, s.dst), (sa(CLIENT_POD6, 5353), sa(REMOTE6, 8080)));
     let a = udp6(REMOTE6, 8080, CLIENT_POD6, 5353, b"an answer");
-    assert_eq!(run(&dp, PROG_TC_TO_POD, &a).1.src, sa(CLUSTER_IP6, 80));
+    assert_eq!(run(&mut dp, PROG_TC_TO_POD, &a).1.src, sa(CLUSTER_IP6, 80));
 
     let np = tcp6(CLIENT_POD6, 41000, NODE6, NODE_PORT, true, b"");
-    let (_, s) = run(&dp, PROG_TC_FROM_POD, &np);
+    let (_, s) = run(&mut dp, PROG_TC_FROM_POD, &np);
     assert_eq!(s.dst, sa(REMOTE6, 8080), "the NodePort on the node's address");
     let r = tcp6(REMOTE6, 8080, CLIENT_POD6, 41000, false, b"ok");
-    assert_eq!(run(&dp, PROG_TC_TO_POD, &r).1.src, sa(NODE6, NODE_PORT));
+    assert_eq!(run(&mut dp, PROG_TC_TO_POD, &r).1.src, sa(NODE6, NODE_PORT));
 }
 
 /// A pod reaching itself through its service (hairpin): SNAT to the node address, so that its
@@ -109,7 +109,7 @@ fn ipv6_udp_and_nodeports_on_node_addresses_are_translated_for_pods() {
 #[test]
 fn a_pod_reaching_itself_through_its_service_is_snatted_and_its_answer_restored() {
     require_root!();
-    let dp = datapath(&[web(
+    let mut dp = datapath(&[web(
         CLUSTER_IP.into(),
         NODE.into(),
         vec![backend(LOCAL_POD.into(), 8080, true)],
@@ -139,7 +139,7 @@ fn a_pod_reaching_itself_through_its_service_is_snatted_and_its_answer_restored(
 #[test]
 fn other_traffic_passes_untouched_and_the_port_filter_holds() {
     require_root!();
-    let dp = datapath(&[
+    let mut dp = datapath(&[
         web(CLUSTER_IP.into(), NODE.into(), vec![backend(REMOTE_POD.into(), 8080, false)]),
         lb_plan(
             "lb",
@@ -166,7 +166,7 @@ fn other_traffic_passes_untouched_and_the_port_filter_holds() {
     assert_eq!(dp.stat(STAT_CT_NEW), 0);
     assert_eq!(dp.stat(STAT_SERVICE_MISS), 3, "counted as not for a frontend");
     // The LB IP from a pod: its internal entry (cluster traffic), as the socket hooks see it.
-    let (_, s) = run(&dp, PROG_TC_FROM_POD, &tcp4(CLIENT_POD, 40001, VIP, 443, true, b""));
+    let (_, s) = run(&mut dp, PROG_TC_FROM_POD, &tcp4(CLIENT_POD, 40001, VIP, 443, true, b""));
     assert_eq!(s.dst, sa(REMOTE_POD, 8443));
     // A ClusterIP reaching a device hook from outside: not its frontend (no --external-clusterip).
     let outside = tcp4(CLIENT, 40002, CLUSTER_IP, 80, true, b"");
@@ -204,7 +204,7 @@ fn other_traffic_passes_untouched_and_the_port_filter_holds() {
 #[test]
 fn a_service_without_endpoints_refuses_a_pods_connection() {
     require_root!();
-    let dp = datapath(&[web(CLUSTER_IP.into(), NODE.into(), vec![])]);
+    let mut dp = datapath(&[web(CLUSTER_IP.into(), NODE.into(), vec![])]);
     let syn = tcp4(CLIENT_POD, 40000, CLUSTER_IP, 80, true, b"");
     let out = dp.run(PROG_TC_FROM_POD, &syn);
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back into the pod");
@@ -257,7 +257,8 @@ fn a_clusterip_refuses_a_pods_packets_to_a_port_it_has_no_service_for() {
     let other = tcp4(CLIENT_POD, 40008, twin, 9999, true, b"");
     assert_eq!(dp.run(PROG_TC_FROM_POD, &other).packet, other, "{twin} is no ClusterIP");
     // The service's own port still works.
-    let (_, s) = run(&dp, PROG_TC_FROM_POD, &tcp4(CLIENT_POD, 40009, CLUSTER_IP, 80, true, b""));
+    let (_, s) =
+        run(&mut dp, PROG_TC_FROM_POD, &tcp4(CLIENT_POD, 40009, CLUSTER_IP, 80, true, b""));
     assert_eq!(s.dst, sa(REMOTE_POD, 8080));
     assert_eq!(dp.stat(STAT_REJECT_UNKNOWN_PORT), refused.len() as u64 + 1);
 

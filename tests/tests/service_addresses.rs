@@ -99,7 +99,7 @@ fn echo_reply(frame: &[u8]) -> Result<(IpAddr, IpAddr, u8, u8, Vec<u8>), String>
 fn a_load_balancer_ips_unknown_ports_and_protocols_are_dropped_not_routed_back_out() {
     require_root!();
     let node = RoutedNode::new();
-    let dp = datapath(true);
+    let mut dp = datapath(true);
     // Each is routed back out of n0 by the default route: the loop this prevents.
     let dropped = [
         tcp4(CLIENT, 40000, VIP, 81, true, b""),
@@ -114,13 +114,13 @@ fn a_load_balancer_ips_unknown_ports_and_protocols_are_dropped_not_routed_back_o
         as_ipv4_fragment(&udp4(CLIENT, 5000, VIP, 53, &[7; 64]), 8, false),
     ];
     for (i, p) in dropped.iter().enumerate() {
-        let out = node.run_tc(&dp, p, 0);
+        let out = node.run_tc(&mut dp, p, 0);
         assert_eq!(out.verdict, TC_ACT_SHOT, "packet {i}: tc drops it");
         assert_eq!(dp.stat(STAT_DROP_UNKNOWN_PORT), i as u64 + 1);
     }
     // XDP drops what it parses (the later fragment goes on to tc, as every later fragment).
     for (i, p) in dropped[..6].iter().enumerate() {
-        assert_eq!(node.run_xdp(&dp, p).verdict, XDP_DROP, "packet {i}: XDP drops it");
+        assert_eq!(node.run_xdp(&mut dp, p).verdict, XDP_DROP, "packet {i}: XDP drops it");
     }
     assert_eq!(dp.stat(STAT_DROP_UNKNOWN_PORT), dropped.len() as u64 + 6);
     assert_eq!(dp.stat(STAT_CT_NEW), 0);
@@ -131,7 +131,7 @@ fn a_load_balancer_ips_unknown_ports_and_protocols_are_dropped_not_routed_back_o
         (tcp4(CLIENT, 40003, VIP, 80, true, b""), IpAddr::from(LOCAL_POD)),
         (tcp6(CLIENT6, 40003, VIP6, 80, true, b""), IpAddr::from(LOCAL6)),
     ] {
-        let out = node.run_tc(&dp, &p, 0);
+        let out = node.run_tc(&mut dp, &p, 0);
         checksums_ok(&out.packet).unwrap();
         assert_eq!((out.verdict, summarize(&out.packet).unwrap().dst.ip()), (TC_ACT_OK, pod));
     }
@@ -145,9 +145,9 @@ fn a_load_balancer_ips_unknown_ports_and_protocols_are_dropped_not_routed_back_o
         gre4(CLIENT, twin),
         tcp4(CLIENT, 40004, OTHER_CLIENT, 81, true, b""),
     ] {
-        let out = node.run_tc(&dp, &p, 0);
+        let out = node.run_tc(&mut dp, &p, 0);
         assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &p), "not a service address");
-        assert_eq!(node.run_xdp(&dp, &p).verdict, XDP_PASS);
+        assert_eq!(node.run_xdp(&mut dp, &p).verdict, XDP_PASS);
     }
     assert_eq!(dp.stat(STAT_DROP_UNKNOWN_PORT), dropped.len() as u64 + 6, "none more");
 }
@@ -156,14 +156,14 @@ fn a_load_balancer_ips_unknown_ports_and_protocols_are_dropped_not_routed_back_o
 fn pings_to_a_load_balancer_ip_are_answered_from_it() {
     require_root!();
     let node = RoutedNode::new();
-    let dp = datapath(true);
+    let mut dp = datapath(true);
     for (request, vip, client) in [
         (icmp4_echo(CLIENT, VIP), IpAddr::from(VIP), IpAddr::from(CLIENT)),
         (icmp6_echo(CLIENT6, VIP6), IpAddr::from(VIP6), IpAddr::from(CLIENT6)),
     ] {
         // XDP leaves ICMP to tc.
-        assert_eq!(node.run_xdp(&dp, &request).verdict, XDP_PASS);
-        let out = node.run_tc(&dp, &request, 0);
+        assert_eq!(node.run_xdp(&mut dp, &request).verdict, XDP_PASS);
+        let out = node.run_tc(&mut dp, &request, 0);
         assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back out of n0");
         let (src, dst, kind, ttl, payload) = echo_reply(&out.packet).unwrap();
         let reply_type = if vip.is_ipv4() { 0 } else { 129 };
@@ -180,7 +180,7 @@ fn pings_to_a_load_balancer_ip_are_answered_from_it() {
         let (src, dst) = (SocketAddr::new(client, 40000), SocketAddr::new(vip, 0));
         let request = lb_agent::explain::build_packet(src, dst, PROTO_ICMP).unwrap();
         assert!(icmp_sums_ok(&request), "{vip}");
-        let out = node.run_tc(&dp, &request, 0);
+        let out = node.run_tc(&mut dp, &request, 0);
         assert_eq!(out.verdict, TC_ACT_REDIRECT, "{vip}");
         assert_eq!(echo_reply(&out.packet).unwrap().0, vip);
     }
@@ -190,7 +190,7 @@ fn pings_to_a_load_balancer_ip_are_answered_from_it() {
     let mut reply = icmp4_echo(CLIENT, VIP);
     reply[ETH + 20] = 0;
     for p in [as_ipv4_fragment(&icmp4_echo(CLIENT, VIP), 0, true), reply] {
-        assert_eq!(node.run_tc(&dp, &p, 0).verdict, TC_ACT_SHOT);
+        assert_eq!(node.run_tc(&mut dp, &p, 0).verdict, TC_ACT_SHOT);
     }
     assert_eq!(dp.stat(STAT_ECHO_REPLY), 4);
     assert_eq!(dp.stat(STAT_DROP_UNKNOWN_PORT), 2);
@@ -200,7 +200,7 @@ fn pings_to_a_load_balancer_ip_are_answered_from_it() {
     let start = std::time::Instant::now();
     let mut dropped = 0;
     for _ in 0..1000 {
-        let out = node.run_tc(&dp, &icmp4_echo(CLIENT, VIP), 0);
+        let out = node.run_tc(&mut dp, &icmp4_echo(CLIENT, VIP), 0);
         if out.verdict == TC_ACT_SHOT {
             dropped += 1;
         } else {
@@ -225,9 +225,9 @@ fn echo_reply_payload(request: &[u8]) -> Vec<u8> {
 fn without_answer_service_pings_a_ping_is_dropped_too() {
     require_root!();
     let node = RoutedNode::new();
-    let dp = datapath(false);
-    assert_eq!(node.run_tc(&dp, &icmp4_echo(CLIENT, VIP), 0).verdict, TC_ACT_SHOT);
-    assert_eq!(node.run_tc(&dp, &icmp6_echo(CLIENT6, VIP6), 0).verdict, TC_ACT_SHOT);
+    let mut dp = datapath(false);
+    assert_eq!(node.run_tc(&mut dp, &icmp4_echo(CLIENT, VIP), 0).verdict, TC_ACT_SHOT);
+    assert_eq!(node.run_tc(&mut dp, &icmp6_echo(CLIENT6, VIP6), 0).verdict, TC_ACT_SHOT);
     assert_eq!((dp.stat(STAT_ECHO_REPLY), dp.stat(STAT_DROP_UNKNOWN_PORT)), (0, 2));
 }
 
@@ -247,17 +247,17 @@ fn a_service_address_that_is_the_nodes_own_or_a_node_that_does_not_forward_is_le
         gre4(CLIENT, NODE),
         icmp6_echo(CLIENT6, node6),
     ] {
-        let out = node.run_tc(&dp, &p, 0);
+        let out = node.run_tc(&mut dp, &p, 0);
         assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &p), "the node's own address");
     }
     // Its service port is translated.
-    let out = node.run_tc(&dp, &tcp4(CLIENT, 40001, NODE, 443, true, b""), 0);
+    let out = node.run_tc(&mut dp, &tcp4(CLIENT, 40001, NODE, 443, true, b""), 0);
     assert_eq!(summarize(&out.packet).unwrap().dst.ip(), IpAddr::from(LOCAL_POD));
 
     // A node that does not forward drops such packets itself: they are left to it.
     node.ns.sysctl("net.ipv4.ip_forward", "0");
     for p in [tcp4(CLIENT, 40002, VIP, 81, true, b""), icmp4_echo(CLIENT, VIP)] {
-        let out = node.run_tc(&dp, &p, 0);
+        let out = node.run_tc(&mut dp, &p, 0);
         assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &p), "no forwarding");
     }
     assert_eq!((dp.stat(STAT_DROP_UNKNOWN_PORT), dp.stat(STAT_ECHO_REPLY)), (0, 0));
@@ -271,24 +271,24 @@ fn the_address_set_is_seeded_from_the_markers_when_an_agent_starts() {
     // An upgrade from a build without the set: empty, while the markers are there.
     dp.clear_addr_bit(MAP_EXTERNAL_IPS, VIP.into());
     let p = tcp4(CLIENT, 40000, VIP, 81, true, b"");
-    assert_eq!(node.run_tc(&dp, &p, 0).verdict, TC_ACT_OK, "bit clear: passed");
+    assert_eq!(node.run_tc(&mut dp, &p, 0).verdict, TC_ACT_OK, "bit clear: passed");
     let seeded = lb_agent::dataplane::port_filters::enable(&mut dp.ebpf).expect("enable");
     assert_eq!(seeded.external_ips, 2, "the VIP and VIP6");
-    assert_eq!(node.run_tc(&dp, &p, 0).verdict, TC_ACT_SHOT);
+    assert_eq!(node.run_tc(&mut dp, &p, 0).verdict, TC_ACT_SHOT);
 
     // Before the agent says the sets are complete, every address is looked up.
     let mut opts: aya::maps::Array<&mut aya::maps::MapData, u32> =
         aya::maps::Array::try_from(dp.ebpf.map_mut(MAP_OPTIONS).expect("map")).unwrap();
     opts.set(OPT_INGRESS_PORTS_READY, 0, 0).unwrap();
     dp.clear_addr_bit(MAP_EXTERNAL_IPS, VIP.into());
-    assert_eq!(node.run_tc(&dp, &p, 0).verdict, TC_ACT_SHOT);
-    assert_eq!(node.run_xdp(&dp, &p).verdict, XDP_DROP);
+    assert_eq!(node.run_tc(&mut dp, &p, 0).verdict, TC_ACT_SHOT);
+    assert_eq!(node.run_xdp(&mut dp, &p).verdict, XDP_DROP);
 
     // The service gone: its marker goes with it, and its address is no service's.
     dp.program("web", &[]);
-    let out = node.run_tc(&dp, &p, 0);
+    let out = node.run_tc(&mut dp, &p, 0);
     assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &p));
-    assert_eq!(node.run_tc(&dp, &icmp4_echo(CLIENT, VIP), 0).verdict, TC_ACT_OK);
+    assert_eq!(node.run_tc(&mut dp, &icmp4_echo(CLIENT, VIP), 0).verdict, TC_ACT_OK);
 }
 
 /// Malformed packets to a service address (pings and a SYN to a port the address lacks, with
@@ -300,7 +300,7 @@ fn the_address_set_is_seeded_from_the_markers_when_an_agent_starts() {
 fn mutated_packets_to_a_service_address_are_dropped_passed_or_answered_well() {
     require_root!();
     let node = RoutedNode::new();
-    let dp = datapath(true);
+    let mut dp = datapath(true);
     let seeds = [
         icmp4_echo(CLIENT, VIP),
         icmp6_echo(CLIENT6, VIP6),
@@ -320,7 +320,7 @@ fn mutated_packets_to_a_service_address_are_dropped_passed_or_answered_well() {
             continue;
         };
         assert!([XDP_PASS, XDP_DROP].contains(&xdp.verdict), "XDP run {i}: {p:02x?}");
-        let out = node.run_tc(&dp, &p, 0);
+        let out = node.run_tc(&mut dp, &p, 0);
         match out.verdict {
             TC_ACT_REDIRECT => {
                 answered += 1;

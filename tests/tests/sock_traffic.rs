@@ -109,6 +109,7 @@ fn setup() -> Setup {
         let key = ObjKey::new("default", plan.name.clone());
         w.apply_object(&key, &[plan]).unwrap();
     }
+    dp.load_programs();
     attach::cgroup(&mut dp.ebpf, &cluster.nodes[0].cgroup.path, None).expect("attach socket hooks");
     Setup { cluster, dp, _servers: servers }
 }

@@ -1,0 +1,31 @@
+//! The verifier's cost of every program, on this kernel: each must load with its walk under
+//! half the verifier's limit (1,000,000 instructions walked, past which the kernel refuses a
+//! program), so that a change that makes the walk explode fails here, with the figures, and
+//! not on a node after an upgrade. The 6.1 VM (`older_kernel`) checks the same on 6.1, whose
+//! verifier walks more for the same code, from the agent's own log line.
+
+use lb_agent::dataplane::programs::VERIFIER_LIMIT;
+use lb_tests::{kernel::Datapath, require_root};
+
+#[test]
+fn every_program_loads_well_under_the_verifiers_limit() {
+    require_root!();
+    let mut dp = Datapath::load();
+    let loaded = dp.load_programs();
+    let device = [
+        lb_common::PROG_TC_INGRESS,
+        lb_common::PROG_TC_EGRESS,
+        lb_common::PROG_XDP_INGRESS,
+        lb_common::PROG_TC_FROM_POD,
+        lb_common::PROG_TC_TO_POD,
+    ];
+    for name in device {
+        assert!(loaded.iter().any(|l| l.name == name), "{name} not among {loaded:?}");
+    }
+    for l in &loaded {
+        // Instructions as run / walked by the verifier, and the load's time.
+        println!("{l}");
+        let verified = l.verified.expect("this kernel counts verified instructions");
+        assert!(verified < VERIFIER_LIMIT / 2, "{l}: over half the verifier's limit");
+    }
+}
