@@ -203,3 +203,44 @@ fn switching_between_links_and_filters_at_a_restart_leaves_one_program_per_hook(
     assert_eq!(tcx_programs(&run, "eth0"), 2);
     assert!(answers(&run));
 }
+
+/// The agent asks for each device's filters every 2 s through one netlink socket per thread
+/// (`tc_query`), kept while the thread stays in one network namespace: a thread that moves
+/// to another must get that namespace's answer, not the first one's (both devices here have
+/// the same interface index, as the first device of every fresh namespace does).
+#[test]
+fn the_filter_query_answers_for_its_threads_current_network_namespace() {
+    use lb_agent::dataplane::{netdev, tc_query};
+    use std::os::fd::AsRawFd;
+    require_root!();
+    let (with, without) =
+        (lb_tests::netns::NetNs::new("tcqa"), lb_tests::netns::NetNs::new("tcqb"));
+    for ns in [&with, &without] {
+        ns.ip(&["link", "add", "t0", "type", "veth", "peer", "name", "t1"]);
+        let out = ns.exec("tc", &["qdisc", "add", "dev", "t0", "clsact"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    // A classic BPF filter (accept all): kind "bpf", as the agent's.
+    let filter = ["filter", "add", "dev", "t0", "ingress", "prio", "7", "handle", "3", "bpf"];
+    let out = with.exec("tc", &[&filter[..], &["bytecode", "1,6 0 0 4294967295,"]].concat());
+    assert!(out.status.success(), "{out:?}");
+    let enter = |ns: &lb_tests::netns::NetNs| {
+        let f = std::fs::File::open(format!("/run/netns/{}", ns.name())).unwrap();
+        // SAFETY: a valid namespace fd; affects only this thread.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        netdev::ifindex("t0").unwrap()
+    };
+    let answers = std::thread::scope(|s| {
+        s.spawn(|| {
+            [&with, &without, &with].map(|ns| {
+                let ifindex = enter(ns);
+                (ifindex, tc_query::bpf_filters(ifindex, TcAttachType::Ingress).unwrap())
+            })
+        })
+        .join()
+        .unwrap()
+    });
+    let ours = vec![tc_query::BpfFilter { priority: 7, handle: 3 }];
+    assert_eq!(answers[0].0, answers[1].0, "the same index in both: {answers:?}");
+    assert_eq!([&answers[0].1, &answers[1].1, &answers[2].1], [&ours, &vec![], &ours]);
+}

@@ -4,7 +4,7 @@
 //! device's queueing, another agent's cleanup) takes every filter of the device with it, and
 //! nothing tells the program's holder. A TCX link cannot be removed that way.
 
-use std::os::fd::AsRawFd;
+use std::{cell::RefCell, os::fd::AsRawFd, os::unix::fs::MetadataExt};
 
 use anyhow::{Context, Result, bail};
 use aya::programs::TcAttachType;
@@ -24,9 +24,35 @@ pub struct BpfFilter {
     pub handle: u32,
 }
 
+thread_local! {
+    /// This thread's netlink socket and the network namespace it was opened in: the agent
+    /// asks for each device's filters every 2 s (two dumps a device; hundreds on a node with
+    /// pods' devices), and one socket serves them all.
+    static SOCKET: RefCell<Option<(u64, Socket)>> = const { RefCell::new(None) };
+}
+
 /// The bpf filters on `ifindex`'s clsact hook `dir` (none when the device has no clsact
 /// qdisc), in the calling thread's network namespace.
 pub fn bpf_filters(ifindex: u32, dir: TcAttachType) -> Result<Vec<BpfFilter>> {
+    let netns = std::fs::metadata("/proc/thread-self/ns/net")
+        .context("reading this thread's network namespace")?
+        .ino();
+    SOCKET.with_borrow_mut(|slot| {
+        if slot.as_ref().is_none_or(|(at, _)| *at != netns) {
+            *slot = Some((netns, open()?));
+        }
+        let Some((_, socket)) = slot.as_mut() else { unreachable!("just opened") };
+        let found = dump(socket, ifindex, dir);
+        if found.is_err() {
+            // A dump cut short leaves its rest in the socket for the next one to misread.
+            *slot = None;
+        }
+        found
+    })
+}
+
+/// A netlink route socket that never waits on the kernel for long.
+fn open() -> Result<Socket> {
     let mut socket = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
     socket.bind_auto().context("binding a netlink socket")?;
     socket.connect(&SocketAddr::new(0, 0)).context("connecting a netlink socket")?;
@@ -45,7 +71,11 @@ pub fn bpf_filters(ifindex: u32, dir: TcAttachType) -> Result<Vec<BpfFilter>> {
     if set != 0 {
         return Err(std::io::Error::last_os_error()).context("setting a netlink read timeout");
     }
+    Ok(socket)
+}
 
+/// Asks `socket` for the filters of `ifindex`'s hook `dir` and reads the whole answer.
+fn dump(socket: &mut Socket, ifindex: u32, dir: TcAttachType) -> Result<Vec<BpfFilter>> {
     let mut tc = TcMessage::with_index(ifindex as i32);
     let minor = match dir {
         TcAttachType::Ingress => TcHandle::MIN_INGRESS,
