@@ -12,7 +12,7 @@ use lb_common::{Addr, STAT_ECHO_REPLY};
 use crate::{
     csum,
     maps::FLOW,
-    packet::{Bounds, Flow},
+    packet::{self, Bounds, Flow},
     reject, stats,
 };
 
@@ -69,7 +69,7 @@ fn turn_around(ctx: &TcContext, flow: &Flow) -> Option<()> {
             let ip: *mut [u8; 8] = b.ptr_at(l3)?;
             (*ip)[7] = TTL;
             let addrs: *mut [Addr; 2] = b.ptr_at(l3 + 8)?;
-            core::ptr::write_unaligned(addrs, [flow.daddr, flow.saddr]);
+            packet::write_addr_pair(addrs, &flow.daddr, &flow.saddr);
         } else {
             // TTL and protocol form one word of the header, the checksum follows.
             let ttl: *mut [u8; 4] = b.ptr_at(l3 + 8)?;

@@ -160,12 +160,14 @@ fn quoted(b: &Bounds, flow: &Flow) -> Result<Quoted, ()> {
         }
         let ip: *const [u8; IPV6_HEADER] = b.ptr_at(l3).ok_or(())?;
         // SAFETY: bounds checked by ptr_at; the version nibble, next header, addresses.
-        let (addrs, next) = unsafe {
+        let (mut s, mut d) = ([0; 4], [0; 4]);
+        let next = unsafe {
             let h = ip.cast::<u8>();
             if *h >> 4 != 6 {
                 return Err(());
             }
-            (core::ptr::read_unaligned(h.add(8).cast::<[Addr; 2]>()), *h.add(6))
+            packet::read_addr_pair(h.add(8).cast(), &mut s, &mut d);
+            *h.add(6)
         };
         // The quoted packet's extension headers, as the packet parser steps over them.
         let t = packet::ipv6_transport(b, l3 + IPV6_HEADER, next).map_err(|_| ())?;
@@ -173,7 +175,7 @@ fn quoted(b: &Bounds, flow: &Flow) -> Result<Quoted, ()> {
         if t.frag == packet::FRAG_LATER || t.off > MAX_QUOTED_L4 {
             return Err(());
         }
-        (addrs[0], addrs[1], t.proto, t.off)
+        (s, d, t.proto, t.off)
     } else {
         if !matches!(icmp_type, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM) {
             return Err(());

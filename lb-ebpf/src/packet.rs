@@ -32,6 +32,41 @@ const IPV6_DEST_OPTS: u8 = 60;
 /// More than this many extension headers: not a packet for a service (passed untouched).
 const IPV6_MAX_EXT_HEADERS: usize = 4;
 
+/// An IPv6 header's source and destination addresses (32 bytes at `at`), read a word at a
+/// time: read as one 32-byte value they compiled to byte loads and a call to a byte-by-byte
+/// `memmove` subprogram (a tenth of an established IPv6 packet's time in tc).
+///
+/// # Safety
+/// `at` must point to 32 readable bytes.
+#[inline(always)]
+pub unsafe fn read_addr_pair(at: *const [Addr; 2], src: &mut Addr, dst: &mut Addr) {
+    let words = at.cast::<u32>();
+    for i in 0..4 {
+        // SAFETY: within the 32 bytes the caller vouches for.
+        unsafe {
+            src[i] = words.add(i).read_unaligned();
+            dst[i] = words.add(4 + i).read_unaligned();
+        }
+    }
+}
+
+/// Writes `src` and `dst` as an IPv6 header's address pair at `at`, a word at a time (see
+/// [`read_addr_pair`]).
+///
+/// # Safety
+/// `at` must point to 32 writable bytes of packet data.
+#[inline(always)]
+pub unsafe fn write_addr_pair(at: *mut [Addr; 2], src: &Addr, dst: &Addr) {
+    let words = at.cast::<u32>();
+    for i in 0..4 {
+        // SAFETY: within the 32 bytes the caller vouches for.
+        unsafe {
+            words.add(i).write_unaligned(src[i]);
+            words.add(4 + i).write_unaligned(dst[i]);
+        }
+    }
+}
+
 /// The packet's linear data, as the verifier sees it.
 #[derive(Clone, Copy)]
 pub struct Bounds {
@@ -259,11 +294,8 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
     };
     let fill = |ports: (u16, u16, u8)| {
         (out.sport_be, out.dport_be, out.tcp_flags) = ports;
-        // SAFETY: bounds checked above; addresses are bytes 8..40 of the header, as words.
-        unsafe {
-            let addrs = ip.cast::<u8>().add(8).cast::<[Addr; 2]>();
-            [out.saddr, out.daddr] = core::ptr::read_unaligned(addrs);
-        }
+        // SAFETY: bounds checked above; addresses are bytes 8..40 of the header.
+        unsafe { read_addr_pair(ip.cast::<u8>().add(8).cast(), &mut out.saddr, &mut out.daddr) };
         out.set_layout(t.proto, true, l3_off, t.off);
     };
     finish(ports, fill)

@@ -11,7 +11,7 @@ use lb_common::{Addr, CtValue, PROTO_UDP};
 
 use crate::{
     csum, fib,
-    packet::{Bounds, FRAG_LATER, Flow},
+    packet::{self, Bounds, FRAG_LATER, Flow},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -244,7 +244,7 @@ unsafe fn write_addrs(b: &Bounds, flow: &Flow, to: &Tuple, diff: (bool, u32)) ->
     unsafe {
         if flow.is_v6 {
             let p: *mut [Addr; 2] = b.ptr_at(addr_off(flow, Which::Src)).ok_or(())?;
-            core::ptr::write_unaligned(p, [to.saddr, to.daddr]);
+            packet::write_addr_pair(p, &to.saddr, &to.daddr);
         } else {
             let ip_csum: *mut u16 = b.ptr_at(flow.l3() + 10).ok_or(())?;
             let cur = core::ptr::read_unaligned(ip_csum);

@@ -396,7 +396,7 @@ fn datapath_here(baseline: Option<&[u8]>) {
 }
 
 /// Runs one path over and over for `secs`, for a profiler attached to this process
-/// (`perf record -p`): `lb-bench profile tc-miss|tc-first|tc-est|tc-reply|xdp-est SECS`.
+/// (`perf record -p`): `lb-bench profile tc-miss|tc-first|tc-est|tc-est6|tc-reply|xdp-est SECS`.
 /// Fills a conntrack map to the brim with NodePort flows (forward and reply entry each) of
 /// clients in 198.18.0.0/15: every other one live, the others ended a minute ago (closing: 10 s
 /// to live), as a busy node's map looks without a sweep.
@@ -483,6 +483,7 @@ fn profile_here(path: &str, secs: u64) {
     let miss = tcp4(CLIENT, 5555, Ipv4Addr::new(10, 250, 0, 1), 443, false, b"");
     dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 7, NODE, 30080, true, b""));
     dp.run(PROG_XDP_INGRESS, &tcp4(CLIENT, 8, NODE, 30080, true, b""));
+    dp.run(PROG_TC_INGRESS, &tcp6(CLIENT6, 7, NODE6, 30080, true, b""));
     let mut make: Box<dyn FnMut(usize) -> Vec<u8>> = match path {
         "tc-miss" => Box::new(|_| miss.clone()),
         // Every packet a new flow: clients from 198.18.0.0/15, ports 1024-61023.
@@ -492,10 +493,11 @@ fn profile_here(path: &str, secs: u64) {
             tcp4(client, 1024 + (i % 60000) as u16, NODE, 30080, true, b"")
         }),
         "tc-est" | "tc-est-prog" => Box::new(|_| tcp4(CLIENT, 7, NODE, 30080, false, b"payload")),
+        "tc-est6" => Box::new(|_| tcp6(CLIENT6, 7, NODE6, 30080, false, b"payload")),
         "tc-reply" => Box::new(|_| tcp4(LOCAL_POD, 8080, CLIENT, 7, false, b"answer")),
         "xdp-est" => Box::new(|_| tcp4(CLIENT, 8, NODE, 30080, false, b"payload")),
         _ => {
-            eprintln!("usage: lb-bench profile tc-miss|tc-first|tc-est|tc-reply|xdp-est SECS");
+            eprintln!("usage: lb-bench profile tc-miss|tc-first|tc-est|tc-est6|tc-reply|xdp-est SECS");
             std::process::exit(2);
         }
     };
