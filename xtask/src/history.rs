@@ -15,7 +15,7 @@ use crate::util::{run_cmd, succeeds, workspace_root};
 
 /// The release upgraded from: the last commit of the previous working session. Move it forward
 /// when a release is cut.
-pub const UPGRADE_FROM: &str = "23b102f32ac5503ef5d69ca8d5e1de51637e24bc";
+pub const UPGRADE_FROM: &str = "a58e49de8b14660211bd9fdfdc5940b257a7eff8";
 
 fn git(args: &[&str]) -> Command {
     let mut cmd = Command::new("git");
