@@ -497,7 +497,9 @@ fn profile_here(path: &str, secs: u64) {
         "tc-reply" => Box::new(|_| tcp4(LOCAL_POD, 8080, CLIENT, 7, false, b"answer")),
         "xdp-est" => Box::new(|_| tcp4(CLIENT, 8, NODE, 30080, false, b"payload")),
         _ => {
-            eprintln!("usage: lb-bench profile tc-miss|tc-first|tc-est|tc-est6|tc-reply|xdp-est SECS");
+            eprintln!(
+                "usage: lb-bench profile tc-miss|tc-first|tc-est|tc-est6|tc-reply|xdp-est SECS"
+            );
             std::process::exit(2);
         }
     };

@@ -159,8 +159,8 @@ fn the_datapath_loads_attaches_and_passes_its_kernel_tests_on_kernel_6_1() {
 
     let log = read("agent.log");
     assert!(log.contains("initial sync done"), "{said}");
-    // 6.1's verifier walks more than 6.18's for the same code (`tests/tests/verifier.rs`
-    // checks this kernel's walks); each program must stay under half its limit there too.
+    // 6.1's verifier walks the same code differently from 6.18's (`tests/tests/verifier.rs`
+    // checks the host kernel's walks); each program must stay under half its limit there too.
     let walks = verifier_walks(&log);
     println!("6.1's verifier, instructions walked: {walks:?}");
     for name in [PROG_TC_INGRESS, PROG_XDP_INGRESS, PROG_TC_FROM_POD, PROG_TC_EGRESS] {

@@ -1,8 +1,8 @@
 //! The verifier's cost of every program, on this kernel: each must load with its walk under
 //! half the verifier's limit (1,000,000 instructions walked, past which the kernel refuses a
 //! program), so that a change that makes the walk explode fails here, with the figures, and
-//! not on a node after an upgrade. The 6.1 VM (`older_kernel`) checks the same on 6.1, whose
-//! verifier walks more for the same code, from the agent's own log line.
+//! not on a node after an upgrade. The 6.1 VM (`older_kernel`) checks the same on 6.1 (its
+//! verifier walks the same code differently) from the agent's own log line.
 
 use lb_agent::dataplane::programs::VERIFIER_LIMIT;
 use lb_tests::{kernel::Datapath, require_root};
