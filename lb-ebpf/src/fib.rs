@@ -211,8 +211,13 @@ pub fn redirect(ctx: &TcContext) -> Redirect {
     };
     // SAFETY: reading fields of the skb context.
     let (ifindex, gso_size) = unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).gso_size) };
-    let mut hop = NextHop { ifindex: 0, macs: [0; 12], mtu: 0, src: [0; 4] };
-    let rc = next_hop(ctx.as_ptr(), ifindex, (flow.is_v6, flow.proto), &src, &dst, &mut hop);
+    // The hop in this CPU's scratch slot: one built on the stack was zeroed first, by a
+    // byte-by-byte memset subprogram (36 bytes) on every packet sent on. `next_hop` fills
+    // every field on the answers read below.
+    let Some(s) = SCRATCH.get_ptr_mut(0) else { return Redirect::NoRoute };
+    // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
+    let hop = unsafe { &mut (*s).next_hop };
+    let rc = next_hop(ctx.as_ptr(), ifindex, (flow.is_v6, flow.proto), &src, &dst, hop);
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
         return Redirect::NoRoute;
     }
@@ -225,7 +230,7 @@ pub fn redirect(ctx: &TcContext) -> Redirect {
     } else {
         segment_l3_len(&b, flow, gso_size)
     };
-    if too_big(&hop, l3_len) && !may_fragment(&b, flow) {
+    if too_big(hop, l3_len) && !may_fragment(&b, flow) {
         return Redirect::TooBig(hop.mtu);
     }
     match rc {

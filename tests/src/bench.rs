@@ -180,6 +180,7 @@ fn datapath_here(baseline: Option<&[u8]>) {
         "xdp: established packet",
         "xdp: first packet, remote backend (XDP_TX)",
         "xdp: established packet, remote (XDP_TX)",
+        "tc: established packet, remote (SNAT, redirect)",
         "tc: first packet, local backend, IPv6",
         "tc: established packet, IPv6",
         "xdp: first packet, local backend, IPv6",
@@ -266,9 +267,25 @@ fn datapath_here(baseline: Option<&[u8]>) {
             for run in &on_n0 {
                 run(&tcp4(CLIENT, 9, NODE, 30081, true, b""));
             }
+            // tc sends such flows on itself (bpf_redirect to the route's device), from the
+            // next-hop cache.
+            let tc_on_n0: Vec<Runner<'_>> = dps
+                .iter()
+                .map(|dp| {
+                    Box::new(move |p: &[u8]| dp.run_tc_on_loaded(PROG_TC_INGRESS, p, routed.n0, 0))
+                        as Box<_>
+                })
+                .collect();
+            let redirected =
+                |v: i32, p: &[u8]| v == 7 && summarize(p).is_some_and(|s| s.dst.port() == 8080);
+            let tc_est = tcp4(CLIENT, 10, NODE, 30081, false, b"payload");
+            for run in &tc_on_n0 {
+                run(&tcp4(CLIENT, 10, NODE, 30081, true, b""));
+            }
             [
                 measure_with(PROG_XDP_INGRESS, &on_n0, &mut syn(XDP_TX_CLIENT, 30081), &sent_out),
                 measure_with(PROG_XDP_INGRESS, &on_n0, &mut |_| est.clone(), &sent_out),
+                measure_with(PROG_TC_INGRESS, &tc_on_n0, &mut |_| tc_est.clone(), &redirected),
             ]
         }));
         let syn6 = |client: Ipv6Addr| {

@@ -309,6 +309,18 @@ impl Datapath {
         ifindex: u32,
         gso_size: u32,
     ) -> RunOutput {
+        self.load_program(name);
+        self.run_tc_on_loaded(name, packet, ifindex, gso_size)
+    }
+
+    /// [`Self::run_tc_on`] of a program already loaded (as [`Self::run_loaded`]).
+    pub fn run_tc_on_loaded(
+        &self,
+        name: &str,
+        packet: &[u8],
+        ifindex: u32,
+        gso_size: u32,
+    ) -> RunOutput {
         // struct __sk_buff: gso_segs at 164, gso_size at 176.
         let mut ctx = lb_agent::explain::skb_ctx(ifindex);
         if gso_size > 0 {
@@ -316,7 +328,7 @@ impl Datapath {
             ctx[164..168].copy_from_slice(&segs.to_ne_bytes());
             ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
         }
-        self.try_run_ctx(name, packet, Some(&ctx))
+        self.try_run_loaded(name, packet, Some(&ctx))
             .unwrap_or_else(|e| panic!("test run of {name} on ifindex {ifindex}: {e}"))
     }
 
