@@ -235,7 +235,10 @@ pub fn redirect(ctx: &TcContext) -> Redirect {
     }
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            if ctx.store(0, &hop.macs, 0).is_err() {
+            // A direct write (was a bpf_skb_store_bytes call), with bounds taken after the
+            // helper calls above.
+            let b = Bounds { start: ctx.data(), end: ctx.data_end() };
+            if write_macs(&b, &hop.macs).is_none() {
                 return Redirect::NoRoute;
             }
             // SAFETY: redirecting to a device the route named.
@@ -372,30 +375,31 @@ pub fn xdp_can_tx(ctx: &XdpContext, flow: (bool, u8), src: &Addr, dst: &Addr) ->
         && (out == ifindex || unsafe { XDP_TX_DEVICES.get(out) }.is_some())
 }
 
+/// Writes the next hop's `macs` (destination, then source) over the frame's, with direct
+/// writes: word by word, since copying a byte array to an address of unknown alignment
+/// compiles to a call to a byte-loop memmove. `None` if the frame is shorter than the MACs.
+#[inline(always)]
+fn write_macs(b: &Bounds, macs: &[u8; 12]) -> Option<()> {
+    let eth = b.ptr_at::<[u32; 3]>(0)? as *mut u32;
+    for i in 0..3 {
+        let w =
+            u32::from_ne_bytes([macs[4 * i], macs[4 * i + 1], macs[4 * i + 2], macs[4 * i + 3]]);
+        // SAFETY: bounds checked by ptr_at; the caller's hook may write packet data.
+        unsafe { core::ptr::write_unaligned(eth.add(i), w) };
+    }
+    Some(())
+}
+
 /// XDP: sends the rewritten packet to the next hop [`xdp_can_tx`] found: its MACs written,
 /// back out of its device (XDP_TX) or redirected to the route's (XDP_REDIRECT). `None` if the
 /// frame is too short (cannot happen for a parsed packet).
 #[inline(always)]
 pub fn xdp_forward(ctx: &XdpContext) -> Option<u32> {
     let s = SCRATCH.get_ptr(0)?;
-    let b = Bounds { start: ctx.data(), end: ctx.data_end() };
-    let eth = b.ptr_at::<[u32; 3]>(0)?;
-    // SAFETY: bounds checked by ptr_at; this CPU's scratch slot. Word by word: copying a
-    // byte array to an address of unknown alignment compiles to a call to a byte-loop memmove.
-    let hop = unsafe {
-        let macs = (*s).next_hop.macs;
-        let eth = eth as *mut u32;
-        for i in 0..3 {
-            let w = u32::from_ne_bytes([
-                macs[4 * i],
-                macs[4 * i + 1],
-                macs[4 * i + 2],
-                macs[4 * i + 3],
-            ]);
-            core::ptr::write_unaligned(eth.add(i), w);
-        }
-        (*s).next_hop.ifindex
-    };
+    // SAFETY: this CPU's scratch slot.
+    let hop = unsafe { &(*s).next_hop };
+    write_macs(&Bounds { start: ctx.data(), end: ctx.data_end() }, &hop.macs)?;
+    let hop = hop.ifindex;
     if hop == ctx.ingress_ifindex() as u32 {
         stats::count(STAT_XDP_TX);
         return Some(XDP_TX);

@@ -775,6 +775,9 @@ fn a_snat_flow_takes_the_address_of_the_device_its_route_leaves_by_when_the_hook
     let first = |dp: &mut Datapath, port: u16| {
         let out = node.run_tc(dp, &tcp4(CLIENT, port, VIP, 80, true, b""), 0);
         checksums_ok(&out.packet).unwrap();
+        // Sent on by tc itself, to the backend's neighbour on d0, from d0.
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(macs_of(&out.packet), (mac(routed::D0_PEER_MAC), mac(routed::D0_MAC)));
         summarize(&out.packet).unwrap()
     };
     // Hooks on n0 alone: the route to the backend leaves by d0, without them.

@@ -671,6 +671,21 @@ fn host_network_endpoints_answer_by_cluster_ip_from_pods_and_hosts_and_by_nodepo
 }
 
 /// The packets a namespace forwarded so far (`Ip: ForwDatagrams` of its /proc/net/snmp).
+/// [`forwarded`] once it stops moving (two reads 100 ms apart agree; 3 s at most): the
+/// closing segments of connections just ended may still be crossing the router.
+fn forwarded_settled(ns: &lb_tests::netns::NetNs) -> u64 {
+    let mut last = forwarded(ns);
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = forwarded(ns);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
 fn forwarded(ns: &lb_tests::netns::NetNs) -> u64 {
     let out = ns.exec("cat", &["/proc/net/snmp"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -714,7 +729,7 @@ fn a_load_balancer_ip_answers_pings_and_its_unknown_ports_do_not_loop() {
     // The service's port works.
     all_ok(&parse_probe(&run.from_client(0, &["connect", "198.51.100.90:80", "--count", "3"])));
 
-    let before = forwarded(&router.ns);
+    let before = forwarded_settled(&router.ns);
     let t = Instant::now();
     let tcp = run.from_client(0, &["connect", "198.51.100.90:81", "--timeout-ms", "300"]);
     let udp = run.from_client(0, &["connect", "198.51.100.90:81", "--udp", "--timeout-ms", "300"]);
