@@ -53,9 +53,15 @@ fn measure(
     make: &mut dyn FnMut(usize) -> Vec<u8>,
     ok: &dyn Fn(i32, &[u8]) -> bool,
 ) -> Vec<f64> {
-    let runs: Vec<Runner<'_>> =
-        dps.iter().map(|dp| Box::new(move |p: &[u8]| dp.run_loaded(prog, p)) as Box<_>).collect();
-    measure_with(prog, &runs, make, ok)
+    measure_with(prog, &runners(dps, move |dp, p| dp.run_loaded(prog, p)), make, ok)
+}
+
+/// One runner per datapath, each running `run` on its own datapath.
+fn runners<'a>(
+    dps: impl IntoIterator<Item = &'a Datapath>,
+    run: impl Fn(&'a Datapath, &[u8]) -> RunOutput + Copy + 'a,
+) -> Vec<Runner<'a>> {
+    dps.into_iter().map(|dp| Box::new(move |p: &[u8]| run(dp, p)) as Runner<'a>).collect()
 }
 
 /// [`measure`] with the way of running the program given (a context, another namespace).
@@ -254,13 +260,8 @@ fn datapath_here(baseline: Option<&[u8]>) {
             measure(&dps, PROG_XDP_INGRESS, &mut |_| xdp_est.clone(), &xdp_translated),
         ];
         rows.extend(routed.ns.run(|| {
-            let on_n0: Vec<Runner<'_>> = dps
-                .iter()
-                .map(|dp| {
-                    Box::new(move |p: &[u8]| dp.run_xdp_on_loaded(PROG_XDP_INGRESS, p, routed.n0))
-                        as Box<_>
-                })
-                .collect();
+            let n0 = routed.n0;
+            let on_n0 = runners(&dps, move |dp, p| dp.run_xdp_on_loaded(PROG_XDP_INGRESS, p, n0));
             let sent_out =
                 |v: i32, p: &[u8]| v == 3 && summarize(p).is_some_and(|s| s.dst.port() == 8080);
             let est = tcp4(CLIENT, 9, NODE, 30081, false, b"payload");
@@ -269,13 +270,8 @@ fn datapath_here(baseline: Option<&[u8]>) {
             }
             // tc sends such flows on itself (bpf_redirect to the route's device), from the
             // next-hop cache.
-            let tc_on_n0: Vec<Runner<'_>> = dps
-                .iter()
-                .map(|dp| {
-                    Box::new(move |p: &[u8]| dp.run_tc_on_loaded(PROG_TC_INGRESS, p, routed.n0, 0))
-                        as Box<_>
-                })
-                .collect();
+            let tc_on_n0 =
+                runners(&dps, move |dp, p| dp.run_tc_on_loaded(PROG_TC_INGRESS, p, n0, 0));
             let redirected =
                 |v: i32, p: &[u8]| v == 7 && summarize(p).is_some_and(|s| s.dst.port() == 8080);
             let tc_est = tcp4(CLIENT, 10, NODE, 30081, false, b"payload");
@@ -307,11 +303,8 @@ fn datapath_here(baseline: Option<&[u8]>) {
         let direct_frontend_port = tcp4(CLIENT_POD, 40000, REMOTE_POD, 30080, false, b"to a pod");
         let pod_est = tcp4(CLIENT_POD, 7, NODE, 30080, false, b"payload");
         let pod_reply = tcp4(LOCAL_POD, 8080, CLIENT_POD, 7, false, b"answer");
-        let pod_runs = |prog: &'static str| -> Vec<Runner<'_>> {
-            with_pods
-                .iter()
-                .map(|dp| Box::new(move |p: &[u8]| dp.run_loaded(prog, p)) as Box<_>)
-                .collect()
+        let pod_runs = |prog: &'static str| {
+            runners(with_pods.iter().copied(), move |dp, p| dp.run_loaded(prog, p))
         };
         for run in &pod_runs(PROG_TC_FROM_POD) {
             run(&tcp4(CLIENT_POD, 7, NODE, 30080, true, b""));
