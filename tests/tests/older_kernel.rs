@@ -132,8 +132,17 @@ fn the_datapath_loads_attaches_and_passes_its_kernel_tests_on_kernel_6_1() {
         std::fs::copy(&from, dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
     }
     let d = dir.to_str().unwrap();
+    // vng runs its sibling `virtme-run` by name: the venv's bin directory goes first on PATH
+    // (a machine where no other copy is on PATH failed with "virtme-run: not found").
+    let venv_bin = vng.parent().expect("vng's directory");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = std::env::join_paths(
+        std::iter::once(venv_bin.to_owned()).chain(std::env::split_paths(&path)),
+    )
+    .expect("PATH with the venv");
     let start = Instant::now();
     let out = Command::new("timeout")
+        .env("PATH", path)
         .arg("900")
         .arg(&vng)
         .arg("-r")
