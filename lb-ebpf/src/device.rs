@@ -20,7 +20,7 @@ use crate::{
     nat::{self, NatError},
     packet::{self, FRAG_FIRST, FRAG_NONE, Flow, Skip, TCP_RST},
     rewrite::{self, Rewrite},
-    select, stats,
+    select, stats, words,
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -488,7 +488,7 @@ fn new_flow<R: Rewrite>(
         // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
         let src = unsafe { &mut (*s).snat_src };
         // Left all zero without a node address: nat::create says so (a counted drop).
-        *src = [0; 4];
+        words::zero(src);
         let have_node = pkt.snat_source(flow, &backend.addr, src);
         // Without a node address XDP leaves it to tc, which counts the drop.
         if hook == Hook::Xdp && (!have_node || leave_to_tc(pkt, flow, src, &backend.addr)) {

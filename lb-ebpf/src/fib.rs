@@ -20,7 +20,7 @@ use crate::{
         XDP_TX_DEVICES,
     },
     packet::{Bounds, Flow},
-    stats,
+    stats, words,
 };
 
 const ETH_LEN: u32 = 14;
@@ -93,18 +93,6 @@ fn packet_addrs(b: &Bounds, v6: bool, l3_off: usize) -> Option<(Addr, Addr)> {
     }
 }
 
-/// `*to = *from`, word by word: a plain struct copy compiles to a call to a byte-loop memmove,
-/// and this runs on every packet XDP sends on.
-#[inline(always)]
-fn copy_hop(from: &NextHop, to: &mut NextHop) {
-    const WORDS: usize = core::mem::size_of::<NextHop>() / 4;
-    let (from, to) = (from as *const NextHop as *const u32, to as *mut NextHop as *mut u32);
-    for i in 0..WORDS {
-        // SAFETY: NextHop is repr(C), 4-aligned and a whole number of words long.
-        unsafe { *to.add(i) = *from.add(i) };
-    }
-}
-
 /// How long a next hop found by bpf_fib_lookup is reused: the lookup costs several hundred ns
 /// per packet, a cache hit one hash lookup. A changed route or neighbour MAC is seen within
 /// this time.
@@ -129,27 +117,27 @@ fn next_hop(
     if let Some(e) = unsafe { NEXT_HOPS.get(&key) }
         && clock::age_ns(now, e.looked_up_ns) < NEXT_HOP_TTL_NS
     {
-        copy_hop(&e.hop, out);
+        // Word by word: this runs on every packet XDP sends on.
+        words::copy(&e.hop, out);
         return BPF_FIB_LKUP_RET_SUCCESS;
     }
     let Some(s) = SCRATCH.get_ptr_mut(0) else { return BPF_FIB_LKUP_RET_NOT_FWDED };
     // SAFETY: this CPU's scratch slot; `out` may be its `next_hop`, another field. An
     // all-zero bpf_fib_lookup is a valid starting point.
     let p = unsafe { &mut (*s).fib };
-    *p = unsafe { core::mem::zeroed() };
+    words::zero(p);
     let mut rc = lookup(ctx, ifindex, flow, (src, dst), (0, BPF_FIB_LOOKUP_SRC), p);
-    out.src = [0; 4];
+    words::zero(&mut out.src);
     if rc == -EINVAL || rc == BPF_FIB_LKUP_RET_NO_SRC_ADDR {
         // A kernel without BPF_FIB_LOOKUP_SRC refuses the flag, and a route without a source
         // address fails the lookup: the route alone (the redirect needs it all the same).
-        // SAFETY: as above.
-        *p = unsafe { core::mem::zeroed() };
+        words::zero(p);
         rc = lookup(ctx, ifindex, flow, (src, dst), (0, 0), p);
     } else if rc >= 0 {
         // SAFETY: the helper wrote the source member of the union (BPF_FIB_LOOKUP_SRC).
         unsafe {
             if flow.0 {
-                out.src = p.__bindgen_anon_3.ipv6_src;
+                words::copy(&p.__bindgen_anon_3.ipv6_src, &mut out.src);
             } else {
                 out.src[3] = p.__bindgen_anon_3.ipv4_src;
             }
@@ -162,11 +150,10 @@ fn next_hop(
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_FRAG_NEEDED && neighbour_known {
         return rc;
     }
-    out.macs = macs(p);
+    write_hop_macs(p, &mut out.macs);
     // The route's MTU (a route's own, a learned path MTU, else its device's): asked with a
     // length no route takes. 0 (unchecked) if one does.
-    // SAFETY: as above.
-    *p = unsafe { core::mem::zeroed() };
+    words::zero(p);
     let rc = lookup(ctx, ifindex, flow, (src, dst), (u16::MAX, 0), p);
     // SAFETY: the helper wrote the union's MTU member on this answer.
     out.mtu = if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
@@ -275,13 +262,12 @@ fn may_fragment(b: &Bounds, flow: &Flow) -> bool {
     b.ptr_at::<[u8; 8]>(flow.l3()).is_some_and(|h| unsafe { (*h)[6] } & IPV4_DF == 0)
 }
 
-/// Destination then source MAC, as they start an Ethernet header.
+/// Destination then source MAC, as they start an Ethernet header, into `macs` (in place: a
+/// local array built and copied was zeroed first, by a memset call).
 #[inline(always)]
-fn macs(p: &FibParams) -> [u8; 12] {
-    let mut macs = [0u8; 12];
+fn write_hop_macs(p: &FibParams, macs: &mut [u8; 12]) {
     macs[..6].copy_from_slice(&p.dmac);
     macs[6..].copy_from_slice(&p.smac);
-    macs
 }
 
 /// Whether SNAT sources are chosen by route (`snat_source`): only where the hooks are on
@@ -308,7 +294,7 @@ pub fn snat_source(
     out: &mut Addr,
 ) -> bool {
     let Some(node) = crate::nat::node_addr(flow.is_v6) else { return false };
-    *out = node;
+    words::copy(&node, out);
     // The hop in this CPU's scratch slot, not on the stack (XDP's own lookup, after this one,
     // fills it again).
     let Some(s) = SCRATCH.get_ptr_mut(0) else { return true };
@@ -322,7 +308,7 @@ pub fn snat_source(
         && unsafe { SNAT_DEVICES.get(hop.ifindex) }.is_some()
     {
         if flow.is_v6 {
-            *out = hop.src;
+            words::copy(&hop.src, out);
         } else {
             // The node's address is IPv4-mapped: only its last word is the address.
             out[3] = hop.src[3];
@@ -341,7 +327,7 @@ pub fn would_forward(ctx: *mut c_void, ifindex: u32, flow: &Flow) -> bool {
     // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile. An all-zero
     // bpf_fib_lookup is a valid starting point.
     let p = unsafe { &mut (*s).fib };
-    *p = unsafe { core::mem::zeroed() };
+    words::zero(p);
     let rc = lookup(ctx, ifindex, (flow.is_v6, flow.proto), (&flow.saddr, &flow.daddr), (0, 0), p);
     // tc's lookup also judges the packet against the route's device MTU: routed all the same.
     matches!(

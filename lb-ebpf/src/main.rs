@@ -61,6 +61,8 @@ mod tc_ingress;
 #[cfg(target_arch = "bpf")]
 mod tc_pod;
 #[cfg(target_arch = "bpf")]
+mod words;
+#[cfg(target_arch = "bpf")]
 mod xdp_ingress;
 
 /// The kernel requires a GPL-compatible license for several helpers used by the datapath.

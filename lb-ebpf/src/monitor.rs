@@ -24,7 +24,7 @@ use crate::{
     clock,
     device::Hook,
     maps::{EVENTS, FLOW, OPTIONS},
-    stats,
+    stats, words,
 };
 
 const NS: u64 = 1_000_000_000;
@@ -85,45 +85,34 @@ pub fn packet(what: u32, service_id: u32, ct: Option<&CtValue>, at: u64, mtu: u3
     let flow = unsafe { &*flow };
     let Some(mut entry) = reserve() else { return };
     let e = entry.as_mut_ptr();
-    // SAFETY: `e` is the reserved record, every field of which is written below.
+    // SAFETY: `e` is the reserved record: zeroed whole (see `words`: field by field, the zero
+    // fields compiled to memset calls), then its other fields written.
     unsafe {
+        words::zero(&mut *e);
         (*e).time_ns = clock::now_ns();
-        (*e).cookie = 0;
-        (*e).cgroup_id = 0;
-        (*e).saddr = flow.saddr;
-        (*e).daddr = flow.daddr;
+        words::copy(&flow.saddr, &mut (*e).saddr);
+        words::copy(&flow.daddr, &mut (*e).daddr);
         (*e).sport_be = flow.sport_be;
         (*e).dport_be = flow.dport_be;
         let mut flags = if flow.is_v6 { EVENT_F_V6 } else { 0 };
-        match ct {
-            Some(ct) => {
-                (*e).new_saddr = ct.new_saddr;
-                (*e).new_daddr = ct.new_daddr;
-                (*e).new_sport_be = ct.new_sport_be;
-                (*e).new_dport_be = ct.new_dport_be;
-                if ct.flags & lb_common::CT_F_SNAT != 0 {
-                    flags |= EVENT_F_SNAT;
-                }
-            }
-            None => {
-                (*e).new_saddr = [0; 4];
-                (*e).new_daddr = [0; 4];
-                (*e).new_sport_be = 0;
-                (*e).new_dport_be = 0;
+        if let Some(ct) = ct {
+            words::copy(&ct.new_saddr, &mut (*e).new_saddr);
+            words::copy(&ct.new_daddr, &mut (*e).new_daddr);
+            (*e).new_sport_be = ct.new_sport_be;
+            (*e).new_dport_be = ct.new_dport_be;
+            if ct.flags & lb_common::CT_F_SNAT != 0 {
+                flags |= EVENT_F_SNAT;
             }
         }
         (*e).service_id = service_id;
         (*e).reason = what >> 16;
         (*e).ifindex = at as u32;
         (*e).len = (at >> 32) as u32;
-        (*e).pid = 0;
         (*e).mtu = mtu;
-        (*e).comm = [0; 16];
         (*e).kind = what as u8;
         (*e).hook = (what >> 8) as u8;
         (*e).proto = flow.proto;
         (*e).flags = flags;
-        (*e)._pad = 0;
     }
     entry.submit(0);
 }
@@ -150,33 +139,22 @@ pub fn socket(
 ) {
     let Some(mut entry) = reserve() else { return };
     let e = entry.as_mut_ptr();
-    // SAFETY: `e` is the reserved record, every field of which is written below; the helpers
-    // are allowed in socket hooks, which run in the calling process's context.
+    // SAFETY: `e` is the reserved record: zeroed whole (as in `packet`), then its other fields
+    // written; the helpers are allowed in socket hooks, which run in the calling process's
+    // context.
     unsafe {
+        words::zero(&mut *e);
         (*e).time_ns = clock::now_ns();
         (*e).cookie = bpf_get_socket_cookie(ctx.as_ptr());
         (*e).cgroup_id = bpf_get_current_cgroup_id();
-        (*e).saddr = [0; 4];
-        (*e).daddr = *call.daddr;
-        (*e).sport_be = 0;
+        words::copy(call.daddr, &mut (*e).daddr);
         (*e).dport_be = call.dport_be;
-        (*e).new_saddr = [0; 4];
-        match backend {
-            Some(b) => {
-                (*e).new_daddr = b.addr;
-                (*e).new_dport_be = b.port_be;
-            }
-            None => {
-                (*e).new_daddr = [0; 4];
-                (*e).new_dport_be = 0;
-            }
+        if let Some(b) = backend {
+            words::copy(&b.addr, &mut (*e).new_daddr);
+            (*e).new_dport_be = b.port_be;
         }
-        (*e).new_sport_be = 0;
         (*e).service_id = service_id;
         (*e).reason = what >> 16;
-        (*e).ifindex = 0;
-        (*e).len = 0;
-        (*e).mtu = 0;
         (*e).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
         // Straight into the record (zeroed by the helper if it fails).
         let comm = &raw mut (*e).comm;
@@ -185,7 +163,6 @@ pub fn socket(
         (*e).hook = call.hook;
         (*e).proto = call.proto;
         (*e).flags = if call.v6 { EVENT_F_V6 } else { 0 };
-        (*e)._pad = 0;
     }
     entry.submit(0);
 }

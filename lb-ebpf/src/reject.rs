@@ -7,6 +7,8 @@
 //! With `--reject-tcp-with reset` a TCP packet gets a TCP reset instead (what a closed port
 //! answers; it also gets through firewalls that drop ICMP).
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT},
@@ -118,11 +120,16 @@ fn start_answer(
     proto: u8,
     payload: u16,
 ) -> Option<u32> {
-    let mut macs = [0u8; 12];
-    // SAFETY: reading the first 12 bytes of the frame.
-    if unsafe { bpf_skb_load_bytes(ctx.as_ptr(), 0, macs.as_mut_ptr().cast(), 12) } != 0 {
-        return None;
-    }
+    // Uninitialised: the helper fills it (zeroed first, it cost a memset call).
+    let mut macs = MaybeUninit::<[u8; 12]>::uninit();
+    // SAFETY: reading the first 12 bytes of the frame into a buffer of 12; on success every
+    // byte of it is written.
+    let macs = unsafe {
+        if bpf_skb_load_bytes(ctx.as_ptr(), 0, macs.as_mut_ptr().cast(), 12) != 0 {
+            return None;
+        }
+        macs.assume_init()
+    };
     let (src, dst): (Addr, Addr) = (flow.daddr, flow.saddr);
     let f = &mut buf[FRAME..];
     f[0..6].copy_from_slice(&macs[6..12]);
@@ -310,18 +317,21 @@ fn restore_quote(buf: &mut [u8; 512], at: usize, net_len: usize, flow: &Flow) ->
 fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Option<i32> {
     // SAFETY: this CPU's slot (see maps::REJECT_BUF).
     let buf = unsafe { &mut *REJECT_BUF.get_ptr_mut(0)? };
-    let mut th = [0u8; 16];
-    let mut ip_len = [0u8; 2];
+    // Uninitialised, as in `start_answer`.
+    let mut th = MaybeUninit::<[u8; 16]>::uninit();
+    let mut ip_len = MaybeUninit::<[u8; 2]>::uninit();
     let l3 = flow.l3();
     let len_off = if flow.is_v6 { l3 + 4 } else { l3 + 2 };
-    // SAFETY: reading packet bytes into stack buffers of the lengths given.
-    unsafe {
+    // SAFETY: reading packet bytes into stack buffers of the lengths given; on success every
+    // byte of each is written.
+    let (th, ip_len) = unsafe {
         if bpf_skb_load_bytes(ctx.as_ptr(), flow.l4() as u32, th.as_mut_ptr().cast(), 16) != 0
             || bpf_skb_load_bytes(ctx.as_ptr(), len_off as u32, ip_len.as_mut_ptr().cast(), 2) != 0
         {
             return None;
         }
-    }
+        (th.assume_init(), ip_len.assume_init())
+    };
     // Payload bytes: what the IP length covers beyond the transport header (for IPv6 the
     // length excludes the fixed header but includes extension headers).
     let ip_len = u16::from_be_bytes(ip_len) as u32;

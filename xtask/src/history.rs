@@ -15,7 +15,7 @@ use crate::util::{run_cmd, succeeds, workspace_root};
 
 /// The release upgraded from: the last commit of the previous working session. Move it forward
 /// when a release is cut.
-pub const UPGRADE_FROM: &str = "a58e49de8b14660211bd9fdfdc5940b257a7eff8";
+pub const UPGRADE_FROM: &str = "98b3bcc36e055af0f24fb47a6c23e18879f52b2a";
 
 fn git(args: &[&str]) -> Command {
     let mut cmd = Command::new("git");
