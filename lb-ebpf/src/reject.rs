@@ -270,8 +270,10 @@ fn icmp_error(ctx: &TcContext, flow: &Flow, kind: [u8; 2], rest: [u8; 4]) -> Opt
     }
     restore_quote(buf, icmp + 8, net_len, flow)?;
     let seed = start_answer(ctx, flow, buf, proto, (8 + quote) as u16)?;
-    let h = &mut buf[icmp..icmp + 8];
-    h.copy_from_slice(&[kind[0], kind[1], 0, 0, rest[0], rest[1], rest[2], rest[3]]);
+    // One 8-byte store: copied as bytes, its zeros compiled to a memset call.
+    let h = u64::from_ne_bytes([kind[0], kind[1], 0, 0, rest[0], rest[1], rest[2], rest[3]]);
+    // SAFETY: icmp + 8 is within the buffer (a constant offset far below its 512 bytes).
+    unsafe { core::ptr::write_unaligned(buf[icmp..icmp + 8].as_mut_ptr().cast::<u64>(), h) };
     let c = fold(sum(buf[icmp..].as_ptr(), (8 + quote) as u32, seed));
     buf[icmp + 2..icmp + 4].copy_from_slice(&c.to_ne_bytes());
     send_back(ctx, buf, icmp - FRAME + 8 + quote)
@@ -353,9 +355,11 @@ fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Option<i32> {
     t[2..4].copy_from_slice(&flow.sport_be.to_ne_bytes());
     t[4..8].copy_from_slice(&seq);
     t[8..12].copy_from_slice(&ack.to_be_bytes());
-    t[12] = 5 << 4;
-    t[13] = out_flags;
-    t[14..20].copy_from_slice(&[0; 6]);
+    // Data offset, flags, then window, checksum (summed below) and urgent pointer all zero:
+    // one 8-byte store (the zeros as bytes compiled to a memset call).
+    let rest = u64::from_ne_bytes([5 << 4, out_flags, 0, 0, 0, 0, 0, 0]);
+    // SAFETY: bytes 12..20 of the TCP header, within `t` (TCP_LEN bytes).
+    unsafe { core::ptr::write_unaligned(t[12..20].as_mut_ptr().cast::<u64>(), rest) };
     let c = fold(sum(buf[tcp..].as_ptr(), TCP_LEN as u32, seed));
     buf[tcp + 16..tcp + 18].copy_from_slice(&c.to_ne_bytes());
     send_back(ctx, buf, tcp - FRAME + TCP_LEN)
