@@ -488,7 +488,8 @@ fn new_flow<R: Rewrite>(
         // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
         let src = unsafe { &mut (*s).snat_src };
         // Left all zero without a node address: nat::create says so (a counted drop).
-        words::zero(src);
+        // SAFETY: an address, plain data.
+        unsafe { words::zero(src) };
         let have_node = pkt.snat_source(flow, &backend.addr, src);
         // Without a node address XDP leaves it to tc, which counts the drop.
         if hook == Hook::Xdp && (!have_node || leave_to_tc(pkt, flow, src, &backend.addr)) {

@@ -125,13 +125,16 @@ fn next_hop(
     // SAFETY: this CPU's scratch slot; `out` may be its `next_hop`, another field. An
     // all-zero bpf_fib_lookup is a valid starting point.
     let p = unsafe { &mut (*s).fib };
-    words::zero(p);
+    // SAFETY: plain data (bpf_fib_lookup's fields and unions are integers).
+    unsafe { words::zero(p) };
     let mut rc = lookup(ctx, ifindex, flow, (src, dst), (0, BPF_FIB_LOOKUP_SRC), p);
-    words::zero(&mut out.src);
+    // SAFETY: an address, plain data.
+    unsafe { words::zero(&mut out.src) };
     if rc == -EINVAL || rc == BPF_FIB_LKUP_RET_NO_SRC_ADDR {
         // A kernel without BPF_FIB_LOOKUP_SRC refuses the flag, and a route without a source
         // address fails the lookup: the route alone (the redirect needs it all the same).
-        words::zero(p);
+        // SAFETY: as above.
+        unsafe { words::zero(p) };
         rc = lookup(ctx, ifindex, flow, (src, dst), (0, 0), p);
     } else if rc >= 0 {
         // SAFETY: the helper wrote the source member of the union (BPF_FIB_LOOKUP_SRC).
@@ -153,7 +156,8 @@ fn next_hop(
     write_hop_macs(p, &mut out.macs);
     // The route's MTU (a route's own, a learned path MTU, else its device's): asked with a
     // length no route takes. 0 (unchecked) if one does.
-    words::zero(p);
+    // SAFETY: as above.
+    unsafe { words::zero(p) };
     let rc = lookup(ctx, ifindex, flow, (src, dst), (u16::MAX, 0), p);
     // SAFETY: the helper wrote the union's MTU member on this answer.
     out.mtu = if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
@@ -327,7 +331,8 @@ pub fn would_forward(ctx: *mut c_void, ifindex: u32, flow: &Flow) -> bool {
     // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile. An all-zero
     // bpf_fib_lookup is a valid starting point.
     let p = unsafe { &mut (*s).fib };
-    words::zero(p);
+    // SAFETY: plain data (bpf_fib_lookup's fields and unions are integers).
+    unsafe { words::zero(p) };
     let rc = lookup(ctx, ifindex, (flow.is_v6, flow.proto), (&flow.saddr, &flow.daddr), (0, 0), p);
     // tc's lookup also judges the packet against the route's device MTU: routed all the same.
     matches!(

@@ -85,8 +85,8 @@ pub fn packet(what: u32, service_id: u32, ct: Option<&CtValue>, at: u64, mtu: u3
     let flow = unsafe { &*flow };
     let Some(mut entry) = reserve() else { return };
     let e = entry.as_mut_ptr();
-    // SAFETY: `e` is the reserved record: zeroed whole (see `words`: field by field, the zero
-    // fields compiled to memset calls), then its other fields written.
+    // SAFETY: `e` is the reserved record (plain data): zeroed whole (see `words`: field by
+    // field, the zero fields compiled to memset calls), then its other fields written.
     unsafe {
         words::zero(&mut *e);
         (*e).time_ns = clock::now_ns();

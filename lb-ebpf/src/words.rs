@@ -11,9 +11,13 @@ const fn words<T>() -> usize {
     size_of::<T>() / 4
 }
 
-/// `*to = all zero bytes`. `T` must be valid all zero (plain data: integers, arrays of them).
+/// `*to = all zero bytes`.
+///
+/// # Safety
+/// All zero bytes must be a valid `T`: plain data (integers, arrays and structs of them), no
+/// references, `NonZero` or enums.
 #[inline(always)]
-pub fn zero<T>(to: &mut T) {
+pub unsafe fn zero<T>(to: &mut T) {
     let n = const { words::<T>() };
     let to = to as *mut T as *mut u32;
     for i in 0..n {
