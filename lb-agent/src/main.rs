@@ -227,7 +227,11 @@ fn parse_log_level(s: &str) -> Result<tracing_subscriber::EnvFilter, String> {
         .map_err(|e| format!("{e} (try error, warn, info, debug or trace)"))
 }
 
-#[tokio::main(flavor = "current_thread")]
+// The sync loop runs on the main thread (`block_on`) and does its map writes, program loads and
+// manifest reads in place; the health, metrics and healthCheckNodePort servers (spawned tasks)
+// run on a worker of their own, so that probes are answered while it works: on one thread a
+// probe waited out a whole initial sync (the programs' verification alone takes seconds).
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
     let mut args = Args::parse();
     let filter = args.log_level.take().unwrap_or_else(|| {

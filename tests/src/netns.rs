@@ -131,15 +131,18 @@ fn run_ok(cmd: &mut Command) -> Output {
 /// A plain HTTP/1.1 GET from inside `ns`: (status code, body).
 pub fn http_get(ns: &NetNs, addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     let (addr, path) = (addr.to_owned(), path.to_owned());
-    ns.run(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr.as_str())?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-        let mut raw = String::new();
-        s.read_to_string(&mut raw)?;
-        let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-        Ok((status, body))
-    })
+    ns.run(move || http_get_here(&addr, &path))
+}
+
+/// [`http_get`] in the calling thread's network namespace (3 s to answer).
+pub fn http_get_here(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
 }

@@ -287,3 +287,65 @@ fn paths_on_the_wrong_filesystem_are_refused_before_anything_is_made() {
     assert!(stderr.contains("is not on a bpf filesystem"), "{stderr}");
     std::fs::remove_dir_all(&scratch).unwrap();
 }
+
+/// The health port answers while the agent is busy: from the moment it listens, through the
+/// programs' load and an initial sync of thousands of services, until it is ready. (On one
+/// thread, as the agent ran before, a probe waited until the initial sync was over.)
+#[test]
+fn the_health_port_answers_throughout_a_long_initial_sync() {
+    require_root!();
+    const SERVICES: usize = 4000;
+    let dir = web_folder("busy", &["10.244.2.10"]);
+    let mut many = String::new();
+    for i in 0..SERVICES {
+        let (hi, lo) = (i / 250, i % 250 + 1);
+        many.push_str(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: 10.97.{hi}.{lo}, ports: [{{port: 80}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [10.245.{hi}.{lo}], nodeName: node-b}}]\n---\n"
+        ));
+    }
+    std::fs::write(dir.join("many.yaml"), many).unwrap();
+    let pins = PinDir::new("busy");
+    let mut args = agent_args(&dir, &pins.path);
+    for (flag, value) in [
+        ("--max-services", "8192"),
+        ("--max-frontends", "16384"),
+        ("--max-backends", "8192"),
+        ("--maglev-slots", "4194304"),
+    ] {
+        let at = args.iter().position(|a| a == flag).unwrap();
+        args[at + 1] = value.into();
+    }
+    let mut agent = start(&args);
+    let line = agent.wait_for_log("serving", Duration::from_secs(20));
+    let port: String = line
+        .split("127.0.0.1:")
+        .nth(1)
+        .expect("the health address in the log")
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let address = format!("127.0.0.1:{port}");
+    let started = std::time::Instant::now();
+    // Probed every 10 ms until the initial sync is done: each answer's time.
+    let mut answers = Vec::new();
+    while agent.count_log("initial sync done") == 0 {
+        assert!(started.elapsed() < Duration::from_secs(120), "{}", agent.log().join("\n"));
+        let asked = std::time::Instant::now();
+        let answer = lb_tests::netns::http_get_here(&address, "/livez");
+        answers.push((asked.elapsed(), answer.map(|(code, _)| code).map_err(|e| e.to_string())));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let busy = started.elapsed();
+    let slowest = answers.iter().map(|(took, _)| *took).max().unwrap_or_default();
+    println!(
+        "{} probes over {busy:?} of start-up, the slowest answered in {slowest:?}",
+        answers.len()
+    );
+    // Long enough that a server waiting for the sync loop would have been caught.
+    assert!(busy > Duration::from_secs(1), "start-up took only {busy:?}: nothing to judge");
+    assert!(answers.iter().all(|(_, a)| a == &Ok(200)), "{answers:?}");
+    assert!(slowest < Duration::from_millis(500), "a probe waited {slowest:?}: {answers:?}");
+    agent.wait_for_log("initial sync done", Duration::from_secs(1));
+    assert_eq!(lb_tests::netns::http_get_here(&address, "/readyz").unwrap().0, 200);
+}
