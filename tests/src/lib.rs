@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod kubeproxy;
 pub mod manifests;
 pub mod netns;
+pub mod numbered;
 pub mod packets;
 pub mod plans;
 pub mod proc;

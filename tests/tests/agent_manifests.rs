@@ -296,14 +296,9 @@ fn the_health_port_answers_throughout_a_long_initial_sync() {
     require_root!();
     const SERVICES: usize = 4000;
     let dir = web_folder("busy", &["10.244.2.10"]);
-    let mut many = String::new();
-    for i in 0..SERVICES {
-        let (hi, lo) = (i / 250, i % 250 + 1);
-        many.push_str(&format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: 10.97.{hi}.{lo}, ports: [{{port: 80}}]}}\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [10.245.{hi}.{lo}], nodeName: node-b}}]\n---\n"
-        ));
-    }
+    // Numbered services only (the web service's ClusterIP is among their addresses).
+    std::fs::remove_file(dir.join("web.yaml")).unwrap();
+    let many: String = (0..SERVICES).map(|i| lb_tests::numbered::yaml(i, &[true])).collect();
     std::fs::write(dir.join("many.yaml"), many).unwrap();
     let pins = PinDir::new("busy");
     let mut args = agent_args(&dir, &pins.path);

@@ -1,18 +1,8 @@
 //! Benchmarks that print figures (never asserted): `lb-bench control-plane | datapath`.
 //! Run through `cargo xtask bench ...` (release build, root).
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use k8s_openapi::{
-    api::{
-        core::v1::{Service, ServicePort, ServiceSpec},
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
 use lb_agent::{
     config::ModelConfig,
     dataplane::{
@@ -24,7 +14,10 @@ use lb_agent::{
     sources::{Event, Object},
     sync::Syncer,
 };
-use lb_tests::plans::Rng;
+use lb_tests::{
+    numbered::{self, service, slice},
+    plans::Rng,
+};
 
 fn main() {
     let what = std::env::args().nth(1).unwrap_or_default();
@@ -48,68 +41,6 @@ fn main() {
             );
             std::process::exit(2);
         }
-    }
-}
-
-fn service(i: usize) -> Service {
-    Service {
-        metadata: ObjectMeta {
-            name: Some(format!("svc-{i}")),
-            namespace: Some("bench".into()),
-            ..Default::default()
-        },
-        spec: Some(ServiceSpec {
-            cluster_ip: Some(format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256)),
-            ports: Some(vec![ServicePort {
-                name: Some("http".into()),
-                port: 80,
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn slice(i: usize, ready: &[bool]) -> EndpointSlice {
-    EndpointSlice {
-        metadata: ObjectMeta {
-            name: Some(format!("svc-{i}-abc")),
-            namespace: Some("bench".into()),
-            labels: Some(BTreeMap::from([(
-                "kubernetes.io/service-name".to_string(),
-                format!("svc-{i}"),
-            )])),
-            ..Default::default()
-        },
-        address_type: "IPv4".into(),
-        ports: Some(vec![EndpointPort {
-            name: Some("http".into()),
-            port: Some(8080),
-            ..Default::default()
-        }]),
-        endpoints: ready
-            .iter()
-            .enumerate()
-            .map(|(e, &r)| {
-                let n = i * ready.len() + e;
-                Endpoint {
-                    addresses: vec![format!(
-                        "10.{}.{}.{}",
-                        128 + n / 65536,
-                        (n / 256) % 256,
-                        n % 256
-                    )],
-                    node_name: Some(format!("node-{}", n % 50)),
-                    conditions: Some(EndpointConditions {
-                        ready: Some(r),
-                        serving: Some(r),
-                        terminating: Some(false),
-                    }),
-                    ..Default::default()
-                }
-            })
-            .collect(),
     }
 }
 
@@ -406,10 +337,7 @@ fn manifests_reread(services: usize, endpoints: usize) {
     let write = |ready: &dyn Fn(usize) -> Vec<bool>| {
         let mut text = String::new();
         for i in 0..services {
-            text += &serde_yaml_ng::to_string(&service(i)).unwrap();
-            text += "---\n";
-            text += &serde_yaml_ng::to_string(&slice(i, &ready(i))).unwrap();
-            text += "---\n";
+            text += &numbered::yaml(i, &ready(i));
         }
         // Replaced by rename, as the agent expects of tools.
         let tmp = dir.join("all.yaml.tmp");
