@@ -426,6 +426,8 @@ fn the_icmp_errors_the_node_sends_are_rate_limited_like_the_kernels() {
     require_root!();
     let mut dp = datapath("empty", VIP.into(), 80, Protocol::Tcp, vec![]);
     let (mut answered, mut dropped) = (0u64, 0u64);
+    // Verified before the clock starts (an emulated 6.1 takes seconds).
+    dp.load_program(PROG_TC_INGRESS);
     let start = std::time::Instant::now();
     // Runs back to back, in one visit to the test namespace (an emulated kernel is slow
     // enough without two setns a run to refill the allowance as fast as it is spent).
@@ -452,7 +454,11 @@ fn the_icmp_errors_the_node_sends_are_rate_limited_like_the_kernels() {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
     let most = cpus * (50 + ms + 10);
     assert!(answered >= 50 && answered <= most, "{answered} answered in {ms} ms");
-    assert!(dropped > 0, "nothing dropped in {ms} ms");
+    // Where the runs outpaced the refill (here, not in an emulated kernel on a slow machine,
+    // which once took 10 ms a run: the allowance never ran out), some were not answered.
+    if 1000 > most {
+        assert!(dropped > 0, "nothing dropped in {ms} ms");
+    }
     assert_eq!(dp.stat(STAT_ICMP_RATE_LIMITED), dropped);
     assert_eq!(dp.stat(STAT_REJECT_NO_BACKEND), 1000);
     std::thread::sleep(std::time::Duration::from_millis(30));
