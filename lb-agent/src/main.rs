@@ -15,7 +15,7 @@ use clap::Parser;
 use lb_agent::{
     config::{ModelConfig, NodePortAddresses},
     dataplane::{
-        attach, conntrack_gc, counters, links,
+        attach, conntrack_gc, counters, kernel_features, links,
         links::LinkPins,
         loader::{self, LoadOptions, MapSizes},
         mounts, netdev, options, pin_lock,
@@ -343,6 +343,9 @@ async fn run(args: Args) -> Result<()> {
     // 1,000,000), and the load's time.
     let loaded: Vec<String> = loaded.iter().map(ToString::to_string).collect();
     info!(programs = %loaded.join(", "), "programs verified");
+    for fallback in kernel_features::fallbacks(*kernel_features::probed()) {
+        warn!("this kernel has {fallback}");
+    }
     let opts = options::Options {
         reject_tcp_with: args.reject_tcp_with,
         nat_ports: args.nat_port_range,

@@ -77,6 +77,25 @@ pub const OPT_CT_UDP_S: u32 = 6;
 /// translate a loopback NodePort (127.0.0.1) only there, as kube-proxy's rules live only there.
 pub const OPT_HOST_NETNS_COOKIE_LO: u32 = 7;
 pub const OPT_HOST_NETNS_COOKIE_HI: u32 = 8;
+/// The host network namespace cookie's value when the kernel cannot tell the agent its own
+/// namespace's (no `SO_NETNS_COOKIE` before Linux 5.14) and the agent runs in the initial
+/// namespace: the socket hooks then ask `bpf_get_netns_cookie(NULL)`, the initial one's.
+pub const HOST_NETNS_INITIAL: u64 = u64::MAX;
+
+/// The `.rodata` constant that tells the programs which kernel features to use
+/// ([`KF_COARSE_CLOCK`] and the rest; all by default). The agent probes the kernel and sets it
+/// before loading; the verifier folds it, so a branch using what the kernel lacks is never
+/// checked and is removed.
+pub const GLOBAL_KERNEL_FEATURES: &str = "LB_KERNEL_FEATURES";
+/// `bpf_ktime_get_coarse_ns` (Linux 5.11); without it, `bpf_ktime_get_ns`.
+pub const KF_COARSE_CLOCK: u32 = 1;
+/// `bpf_set_retval` in socket hooks (Linux 5.18); without it a refused connect() fails with
+/// EPERM instead of ECONNREFUSED.
+pub const KF_SET_RETVAL: u32 = 2;
+/// Atomic OR on map values (BPF_ATOMIC, Linux 5.12); without it the datapath does not set SNAT
+/// sources' bits in `MAP_FRONTEND_ADDRS`, and the agent leaves that filter off.
+pub const KF_ATOMICS: u32 = 4;
+pub const KF_ALL: u32 = KF_COARSE_CLOCK | KF_SET_RETVAL | KF_ATOMICS;
 /// How long a half-closed TCP flow (one side sent FIN) lives idle, in seconds
 /// (`--conntrack-tcp-timeout-close-wait`; 0: the default). Read through [`CtTimeouts`].
 pub const OPT_CT_TCP_CLOSE_WAIT_S: u32 = 12;

@@ -10,7 +10,8 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // An atomic OR into a map value (`nat::note_snat_source`): the BPF target's `core` has no
-// atomic read-modify-write types, while the instruction set has it (BPF_ATOMIC, Linux 5.12).
+// atomic read-modify-write types, while the instruction set has it (BPF_ATOMIC, Linux 5.12;
+// used only where `kernel::has(KF_ATOMICS)`).
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
@@ -34,6 +35,8 @@ mod fib;
 mod fragment;
 #[cfg(target_arch = "bpf")]
 mod icmp;
+#[cfg(target_arch = "bpf")]
+mod kernel;
 #[cfg(target_arch = "bpf")]
 mod lookup;
 #[cfg(target_arch = "bpf")]

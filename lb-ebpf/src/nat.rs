@@ -7,7 +7,7 @@ use core::{intrinsics::AtomicOrdering, num::NonZeroU32};
 use lb_common::*;
 
 use crate::{
-    clock, conntrack,
+    clock, conntrack, kernel,
     maps::{FRONTEND_ADDRS, NODE, OPTIONS, SCRATCH},
     packet::Flow,
 };
@@ -28,9 +28,13 @@ pub fn node_addr(v6: bool) -> Option<Addr> {
 }
 
 /// Sets a SNAT source's bit in `LB_FRONTEND_SET`, so that replies to it pass the device hooks'
-/// address filter: the agent cannot know in time every source a route picks.
+/// address filter: the agent cannot know in time every source a route picks. Not on a kernel
+/// without atomics, where the agent leaves that filter off.
 #[inline(always)]
 fn note_snat_source(addr: &Addr) {
+    if !kernel::has(KF_ATOMICS) {
+        return;
+    }
     let bit = addr_bit(addr);
     let Some(word) = FRONTEND_ADDRS.get_ptr_mut(bit / 64) else { return };
     let mask = 1u64 << (bit % 64);

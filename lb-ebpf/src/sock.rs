@@ -12,14 +12,15 @@ use aya_ebpf::{
 };
 use lb_common::{
     AFFINITY_BY_NETNS, Addr, AffinityKey, EVENT_NO_SERVICE, EVENT_SOCK_REFUSED,
-    EVENT_SOCK_TRANSLATED, HOOK_SOCK_CONNECT, HOOK_SOCK_SENDMSG, OPT_HOST_NETNS_COOKIE_HI,
-    OPT_HOST_NETNS_COOKIE_LO, OPT_SOCK_HOST_NETNS_ONLY, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL,
-    STAT_SOCK_NO_BACKEND, STAT_SOCK_REVERSED, STAT_SOCK_TRANSLATED, STAT_SOCK_UNKNOWN_PORT,
-    SVC_F_ADDR_MARKER, SockRevNatKey, SockRevNatValue, addr_from_v4_raw, addr_is_v4,
+    EVENT_SOCK_TRANSLATED, HOOK_SOCK_CONNECT, HOOK_SOCK_SENDMSG, HOST_NETNS_INITIAL, KF_SET_RETVAL,
+    OPT_HOST_NETNS_COOKIE_HI, OPT_HOST_NETNS_COOKIE_LO, OPT_SOCK_HOST_NETNS_ONLY, PROTO_TCP,
+    PROTO_UDP, SCOPE_INTERNAL, STAT_SOCK_NO_BACKEND, STAT_SOCK_REVERSED, STAT_SOCK_TRANSLATED,
+    STAT_SOCK_UNKNOWN_PORT, SVC_F_ADDR_MARKER, SockRevNatKey, SockRevNatValue, addr_from_v4_raw,
+    addr_is_v4,
 };
 
 use crate::{
-    lookup,
+    kernel, lookup,
     maps::{self, SOCK_REVNAT},
     monitor::{self, SockCall},
     select, stats,
@@ -27,7 +28,7 @@ use crate::{
 
 /// Let the call go on (with the address as we left it).
 const PROCEED: i32 = 1;
-/// Fail the call; `bpf_set_retval` chooses the errno.
+/// Fail the call; `bpf_set_retval` chooses the errno (EPERM where the kernel lacks it).
 const FAIL: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 
@@ -100,7 +101,8 @@ fn set_user_addr(ctx: &SockAddrContext, v6: bool, addr: &Addr, port_be: u16) -> 
     true
 }
 
-/// Fails the call with ECONNREFUSED, as a kube-proxy REJECT would make it; counted by
+/// Fails the call with ECONNREFUSED, as a kube-proxy REJECT would make it (EPERM on kernels
+/// before 5.18, which cannot choose the errno); counted by
 /// `reason` and reported to a monitor.
 #[inline(always)]
 fn refuse(ctx: &SockAddrContext, call: &SockCall, reason: u32, service_id: u32) -> i32 {
@@ -109,8 +111,10 @@ fn refuse(ctx: &SockAddrContext, call: &SockCall, reason: u32, service_id: u32) 
         let what = monitor::what(EVENT_SOCK_REFUSED, call.hook, reason);
         monitor::socket(ctx, call, what, service_id, None);
     }
-    // SAFETY: allowed in cgroup hooks.
-    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    if kernel::has(KF_SET_RETVAL) {
+        // SAFETY: allowed in cgroup hooks.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+    }
     FAIL
 }
 
@@ -204,11 +208,18 @@ fn host_netns_only() -> bool {
     maps::OPTIONS.get(OPT_SOCK_HOST_NETNS_ONLY).is_some_and(|on| *on != 0)
 }
 
-/// The agent's network namespace (`LB_OPTIONS`; 0, which no namespace has, before it is set).
+/// The agent's network namespace (`LB_OPTIONS`; 0, which no namespace has, before it is set;
+/// `HOST_NETNS_INITIAL`: the initial namespace, whose cookie the agent could not read).
 #[inline(always)]
 fn host_netns() -> u64 {
     let opt = |i| maps::OPTIONS.get(i).copied().unwrap_or(0) as u64;
-    opt(OPT_HOST_NETNS_COOKIE_LO) | opt(OPT_HOST_NETNS_COOKIE_HI) << 32
+    let cookie = opt(OPT_HOST_NETNS_COOKIE_LO) | opt(OPT_HOST_NETNS_COOKIE_HI) << 32;
+    if cookie == HOST_NETNS_INITIAL {
+        // SAFETY: a null context asks for the initial namespace's cookie (sock_addr's
+        // argument is a context or null).
+        return unsafe { bpf_get_netns_cookie(core::ptr::null_mut()) };
+    }
+    cookie
 }
 
 #[inline(always)]

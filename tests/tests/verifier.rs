@@ -1,8 +1,9 @@
 //! The verifier's cost of every program, on this kernel: each must load with its walk under
 //! half the verifier's limit (1,000,000 instructions walked, past which the kernel refuses a
 //! program), so that a change that makes the walk explode fails here, with the figures, and
-//! not on a node after an upgrade. The 6.1 VM (`older_kernel`) checks the same on 6.1 (its
-//! verifier walks the same code differently) from the agent's own log line.
+//! not on a node after an upgrade. The older-kernel VMs (`older_kernel`) check the same on 6.1
+//! (its verifier walks the same code differently) from the agent's own log line; 5.10 does not
+//! count its walk.
 
 use lb_agent::dataplane::programs::VERIFIER_LIMIT;
 use lb_tests::{kernel::Datapath, require_root};
@@ -28,4 +29,13 @@ fn every_program_loads_well_under_the_verifiers_limit() {
         let verified = l.verified.expect("this kernel counts verified instructions");
         assert!(verified < VERIFIER_LIMIT / 2, "{l}: over half the verifier's limit");
     }
+}
+
+/// This kernel (6.18) has everything the programs use: the agent's probe finds all of it, so
+/// the programs take no fallback here (5.10 in `older_kernel` finds none of it).
+#[test]
+fn the_host_kernel_has_every_feature_the_programs_use() {
+    require_root!();
+    let features = *lb_agent::dataplane::kernel_features::probed();
+    assert_eq!(features, lb_common::KF_ALL, "{features:#x}");
 }

@@ -17,6 +17,10 @@ const VIRTME_NG: &str = "virtme-ng==1.42";
 /// What the older-kernel test boots: Debian 12's kernel (6.1 LTS), qemu (emulated: nested
 /// KVM is not to be relied on) and the static busybox virtme-ng's init needs.
 const OLD_KERNEL_PACKAGES: &[&str] = &["linux-image-amd64", "qemu-system-x86", "busybox-static"];
+/// Where the older-kernel test's 5.10 comes from: Debian 11's security suite, fetched by apt
+/// (which checks Debian's signatures) into a list of its own, never the machine's sources.
+const KERNEL_5_10_SOURCE: &str = "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] \
+     http://deb.debian.org/debian-security bullseye-security main";
 /// Debian packages the tests and demo use: (command that proves it is there, package).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
@@ -101,6 +105,12 @@ const STEPS: &[Step] = &[
         install: install_old_kernel,
         hint: "as root on Debian 12: apt-get install linux-image-amd64 qemu-system-x86 busybox-static, and virtme-ng from PyPI",
     },
+    Step {
+        name: "kernel 5.10 (Debian 11's), for the older-kernel test",
+        done: || skip("LB_SETUP_SKIP_PACKAGES") || kernel_5_10().is_some(),
+        install: install_kernel_5_10,
+        hint: "as root, with deb.debian.org reachable: Debian 11's linux-image-5.10.*-amd64 unpacked, its image in ~/.local/share/lb-tools/kernels, its modules in /lib/modules",
+    },
 ];
 
 /// Set to 1 to skip a step (container image builds need neither packages nor bpffs).
@@ -121,15 +131,114 @@ fn kubernetes_validate_works() -> bool {
 
 /// The newest 6.1 kernel image under /boot (the older-kernel test's).
 pub fn old_kernel() -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
+    newest_kernel(std::path::Path::new("/boot"), "6.1.")
+}
+
+/// The newest 5.10 kernel image setup unpacked, whose modules are in place (the older-kernel
+/// test's other kernel).
+pub fn kernel_5_10() -> Option<PathBuf> {
+    newest_kernel(&tools_dir().join("kernels"), "5.10.")
+}
+
+/// The newest `vmlinuz-<version>` in `dir` whose version starts with `series` and whose
+/// modules are installed (the VM loads them from the host's /lib/modules).
+fn newest_kernel(dir: &std::path::Path, series: &str) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-6.1.")))
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            name.strip_prefix("vmlinuz-").is_some_and(|version| {
+                version.starts_with(series)
+                    && PathBuf::from("/lib/modules").join(version).join("modules.dep").exists()
+            })
+        })
         .collect();
     // Newest by its numbers: 6.1.0-57 after 6.1.0-9.
     found.sort_by_key(|p| numbers(&p.to_string_lossy()));
     found.pop()
+}
+
+/// Fetches Debian 11's newest 5.10 kernel package with apt (lists and downloads of its own,
+/// under the tools directory), then unpacks it by hand rather than installing it: its image
+/// goes beside the other tools (not /boot, where a boot loader would find it), its modules to
+/// /lib/modules (where the VM's initramfs builder and the guest look), indexed by depmod.
+fn install_kernel_5_10() -> Result<()> {
+    if !is_root() {
+        bail!("unpacking kernel modules into /lib/modules needs root");
+    }
+    let dir = tools_dir().join("apt-bullseye");
+    for sub in ["lists/partial", "archives/partial", "cache"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    std::fs::write(dir.join("sources.list"), format!("{KERNEL_5_10_SOURCE}\n"))?;
+    let d = dir.display();
+    let opts: Vec<String> = [
+        format!("Dir::Etc::SourceList={d}/sources.list"),
+        "Dir::Etc::SourceParts=/dev/null".to_owned(),
+        format!("Dir::State::Lists={d}/lists"),
+        format!("Dir::Cache={d}/cache"),
+        format!("Dir::Cache::Archives={d}/archives"),
+    ]
+    .into_iter()
+    .flat_map(|o| ["-o".to_owned(), o])
+    .collect();
+    run_cmd(Command::new("apt-get").args(&opts).arg("update"))?;
+    let mut args: Vec<&str> = opts.iter().map(String::as_str).collect();
+    args.extend(["pkgnames", "linux-image-5.10."]);
+    let names = output("apt-cache", &args)?;
+    let package = newest_5_10_image(&names).context("no linux-image-5.10.*-amd64 in the index")?;
+    let deb_dir = dir.join("deb");
+    let _ = std::fs::remove_dir_all(&deb_dir);
+    std::fs::create_dir_all(&deb_dir)?;
+    run_cmd(
+        Command::new("apt-get").current_dir(&deb_dir).args(&opts).args(["download", &package]),
+    )?;
+    let deb = std::fs::read_dir(&deb_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download left no .deb")?;
+    let unpacked = dir.join("unpacked");
+    let _ = std::fs::remove_dir_all(&unpacked);
+    run_cmd(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    let version = package.trim_start_matches("linux-image-");
+    let modules = PathBuf::from("/lib/modules").join(version);
+    if !modules.exists() {
+        let from = unpacked.join("lib/modules").join(version);
+        run_cmd(Command::new("cp").arg("-a").arg(from).arg(&modules))?;
+    }
+    run_cmd(Command::new("depmod").arg(version))?;
+    let kernels = tools_dir().join("kernels");
+    std::fs::create_dir_all(&kernels)?;
+    let image = format!("vmlinuz-{version}");
+    std::fs::copy(unpacked.join("boot").join(&image), kernels.join(&image))?;
+    std::fs::remove_dir_all(&unpacked)?;
+    std::fs::remove_dir_all(&deb_dir)?;
+    Ok(())
+}
+
+/// The newest `linux-image-5.10.<abi>-amd64` (the generic flavour: not cloud, rt, or debug)
+/// of an `apt-cache pkgnames` listing.
+fn newest_5_10_image(names: &str) -> Option<String> {
+    names
+        .lines()
+        .map(str::trim)
+        .filter(|n| {
+            n.strip_prefix("linux-image-5.10.")
+                .and_then(|rest| rest.strip_suffix("-amd64"))
+                .is_some_and(|abi| {
+                    let mut parts = abi.split('-');
+                    let all_digits =
+                        |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+                    parts.next().is_some_and(all_digits)
+                        && parts.next().is_some_and(all_digits)
+                        && parts.next().is_none()
+                })
+        })
+        .max_by_key(|n| numbers(n))
+        .map(str::to_owned)
 }
 
 /// The runs of digits in `s`, as numbers.
@@ -277,7 +386,7 @@ fn install_packages() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::numbers;
+    use super::{newest_5_10_image, numbers};
 
     /// Kernel images compare by their numbers, not their text.
     #[test]
@@ -287,5 +396,15 @@ mod tests {
         names.sort_by_key(|n| numbers(n));
         assert_eq!(names.last(), Some(&"vmlinuz-6.1.0-57-amd64"));
         assert_eq!(numbers("vmlinuz-6.1.0-9-amd64"), [6, 1, 0, 9, 64]);
+    }
+
+    /// Of Debian 11's kernel packages, the newest generic amd64 image.
+    #[test]
+    fn the_newest_generic_5_10_image_is_chosen() {
+        let names = "linux-image-5.10.0-9-amd64\nlinux-image-5.10.0-46-cloud-amd64\n\
+                     linux-image-5.10.0-46-rt-amd64\nlinux-image-5.10.0-45-amd64\n\
+                     linux-image-5.10.0-46-amd64-dbg\nlinux-image-5.10.0-46-amd64-unsigned\n";
+        assert_eq!(newest_5_10_image(names).as_deref(), Some("linux-image-5.10.0-45-amd64"));
+        assert_eq!(newest_5_10_image("linux-image-5.10.0-cloud-amd64\n"), None);
     }
 }

@@ -57,9 +57,12 @@ pub fn run(args: &[String]) -> Result<()> {
     if let Some(bin) = previous_agent {
         cmd.env("LB_UPGRADE_FROM_AGENT", bin);
     }
-    // The older-kernel test boots it (setup installed it).
+    // The older-kernel tests boot them (setup installed them).
     if let Some(kernel) = crate::setup::old_kernel() {
         cmd.env("LB_OLD_KERNEL", kernel);
+    }
+    if let Some(kernel) = crate::setup::kernel_5_10() {
+        cmd.env("LB_KERNEL_5_10", kernel);
     }
     if succeeds("cargo", &["nextest", "--version"]) {
         cmd.args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"]);

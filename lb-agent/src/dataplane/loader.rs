@@ -15,6 +15,8 @@ use anyhow::{Context, Result, bail};
 use aya::{Ebpf, EbpfLoader, maps::MapData};
 use lb_common::*;
 
+use super::kernel_features;
+
 /// Capacities of the maps that grow with the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
@@ -118,7 +120,7 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
 /// older one).
 pub fn load_object(opts: &LoadOptions, object: &[u8]) -> Result<Ebpf> {
     let specs = map_specs(&opts.sizes);
-    let mut loader = EbpfLoader::new();
+    let mut loader = new_loader();
     // Developers: LB_VERIFIER_LOG=1 keeps the verifier's full log in load errors.
     if std::env::var_os("LB_VERIFIER_LOG").is_some() {
         loader.verifier_log_level(aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS);
@@ -142,7 +144,20 @@ pub fn load_object(opts: &LoadOptions, object: &[u8]) -> Result<Ebpf> {
             loader.map_pin_path(spec.name, path.clone());
         }
     }
-    loader.load(object).context("loading the eBPF object into the kernel")
+    loader.load(&fitted(object)?).context("loading the eBPF object into the kernel")
+}
+
+/// A loader that tells the programs what this kernel offers (`kernel_features`; an object
+/// without that constant, an older build's, is loaded as it is).
+fn new_loader() -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    loader.override_global(GLOBAL_KERNEL_FEATURES, kernel_features::probed(), false);
+    loader
+}
+
+/// The object as this kernel can parse it ([`kernel_features::fit_object`]).
+fn fitted(object: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>> {
+    kernel_features::fit_object(object, *kernel_features::probed())
 }
 
 /// Removes the pins of maps this build replaced ([`RETIRED_ADDRESS_SETS`]); run once this
@@ -214,7 +229,7 @@ pub const READ_ONLY_MAPS: &[&str] = &[
 pub fn load_shadow(bpffs: &Path) -> Result<Ebpf> {
     let object = crate::ebpf_object()?;
     let dir = maps_pin_dir(bpffs);
-    let mut loader = EbpfLoader::new();
+    let mut loader = new_loader();
     let specs = map_specs(&MapSizes::default());
     for spec in &specs {
         let path = dir.join(spec.name);
@@ -246,5 +261,5 @@ pub fn load_shadow(bpffs: &Path) -> Result<Ebpf> {
             loader.map_max_entries(spec.name, 1024);
         }
     }
-    loader.load(object).context("loading a private copy of the datapath")
+    loader.load(&fitted(object)?).context("loading a private copy of the datapath")
 }

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod conntrack_gc;
 pub mod counters;
 pub mod ids;
+pub mod kernel_features;
 pub mod links;
 pub mod loader;
 pub mod maglev_map;

@@ -6,7 +6,7 @@ use aya::{
     maps::{Array, Map, MapData},
 };
 use lb_common::{
-    CT_MIN_LIFETIME_S, CtTimeouts, MAP_OPTIONS, NAT_PORT_MAX, NAT_PORT_MIN,
+    CT_MIN_LIFETIME_S, CtTimeouts, HOST_NETNS_INITIAL, MAP_OPTIONS, NAT_PORT_MAX, NAT_PORT_MIN,
     OPT_CT_TCP_CLOSE_WAIT_S, OPT_CT_TCP_ESTABLISHED_S, OPT_CT_UDP_S, OPT_CT_UDP_STREAM_S,
     OPT_HOST_NETNS_COOKIE_HI, OPT_HOST_NETNS_COOKIE_LO, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN,
     OPT_REJECT_TCP_WITH_RESET, OPT_SOCK_HOST_NETNS_ONLY,
@@ -162,7 +162,7 @@ pub fn write(ebpf: &mut Ebpf, opts: &Options) -> Result<()> {
     let mut map: Array<_, u32> =
         Array::try_from(ebpf.map_mut(MAP_OPTIONS).context("no LB_OPTIONS map")?)?;
     let reset = u32::from(opts.reject_tcp_with == RejectTcpWith::Reset);
-    let host_netns = netns_cookie().context("reading this network namespace's cookie")?;
+    let host_netns = host_netns_cookie()?;
     for (i, v) in [
         (OPT_REJECT_TCP_WITH_RESET, reset),
         (OPT_NAT_PORT_MIN, opts.nat_ports.first.into()),
@@ -181,14 +181,46 @@ pub fn write(ebpf: &mut Ebpf, opts: &Options) -> Result<()> {
     super::port_filters::note_nat_range(ebpf)
 }
 
+/// This namespace's cookie for the socket hooks: [`netns_cookie`], or where the kernel cannot
+/// tell it (before Linux 5.14), [`HOST_NETNS_INITIAL`] in the initial namespace (where a
+/// DaemonSet's agent with host networking runs), else 0: no socket is the host's then, so the
+/// socket hooks leave loopback NodePorts alone (and, with `--socket-lb-host-namespace-only`,
+/// every socket), which the log says.
+fn host_netns_cookie() -> Result<u64> {
+    match netns_cookie() {
+        Ok(cookie) => Ok(cookie),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => {
+            if in_initial_netns() {
+                return Ok(HOST_NETNS_INITIAL);
+            }
+            tracing::warn!(
+                "this kernel cannot tell the socket hooks which sockets are the host's (no \
+                 SO_NETNS_COOKIE before Linux 5.14) and the agent is not in the initial network \
+                 namespace: 127.0.0.1:NodePort is not translated, nor with \
+                 --socket-lb-host-namespace-only any socket"
+            );
+            Ok(0)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("reading this network namespace's cookie")),
+    }
+}
+
+/// Whether this thread is in the initial network namespace, whose inode number is fixed
+/// (`PROC_NET_INIT_INO` in the kernel).
+fn in_initial_netns() -> bool {
+    const INITIAL_NETNS_INODE: u64 = 0xF000_0098;
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/thread-self/ns/net").is_ok_and(|m| m.ino() == INITIAL_NETNS_INODE)
+}
+
 /// The cookie of the calling thread's network namespace (what `bpf_get_netns_cookie` returns
 /// for sockets there).
-pub fn netns_cookie() -> Result<u64> {
+fn netns_cookie() -> std::io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     // SAFETY: a datagram socket only serves as the handle for the option; closed below.
     let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if sock < 0 {
-        return Err(std::io::Error::last_os_error().into());
+        return Err(std::io::Error::last_os_error());
     }
     let mut cookie = 0u64;
     let mut len = size_of::<u64>() as libc::socklen_t;
@@ -206,7 +238,7 @@ pub fn netns_cookie() -> Result<u64> {
     // SAFETY: closing the socket opened above.
     unsafe { libc::close(sock) };
     if rc != 0 {
-        return Err(err.into());
+        return Err(err);
     }
     Ok(cookie)
 }

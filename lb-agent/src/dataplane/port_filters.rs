@@ -31,15 +31,15 @@ use aya::{
     maps::{Array, HashMap, Map, MapData},
 };
 use lb_common::{
-    Addr, BE_F_LOCAL, BackendValue, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, MAP_BACKENDS,
-    MAP_CLUSTER_IPS, MAP_CONNTRACK, MAP_EXTERNAL_IPS, MAP_FRONTEND_ADDRS, MAP_INGRESS_PORTS,
-    MAP_OPTIONS, MAP_POD_PORTS, MAP_POD_REPLY_PORTS, MAP_REPLY_PORTS, MAP_SERVICES,
-    OPT_INGRESS_PORTS_READY, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN, OPT_POD_PORTS_READY,
+    Addr, BE_F_LOCAL, BackendValue, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, KF_ATOMICS,
+    MAP_BACKENDS, MAP_CLUSTER_IPS, MAP_CONNTRACK, MAP_EXTERNAL_IPS, MAP_FRONTEND_ADDRS,
+    MAP_INGRESS_PORTS, MAP_OPTIONS, MAP_POD_PORTS, MAP_POD_REPLY_PORTS, MAP_REPLY_PORTS,
+    MAP_SERVICES, OPT_INGRESS_PORTS_READY, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN, OPT_POD_PORTS_READY,
     OPT_REPLY_PORTS_READY, PORT_SET_WORDS, READY_FRONTEND_ADDRS, RETIRED_ADDRESS_SETS,
     SCOPE_EXTERNAL, ServiceKey, ServiceValue, addr_bit, nat_ports,
 };
 
-use super::{batch, mapped::MappedArray};
+use super::{batch, kernel_features, mapped::MappedArray};
 
 /// Every filter set as `lbctl status` shows it: its name, map, and the `LB_OPTIONS` entry and
 /// bits that say the datapath trusts it.
@@ -328,8 +328,12 @@ pub fn enable(ebpf: &mut Ebpf) -> Result<Enabled> {
 /// Completes `LB_FRONTEND_SET` once this agent's programs are attached, and tells the datapath
 /// so: the programs they replaced (an older build's) may have made SNAT flows meanwhile
 /// without setting their sources' bits, and [`enable`]'s look at conntrack came before those.
-/// Returns how many bits are set (`None`: the object has no such set).
+/// Returns how many bits are set (`None`: the object has no such set, or the kernel no atomics,
+/// without which the datapath cannot add SNAT sources to it: the filter stays off).
 pub fn complete_frontend_addrs(ebpf: &mut Ebpf) -> Result<Option<usize>> {
+    if *kernel_features::probed() & KF_ATOMICS == 0 {
+        return Ok(None);
+    }
     let mut filters = PortFilters::open(ebpf)?;
     note_conntrack(ebpf, &mut filters)?;
     let Some(set) = filters.frontend_addrs.as_ref() else { return Ok(None) };
