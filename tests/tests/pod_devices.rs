@@ -7,7 +7,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use lb_agent::model::plan::{Backend, Protocol, ServicePlan};
+use lb_agent::{
+    dataplane::kernel_features,
+    model::plan::{Backend, Protocol, ServicePlan},
+};
 use lb_common::*;
 use lb_tests::{
     addrs::*,
@@ -196,7 +199,15 @@ fn other_traffic_passes_untouched_and_the_port_filter_holds() {
     assert!(!dp.addr_set(MAP_FRONTEND_ADDRS, REMOTE_POD.into()));
     dp.set_conntrack(CtKey { daddr: addr_from_ip(REMOTE_POD.into()), ..k }, v);
     let to_pod = tcp4(CLIENT_POD, 40001, REMOTE_POD, 443, false, b"ok");
-    assert_eq!(dp.run(PROG_TC_FROM_POD, &to_pod).packet, to_pod, "a pod is no frontend");
+    let out = dp.run(PROG_TC_FROM_POD, &to_pod).packet;
+    if *kernel_features::probed() & KF_ATOMICS != 0 {
+        assert_eq!(out, to_pod, "a pod is no frontend");
+    } else {
+        // A kernel without atomics (5.10): the address filter is off, so the packet is looked
+        // up, and the entry made for it translates it.
+        let to = SocketAddr::new(addr_to_ip(&v.new_daddr), u16::from_be(v.new_dport_be));
+        assert_eq!(summarize(&out).expect("TCP").dst, to, "without the address filter");
+    }
 }
 
 /// A service without endpoints refuses a pod's connection at once (ICMP port unreachable back

@@ -180,6 +180,8 @@ fn install_kernel_5_10() -> Result<()> {
         format!("Dir::State::Lists={d}/lists"),
         format!("Dir::Cache={d}/cache"),
         format!("Dir::Cache::Archives={d}/archives"),
+        // Root downloads into root's directory (apt's own user could not write there).
+        "APT::Sandbox::User=root".to_owned(),
     ]
     .into_iter()
     .flat_map(|o| ["-o".to_owned(), o])
