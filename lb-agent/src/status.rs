@@ -21,6 +21,7 @@ use crate::{
         attach::{TcRole, agent_filters_present, link_name},
         batch,
         conntrack_gc::datapath_now_ns,
+        kernel_features,
         links::{is_filter_record, links_pin_dir},
         pin_lock,
         port_filters::FILTER_SETS,
@@ -51,6 +52,9 @@ pub struct StatusView {
     /// The bit sets that spare packets their lookups (`port_filters.rs`): a set nearly full
     /// spares few.
     pub filters: Vec<FilterView>,
+    /// What the programs do instead of what this kernel lacks (`kernel_features`; empty on
+    /// 5.18 and later).
+    pub kernel_fallbacks: Vec<&'static str>,
 }
 
 /// One filter set: bits set of how many, and whether the datapath trusts it yet (until then
@@ -211,6 +215,7 @@ pub fn status(bpffs: &Path, health: SocketAddr, metrics: SocketAddr) -> Result<S
         drops,
         monitor_lease_s: monitor_lease(bpffs),
         filters: filters(bpffs),
+        kernel_fallbacks: kernel_features::fallbacks(*kernel_features::probed()),
     })
 }
 
@@ -318,6 +323,11 @@ impl std::fmt::Display for StatusView {
         let none = || "none".to_string();
         let list = |v: &[String]| if v.is_empty() { none() } else { v.join(", ") };
         writeln!(f, "devices:      {}", list(&devices))?;
+        if self.kernel_fallbacks.is_empty() {
+            writeln!(f, "kernel:       has everything the programs use")?;
+        } else {
+            writeln!(f, "kernel:       {}", self.kernel_fallbacks.join("; "))?;
+        }
         writeln!(f, "socket hooks: {}", list(&self.socket_hooks))?;
         if !self.pod_devices.is_empty() {
             // A node runs many pods: the count, and a few names.
@@ -360,6 +370,7 @@ impl std::fmt::Display for StatusView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::kernel_features::fallbacks;
 
     #[test]
     fn metrics_are_read_by_exact_name() {
@@ -386,6 +397,7 @@ mod tests {
             conntrack_capacity: 1000,
             drops: [("drop_source_range", 2)].into(),
             monitor_lease_s: None,
+            kernel_fallbacks: vec![],
             filters: vec![
                 FilterView { name: "ingress ports", map: "", set: 4538, bits: 65536, on: true },
                 FilterView {
@@ -419,8 +431,13 @@ mod tests {
             "drops:        drop_source_range 2",
             "filters:      ingress ports 4538 (6.9%), frontend addresses 3 (0.0%, off)",
             "monitor:      none running",
+            "kernel:       has everything the programs use",
         ] {
             assert!(text.contains(line), "{line}\n{text}");
         }
+        let old = StatusView { kernel_fallbacks: fallbacks(0), ..s.clone() }.to_string();
+        let line = format!("kernel:       {}", fallbacks(0).join("; "));
+        assert!(old.contains(&line), "{line}\n{old}");
+        assert!(line.contains("refused connects fail with EPERM"), "{line}");
     }
 }

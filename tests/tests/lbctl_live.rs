@@ -469,6 +469,7 @@ fn lbctl_status_shows_health_attachments_maps_and_drops_and_the_maps_once_the_ag
     assert_eq!(s["drops"], serde_json::json!({"reject_no_backend": 1}), "{s}");
     assert!(s["conntrack_entries"].as_u64().unwrap() >= 6, "three flows, two entries each: {s}");
     assert_eq!(s["monitor_lease_s"], Value::Null);
+    assert_eq!(s["kernel_fallbacks"], serde_json::json!([]), "6.18 has everything: {s}");
     // The filters, all trusted: the two ClusterIPs; the frontend addresses: those, the node's
     // (NodePorts, SNAT source) and 127.0.0.1 (NodePorts from the host); the ingress ports: the
     // two NodePorts and the SNAT range.

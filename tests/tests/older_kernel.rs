@@ -265,6 +265,8 @@ fn run_on(k: &OldKernel) {
     assert_eq!(status["pod_devices"], serde_json::json!(["dp0"]), "{status}");
     assert_eq!(status["socket_hooks"], serde_json::json!(["/"]), "{status}");
     assert_eq!(status["service_ports"], 1, "{status}");
+    let fallbacks = serde_json::json!(kernel_features::fallbacks(k.features));
+    assert_eq!(status["kernel_fallbacks"], fallbacks, "lbctl status tells them too: {status}");
     // Who answered, seeing whom, as whom: the pod, each time; the client's own address, the
     // node's for the pod reaching itself (hairpin SNAT), the host's route source; each client
     // saw the address it asked.
