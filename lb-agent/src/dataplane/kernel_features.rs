@@ -34,8 +34,10 @@ pub fn probed() -> &'static u32 {
     FEATURES.get_or_init(probe)
 }
 
+/// A probe that cannot run (no privilege for BPF, say) counts the feature as present, the
+/// programs' default: loading them fails then anyway, and says why.
 fn probe() -> u32 {
-    let helper = |program, helper| is_helper_supported(program, helper).unwrap_or(false);
+    let helper = |program, helper| is_helper_supported(program, helper).unwrap_or(true);
     let mut features = 0;
     if helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_ktime_get_coarse_ns) {
         features |= KF_COARSE_CLOCK;
@@ -140,7 +142,8 @@ struct ProgLoadAttr {
     prog_flags: u32,
 }
 
-/// Whether the kernel loads an atomic OR (a socket filter ORing into its own stack).
+/// Whether the kernel loads an atomic OR (a socket filter ORing into its own stack): refused
+/// as invalid where the kernel does not know it.
 fn atomic_or_loads() -> bool {
     const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
@@ -177,7 +180,7 @@ fn atomic_or_loads() -> bool {
             drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
             true
         }
-        Err(_) => false,
+        Err(e) => e.raw_os_error() != Some(libc::EINVAL),
     }
 }
 
