@@ -1,5 +1,5 @@
 //! What the running kernel offers the programs, probed once per process (helpers by aya's
-//! probe, atomics by loading a five-instruction program) and written into the object's
+//! probe, atomics by loading a six-instruction program) and written into the object's
 //! `LB_KERNEL_FEATURES` constant before it loads: the programs then use only what is there.
 //! Probing rather than comparing version numbers, because distributions backport.
 //!
