@@ -285,6 +285,8 @@ async fn run(args: Args) -> Result<()> {
     cfg.external_cluster_ips = args.external_clusterip;
     cfg.extra_node_ips = args.node_ip.clone();
     cfg.maglev_max_size = args.maglev_max_size;
+    // Served later; the API client counts its requests into its metrics.
+    let status = Status::new(args.bpffs.clone(), Duration::from_secs(args.health_timeout.0.into()));
     // The source first: a bad kubeconfig must fail before anything is loaded into the kernel.
     let mut source = match &args.manifests {
         Some(dir) => Source::Manifests(
@@ -293,8 +295,9 @@ async fn run(args: Args) -> Result<()> {
             Vec::new(),
         ),
         None => {
+            let api_server = args.k8s_api_server.as_deref();
             let client =
-                kube::client(args.kubeconfig.as_deref(), args.k8s_api_server.as_deref()).await?;
+                kube::client(args.kubeconfig.as_deref(), api_server, &status.metrics.api).await?;
             Source::Kube(kube::watch(client, node_name))
         }
     };
@@ -307,7 +310,6 @@ async fn run(args: Args) -> Result<()> {
     };
     // Before anything is served or loaded: another agent may be running on these pins.
     let _pins_lock = pin_lock::acquire(&args.bpffs, pin_lock::WAIT)?;
-    let status = Status::new(args.bpffs.clone(), Duration::from_secs(args.health_timeout.0.into()));
     let one_port = args.metrics_bind_address == args.health_bind_address;
     for (address, flag, paths) in [
         (args.health_bind_address, "--health-bind-address", endpoints::Paths::Health),
@@ -447,7 +449,12 @@ async fn run(args: Args) -> Result<()> {
 
     // Initial sync: everything the source holds, then stale pinned entries go.
     let start = Instant::now();
-    let writes = source.initial(&mut syncer).await?;
+    let (writes, changes) = source.initial(&mut syncer).await?;
+    // The first sync counts as one (kube-proxy's first syncProxyRules does).
+    status.metrics.syncs.inc();
+    status.metrics.sync_seconds.observe(start.elapsed().as_secs_f64());
+    status.metrics.service_changes.inc_by(changes.service_changes);
+    status.metrics.endpoint_changes.inc_by(changes.endpoint_changes);
     syncer.finish_initial_sync()?;
     // UDP flows to endpoints that went while no agent ran. This pass covers whatever the
     // initial sync released too, so its list is dropped.
@@ -544,15 +551,23 @@ enum Change {
 
 impl Source {
     /// Applies everything the source holds now; for the API server, until every kind has been
-    /// listed once.
-    async fn initial(&mut self, syncer: &mut Syncer<KernelStore>) -> Result<WriteCounts> {
+    /// listed once. Returns the writes and the changes taken in (their counts only).
+    async fn initial(
+        &mut self,
+        syncer: &mut Syncer<KernelStore>,
+    ) -> Result<(WriteCounts, SyncReport)> {
         let before = syncer.writer.counts();
+        let mut changes = SyncReport::default();
+        let mut count = |r: SyncReport| {
+            changes.service_changes += r.service_changes;
+            changes.endpoint_changes += r.endpoint_changes;
+        };
         match self {
             Source::Manifests(dir, last) => {
                 let poll =
                     dir.poll().with_context(|| format!("reading {}", dir.dir().display()))?;
                 log_manifest_errors(&poll.errors, last);
-                syncer.apply(poll.events);
+                count(syncer.apply(poll.events));
                 lb_agent::memory::release_freed();
             }
             Source::Kube(stream) => {
@@ -561,17 +576,15 @@ impl Source {
                     match stream.next().await {
                         Some(KubeMsg::Relist(kind, objects)) => {
                             listed.insert(kind);
-                            syncer.apply_relist(kind, objects);
+                            count(syncer.apply_relist(kind, objects));
                         }
-                        Some(KubeMsg::Events(events)) => {
-                            syncer.apply(events);
-                        }
+                        Some(KubeMsg::Events(events)) => count(syncer.apply(events)),
                         None => bail!("the Kubernetes watch stream ended before the first lists"),
                     }
                 }
             }
         }
-        Ok(syncer.writer.counts().since(&before))
+        Ok((syncer.writer.counts().since(&before), changes))
     }
 
     /// The next change (the folder is polled on `tick`). `None` when a watch stream ended.
@@ -640,6 +653,8 @@ async fn after_sync(
     if let Some(r) = report {
         m.syncs.inc();
         m.sync_seconds.observe(r.elapsed.as_secs_f64());
+        m.service_changes.inc_by(r.service_changes);
+        m.endpoint_changes.inc_by(r.endpoint_changes);
         for &s in &r.programming_seconds {
             m.programming_seconds.observe(s);
         }

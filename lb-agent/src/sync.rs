@@ -32,6 +32,10 @@ pub struct SyncReport {
     /// Network programming latencies (seconds) of the EndpointSlice changes this sync wrote
     /// (`latency.rs`).
     pub programming_seconds: Vec<f64>,
+    /// Service and EndpointSlice changes this sync took in (a re-list counts each object it
+    /// delivered, as kube-proxy's informers hand each one over again).
+    pub service_changes: u64,
+    pub endpoint_changes: u64,
 }
 
 pub struct Syncer<S: MapStore> {
@@ -121,16 +125,27 @@ impl<S: MapStore> Syncer<S> {
     pub fn apply(&mut self, events: impl IntoIterator<Item = Event>) -> SyncReport {
         let start = Instant::now();
         let mut affected = Affected::default();
+        let (mut service_changes, mut endpoint_changes) = (0, 0);
         for e in events {
             match &e {
-                Event::Apply(Object::EndpointSlice(s)) => self.triggers.note(s),
-                Event::Delete(ObjectRef::EndpointSlice(k)) => self.triggers.forget(k),
+                Event::Apply(Object::EndpointSlice(s)) => {
+                    self.triggers.note(s);
+                    endpoint_changes += 1;
+                }
+                Event::Delete(ObjectRef::EndpointSlice(k)) => {
+                    self.triggers.forget(k);
+                    endpoint_changes += 1;
+                }
+                Event::Apply(Object::Service(_)) | Event::Delete(ObjectRef::Service(_)) => {
+                    service_changes += 1;
+                }
                 _ => {}
             }
             affected.merge(self.state.apply_event(e));
         }
         let mut report = self.reprogram(&affected);
         report.elapsed = start.elapsed();
+        (report.service_changes, report.endpoint_changes) = (service_changes, endpoint_changes);
         report
     }
 
@@ -149,9 +164,15 @@ impl<S: MapStore> Syncer<S> {
                 _ => None,
             }));
         }
+        let delivered = objects.len() as u64;
         let affected = self.state.replace_kind(kind, objects);
         let mut report = self.reprogram(&affected);
         report.elapsed = start.elapsed();
+        match kind {
+            crate::sources::kube::Kind::Service => report.service_changes = delivered,
+            crate::sources::kube::Kind::EndpointSlice => report.endpoint_changes = delivered,
+            crate::sources::kube::Kind::Node => {}
+        }
         report
     }
 

@@ -37,6 +37,8 @@ struct Api {
     items: HashMap<&'static str, Vec<Value>>,
     watches: HashMap<&'static str, Vec<WatchTx>>,
     requests: Vec<String>,
+    /// Collections whose lists are refused with this status (RBAC missing, say).
+    refused: HashMap<&'static str, u16>,
 }
 
 const SERVICES: &str = "/api/v1/services";
@@ -62,6 +64,11 @@ fn body(bytes: Vec<u8>, keep_open: Option<&mut Vec<WatchTx>>) -> MockBody {
 }
 
 fn spawn_api(api: Arc<Mutex<Api>>) -> Client {
+    Client::new(serve_api(api), "default")
+}
+
+/// The mocked API server's service, answered by a task of its own.
+fn serve_api(api: Arc<Mutex<Api>>) -> tower_test::mock::Mock<Request<Body>, Response<MockBody>> {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<MockBody>>();
     tokio::spawn(async move {
         while let Some((req, send)) = handle.next_request().await {
@@ -75,7 +82,12 @@ fn spawn_api(api: Arc<Mutex<Api>>) -> Client {
             let query = uri.query().unwrap_or("").to_string();
             let mut api = api.lock().unwrap();
             api.requests.push(format!("{path}?{query}"));
-            if query.contains("watch=true") {
+            if let Some(&code) = api.refused.get(path) {
+                let status = json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Forbidden", "code": code});
+                let mut refusal = Response::new(body(serde_json::to_vec(&status).unwrap(), None));
+                *refusal.status_mut() = http::StatusCode::from_u16(code).unwrap();
+                send.send_response(refusal);
+            } else if query.contains("watch=true") {
                 // Open a watch: events are pushed later by the test.
                 let mut watches = std::mem::take(api.watches.entry(path).or_default());
                 let b = body(Vec::new(), Some(&mut watches));
@@ -88,7 +100,7 @@ fn spawn_api(api: Arc<Mutex<Api>>) -> Client {
             }
         }
     });
-    Client::new(service, "default")
+    service
 }
 
 /// Sends a watch event to every open watch of `path`.
@@ -249,4 +261,74 @@ async fn lists_watches_410_gone_and_reconnects_leave_nothing_stale_or_missing() 
         programmed(s) == vec![("10.96.0.10:80".to_string(), 1)]
     })
     .await;
+}
+
+/// The value of one sample line `name{labels}` in a text exposition.
+fn sample(page: &str, line_start: &str) -> Option<f64> {
+    page.lines().find_map(|l| l.strip_prefix(line_start)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// kube-proxy's client metrics for the agent's own requests, through the layer the agent puts
+/// on its client: lists and watches answered 200 by method, a refused list (RBAC missing on
+/// Nodes) by its code, each request's latency once.
+#[tokio::test]
+async fn api_requests_are_counted_by_code_and_method_as_kube_proxys_rest_client_metrics() {
+    use lb_agent::sources::api_metrics::ApiMetrics;
+    use tower::Layer;
+    let api = Arc::new(Mutex::new(Api::default()));
+    {
+        let mut a = api.lock().unwrap();
+        a.items.insert(SERVICES, vec![service("web", "10.96.0.10", "5")]);
+        a.items.insert(SLICES, vec![slice("web", &["10.244.1.1"], "7")]);
+        a.refused.insert(NODES, 403);
+    }
+    let metrics = ApiMetrics::default();
+    let client =
+        Client::new(metrics.layer("10.96.0.1:443").layer(serve_api(api.clone())), "default");
+    let mut stream = watch(client, "node-a");
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let page = || {
+        let mut page = String::new();
+        prometheus_client::encoding::text::encode(&mut page, &registry).unwrap();
+        page
+    };
+    let count = |page: &str, code: &str| {
+        let labels = format!("{{code=\"{code}\",host=\"10.96.0.1:443\",method=\"GET\"}}");
+        sample(page, &format!("rest_client_requests_total{labels}")).unwrap_or(0.0)
+    };
+    let sent = |path: &str| {
+        let api = api.lock().unwrap();
+        api.requests.iter().filter(|r| r.starts_with(path)).count() as f64
+    };
+    // The Node list is refused: only the other two kinds arrive, their watches open, and every
+    // answer to them comes back through the layer (the stream must be polled for that).
+    let mut relisted = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let p = page();
+        let answered = count(&p, "200") == sent(SERVICES) + sent(SLICES);
+        if relisted.len() == 2
+            && watch_open(&api, SERVICES)
+            && watch_open(&api, SLICES)
+            && answered
+            && count(&p, "403") >= 1.0
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never counted:\n{p}");
+        let next = tokio::time::timeout(Duration::from_millis(50), stream.next()).await;
+        if let Ok(Some(KubeMsg::Relist(kind, _))) = next {
+            relisted.push(kind);
+        }
+    }
+    let p = page();
+    // Node requests go on (the watcher retries with backoff); each counted once answered.
+    assert!((1.0..=sent(NODES)).contains(&count(&p, "403")), "{p}");
+    assert_eq!(count(&p, "200"), 4.0, "a list and a watch of each allowed kind: {p}");
+    let timed = sample(
+        &p,
+        "rest_client_request_duration_seconds_count{host=\"10.96.0.1:443\",verb=\"GET\"}",
+    );
+    assert_eq!(timed, Some(count(&p, "200") + count(&p, "403")), "{p}");
 }

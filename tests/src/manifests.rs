@@ -126,3 +126,32 @@ impl Svc<'_> {
         if slices.is_empty() { self.yaml() } else { format!("{}---\n{}", self.yaml(), slices) }
     }
 }
+
+/// The metric names each panel of `deploy/grafana-dashboard.json` queries, panel by panel
+/// (identifiers of the agent's families: `lb_`, kube-proxy's, client-go's and `process_`).
+pub fn dashboard_metrics() -> Vec<(String, Vec<String>)> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana-dashboard.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let prefixes = ["lb_", "kubeproxy_", "rest_client_", "process_"];
+    let mut panels = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        let mut used = Vec::new();
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            used.extend(
+                expr.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .filter(|w| prefixes.iter().any(|p| w.starts_with(p)))
+                    .map(str::to_owned),
+            );
+        }
+        panels.push((panel["title"].as_str().unwrap_or("").to_owned(), used));
+    }
+    panels
+}
+
+/// Whether a scraped page has a sample of the metric `name` (such as `x_total`, `x_bucket`).
+pub fn exposes(page: &str, name: &str) -> bool {
+    page.lines().any(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+}

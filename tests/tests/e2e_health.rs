@@ -36,6 +36,7 @@ fn health_ready_metrics_and_health_check_node_ports() {
         ("itp.yaml", itp.file(&[Ep::ready(pod1, "node-1")])),
     ];
     // The health port open to load balancers, as the DaemonSet sets it.
+    let started = unix_now();
     let mut run = Running::start_with(cluster, &files, &["--health-bind-address", "0.0.0.0:10256"]);
     let node0 = &run.cluster.nodes[0];
     assert_eq!(http_get(&node0.ns, "127.0.0.1:10256", "/healthz").unwrap().0, 200);
@@ -89,6 +90,58 @@ fn health_ready_metrics_and_health_check_node_ports() {
     assert_eq!(value("lb_program_attached{program=\"tc\",target=\"eth0\"}"), 1.0);
     assert!(metrics.trim_end().ends_with("# EOF"));
 
+    // Every metric the dashboard in deploy/ charts. (Not the API requests': an agent reading
+    // manifests makes none, and a labelled family without a sample is not written at all;
+    // `kube_source` checks those on the agent's client against a mocked API server.)
+    for (title, used) in lb_tests::manifests::dashboard_metrics() {
+        for name in used.into_iter().filter(|n| !n.starts_with("rest_client_")) {
+            assert!(
+                lb_tests::manifests::exposes(&metrics, &name),
+                "{title:?} charts {name}: not exported"
+            );
+        }
+    }
+    // Monitoring built for kube-proxy reads the same figures under kube-proxy's names.
+    for (ours, kube_proxys) in [
+        ("lb_sync_duration_seconds_count", "kubeproxy_sync_proxy_rules_duration_seconds_count"),
+        ("lb_sync_last_timestamp_seconds", "kubeproxy_sync_proxy_rules_last_timestamp_seconds"),
+        (
+            "lb_services_no_local_endpoints{traffic_policy=\"internal\"}",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"}",
+        ),
+    ] {
+        assert_eq!(value(ours), value(kube_proxys), "{kube_proxys}");
+    }
+    // The first sync is one: its duration was observed.
+    assert!(value("lb_sync_duration_seconds_count") >= 1.0);
+    // Two services and one slice each, read at start; the health port asked three times.
+    assert_eq!(value("kubeproxy_sync_proxy_rules_service_changes_total"), 2.0);
+    assert_eq!(value("kubeproxy_sync_proxy_rules_endpoint_changes_total"), 2.0);
+    assert_eq!(value("kubeproxy_proxy_healthz_total{code=\"200\"}"), 3.0);
+    // The process figures, against what the kernel says of the agent's process.
+    let pid = run.agents[0].pid();
+    let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> f64 {
+        let line = proc_status.lines().find_map(|l| l.strip_prefix(name)).unwrap();
+        line.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let rss = value("process_resident_memory_bytes");
+    let kernel_rss = field("VmRSS:") * 1024.0;
+    assert!(rss > 1e6 && (rss / kernel_rss - 1.0).abs() < 0.5, "{rss} vs VmRSS {kernel_rss}");
+    let start = value("process_start_time_seconds");
+    assert!(
+        (started - 2.0..unix_now()).contains(&start),
+        "started at {start}, spawned at {started}"
+    );
+    let threads = value("process_threads");
+    assert!(threads >= 2.0 && (threads - field("Threads:")).abs() <= 2.0, "{threads}");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as f64;
+    let open_fds = value("process_open_fds");
+    assert!(open_fds >= 5.0 && (open_fds - fds).abs() <= 10.0, "{open_fds} vs {fds}");
+    assert!(value("process_max_fds") >= open_fds);
+    let cpu = value("process_cpu_seconds_total");
+    assert!(cpu > 0.0 && cpu < 2.0 * (unix_now() - started), "{cpu}");
+
     // A pod change the EndpointSlice controller stamps now (after the agent started: earlier
     // ones are not counted) and the agent sees 300 ms later: the network programming latency
     // counts it once, from that stamp to the maps written.
@@ -112,6 +165,9 @@ fn health_ready_metrics_and_health_check_node_ports() {
     let synced = value("lb_sync_last_timestamp_seconds");
     let now = jiff::Timestamp::now().as_second() as f64;
     assert!(synced <= now + 1.0 && synced > now - 10.0, "{synced} vs {now}");
+    // The slice changed, its service did not (the manifests source hands over changes only).
+    assert_eq!(value("kubeproxy_sync_proxy_rules_endpoint_changes_total"), 3.0);
+    assert_eq!(value("kubeproxy_sync_proxy_rules_service_changes_total"), 2.0);
 
     // The endpoint goes away: node-0 now answers 503 too.
     run.update("lb.yaml", &lb.file(&[]));
@@ -120,6 +176,11 @@ fn health_ready_metrics_and_health_check_node_ports() {
     assert!(value("lb_syncs_total") >= 0.0);
     // No endpoint anywhere: refused everywhere, not a local-policy drop any more.
     assert_eq!(no_local(&run.metrics(1), "external"), 0.0);
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
 }
 
 /// Polls `f` until it holds, for up to `secs` seconds.
@@ -177,6 +238,15 @@ fn healthz_and_livez_answer_like_kube_proxys_for_failed_writes_and_draining_node
     assert_eq!(v["nodeEligible"], true, "{body}");
     assert!(v["lastUpdated"].as_str().unwrap() < v["currentTime"].as_str().unwrap(), "{body}");
     assert_eq!(run.agents[0].count_log("programming failed"), 1, "logged once, not per retry");
+    // Counted by answer, as kube-proxy's proxy_healthz_total / proxy_livez_total.
+    let metrics = run.metrics(0);
+    let answers = |path: &str, code: u16| {
+        let name = format!("kubeproxy_proxy_{path}_total{{code=\"{code}\"}}");
+        metrics.lines().find_map(|l| l.strip_prefix(&name)?.trim().parse::<f64>().ok())
+    };
+    assert_eq!(answers("livez", 503), Some(1.0), "{metrics}");
+    assert_eq!(answers("healthz", 503), Some(2.0), "the poll's first 503 and the one after");
+    assert_eq!(answers("livez", 200), None, "not asked before");
     // What an operator on the node sees.
     let status = lb_tests::proc::command_in(
         &lb_tests::workspace_bin("lbctl"),

@@ -14,7 +14,12 @@ use std::{
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
 
-use super::{Reply, metrics::Metrics, proxy_health::ProxyHealth, reply};
+use super::{
+    Reply,
+    metrics::{CodeLabel, Metrics},
+    proxy_health::ProxyHealth,
+    reply,
+};
 
 pub struct Status {
     pub ready: AtomicBool,
@@ -80,8 +85,14 @@ pub async fn handle(status: Arc<Status>, paths: Paths, req: Request<Incoming>) -
         path @ ("/healthz" | "/livez") => {
             let h = status.proxy();
             let (now, wall) = (Instant::now(), SystemTime::now());
-            let (code, body) =
-                if path == "/healthz" { h.healthz(now, wall) } else { h.livez(now, wall) };
+            let (code, body, answers) = if path == "/healthz" {
+                let (code, body) = h.healthz(now, wall);
+                (code, body, &status.metrics.healthz)
+            } else {
+                let (code, body) = h.livez(now, wall);
+                (code, body, &status.metrics.livez)
+            };
+            answers.get_or_create(&CodeLabel { code: code.as_str().into() }).inc();
             reply(code, "application/json", body)
         }
         "/readyz" if status.ready.load(Ordering::Acquire) => {

@@ -1,6 +1,14 @@
 //! Prometheus metrics: the agent's own (syncs and their latency, objects, map fill, programs
 //! attached), and the datapath's, read from the per-CPU counters at each scrape (packets and
 //! bytes per service port, events and drops by reason).
+//!
+//! Monitoring built for kube-proxy finds what it reads under kube-proxy's names too (the
+//! kubernetes-mixin dashboard, metricbeat's and netdata's kube-proxy modules): the sync and
+//! network programming histograms, the last sync's time and the Local-policy gauge are the
+//! same metrics registered under both names (recorded once); the change counters, the health
+//! port's answers (`kubeproxy_*`), the API requests (`rest_client_*`,
+//! `sources/api_metrics.rs`) and the process figures (`process_*`, `process_metrics.rs`)
+//! exist under kube-proxy's names only.
 
 use std::{path::Path, sync::Mutex};
 
@@ -13,7 +21,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::dataplane::{conntrack_gc::GcMetrics, loader::maps_pin_dir};
+use super::process_metrics::ProcessCollector;
+use crate::{
+    dataplane::{conntrack_gc::GcMetrics, loader::maps_pin_dir},
+    sources::api_metrics::ApiMetrics,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -35,6 +47,12 @@ pub struct ProgramLabel {
 pub struct PolicyLabel {
     /// `internal` or `external`.
     pub traffic_policy: String,
+}
+
+/// An HTTP status code (kube-proxy's health port counters).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -69,6 +87,16 @@ pub struct Metrics {
     /// When the maps last matched the cluster state (Unix seconds).
     pub last_synced: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub conntrack_gc: GcMetrics,
+    /// Service and EndpointSlice changes taken in (kube-proxy's
+    /// `sync_proxy_rules_{service,endpoint}_changes_total`).
+    pub service_changes: Counter,
+    pub endpoint_changes: Counter,
+    /// `/healthz` and `/livez` answers by status code (kube-proxy's `proxy_healthz_total`,
+    /// `proxy_livez_total`).
+    pub healthz: Family<CodeLabel, Counter>,
+    pub livez: Family<CodeLabel, Counter>,
+    /// The agent's requests to the API server (the kube client's layer).
+    pub api: ApiMetrics,
 }
 
 impl Default for Metrics {
@@ -79,7 +107,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("lb");
+        let mut root = Registry::default();
         let map_entries = Family::<MapLabel, Gauge>::default();
         // The sweep counts conntrack's entries (the sync loop counts the other maps').
         let entries = map_entries.get_or_create(&MapLabel { map: MAP_CONNTRACK.into() }).clone();
@@ -106,7 +134,13 @@ impl Metrics {
             ]),
             last_synced: Gauge::default(),
             conntrack_gc,
+            service_changes: Counter::default(),
+            endpoint_changes: Counter::default(),
+            healthz: Family::default(),
+            livez: Family::default(),
+            api: ApiMetrics::default(),
         };
+        let registry = root.sub_registry_with_prefix("lb");
         registry.register("syncs", "Changes applied to the maps", m.syncs.clone());
         registry.register(
             "sync_errors",
@@ -182,8 +216,55 @@ impl Metrics {
             "How long the last conntrack sweep took",
             gc.last_seconds.clone(),
         );
-        *m.registry.lock().unwrap() = registry;
+        m.register_kube_proxy_names(&mut root);
+        *m.registry.lock().unwrap() = root;
         m
+    }
+
+    /// kube-proxy's names (see the module's doc), on the root registry (no prefix).
+    fn register_kube_proxy_names(&self, root: &mut Registry) {
+        root.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds: a change's arrival to its maps written (lb_sync_duration_seconds)",
+            self.sync_seconds.clone(),
+        );
+        root.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced (lb_sync_last_timestamp_seconds)",
+            self.last_synced.clone(),
+        );
+        root.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds (lb_network_programming_duration_seconds)",
+            self.programming_seconds.clone(),
+        );
+        root.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints (lb_services_no_local_endpoints)",
+            self.no_local_endpoints.clone(),
+        );
+        root.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            self.service_changes.clone(),
+        );
+        root.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            self.endpoint_changes.clone(),
+        );
+        root.register(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            self.healthz.clone(),
+        );
+        root.register(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            self.livez.clone(),
+        );
+        self.api.register(root);
+        root.register_collector(Box::new(ProcessCollector));
     }
 
     /// The text exposition: the agent's metrics, then the datapath's from the pinned maps.

@@ -5,6 +5,7 @@
 pub mod endpoints;
 pub mod health_check;
 pub mod metrics;
+pub mod process_metrics;
 pub mod proxy_health;
 
 use std::{

@@ -17,12 +17,13 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Config,
+    client::ClientBuilder,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt, watcher},
 };
 use tracing::warn;
 
-use super::{Event, Object};
+use super::{Event, Object, api_metrics::ApiMetrics};
 
 /// kube-proxy's selector for Services and EndpointSlices.
 pub const LABEL_SELECTOR: &str =
@@ -46,8 +47,12 @@ pub enum KubeMsg {
 
 /// A client from a kubeconfig file, else the in-cluster or default configuration; `api_server`
 /// overrides the URL (a cluster without kube-proxy cannot reach the `kubernetes` ClusterIP
-/// before this agent runs).
-pub async fn client(kubeconfig: Option<&Path>, api_server: Option<&str>) -> Result<Client> {
+/// before this agent runs). Its requests are counted in `metrics`.
+pub async fn client(
+    kubeconfig: Option<&Path>,
+    api_server: Option<&str>,
+    metrics: &ApiMetrics,
+) -> Result<Client> {
     let mut config = match kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path)
@@ -60,7 +65,9 @@ pub async fn client(kubeconfig: Option<&Path>, api_server: Option<&str>) -> Resu
         config.cluster_url =
             url.parse().with_context(|| format!("--k8s-api-server {url:?} is not a URL"))?;
     }
-    Client::try_from(config).context("building the Kubernetes client")
+    let counted = metrics.layer(&super::api_metrics::host_label(&config.cluster_url));
+    let builder = ClientBuilder::try_from(config).context("building the Kubernetes client")?;
+    Ok(builder.with_layer(&counted).build())
 }
 
 /// Turns one watcher into messages, buffering Init..InitDone into one Relist.

@@ -1,6 +1,7 @@
 //! Where objects come from. Both sources produce the same [`Event`]s, which the agent applies to
 //! the one [`crate::state::ClusterState`].
 
+pub mod api_metrics;
 pub mod kube;
 pub mod manifests;
 
