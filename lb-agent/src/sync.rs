@@ -194,7 +194,7 @@ impl<S: MapStore> Syncer<S> {
                 }
             }
         }
-        let keys: Vec<ObjKey> = if affected.all {
+        let mut keys: Vec<ObjKey> = if affected.all {
             // Everything known now, plus whatever the writer still holds for vanished ones.
             let mut k: std::collections::BTreeSet<ObjKey> =
                 self.state.services().map(|(k, _)| k.clone()).collect();
@@ -203,74 +203,27 @@ impl<S: MapStore> Syncer<S> {
         } else {
             affected.services.iter().cloned().collect()
         };
-        for key in keys {
-            let outcome = model::plan_service(&self.state, &key, &node, &self.cfg);
-            let problem = match &outcome {
-                ServiceOutcome::Invalid(e) => {
-                    Some(format!("service {key} is invalid and not programmed: {e}"))
-                }
-                ServiceOutcome::Planned { warnings, .. } if !warnings.is_empty() => {
-                    Some(format!("service {key}: {}", warnings.join("; ")))
-                }
-                _ => None,
-            };
-            self.note_problem(&key, problem, &mut report);
-            let health: Vec<(u16, Health)> = outcome
-                .plans()
-                .iter()
-                .filter_map(|p| {
-                    let port = p.health_check_node_port?;
-                    let local = p.external_backends.iter().filter(|b| b.local).count();
-                    Some((
-                        port,
-                        Health {
-                            namespace: p.namespace.clone(),
-                            name: p.name.clone(),
-                            local_endpoints: local,
-                        },
-                    ))
-                })
-                .collect();
-            if health.is_empty() {
-                self.health.remove(&key);
-            } else {
-                self.health.insert(key.clone(), health);
+        // Deleted services first: a frontend moving to another service in the same batch (a
+        // renamed service, a ClusterIP reused at once) is free by the time its new owner is
+        // written. (A stable sort: the rest keep their order.)
+        keys.sort_by_key(|key| self.state.service(key).is_some());
+        // A frontend freed while another service wanted it (a change of the holder in this
+        // batch or a later one) goes to the services that wanted it: they are written again.
+        // Those free none in turn, so a second round ends it; the bound is a guard. Conflicts
+        // are reported as they stand at the end.
+        let mut conflicts = std::collections::BTreeMap::new();
+        for _round in 0..4 {
+            for key in keys {
+                let outcome = model::plan_service(&self.state, &key, &node, &self.cfg);
+                let lost = self.program(key.clone(), &outcome, &mut report);
+                conflicts.insert(key, lost);
             }
-            let no_local = no_local_endpoints(outcome.plans());
-            if no_local == (0, 0) {
-                self.no_local.remove(&key);
-            } else {
-                self.no_local.insert(key.clone(), no_local);
-            }
-            report.services_planned += 1;
-            match self.writer.apply_object(&key, outcome.plans()) {
-                Ok(r) => {
-                    if self.failed.remove(&key).is_some() {
-                        info!(service = %key, "maps written after failing before");
-                    }
-                    for c in r.conflicts {
-                        report.errors.push(c);
-                    }
-                }
-                Err(e) => {
-                    let e = format!("{e:#}");
-                    // Logged when it starts or changes, not at every retry.
-                    let since = match self.failed.get(&key) {
-                        Some((since, last)) if *last == e => *since,
-                        Some((since, _)) => {
-                            warn!(service = %key, "programming failed (retried every 2 s): {e}");
-                            *since
-                        }
-                        None => {
-                            warn!(service = %key, "programming failed (retried every 2 s): {e}");
-                            Instant::now()
-                        }
-                    };
-                    self.failed.insert(key, (since, e.clone()));
-                    report.errors.push(e);
-                }
+            keys = self.writer.take_unblocked().into_iter().collect();
+            if keys.is_empty() {
+                break;
             }
         }
+        report.errors.extend(conflicts.into_values().flatten());
         let failed = &self.failed;
         report.programming_seconds =
             self.triggers.programmed(jiff::Timestamp::now(), |s| failed.contains_key(s));
@@ -278,6 +231,80 @@ impl<S: MapStore> Syncer<S> {
         report.writes = after.since(&before);
         debug!(planned = report.services_planned, writes = ?report.writes, "reprogrammed");
         report
+    }
+
+    /// Writes one service's outcome; returns the frontends it could not take (another
+    /// service's), which the caller reports once the batch is done.
+    fn program(
+        &mut self,
+        key: ObjKey,
+        outcome: &ServiceOutcome,
+        report: &mut SyncReport,
+    ) -> Vec<String> {
+        let problem = match outcome {
+            ServiceOutcome::Invalid(e) => {
+                Some(format!("service {key} is invalid and not programmed: {e}"))
+            }
+            ServiceOutcome::Planned { warnings, .. } if !warnings.is_empty() => {
+                Some(format!("service {key}: {}", warnings.join("; ")))
+            }
+            _ => None,
+        };
+        self.note_problem(&key, problem, report);
+        let health: Vec<(u16, Health)> = outcome
+            .plans()
+            .iter()
+            .filter_map(|p| {
+                let port = p.health_check_node_port?;
+                let local = p.external_backends.iter().filter(|b| b.local).count();
+                Some((
+                    port,
+                    Health {
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                        local_endpoints: local,
+                    },
+                ))
+            })
+            .collect();
+        if health.is_empty() {
+            self.health.remove(&key);
+        } else {
+            self.health.insert(key.clone(), health);
+        }
+        let no_local = no_local_endpoints(outcome.plans());
+        if no_local == (0, 0) {
+            self.no_local.remove(&key);
+        } else {
+            self.no_local.insert(key.clone(), no_local);
+        }
+        report.services_planned += 1;
+        match self.writer.apply_object(&key, outcome.plans()) {
+            Ok(r) => {
+                if self.failed.remove(&key).is_some() {
+                    info!(service = %key, "maps written after failing before");
+                }
+                return r.conflicts;
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                // Logged when it starts or changes, not at every retry.
+                let since = match self.failed.get(&key) {
+                    Some((since, last)) if *last == e => *since,
+                    Some((since, _)) => {
+                        warn!(service = %key, "programming failed (retried every 2 s): {e}");
+                        *since
+                    }
+                    None => {
+                        warn!(service = %key, "programming failed (retried every 2 s): {e}");
+                        Instant::now()
+                    }
+                };
+                self.failed.insert(key, (since, e.clone()));
+                report.errors.push(e);
+            }
+        }
+        Vec::new()
     }
 
     fn note_problem(&mut self, key: &ObjKey, problem: Option<String>, report: &mut SyncReport) {

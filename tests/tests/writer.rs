@@ -85,12 +85,22 @@ fn a_frontend_claimed_by_two_services_stays_with_the_first() {
     let a = simple_plan("a", ip("10.96.0.10"), ip("192.168.1.11"), 30080, backends(2));
     let b = simple_plan("b", ip("10.96.0.10"), ip("192.168.1.11"), 30081, backends(3));
     w.apply_object(&ObjKey::new("default", "a"), &[a]).unwrap();
-    let r = w.apply_object(&ObjKey::new("default", "b"), &[b]).unwrap();
+    let r = w.apply_object(&ObjKey::new("default", "b"), std::slice::from_ref(&b)).unwrap();
     assert_eq!(r.conflicts.len(), 1, "{:?}", r.conflicts);
     assert!(r.conflicts[0].contains("ClusterIP 10.96.0.10:80"), "{:?}", r.conflicts);
     let dump = canonical(&w.store().snapshot().unwrap()).unwrap();
     let cluster_ip = dump.frontends.iter().find(|(k, _)| k.port() == 80).unwrap().1;
     assert_eq!(cluster_ip.2, 2, "still service a's two backends");
+    assert!(w.take_unblocked().is_empty(), "nothing freed yet");
+
+    // a goes: the writer names b, which wanted the frontend, to be written again; then b has it.
+    w.apply_object(&ObjKey::new("default", "a"), &[]).unwrap();
+    assert_eq!(w.take_unblocked().into_iter().collect::<Vec<_>>(), [ObjKey::new("default", "b")]);
+    let r = w.apply_object(&ObjKey::new("default", "b"), &[b]).unwrap();
+    assert!(r.conflicts.is_empty(), "{:?}", r.conflicts);
+    let dump = canonical(&w.store().snapshot().unwrap()).unwrap();
+    let cluster_ip = dump.frontends.iter().find(|(k, _)| k.port() == 80).unwrap().1;
+    assert_eq!(cluster_ip.2, 3, "service b's three backends");
 }
 
 #[test]

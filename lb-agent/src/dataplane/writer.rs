@@ -125,6 +125,12 @@ pub struct Writer<S: MapStore> {
     by_object: HashMap<ObjKey, BTreeSet<PortKey>>,
     /// Frontend -> service id of the port that owns it.
     frontend_owner: HashMap<ServiceKey, u32>,
+    /// Frontend -> services that wanted it while another owned it: when it is freed they are
+    /// handed to the caller to program again ([`Writer::take_unblocked`]), so the frontend
+    /// does not stay unprogrammed until their next change.
+    frontend_waiters: HashMap<ServiceKey, BTreeSet<ObjKey>>,
+    /// Services a freed frontend was waited for by.
+    unblocked: BTreeSet<ObjKey>,
     /// Address markers and how many service ports hold each.
     markers: HashMap<ServiceKey, u32>,
     node: NodeConfig,
@@ -214,6 +220,8 @@ impl<S: MapStore> Writer<S> {
             ports: HashMap::new(),
             by_object: HashMap::new(),
             frontend_owner: HashMap::new(),
+            frontend_waiters: HashMap::new(),
+            unblocked: BTreeSet::new(),
             markers: HashMap::new(),
             node: snapshot.node,
             stale: None,
@@ -434,6 +442,9 @@ impl<S: MapStore> Writer<S> {
             let sk = frontend_key(f, proto);
             match self.frontend_owner.get(&sk) {
                 Some(&owner) if owner != service_id => {
+                    let waiter =
+                        ObjKey { namespace: key.namespace.clone(), name: key.name.clone() };
+                    self.frontend_waiters.entry(sk).or_default().insert(waiter);
                     let owner = self
                         .ports
                         .iter()
@@ -596,7 +607,7 @@ impl<S: MapStore> Writer<S> {
             for sk in o.frontends.keys() {
                 if !new_frontends.contains_key(sk) {
                     self.store.delete_service(sk)?;
-                    self.frontend_owner.remove(sk);
+                    self.free_frontend(sk);
                 }
             }
             for &backend_id in o.affinity_members.difference(&affinity_members) {
@@ -633,11 +644,25 @@ impl<S: MapStore> Writer<S> {
         Ok(())
     }
 
+    /// A frontend no port owns any more: whoever waited for it gets another try.
+    fn free_frontend(&mut self, sk: &ServiceKey) {
+        self.frontend_owner.remove(sk);
+        if let Some(waiters) = self.frontend_waiters.remove(sk) {
+            self.unblocked.extend(waiters);
+        }
+    }
+
+    /// The services to program again because a frontend they wanted was freed (see
+    /// `frontend_waiters`).
+    pub fn take_unblocked(&mut self) -> BTreeSet<ObjKey> {
+        std::mem::take(&mut self.unblocked)
+    }
+
     fn remove_port(&mut self, key: &PortKey) -> Result<()> {
         let Some(old) = self.ports.remove(key) else { return Ok(()) };
         for sk in old.frontends.keys() {
             self.store.delete_service(sk)?;
-            self.frontend_owner.remove(sk);
+            self.free_frontend(sk);
         }
         for key in &old.markers {
             self.release_marker(key)?;

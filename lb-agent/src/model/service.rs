@@ -181,6 +181,22 @@ pub fn parse(svc: &Service, cfg: &ModelConfig) -> Result<Parsed, FieldError> {
                 format!("{name:?} is used by two ports"),
             ));
         }
+        // The API server refuses these too: which of two ports would own the address?
+        let proto_name = p.protocol.as_deref().unwrap_or("TCP");
+        if ports.iter().any(|q| q.port == port && q.protocol == protocol) {
+            return Err(FieldError::new(
+                format!("{path}.port"),
+                format!("{port}/{proto_name} is used by two ports"),
+            ));
+        }
+        if node_port.is_some()
+            && ports.iter().any(|q| q.node_port == node_port && q.protocol == protocol)
+        {
+            return Err(FieldError::new(
+                format!("{path}.nodePort"),
+                format!("{}/{proto_name} is used by two ports", node_port.unwrap_or_default()),
+            ));
+        }
         ports.push(ParsedPort { name, protocol, port, node_port });
     }
 

@@ -504,6 +504,14 @@ mod tests {
                 "spec.ports[0].protocol \"ICMP\" is not TCP, UDP or SCTP",
             ),
             (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.9, ports: [{name: a, port: 53, protocol: UDP}, {name: b, port: 53}, {name: c, port: 53}]}",
+                "spec.ports[2].port 53/TCP is used by two ports",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {type: NodePort, clusterIP: 10.96.0.9, ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30080}]}",
+                "spec.ports[1].nodePort 30080/TCP is used by two ports",
+            ),
+            (
                 "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {type: Magic, clusterIP: 10.96.0.9}",
                 "spec.type \"Magic\" is not ClusterIP, NodePort, LoadBalancer or ExternalName",
             ),
