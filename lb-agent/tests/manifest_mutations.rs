@@ -5,6 +5,9 @@
 //! error names the file; every service the mutated document does not belong to keeps exactly
 //! its plan; and once the file is whole again, the maps equal those of a fresh build.
 //!
+//! Beside it, random sequences of valid changes (renames, an address taken over by another
+//! service at once, endpoints moving between slices) keep the maps equal to a fresh build's.
+//!
 //! `LB_MUTATION_SEED` and `LB_MUTATIONS` pick another seed and count (a failure prints both).
 
 use std::{
@@ -462,5 +465,206 @@ struct Cleanup(PathBuf);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One service of the random world below: its name, ClusterIP and node port come from small
+/// pools, so renames and addresses reused by another service happen often.
+#[derive(Clone, Debug)]
+struct WorldService {
+    name: usize,
+    ip: usize,
+    node_port: Option<usize>,
+    udp: bool,
+    target: u16,
+    /// Slices, each a list of (endpoint, ready).
+    slices: Vec<Vec<(usize, bool)>>,
+}
+
+const NAMES: usize = 10;
+const IPS: usize = 6;
+const NODE_PORTS: usize = 4;
+
+impl WorldService {
+    fn yaml(&self) -> String {
+        let (proto, name) = (if self.udp { "UDP" } else { "TCP" }, self.name);
+        let (typ, np) = match self.node_port {
+            Some(n) => ("NodePort", format!(", nodePort: {}", 30100 + 500 * n)),
+            None => ("ClusterIP", String::new()),
+        };
+        let mut docs = vec![format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{name}, namespace: default}}\nspec:\n  type: {typ}\n  clusterIP: 10.96.{}.10\n  ports: [{{name: p, port: 80, protocol: {proto}, targetPort: {}{np}}}]\n",
+            self.ip * 11,
+            self.target
+        )];
+        for (i, eps) in self.slices.iter().enumerate() {
+            let mut d = format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{name}-{i}, namespace: default, labels: {{kubernetes.io/service-name: s{name}}}}}\naddressType: IPv4\nports: [{{name: p, port: {}, protocol: {proto}}}]\nendpoints:{}\n",
+                self.target,
+                if eps.is_empty() { " []" } else { "" }
+            );
+            for (e, ready) in eps {
+                d += &format!(
+                    "- {{addresses: [10.244.{}.{}], nodeName: node-{}, conditions: {{ready: {ready}}}}}\n",
+                    e % 3,
+                    10 + e,
+                    1 + e % 2
+                );
+            }
+            docs.push(d);
+        }
+        docs.join("---\n")
+    }
+}
+
+/// The random world: services by file, never two holding one name, address or node port at
+/// once (the API server's rule), so a fresh build has one right answer.
+struct World(Vec<WorldService>);
+
+impl World {
+    fn free(
+        &self,
+        taken: impl Fn(&WorldService) -> Option<usize>,
+        pool: usize,
+        rng: &mut Rng,
+    ) -> Option<usize> {
+        let free: Vec<usize> =
+            (0..pool).filter(|i| self.0.iter().all(|s| taken(s) != Some(*i))).collect();
+        (!free.is_empty()).then(|| free[rng.below(free.len())])
+    }
+
+    fn endpoints(rng: &mut Rng) -> Vec<(usize, bool)> {
+        (0..rng.below(4)).map(|_| (rng.below(8), rng.below(5) != 0)).collect()
+    }
+
+    /// One random change; what it was.
+    fn change(&mut self, rng: &mut Rng) -> String {
+        let pick = rng.below(self.0.len().max(1));
+        match rng.below(8) {
+            0 | 1 => {
+                let (Some(name), Some(ip)) =
+                    (self.free(|s| Some(s.name), NAMES, rng), self.free(|s| Some(s.ip), IPS, rng))
+                else {
+                    return "nothing (pools used up)".into();
+                };
+                let node_port = if rng.below(2) == 0 {
+                    self.free(|s| s.node_port, NODE_PORTS, rng)
+                } else {
+                    None
+                };
+                let slices = (0..1 + rng.below(2)).map(|_| Self::endpoints(rng)).collect();
+                let s = WorldService {
+                    name,
+                    ip,
+                    node_port,
+                    udp: rng.below(3) == 0,
+                    target: 8080,
+                    slices,
+                };
+                self.0.push(s);
+                format!("s{name} added at address {ip}")
+            }
+            _ if self.0.is_empty() => "nothing (no service)".into(),
+            2 => format!("s{} removed", self.0.remove(pick).name),
+            3 => {
+                let Some(name) = self.free(|s| Some(s.name), NAMES, rng) else {
+                    return "nothing".into();
+                };
+                let old = std::mem::replace(&mut self.0[pick].name, name);
+                format!("s{old} renamed s{name}")
+            }
+            4 => {
+                // Another service takes this one's address at once (deleted and re-created).
+                let old = self.0.remove(pick);
+                let Some(name) = self.free(|s| Some(s.name), NAMES, rng).filter(|n| *n != old.name)
+                else {
+                    self.0.push(old);
+                    return "nothing".into();
+                };
+                let slices = vec![Self::endpoints(rng)];
+                self.0.push(WorldService {
+                    name,
+                    node_port: None,
+                    udp: !old.udp,
+                    target: 9090,
+                    slices,
+                    ..old
+                });
+                format!("s{} replaced by s{name} at its address", old.name)
+            }
+            5 => {
+                let s = &mut self.0[pick];
+                let k = rng.below(s.slices.len().max(1));
+                match s.slices.get_mut(k) {
+                    Some(eps) => *eps = Self::endpoints(rng),
+                    None => s.slices.push(Self::endpoints(rng)),
+                }
+                format!("s{}: slice {k} changed", s.name)
+            }
+            6 => {
+                let s = &mut self.0[pick];
+                // Endpoints move between slices: merged into one, or split in two.
+                let all: Vec<(usize, bool)> = s.slices.drain(..).flatten().collect();
+                let cut = rng.below(all.len() + 1);
+                s.slices = if rng.below(2) == 0 {
+                    vec![all]
+                } else {
+                    vec![all[..cut].to_vec(), all[cut..].to_vec()]
+                };
+                format!("s{}: slices reshaped", s.name)
+            }
+            _ => {
+                let node_port = self.free(|s| s.node_port, NODE_PORTS, rng);
+                let s = &mut self.0[pick];
+                s.node_port = if s.node_port.is_some() { None } else { node_port };
+                s.target = if s.target == 8080 { 9090 } else { 8080 };
+                format!("s{}: node port {:?}, target port {}", s.name, s.node_port, s.target)
+            }
+        }
+    }
+}
+
+/// Random sequences of valid changes (services added, removed, renamed, an address taken over
+/// by another service at once, endpoints moved between slices, types and ports changed), a few
+/// files at a time: after each poll the maps equal a fresh agent's build of the same files.
+#[test]
+fn random_valid_changes_keep_the_maps_equal_to_a_fresh_build() {
+    let seed: u64 =
+        std::env::var("LB_MUTATION_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x0bad_cafe);
+    let steps: usize =
+        std::env::var("LB_MUTATIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000) / 2;
+    let (dir, _cleanup) = folder("world");
+    let mut agent = Agent::new(&dir);
+    let mut world = World(Vec::new());
+    let mut rng = Rng(seed | 1);
+    let mut version = 0;
+    let mut history = Vec::new();
+    for step in 0..steps {
+        // One to three changes land in one poll.
+        for _ in 0..1 + rng.below(3) {
+            history.push(world.change(&mut rng));
+        }
+        let files: BTreeMap<String, String> =
+            world.0.iter().map(|s| (format!("s{}.yaml", s.name), s.yaml())).collect();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if name != "node.yaml" && !files.contains_key(&name) {
+                std::fs::remove_file(dir.join(&name)).unwrap();
+            }
+        }
+        for (name, text) in &files {
+            let path = dir.join(name);
+            if std::fs::read_to_string(&path).ok().as_ref() != Some(text) {
+                version += 1;
+                write(&path, std::slice::from_ref(text), version);
+            }
+        }
+        let errors = agent.poll();
+        let context = format!("seed {seed}, step {step}, after: {}", history.join("; "));
+        assert!(errors.is_empty(), "{errors:?}\n{context}");
+        let mut fresh = Agent::new(&dir);
+        fresh.poll();
+        assert_eq!(agent.plans(), fresh.plans(), "{context}");
+        assert!(agent.maps() == fresh.maps(), "maps differ from a fresh build's: {context}");
     }
 }
