@@ -15,7 +15,7 @@ use crate::util::{run_cmd, succeeds, workspace_root};
 
 /// The release upgraded from: the last commit of the previous working session. Move it forward
 /// when a release is cut.
-pub const UPGRADE_FROM: &str = "4404fcc5387ae1a013e351dda947421cf3500801";
+pub const UPGRADE_FROM: &str = "a78bee6d82a958f029ef7693f69c97dea867abfb";
 
 fn git(args: &[&str]) -> Command {
     let mut cmd = Command::new("git");
