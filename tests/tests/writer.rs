@@ -278,3 +278,143 @@ fn address_markers_follow_the_addresses_services_use() {
     w2.apply_object(&b, &[]).unwrap();
     assert_eq!(markers(&w2).len(), 1, "only the ClusterIP's left: {:?}", markers(&w2));
 }
+
+/// Pinned maps a next agent finds damaged (a crashed older build, a hand edit with bpftool):
+/// tables pointing past the Maglev array or overlapping others, slots naming backends that
+/// do not exist, frontends naming unknown sets or ids, stray names, memberships and ranges.
+/// The restarted writer must neither panic nor refuse to start, and once it has programmed
+/// the same plans and finished its initial sync, the maps equal a fresh build's.
+#[test]
+fn a_restart_over_damaged_maps_repairs_them_to_a_fresh_build() {
+    use lb_common::{AffinityMatchKey, BackendValue, ServiceKey, ServiceValue, TableValue};
+    let mut world = World::new(16);
+    let mut rng = Rng::new(11);
+    for _ in 0..150 {
+        world.mutate(&mut rng);
+    }
+    let program = |w: &mut Writer<MemoryStore>| {
+        for i in 0..16 {
+            w.apply_object(&ObjKey::new("default", format!("svc-{i}")), &world.plans(i)).unwrap();
+        }
+    };
+    let mut fresh = Writer::new(memory(), CFG).unwrap();
+    program(&mut fresh);
+    // What the maps mean, ids aside: the canonical dump, the names, the source ranges.
+    let meaning = |s: lb_agent::dataplane::store::Snapshot| {
+        let ids: std::collections::BTreeMap<u32, String> = s.names.clone();
+        let names: std::collections::BTreeSet<String> = ids.values().cloned().collect();
+        let ranges: std::collections::BTreeSet<(String, ipnet::IpNet)> = s
+            .source_ranges
+            .iter()
+            .map(|(id, net)| {
+                (ids.get(id).cloned().unwrap_or_else(|| format!("unnamed {id}")), *net)
+            })
+            .collect();
+        (canonical(&s).unwrap(), names, ranges)
+    };
+    let want = meaning(fresh.store().snapshot().unwrap());
+    let maglev_slots = 1u32 << 18;
+
+    for trial in 0..40 {
+        let mut store = fresh.store().clone();
+        let snapshot = store.snapshot().unwrap();
+        let frontends: Vec<ServiceKey> = snapshot.services.keys().copied().collect();
+        let tables: Vec<u32> = snapshot.tables.keys().copied().collect();
+        // Mostly near the real ids and ranges, sometimes anywhere.
+        let any = |rng: &mut Rng, near: u32| {
+            if rng.chance(70) {
+                rng.below(u64::from(near) + 8) as u32
+            } else {
+                rng.next_u64() as u32
+            }
+        };
+        let mut what = Vec::new();
+        for _ in 0..1 + rng.below(12) {
+            // Writes the store refuses (an id past a map's size) are what the kernel would
+            // refuse too: nothing was damaged.
+            match rng.below(7) {
+                0 => {
+                    let id = if tables.is_empty() || rng.chance(30) {
+                        any(&mut rng, 64)
+                    } else {
+                        tables[rng.below(tables.len() as u64) as usize]
+                    };
+                    let value = TableValue {
+                        maglev_offset: any(&mut rng, maglev_slots),
+                        maglev_size: [0, 1, 7, 251, 1021, 65537, u32::MAX][rng.below(7) as usize],
+                        backend_count: any(&mut rng, 20),
+                        _pad: 0,
+                    };
+                    let _ = store.set_table(id, &value);
+                    what.push(format!("table {id} = {value:?}"));
+                }
+                1 => {
+                    let start = any(&mut rng, maglev_slots);
+                    let slots: Vec<u32> =
+                        (0..1 + rng.below(300)).map(|_| any(&mut rng, 64)).collect();
+                    let _ = store.set_maglev_range(start, &slots);
+                    what.push(format!("{} slots at {start}", slots.len()));
+                }
+                2 => {
+                    let id = any(&mut rng, 64);
+                    let value = BackendValue::new(
+                        ip(&format!("10.1.0.{}", rng.below(256))),
+                        8080,
+                        rng.below(256) as u8,
+                    );
+                    let _ = store.set_backend(id, &value);
+                    what.push(format!("backend {id} = {value:?}"));
+                }
+                3 => {
+                    let key = if frontends.is_empty() || rng.chance(30) {
+                        ServiceKey::new(
+                            ip(&format!("10.96.{}.{}", rng.below(4), rng.below(256))),
+                            80,
+                            6,
+                            1,
+                        )
+                    } else {
+                        frontends[rng.below(frontends.len() as u64) as usize]
+                    };
+                    let value = ServiceValue {
+                        service_id: any(&mut rng, 64),
+                        table_id: any(&mut rng, 64),
+                        flags: rng.next_u64() as u32,
+                        affinity_timeout_s: any(&mut rng, 100),
+                    };
+                    let _ = store.set_service(&key, &value);
+                    what.push(format!("frontend {key:?} = {value:?}"));
+                }
+                4 => {
+                    let key = AffinityMatchKey {
+                        backend_id: any(&mut rng, 64),
+                        service_id: any(&mut rng, 64),
+                    };
+                    let _ = store.set_affinity_match(&key);
+                    what.push(format!("{key:?}"));
+                }
+                5 => {
+                    let id = any(&mut rng, 64);
+                    let _ = store.set_name(id, Some("ns/stray:p/TCP/IPv4"));
+                    what.push(format!("name {id}"));
+                }
+                _ => {
+                    let id = any(&mut rng, 64);
+                    let net: ipnet::IpNet = "10.0.0.0/8".parse().unwrap();
+                    let _ = store.set_source_ranges(id, &[], &[net]);
+                    what.push(format!("source range of {id}"));
+                }
+            }
+        }
+        let context = format!("trial {trial}: {}", what.join("; "));
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut w =
+                Writer::new(store, CFG).unwrap_or_else(|e| panic!("refused to start: {e:#}"));
+            program(&mut w);
+            w.finish_initial_sync().unwrap_or_else(|e| panic!("initial sync failed: {e:#}"));
+            meaning(w.store().snapshot().unwrap())
+        }));
+        let got = run.unwrap_or_else(|_| panic!("the writer panicked after {context}"));
+        assert!(got == want, "not repaired after {context}");
+    }
+}

@@ -85,10 +85,11 @@ impl MaglevSpace {
         Some(offset)
     }
 
-    /// Takes a specific range (a table adopted from pinned maps); false if it is not free.
+    /// Takes a specific range (a table adopted from pinned maps); false if it is not free (or
+    /// not a range at all: pinned maps may hold anything).
     pub fn claim(&mut self, offset: u32, size: u32) -> bool {
         let Some((&start, &len)) = self.free.range(..=offset).next_back() else { return false };
-        if offset + size > start + len {
+        if offset.checked_add(size).is_none_or(|end| end > start + len) {
             return false;
         }
         self.free.remove(&start);

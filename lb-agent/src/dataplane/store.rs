@@ -167,7 +167,8 @@ impl MapStore for MemoryStore {
     }
     fn set_maglev_range(&mut self, start: u32, values: &[u32]) -> Result<()> {
         let s = start as usize;
-        self.maglev[s..s + values.len()].copy_from_slice(values);
+        let range = self.maglev.get_mut(s..s.saturating_add(values.len()));
+        range.context("Maglev slots beyond the map")?.copy_from_slice(values);
         self.counts.maglev_slots += values.len() as u64;
         self.counts.maglev_calls += 1;
         Ok(())

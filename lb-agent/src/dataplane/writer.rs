@@ -99,6 +99,11 @@ struct Stale {
     backend_by_addr: HashMap<BackendAddr, u32>,
     backends: BTreeSet<u32>,
     tables: BTreeSet<u32>,
+    /// Sets whose Maglev range could not be claimed (overlapping another's, or past the map):
+    /// never adopted, since writing one would change another's slots.
+    untrusted_ranges: BTreeSet<u32>,
+    /// Sets whose id is outside this agent's id space: removed by the first full sync.
+    foreign_tables: Vec<u32>,
     service_ids: BTreeSet<u32>,
     frontends: BTreeSet<ServiceKey>,
     affinity_match: BTreeSet<AffinityMatchKey>,
@@ -242,14 +247,13 @@ impl<S: MapStore> Writer<S> {
                 }
             }
             for (&id, t) in &snapshot.tables {
-                if w.table_ids.claim(id) {
-                    stale.tables.insert(id);
-                    if t.maglev_size > 0 && !w.maglev.claim(t.maglev_offset, t.maglev_size) {
-                        // Overlapping or out-of-range tables: the set stays, its range is not
-                        // trusted for adoption.
-                        stale.tables.remove(&id);
-                        stale.tables.insert(id);
-                    }
+                if !w.table_ids.claim(id) {
+                    stale.foreign_tables.push(id);
+                    continue;
+                }
+                stale.tables.insert(id);
+                if t.maglev_size > 0 && !w.maglev.claim(t.maglev_offset, t.maglev_size) {
+                    stale.untrusted_ranges.insert(id);
                 }
             }
             for (k, v) in &snapshot.services {
@@ -372,8 +376,13 @@ impl<S: MapStore> Writer<S> {
                 self.store.delete_service(key)?;
             }
         }
+        // A membership no port holds (of a port gone, or of a backend its port no longer has)
+        // would let affinity keep sending a client to a backend its service dropped.
         for key in &stale.affinity_match {
-            if !self.ports.values().any(|p| p.service_id == key.service_id) {
+            let held = self.ports.values().any(|p| {
+                p.service_id == key.service_id && p.affinity_members.contains(&key.backend_id)
+            });
+            if !held {
                 self.store.delete_affinity_match(key)?;
             }
         }
@@ -387,9 +396,13 @@ impl<S: MapStore> Writer<S> {
             self.table_ids.release(id);
             if let Some(t) = stale.snapshot.tables.get(&id)
                 && t.maglev_size > 0
+                && !stale.untrusted_ranges.contains(&id)
             {
                 self.maglev.release(t.maglev_offset, t.maglev_size);
             }
+        }
+        for &id in &stale.foreign_tables {
+            self.store.delete_table(id)?;
         }
         for &id in &stale.backends {
             self.store.set_backend(id, &BackendValue::default())?;
@@ -862,6 +875,7 @@ impl<S: MapStore> Writer<S> {
             && let Some(id) = hint
             && let Some(stale) = self.stale.as_mut()
             && stale.tables.contains(&id)
+            && !stale.untrusted_ranges.contains(&id)
             && let Some(t) = stale.snapshot.tables.get(&id).copied()
             && t.maglev_size == m
             && stale.snapshot.table_slots(id) == slots.as_slice()
