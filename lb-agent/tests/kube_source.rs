@@ -16,13 +16,14 @@ use http::{Request, Response};
 use http_body::Frame;
 use http_body_util::StreamBody;
 use kube::{Client, client::Body};
+mod common;
+
 use lb_agent::{
     config::ModelConfig,
     dataplane::{
         store::{MapStore, MemoryStore},
-        writer::{Writer, WriterConfig, canonical},
+        writer::canonical,
     },
-    model::maglev,
     sources::kube::{KubeMsg, LABEL_SELECTOR, watch},
     sync::Syncer,
 };
@@ -190,16 +191,7 @@ async fn lists_watches_410_gone_and_reconnects_leave_nothing_stale_or_missing() 
         a.items.insert(NODES, vec![node()]);
     }
     let client = spawn_api(api.clone());
-    let writer = Writer::new(
-        MemoryStore::new(1 << 16, 1024),
-        WriterConfig {
-            maglev_max_size: maglev::DEFAULT_MAX_SIZE,
-            max_services: 1024,
-            answer_service_pings: true,
-        },
-    )
-    .unwrap();
-    let mut syncer = Syncer::new(ModelConfig::new("node-a"), writer);
+    let mut syncer = common::memory_syncer(ModelConfig::new("node-a"));
     let mut stream = watch(client, "node-a");
 
     until("the initial lists are programmed", &mut syncer, &mut stream, |s| {

@@ -17,13 +17,15 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+mod common;
+
 use lb_agent::{
     config::ModelConfig,
     dataplane::{
         store::{MapStore, MemoryStore},
-        writer::{CanonicalDump, Writer, WriterConfig, canonical},
+        writer::{CanonicalDump, canonical},
     },
-    model::{ServiceOutcome, maglev, plan_all},
+    model::{ServiceOutcome, plan_all},
     sources::manifests::ManifestsDir,
     state::ObjKey,
     sync::Syncer,
@@ -289,17 +291,8 @@ struct Agent {
 impl Agent {
     fn new(dir: &Path) -> Self {
         let cfg = ModelConfig::new("node-1");
-        let writer = Writer::new(
-            MemoryStore::new(1 << 16, 1024),
-            WriterConfig {
-                maglev_max_size: maglev::DEFAULT_MAX_SIZE,
-                max_services: 1024,
-                answer_service_pings: true,
-            },
-        )
-        .unwrap();
         let source = ManifestsDir::new(dir, cfg.clone()).with_settle(Duration::ZERO);
-        Self { source, syncer: Syncer::new(cfg.clone(), writer), cfg }
+        Self { source, syncer: common::memory_syncer(cfg.clone()), cfg }
     }
 
     /// Polls the folder and applies what changed; the errors' texts.
