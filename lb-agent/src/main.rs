@@ -449,12 +449,7 @@ async fn run(args: Args) -> Result<()> {
 
     // Initial sync: everything the source holds, then stale pinned entries go.
     let start = Instant::now();
-    let (writes, changes) = source.initial(&mut syncer).await?;
-    // The first sync counts as one (kube-proxy's first syncProxyRules does).
-    status.metrics.syncs.inc();
-    status.metrics.sync_seconds.observe(start.elapsed().as_secs_f64());
-    status.metrics.service_changes.inc_by(changes.service_changes);
-    status.metrics.endpoint_changes.inc_by(changes.endpoint_changes);
+    let (writes, mut initial) = source.initial(&mut syncer).await?;
     syncer.finish_initial_sync()?;
     // UDP flows to endpoints that went while no agent ran. This pass covers whatever the
     // initial sync released too, so its list is dropped.
@@ -475,7 +470,9 @@ async fn run(args: Args) -> Result<()> {
         "initial sync done"
     );
     let mut health_servers = HealthServers::new(status.clone());
-    after_sync(&status, &syncer, &mut health_servers, None).await;
+    // The first sync counts as one in the metrics (kube-proxy's first syncProxyRules does).
+    initial.elapsed = start.elapsed();
+    after_sync(&status, &syncer, &mut health_servers, &initial).await;
     status.ready.store(true, std::sync::atomic::Ordering::Release);
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -551,7 +548,8 @@ enum Change {
 
 impl Source {
     /// Applies everything the source holds now; for the API server, until every kind has been
-    /// listed once. Returns the writes and the changes taken in (their counts only).
+    /// listed once. Returns the writes and a report holding the changes taken in (their counts
+    /// only).
     async fn initial(
         &mut self,
         syncer: &mut Syncer<KernelStore>,
@@ -638,7 +636,7 @@ async fn synced(
     if !stale.is_empty() && conntrack.send(conntrack_gc::UdpFlush::To(stale)).is_err() {
         bail!("the conntrack worker stopped");
     }
-    after_sync(status, syncer, health, Some(report)).await;
+    after_sync(status, syncer, health, report).await;
     Ok(())
 }
 
@@ -647,20 +645,18 @@ async fn after_sync(
     status: &Status,
     syncer: &Syncer<KernelStore>,
     health: &mut HealthServers,
-    report: Option<&SyncReport>,
+    r: &SyncReport,
 ) {
     let m = &status.metrics;
-    if let Some(r) = report {
-        m.syncs.inc();
-        m.sync_seconds.observe(r.elapsed.as_secs_f64());
-        m.service_changes.inc_by(r.service_changes);
-        m.endpoint_changes.inc_by(r.endpoint_changes);
-        for &s in &r.programming_seconds {
-            m.programming_seconds.observe(s);
-        }
-        if !r.errors.is_empty() {
-            m.sync_errors.inc();
-        }
+    m.syncs.inc();
+    m.sync_seconds.observe(r.elapsed.as_secs_f64());
+    m.service_changes.inc_by(r.service_changes);
+    m.endpoint_changes.inc_by(r.endpoint_changes);
+    for &s in &r.programming_seconds {
+        m.programming_seconds.observe(s);
+    }
+    if !r.errors.is_empty() {
+        m.sync_errors.inc();
     }
     {
         let mut h = status.proxy();

@@ -194,7 +194,7 @@ impl<S: MapStore> Syncer<S> {
                 }
             }
         }
-        let mut keys: Vec<ObjKey> = if affected.all {
+        let keys: Vec<ObjKey> = if affected.all {
             // Everything known now, plus whatever the writer still holds for vanished ones.
             let mut k: std::collections::BTreeSet<ObjKey> =
                 self.state.services().map(|(k, _)| k.clone()).collect();
@@ -203,14 +203,12 @@ impl<S: MapStore> Syncer<S> {
         } else {
             affected.services.iter().cloned().collect()
         };
-        // Deleted services first: a frontend moving to another service in the same batch (a
-        // renamed service, a ClusterIP reused at once) is free by the time its new owner is
-        // written. (A stable sort: the rest keep their order.)
-        keys.sort_by_key(|key| self.state.service(key).is_some());
-        // A frontend freed while another service wanted it (a change of the holder in this
-        // batch or a later one) goes to the services that wanted it: they are written again.
-        // Those free none in turn, so a second round ends it; the bound is a guard. Conflicts
-        // are reported as they stand at the end.
+        // A frontend freed while another service wanted it (a renamed service written before
+        // its old name's removal, a ClusterIP reused at once, a holder deleted in a later
+        // batch) goes to the services that wanted it: they are written again. Those free none
+        // in turn, so a second round ends it; the bound is a guard. Conflicts are reported as
+        // they stand at the end.
+        let mut keys = keys;
         let mut conflicts = std::collections::BTreeMap::new();
         for _round in 0..4 {
             for key in keys {

@@ -603,6 +603,11 @@ pub fn metric(page: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in\n{page}"))
 }
 
+/// Whether a scraped page has a sample of the metric `name` (such as `x_total`, `x_bucket`).
+pub fn exposes(page: &str, name: &str) -> bool {
+    page.lines().any(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+}
+
 pub fn host_of(addr: &str) -> String {
     addr.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']).to_owned()).unwrap_or_default()
 }

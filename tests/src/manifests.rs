@@ -150,8 +150,3 @@ pub fn dashboard_metrics() -> Vec<(String, Vec<String>)> {
     }
     panels
 }
-
-/// Whether a scraped page has a sample of the metric `name` (such as `x_total`, `x_bucket`).
-pub fn exposes(page: &str, name: &str) -> bool {
-    page.lines().any(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
-}

@@ -96,7 +96,7 @@ fn health_ready_metrics_and_health_check_node_ports() {
     for (title, used) in lb_tests::manifests::dashboard_metrics() {
         for name in used.into_iter().filter(|n| !n.starts_with("rest_client_")) {
             assert!(
-                lb_tests::manifests::exposes(&metrics, &name),
+                lb_tests::cluster::exposes(&metrics, &name),
                 "{title:?} charts {name}: not exported"
             );
         }
