@@ -24,6 +24,9 @@ pub struct ModelConfig {
     /// `--external-clusterip`: the device hooks translate ClusterIPs too, for clients outside
     /// the cluster that the network routes the service range to (BGP-advertised ClusterIPs).
     pub external_cluster_ips: bool,
+    /// `--pod-devices`: pods' packets are translated on their devices (the socket hooks alone
+    /// never see SCTP: without these, pods cannot reach an SCTP ClusterIP).
+    pub pod_devices: bool,
 }
 
 impl ModelConfig {
@@ -36,6 +39,7 @@ impl ModelConfig {
             node_port_range: 30000..=32767,
             maglev_max_size: maglev::DEFAULT_MAX_SIZE,
             external_cluster_ips: false,
+            pod_devices: false,
         }
     }
 }

@@ -149,9 +149,8 @@ pub struct Explanation {
 
 fn proto_name(p: u8) -> &'static str {
     match p {
-        PROTO_UDP => "UDP",
         PROTO_ICMP => "ICMP echo request",
-        _ => "TCP",
+        p => lb_common::proto_name(p),
     }
 }
 
@@ -166,8 +165,8 @@ fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// An Ethernet frame with a TCP SYN, a small UDP datagram or (`PROTO_ICMP`) an echo request
-/// from `src` to `dst`.
+/// An Ethernet frame with a TCP SYN, a small UDP datagram, an SCTP INIT or (`PROTO_ICMP`) an
+/// echo request from `src` to `dst`.
 pub fn build_packet(src: SocketAddr, dst: SocketAddr, proto: u8) -> Result<Vec<u8>> {
     // `PROTO_ICMP`: an echo request (a ping), ICMPv6's for IPv6 addresses.
     let (proto, csum_at) = match (proto, src.is_ipv6()) {
@@ -181,6 +180,16 @@ pub fn build_packet(src: SocketAddr, dst: SocketAddr, proto: u8) -> Result<Vec<u
         let mut i = vec![request, 0, 0, 0, 0x4c, 0x42, 0, 1];
         i.extend_from_slice(b"lbctl explain");
         i
+    } else if proto == PROTO_SCTP {
+        // Common header (verification tag 0, as an INIT's), then the INIT chunk: initiate tag,
+        // receive window, stream counts, initial TSN.
+        let mut s = vec![0u8; 12];
+        s[0..2].copy_from_slice(&src.port().to_be_bytes());
+        s[2..4].copy_from_slice(&dst.port().to_be_bytes());
+        s.extend_from_slice(&[1, 0, 0, 20, 0x4c, 0x42, 0, 1, 0, 1, 0, 0, 0, 10, 0, 10, 0, 0, 0, 1]);
+        let crc = lb_common::crc32c::checksum(&s);
+        s[8..12].copy_from_slice(&crc.to_le_bytes());
+        s
     } else if proto == PROTO_TCP {
         let mut t = vec![0u8; 20];
         t[0..2].copy_from_slice(&src.port().to_be_bytes());
@@ -235,9 +244,12 @@ pub fn build_packet(src: SocketAddr, dst: SocketAddr, proto: u8) -> Result<Vec<u
         _ => bail!("source and destination are of different IP families"),
     }
     let mut l4 = l4;
-    pseudo.extend_from_slice(&l4);
-    let c = checksum(&pseudo);
-    l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+    // SCTP's CRC, above, covers no pseudo-header.
+    if proto != PROTO_SCTP {
+        pseudo.extend_from_slice(&l4);
+        let c = checksum(&pseudo);
+        l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+    }
     p.extend_from_slice(&l4);
     Ok(p)
 }

@@ -132,14 +132,6 @@ pub struct StatsView {
     pub maps: Vec<MapFill>,
 }
 
-fn proto_name(p: u8) -> &'static str {
-    match p {
-        PROTO_TCP => "TCP",
-        PROTO_UDP => "UDP",
-        _ => "?",
-    }
-}
-
 fn sock(addr: &Addr, port_be: u16) -> String {
     SocketAddr::new(addr_to_ip(addr), u16::from_be(port_be)).to_string()
 }

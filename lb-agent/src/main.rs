@@ -283,6 +283,7 @@ async fn run(args: Args) -> Result<()> {
     cfg.nodeport_addresses = args.nodeport_addresses.clone();
     cfg.localhost_nodeports = args.localhost_nodeports;
     cfg.external_cluster_ips = args.external_clusterip;
+    cfg.pod_devices = args.pod_devices.iter().any(|d| !d.is_empty());
     cfg.extra_node_ips = args.node_ip.clone();
     cfg.maglev_max_size = args.maglev_max_size;
     // Served later; the API client counts its requests into its metrics.

@@ -255,11 +255,7 @@ pub fn view(e: &MonitorEvent, names: &impl Names, wall_offset_ns: i128) -> Event
             _ => "?",
         },
         device: (!socket).then(|| names.device(e.ifindex).unwrap_or(format!("if{}", e.ifindex))),
-        protocol: match e.proto {
-            PROTO_TCP => "TCP",
-            PROTO_UDP => "UDP",
-            _ => "?",
-        },
+        protocol: proto_name(e.proto),
         from: (!socket).then(|| endpoint(&e.saddr, e.sport_be)),
         to: endpoint(&e.daddr, e.dport_be),
         new_from: (translated && !socket).then(|| endpoint(&e.new_saddr, e.new_sport_be)),

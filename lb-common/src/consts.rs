@@ -216,8 +216,21 @@ pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 // ---- L4 protocols (IANA numbers, as in the IP header) ----
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;
+/// A transport protocol's name, as Kubernetes spells the ones services carry.
+pub const fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        PROTO_TCP => "TCP",
+        PROTO_UDP => "UDP",
+        PROTO_SCTP => "SCTP",
+        PROTO_ICMP => "ICMP",
+        PROTO_ICMPV6 => "ICMPv6",
+        _ => "?",
+    }
+}
+
 /// ICMP and ICMPv6 echo request types.
 pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const ICMPV6_ECHO_REQUEST: u8 = 128;
@@ -309,6 +322,12 @@ pub const CT_TIMEOUT_TCP_RESET_S: u64 = 1;
 /// Linux's TIME_WAIT (TCP_TIMEWAIT_LEN), which pods' kernels keep.
 pub const CT_TIMEOUT_TCP_TIME_WAIT_S: u64 = 60;
 pub const CT_TIMEOUT_UDP_S: u64 = 60;
+/// SCTP, as netfilter times it (kube-proxy sets no SCTP lifetime): an association answered
+/// lives 210 s without a packet (its heartbeats come every 30 s and more); one not yet
+/// answered, retrying its INIT, 30 s; one ended (SHUTDOWN COMPLETE, ABORT) 10 s and 1 s,
+/// TCP's closing and reset lifetimes.
+pub const CT_TIMEOUT_SCTP_ESTABLISHED_S: u64 = 210;
+pub const CT_TIMEOUT_SCTP_INIT_S: u64 = 30;
 
 /// No lifetime is shorter (the reset's; the agent refuses shorter configured ones): an entry
 /// seen this recently is live whatever its state, without reading the configuration.
@@ -334,6 +353,14 @@ impl CtTimeouts {
     /// [`CtTimeouts::expired`]).
     #[inline(always)]
     pub const fn lifetime_s(&self, proto: u8, state: u8) -> u64 {
+        if proto == PROTO_SCTP {
+            return match state {
+                CT_STATE_ESTABLISHED => CT_TIMEOUT_SCTP_ESTABLISHED_S,
+                CT_STATE_CLOSING => CT_TIMEOUT_TCP_CLOSING_S,
+                CT_STATE_RESET => CT_TIMEOUT_TCP_RESET_S,
+                _ => CT_TIMEOUT_SCTP_INIT_S,
+            };
+        }
         if proto != PROTO_TCP {
             // A UDP flow is ESTABLISHED once a reply came back (netfilter's "assured").
             let udp = or_default(self.udp_s, CT_TIMEOUT_UDP_S);

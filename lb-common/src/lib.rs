@@ -8,6 +8,7 @@
 #![no_std]
 
 pub mod consts;
+pub mod crc32c;
 pub mod events;
 pub mod hash;
 pub mod maps;

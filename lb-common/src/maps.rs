@@ -75,7 +75,7 @@ pub struct ServiceKey {
     pub addr: Addr,
     /// Network byte order.
     pub port_be: u16,
-    /// `PROTO_TCP` or `PROTO_UDP`.
+    /// `PROTO_TCP`, `PROTO_UDP` or `PROTO_SCTP`.
     pub proto: u8,
     /// `SCOPE_EXTERNAL` or `SCOPE_INTERNAL`.
     pub scope: u8,

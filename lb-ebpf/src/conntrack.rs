@@ -53,6 +53,8 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
         } else if state == CT_STATE_NEW && tcp_flags & TCP_ACK != 0 && tcp_flags & TCP_SYN == 0 {
             state = CT_STATE_ESTABLISHED;
         }
+    } else if key.proto == PROTO_SCTP {
+        state = sctp_state(state, tcp_flags, e.flags);
     } else if state == CT_STATE_NEW && e.flags & CT_F_REPLY != 0 {
         // A UDP flow answered: a stream (its own lifetime, --conntrack-udp-timeout-stream).
         state = CT_STATE_ESTABLISHED;
@@ -68,6 +70,24 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
         }
     }
     Some(e)
+}
+
+/// The state an SCTP packet moves its association to, by what its first chunk stands for
+/// (`packet::sctp_flags`): ABORT resets it, SHUTDOWN COMPLETE ends it, an INIT on an ended
+/// one's tuple opens a new one, and any packet from the backend establishes it.
+#[inline(always)]
+fn sctp_state(state: u8, flags: u8, entry_flags: u8) -> u8 {
+    if flags & TCP_RST != 0 {
+        CT_STATE_RESET
+    } else if flags & TCP_FIN != 0 {
+        CT_STATE_CLOSING
+    } else if flags & TCP_SYN != 0 && ct_state_ended(state) {
+        CT_STATE_NEW
+    } else if state == CT_STATE_NEW && entry_flags & CT_F_REPLY != 0 {
+        CT_STATE_ESTABLISHED
+    } else {
+        state
+    }
 }
 
 /// The state a FIN moves a flow to, arriving on the entry with `flags` (a reply entry's

@@ -11,7 +11,7 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{Addr, PROTO_TCP, STAT_XDP_REDIRECT, STAT_XDP_TX};
+use lb_common::{Addr, PROTO_SCTP, PROTO_TCP, STAT_XDP_REDIRECT, STAT_XDP_TX};
 
 use crate::{
     clock,
@@ -245,8 +245,13 @@ pub fn redirect(ctx: &TcContext) -> Redirect {
 }
 
 /// The network length of one segment of a GSO packet: its headers and `gso_size` payload bytes.
+/// SCTP's are cut by its sender, chunk by chunk, to the association's path MTU (`gso_size` is
+/// `GSO_BY_FRAGS` there): never judged too big.
 #[inline(always)]
 fn segment_l3_len(b: &Bounds, flow: &Flow, gso_size: u32) -> u32 {
+    if flow.proto == PROTO_SCTP {
+        return 0;
+    }
     let l4_header = if flow.proto == PROTO_TCP {
         // SAFETY: bounds checked by ptr_at; the data offset is byte 12's high nibble.
         b.ptr_at::<[u8; 20]>(flow.l4()).map_or(20, |h| ((unsafe { (*h)[12] } >> 4) as u32) * 4)

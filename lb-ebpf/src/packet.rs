@@ -6,8 +6,8 @@
 use core::mem::size_of;
 
 use lb_common::{
-    Addr, CtKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, STAT_FRAGMENT, STAT_MALFORMED,
-    STAT_NOT_IP, STAT_OTHER_L4, addr_from_v4_raw,
+    Addr, CtKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, STAT_FRAGMENT,
+    STAT_MALFORMED, STAT_NOT_IP, STAT_OTHER_L4, addr_from_v4_raw,
 };
 use network_types::{
     eth::EthHdr,
@@ -100,7 +100,8 @@ pub struct Flow {
     /// Always 0: the key's padding.
     pub _pad8: u8,
     pub _pad16: u16,
-    /// TCP flags byte (0 for UDP).
+    /// TCP flags byte (0 for UDP; for SCTP, the flag its first chunk stands for: see
+    /// [`sctp_flags`]).
     pub tcp_flags: u8,
     pub is_v6: bool,
     /// `FRAG_*`: whether the packet is a fragment, and which.
@@ -150,6 +151,24 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+// SCTP chunk types that open or end an association (RFC 9260 section 3.2).
+const SCTP_INIT: u8 = 1;
+const SCTP_ABORT: u8 = 6;
+const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
+
+/// The TCP flag an SCTP packet's first chunk stands for, so conntrack and the refusals read
+/// one field: INIT opens (SYN), ABORT resets (RST, never answered), SHUTDOWN COMPLETE ends
+/// (FIN); any other chunk carries the association on (ACK).
+#[inline(always)]
+pub fn sctp_flags(chunk_type: u8) -> u8 {
+    match chunk_type {
+        SCTP_INIT => TCP_SYN,
+        SCTP_ABORT => TCP_RST,
+        SCTP_SHUTDOWN_COMPLETE => TCP_FIN,
+        _ => TCP_ACK,
+    }
+}
+
 /// Deepest transport header we translate: parsing gives up beyond (counted as other_l4). Also
 /// lets offsets read back from a map be masked into a range the verifier accepts.
 pub const MAX_L4_OFF: usize = 255;
@@ -186,7 +205,7 @@ impl Flow {
         self.l4_off & MAX_L4_OFF
     }
 
-    /// Offset of the transport checksum.
+    /// Offset of the transport checksum (TCP and UDP; SCTP's is rewritten by `sctp.rs`).
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
         if self.proto == PROTO_TCP { self.l4() + 16 } else { self.l4() + 6 }
@@ -266,7 +285,11 @@ fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
         out.frag_id = u16::from_ne_bytes(unsafe { (*ip).id }) as u32;
         out.frag_proto = proto;
     }
-    let ports = if later { Err(Skip::Fragment) } else { parse_ports(b, l4_off, proto, PROTO_ICMP) };
+    let ports = if later {
+        Err(Skip::Fragment)
+    } else {
+        parse_ports(b, l4_off, proto, PROTO_ICMP, out.frag)
+    };
     // Field by field: a `Flow` built first would take stack in the hook's frame.
     let fill = |ports: (u16, u16, u8)| {
         (out.sport_be, out.dport_be, out.tcp_flags) = ports;
@@ -290,7 +313,7 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
     let ports = if t.frag == FRAG_LATER {
         Err(Skip::Fragment)
     } else {
-        parse_ports(b, t.off, t.proto, PROTO_ICMPV6)
+        parse_ports(b, t.off, t.proto, PROTO_ICMPV6, t.frag)
     };
     let fill = |ports: (u16, u16, u8)| {
         (out.sport_be, out.dport_be, out.tcp_flags) = ports;
@@ -369,9 +392,19 @@ fn finish(
 }
 
 /// Source and destination port (network byte order) and TCP flags of a complete TCP or UDP
-/// header; `Skip::Icmp` for the family's ICMP (`icmp`) within reach.
+/// header, or of an SCTP packet's common header and first chunk's (the flag it stands for);
+/// `Skip::Icmp` for the family's ICMP (`icmp`) within reach. SCTP in IP fragments is not
+/// translated (`frag`): its checksum covers the whole datagram, whose length the first
+/// fragment does not tell. (SCTP sizes its packets to the path MTU itself; Linux sends them
+/// with "don't fragment".)
 #[inline(always)]
-fn parse_ports(b: &Bounds, l4_off: usize, proto: u8, icmp: u8) -> Result<(u16, u16, u8), Skip> {
+fn parse_ports(
+    b: &Bounds,
+    l4_off: usize,
+    proto: u8,
+    icmp: u8,
+    frag: u8,
+) -> Result<(u16, u16, u8), Skip> {
     if l4_off > MAX_L4_OFF {
         return Err(Skip::OtherL4);
     }
@@ -383,6 +416,12 @@ fn parse_ports(b: &Bounds, l4_off: usize, proto: u8, icmp: u8) -> Result<(u16, u
             (tcp.cast(), flags)
         }
         PROTO_UDP => (b.ptr_at::<UdpHdr>(l4_off).ok_or(Skip::Malformed)?.cast(), 0),
+        PROTO_SCTP if frag == FRAG_NONE => {
+            // The common header (12 bytes) and the first chunk's type: a packet has one.
+            let sctp = b.ptr_at::<[u8; 16]>(l4_off).ok_or(Skip::Malformed)?;
+            // SAFETY: the 16 bytes are inside the packet.
+            (sctp.cast(), sctp_flags(unsafe { (*sctp)[12] }))
+        }
         _ if proto == icmp => return Err(Skip::Icmp),
         _ => return Err(Skip::OtherL4),
     };

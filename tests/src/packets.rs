@@ -32,6 +32,49 @@ pub fn tcp4(
     if syn { write(b.syn(), payload) } else { write(b.ack(1), payload) }
 }
 
+/// SCTP chunk types the tests send.
+pub const SCTP_DATA: u8 = 0;
+pub const SCTP_INIT: u8 = 1;
+pub const SCTP_INIT_ACK: u8 = 2;
+pub const SCTP_ABORT: u8 = 6;
+pub const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
+
+/// An SCTP packet (common header and one chunk of `chunk_type` with 16 bytes of value), its
+/// CRC32c filled in. etherparse builds the frame up to the IP header.
+pub fn sctp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, chunk_type: u8) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC).ipv4(src.octets(), dst.octets(), TTL);
+    let mut out = Vec::new();
+    b.write(&mut out, etherparse::IpNumber(132), &sctp_segment(sport, dport, chunk_type))
+        .expect("valid packet");
+    out
+}
+
+pub fn sctp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, chunk_type: u8) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC).ipv6(src.octets(), dst.octets(), TTL);
+    let mut out = Vec::new();
+    b.write(&mut out, etherparse::IpNumber(132), &sctp_segment(sport, dport, chunk_type))
+        .expect("valid packet");
+    out
+}
+
+fn sctp_segment(sport: u16, dport: u16, chunk_type: u8) -> Vec<u8> {
+    let mut s = Vec::with_capacity(32);
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    // An INIT's verification tag is 0; others carry the peer's.
+    let vtag: u32 = if chunk_type == SCTP_INIT { 0 } else { 0x5eed_0001 };
+    s.extend_from_slice(&vtag.to_be_bytes());
+    s.extend_from_slice(&[0; 4]);
+    s.extend_from_slice(&[chunk_type, 0]);
+    s.extend_from_slice(&20u16.to_be_bytes());
+    s.extend_from_slice(&[
+        0x11, 0x22, 0x33, 0x44, 0, 1, 0, 0, 0, 10, 0, 10, 0x0a, 0x0b, 0x0c, 0x0d,
+    ]);
+    let crc = lb_common::crc32c::checksum(&s);
+    s[8..12].copy_from_slice(&crc.to_le_bytes());
+    s
+}
+
 /// A TCP segment with RST (and ACK 1), or with FIN (and ACK 1): a connection ending.
 pub fn tcp4_end(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, rst: bool) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
@@ -521,10 +564,27 @@ pub fn summarize(p: &[u8]) -> Option<Summary> {
     })
 }
 
-/// Checks the IPv4 header checksum and the TCP/UDP checksum (pseudo-header included) of a
-/// frame. A UDP/IPv4 checksum of 0 means "none" and passes.
+/// Checks the IPv4 header checksum and the TCP/UDP checksum (pseudo-header included) or
+/// SCTP's CRC32c of a frame. A UDP/IPv4 checksum of 0 means "none" and passes (SCTP's does
+/// not: the tests' packets are summed).
 pub fn checksums_ok(p: &[u8]) -> Result<(), String> {
     let s = summarize(p).ok_or("not a TCP/UDP packet")?;
+    if s.proto == 132 {
+        if s.src.is_ipv4() {
+            let ihl = (p[ETH_LEN] & 0x0f) as usize * 4;
+            if ones_complement_sum(&p[ETH_LEN..ETH_LEN + ihl]) != 0xffff {
+                return Err("bad IPv4 header checksum".into());
+            }
+        }
+        let mut seg = p[s.l4_off..].to_vec();
+        let field = u32::from_le_bytes(seg[8..12].try_into().expect("an SCTP header"));
+        seg[8..12].fill(0);
+        let want = lb_common::crc32c::checksum(&seg);
+        return match field == want {
+            true => Ok(()),
+            false => Err(format!("bad SCTP checksum {field:#010x}, should be {want:#010x}")),
+        };
+    }
     let mut pseudo = Vec::new();
     let l4_len;
     match (s.src.ip(), s.dst.ip()) {

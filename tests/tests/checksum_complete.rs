@@ -2,7 +2,7 @@
 //! with BPF_F_TEST_SKB_CHECKSUM_COMPLETE): NICs that sum each packet hand the stack that sum,
 //! and a program that changes bytes without changing it makes the stack see a corrupt packet
 //! ("hw csum failure", then the packet is summed again in software or dropped). First packets,
-//! established ones, replies both ways, SNAT, both families, TCP and UDP, fragments, ICMP errors
+//! established ones, replies both ways, SNAT, both families, TCP, UDP and SCTP, fragments, ICMP errors
 //! and the answers the node makes itself.
 
 use etherparse::{Icmpv4Type, icmpv4};
@@ -29,6 +29,8 @@ fn datapath() -> Datapath {
         ("empty", VIP.into(), 82, Protocol::Tcp, vec![]),
         ("web6", VIP6.into(), 80, Protocol::Tcp, vec![backend(LOCAL6.into(), 8080, true)]),
         ("dns6", VIP6.into(), 53, Protocol::Udp, vec![backend(LOCAL6.into(), 5353, true)]),
+        ("m3ua", VIP.into(), 2905, Protocol::Sctp, vec![backend(LOCAL_POD.into(), 3905, true)]),
+        ("m3ua6", VIP6.into(), 2905, Protocol::Sctp, vec![backend(LOCAL6.into(), 3905, true)]),
     ];
     for (name, vip, port, proto, backends) in services {
         dp.program(name, &[lb_plan(name, vip, port, proto, backends)]);
@@ -53,6 +55,10 @@ fn every_translation_keeps_a_checksum_complete_sum_right() {
         ("tcp6 reply", PROG_TC_EGRESS, tcp6(LOCAL6, 8080, CLIENT6, 40000, false, b"200")),
         ("udp6 query", PROG_TC_INGRESS, udp6(CLIENT6, 5000, VIP6, 53, b"query")),
         ("udp6 answer", PROG_TC_EGRESS, udp6(LOCAL6, 5353, CLIENT6, 5000, b"answer")),
+        ("sctp4 INIT", PROG_TC_INGRESS, sctp4(CLIENT, 40000, VIP, 2905, SCTP_INIT)),
+        ("sctp4 INIT ACK", PROG_TC_EGRESS, sctp4(LOCAL_POD, 3905, CLIENT, 40000, SCTP_INIT_ACK)),
+        ("sctp6 INIT", PROG_TC_INGRESS, sctp6(CLIENT6, 40000, VIP6, 2905, SCTP_INIT)),
+        ("sctp6 INIT ACK", PROG_TC_EGRESS, sctp6(LOCAL6, 3905, CLIENT6, 40000, SCTP_INIT_ACK)),
         // An answer as long as the packet keeps CHECKSUM_COMPLETE; one of another length does
         // not (the kernel's resize makes it CHECKSUM_NONE, and the stack sums it), which this
         // check of the kernel's does not model: it compares the sum whatever the state.

@@ -29,14 +29,14 @@ status: {addresses: [{type: InternalIP, address: 10.0.0.1}]}
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: default}
-spec: {type: LoadBalancer, clusterIP: 10.96.0.10, ports: [{port: 80, nodePort: 30080, targetPort: 8080}]}
+spec: {type: LoadBalancer, clusterIP: 10.96.0.10, ports: [{name: http, port: 80, nodePort: 30080, targetPort: 8080}, {name: m3ua, protocol: SCTP, port: 2905, nodePort: 30905, targetPort: 3905}]}
 status: {loadBalancer: {ingress: [{ip: 198.51.100.10}]}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
-ports: [{port: 8080}]
+ports: [{name: http, port: 8080}, {name: m3ua, protocol: SCTP, port: 3905}]
 endpoints:
 - {addresses: [10.0.2.5], nodeName: n}
 ";
@@ -56,7 +56,14 @@ ip addr add 10.0.2.1/24 dev dp0 && ip link set dp0 up
 ip -n p addr add 10.0.2.5/24 dev eth0 && ip -n p link set eth0 up && ip -n p link set lo up
 ip -n p route add default via 10.0.2.1
 echo 1 > /proc/sys/net/ipv4/ip_forward
-ip netns exec p $D/lb-probe serve --name pod --tcp 0.0.0.0:8080 > /dev/null &
+# SCTP, summed in software by every sender and checked by every receiver: no device here
+# offloads its CRC or vouches for it, so a translation that left it wrong loses the packet.
+modprobe sctp
+ip netns exec c ethtool -K c0 tx-checksum-sctp off rx off
+ethtool -K d0 tx-checksum-sctp off rx off && ethtool -K dp0 tx-checksum-sctp off rx off
+ip netns exec p ethtool -K eth0 tx-checksum-sctp off rx off
+ethtool -k dp0 > $D/ethtool.out
+ip netns exec p $D/lb-probe serve --name pod --tcp 0.0.0.0:8080 --sctp 0.0.0.0:3905 > /dev/null &
 $D/lb-agent --manifests $D/manifests --node-name n --bpffs /sys/fs/bpf/lb --devices d0 \
   --pod-devices dp+ --socket-lb-host-namespace-only --cgroup /sys/fs/cgroup --xdp \
   --stats-interval 0 > $D/agent.log 2>&1 &
@@ -74,6 +81,12 @@ ip netns exec p $D/lb-probe connect 10.96.0.10:80 --count 5 > $D/from-pod.out 2>
 $D/lb-probe connect 10.96.0.10:80 --count 5 > $D/from-host.out 2>&1
 ip netns exec p $D/lb-probe connect 10.96.0.10:81 --count 2 > $D/unknown-port.out 2>&1
 $D/lb-probe connect 10.96.0.10:81 > $D/host-unknown-port.out 2>&1
+# SCTP: a NodePort from outside, the ClusterIP from the pod (its device's hooks: the kernel
+# runs no socket hook for SCTP).
+ip netns exec c $D/lb-probe connect 10.0.0.1:30905 --sctp --count 3 > $D/sctp-nodeport.out 2>&1
+ip netns exec p $D/lb-probe connect 10.96.0.10:2905 --sctp --count 3 > $D/sctp-from-pod.out 2>&1
+ip netns exec p cat /proc/net/sctp/snmp > $D/sctp-snmp.pod 2>&1
+ip netns exec c cat /proc/net/sctp/snmp > $D/sctp-snmp.client 2>&1
 # The LoadBalancer IP from outside, the client its router: answered pings, the service's
 # port, and a port it lacks dropped (the node's default route would send it back).
 ip route add default via 10.0.0.9
@@ -102,6 +115,7 @@ const KERNEL_TESTS_6_1: &[(&str, &[&str])] = &[
     ("icmp_errors", &[]),
     ("pod_devices", &[]),
     ("service_addresses", &[]),
+    ("sctp", &[]),
 ];
 
 /// On 5.10, those whose packets need not arrive on a real device: its BPF_PROG_TEST_RUN refuses
@@ -264,21 +278,38 @@ fn run_on(k: &OldKernel) {
     assert_eq!(status["devices"], d0, "{status}");
     assert_eq!(status["pod_devices"], serde_json::json!(["dp0"]), "{status}");
     assert_eq!(status["socket_hooks"], serde_json::json!(["/"]), "{status}");
-    assert_eq!(status["service_ports"], 1, "{status}");
+    assert_eq!(status["service_ports"], 2, "{status}");
     let fallbacks = serde_json::json!(kernel_features::fallbacks(k.features));
     assert_eq!(status["kernel_fallbacks"], fallbacks, "lbctl status tells them too: {status}");
     // Who answered, seeing whom, as whom: the pod, each time; the client's own address, the
     // node's for the pod reaching itself (hairpin SNAT), the host's route source; each client
     // saw the address it asked.
-    for (file, seen, peer) in [
-        ("nodeport.out", "10.0.0.9", "10.0.0.1:30080"),
-        ("from-pod.out", "10.0.0.1", "10.96.0.10:80"),
-        ("from-host.out", "10.0.2.1", "10.96.0.10:80"),
+    for (file, seen, peer, count) in [
+        ("nodeport.out", "10.0.0.9", "10.0.0.1:30080", 5),
+        ("from-pod.out", "10.0.0.1", "10.96.0.10:80", 5),
+        ("from-host.out", "10.0.2.1", "10.96.0.10:80", 5),
+        ("sctp-nodeport.out", "10.0.0.9", "10.0.0.1:30905", 3),
+        ("sctp-from-pod.out", "10.0.0.1", "10.96.0.10:2905", 3),
     ] {
         let r = parse_probe(&read(file).lines().map(str::to_owned).collect::<Vec<_>>());
         let r: Vec<_> = r.into_iter().map(|r| r.map(|(n, s, p)| (n, host_of(&s), p))).collect();
         let want = (String::from("pod"), seen.to_owned(), peer.to_owned());
-        assert_eq!(r, vec![Ok(want); 5], "{file} on {series}: {said}");
+        assert_eq!(r, vec![Ok(want); count], "{file} on {series}: {said}");
+    }
+    // SCTP's CRC was checked in software on every hop's receiver (no offload), and never
+    // found wrong.
+    let ethtool = read("ethtool.out");
+    for off in ["tx-checksum-sctp: off", "rx-checksumming: off"] {
+        assert!(ethtool.contains(off), "{off}: {ethtool}");
+    }
+    for side in ["pod", "client"] {
+        let snmp = read(&format!("sctp-snmp.{side}"));
+        let counter = |name: &str| -> Option<u64> {
+            let line = snmp.lines().find(|l| l.split_whitespace().next() == Some(name))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        };
+        assert_eq!(counter("SctpChecksumErrors"), Some(0), "{side}: {snmp}");
+        assert!(counter("SctpInSCTPPacks").is_some_and(|n| n > 0), "{side}: {snmp}");
     }
     // A ClusterIP's missing port: the pod's device refuses it (a TCP reset), the socket hook
     // the host's connect().

@@ -96,7 +96,7 @@ enum Command {
     Explain {
         /// Source address, optionally with port: 203.0.113.7 or 203.0.113.7:40000 or [2001:db8::7]:40000.
         src: String,
-        /// Destination address:port, optionally /tcp or /udp (default tcp); or address/icmp,
+        /// Destination address:port, optionally /tcp, /udp or /sctp (default tcp); or address/icmp,
         /// a ping.
         dst: String,
         #[arg(long, value_enum, default_value = "outside")]
@@ -442,10 +442,13 @@ fn live(cmd: Command) -> Result<()> {
                 Some((d, p)) if p.eq_ignore_ascii_case("tcp") => {
                     (d.to_string(), lb_common::PROTO_TCP)
                 }
+                Some((d, p)) if p.eq_ignore_ascii_case("sctp") => {
+                    (d.to_string(), lb_common::PROTO_SCTP)
+                }
                 Some((d, p)) if p.eq_ignore_ascii_case("icmp") => {
                     (d.to_string(), lb_common::PROTO_ICMP)
                 }
-                Some((_, p)) => anyhow::bail!("protocol {p:?} is not tcp, udp or icmp"),
+                Some((_, p)) => anyhow::bail!("protocol {p:?} is not tcp, udp, sctp or icmp"),
                 None => (dst, lb_common::PROTO_TCP),
             };
             let src = parse_endpoint(&src, Some(40000))?;

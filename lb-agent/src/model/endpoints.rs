@@ -7,10 +7,7 @@
 
 use std::{collections::BTreeSet, net::IpAddr};
 
-use super::{
-    plan::{Family, Protocol},
-    service::ParsedPort,
-};
+use super::{plan::Family, service::ParsedPort};
 use crate::state::SliceInfo;
 
 /// One endpoint of one service port, as the slices describe it.
@@ -44,10 +41,7 @@ pub fn for_port<'a>(
         Family::IPv4 => "IPv4",
         Family::IPv6 => "IPv6",
     };
-    let protocol = match port.protocol {
-        Protocol::Tcp => "TCP",
-        Protocol::Udp => "UDP",
-    };
+    let protocol = lb_common::proto_name(port.protocol.number());
     let mut out: Vec<Endpoint> = Vec::new();
     for slice in slices {
         if slice.address_type != address_type {

@@ -12,7 +12,8 @@ pub mod service;
 use std::{collections::BTreeSet, net::IpAddr, str::FromStr};
 
 use plan::{
-    Backend, BackendSet, Family, Frontend, FrontendKind, Scope, ServicePlan, TrafficPolicy,
+    Backend, BackendSet, Family, Frontend, FrontendKind, Protocol, Scope, ServicePlan,
+    TrafficPolicy,
 };
 use service::{FieldError, Parsed, ParsedService, Skip};
 
@@ -138,11 +139,7 @@ pub fn plan_service(
         Ok(Parsed::Skip(skip)) => return ServiceOutcome::Skipped(skip),
         Err(e) => return ServiceOutcome::Invalid(e),
     };
-    let warnings = parsed
-        .unsupported_ports
-        .iter()
-        .map(|p| format!("port {p}: SCTP is not supported, ignored"))
-        .collect();
+    let warnings = sctp_warnings(&parsed, cfg);
     let mut plans = Vec::new();
     for family in families(&parsed) {
         for port in &parsed.ports {
@@ -150,6 +147,27 @@ pub fn plan_service(
         }
     }
     ServiceOutcome::Planned { plans, warnings }
+}
+
+/// What a service's SCTP ports lack on this node: the kernel runs no socket hook for SCTP
+/// (`sctp_inet_connect` calls none), so only the device hooks translate it, and pods' own
+/// packets reach theirs only with `--pod-devices`.
+fn sctp_warnings(svc: &ParsedService, cfg: &ModelConfig) -> Vec<String> {
+    if cfg.pod_devices {
+        return Vec::new();
+    }
+    svc.ports
+        .iter()
+        .filter(|p| p.protocol == Protocol::Sctp)
+        .map(|p| {
+            format!(
+                "port {}:{}/SCTP: this node's pods reach its ClusterIP only with --pod-devices (the \
+                 kernel runs no socket hook for SCTP); outside clients reach its NodePort, \
+                 ExternalIPs and LoadBalancer IPs",
+                p.name, p.port
+            )
+        })
+        .collect()
 }
 
 /// Every service in the state, planned, in key order.

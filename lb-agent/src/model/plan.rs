@@ -12,14 +12,13 @@ pub enum Protocol {
     Tcp,
     #[serde(rename = "UDP")]
     Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
 }
 
 impl std::fmt::Display for Protocol {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-        })
+        f.write_str(lb_common::proto_name(self.number()))
     }
 }
 
@@ -29,6 +28,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => lb_common::PROTO_TCP,
             Protocol::Udp => lb_common::PROTO_UDP,
+            Protocol::Sctp => lb_common::PROTO_SCTP,
         }
     }
 }

@@ -67,8 +67,6 @@ pub struct ParsedService {
     /// status.loadBalancer.ingress IPs (not those in ipMode Proxy).
     pub lb_ips: Vec<IpAddr>,
     pub ports: Vec<ParsedPort>,
-    /// Ports of a protocol the datapath cannot carry (SCTP: not in these kernels).
-    pub unsupported_ports: Vec<String>,
     /// NodePort or LoadBalancer type, or external IPs: externalTrafficPolicy applies.
     pub externally_accessible: bool,
     pub node_ports_enabled: bool,
@@ -141,7 +139,6 @@ pub fn parse(svc: &Service, cfg: &ModelConfig) -> Result<Parsed, FieldError> {
     }
 
     let mut ports = Vec::new();
-    let mut unsupported_ports = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let path = format!("spec.ports[{i}]");
         let name = p.name.clone().unwrap_or_default();
@@ -149,10 +146,7 @@ pub fn parse(svc: &Service, cfg: &ModelConfig) -> Result<Parsed, FieldError> {
         let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
-            "SCTP" => {
-                unsupported_ports.push(format!("{name}:{port}/SCTP"));
-                continue;
-            }
+            "SCTP" => Protocol::Sctp,
             other => {
                 return Err(FieldError::new(
                     format!("{path}.protocol"),
@@ -297,7 +291,6 @@ pub fn parse(svc: &Service, cfg: &ModelConfig) -> Result<Parsed, FieldError> {
         external_ips,
         lb_ips,
         ports,
-        unsupported_ports,
         externally_accessible,
         node_ports_enabled,
         internal_local,

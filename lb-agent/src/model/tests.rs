@@ -45,10 +45,14 @@ fn plan_with(yaml: &str, cfg: &ModelConfig) -> Vec<ServicePlan> {
 }
 
 fn outcome(yaml: &str) -> ServiceOutcome {
+    outcome_with(yaml, &cfg())
+}
+
+fn outcome_with(yaml: &str, cfg: &ModelConfig) -> ServiceOutcome {
     let st = state(yaml);
-    let node = node_view(&st, &cfg());
+    let node = node_view(&st, cfg);
     let key = st.services().next().expect("one service").0.clone();
-    plan_service(&st, &key, &node, &cfg())
+    plan_service(&st, &key, &node, cfg)
 }
 
 fn addrs(b: &[Backend]) -> Vec<String> {
@@ -485,14 +489,32 @@ fn an_endpoint_in_two_slices_counts_once_with_the_local_copy_winning() {
     assert!(p[0].cluster_backends[0].local);
 }
 
+/// SCTP ports are planned like the others; without pods' devices the agent says what pods of
+/// this node cannot reach (the kernel runs no socket hook for SCTP).
 #[test]
-fn sctp_ports_are_ignored_with_a_warning() {
-    let o = outcome(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: default}\nspec: {clusterIP: 10.96.0.1, ports: [{name: a, port: 80}, {name: b, port: 9, protocol: SCTP}]}",
+fn sctp_ports_are_planned_and_without_pod_devices_their_clusterip_gap_is_said() {
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: default}\nspec: {type: NodePort, clusterIP: 10.96.0.1, ports: [{name: a, port: 80}, {name: b, port: 9, protocol: SCTP, nodePort: 30009}, {name: c, port: 9, protocol: UDP}]}";
+    let ServiceOutcome::Planned { plans, warnings } = outcome(yaml) else { panic!() };
+    let protocols: Vec<_> = plans.iter().map(|p| (p.port_name.as_str(), p.protocol)).collect();
+    assert_eq!(protocols, [("a", Protocol::Tcp), ("b", Protocol::Sctp), ("c", Protocol::Udp)]);
+    let sctp = &plans[1];
+    let fronts: Vec<_> = sctp.frontends.iter().map(|f| (f.kind, f.port)).collect();
+    assert!(fronts.contains(&(FrontendKind::ClusterIP, 9)), "{fronts:?}");
+    assert!(fronts.contains(&(FrontendKind::NodePort, 30009)), "{fronts:?}");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with(
+            "port b:9/SCTP: this node's pods reach its ClusterIP only with --pod-devices"
+        ),
+        "{warnings:?}"
     );
-    let ServiceOutcome::Planned { plans, warnings } = o else { panic!() };
-    assert_eq!(plans.len(), 1);
-    assert_eq!(warnings, ["port b:9/SCTP: SCTP is not supported, ignored"]);
+
+    let mut with_pod_devices = cfg();
+    with_pod_devices.pod_devices = true;
+    let ServiceOutcome::Planned { plans, warnings } = outcome_with(yaml, &with_pod_devices) else {
+        panic!()
+    };
+    assert_eq!((plans.len(), warnings.len()), (3, 0));
 }
 
 #[test]

@@ -1,10 +1,11 @@
 //! A tiny traffic tool for tests and the demo.
 //!
-//! `lb-probe serve --name NAME [--tcp ADDR]... [--udp ADDR]...` answers every TCP connection
-//! and UDP datagram with `NAME <client address as seen by the server>`; a datagram of more
-//! than 4 bytes is echoed after that line (`\n` then its bytes).
+//! `lb-probe serve --name NAME [--tcp ADDR]... [--udp ADDR]... [--sctp ADDR]...` answers every
+//! TCP connection, SCTP association (one-to-one style, as a TCP connection) and UDP datagram
+//! with `NAME <client address as seen by the server>`; a datagram of more than 4 bytes is
+//! echoed after that line (`\n` then its bytes).
 //!
-//! `lb-probe connect ADDR [--udp] [--count N] [--timeout-ms T] [--interval-ms I] [--close reset]`
+//! `lb-probe connect ADDR [--udp | --sctp] [--count N] [--timeout-ms T] [--interval-ms I] [--close reset]`
 //! prints one line per attempt (`--close reset` ends each TCP connection with a reset instead
 //! of a FIN):
 //! `ok <server name> <client address the server saw> <peer address the client sees>` or
@@ -47,7 +48,7 @@ fn main() {
         Some("ping") => ping(&args[1..]),
         _ => {
             eprintln!(
-                "usage: lb-probe serve --name N [--tcp ADDR].. [--udp ADDR].. | connect ADDR [--udp] [--count N] [--timeout-ms T]"
+                "usage: lb-probe serve --name N [--tcp ADDR].. [--udp ADDR].. [--sctp ADDR].. | connect ADDR [--udp | --sctp] [--count N] [--timeout-ms T]"
             );
             std::process::exit(2);
         }
@@ -61,8 +62,14 @@ fn flag<'a>(args: &'a [String], name: &str) -> Vec<&'a str> {
 fn serve(args: &[String]) {
     let name = flag(args, "--name").first().copied().unwrap_or("server").to_owned();
     let mut threads = Vec::new();
-    for addr in flag(args, "--tcp") {
-        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
+    let tcp = flag(args, "--tcp")
+        .into_iter()
+        .map(|addr| TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}")));
+    let sctp = flag(args, "--sctp").into_iter().map(|addr| {
+        sctp_listener(addr.parse().expect("an SCTP address"))
+            .unwrap_or_else(|e| panic!("bind sctp {addr}: {e}"))
+    });
+    for listener in tcp.chain(sctp) {
         let name = name.clone();
         threads.push(std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -110,6 +117,21 @@ fn serve(args: &[String]) {
     }
 }
 
+/// SCTP's one-to-one sockets (RFC 6458) take the stream calls TCP's do: std's TCP types carry
+/// them once made.
+fn sctp_socket(addr: &SocketAddr) -> std::io::Result<socket2::Socket> {
+    let sctp = socket2::Protocol::from(libc::IPPROTO_SCTP);
+    socket2::Socket::new(socket2::Domain::for_address(*addr), socket2::Type::STREAM, Some(sctp))
+}
+
+fn sctp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = sctp_socket(&addr)?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(128)?;
+    Ok(s.into())
+}
+
 fn errname(e: &std::io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
@@ -134,6 +156,7 @@ fn errname(e: &std::io::Error) -> String {
 fn connect(args: &[String]) {
     let target: SocketAddr = args.first().and_then(|a| a.parse().ok()).expect("connect ADDR:PORT");
     let udp = args.iter().any(|a| a == "--udp");
+    let sctp = args.iter().any(|a| a == "--sctp");
     let count: usize = flag(args, "--count").first().and_then(|c| c.parse().ok()).unwrap_or(1);
     let timeout = Duration::from_millis(
         flag(args, "--timeout-ms").first().and_then(|c| c.parse().ok()).unwrap_or(2000),
@@ -151,7 +174,7 @@ fn connect(args: &[String]) {
         let line = if udp {
             udp_once(target, timeout, sport, size)
         } else {
-            tcp_once(target, timeout, reset)
+            tcp_once(target, timeout, reset, sctp)
         };
         println!("{}", line.unwrap_or_else(|e| format!("err {}", errname(&e))));
     }
@@ -171,8 +194,19 @@ fn read_line(s: &mut TcpStream) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
-fn tcp_once(target: SocketAddr, timeout: Duration, reset: bool) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&target, timeout)?;
+fn tcp_once(
+    target: SocketAddr,
+    timeout: Duration,
+    reset: bool,
+    sctp: bool,
+) -> std::io::Result<String> {
+    let mut s = if sctp {
+        let s = sctp_socket(&target)?;
+        s.connect_timeout(&target.into(), timeout)?;
+        TcpStream::from(s)
+    } else {
+        TcpStream::connect_timeout(&target, timeout)?
+    };
     if reset {
         // Linger on, for 0 s: close() sends a reset and keeps no state.
         let linger = libc::linger { l_onoff: 1, l_linger: 0 };
