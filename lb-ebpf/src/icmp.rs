@@ -18,11 +18,13 @@
 //!   backend -> client (or -> node when SNATed).
 //!
 //! tc only: XDP hands ICMP to tc untouched. The quoted transport checksum is left as it is
-//! (receivers do not check it); every checksum of the packet itself is kept right.
+//! (receivers do not check it; SCTP's checks the quoted verification tag, which no translation
+//! touches); every checksum of the packet itself is kept right.
 
 use aya_ebpf::programs::TcContext;
 use lb_common::{
-    Addr, CT_F_SNAT, CtKey, PROTO_TCP, PROTO_UDP, STAT_ICMP_ERROR_TRANSLATED, addr_from_v4_raw,
+    Addr, CT_F_SNAT, CtKey, PROTO_SCTP, PROTO_TCP, PROTO_UDP, STAT_ICMP_ERROR_TRANSLATED,
+    addr_from_v4_raw,
 };
 
 use crate::{
@@ -145,7 +147,7 @@ fn translate(ctx: &TcContext, flow: &Flow) -> Result<bool, ()> {
     Ok(snat)
 }
 
-/// The TCP or UDP packet an ICMP error quotes, if the message is an error and quotes one (of
+/// The TCP, UDP or SCTP packet an ICMP error quotes, if the message is an error and quotes one (of
 /// the outer header's family, with at least its ports).
 #[inline(always)]
 fn quoted(b: &Bounds, flow: &Flow) -> Result<Quoted, ()> {
@@ -196,7 +198,7 @@ fn quoted(b: &Bounds, flow: &Flow) -> Result<Quoted, ()> {
             (addr_from_v4_raw(s), addr_from_v4_raw(d), *h.add(9), l3 + ihl)
         }
     };
-    if proto != PROTO_TCP && proto != PROTO_UDP {
+    if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_SCTP {
         return Err(());
     }
     let ports: *const u32 = b.ptr_at(l4).ok_or(())?;

@@ -234,3 +234,29 @@ fn an_unanswered_init_expires_after_30_s_and_an_answered_association_does_not() 
     assert_eq!(t.lifetime_s(PROTO_SCTP, CT_STATE_ESTABLISHED), 210);
     assert_eq!(t.lifetime_s(PROTO_SCTP, CT_STATE_NEW), 30);
 }
+
+/// Path MTU discovery through SNAT: a router's "fragmentation needed" about node -> pod
+/// reaches the client about client -> frontend, the quoted verification tag untouched (SCTP
+/// matches the error to its association by it).
+#[test]
+fn fragmentation_needed_about_an_snated_association_reaches_its_client() {
+    require_root!();
+    const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 1, 255, 1);
+    let mut dp =
+        datapath(&[sigtran(VIP.into(), vec![backend(REMOTE_POD.into(), POD_PORT, false)])]);
+    let data = dp.run(PROG_TC_INGRESS, &sctp4(CLIENT, 40080, VIP, PORT, SCTP_DATA)).packet;
+    assert_eq!(summarize(&data).unwrap().src.ip(), IpAddr::from(NODE));
+    let kind = etherparse::Icmpv4Type::DestinationUnreachable(
+        etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+    );
+    let out = dp.run(PROG_TC_INGRESS, &icmp4_error(ROUTER, NODE, kind, &data)).packet;
+    let e = icmp_error(&out).unwrap();
+    assert_eq!(
+        (e.src, e.dst, e.quoted_src, e.quoted_dst),
+        (IpAddr::from(ROUTER), IpAddr::from(CLIENT), sa(CLIENT, 40080), sa(VIP, PORT))
+    );
+    // The quoted verification tag: ICMP (8), IPv4 (20), then SCTP's bytes 4..8.
+    let at = 14 + 20 + 8 + 20 + 4;
+    assert_eq!(out[at..at + 4], 0x5eed_0001u32.to_be_bytes());
+    assert_eq!(dp.stat(STAT_ICMP_ERROR_TRANSLATED), 1);
+}
