@@ -14,7 +14,7 @@ use lb_common::*;
 
 use crate::{
     kernel::{Datapath, RunOutput},
-    packets::{summarize, tcp4, tcp6},
+    packets::{SCTP_DATA, SCTP_INIT, sctp4, summarize, tcp4, tcp6},
     plans::{backend, lb_plan},
     routed::RoutedNode,
 };
@@ -113,20 +113,28 @@ fn datapath_sized(n: usize, object: Option<&[u8]>, max_conntrack: u32) -> Datapa
     // Verified now, not inside the first timed run.
     dp.load_programs();
     dp.set_node(Some(NODE.into()), Some(NODE6.into()));
-    let nodeport_at =
-        |addr: IpAddr, name: &str, port: u16, backends: Vec<lb_agent::model::plan::Backend>| {
-            let mut p = lb_plan(name, addr, port, Protocol::Tcp, backends);
-            for f in &mut p.frontends {
-                f.kind = FrontendKind::NodePort;
-            }
-            p
-        };
+    let nodeport_of = |addr: IpAddr,
+                       name: &str,
+                       port: u16,
+                       protocol,
+                       backends: Vec<lb_agent::model::plan::Backend>| {
+        let mut p = lb_plan(name, addr, port, protocol, backends);
+        for f in &mut p.frontends {
+            f.kind = FrontendKind::NodePort;
+        }
+        p
+    };
+    let nodeport_at = |addr: IpAddr, name: &str, port: u16, backends| {
+        nodeport_of(addr, name, port, Protocol::Tcp, backends)
+    };
     let nodeport = |name: &str, port, backends| nodeport_at(NODE.into(), name, port, backends);
     let nodeport6 = |name: &str, port, backends| nodeport_at(NODE6.into(), name, port, backends);
     dp.program(
         "np-local",
         &[nodeport("np-local", 30080, vec![backend(LOCAL_POD.into(), 8080, true)])],
     );
+    let local = vec![backend(LOCAL_POD.into(), 8080, true)];
+    dp.program("np-sctp", &[nodeport_of(NODE.into(), "np-sctp", 30082, Protocol::Sctp, local)]);
     let np6 = nodeport6("np-local6", 30080, vec![backend(LOCAL_POD6.into(), 8080, true)]);
     dp.program("np-local6", &[np6]);
     // Enough remote backends that tens of thousands of new SNATed flows find free ports (4536
@@ -196,6 +204,8 @@ fn datapath_here(baseline: Option<&[u8]>) {
         "pod: first packet to a service",
         "pod: established packet",
         "to pod: reply reverse NAT",
+        "tc: established packet, SCTP (CRC moved)",
+        "xdp: established packet, SCTP (CRC moved)",
     ];
     // XDP_TX needs a route and a known next hop on the device the packet arrives on.
     let routed = RoutedNode::new();
@@ -342,6 +352,39 @@ fn datapath_here(baseline: Option<&[u8]>) {
             ),
         ];
         rows.extend(pod_rows.into_iter().map(|mut r| {
+            r.resize(dps.len(), f64::NAN);
+            r
+        }));
+        // SCTP: builds that do not translate it (older baselines) sit these rows out. Its
+        // port changes (30082 -> 8080): the CRC32c arithmetic runs on every packet.
+        let sctp_est = sctp4(CLIENT, 7, NODE, 30082, SCTP_DATA);
+        let xdp_sctp_est = sctp4(CLIENT, 8, NODE, 30082, SCTP_DATA);
+        let with_sctp: Vec<&Datapath> = dps
+            .iter()
+            .take_while(|dp| {
+                let tc = dp.run_loaded(PROG_TC_INGRESS, &sctp4(CLIENT, 7, NODE, 30082, SCTP_INIT));
+                dp.run_loaded(PROG_XDP_INGRESS, &sctp4(CLIENT, 8, NODE, 30082, SCTP_INIT));
+                translated(tc.verdict, &tc.packet)
+            })
+            .collect();
+        let sctp_runs = |prog: &'static str| {
+            runners(with_sctp.iter().copied(), move |dp, p| dp.run_loaded(prog, p))
+        };
+        let sctp_rows = [
+            measure_with(
+                PROG_TC_INGRESS,
+                &sctp_runs(PROG_TC_INGRESS),
+                &mut |_| sctp_est.clone(),
+                &translated,
+            ),
+            measure_with(
+                PROG_XDP_INGRESS,
+                &sctp_runs(PROG_XDP_INGRESS),
+                &mut |_| xdp_sctp_est.clone(),
+                &xdp_translated,
+            ),
+        ];
+        rows.extend(sctp_rows.into_iter().map(|mut r| {
             r.resize(dps.len(), f64::NAN);
             r
         }));

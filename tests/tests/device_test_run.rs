@@ -172,7 +172,9 @@ fn cases() -> Vec<Case> {
         case("ipv6 udp to other port", udp6(CLIENT6, 40000, VIP6, 53, b"q"), "service_miss", None),
         case("ipv4 icmp echo", icmp4_echo(CLIENT4, VIP4), "other_l4", None),
         case("ipv6 icmp echo", icmp6_echo(CLIENT6, VIP6), "other_l4", None),
-        case("ipv4 unknown protocol", with_ipv4_byte(&udp4_q, 9, 132), "other_l4", None),
+        case("ipv4 unknown protocol", with_ipv4_byte(&udp4_q, 9, 47), "other_l4", None),
+        // SCTP is known: a header cut short (no chunk) is malformed.
+        case("ipv4 sctp cut short", with_ipv4_byte(&udp4_q, 9, 132), "malformed", None),
         case("arp", arp_request(CLIENT4, VIP4), "not_ip", None),
         case("vlan-tagged ipv4", with_vlan_tag(&tcp4_syn, 100), "not_ip", None),
         // Of datagrams whose first fragment was not seen (fragments.rs has those that were).
