@@ -56,6 +56,15 @@ fn measure(
     measure_with(prog, &runners(dps, move |dp, p| dp.run_loaded(prog, p)), make, ok)
 }
 
+/// Rows measured in the first builds only (the others lack the path), widened to `builds`
+/// figures: NaN for the builds that sat them out.
+fn sat_out<const N: usize>(rows: [Vec<f64>; N], builds: usize) -> impl Iterator<Item = Vec<f64>> {
+    rows.into_iter().map(move |mut r| {
+        r.resize(builds, f64::NAN);
+        r
+    })
+}
+
 /// One runner per datapath, each running `run` on its own datapath.
 fn runners<'a>(
     dps: impl IntoIterator<Item = &'a Datapath>,
@@ -351,10 +360,7 @@ fn datapath_here(baseline: Option<&[u8]>) {
                 &|v, p| v == 0 && summarize(p).is_some_and(|s| s.src.port() == 30080),
             ),
         ];
-        rows.extend(pod_rows.into_iter().map(|mut r| {
-            r.resize(dps.len(), f64::NAN);
-            r
-        }));
+        rows.extend(sat_out(pod_rows, dps.len()));
         // SCTP: builds that do not translate it (older baselines) sit these rows out. Its
         // port changes (30082 -> 8080): the CRC32c arithmetic runs on every packet.
         let sctp_est = sctp4(CLIENT, 7, NODE, 30082, SCTP_DATA);
@@ -384,10 +390,7 @@ fn datapath_here(baseline: Option<&[u8]>) {
                 &xdp_translated,
             ),
         ];
-        rows.extend(sctp_rows.into_iter().map(|mut r| {
-            r.resize(dps.len(), f64::NAN);
-            r
-        }));
+        rows.extend(sat_out(sctp_rows, dps.len()));
         for (r, per_build) in rows.into_iter().enumerate() {
             for (b, v) in per_build.into_iter().enumerate() {
                 tables[b][r].push(v);

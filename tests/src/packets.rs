@@ -43,16 +43,22 @@ pub const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
 /// CRC32c filled in. etherparse builds the frame up to the IP header.
 pub fn sctp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, chunk_type: u8) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC).ipv4(src.octets(), dst.octets(), TTL);
-    let mut out = Vec::new();
-    b.write(&mut out, etherparse::IpNumber(132), &sctp_segment(sport, dport, chunk_type))
-        .expect("valid packet");
-    out
+    sctp_frame(b, sport, dport, chunk_type)
 }
 
 pub fn sctp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, chunk_type: u8) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC).ipv6(src.octets(), dst.octets(), TTL);
+    sctp_frame(b, sport, dport, chunk_type)
+}
+
+fn sctp_frame(
+    ip: etherparse::PacketBuilderStep<etherparse::IpHeaders>,
+    sport: u16,
+    dport: u16,
+    chunk_type: u8,
+) -> Vec<u8> {
     let mut out = Vec::new();
-    b.write(&mut out, etherparse::IpNumber(132), &sctp_segment(sport, dport, chunk_type))
+    ip.write(&mut out, etherparse::IpNumber(132), &sctp_segment(sport, dport, chunk_type))
         .expect("valid packet");
     out
 }
