@@ -20,6 +20,8 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_LEN: usize = size_of::<EthHdr>();
 const IPV6_LEN: usize = size_of::<Ipv6Hdr>();
+/// SCTP's common header (12 bytes) and the type, flags and length of a chunk: a packet has one.
+const SCTP_MIN_LEN: usize = 16;
 /// IPv4 "more fragments", and the fragment offset, in the flags and offset field.
 const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
 const IPV4_OFFSET: u16 = 0x1fff;
@@ -268,7 +270,10 @@ fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
         )
     };
     let ihl = ((vihl & 0x0f) as usize) * 4;
-    if vihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() || (tot_len as usize) < ihl {
+    // An SCTP packet declared too short for a chunk is malformed (whether a fragment or not:
+    // SCTP in fragments is never translated). Folded into this test, it adds no stack.
+    let l4_min = if proto == PROTO_SCTP { SCTP_MIN_LEN } else { 0 };
+    if vihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() || (tot_len as usize) < ihl + l4_min {
         return Err(Skip::Malformed);
     }
     let l4_off = l3_off + ihl;
@@ -312,6 +317,12 @@ fn parse_ipv6(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
     (out.frag, out.frag_id, out.frag_proto) = (t.frag, t.frag_id, t.frag_proto);
     let ports = if t.frag == FRAG_LATER {
         Err(Skip::Fragment)
+    } else if t.proto == PROTO_SCTP
+        // SAFETY: bounds checked above.
+        && l3_off + IPV6_LEN + (u16::from_be_bytes(unsafe { (*ip).payload_len }) as usize)
+            < t.off + SCTP_MIN_LEN
+    {
+        Err(Skip::Malformed)
     } else {
         parse_ports(b, t.off, t.proto, PROTO_ICMPV6, t.frag)
     };
@@ -396,7 +407,9 @@ fn finish(
 /// `Skip::Icmp` for the family's ICMP (`icmp`) within reach. SCTP in IP fragments is not
 /// translated (`frag`): its checksum covers the whole datagram, whose length the first
 /// fragment does not tell. (SCTP sizes its packets to the path MTU itself; Linux sends them
-/// with "don't fragment".)
+/// with "don't fragment".) An SCTP packet whose network header declares it shorter than
+/// `SCTP_MIN_LEN` is malformed (`parse_ipv4` and `parse_ipv6` tell, where it costs the hooks'
+/// frames nothing): its checksum could not be kept right.
 #[inline(always)]
 fn parse_ports(
     b: &Bounds,

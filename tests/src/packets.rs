@@ -76,9 +76,17 @@ fn sctp_segment(sport: u16, dport: u16, chunk_type: u8) -> Vec<u8> {
     s.extend_from_slice(&[
         0x11, 0x22, 0x33, 0x44, 0, 1, 0, 0, 0, 10, 0, 10, 0x0a, 0x0b, 0x0c, 0x0d,
     ]);
-    let crc = lb_common::crc32c::checksum(&s);
+    let crc = sctp_crc(&s);
     s[8..12].copy_from_slice(&crc.to_le_bytes());
     s
+}
+
+/// The CRC32c an SCTP packet (common header and chunks) should carry: computed with its
+/// checksum field as zeros; the field holds it little-endian.
+pub fn sctp_crc(segment: &[u8]) -> u32 {
+    let mut seg = segment.to_vec();
+    seg[8..12].fill(0);
+    lb_common::crc32c::checksum(&seg)
 }
 
 /// A TCP segment with RST (and ACK 1), or with FIN (and ACK 1): a connection ending.
@@ -582,10 +590,9 @@ pub fn checksums_ok(p: &[u8]) -> Result<(), String> {
                 return Err("bad IPv4 header checksum".into());
             }
         }
-        let mut seg = p[s.l4_off..].to_vec();
+        let seg = &p[s.l4_off..];
         let field = u32::from_le_bytes(seg[8..12].try_into().expect("an SCTP header"));
-        seg[8..12].fill(0);
-        let want = lb_common::crc32c::checksum(&seg);
+        let want = sctp_crc(seg);
         return match field == want {
             true => Ok(()),
             false => Err(format!("bad SCTP checksum {field:#010x}, should be {want:#010x}")),
@@ -630,9 +637,14 @@ pub fn checksums_ok(p: &[u8]) -> Result<(), String> {
     }
 }
 
-/// Recomputes the TCP/UDP checksum of a frame (after a test edited the transport header).
+/// Recomputes the TCP/UDP checksum (or SCTP's CRC32c) of a frame (after a test edited the transport header).
 pub fn fix_l4_checksum(p: &mut [u8]) {
     let Some(s) = summarize(p) else { return };
+    if s.proto == 132 {
+        let crc = sctp_crc(&p[s.l4_off..]);
+        p[s.l4_off + 8..s.l4_off + 12].copy_from_slice(&crc.to_le_bytes());
+        return;
+    }
     let csum_off = s.l4_off + if s.proto == 6 { 16 } else { 6 };
     if s.proto == 17 && s.src.is_ipv4() && p[csum_off] == 0 && p[csum_off + 1] == 0 {
         return;

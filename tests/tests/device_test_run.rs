@@ -84,6 +84,8 @@ fn datapath_with_services() -> Datapath {
         ("udp4", IpAddr::V4(VIP4), Protocol::Udp),
         ("tcp6", IpAddr::V6(VIP6), Protocol::Tcp),
         ("udp6", IpAddr::V6(VIP6), Protocol::Udp),
+        ("sctp4", IpAddr::V4(VIP4), Protocol::Sctp),
+        ("sctp6", IpAddr::V6(VIP6), Protocol::Sctp),
     ] {
         let b: IpAddr = if ip.is_ipv4() { BACKEND4.into() } else { BACKEND6.into() };
         dp.program(name, &[lb_plan(name, ip, 80, proto, vec![backend(b, BACKEND_PORT, true)])]);
@@ -112,6 +114,40 @@ fn cases() -> Vec<Case> {
             Some(SVC_TCP4),
         ),
         case("ipv4 udp to frontend", udp4_q.clone(), "service_hit", Some(SVC_UDP4)),
+        case(
+            "ipv4 sctp init to frontend",
+            sctp4(CLIENT4, 40000, VIP4, 80, SCTP_INIT),
+            "service_hit",
+            Some("sctp4"),
+        ),
+        case(
+            "ipv6 sctp data to frontend",
+            sctp6(CLIENT6, 40000, VIP6, 80, SCTP_DATA),
+            "service_hit",
+            Some("sctp6"),
+        ),
+        // Its network header says the SCTP packet is shorter than its own header.
+        case(
+            "ipv4 sctp shorter than declared",
+            with_ipv4_byte(
+                &with_ipv4_byte(&sctp4(CLIENT4, 40000, VIP4, 80, SCTP_INIT), 2, 0),
+                3,
+                28,
+            ),
+            "malformed",
+            None,
+        ),
+        case(
+            "ipv6 sctp shorter than declared",
+            {
+                let mut p = sctp6(CLIENT6, 40000, VIP6, 80, SCTP_DATA);
+                // Payload length 12: the common header, no chunk.
+                p[14 + 4..14 + 6].copy_from_slice(&12u16.to_be_bytes());
+                p
+            },
+            "malformed",
+            None,
+        ),
         case(
             "ipv4 with 3 words of options",
             with_ipv4_options(&tcp4_syn, 3),
@@ -437,6 +473,8 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
             3,
             false,
         ),
+        sctp4(CLIENT4, 41003, VIP4, 80, SCTP_INIT),
+        sctp6(CLIENT6, 41003, VIP6, 80, SCTP_DATA),
     ];
     let backends = [
         std::net::SocketAddr::new(BACKEND4.into(), BACKEND_PORT),
@@ -516,7 +554,7 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
     let ct = dp.conntrack();
     assert!(!ct.is_empty());
     for (k, v) in &ct {
-        assert!(k.proto == PROTO_TCP || k.proto == PROTO_UDP, "{k:?}");
+        assert!([PROTO_TCP, PROTO_UDP, PROTO_SCTP].contains(&k.proto), "{k:?}");
         if v.flags & CT_F_REPLY == 0 {
             assert!(backend_addrs.contains(&v.new_daddr), "forward entry {k:?} -> {v:?}");
             assert_eq!(u16::from_be(v.new_dport_be), BACKEND_PORT, "{k:?} -> {v:?}");
