@@ -291,7 +291,9 @@ fn parse_ipv4(b: &Bounds, l3_off: usize, out: &mut Flow) -> Result<(), Skip> {
         out.frag_proto = proto;
     }
     let ports = if later {
-        Err(Skip::Fragment)
+        // Only its header is read and rewritten, so it must be whole: the kernel drops one
+        // whose options the frame cuts.
+        if b.ptr_at::<()>(l4_off).is_some() { Err(Skip::Fragment) } else { Err(Skip::Malformed) }
     } else {
         parse_ports(b, l4_off, proto, PROTO_ICMP, out.frag)
     };
