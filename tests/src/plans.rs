@@ -25,6 +25,16 @@ impl Rng {
     }
 }
 
+/// A random test's seed and run count: `LB_MUTATION_SEED` and `LB_MUTATIONS` pick others than
+/// the test's own (printed, so that a failure's output says how to run it again).
+pub fn mutation_seed_and_runs(seed: u64, runs: u64) -> (u64, u64) {
+    let var = |name: &str| std::env::var(name).ok().and_then(|s| s.parse().ok());
+    let (seed, runs) =
+        (var("LB_MUTATION_SEED").unwrap_or(seed), var("LB_MUTATIONS").unwrap_or(runs));
+    eprintln!("LB_MUTATION_SEED={seed} LB_MUTATIONS={runs}");
+    (seed, runs)
+}
+
 pub fn backend(addr: IpAddr, port: u16, local: bool) -> Backend {
     Backend { addr, port, local, terminating: false }
 }

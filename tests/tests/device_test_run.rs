@@ -13,7 +13,7 @@ use lb_tests::{
     addrs::{TC_ACT_REDIRECT, TC_ACT_SHOT},
     kernel::{Datapath, RunOutput, stat_deltas},
     packets::*,
-    plans::{backend, lb_plan},
+    plans::{Rng, backend, lb_plan, mutation_seed_and_runs},
     require_root,
 };
 
@@ -409,26 +409,6 @@ fn frames_shorter_than_ethernet_are_refused_by_the_kernel_and_count_nothing() {
     assert_eq!(stat_deltas(&before, &dp.stats()), vec![]);
 }
 
-/// The random tests' seed and run count: `LB_MUTATION_SEED` and `LB_MUTATIONS` pick others
-/// (a failure shows the pair in the test's output, to run it again).
-fn seed_and_runs(seed: u64, runs: u64) -> (u64, u64) {
-    let var = |name: &str| std::env::var(name).ok().and_then(|s| s.parse().ok());
-    let (seed, runs) =
-        (var("LB_MUTATION_SEED").unwrap_or(seed), var("LB_MUTATIONS").unwrap_or(runs));
-    eprintln!("LB_MUTATION_SEED={seed} LB_MUTATIONS={runs}");
-    (seed, runs)
-}
-
-/// A deterministic xorshift stream (`state` not 0).
-fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
-    move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    }
-}
-
 /// Runs `prog` on `p`; `None` when the kernel builds no skb from it (tc only: XDP must take
 /// every frame).
 fn run_unless_refused(
@@ -450,8 +430,9 @@ fn random_bytes_never_break_any_device_program() {
     let mut dp = datapath_with_services();
     // A deterministic xorshift stream: garbage of every length, two thirds of it with an IPv4 or
     // IPv6 ethertype so that parsing goes deeper.
-    let (seed, runs) = seed_and_runs(0x9e3779b97f4a7c15, 2000);
-    let mut next = xorshift(seed | 1);
+    let (seed, runs) = mutation_seed_and_runs(0x9e3779b97f4a7c15, 2000);
+    let mut rng = Rng::new(seed);
+    let mut next = || rng.next_u64();
     for (prog, packets_counter, pass) in ALL_HOOKS {
         let mut ran = 0;
         for i in 0..runs {
@@ -523,8 +504,9 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
         std::net::SocketAddr::new(BACKEND4.into(), BACKEND_PORT),
         std::net::SocketAddr::new(BACKEND6.into(), BACKEND_PORT),
     ];
-    let (seed, runs) = seed_and_runs(0x2545f4914f6cdd1d, 3000);
-    let mut next = xorshift(seed | 1);
+    let (seed, runs) = mutation_seed_and_runs(0x2545f4914f6cdd1d, 3000);
+    let mut rng = Rng::new(seed);
+    let mut next = || rng.next_u64();
     let (mut translated, mut unchanged, mut refused) = (0, 0, 0);
     for (prog, packets_counter, pass) in FLOW_HOOKS {
         let before = dp.stats();

@@ -387,9 +387,10 @@ fn mutated_icmp_errors_never_break_the_programs_or_conntrack() {
         ct
     };
     let before = flows(&mut dp);
-    let mut rng = lb_tests::plans::Rng::new(0x5851f42d4c957f2d);
+    let (seed, runs) = lb_tests::plans::mutation_seed_and_runs(0x5851f42d4c957f2d, 3000);
+    let mut rng = lb_tests::plans::Rng::new(seed);
     let (mut changed, mut unchanged) = (0, 0);
-    for i in 0..3000u64 {
+    for i in 0..runs {
         let mut p = seeds[(i % seeds.len() as u64) as usize].clone();
         if rng.chance(25) {
             p.truncate(14 + rng.below(p.len() as u64 - 14) as usize);
