@@ -578,58 +578,49 @@ pub fn summarize(p: &[u8]) -> Option<Summary> {
     })
 }
 
+/// The transport length a frame's network header declares (IPv4's total length less its
+/// header, IPv6's payload length less the extension headers before the transport's), if the
+/// frame holds it all.
+fn declared_l4_len(p: &[u8], s: &Summary) -> Option<usize> {
+    let end = if s.src.is_ipv4() {
+        ETH_LEN + u16::from_be_bytes([*p.get(ETH_LEN + 2)?, *p.get(ETH_LEN + 3)?]) as usize
+    } else {
+        ETH_LEN + 40 + u16::from_be_bytes([*p.get(ETH_LEN + 4)?, *p.get(ETH_LEN + 5)?]) as usize
+    };
+    (end <= p.len()).then_some(end.checked_sub(s.l4_off)?)
+}
+
 /// Checks the IPv4 header checksum and the TCP/UDP checksum (pseudo-header included) or
-/// SCTP's CRC32c of a frame. A UDP/IPv4 checksum of 0 means "none" and passes (SCTP's does
-/// not: the tests' packets are summed).
+/// SCTP's CRC32c of a frame, over the length its network header declares (as the receiving
+/// kernel does). A UDP/IPv4 checksum of 0 means "none" and passes (SCTP's does not: the
+/// tests' packets are summed). Whatever cannot be checked (lengths past the frame) is an error.
 pub fn checksums_ok(p: &[u8]) -> Result<(), String> {
     let s = summarize(p).ok_or("not a TCP/UDP packet")?;
-    if s.proto == 132 {
-        if s.src.is_ipv4() {
-            let ihl = (p[ETH_LEN] & 0x0f) as usize * 4;
-            if ones_complement_sum(&p[ETH_LEN..ETH_LEN + ihl]) != 0xffff {
-                return Err("bad IPv4 header checksum".into());
-            }
+    let l4_len = declared_l4_len(p, &s).ok_or("lengths past the frame")?;
+    let seg = &p[s.l4_off..s.l4_off + l4_len];
+    if s.src.is_ipv4() {
+        let ihl = (p[ETH_LEN] & 0x0f) as usize * 4;
+        let header = p.get(ETH_LEN..ETH_LEN + ihl).ok_or("IPv4 header cut short")?;
+        if ones_complement_sum(header) != 0xffff {
+            return Err("bad IPv4 header checksum".into());
         }
-        let seg = &p[s.l4_off..];
-        let field = u32::from_le_bytes(seg[8..12].try_into().expect("an SCTP header"));
+    }
+    if s.proto == 132 {
+        let field = seg.get(8..12).ok_or("SCTP header cut short")?;
+        let field = u32::from_le_bytes(field.try_into().expect("4 bytes"));
         let want = sctp_crc(seg);
         return match field == want {
             true => Ok(()),
             false => Err(format!("bad SCTP checksum {field:#010x}, should be {want:#010x}")),
         };
     }
-    let mut pseudo = Vec::new();
-    let l4_len;
-    match (s.src.ip(), s.dst.ip()) {
-        (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => {
-            let ihl = (p[ETH_LEN] & 0x0f) as usize * 4;
-            if ones_complement_sum(&p[ETH_LEN..ETH_LEN + ihl]) != 0xffff {
-                return Err("bad IPv4 header checksum".into());
-            }
-            let tot = u16::from_be_bytes([p[ETH_LEN + 2], p[ETH_LEN + 3]]) as usize;
-            l4_len = tot - ihl;
-            pseudo.extend_from_slice(&a.octets());
-            pseudo.extend_from_slice(&b.octets());
-            pseudo.extend_from_slice(&[0, s.proto]);
-            pseudo.extend_from_slice(&(l4_len as u16).to_be_bytes());
-        }
-        (std::net::IpAddr::V6(a), std::net::IpAddr::V6(b)) => {
-            l4_len = p.len() - s.l4_off;
-            pseudo.extend_from_slice(&a.octets());
-            pseudo.extend_from_slice(&b.octets());
-            pseudo.extend_from_slice(&(l4_len as u32).to_be_bytes());
-            pseudo.extend_from_slice(&[0, 0, 0, s.proto]);
-        }
-        _ => return Err("mixed families".into()),
-    }
     if s.fragment {
         return Ok(());
     }
-    let seg = &p[s.l4_off..s.l4_off + l4_len];
-    if s.proto == 17 && s.src.is_ipv4() && seg[6] == 0 && seg[7] == 0 {
+    if s.proto == 17 && s.src.is_ipv4() && seg.get(6..8) == Some(&[0, 0]) {
         return Ok(());
     }
-    let mut all = pseudo;
+    let mut all = pseudo_header(&s, l4_len).ok_or("mixed families")?;
     all.extend_from_slice(seg);
     match ones_complement_sum(&all) {
         0xffff => Ok(()),
@@ -637,28 +628,39 @@ pub fn checksums_ok(p: &[u8]) -> Result<(), String> {
     }
 }
 
-/// Recomputes the TCP/UDP checksum (or SCTP's CRC32c) of a frame (after a test edited the transport header).
+/// Recomputes the TCP/UDP checksum (or SCTP's CRC32c) of a frame (after a test edited the
+/// transport header), over the length its network header declares.
 pub fn fix_l4_checksum(p: &mut [u8]) {
     let Some(s) = summarize(p) else { return };
+    let Some(l4_len) = declared_l4_len(p, &s) else { return };
+    let (start, end) = (s.l4_off, s.l4_off + l4_len);
     if s.proto == 132 {
-        let crc = sctp_crc(&p[s.l4_off..]);
-        p[s.l4_off + 8..s.l4_off + 12].copy_from_slice(&crc.to_le_bytes());
-        return;
-    }
-    let csum_off = s.l4_off + if s.proto == 6 { 16 } else { 6 };
-    if s.proto == 17 && s.src.is_ipv4() && p[csum_off] == 0 && p[csum_off + 1] == 0 {
-        return;
-    }
-    p[csum_off] = 0;
-    p[csum_off + 1] = 0;
-    let l4_len = match s.src.ip() {
-        std::net::IpAddr::V4(_) => {
-            let ihl = (p[ETH_LEN] & 0x0f) as usize * 4;
-            u16::from_be_bytes([p[ETH_LEN + 2], p[ETH_LEN + 3]]) as usize - ihl
+        if l4_len >= 12 {
+            let crc = sctp_crc(&p[start..end]);
+            p[start + 8..start + 12].copy_from_slice(&crc.to_le_bytes());
         }
-        std::net::IpAddr::V6(_) => p.len() - s.l4_off,
-    };
-    let mut all = Vec::new();
+        return;
+    }
+    let csum_off = start + if s.proto == 6 { 16 } else { 6 };
+    if csum_off + 2 > end
+        || (s.proto == 17 && s.src.is_ipv4() && p[csum_off..csum_off + 2] == [0, 0])
+    {
+        return;
+    }
+    p[csum_off..csum_off + 2].fill(0);
+    let Some(mut all) = pseudo_header(&s, l4_len) else { return };
+    all.extend_from_slice(&p[start..end]);
+    let mut c = !ones_complement_sum(&all);
+    if c == 0 && s.proto == 17 {
+        c = 0xffff;
+    }
+    p[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
+}
+
+/// The TCP/UDP pseudo-header of a packet whose transport part is `l4_len` bytes; `None` for
+/// mixed families.
+fn pseudo_header(s: &Summary, l4_len: usize) -> Option<Vec<u8>> {
+    let mut all = Vec::with_capacity(40);
     match (s.src.ip(), s.dst.ip()) {
         (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => {
             all.extend_from_slice(&a.octets());
@@ -672,15 +674,9 @@ pub fn fix_l4_checksum(p: &mut [u8]) {
             all.extend_from_slice(&(l4_len as u32).to_be_bytes());
             all.extend_from_slice(&[0, 0, 0, s.proto]);
         }
-        _ => return,
+        _ => return None,
     }
-    let end = (s.l4_off + l4_len).min(p.len());
-    all.extend_from_slice(&p[s.l4_off..end]);
-    let mut c = !ones_complement_sum(&all);
-    if c == 0 && s.proto == 17 {
-        c = 0xffff;
-    }
-    p[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
+    Some(all)
 }
 
 /// Checks an ICMP/ICMPv6 port-unreachable frame answering `original`.

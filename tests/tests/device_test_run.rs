@@ -560,6 +560,11 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
                 continue;
             }
             assert!(backends.contains(&s.dst), "{prog} run {i}: translated to {}", s.dst);
+            // The sums are changed, never recomputed: right ones stay right.
+            if checksums_ok(&p).is_ok() {
+                let sums = checksums_ok(&out.packet);
+                assert!(sums.is_ok(), "{prog} run {i}: {sums:?}: {p:02x?}");
+            }
         }
         let deltas = stat_deltas(&before, &dp.stats());
         // A new flow counts service_hit and ct_new: the outcome is ct_new (and one that
@@ -594,5 +599,110 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
         let fresh = tcp4(CLIENT4, 42000, VIP4, 80, true, b"");
         let s = summarize(&dp.run(prog, &fresh).packet).expect("a TCP packet");
         assert_eq!(s.dst, backends[0], "{prog}: a clean new flow after the storm");
+    }
+}
+
+/// Replies from the backends of established flows (TCP, UDP and SCTP, both families; from a
+/// flow started on the device and from one a pod started), one to three header bytes
+/// overwritten at random or cut short, through the programs that reverse them (tc egress on
+/// the device, tc on the pods' devices towards the pod): each passes, unchanged or reversed to
+/// the frontend's address and port with its destination and length kept (a reply's right sums
+/// stay right), and conntrack keeps every flow's translation.
+#[test]
+fn mutated_replies_never_mistranslate_or_corrupt_conntrack() {
+    require_root!();
+    let mut dp = datapath_with_services();
+    // Flows first: on tc ingress (device) and from a pod (pods' devices), one of each kind.
+    let starts = |sport| {
+        [
+            tcp4(CLIENT4, sport, VIP4, 80, true, b""),
+            udp4(CLIENT4, sport, VIP4, 80, b"query"),
+            sctp4(CLIENT4, sport, VIP4, 80, SCTP_INIT),
+            tcp6(CLIENT6, sport, VIP6, 80, true, b""),
+            udp6(CLIENT6, sport, VIP6, 80, b"query"),
+            sctp6(CLIENT6, sport, VIP6, 80, SCTP_INIT),
+        ]
+    };
+    let replies = |sport| {
+        [
+            tcp4(BACKEND4, BACKEND_PORT, CLIENT4, sport, false, b"answer"),
+            udp4(BACKEND4, BACKEND_PORT, CLIENT4, sport, b"answer"),
+            sctp4(BACKEND4, BACKEND_PORT, CLIENT4, sport, SCTP_DATA),
+            tcp6(BACKEND6, BACKEND_PORT, CLIENT6, sport, false, b"answer"),
+            udp6(BACKEND6, BACKEND_PORT, CLIENT6, sport, b"answer"),
+            sctp6(BACKEND6, BACKEND_PORT, CLIENT6, sport, SCTP_DATA),
+        ]
+    };
+    // (the hook that starts the flow, the hook its replies take, the flows' client port)
+    let legs =
+        [(PROG_TC_INGRESS, PROG_TC_EGRESS, 43000), (PROG_TC_FROM_POD, PROG_TC_TO_POD, 43001)];
+    for (start, _, sport) in legs {
+        for p in starts(sport) {
+            let s = summarize(&dp.run(start, &p).packet).expect("translated");
+            assert_eq!(s.dst.port(), BACKEND_PORT, "{start}: {s:?}");
+        }
+    }
+    let flows = |dp: &mut Datapath| {
+        let mut ct: Vec<_> = dp
+            .conntrack()
+            .into_iter()
+            // Replies move a flow's state (a mutated one may reset or close it); its
+            // translation stays.
+            .map(|(k, v)| (k, CtValue { last_seen_ns: 0, state: 0, ..v }))
+            .collect();
+        ct.sort_by_key(|(k, _)| *k);
+        ct
+    };
+    let before = flows(&mut dp);
+    assert_eq!(before.len(), 2 * 2 * 6, "a forward and a reply entry per flow");
+
+    let (seed, runs) = mutation_seed_and_runs(0x6a09e667f3bcc909, 3000);
+    let mut rng = Rng::new(seed);
+    let (mut reversed, mut unchanged) = (0, 0);
+    for (_, prog, sport) in legs {
+        let seeds = replies(sport);
+        for i in 0..runs {
+            let mut p = seeds[i as usize % seeds.len()].clone();
+            if rng.chance(25) {
+                p.truncate(14 + rng.below(p.len() as u64 - 14) as usize);
+            } else {
+                for _ in 0..1 + rng.below(3) {
+                    let at = 12 + rng.below((p.len() as u64 - 12).min(100)) as usize;
+                    p[at] = rng.next_u64() as u8;
+                }
+            }
+            let Some(out) = run_unless_refused(&mut dp, prog, &p, i) else { continue };
+            assert_eq!(out.verdict, TC_ACT_OK, "{prog} run {i}: {p:02x?}");
+            if out.packet == p {
+                unchanged += 1;
+                continue;
+            }
+            reversed += 1;
+            assert_eq!(out.packet.len(), p.len(), "{prog} run {i}");
+            let (s_in, s) = (summarize(&p), summarize(&out.packet));
+            let (Some(s_in), Some(s)) = (s_in, s) else {
+                panic!("{prog} run {i}: {p:02x?} -> {:02x?}", out.packet)
+            };
+            let vip: IpAddr = if s.src.is_ipv4() { VIP4.into() } else { VIP6.into() };
+            if s.later_fragment {
+                // Made a later fragment of a datagram whose first fragment (another mutation)
+                // was reversed: its addresses only, the rest as it came.
+                assert_eq!(s.src.ip(), vip, "{prog} run {i}: {p:02x?}");
+                assert_eq!(out.packet[s.l4_off..], p[s.l4_off..], "{prog} run {i}");
+                continue;
+            }
+            assert_eq!(s.src, std::net::SocketAddr::new(vip, 80), "{prog} run {i}: {p:02x?}");
+            assert_eq!((s.dst, s.proto), (s_in.dst, s_in.proto), "{prog} run {i}");
+            if checksums_ok(&p).is_ok() {
+                let sums = checksums_ok(&out.packet);
+                assert!(sums.is_ok(), "{prog} run {i}: {sums:?}: {p:02x?}");
+            }
+        }
+    }
+    assert!(reversed > 100 && unchanged > 100, "{reversed} reversed, {unchanged} unchanged");
+    assert_eq!(flows(&mut dp), before, "conntrack after the storm");
+    for (_, prog, sport) in legs {
+        let s = summarize(&dp.run(prog, &replies(sport)[0]).packet).expect("a TCP packet");
+        assert_eq!(s.src, std::net::SocketAddr::new(VIP4.into(), 80), "{prog}: a clean reply");
     }
 }
