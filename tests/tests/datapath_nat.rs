@@ -997,3 +997,111 @@ fn enabling_the_port_filters_seeds_them_from_frontends_and_existing_flows() {
     let (_, s) = run(&mut dp, PROG_TC_INGRESS, &tcp4(CLIENT, 43001, VIP, 7000, false, b"ok"));
     assert_eq!(s.dst, sa(LOCAL_POD, 8080));
 }
+
+/// Replies from remote backends to the node's SNAT ports (TCP, UDP and SCTP, both families),
+/// one to three header bytes overwritten at random or cut short, through tc ingress: each is
+/// passed or sent on, unchanged or reversed to frontend -> client of the flow whose SNAT port
+/// it names (length kept, right sums kept right), and every flow keeps its translation.
+#[test]
+fn mutated_snat_replies_never_mistranslate_or_corrupt_conntrack() {
+    require_root!();
+    let mut dp = Datapath::load();
+    dp.set_node(Some(NODE.into()), Some(NODE6.into()));
+    let mut plans = Vec::new();
+    for (name, vip, pod, proto) in [
+        ("tcp4", IpAddr::from(VIP), IpAddr::from(REMOTE_POD), Protocol::Tcp),
+        ("udp4", VIP.into(), REMOTE_POD.into(), Protocol::Udp),
+        ("sctp4", VIP.into(), REMOTE_POD.into(), Protocol::Sctp),
+        ("tcp6", VIP6.into(), REMOTE6.into(), Protocol::Tcp),
+        ("udp6", VIP6.into(), REMOTE6.into(), Protocol::Udp),
+        ("sctp6", VIP6.into(), REMOTE6.into(), Protocol::Sctp),
+    ] {
+        plans.push(lb_plan(name, vip, 80, proto, vec![backend(pod, 8080, false)]));
+    }
+    dp.program("all", &plans);
+    let starts = [
+        tcp4(CLIENT, 43000, VIP, 80, true, b""),
+        udp4(CLIENT, 43000, VIP, 80, b"query"),
+        sctp4(CLIENT, 43000, VIP, 80, SCTP_INIT),
+        tcp6(CLIENT6, 43000, VIP6, 80, true, b""),
+        udp6(CLIENT6, 43000, VIP6, 80, b"query"),
+        sctp6(CLIENT6, 43000, VIP6, 80, SCTP_INIT),
+    ];
+    // Each flow's reply, from its backend to its SNAT port; and who it must reach, as whom.
+    let mut seeds = Vec::new();
+    let mut flows_by_port = std::collections::HashMap::new();
+    for p in &starts {
+        let (_, s) = run(&mut dp, PROG_TC_INGRESS, p);
+        let (vip, client): (IpAddr, IpAddr) = if s.dst.is_ipv4() {
+            (VIP.into(), CLIENT.into())
+        } else {
+            (VIP6.into(), CLIENT6.into())
+        };
+        assert!(matches!(s.src.ip(), a if a == IpAddr::from(NODE) || a == IpAddr::from(NODE6)));
+        flows_by_port.insert((s.proto, s.src.port()), (sa(vip, 80), sa(client, 43000)));
+        seeds.push(match (s.proto, s.dst.ip(), s.src.ip()) {
+            (6, IpAddr::V4(b), IpAddr::V4(n)) => tcp4(b, 8080, n, s.src.port(), false, b"answer"),
+            (17, IpAddr::V4(b), IpAddr::V4(n)) => udp4(b, 8080, n, s.src.port(), b"answer"),
+            (132, IpAddr::V4(b), IpAddr::V4(n)) => sctp4(b, 8080, n, s.src.port(), SCTP_DATA),
+            (6, IpAddr::V6(b), IpAddr::V6(n)) => tcp6(b, 8080, n, s.src.port(), false, b"answer"),
+            (17, IpAddr::V6(b), IpAddr::V6(n)) => udp6(b, 8080, n, s.src.port(), b"answer"),
+            (132, IpAddr::V6(b), IpAddr::V6(n)) => sctp6(b, 8080, n, s.src.port(), SCTP_DATA),
+            other => panic!("{other:?}"),
+        });
+    }
+    let flows = |dp: &mut Datapath| {
+        let mut ct: Vec<_> = dp
+            .conntrack()
+            .into_iter()
+            // Replies move a flow's state (a mutated one may reset or close it).
+            .map(|(k, v)| (k, CtValue { last_seen_ns: 0, state: 0, ..v }))
+            .collect();
+        ct.sort_by_key(|(k, _)| *k);
+        ct
+    };
+    let before = flows(&mut dp);
+    assert_eq!(before.len(), 2 * starts.len(), "a forward and a reply entry per flow");
+
+    let (seed, runs) = lb_tests::plans::mutation_seed_and_runs(0xbb67ae8584caa73b, 3000);
+    let mut rng = lb_tests::plans::Rng::new(seed);
+    let (mut reversed, mut unchanged) = (0, 0);
+    for i in 0..runs {
+        let mut p = seeds[i as usize % seeds.len()].clone();
+        if rng.chance(25) {
+            p.truncate(14 + rng.below(p.len() as u64 - 14) as usize);
+        } else {
+            for _ in 0..1 + rng.below(3) {
+                let at = 12 + rng.below((p.len() as u64 - 12).min(100)) as usize;
+                p[at] = rng.next_u64() as u8;
+            }
+        }
+        // The kernel refuses some frames outright (a length its ethertype cannot hold).
+        let Ok(out) = dp.try_run(PROG_TC_INGRESS, &p) else { continue };
+        assert!([TC_ACT_OK, TC_ACT_REDIRECT].contains(&out.verdict), "run {i}: {p:02x?}");
+        if out.packet == p {
+            unchanged += 1;
+            continue;
+        }
+        reversed += 1;
+        assert_eq!(out.packet.len(), p.len(), "run {i}");
+        let (Some(s_in), Some(s)) = (summarize(&p), summarize(&out.packet)) else {
+            panic!("run {i}: {p:02x?} -> {:02x?}", out.packet)
+        };
+        if s.later_fragment {
+            // A later fragment of a datagram whose first fragment (another mutation) was
+            // reversed: its addresses only.
+            assert_eq!(out.packet[s.l4_off..], p[s.l4_off..], "run {i}");
+            continue;
+        }
+        let want = flows_by_port.get(&(s_in.proto, s_in.dst.port()));
+        assert_eq!(Some(&(s.src, s.dst)), want, "run {i}: {p:02x?}");
+        if checksums_ok(&p).is_ok() {
+            let sums = checksums_ok(&out.packet);
+            assert!(sums.is_ok(), "run {i}: {sums:?}: {p:02x?}");
+        }
+    }
+    assert!(reversed > 100 && unchanged > 100, "{reversed} reversed, {unchanged} unchanged");
+    assert_eq!(flows(&mut dp), before, "conntrack after the storm");
+    let (_, s) = run(&mut dp, PROG_TC_INGRESS, &seeds[0]);
+    assert_eq!((s.src, s.dst), (sa(VIP, 80), sa(CLIENT, 43000)), "a clean reply");
+}
