@@ -62,9 +62,9 @@ pub fn checksum_after(
     Ok(Some(u32::from_ne_bytes((u32::from_le_bytes(cur.to_ne_bytes()) ^ delta).to_le_bytes())))
 }
 
-/// `crc32c::port_change` as a subprogram: its arithmetic (16 steps for one port's change, 32
-/// for both) exists once per program, and only scalars cross the call. `len` is read back from the stack first: LLVM knew from
-/// the caller that it is below 65,536 and dropped the masks on the table indices, while the
+/// `crc32c::port_change` as a subprogram: its 32-step multiplication exists once per program,
+/// and only scalars cross the call. `len` is read back from the stack first: LLVM knew from
+/// the caller that it is below 65,536 and dropped the mask on the table index, while the
 /// verifier, walking the callee, did not (an index "outside the allowed memory range").
 #[inline(never)]
 fn port_change(old: u32, new: u32, len: u32) -> u32 {
