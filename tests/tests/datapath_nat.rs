@@ -999,9 +999,10 @@ fn enabling_the_port_filters_seeds_them_from_frontends_and_existing_flows() {
 }
 
 /// Replies from remote backends to the node's SNAT ports (TCP, UDP and SCTP, both families),
-/// one to three header bytes overwritten at random or cut short, through tc ingress: each is
-/// passed or sent on, unchanged or reversed to frontend -> client of the flow whose SNAT port
-/// it names (length kept, right sums kept right), and every flow keeps its translation.
+/// one to three header bytes overwritten at random or cut short, through tc ingress and XDP
+/// (in a routed node, XDP_TX allowed): each is passed or sent on, unchanged or reversed to
+/// frontend -> client of the flow whose SNAT port it names (length kept, right sums kept
+/// right, XDP_TX towards the clients' gateway), and every flow keeps its translation.
 #[test]
 fn mutated_snat_replies_never_mistranslate_or_corrupt_conntrack() {
     require_root!();
@@ -1065,7 +1066,18 @@ fn mutated_snat_replies_never_mistranslate_or_corrupt_conntrack() {
     let (seed, runs) = lb_tests::plans::mutation_seed_and_runs(0xbb67ae8584caa73b, 3000);
     let mut rng = lb_tests::plans::Rng::new(seed);
     let (mut reversed, mut unchanged) = (0, 0);
-    for i in 0..runs {
+    // XDP reverses a reply and sends it back out itself where the next hop is known: in a
+    // routed node's namespace, with XDP_TX allowed on its device (the clients' default route
+    // has a known gateway).
+    let node = RoutedNode::new();
+    assert!(node.xdp_tx(&mut dp, "n0", XdpTx::On));
+    let mut by_hook = [0; 2];
+    let hooks = [
+        (PROG_TC_INGRESS, &[TC_ACT_OK, TC_ACT_REDIRECT][..]),
+        (PROG_XDP_INGRESS, &[XDP_PASS, XDP_TX, XDP_REDIRECT][..]),
+    ];
+    for i in 0..runs * 2 {
+        let (prog, verdicts) = hooks[(i / runs) as usize];
         let mut p = seeds[i as usize % seeds.len()].clone();
         if rng.chance(25) {
             p.truncate(14 + rng.below(p.len() as u64 - 14) as usize);
@@ -1076,13 +1088,23 @@ fn mutated_snat_replies_never_mistranslate_or_corrupt_conntrack() {
             }
         }
         // The kernel refuses some frames outright (a length its ethertype cannot hold).
-        let Ok(out) = dp.try_run(PROG_TC_INGRESS, &p) else { continue };
-        assert!([TC_ACT_OK, TC_ACT_REDIRECT].contains(&out.verdict), "run {i}: {p:02x?}");
-        if out.packet == p {
+        let out = if prog == PROG_XDP_INGRESS {
+            node.run_xdp(&mut dp, &p)
+        } else {
+            let Ok(out) = dp.try_run(prog, &p) else { continue };
+            out
+        };
+        assert!(verdicts.contains(&out.verdict), "{prog} run {i}: {}: {p:02x?}", out.verdict);
+        if out.packet[12..] == p[12..] {
             unchanged += 1;
             continue;
         }
         reversed += 1;
+        by_hook[(i / runs) as usize] += 1;
+        if out.verdict == XDP_TX {
+            // Back out towards the clients' gateway.
+            assert_eq!(out.packet[..6], mac(routed::GATEWAY_MAC)[..], "{prog} run {i}");
+        }
         assert_eq!(out.packet.len(), p.len(), "run {i}");
         let (Some(s_in), Some(s)) = (summarize(&p), summarize(&out.packet)) else {
             panic!("run {i}: {p:02x?} -> {:02x?}", out.packet)
@@ -1101,6 +1123,7 @@ fn mutated_snat_replies_never_mistranslate_or_corrupt_conntrack() {
         }
     }
     assert!(reversed > 100 && unchanged > 100, "{reversed} reversed, {unchanged} unchanged");
+    assert!(by_hook.iter().all(|&n| n > 50), "reversed by tc and XDP: {by_hook:?}");
     assert_eq!(flows(&mut dp), before, "conntrack after the storm");
     let (_, s) = run(&mut dp, PROG_TC_INGRESS, &seeds[0]);
     assert_eq!((s.src, s.dst), (sa(VIP, 80), sa(CLIENT, 43000)), "a clean reply");
