@@ -386,6 +386,25 @@ impl Datapath {
         map.iter().map(|r| r.expect("read ct")).collect()
     }
 
+    /// The conntrack entries in key order, their clock stamps zeroed and, unless `keep_state`,
+    /// their states too (replies move a flow's state; its translation stays): for comparing
+    /// the flows before and after a test's storm of packets.
+    pub fn conntrack_sorted(
+        &self,
+        keep_state: bool,
+    ) -> Vec<(lb_common::CtKey, lb_common::CtValue)> {
+        let mut ct: Vec<_> = self
+            .conntrack()
+            .into_iter()
+            .map(|(k, v)| {
+                let state = if keep_state { v.state } else { 0 };
+                (k, lb_common::CtValue { last_seen_ns: 0, state, ..v })
+            })
+            .collect();
+        ct.sort_by_key(|(k, _)| *k);
+        ct
+    }
+
     /// The conntrack map itself, for the agent's readers (the sweep, the batch reader).
     pub fn conntrack_map(&self) -> &MapData {
         match self.ebpf.map(lb_common::MAP_CONNTRACK) {

@@ -23,6 +23,18 @@ impl Rng {
     pub fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
+    /// The kernel tests' mutation of a frame: cut short one time in four (its Ethernet header
+    /// kept), else one to three bytes overwritten from the ethertype on, within `reach` bytes.
+    pub fn mutate(&mut self, p: &mut Vec<u8>, reach: u64) {
+        if self.chance(25) {
+            p.truncate(14 + self.below(p.len() as u64 - 14) as usize);
+        } else {
+            for _ in 0..1 + self.below(3) {
+                let at = 12 + self.below((p.len() as u64 - 12).min(reach)) as usize;
+                p[at] = self.next_u64() as u8;
+            }
+        }
+    }
 }
 
 /// A random test's seed and run count: `LB_MUTATION_SEED` and `LB_MUTATIONS` pick others than

@@ -1050,17 +1050,7 @@ fn mutated_snat_replies_never_mistranslate_or_corrupt_conntrack() {
             other => panic!("{other:?}"),
         });
     }
-    let flows = |dp: &mut Datapath| {
-        let mut ct: Vec<_> = dp
-            .conntrack()
-            .into_iter()
-            // Replies move a flow's state (a mutated one may reset or close it).
-            .map(|(k, v)| (k, CtValue { last_seen_ns: 0, state: 0, ..v }))
-            .collect();
-        ct.sort_by_key(|(k, _)| *k);
-        ct
-    };
-    let before = flows(&mut dp);
+    let before = dp.conntrack_sorted(false);
     assert_eq!(before.len(), 2 * starts.len(), "a forward and a reply entry per flow");
 
     let (seed, runs) = lb_tests::plans::mutation_seed_and_runs(0xbb67ae8584caa73b, 3000);
@@ -1079,14 +1069,7 @@ fn mutated_snat_replies_never_mistranslate_or_corrupt_conntrack() {
     for i in 0..runs * 2 {
         let (prog, verdicts) = hooks[(i / runs) as usize];
         let mut p = seeds[i as usize % seeds.len()].clone();
-        if rng.chance(25) {
-            p.truncate(14 + rng.below(p.len() as u64 - 14) as usize);
-        } else {
-            for _ in 0..1 + rng.below(3) {
-                let at = 12 + rng.below((p.len() as u64 - 12).min(100)) as usize;
-                p[at] = rng.next_u64() as u8;
-            }
-        }
+        rng.mutate(&mut p, 100);
         // The kernel refuses some frames outright (a length its ethertype cannot hold).
         let out = if prog == PROG_XDP_INGRESS {
             node.run_xdp(&mut dp, &p)
@@ -1124,7 +1107,7 @@ fn mutated_snat_replies_never_mistranslate_or_corrupt_conntrack() {
     }
     assert!(reversed > 100 && unchanged > 100, "{reversed} reversed, {unchanged} unchanged");
     assert!(by_hook.iter().all(|&n| n > 50), "reversed by tc and XDP: {by_hook:?}");
-    assert_eq!(flows(&mut dp), before, "conntrack after the storm");
+    assert_eq!(dp.conntrack_sorted(false), before, "conntrack after the storm");
     let (_, s) = run(&mut dp, PROG_TC_INGRESS, &seeds[0]);
     assert_eq!((s.src, s.dst), (sa(VIP, 80), sa(CLIENT, 43000)), "a clean reply");
 }

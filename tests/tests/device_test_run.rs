@@ -506,23 +506,14 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
     ];
     let (seed, runs) = mutation_seed_and_runs(0x2545f4914f6cdd1d, 3000);
     let mut rng = Rng::new(seed);
-    let mut next = || rng.next_u64();
     let (mut translated, mut unchanged, mut refused) = (0, 0, 0);
     for (prog, packets_counter, pass) in FLOW_HOOKS {
         let before = dp.stats();
         let mut ran = 0;
         for i in 0..runs {
             let mut p = seeds[i as usize % seeds.len()].clone();
-            if next().is_multiple_of(4) {
-                p.truncate(14 + (next() as usize) % (p.len() - 14));
-            } else {
-                for _ in 0..1 + next() % 3 {
-                    // Anywhere from the ethertype to the end of the transport header.
-                    let span = (p.len() - 12).min(100);
-                    let at = 12 + (next() as usize) % span;
-                    p[at] = next() as u8;
-                }
-            }
+            // Anywhere from the ethertype to the end of the transport header.
+            rng.mutate(&mut p, 100);
             let Some(out) = run_unless_refused(&mut dp, prog, &p, i) else { continue };
             ran += 1;
             if prog == PROG_TC_FROM_POD && out.verdict != pass {
@@ -642,18 +633,7 @@ fn mutated_replies_never_mistranslate_or_corrupt_conntrack() {
             assert_eq!(s.dst.port(), BACKEND_PORT, "{start}: {s:?}");
         }
     }
-    let flows = |dp: &mut Datapath| {
-        let mut ct: Vec<_> = dp
-            .conntrack()
-            .into_iter()
-            // Replies move a flow's state (a mutated one may reset or close it); its
-            // translation stays.
-            .map(|(k, v)| (k, CtValue { last_seen_ns: 0, state: 0, ..v }))
-            .collect();
-        ct.sort_by_key(|(k, _)| *k);
-        ct
-    };
-    let before = flows(&mut dp);
+    let before = dp.conntrack_sorted(false);
     assert_eq!(before.len(), 2 * 2 * 6, "a forward and a reply entry per flow");
 
     let (seed, runs) = mutation_seed_and_runs(0x6a09e667f3bcc909, 3000);
@@ -663,14 +643,7 @@ fn mutated_replies_never_mistranslate_or_corrupt_conntrack() {
         let seeds = replies(sport);
         for i in 0..runs {
             let mut p = seeds[i as usize % seeds.len()].clone();
-            if rng.chance(25) {
-                p.truncate(14 + rng.below(p.len() as u64 - 14) as usize);
-            } else {
-                for _ in 0..1 + rng.below(3) {
-                    let at = 12 + rng.below((p.len() as u64 - 12).min(100)) as usize;
-                    p[at] = rng.next_u64() as u8;
-                }
-            }
+            rng.mutate(&mut p, 100);
             let Some(out) = run_unless_refused(&mut dp, prog, &p, i) else { continue };
             assert_eq!(out.verdict, TC_ACT_OK, "{prog} run {i}: {p:02x?}");
             if out.packet == p {
@@ -700,7 +673,7 @@ fn mutated_replies_never_mistranslate_or_corrupt_conntrack() {
         }
     }
     assert!(reversed > 100 && unchanged > 100, "{reversed} reversed, {unchanged} unchanged");
-    assert_eq!(flows(&mut dp), before, "conntrack after the storm");
+    assert_eq!(dp.conntrack_sorted(false), before, "conntrack after the storm");
     for (_, prog, sport) in legs {
         let s = summarize(&dp.run(prog, &replies(sport)[0]).packet).expect("a TCP packet");
         assert_eq!(s.src, std::net::SocketAddr::new(VIP4.into(), 80), "{prog}: a clean reply");

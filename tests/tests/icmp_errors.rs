@@ -377,30 +377,14 @@ fn mutated_icmp_errors_never_break_the_programs_or_conntrack() {
             &syn6,
         ),
     ];
-    let flows = |dp: &mut Datapath| {
-        let mut ct: Vec<_> = dp
-            .conntrack()
-            .into_iter()
-            .map(|(k, v)| (k, CtValue { last_seen_ns: 0, ..v }))
-            .collect();
-        ct.sort_by_key(|(k, _)| *k);
-        ct
-    };
-    let before = flows(&mut dp);
+    let before = dp.conntrack_sorted(true);
     let (seed, runs) = lb_tests::plans::mutation_seed_and_runs(0x5851f42d4c957f2d, 3000);
     let mut rng = lb_tests::plans::Rng::new(seed);
     let (mut changed, mut unchanged) = (0, 0);
     for i in 0..runs {
         let mut p = seeds[(i % seeds.len() as u64) as usize].clone();
-        if rng.chance(25) {
-            p.truncate(14 + rng.below(p.len() as u64 - 14) as usize);
-        } else {
-            for _ in 0..1 + rng.below(3) {
-                // Anywhere in the headers: outer, ICMP, quoted network and transport.
-                let at = 12 + rng.below((p.len() as u64 - 12).min(110)) as usize;
-                p[at] = rng.next_u64() as u8;
-            }
-        }
+        // Anywhere in the headers: outer, ICMP, quoted network and transport.
+        rng.mutate(&mut p, 110);
         for prog in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
             let Ok(out) = dp.try_run(prog, &p) else { continue }; // no skb from a stub
             assert!(
@@ -412,7 +396,7 @@ fn mutated_icmp_errors_never_break_the_programs_or_conntrack() {
         }
     }
     assert!(changed > 100 && unchanged > 100, "{changed} changed, {unchanged} unchanged");
-    assert_eq!(flows(&mut dp), before, "conntrack as it was");
+    assert_eq!(dp.conntrack_sorted(true), before, "conntrack as it was");
     let (_, e) = run_error(&mut dp, PROG_TC_EGRESS, &seeds[0]);
     assert_eq!((e.src, e.quoted_dst), (IpAddr::from(VIP), sa(VIP, 53)));
     let (_, e) = run_error(&mut dp, PROG_TC_INGRESS, &seeds[1]);
