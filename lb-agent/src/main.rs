@@ -248,7 +248,7 @@ async fn main() {
     }
 }
 
-async fn run(args: Args) -> Result<()> {
+async fn run(mut args: Args) -> Result<()> {
     if args.cleanup {
         if !args.bpffs.exists() {
             bail!("nothing pinned under {}", args.bpffs.display());
@@ -264,7 +264,9 @@ async fn run(args: Args) -> Result<()> {
     if args.pod_devices.iter().any(|d| d == "auto") {
         bail!("--pod-devices takes device names and PREFIX+ patterns (lxc+, veth+), not auto");
     }
-    if args.socket_lb_host_namespace_only && args.pod_devices.iter().all(|d| d.is_empty()) {
+    // `--pod-devices ''` (an empty list from a template) names none: off, as no flag.
+    args.pod_devices.retain(|d| !d.is_empty());
+    if args.socket_lb_host_namespace_only && args.pod_devices.is_empty() {
         bail!(
             "--socket-lb-host-namespace-only needs --pod-devices: pods' service traffic would go untranslated"
         );
@@ -283,7 +285,7 @@ async fn run(args: Args) -> Result<()> {
     cfg.nodeport_addresses = args.nodeport_addresses.clone();
     cfg.localhost_nodeports = args.localhost_nodeports;
     cfg.external_cluster_ips = args.external_clusterip;
-    cfg.pod_devices = args.pod_devices.iter().any(|d| !d.is_empty());
+    cfg.pod_devices = !args.pod_devices.is_empty();
     cfg.extra_node_ips = args.node_ip.clone();
     cfg.maglev_max_size = args.maglev_max_size;
     // Served later; the API client counts its requests into its metrics.
