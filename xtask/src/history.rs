@@ -15,7 +15,7 @@ use crate::util::{run_cmd, succeeds, workspace_root};
 
 /// The release upgraded from: the last commit of the previous working session. Move it forward
 /// when a release is cut.
-pub const UPGRADE_FROM: &str = "0b7bd8cc7633325e9e22596bb2d3cf4d3da9a9bd";
+pub const UPGRADE_FROM: &str = "62914bb67794501d3ff1917d5c687be56a977c57";
 
 fn git(args: &[&str]) -> Command {
     let mut cmd = Command::new("git");
