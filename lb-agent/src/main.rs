@@ -98,6 +98,12 @@ struct Args {
     /// How outside clients' TCP connections to a service without endpoints are refused.
     #[arg(long, value_enum, default_value_t)]
     reject_tcp_with: options::RejectTcpWith,
+    /// How outside clients' flows reach other nodes' backends (policy Cluster): snat (through
+    /// this node both ways, as kube-proxy) or hybrid (TCP over IPv4 by direct server return:
+    /// the backend sees the client and its node answers directly; needs a network that passes
+    /// service addresses as sources between nodes and IPv4 options). Every node alike.
+    #[arg(long, value_enum, default_value_t)]
+    lb_mode: options::LbMode,
     /// Source ports for SNAT to other nodes' backends, FIRST-LAST: each backend address and
     /// port takes this many concurrent flows from each node address. Must lie outside the
     /// node's ephemeral ports (net.ipv4.ip_local_port_range).
@@ -353,6 +359,7 @@ async fn run(mut args: Args) -> Result<()> {
     }
     let opts = options::Options {
         reject_tcp_with: args.reject_tcp_with,
+        lb_mode: args.lb_mode,
         nat_ports: args.nat_port_range,
         ct_timeouts: lb_common::CtTimeouts {
             tcp_established_s: args.conntrack_tcp_timeout_established.0,

@@ -49,8 +49,21 @@ pub const MAX_XDP_DEVICES: u32 = 64;
 /// Node-wide datapath options, indexed by the `OPT_*` constants (0 = off).
 pub const MAP_OPTIONS: &str = "LB_OPTIONS";
 pub const OPT_COUNT: u32 = 16;
+/// Switches of the device hooks, one bit each (`MODE_*`). Was a single switch (a reset for
+/// TCP), which older programs test as non-zero: `LB_OPTIONS` has no free slot.
+pub const OPT_DEVICE_MODES: u32 = 0;
 /// Answer a TCP packet to a service without endpoints with a TCP reset, not ICMP.
-pub const OPT_REJECT_TCP_WITH_RESET: u32 = 0;
+pub const MODE_TCP_RESET: u32 = 1;
+/// Direct server return for TCP over IPv4 (`--lb-mode hybrid`, Cilium's name): a new flow from
+/// outside to another node's backend is not SNATed; its SYN carries the frontend in an IPv4
+/// option (`DSR_OPTION_*`) to the backend's node, which answers the client directly from the
+/// frontend's address. UDP, SCTP and IPv6 flows are SNATed as before.
+pub const MODE_DSR: u32 = 2;
+/// The IPv4 option a DSR flow's SYN carries to the backend's node: type, length 8, the
+/// frontend's port and address (network order). 158: copied on fragmentation, control class,
+/// number 30, one of the values RFC 4727 sets aside for experiments.
+pub const DSR_OPTION_TYPE: u8 = 0x9e;
+pub const DSR_OPTION_LEN: u8 = 8;
 /// SNAT source ports, first and last (0: NAT_PORT_MIN/NAT_PORT_MAX).
 pub const OPT_NAT_PORT_MIN: u32 = 1;
 pub const OPT_NAT_PORT_MAX: u32 = 2;
@@ -267,6 +280,12 @@ pub const SVC_F_LOAD_BALANCER: u32 = 1 << 11;
 pub const CT_F_REPLY: u8 = 1 << 0;
 /// The flow's source was rewritten to a node address (remote backend, policy Cluster).
 pub const CT_F_SNAT: u8 = 1 << 1;
+/// Direct server return (`MODE_DSR`): on the node that chose the backend, the forward entry of
+/// a flow sent on to another node with its client's address (no reply entry: replies go from
+/// the backend's node to the client); on the backend's node, the reply entry its SYN's option
+/// made, which gives the backend's answers the frontend's address. A FIN closes such a flow
+/// (each node sees one direction only: half-closing cannot be told from closing).
+pub const CT_F_DSR: u8 = 1 << 2;
 
 // ---- CtValue.state ----
 // Values are stored in pinned maps: new states take new numbers, and order comes from
@@ -506,6 +525,8 @@ pub const STAT_DROP_UNKNOWN_PORT: u32 = 36;
 /// address's own host would (tc ingress; `--answer-service-pings`).
 pub const STAT_ECHO_REPLY: u32 = 37;
 /// Number of slots in LB_STATS (room for the counters later programs add).
+/// A DSR flow's SYN arrived with its frontend (`MODE_DSR`): the reply entry was made.
+pub const STAT_DSR_LEARNED: u32 = 38;
 pub const STAT_COUNT: u32 = 64;
 
 /// Human-readable names of the `STAT_*` indices, for lbctl and metrics.
@@ -548,4 +569,5 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (STAT_REJECT_UNKNOWN_PORT, "reject_unknown_port"),
     (STAT_DROP_UNKNOWN_PORT, "drop_unknown_port"),
     (STAT_ECHO_REPLY, "echo_reply"),
+    (STAT_DSR_LEARNED, "dsr_learned"),
 ];

@@ -46,7 +46,9 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<&'static CtValue> {
         if tcp_flags & TCP_RST != 0 {
             state = CT_STATE_RESET;
         } else if tcp_flags & TCP_FIN != 0 && !ct_state_ended(state) {
-            state = after_fin(state, e.flags);
+            // A node of a DSR flow sees one direction only: any FIN closes it there.
+            state =
+                if e.flags & CT_F_DSR != 0 { CT_STATE_CLOSING } else { after_fin(state, e.flags) };
         } else if syn_only && ct_state_ended(state) {
             // The client opens a new connection on the tuple of one that ended.
             state = CT_STATE_NEW;

@@ -11,7 +11,7 @@ use aya_ebpf::maps::{Array, lpm_trie::Key};
 use lb_common::*;
 
 use crate::{
-    conntrack, fib, fragment, lookup,
+    conntrack, dsr, fib, fragment, lookup,
     maps::{
         CLUSTER_IPS, EXTERNAL_IPS, FLOW, FRONTEND_ADDRS, INGRESS_PORTS, OPTIONS, POD_PORTS,
         POD_REPLY_PORTS, REPLY_PORTS, SCRATCH, SOURCE_RANGES,
@@ -54,6 +54,9 @@ pub enum Action {
     /// new destination, which the packet now carries (tc ingress: the parsed flow is in
     /// `maps::FLOW`; XDP: back out of its device, the next hop's MACs are in `maps::SCRATCH`).
     Redirect,
+    /// A DSR flow's SYN (tc ingress only): `Redirect` once it carries its frontend in an
+    /// option (`dsr::add_option`).
+    RedirectDsr,
     /// A new connection to a service without endpoints: answer with ICMP port unreachable
     /// (tc ingress; XDP passes such packets on to tc).
     Reject,
@@ -82,7 +85,7 @@ pub fn handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Action {
 /// `ready` option is unset): a packet whose port is not there cannot be ours, and skips the
 /// lookups (`LB_REPLY_PORTS` on egress, `LB_INGRESS_PORTS` on ingress).
 #[inline(always)]
-fn port_may_match(ports: &Array<u64>, ready: u32, port_be: u16) -> bool {
+pub fn port_may_match(ports: &Array<u64>, ready: u32, port_be: u16) -> bool {
     bit_may_be_set(ports, ready, u16::from_be(port_be).into())
 }
 
@@ -211,7 +214,10 @@ fn apply<R: Rewrite>(pkt: &mut R, flow: &Flow, ct: &CtValue, hook: Hook, len: u3
     if flow.frag == FRAG_FIRST {
         fragment::remember(flow);
     }
-    if ct.flags & CT_F_SNAT != 0 && !hook.is_egress() {
+    if ct.flags & (CT_F_SNAT | CT_F_DSR) != 0 && !hook.is_egress() {
+        if ct.flags & CT_F_DSR != 0 && hook == Hook::TcIngress && dsr::opens(flow) {
+            return Action::RedirectDsr;
+        }
         return Action::Redirect;
     }
     Action::Pass
@@ -312,6 +318,10 @@ fn try_handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Result<Action, S
         Err(skip) => return Err(skip),
     }
     let flow = &*flow;
+    // The SYN of a flow another node sends to a backend here by DSR names its frontend.
+    if hook == Hook::TcIngress && dsr::may_carry(flow) {
+        dsr::learn(pkt, flow);
+    }
     // 0. Most packets are not ours, and their port says so without a hash lookup.
     match hook {
         // Not from a local backend's port: no conntrack entry can match (every packet leaving
@@ -397,7 +407,14 @@ fn tracked<R: Rewrite>(pkt: &mut R, flow: &Flow, len: u32, hook: Hook) -> Option
     }
     // The stack would refuse a packet whose source is now a node address: it must be forwarded
     // from here (checked before counting: tc counts what XDP hands over).
-    if ct.flags & CT_F_SNAT != 0 && leave_to_tc(pkt, flow, &ct.new_saddr, &ct.new_daddr) {
+    if ct.flags & (CT_F_SNAT | CT_F_DSR) != 0
+        && leave_to_tc(pkt, flow, &ct.new_saddr, &ct.new_daddr)
+    {
+        return Some(Action::Pass);
+    }
+    // A DSR flow's SYN again (retransmitted): tc adds the option.
+    if hook == Hook::Xdp && ct.flags & CT_F_DSR != 0 && dsr::opens(flow) {
+        stats::count(STAT_XDP_TO_TC);
         return Some(Action::Pass);
     }
     stats::count(STAT_CT_HIT);
@@ -480,6 +497,12 @@ fn new_flow<R: Rewrite>(
     } else {
         backend.flags & BE_F_LOCAL == 0 && svc.flags & SVC_F_LOCAL_ONLY == 0
     };
+    // From outside, by direct server return where the mode says so (`nat::create` decides, so
+    // that the verifier walks what follows once): its SYN needs the option only tc adds.
+    if snat && hook == Hook::Xdp && dsr::xdp_leaves_to_tc(flow) {
+        stats::count(STAT_XDP_TO_TC);
+        return Action::Pass;
+    }
     // On a node whose hooks are on several devices, the source of the route to the backend
     // (`fib::snat_source`), else the node's primary address.
     let by_route = snat && fib::snat_by_route();
@@ -503,7 +526,9 @@ fn new_flow<R: Rewrite>(
         }
     }
     count_service_hit(svc.service_id, len);
-    let ids = nat::Ids { backend_id: sel.id, service_id: svc.service_id, snat, by_route, hash };
+    let outside = hook != Hook::FromPod;
+    let ids =
+        nat::Ids { backend_id: sel.id, service_id: svc.service_id, snat, outside, by_route, hash };
     let ct = match nat::create(flow, backend, &ids) {
         Ok(ct) => ct,
         Err(e) => {

@@ -28,6 +28,8 @@ mod csum;
 #[cfg(target_arch = "bpf")]
 mod device;
 #[cfg(target_arch = "bpf")]
+mod dsr;
+#[cfg(target_arch = "bpf")]
 mod echo;
 #[cfg(target_arch = "bpf")]
 mod fib;

@@ -7,7 +7,7 @@ use core::{intrinsics::AtomicOrdering, num::NonZeroU32};
 use lb_common::*;
 
 use crate::{
-    clock, conntrack, kernel,
+    clock, conntrack, dsr, kernel,
     maps::{FRONTEND_ADDRS, NODE, OPTIONS, SCRATCH},
     packet::Flow,
 };
@@ -69,7 +69,16 @@ pub fn create(
     let s = SCRATCH.get_ptr_mut(0).ok_or(NatError::CtFull)?;
     // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
     let s = unsafe { &mut *s };
-    let flags = if ids.snat { CT_F_SNAT } else { 0 };
+    // Decided here, not by the caller: the verifier then walks the caller's rest once.
+    let dsr = ids.snat && ids.outside && dsr::applies(flow);
+    let snat = ids.snat && !dsr;
+    let flags = if snat {
+        CT_F_SNAT
+    } else if dsr {
+        CT_F_DSR
+    } else {
+        0
+    };
     // Field by field into the scratch slot: whole-struct literals would be built on the stack
     // first, and this function's frame is part of a call chain bounded to 512 bytes.
     let ports = (flow.sport_be, flow.dport_be);
@@ -91,7 +100,9 @@ pub fn create(
     let ports = (backend.port_be, flow.sport_be);
     conntrack::fill_key(&mut s.reply_key, &backend.addr, &flow.saddr, ports, flow.proto);
     let mut sport_be = flow.sport_be;
-    if !ids.snat {
+    if dsr {
+        // The backend's node makes the reply entry, from the SYN's option (`dsr.rs`).
+    } else if !snat {
         conntrack::insert(&s.reply_key, &s.value, false).map_err(|_| NatError::CtFull)?;
     } else {
         if ids.by_route {
@@ -134,7 +145,9 @@ pub fn create(
     s.value.new_dport_be = backend.port_be;
     s.value.flags = flags;
     if conntrack::insert(&s.forward_key, &s.value, false).is_err() {
-        conntrack::remove(&s.reply_key);
+        if !dsr {
+            conntrack::remove(&s.reply_key);
+        }
         return Err(NatError::CtFull);
     }
     Ok(&s.value)
@@ -145,6 +158,9 @@ pub struct Ids {
     pub backend_id: u32,
     pub service_id: u32,
     pub snat: bool,
+    /// From outside the node (a device hook, not a pod's): a flow that needs SNAT goes by
+    /// direct server return instead where the mode says so (`dsr.rs`): a forward entry only.
+    pub outside: bool,
     /// SNAT from the source the caller left in `SCRATCH.snat_src` (`fib::snat_source`), not
     /// the node's primary address.
     pub by_route: bool,

@@ -18,8 +18,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    Addr, EVENT_DROP, EVENT_NO_SERVICE, HOOK_TC_INGRESS, OPT_REJECT_TCP_WITH_RESET, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_TCP, STAT_ICMP_RATE_LIMITED, STAT_TOO_BIG,
+    Addr, EVENT_DROP, EVENT_NO_SERVICE, HOOK_TC_INGRESS, MODE_TCP_RESET, OPT_DEVICE_MODES,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, STAT_ICMP_RATE_LIMITED, STAT_TOO_BIG,
 };
 
 use crate::{
@@ -60,8 +60,8 @@ pub fn reject(ctx: &TcContext) -> i32 {
     let Some(flow) = FLOW.get_ptr(0) else { return TC_ACT_SHOT };
     // SAFETY: this CPU's slot, filled for this packet by device::handle.
     let flow = unsafe { &*flow };
-    let reset =
-        flow.proto == PROTO_TCP && OPTIONS.get(OPT_REJECT_TCP_WITH_RESET).is_some_and(|&v| v != 0);
+    let reset = flow.proto == PROTO_TCP
+        && OPTIONS.get(OPT_DEVICE_MODES).is_some_and(|&v| v & MODE_TCP_RESET != 0);
     let answer = if reset {
         tcp_reset(ctx, flow)
     } else if icmp_allowed() {

@@ -6,11 +6,11 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::STAT_TC_INGRESS_PACKETS;
+use lb_common::{STAT_DROP_REWRITE, STAT_TC_INGRESS_PACKETS};
 
 use crate::{
     device::{self, Action, Hook},
-    echo,
+    dsr, echo,
     fib::{self, Redirect},
     icmp, reject, rewrite, stats,
 };
@@ -33,6 +33,15 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
         Action::Pass => TC_ACT_OK,
         Action::Drop => TC_ACT_SHOT,
         Action::Redirect => send_on(ctx),
+        Action::RedirectDsr => match dsr::add_option(ctx) {
+            Ok(()) => send_on(ctx),
+            // Sent on without its frontend, the backend's answers would reach the client from
+            // the pod's address: dropped, the client retransmits.
+            Err(()) => {
+                stats::count(STAT_DROP_REWRITE);
+                TC_ACT_SHOT
+            }
+        },
         Action::Reject => reject::reject(ctx),
         // Called here, not from icmp.rs: its frame and the redirect's do not fit nested.
         Action::Icmp => match icmp::translate_error(ctx, hook) {

@@ -20,7 +20,10 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
     stats::count(STAT_XDP_PACKETS);
     let len = (ctx.data_end() - ctx.data()) as u32;
     match device::handle(&mut rewrite::Xdp(&ctx), len, Hook::Xdp) {
-        Action::Pass | Action::Reject | Action::Icmp | Action::Echo => XDP_PASS,
+        // (`RedirectDsr`: tc ingress only.)
+        Action::Pass | Action::Reject | Action::Icmp | Action::Echo | Action::RedirectDsr => {
+            XDP_PASS
+        }
         Action::Drop => XDP_DROP,
         Action::Redirect => fib::xdp_forward(&ctx).unwrap_or_else(|| {
             // Rewritten already: the stack must not see it.

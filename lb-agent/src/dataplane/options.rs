@@ -6,10 +6,10 @@ use aya::{
     maps::{Array, Map, MapData},
 };
 use lb_common::{
-    CT_MIN_LIFETIME_S, CtTimeouts, HOST_NETNS_INITIAL, MAP_OPTIONS, NAT_PORT_MAX, NAT_PORT_MIN,
-    OPT_CT_TCP_CLOSE_WAIT_S, OPT_CT_TCP_ESTABLISHED_S, OPT_CT_UDP_S, OPT_CT_UDP_STREAM_S,
-    OPT_HOST_NETNS_COOKIE_HI, OPT_HOST_NETNS_COOKIE_LO, OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN,
-    OPT_REJECT_TCP_WITH_RESET, OPT_SOCK_HOST_NETNS_ONLY,
+    CT_MIN_LIFETIME_S, CtTimeouts, HOST_NETNS_INITIAL, MAP_OPTIONS, MODE_DSR, MODE_TCP_RESET,
+    NAT_PORT_MAX, NAT_PORT_MIN, OPT_CT_TCP_CLOSE_WAIT_S, OPT_CT_TCP_ESTABLISHED_S, OPT_CT_UDP_S,
+    OPT_CT_UDP_STREAM_S, OPT_DEVICE_MODES, OPT_HOST_NETNS_COOKIE_HI, OPT_HOST_NETNS_COOKIE_LO,
+    OPT_NAT_PORT_MAX, OPT_NAT_PORT_MIN, OPT_SOCK_HOST_NETNS_ONLY,
 };
 
 /// How a TCP connection to a service without endpoints is refused (`--reject-tcp-with`).
@@ -20,6 +20,21 @@ pub enum RejectTcpWith {
     Icmp,
     /// A TCP reset, as a closed port answers (gets through firewalls that drop ICMP).
     Reset,
+}
+
+/// How flows from outside reach another node's backends (`--lb-mode`, as Cilium's
+/// `bpf-lb-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LbMode {
+    /// Through this node both ways: DNAT and SNAT to a node address with a BPF port, as
+    /// kube-proxy (the backend sees this node, not the client).
+    #[default]
+    Snat,
+    /// Direct server return for TCP over IPv4: the backend's node answers the client itself,
+    /// from the frontend's address, and the backend sees the client's address. The network
+    /// between nodes must pass packets whose source is a service address or another node's
+    /// (no anti-spoofing filter there), and carry IPv4 options. UDP, SCTP and IPv6 as `snat`.
+    Hybrid,
 }
 
 /// SNAT source ports for flows to other nodes' backends (`--nat-port-range FIRST-LAST`).
@@ -137,6 +152,7 @@ impl std::str::FromStr for Timeout {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Options {
     pub reject_tcp_with: RejectTcpWith,
+    pub lb_mode: LbMode,
     pub nat_ports: PortRange,
     /// Conntrack lifetimes (0: the datapath's defaults).
     pub ct_timeouts: CtTimeouts,
@@ -161,10 +177,16 @@ pub fn ct_timeouts(options: &Map) -> Result<CtTimeouts> {
 pub fn write(ebpf: &mut Ebpf, opts: &Options) -> Result<()> {
     let mut map: Array<_, u32> =
         Array::try_from(ebpf.map_mut(MAP_OPTIONS).context("no LB_OPTIONS map")?)?;
-    let reset = u32::from(opts.reject_tcp_with == RejectTcpWith::Reset);
+    let mut modes = 0;
+    if opts.reject_tcp_with == RejectTcpWith::Reset {
+        modes |= MODE_TCP_RESET;
+    }
+    if opts.lb_mode == LbMode::Hybrid {
+        modes |= MODE_DSR;
+    }
     let host_netns = host_netns_cookie()?;
     for (i, v) in [
-        (OPT_REJECT_TCP_WITH_RESET, reset),
+        (OPT_DEVICE_MODES, modes),
         (OPT_NAT_PORT_MIN, opts.nat_ports.first.into()),
         (OPT_NAT_PORT_MAX, opts.nat_ports.last.into()),
         (OPT_CT_TCP_ESTABLISHED_S, opts.ct_timeouts.tcp_established_s),

@@ -1,0 +1,141 @@
+//! Direct server return (`MODE_DSR`, `--lb-mode hybrid`) for TCP over IPv4 flows from outside
+//! to another node's backend. On the node that chose the backend, the flow gets a forward entry
+//! only (DNAT, the client's address kept, sent on like a SNATed flow) and its SYN an IPv4 option
+//! naming the frontend ([`add_option`], tc). On the backend's node, tc ingress reads the option
+//! ([`learn`]) and makes the reply entry with which tc egress gives the backend's answers the
+//! frontend's address, straight to the client. The flow's other packets carry nothing: the
+//! first node forwards them by its entry, the backend's node routes them as any packet to a pod.
+//! Linux ignores options it does not know on packets it receives, so the pod's stack does too.
+
+use aya_ebpf::{bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_NET, programs::TcContext};
+use lb_common::{
+    CT_F_DSR, CT_F_REPLY, CT_STATE_NEW, DSR_OPTION_LEN, DSR_OPTION_TYPE, MODE_DSR,
+    OPT_DEVICE_MODES, OPT_REPLY_PORTS_READY, PROTO_TCP, STAT_DSR_LEARNED, addr_from_v4_raw,
+};
+
+use crate::{
+    clock, conntrack, csum,
+    maps::{FLOW, OPTIONS, REPLY_PORTS, SCRATCH},
+    packet::{Bounds, Flow, TCP_ACK, TCP_RST, TCP_SYN},
+    rewrite::Rewrite,
+    stats,
+};
+
+/// Whether a new flow from outside to another node's backend goes by DSR (no SNAT).
+#[inline(always)]
+pub fn applies(flow: &Flow) -> bool {
+    !flow.is_v6
+        && flow.proto == PROTO_TCP
+        && OPTIONS.get(OPT_DEVICE_MODES).is_some_and(|m| *m & MODE_DSR != 0)
+}
+
+/// [`applies`] for XDP, which leaves such a flow to tc (its SYN needs the option). A
+/// subprogram: inlined, the registers its tests leave behind made the verifier walk the rest
+/// of every new flow twice.
+#[inline(never)]
+pub fn xdp_leaves_to_tc(flow: &Flow) -> bool {
+    applies(flow)
+}
+
+/// Whether the packet opens its connection (a SYN, not its answer): the one that carries the
+/// frontend to the backend's node. A retransmitted SYN carries it again.
+#[inline(always)]
+pub fn opens(flow: &Flow) -> bool {
+    flow.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+}
+
+/// Whether tc ingress should look for the option: an IPv4 TCP SYN with options.
+#[inline(always)]
+pub fn may_carry(flow: &Flow) -> bool {
+    !flow.is_v6 && flow.proto == PROTO_TCP && opens(flow) && flow.l4() > flow.l3() + 20
+}
+
+/// Inserts the option naming the frontend (the parsed packet's destination, in `maps::FLOW`)
+/// after the IPv4 header's fixed part of the packet tc ingress just rewrote, and fixes the
+/// header's length fields and checksum. A CHECKSUM_COMPLETE sum stays right: the room comes
+/// zeroed, and a valid header sums to the same before and after.
+#[inline(never)]
+pub fn add_option(ctx: &TcContext) -> Result<(), ()> {
+    let flow = FLOW.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: this CPU's slot, filled by device::handle for this very packet.
+    let flow = unsafe { &mut *flow };
+    let l3 = flow.l3();
+    // IHL counts 4-byte words, 15 at most: room for 8 more bytes up to 52.
+    if flow.l4() > l3 + 52 {
+        return Err(());
+    }
+    ctx.adjust_room(DSR_OPTION_LEN as i32, BPF_ADJ_ROOM_NET, 0).map_err(|_| ())?;
+    let b = Bounds { start: ctx.data(), end: ctx.data_end() };
+    let head: *mut [u16; 6] = b.ptr_at(l3).ok_or(())?;
+    let opt: *mut [u16; 4] = b.ptr_at(l3 + 20).ok_or(())?;
+    let port = flow.dport_be.to_ne_bytes();
+    let addr = flow.daddr[3].to_ne_bytes();
+    let words = [
+        u16::from_ne_bytes([DSR_OPTION_TYPE, DSR_OPTION_LEN]),
+        u16::from_ne_bytes(port),
+        u16::from_ne_bytes([addr[0], addr[1]]),
+        u16::from_ne_bytes([addr[2], addr[3]]),
+    ];
+    // SAFETY: both pointers bounds-checked by ptr_at; tc may write packet data.
+    unsafe {
+        let h = &mut *head;
+        // Version and IHL, then the total length: both grow by the option's two words.
+        let (old0, old1) = (h[0], h[1]);
+        let ver_ihl = old0.to_ne_bytes();
+        let new0 = u16::from_ne_bytes([ver_ihl[0] + 2, ver_ihl[1]]);
+        let new1 = (u16::from_be(old1) + DSR_OPTION_LEN as u16).to_be();
+        let mut sum = csum::replace2(h[5], old0, new0);
+        sum = csum::replace2(sum, old1, new1);
+        for w in words {
+            sum = csum::replace2(sum, 0, w);
+        }
+        (h[0], h[1], h[5]) = (new0, new1, sum);
+        *opt = words;
+    }
+    flow.l4_off += DSR_OPTION_LEN as usize;
+    Ok(())
+}
+
+/// On the backend's node (tc ingress, a packet [`may_carry`] says may): if its first option is
+/// ours and its destination port one of this node's backends' (`LB_REPLY_PORTS`), makes the
+/// reply entry that gives the backend's answers the frontend's address, replacing an older
+/// one of the tuple (a retransmitted SYN, a tuple reused). The packet itself goes on
+/// untouched. The entry belongs to no service of this node's (service id 0).
+#[inline(never)]
+pub fn learn<R: Rewrite>(pkt: &R, flow: &Flow) {
+    if !applies(flow)
+        || !crate::device::port_may_match(&REPLY_PORTS, OPT_REPLY_PORTS_READY, flow.dport_be)
+    {
+        return;
+    }
+    let Some(opt) = pkt.bounds().ptr_at::<[u8; 8]>(flow.l3() + 20) else { return };
+    // SAFETY: bounds checked by ptr_at.
+    let opt = unsafe { *opt };
+    if opt[0] != DSR_OPTION_TYPE || opt[1] != DSR_OPTION_LEN {
+        return;
+    }
+    let frontend_port = u16::from_ne_bytes([opt[2], opt[3]]);
+    let frontend = u32::from_ne_bytes([opt[4], opt[5], opt[6], opt[7]]);
+    if frontend_port == 0 || frontend == 0 {
+        return;
+    }
+    let Some(s) = SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's scratch slot; nothing else runs on it meanwhile.
+    let s = unsafe { &mut *s };
+    let ports = (flow.dport_be, flow.sport_be);
+    conntrack::fill_key(&mut s.reply_key, &flow.daddr, &flow.saddr, ports, PROTO_TCP);
+    let v = &mut s.value;
+    v.last_seen_ns = clock::now_ns();
+    v.new_saddr = addr_from_v4_raw(frontend);
+    v.new_daddr = flow.saddr;
+    v.new_sport_be = frontend_port;
+    v.new_dport_be = flow.sport_be;
+    v.backend_id = 0;
+    v.service_id = 0;
+    v.flags = CT_F_REPLY | CT_F_DSR;
+    v.state = CT_STATE_NEW;
+    v._pad = [0; 2];
+    if conntrack::insert(&s.reply_key, &s.value, false).is_ok() {
+        stats::count(STAT_DSR_LEARNED);
+    }
+}

@@ -1,0 +1,152 @@
+//! Direct server return (`--lb-mode hybrid`) on the device hooks (BPF_PROG_TEST_RUN): the node
+//! that chooses another node's backend sends the flow on with the client's address, its SYN
+//! carrying the frontend in an IPv4 option; the backend's node learns the frontend from it and
+//! gives the backend's answers the frontend's address. Checked: verdicts, bytes, checksums,
+//! conntrack entries and their states, on both nodes; UDP keeps SNAT; without the mode,
+//! nothing changes.
+
+use std::net::{IpAddr, SocketAddr};
+
+use lb_agent::dataplane::options::{LbMode, Options};
+use lb_agent::model::plan::Protocol;
+use lb_common::*;
+use lb_tests::{
+    addrs::*,
+    kernel::{Datapath, run_checked as run},
+    packets::*,
+    plans::{backend, lb_plan},
+    require_root,
+};
+
+fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// A node whose one backend of `VIP:80` is `REMOTE_POD:8080`, on this node (`local`) or not.
+fn node(local: bool, mode: LbMode) -> Datapath {
+    let mut dp = Datapath::load();
+    dp.set_node(Some(NODE.into()), Some("fd00:1::11".parse().unwrap()));
+    dp.set_options(&Options { lb_mode: mode, ..Default::default() });
+    let mut plans = vec![lb_plan(
+        "web",
+        VIP.into(),
+        80,
+        Protocol::Tcp,
+        vec![backend(REMOTE_POD.into(), 8080, local)],
+    )];
+    plans.push(lb_plan(
+        "dns",
+        VIP.into(),
+        53,
+        Protocol::Udp,
+        vec![backend(REMOTE_POD.into(), 5353, local)],
+    ));
+    dp.program("web", &plans);
+    dp
+}
+
+/// The IPv4 header's length in bytes.
+fn ihl(frame: &[u8]) -> usize {
+    usize::from(frame[14] & 0x0f) * 4
+}
+
+#[test]
+fn a_syn_carries_its_frontend_to_the_backends_node_which_answers_the_client_from_it() {
+    require_root!();
+    let mut a = node(false, LbMode::Hybrid);
+    let mut b = node(true, LbMode::Hybrid);
+
+    // Node A: DNAT only, the SYN grows by the option naming VIP:80.
+    let syn = tcp4(CLIENT, 40001, VIP, 80, true, b"");
+    let out = a.run(PROG_TC_INGRESS, &syn);
+    // Sent on (redirect), or to the stack where the test context has no route.
+    assert!(out.verdict == TC_ACT_REDIRECT || out.verdict == TC_ACT_OK, "{}", out.verdict);
+    let sent = out.packet;
+    checksums_ok(&sent).unwrap();
+    let s = summarize(&sent).unwrap();
+    assert_eq!((s.src, s.dst), (sa(CLIENT, 40001), sa(REMOTE_POD, 8080)), "client kept");
+    assert_eq!((sent.len(), ihl(&sent)), (syn.len() + 8, 28));
+    assert_eq!(u16::from_be_bytes([sent[16], sent[17]]) as usize, sent.len() - 14, "total length");
+    let vip = VIP.octets();
+    assert_eq!(&sent[34..42], &[0x9e, 8, 0, 80, vip[0], vip[1], vip[2], vip[3]], "the option");
+    let ct = a.conntrack();
+    assert_eq!(ct.len(), 1, "a forward entry only: {ct:?}");
+    assert_eq!(ct[0].1.flags, CT_F_DSR);
+    assert_eq!(a.stat(STAT_CT_NEW), 1);
+
+    // The rest of the flow: DNAT, no option.
+    let ack = tcp4(CLIENT, 40001, VIP, 80, false, b"GET /");
+    let out = a.run(PROG_TC_INGRESS, &ack);
+    checksums_ok(&out.packet).unwrap();
+    assert_eq!((out.packet.len(), ihl(&out.packet)), (ack.len(), 20));
+    assert_eq!(summarize(&out.packet).unwrap().dst, sa(REMOTE_POD, 8080));
+    assert_eq!(a.conntrack()[0].1.state, CT_STATE_ESTABLISHED);
+    // A retransmitted SYN carries the option again.
+    let out = a.run(PROG_TC_INGRESS, &syn);
+    assert_eq!(out.packet, sent);
+
+    // Node B: the SYN passes untouched and leaves the reply entry.
+    let out = b.run(PROG_TC_INGRESS, &sent);
+    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &sent));
+    assert_eq!(b.stat(STAT_DSR_LEARNED), 1);
+    let ct = b.conntrack();
+    assert_eq!(ct.len(), 1, "{ct:?}");
+    let (k, v) = &ct[0];
+    assert_eq!((k.sport_be, k.dport_be), (8080u16.to_be(), 40001u16.to_be()));
+    assert_eq!(
+        (v.flags, v.new_sport_be, v.new_dport_be),
+        (CT_F_REPLY | CT_F_DSR, 80u16.to_be(), 40001u16.to_be())
+    );
+    // The backend's answers leave node B from the frontend, to the client.
+    let (verdict, r) =
+        run(&mut b, PROG_TC_EGRESS, &tcp4(REMOTE_POD, 8080, CLIENT, 40001, false, b"200 OK"));
+    assert_eq!((verdict, r.src, r.dst), (TC_ACT_OK, sa(VIP, 80), sa(CLIENT, 40001)));
+    // Node B's other packets of the flow are not its business.
+    let out = b.run(PROG_TC_INGRESS, &tcp4(CLIENT, 40001, REMOTE_POD, 8080, false, b"x"));
+    assert_eq!(b.stat(STAT_DSR_LEARNED), 1);
+    assert_eq!(out.verdict, TC_ACT_OK);
+
+    // A FIN closes the flow on each node (each sees one direction only).
+    a.run(PROG_TC_INGRESS, &tcp4_end(CLIENT, 40001, VIP, 80, false));
+    assert_eq!(a.conntrack()[0].1.state, CT_STATE_CLOSING);
+    b.run(PROG_TC_EGRESS, &tcp4_end(REMOTE_POD, 8080, CLIENT, 40001, false));
+    assert_eq!(b.conntrack()[0].1.state, CT_STATE_CLOSING);
+}
+
+#[test]
+fn xdp_leaves_a_dsr_syn_to_tc_and_udp_keeps_snat() {
+    require_root!();
+    let mut a = node(false, LbMode::Hybrid);
+    let syn = tcp4(CLIENT, 40001, VIP, 80, true, b"");
+    let out = a.run(PROG_XDP_INGRESS, &syn);
+    assert_eq!((out.verdict, &out.packet), (XDP_PASS, &syn));
+    assert_eq!(a.stat(STAT_XDP_TO_TC), 1);
+    assert!(a.conntrack().is_empty());
+
+    // UDP: SNAT to the node as before.
+    let (_, s) = run(&mut a, PROG_TC_INGRESS, &udp4(CLIENT, 40002, VIP, 53, b"q"));
+    assert_eq!((s.src.ip(), s.dst), (IpAddr::from(NODE), sa(REMOTE_POD, 5353)));
+    assert!(
+        a.conntrack()
+            .iter()
+            .all(|(_, v)| v.flags == CT_F_SNAT || v.flags == CT_F_SNAT | CT_F_REPLY)
+    );
+}
+
+#[test]
+fn without_the_mode_flows_are_snated_and_options_are_not_read() {
+    require_root!();
+    let mut a = node(false, LbMode::Snat);
+    let (_, s) = run(&mut a, PROG_TC_INGRESS, &tcp4(CLIENT, 40001, VIP, 80, true, b""));
+    assert_eq!(s.src.ip(), IpAddr::from(NODE));
+    assert_eq!(ihl(&a.run(PROG_TC_INGRESS, &tcp4(CLIENT, 40009, VIP, 80, true, b"")).packet), 20);
+
+    // A SYN with the option reaching a node in SNAT mode: nothing learned.
+    let mut hybrid = node(false, LbMode::Hybrid);
+    let sent = hybrid.run(PROG_TC_INGRESS, &tcp4(CLIENT, 40001, VIP, 80, true, b"")).packet;
+    let mut b = node(true, LbMode::Snat);
+    let out = b.run(PROG_TC_INGRESS, &sent);
+    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &sent));
+    assert_eq!(b.stat(STAT_DSR_LEARNED), 0);
+    assert!(b.conntrack().is_empty());
+}
