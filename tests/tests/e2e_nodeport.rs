@@ -564,3 +564,65 @@ fn external_clusterip_serves_clients_routed_to_the_service_range() {
     let r = parse_probe(&run.from_client(0, &once));
     assert!(r[0].is_err(), "translated without --external-clusterip: {r:?}");
 }
+
+/// Direct server return (`--lb-mode hybrid`): node-0 sends the flows it gives node-1's pods on
+/// with the client's address, the SYN naming the NodePort; node-1 answers the client itself,
+/// from node-0's address and NodePort. Every backend sees the client, and node-0 SNATs nothing.
+#[test]
+fn nodeport_cluster_policy_by_direct_server_return_keeps_the_clients_address() {
+    require_root!();
+    direct_server_return(false);
+}
+
+/// The same with XDP: node-0's XDP sends every packet of node-1's flows on itself (XDP_TX)
+/// but their SYNs, which it leaves to tc to add the option.
+#[test]
+fn nodeport_by_direct_server_return_with_xdp_tx_leaves_only_syns_to_tc() {
+    require_root!();
+    let (remote, counters) = direct_server_return(true);
+    let (tx, to_tc) = (counters["xdp_tx"], counters["xdp_to_tc"]);
+    // Each remote flow: its SYN to tc; ACK, request, FIN, last ACK by XDP_TX (but the first
+    // few, before node-0 knew the next hop's MAC).
+    assert!(to_tc >= remote, "xdp_to_tc {to_tc}, {remote} remote flows: {counters:?}");
+    assert!(to_tc <= remote + 8, "xdp_to_tc {to_tc}, {remote} remote flows: {counters:?}");
+    assert!(tx >= 3 * remote, "xdp_tx {tx}, {remote} remote flows: {counters:?}");
+}
+
+/// 200 connections to node-0's NodePort with `--lb-mode hybrid` (and XDP): every one
+/// answered, from the NodePort, each backend seeing the client. Node-1's flows and node-0's
+/// counters.
+fn direct_server_return(xdp: bool) -> (u64, std::collections::BTreeMap<&'static str, u64>) {
+    let mut cluster = Cluster::new(2, 2, 1);
+    let mut args = vec!["--lb-mode", "hybrid"];
+    if xdp {
+        cluster.like_a_wire_for_xdp_tx();
+        args.extend(["--xdp", "--xdp-tx", "on"]);
+    }
+    let eps = cluster.all_pods(false);
+    let files = [("web.yaml", CLUSTER_SVC.file(&eps))];
+    let run = Running::start_with(cluster, &files, &args);
+    let node0 = run.cluster.nodes[0].ip4.to_string();
+    let client = run.cluster.clients[0].ip4.to_string();
+
+    let results =
+        parse_probe(&run.from_client(0, &["connect", &format!("{node0}:30080"), "--count", "200"]));
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    let spread = by_server(&results);
+    assert_eq!(spread.len(), 4, "{spread:?}");
+    assert!(spread.values().all(|&n| n >= 20), "{spread:?}");
+    for (name, seen, peer) in results.iter().flatten() {
+        assert_eq!(peer, &format!("{node0}:30080"), "the client talks to the NodePort");
+        assert_eq!(&host_of(seen), &client, "{name} sees the client");
+    }
+    // node-1 learned each of its flows from its SYN (a retransmitted one counts again).
+    let remote: u64 =
+        spread.iter().filter(|(n, _)| n.starts_with("node-1")).map(|(_, &c)| c as u64).sum();
+    let learned = run.counter(1, "dsr_learned");
+    assert!((remote..=remote + 5).contains(&learned), "{learned} learned, {remote} remote flows");
+    assert_eq!(run.counter(0, "dsr_learned"), 0);
+    let ports = run.lbctl_json(0, &["nat", "--ports"]);
+    let rows = ports.as_array().expect("rows");
+    assert!(rows.iter().all(|r| r["held"] == 0), "no SNAT port held: {ports}");
+    (remote, run.counters(0))
+}
