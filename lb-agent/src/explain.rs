@@ -143,6 +143,8 @@ pub struct Explanation {
     /// The packet's tuple after translation.
     pub rewritten: Option<String>,
     pub snat: bool,
+    /// By direct server return (`--lb-mode hybrid`): the backend's node answers the client.
+    pub dsr: bool,
     pub verdict: String,
     pub drop_reason: Option<&'static str>,
 }
@@ -360,6 +362,7 @@ pub fn explain(
         backend: None,
         rewritten: None,
         snat: false,
+        dsr: false,
         verdict: String::new(),
         drop_reason: None,
     };
@@ -555,6 +558,7 @@ fn explain_device(
         let b = ins.snapshot.backends.get(&v.backend_id).copied().unwrap_or_default();
         e.backend = Some(SocketAddr::new(b.ip(), b.port()).to_string());
         e.snat = v.flags & CT_F_SNAT != 0;
+        e.dsr = v.flags & CT_F_DSR != 0;
         e.decided_by = Some(if moved(STAT_CT_HIT) {
             "existing conntrack entry (an established flow keeps its backend)".into()
         } else if moved(STAT_AFFINITY_HIT) {

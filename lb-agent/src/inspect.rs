@@ -89,6 +89,9 @@ pub struct ConntrackRow {
     pub new_from: String,
     pub new_to: String,
     pub snat: bool,
+    /// Direct server return (`--lb-mode hybrid`): on the node that chose the backend, a flow
+    /// it sends on with the client's address; on the backend's node, its answers' entry.
+    pub dsr: bool,
     pub service: String,
     pub backend_id: u32,
     pub state: &'static str,
@@ -363,6 +366,7 @@ impl Inspection {
                     new_from: sock(&v.new_saddr, v.new_sport_be),
                     new_to: sock(&v.new_daddr, v.new_dport_be),
                     snat: v.flags & CT_F_SNAT != 0,
+                    dsr: v.flags & CT_F_DSR != 0,
                     service: self.name(v.service_id),
                     backend_id: v.backend_id,
                     state: match v.state {

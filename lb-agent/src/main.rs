@@ -99,9 +99,10 @@ struct Args {
     #[arg(long, value_enum, default_value_t)]
     reject_tcp_with: options::RejectTcpWith,
     /// How outside clients' flows reach other nodes' backends (policy Cluster): snat (through
-    /// this node both ways, as kube-proxy) or hybrid (TCP over IPv4 by direct server return:
-    /// the backend sees the client and its node answers directly; needs a network that passes
-    /// service addresses as sources between nodes and IPv4 options). Every node alike.
+    /// this node both ways, as kube-proxy) or hybrid (TCP by direct server return: the backend
+    /// sees the client and its node answers directly; needs a network that passes service
+    /// addresses as sources between nodes, IPv4 options and IPv6 destination options). Every
+    /// node alike.
     #[arg(long, value_enum, default_value_t)]
     lb_mode: options::LbMode,
     /// Source ports for SNAT to other nodes' backends, FIRST-LAST: each backend address and

@@ -55,6 +55,8 @@ pub struct StatusView {
     /// What the programs do instead of what this kernel lacks (`kernel_features`; empty on
     /// 5.18 and later).
     pub kernel_fallbacks: Vec<&'static str>,
+    /// How flows from outside reach other nodes' backends (`--lb-mode`): `snat` or `hybrid`.
+    pub lb_mode: &'static str,
 }
 
 /// One filter set: bits set of how many, and whether the datapath trusts it yet (until then
@@ -216,7 +218,17 @@ pub fn status(bpffs: &Path, health: SocketAddr, metrics: SocketAddr) -> Result<S
         monitor_lease_s: monitor_lease(bpffs),
         filters: filters(bpffs),
         kernel_fallbacks: kernel_features::fallbacks(*kernel_features::probed()),
+        lb_mode: if device_modes(bpffs) & MODE_DSR != 0 { "hybrid" } else { "snat" },
     })
+}
+
+/// The device hooks' switches (`OPT_DEVICE_MODES`; 0 without pins).
+fn device_modes(bpffs: &Path) -> u32 {
+    crate::inspect::open_pinned(bpffs, MAP_OPTIONS)
+        .ok()
+        .and_then(|data| Array::<MapData, u32>::try_from(Map::Array(data)).ok())
+        .and_then(|o| o.get(&OPT_DEVICE_MODES, 0).ok())
+        .unwrap_or(0)
 }
 
 /// The filter sets the pins hold (an older agent's lack some), read a chunk of words a call.
@@ -323,6 +335,11 @@ impl std::fmt::Display for StatusView {
         let none = || "none".to_string();
         let list = |v: &[String]| if v.is_empty() { none() } else { v.join(", ") };
         writeln!(f, "devices:      {}", list(&devices))?;
+        let mode = match self.lb_mode {
+            "hybrid" => "hybrid: TCP by direct server return, UDP and SCTP SNATed",
+            _ => "snat: flows to other nodes' backends SNATed to this node",
+        };
+        writeln!(f, "lb mode:      {mode}")?;
         if self.kernel_fallbacks.is_empty() {
             writeln!(f, "kernel:       has everything the programs use")?;
         } else {

@@ -54,16 +54,22 @@ pub const OPT_COUNT: u32 = 16;
 pub const OPT_DEVICE_MODES: u32 = 0;
 /// Answer a TCP packet to a service without endpoints with a TCP reset, not ICMP.
 pub const MODE_TCP_RESET: u32 = 1;
-/// Direct server return for TCP over IPv4 (`--lb-mode hybrid`, Cilium's name): a new flow from
-/// outside to another node's backend is not SNATed; its SYN carries the frontend in an IPv4
-/// option (`DSR_OPTION_*`) to the backend's node, which answers the client directly from the
-/// frontend's address. UDP, SCTP and IPv6 flows are SNATed as before.
+/// Direct server return for TCP (`--lb-mode hybrid`, Cilium's name): a new flow from outside to
+/// another node's backend is not SNATed; its SYN carries the frontend to the backend's node (an
+/// IPv4 option, `DSR_OPTION_*`; an IPv6 destination options header, `DSR6_*`), which answers
+/// the client directly from the frontend's address. UDP and SCTP flows are SNATed as before.
 pub const MODE_DSR: u32 = 2;
 /// The IPv4 option a DSR flow's SYN carries to the backend's node: type, length 8, the
 /// frontend's port and address (network order). 158: copied on fragmentation, control class,
 /// number 30, one of the values RFC 4727 sets aside for experiments.
 pub const DSR_OPTION_TYPE: u8 = 0x9e;
 pub const DSR_OPTION_LEN: u8 = 8;
+/// IPv6: a destination options header of 24 bytes (length field 2) holding one option: type,
+/// length 18, the frontend's port and address, then a 2-byte PadN. 0x1e: skipped by nodes
+/// that do not know it, not changed en route, one of RFC 4727's experimental values.
+pub const DSR6_OPTION_TYPE: u8 = 0x1e;
+pub const DSR6_OPTION_LEN: u8 = 18;
+pub const DSR6_HEADER_LEN: u8 = 24;
 /// SNAT source ports, first and last (0: NAT_PORT_MIN/NAT_PORT_MAX).
 pub const OPT_NAT_PORT_MIN: u32 = 1;
 pub const OPT_NAT_PORT_MAX: u32 = 2;

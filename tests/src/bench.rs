@@ -25,6 +25,7 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 /// First-packet rows each use their own client, so no row meets flows an earlier one created.
 const XDP_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 8);
 const XDP_TX_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+const DSR_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
 const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 7, 0, 0, 0, 0, 7);
@@ -172,6 +173,14 @@ fn datapath_sized(n: usize, object: Option<&[u8]>, max_conntrack: u32) -> Datapa
     dp
 }
 
+/// Sets the device hooks' switches (`OPT_DEVICE_MODES`) of `dp`.
+fn set_device_modes(dp: &Datapath, modes: u32) {
+    use aya::maps::{Array, Map};
+    let mut options: Array<_, u32> =
+        Array::try_from(Map::Array(dp.map_handle(MAP_OPTIONS))).expect("the options map");
+    options.set(OPT_DEVICE_MODES, modes, 0).expect("writing the options map");
+}
+
 /// Prints the table; with `baseline` (another build's ELF object) every path is also measured
 /// in that build, interleaved with this one, and a second table gives their ratios.
 pub fn datapath(baseline: Option<&[u8]>) {
@@ -215,6 +224,7 @@ fn datapath_here(baseline: Option<&[u8]>) {
         "to pod: reply reverse NAT",
         "tc: established packet, SCTP (CRC moved)",
         "xdp: established packet, SCTP (CRC moved)",
+        "tc: first packet, remote backend (DSR)",
     ];
     // XDP_TX needs a route and a known next hop on the device the packet arrives on.
     let routed = RoutedNode::new();
@@ -391,6 +401,25 @@ fn datapath_here(baseline: Option<&[u8]>) {
             ),
         ];
         rows.extend(sat_out(sctp_rows, dps.len()));
+        // Direct server return (`--lb-mode hybrid`, on for this row alone): this build only (the
+        // bit means something else to older ones). Sent on from the routed namespace's n0.
+        set_device_modes(&dps[0], MODE_DSR);
+        let dsr_rows = routed.ns.run(|| {
+            let n0 = routed.n0;
+            let tc_on_n0 =
+                runners(&dps[..1], move |dp, p| dp.run_tc_on_loaded(PROG_TC_INGRESS, p, n0, 0));
+            // Redirected, DNAT only, the option added (IHL 7).
+            let with_option = |v: i32, p: &[u8]| {
+                v == 7
+                    && p.get(14).is_some_and(|b| b & 0x0f == 7)
+                    && summarize(p).is_some_and(|s| {
+                        s.dst.port() == 8080 && s.src.ip() == IpAddr::from(DSR_CLIENT)
+                    })
+            };
+            [measure_with(PROG_TC_INGRESS, &tc_on_n0, &mut syn(DSR_CLIENT, 30081), &with_option)]
+        });
+        set_device_modes(&dps[0], 0);
+        rows.extend(sat_out(dsr_rows, dps.len()));
         for (r, per_build) in rows.into_iter().enumerate() {
             for (b, v) in per_build.into_iter().enumerate() {
                 tables[b][r].push(v);

@@ -213,19 +213,30 @@ fn explain_notes(run: &Running) -> String {
 /// service: all answered, by all four pods, remote ones seeing node-0's address `snat` (that of
 /// the device its route to them leaves by). Returns how many went to the other node.
 fn cluster_policy_answers_every_connection(run: &Running, count: usize, snat: &str) -> usize {
-    let node0 = run.cluster.nodes[0].ip4.to_string();
-    let client = run.cluster.clients[0].ip4.to_string();
-    let target = format!("{node0}:30080");
+    let target = format!("{}:30080", run.cluster.nodes[0].ip4);
+    answers_every_connection(run, &target, count, &run.cluster.clients[0].ip4.to_string(), snat)
+}
+
+/// `count` connections from the client to `target`: every one answered, by all four pods, from
+/// `target`; node-0's pods see the client as `local_sees`, node-1's as `remote_sees`. How many
+/// node-1's pods answered.
+fn answers_every_connection(
+    run: &Running,
+    target: &str,
+    count: usize,
+    local_sees: &str,
+    remote_sees: &str,
+) -> usize {
     let results =
-        parse_probe(&run.from_client(0, &["connect", &target, "--count", &count.to_string()]));
+        parse_probe(&run.from_client(0, &["connect", target, "--count", &count.to_string()]));
     let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
     assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
     assert_eq!(by_server(&results).len(), 4, "{:?}", by_server(&results));
     let mut remote = 0;
     for (name, seen, peer) in results.iter().flatten() {
-        assert_eq!(peer, &target);
+        assert_eq!(peer, target);
         let local = name.starts_with("node-0");
-        assert_eq!(&host_of(seen), if local { &client } else { snat }, "{name}");
+        assert_eq!(&host_of(seen), if local { local_sees } else { remote_sees }, "{name}");
         remote += usize::from(!local);
     }
     remote
@@ -588,6 +599,32 @@ fn nodeport_by_direct_server_return_with_xdp_tx_leaves_only_syns_to_tc() {
     assert!(tx >= 3 * remote, "xdp_tx {tx}, {remote} remote flows: {counters:?}");
 }
 
+/// IPv6: the SYN carries the NodePort in a destination options header; every backend sees
+/// the client, every answer comes from node-0's NodePort.
+#[test]
+fn ipv6_nodeport_by_direct_server_return_keeps_the_clients_address() {
+    require_root!();
+    let cluster = Cluster::new(2, 2, 1);
+    let eps = cluster.all_pods(true);
+    let web6 = Svc {
+        name: "web6",
+        cluster_ips: &["fd00:96::80"],
+        port: 80,
+        protocol: "TCP",
+        target_port: 8086,
+        node_port: Some(30086),
+        spec: "",
+        extra: "",
+    };
+    let run =
+        Running::start_with(cluster, &[("web6.yaml", web6.file(&eps))], &["--lb-mode", "hybrid"]);
+    let target = format!("[{}]:30086", run.cluster.nodes[0].ip6);
+    let client = run.cluster.clients[0].ip6.to_string();
+    let remote = answers_every_connection(&run, &target, 100, &client, &client) as u64;
+    let learned = run.counter(1, "dsr_learned");
+    assert!((remote..=remote + 5).contains(&learned), "{learned} learned, {remote} remote flows");
+}
+
 /// 200 connections to node-0's NodePort with `--lb-mode hybrid` (and XDP): every one
 /// answered, from the NodePort, each backend seeing the client. Node-1's flows and node-0's
 /// counters.
@@ -611,5 +648,14 @@ fn direct_server_return(xdp: bool) -> (u64, std::collections::BTreeMap<&'static 
     let ports = run.lbctl_json(0, &["nat", "--ports"]);
     let rows = ports.as_array().expect("rows");
     assert!(rows.iter().all(|r| r["held"] == 0), "no SNAT port held: {ports}");
+    // lbctl shows it: the mode, node-0's forward entries of node-1's flows, node-1's replies.
+    assert_eq!(run.lbctl_json(0, &["status"])["lb_mode"], "hybrid");
+    for (n, direction) in [(0, "original"), (1, "reply")] {
+        let rows = run.lbctl_json(n, &["conntrack"]);
+        let dsr: Vec<_> =
+            rows.as_array().expect("rows").iter().filter(|r| r["dsr"] == true).collect();
+        assert!(!dsr.is_empty(), "node-{n}: {rows}");
+        assert!(dsr.iter().all(|r| r["direction"] == direction), "node-{n}: {rows}");
+    }
     (remote, run.counters(0))
 }

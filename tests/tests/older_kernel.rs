@@ -116,6 +116,7 @@ const KERNEL_TESTS_6_1: &[(&str, &[&str])] = &[
     ("pod_devices", &[]),
     ("service_addresses", &[]),
     ("sctp", &[]),
+    ("dsr", &["the_frontend_in_a_syn_keeps_a_checksum_complete_sum_right"]),
 ];
 
 /// On 5.10, those whose packets need not arrive on a real device: its BPF_PROG_TEST_RUN refuses
@@ -125,6 +126,7 @@ const KERNEL_TESTS_5_10: &[(&str, &[&str])] = &[
     ("device_test_run", &[]),
     ("icmp_errors", &["a_packet_too_big_for_the_route_to_a_remote_pod_gets_fragmentation_needed"]),
     ("pod_devices", &[]),
+    ("dsr", &["the_frontend_in_a_syn_keeps_a_checksum_complete_sum_right"]),
 ];
 
 /// The newest build of a sibling test binary (`deps/<name>-<hash>`).

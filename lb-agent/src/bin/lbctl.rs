@@ -485,7 +485,13 @@ fn live(cmd: Command) -> Result<()> {
                     if let Some(b) = &e.backend {
                         println!(
                             "backend:    {b}{}",
-                            if e.snat { " (source NATed to this node)" } else { "" }
+                            if e.snat {
+                                " (source NATed to this node)"
+                            } else if e.dsr {
+                                " (direct server return: its node answers the client)"
+                            } else {
+                                ""
+                            }
                         );
                     }
                     if let Some(r) = &e.rewritten {
@@ -558,7 +564,11 @@ fn print_conntrack(rows: &[ConntrackRow], output: Output) -> Result<()> {
         Output::Json => print_json(&rows)?,
         Output::Table => {
             for r in rows {
-                let snat = if r.snat { " snat" } else { "" };
+                let snat = match (r.snat, r.dsr) {
+                    (true, _) => " snat",
+                    (_, true) => " dsr",
+                    _ => "",
+                };
                 println!(
                     "{:<8} {} {} -> {}  =>  {} -> {}  [{}{snat}, backend {}, {}, idle {} s, expires in {} s]",
                     r.direction,

@@ -30,10 +30,11 @@ pub enum LbMode {
     /// kube-proxy (the backend sees this node, not the client).
     #[default]
     Snat,
-    /// Direct server return for TCP over IPv4: the backend's node answers the client itself,
-    /// from the frontend's address, and the backend sees the client's address. The network
-    /// between nodes must pass packets whose source is a service address or another node's
-    /// (no anti-spoofing filter there), and carry IPv4 options. UDP, SCTP and IPv6 as `snat`.
+    /// Direct server return for TCP: the backend's node answers the client itself, from the
+    /// frontend's address, and the backend sees the client's address. The network between
+    /// nodes must pass packets whose source is a service address or another node's (no
+    /// anti-spoofing filter there), IPv4 options and IPv6 destination options. UDP and SCTP as
+    /// `snat`.
     Hybrid,
 }
 
