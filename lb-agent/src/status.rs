@@ -415,6 +415,7 @@ mod tests {
             drops: [("drop_source_range", 2)].into(),
             monitor_lease_s: None,
             kernel_fallbacks: vec![],
+            lb_mode: "hybrid",
             filters: vec![
                 FilterView { name: "ingress ports", map: "", set: 4538, bits: 65536, on: true },
                 FilterView {
@@ -449,6 +450,7 @@ mod tests {
             "filters:      ingress ports 4538 (6.9%), frontend addresses 3 (0.0%, off)",
             "monitor:      none running",
             "kernel:       has everything the programs use",
+            "lb mode:      hybrid: TCP by direct server return, UDP and SCTP SNATed",
         ] {
             assert!(text.contains(line), "{line}\n{text}");
         }
