@@ -173,6 +173,24 @@ fn datapath_sized(n: usize, object: Option<&[u8]>, max_conntrack: u32) -> Datapa
     dp
 }
 
+/// First packets of flows by direct server return (`--lb-mode hybrid`, on for this row alone)
+/// to a remote backend, measured as the SNAT row before it is (no route here: not sent on):
+/// this build only (the mode's bit means something else to older ones), NaN for the others.
+fn dsr_first_packets(dps: &[Datapath], make: &mut dyn FnMut(usize) -> Vec<u8>) -> Vec<f64> {
+    set_device_modes(&dps[0], MODE_DSR);
+    // DNAT only, the option added (IHL 7).
+    let with_option = |v: i32, p: &[u8]| {
+        (v == 0 || v == 7)
+            && p.get(14).is_some_and(|b| b & 0x0f == 7)
+            && summarize(p)
+                .is_some_and(|s| s.dst.port() == 8080 && s.src.ip() == IpAddr::from(DSR_CLIENT))
+    };
+    let mut row = measure(&dps[..1], PROG_TC_INGRESS, make, &with_option);
+    set_device_modes(&dps[0], 0);
+    row.resize(dps.len(), f64::NAN);
+    row
+}
+
 /// Sets the device hooks' switches (`OPT_DEVICE_MODES`) of `dp`.
 fn set_device_modes(dp: &Datapath, modes: u32) {
     use aya::maps::{Array, Map};
@@ -204,6 +222,7 @@ fn datapath_here(baseline: Option<&[u8]>) {
         "tc: not for a frontend, to a frontend's port",
         "tc: first packet, local backend",
         "tc: first packet, remote backend (SNAT)",
+        "tc: first packet, remote backend (DSR)",
         "tc: established packet",
         "tc egress: reply reverse NAT",
         "tc egress: not a reply (any pod's traffic)",
@@ -224,7 +243,6 @@ fn datapath_here(baseline: Option<&[u8]>) {
         "to pod: reply reverse NAT",
         "tc: established packet, SCTP (CRC moved)",
         "xdp: established packet, SCTP (CRC moved)",
-        "tc: first packet, remote backend (DSR)",
     ];
     // XDP_TX needs a route and a known next hop on the device the packet arrives on.
     let routed = RoutedNode::new();
@@ -272,6 +290,7 @@ fn datapath_here(baseline: Option<&[u8]>) {
             }),
             measure(&dps, PROG_TC_INGRESS, &mut syn(CLIENT, 30080), &translated),
             measure(&dps, PROG_TC_INGRESS, &mut syn(CLIENT, 30081), &translated),
+            dsr_first_packets(&dps, &mut syn(DSR_CLIENT, 30081)),
             measure(&dps, PROG_TC_INGRESS, &mut |_| est.clone(), &translated),
             measure(&dps, PROG_TC_EGRESS, &mut |_| reply.clone(), &|v, p| {
                 v == 0 && summarize(p).is_some_and(|s| s.src.port() == 30080)
@@ -401,25 +420,6 @@ fn datapath_here(baseline: Option<&[u8]>) {
             ),
         ];
         rows.extend(sat_out(sctp_rows, dps.len()));
-        // Direct server return (`--lb-mode hybrid`, on for this row alone): this build only (the
-        // bit means something else to older ones). Sent on from the routed namespace's n0.
-        set_device_modes(&dps[0], MODE_DSR);
-        let dsr_rows = routed.ns.run(|| {
-            let n0 = routed.n0;
-            let tc_on_n0 =
-                runners(&dps[..1], move |dp, p| dp.run_tc_on_loaded(PROG_TC_INGRESS, p, n0, 0));
-            // Redirected, DNAT only, the option added (IHL 7).
-            let with_option = |v: i32, p: &[u8]| {
-                v == 7
-                    && p.get(14).is_some_and(|b| b & 0x0f == 7)
-                    && summarize(p).is_some_and(|s| {
-                        s.dst.port() == 8080 && s.src.ip() == IpAddr::from(DSR_CLIENT)
-                    })
-            };
-            [measure_with(PROG_TC_INGRESS, &tc_on_n0, &mut syn(DSR_CLIENT, 30081), &with_option)]
-        });
-        set_device_modes(&dps[0], 0);
-        rows.extend(sat_out(dsr_rows, dps.len()));
         for (r, per_build) in rows.into_iter().enumerate() {
             for (b, v) in per_build.into_iter().enumerate() {
                 tables[b][r].push(v);
