@@ -58,6 +58,7 @@ pub const MODE_TCP_RESET: u32 = 1;
 /// another node's backend is not SNATed; its SYN carries the frontend to the backend's node (an
 /// IPv4 option, `DSR_OPTION_*`; an IPv6 destination options header, `DSR6_*`), which answers
 /// the client directly from the frontend's address. UDP and SCTP flows are SNATed as before.
+/// Every node answers such a SYN from the frontend it names, whatever its own mode.
 pub const MODE_DSR: u32 = 2;
 /// The IPv4 option a DSR flow's SYN carries to the backend's node: type, length 8, the
 /// frontend's port and address (network order). 158: copied on fragmentation, control class,

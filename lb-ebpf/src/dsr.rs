@@ -152,15 +152,15 @@ fn add_v6(ctx: &TcContext, flow: &Flow) -> Result<(), ()> {
 }
 
 /// On the backend's node (tc ingress, a packet [`may_carry`] says may): if it carries a
-/// frontend of ours ([`read_frontend`]) and its destination port one of this node's backends' (`LB_REPLY_PORTS`), makes the
-/// reply entry that gives the backend's answers the frontend's address, replacing an older
-/// one of the tuple (a retransmitted SYN, a tuple reused). The packet itself goes on
-/// untouched. The entry belongs to no service of this node's (service id 0).
+/// frontend of ours ([`read_frontend`]) and its destination port is one of this node's
+/// backends' (`LB_REPLY_PORTS`), makes the reply entry that gives the backend's answers the
+/// frontend's address, replacing an older one of the tuple (a retransmitted SYN, a tuple
+/// reused). Whatever this node's own mode: switching it node by node (a DaemonSet's rolling
+/// update) then breaks no flow another node sends by DSR. The packet itself goes on untouched.
+/// The entry belongs to no service of this node's (service id 0).
 #[inline(never)]
 pub fn learn<R: Rewrite>(pkt: &R, flow: &Flow) {
-    if !applies(flow)
-        || !crate::device::port_may_match(&REPLY_PORTS, OPT_REPLY_PORTS_READY, flow.dport_be)
-    {
+    if !crate::device::port_may_match(&REPLY_PORTS, OPT_REPLY_PORTS_READY, flow.dport_be) {
         return;
     }
     let Some(s) = SCRATCH.get_ptr_mut(0) else { return };

@@ -49,6 +49,19 @@ impl Svc<'static> {
         extra: "",
     };
 
+    /// The IPv6 web service: web6, ClusterIP fd00:96::80:80 and NodePort 30086 -> pods' 8086/TCP
+    /// (their IPv6 listener).
+    pub const WEB6: Svc<'static> = Svc {
+        name: "web6",
+        cluster_ips: &["fd00:96::80"],
+        port: 80,
+        protocol: "TCP",
+        target_port: 8086,
+        node_port: Some(30086),
+        spec: "",
+        extra: "",
+    };
+
     /// The tests' UDP service: dns, ClusterIP 10.96.0.53:53 and NodePort 30053 -> pods' 5353.
     pub const DNS: Svc<'static> = Svc {
         name: "dns",

@@ -194,20 +194,45 @@ fn xdp_leaves_a_dsr_syn_to_tc_and_udp_keeps_snat() {
     );
 }
 
+/// Without the mode a node SNATs, but still answers a DSR flow's SYN another node sent from
+/// the frontend it names: switching the mode node by node (a DaemonSet's rolling update, either
+/// way) breaks no connection between nodes that run this build. Only a SYN to one of its
+/// backends' ports that carries the frontend whole is taken.
 #[test]
-fn without_the_mode_flows_are_snated_and_options_are_not_read() {
+fn without_the_mode_flows_are_snated_but_a_dsr_syn_is_still_answered_from_its_frontend() {
     require_root!();
     let mut a = node(false, LbMode::Snat);
     let (_, s) = run(&mut a, PROG_TC_INGRESS, &tcp4(CLIENT, 40001, VIP, 80, true, b""));
     assert_eq!(s.src.ip(), IpAddr::from(NODE));
     assert_eq!(ihl(&a.run(PROG_TC_INGRESS, &tcp4(CLIENT, 40009, VIP, 80, true, b"")).packet), 20);
 
-    // A SYN with the option reaching a node in SNAT mode: nothing learned.
     let mut hybrid = node(false, LbMode::Hybrid);
     let sent = hybrid.run(PROG_TC_INGRESS, &tcp4(CLIENT, 40001, VIP, 80, true, b"")).packet;
     let mut b = node(true, LbMode::Snat);
-    let out = b.run(PROG_TC_INGRESS, &sent);
-    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &sent));
+    // Not taken: the option's type or length changed, the packet no SYN, or to a port no
+    // backend of this node's has. Each passes untouched.
+    let altered = |at: usize, value: u8| {
+        let mut p = sent.clone();
+        p[at] = value;
+        fix_ipv4_checksum(&mut p);
+        p
+    };
+    let mut ack = sent.clone();
+    ack[14 + 28 + 13] = 0x10;
+    fix_l4_checksum(&mut ack);
+    let mut other_port = sent.clone();
+    other_port[14 + 28 + 2..14 + 28 + 4].copy_from_slice(&9090u16.to_be_bytes());
+    fix_l4_checksum(&mut other_port);
+    for p in [altered(34, 0x9f), altered(35, 12), ack, other_port] {
+        let out = b.run(PROG_TC_INGRESS, &p);
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &p));
+    }
     assert_eq!(b.stat(STAT_DSR_LEARNED), 0);
     assert!(b.conntrack().is_empty());
+    // Taken.
+    let out = b.run(PROG_TC_INGRESS, &sent);
+    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &sent));
+    assert_eq!(b.stat(STAT_DSR_LEARNED), 1);
+    let (_, r) = run(&mut b, PROG_TC_EGRESS, &tcp4(REMOTE_POD, 8080, CLIENT, 40001, false, b"ok"));
+    assert_eq!(r.src, sa(VIP, 80));
 }

@@ -606,16 +606,7 @@ fn ipv6_nodeport_by_direct_server_return_keeps_the_clients_address() {
     require_root!();
     let cluster = Cluster::new(2, 2, 1);
     let eps = cluster.all_pods(true);
-    let web6 = Svc {
-        name: "web6",
-        cluster_ips: &["fd00:96::80"],
-        port: 80,
-        protocol: "TCP",
-        target_port: 8086,
-        node_port: Some(30086),
-        spec: "",
-        extra: "",
-    };
+    let web6 = Svc::WEB6;
     let run =
         Running::start_with(cluster, &[("web6.yaml", web6.file(&eps))], &["--lb-mode", "hybrid"]);
     let target = format!("[{}]:30086", run.cluster.nodes[0].ip6);

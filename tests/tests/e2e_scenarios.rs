@@ -515,16 +515,7 @@ fn ipv6_cluster_ip_and_nodeport() {
     require_root!();
     let cluster = Cluster::new(2, 2, 1);
     let eps = pods(&cluster, true);
-    let web6 = Svc {
-        name: "web6",
-        cluster_ips: &["fd00:96::80"],
-        port: 80,
-        protocol: "TCP",
-        target_port: 8086,
-        node_port: Some(30086),
-        spec: "",
-        extra: "",
-    };
+    let web6 = Svc::WEB6;
     let run = Running::start(cluster, &[("web6.yaml", web6.file(&eps))]);
     let r = parse_probe(&run.from_pod(1, 0, &["connect", "[fd00:96::80]:80", "--count", "80"]));
     all_ok(&r);
