@@ -21,7 +21,7 @@ use lb_common::{
 use crate::{
     clock, conntrack, csum,
     maps::{FLOW, OPTIONS, REPLY_PORTS, SCRATCH},
-    packet::{Bounds, Flow, TCP_ACK, TCP_RST, TCP_SYN},
+    packet::{Bounds, Flow, IPV6_DEST_OPTS, IPV6_LEN, TCP_ACK, TCP_RST, TCP_SYN},
     rewrite::Rewrite,
     stats,
 };
@@ -55,11 +55,8 @@ pub fn may_carry(flow: &Flow) -> bool {
     flow.proto == PROTO_TCP && opens(flow) && flow.l4() > flow.l3() + base
 }
 
-/// An IPv6 header's length, and its next header field's offset in it.
-const IPV6_LEN: usize = 40;
+/// Where an IPv6 header's next header field is.
 const IPV6_NEXT_HEADER: usize = 6;
-/// The next header value of a destination options header.
-const IPV6_DEST_OPTS: u8 = 60;
 
 /// Inserts the frontend (the parsed packet's destination, in `maps::FLOW`) after the fixed
 /// part of the IP header of the packet tc ingress just rewrote, and fixes the header.

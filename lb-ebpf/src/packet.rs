@@ -19,7 +19,7 @@ use network_types::{
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_LEN: usize = size_of::<EthHdr>();
-const IPV6_LEN: usize = size_of::<Ipv6Hdr>();
+pub const IPV6_LEN: usize = size_of::<Ipv6Hdr>();
 /// SCTP's common header (12 bytes) and the type, flags and length of a chunk: a packet has one.
 const SCTP_MIN_LEN: usize = 16;
 /// IPv4 "more fragments", and the fragment offset, in the flags and offset field.
@@ -30,7 +30,7 @@ const IPV4_OFFSET: u16 = 0x1fff;
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
-const IPV6_DEST_OPTS: u8 = 60;
+pub const IPV6_DEST_OPTS: u8 = 60;
 /// More than this many extension headers: not a packet for a service (passed untouched).
 const IPV6_MAX_EXT_HEADERS: usize = 4;
 
