@@ -194,19 +194,23 @@ fn on_a_veth_xdp_leaves_remote_flows_to_tc_by_default_and_says_so() {
     assert!(notes.contains("XDP_TX off"), "{notes}");
 }
 
-/// The notes of `lbctl explain` for an outside client's flow to node-0's NodePort, run in
-/// node-0's network namespace as an operator would.
+/// The notes of `lbctl explain` for an outside client's flow to node-0's NodePort.
 fn explain_notes(run: &Running) -> String {
+    explain(run, 45000)["notes"].to_string()
+}
+
+/// `lbctl explain` for the outside client's flow from `port` to node-0's NodePort, run in
+/// node-0's network namespace as an operator would.
+fn explain(run: &Running, port: u16) -> serde_json::Value {
     let lbctl = lb_tests::workspace_bin("lbctl");
     let node0 = &run.cluster.nodes[0];
     let out = lb_tests::proc::command_in(&lbctl, Some(node0.ns.name()), None)
-        .args(["explain", "10.230.0.100:45000", &format!("{}:30080", node0.ip4)])
+        .args(["explain", &format!("10.230.0.100:{port}"), &format!("{}:30080", node0.ip4)])
         .args(["--bpffs", run.pins[0].path.to_str().unwrap(), "-o", "json"])
         .output()
         .expect("run lbctl");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let e: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    e["notes"].to_string()
+    serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
 /// `count` connections from the outside client to node-0's NodePort of the Cluster-policy
@@ -639,8 +643,16 @@ fn direct_server_return(xdp: bool) -> (u64, std::collections::BTreeMap<&'static 
     let ports = run.lbctl_json(0, &["nat", "--ports"]);
     let rows = ports.as_array().expect("rows");
     assert!(rows.iter().all(|r| r["held"] == 0), "no SNAT port held: {ports}");
-    // lbctl shows it: the mode, node-0's forward entries of node-1's flows, node-1's replies.
+    // lbctl shows it: the mode, node-0's forward entries of node-1's flows, node-1's replies,
+    // and explain's answer for a flow that goes to node-1.
     assert_eq!(run.lbctl_json(0, &["status"])["lb_mode"], "hybrid");
+    let remote_pod = |e: &serde_json::Value| {
+        let backend = e["backend"].as_str().unwrap_or_default();
+        run.cluster.nodes[1].pods.iter().any(|p| backend.starts_with(&format!("{}:", p.ip4)))
+    };
+    let e =
+        (45000..45050).map(|port| explain(&run, port)).find(remote_pod).expect("a flow to node-1");
+    assert_eq!((&e["dsr"], &e["snat"]), (&true.into(), &false.into()), "{e}");
     for (n, direction) in [(0, "original"), (1, "reply")] {
         let rows = run.lbctl_json(n, &["conntrack"]);
         let dsr: Vec<_> =
