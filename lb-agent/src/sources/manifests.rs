@@ -288,10 +288,34 @@ pub const DEFAULT_SETTLE: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 struct FileState {
-    stamp: (SystemTime, u64),
+    stamp: Stamp,
     objects: BTreeMap<ObjectRef, Object>,
     /// What each cleanly parsed document held, for the next re-read (see [`parse_reusing`]).
     docs: DocIndex,
+}
+
+/// What tells a file changed without reading it: its modification time and size, and its
+/// inode and change time, which no tool sets. A file replaced by one of the same size whose
+/// modification time was kept (`cp -p`, `rsync -t`, `tar x`, an editor's backup restored)
+/// differs in those, where it went unseen before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Stamp {
+    modified: SystemTime,
+    len: u64,
+    inode: u64,
+    changed: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(Self {
+            modified: meta.modified()?,
+            len: meta.len(),
+            inode: meta.ino(),
+            changed: (meta.ctime(), meta.ctime_nsec()),
+        })
+    }
 }
 
 /// The outcome of one look at the folder.
@@ -335,11 +359,11 @@ impl ManifestsDir {
                 continue;
             }
             let meta = std::fs::metadata(&path)?;
-            let stamp = (meta.modified()?, meta.len());
+            let stamp = Stamp::of(&meta)?;
             seen.insert(path.clone());
             if self.files.get(&path).is_none_or(|f| f.stamp != stamp) {
                 // A clock step can put mtime in the future: then it counts as settled.
-                let fresh = stamp.0.elapsed().is_ok_and(|age| age < self.settle);
+                let fresh = stamp.modified.elapsed().is_ok_and(|age| age < self.settle);
                 if fresh && self.polled {
                     continue; // keeps its old objects until it settles
                 }
@@ -687,6 +711,31 @@ mod tests {
         assert_eq!(ips, ["10.96.0.2", "10.96.0.3", "10.96.0.4"], "{p:?}");
         assert_eq!(p.errors.len(), 1);
         assert!(p.errors[0].file.ends_with("c.yaml"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_replaced_by_one_of_its_size_and_modification_time_is_read_again() {
+        let dir = empty_dir("lb-manifests-kept-mtime");
+        let file = dir.join("svc.yaml");
+        std::fs::write(&file, svc("a", "10.96.0.1")).unwrap();
+        let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+        let mut m = ManifestsDir::new(&dir, cfg()).with_settle(Duration::ZERO);
+        assert_eq!(m.poll().unwrap().events.len(), 1);
+        // As `cp -p` or `rsync -t` would: another address of the same length, written aside,
+        // its modification time set to the old file's, renamed over it.
+        let aside = dir.join("svc.yaml.tmp");
+        std::fs::write(&aside, svc("a", "10.96.0.2")).unwrap();
+        std::fs::File::options().write(true).open(&aside).unwrap().set_modified(mtime).unwrap();
+        std::fs::rename(&aside, &file).unwrap();
+        let meta = std::fs::metadata(&file).unwrap();
+        assert_eq!(meta.modified().unwrap(), mtime);
+        let p = m.poll().unwrap();
+        assert_eq!(p.events.len(), 1, "{p:?}");
+        assert!(
+            matches!(&p.events[0], Event::Apply(Object::Service(s)) if s.spec.as_ref().unwrap().cluster_ip.as_deref() == Some("10.96.0.2"))
+        );
+        assert!(m.poll().unwrap().events.is_empty(), "read once");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
