@@ -28,26 +28,6 @@ pub fn fill_key(k: &mut CtKey, saddr: &Addr, daddr: &Addr, ports_be: (u16, u16),
     k._pad16 = 0;
 }
 
-/// A new flow's entry in `v`, field by field (a struct literal would be built on the stack
-/// first): last seen now, state new, rewriting to `new_daddr` and `ports_be`; `new_saddr` is
-/// the caller's to set (written in place, where it is read from).
-#[inline(always)]
-pub fn fill_new(
-    v: &mut CtValue,
-    new_daddr: &Addr,
-    ports_be: (u16, u16),
-    ids: (u32, u32),
-    flags: u8,
-) {
-    v.last_seen_ns = clock::now_ns();
-    v.new_daddr = *new_daddr;
-    (v.new_sport_be, v.new_dport_be) = ports_be;
-    (v.backend_id, v.service_id) = ids;
-    v.flags = flags;
-    v.state = CT_STATE_NEW;
-    v._pad = [0; 2];
-}
-
 /// The live entry for a packet's tuple, after advancing its TCP state. An expired entry is
 /// removed with its pair and reported as absent.
 #[inline(always)]

@@ -13,13 +13,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    Addr, CT_F_DSR, CT_F_REPLY, DSR_OPTION_LEN, DSR_OPTION_TYPE, DSR6_HEADER_LEN, DSR6_OPTION_LEN,
-    DSR6_OPTION_TYPE, MODE_DSR, OPT_DEVICE_MODES, OPT_REPLY_PORTS_READY, PROTO_TCP,
-    STAT_DSR_LEARNED, addr_from_v4_raw,
+    Addr, CT_F_DSR, CT_F_REPLY, CT_STATE_NEW, DSR_OPTION_LEN, DSR_OPTION_TYPE, DSR6_HEADER_LEN,
+    DSR6_OPTION_LEN, DSR6_OPTION_TYPE, MODE_DSR, OPT_DEVICE_MODES, OPT_REPLY_PORTS_READY,
+    PROTO_TCP, STAT_DSR_LEARNED, addr_from_v4_raw,
 };
 
 use crate::{
-    conntrack, csum,
+    clock, conntrack, csum,
     maps::{FLOW, OPTIONS, REPLY_PORTS, SCRATCH},
     packet::{Bounds, Flow, IPV6_DEST_OPTS, IPV6_LEN, TCP_ACK, TCP_RST, TCP_SYN},
     rewrite::Rewrite,
@@ -171,8 +171,16 @@ pub fn learn<R: Rewrite>(pkt: &R, flow: &Flow) {
     let s = unsafe { &mut *s };
     let ports = (flow.dport_be, flow.sport_be);
     conntrack::fill_key(&mut s.reply_key, &flow.daddr, &flow.saddr, ports, PROTO_TCP);
-    let ports = (frontend_port, flow.sport_be);
-    conntrack::fill_new(&mut s.value, &flow.saddr, ports, (0, 0), CT_F_REPLY | CT_F_DSR);
+    let v = &mut s.value;
+    v.last_seen_ns = clock::now_ns();
+    v.new_daddr = flow.saddr;
+    v.new_sport_be = frontend_port;
+    v.new_dport_be = flow.sport_be;
+    v.backend_id = 0;
+    v.service_id = 0;
+    v.flags = CT_F_REPLY | CT_F_DSR;
+    v.state = CT_STATE_NEW;
+    v._pad = [0; 2];
     if conntrack::insert(&s.reply_key, &s.value, false).is_ok() {
         stats::count(STAT_DSR_LEARNED);
     }

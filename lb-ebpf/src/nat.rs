@@ -7,7 +7,7 @@ use core::{intrinsics::AtomicOrdering, num::NonZeroU32};
 use lb_common::*;
 
 use crate::{
-    conntrack, dsr, kernel,
+    clock, conntrack, dsr, kernel,
     maps::{FRONTEND_ADDRS, NODE, OPTIONS, SCRATCH},
     packet::Flow,
 };
@@ -86,9 +86,16 @@ pub fn create(
     // First the reply (restores frontend as source, client as destination), then the same
     // value turned into the forward entry.
     let v = &mut s.value;
-    let (ports, owners) = ((flow.dport_be, flow.sport_be), (ids.backend_id, ids.service_id));
-    conntrack::fill_new(v, &flow.saddr, ports, owners, flags | CT_F_REPLY);
+    v.last_seen_ns = clock::now_ns();
     v.new_saddr = flow.daddr;
+    v.new_daddr = flow.saddr;
+    v.new_sport_be = flow.dport_be;
+    v.new_dport_be = flow.sport_be;
+    v.backend_id = ids.backend_id;
+    v.service_id = ids.service_id;
+    v.flags = flags | CT_F_REPLY;
+    v.state = CT_STATE_NEW;
+    v._pad = [0; 2];
     // The reply arrives from the backend to the (possibly SNATed) client side.
     let ports = (backend.port_be, flow.sport_be);
     conntrack::fill_key(&mut s.reply_key, &backend.addr, &flow.saddr, ports, flow.proto);
