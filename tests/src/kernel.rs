@@ -405,6 +405,17 @@ impl Datapath {
         ct
     }
 
+    /// Writes `entries` back (as [`Datapath::conntrack_sorted`] with its state kept read them),
+    /// stamped now: after a packet storm, flows a mutated reset or FIN ended start from their
+    /// first states again, as a new handshake would leave them, rather than expire within
+    /// seconds by design (on a slow machine, before the checks that follow the storm).
+    pub fn restore_conntrack(&mut self, entries: &[(lb_common::CtKey, lb_common::CtValue)]) {
+        let now = secs_ago_ns(0);
+        for (k, v) in entries {
+            self.set_conntrack(*k, lb_common::CtValue { last_seen_ns: now, ..*v });
+        }
+    }
+
     /// The conntrack map itself, for the agent's readers (the sweep, the batch reader).
     pub fn conntrack_map(&self) -> &MapData {
         match self.ebpf.map(lb_common::MAP_CONNTRACK) {

@@ -675,13 +675,8 @@ fn mutated_replies_never_mistranslate_or_corrupt_conntrack() {
     }
     assert!(reversed > 100 && unchanged > 100, "{reversed} reversed, {unchanged} unchanged");
     assert_eq!(dp.conntrack_sorted(false), before, "conntrack after the storm");
-    // A mutated reset or FIN may have ended a flow, which then expires within seconds by design:
-    // on a slow machine (an emulated VM), before the clean replies below. They start from the
-    // flows' first states, stamped now, as a new handshake would leave them.
-    let now = lb_tests::kernel::secs_ago_ns(0);
-    for (k, v) in first_states {
-        dp.set_conntrack(k, CtValue { last_seen_ns: now, ..v });
-    }
+    // Flows a mutated reset or FIN ended would expire before the clean replies on a slow VM.
+    dp.restore_conntrack(&first_states);
     for (_, prog, sport) in legs {
         let s = summarize(&dp.run(prog, &replies(sport)[0]).packet).expect("a TCP packet");
         assert_eq!(s.src, std::net::SocketAddr::new(VIP4.into(), 80), "{prog}: a clean reply");
