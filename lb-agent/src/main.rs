@@ -469,6 +469,13 @@ async fn run(mut args: Args) -> Result<()> {
     if conntrack.send(in_use).is_err() {
         bail!("the conntrack worker stopped");
     }
+    let mut health_servers = HealthServers::new(status.clone());
+    // The first sync counts as one in the metrics (kube-proxy's first syncProxyRules does).
+    initial.elapsed = start.elapsed();
+    after_sync(&status, &syncer, &mut health_servers, &initial).await;
+    status.ready.store(true, std::sync::atomic::Ordering::Release);
+    // Said once /readyz says so and the health check ports serve (a reader of the log may
+    // probe them at once; said before, /readyz could still answer 503).
     let (svcs, slices, nodes) = syncer.state.counts();
     info!(
         services = svcs,
@@ -477,14 +484,9 @@ async fn run(mut args: Args) -> Result<()> {
         service_ports = syncer.writer.port_count(),
         entries_written = writes.entries(),
         maglev_slots_written = writes.maglev_slots,
-        elapsed_us = start.elapsed().as_micros() as u64,
+        elapsed_us = initial.elapsed.as_micros() as u64,
         "initial sync done"
     );
-    let mut health_servers = HealthServers::new(status.clone());
-    // The first sync counts as one in the metrics (kube-proxy's first syncProxyRules does).
-    initial.elapsed = start.elapsed();
-    after_sync(&status, &syncer, &mut health_servers, &initial).await;
-    status.ready.store(true, std::sync::atomic::Ordering::Release);
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut poll_tick = tokio::time::interval(Duration::from_millis(args.poll_interval_ms.max(10)));
