@@ -195,6 +195,12 @@ pub const PROG_TC_TO_POD: &str = "tc_to_pod";
 /// Programs that do nothing (benchmark floor; never attached).
 pub const PROG_BENCH_XDP_NOOP: &str = "bench_xdp_noop";
 pub const PROG_BENCH_TC_NOOP: &str = "bench_tc_noop";
+/// Programs that do the least an established flow's packet needs (benchmark; never attached).
+pub const PROG_BENCH_TC_LEAST_NAT: &str = "bench_tc_least_nat";
+pub const PROG_BENCH_XDP_LEAST_NAT: &str = "bench_xdp_least_nat";
+/// Every benchmark-only program of the object: the agent neither loads nor attaches them.
+pub const PROG_BENCH: &[&str] =
+    &[PROG_BENCH_XDP_NOOP, PROG_BENCH_TC_NOOP, PROG_BENCH_TC_LEAST_NAT, PROG_BENCH_XDP_LEAST_NAT];
 /// cgroup socket hooks: (program name, attach point). Every process in the attached cgroup
 /// reaches services through them.
 pub const PROG_SOCK: &[(&str, &str)] = &[

@@ -1,11 +1,18 @@
-//! Programs that do nothing, so benchmarks can measure the cost of running any program at all
-//! (the floor) the same way they measure the datapath. Never attached by the agent.
+//! Programs for benchmarks only, never attached by the agent: ones that do nothing, so
+//! benchmarks can measure the cost of running any program at all (the floor) the same way they
+//! measure the datapath; and ones that do the least an established flow's packet needs with
+//! this datapath's conntrack map (one lookup of its key, the rewrite with its checksums, no
+//! state, clock or counters), so the figures say how much of a packet's cost is that least
+//! and how much the rest of the datapath's work.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action::XDP_PASS},
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, xdp_action::XDP_PASS},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
+use lb_common::{CtKey, CtValue};
+
+use crate::{csum, maps::CONNTRACK, packet::Bounds};
 
 #[xdp]
 pub fn bench_xdp_noop(_ctx: XdpContext) -> u32 {
@@ -15,4 +22,106 @@ pub fn bench_xdp_noop(_ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn bench_tc_noop(_ctx: TcContext) -> i32 {
     TC_ACT_OK
+}
+
+/// Ethernet, IPv4 without options, TCP: the only packets these programs take.
+const L3: usize = 14;
+const L4: usize = L3 + 20;
+
+/// The conntrack entry of an IPv4 TCP packet's tuple (`None`: another packet, or no entry).
+#[inline(always)]
+fn least_lookup(b: &Bounds) -> Option<&'static CtValue> {
+    let hdr: *const [u8; L4 + 20] = b.ptr_at(0)?;
+    // SAFETY: bounds checked by ptr_at.
+    let h = unsafe { &*hdr };
+    if h[12..14] != [0x08, 0x00] || h[L3] != 0x45 || h[L3 + 9] != 6 {
+        return None;
+    }
+    let word = |at: usize| u32::from_ne_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+    let port = |at: usize| u16::from_ne_bytes([h[at], h[at + 1]]);
+    let key = CtKey {
+        saddr: [0, 0, 0xffff_u32.to_be(), word(L3 + 12)],
+        daddr: [0, 0, 0xffff_u32.to_be(), word(L3 + 16)],
+        sport_be: port(L4),
+        dport_be: port(L4 + 2),
+        proto: 6,
+        _pad8: 0,
+        _pad16: 0,
+    };
+    // SAFETY: a live map value, only read.
+    CONNTRACK.get_ptr(&key).map(|v| unsafe { &*v })
+}
+
+/// Writes the entry's tuple over the packet's, with the IPv4 header checksum (tc and XDP) and,
+/// where `l4_csum` says so, the transport checksum (XDP: no skb state to keep right).
+///
+/// # Safety
+/// `b` must be the packet's current bounds, and the hook allowed to write packet data.
+#[inline(always)]
+unsafe fn least_write(b: &Bounds, ct: &CtValue, l4_csum: bool) -> Option<()> {
+    let hdr: *mut [u32; 10] = b.ptr_at(L3)?;
+    let tcp: *mut [u32; 5] = b.ptr_at(L4)?;
+    // SAFETY: bounds checked by ptr_at; writing is the caller's promise.
+    unsafe {
+        let (old_s, old_d) = ((*hdr)[3], (*hdr)[4]);
+        let (new_s, new_d) = (ct.new_saddr[3], ct.new_daddr[3]);
+        let diff = csum::diff4(csum::diff4(0, old_s, new_s), old_d, new_d);
+        let ip_csum = hdr.cast::<u16>().add(5);
+        *ip_csum = csum::apply_diff(*ip_csum, diff);
+        (*hdr)[3] = new_s;
+        (*hdr)[4] = new_d;
+        let old_ports = (*tcp)[0];
+        let new_ports = crate::rewrite::ports_word(ct.new_sport_be, ct.new_dport_be);
+        if l4_csum {
+            let diff = csum::diff4(diff, old_ports, new_ports);
+            let c = tcp.cast::<u16>().add(8);
+            *c = csum::apply_diff(*c, diff);
+        }
+        (*tcp)[0] = new_ports;
+    }
+    Some(())
+}
+
+/// The least an established IPv4 TCP flow's packet needs from tc with this conntrack map: the
+/// lookup, two checksum helper calls (addresses as a pseudo-header change, ports as a plain
+/// one: what keeps every skb checksum state right), the writes.
+#[classifier]
+pub fn bench_tc_least_nat(ctx: TcContext) -> i32 {
+    let b = Bounds { start: ctx.data(), end: ctx.data_end() };
+    let Some(ct) = least_lookup(&b) else { return TC_ACT_OK };
+    // SAFETY: the packet's own bounds (checked by least_lookup).
+    let (old_s, old_d, old_ports) = unsafe {
+        let h = b.start as *const u32;
+        (
+            core::ptr::read_unaligned(h.byte_add(L3 + 12)),
+            core::ptr::read_unaligned(h.byte_add(L3 + 16)),
+            core::ptr::read_unaligned(h.byte_add(L4)),
+        )
+    };
+    let diff = csum::diff4(csum::diff4(0, old_s, ct.new_saddr[3]), old_d, ct.new_daddr[3]);
+    let new_ports = crate::rewrite::ports_word(ct.new_sport_be, ct.new_dport_be);
+    let ports = csum::diff4(0, old_ports, new_ports);
+    let csum_off = L4 + 16;
+    if ctx.l4_csum_replace(csum_off, 0, diff as u64, BPF_F_PSEUDO_HDR as u64).is_err()
+        || ctx.l4_csum_replace(csum_off, 0, ports as u64, 0).is_err()
+    {
+        return TC_ACT_SHOT;
+    }
+    let b = Bounds { start: ctx.data(), end: ctx.data_end() };
+    // SAFETY: fresh bounds after the helpers; tc may write packet data.
+    match unsafe { least_write(&b, ct, false) } {
+        Some(()) => TC_ACT_OK,
+        None => TC_ACT_SHOT,
+    }
+}
+
+/// The same for XDP, checksums updated in place.
+#[xdp]
+pub fn bench_xdp_least_nat(ctx: XdpContext) -> u32 {
+    let b = Bounds { start: ctx.data(), end: ctx.data_end() };
+    if let Some(ct) = least_lookup(&b) {
+        // SAFETY: the packet's own bounds; XDP may write packet data.
+        let _ = unsafe { least_write(&b, ct, true) };
+    }
+    XDP_PASS
 }

@@ -34,12 +34,12 @@ impl fmt::Display for Loaded {
 }
 
 /// Loads (verifies) every program of the object the agent attaches, so a broken program fails
-/// at start, not when its hook is first attached; says what each cost. (The object's no-op
-/// programs are the bench's floor, never attached.)
+/// at start, not when its hook is first attached; says what each cost. (The object's
+/// benchmark programs, `PROG_BENCH`, are never attached.)
 pub fn load_all(ebpf: &mut Ebpf) -> Result<Vec<Loaded>> {
     let mut loaded = Vec::new();
     for (name, program) in ebpf.programs_mut() {
-        if [lb_common::PROG_BENCH_TC_NOOP, lb_common::PROG_BENCH_XDP_NOOP].contains(&name) {
+        if lb_common::PROG_BENCH.contains(&name) {
             continue;
         }
         loaded.push(load_one(name, program)?);
