@@ -15,12 +15,13 @@ use aya_ebpf::{
 use lb_common::{
     Addr, CT_F_DSR, CT_F_REPLY, CT_STATE_NEW, DSR_OPTION_LEN, DSR_OPTION_TYPE, DSR6_HEADER_LEN,
     DSR6_OPTION_LEN, DSR6_OPTION_TYPE, MODE_DSR, OPT_DEVICE_MODES, OPT_REPLY_PORTS_READY,
-    PROTO_TCP, STAT_DSR_LEARNED, addr_from_v4_raw,
+    PROTO_TCP, SCOPE_EXTERNAL, STAT_DSR_LEARNED, addr_from_v4_raw,
 };
 
 use crate::{
-    clock, conntrack, csum,
+    clock, conntrack, csum, lookup,
     maps::{FLOW, OPTIONS, REPLY_PORTS, SCRATCH},
+    nat,
     packet::{Bounds, Flow, IPV6_DEST_OPTS, IPV6_LEN, TCP_ACK, TCP_RST, TCP_SYN},
     rewrite::Rewrite,
     stats,
@@ -154,7 +155,7 @@ fn add_v6(ctx: &TcContext, flow: &Flow) -> Result<(), ()> {
 /// frontend's address, replacing an older one of the tuple (a retransmitted SYN, a tuple
 /// reused). Whatever this node's own mode: switching it node by node (a DaemonSet's rolling
 /// update) then breaks no flow another node sends by DSR. The packet itself goes on untouched.
-/// The entry belongs to no service of this node's (service id 0).
+/// The entry counts the answers under the frontend's service ([`frontend_service`]).
 #[inline(never)]
 pub fn learn<R: Rewrite>(pkt: &R, flow: &Flow) {
     if !crate::device::port_may_match(&REPLY_PORTS, OPT_REPLY_PORTS_READY, flow.dport_be) {
@@ -177,13 +178,28 @@ pub fn learn<R: Rewrite>(pkt: &R, flow: &Flow) {
     v.new_sport_be = frontend_port;
     v.new_dport_be = flow.sport_be;
     v.backend_id = 0;
-    v.service_id = 0;
+    v.service_id = frontend_service(&v.new_saddr, frontend_port, flow.is_v6);
     v.flags = CT_F_REPLY | CT_F_DSR;
     v.state = CT_STATE_NEW;
     v._pad = [0; 2];
     if conntrack::insert(&s.reply_key, &s.value, false).is_ok() {
         stats::count(STAT_DSR_LEARNED);
     }
+}
+
+/// This node's id of the service whose frontend a DSR SYN names, so that its answers are counted
+/// as that service's (`LB_SVC_STATS`, per-service metrics) as the first node counts the rest of
+/// the flow: an ExternalIP or LoadBalancer IP by its address, a NodePort of the first node's
+/// address by its port on this node's own (NodePorts are the same on every node). 0 (no
+/// service) when this node has no such frontend (yet).
+#[inline(always)]
+fn frontend_service(addr: &Addr, port_be: u16, is_v6: bool) -> u32 {
+    if let Some(svc) = lookup::service(*addr, port_be, PROTO_TCP, SCOPE_EXTERNAL) {
+        return svc.service_id;
+    }
+    let node = nat::node_addr(is_v6);
+    node.and_then(|node| lookup::service(node, port_be, PROTO_TCP, SCOPE_EXTERNAL))
+        .map_or(0, |svc| svc.service_id)
 }
 
 /// The frontend a SYN carries (`add_option`'s bytes) into `addr`, and its port; `None` when the

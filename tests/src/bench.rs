@@ -424,8 +424,10 @@ fn datapath_here(baseline: Option<&[u8]>) {
         rows.extend(sat_out(sctp_rows, dps.len()));
         // The least an established packet needs with this conntrack map (`bench_noop.rs`): what
         // the two rows above it cost beyond the least. Older baselines sit them out.
-        let with_least: Vec<&Datapath> =
-            dps.iter().take_while(|dp| dp.ebpf.program(PROG_BENCH_TC_LEAST_NAT).is_some()).collect();
+        let with_least: Vec<&Datapath> = dps
+            .iter()
+            .take_while(|dp| dp.ebpf.program(PROG_BENCH_TC_LEAST_NAT).is_some())
+            .collect();
         let least = |prog: &'static str| {
             runners(with_least.iter().copied(), move |dp, p| dp.run_loaded(prog, p))
         };

@@ -5,7 +5,7 @@
 //! conntrack entries and their states, on both nodes; UDP keeps SNAT; without the mode,
 //! nothing changes.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use lb_agent::dataplane::options::{LbMode, Options};
 use lb_agent::model::plan::Protocol;
@@ -14,7 +14,7 @@ use lb_tests::{
     addrs::*,
     kernel::{Datapath, run_checked as run},
     packets::*,
-    plans::{backend, lb_plan},
+    plans::{backend, lb_plan, simple_plan},
     require_root,
 };
 
@@ -104,10 +104,14 @@ fn a_syn_carries_its_frontend_to_the_backends_node_which_answers_the_client_from
         (v.flags, v.new_sport_be, v.new_dport_be),
         (CT_F_REPLY | CT_F_DSR, 80u16.to_be(), 40001u16.to_be())
     );
-    // The backend's answers leave node B from the frontend, to the client.
+    let web = b.service_id("web");
+    assert_eq!(v.service_id, web, "the answers are the frontend's service's");
+    // The backend's answers leave node B from the frontend, to the client, counted as the
+    // service's there.
     let (verdict, r) =
         run(&mut b, PROG_TC_EGRESS, &tcp4(REMOTE_POD, 8080, CLIENT, 40001, false, b"200 OK"));
     assert_eq!((verdict, r.src, r.dst), (TC_ACT_OK, sa(VIP, 80), sa(CLIENT, 40001)));
+    assert_eq!(b.service_stats(web).packets, 1);
     // Node B's other packets of the flow are not its business.
     let out = b.run(PROG_TC_INGRESS, &tcp4(CLIENT, 40001, REMOTE_POD, 8080, false, b"x"));
     assert_eq!(b.stat(STAT_DSR_LEARNED), 1);
@@ -120,6 +124,46 @@ fn a_syn_carries_its_frontend_to_the_backends_node_which_answers_the_client_from
     assert_eq!(v.state, CT_STATE_CLOSING);
     b.run(PROG_TC_EGRESS, &tcp4_end(REMOTE_POD, 8080, CLIENT, 40001, false));
     assert_eq!(b.conntrack()[0].1.state, CT_STATE_CLOSING);
+}
+
+/// A NodePort of node A's address is none of node B's frontends: B finds its service by the
+/// port on its own address. A node that knows no such frontend still answers from it, counting
+/// the answers under no service.
+#[test]
+fn a_nodeports_answers_count_as_its_service_on_the_backends_node() {
+    require_root!();
+    let node_b = Ipv4Addr::new(192, 168, 1, 12);
+    let with_nodeport = |node: Ipv4Addr, local: bool| {
+        let mut dp = Datapath::load();
+        dp.set_node(Some(node.into()), None);
+        dp.set_options(&Options { lb_mode: LbMode::Hybrid, ..Default::default() });
+        let backends = vec![backend(REMOTE_POD.into(), 8080, local)];
+        let plan =
+            simple_plan("web", Ipv4Addr::new(10, 96, 0, 10).into(), node.into(), 30080, backends);
+        dp.program("web", &[plan]);
+        dp
+    };
+    let mut a = with_nodeport(NODE, false);
+    let mut b = with_nodeport(node_b, true);
+    let sent = a.run(PROG_TC_INGRESS, &tcp4(CLIENT, 40002, NODE, 30080, true, b"")).packet;
+    assert_eq!(summarize(&sent).unwrap().dst, sa(REMOTE_POD, 8080));
+    let answer = tcp4(REMOTE_POD, 8080, CLIENT, 40002, false, b"200 OK");
+    b.run(PROG_TC_INGRESS, &sent);
+    let web = b.service_id("web");
+    assert_eq!(b.conntrack()[0].1.service_id, web);
+    let (verdict, r) = run(&mut b, PROG_TC_EGRESS, &answer);
+    assert_eq!((verdict, r.src, r.dst), (TC_ACT_OK, sa(NODE, 30080), sa(CLIENT, 40002)));
+    assert_eq!(b.service_stats(web).packets, 1);
+
+    // A node with another service on the backend's port, none on 30080.
+    let mut c = node(true, LbMode::Hybrid);
+    c.run(PROG_TC_INGRESS, &sent);
+    assert_eq!(c.stat(STAT_DSR_LEARNED), 1);
+    assert_eq!(c.conntrack()[0].1.service_id, 0);
+    let (verdict, r) = run(&mut c, PROG_TC_EGRESS, &answer);
+    assert_eq!((verdict, r.src, r.dst), (TC_ACT_OK, sa(NODE, 30080), sa(CLIENT, 40002)));
+    let web_c = c.service_id("web");
+    assert_eq!(c.service_stats(web_c).packets, 0);
 }
 
 #[test]

@@ -659,6 +659,15 @@ fn direct_server_return(xdp: bool) -> (u64, std::collections::BTreeMap<&'static 
             rows.as_array().expect("rows").iter().filter(|r| r["dsr"] == true).collect();
         assert!(!dsr.is_empty(), "node-{n}: {rows}");
         assert!(dsr.iter().all(|r| r["direction"] == direction), "node-{n}: {rows}");
+        // Both nodes count the flow as the service's: node-1 found it by the NodePort's port.
+        let web =
+            |r: &&serde_json::Value| r["service"].as_str().is_some_and(|s| s.contains("/web:"));
+        assert!(dsr.iter().all(web), "node-{n}: {rows}");
     }
+    // node-1 translated its backends' answers (a SYN-ACK, the answer and a FIN at least a flow),
+    // counted as the service's.
+    let services = run.lbctl_json(1, &["services"]);
+    let answers = services[0]["packets"].as_u64().expect("packets");
+    assert!(answers >= 3 * remote, "{answers} packets for {remote} flows: {services}");
     (remote, run.counters(0))
 }
