@@ -511,6 +511,46 @@ impl Cluster {
         }
     }
 
+    /// Adds a client behind a router, the `lan` namespace (10.230.0.1 and fd00:230::1 on the
+    /// segment): the client at 10.240.0.2 / fd00:240::2 on a link whose router side takes
+    /// packets of `mtu` bytes at most (the client's side 1500, so it announces a full-size
+    /// MSS: a VPN's or tunnel's link on the way, say); the nodes route 10.240.0.0/24 and
+    /// fd00:240::/64 through the router. A segment bigger than `mtu` on its way to the client
+    /// gets "fragmentation needed" / "packet too big" from the router, sent to its source.
+    /// Returns the client's index.
+    pub fn client_behind_router(&mut self, mtu: u32) -> usize {
+        self.lan.ip(&["addr", "add", "10.230.0.1/24", "dev", "br0"]);
+        self.lan.ip(&["addr", "add", "fd00:230::1/64", "dev", "br0", "nodad"]);
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ] {
+            self.lan.sysctl(k, v);
+        }
+        let c = self.clients.len();
+        let ns = NetNs::new(&format!("far{c}"));
+        let (ip4, ip6) = (ip("10.240.0.2".into()), ip("fd00:240::2".into()));
+        veth(
+            &ns,
+            "eth0",
+            &["10.240.0.2/24", "fd00:240::2/64"],
+            &self.lan,
+            "f0",
+            &["10.240.0.1/24", "fd00:240::1/64"],
+        );
+        self.lan.ip(&["link", "set", "f0", "mtu", &mtu.to_string()]);
+        ns.ip(&["route", "add", "default", "via", "10.240.0.1"]);
+        ns.ip(&["-6", "route", "add", "default", "via", "fd00:240::1"]);
+        for node in &self.nodes {
+            node.ns.ip(&["route", "add", "10.240.0.0/24", "via", "10.230.0.1"]);
+            node.ns.ip(&["-6", "route", "add", "fd00:240::/64", "via", "fd00:230::1"]);
+        }
+        self.clients.push(Client { ns, ip4, ip6 });
+        c
+    }
+
     /// Makes the nodes' veths behave like NICs on a wire for XDP_TX (agents with `--xdp
     /// --xdp-tx on`): a veth delivers a frame sent back out by XDP only when its peer runs XDP
     /// itself, so a pass-through program goes on the segment's side of every node's veth; and

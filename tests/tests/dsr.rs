@@ -166,6 +166,63 @@ fn a_nodeports_answers_count_as_its_service_on_the_backends_node() {
     assert_eq!(c.service_stats(web_c).packets, 0);
 }
 
+/// A router on the way to the client cannot forward a DSR flow's big answer, which left the
+/// backend's node from the frontend: its "fragmentation needed" (IPv4) or "packet too big"
+/// (IPv6) goes to the frontend, the node that chose the backend, whose forward entry sends it
+/// on to the backend, quoting the answer as the backend sent it, so the pod's path MTU drops.
+/// The backend's node passes it to the pod untouched.
+#[test]
+fn fragmentation_needed_about_a_dsr_flows_answer_reaches_its_backend() {
+    require_root!();
+    let mut a = node(false, LbMode::Hybrid);
+    let mut b = node(true, LbMode::Hybrid);
+    let router = Ipv4Addr::new(198, 51, 100, 1);
+    let sent = a.run(PROG_TC_INGRESS, &tcp4(CLIENT, 40003, VIP, 80, true, b"")).packet;
+    b.run(PROG_TC_INGRESS, &sent);
+    let answer = tcp4(REMOTE_POD, 8080, CLIENT, 40003, false, &[7; 1400]);
+    let answer = b.run(PROG_TC_EGRESS, &answer).packet;
+    assert_eq!(summarize(&answer).unwrap().src, sa(VIP, 80));
+    let too_big = etherparse::Icmpv4Type::DestinationUnreachable(
+        etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1280 },
+    );
+    let error = icmp4_error(router, VIP, too_big, &answer);
+    let out = a.run(PROG_TC_INGRESS, &error);
+    let e = icmp_error(&out.packet).unwrap();
+    assert_eq!(
+        (e.src, e.dst, e.quoted_src, e.quoted_dst),
+        (IpAddr::from(router), IpAddr::from(REMOTE_POD), sa(REMOTE_POD, 8080), sa(CLIENT, 40003)),
+        "to the backend, about what it sent"
+    );
+    assert_eq!(e.rest[2..], 1280u16.to_be_bytes(), "the MTU is kept");
+    assert!(out.verdict == TC_ACT_OK || out.verdict == TC_ACT_REDIRECT, "{}", out.verdict);
+    assert_eq!(a.stat(STAT_ICMP_ERROR_TRANSLATED), 1);
+    let at_b = b.run(PROG_TC_INGRESS, &out.packet);
+    assert_eq!((at_b.verdict, &at_b.packet), (TC_ACT_OK, &out.packet), "untouched on B");
+
+    // IPv6: packet too big, quoting what fits in 1280 bytes.
+    let router6: std::net::Ipv6Addr = "2001:db8:ff::1".parse().unwrap();
+    let sent = a.run(PROG_TC_INGRESS, &tcp6(CLIENT6, 40003, VIP6, 80, true, b"")).packet;
+    b.run(PROG_TC_INGRESS, &sent);
+    let answer = tcp6(REMOTE6, 8080, CLIENT6, 40003, false, &[7; 1400]);
+    let answer = b.run(PROG_TC_EGRESS, &answer).packet;
+    assert_eq!(summarize(&answer).unwrap().src, sa(VIP6, 80));
+    let error = icmp6_error(
+        router6,
+        VIP6,
+        etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 },
+        &answer[..14 + 1232],
+    );
+    let out = a.run(PROG_TC_INGRESS, &error);
+    let e = icmp_error(&out.packet).unwrap();
+    assert_eq!(
+        (e.src, e.dst, e.quoted_src, e.quoted_dst),
+        (IpAddr::from(router6), IpAddr::from(REMOTE6), sa(REMOTE6, 8080), sa(CLIENT6, 40003))
+    );
+    assert_eq!(a.stat(STAT_ICMP_ERROR_TRANSLATED), 2);
+    let at_b = b.run(PROG_TC_INGRESS, &out.packet);
+    assert_eq!((at_b.verdict, &at_b.packet), (TC_ACT_OK, &out.packet), "untouched on B");
+}
+
 #[test]
 fn ipv6_syns_carry_their_frontend_in_a_destination_options_header() {
     require_root!();

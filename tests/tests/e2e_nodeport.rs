@@ -620,6 +620,35 @@ fn ipv6_nodeport_by_direct_server_return_keeps_the_clients_address() {
     assert!((remote..=remote + 5).contains(&learned), "{learned} learned, {remote} remote flows");
 }
 
+/// A DSR flow's answers leave node-1 from node-0's NodePort; a router on the way to the client
+/// that cannot forward them tells node-0 ("fragmentation needed", "packet too big"). node-0
+/// sends it on to the pod, quoting what the pod sent, so the pod's path MTU drops and its
+/// smaller segments get through; otherwise they would vanish, and the exchange with them.
+#[test]
+fn fragmentation_needed_about_dsr_answers_reaches_the_backend() {
+    require_root!();
+    let mut cluster = Cluster::new(2, 1, 0);
+    let c = cluster.client_behind_router(1400);
+    let remote: Vec<_> =
+        cluster.all_pods(false).into_iter().filter(|e| e.node == "node-1").collect();
+    let remote6: Vec<_> =
+        cluster.all_pods(true).into_iter().filter(|e| e.node == "node-1").collect();
+    let files = [("web.yaml", CLUSTER_SVC.file(&remote)), ("web6.yaml", Svc::WEB6.file(&remote6))];
+    let run = Running::start_with(cluster, &files, &["--lb-mode", "hybrid"]);
+    let node0 = (run.cluster.nodes[0].ip4, run.cluster.nodes[0].ip6);
+    for (target, translated) in
+        [(format!("{}:30080", node0.0), 1), (format!("[{}]:30086", node0.1), 2)]
+    {
+        // 4000-byte answers: the pod's 1500-byte segments cannot reach the client.
+        let args = ["session", &target, "--rounds", "3", "--interval-ms", "10", "--size", "4000"];
+        let lines = run.from_client(c, &args);
+        assert_eq!(lines.last().map(String::as_str), Some("ok node-1-pod-0 3"), "{lines:?}");
+        let told = run.counter(0, "icmp_error_translated");
+        assert!(told >= translated, "{target}: icmp_error_translated {told}");
+    }
+    assert!(run.counter(1, "dsr_learned") >= 2);
+}
+
 /// 200 connections to node-0's NodePort with `--lb-mode hybrid` (and XDP): every one
 /// answered, from the NodePort, each backend seeing the client. Node-1's flows and node-0's
 /// counters.
