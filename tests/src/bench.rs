@@ -177,7 +177,6 @@ fn datapath_sized(n: usize, object: Option<&[u8]>, max_conntrack: u32) -> Datapa
 /// to a remote backend, measured as the SNAT row before it is (no route here: not sent on):
 /// this build only (the mode's bit means something else to older ones), NaN for the others.
 fn dsr_first_packets(dps: &[Datapath], make: &mut dyn FnMut(usize) -> Vec<u8>) -> Vec<f64> {
-    set_device_modes(&dps[0], MODE_DSR);
     // DNAT only, the option added (IHL 7).
     let with_option = |v: i32, p: &[u8]| {
         (v == 0 || v == 7)
@@ -185,8 +184,21 @@ fn dsr_first_packets(dps: &[Datapath], make: &mut dyn FnMut(usize) -> Vec<u8>) -
             && summarize(p)
                 .is_some_and(|s| s.dst.port() == 8080 && s.src.ip() == IpAddr::from(DSR_CLIENT))
     };
-    let mut row = measure(&dps[..1], PROG_TC_INGRESS, make, &with_option);
-    set_device_modes(&dps[0], 0);
+    // Builds without DSR (older baselines) sit the row out: their first packet has no option.
+    let with_dsr: Vec<&Datapath> = dps
+        .iter()
+        .take_while(|dp| {
+            set_device_modes(dp, MODE_DSR);
+            let probe = tcp4(DSR_CLIENT, 999, NODE, 30081, true, b"");
+            let out = dp.run_loaded(PROG_TC_INGRESS, &probe);
+            with_option(out.verdict, &out.packet)
+        })
+        .collect();
+    let runs = runners(with_dsr.iter().copied(), |dp, p| dp.run_loaded(PROG_TC_INGRESS, p));
+    let mut row = measure_with(PROG_TC_INGRESS, &runs, make, &with_option);
+    for dp in dps {
+        set_device_modes(dp, 0);
+    }
     row.resize(dps.len(), f64::NAN);
     row
 }
