@@ -131,17 +131,28 @@ const KERNEL_TESTS_5_10: &[(&str, &[&str])] = &[
 
 /// The newest build of a sibling test binary (`deps/<name>-<hash>`).
 fn test_binary(name: &str) -> Option<PathBuf> {
+    newest_in_deps(&format!("{name}-"), "")
+}
+
+/// The newest file of this test's directory (`deps`) named `<prefix><hash><suffix>`; with no
+/// suffix, one without a dot (an executable).
+fn newest_in_deps(prefix: &str, suffix: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
-    let prefix = format!("{name}-");
     std::fs::read_dir(exe.parent()?)
         .ok()?
         .flatten()
         .filter(|e| {
             let n = e.file_name().to_string_lossy().into_owned();
-            n.starts_with(&prefix) && !n.contains('.')
+            n.starts_with(prefix)
+                && if suffix.is_empty() { !n.contains('.') } else { n.ends_with(suffix) }
         })
         .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
         .map(|e| e.path())
+}
+
+fn modified(path: &std::path::Path) -> std::time::SystemTime {
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    meta.modified().expect("modification times")
 }
 
 /// A kernel this test boots, and what the agent should find it lacks.
@@ -203,10 +214,21 @@ fn run_on(k: &OldKernel) {
     std::fs::write(dir.join("manifests/web.yaml"), MANIFESTS).unwrap();
     std::fs::write(dir.join("run.sh"), SCRIPT).unwrap();
     // Copies beside the script: the VM sees the host's files, but this keeps its paths short.
+    // The newest build of the agent's library, which holds the programs.
+    let programs_built = newest_in_deps("liblb_agent-", ".rlib").map(|p| modified(&p));
     let tests = k.kernel_tests.iter().map(|(t, skip)| {
         let args: Vec<String> = skip.iter().map(|s| format!("--skip {s}")).collect();
         std::fs::write(dir.join(format!("{t}.args")), args.join(" ")).unwrap();
-        (*t, test_binary(t).expect("kernel tests built"))
+        let bin = test_binary(t).expect("kernel tests built");
+        // `cargo test --test older_kernel` builds no other test: one built before the
+        // agent's library would run another build's programs there.
+        assert!(
+            programs_built.is_none_or(|built| modified(&bin) >= built),
+            "{} is older than the agent's library: build the kernel tests again (`cargo test \
+             -p lb-tests --no-run`; `cargo xtask test` does)",
+            bin.display()
+        );
+        (*t, bin)
     });
     let bins = ["lb-agent", "lbctl", "lb-probe"].map(|b| (b, workspace_bin(b)));
     for (name, from) in bins.into_iter().chain(tests) {
