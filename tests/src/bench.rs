@@ -64,11 +64,20 @@ fn measure(
 
 /// Rows measured in the first builds only (the others lack the path), widened to `builds`
 /// figures: NaN for the builds that sat them out.
-fn sat_out<const N: usize>(rows: [Vec<f64>; N], builds: usize) -> impl Iterator<Item = Vec<f64>> {
-    rows.into_iter().map(move |mut r| {
-        r.resize(builds, f64::NAN);
-        r
-    })
+/// A row: the program, the packets it gets, and the check of each verdict and output.
+type Row<'a> = (&'static str, &'a mut dyn FnMut(usize) -> Vec<u8>, &'a dyn Fn(i32, &[u8]) -> bool);
+
+/// `rows` measured in `builds`, the leading builds that have those paths (older baselines
+/// without them sit the rows out: not measured, of the `total` builds).
+fn measure_in_builds(builds: &[&Datapath], total: usize, rows: Vec<Row<'_>>) -> Vec<Vec<f64>> {
+    rows.into_iter()
+        .map(|(prog, make, ok)| {
+            let runs = runners(builds.iter().copied(), move |dp, p| dp.run_loaded(prog, p));
+            let mut row = measure_with(prog, &runs, make, ok);
+            row.resize(total, f64::NAN);
+            row
+        })
+        .collect()
 }
 
 /// One runner per datapath, each running `run` on its own datapath.
@@ -199,13 +208,11 @@ fn dsr_first_packets(dps: &[Datapath], make: &mut dyn FnMut(usize) -> Vec<u8>) -
             with_option(out.verdict, &out.packet)
         })
         .collect();
-    let runs = runners(with_dsr.iter().copied(), |dp, p| dp.run_loaded(PROG_TC_INGRESS, p));
-    let mut row = measure_with(PROG_TC_INGRESS, &runs, make, &with_option);
+    let rows = measure_in_builds(&with_dsr, dps.len(), vec![(PROG_TC_INGRESS, make, &with_option)]);
     for dp in dps {
         set_device_modes(dp, 0);
     }
-    row.resize(dps.len(), f64::NAN);
-    row
+    rows.into_iter().next().expect("one row")
 }
 
 /// Sets the device hooks' switches (`OPT_DEVICE_MODES`) of `dp`.
@@ -370,45 +377,24 @@ fn datapath_here(baseline: Option<&[u8]>) {
         let direct_frontend_port = tcp4(CLIENT_POD, 40000, REMOTE_POD, 30080, false, b"to a pod");
         let pod_est = tcp4(CLIENT_POD, 7, NODE, 30080, false, b"payload");
         let pod_reply = tcp4(LOCAL_POD, 8080, CLIENT_POD, 7, false, b"answer");
-        let pod_runs = |prog: &'static str| {
-            runners(with_pods.iter().copied(), move |dp, p| dp.run_loaded(prog, p))
-        };
-        for run in &pod_runs(PROG_TC_FROM_POD) {
+        for run in &runners(with_pods.iter().copied(), |dp, p| dp.run_loaded(PROG_TC_FROM_POD, p)) {
             run(&tcp4(CLIENT_POD, 7, NODE, 30080, true, b""));
         }
-        let pod_rows = [
-            measure_with(
-                PROG_TC_FROM_POD,
-                &pod_runs(PROG_TC_FROM_POD),
-                &mut |_| direct.clone(),
-                &|v, p| v == 0 && *p == direct[..],
-            ),
-            measure_with(
-                PROG_TC_FROM_POD,
-                &pod_runs(PROG_TC_FROM_POD),
-                &mut |_| direct_frontend_port.clone(),
-                &|v, p| v == 0 && *p == direct_frontend_port[..],
-            ),
-            measure_with(
-                PROG_TC_FROM_POD,
-                &pod_runs(PROG_TC_FROM_POD),
-                &mut syn(CLIENT_POD, 30080),
-                &translated,
-            ),
-            measure_with(
-                PROG_TC_FROM_POD,
-                &pod_runs(PROG_TC_FROM_POD),
-                &mut |_| pod_est.clone(),
-                &translated,
-            ),
-            measure_with(
-                PROG_TC_TO_POD,
-                &pod_runs(PROG_TC_TO_POD),
-                &mut |_| pod_reply.clone(),
-                &|v, p| v == 0 && summarize(p).is_some_and(|s| s.src.port() == 30080),
-            ),
-        ];
-        rows.extend(sat_out(pod_rows, dps.len()));
+        let direct_ok = |v: i32, p: &[u8]| v == 0 && *p == direct[..];
+        let direct_frontend_port_ok = |v: i32, p: &[u8]| v == 0 && *p == direct_frontend_port[..];
+        let reversed =
+            |v: i32, p: &[u8]| v == 0 && summarize(p).is_some_and(|s| s.src.port() == 30080);
+        rows.extend(measure_in_builds(
+            &with_pods,
+            dps.len(),
+            vec![
+                (PROG_TC_FROM_POD, &mut |_| direct.clone(), &direct_ok),
+                (PROG_TC_FROM_POD, &mut |_| direct_frontend_port.clone(), &direct_frontend_port_ok),
+                (PROG_TC_FROM_POD, &mut syn(CLIENT_POD, 30080), &translated),
+                (PROG_TC_FROM_POD, &mut |_| pod_est.clone(), &translated),
+                (PROG_TC_TO_POD, &mut |_| pod_reply.clone(), &reversed),
+            ],
+        ));
         // SCTP: builds that do not translate it (older baselines) sit these rows out. Its
         // port changes (30082 -> 8080): the CRC32c arithmetic runs on every packet.
         let sctp_est = sctp4(CLIENT, 7, NODE, 30082, SCTP_DATA);
@@ -421,48 +407,28 @@ fn datapath_here(baseline: Option<&[u8]>) {
                 translated(tc.verdict, &tc.packet)
             })
             .collect();
-        let sctp_runs = |prog: &'static str| {
-            runners(with_sctp.iter().copied(), move |dp, p| dp.run_loaded(prog, p))
-        };
-        let sctp_rows = [
-            measure_with(
-                PROG_TC_INGRESS,
-                &sctp_runs(PROG_TC_INGRESS),
-                &mut |_| sctp_est.clone(),
-                &translated,
-            ),
-            measure_with(
-                PROG_XDP_INGRESS,
-                &sctp_runs(PROG_XDP_INGRESS),
-                &mut |_| xdp_sctp_est.clone(),
-                &xdp_translated,
-            ),
-        ];
-        rows.extend(sat_out(sctp_rows, dps.len()));
+        rows.extend(measure_in_builds(
+            &with_sctp,
+            dps.len(),
+            vec![
+                (PROG_TC_INGRESS, &mut |_| sctp_est.clone(), &translated),
+                (PROG_XDP_INGRESS, &mut |_| xdp_sctp_est.clone(), &xdp_translated),
+            ],
+        ));
         // The least an established packet needs with this conntrack map (`bench_noop.rs`): what
         // the two rows above it cost beyond the least. Older baselines sit them out.
         let with_least: Vec<&Datapath> = dps
             .iter()
             .take_while(|dp| dp.ebpf.program(PROG_BENCH_TC_LEAST_NAT).is_some())
             .collect();
-        let least = |prog: &'static str| {
-            runners(with_least.iter().copied(), move |dp, p| dp.run_loaded(prog, p))
-        };
-        let least_rows = [
-            measure_with(
-                PROG_BENCH_TC_LEAST_NAT,
-                &least(PROG_BENCH_TC_LEAST_NAT),
-                &mut |_| est.clone(),
-                &translated,
-            ),
-            measure_with(
-                PROG_BENCH_XDP_LEAST_NAT,
-                &least(PROG_BENCH_XDP_LEAST_NAT),
-                &mut |_| xdp_est.clone(),
-                &xdp_translated,
-            ),
-        ];
-        rows.extend(sat_out(least_rows, dps.len()));
+        rows.extend(measure_in_builds(
+            &with_least,
+            dps.len(),
+            vec![
+                (PROG_BENCH_TC_LEAST_NAT, &mut |_| est.clone(), &translated),
+                (PROG_BENCH_XDP_LEAST_NAT, &mut |_| xdp_est.clone(), &xdp_translated),
+            ],
+        ));
         for (r, per_build) in rows.into_iter().enumerate() {
             for (b, v) in per_build.into_iter().enumerate() {
                 tables[b][r].push(v);
