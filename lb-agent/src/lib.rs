@@ -6,6 +6,7 @@ pub mod dataplane;
 pub mod ebpf_object;
 pub mod explain;
 pub mod inspect;
+pub mod kube_proxy_config;
 pub mod latency;
 pub mod memory;
 pub mod model;

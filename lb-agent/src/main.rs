@@ -24,6 +24,7 @@ use lb_agent::{
         store::{KernelStore, WriteCounts},
         writer::{Writer, WriterConfig},
     },
+    kube_proxy_config,
     model::maglev,
     serve::{
         self, endpoints,
@@ -194,6 +195,14 @@ struct Args {
     /// and maps) and exit: the uninstall step.
     #[arg(long)]
     cleanup: bool,
+    /// kube-proxy's configuration file (a KubeProxyConfiguration, what kube-proxy's --config
+    /// reads, as in kubeadm's kube-proxy ConfigMap): its fields with an equivalent here
+    /// (hostnameOverride, healthzBindAddress, metricsBindAddress, nodePortAddresses,
+    /// clientConnection.kubeconfig, conntrack lifetimes, and conntrack.maxPerCore/min as
+    /// --max-conntrack, two entries a flow) are read as those flags, which the command line's
+    /// own override; the log names each, and the fields not used.
+    #[arg(long, value_name = "FILE")]
+    kube_proxy_config: Option<PathBuf>,
     /// Where /healthz, /livez and /readyz are served (cloud load balancers probe /healthz:
     /// set 0.0.0.0:10256, as kube-proxy's --healthz-bind-address). 0.0.0.0 or :: means every
     /// address of both families where the node has IPv6.
@@ -240,7 +249,19 @@ fn parse_log_level(s: &str) -> Result<tracing_subscriber::EnvFilter, String> {
 // probe waited out a whole initial sync (the programs' verification alone takes seconds).
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
-    let mut args = Args::parse();
+    // kube-proxy's file, as flags before the command line's (which override them).
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let (argv, kube_proxy) = kube_proxy_config::expand(std::env::args_os().collect(), cpus)
+        .unwrap_or_else(|e| {
+            eprintln!("lb-agent: {e:#}");
+            std::process::exit(2);
+        });
+    let mut args = Args::try_parse_from(argv).unwrap_or_else(|e| {
+        if let Some((path, t)) = &kube_proxy {
+            eprintln!("lb-agent: {} {path} gave {:?}", kube_proxy_config::FLAG, t.flags);
+        }
+        e.exit()
+    });
     let filter = args.log_level.take().unwrap_or_else(|| {
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())
     });
@@ -248,6 +269,14 @@ async fn main() {
     match args.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+    if let Some((path, t)) = &kube_proxy {
+        for (flag, value) in &t.flags {
+            info!("{} {path}: {flag}={value}", kube_proxy_config::FLAG);
+        }
+        for unused in &t.unused {
+            info!("{} {path}: {unused}", kube_proxy_config::FLAG);
+        }
     }
     if let Err(e) = run(args).await {
         eprintln!("lb-agent: {e:#}");

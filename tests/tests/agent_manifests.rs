@@ -231,6 +231,70 @@ fn nonsense_flag_values_are_refused_with_the_reason() {
     }
 }
 
+/// A free port of 127.0.0.1 (free when asked: the caller binds it soon after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// kube-proxy's own file (`--kube-proxy-config`): what it sets is used unless a flag says
+/// otherwise, and the log names what it set and what it left unused.
+#[test]
+fn a_kube_proxy_config_file_is_read_as_flags_the_command_line_overrides() {
+    require_root!();
+    let (metrics, healthz) = (free_port(), free_port());
+    let dir = web_folder("kpc", &["10.244.2.10"]);
+    let file = dir.join("kube-proxy.conf");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+             mode: ipvs\nmetricsBindAddress: 127.0.0.1:{metrics}\n\
+             healthzBindAddress: 127.0.0.1:{healthz}\nconntrack: {{udpTimeout: 45s}}\n"
+        ),
+    )
+    .unwrap();
+    let pins = PinDir::new("kpc");
+    let mut args = agent_args(&dir, &pins.path);
+    // The file's metrics address is used; the command line's health address wins.
+    let at = args.iter().position(|a| a == "--metrics-bind-address").unwrap();
+    args.drain(at..at + 2);
+    args.extend(["--kube-proxy-config".into(), file.to_str().unwrap().into()]);
+    let mut agent = start(&args);
+    agent.wait_for_log("initial sync done", Duration::from_secs(30));
+    let (code, body) = lb_tests::netns::http_get_here(&format!("127.0.0.1:{metrics}"), "/metrics")
+        .expect("metrics on the file's address");
+    assert_eq!(code, 200);
+    assert!(body.contains("lb_"), "{body}");
+    let refused = lb_tests::netns::http_get_here(&format!("127.0.0.1:{healthz}"), "/healthz");
+    assert!(refused.is_err(), "the file's health address, which the flag overrode: {refused:?}");
+    let log = agent.log().join("\n");
+    assert!(log.contains("--conntrack-udp-timeout=45s"), "{log}");
+    assert!(log.contains("mode ipvs: this agent replaces every kube-proxy mode"), "{log}");
+}
+
+/// A file that is no KubeProxyConfiguration, or whose value a flag refuses, stops the agent
+/// with the reason before anything is made.
+#[test]
+fn a_wrong_kube_proxy_config_file_is_refused_with_the_reason() {
+    let dir = web_folder("kpc-bad", &[]);
+    let head = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
+    for (yaml, reason) in [
+        ("apiVersion: v1\nkind: ConfigMap\n".to_string(), "not a KubeProxyConfiguration"),
+        (format!("{head}nodePortAddresses: 10.0.0.0/8\n"), "nodePortAddresses: a list"),
+        (format!("{head}conntrack: {{udpTimeout: 5d}}\n"), "--conntrack-udp-timeout"),
+    ] {
+        let file = dir.join("kube-proxy.conf");
+        std::fs::write(&file, &yaml).unwrap();
+        let out = std::process::Command::new(lb_tests::workspace_bin("lb-agent"))
+            .args(["--node-name", "n", "--kube-proxy-config", file.to_str().unwrap()])
+            .output()
+            .expect("run lb-agent");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{yaml}: {stderr}");
+        assert!(stderr.contains(reason) && stderr.contains("kube-proxy.conf"), "{yaml}: {stderr}");
+    }
+}
+
 /// Keeping the socket hooks to the host without pod devices would leave pods' service traffic
 /// untranslated: refused, as is `auto` for pod devices (which devices are pods' is no route's
 /// business).
