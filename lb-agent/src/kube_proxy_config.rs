@@ -193,12 +193,15 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
+/// The file `--kube-proxy-config` named (its path) and its translation.
+pub type FileRead = (String, Translated);
+
 /// The command line with the flags of the file `--kube-proxy-config` names (if any) placed
-/// first, and the file's translation.
+/// first, and that file's translation.
 pub fn expand(
     argv: Vec<std::ffi::OsString>,
     cpus: u32,
-) -> Result<(Vec<std::ffi::OsString>, Option<(String, Translated)>)> {
+) -> Result<(Vec<std::ffi::OsString>, Option<FileRead>)> {
     let mut path = None;
     let mut i = 1;
     while i < argv.len() {
