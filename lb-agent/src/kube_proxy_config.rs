@@ -218,7 +218,16 @@ pub fn expand(
     }
     let Some(path) = path else { return Ok((argv, None)) };
     let text = std::fs::read_to_string(&path).with_context(|| format!("{FLAG} {path}"))?;
-    let t = translate(&text, cpus).with_context(|| format!("{FLAG} {path}"))?;
+    let mut t = translate(&text, cpus).with_context(|| format!("{FLAG} {path}"))?;
+    // A manifests folder has no API server to reach (and the flags conflict).
+    let manifests = argv.iter().any(|a| {
+        let a = a.to_string_lossy();
+        a == "--manifests" || a.starts_with("--manifests=")
+    });
+    if manifests && t.flags.iter().any(|(f, _)| f == "--kubeconfig") {
+        t.flags.retain(|(f, _)| f != "--kubeconfig");
+        t.unused.push("clientConnection.kubeconfig: not used with --manifests".into());
+    }
     let mut out = vec![argv[0].clone()];
     for (flag, value) in &t.flags {
         out.push(format!("{flag}={value}").into());
@@ -345,6 +354,15 @@ oomScoreAdj: null
         assert_eq!(out[3], "--metrics-bind-address=0.0.0.0:10249");
         assert_eq!(&out[5..7], ["--metrics-bind-address", "127.0.0.1:9"]);
         assert_eq!(t.unwrap().0, file.to_string_lossy());
+        // With a manifests folder, the file's kubeconfig is left out (no API server).
+        let argv: Vec<std::ffi::OsString> = vec![
+            "lb-agent".into(),
+            "--manifests=/m".into(),
+            format!("{FLAG}={}", file.display()).into(),
+        ];
+        let (out, t) = expand(argv, 1).unwrap();
+        assert!(!out.iter().any(|a| a.to_string_lossy().starts_with("--kubeconfig")), "{out:?}");
+        assert!(t.unwrap().1.unused.iter().any(|u| u.contains("not used with --manifests")));
         // No flag: the command line as it was; a missing file: an error naming it.
         let plain: Vec<std::ffi::OsString> = vec!["lb-agent".into(), "--xdp".into()];
         assert_eq!(expand(plain.clone(), 1).unwrap(), (plain, None));
