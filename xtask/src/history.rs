@@ -15,7 +15,7 @@ use crate::util::{run_cmd, succeeds, workspace_root};
 
 /// The release upgraded from: the last commit of the previous working session. Move it forward
 /// when a release is cut.
-pub const UPGRADE_FROM: &str = "62914bb67794501d3ff1917d5c687be56a977c57";
+pub const UPGRADE_FROM: &str = "014ff3042c1d848b98a8c911a5c6a865b4e20d2b";
 
 fn git(args: &[&str]) -> Command {
     let mut cmd = Command::new("git");
