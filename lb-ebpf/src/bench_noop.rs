@@ -49,7 +49,7 @@ fn least_lookup(b: &Bounds) -> Option<&'static CtValue> {
         _pad16: 0,
     };
     // SAFETY: a live map value, only read.
-    CONNTRACK.get_ptr(&key).map(|v| unsafe { &*v })
+    CONNTRACK.get_ptr(key).map(|v| unsafe { &*v })
 }
 
 /// Writes the entry's tuple over the packet's, with the IPv4 header checksum (tc and XDP) and,
