@@ -10,7 +10,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{CtKey, CtValue};
+use lb_common::{CtKey, CtValue, addr_from_v4_raw};
 
 use crate::{csum, maps::CONNTRACK, packet::Bounds};
 
@@ -40,8 +40,8 @@ fn least_lookup(b: &Bounds) -> Option<&'static CtValue> {
     let word = |at: usize| u32::from_ne_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
     let port = |at: usize| u16::from_ne_bytes([h[at], h[at + 1]]);
     let key = CtKey {
-        saddr: [0, 0, 0xffff_u32.to_be(), word(L3 + 12)],
-        daddr: [0, 0, 0xffff_u32.to_be(), word(L3 + 16)],
+        saddr: addr_from_v4_raw(word(L3 + 12)),
+        daddr: addr_from_v4_raw(word(L3 + 16)),
         sport_be: port(L4),
         dport_be: port(L4 + 2),
         proto: 6,
