@@ -249,8 +249,12 @@ fn parse_log_level(s: &str) -> Result<tracing_subscriber::EnvFilter, String> {
 // probe waited out a whole initial sync (the programs' verification alone takes seconds).
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
-    // kube-proxy's file, as flags before the command line's (which override them).
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    // kube-proxy's file, as flags before the command line's (which override them). Its
+    // conntrack size counts the node's CPUs as kube-proxy does (Go's NumCPU), whatever CPU
+    // limit this container has.
+    // SAFETY: sysconf reads a system value; no memory is passed.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let cpus = u32::try_from(online).unwrap_or(1).max(1);
     let (argv, kube_proxy) = kube_proxy_config::expand(std::env::args_os().collect(), cpus)
         .unwrap_or_else(|e| {
             eprintln!("lb-agent: {e:#}");
