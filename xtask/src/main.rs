@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | demo`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | vm-test | kind-e2e`.
 //!
 //! xtask depends on nothing of the workspace, so it builds on a fresh machine before the eBPF
 //! toolchain exists and can install that toolchain.
@@ -10,6 +10,7 @@ mod kind;
 mod setup;
 mod test;
 mod util;
+mod vm_test;
 
 use clap::{Parser, Subcommand};
 
@@ -48,6 +49,17 @@ enum Command {
         #[arg(long)]
         against: Option<String>,
     },
+    /// One kernel test binary of lb-tests (its tests matching FILTER) in a VM booting an older
+    /// kernel (6.1 or 5.10), as the older-kernel test boots it: a minute or two.
+    VmTest {
+        /// 6.1 or 5.10.
+        kernel: String,
+        /// The test binary: sctp, dsr, device_test_run...
+        test: String,
+        /// Test name filters (and test-runner flags) passed on.
+        #[arg(trailing_var_arg = true)]
+        filter: Vec<String>,
+    },
 }
 
 fn main() {
@@ -59,6 +71,9 @@ fn main() {
         Command::KindE2e { keep } => kind::run(keep),
         Command::Bench { which, against } => {
             setup::run().and_then(|()| bench::run(which.as_deref(), against.as_deref()))
+        }
+        Command::VmTest { kernel, test, filter } => {
+            setup::run().and_then(|()| vm_test::run(&kernel, &test, &filter))
         }
     };
     if let Err(e) = result {
