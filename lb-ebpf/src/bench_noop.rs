@@ -52,32 +52,46 @@ fn least_lookup(b: &Bounds) -> Option<&'static CtValue> {
     CONNTRACK.get_ptr(key).map(|v| unsafe { &*v })
 }
 
+/// What a packet's rewrite to its entry's tuple changes: the addresses' and the ports' one's
+/// complement differences, and the new ports word. Read once from the packet, used by the
+/// checksum helpers (tc) and the writes.
+struct Change {
+    addrs: u32,
+    ports: u32,
+    new_ports: u32,
+}
+
+#[inline(always)]
+fn least_change(b: &Bounds, ct: &CtValue) -> Option<Change> {
+    let hdr: *const [u32; 10] = b.ptr_at(L3)?;
+    let tcp: *const [u32; 5] = b.ptr_at(L4)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (old_s, old_d, old_ports) = unsafe { ((*hdr)[3], (*hdr)[4], (*tcp)[0]) };
+    let addrs = csum::diff4(csum::diff4(0, old_s, ct.new_saddr[3]), old_d, ct.new_daddr[3]);
+    let new_ports = crate::rewrite::ports_word(ct.new_sport_be, ct.new_dport_be);
+    Some(Change { addrs, ports: csum::diff4(0, old_ports, new_ports), new_ports })
+}
+
 /// Writes the entry's tuple over the packet's, with the IPv4 header checksum (tc and XDP) and,
 /// where `l4_csum` says so, the transport checksum (XDP: no skb state to keep right).
 ///
 /// # Safety
 /// `b` must be the packet's current bounds, and the hook allowed to write packet data.
 #[inline(always)]
-unsafe fn least_write(b: &Bounds, ct: &CtValue, l4_csum: bool) -> Option<()> {
+unsafe fn least_write(b: &Bounds, ct: &CtValue, change: &Change, l4_csum: bool) -> Option<()> {
     let hdr: *mut [u32; 10] = b.ptr_at(L3)?;
     let tcp: *mut [u32; 5] = b.ptr_at(L4)?;
     // SAFETY: bounds checked by ptr_at; writing is the caller's promise.
     unsafe {
-        let (old_s, old_d) = ((*hdr)[3], (*hdr)[4]);
-        let (new_s, new_d) = (ct.new_saddr[3], ct.new_daddr[3]);
-        let diff = csum::diff4(csum::diff4(0, old_s, new_s), old_d, new_d);
         let ip_csum = hdr.cast::<u16>().add(5);
-        *ip_csum = csum::apply_diff(*ip_csum, diff);
-        (*hdr)[3] = new_s;
-        (*hdr)[4] = new_d;
-        let old_ports = (*tcp)[0];
-        let new_ports = crate::rewrite::ports_word(ct.new_sport_be, ct.new_dport_be);
+        *ip_csum = csum::apply_diff(*ip_csum, change.addrs);
+        (*hdr)[3] = ct.new_saddr[3];
+        (*hdr)[4] = ct.new_daddr[3];
         if l4_csum {
-            let diff = csum::diff4(diff, old_ports, new_ports);
             let c = tcp.cast::<u16>().add(8);
-            *c = csum::apply_diff(*c, diff);
+            *c = csum::apply_diff(*c, csum::add(change.addrs, change.ports));
         }
-        (*tcp)[0] = new_ports;
+        (*tcp)[0] = change.new_ports;
     }
     Some(())
 }
@@ -89,27 +103,16 @@ unsafe fn least_write(b: &Bounds, ct: &CtValue, l4_csum: bool) -> Option<()> {
 pub fn bench_tc_least_nat(ctx: TcContext) -> i32 {
     let b = Bounds { start: ctx.data(), end: ctx.data_end() };
     let Some(ct) = least_lookup(&b) else { return TC_ACT_OK };
-    // SAFETY: the packet's own bounds (checked by least_lookup).
-    let (old_s, old_d, old_ports) = unsafe {
-        let h = b.start as *const u32;
-        (
-            core::ptr::read_unaligned(h.byte_add(L3 + 12)),
-            core::ptr::read_unaligned(h.byte_add(L3 + 16)),
-            core::ptr::read_unaligned(h.byte_add(L4)),
-        )
-    };
-    let diff = csum::diff4(csum::diff4(0, old_s, ct.new_saddr[3]), old_d, ct.new_daddr[3]);
-    let new_ports = crate::rewrite::ports_word(ct.new_sport_be, ct.new_dport_be);
-    let ports = csum::diff4(0, old_ports, new_ports);
+    let Some(change) = least_change(&b, ct) else { return TC_ACT_OK };
     let csum_off = L4 + 16;
-    if ctx.l4_csum_replace(csum_off, 0, diff as u64, BPF_F_PSEUDO_HDR as u64).is_err()
-        || ctx.l4_csum_replace(csum_off, 0, ports as u64, 0).is_err()
+    if ctx.l4_csum_replace(csum_off, 0, change.addrs as u64, BPF_F_PSEUDO_HDR as u64).is_err()
+        || ctx.l4_csum_replace(csum_off, 0, change.ports as u64, 0).is_err()
     {
         return TC_ACT_SHOT;
     }
     let b = Bounds { start: ctx.data(), end: ctx.data_end() };
     // SAFETY: fresh bounds after the helpers; tc may write packet data.
-    match unsafe { least_write(&b, ct, false) } {
+    match unsafe { least_write(&b, ct, &change, false) } {
         Some(()) => TC_ACT_OK,
         None => TC_ACT_SHOT,
     }
@@ -119,9 +122,11 @@ pub fn bench_tc_least_nat(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn bench_xdp_least_nat(ctx: XdpContext) -> u32 {
     let b = Bounds { start: ctx.data(), end: ctx.data_end() };
-    if let Some(ct) = least_lookup(&b) {
+    if let Some(ct) = least_lookup(&b)
+        && let Some(change) = least_change(&b, ct)
+    {
         // SAFETY: the packet's own bounds; XDP may write packet data.
-        let _ = unsafe { least_write(&b, ct, true) };
+        let _ = unsafe { least_write(&b, ct, &change, true) };
     }
     XDP_PASS
 }

@@ -682,3 +682,21 @@ fn mutated_replies_never_mistranslate_or_corrupt_conntrack() {
         assert_eq!(s.src, std::net::SocketAddr::new(VIP4.into(), 80), "{prog}: a clean reply");
     }
 }
+
+/// The bench's least programs (`bench_noop.rs`) rewrite an established packet as the
+/// datapath does, byte for byte, checksums included: their figures measure that same work.
+#[test]
+fn the_benchs_least_programs_rewrite_an_established_packet_as_the_datapath_does() {
+    require_root!();
+    let mut dp = datapath_with_services();
+    let syn = tcp4(CLIENT4, 40000, VIP4, 80, true, b"");
+    dp.run(PROG_TC_INGRESS, &syn);
+    let est = tcp4(CLIENT4, 40000, VIP4, 80, false, b"payload");
+    let want = dp.run(PROG_TC_INGRESS, &est);
+    assert_eq!(want.verdict, TC_ACT_OK);
+    checksums_ok(&want.packet).unwrap();
+    for prog in [PROG_BENCH_TC_LEAST_NAT, PROG_BENCH_XDP_LEAST_NAT] {
+        let out = dp.run(prog, &est);
+        assert_eq!(out.packet, want.packet, "{prog}");
+    }
+}
