@@ -15,7 +15,7 @@ use crate::util::{run_cmd, succeeds, workspace_root};
 
 /// The release upgraded from: the last commit of the previous working session. Move it forward
 /// when a release is cut.
-pub const UPGRADE_FROM: &str = "014ff3042c1d848b98a8c911a5c6a865b4e20d2b";
+pub const UPGRADE_FROM: &str = "267fadd26aad337216b3af50076159dc6faf43d8";
 
 fn git(args: &[&str]) -> Command {
     let mut cmd = Command::new("git");
