@@ -198,9 +198,22 @@ pub const PROG_BENCH_TC_NOOP: &str = "bench_tc_noop";
 /// Programs that do the least an established flow's packet needs (benchmark; never attached).
 pub const PROG_BENCH_TC_LEAST_NAT: &str = "bench_tc_least_nat";
 pub const PROG_BENCH_XDP_LEAST_NAT: &str = "bench_xdp_least_nat";
+/// Programs that do the least a new flow's first packet needs (benchmark; never attached).
+pub const PROG_BENCH_TC_LEAST_FIRST: &str = "bench_tc_least_first";
+pub const PROG_BENCH_XDP_LEAST_FIRST: &str = "bench_xdp_least_first";
+/// The backend the least-first programs send every new flow to (choosing one is not part of
+/// the least): an IPv4 address and a port.
+pub const BENCH_LEAST_BACKEND4: [u8; 4] = [10, 1, 0, 5];
+pub const BENCH_LEAST_BACKEND_PORT: u16 = 8080;
 /// Every benchmark-only program of the object: the agent neither loads nor attaches them.
-pub const PROG_BENCH: &[&str] =
-    &[PROG_BENCH_XDP_NOOP, PROG_BENCH_TC_NOOP, PROG_BENCH_TC_LEAST_NAT, PROG_BENCH_XDP_LEAST_NAT];
+pub const PROG_BENCH: &[&str] = &[
+    PROG_BENCH_XDP_NOOP,
+    PROG_BENCH_TC_NOOP,
+    PROG_BENCH_TC_LEAST_NAT,
+    PROG_BENCH_XDP_LEAST_NAT,
+    PROG_BENCH_TC_LEAST_FIRST,
+    PROG_BENCH_XDP_LEAST_FIRST,
+];
 /// cgroup socket hooks: (program name, attach point). Every process in the attached cgroup
 /// reaches services through them.
 pub const PROG_SOCK: &[(&str, &str)] = &[

@@ -26,6 +26,8 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 const XDP_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 8);
 const XDP_TX_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 const DSR_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const LEAST_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
+const XDP_LEAST_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 12);
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
 const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 7, 0, 0, 0, 0, 7);
@@ -269,6 +271,8 @@ fn datapath_here(baseline: Option<&[u8]>) {
         "xdp: established packet, SCTP (CRC moved)",
         "tc: least for an established packet",
         "xdp: least for an established packet",
+        "tc: least for a first packet",
+        "xdp: least for a first packet",
     ];
     // XDP_TX needs a route and a known next hop on the device the packet arrives on.
     let routed = RoutedNode::new();
@@ -416,17 +420,25 @@ fn datapath_here(baseline: Option<&[u8]>) {
             ],
         ));
         // The least an established packet needs with this conntrack map (`bench_noop.rs`): what
-        // the two rows above it cost beyond the least. Older baselines sit them out.
-        let with_least: Vec<&Datapath> = dps
-            .iter()
-            .take_while(|dp| dp.ebpf.program(PROG_BENCH_TC_LEAST_NAT).is_some())
-            .collect();
+        // the established rows cost beyond the least; and the least a first packet needs (a
+        // local backend's two entries). Older baselines sit them out.
+        let with_least = |prog: &str| -> Vec<&Datapath> {
+            dps.iter().take_while(|dp| dp.ebpf.program(prog).is_some()).collect()
+        };
         rows.extend(measure_in_builds(
-            &with_least,
+            &with_least(PROG_BENCH_TC_LEAST_NAT),
             dps.len(),
             vec![
                 (PROG_BENCH_TC_LEAST_NAT, &mut |_| est.clone(), &translated),
                 (PROG_BENCH_XDP_LEAST_NAT, &mut |_| xdp_est.clone(), &xdp_translated),
+            ],
+        ));
+        rows.extend(measure_in_builds(
+            &with_least(PROG_BENCH_TC_LEAST_FIRST),
+            dps.len(),
+            vec![
+                (PROG_BENCH_TC_LEAST_FIRST, &mut syn(LEAST_CLIENT, 30080), &translated),
+                (PROG_BENCH_XDP_LEAST_FIRST, &mut syn(XDP_LEAST_CLIENT, 30080), &xdp_translated),
             ],
         ));
         for (r, per_build) in rows.into_iter().enumerate() {
@@ -462,6 +474,19 @@ fn datapath_here(baseline: Option<&[u8]>) {
     );
     println!(
         "targets: established within 2.3x of the floor, first packet within 5x, 100,000 services within 10% of 1 service"
+    );
+    // What the datapath costs beyond the least the same conntrack map needs (1 service).
+    let beyond = |path: &str, least: &str| table[row(path)][0] / table[row(least)][0];
+    let (tc_least, xdp_least) =
+        ("tc: least for an established packet", "xdp: least for an established packet");
+    let (tc_least_first, xdp_least_first) =
+        ("tc: least for a first packet", "xdp: least for a first packet");
+    println!(
+        "against the least (1 service): tc established {:.2}x, xdp established {:.2}x, tc first packet {:.2}x, xdp first packet {:.2}x",
+        beyond("tc: established packet", tc_least),
+        beyond("xdp: established packet", xdp_least),
+        beyond("tc: first packet, local backend", tc_least_first),
+        beyond("xdp: first packet, local backend", xdp_least_first),
     );
     if let Some(base) = tables.get(1) {
         println!(
