@@ -10,21 +10,6 @@ fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
-#[inline(always)]
-fn halves(v: u32) -> (u16, u16) {
-    let b = v.to_ne_bytes();
-    (u16::from_ne_bytes([b[0], b[1]]), u16::from_ne_bytes([b[2], b[3]]))
-}
-
-/// The checksum after a 32-bit field changed from `old` to `new`: HC' = ~(~HC + ~m + m').
-#[inline(always)]
-pub fn replace4(csum: u16, old: u32, new: u32) -> u16 {
-    let (o0, o1) = halves(old);
-    let (n0, n1) = halves(new);
-    let sum = (!csum) as u32 + (!o0) as u32 + (!o1) as u32 + n0 as u32 + n1 as u32;
-    !fold(sum)
-}
-
 /// The checksum after a 16-bit field changed from `old` to `new`.
 #[inline(always)]
 pub fn replace2(csum: u16, old: u16, new: u16) -> u16 {

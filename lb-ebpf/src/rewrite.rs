@@ -15,30 +15,44 @@ use crate::{
     sctp,
 };
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Which {
-    Src,
-    Dst,
-}
-
 pub trait Rewrite {
     fn bounds(&self) -> Bounds;
-    fn set_addr(&mut self, flow: &Flow, which: Which, old: &Addr, new: &Addr) -> Result<(), ()>;
-    fn set_port(&mut self, flow: &Flow, which: Which, old: u16, new: u16) -> Result<(), ()>;
-    /// Rewrites the whole tuple; by default field by field.
+    /// Adds to the transport checksum the change of the addresses (`addrs`: whether they
+    /// change, and the one's complement difference, a pseudo-header change) and of the ports
+    /// word (`ports`: the same), before [`Rewrite::set_tuple`] writes them.
+    fn l4_csum_change(
+        &mut self,
+        flow: &Flow,
+        addrs: (bool, u32),
+        ports: (bool, u32),
+    ) -> Result<(), ()>;
+    /// Rewrites the whole tuple: the transport checksum for every change at once
+    /// ([`Rewrite::l4_csum_change`]), then the addresses with the IPv4 header checksum, and
+    /// the ports as one word.
     #[inline(always)]
     fn set_tuple(&mut self, flow: &Flow, to: &Tuple) -> Result<(), ()> {
-        if flow.saddr != to.saddr {
-            self.set_addr(flow, Which::Src, &flow.saddr, &to.saddr)?;
+        let addrs = addr_diff(flow, to);
+        let old_ports = ports_word(flow.sport_be, flow.dport_be);
+        let new_ports = ports_word(to.sport_be, to.dport_be);
+        let ports = if old_ports != new_ports {
+            (true, csum::diff4(0, old_ports, new_ports))
+        } else {
+            (false, 0)
+        };
+        if !addrs.0 && !ports.0 {
+            return Ok(());
         }
-        if flow.daddr != to.daddr {
-            self.set_addr(flow, Which::Dst, &flow.daddr, &to.daddr)?;
-        }
-        if flow.sport_be != to.sport_be {
-            self.set_port(flow, Which::Src, flow.sport_be, to.sport_be)?;
-        }
-        if flow.dport_be != to.dport_be {
-            self.set_port(flow, Which::Dst, flow.dport_be, to.dport_be)?;
+        self.l4_csum_change(flow, addrs, ports)?;
+        // After the checksum helpers (tc), which may move packet data: fresh bounds.
+        let b = self.bounds();
+        // SAFETY: every pointer bounds-checked by ptr_at; both hooks may write packet data
+        // (tc: the kernel unclones a shared skb before the program runs).
+        unsafe {
+            write_addrs(&b, flow, to, addrs)?;
+            if ports.0 {
+                let p: *mut u32 = b.ptr_at(flow.l4()).ok_or(())?;
+                core::ptr::write_unaligned(p, new_ports);
+            }
         }
         Ok(())
     }
@@ -84,22 +98,10 @@ pub trait Rewrite {
     fn ifindex(&self) -> u32;
 }
 
+/// Where the packet's address pair (source, then destination) starts.
 #[inline(always)]
-fn addr_off(flow: &Flow, which: Which) -> usize {
-    match (flow.is_v6, which) {
-        (false, Which::Src) => flow.l3() + 12,
-        (false, Which::Dst) => flow.l3() + 16,
-        (true, Which::Src) => flow.l3() + 8,
-        (true, Which::Dst) => flow.l3() + 24,
-    }
-}
-
-#[inline(always)]
-fn port_off(flow: &Flow, which: Which) -> usize {
-    match which {
-        Which::Src => flow.l4(),
-        Which::Dst => flow.l4() + 2,
-    }
+fn addrs_off(flow: &Flow) -> usize {
+    if flow.is_v6 { flow.l3() + 8 } else { flow.l3() + 12 }
 }
 
 /// BPF_F_IPV6 for bpf_l4_csum_replace (newer than aya-ebpf's bindings).
@@ -139,30 +141,6 @@ impl Rewrite for Tc<'_> {
         Bounds { start: self.0.data(), end: self.0.data_end() }
     }
 
-    /// One address (tc's own `set_tuple` rewrites the whole tuple with fewer calls).
-    fn set_addr(&mut self, flow: &Flow, which: Which, old: &Addr, new: &Addr) -> Result<(), ()> {
-        let ctx = self.0;
-        let first = if flow.is_v6 { 0 } else { 3 };
-        let mut diff = 0;
-        for i in first..4 {
-            diff = csum::diff4(diff, old[i], new[i]);
-        }
-        l4_pseudo_replace(ctx, flow.l4_csum_off(), diff, flow.is_v6, l4_flags(flow))?;
-        if flow.is_v6 {
-            ctx.store(addr_off(flow, which), new, 0).map_err(|_| ())
-        } else {
-            ctx.l3_csum_replace(flow.l3() + 10, old[3] as u64, new[3] as u64, 4).map_err(|_| ())?;
-            ctx.store(addr_off(flow, which), &new[3], 0).map_err(|_| ())
-        }
-    }
-
-    fn set_port(&mut self, flow: &Flow, which: Which, old: u16, new: u16) -> Result<(), ()> {
-        let ctx = self.0;
-        ctx.l4_csum_replace(flow.l4_csum_off(), old as u64, new as u64, 2 | l4_flags(flow))
-            .map_err(|_| ())?;
-        ctx.store(port_off(flow, which), &new, 0).map_err(|_| ())
-    }
-
     /// IPv4 as by default (the header checksum's change cancels the addresses' in a
     /// CHECKSUM_COMPLETE sum); IPv6 addresses through the helper that keeps such a sum right,
     /// since no checksum in a later fragment makes up for their change.
@@ -175,7 +153,7 @@ impl Rewrite for Tc<'_> {
         }
         // SAFETY: Tuple holds the two addresses side by side from its start (checked below).
         let addrs = unsafe { &*(to as *const Tuple).cast::<[Addr; 2]>() };
-        self.0.store(addr_off(flow, Which::Src), addrs, BPF_F_RECOMPUTE_CSUM as u64).map_err(|_| ())
+        self.0.store(addrs_off(flow), addrs, BPF_F_RECOMPUTE_CSUM as u64).map_err(|_| ())
     }
 
     fn can_forward(&self, _: &Flow, _: &Addr, _: &Addr) -> bool {
@@ -195,8 +173,7 @@ impl Rewrite for Tc<'_> {
         } else if diff.0 {
             // SAFETY: Tuple holds the two addresses side by side from its start.
             let addrs = unsafe { &*(to as *const Tuple).cast::<[Addr; 2]>() };
-            ctx.store(addr_off(flow, Which::Src), addrs, BPF_F_RECOMPUTE_CSUM as u64)
-                .map_err(|_| ())?;
+            ctx.store(addrs_off(flow), addrs, BPF_F_RECOMPUTE_CSUM as u64).map_err(|_| ())?;
         }
         let (old, new) =
             (ports_word(flow.sport_be, flow.dport_be), ports_word(to.sport_be, to.dport_be));
@@ -229,35 +206,25 @@ impl Rewrite for Tc<'_> {
         unsafe { (*self.0.skb.skb).ifindex }
     }
 
-    /// Two checksum helper calls at most (the addresses' difference into the transport
-    /// checksum as a pseudo-header change, the ports' as a plain one), then direct writes: the
-    /// helpers keep every skb checksum state right, and a call per field would cost up to ten.
-    /// The IPv4 header checksum is updated here: no offload state covers it, and its change
-    /// cancels the addresses' in a CHECKSUM_COMPLETE sum, so the helper would only add a call.
+    /// Two checksum helper calls at most (the addresses' difference as a pseudo-header
+    /// change, the ports' as a plain one): the helpers keep every skb checksum state right,
+    /// where a call per field would cost up to ten. The IPv4 header checksum is updated by the
+    /// writes: no offload state covers it, and its change cancels the addresses' in a
+    /// CHECKSUM_COMPLETE sum, so the helper would only add a call.
     #[inline(always)]
-    fn set_tuple(&mut self, flow: &Flow, to: &Tuple) -> Result<(), ()> {
+    fn l4_csum_change(
+        &mut self,
+        flow: &Flow,
+        addrs: (bool, u32),
+        ports: (bool, u32),
+    ) -> Result<(), ()> {
         let ctx = self.0;
-        let (addrs, addr_diff) = addr_diff(flow, to);
-        let old_ports = ports_word(flow.sport_be, flow.dport_be);
-        let new_ports = ports_word(to.sport_be, to.dport_be);
         let csum_off = flow.l4_csum_off();
-        if addrs {
-            l4_pseudo_replace(ctx, csum_off, addr_diff, flow.is_v6, l4_flags(flow))?;
+        if addrs.0 {
+            l4_pseudo_replace(ctx, csum_off, addrs.1, flow.is_v6, l4_flags(flow))?;
         }
-        if old_ports != new_ports {
-            let diff = csum::diff4(0, old_ports, new_ports);
-            ctx.l4_csum_replace(csum_off, 0, diff as u64, l4_flags(flow)).map_err(|_| ())?;
-        }
-        // The helpers may move packet data: fresh bounds for the writes.
-        let b = Bounds { start: ctx.data(), end: ctx.data_end() };
-        // SAFETY: every pointer bounds-checked by ptr_at; tc may write packet data directly
-        // (the kernel unclones a shared skb before the program runs).
-        unsafe {
-            write_addrs(&b, flow, to, (addrs, addr_diff))?;
-            if old_ports != new_ports {
-                let p: *mut u32 = b.ptr_at(port_off(flow, Which::Src)).ok_or(())?;
-                core::ptr::write_unaligned(p, new_ports);
-            }
+        if ports.0 {
+            ctx.l4_csum_replace(csum_off, 0, ports.1 as u64, l4_flags(flow)).map_err(|_| ())?;
         }
         Ok(())
     }
@@ -294,13 +261,13 @@ unsafe fn write_addrs(b: &Bounds, flow: &Flow, to: &Tuple, diff: (bool, u32)) ->
     // SAFETY: every pointer bounds-checked by ptr_at; writing is the caller's promise.
     unsafe {
         if flow.is_v6 {
-            let p: *mut [Addr; 2] = b.ptr_at(addr_off(flow, Which::Src)).ok_or(())?;
+            let p: *mut [Addr; 2] = b.ptr_at(addrs_off(flow)).ok_or(())?;
             packet::write_addr_pair(p, &to.saddr, &to.daddr);
         } else {
             let ip_csum: *mut u16 = b.ptr_at(flow.l3() + 10).ok_or(())?;
             let cur = core::ptr::read_unaligned(ip_csum);
             core::ptr::write_unaligned(ip_csum, csum::apply_diff(cur, addr_diff));
-            let p: *mut [u32; 2] = b.ptr_at(addr_off(flow, Which::Src)).ok_or(())?;
+            let p: *mut [u32; 2] = b.ptr_at(addrs_off(flow)).ok_or(())?;
             core::ptr::write_unaligned(p, [to.saddr[3], to.daddr[3]]);
         }
     }
@@ -325,70 +292,34 @@ pub struct Tuple {
 
 pub struct Xdp<'a>(pub &'a XdpContext);
 
-impl Xdp<'_> {
-    /// Updates the transport checksum for a change of `old` to `new` (32-bit words).
-    #[inline(always)]
-    fn l4_csum_words(&self, flow: &Flow, old: u32, new: u32) -> Result<(), ()> {
-        let p: *mut u16 = self.bounds().ptr_at(flow.l4_csum_off()).ok_or(())?;
-        // SAFETY: bounds checked by ptr_at.
-        unsafe {
-            let cur = core::ptr::read_unaligned(p);
-            if flow.proto == PROTO_UDP && cur == 0 {
-                return Ok(()); // no UDP checksum: nothing to keep right
-            }
-            let mut next = csum::replace4(cur, old, new);
-            if flow.proto == PROTO_UDP && next == 0 {
-                next = 0xffff;
-            }
-            core::ptr::write_unaligned(p, next);
-        }
-        Ok(())
-    }
-}
-
 impl Rewrite for Xdp<'_> {
     fn bounds(&self) -> Bounds {
         Bounds { start: self.0.data(), end: self.0.data_end() }
     }
 
-    fn set_addr(&mut self, flow: &Flow, which: Which, old: &Addr, new: &Addr) -> Result<(), ()> {
-        if flow.is_v6 {
-            for i in 0..4 {
-                if old[i] != new[i] {
-                    self.l4_csum_words(flow, old[i], new[i])?;
-                }
-            }
-            let p: *mut Addr = self.bounds().ptr_at(addr_off(flow, which)).ok_or(())?;
-            // SAFETY: bounds checked by ptr_at.
-            unsafe { core::ptr::write_unaligned(p, *new) };
-        } else {
-            self.l4_csum_words(flow, old[3], new[3])?;
-            let ip_csum: *mut u16 = self.bounds().ptr_at(flow.l3() + 10).ok_or(())?;
-            let p: *mut u32 = self.bounds().ptr_at(addr_off(flow, which)).ok_or(())?;
-            // SAFETY: bounds checked by ptr_at.
-            unsafe {
-                let cur = core::ptr::read_unaligned(ip_csum);
-                core::ptr::write_unaligned(ip_csum, csum::replace4(cur, old[3], new[3]));
-                core::ptr::write_unaligned(p, new[3]);
-            }
-        }
-        Ok(())
-    }
-
-    fn set_port(&mut self, flow: &Flow, which: Which, old: u16, new: u16) -> Result<(), ()> {
-        let csum_p: *mut u16 = self.bounds().ptr_at(flow.l4_csum_off()).ok_or(())?;
-        let p: *mut u16 = self.bounds().ptr_at(port_off(flow, which)).ok_or(())?;
-        // SAFETY: bounds checked by ptr_at.
+    /// One update of the checksum in place for both changes. A UDP checksum of 0 is none
+    /// (IPv4): nothing to keep right; one that comes out 0 is sent as its other form.
+    #[inline(always)]
+    fn l4_csum_change(
+        &mut self,
+        flow: &Flow,
+        addrs: (bool, u32),
+        ports: (bool, u32),
+    ) -> Result<(), ()> {
+        let p: *mut u16 = self.bounds().ptr_at(flow.l4_csum_off()).ok_or(())?;
+        // Unchanged parts add 0: no test for each.
+        let diff = csum::add(addrs.1, ports.1);
+        // SAFETY: bounds checked by ptr_at; XDP may write packet data.
         unsafe {
-            let cur = core::ptr::read_unaligned(csum_p);
-            if !(flow.proto == PROTO_UDP && cur == 0) {
-                let mut next = csum::replace2(cur, old, new);
-                if flow.proto == PROTO_UDP && next == 0 {
-                    next = 0xffff;
-                }
-                core::ptr::write_unaligned(csum_p, next);
+            let cur = core::ptr::read_unaligned(p);
+            if flow.proto == PROTO_UDP && cur == 0 {
+                return Ok(());
             }
-            core::ptr::write_unaligned(p, new);
+            let mut next = csum::apply_diff(cur, diff);
+            if flow.proto == PROTO_UDP && next == 0 {
+                next = 0xffff;
+            }
+            core::ptr::write_unaligned(p, next);
         }
         Ok(())
     }
