@@ -295,9 +295,6 @@ fn datapath_here(baseline: Option<&[u8]>) {
         let dps = dps;
         let tc_ok = |v: i32, _: &[u8]| v == 0 || v == 7;
         let xdp_ok = |v: i32, _: &[u8]| v == 2;
-        let syn = |client: Ipv4Addr, port: u16| {
-            move |i: usize| tcp4(client, 1024 + (i % 60000) as u16, NODE, port, true, b"")
-        };
         let translated = |v: i32, p: &[u8]| {
             (v == 0 || v == 7) && summarize(p).is_some_and(|s| s.dst.port() == 8080)
         };
@@ -318,9 +315,9 @@ fn datapath_here(baseline: Option<&[u8]>) {
             measure(&dps, PROG_TC_INGRESS, &mut |_| miss_frontend_port.clone(), &|v, p| {
                 v == 0 && *p == miss_frontend_port[..]
             }),
-            measure(&dps, PROG_TC_INGRESS, &mut syn(CLIENT, 30080), &translated),
-            measure(&dps, PROG_TC_INGRESS, &mut syn(CLIENT, 30081), &translated),
-            dsr_first_packets(&dps, &mut syn(DSR_CLIENT, 30081)),
+            measure(&dps, PROG_TC_INGRESS, &mut syn_from(CLIENT, 30080), &translated),
+            measure(&dps, PROG_TC_INGRESS, &mut syn_from(CLIENT, 30081), &translated),
+            dsr_first_packets(&dps, &mut syn_from(DSR_CLIENT, 30081)),
             measure(&dps, PROG_TC_INGRESS, &mut |_| est.clone(), &translated),
             measure(&dps, PROG_TC_EGRESS, &mut |_| reply.clone(), &|v, p| {
                 v == 0 && summarize(p).is_some_and(|s| s.src.port() == 30080)
@@ -357,7 +354,12 @@ fn datapath_here(baseline: Option<&[u8]>) {
                 run(&tcp4(CLIENT, 10, NODE, 30081, true, b""));
             }
             [
-                measure_with(PROG_XDP_INGRESS, &on_n0, &mut syn(XDP_TX_CLIENT, 30081), &sent_out),
+                measure_with(
+                    PROG_XDP_INGRESS,
+                    &on_n0,
+                    &mut syn_from(XDP_TX_CLIENT, 30081),
+                    &sent_out,
+                ),
                 measure_with(PROG_XDP_INGRESS, &on_n0, &mut |_| est.clone(), &sent_out),
                 measure_with(PROG_TC_INGRESS, &tc_on_n0, &mut |_| tc_est.clone(), &redirected),
             ]
@@ -394,7 +396,7 @@ fn datapath_here(baseline: Option<&[u8]>) {
             vec![
                 (PROG_TC_FROM_POD, &mut |_| direct.clone(), &direct_ok),
                 (PROG_TC_FROM_POD, &mut |_| direct_frontend_port.clone(), &direct_frontend_port_ok),
-                (PROG_TC_FROM_POD, &mut syn(CLIENT_POD, 30080), &translated),
+                (PROG_TC_FROM_POD, &mut syn_from(CLIENT_POD, 30080), &translated),
                 (PROG_TC_FROM_POD, &mut |_| pod_est.clone(), &translated),
                 (PROG_TC_TO_POD, &mut |_| pod_reply.clone(), &reversed),
             ],
@@ -437,8 +439,12 @@ fn datapath_here(baseline: Option<&[u8]>) {
             &with_least(PROG_BENCH_TC_LEAST_FIRST),
             dps.len(),
             vec![
-                (PROG_BENCH_TC_LEAST_FIRST, &mut syn(LEAST_CLIENT, 30080), &translated),
-                (PROG_BENCH_XDP_LEAST_FIRST, &mut syn(XDP_LEAST_CLIENT, 30080), &xdp_translated),
+                (PROG_BENCH_TC_LEAST_FIRST, &mut syn_from(LEAST_CLIENT, 30080), &translated),
+                (
+                    PROG_BENCH_XDP_LEAST_FIRST,
+                    &mut syn_from(XDP_LEAST_CLIENT, 30080),
+                    &xdp_translated,
+                ),
             ],
         ));
         for (r, per_build) in rows.into_iter().enumerate() {
@@ -591,6 +597,41 @@ fn first_packet_after_sweep_here() {
         t[1],
         t[1] / t[0]
     );
+}
+
+/// What the conntrack map's size costs new flows: first packets (tc, local backend) through
+/// the datapath and through the least program (`bench_tc_least_first`), into maps of 65,536
+/// entries, the agent's default and 1,048,576, measured packet by packet side by side. No map
+/// fills (a row inserts 44,000 entries into maps of its own).
+pub fn first_packet_by_map_size() {
+    crate::kernel::in_quiet_netns(first_packet_by_map_size_here)
+}
+
+fn first_packet_by_map_size_here() {
+    let sizes = [1 << 16, DEFAULT_MAX_CONNTRACK, 1 << 20];
+    let translated =
+        |v: i32, p: &[u8]| (v == 0 || v == 7) && summarize(p).is_some_and(|s| s.dst.port() == 8080);
+    for (what, prog) in
+        [("datapath", PROG_TC_INGRESS), ("least program", PROG_BENCH_TC_LEAST_FIRST)]
+    {
+        // Fresh maps for each row: the other's entries would fill the smallest.
+        let dps = sizes.map(|size| datapath_sized(1, None, size));
+        let t = measure(&dps, prog, &mut syn_from(CLIENT, 30080), &translated);
+        let cells: Vec<String> = sizes
+            .iter()
+            .zip(&t)
+            .map(|(size, ns)| format!("{size} entries {ns:.0} ns ({:.2}x)", ns / t[0]))
+            .collect();
+        println!(
+            "first packet (tc, local backend), {what}, by conntrack map size: {}",
+            cells.join(", ")
+        );
+    }
+}
+
+/// First packets of new flows from `client` to the node's `port`: a new source port each.
+fn syn_from(client: Ipv4Addr, port: u16) -> impl FnMut(usize) -> Vec<u8> {
+    move |i: usize| tcp4(client, 1024 + (i % 60000) as u16, NODE, port, true, b"")
 }
 
 pub fn profile(path: &str, secs: u64) {

@@ -27,6 +27,7 @@ fn main() {
         "conntrack" => {
             conntrack_sweep();
             lb_tests::bench::first_packet_after_sweep();
+            lb_tests::bench::first_packet_by_map_size();
             udp_socket_flush();
         }
         "datapath" => datapath(),
@@ -166,6 +167,7 @@ fn control_plane() {
     manifests_reread(SERVICES, ENDPOINTS);
     conntrack_sweep();
     lb_tests::bench::first_packet_after_sweep();
+    lb_tests::bench::first_packet_by_map_size();
     udp_socket_flush();
 }
 
