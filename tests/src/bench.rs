@@ -481,18 +481,19 @@ fn datapath_here(baseline: Option<&[u8]>) {
     println!(
         "targets: established within 2.3x of the floor, first packet within 5x, 100,000 services within 10% of 1 service"
     );
-    // What the datapath costs beyond the least the same conntrack map needs (1 service).
-    let beyond = |path: &str, least: &str| table[row(path)][0] / table[row(least)][0];
-    let (tc_least, xdp_least) =
-        ("tc: least for an established packet", "xdp: least for an established packet");
-    let (tc_least_first, xdp_least_first) =
-        ("tc: least for a first packet", "xdp: least for a first packet");
+    // What the datapath costs beyond the least the same conntrack map needs, at each size.
+    let beyond = |path: &str, least: &str| {
+        let r: Vec<String> = (0..sizes.len())
+            .map(|k| format!("{:.2}", table[row(path)][k] / table[row(least)][k]))
+            .collect();
+        format!("{}x", r.join("/"))
+    };
     println!(
-        "against the least (1 service): tc established {:.2}x, xdp established {:.2}x, tc first packet {:.2}x, xdp first packet {:.2}x",
-        beyond("tc: established packet", tc_least),
-        beyond("xdp: established packet", xdp_least),
-        beyond("tc: first packet, local backend", tc_least_first),
-        beyond("xdp: first packet, local backend", xdp_least_first),
+        "against the least (1/1,000/100,000 services): tc established {}, xdp established {}, tc first packet {}, xdp first packet {}",
+        beyond("tc: established packet", "tc: least for an established packet"),
+        beyond("xdp: established packet", "xdp: least for an established packet"),
+        beyond("tc: first packet, local backend", "tc: least for a first packet"),
+        beyond("xdp: first packet, local backend", "xdp: least for a first packet"),
     );
     if let Some(base) = tables.get(1) {
         println!(
