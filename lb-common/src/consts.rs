@@ -550,9 +550,12 @@ pub const STAT_DROP_UNKNOWN_PORT: u32 = 36;
 /// An ICMP echo request to a service address from outside answered by the datapath, as the
 /// address's own host would (tc ingress; `--answer-service-pings`).
 pub const STAT_ECHO_REPLY: u32 = 37;
-/// Number of slots in LB_STATS (room for the counters later programs add).
 /// A DSR flow's SYN arrived with its frontend (`MODE_DSR`): the reply entry was made.
 pub const STAT_DSR_LEARNED: u32 = 38;
+/// A SYN naming a frontend (the DSR option) for the tuple of a live flow this node translates
+/// otherwise: its reply entry kept, the option ignored (forged, or stray).
+pub const STAT_DSR_REFUSED: u32 = 39;
+/// Number of slots in LB_STATS (room for the counters later programs add).
 pub const STAT_COUNT: u32 = 64;
 
 /// Human-readable names of the `STAT_*` indices, for lbctl and metrics.
@@ -596,4 +599,5 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (STAT_DROP_UNKNOWN_PORT, "drop_unknown_port"),
     (STAT_ECHO_REPLY, "echo_reply"),
     (STAT_DSR_LEARNED, "dsr_learned"),
+    (STAT_DSR_REFUSED, "dsr_refused"),
 ];

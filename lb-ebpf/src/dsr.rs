@@ -15,7 +15,8 @@ use aya_ebpf::{
 use lb_common::{
     Addr, CT_F_DSR, CT_F_REPLY, CT_STATE_NEW, DSR_OPTION_LEN, DSR_OPTION_TYPE, DSR6_HEADER_LEN,
     DSR6_OPTION_LEN, DSR6_OPTION_TYPE, MODE_DSR, OPT_DEVICE_MODES, OPT_REPLY_PORTS_READY,
-    PROTO_TCP, SCOPE_EXTERNAL, STAT_DSR_LEARNED, addr_from_v4_raw,
+    PROTO_TCP, SCOPE_EXTERNAL, STAT_DSR_LEARNED, STAT_DSR_REFUSED, addr_from_v4_raw,
+    ct_state_ended,
 };
 
 use crate::{
@@ -153,7 +154,7 @@ fn add_v6(ctx: &TcContext, flow: &Flow) -> Result<(), ()> {
 /// frontend of ours ([`read_frontend`]) and its destination port is one of this node's
 /// backends' (`LB_REPLY_PORTS`), makes the reply entry that gives the backend's answers the
 /// frontend's address, replacing an older one of the tuple (a retransmitted SYN, a tuple
-/// reused). Whatever this node's own mode: switching it node by node (a DaemonSet's rolling
+/// reused), but not a live flow's that this node translates otherwise. Whatever this node's own mode: switching it node by node (a DaemonSet's rolling
 /// update) then breaks no flow another node sends by DSR. The packet itself goes on untouched.
 /// The entry counts the answers under the frontend's service ([`frontend_service`]).
 #[inline(never)]
@@ -172,6 +173,18 @@ pub fn learn<R: Rewrite>(pkt: &R, flow: &Flow) {
     let s = unsafe { &mut *s };
     let ports = (flow.dport_be, flow.sport_be);
     conntrack::fill_key(&mut s.reply_key, &flow.daddr, &flow.saddr, ports, PROTO_TCP);
+    // The reply entry of a live flow this node translates itself (it chose the backend, or a
+    // pod of its reached the service) is not taken over: a client of that flow sends no new
+    // SYN on its tuple, so the option is forged or stray, and taking it would give the flow's
+    // answers another source. Another DSR flow's entry is (a retransmitted SYN, another
+    // node's), and so is one of a flow that ended (its tuple reused).
+    if let Some(old) = conntrack::get(&s.reply_key)
+        && old.flags & CT_F_DSR == 0
+        && !ct_state_ended(old.state)
+    {
+        stats::count(STAT_DSR_REFUSED);
+        return;
+    }
     let v = &mut s.value;
     v.last_seen_ns = clock::now_ns();
     v.new_daddr = flow.saddr;

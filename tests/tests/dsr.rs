@@ -337,3 +337,39 @@ fn without_the_mode_flows_are_snated_but_a_dsr_syn_is_still_answered_from_its_fr
     let (_, r) = run(&mut b, PROG_TC_EGRESS, &tcp4(REMOTE_POD, 8080, CLIENT, 40001, false, b"ok"));
     assert_eq!(r.src, sa(VIP, 80));
 }
+
+/// A SYN naming a frontend for the tuple of a live flow that the backend's node translates
+/// itself (forged: that flow's client sends no new SYN on it) leaves the flow's reply entry
+/// alone, counted, and passes on untouched; once the flow has ended, a DSR SYN on its tuple is
+/// a new connection, and taken.
+#[test]
+fn a_dsr_syn_does_not_take_over_a_live_flow_of_the_backends_node() {
+    require_root!();
+    let mut a = node(false, LbMode::Hybrid);
+    let mut b = node(true, LbMode::Hybrid);
+    // B's own flow to its local backend, established.
+    let (_, s) = run(&mut b, PROG_TC_INGRESS, &tcp4(CLIENT, 40007, VIP, 80, true, b""));
+    assert_eq!(s.dst, sa(REMOTE_POD, 8080));
+    run(&mut b, PROG_TC_INGRESS, &tcp4(CLIENT, 40007, VIP, 80, false, b"GET /"));
+    let before = b.conntrack_sorted(true);
+    // A's DSR SYN of that tuple, its option altered to name another frontend.
+    let mut forged = a.run(PROG_TC_INGRESS, &tcp4(CLIENT, 40007, VIP, 80, true, b"")).packet;
+    forged[36..38].copy_from_slice(&81u16.to_be_bytes());
+    forged[38..42].copy_from_slice(&[198, 51, 100, 99]);
+    fix_ipv4_checksum(&mut forged);
+    let out = b.run(PROG_TC_INGRESS, &forged);
+    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &forged), "passed on untouched");
+    assert_eq!((b.stat(STAT_DSR_REFUSED), b.stat(STAT_DSR_LEARNED)), (1, 0));
+    assert_eq!(b.conntrack_sorted(true), before, "the flow's entries as they were");
+    let answer = tcp4(REMOTE_POD, 8080, CLIENT, 40007, false, b"200 OK");
+    let (_, r) = run(&mut b, PROG_TC_EGRESS, &answer);
+    assert_eq!((r.src, r.dst), (sa(VIP, 80), sa(CLIENT, 40007)), "answered from its frontend");
+
+    // The client resets the flow; a new connection on the tuple by DSR takes the entry.
+    b.run(PROG_TC_INGRESS, &tcp4_end(CLIENT, 40007, VIP, 80, true));
+    let out = b.run(PROG_TC_INGRESS, &forged);
+    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &forged));
+    assert_eq!((b.stat(STAT_DSR_REFUSED), b.stat(STAT_DSR_LEARNED)), (1, 1));
+    let (_, r) = run(&mut b, PROG_TC_EGRESS, &answer);
+    assert_eq!(r.src, sa(Ipv4Addr::new(198, 51, 100, 99), 81), "the new flow's frontend");
+}
