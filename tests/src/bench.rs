@@ -46,7 +46,7 @@ type Runner<'a> = Box<dyn Fn(&[u8]) -> RunOutput + 'a>;
 /// interrupt, a cold cache) as the median, but finer. This machine's kernel reports durations
 /// in steps of about 10 ns, so a median moves by whole steps, where the mean of many
 /// durations spread across steps resolves differences of a few ns.
-fn interquartile_mean(mut v: Vec<u64>) -> f64 {
+pub(crate) fn interquartile_mean(mut v: Vec<u64>) -> f64 {
     v.sort_unstable();
     let middle = &v[v.len() / 4..v.len() - v.len() / 4];
     middle.iter().sum::<u64>() as f64 / middle.len() as f64
@@ -119,7 +119,7 @@ fn measure_with(
 /// A datapath with `n` services: the measured NodePort (local and remote backend) plus
 /// LoadBalancer VIPs that fill the maps.
 /// `object`: another build of the kernel programs instead of this one's.
-fn datapath_with(n: usize, object: Option<&[u8]>) -> Datapath {
+pub(crate) fn datapath_with(n: usize, object: Option<&[u8]>) -> Datapath {
     datapath_sized(n, object, 1 << 20)
 }
 
@@ -519,6 +519,7 @@ fn datapath_here(baseline: Option<&[u8]>) {
             "(two loads of one build, compared this way, agree within 3% on established rows but differ by up to 10% on first-packet rows: those touch the cold memory of a 1M-entry conntrack map, placed differently per load)"
         );
     }
+    crate::bench_sock::socket_hooks(&[1, 100_000]);
 }
 
 /// Runs one path over and over for `secs`, for a profiler attached to this process

@@ -9,6 +9,7 @@ pub mod addrs;
 pub mod agent;
 pub mod bench;
 pub mod bench_e2e;
+pub mod bench_sock;
 pub mod cgroup;
 pub mod cluster;
 pub mod kernel;

@@ -31,6 +31,7 @@ fn main() {
             udp_socket_flush();
         }
         "datapath" => datapath(),
+        "sock" => lb_tests::bench_sock::run(),
         "profile" => lb_tests::bench::profile(
             &std::env::args().nth(2).unwrap_or_default(),
             std::env::args().nth(3).and_then(|s| s.parse().ok()).unwrap_or(10),
@@ -38,7 +39,7 @@ fn main() {
         "e2e" => e2e(),
         _ => {
             eprintln!(
-                "usage: lb-bench control-plane | manifests | conntrack | datapath | e2e [--svg PATH]"
+                "usage: lb-bench control-plane | manifests | conntrack | datapath | sock | e2e [--svg PATH]"
             );
             std::process::exit(2);
         }
