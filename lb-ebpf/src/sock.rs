@@ -173,9 +173,11 @@ fn forward(ctx: &SockAddrContext, v6: bool, hook: u8) -> i32 {
         _pad: 0,
         service_id: svc.service_id,
     });
-    // By reference: a value passed by value would be copied to an unaligned slot first.
-    #[allow(clippy::needless_borrows_for_generic_args)]
-    let _ = SOCK_REVNAT.insert(key, &value.0, 0);
+    if !(hook == HOOK_SOCK_SENDMSG && recorded(&key, &value.0)) {
+        // By reference: a value passed by value would be copied to an unaligned slot first.
+        #[allow(clippy::needless_borrows_for_generic_args)]
+        let _ = SOCK_REVNAT.insert(key, &value.0, 0);
+    }
     if !set_user_addr(ctx, v6, &backend.addr, backend.port_be) {
         // An IPv6 backend for an IPv4 socket: the plan never does this; refuse, counted.
         return refuse(ctx, &call, STAT_SOCK_NO_BACKEND, svc.service_id);
@@ -187,6 +189,21 @@ fn forward(ctx: &SockAddrContext, v6: bool, hook: u8) -> i32 {
         monitor::socket(ctx, &call, what, svc.service_id, Some(backend));
     }
     PROCEED
+}
+
+/// Whether `SOCK_REVNAT` holds `value` for `key` already. An unconnected UDP socket sends
+/// datagram after datagram to its service, and each of its backends' entries is there after
+/// the first: writing it again would take a new element of the LRU map each time (an update
+/// replaces the element; about a third of a microsecond here), where the lookup marks the
+/// entry used all the same. Not asked at connect(): a new socket's entries are all new.
+#[inline(always)]
+fn recorded(key: &SockRevNatKey, value: &SockRevNatValue) -> bool {
+    // SAFETY: read of a value replaced whole.
+    let Some(old) = (unsafe { SOCK_REVNAT.get(key) }) else { return false };
+    // Word by word: comparing the arrays whole copies them to the stack first.
+    (0..4).all(|i| old.addr[i] == value.addr[i])
+        && old.port_be == value.port_be
+        && old.service_id == value.service_id
 }
 
 /// An IPv4 loopback address (127.0.0.0/8).

@@ -102,6 +102,7 @@ fn setup() -> Setup {
     for plan in [
         cluster_ip_plan("web", "10.96.0.10", 80, Protocol::Tcp, v4(8080), None),
         cluster_ip_plan("dns", "10.96.0.10", 53, Protocol::Udp, v4(5353), None),
+        cluster_ip_plan("dns2", "10.96.0.20", 53, Protocol::Udp, v4(5353), None),
         cluster_ip_plan("web6", "fd00:96::10", 80, Protocol::Tcp, v6(8086), None),
         cluster_ip_plan("empty", "10.96.0.11", 80, Protocol::Tcp, vec![], None),
         cluster_ip_plan("sticky", "10.96.0.12", 80, Protocol::Tcp, v4(8080), Some(10800)),
@@ -320,4 +321,37 @@ fn connected_udp_sockets_to_endpoints_gone_while_no_agent_ran_are_destroyed_at_i
     let after = answers(&lines[torn + 2..]);
     assert!(after.len() >= 5, "{lines:?}");
     assert!(after.iter().all(|(n, p)| n == "node-1-pod-1" && p == "[fd00:96::53]:53"), "{lines:?}");
+}
+
+/// One unconnected UDP socket sending datagram after datagram (as resolvers do) to two
+/// ClusterIPs whose backends are the same pods: every answer comes from the service its
+/// datagram went to, though the socket's entry for a pod was made for the other service as
+/// often as not (a datagram's translation rewrites an entry only when it differs), and every
+/// pod answers.
+#[test]
+fn one_unconnected_udp_socket_sees_each_answer_from_the_service_it_sent_to() {
+    require_root!();
+    let s = setup();
+    let node = &s.cluster.nodes[0];
+    let cg = Some(node.cgroup.path.as_path());
+    let before = s.dp.stat(STAT_SOCK_TRANSLATED);
+    let args = [
+        "connect",
+        "10.96.0.10:53",
+        "--udp",
+        "--one-socket",
+        "--alternate",
+        "10.96.0.20:53",
+        "--count",
+        "80",
+    ];
+    let results = parse(&probe(Some(node.ns.name()), cg, &args));
+    assert_eq!(results.len(), 80);
+    for (i, r) in results.iter().enumerate() {
+        let (_, _, peer) = r.as_ref().unwrap_or_else(|e| panic!("datagram {i}: {e}"));
+        let want = if i % 2 == 0 { "10.96.0.10:53" } else { "10.96.0.20:53" };
+        assert_eq!(peer, want, "datagram {i}'s answer");
+    }
+    assert_eq!(by_server(&results).len(), 4, "{:?}", by_server(&results));
+    assert!(s.dp.stat(STAT_SOCK_TRANSLATED) - before >= 80);
 }

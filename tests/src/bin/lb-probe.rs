@@ -7,7 +7,8 @@
 //!
 //! `lb-probe connect ADDR [--udp | --sctp] [--count N] [--timeout-ms T] [--interval-ms I] [--close reset]`
 //! prints one line per attempt (`--close reset` ends each TCP connection with a reset instead
-//! of a FIN):
+//! of a FIN; UDP: a new socket per datagram, or with `--one-socket` one unconnected socket for
+//! all, which with `--alternate ADDR2` sends every other datagram there):
 //! `ok <server name> <client address the server saw> <peer address the client sees>` or
 //! `err <error>` (the peer address is getpeername() for TCP and recvfrom()'s source for UDP).
 //! UDP with `--size B`: each datagram is B bytes, and the answer must echo them all
@@ -169,12 +170,20 @@ fn connect(args: &[String]) {
     let reset = flag(args, "--close").first() == Some(&"reset");
     // UDP only: bytes per datagram, echoed back (default: a 4-byte "ping", not echoed).
     let size: usize = flag(args, "--size").first().and_then(|c| c.parse().ok()).unwrap_or(0);
-    for _ in 0..count {
+    // UDP only: one unconnected socket for every datagram (as a resolver sends), to ADDR and,
+    // every other one, to `--alternate ADDR2`.
+    let one_socket = args.iter().any(|a| a == "--one-socket");
+    let alternate: Option<SocketAddr> = flag(args, "--alternate")
+        .first()
+        .map(|a| a.parse().unwrap_or_else(|_| panic!("--alternate {a}: not an address and port")));
+    let shared = (udp && one_socket).then(|| udp_socket(target, timeout, sport).expect("a socket"));
+    for i in 0..count {
         std::thread::sleep(interval);
-        let line = if udp {
-            udp_once(target, timeout, sport, size)
-        } else {
-            tcp_once(target, timeout, reset, sctp)
+        let to = if i % 2 == 1 { alternate.unwrap_or(target) } else { target };
+        let line = match &shared {
+            Some(s) => udp_exchange(s, to, size),
+            None if udp => udp_once(to, timeout, sport, size),
+            None => tcp_once(to, timeout, reset, sctp),
         };
         println!("{}", line.unwrap_or_else(|e| format!("err {}", errname(&e))));
     }
@@ -365,9 +374,19 @@ fn udp_once(
     sport: u16,
     size: usize,
 ) -> std::io::Result<String> {
+    udp_exchange(&udp_socket(target, timeout, sport)?, target, size)
+}
+
+/// An unconnected UDP socket of `target`'s family, on port `sport` (0: any).
+fn udp_socket(target: SocketAddr, timeout: Duration, sport: u16) -> std::io::Result<UdpSocket> {
     let bind = if target.is_ipv4() { format!("0.0.0.0:{sport}") } else { format!("[::]:{sport}") };
     let s = UdpSocket::bind(bind)?;
     s.set_read_timeout(Some(timeout))?;
+    Ok(s)
+}
+
+/// One datagram to `target` from `s` and its answer, as a `connect` line.
+fn udp_exchange(s: &UdpSocket, target: SocketAddr, size: usize) -> std::io::Result<String> {
     // A pattern that differs from fragment to fragment, so a misplaced one shows.
     let datagram: Vec<u8> = if size > 4 {
         (0..size).map(|i| (i * 7 + i / 251) as u8).collect()
