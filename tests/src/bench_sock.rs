@@ -51,7 +51,7 @@ pub fn socket_hooks(sizes: &[usize]) {
     println!(
         "{:<42} {}",
         "call",
-        sizes.iter().map(|n| format!("{:>22}", format!("{n} services"))).collect::<String>()
+        sizes.iter().map(|&n| format!("{:>22}", services(n))).collect::<String>()
     );
     let mut rows: Vec<(&str, Vec<String>)> = [
         "connect(): no hook (floor)",
@@ -77,6 +77,19 @@ pub fn socket_hooks(sizes: &[usize]) {
     }
     println!("(in parentheses: ns over the floor, the hook's own cost)");
     drop(device);
+}
+
+/// "1 service", "100,000 services".
+fn services(n: usize) -> String {
+    let digits = n.to_string();
+    let mut grouped = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    if n == 1 { "1 service".into() } else { format!("{grouped} services") }
 }
 
 /// (ns, ns over the floor) of each kind of connect() and of sendto(), with `n` services.
