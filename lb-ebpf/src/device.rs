@@ -7,11 +7,13 @@
 //! (`tc_pod.rs`) run it too, for pods' own service traffic: internal frontends, SNAT only for
 //! a pod reaching itself.
 
-use aya_ebpf::maps::{Array, lpm_trie::Key};
+use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::*;
 
 use crate::{
-    conntrack, dsr, fib, fragment, lookup,
+    conntrack, dsr, fib,
+    filters::{bit_may_be_set, bit_set, port_may_match},
+    fragment, lookup,
     maps::{
         CLUSTER_IPS, EXTERNAL_IPS, FLOW, FRONTEND_ADDRS, INGRESS_PORTS, OPTIONS, POD_PORTS,
         POD_REPLY_PORTS, REPLY_PORTS, SCRATCH, SOURCE_RANGES,
@@ -79,29 +81,6 @@ pub fn handle<R: Rewrite>(pkt: &mut R, len: u32, hook: Hook) -> Action {
             Action::Pass
         }
     }
-}
-
-/// Whether `port_be` is in the port set `ports`, or the agent has not yet filled it (its
-/// `ready` option is unset): a packet whose port is not there cannot be ours, and skips the
-/// lookups (`LB_REPLY_PORTS` on egress, `LB_INGRESS_PORTS` on ingress).
-#[inline(always)]
-pub fn port_may_match(ports: &Array<u64>, ready: u32, port_be: u16) -> bool {
-    bit_may_be_set(ports, ready, u16::from_be(port_be).into())
-}
-
-/// Whether `bit` is set in the bit set `set`, or the agent has not yet filled it.
-#[inline(always)]
-fn bit_may_be_set(set: &Array<u64>, ready: u32, bit: u32) -> bool {
-    if OPTIONS.get(ready).is_none_or(|ready| *ready == 0) {
-        return true;
-    }
-    bit_set(set, bit)
-}
-
-/// Whether `bit` is set in the bit set `set` (known to be complete).
-#[inline(always)]
-fn bit_set(set: &Array<u64>, bit: u32) -> bool {
-    set.get(bit / 64).is_none_or(|word| word & (1 << (bit % 64)) != 0)
 }
 
 /// A pod's packet to a port its destination has no frontend for, whose address's bit in

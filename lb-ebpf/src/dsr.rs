@@ -159,7 +159,7 @@ fn add_v6(ctx: &TcContext, flow: &Flow) -> Result<(), ()> {
 /// The entry counts the answers under the frontend's service ([`frontend_service`]).
 #[inline(never)]
 pub fn learn<R: Rewrite>(pkt: &R, flow: &Flow) {
-    if !crate::device::port_may_match(&REPLY_PORTS, OPT_REPLY_PORTS_READY, flow.dport_be) {
+    if !crate::filters::port_may_match(&REPLY_PORTS, OPT_REPLY_PORTS_READY, flow.dport_be) {
         return;
     }
     let Some(s) = SCRATCH.get_ptr_mut(0) else { return };

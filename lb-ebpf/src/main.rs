@@ -34,6 +34,8 @@ mod echo;
 #[cfg(target_arch = "bpf")]
 mod fib;
 #[cfg(target_arch = "bpf")]
+mod filters;
+#[cfg(target_arch = "bpf")]
 mod fragment;
 #[cfg(target_arch = "bpf")]
 mod icmp;

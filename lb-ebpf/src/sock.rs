@@ -13,15 +13,15 @@ use aya_ebpf::{
 use lb_common::{
     AFFINITY_BY_NETNS, Addr, AffinityKey, EVENT_NO_SERVICE, EVENT_SOCK_REFUSED,
     EVENT_SOCK_TRANSLATED, HOOK_SOCK_CONNECT, HOOK_SOCK_SENDMSG, HOST_NETNS_INITIAL, KF_SET_RETVAL,
-    OPT_HOST_NETNS_COOKIE_HI, OPT_HOST_NETNS_COOKIE_LO, OPT_SOCK_HOST_NETNS_ONLY, PROTO_TCP,
-    PROTO_UDP, SCOPE_INTERNAL, STAT_SOCK_NO_BACKEND, STAT_SOCK_REVERSED, STAT_SOCK_TRANSLATED,
-    STAT_SOCK_UNKNOWN_PORT, SVC_F_ADDR_MARKER, SockRevNatKey, SockRevNatValue, addr_from_v4_raw,
-    addr_is_v4,
+    OPT_HOST_NETNS_COOKIE_HI, OPT_HOST_NETNS_COOKIE_LO, OPT_POD_PORTS_READY,
+    OPT_SOCK_HOST_NETNS_ONLY, PROTO_TCP, PROTO_UDP, READY_FRONTEND_ADDRS, SCOPE_INTERNAL,
+    STAT_SOCK_NO_BACKEND, STAT_SOCK_REVERSED, STAT_SOCK_TRANSLATED, STAT_SOCK_UNKNOWN_PORT,
+    SVC_F_ADDR_MARKER, SockRevNatKey, SockRevNatValue, addr_bit, addr_from_v4_raw, addr_is_v4,
 };
 
 use crate::{
-    kernel, lookup,
-    maps::{self, SOCK_REVNAT},
+    filters, kernel, lookup,
+    maps::{self, CLUSTER_IPS, FRONTEND_ADDRS, POD_PORTS, SOCK_REVNAT},
     monitor::{self, SockCall},
     select, stats,
 };
@@ -131,14 +131,21 @@ fn forward(ctx: &SockAddrContext, v6: bool, hook: u8) -> i32 {
     }
     let (daddr, dport_be) = user_addr(ctx, v6);
     let call = SockCall { hook, proto, v6, daddr: &daddr, dport_be };
-    let Some(svc) = lookup::service(daddr, dport_be, proto, SCOPE_INTERNAL) else {
-        // A ClusterIP without this port: refuse rather than let it leave the node.
-        if let Some(marker) = lookup::service(daddr, 0, 0, SCOPE_INTERNAL)
-            && marker.flags & SVC_F_ADDR_MARKER != 0
-        {
-            return refuse(ctx, &call, STAT_SOCK_UNKNOWN_PORT, EVENT_NO_SERVICE);
+    // Most calls are to no service (a pod's to another pod, anyone's to the world), and the
+    // filter sets say so without a hash lookup, where the agent has completed them: no
+    // internal frontend has the port (left: a ClusterIP's unknown port), or none the address.
+    let ready = maps::OPTIONS.get(OPT_POD_PORTS_READY).map_or(0, |ready| *ready);
+    if ready != 0 && !filters::bit_set(&POD_PORTS, u16::from_be(dport_be).into()) {
+        if !filters::bit_set(&CLUSTER_IPS, addr_bit(&daddr)) {
+            return PROCEED;
         }
+        return refuse_if_cluster_ip(ctx, &call, &daddr);
+    }
+    if ready & READY_FRONTEND_ADDRS != 0 && !filters::bit_set(&FRONTEND_ADDRS, addr_bit(&daddr)) {
         return PROCEED;
+    }
+    let Some(svc) = lookup::service(daddr, dport_be, proto, SCOPE_INTERNAL) else {
+        return refuse_if_cluster_ip(ctx, &call, &daddr);
     };
     let netns = netns_cookie(ctx);
     // 127.0.0.1:NodePort is the host's alone: a pod's loopback is its own.
@@ -187,6 +194,18 @@ fn forward(ctx: &SockAddrContext, v6: bool, hook: u8) -> i32 {
     if monitor::wanted(EVENT_SOCK_TRANSLATED) {
         let what = monitor::what(EVENT_SOCK_TRANSLATED, hook, STAT_SOCK_TRANSLATED);
         monitor::socket(ctx, &call, what, svc.service_id, Some(backend));
+    }
+    PROCEED
+}
+
+/// A call to a port no service has at `daddr`: refused if `daddr` is a ClusterIP (rather than
+/// let it leave the node to an address nothing answers), else let go on.
+#[inline(always)]
+fn refuse_if_cluster_ip(ctx: &SockAddrContext, call: &SockCall, daddr: &Addr) -> i32 {
+    if let Some(marker) = lookup::service(*daddr, 0, 0, SCOPE_INTERNAL)
+        && marker.flags & SVC_F_ADDR_MARKER != 0
+    {
+        return refuse(ctx, call, STAT_SOCK_UNKNOWN_PORT, EVENT_NO_SERVICE);
     }
     PROCEED
 }

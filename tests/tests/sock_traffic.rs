@@ -207,14 +207,17 @@ fn udp_ipv6_refusals_affinity_and_untouched_traffic() {
     assert!(results.iter().flatten().all(|(_, _, peer)| peer == "[fd00:96::10]:80"), "{results:?}");
     assert!(by_server(&results).len() >= 3);
 
-    // Refused at once: a ClusterIP port that does not exist, and a service with no endpoint.
+    // Refused at once: a ClusterIP port that does not exist (one no service has, which the
+    // port filter decides, and one another ClusterIP has), and a service with no endpoint.
     let start = Instant::now();
     let unknown = probe(ns, cg, &["connect", "10.96.0.10:81", "--count", "3"]);
+    let elsewhere = probe(ns, cg, &["connect", "10.96.0.12:53", "--count", "3"]);
     let empty = probe(ns, cg, &["connect", "10.96.0.11:80", "--count", "3"]);
     assert!(start.elapsed() < Duration::from_secs(1), "refusals took {:?}", start.elapsed());
     assert_eq!(unknown, vec!["err ECONNREFUSED"; 3]);
+    assert_eq!(elsewhere, vec!["err ECONNREFUSED"; 3]);
     assert_eq!(empty, vec!["err ECONNREFUSED"; 3]);
-    assert_eq!(s.dp.stat(STAT_SOCK_UNKNOWN_PORT), 3);
+    assert_eq!(s.dp.stat(STAT_SOCK_UNKNOWN_PORT), 6);
     assert_eq!(s.dp.stat(STAT_SOCK_NO_BACKEND), 3);
 
     // sessionAffinity ClientIP: one client keeps one backend.
