@@ -15,17 +15,15 @@ use crate::{
     sctp,
 };
 
+/// Whether a part of the tuple changes, and the one's complement difference of its change
+/// (the form the checksum helpers take with size 0; 0 when it does not change).
+pub type Change = (bool, u32);
+
 pub trait Rewrite {
     fn bounds(&self) -> Bounds;
-    /// Adds to the transport checksum the change of the addresses (`addrs`: whether they
-    /// change, and the one's complement difference, a pseudo-header change) and of the ports
-    /// word (`ports`: the same), before [`Rewrite::set_tuple`] writes them.
-    fn l4_csum_change(
-        &mut self,
-        flow: &Flow,
-        addrs: (bool, u32),
-        ports: (bool, u32),
-    ) -> Result<(), ()>;
+    /// Adds to the transport checksum the change of the addresses (a pseudo-header change) and
+    /// of the ports word, before [`Rewrite::set_tuple`] writes them.
+    fn l4_csum_change(&mut self, flow: &Flow, addrs: Change, ports: Change) -> Result<(), ()>;
     /// Rewrites the whole tuple: the transport checksum for every change at once
     /// ([`Rewrite::l4_csum_change`]), then the addresses with the IPv4 header checksum, and
     /// the ports as one word.
@@ -212,12 +210,7 @@ impl Rewrite for Tc<'_> {
     /// writes: no offload state covers it, and its change cancels the addresses' in a
     /// CHECKSUM_COMPLETE sum, so the helper would only add a call.
     #[inline(always)]
-    fn l4_csum_change(
-        &mut self,
-        flow: &Flow,
-        addrs: (bool, u32),
-        ports: (bool, u32),
-    ) -> Result<(), ()> {
+    fn l4_csum_change(&mut self, flow: &Flow, addrs: Change, ports: Change) -> Result<(), ()> {
         let ctx = self.0;
         let csum_off = flow.l4_csum_off();
         if addrs.0 {
@@ -230,10 +223,9 @@ impl Rewrite for Tc<'_> {
     }
 }
 
-/// Whether the addresses change from `flow`'s to `to`'s, and the one's complement difference
-/// of that change (the form the checksum helpers take with size 0).
+/// The addresses' [`Change`] from `flow`'s to `to`'s.
 #[inline(always)]
-fn addr_diff(flow: &Flow, to: &Tuple) -> (bool, u32) {
+fn addr_diff(flow: &Flow, to: &Tuple) -> Change {
     let (mut addrs, mut diff) = (false, 0u32);
     let first = if flow.is_v6 { 0 } else { 3 };
     for i in first..4 {
@@ -253,7 +245,7 @@ fn addr_diff(flow: &Flow, to: &Tuple) -> (bool, u32) {
 /// # Safety
 /// `b` must be the packet's current bounds, and the hook allowed to write packet data.
 #[inline(always)]
-unsafe fn write_addrs(b: &Bounds, flow: &Flow, to: &Tuple, diff: (bool, u32)) -> Result<(), ()> {
+unsafe fn write_addrs(b: &Bounds, flow: &Flow, to: &Tuple, diff: Change) -> Result<(), ()> {
     let (addrs, addr_diff) = diff;
     if !addrs {
         return Ok(());
@@ -300,12 +292,7 @@ impl Rewrite for Xdp<'_> {
     /// One update of the checksum in place for both changes. A UDP checksum of 0 is none
     /// (IPv4): nothing to keep right; one that comes out 0 is sent as its other form.
     #[inline(always)]
-    fn l4_csum_change(
-        &mut self,
-        flow: &Flow,
-        addrs: (bool, u32),
-        ports: (bool, u32),
-    ) -> Result<(), ()> {
+    fn l4_csum_change(&mut self, flow: &Flow, addrs: Change, ports: Change) -> Result<(), ()> {
         let p: *mut u16 = self.bounds().ptr_at(flow.l4_csum_off()).ok_or(())?;
         // Unchanged parts add 0: no test for each.
         let diff = csum::add(addrs.1, ports.1);
