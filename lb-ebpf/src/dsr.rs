@@ -154,8 +154,9 @@ fn add_v6(ctx: &TcContext, flow: &Flow) -> Result<(), ()> {
 /// frontend of ours ([`read_frontend`]) and its destination port is one of this node's
 /// backends' (`LB_REPLY_PORTS`), makes the reply entry that gives the backend's answers the
 /// frontend's address, replacing an older one of the tuple (a retransmitted SYN, a tuple
-/// reused), but not a live flow's that this node translates otherwise. Whatever this node's own mode: switching it node by node (a DaemonSet's rolling
-/// update) then breaks no flow another node sends by DSR. The packet itself goes on untouched.
+/// reused), but not a live flow's that this node translates otherwise. Whatever this node's
+/// own mode: switching it node by node (a DaemonSet's rolling update) then breaks no flow
+/// another node sends by DSR. The packet itself goes on untouched.
 /// The entry counts the answers under the frontend's service ([`frontend_service`]).
 #[inline(never)]
 pub fn learn<R: Rewrite>(pkt: &R, flow: &Flow) {
