@@ -13,16 +13,13 @@ use std::{
     time::Instant,
 };
 
-use lb_agent::{
-    dataplane::attach,
-    model::plan::{BackendSet, Frontend, FrontendKind, Protocol, Scope},
-};
+use lb_agent::{dataplane::attach, model::plan::Protocol};
 use lb_common::STAT_SOCK_TRANSLATED;
 
 use crate::{
     bench::{datapath_with, interquartile_mean},
     cgroup::Cgroup,
-    plans::{backend, lb_plan},
+    plans::{backend, cluster_ip_plan},
 };
 
 const RUNS: usize = 20_000;
@@ -95,18 +92,8 @@ fn services(n: usize) -> String {
 /// (ns, ns over the floor) of each kind of connect() and of sendto(), with `n` services.
 fn measure_at(n: usize) -> [[(f64, f64); 3]; 2] {
     let mut dp = datapath_with(n, None);
-    let mut dns = lb_plan("dns", CLUSTER_IP.into(), 53, Protocol::Udp, vec![]);
-    dns.frontends = vec![Frontend {
-        kind: FrontendKind::ClusterIP,
-        address: CLUSTER_IP.into(),
-        port: 53,
-        scope: Scope::Internal,
-        backends: BackendSet::Internal,
-    }];
     let pods = vec![backend(POD.into(), 5353, true)];
-    (dns.internal_backends, dns.external_backends, dns.cluster_backends) =
-        (pods.clone(), pods.clone(), pods);
-    dns.has_any_endpoints = true;
+    let dns = cluster_ip_plan("dns", &CLUSTER_IP.to_string(), 53, Protocol::Udp, pods, None);
     dp.program("dns", &[dns]);
     let cg = Cgroup::new("bench-sock");
     attach::cgroup(&mut dp.ebpf, &cg.path, None).expect("attaching the socket hooks");

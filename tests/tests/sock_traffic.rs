@@ -22,7 +22,7 @@ use lb_common::*;
 use lb_tests::{
     cluster::Cluster,
     kernel::Datapath,
-    plans::backend,
+    plans::{backend, cluster_ip_plan},
     proc::{Background, Server, probe},
     require_root,
 };
@@ -31,41 +31,6 @@ struct Setup {
     cluster: Cluster,
     dp: Datapath,
     _servers: Vec<Server>,
-}
-
-fn cluster_ip_plan(
-    name: &str,
-    vip: &str,
-    port: u16,
-    protocol: Protocol,
-    backends: Vec<Backend>,
-    affinity: Option<u32>,
-) -> ServicePlan {
-    let vip: IpAddr = vip.parse().unwrap();
-    ServicePlan {
-        namespace: "default".into(),
-        name: name.into(),
-        port_name: String::new(),
-        protocol,
-        family: Family::of(&vip),
-        frontends: vec![Frontend {
-            kind: FrontendKind::ClusterIP,
-            address: vip,
-            port,
-            scope: Scope::Internal,
-            backends: BackendSet::Internal,
-        }],
-        internal_backends: backends.clone(),
-        external_backends: backends.clone(),
-        cluster_backends: backends.clone(),
-        retained_backends: vec![],
-        internal_traffic_policy: TrafficPolicy::Cluster,
-        external_traffic_policy: TrafficPolicy::Cluster,
-        has_any_endpoints: !backends.is_empty(),
-        affinity_timeout_s: affinity,
-        source_ranges: vec![],
-        health_check_node_port: None,
-    }
 }
 
 fn setup() -> Setup {
