@@ -15,7 +15,7 @@ use crate::util::{run_cmd, succeeds, workspace_root};
 
 /// The release upgraded from: the last commit of the previous working session. Move it forward
 /// when a release is cut.
-pub const UPGRADE_FROM: &str = "267fadd26aad337216b3af50076159dc6faf43d8";
+pub const UPGRADE_FROM: &str = "e5e9b96847d878c7128bc58d46528fa65b5843be";
 
 fn git(args: &[&str]) -> Command {
     let mut cmd = Command::new("git");
