@@ -72,7 +72,7 @@ fn build_ebpf(workspace: &Path) -> PathBuf {
     // packet and map-value accesses where the CPU does (x86_64, arm64); stack accesses must
     // stay aligned (see `maps::Aligned`). Set here, not in .cargo/config.toml: worktrees of
     // older commits under target/ would inherit it from there.
-    cmd.env("RUSTFLAGS", "-C target-feature=+allows-misaligned-mem-access");
+    cmd.env("RUSTFLAGS", "-C target-feature=+allows-misaligned-mem-access -C link-arg=--btf");
     let status = cmd.status().unwrap_or_else(|e| {
         panic!(
             "cannot run `rustup run nightly cargo` to build lb-ebpf: {e}. Run `cargo xtask setup`."

@@ -16,6 +16,7 @@ use crate::{
     kernel::{Datapath, RunOutput},
     packets::{SCTP_DATA, SCTP_INIT, sctp4, summarize, tcp4, tcp6},
     plans::{backend, lb_plan},
+    prog_lines,
     routed::RoutedNode,
 };
 
@@ -636,41 +637,56 @@ fn syn_from(client: Ipv4Addr, port: u16) -> impl FnMut(usize) -> Vec<u8> {
     move |i: usize| tcp4(client, 1024 + (i % 60000) as u16, NODE, port, true, b"")
 }
 
+/// `lb-bench profile PATH SECS`: runs one path's packets through its program for SECS
+/// seconds, for `perf` to watch (its pid is printed), and prints the mean time; with `perf`
+/// installed, also where the program's own time went, by source line ([`prog_lines`]).
 pub fn profile(path: &str, secs: u64) {
     crate::kernel::in_quiet_netns(|| profile_here(path, secs))
 }
 
+/// The paths `lb-bench profile` runs: name, program, and what it was given.
+const PROFILE_PATHS: &[(&str, &str, &str)] = &[
+    ("tc-miss", PROG_TC_INGRESS, "a packet to no frontend"),
+    ("tc-first", PROG_TC_INGRESS, "a new flow's first packet, every packet"),
+    ("tc-est", PROG_TC_INGRESS, "an established flow's packet (NodePort, local backend)"),
+    ("tc-est6", PROG_TC_INGRESS, "the same over IPv6"),
+    ("tc-reply", PROG_TC_EGRESS, "the local backend's reply"),
+    ("xdp-est", PROG_XDP_INGRESS, "an established flow's packet"),
+    ("tc-least", PROG_BENCH_TC_LEAST_NAT, "tc-est's packet, the least it needs (bench_noop.rs)"),
+    ("xdp-least", PROG_BENCH_XDP_LEAST_NAT, "xdp-est's packet, the least it needs"),
+];
+
 fn profile_here(path: &str, secs: u64) {
+    let Some(&(_, prog, _)) = PROFILE_PATHS.iter().find(|(name, ..)| *name == path) else {
+        eprintln!("usage: lb-bench profile PATH SECS, PATH one of:");
+        for (name, prog, what) in PROFILE_PATHS {
+            eprintln!("  {name:10} {prog}: {what}");
+        }
+        std::process::exit(2);
+    };
     let mut dp = datapath_with(1, None);
-    let miss = tcp4(CLIENT, 5555, Ipv4Addr::new(10, 250, 0, 1), 443, false, b"");
+    // The flows the established paths' packets belong to.
     dp.run(PROG_TC_INGRESS, &tcp4(CLIENT, 7, NODE, 30080, true, b""));
     dp.run(PROG_XDP_INGRESS, &tcp4(CLIENT, 8, NODE, 30080, true, b""));
     dp.run(PROG_TC_INGRESS, &tcp6(CLIENT6, 7, NODE6, 30080, true, b""));
-    let mut make: Box<dyn FnMut(usize) -> Vec<u8>> = match path {
-        "tc-miss" => Box::new(|_| miss.clone()),
+    let miss = tcp4(CLIENT, 5555, Ipv4Addr::new(10, 250, 0, 1), 443, false, b"");
+    let make: Box<dyn Fn(usize) -> Vec<u8>> = match path {
+        "tc-miss" => Box::new(move |_| miss.clone()),
         // Every packet a new flow: clients from 198.18.0.0/15, ports 1024-61023.
         "tc-first" => Box::new(|i| {
             let client =
                 Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + (i / 60000) as u32);
             tcp4(client, 1024 + (i % 60000) as u16, NODE, 30080, true, b"")
         }),
-        "tc-est" | "tc-est-prog" => Box::new(|_| tcp4(CLIENT, 7, NODE, 30080, false, b"payload")),
         "tc-est6" => Box::new(|_| tcp6(CLIENT6, 7, NODE6, 30080, false, b"payload")),
         "tc-reply" => Box::new(|_| tcp4(LOCAL_POD, 8080, CLIENT, 7, false, b"answer")),
-        "xdp-est" => Box::new(|_| tcp4(CLIENT, 8, NODE, 30080, false, b"payload")),
-        _ => {
-            eprintln!(
-                "usage: lb-bench profile tc-miss|tc-first|tc-est|tc-est6|tc-reply|xdp-est SECS"
-            );
-            std::process::exit(2);
-        }
+        "xdp-est" | "xdp-least" => Box::new(|_| tcp4(CLIENT, 8, NODE, 30080, false, b"payload")),
+        _ => Box::new(|_| tcp4(CLIENT, 7, NODE, 30080, false, b"payload")),
     };
-    let prog = match path {
-        "tc-reply" => PROG_TC_EGRESS,
-        "xdp-est" => PROG_XDP_INGRESS,
-        _ => PROG_TC_INGRESS,
-    };
-    eprintln!("pid {}: running {path} for {secs} s", std::process::id());
+    let data = std::env::temp_dir().join(format!("lb-bench-profile-{}.data", std::process::id()));
+    let recording = prog_lines::LineMap::of(dp.program_fd(prog))
+        .and_then(|map| Ok((map, prog_lines::Recording::start(&data)?)));
+    eprintln!("pid {}: running {path} ({prog}) for {secs} s", std::process::id());
     let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     let (mut i, mut times) = (0, Vec::new());
     while std::time::Instant::now() < end {
@@ -679,4 +695,23 @@ fn profile_here(path: &str, secs: u64) {
         i += 1;
     }
     println!("{path}: {i} runs, interquartile mean {:.0} ns", interquartile_mean(times));
+    let profiled = recording.and_then(|(map, recording)| Ok((map, recording.finish()?)));
+    let (map, ips) = match profiled {
+        Ok(profiled) => profiled,
+        Err(e) => return println!("no profile by source line: {e:#}"),
+    };
+    let shares = prog_lines::shares(&map, &ips);
+    println!(
+        "{prog}'s own time ({} of {} samples on all CPUs; the kernel functions it calls are \
+         not its own: perf report shows them), by function:",
+        shares.total,
+        ips.len()
+    );
+    for (share, function) in &shares.functions {
+        println!("{share:5.1}%  {function}");
+    }
+    println!("by function and source line (a line's cost often shows on the one after it):");
+    for (share, line) in shares.lines.iter().take(30) {
+        println!("{share:5.1}%  {line}");
+    }
 }

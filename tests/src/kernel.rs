@@ -216,6 +216,17 @@ impl Datapath {
         })
     }
 
+    /// The descriptor of loaded tc or XDP program `name`.
+    pub fn program_fd(&self, name: &str) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        let fd = match self.ebpf.program(name) {
+            Some(Program::SchedClassifier(p)) => p.fd(),
+            Some(Program::Xdp(p)) => p.fd(),
+            _ => panic!("{name} is no tc or XDP program"),
+        };
+        fd.unwrap_or_else(|e| panic!("{name} is not loaded: {e}")).as_fd()
+    }
+
     pub fn run(&mut self, name: &str, packet: &[u8]) -> RunOutput {
         self.try_run(name, packet).unwrap_or_else(|e| panic!("test run of {name}: {e}"))
     }

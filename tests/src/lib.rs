@@ -20,6 +20,7 @@ pub mod numbered;
 pub mod packets;
 pub mod plans;
 pub mod proc;
+pub mod prog_lines;
 pub mod routed;
 
 /// True when the process may load BPF programs and create namespaces.
