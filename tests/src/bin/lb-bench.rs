@@ -39,7 +39,7 @@ fn main() {
         "e2e" => e2e(),
         _ => {
             eprintln!(
-                "usage: lb-bench control-plane | manifests | conntrack | datapath | sock | e2e [--svg PATH]"
+                "usage: lb-bench control-plane | manifests | conntrack | datapath | sock | e2e [--svg PATH] | profile PATH SECS"
             );
             std::process::exit(2);
         }
