@@ -187,6 +187,16 @@ impl LineMap {
         Ok(Self { funcs, starts, labels })
     }
 
+    /// Each function's name and where its image starts.
+    pub fn functions(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.funcs.iter().map(|(start, _, name)| (name.as_str(), *start))
+    }
+
+    /// The source line ("file:line  text") of the code at `ip`, if `ip` is in the program.
+    pub fn line(&self, ip: u64) -> Option<&str> {
+        self.line_at(ip).map(|(_, line)| self.labels[line].as_str())
+    }
+
     /// The function and the source line whose code holds `ip`, if `ip` is in the program.
     fn line_at(&self, ip: u64) -> Option<(usize, usize)> {
         let func =
@@ -312,4 +322,21 @@ pub fn shares(map: &LineMap, ips: &[u64]) -> Shares {
     functions.sort_by(|a, b| b.0.total_cmp(&a.0));
     lines.sort_by(|a, b| b.0.total_cmp(&a.0));
     Shares { total, functions, lines }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unescape;
+
+    #[test]
+    fn jit_symbol_names_read_as_the_source_names_them() {
+        assert_eq!(
+            unescape("tracked_3C_lb_3A__3A_rewrite_3A__3A_Tc_3E_"),
+            "tracked<lb::rewrite::Tc>"
+        );
+        assert_eq!(unescape("tc_ingress"), "tc_ingress");
+        // Underscores that are no escape stay; so do escapes of letters (no name has them).
+        assert_eq!(unescape("new_flow_4A_x_"), "new_flow_4A_x_");
+        assert_eq!(unescape("a_"), "a_");
+    }
 }

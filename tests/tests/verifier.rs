@@ -6,7 +6,7 @@
 //! count its walk.
 
 use lb_agent::dataplane::programs::VERIFIER_LIMIT;
-use lb_tests::{kernel::Datapath, require_root};
+use lb_tests::{kernel::Datapath, prog_lines::LineMap, require_root};
 
 #[test]
 fn every_program_loads_well_under_the_verifiers_limit() {
@@ -38,4 +38,40 @@ fn the_host_kernel_has_every_feature_the_programs_use() {
     require_root!();
     let features = *lb_agent::dataplane::kernel_features::probed();
     assert_eq!(features, lb_common::KF_ALL, "{features:#x}");
+}
+
+/// The object carries BTF, so the kernel keeps each program's functions and source lines:
+/// `lb-bench profile`, `bpftool prog dump xlated linum` and verifier logs name them. Samples
+/// at a function's first instruction are put down to that function and a line of its source.
+#[test]
+fn device_programs_keep_their_functions_and_source_lines() {
+    require_root!();
+    let mut dp = Datapath::load();
+    for (prog, rewrite) in
+        [(lb_common::PROG_TC_INGRESS, "Tc"), (lb_common::PROG_XDP_INGRESS, "Xdp")]
+    {
+        dp.load_program(prog);
+        let map = LineMap::of(dp.program_fd(prog)).unwrap_or_else(|e| panic!("{prog}: {e:#}"));
+        let functions: Vec<(&str, u64)> = map.functions().collect();
+        let start = |name: &str| {
+            functions
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|f| f.1)
+                .unwrap_or_else(|| panic!("{prog}: no function {name} among {functions:?}"))
+        };
+        let main = start(prog);
+        let tracked = start(&format!("tracked<lb::rewrite::{rewrite}>"));
+        start(&format!("new_flow<lb::rewrite::{rewrite}>"));
+        let hook_file = if rewrite == "Tc" { "tc_ingress.rs:" } else { "xdp_ingress.rs:" };
+        let line = map.line(main).unwrap_or_else(|| panic!("{prog}: no line at its start"));
+        assert!(line.starts_with(hook_file), "{prog} starts at {line}");
+        let line = map.line(tracked).unwrap_or_else(|| panic!("{prog}: no line in tracked"));
+        assert!(line.starts_with("device.rs:"), "{prog}'s tracked starts at {line}");
+        // Samples: two at tracked's start, one at the program's, one elsewhere.
+        let shares = lb_tests::prog_lines::shares(&map, &[tracked, tracked, main, 1]);
+        assert_eq!(shares.total, 3);
+        let first = &shares.functions[0];
+        assert!(first.1.starts_with("tracked<") && (first.0 - 200.0 / 3.0).abs() < 0.01);
+    }
 }
