@@ -696,22 +696,23 @@ fn profile_here(path: &str, secs: u64) {
     }
     println!("{path}: {i} runs, interquartile mean {:.0} ns", interquartile_mean(times));
     let profiled = recording.and_then(|(map, recording)| Ok((map, recording.finish()?)));
-    let (map, ips) = match profiled {
+    let (map, chains) = match profiled {
         Ok(profiled) => profiled,
         Err(e) => return println!("no profile by source line: {e:#}"),
     };
-    let shares = prog_lines::shares(&map, &ips);
+    let shares = prog_lines::shares(&map, &chains);
+    let own: f64 = shares.functions.iter().map(|(share, _)| share).sum();
     println!(
-        "{prog}'s own time ({} of {} samples on all CPUs; the kernel functions it calls are \
-         not its own: perf report shows them), by function:",
+        "{prog}: {} of {} samples on all CPUs were in it or in a kernel function it called \
+         ({own:.0}% in its own code); by function, then the kernel functions it called:",
         shares.total,
-        ips.len()
+        chains.len()
     );
-    for (share, function) in &shares.functions {
+    for (share, function) in shares.functions.iter().chain(shares.callees.iter().take(12)) {
         println!("{share:5.1}%  {function}");
     }
-    println!("by function and source line (a line's cost often shows on the one after it):");
-    for (share, line) in shares.lines.iter().take(30) {
+    println!("its own code by function and source line (a line's cost often shows on the next):");
+    for (share, line) in shares.lines.iter().take(25) {
         println!("{share:5.1}%  {line}");
     }
 }

@@ -125,6 +125,8 @@ pub struct LineMap {
     starts: Vec<(u64, usize)>,
     /// "file:line  source text".
     labels: Vec<String>,
+    /// The kernel's, for the functions the program calls.
+    symbols: KernelSymbols,
 }
 
 impl LineMap {
@@ -175,16 +177,16 @@ impl LineMap {
             starts.push((addr, i));
         }
         starts.sort_unstable();
-        let names = kernel_symbols(&ksyms);
+        let symbols = KernelSymbols::read();
         let funcs = ksyms
             .iter()
             .zip(lens)
-            .map(|(start, len)| {
-                let name = names.get(start).cloned().unwrap_or_else(|| format!("{start:#x}"));
-                (*start, u64::from(len), name)
+            .map(|(&start, len)| {
+                let name = symbols.function(start).unwrap_or_else(|| format!("{start:#x}"));
+                (start, u64::from(len), name)
             })
             .collect();
-        Ok(Self { funcs, starts, labels })
+        Ok(Self { funcs, starts, labels, symbols })
     }
 
     /// Each function's name and where its image starts.
@@ -206,24 +208,40 @@ impl LineMap {
     }
 }
 
-/// The names `/proc/kallsyms` gives the functions starting at `addrs` (the JIT names each
-/// `bpf_prog_<tag>_<function>`, the function's name escaped), as the source names them.
-fn kernel_symbols(addrs: &[u64]) -> HashMap<u64, String> {
-    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
-    let mut names = HashMap::new();
-    for line in kallsyms.lines() {
-        let mut parts = line.split_whitespace();
-        let (Some(addr), Some(_), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        let Ok(addr) = u64::from_str_radix(addr, 16) else { continue };
-        if addrs.contains(&addr) {
-            // bpf_prog_, 16 hex digits of tag, _.
-            let name = name.get(26..).unwrap_or(name);
-            names.insert(addr, unescape(name));
-        }
+/// The kernel's symbols (`/proc/kallsyms`), by address.
+pub struct KernelSymbols(Vec<(u64, String)>);
+
+impl KernelSymbols {
+    pub fn read() -> Self {
+        let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+        let mut symbols: Vec<(u64, String)> = kallsyms
+            .lines()
+            .filter_map(|line| {
+                let mut parts = line.split_whitespace();
+                let addr = u64::from_str_radix(parts.next()?, 16).ok()?;
+                let name = parts.nth(1)?;
+                Some((addr, name.to_owned()))
+            })
+            .filter(|(addr, _)| *addr != 0)
+            .collect();
+        symbols.sort_unstable();
+        Self(symbols)
     }
-    names
+
+    /// The symbol whose code holds `ip` (the last one starting at or before it).
+    fn at(&self, ip: u64) -> Option<&str> {
+        let after = self.0.partition_point(|(addr, _)| *addr <= ip);
+        after.checked_sub(1).map(|i| self.0[i].1.as_str())
+    }
+
+    /// The name of the JIT function starting at `addr` (`bpf_prog_<tag>_<function>`, the
+    /// function's name escaped), as the source names it.
+    fn function(&self, addr: u64) -> Option<String> {
+        let i = self.0.partition_point(|(a, _)| *a < addr);
+        let (a, name) = self.0.get(i)?;
+        // bpf_prog_, 16 hex digits of tag, _.
+        (*a == addr).then(|| unescape(name.get(26..).unwrap_or(name)))
+    }
 }
 
 /// Undoes the JIT's escapes in a symbol name: `_3C_` for `<`, any byte as `_XX_`.
@@ -258,7 +276,7 @@ impl Recording {
     /// Starts recording into `data`; `Err` says why it could not (no `perf`, say).
     pub fn start(data: &Path) -> Result<Self> {
         let perf = Command::new("perf")
-            .args(["record", "-a", "-q", "-o"])
+            .args(["record", "-a", "-g", "-q", "-o"])
             .arg(data)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -269,8 +287,9 @@ impl Recording {
         Ok(Self { perf, data: data.to_owned() })
     }
 
-    /// Stops recording (SIGINT, as ^C would) and returns the sampled addresses.
-    pub fn finish(mut self) -> Result<Vec<u64>> {
+    /// Stops recording (SIGINT, as ^C would) and returns the samples' call chains, innermost
+    /// address first.
+    pub fn finish(mut self) -> Result<Vec<Vec<u64>>> {
         // SAFETY: a signal to our own child.
         unsafe { libc::kill(self.perf.id() as i32, libc::SIGINT) };
         let status = self.perf.wait()?;
@@ -286,42 +305,60 @@ impl Recording {
             .output()
             .context("running perf script")?;
         let _ = std::fs::remove_file(&self.data);
+        // One address a line, a blank line after each sample's chain.
         let text = String::from_utf8_lossy(&out.stdout);
-        Ok(text.split_whitespace().filter_map(|t| u64::from_str_radix(t, 16).ok()).collect())
+        let chains = text
+            .split("\n\n")
+            .map(|sample| {
+                let words = sample.split_whitespace();
+                words.filter_map(|t| u64::from_str_radix(t, 16).ok()).collect::<Vec<u64>>()
+            })
+            .filter(|chain| !chain.is_empty())
+            .collect();
+        Ok(chains)
     }
 }
 
-/// Where the samples `ips` that fell in the program went.
+/// Where the program's samples went: those whose call chain passes through it, in its own
+/// code or in a kernel function it called. Percentages are of all of them, most first.
 pub struct Shares {
-    /// How many fell in the program.
+    /// Samples in the program or in what it called.
     pub total: usize,
-    /// Percent of those by function, most first.
+    /// Percent in its own code, by function.
     pub functions: Vec<(f64, String)>,
-    /// Percent of those by function and source line, most first.
+    /// Percent in the kernel functions it called (the sampled one, the innermost).
+    pub callees: Vec<(f64, String)>,
+    /// Percent in its own code, by function and source line.
     pub lines: Vec<(f64, String)>,
 }
 
-pub fn shares(map: &LineMap, ips: &[u64]) -> Shares {
-    let mut functions: HashMap<usize, usize> = HashMap::new();
-    let mut lines: HashMap<(usize, usize), usize> = HashMap::new();
+/// [`Shares`] of sampled call `chains` (innermost address first).
+pub fn shares(map: &LineMap, chains: &[Vec<u64>]) -> Shares {
+    let mut functions: HashMap<String, usize> = HashMap::new();
+    let mut callees: HashMap<String, usize> = HashMap::new();
+    let mut lines: HashMap<String, usize> = HashMap::new();
     let mut total = 0;
-    for &ip in ips {
-        if let Some((func, line)) = map.line_at(ip) {
-            *functions.entry(func).or_default() += 1;
-            *lines.entry((func, line)).or_default() += 1;
-            total += 1;
+    for chain in chains {
+        let Some(&leaf) = chain.first() else { continue };
+        if let Some((func, line)) = map.line_at(leaf) {
+            let func = &map.funcs[func].2;
+            *functions.entry(func.clone()).or_default() += 1;
+            *lines.entry(format!("{func}: {}", map.labels[line])).or_default() += 1;
+        } else if chain.iter().any(|&ip| map.line_at(ip).is_some()) {
+            let callee = map.symbols.at(leaf).unwrap_or("?");
+            *callees.entry(callee.to_owned()).or_default() += 1;
+        } else {
+            continue;
         }
+        total += 1;
     }
-    let percent = |n: usize| 100.0 * n as f64 / total as f64;
-    let mut functions: Vec<(f64, String)> =
-        functions.into_iter().map(|(f, n)| (percent(n), map.funcs[f].2.clone())).collect();
-    let mut lines: Vec<(f64, String)> = lines
-        .into_iter()
-        .map(|((f, l), n)| (percent(n), format!("{}: {}", map.funcs[f].2, map.labels[l])))
-        .collect();
-    functions.sort_by(|a, b| b.0.total_cmp(&a.0));
-    lines.sort_by(|a, b| b.0.total_cmp(&a.0));
-    Shares { total, functions, lines }
+    let ranked = |counts: HashMap<String, usize>| {
+        let mut rows: Vec<(f64, String)> =
+            counts.into_iter().map(|(what, n)| (100.0 * n as f64 / total as f64, what)).collect();
+        rows.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        rows
+    };
+    Shares { total, functions: ranked(functions), callees: ranked(callees), lines: ranked(lines) }
 }
 
 #[cfg(test)]

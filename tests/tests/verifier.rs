@@ -68,10 +68,22 @@ fn device_programs_keep_their_functions_and_source_lines() {
         assert!(line.starts_with(hook_file), "{prog} starts at {line}");
         let line = map.line(tracked).unwrap_or_else(|| panic!("{prog}: no line in tracked"));
         assert!(line.starts_with("device.rs:"), "{prog}'s tracked starts at {line}");
-        // Samples: two at tracked's start, one at the program's, one elsewhere.
-        let shares = lb_tests::prog_lines::shares(&map, &[tracked, tracked, main, 1]);
-        assert_eq!(shares.total, 3);
+        // Sampled call chains: two in tracked, one in the program's own function, one in a
+        // kernel function tracked called, one outside the program.
+        let elsewhere = 1;
+        let chains = [
+            vec![tracked, main],
+            vec![tracked, main],
+            vec![main],
+            vec![elsewhere, tracked, main],
+            vec![elsewhere],
+        ];
+        let shares = lb_tests::prog_lines::shares(&map, &chains);
+        assert_eq!(shares.total, 4);
         let first = &shares.functions[0];
-        assert!(first.1.starts_with("tracked<") && (first.0 - 200.0 / 3.0).abs() < 0.01);
+        assert!(first.1.starts_with("tracked<") && first.0 == 50.0, "{:?}", shares.functions);
+        assert_eq!(shares.functions[1], (25.0, prog.to_owned()));
+        assert_eq!(shares.callees.len(), 1, "{:?}", shares.callees);
+        assert_eq!(shares.callees[0].0, 25.0);
     }
 }
