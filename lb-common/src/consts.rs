@@ -201,6 +201,9 @@ pub const PROG_BENCH_XDP_LEAST_NAT: &str = "bench_xdp_least_nat";
 /// Programs that do the least a new flow's first packet needs (benchmark; never attached).
 pub const PROG_BENCH_TC_LEAST_FIRST: &str = "bench_tc_least_first";
 pub const PROG_BENCH_XDP_LEAST_FIRST: &str = "bench_xdp_least_first";
+/// tc ingress on a skb marked verified (CHECKSUM_UNNECESSARY) first (tests, benchmark; never
+/// attached).
+pub const PROG_BENCH_TC_INGRESS_VERIFIED: &str = "bench_tc_ingress_verified";
 /// The backend the least-first programs send every new flow to (choosing one is not part of
 /// the least): an IPv4 address and a port.
 pub const BENCH_LEAST_BACKEND4: [u8; 4] = [10, 1, 0, 5];
@@ -213,6 +216,7 @@ pub const PROG_BENCH: &[&str] = &[
     PROG_BENCH_XDP_LEAST_NAT,
     PROG_BENCH_TC_LEAST_FIRST,
     PROG_BENCH_XDP_LEAST_FIRST,
+    PROG_BENCH_TC_INGRESS_VERIFIED,
 ];
 /// cgroup socket hooks: (program name, attach point). Every process in the attached cgroup
 /// reaches services through them.

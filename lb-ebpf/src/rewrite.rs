@@ -4,7 +4,10 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
+    bindings::{
+        BPF_CSUM_LEVEL_QUERY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
+    },
+    helpers::{bpf_csum_level, bpf_csum_update},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{Addr, CtValue, PROTO_SCTP, PROTO_UDP};
@@ -132,9 +135,57 @@ fn l4_flags(flow: &Flow) -> u64 {
     if flow.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 }
 }
 
-pub struct Tc<'a>(pub &'a TcContext);
+/// tc's rewrites. `FROM_DEVICE`: the packet came in from a device (tc ingress on the node's
+/// devices), whose driver most often hands it over with its checksum verified
+/// (CHECKSUM_UNNECESSARY) or summed (CHECKSUM_COMPLETE), where [`csum_in_place`] spares the
+/// checksum helpers. Packets of the node's own sockets and pods mostly leave the transport
+/// checksum to the device (CHECKSUM_PARTIAL), as do TCP segments the receive path merged
+/// (GRO): there asking would only add calls. (A type parameter, not a field: the hooks' own
+/// frames hold this struct, and one of them has no byte to spare.)
+pub struct Tc<'a, const FROM_DEVICE: bool>(pub &'a TcContext);
 
-impl Rewrite for Tc<'_> {
+/// Updates the transport checksum of the packet in `ctx` for changes summing to `diff` (of
+/// which `addrs` the addresses', `ports` the ports'; see [`Change`]) in place, without the
+/// checksum helpers (two calls into the kernel, over a quarter of an established packet's
+/// time), where the skb's checksum state allows it: verified (CHECKSUM_UNNECESSARY: nothing
+/// else to keep right) or summed by the device (CHECKSUM_COMPLETE: its sum of the bytes from
+/// the network header on moves by what the rewrite changes there, through bpf_csum_update,
+/// which does nothing in other states). `false`, nothing changed: neither (CHECKSUM_NONE, or
+/// CHECKSUM_PARTIAL, where the field holds the pseudo-header's sum alone and the ports must
+/// not move it), which no helper tells apart; the checksum helpers know. A subprogram: the
+/// values it keeps across its two helper calls would otherwise grow the frames of its
+/// callers, whose chain to `nat::create` is at the stack's limit.
+#[inline(never)]
+fn csum_in_place(ctx: &TcContext, flow: &Flow, addrs: u32, ports: u32) -> bool {
+    let b = Bounds { start: ctx.data(), end: ctx.data_end() };
+    let Some(p) = b.ptr_at::<u16>(flow.l4_csum_off()) else { return false };
+    // SAFETY: bounds checked by ptr_at.
+    let cur = unsafe { core::ptr::read_unaligned(p) };
+    let next = l4_csum_after(flow, cur, csum::add(addrs, ports));
+    let skb = ctx.skb.skb;
+    // SAFETY: the context's skb; both helpers take any.
+    let verified = unsafe { bpf_csum_level(skb, BPF_CSUM_LEVEL_QUERY as u64) } >= 0;
+    if !verified {
+        // The ports' change and the field's; IPv4's addresses change the sum as much as its
+        // header checksum takes back, IPv6's (no header checksum) do not.
+        let mut moved = csum::diff4(ports, cur as u32, next as u32);
+        if flow.is_v6 {
+            moved = csum::add(moved, addrs);
+        }
+        // SAFETY: as above. Fails (-ENOTSUPP) unless the skb is CHECKSUM_COMPLETE.
+        if unsafe { bpf_csum_update(skb, moved) } < 0 {
+            return false;
+        }
+    }
+    // Bounds again: the verifier forgets packet pointers over helper calls.
+    let b = Bounds { start: ctx.data(), end: ctx.data_end() };
+    let Some(p) = b.ptr_at::<u16>(flow.l4_csum_off()) else { return false };
+    // SAFETY: bounds checked by ptr_at; tc may write packet data.
+    unsafe { core::ptr::write_unaligned(p, next) };
+    true
+}
+
+impl<const FROM_DEVICE: bool> Rewrite for Tc<'_, FROM_DEVICE> {
     fn bounds(&self) -> Bounds {
         Bounds { start: self.0.data(), end: self.0.data_end() }
     }
@@ -211,6 +262,9 @@ impl Rewrite for Tc<'_> {
     /// CHECKSUM_COMPLETE sum, so the helper would only add a call.
     #[inline(always)]
     fn l4_csum_change(&mut self, flow: &Flow, addrs: Change, ports: Change) -> Result<(), ()> {
+        if FROM_DEVICE && csum_in_place(self.0, flow, addrs.1, ports.1) {
+            return Ok(());
+        }
         let ctx = self.0;
         let csum_off = flow.l4_csum_off();
         if addrs.0 {
@@ -220,6 +274,19 @@ impl Rewrite for Tc<'_> {
             ctx.l4_csum_replace(csum_off, 0, ports.1 as u64, l4_flags(flow)).map_err(|_| ())?;
         }
         Ok(())
+    }
+}
+
+/// The transport checksum `cur` after changes summing to `diff`. A UDP checksum of 0 is none
+/// (IPv4): nothing to keep right; one that comes out 0 is sent as its other form.
+#[inline(always)]
+fn l4_csum_after(flow: &Flow, cur: u16, diff: u32) -> u16 {
+    if flow.proto == PROTO_UDP && cur == 0 {
+        return 0;
+    }
+    match csum::apply_diff(cur, diff) {
+        0 if flow.proto == PROTO_UDP => 0xffff,
+        next => next,
     }
 }
 
@@ -289,24 +356,15 @@ impl Rewrite for Xdp<'_> {
         Bounds { start: self.0.data(), end: self.0.data_end() }
     }
 
-    /// One update of the checksum in place for both changes. A UDP checksum of 0 is none
-    /// (IPv4): nothing to keep right; one that comes out 0 is sent as its other form.
+    /// One update of the checksum in place for both changes.
     #[inline(always)]
     fn l4_csum_change(&mut self, flow: &Flow, addrs: Change, ports: Change) -> Result<(), ()> {
         let p: *mut u16 = self.bounds().ptr_at(flow.l4_csum_off()).ok_or(())?;
-        // Unchanged parts add 0: no test for each.
-        let diff = csum::add(addrs.1, ports.1);
         // SAFETY: bounds checked by ptr_at; XDP may write packet data.
         unsafe {
             let cur = core::ptr::read_unaligned(p);
-            if flow.proto == PROTO_UDP && cur == 0 {
-                return Ok(());
-            }
-            let mut next = csum::apply_diff(cur, diff);
-            if flow.proto == PROTO_UDP && next == 0 {
-                next = 0xffff;
-            }
-            core::ptr::write_unaligned(p, next);
+            // Unchanged parts add 0: no test for each.
+            core::ptr::write_unaligned(p, l4_csum_after(flow, cur, csum::add(addrs.1, ports.1)));
         }
         Ok(())
     }

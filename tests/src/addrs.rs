@@ -2,7 +2,7 @@
 //! pod, another node's pod, a frontend address; and the programs' verdicts. A test that needs
 //! another address defines its own (a local constant shadows these).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 pub const OTHER_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 99);
@@ -35,3 +35,8 @@ pub const TC_ACT_REDIRECT: i32 = 7;
 pub const XDP_PASS: i32 = 2;
 pub const XDP_TX: i32 = 3;
 pub const XDP_REDIRECT: i32 = 4;
+
+/// A socket address, as the tests compare packets' endpoints.
+pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}

@@ -29,6 +29,7 @@ const XDP_TX_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 const DSR_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const LEAST_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
 const XDP_LEAST_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 12);
+const SUMMED_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 13);
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
 const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 7, 0, 0, 0, 0, 7);
@@ -274,6 +275,9 @@ fn datapath_here(baseline: Option<&[u8]>) {
         "xdp: least for an established packet",
         "tc: least for a first packet",
         "xdp: least for a first packet",
+        "tc no-op, NIC-summed skb (CHECKSUM_COMPLETE)",
+        "tc: first packet, local, NIC-summed skb",
+        "tc: established packet, NIC-summed skb",
     ];
     // XDP_TX needs a route and a known next hop on the device the packet arrives on.
     let routed = RoutedNode::new();
@@ -448,6 +452,36 @@ fn datapath_here(baseline: Option<&[u8]>) {
                 ),
             ],
         ));
+        // The same paths for an skb a NIC summed (CHECKSUM_COMPLETE), where tc ingress updates
+        // the transport checksum in place (`rewrite::csum_in_place`); the other rows' skbs are
+        // CHECKSUM_NONE, which takes the checksum helpers. The kernel sums the packet before
+        // the timed run and checks the program kept the sum right after it.
+        let summed = |prog: &'static str| {
+            runners(&dps, move |dp, p| {
+                dp.run_checksum_complete_loaded(prog, p)
+                    .unwrap_or_else(|e| panic!("{prog}, CHECKSUM_COMPLETE: {e}"))
+            })
+        };
+        rows.extend([
+            measure_with(
+                PROG_BENCH_TC_NOOP,
+                &summed(PROG_BENCH_TC_NOOP),
+                &mut |_| miss.clone(),
+                &tc_ok,
+            ),
+            measure_with(
+                PROG_TC_INGRESS,
+                &summed(PROG_TC_INGRESS),
+                &mut syn_from(SUMMED_CLIENT, 30080),
+                &translated,
+            ),
+            measure_with(
+                PROG_TC_INGRESS,
+                &summed(PROG_TC_INGRESS),
+                &mut |_| est.clone(),
+                &translated,
+            ),
+        ]);
         for (r, per_build) in rows.into_iter().enumerate() {
             for (b, v) in per_build.into_iter().enumerate() {
                 tables[b][r].push(v);

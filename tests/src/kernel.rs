@@ -241,6 +241,15 @@ impl Datapath {
         packet: &[u8],
     ) -> Result<RunOutput, String> {
         self.load_program(name);
+        self.run_checksum_complete_loaded(name, packet)
+    }
+
+    /// [`Self::run_checksum_complete`] of a program already loaded (as [`Self::run_loaded`]).
+    pub fn run_checksum_complete_loaded(
+        &self,
+        name: &str,
+        packet: &[u8],
+    ) -> Result<RunOutput, String> {
         use std::os::fd::{AsFd, AsRawFd};
         /// The BPF_PROG_TEST_RUN member of `union bpf_attr`.
         #[repr(C)]
@@ -414,6 +423,11 @@ impl Datapath {
             .collect();
         ct.sort_by_key(|(k, _)| *k);
         ct
+    }
+
+    /// Starts watching conntrack through a packet storm ([`StormWatch`]).
+    pub fn watch_conntrack(&self) -> StormWatch {
+        StormWatch { before: self.conntrack_sorted(false), ended: Default::default() }
     }
 
     /// Writes `entries` back (as [`Datapath::conntrack_sorted`] with its state kept read them),
@@ -626,5 +640,36 @@ impl PinDir {
 impl Drop for PinDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Conntrack through a storm of mutated packets: every entry stays as it was, but for flows a
+/// mutated reset or FIN ended, whose entries may expire within the storm (lifetimes of a
+/// second or so: a slow or busy machine's storm outlasts them) and are then gone, rightly.
+pub struct StormWatch {
+    before: Vec<(lb_common::CtKey, lb_common::CtValue)>,
+    /// Entries seen in an ended state.
+    ended: std::collections::HashSet<lb_common::CtKey>,
+}
+
+impl StormWatch {
+    /// Notes which entries a packet has ended so far; call it every few dozen packets (an
+    /// ended entry lives a second at least, far longer).
+    pub fn look(&mut self, dp: &Datapath) {
+        for (k, v) in dp.conntrack() {
+            if lb_common::ct_state_ended(v.state) {
+                self.ended.insert(k);
+            }
+        }
+    }
+
+    /// Panics unless conntrack is as it was before the storm, entries seen ended aside.
+    pub fn check(&self, dp: &Datapath) {
+        let after = dp.conntrack_sorted(false);
+        let expired = |(k, _): &&(lb_common::CtKey, lb_common::CtValue)| {
+            self.ended.contains(k) && !after.iter().any(|(a, _)| a == k)
+        };
+        let kept: Vec<_> = self.before.iter().filter(|e| !expired(e)).copied().collect();
+        assert_eq!(after, kept, "conntrack after the storm (ended flows' entries aside)");
     }
 }

@@ -1,9 +1,15 @@
+//! The skb checksum states tc ingress's in-place update serves (`rewrite::csum_in_place`): a
+//! packet its device verified (CHECKSUM_UNNECESSARY) or summed (CHECKSUM_COMPLETE). Other
+//! tests' skbs are CHECKSUM_NONE (BPF_PROG_TEST_RUN's), which take the checksum helpers.
+//!
 //! Every rewrite the tc programs make keeps a CHECKSUM_COMPLETE skb right (BPF_PROG_TEST_RUN
 //! with BPF_F_TEST_SKB_CHECKSUM_COMPLETE): NICs that sum each packet hand the stack that sum,
 //! and a program that changes bytes without changing it makes the stack see a corrupt packet
 //! ("hw csum failure", then the packet is summed again in software or dropped). First packets,
 //! established ones, replies both ways, SNAT, both families, TCP, UDP and SCTP, fragments, ICMP errors
-//! and the answers the node makes itself.
+//! and the answers the node makes itself. Such packets take tc ingress's in-place checksum
+//! update (no checksum helpers: `rewrite::csum_in_place`), so every translated TCP/UDP packet's
+//! own checksums are checked too (the kernel's check is of the skb's sum alone).
 
 use etherparse::{Icmpv4Type, icmpv4};
 use lb_agent::{
@@ -49,6 +55,17 @@ fn every_translation_keeps_a_checksum_complete_sum_right() {
         ("tcp4 reply", PROG_TC_EGRESS, tcp4(LOCAL_POD, 8080, CLIENT, 40000, false, b"200")),
         ("udp4 query", PROG_TC_INGRESS, udp4(CLIENT, 5000, VIP, 53, b"query")),
         ("udp4 answer", PROG_TC_EGRESS, udp4(LOCAL_POD, 5353, CLIENT, 5000, b"answer")),
+        // A UDP/IPv4 checksum of 0 (none) stays 0; the skb's sum still moves with the ports.
+        (
+            "udp4 query without checksum",
+            PROG_TC_INGRESS,
+            no_udp_checksum(udp4(CLIENT, 5002, VIP, 53, b"q")),
+        ),
+        (
+            "udp4 again without checksum",
+            PROG_TC_INGRESS,
+            no_udp_checksum(udp4(CLIENT, 5002, VIP, 53, b"r")),
+        ),
         ("tcp4 to a remote pod (SNAT)", PROG_TC_INGRESS, tcp4(CLIENT, 40001, VIP, 81, true, b"")),
         ("tcp6 first packet", PROG_TC_INGRESS, tcp6(CLIENT6, 40000, VIP6, 80, true, b"")),
         ("tcp6 established", PROG_TC_INGRESS, tcp6(CLIENT6, 40000, VIP6, 80, false, b"GET /")),
@@ -81,6 +98,12 @@ fn every_translation_keeps_a_checksum_complete_sum_right() {
         match dp.run_checksum_complete(prog, &packet) {
             Ok(out) if out.packet == packet => failures.push(format!("{what}: not translated")),
             Ok(out) => {
+                if let Err(e) = own_checksums(&out.packet) {
+                    failures.push(format!("{what}: {e}"));
+                }
+                if what.contains("without checksum") && out.packet[14 + 20 + 6..][..2] != [0, 0] {
+                    failures.push(format!("{what}: a checksum of 0 (none) was changed"));
+                }
                 if what.contains("SNAT") {
                     snat_port = summarize(&out.packet).map(|s| s.src.port());
                 }
@@ -106,7 +129,11 @@ fn every_translation_keeps_a_checksum_complete_sum_right() {
     for (what, prog, packet) in late {
         match dp.run_checksum_complete(prog, &packet) {
             Ok(out) if out.packet == packet => failures.push(format!("{what}: not translated")),
-            Ok(_) => {}
+            Ok(out) => {
+                if let Err(e) = own_checksums(&out.packet) {
+                    failures.push(format!("{what}: {e}"));
+                }
+            }
             Err(e) => failures.push(format!("{what}: {e}")),
         }
     }
@@ -122,4 +149,59 @@ fn every_translation_keeps_a_checksum_complete_sum_right() {
         Err(e) => failures.push(format!("TCP reset: {e}")),
     }
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// `packet` (UDP over IPv4) with a checksum of 0: none.
+fn no_udp_checksum(mut packet: Vec<u8>) -> Vec<u8> {
+    packet[14 + 20 + 6..][..2].copy_from_slice(&[0, 0]);
+    packet
+}
+
+/// The checksums a translated TCP/UDP/SCTP packet carries (`checksums_ok`); others (ICMP)
+/// pass.
+fn own_checksums(packet: &[u8]) -> Result<(), String> {
+    match summarize(packet) {
+        Some(s) if [6, 17, 132].contains(&s.proto) => checksums_ok(packet),
+        _ => Ok(()),
+    }
+}
+
+/// A packet its device verified (CHECKSUM_UNNECESSARY, as most NICs hand packets over) gets
+/// the same translation as an unverified one, its transport checksum updated in place rather
+/// than by the checksum helpers: the same bytes, right sums, a UDP checksum of 0 left 0.
+#[test]
+fn a_verified_packet_gets_the_same_translation_with_its_checksums_updated_in_place() {
+    require_root!();
+    let (mut verified, mut plain) = (datapath(), datapath());
+    let steps = [
+        ("tcp4 first packet", tcp4(CLIENT, 41000, VIP, 80, true, b"")),
+        ("tcp4 established", tcp4(CLIENT, 41000, VIP, 80, false, b"GET /")),
+        ("udp4 query", udp4(CLIENT, 5100, VIP, 53, b"query")),
+        ("udp4 without checksum", no_udp_checksum(udp4(CLIENT, 5101, VIP, 53, b"q"))),
+        ("tcp6 first packet", tcp6(CLIENT6, 41000, VIP6, 80, true, b"")),
+        ("tcp6 established", tcp6(CLIENT6, 41000, VIP6, 80, false, b"GET /")),
+        ("udp6 query", udp6(CLIENT6, 5100, VIP6, 53, b"query")),
+        ("sctp4 INIT (its CRC: no change)", sctp4(CLIENT, 41000, VIP, 2905, SCTP_INIT)),
+    ];
+    for (what, packet) in steps {
+        let out = verified.run(PROG_BENCH_TC_INGRESS_VERIFIED, &packet);
+        let want = plain.run(PROG_TC_INGRESS, &packet);
+        assert_ne!(out.packet, packet, "{what}: not translated");
+        assert_eq!((out.verdict, &out.packet), (want.verdict, &want.packet), "{what}");
+        own_checksums(&out.packet).unwrap_or_else(|e| panic!("{what}: {e}"));
+        if what.contains("without checksum") {
+            assert_eq!(out.packet[14 + 20 + 6..][..2], [0, 0], "{what}");
+        }
+    }
+    // A remote backend's flow (SNAT: its port is the node's choice), and its reply.
+    let out =
+        verified.run(PROG_BENCH_TC_INGRESS_VERIFIED, &tcp4(CLIENT, 41001, VIP, 81, true, b""));
+    own_checksums(&out.packet).unwrap();
+    let s = summarize(&out.packet).expect("a TCP packet");
+    assert_eq!((s.src.ip(), s.dst), (NODE.into(), sa(REMOTE_POD, 8080)));
+    let reply = tcp4(REMOTE_POD, 8080, NODE, s.src.port(), true, b"");
+    let out = verified.run(PROG_BENCH_TC_INGRESS_VERIFIED, &reply);
+    own_checksums(&out.packet).unwrap();
+    let s = summarize(&out.packet).expect("a TCP packet");
+    assert_eq!((s.src, s.dst), (sa(VIP, 81), sa(CLIENT, 41001)));
 }

@@ -20,10 +20,6 @@ use lb_tests::{
 /// How long the datapath reuses a next hop (fib.rs NEXT_HOP_TTL_NS), and a little more.
 const NEXT_HOP_TTL: std::time::Duration = std::time::Duration::from_millis(1100);
 
-fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.into(), port)
-}
-
 fn web(backends: Vec<Backend>) -> ServicePlan {
     lb_plan("web", VIP.into(), 80, Protocol::Tcp, backends)
 }
@@ -1050,9 +1046,9 @@ fn mutated_snat_replies_never_mistranslate_or_corrupt_conntrack() {
             other => panic!("{other:?}"),
         });
     }
-    let before = dp.conntrack_sorted(false);
+    let mut watch = dp.watch_conntrack();
     let first_states = dp.conntrack_sorted(true);
-    assert_eq!(before.len(), 2 * starts.len(), "a forward and a reply entry per flow");
+    assert_eq!(first_states.len(), 2 * starts.len(), "a forward and a reply entry per flow");
 
     let (seed, runs) = lb_tests::plans::mutation_seed_and_runs(0xbb67ae8584caa73b, 3000);
     let mut rng = lb_tests::plans::Rng::new(seed);
@@ -1068,6 +1064,9 @@ fn mutated_snat_replies_never_mistranslate_or_corrupt_conntrack() {
         (PROG_XDP_INGRESS, &[XDP_PASS, XDP_TX, XDP_REDIRECT][..]),
     ];
     for i in 0..runs * 2 {
+        if i % 64 == 0 {
+            watch.look(&dp);
+        }
         let (prog, verdicts) = hooks[(i / runs) as usize];
         let mut p = seeds[i as usize % seeds.len()].clone();
         rng.mutate(&mut p, 100);
@@ -1108,7 +1107,7 @@ fn mutated_snat_replies_never_mistranslate_or_corrupt_conntrack() {
     }
     assert!(reversed > 100 && unchanged > 100, "{reversed} reversed, {unchanged} unchanged");
     assert!(by_hook.iter().all(|&n| n > 50), "reversed by tc and XDP: {by_hook:?}");
-    assert_eq!(dp.conntrack_sorted(false), before, "conntrack after the storm");
+    watch.check(&dp);
     // Flows a mutated reset or FIN ended would expire before the clean reply on a slow machine.
     dp.restore_conntrack(&first_states);
     let (_, s) = run(&mut dp, PROG_TC_INGRESS, &seeds[0]);

@@ -5,7 +5,7 @@
 //! conntrack entries and their states, on both nodes; UDP keeps SNAT; without the mode,
 //! nothing changes.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use lb_agent::dataplane::options::{LbMode, Options};
 use lb_agent::model::plan::Protocol;
@@ -17,10 +17,6 @@ use lb_tests::{
     plans::{backend, lb_plan, simple_plan},
     require_root,
 };
-
-fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.into(), port)
-}
 
 /// A node whose one backend of `VIP:80` is `REMOTE_POD:8080`, on this node (`local`) or not.
 fn node(local: bool, mode: LbMode) -> Datapath {

@@ -7,7 +7,7 @@
 //! endpoints is refused with ICMP port unreachable (an ABORT never is), and SCTP in IP
 //! fragments is left untranslated.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use lb_agent::model::plan::{Protocol, ServicePlan};
 use lb_common::*;
@@ -22,10 +22,6 @@ use lb_tests::{
 /// M3UA's port on the frontend; the pods listen on another, so every translation moves a port.
 const PORT: u16 = 2905;
 const POD_PORT: u16 = 3905;
-
-fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.into(), port)
-}
 
 fn sigtran(vip: IpAddr, backends: Vec<lb_agent::model::plan::Backend>) -> ServicePlan {
     lb_plan("sigtran", vip, PORT, Protocol::Sctp, backends)

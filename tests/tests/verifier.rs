@@ -47,8 +47,9 @@ fn the_host_kernel_has_every_feature_the_programs_use() {
 fn device_programs_keep_their_functions_and_source_lines() {
     require_root!();
     let mut dp = Datapath::load();
+    // (tc ingress rewrites with `Tc<true>`: in place where the checksum state allows.)
     for (prog, rewrite) in
-        [(lb_common::PROG_TC_INGRESS, "Tc"), (lb_common::PROG_XDP_INGRESS, "Xdp")]
+        [(lb_common::PROG_TC_INGRESS, "Tc<true>"), (lb_common::PROG_XDP_INGRESS, "Xdp")]
     {
         dp.load_program(prog);
         let map = LineMap::of(dp.program_fd(prog)).unwrap_or_else(|e| panic!("{prog}: {e:#}"));
@@ -63,7 +64,8 @@ fn device_programs_keep_their_functions_and_source_lines() {
         let main = start(prog);
         let tracked = start(&format!("tracked<lb::rewrite::{rewrite}>"));
         start(&format!("new_flow<lb::rewrite::{rewrite}>"));
-        let hook_file = if rewrite == "Tc" { "tc_ingress.rs:" } else { "xdp_ingress.rs:" };
+        let hook_file =
+            if prog == lb_common::PROG_TC_INGRESS { "tc_ingress.rs:" } else { "xdp_ingress.rs:" };
         let line = map.line(main).unwrap_or_else(|| panic!("{prog}: no line at its start"));
         assert!(line.starts_with(hook_file), "{prog} starts at {line}");
         let line = map.line(tracked).unwrap_or_else(|| panic!("{prog}: no line in tracked"));
