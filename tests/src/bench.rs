@@ -683,6 +683,7 @@ const PROFILE_PATHS: &[(&str, &str, &str)] = &[
     ("tc-miss", PROG_TC_INGRESS, "a packet to no frontend"),
     ("tc-first", PROG_TC_INGRESS, "a new flow's first packet, every packet"),
     ("tc-est", PROG_TC_INGRESS, "an established flow's packet (NodePort, local backend)"),
+    ("tc-est-verified", PROG_BENCH_TC_INGRESS_VERIFIED, "tc-est's packet, verified by its device"),
     ("tc-est6", PROG_TC_INGRESS, "the same over IPv6"),
     ("tc-reply", PROG_TC_EGRESS, "the local backend's reply"),
     ("xdp-est", PROG_XDP_INGRESS, "an established flow's packet"),
@@ -694,7 +695,7 @@ fn profile_here(path: &str, secs: u64) {
     let Some(&(_, prog, _)) = PROFILE_PATHS.iter().find(|(name, ..)| *name == path) else {
         eprintln!("usage: lb-bench profile PATH SECS, PATH one of:");
         for (name, prog, what) in PROFILE_PATHS {
-            eprintln!("  {name:10} {prog}: {what}");
+            eprintln!("  {name:16} {prog}: {what}");
         }
         std::process::exit(2);
     };
