@@ -144,25 +144,28 @@ fn l4_flags(flow: &Flow) -> u64 {
 /// frames hold this struct, and one of them has no byte to spare.)
 pub struct Tc<'a, const FROM_DEVICE: bool>(pub &'a TcContext);
 
-/// Updates the transport checksum of the packet in `ctx` for changes summing to `diff` (of
-/// which `addrs` the addresses', `ports` the ports'; see [`Change`]) in place, without the
-/// checksum helpers (two calls into the kernel, over a quarter of an established packet's
-/// time), where the skb's checksum state allows it: verified (CHECKSUM_UNNECESSARY: nothing
-/// else to keep right) or summed by the device (CHECKSUM_COMPLETE: its sum of the bytes from
-/// the network header on moves by what the rewrite changes there, through bpf_csum_update,
-/// which does nothing in other states). `false`, nothing changed: neither (CHECKSUM_NONE, or
-/// CHECKSUM_PARTIAL, where the field holds the pseudo-header's sum alone and the ports must
-/// not move it), which no helper tells apart; the checksum helpers know. A subprogram: the
-/// values it keeps across its two helper calls would otherwise grow the frames of its
-/// callers, whose chain to `nat::create` is at the stack's limit.
-#[inline(never)]
+/// Updates the transport checksum of the packet in `ctx` for changes summing to `addrs` (the
+/// addresses') and `ports` (the ports'; see [`Change`]) in place, without the checksum helpers
+/// (two calls into the kernel, a quarter of an established packet's time), where the skb's
+/// checksum state allows it: verified (CHECKSUM_UNNECESSARY: nothing else to keep right) or
+/// summed by the device (CHECKSUM_COMPLETE: its sum of the bytes from the network header on
+/// moves by what the rewrite changes there, through bpf_csum_update, which does nothing in
+/// other states). `false`, nothing changed: neither (CHECKSUM_NONE, or CHECKSUM_PARTIAL, where
+/// the field holds the pseudo-header's sum alone and the ports must not move it), which no
+/// helper tells apart: the checksum helpers know. Asking costs up to two helper calls, so a
+/// segment GRO merged (CHECKSUM_PARTIAL always) is not asked.
+#[inline(always)]
 fn csum_in_place(ctx: &TcContext, flow: &Flow, addrs: u32, ports: u32) -> bool {
+    let skb = ctx.skb.skb;
+    // SAFETY: the context's skb, valid for the program's run.
+    if unsafe { (*skb).gso_segs } > 1 {
+        return false;
+    }
     let b = Bounds { start: ctx.data(), end: ctx.data_end() };
     let Some(p) = b.ptr_at::<u16>(flow.l4_csum_off()) else { return false };
     // SAFETY: bounds checked by ptr_at.
     let cur = unsafe { core::ptr::read_unaligned(p) };
     let next = l4_csum_after(flow, cur, csum::add(addrs, ports));
-    let skb = ctx.skb.skb;
     // SAFETY: the context's skb; both helpers take any.
     let verified = unsafe { bpf_csum_level(skb, BPF_CSUM_LEVEL_QUERY as u64) } >= 0;
     if !verified {

@@ -278,6 +278,7 @@ fn datapath_here(baseline: Option<&[u8]>) {
         "tc no-op, NIC-summed skb (CHECKSUM_COMPLETE)",
         "tc: first packet, local, NIC-summed skb",
         "tc: established packet, NIC-summed skb",
+        "tc: established packet, verified skb (+ the marking call)",
     ];
     // XDP_TX needs a route and a known next hop on the device the packet arrives on.
     let routed = RoutedNode::new();
@@ -482,6 +483,14 @@ fn datapath_here(baseline: Option<&[u8]>) {
                 &translated,
             ),
         ]);
+        // On an skb its device verified (CHECKSUM_UNNECESSARY): tc ingress after one helper
+        // call that marks the test run's skb so (`bench_tc_ingress_verified`), counted in.
+        // Older baselines sit it out.
+        rows.extend(measure_in_builds(
+            &with_least(PROG_BENCH_TC_INGRESS_VERIFIED),
+            dps.len(),
+            vec![(PROG_BENCH_TC_INGRESS_VERIFIED, &mut |_| est.clone(), &translated)],
+        ));
         for (r, per_build) in rows.into_iter().enumerate() {
             for (b, v) in per_build.into_iter().enumerate() {
                 tables[b][r].push(v);
