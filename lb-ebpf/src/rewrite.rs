@@ -1,6 +1,8 @@
 //! Rewriting addresses and ports of a parsed packet with correct checksums, the same way from
-//! every hook: tc uses the kernel's checksum helpers (right for every skb checksum state,
-//! including offloaded ones); XDP writes through packet pointers with incremental updates.
+//! every hook: XDP writes through packet pointers with incremental updates; tc ingress on the
+//! node's devices too where the skb's checksum state allows it (`csum_in_place`), and tc
+//! otherwise through the kernel's checksum helpers (right for every skb checksum state,
+//! including offloaded ones).
 
 use aya_ebpf::{
     EbpfContext,
@@ -146,7 +148,7 @@ pub struct Tc<'a, const FROM_DEVICE: bool>(pub &'a TcContext);
 
 /// Updates the transport checksum of the packet in `ctx` for changes summing to `addrs` (the
 /// addresses') and `ports` (the ports'; see [`Change`]) in place, without the checksum helpers
-/// (two calls into the kernel, a quarter of an established packet's time), where the skb's
+/// (two calls into the kernel, about a third of an established packet's time), where the skb's
 /// checksum state allows it: verified (CHECKSUM_UNNECESSARY: nothing else to keep right) or
 /// summed by the device (CHECKSUM_COMPLETE: its sum of the bytes from the network header on
 /// moves by what the rewrite changes there, through bpf_csum_update, which does nothing in
@@ -180,7 +182,8 @@ fn csum_in_place(ctx: &TcContext, flow: &Flow, addrs: u32, ports: u32) -> bool {
             return false;
         }
     }
-    // Bounds again: the verifier forgets packet pointers over helper calls.
+    // Bounds again: the verifier forgets packet pointers over helper calls. (They changed no
+    // byte of the packet nor its length: this check passes as the first did.)
     let b = Bounds { start: ctx.data(), end: ctx.data_end() };
     let Some(p) = b.ptr_at::<u16>(flow.l4_csum_off()) else { return false };
     // SAFETY: bounds checked by ptr_at; tc may write packet data.
@@ -258,7 +261,8 @@ impl<const FROM_DEVICE: bool> Rewrite for Tc<'_, FROM_DEVICE> {
         unsafe { (*self.0.skb.skb).ifindex }
     }
 
-    /// Two checksum helper calls at most (the addresses' difference as a pseudo-header
+    /// In place where [`csum_in_place`] can (tc ingress on the node's devices), else two
+    /// checksum helper calls at most (the addresses' difference as a pseudo-header
     /// change, the ports' as a plain one): the helpers keep every skb checksum state right,
     /// where a call per field would cost up to ten. The IPv4 header checksum is updated by the
     /// writes: no offload state covers it, and its change cancels the addresses' in a
