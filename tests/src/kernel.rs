@@ -654,7 +654,7 @@ pub struct StormWatch {
 
 impl StormWatch {
     /// Notes which entries a packet has ended so far; call it every few dozen packets (an
-    /// ended entry lives a second at least, far longer).
+    /// ended entry lives a second at least, far longer than those take).
     pub fn look(&mut self, dp: &Datapath) {
         for (k, v) in dp.conntrack() {
             if lb_common::ct_state_ended(v.state) {
