@@ -1,9 +1,9 @@
-//! Where a loaded program's time goes, by source line (`lb-bench profile`): `perf` samples
-//! every CPU while the program runs, and each sample that falls inside the program's JIT
-//! image is put down to the source line of the instruction it hit, through the line info the
-//! kernel keeps with the program (the object carries BTF for it, `lb-agent/build.rs`). Time
-//! spent inside the kernel functions the program calls (map lookups, checksum helpers) is not
-//! the program's own: `perf report` on the same recording shows it.
+//! Where a loaded program's time goes (`lb-bench profile`): `perf` samples every CPU, with call
+//! chains, while the program runs. A sample taken inside the program's JIT image is put down
+//! to its function and the source line of the instruction it hit, through the line info the
+//! kernel keeps with the program (the object carries BTF for it, `lb-agent/build.rs`); one
+//! taken in a kernel function whose call chain passes through the program (a map lookup, a
+//! checksum helper) to that function.
 
 use std::{
     collections::HashMap,
