@@ -274,6 +274,9 @@ impl<const FROM_DEVICE: bool> Rewrite for Tc<'_, FROM_DEVICE> {
         }
         let ctx = self.0;
         let csum_off = flow.l4_csum_off();
+        if flow.proto == PROTO_UDP {
+            zero_udp_csum_sum(ctx, flow, addrs.1, ports.1);
+        }
         if addrs.0 {
             l4_pseudo_replace(ctx, csum_off, addrs.1, flow.is_v6, l4_flags(flow))?;
         }
@@ -282,6 +285,23 @@ impl<const FROM_DEVICE: bool> Rewrite for Tc<'_, FROM_DEVICE> {
         }
         Ok(())
     }
+}
+
+/// A UDP checksum of 0 (none) is left alone by the checksum helpers, and with it a
+/// CHECKSUM_COMPLETE skb's sum, which the ports' change (and IPv6's addresses', which no header
+/// checksum takes back) still moves: moved here (`bpf_csum_update` does nothing in other
+/// states).
+#[inline(always)]
+fn zero_udp_csum_sum(ctx: &TcContext, flow: &Flow, addrs: u32, ports: u32) {
+    let b = Bounds { start: ctx.data(), end: ctx.data_end() };
+    let Some(p) = b.ptr_at::<u16>(flow.l4_csum_off()) else { return };
+    // SAFETY: bounds checked by ptr_at.
+    if unsafe { core::ptr::read_unaligned(p) } != 0 {
+        return;
+    }
+    let moved = if flow.is_v6 { csum::add(ports, addrs) } else { ports };
+    // SAFETY: the context's skb. Fails (-ENOTSUPP, ignored) unless CHECKSUM_COMPLETE.
+    unsafe { bpf_csum_update(ctx.skb.skb, moved) };
 }
 
 /// The transport checksum `cur` after changes summing to `diff`. A UDP checksum of 0 is none

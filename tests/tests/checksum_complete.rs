@@ -66,6 +66,11 @@ fn every_translation_keeps_a_checksum_complete_sum_right() {
             PROG_TC_INGRESS,
             no_udp_checksum(udp4(CLIENT, 5002, VIP, 53, b"r")),
         ),
+        (
+            "udp4 answer without checksum",
+            PROG_TC_EGRESS,
+            no_udp_checksum(udp4(LOCAL_POD, 5353, CLIENT, 5002, b"a")),
+        ),
         ("tcp4 to a remote pod (SNAT)", PROG_TC_INGRESS, tcp4(CLIENT, 40001, VIP, 81, true, b"")),
         ("tcp6 first packet", PROG_TC_INGRESS, tcp6(CLIENT6, 40000, VIP6, 80, true, b"")),
         ("tcp6 established", PROG_TC_INGRESS, tcp6(CLIENT6, 40000, VIP6, 80, false, b"GET /")),
