@@ -475,7 +475,8 @@ fn random_bytes_never_break_any_device_program() {
 /// Whatever parsing makes of them: every packet lands in exactly one outcome, passes unchanged
 /// or comes out translated to the backend (same length), and afterwards every conntrack entry
 /// records a rewrite to a backend (forward) or back to a frontend (reply), while a clean new
-/// flow is still translated. VIP4 is also a ClusterIP: from a pod, a port mutated to one no
+/// flow is still translated (tc ingress on verified skbs too, which updates checksums in
+/// place). VIP4 is also a ClusterIP: from a pod, a port mutated to one no
 /// service has there is refused (an ICMP port unreachable quoting the packet, or dropped when
 /// it is a reset or the ICMP allowance is spent). Parsing reads whole words at any alignment, so this walks it over
 /// header layouts the crafted cases do not.
@@ -507,7 +508,10 @@ fn mutated_frontend_packets_never_mistranslate_or_corrupt_conntrack() {
     let (seed, runs) = mutation_seed_and_runs(0x2545f4914f6cdd1d, 3000);
     let mut rng = Rng::new(seed);
     let (mut translated, mut unchanged, mut refused) = (0, 0, 0);
-    for (prog, packets_counter, pass) in FLOW_HOOKS {
+    // And tc ingress on skbs their device verified, whose checksums it updates in place
+    // (`bench_tc_ingress_verified`; its entry counts no packets of its own).
+    let verified = (PROG_BENCH_TC_INGRESS_VERIFIED, "tc_ingress_packets", TC_ACT_OK);
+    for (prog, packets_counter, pass) in FLOW_HOOKS.into_iter().chain([verified]) {
         let before = dp.stats();
         let mut ran = 0;
         for i in 0..runs {
