@@ -304,7 +304,6 @@ impl Recording {
             .stderr(Stdio::null())
             .output()
             .context("running perf script")?;
-        let _ = std::fs::remove_file(&self.data);
         // One address a line, a blank line after each sample's chain.
         let text = String::from_utf8_lossy(&out.stdout);
         let chains = text
@@ -316,6 +315,15 @@ impl Recording {
             .filter(|chain| !chain.is_empty())
             .collect();
         Ok(chains)
+    }
+}
+
+/// Whatever happened, perf stops and its data goes.
+impl Drop for Recording {
+    fn drop(&mut self) {
+        let _ = self.perf.kill();
+        let _ = self.perf.wait();
+        let _ = std::fs::remove_file(&self.data);
     }
 }
 
