@@ -96,30 +96,17 @@ pub fn cluster_ip_plan(
     affinity: Option<u32>,
 ) -> ServicePlan {
     let vip: IpAddr = vip.parse().unwrap();
-    ServicePlan {
-        namespace: "default".into(),
-        name: name.into(),
-        port_name: String::new(),
-        protocol,
-        family: Family::of(&vip),
-        frontends: vec![Frontend {
-            kind: FrontendKind::ClusterIP,
-            address: vip,
-            port,
-            scope: Scope::Internal,
-            backends: BackendSet::Internal,
-        }],
-        internal_backends: backends.clone(),
-        external_backends: backends.clone(),
-        cluster_backends: backends.clone(),
-        retained_backends: vec![],
-        internal_traffic_policy: TrafficPolicy::Cluster,
-        external_traffic_policy: TrafficPolicy::Cluster,
-        has_any_endpoints: !backends.is_empty(),
-        affinity_timeout_s: affinity,
-        source_ranges: vec![],
-        health_check_node_port: None,
-    }
+    // An LB plan's backends and policies, with a ClusterIP's one frontend instead.
+    let mut plan = lb_plan(name, vip, port, protocol, backends);
+    plan.frontends = vec![Frontend {
+        kind: FrontendKind::ClusterIP,
+        address: vip,
+        port,
+        scope: Scope::Internal,
+        backends: BackendSet::Internal,
+    }];
+    plan.affinity_timeout_s = affinity;
+    plan
 }
 
 /// The random world the writer property test mutates: services with endpoints and policies,
