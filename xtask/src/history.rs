@@ -15,7 +15,7 @@ use crate::util::{run_cmd, succeeds, workspace_root};
 
 /// The release upgraded from: the last commit of the previous working session. Move it forward
 /// when a release is cut.
-pub const UPGRADE_FROM: &str = "e5e9b96847d878c7128bc58d46528fa65b5843be";
+pub const UPGRADE_FROM: &str = "cb05378a2a53bcfba57a5a534b40868c3fb4d56b";
 
 fn git(args: &[&str]) -> Command {
     let mut cmd = Command::new("git");
