@@ -105,6 +105,24 @@ pub fn secs_ago_ns(secs: u64) -> u64 {
     })
 }
 
+/// Why a run on a CHECKSUM_COMPLETE skb ([`Datapath::run_checksum_complete`]) gave no output.
+#[derive(Debug)]
+pub enum SummedRunError {
+    /// The program left the skb's sum wrong (the kernel's check after the run: EBADMSG).
+    SumLeftWrong,
+    /// The kernel would not run it at all (a packet too short for an skb, say).
+    Refused(String),
+}
+
+impl std::fmt::Display for SummedRunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::SumLeftWrong => f.write_str("the skb's CHECKSUM_COMPLETE sum was left wrong"),
+            Self::Refused(why) => f.write_str(why),
+        }
+    }
+}
+
 /// What a program did with one packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOutput {
@@ -239,7 +257,7 @@ impl Datapath {
         &mut self,
         name: &str,
         packet: &[u8],
-    ) -> Result<RunOutput, String> {
+    ) -> Result<RunOutput, SummedRunError> {
         self.load_program(name);
         self.run_checksum_complete_loaded(name, packet)
     }
@@ -249,7 +267,7 @@ impl Datapath {
         &self,
         name: &str,
         packet: &[u8],
-    ) -> Result<RunOutput, String> {
+    ) -> Result<RunOutput, SummedRunError> {
         use std::os::fd::{AsFd, AsRawFd};
         /// The BPF_PROG_TEST_RUN member of `union bpf_attr`.
         #[repr(C)]
@@ -277,7 +295,7 @@ impl Datapath {
         let Some(Program::SchedClassifier(p)) = self.ebpf.program(name) else {
             panic!("{name} is no tc program")
         };
-        let fd = p.fd().map_err(|e| format!("{e:?}"))?;
+        let fd = p.fd().map_err(|e| SummedRunError::Refused(format!("{name}: {e:?}")))?;
         let mut out = vec![0u8; packet.len() + OUTPUT_HEADROOM];
         let mut attr = TestRunAttr {
             prog_fd: fd.as_fd().as_raw_fd() as u32,
@@ -291,8 +309,12 @@ impl Datapath {
         };
         // SAFETY: the attr is the command's member, zero past its fields; the pointers are
         // valid for the sizes given for the call's duration.
-        unsafe { lb_agent::dataplane::sys_bpf::bpf(BPF_PROG_TEST_RUN, &mut attr) }
-            .map_err(|e| format!("{name} with CHECKSUM_COMPLETE: {e}"))?;
+        unsafe { lb_agent::dataplane::sys_bpf::bpf(BPF_PROG_TEST_RUN, &mut attr) }.map_err(
+            |e| match e.raw_os_error() {
+                Some(libc::EBADMSG) => SummedRunError::SumLeftWrong,
+                _ => SummedRunError::Refused(format!("{name} with CHECKSUM_COMPLETE: {e}")),
+            },
+        )?;
         out.truncate(attr.data_size_out as usize);
         Ok(RunOutput {
             verdict: attr.retval as i32,
