@@ -432,7 +432,8 @@ fn run_unless_refused(dp: &mut Datapath, prog: &str, p: &[u8], i: u64) -> Option
     }
     match dp.run_checksum_complete(prog, p) {
         Ok(out) => Some((out, 1)),
-        Err(SummedRunError::Refused(_)) => None,
+        // Or a kernel without the flag (5.10): as CHECKSUM_NONE.
+        Err(SummedRunError::Refused(_)) => plain(dp).map(|out| (out, 1)),
         Err(SummedRunError::SumLeftWrong) => {
             let out = plain(dp).expect("run again");
             // Longer (grown), or dropped this time (the ICMP allowance spent by then).
