@@ -700,3 +700,92 @@ fn direct_server_return(xdp: bool) -> (u64, std::collections::BTreeMap<&'static 
     assert!(answers >= 3 * remote, "{answers} packets for {remote} flows: {services}");
     (remote, run.counters(0))
 }
+
+/// Packets whose sender leaves the transport checksum to its device (CHECKSUM_PARTIAL: what a
+/// veth or a VM's virtio NIC hands over from a sender on the same host, where the field holds
+/// only the pseudo-header's sum) are translated on node-0 and then summed in software on their
+/// way (transmit checksumming off on node-0's devices), and every receiver checks them
+/// (receive checksumming off): TCP and UDP, IPv4 and IPv6, to a local pod and to node-1's
+/// (SNAT, whose answers reach node-0 partial too). Every exchange is answered and no receiver
+/// counts a bad checksum; a translation that treated the field as a whole checksum would be
+/// off by the ports' change, and the receivers would drop every such packet.
+#[test]
+fn packets_left_for_the_device_to_sum_are_summed_right_after_translation() {
+    require_root!();
+    let cluster = Cluster::new(2, 1, 1);
+    let files = [
+        ("web.yaml", CLUSTER_SVC.file(&cluster.all_pods(false))),
+        ("web6.yaml", Svc::WEB6.file(&cluster.all_pods(true))),
+        ("dns.yaml", Svc::DNS.file(&cluster.all_pods(false))),
+    ];
+    let run = Running::start(cluster, &files);
+    let c = &run.cluster;
+    let set = |ns: &lb_tests::netns::NetNs, dev: &str, what: &str| {
+        let out = ns.exec("ethtool", &["-K", dev, what, "off"]);
+        assert!(out.status.success(), "ethtool -K {dev} {what} off in {}: {out:?}", ns.name());
+    };
+    // Summed in software when node-0 sends them: to its pod, and onto the segment.
+    set(&c.nodes[0].ns, "p0", "tx");
+    set(&c.nodes[0].ns, "eth0", "tx");
+    // Checked by every receiver (a veth marks what it receives verified, unless told not to).
+    set(&c.lan, "n0", "rx");
+    set(&c.nodes[1].ns, "eth0", "rx");
+    set(&c.clients[0].ns, "eth0", "rx");
+    for node in &c.nodes {
+        set(&node.pods[0].ns, "eth0", "rx");
+    }
+    let errors = || -> u64 {
+        let namespaces = c.nodes.iter().map(|n| &n.pods[0].ns).chain([&c.clients[0].ns]);
+        namespaces.map(csum_errors).sum()
+    };
+    let before = errors();
+    let node0 = &c.nodes[0];
+    let mut answered = std::collections::BTreeSet::new();
+    for target in [format!("{}:30080", node0.ip4), format!("[{}]:30086", node0.ip6)] {
+        // Sessions until both pods answered one (Maglev picks by the client's port).
+        for _ in 0..12 {
+            let lines = run.from_client(0, &["session", &target, "--rounds", "3", "--size", "900"]);
+            let last = lines.last().cloned().unwrap_or_default();
+            let name = last.strip_prefix("ok ").and_then(|l| l.strip_suffix(" 3"));
+            let name = name.unwrap_or_else(|| panic!("{target}: {lines:?}"));
+            answered.insert((target.clone(), name.to_owned()));
+        }
+    }
+    let results = parse_probe(&run.from_client(
+        0,
+        &["connect", &format!("{}:30053", node0.ip4), "--udp", "--size", "700", "--count", "12"],
+    ));
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let udp_servers = by_server(&results);
+    assert_eq!(answered.len(), 4, "both pods, both families: {answered:?}");
+    assert_eq!(udp_servers.len(), 2, "{udp_servers:?}");
+    assert_eq!(errors(), before, "bad checksums received");
+}
+
+/// Segments and datagrams the kernel of the namespace `ns` refused for a bad checksum (TCP over
+/// both families, UDP over IPv4 and IPv6).
+fn csum_errors(ns: &lb_tests::netns::NetNs) -> u64 {
+    let read = |file: &str| {
+        let out = ns.exec("cat", &[file]);
+        assert!(out.status.success(), "{file}: {out:?}");
+        String::from_utf8(out.stdout).expect("text")
+    };
+    // /proc/net/snmp: per protocol, a line of names, then one of values.
+    let snmp = read("/proc/net/snmp");
+    let lines: Vec<&str> = snmp.lines().collect();
+    let mut sum = 0;
+    for proto in ["Tcp:", "Udp:"] {
+        let at = lines.iter().position(|l| l.starts_with(proto)).expect(proto);
+        let names = lines[at].split_whitespace();
+        let i = names.into_iter().position(|n| n == "InCsumErrors").expect("InCsumErrors");
+        let value = lines[at + 1].split_whitespace().nth(i);
+        sum += value.and_then(|v| v.parse::<u64>().ok()).expect("a count");
+    }
+    let snmp6 = read("/proc/net/snmp6");
+    for line in snmp6.lines() {
+        if let Some(v) = line.strip_prefix("Udp6InCsumErrors") {
+            sum += v.trim().parse::<u64>().expect("a count");
+        }
+    }
+    sum
+}
