@@ -3,8 +3,9 @@
 //! Words are taken in memory order; one's complement sums do not care about byte order as long
 //! as every word is read the same way.
 
+/// `sum` folded to 16 bits (end-around carry), not complemented.
 #[inline(always)]
-fn fold(mut sum: u32) -> u16 {
+pub fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16

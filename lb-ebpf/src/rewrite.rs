@@ -1,15 +1,13 @@
 //! Rewriting addresses and ports of a parsed packet with correct checksums, the same way from
-//! every hook: XDP writes through packet pointers with incremental updates; tc ingress on the
-//! node's devices too where the skb's checksum state allows it (`csum_in_place`), and tc
-//! otherwise through the kernel's checksum helpers (right for every skb checksum state,
-//! including offloaded ones).
+//! every hook: XDP writes through packet pointers with incremental updates; tc too unless the
+//! skb may have its transport checksum left to the device (`csum_in_place`), where it takes
+//! the kernel's checksum helpers (right for every skb checksum state, offloaded ones
+//! included).
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{
-        BPF_CSUM_LEVEL_QUERY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
-    },
-    helpers::{bpf_csum_level, bpf_csum_update},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
+    helpers::bpf_csum_update,
     programs::{TcContext, XdpContext},
 };
 use lb_common::{Addr, CtValue, PROTO_SCTP, PROTO_UDP};
@@ -137,52 +135,47 @@ fn l4_flags(flow: &Flow) -> u64 {
     if flow.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 }
 }
 
-/// tc's rewrites. `FROM_DEVICE`: the packet came in from a device (tc ingress on the node's
-/// devices), whose driver most often hands it over with its checksum verified
-/// (CHECKSUM_UNNECESSARY) or summed (CHECKSUM_COMPLETE), where [`csum_in_place`] spares the
-/// checksum helpers. Packets of the node's own sockets and pods mostly leave the transport
-/// checksum to the device (CHECKSUM_PARTIAL), as do TCP segments the receive path merged
-/// (GRO): there asking would only add calls. (A type parameter, not a field: the hooks' own
-/// frames hold this struct, and one of them has no byte to spare.)
-pub struct Tc<'a, const FROM_DEVICE: bool>(pub &'a TcContext);
+/// tc's rewrites.
+pub struct Tc<'a>(pub &'a TcContext);
 
 /// Updates the transport checksum of the packet in `ctx` for changes summing to `addrs` (the
 /// addresses') and `ports` (the ports'; see [`Change`]) in place, without the checksum helpers
-/// (two calls into the kernel, about a third of an established packet's time), where the skb's
-/// checksum state allows it: verified (CHECKSUM_UNNECESSARY: nothing else to keep right) or
-/// summed by the device (CHECKSUM_COMPLETE: its sum of the bytes from the network header on
-/// moves by what the rewrite changes there, through bpf_csum_update, which does nothing in
-/// other states). `false`, nothing changed: neither (CHECKSUM_NONE, or CHECKSUM_PARTIAL, where
-/// the field holds the pseudo-header's sum alone and the ports must not move it), which no
-/// helper tells apart: the checksum helpers know. Asking costs up to two helper calls, so a
-/// segment GRO merged (CHECKSUM_PARTIAL always) is not asked.
+/// (two calls into the kernel, about a third of an established packet's time), unless the
+/// skb may be one whose sender left the checksum to its device (CHECKSUM_PARTIAL: a veth's or
+/// a virtio NIC's from a sender on the same host, and segments GRO merged): there the field
+/// holds the pseudo-header's sum alone, which the ports must not move (the device sums them),
+/// and only the helpers, which know the skb's state, update it right. No helper tells that
+/// state apart, but the field does ([`may_be_partial`]). In every other state in place is
+/// right: CHECKSUM_NONE (the stack checks the whole checksum later) and CHECKSUM_UNNECESSARY
+/// (verified) need nothing else; CHECKSUM_COMPLETE (the device's sum of the bytes from the
+/// network header on) moves by what the rewrite changes there, through bpf_csum_update, which
+/// does nothing (and fails) in the other states: one helper call where there were up to four.
+/// `false`, nothing changed: may be partial.
 #[inline(always)]
 fn csum_in_place(ctx: &TcContext, flow: &Flow, addrs: u32, ports: u32) -> bool {
     let skb = ctx.skb.skb;
+    // A GSO packet is partial; BIG TCP's IPv4 ones declare no length to check it by.
     // SAFETY: the context's skb, valid for the program's run.
-    if unsafe { (*skb).gso_segs } > 1 {
+    if unsafe { (*skb).gso_size } != 0 {
         return false;
     }
     let b = Bounds { start: ctx.data(), end: ctx.data_end() };
     let Some(p) = b.ptr_at::<u16>(flow.l4_csum_off()) else { return false };
     // SAFETY: bounds checked by ptr_at.
     let cur = unsafe { core::ptr::read_unaligned(p) };
-    let next = l4_csum_after(flow, cur, csum::add(addrs, ports));
-    // SAFETY: the context's skb; both helpers take any.
-    let verified = unsafe { bpf_csum_level(skb, BPF_CSUM_LEVEL_QUERY as u64) } >= 0;
-    if !verified {
-        // The ports' change and the field's; IPv4's addresses change the sum as much as its
-        // header checksum takes back, IPv6's (no header checksum) do not.
-        let mut moved = csum::diff4(ports, cur as u32, next as u32);
-        if flow.is_v6 {
-            moved = csum::add(moved, addrs);
-        }
-        // SAFETY: as above. Fails (-ENOTSUPP) unless the skb is CHECKSUM_COMPLETE.
-        if unsafe { bpf_csum_update(skb, moved) } < 0 {
-            return false;
-        }
+    if may_be_partial(&b, flow, cur) {
+        return false;
     }
-    // Bounds again: the verifier forgets packet pointers over helper calls. (They changed no
+    let next = l4_csum_after(flow, cur, csum::add(addrs, ports));
+    // The ports' change and the field's; IPv4's addresses change the sum as much as its
+    // header checksum takes back, IPv6's (no header checksum) do not.
+    let mut moved = csum::diff4(ports, cur as u32, next as u32);
+    if flow.is_v6 {
+        moved = csum::add(moved, addrs);
+    }
+    // SAFETY: the context's skb. Fails (-ENOTSUPP) unless CHECKSUM_COMPLETE: nothing to move.
+    unsafe { bpf_csum_update(skb, moved) };
+    // Bounds again: the verifier forgets packet pointers over helper calls. (It changed no
     // byte of the packet nor its length: this check passes as the first did.)
     let b = Bounds { start: ctx.data(), end: ctx.data_end() };
     let Some(p) = b.ptr_at::<u16>(flow.l4_csum_off()) else { return false };
@@ -191,7 +184,34 @@ fn csum_in_place(ctx: &TcContext, flow: &Flow, addrs: u32, ports: u32) -> bool {
     true
 }
 
-impl<const FROM_DEVICE: bool> Rewrite for Tc<'_, FROM_DEVICE> {
+/// Whether the transport checksum field `field` may hold the pseudo-header's sum alone, as a
+/// packet its sender left for the device to sum has it (CHECKSUM_PARTIAL: the kernel's TCP and
+/// UDP, and any sender relying on that offload, put it there): it equals that sum, folded.
+/// A whole checksum equal to it by chance (1 in 65,536 packets) is taken for one too: the
+/// helpers are right in every state. So is a packet with IPv4 options or IPv6 extension
+/// headers (rare; a routing header would change the pseudo-header's destination).
+#[inline(always)]
+fn may_be_partial(b: &Bounds, flow: &Flow, field: u16) -> bool {
+    let (fixed, len_off) = if flow.is_v6 { (40, 4) } else { (20, 2) };
+    if flow.l4() != flow.l3() + fixed {
+        return true;
+    }
+    let Some(p) = b.ptr_at::<u16>(flow.l3() + len_off) else { return true };
+    // SAFETY: bounds checked by ptr_at.
+    let len = u16::from_be(unsafe { core::ptr::read_unaligned(p) });
+    // The transport length: IPv6's payload length, IPv4's total length less its header.
+    let l4_len = if flow.is_v6 { len } else { len.wrapping_sub(20) }.to_be_bytes();
+    // The pseudo-header: addresses, then the protocol and the length as 16-bit words (IPv6's
+    // 32-bit length and 8-bit next header sum to the same words).
+    let mut sum = u32::from_ne_bytes([0, flow.proto, l4_len[0], l4_len[1]]);
+    let first = if flow.is_v6 { 0 } else { 3 };
+    for i in first..4 {
+        sum = csum::add(sum, csum::add(flow.saddr[i], flow.daddr[i]));
+    }
+    csum::fold(sum) == field
+}
+
+impl Rewrite for Tc<'_> {
     fn bounds(&self) -> Bounds {
         Bounds { start: self.0.data(), end: self.0.data_end() }
     }
@@ -261,15 +281,15 @@ impl<const FROM_DEVICE: bool> Rewrite for Tc<'_, FROM_DEVICE> {
         unsafe { (*self.0.skb.skb).ifindex }
     }
 
-    /// In place where [`csum_in_place`] can (tc ingress on the node's devices), else two
-    /// checksum helper calls at most (the addresses' difference as a pseudo-header
-    /// change, the ports' as a plain one): the helpers keep every skb checksum state right,
+    /// In place where [`csum_in_place`] can, else two checksum helper calls at most (the
+    /// addresses' difference as a pseudo-header change, the ports' as a plain one), for a
+    /// packet that may be partial: the helpers keep every skb checksum state right,
     /// where a call per field would cost up to ten. The IPv4 header checksum is updated by the
     /// writes: no offload state covers it, and its change cancels the addresses' in a
     /// CHECKSUM_COMPLETE sum, so the helper would only add a call.
     #[inline(always)]
     fn l4_csum_change(&mut self, flow: &Flow, addrs: Change, ports: Change) -> Result<(), ()> {
-        if FROM_DEVICE && csum_in_place(self.0, flow, addrs.1, ports.1) {
+        if csum_in_place(self.0, flow, addrs.1, ports.1) {
             return Ok(());
         }
         let ctx = self.0;

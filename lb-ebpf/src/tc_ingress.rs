@@ -29,8 +29,7 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
 /// tc ingress as it runs on a packet its device verified (CHECKSUM_UNNECESSARY, as most NICs
 /// hand packets over), for tests and the bench only (never attached): BPF_PROG_TEST_RUN makes
 /// CHECKSUM_NONE skbs, which this marks verified first (as the stack does once it has checked
-/// a sum), so that the in-place checksum update (`rewrite::csum_in_place`) runs as it does on
-/// such packets.
+/// a sum). The in-place checksum update (`rewrite::csum_in_place`) serves both states alike.
 #[classifier]
 pub fn bench_tc_ingress_verified(ctx: TcContext) -> i32 {
     // SAFETY: the context's skb. On a CHECKSUM_NONE skb: CHECKSUM_UNNECESSARY, level 0.
@@ -42,13 +41,7 @@ pub fn bench_tc_ingress_verified(ctx: TcContext) -> i32 {
 #[inline(always)]
 pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
     pull_headers(ctx);
-    // Only packets that came in from a device are worth updating in place (`rewrite::Tc`).
-    let action = if hook == Hook::TcIngress {
-        device::handle(&mut rewrite::Tc::<true>(ctx), ctx.len(), hook)
-    } else {
-        device::handle(&mut rewrite::Tc::<false>(ctx), ctx.len(), hook)
-    };
-    match action {
+    match device::handle(&mut rewrite::Tc(ctx), ctx.len(), hook) {
         Action::Pass => TC_ACT_OK,
         Action::Drop => TC_ACT_SHOT,
         Action::Redirect => send_on(ctx),
@@ -65,7 +58,7 @@ pub fn run(ctx: &TcContext, hook: Hook) -> i32 {
         // Called here, not from icmp.rs: its frame and the redirect's do not fit nested.
         Action::Icmp => match icmp::translate_error(ctx, hook) {
             Action::Redirect => send_on(ctx),
-            Action::Icmp => match device::other_icmp(&rewrite::Tc::<false>(ctx), ctx.len(), hook) {
+            Action::Icmp => match device::other_icmp(&rewrite::Tc(ctx), ctx.len(), hook) {
                 Action::Drop => TC_ACT_SHOT,
                 Action::Echo => echo::reply(ctx),
                 _ => TC_ACT_OK,

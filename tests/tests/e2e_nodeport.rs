@@ -708,7 +708,8 @@ fn direct_server_return(xdp: bool) -> (u64, std::collections::BTreeMap<&'static 
 /// (receive checksumming off): TCP and UDP, IPv4 and IPv6, to a local pod and to node-1's
 /// (SNAT, whose answers reach node-0 partial too). Every exchange is answered and no receiver
 /// counts a bad checksum; a translation that treated the field as a whole checksum would be
-/// off by the ports' change, and the receivers would drop every such packet.
+/// off by the ports' change, and the receivers would drop every such packet. Then the same
+/// with whole checksums that node-0 receives unverified (CHECKSUM_NONE), updated in place.
 #[test]
 fn packets_left_for_the_device_to_sum_are_summed_right_after_translation() {
     require_root!();
@@ -738,28 +739,36 @@ fn packets_left_for_the_device_to_sum_are_summed_right_after_translation() {
         let namespaces = c.nodes.iter().map(|n| &n.pods[0].ns).chain([&c.clients[0].ns]);
         namespaces.map(csum_errors).sum()
     };
-    let before = errors();
     let node0 = &c.nodes[0];
-    let mut answered = std::collections::BTreeSet::new();
-    for target in [format!("{}:30080", node0.ip4), format!("[{}]:30086", node0.ip6)] {
-        // Sessions until both pods answered one (Maglev picks by the client's port).
-        for _ in 0..12 {
-            let lines = run.from_client(0, &["session", &target, "--rounds", "3", "--size", "900"]);
-            let last = lines.last().cloned().unwrap_or_default();
-            let name = last.strip_prefix("ok ").and_then(|l| l.strip_suffix(" 3"));
-            let name = name.unwrap_or_else(|| panic!("{target}: {lines:?}"));
-            answered.insert((target.clone(), name.to_owned()));
+    let exchanges = |what: &str| {
+        let mut answered = std::collections::BTreeSet::new();
+        for target in [format!("{}:30080", node0.ip4), format!("[{}]:30086", node0.ip6)] {
+            // Sessions until both pods answered one (Maglev picks by the client's port).
+            for _ in 0..12 {
+                let args = ["session", &target, "--rounds", "3", "--size", "900"];
+                let lines = run.from_client(0, &args);
+                let last = lines.last().cloned().unwrap_or_default();
+                let name = last.strip_prefix("ok ").and_then(|l| l.strip_suffix(" 3"));
+                let name = name.unwrap_or_else(|| panic!("{what}: {target}: {lines:?}"));
+                answered.insert((target.clone(), name.to_owned()));
+            }
         }
-    }
-    let results = parse_probe(&run.from_client(
-        0,
-        &["connect", &format!("{}:30053", node0.ip4), "--udp", "--size", "700", "--count", "12"],
-    ));
-    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
-    let udp_servers = by_server(&results);
-    assert_eq!(answered.len(), 4, "both pods, both families: {answered:?}");
-    assert_eq!(udp_servers.len(), 2, "{udp_servers:?}");
-    assert_eq!(errors(), before, "bad checksums received");
+        let udp = format!("{}:30053", node0.ip4);
+        let args = ["connect", &udp, "--udp", "--size", "700", "--count", "12"];
+        let results = parse_probe(&run.from_client(0, &args));
+        assert!(results.iter().all(|r| r.is_ok()), "{what}: {results:?}");
+        assert_eq!(answered.len(), 4, "{what}: both pods, both families: {answered:?}");
+        assert_eq!(by_server(&results).len(), 2, "{what}: {:?}", by_server(&results));
+    };
+    let before = errors();
+    exchanges("partial");
+    assert_eq!(errors(), before, "partial: bad checksums received");
+    // Whole checksums (the client sums in software), unverified at node-0 (CHECKSUM_NONE, as a
+    // NIC without receive checksumming hands them over): updated in place, checked by the pods.
+    set(&c.clients[0].ns, "eth0", "tx");
+    set(&node0.ns, "eth0", "rx");
+    exchanges("unverified");
+    assert_eq!(errors(), before, "unverified: bad checksums received");
 }
 
 /// Segments and datagrams the kernel of the namespace `ns` refused for a bad checksum (TCP over

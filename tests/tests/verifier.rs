@@ -47,9 +47,8 @@ fn the_host_kernel_has_every_feature_the_programs_use() {
 fn device_programs_keep_their_functions_and_source_lines() {
     require_root!();
     let mut dp = Datapath::load();
-    // (tc ingress rewrites with `Tc<true>`: in place where the checksum state allows.)
     for (prog, rewrite) in
-        [(lb_common::PROG_TC_INGRESS, "Tc<true>"), (lb_common::PROG_XDP_INGRESS, "Xdp")]
+        [(lb_common::PROG_TC_INGRESS, "Tc"), (lb_common::PROG_XDP_INGRESS, "Xdp")]
     {
         dp.load_program(prog);
         let map = LineMap::of(dp.program_fd(prog)).unwrap_or_else(|e| panic!("{prog}: {e:#}"));
