@@ -12,6 +12,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, xdp_action::XDP_PASS},
+    helpers::bpf_csum_update,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -122,7 +123,7 @@ fn least_first(b: &Bounds) -> Option<&'static CtValue> {
 
 /// What a packet's rewrite to its entry's tuple changes: the addresses' and the ports' one's
 /// complement differences, and the new ports word. Read once from the packet, used by the
-/// checksum helpers (tc) and the writes.
+/// checksum updates and the writes.
 struct Change {
     addrs: u32,
     ports: u32,
@@ -141,7 +142,8 @@ fn least_change(b: &Bounds, ct: &CtValue) -> Option<Change> {
 }
 
 /// Writes the entry's tuple over the packet's, with the IPv4 header checksum (tc and XDP) and,
-/// where `l4_csum` says so, the transport checksum (XDP: no skb state to keep right).
+/// where `l4_csum` says so, the transport checksum (in place: XDP, and tc where the skb is not
+/// partial).
 ///
 /// # Safety
 /// `b` must be the packet's current bounds, and the hook allowed to write packet data.
@@ -186,24 +188,51 @@ pub fn bench_tc_least_first(ctx: TcContext) -> i32 {
     }
 }
 
-/// Rewrites a packet to its entry `ct`'s tuple: two checksum helper calls (addresses as a
-/// pseudo-header change, ports as a plain one: what keeps every skb checksum state right),
-/// the writes.
+/// Rewrites a packet to its entry `ct`'s tuple as the datapath's tc does
+/// (`rewrite::csum_in_place`): the transport checksum in place with one helper call that moves
+/// a CHECKSUM_COMPLETE skb's sum, unless the field holds the pseudo-header's sum alone
+/// (CHECKSUM_PARTIAL), where two checksum helper calls (addresses as a pseudo-header change,
+/// ports as a plain one) keep every state right; then the writes.
 #[inline(always)]
 fn tc_least_rewrite(ctx: &TcContext, b: &Bounds, ct: &CtValue) -> i32 {
     let Some(change) = least_change(b, ct) else { return TC_ACT_OK };
     let csum_off = L4 + 16;
-    if ctx.l4_csum_replace(csum_off, 0, change.addrs as u64, BPF_F_PSEUDO_HDR as u64).is_err()
-        || ctx.l4_csum_replace(csum_off, 0, change.ports as u64, 0).is_err()
-    {
-        return TC_ACT_SHOT;
+    let Some(partial) = least_may_be_partial(b) else { return TC_ACT_OK };
+    if partial {
+        let addrs = ctx.l4_csum_replace(csum_off, 0, change.addrs as u64, BPF_F_PSEUDO_HDR as u64);
+        if addrs.is_err() || ctx.l4_csum_replace(csum_off, 0, change.ports as u64, 0).is_err() {
+            return TC_ACT_SHOT;
+        }
+    } else {
+        let Some(c) = b.ptr_at::<u16>(csum_off) else { return TC_ACT_OK };
+        // SAFETY: bounds checked by ptr_at.
+        let cur = unsafe { *c };
+        let next = csum::apply_diff(cur, csum::add(change.addrs, change.ports));
+        // SAFETY: the context's skb. Fails unless CHECKSUM_COMPLETE: nothing to move.
+        unsafe { bpf_csum_update(ctx.skb.skb, csum::diff4(change.ports, cur as u32, next as u32)) };
     }
     let b = Bounds { start: ctx.data(), end: ctx.data_end() };
     // SAFETY: fresh bounds after the helpers; tc may write packet data.
-    match unsafe { least_write(&b, ct, &change, false) } {
+    match unsafe { least_write(&b, ct, &change, !partial) } {
         Some(()) => TC_ACT_OK,
         None => TC_ACT_SHOT,
     }
+}
+
+/// Whether an IPv4 TCP packet's checksum field holds its pseudo-header's sum alone, as
+/// `rewrite::may_be_partial` tells (`None`: too short).
+#[inline(always)]
+fn least_may_be_partial(b: &Bounds) -> Option<bool> {
+    let hdr: *const [u16; 10] = b.ptr_at(L3)?;
+    let field: *const u16 = b.ptr_at(L4 + 16)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (h, field) = unsafe { (&*hdr, *field) };
+    let len = (u16::from_be(h[1]).wrapping_sub(20)).to_be_bytes();
+    let mut sum = u32::from_ne_bytes([0, 6, len[0], len[1]]);
+    for w in &h[6..10] {
+        sum = csum::add(sum, *w as u32);
+    }
+    Some(csum::fold(sum) == field)
 }
 
 /// The same as [`bench_tc_least_nat`] for XDP, checksums updated in place.
