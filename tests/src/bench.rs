@@ -453,10 +453,10 @@ fn datapath_here(baseline: Option<&[u8]>) {
                 ),
             ],
         ));
-        // The same paths for an skb a NIC summed (CHECKSUM_COMPLETE), where tc ingress updates
-        // the transport checksum in place (`rewrite::csum_in_place`); the other rows' skbs are
-        // CHECKSUM_NONE, which takes the checksum helpers. The kernel sums the packet before
-        // the timed run and checks the program kept the sum right after it.
+        // The same paths for an skb a NIC summed (CHECKSUM_COMPLETE), whose sum the in-place
+        // update moves (`rewrite::csum_in_place`); the other rows' skbs are CHECKSUM_NONE. The
+        // kernel sums the packet before the timed run and checks the program kept the sum
+        // right after it.
         let summed = |prog: &'static str| {
             runners(&dps, move |dp, p| {
                 dp.run_checksum_complete_loaded(prog, p)

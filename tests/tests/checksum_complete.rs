@@ -1,15 +1,15 @@
-//! The skb checksum states tc ingress's in-place update serves (`rewrite::csum_in_place`): a
-//! packet its device verified (CHECKSUM_UNNECESSARY) or summed (CHECKSUM_COMPLETE). Other
-//! tests' skbs are CHECKSUM_NONE (BPF_PROG_TEST_RUN's), which take the checksum helpers.
+//! The skb checksum states a NIC hands packets over in, besides BPF_PROG_TEST_RUN's own
+//! (CHECKSUM_NONE, every other test's): verified (CHECKSUM_UNNECESSARY) or summed
+//! (CHECKSUM_COMPLETE). tc's in-place update (`rewrite::csum_in_place`) serves all three.
 //!
 //! Every rewrite the tc programs make keeps a CHECKSUM_COMPLETE skb right (BPF_PROG_TEST_RUN
 //! with BPF_F_TEST_SKB_CHECKSUM_COMPLETE): NICs that sum each packet hand the stack that sum,
 //! and a program that changes bytes without changing it makes the stack see a corrupt packet
 //! ("hw csum failure", then the packet is summed again in software or dropped). First packets,
 //! established ones, replies both ways, SNAT, both families, TCP, UDP and SCTP, fragments, ICMP errors
-//! and the answers the node makes itself. Such packets take tc ingress's in-place checksum
-//! update (no checksum helpers: `rewrite::csum_in_place`), so every translated TCP/UDP packet's
-//! own checksums are checked too (the kernel's check is of the skb's sum alone).
+//! and the answers the node makes itself. Such packets take tc's in-place checksum update (no
+//! checksum helpers: `rewrite::csum_in_place`), so every translated TCP/UDP packet's own
+//! checksums are checked too (the kernel's check is of the skb's sum alone).
 
 use etherparse::{Icmpv4Type, icmpv4};
 use lb_agent::{
