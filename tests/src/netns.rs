@@ -62,6 +62,28 @@ impl NetNs {
         assert!(out.status.success(), "sysctl {key}={value} in {}: {out:?}", self.name);
     }
 
+    /// Counter `name` of protocol `proto` ("Ip", "Tcp", "Udp"...) in the namespace's
+    /// /proc/net/snmp (per protocol, a line of names, then one of values), or of
+    /// /proc/net/snmp6 (`proto` "6": lines of name and value, e.g. `Udp6InCsumErrors`).
+    pub fn snmp(&self, proto: &str, name: &str) -> u64 {
+        let file = if proto == "6" { "/proc/net/snmp6" } else { "/proc/net/snmp" };
+        let out = self.exec("cat", &[file]);
+        assert!(out.status.success(), "{file} in {}: {out:?}", self.name);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let value = if proto == "6" {
+            let line = text.lines().find(|l| l.split_whitespace().next() == Some(name));
+            line.and_then(|l| l.split_whitespace().nth(1))
+        } else {
+            let head = format!("{proto}:");
+            let mut lines = text.lines().filter(|l| l.split_whitespace().next() == Some(&head));
+            let (names, values) = (lines.next(), lines.next());
+            let at = names.and_then(|n| n.split_whitespace().position(|n| n == name));
+            at.and_then(|at| values?.split_whitespace().nth(at))
+        };
+        let value = value.unwrap_or_else(|| panic!("no {proto} {name} in {file} of {}", self.name));
+        value.parse().unwrap_or_else(|_| panic!("{proto} {name}: {value}"))
+    }
+
     /// Runs `f` on a thread that has entered this namespace: sockets it creates, interfaces it
     /// looks up and programs it attaches by name all belong to the namespace.
     pub fn run<R: Send, F: FnOnce() -> R + Send>(&self, f: F) -> R {

@@ -774,27 +774,6 @@ fn packets_left_for_the_device_to_sum_are_summed_right_after_translation() {
 /// Segments and datagrams the kernel of the namespace `ns` refused for a bad checksum (TCP over
 /// both families, UDP over IPv4 and IPv6).
 fn csum_errors(ns: &lb_tests::netns::NetNs) -> u64 {
-    let read = |file: &str| {
-        let out = ns.exec("cat", &[file]);
-        assert!(out.status.success(), "{file}: {out:?}");
-        String::from_utf8(out.stdout).expect("text")
-    };
-    // /proc/net/snmp: per protocol, a line of names, then one of values.
-    let snmp = read("/proc/net/snmp");
-    let lines: Vec<&str> = snmp.lines().collect();
-    let mut sum = 0;
-    for proto in ["Tcp:", "Udp:"] {
-        let at = lines.iter().position(|l| l.starts_with(proto)).expect(proto);
-        let names = lines[at].split_whitespace();
-        let i = names.into_iter().position(|n| n == "InCsumErrors").expect("InCsumErrors");
-        let value = lines[at + 1].split_whitespace().nth(i);
-        sum += value.and_then(|v| v.parse::<u64>().ok()).expect("a count");
-    }
-    let snmp6 = read("/proc/net/snmp6");
-    for line in snmp6.lines() {
-        if let Some(v) = line.strip_prefix("Udp6InCsumErrors") {
-            sum += v.trim().parse::<u64>().expect("a count");
-        }
-    }
-    sum
+    let errors = ["Tcp", "Udp"].map(|proto| ns.snmp(proto, "InCsumErrors"));
+    errors.iter().sum::<u64>() + ns.snmp("6", "Udp6InCsumErrors")
 }

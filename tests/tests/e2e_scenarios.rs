@@ -661,29 +661,21 @@ fn host_network_endpoints_answer_by_cluster_ip_from_pods_and_hosts_and_by_nodepo
     }
 }
 
-/// The packets a namespace forwarded so far (`Ip: ForwDatagrams` of its /proc/net/snmp).
-/// [`forwarded`] once it stops moving (two reads 100 ms apart agree; 3 s at most): the
+/// The packets a namespace forwarded so far (`Ip: ForwDatagrams` of its /proc/net/snmp),
+/// once that stops moving (two reads 100 ms apart agree; 3 s at most): the
 /// closing segments of connections just ended may still be crossing the router.
 fn forwarded_settled(ns: &lb_tests::netns::NetNs) -> u64 {
-    let mut last = forwarded(ns);
+    let forwarded = || ns.snmp("Ip", "ForwDatagrams");
+    let mut last = forwarded();
     for _ in 0..30 {
         std::thread::sleep(Duration::from_millis(100));
-        let now = forwarded(ns);
+        let now = forwarded();
         if now == last {
             break;
         }
         last = now;
     }
     last
-}
-
-fn forwarded(ns: &lb_tests::netns::NetNs) -> u64 {
-    let out = ns.exec("cat", &["/proc/net/snmp"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
-    let (names, values) = (ip.next().expect("Ip header"), ip.next().expect("Ip values"));
-    let at = names.split_whitespace().position(|n| n == "ForwDatagrams").expect("ForwDatagrams");
-    values.split_whitespace().nth(at).and_then(|v| v.parse().ok()).expect("a count")
 }
 
 /// A LoadBalancer IP behaves like an address a host owns: it answers pings, and a port no
@@ -726,7 +718,11 @@ fn a_load_balancer_ip_answers_pings_and_its_unknown_ports_do_not_loop() {
     let udp = run.from_client(0, &["connect", "198.51.100.90:81", "--udp", "--timeout-ms", "300"]);
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert_eq!([tcp[0].as_str(), udp[0].as_str()], ["err TIMEOUT"; 2], "no answer");
-    assert_eq!(forwarded(&router.ns) - before, 2, "each forwarded once, none came back");
+    assert_eq!(
+        router.ns.snmp("Ip", "ForwDatagrams") - before,
+        2,
+        "each forwarded once, none came back"
+    );
     assert_eq!(run.counter(0, "drop_unknown_port"), 2, "the SYN and the datagram");
     let e = run.lbctl_json(0, &["explain", "10.230.0.100:45000", "198.51.100.90:81"]);
     assert!(e["verdict"].as_str().unwrap_or_default().starts_with("drop"), "{e}");
